@@ -1,0 +1,48 @@
+//! The binary32 operations of SPEC.md §1: every result passes through the flush
+//! rule `F`, so no value in the merge path is ever subnormal or `-0.0`.
+//! Nothing here may use `mul_add`: SPEC.md §1.2 bans fused multiply-add.
+
+/// Exponent field of a binary32 value.
+pub const EXP_MASK: u32 = 0x7f80_0000;
+
+/// SPEC.md §1.3: ±0 and subnormals become `+0.0`; every other value is unchanged.
+#[inline(always)]
+pub fn flush(x: f32) -> f32 {
+    if x.to_bits() & EXP_MASK == 0 { 0.0 } else { x }
+}
+
+/// SPEC.md §1.4: Inf or NaN, decided on the bits.
+#[inline(always)]
+pub fn is_non_finite(x: f32) -> bool {
+    x.to_bits() & EXP_MASK == EXP_MASK
+}
+
+/// `a ⊕ b`
+#[inline(always)]
+pub fn add(a: f32, b: f32) -> f32 {
+    flush(a + b)
+}
+
+/// `a ⊖ b`
+#[inline(always)]
+pub fn sub(a: f32, b: f32) -> f32 {
+    flush(a - b)
+}
+
+/// `a ⊗ b`
+#[inline(always)]
+pub fn mul(a: f32, b: f32) -> f32 {
+    flush(a * b)
+}
+
+/// `a ⊘ b`, correctly rounded (IEEE division is).
+#[inline(always)]
+pub fn div(a: f32, b: f32) -> f32 {
+    flush(a / b)
+}
+
+/// `√a`, correctly rounded.
+#[inline(always)]
+pub fn sqrt(a: f32) -> f32 {
+    flush(libm::sqrtf(a))
+}

@@ -1,0 +1,54 @@
+//! Errors that say what is wrong: which tensor, which element, which hyperparameter.
+
+use core::fmt;
+
+/// A tensor's name as carried inside an error (no allocation: truncated to 96 bytes
+/// at a character boundary).
+pub type TensorName = heapless::String<96>;
+
+/// Everything merge-core can refuse.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Error {
+    /// A non-finite value (SPEC.md §1.4): `what` says which input or output
+    /// (e.g. "gradient", "updated parameter"), `index` is the lowest offending
+    /// element index in the full tensor.
+    NonFinite { tensor: TensorName, what: &'static str, index: u64 },
+    /// A hyperparameter outside its valid range.
+    InvalidHyperparameter { name: &'static str, value: f64, expected: &'static str },
+    /// Slices that must have equal lengths do not.
+    LengthMismatch { tensor: TensorName, what: &'static str, expected: u64, found: u64 },
+    /// An index or size the arithmetic cannot address (e.g. a tensor of 2^32 or more elements).
+    OutOfRange { tensor: TensorName, what: &'static str, value: u64, limit: u64 },
+}
+
+/// Truncates `name` into a [`TensorName`].
+pub fn tensor_name(name: &str) -> TensorName {
+    let mut out = TensorName::new();
+    for ch in name.chars() {
+        if out.push(ch).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NonFinite { tensor, what, index } => {
+                write!(f, "tensor `{tensor}`: non-finite {what} at element {index}")
+            }
+            Error::InvalidHyperparameter { name, value, expected } => {
+                write!(f, "hyperparameter `{name}` = {value}: expected {expected}")
+            }
+            Error::LengthMismatch { tensor, what, expected, found } => {
+                write!(f, "tensor `{tensor}`: {what} has {found} elements, expected {expected}")
+            }
+            Error::OutOfRange { tensor, what, value, limit } => {
+                write!(f, "tensor `{tensor}`: {what} = {value} exceeds the limit {limit}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for Error {}
