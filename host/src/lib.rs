@@ -1,0 +1,5 @@
+//! The trainer: a Llama-architecture causal LM with its own forward and backward
+//! passes, DPO-family losses, and online merging optimizers run on the GPU and
+//! cross-checked against merge-core.
+
+pub mod params;
