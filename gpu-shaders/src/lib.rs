@@ -1,1 +1,10 @@
+//! WGSL kernels and a thin wgpu runtime that compute merge-core's arithmetic
+//! bit for bit on any GPU (SPEC.md §8 describes how).
 
+pub mod context;
+mod kernel;
+pub mod ops;
+pub mod tensor;
+
+pub use context::{GpuContext, GpuError, GpuOptions, ADAPTER_ENV};
+pub use kernel::COMMON_WGSL;

@@ -1,0 +1,276 @@
+//! Adapter selection, device creation, buffers, chunked dispatch and readback.
+
+use std::fmt;
+
+use wgpu::util::DeviceExt;
+
+/// Environment variable that picks an adapter: a case-insensitive substring of the
+/// adapter's name, driver, backend (`vulkan`, `metal`, `dx12`, `gl`) or device type
+/// (`discrete`, `integrated`, `virtual`, `cpu`).
+pub const ADAPTER_ENV: &str = "MERGE_GPU_ADAPTER";
+
+/// Workgroup width of every kernel; chunks are multiples of it so that aligned
+/// 256-blocks (the tree-sum subtrees of SPEC.md §3.1) never straddle two chunks.
+pub const WORKGROUP: u32 = 256;
+
+/// Everything the GPU runtime can refuse.
+#[derive(Debug)]
+pub enum GpuError {
+    /// No adapter fits: `found` lists every adapter seen, one line each.
+    NoAdapter { wanted: Option<String>, found: Vec<String> },
+    /// The adapter refused a device, or the device was lost.
+    Device(String),
+    /// An arithmetic error the CPU reference would also report (non-finite value,
+    /// bad hyperparameter, length mismatch).
+    Core(merge_core::Error),
+    /// A request the runtime cannot serve (e.g. a tensor of 2^32 or more elements).
+    Invalid(String),
+    /// An earlier step failed part-way on the GPU; the state must be reloaded.
+    Poisoned(String),
+}
+
+impl fmt::Display for GpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GpuError::NoAdapter { wanted, found } => {
+                match wanted {
+                    Some(w) => write!(f, "no GPU adapter matches {ADAPTER_ENV}={w:?}")?,
+                    None => write!(f, "no usable GPU adapter")?,
+                }
+                if found.is_empty() {
+                    write!(
+                        f,
+                        "; none found at all: install mesa-vulkan-drivers libvulkan1 (software Vulkan)"
+                    )
+                } else {
+                    write!(f, "; found:")?;
+                    for a in found {
+                        write!(f, "\n  {a}")?;
+                    }
+                    Ok(())
+                }
+            }
+            GpuError::Device(m) => write!(f, "GPU device error: {m}"),
+            GpuError::Core(e) => write!(f, "{e}"),
+            GpuError::Invalid(m) => write!(f, "{m}"),
+            GpuError::Poisoned(m) => write!(f, "optimizer state is no longer valid: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for GpuError {}
+
+impl From<merge_core::Error> for GpuError {
+    fn from(e: merge_core::Error) -> Self {
+        GpuError::Core(e)
+    }
+}
+
+/// How to open a device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Overrides [`ADAPTER_ENV`] when set.
+    pub adapter: Option<String>,
+    /// Upper bound on the bytes of one chunk buffer. The device's own binding
+    /// limit applies anyway; tests set this small to prove that results do not
+    /// depend on the split.
+    pub max_chunk_bytes: Option<u64>,
+}
+
+/// One adapter, described for humans and for [`GpuError::NoAdapter`].
+pub fn describe(info: &wgpu::AdapterInfo) -> String {
+    format!(
+        "{} ({:?}, {:?}, driver {} {})",
+        info.name, info.backend, info.device_type, info.driver, info.driver_info
+    )
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    // GL's compute support is the weakest; prefer the native APIs.
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (ty, backend)
+}
+
+fn matches(info: &wgpu::AdapterInfo, wanted: &str) -> bool {
+    let w = wanted.to_lowercase();
+    let fields = [
+        info.name.to_lowercase(),
+        info.driver.to_lowercase(),
+        format!("{:?}", info.backend).to_lowercase(),
+        format!("{:?}", info.device_type).to_lowercase(),
+    ];
+    fields.iter().any(|f| f.contains(&w))
+}
+
+/// A device with its queue: the one object every kernel runs on.
+pub struct GpuContext {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    max_chunk_bytes: u64,
+}
+
+impl GpuContext {
+    /// Opens the best adapter (discrete, then integrated, then software), or the
+    /// one named by `opts.adapter` / [`ADAPTER_ENV`], with the adapter's own limits.
+    pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)));
+        let wanted = opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let found: Vec<String> = adapters.iter().map(|a| describe(&a.get_info())).collect();
+        let mut candidates: Vec<wgpu::Adapter> = adapters
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                let compute = a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS);
+                compute && wanted.as_deref().is_none_or(|w| matches(&info, w))
+            })
+            .collect();
+        candidates.sort_by_key(|a| rank(&a.get_info()));
+        let adapter = candidates.into_iter().next().ok_or(GpuError::NoAdapter { wanted, found })?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("merge-gpu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::Device(format!("{}: {e}", describe(&info))))?;
+        let device_max = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut max_chunk_bytes = device_max;
+        if let Some(m) = opts.max_chunk_bytes {
+            max_chunk_bytes = max_chunk_bytes.min(m);
+        }
+        // A chunk holds a whole number of 256-element blocks of 4-byte words.
+        let unit = WORKGROUP as u64 * 4;
+        max_chunk_bytes = (max_chunk_bytes / unit) * unit;
+        if max_chunk_bytes == 0 {
+            return Err(GpuError::Invalid(format!(
+                "max_chunk_bytes must be at least {unit} bytes (one 256-element block of 4-byte words)"
+            )));
+        }
+        Ok(GpuContext { device, queue, info, limits, max_chunk_bytes })
+    }
+
+    /// The adapter in use.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The limits the device was opened with (the adapter's own).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Elements of 4 bytes per chunk (a multiple of 256).
+    pub fn chunk_elems(&self) -> u64 {
+        self.max_chunk_bytes / 4
+    }
+
+    /// Splits `n` elements into `(start, len)` chunks of at most [`Self::chunk_elems`].
+    pub fn chunks(&self, n: u64) -> Vec<(u64, u64)> {
+        let c = self.chunk_elems();
+        let mut out = Vec::new();
+        let mut s = 0;
+        while s < n {
+            let len = c.min(n - s);
+            out.push((s, len));
+            s += len;
+        }
+        out
+    }
+
+    /// Workgroup counts for `n_items` items of 256 threads: 1-D while it fits,
+    /// otherwise 2-D (the kernels linearise `wid.y * nwg.x + wid.x`).
+    pub fn groups(&self, n_groups: u32) -> (u32, u32) {
+        let max = self.limits.max_compute_workgroups_per_dimension.max(1);
+        if n_groups <= max { (n_groups.max(1), 1) } else { (max, n_groups.div_ceil(max)) }
+    }
+
+    pub(crate) fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    pub(crate) fn storage_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        let mut padded;
+        let contents = if data.len() % 4 != 0 || data.is_empty() {
+            padded = data.to_vec();
+            padded.resize(data.len().max(4).next_multiple_of(4), 0);
+            &padded[..]
+        } else {
+            data
+        };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    pub(crate) fn uniform_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: data,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Copies `bytes` bytes of `buf` back to the host (waits for the queue).
+    pub(crate) fn read_bytes(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        let size = bytes.max(4).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|e| GpuError::Device(format!("readback callback lost: {e}")))?
+            .map_err(|e| GpuError::Device(format!("readback map failed: {e}")))?;
+        let view = slice.get_mapped_range().map_err(|e| GpuError::Device(format!("readback view: {e:?}")))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    pub(crate) fn read_u32(&self, buf: &wgpu::Buffer, n: u64) -> Result<Vec<u32>, GpuError> {
+        Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(buf, n * 4)?))
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Device(format!("poll: {e}")))
+    }
+}
