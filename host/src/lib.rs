@@ -2,4 +2,5 @@
 //! passes, DPO-family losses, and online merging optimizers run on the GPU and
 //! cross-checked against merge-core.
 
+pub mod model;
 pub mod params;

@@ -1,0 +1,358 @@
+//! The decoder's layers, each forward beside its backward, as plain loops over
+//! row-major `[rows, cols]` slices (llm.c style). One call handles one sequence;
+//! the model runs sequences in parallel, so nothing here spawns threads.
+//!
+//! Backward functions *accumulate* (`+=`) into parameter gradients and into input
+//! gradients, so a residual stream's two consumers can write to the same buffer.
+
+/// Dot product with eight independent partial sums: the fixed lane structure lets
+/// the compiler vectorize without reassociating, and gives every row the same
+/// rounding whichever loop computes it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `y += a * x`
+#[inline]
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    debug_assert_eq!(y.len(), x.len());
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+// ---------------------------------------------------------------- linear
+
+/// `y[t, o] = x[t, :] · w[o, :] + b[o]`, `w` in Hugging Face `[out, in]` layout.
+/// Rows of `x` go four at a time so each row of `w` is loaded once per four rows.
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, ic: usize, oc: usize) {
+    let rows = x.len() / ic;
+    debug_assert_eq!(y.len(), rows * oc);
+    debug_assert_eq!(w.len(), oc * ic);
+    let mut t = 0;
+    while t + 4 <= rows {
+        let xs = [&x[t * ic..(t + 1) * ic], &x[(t + 1) * ic..(t + 2) * ic], &x[(t + 2) * ic..(t + 3) * ic], &x[(t + 3) * ic..(t + 4) * ic]];
+        for o in 0..oc {
+            let wr = &w[o * ic..(o + 1) * ic];
+            let bias = b.map_or(0.0, |b| b[o]);
+            for (r, xr) in xs.iter().enumerate() {
+                y[(t + r) * oc + o] = dot(xr, wr) + bias;
+            }
+        }
+        t += 4;
+    }
+    for t in t..rows {
+        let xr = &x[t * ic..(t + 1) * ic];
+        for o in 0..oc {
+            y[t * oc + o] = dot(xr, &w[o * ic..(o + 1) * ic]) + b.map_or(0.0, |b| b[o]);
+        }
+    }
+}
+
+/// Gradients of [`linear_forward`]: `dx += dy w`, `dw += dyᵀ x`, `db += Σ_t dy`.
+/// `dx` is optional because the first layer's input (the embedding lookup result)
+/// still needs it but a frozen input would not.
+pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [f32]>, dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize) {
+    let rows = x.len() / ic;
+    if let Some(dx) = dx {
+        for t in 0..rows {
+            let dxr = &mut dx[t * ic..(t + 1) * ic];
+            for o in 0..oc {
+                let g = dy[t * oc + o];
+                if g != 0.0 {
+                    axpy(dxr, g, &w[o * ic..(o + 1) * ic]);
+                }
+            }
+        }
+    }
+    for o in 0..oc {
+        let dwr = &mut dw[o * ic..(o + 1) * ic];
+        for t in 0..rows {
+            let g = dy[t * oc + o];
+            if g != 0.0 {
+                axpy(dwr, g, &x[t * ic..(t + 1) * ic]);
+            }
+        }
+    }
+    if let Some(db) = db {
+        for t in 0..rows {
+            for o in 0..oc {
+                db[o] += dy[t * oc + o];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- embedding
+
+pub fn embedding_forward(x: &mut [f32], tokens: &[u32], table: &[f32], c: usize) {
+    for (t, &tok) in tokens.iter().enumerate() {
+        let tok = tok as usize;
+        x[t * c..(t + 1) * c].copy_from_slice(&table[tok * c..(tok + 1) * c]);
+    }
+}
+
+pub fn embedding_backward(dtable: &mut [f32], dx: &[f32], tokens: &[u32], c: usize) {
+    for (t, &tok) in tokens.iter().enumerate() {
+        let tok = tok as usize;
+        axpy(&mut dtable[tok * c..(tok + 1) * c], 1.0, &dx[t * c..(t + 1) * c]);
+    }
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+/// `y = x / sqrt(mean(x²) + eps) * w` (Hugging Face LlamaRMSNorm); saves `rstd`
+/// per row for the backward pass.
+pub fn rmsnorm_forward(y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32, c: usize) {
+    for (t, r) in rstd.iter_mut().enumerate() {
+        let xr = &x[t * c..(t + 1) * c];
+        let ms = dot(xr, xr) / c as f32;
+        let s = 1.0 / (ms + eps).sqrt();
+        *r = s;
+        for ((yi, xi), wi) in y[t * c..(t + 1) * c].iter_mut().zip(xr).zip(w) {
+            *yi = (xi * s) * wi;
+        }
+    }
+}
+
+/// With `n = x·rstd`: `dw += Σ_t dy ⊙ n`, `dx += rstd (dy⊙w − n · mean(dy⊙w⊙n))`.
+pub fn rmsnorm_backward(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], c: usize) {
+    for (t, &s) in rstd.iter().enumerate() {
+        let xr = &x[t * c..(t + 1) * c];
+        let dyr = &dy[t * c..(t + 1) * c];
+        let mut m = 0.0f32;
+        for i in 0..c {
+            let n = xr[i] * s;
+            dw[i] += dyr[i] * n;
+            m += dyr[i] * w[i] * n;
+        }
+        m /= c as f32;
+        let dxr = &mut dx[t * c..(t + 1) * c];
+        for i in 0..c {
+            dxr[i] += s * (dyr[i] * w[i] - xr[i] * s * m);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rotary positions
+
+/// cos/sin of `pos · θ^(−2i/d)` for `i < d/2`, computed in f64 and rounded once.
+pub struct Rope {
+    pub half: usize,
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+}
+
+impl Rope {
+    /// Tables for positions `pos0 .. pos0 + len`.
+    pub fn new(head_dim: usize, theta: f64, pos0: usize, len: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in pos0..pos0 + len {
+            for i in 0..half {
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let a = p as f64 * inv_freq;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { half, cos, sin }
+    }
+}
+
+/// Rotates every head of `x` (`[T, heads, 2·half]`) in place, Hugging Face
+/// `rotate_half` convention: element `i` pairs with `i + half`, not `i + 1`.
+pub fn rope_forward(x: &mut [f32], rope: &Rope, heads: usize) {
+    let (half, hd) = (rope.half, 2 * rope.half);
+    let rows = x.len() / (heads * hd);
+    for t in 0..rows {
+        let (cs, sn) = (&rope.cos[t * half..(t + 1) * half], &rope.sin[t * half..(t + 1) * half]);
+        for h in 0..heads {
+            let v = &mut x[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = b * cs[i] + a * sn[i];
+            }
+        }
+    }
+}
+
+/// The rotation is orthogonal, so its backward is the inverse rotation, in place.
+pub fn rope_backward(dx: &mut [f32], rope: &Rope, heads: usize) {
+    let (half, hd) = (rope.half, 2 * rope.half);
+    let rows = dx.len() / (heads * hd);
+    for t in 0..rows {
+        let (cs, sn) = (&rope.cos[t * half..(t + 1) * half], &rope.sin[t * half..(t + 1) * half]);
+        for h in 0..heads {
+            let v = &mut dx[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                v[i] = a * cs[i] + b * sn[i];
+                v[i + half] = b * cs[i] - a * sn[i];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Shapes of one causal grouped-query attention call. Queries are positions
+/// `pos0 .. pos0 + tq`; keys and values cover `0 .. pos0 + tq` (a KV cache when
+/// `pos0 > 0`). Query head `h` reads key/value head `h / (heads / kv_heads)`.
+#[derive(Clone, Copy)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub pos0: usize,
+    pub tq: usize,
+}
+
+impl AttnShape {
+    pub fn tk(&self) -> usize {
+        self.pos0 + self.tq
+    }
+}
+
+/// `out[t, h] = Σ_{j ≤ pos0+t} softmax_j(q[t,h]·k[j,g] / √d) v[j,g]`.
+/// If `probs` is given (`[heads, tq, tk]`), the softmax weights are saved there.
+pub fn attention_forward(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut w = vec![0f32; tk];
+    for t in 0..s.tq {
+        let visible = s.pos0 + t + 1;
+        for h in 0..nh {
+            let g = h / group;
+            let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            let mut mx = f32::NEG_INFINITY;
+            for j in 0..visible {
+                let sc = dot(qv, &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
+                w[j] = sc;
+                mx = mx.max(sc);
+            }
+            let mut sum = 0f32;
+            for wj in &mut w[..visible] {
+                *wj = (*wj - mx).exp();
+                sum += *wj;
+            }
+            let inv = 1.0 / sum;
+            let o = &mut out[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            o.fill(0.0);
+            for j in 0..visible {
+                w[j] *= inv;
+                axpy(o, w[j], &v[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]);
+            }
+            if let Some(p) = probs.as_deref_mut() {
+                let row = &mut p[(h * s.tq + t) * tk..(h * s.tq + t + 1) * tk];
+                row[..visible].copy_from_slice(&w[..visible]);
+                row[visible..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Backward of [`attention_forward`] with `pos0 = 0` (training never uses a cache):
+/// `dv += pᵀ dout`, `ds = p ⊙ (dp − Σ p dp)`, `dq += ds k / √d`, `dk += dsᵀ q / √d`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    debug_assert_eq!(s.pos0, 0);
+    let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut dp = vec![0f32; tk];
+    for t in 0..s.tq {
+        let visible = t + 1;
+        for h in 0..nh {
+            let g = h / group;
+            let p = &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible];
+            let dor = &dout[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            let mut pdp = 0f32;
+            for j in 0..visible {
+                let vj = (j * nkv + g) * hd;
+                dp[j] = dot(dor, &v[vj..vj + hd]);
+                pdp += p[j] * dp[j];
+                axpy(&mut dv[vj..vj + hd], p[j], dor);
+            }
+            let qi = (t * nh + h) * hd;
+            for j in 0..visible {
+                let ds = p[j] * (dp[j] - pdp) * scale;
+                if ds != 0.0 {
+                    let kj = (j * nkv + g) * hd;
+                    axpy(&mut dq[qi..qi + hd], ds, &k[kj..kj + hd]);
+                    axpy(&mut dk[kj..kj + hd], ds, &q[qi..qi + hd]);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `h = silu(gate) ⊙ up`, `silu(g) = g·σ(g)`.
+pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((hi, &g), &u) in h.iter_mut().zip(gate).zip(up) {
+        *hi = g * sigmoid(g) * u;
+    }
+}
+
+/// `dup = dh ⊙ silu(g)`, `dgate = dh ⊙ up ⊙ σ(g)(1 + g(1 − σ(g)))`; overwrites.
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
+    for i in 0..dh.len() {
+        let (g, u) = (gate[i], up[i]);
+        let sg = sigmoid(g);
+        dup[i] = dh[i] * g * sg;
+        dgate[i] = dh[i] * u * sg * (1.0 + g * (1.0 - sg));
+    }
+}
+
+// ---------------------------------------------------------------- log-softmax head
+
+/// Log-softmax of one row of logits, in place into `probs` as probabilities;
+/// returns `log p(target)`. Sums run in f64: vocabularies are large and the
+/// result feeds DPO margins that are differences of nearly equal numbers.
+pub fn log_softmax_row(logits: &[f32], target: usize, probs: &mut [f32]) -> f32 {
+    let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sum = 0f64;
+    for (p, &l) in probs.iter_mut().zip(logits) {
+        let e = ((l - mx) as f64).exp();
+        *p = e as f32;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    for p in probs.iter_mut() {
+        *p = (*p as f64 * inv) as f32;
+    }
+    ((logits[target] - mx) as f64 - sum.ln()) as f32
+}
+
+/// `d logits = coef · (onehot(target) − p)`: the gradient of `coef · log p(target)`.
+pub fn log_softmax_backward(dlogits: &mut [f32], probs: &[f32], target: usize, coef: f32) {
+    for (d, &p) in dlogits.iter_mut().zip(probs) {
+        *d = -coef * p;
+    }
+    dlogits[target] += coef;
+}

@@ -1,0 +1,742 @@
+//! The decoder: parameters as a [`ParamSet`] with Hugging Face names, a training
+//! forward that keeps a tape of activations, the backward that walks it, and an
+//! inference forward with a KV cache for generation.
+//!
+//! Parallelism is across sequences: each worker runs whole sequences, and
+//! per-sequence gradients are added into the caller's gradients in sequence
+//! order, so results are the same bits whatever the number of threads.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::config::{ConfigError, LlamaConfig};
+use super::layers::{self, AttnShape, Rope};
+use crate::params::{ParamSet, Tensor};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelError {
+    Config(ConfigError),
+    /// A tensor the config requires is absent.
+    MissingTensor { tensor: String, expected: Vec<usize> },
+    /// A tensor the config does not know about.
+    ExtraTensor { tensor: String, shape: Vec<usize> },
+    ShapeMismatch { tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A gradient set whose layout is not the model's.
+    GradientLayout { reason: String },
+    TokenOutOfRange { sequence: usize, position: usize, id: u32, vocab_size: usize },
+    BadSequence { sequence: usize, reason: String },
+    BadArgument { argument: &'static str, reason: String },
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelError::Config(e) => write!(f, "{e}"),
+            ModelError::MissingTensor { tensor, expected } => write!(f, "tensor `{tensor}` (shape {expected:?}) is missing"),
+            ModelError::ExtraTensor { tensor, shape } => write!(f, "tensor `{tensor}` (shape {shape:?}) is not part of this architecture"),
+            ModelError::ShapeMismatch { tensor, expected, found } => write!(f, "tensor `{tensor}` has shape {found:?}, the config implies {expected:?}"),
+            ModelError::GradientLayout { reason } => write!(f, "gradient set does not match the model: {reason}"),
+            ModelError::TokenOutOfRange { sequence, position, id, vocab_size } => {
+                write!(f, "sequence {sequence}, position {position}: token id {id} is outside the vocabulary (vocab_size {vocab_size})")
+            }
+            ModelError::BadSequence { sequence, reason } => write!(f, "sequence {sequence}: {reason}"),
+            ModelError::BadArgument { argument, reason } => write!(f, "`{argument}`: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+impl From<ConfigError> for ModelError {
+    fn from(e: ConfigError) -> Self {
+        ModelError::Config(e)
+    }
+}
+
+/// A token sequence and which of its tokens are scored. `mask[t]` says token `t`
+/// is a target, predicted from positions `..t`; `mask[0]` must be false since
+/// nothing predicts the first token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sequence {
+    pub tokens: Vec<u32>,
+    pub mask: Vec<bool>,
+}
+
+impl Sequence {
+    /// Every token after the first is scored (pretraining).
+    pub fn full(tokens: Vec<u32>) -> Self {
+        let mask = (0..tokens.len()).map(|t| t > 0).collect();
+        Self { tokens, mask }
+    }
+
+    /// `prompt ++ completion`, only the completion scored (SFT, DPO). An empty
+    /// prompt scores the completion from its second token.
+    pub fn completion(prompt: &[u32], completion: &[u32]) -> Self {
+        let mut tokens = prompt.to_vec();
+        tokens.extend_from_slice(completion);
+        let mask = (0..tokens.len()).map(|t| t >= prompt.len() && t > 0).collect();
+        Self { tokens, mask }
+    }
+
+    pub fn scored(&self) -> usize {
+        self.mask.iter().filter(|&&m| m).count()
+    }
+}
+
+struct LayerIdx {
+    ln1: usize,
+    ln2: usize,
+    q: usize,
+    k: usize,
+    v: usize,
+    o: usize,
+    qb: Option<usize>,
+    kb: Option<usize>,
+    vb: Option<usize>,
+    ob: Option<usize>,
+    gate: usize,
+    up: usize,
+    down: usize,
+}
+
+/// Positions of each weight in the name-sorted [`ParamSet`], computed once.
+struct Index {
+    embed: usize,
+    norm: usize,
+    /// Same as `embed` when the embeddings are tied.
+    head: usize,
+    layers: Vec<LayerIdx>,
+}
+
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    pub params: ParamSet,
+    idx: Index,
+    threads: usize,
+}
+
+/// Activations of one decoder block for one sequence, kept for the backward pass.
+struct LayerActs {
+    x_in: Vec<f32>,
+    n1: Vec<f32>,
+    rstd1: Vec<f32>,
+    /// q and k after rotation (what the attention scores saw).
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    x_mid: Vec<f32>,
+    n2: Vec<f32>,
+    rstd2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    h: Vec<f32>,
+}
+
+struct SeqTape {
+    tokens: Vec<u32>,
+    layers: Vec<LayerActs>,
+    x_final: Vec<f32>,
+    nf: Vec<f32>,
+    rstdf: Vec<f32>,
+    /// Positions whose next token is scored, and that next token.
+    rows: Vec<(usize, u32)>,
+    /// Softmax of the scored rows, `[rows, vocab]`.
+    probs: Vec<f32>,
+}
+
+/// The result of [`LlamaModel::forward`]: per-sequence summed log-probabilities
+/// of the scored tokens, and the tape that [`LlamaModel::backward`] needs.
+pub struct Forward {
+    pub logps: Vec<f32>,
+    pub scored: Vec<usize>,
+    tapes: Vec<SeqTape>,
+}
+
+/// Summed next-token negative log-likelihood over the scored tokens of a batch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CrossEntropy {
+    pub nll_sum: f64,
+    pub tokens: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampling {
+    /// Highest logit; ties go to the lowest token id.
+    Greedy,
+    /// Softmax of `logits / temperature`, restricted to the `top_k` highest
+    /// logits (`0` = all), sampled with the seeded generator.
+    Temperature { temperature: f32, top_k: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation ends after this token; it is not included in the output.
+    pub stop_token: Option<u32>,
+    pub seed: u64,
+}
+
+/// SplitMix64 (Steele et al.): small, seedable, and the same stream on every
+/// platform; used for initialization and sampling, never for merge masks.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Standard normal by Box–Muller.
+    pub fn next_normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.next_f64();
+        let u2 = self.next_f64();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+fn fnv1a64(s: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h
+}
+
+/// Runs `f(0..n)` on up to `threads` workers and returns results in index order.
+fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if threads <= 1 || n <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break out;
+                        }
+                        out.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            match w.join() {
+                Ok(out) => {
+                    for (i, t) in out {
+                        slots[i] = Some(t);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
+}
+
+fn bias_backward(db: &mut [f32], dy: &[f32]) {
+    for row in dy.chunks_exact(db.len()) {
+        layers::axpy(db, 1.0, row);
+    }
+}
+
+impl LlamaModel {
+    /// A freshly initialized model: linear and embedding weights N(0, 0.02²), the
+    /// two projections that write into the residual stream (o, down) scaled by
+    /// 1/√(2·layers) as in GPT-2, norms 1, biases 0. Each tensor draws from its own
+    /// stream keyed by its name, so the values do not depend on tensor order.
+    pub fn init(config: LlamaConfig, seed: u64) -> Result<Self, ModelError> {
+        config.validate()?;
+        let resid_scale = 1.0 / (2.0 * config.num_hidden_layers as f64).sqrt();
+        let tensors = config
+            .param_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let data = if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+                    vec![1.0; n]
+                } else if name.ends_with(".bias") {
+                    vec![0.0; n]
+                } else {
+                    let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { 0.02 * resid_scale } else { 0.02 };
+                    let mut rng = SplitMix64(seed ^ fnv1a64(&name));
+                    (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
+                };
+                Tensor { name, shape, data }
+            })
+            .collect();
+        Self::from_params(config, ParamSet::new(tensors))
+    }
+
+    /// Wraps existing weights; every tensor the config implies must be present with
+    /// its shape, and nothing else.
+    pub fn from_params(config: LlamaConfig, params: ParamSet) -> Result<Self, ModelError> {
+        config.validate()?;
+        let params = ParamSet::new(params.tensors);
+        check_layout(&config, &params)?;
+        let pos = |name: &str| params.tensors.iter().position(|t| t.name == name).expect("layout checked above");
+        let opt = |name: String, present: bool| present.then(|| pos(&name));
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}.");
+                LayerIdx {
+                    ln1: pos(&format!("{p}input_layernorm.weight")),
+                    ln2: pos(&format!("{p}post_attention_layernorm.weight")),
+                    q: pos(&format!("{p}self_attn.q_proj.weight")),
+                    k: pos(&format!("{p}self_attn.k_proj.weight")),
+                    v: pos(&format!("{p}self_attn.v_proj.weight")),
+                    o: pos(&format!("{p}self_attn.o_proj.weight")),
+                    qb: opt(format!("{p}self_attn.q_proj.bias"), config.qkv_bias()),
+                    kb: opt(format!("{p}self_attn.k_proj.bias"), config.qkv_bias()),
+                    vb: opt(format!("{p}self_attn.v_proj.bias"), config.qkv_bias()),
+                    ob: opt(format!("{p}self_attn.o_proj.bias"), config.o_bias()),
+                    gate: pos(&format!("{p}mlp.gate_proj.weight")),
+                    up: pos(&format!("{p}mlp.up_proj.weight")),
+                    down: pos(&format!("{p}mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let embed = pos("model.embed_tokens.weight");
+        let idx = Index {
+            embed,
+            norm: pos("model.norm.weight"),
+            head: if config.tie_word_embeddings { embed } else { pos("lm_head.weight") },
+            layers,
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self { config, params, idx, threads })
+    }
+
+    /// Worker threads for batch work. Results do not depend on it.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Zero gradients laid out like the parameters.
+    pub fn zero_grads(&self) -> ParamSet {
+        self.params.zeros_like()
+    }
+
+    fn w(&self, i: usize) -> &[f32] {
+        &self.params.tensors[i].data
+    }
+
+    fn check_sequences(&self, seqs: &[Sequence]) -> Result<(), ModelError> {
+        let vocab = self.config.vocab_size;
+        for (s, seq) in seqs.iter().enumerate() {
+            if seq.tokens.is_empty() {
+                return Err(ModelError::BadSequence { sequence: s, reason: "no tokens".into() });
+            }
+            if seq.tokens.len() > self.config.max_position_embeddings {
+                return Err(ModelError::BadSequence {
+                    sequence: s,
+                    reason: format!("{} tokens exceed max_position_embeddings = {}", seq.tokens.len(), self.config.max_position_embeddings),
+                });
+            }
+            if seq.mask.len() != seq.tokens.len() {
+                return Err(ModelError::BadSequence { sequence: s, reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()) });
+            }
+            if seq.mask[0] {
+                return Err(ModelError::BadSequence { sequence: s, reason: "the first token cannot be scored: nothing predicts it".into() });
+            }
+            if let Some((p, &id)) = seq.tokens.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+                return Err(ModelError::TokenOutOfRange { sequence: s, position: p, id, vocab_size: vocab });
+            }
+        }
+        Ok(())
+    }
+
+    fn check_grads(&self, grads: &ParamSet) -> Result<(), ModelError> {
+        if grads.tensors.len() != self.params.tensors.len() {
+            return Err(ModelError::GradientLayout { reason: format!("{} tensors, the model has {}", grads.tensors.len(), self.params.tensors.len()) });
+        }
+        for (g, p) in grads.tensors.iter().zip(&self.params.tensors) {
+            if g.name != p.name || g.data.len() != p.data.len() {
+                return Err(ModelError::GradientLayout { reason: format!("`{}` ({} elements) where the model has `{}` ({} elements)", g.name, g.data.len(), p.name, p.data.len()) });
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ one block
+
+    /// One decoder block on `t` rows at positions `pos0..pos0+t`. With a cache,
+    /// the new keys/values are appended to it and attention reads the whole cache;
+    /// without, keys/values are just these rows (training).
+    fn block_forward(&self, l: usize, x_in: Vec<f32>, pos0: usize, rope: &Rope, cache: Option<&mut KvLayer>) -> (LayerActs, Vec<f32>) {
+        let cfg = &self.config;
+        let li = &self.idx.layers[l];
+        let (c, im, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let t = x_in.len() / c;
+        let bias = |i: Option<usize>| i.map(|i| self.w(i));
+
+        // attention sub-block: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1)))
+        let mut n1 = vec![0f32; t * c];
+        let mut rstd1 = vec![0f32; t];
+        layers::rmsnorm_forward(&mut n1, &mut rstd1, &x_in, self.w(li.ln1), cfg.rms_norm_eps, c);
+        let mut q = vec![0f32; t * qd];
+        let mut k = vec![0f32; t * kvd];
+        let mut v = vec![0f32; t * kvd];
+        layers::linear_forward(&mut q, &n1, self.w(li.q), bias(li.qb), c, qd);
+        layers::linear_forward(&mut k, &n1, self.w(li.k), bias(li.kb), c, kvd);
+        layers::linear_forward(&mut v, &n1, self.w(li.v), bias(li.vb), c, kvd);
+        layers::rope_forward(&mut q, rope, cfg.num_attention_heads);
+        layers::rope_forward(&mut k, rope, cfg.num_key_value_heads);
+        let shape = AttnShape { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim, pos0, tq: t };
+        let mut ctx = vec![0f32; t * qd];
+        let mut probs = Vec::new();
+        match cache {
+            Some(kv) => {
+                kv.k.extend_from_slice(&k);
+                kv.v.extend_from_slice(&v);
+                layers::attention_forward(&mut ctx, None, &q, &kv.k, &kv.v, shape);
+            }
+            None => {
+                probs = vec![0f32; cfg.num_attention_heads * t * t];
+                layers::attention_forward(&mut ctx, Some(&mut probs), &q, &k, &v, shape);
+            }
+        }
+        let mut x_mid = vec![0f32; t * c];
+        layers::linear_forward(&mut x_mid, &ctx, self.w(li.o), bias(li.ob), qd, c);
+        for (m, x) in x_mid.iter_mut().zip(&x_in) {
+            *m += x;
+        }
+
+        // MLP sub-block: x_out = x_mid + down(silu(gate(n2)) * up(n2))
+        let mut n2 = vec![0f32; t * c];
+        let mut rstd2 = vec![0f32; t];
+        layers::rmsnorm_forward(&mut n2, &mut rstd2, &x_mid, self.w(li.ln2), cfg.rms_norm_eps, c);
+        let mut gate = vec![0f32; t * im];
+        let mut up = vec![0f32; t * im];
+        layers::linear_forward(&mut gate, &n2, self.w(li.gate), None, c, im);
+        layers::linear_forward(&mut up, &n2, self.w(li.up), None, c, im);
+        let mut h = vec![0f32; t * im];
+        layers::swiglu_forward(&mut h, &gate, &up);
+        let mut x_out = vec![0f32; t * c];
+        layers::linear_forward(&mut x_out, &h, self.w(li.down), None, im, c);
+        for (o, m) in x_out.iter_mut().zip(&x_mid) {
+            *o += m;
+        }
+        let acts = LayerActs { x_in, n1, rstd1, q, k, v, probs, ctx, x_mid, n2, rstd2, gate, up, h };
+        (acts, x_out)
+    }
+
+    /// Backward of [`Self::block_forward`] (no cache): accumulates parameter
+    /// gradients into `g` and returns d loss / d x_in.
+    fn block_backward(&self, l: usize, a: &LayerActs, rope: &Rope, dx_out: Vec<f32>, g: &mut ParamSet) -> Vec<f32> {
+        let cfg = &self.config;
+        let li = &self.idx.layers[l];
+        let (c, im, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+        let t = a.x_in.len() / c;
+
+        // MLP sub-block
+        let mut dh = vec![0f32; t * im];
+        layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, None, &dx_out, &a.h, self.w(li.down), im, c);
+        let mut dgate = vec![0f32; t * im];
+        let mut dup = vec![0f32; t * im];
+        layers::swiglu_backward(&mut dgate, &mut dup, &dh, &a.gate, &a.up);
+        let mut dn2 = vec![0f32; t * c];
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, None, &dgate, &a.n2, self.w(li.gate), c, im);
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, None, &dup, &a.n2, self.w(li.up), c, im);
+        let mut dx_mid = dx_out;
+        layers::rmsnorm_backward(&mut dx_mid, &mut g.tensors[li.ln2].data, &dn2, &a.x_mid, self.w(li.ln2), &a.rstd2, c);
+
+        // attention sub-block
+        let mut dctx = vec![0f32; t * qd];
+        layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, None, &dx_mid, &a.ctx, self.w(li.o), qd, c);
+        if let Some(ob) = li.ob {
+            bias_backward(&mut g.tensors[ob].data, &dx_mid);
+        }
+        let mut dq = vec![0f32; t * qd];
+        let mut dk = vec![0f32; t * kvd];
+        let mut dv = vec![0f32; t * kvd];
+        let shape = AttnShape { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim, pos0: 0, tq: t };
+        layers::attention_backward(&mut dq, &mut dk, &mut dv, &dctx, &a.probs, &a.q, &a.k, &a.v, shape);
+        layers::rope_backward(&mut dq, rope, cfg.num_attention_heads);
+        layers::rope_backward(&mut dk, rope, cfg.num_key_value_heads);
+        let mut dn1 = vec![0f32; t * c];
+        for (d, wi, bi, od) in [(&dq, li.q, li.qb, qd), (&dk, li.k, li.kb, kvd), (&dv, li.v, li.vb, kvd)] {
+            layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, None, d, &a.n1, self.w(wi), c, od);
+            if let Some(bi) = bi {
+                bias_backward(&mut g.tensors[bi].data, d);
+            }
+        }
+        let mut dx_in = dx_mid;
+        layers::rmsnorm_backward(&mut dx_in, &mut g.tensors[li.ln1].data, &dn1, &a.x_in, self.w(li.ln1), &a.rstd1, c);
+        dx_in
+    }
+
+    // ------------------------------------------------------------ whole sequence
+
+    fn forward_seq(&self, seq: &Sequence) -> (f32, SeqTape) {
+        let cfg = &self.config;
+        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let t = seq.tokens.len();
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, 0, t);
+        let mut x = vec![0f32; t * c];
+        layers::embedding_forward(&mut x, &seq.tokens, self.w(self.idx.embed), c);
+        let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let (a, x_out) = self.block_forward(l, x, 0, &rope, None);
+            acts.push(a);
+            x = x_out;
+        }
+        let mut nf = vec![0f32; t * c];
+        let mut rstdf = vec![0f32; t];
+        layers::rmsnorm_forward(&mut nf, &mut rstdf, &x, self.w(self.idx.norm), cfg.rms_norm_eps, c);
+
+        // only rows whose next token is scored go through the head
+        let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
+        let mut hsel = Vec::with_capacity(rows.len() * c);
+        for &(p, _) in &rows {
+            hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
+        }
+        let mut logits = vec![0f32; rows.len() * vocab];
+        layers::linear_forward(&mut logits, &hsel, self.w(self.idx.head), None, c, vocab);
+        let mut probs = vec![0f32; rows.len() * vocab];
+        let mut logp = 0f64;
+        for (r, &(_, tgt)) in rows.iter().enumerate() {
+            logp += layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs[r * vocab..(r + 1) * vocab]) as f64;
+        }
+        let tape = SeqTape { tokens: seq.tokens.clone(), layers: acts, x_final: x, nf, rstdf, rows, probs };
+        (logp as f32, tape)
+    }
+
+    /// Gradients of `coef · logp(seq)` into a fresh set.
+    fn backward_seq(&self, tape: &SeqTape, coef: f32) -> ParamSet {
+        let cfg = &self.config;
+        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let t = tape.tokens.len();
+        let mut g = self.zero_grads();
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, 0, t);
+
+        let r = tape.rows.len();
+        let mut dlogits = vec![0f32; r * vocab];
+        for (i, &(_, tgt)) in tape.rows.iter().enumerate() {
+            layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], &tape.probs[i * vocab..(i + 1) * vocab], tgt as usize, coef);
+        }
+        let mut hsel = Vec::with_capacity(r * c);
+        for &(p, _) in &tape.rows {
+            hsel.extend_from_slice(&tape.nf[p * c..(p + 1) * c]);
+        }
+        let mut dhsel = vec![0f32; r * c];
+        layers::linear_backward(Some(&mut dhsel), &mut g.tensors[self.idx.head].data, None, &dlogits, &hsel, self.w(self.idx.head), c, vocab);
+        let mut dnf = vec![0f32; t * c];
+        for (i, &(p, _)) in tape.rows.iter().enumerate() {
+            layers::axpy(&mut dnf[p * c..(p + 1) * c], 1.0, &dhsel[i * c..(i + 1) * c]);
+        }
+        let mut dx = vec![0f32; t * c];
+        layers::rmsnorm_backward(&mut dx, &mut g.tensors[self.idx.norm].data, &dnf, &tape.x_final, self.w(self.idx.norm), &tape.rstdf, c);
+        for l in (0..cfg.num_hidden_layers).rev() {
+            dx = self.block_backward(l, &tape.layers[l], &rope, dx, &mut g);
+        }
+        layers::embedding_backward(&mut g.tensors[self.idx.embed].data, &dx, &tape.tokens, c);
+        g
+    }
+
+    // ------------------------------------------------------------ batch API
+
+    /// Training forward: per-sequence summed log-probabilities of the scored
+    /// tokens, with the activations kept for [`Self::backward`].
+    pub fn forward(&self, seqs: &[Sequence]) -> Result<Forward, ModelError> {
+        self.check_sequences(seqs)?;
+        let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&seqs[i]));
+        let scored = seqs.iter().map(Sequence::scored).collect();
+        let (logps, tapes) = out.into_iter().unzip();
+        Ok(Forward { logps, scored, tapes })
+    }
+
+    /// Accumulates `Σ_b dlogps[b] · ∂logp_b/∂θ` into `grads` (`+=`, so micro-batches
+    /// accumulate). Per-sequence gradients are added in sequence order.
+    pub fn backward(&self, fwd: &Forward, dlogps: &[f32], grads: &mut ParamSet) -> Result<(), ModelError> {
+        self.check_grads(grads)?;
+        if dlogps.len() != fwd.tapes.len() {
+            return Err(ModelError::BadArgument { argument: "dlogps", reason: format!("{} values for {} sequences", dlogps.len(), fwd.tapes.len()) });
+        }
+        let n = fwd.tapes.len();
+        let wave = self.threads.max(1);
+        let mut start = 0;
+        while start < n {
+            let end = (start + wave).min(n);
+            let parts = par_map(self.threads, end - start, |i| self.backward_seq(&fwd.tapes[start + i], dlogps[start + i]));
+            for part in parts {
+                for (gt, pt) in grads.tensors.iter_mut().zip(&part.tensors) {
+                    layers::axpy(&mut gt.data, 1.0, &pt.data);
+                }
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Per-sequence summed log-probabilities of the scored tokens, no tape kept
+    /// (the frozen reference model, evaluation).
+    pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, ModelError> {
+        self.check_sequences(seqs)?;
+        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&seqs[i]).0))
+    }
+
+    /// Next-token cross-entropy over the scored tokens; accumulates
+    /// `scale · ∂(Σ nll)/∂θ` into `grads`. Pass `scale = 1 / total scored tokens`
+    /// (over all micro-batches) for the usual mean loss.
+    pub fn cross_entropy_backward(&self, seqs: &[Sequence], scale: f32, grads: &mut ParamSet) -> Result<CrossEntropy, ModelError> {
+        let fwd = self.forward(seqs)?;
+        let coefs = vec![-scale; seqs.len()];
+        self.backward(&fwd, &coefs, grads)?;
+        Ok(CrossEntropy { nll_sum: fwd.logps.iter().map(|&l| -(l as f64)).sum(), tokens: fwd.scored.iter().sum() })
+    }
+
+    /// Next-token cross-entropy without gradients.
+    pub fn cross_entropy(&self, seqs: &[Sequence]) -> Result<CrossEntropy, ModelError> {
+        let logps = self.sequence_logps(seqs)?;
+        Ok(CrossEntropy { nll_sum: logps.iter().map(|&l| -(l as f64)).sum(), tokens: seqs.iter().map(Sequence::scored).sum() })
+    }
+
+    // ------------------------------------------------------------ inference
+
+    fn infer(&self, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+        let cfg = &self.config;
+        let c = cfg.hidden_size;
+        let t = tokens.len();
+        let pos0 = cache.len;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, pos0, t);
+        let mut x = vec![0f32; t * c];
+        layers::embedding_forward(&mut x, tokens, self.w(self.idx.embed), c);
+        for l in 0..cfg.num_hidden_layers {
+            x = self.block_forward(l, x, pos0, &rope, Some(&mut cache.layers[l])).1;
+        }
+        cache.len += t;
+        let mut nf = vec![0f32; t * c];
+        let mut rstd = vec![0f32; t];
+        layers::rmsnorm_forward(&mut nf, &mut rstd, &x, self.w(self.idx.norm), cfg.rms_norm_eps, c);
+        nf
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache { len: 0, layers: (0..self.config.num_hidden_layers).map(|_| KvLayer { k: Vec::new(), v: Vec::new() }).collect() }
+    }
+
+    /// Logits `[tokens.len(), vocab_size]` at every position.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.check_sequences(&[Sequence { tokens: tokens.to_vec(), mask: vec![false; tokens.len()] }])?;
+        let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let nf = self.infer(&mut self.new_cache(), tokens);
+        let mut logits = vec![0f32; tokens.len() * vocab];
+        layers::linear_forward(&mut logits, &nf, self.w(self.idx.head), None, c, vocab);
+        Ok(logits)
+    }
+
+    /// Continues `prompt` (non-empty) with a KV cache; returns the new tokens only.
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>, ModelError> {
+        Ok(self.generate_batch(&[prompt.to_vec()], opts)?.pop().expect("one prompt in, one completion out"))
+    }
+
+    /// [`Self::generate`] for many prompts in parallel. Prompt `i` samples with
+    /// its own generator seeded from `(opts.seed, i)`, so results do not depend on
+    /// thread count or scheduling.
+    pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, ModelError> {
+        if let Sampling::Temperature { temperature, .. } = opts.sampling {
+            if !(temperature.is_finite() && temperature > 0.0) {
+                return Err(ModelError::BadArgument { argument: "temperature", reason: format!("{temperature} is not a positive finite number") });
+            }
+        }
+        let seqs: Vec<Sequence> = prompts.iter().map(|p| Sequence { tokens: p.clone(), mask: vec![false; p.len()] }).collect();
+        self.check_sequences(&seqs)?;
+        Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&prompts[i], opts, i as u64)))
+    }
+
+    fn generate_one(&self, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
+        let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut rng = SplitMix64(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut cache = self.new_cache();
+        let mut out = Vec::new();
+        let mut nf = self.infer(&mut cache, prompt);
+        let mut logits = vec![0f32; vocab];
+        while out.len() < opts.max_new_tokens && cache.len < self.config.max_position_embeddings {
+            let last = &nf[nf.len() - c..];
+            layers::linear_forward(&mut logits, last, self.w(self.idx.head), None, c, vocab);
+            let tok = sample(&logits, opts.sampling, &mut rng);
+            if Some(tok) == opts.stop_token {
+                break;
+            }
+            out.push(tok);
+            nf = self.infer(&mut cache, &[tok]);
+        }
+        out
+    }
+}
+
+struct KvLayer {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+struct KvCache {
+    len: usize,
+    layers: Vec<KvLayer>,
+}
+
+fn sample(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
+    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
+    match sampling {
+        Sampling::Greedy => argmax() as u32,
+        Sampling::Temperature { temperature, top_k } => {
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            if top_k > 0 && top_k < logits.len() {
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+                order.truncate(top_k);
+            }
+            let mx = logits[argmax()] as f64;
+            let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - mx) / temperature as f64).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut u = rng.next_f64() * total;
+            for (&i, &w) in order.iter().zip(&weights) {
+                if u < w {
+                    return i as u32;
+                }
+                u -= w;
+            }
+            // rounding left `u` a hair above the last weight
+            *order.last().expect("vocabulary is non-empty") as u32
+        }
+    }
+}
+
+/// Every tensor the config implies, present with its shape, and no others.
+pub fn check_layout(config: &LlamaConfig, params: &ParamSet) -> Result<(), ModelError> {
+    let expected = config.param_shapes();
+    for (name, shape) in &expected {
+        match params.get(name) {
+            None => return Err(ModelError::MissingTensor { tensor: name.clone(), expected: shape.clone() }),
+            Some(t) if &t.shape != shape || t.data.len() != shape.iter().product::<usize>() => {
+                return Err(ModelError::ShapeMismatch { tensor: name.clone(), expected: shape.clone(), found: t.shape.clone() })
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = params.tensors.iter().find(|t| !expected.iter().any(|(n, _)| n == &t.name)) {
+        return Err(ModelError::ExtraTensor { tensor: extra.name.clone(), shape: extra.shape.clone() });
+    }
+    Ok(())
+}
