@@ -17,6 +17,10 @@ pub enum Error {
     InvalidHyperparameter { name: &'static str, value: f64, expected: &'static str },
     /// Slices that must have equal lengths do not.
     LengthMismatch { tensor: TensorName, what: &'static str, expected: u64, found: u64 },
+    /// A value too large for the storage dtype it must be written in (SPEC.md §7).
+    StorageOverflow { tensor: TensorName, what: &'static str, index: u64, dtype: crate::dtype::Dtype },
+    /// A whole-tensor reduction (an L1 norm) overflowed to a non-finite value.
+    NonFiniteReduction { tensor: TensorName, what: &'static str },
     /// An index or size the arithmetic cannot address (e.g. a tensor of 2^32 or more elements).
     OutOfRange { tensor: TensorName, what: &'static str, value: u64, limit: u64 },
 }
@@ -43,6 +47,12 @@ impl fmt::Display for Error {
             }
             Error::LengthMismatch { tensor, what, expected, found } => {
                 write!(f, "tensor `{tensor}`: {what} has {found} elements, expected {expected}")
+            }
+            Error::StorageOverflow { tensor, what, index, dtype } => {
+                write!(f, "tensor `{tensor}`: {what} at element {index} overflows {dtype:?}")
+            }
+            Error::NonFiniteReduction { tensor, what } => {
+                write!(f, "tensor `{tensor}`: {what} is not finite")
             }
             Error::OutOfRange { tensor, what, value, limit } => {
                 write!(f, "tensor `{tensor}`: {what} = {value} exceeds the limit {limit}")

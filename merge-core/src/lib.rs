@@ -1,7 +1,20 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+pub mod adam;
 pub mod arith;
+pub mod dare;
+pub mod dtype;
 pub mod error;
+pub mod hyper;
+pub mod optim;
+pub mod reduce;
+pub mod rng;
+pub mod step;
 
 pub use error::Error;
+
+#[cfg(test)]
+mod step_tests;
+#[cfg(test)]
+mod testutil;

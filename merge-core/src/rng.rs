@@ -1,0 +1,217 @@
+//! The counter-based random generator of SPEC.md §2: tensor identities,
+//! Threefry-2x32-20, per-(tensor, step) mask keys and the integer keep decision.
+//! Only `u32` wrapping arithmetic, rotations and xors, so WGSL can mirror it.
+
+use crate::error::{Error, tensor_name};
+
+/// SPEC.md §2.1: FNV-1a-32 over the UTF-8 bytes of a tensor's name.
+pub fn tensor_id(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in name.as_bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+const ROT: [u32; 8] = [13, 15, 26, 6, 17, 29, 16, 24];
+const SKEIN_PARITY: u32 = 0x1BD1_1BDA;
+
+/// SPEC.md §2.2: Threefry-2x32 with 20 rounds (Random123's `threefry2x32_R(20, ctr, key)`).
+#[inline(always)]
+pub fn threefry2x32_20(key: [u32; 2], ctr: [u32; 2]) -> [u32; 2] {
+    let ks = [key[0], key[1], SKEIN_PARITY ^ key[0] ^ key[1]];
+    let mut x0 = ctr[0].wrapping_add(ks[0]);
+    let mut x1 = ctr[1].wrapping_add(ks[1]);
+    // Five groups of four rounds, each followed by a key injection; written out so
+    // the rotation amounts are constants and the loop body vectorizes.
+    macro_rules! group {
+        ($r0:expr, $r1:expr, $r2:expr, $r3:expr, $j:expr) => {
+            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r0) ^ x0;
+            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r1) ^ x0;
+            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r2) ^ x0;
+            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r3) ^ x0;
+            x0 = x0.wrapping_add(ks[$j % 3]);
+            x1 = x1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
+        };
+    }
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 1);
+    group!(ROT[4], ROT[5], ROT[6], ROT[7], 2);
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 3);
+    group!(ROT[4], ROT[5], ROT[6], ROT[7], 4);
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 5);
+    [x0, x1]
+}
+
+/// Mask streams of SPEC.md §2.3.
+pub mod stream {
+    /// The update mask `M_k` (and the reference mask `M_ref` at step 0).
+    pub const UPDATE: u32 = 0;
+    /// The per-step mask of `τ` in the paper variant of OnDARE.
+    pub const TAU_PAPER: u32 = 1;
+    /// The DARE mask of model `j` in offline merges is stream `OFFLINE_BASE + j`.
+    pub const OFFLINE_BASE: u32 = 2;
+}
+
+/// The key of one tensor's masks at one step (SPEC.md §2.3), computed once per
+/// (tensor, step) so that each element costs one Threefry block per pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskKey(pub [u32; 2]);
+
+impl MaskKey {
+    /// `step` is 1-based; 0 is the once-drawn reference mask.
+    pub fn new(seed: u64, tensor: u32, step: u32) -> Self {
+        MaskKey(threefry2x32_20([seed as u32, (seed >> 32) as u32], [tensor, step]))
+    }
+
+    /// The uniforms of elements `2·pair` (first) and `2·pair + 1` (second).
+    #[inline(always)]
+    pub fn pair(&self, pair: u32, stream: u32) -> [u32; 2] {
+        threefry2x32_20(self.0, [pair, stream])
+    }
+
+    /// The uniform of element `index` (its index in the full tensor).
+    #[inline(always)]
+    pub fn uniform(&self, index: u32, stream: u32) -> u32 {
+        self.pair(index >> 1, stream)[(index & 1) as usize]
+    }
+}
+
+/// SPEC.md §2.4: the integer keep decision for a keep probability `p ∈ (0, 1]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    threshold: u32,
+    all: bool,
+}
+
+impl Keep {
+    /// Keeps every element (`p = 1`).
+    pub const ALL: Keep = Keep { threshold: 0, all: true };
+
+    /// `p` is the binary32 keep probability; `p = 1` keeps every element.
+    pub fn new(p: f32) -> Result<Self, Error> {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(Error::InvalidHyperparameter {
+                name: "p (reserve rate)",
+                value: f64::from(p),
+                expected: "0 < p <= 1",
+            });
+        }
+        if p == 1.0 {
+            return Ok(Keep::ALL);
+        }
+        // p < 1, so p·2^32 < 2^32 is exact in binary64 and its floor fits a u32.
+        let t = libm::floor(f64::from(p) * 4_294_967_296.0) as u32;
+        Ok(Keep { threshold: t, all: false })
+    }
+
+    /// `T = ⌊p·2^32⌋`, or `None` when every element is kept.
+    pub fn threshold(&self) -> Option<u32> {
+        if self.all { None } else { Some(self.threshold) }
+    }
+
+    /// Whether an element with uniform `u` is kept (branchless).
+    #[inline(always)]
+    pub fn keeps(&self, u: u32) -> bool {
+        self.all | (u < self.threshold)
+    }
+}
+
+/// Largest tensor the generator can address: element indices are `u32` (SPEC.md §2.3).
+pub const MAX_TENSOR_LEN: u64 = 1 << 32;
+
+/// Refuses a chunk that reaches past index `2^32 − 1`.
+pub fn check_extent(name: &str, offset: u64, len: usize) -> Result<(), Error> {
+    let end = offset.saturating_add(len as u64);
+    if end > MAX_TENSOR_LEN {
+        return Err(Error::OutOfRange {
+            tensor: tensor_name(name),
+            what: "element index",
+            value: end - 1,
+            limit: MAX_TENSOR_LEN - 1,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threefry_known_answers() {
+        // Random123 kat_vectors, "threefry2x32 20" lines: ctr ctr key key -> out out.
+        assert_eq!(threefry2x32_20([0, 0], [0, 0]), [0x6b20_0159, 0x99ba_4efe]);
+        assert_eq!(
+            threefry2x32_20([u32::MAX, u32::MAX], [u32::MAX, u32::MAX]),
+            [0x1cb9_96fc, 0xbb00_2be7]
+        );
+        assert_eq!(
+            threefry2x32_20([0x1319_8a2e, 0x0370_7344], [0x243f_6a88, 0x85a3_08d3]),
+            [0xc492_3a9c, 0x483d_f7a0]
+        );
+    }
+
+    #[test]
+    fn fnv1a_known_answers() {
+        // Published FNV-1a-32 test values.
+        assert_eq!(tensor_id(""), 0x811c_9dc5);
+        assert_eq!(tensor_id("a"), 0xe40c_292c);
+        assert_eq!(tensor_id("foobar"), 0xbf9c_f968);
+    }
+
+    #[test]
+    fn uniform_picks_the_half_of_the_pair() {
+        let key = MaskKey::new(0x0123_4567_89ab_cdef, tensor_id("w"), 3);
+        for i in [0u32, 1, 2, 7, 1000, u32::MAX - 1, u32::MAX] {
+            let pair = key.pair(i >> 1, 0);
+            assert_eq!(key.uniform(i, 0), pair[(i & 1) as usize]);
+        }
+        // Streams, steps and tensors give different keys.
+        assert_ne!(key.uniform(5, 0), key.uniform(5, 1));
+        assert_ne!(key, MaskKey::new(0x0123_4567_89ab_cdef, tensor_id("w"), 4));
+        assert_ne!(key, MaskKey::new(0x0123_4567_89ab_cdef, tensor_id("v"), 3));
+    }
+
+    #[test]
+    fn keep_threshold_edges() {
+        assert_eq!(Keep::new(1.0).unwrap().threshold(), None);
+        assert!(Keep::new(1.0).unwrap().keeps(u32::MAX));
+        assert_eq!(Keep::new(0.5).unwrap().threshold(), Some(1 << 31));
+        let k = Keep::new(0.5).unwrap();
+        assert!(k.keeps((1 << 31) - 1) && !k.keeps(1 << 31));
+        // Largest p below 1: T = 2^32 − 256.
+        let below_one = f32::from_bits(0x3f7f_ffff);
+        assert_eq!(Keep::new(below_one).unwrap().threshold(), Some(u32::MAX - 255));
+        // Tiny p: T = 0 keeps nothing (p < 2^-32).
+        assert_eq!(Keep::new(1e-12).unwrap().threshold(), Some(0));
+        assert_eq!(Keep::new(f32::from_bits(1) ).unwrap().threshold(), Some(0));
+        for bad in [0.0, -0.5, 1.5, f32::NAN, f32::INFINITY] {
+            assert!(matches!(
+                Keep::new(bad),
+                Err(Error::InvalidHyperparameter { name: "p (reserve rate)", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn keep_fraction_is_p_over_a_million_elements() {
+        let n = 1u32 << 20;
+        for p in [0.01f32, 0.3, 0.9] {
+            let keep = Keep::new(p).unwrap();
+            let key = MaskKey::new(42, tensor_id("layers.0.mlp.up_proj.weight"), 1);
+            let kept = (0..n).filter(|&i| keep.keeps(key.uniform(i, 0))).count() as f64;
+            let mean = f64::from(p) * f64::from(n);
+            let sd = libm::sqrt(mean * (1.0 - f64::from(p)));
+            // Six standard deviations: a correct generator fails this with probability ~2e-9.
+            assert!((kept - mean).abs() < 6.0 * sd, "p={p}: kept {kept}, expected {mean}±{sd}");
+        }
+    }
+
+    #[test]
+    fn extent_limit_names_the_tensor() {
+        assert!(check_extent("t", MAX_TENSOR_LEN - 4, 4).is_ok());
+        let err = check_extent("t", MAX_TENSOR_LEN - 4, 5).unwrap_err();
+        assert!(matches!(err, Error::OutOfRange { ref tensor, .. } if tensor.as_str() == "t"));
+    }
+}

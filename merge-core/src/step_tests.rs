@@ -1,0 +1,398 @@
+//! Whole-step properties: reductions to AdamW, chunk invariance, step-K, rescale,
+//! and errors, against a direct transcription of SPEC.md §5 written without blocks,
+//! generics or the chunk machinery.
+
+use crate::arith::flush as fl;
+use crate::dare::{DareConfig, DareVariant};
+use crate::dtype::Src;
+use crate::error::{Error, tensor_name};
+use crate::hyper::{AdamConfig, AdamForm, Schedule, StepScalars};
+use crate::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use crate::rng::{Keep, MaskKey, tensor_id};
+use crate::step::{Norms, Phase, StateMut, StateRef};
+use crate::testutil::Rng;
+use std::vec;
+use std::vec::Vec;
+
+extern crate std;
+
+#[derive(Clone, Debug, PartialEq)]
+struct State {
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    cached: Vec<f32>,
+}
+
+fn a(x: f32, y: f32) -> f32 { fl(x + y) }
+fn s_(x: f32, y: f32) -> f32 { fl(x - y) }
+fn m_(x: f32, y: f32) -> f32 { fl(x * y) }
+fn d_(x: f32, y: f32) -> f32 { fl(x / y) }
+
+fn l1(xs: &[f32]) -> f32 {
+    // The definition: pad to a power of two, pairwise levels.
+    let mut n = 1;
+    while n < xs.len() { n *= 2; }
+    let mut level: Vec<f32> = xs.iter().map(|x| fl(x.abs())).collect();
+    level.resize(n, 0.0);
+    while level.len() > 1 {
+        level = level.chunks(2).map(|p| a(p[0], p[1])).collect();
+    }
+    level[0]
+}
+
+/// One step of SPEC.md §5 for a whole tensor, written straight from the formulas.
+fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut State, tau: &[f32]) {
+    let s: StepScalars = cfg.adam.scalars(k).unwrap();
+    let torch = cfg.adam.form == AdamForm::Torch;
+    let n = g.len();
+    let mut delta = vec![0.0f32; n];
+    let mut theta = vec![0.0f32; n];
+    for i in 0..n {
+        let gi = fl(g[i]);
+        let mut th = fl(st.theta[i]);
+        if torch { th = m_(th, s.decay_before); }
+        st.m[i] = a(m_(s.beta1, fl(st.m[i])), m_(s.one_minus_beta1, gi));
+        st.v[i] = a(m_(s.beta2, fl(st.v[i])), m_(s.one_minus_beta2, m_(gi, gi)));
+        let root = fl(libm::sqrtf(st.v[i]));
+        let den = if torch { a(d_(root, s.bc2_sqrt), s.eps) } else { a(root, s.eps) };
+        delta[i] = m_(s.neg_step_size, d_(st.m[i], den));
+        theta[i] = th;
+    }
+    let merge_step = k % u64::from(cfg.k) == 0;
+    if !merge_step {
+        for i in 0..n {
+            theta[i] = a(theta[i], delta[i]);
+            st.cached[i] = a(st.cached[i], delta[i]);
+        }
+    } else {
+        for i in 0..n {
+            theta[i] = s_(theta[i], st.cached[i]);
+            delta[i] = a(delta[i], st.cached[i]);
+            st.cached[i] = 0.0;
+        }
+        match cfg.merge {
+            Merge::None => for i in 0..n { theta[i] = a(theta[i], delta[i]); },
+            Merge::Dare(d) => {
+                let p32 = d.p as f32;
+                let keep = Keep::new(p32).unwrap();
+                let key = MaskKey::new(cfg.seed, tensor_id(name), k as u32);
+                let reference = d.variant == DareVariant::Reference;
+                let scale = if reference { (1.0 / f64::from(p32)) as f32 } else { 1.0 };
+                let mut sp: Vec<f32> = (0..n).map(|i| if keep.keeps(key.uniform(i as u32, 0)) { m_(delta[i], scale) } else { 0.0 }).collect();
+                if d.rescale {
+                    let org = l1(&delta);
+                    let new = l1(&sp);
+                    if org >= 1e-8f32 {
+                        let r = d_(org, a(new, s.eps));
+                        let c = d.clip as f32;
+                        for x in sp.iter_mut() { *x = m_(*x, r).clamp(-c, c); }
+                    }
+                }
+                let (al, om) = (fl(d.alpha as f32), fl((1.0 - d.alpha) as f32));
+                for i in 0..n {
+                    theta[i] = if reference {
+                        a(a(theta[i], m_(al, tau[i])), m_(om, sp[i]))
+                    } else {
+                        let t = if keep.keeps(key.uniform(i as u32, 1)) { fl(tau[i]) } else { 0.0 };
+                        a(theta[i], a(m_(al, t), m_(om, sp[i])))
+                    };
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        st.theta[i] = if torch { theta[i] } else { s_(theta[i], m_(s.decay_after, theta[i])) };
+    }
+}
+
+fn random_state(rng: &mut Rng, n: usize) -> (Vec<f32>, State, Vec<f32>) {
+    let g: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-2).collect();
+    let theta: Vec<f32> = (0..n).map(|_| rng.unit_f32()).collect();
+    let tau: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-3).collect();
+    (g, State { theta, m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n] }, tau)
+}
+
+/// Runs `steps` steps through the optimizer front, whole tensors.
+fn run_front(cfg: &OnlineConfig, steps: u64, name: &str, grads: &[Vec<f32>], st: &mut State, tau: &[f32]) {
+    let mut opt = Optimizer::new(*cfg).unwrap();
+    for k in 0..steps {
+        let plan = opt.begin_step().unwrap();
+        let cached = if opt.needs_cached_delta() { Some(&mut st.cached[..]) } else { None };
+        plan.step_tensor(name, &grads[k as usize], TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }).unwrap();
+    }
+}
+
+fn configs() -> Vec<OnlineConfig> {
+    let mut out = Vec::new();
+    for form in [AdamForm::HuggingFace, AdamForm::Torch] {
+        let adam = AdamConfig { form, lr: 1e-3, weight_decay: 0.01, schedule: Schedule::WarmupCosine { warmup: 2, total: 10 }, ..AdamConfig::default() };
+        for variant in [DareVariant::Reference, DareVariant::Paper] {
+            for rescale in [false, true] {
+                for k in [1, 3] {
+                    let dare = DareConfig { variant, p: 0.3, alpha: 0.25, rescale, clip: 1e-3 };
+                    out.push(OnlineConfig { adam, merge: Merge::Dare(dare), k, seed: 0xdead_beef_0bad_cafe });
+                }
+            }
+        }
+        out.push(OnlineConfig { adam, merge: Merge::None, k: 1, seed: 1 });
+        out.push(OnlineConfig { adam, merge: Merge::None, k: 2, seed: 1 });
+    }
+    out
+}
+
+#[test]
+fn the_front_matches_the_formulas_for_every_configuration() {
+    let mut rng = Rng::new(1);
+    let n = 1000;
+    for cfg in configs() {
+        let (_, st0, tau) = random_state(&mut rng, n);
+        let grads: Vec<Vec<f32>> = (0..7).map(|_| (0..n).map(|_| rng.unit_f32() * 1e-2).collect()).collect();
+        let mut got = st0.clone();
+        run_front(&cfg, 7, "model.layers.3.w", &grads, &mut got, &tau);
+        let mut want = st0.clone();
+        for k in 1..=7 {
+            reference_step(&cfg, k, "model.layers.3.w", &grads[k as usize - 1], &mut want, &tau);
+        }
+        if cfg.k == 1 {
+            // Online steps never touch the cached delta.
+            want.cached = st0.cached.clone();
+        }
+        assert_eq!(bits(&got.theta), bits(&want.theta), "{cfg:?}");
+        assert_eq!(bits(&got.m), bits(&want.m), "{cfg:?}");
+        assert_eq!(bits(&got.v), bits(&want.v), "{cfg:?}");
+        assert_eq!(bits(&got.cached), bits(&want.cached), "{cfg:?}");
+        assert_ne!(got.theta, st0.theta);
+    }
+}
+
+fn bits(xs: &[f32]) -> Vec<u32> {
+    xs.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn p_one_alpha_zero_is_adamw_bit_for_bit() {
+    let mut rng = Rng::new(2);
+    let n = 777;
+    for form in [AdamForm::HuggingFace, AdamForm::Torch] {
+        let adam = AdamConfig { form, lr: 3e-3, weight_decay: 0.1, ..AdamConfig::default() };
+        let plain = OnlineConfig { adam, merge: Merge::None, k: 1, seed: 9 };
+        let (_, st0, tau) = random_state(&mut rng, n);
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| rng.wide_f32()).collect()).collect();
+        let mut want = st0.clone();
+        run_front(&plain, 4, "t", &grads, &mut want, &tau);
+        for variant in [DareVariant::Reference, DareVariant::Paper] {
+            let dare = DareConfig { variant, p: 1.0, alpha: 0.0, rescale: false, clip: 1.0 };
+            let mut got = st0.clone();
+            run_front(&OnlineConfig { merge: Merge::Dare(dare), ..plain }, 4, "t", &grads, &mut got, &tau);
+            assert_eq!(bits(&got.theta), bits(&want.theta), "{form:?} {variant:?}");
+            assert_eq!(bits(&got.m), bits(&want.m));
+        }
+    }
+}
+
+#[test]
+fn k_equal_one_with_a_cached_slice_is_online_merging() {
+    let mut rng = Rng::new(3);
+    let n = 300;
+    let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, alpha: 0.1, rescale: true, ..DareConfig::default() }), ..OnlineConfig::default() };
+    let (g, st0, tau) = random_state(&mut rng, n);
+    let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+    assert_eq!(plan.phase(), Phase::Merge);
+    let mut online = st0.clone();
+    plan.step_tensor("w", &g, TensorState { theta: &mut online.theta, m: &mut online.m, v: &mut online.v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    let mut with_cache = st0.clone();
+    plan.step_tensor("w", &g, TensorState { theta: &mut with_cache.theta, m: &mut with_cache.m, v: &mut with_cache.v, cached: Some(&mut with_cache.cached), tau: Src::F32(&tau) }).unwrap();
+    assert_eq!(bits(&online.theta), bits(&with_cache.theta));
+    assert_eq!(with_cache.cached, vec![0.0; n]);
+}
+
+#[test]
+fn step_k_rolls_back_to_the_direct_formula() {
+    // K = 3, lr constant, no decay, p = 1, α = 0: two plain steps, then the third
+    // rolls both back and applies Δ3 ⊕ (Δ1 ⊕ Δ2). The Adam deltas come from the
+    // moments of a plain run.
+    let mut rng = Rng::new(4);
+    let n = 64;
+    let adam = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
+    let cfg = OnlineConfig { adam, merge: Merge::Dare(DareConfig { p: 1.0, alpha: 0.0, ..DareConfig::default() }), k: 3, seed: 0 };
+    let (_, st0, tau) = random_state(&mut rng, n);
+    let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.unit_f32()).collect()).collect();
+    let mut got = st0.clone();
+    run_front(&cfg, 3, "w", &grads, &mut got, &tau);
+    // Direct: the Adam deltas of the three steps from the moments alone.
+    let mut plain = st0.clone();
+    let mut deltas = vec![vec![0.0f32; n]; 3];
+    for k in 1..=3u64 {
+        reference_step(&OnlineConfig { merge: Merge::None, k: 1, ..cfg }, k, "w", &grads[k as usize - 1], &mut plain, &tau);
+        let s = adam.scalars(k).unwrap();
+        for i in 0..n {
+            let root = fl(libm::sqrtf(plain.v[i]));
+            deltas[k as usize - 1][i] = m_(s.neg_step_size, d_(plain.m[i], a(root, s.eps)));
+        }
+    }
+    for i in 0..n {
+        let t1 = a(st0.theta[i], deltas[0][i]);
+        let t2 = a(t1, deltas[1][i]);
+        let c = a(deltas[0][i], deltas[1][i]);
+        let want = a(s_(t2, c), a(deltas[2][i], c));
+        assert_eq!(got.theta[i].to_bits(), want.to_bits(), "i={i}");
+        assert_eq!(got.cached[i].to_bits(), 0);
+    }
+    // After two steps the cache holds Δ1 ⊕ Δ2 and θ has taken both plain steps.
+    let mut two = st0.clone();
+    run_front(&cfg, 2, "w", &grads, &mut two, &tau);
+    for i in 0..n {
+        assert_eq!(two.cached[i].to_bits(), a(deltas[0][i], deltas[1][i]).to_bits());
+        assert_eq!(two.theta[i].to_bits(), a(a(st0.theta[i], deltas[0][i]), deltas[1][i]).to_bits());
+    }
+}
+
+/// Runs one step through the chunk passes with the given cut points.
+fn step_in_chunks(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut State, tau: &[f32], cuts: &[usize]) {
+    let opt = Optimizer::new(*cfg).unwrap();
+    let plan = opt.plan(k).unwrap();
+    let mut ts = plan.tensor(name, g.len() as u64).unwrap();
+    let bounds: Vec<(usize, usize)> = {
+        let mut b = Vec::new();
+        let mut at = 0;
+        for &c in cuts.iter().chain(core::iter::once(&g.len())) {
+            if c > at { b.push((at, c)); at = c; }
+        }
+        b
+    };
+    let cached = opt.needs_cached_delta();
+    if plan.needs_norms() {
+        let mut norms = Norms::default();
+        for &(lo, hi) in &bounds {
+            let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: cached.then(|| &st.cached[lo..hi]) };
+            ts.scan_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi]), Some(&mut norms), None).unwrap();
+        }
+        ts.rescale = norms.rescale(name, plan.scalars().eps, plan.clip()).unwrap();
+    }
+    for &(lo, hi) in &bounds {
+        let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: cached.then(|| &st.cached[lo..hi]) };
+        ts.check_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi])).unwrap();
+    }
+    for &(lo, hi) in &bounds {
+        let State { theta, m, v, cached: c } = st;
+        let view = StateMut { theta: &mut theta[lo..hi], m: &mut m[lo..hi], v: &mut v[lo..hi], cached: cached.then(|| &mut c[lo..hi]) };
+        ts.write_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi])).unwrap();
+    }
+}
+
+#[test]
+fn chunking_at_random_cut_points_changes_no_bit() {
+    let mut rng = Rng::new(5);
+    let n = 2049;
+    for cfg in configs() {
+        let (g, st0, tau) = random_state(&mut rng, n);
+        let k = if cfg.k == 3 { 3 } else { 2 };
+        let mut whole = st0.clone();
+        step_in_chunks(&cfg, k, "emb", &g, &mut whole, &tau, &[]);
+        for _ in 0..4 {
+            let mut cuts: Vec<usize> = (0..1 + rng.next_u32() % 12).map(|_| (rng.next_u32() as usize) % n).collect();
+            cuts.sort();
+            let mut chunked = st0.clone();
+            step_in_chunks(&cfg, k, "emb", &g, &mut chunked, &tau, &cuts);
+            assert_eq!(bits(&chunked.theta), bits(&whole.theta), "{cfg:?} cuts {cuts:?}");
+            assert_eq!(bits(&chunked.cached), bits(&whole.cached));
+        }
+    }
+}
+
+#[test]
+fn masks_keep_about_p_and_depend_on_step_and_name() {
+    let n = 1 << 20;
+    let cfg = OnlineConfig {
+        adam: AdamConfig { lr: 1.0, ..AdamConfig::default() },
+        merge: Merge::Dare(DareConfig { p: 0.01, alpha: 0.0, ..DareConfig::default() }),
+        ..OnlineConfig::default()
+    };
+    let g = vec![1.0f32; n];
+    let tau = vec![0.0f32; n];
+    let moved = |name: &str, k: u64| -> Vec<bool> {
+        let mut st = State { theta: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], cached: vec![] };
+        Optimizer::new(cfg).unwrap().plan(k).unwrap()
+            .step_tensor(name, &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) })
+            .unwrap();
+        st.theta.iter().map(|&t| t != 0.0).collect()
+    };
+    let a1 = moved("a", 1);
+    let kept = a1.iter().filter(|&&b| b).count() as f64;
+    let mean = 0.01 * n as f64;
+    let sd = libm::sqrt(mean * 0.99);
+    assert!((kept - mean).abs() < 6.0 * sd, "kept {kept} of {n}");
+    assert_ne!(a1, moved("a", 2));
+    assert_ne!(a1, moved("b", 1));
+}
+
+#[test]
+fn non_finite_inputs_and_outputs_name_the_lowest_index_and_write_nothing() {
+    let mut rng = Rng::new(6);
+    let n = 500;
+    let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, ..DareConfig::default() }), ..OnlineConfig::default() };
+    let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+    let cases: [(usize, &str, f32, usize, &str); 4] = [
+        (0, "gradient", f32::NAN, 37, "gradient"),
+        (1, "parameter", f32::INFINITY, 300, "parameter"),
+        (2, "exp_avg_sq", f32::NEG_INFINITY, 499, "exp_avg_sq"),
+        // A gradient whose square overflows: v' = Inf.
+        (0, "gradient", 3e20, 130, "updated exp_avg_sq"),
+    ];
+    for (slot, _, bad, at, what) in cases {
+        let (mut g, mut st, tau) = random_state(&mut rng, n);
+        match slot {
+            0 => g[at] = bad,
+            1 => st.theta[at] = bad,
+            _ => st.v[at] = bad,
+        }
+        // A second bad value later must not be the one reported.
+        if at + 1 < n {
+            g[n - 1] = f32::NAN;
+        }
+        let before = st.clone();
+        let err = plan.step_tensor("blk.0", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+        assert_eq!(err, Error::NonFinite { tensor: tensor_name("blk.0"), what, index: at as u64 });
+        assert_eq!(st, before, "nothing written");
+    }
+}
+
+#[test]
+fn edge_values_stay_finite_flushed_and_positive_zero() {
+    let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 1.0, alpha: 0.5, ..DareConfig::default() }), ..OnlineConfig::default() };
+    let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+    let sub = f32::from_bits(0x0000_0001);
+    let g = [0.0, -0.0, sub, -sub, 1e-30, -1e18, f32::MAX, f32::MIN_POSITIVE];
+    let mut theta = [-0.0, 0.0, sub, 1.0, -1e-38, 1e38, 0.0, -sub];
+    let mut m = [0.0f32; 8];
+    let mut v = [0.0f32; 8];
+    let tau = [-0.0, sub, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-38];
+    // f32::MAX squared overflows v: refused at index 6.
+    let err = plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { index: 6, what: "updated exp_avg_sq", .. }), "{err:?}");
+    let g = [0.0, -0.0, sub, -sub, 1e-30, -1e18, 1e18, f32::MIN_POSITIVE];
+    plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    for x in theta.iter().chain(&m).chain(&v) {
+        assert!(x.is_finite());
+        assert!(x.to_bits() == 0 || x.to_bits() & 0x7f80_0000 != 0, "no subnormal or -0: {:#x}", x.to_bits());
+    }
+    // ±0 and subnormal inputs with zero gradient leave +0.
+    assert_eq!(theta[0].to_bits(), 0);
+    assert_eq!(theta[2].to_bits(), 0);
+}
+
+#[test]
+fn bad_configurations_are_named() {
+    let e = Optimizer::new(OnlineConfig { k: 0, ..OnlineConfig::default() }).unwrap_err();
+    assert!(matches!(e, Error::InvalidHyperparameter { name: "k (merge every k steps)", .. }));
+    let e = Optimizer::new(OnlineConfig { merge: Merge::Dare(DareConfig { p: 2.0, ..DareConfig::default() }), ..OnlineConfig::default() }).unwrap_err();
+    assert!(matches!(e, Error::InvalidHyperparameter { name: "p (reserve rate)", .. }));
+    let opt = Optimizer::new(OnlineConfig { k: 2, ..OnlineConfig::default() }).unwrap();
+    let plan = opt.plan(1).unwrap();
+    let (mut t, mut m, mut v) = ([0.0f32; 3], [0.0f32; 3], [0.0f32; 3]);
+    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "cached delta (required when k > 1)", .. }));
+    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]), tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "exp_avg", expected: 3, found: 2, .. }));
+}
