@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The one command that runs every test of the workspace on a fresh machine.
+#
+# It checks for what the tests need beyond Rust and, when it runs as root with
+# apt-get / rustup available, installs it; otherwise it stops and prints the exact
+# command to run. Needed: the software Vulkan driver (GPU tests run on lavapipe when
+# there is no GPU), python3 with numpy (the independent oracle), node (the wasm32
+# run of the golden vectors), and the rustup targets wasm32-unknown-unknown and
+# thumbv7em-none-eabihf. Then: cargo test --workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+targets=(wasm32-unknown-unknown thumbv7em-none-eabihf)
+is_root=false; [ "$(id -u)" = 0 ] && is_root=true
+have() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+
+apt_install() {
+    if $is_root && have apt-get; then
+        echo "test.sh: installing $* with apt-get"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null \
+            || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null; }
+    else
+        return 1
+    fi
+}
+
+have_vulkan() {
+    ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 \
+        && { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1' || ls /usr/lib/*/libvulkan.so.1 >/dev/null 2>&1; }
+}
+
+have_numpy() { have python3 && python3 -c 'import numpy' >/dev/null 2>&1; }
+
+for tool in cargo rustc; do
+    have "$tool" || { echo "test.sh: $tool not found: install Rust with rustup (https://rustup.rs)" >&2; exit 1; }
+done
+
+have_vulkan || apt_install mesa-vulkan-drivers libvulkan1 || true
+have_vulkan || missing+=("the software Vulkan driver: sudo apt-get install mesa-vulkan-drivers libvulkan1")
+
+if ! have_numpy; then
+    apt_install python3 python3-numpy || true
+fi
+if ! have_numpy && have python3 && python3 -m pip --version >/dev/null 2>&1; then
+    # Debian marks its Python as externally managed; a user install is still allowed there.
+    python3 -m pip install --user numpy || python3 -m pip install --user --break-system-packages numpy || true
+fi
+have_numpy || missing+=("numpy for python3: pip install numpy (Debian: sudo apt-get install python3-numpy)")
+
+have node || apt_install nodejs || true
+have node || missing+=("Node.js 18+: sudo apt-get install nodejs")
+
+installed_targets=$(rustup target list --installed 2>/dev/null || true)
+for t in "${targets[@]}"; do
+    if ! grep -qx "$t" <<<"$installed_targets"; then
+        if have rustup; then
+            rustup target add "$t" || missing+=("the Rust target $t: rustup target add $t")
+        else
+            missing+=("the Rust target $t: rustup target add $t")
+        fi
+    fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: missing prerequisites; install them and rerun:" >&2
+    printf '  - %s\n' "${missing[@]}" >&2
+    exit 1
+fi
+
+cargo test --workspace

@@ -1,0 +1,172 @@
+"""Recomputes every golden vector with the NumPy oracle and compares bits.
+
+usage: python3 check_golden.py <golden dir>
+Exit status 0 only when every case of every file is reproduced bit for bit.
+The op table mirrors tests/golden-runner/src/ops.rs, but every op is computed by
+oracle.py, which was written from SPEC.md alone.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+import oracle as o
+
+FORMAT = "online-merging-golden/1"
+
+
+class Malformed(Exception):
+    pass
+
+
+class Rejected(Exception):
+    """An input the spec says must be refused, carrying the fields the error reports."""
+
+    def __init__(self, **fields):
+        super().__init__(fields)
+        self.fields = fields
+
+
+def load_array(a, what):
+    dtype = a.get("dtype")
+    if dtype == "bool":
+        return np.array([c == "1" for c in a["bits"]], dtype=bool)
+    words = [int(h, 16) for h in a["hex"].split()]
+    if dtype == "f32":
+        return o.from_bits(np.array(words, dtype=np.uint32))
+    if dtype == "u32":
+        return np.array(words, dtype=np.uint32)
+    if dtype in ("bf16", "f16"):
+        return np.array(words, dtype=np.uint16)
+    raise Malformed(f"{what}: unknown dtype {dtype!r}")
+
+
+def array_strings(a):
+    """The stored element strings of an array, for comparison with the file."""
+    if a.dtype == bool:
+        return ["1" if v else "0" for v in a]
+    if a.dtype == np.float32:
+        return [f"{v:08x}" for v in o.bits(a).tolist()]
+    if a.dtype == np.uint32:
+        return [f"{v:08x}" for v in a.tolist()]
+    if a.dtype == np.uint16:
+        return [f"{v:04x}" for v in a.tolist()]
+    raise TypeError(a.dtype)
+
+
+def expected_strings(a):
+    return list(a["bits"]) if a["dtype"] == "bool" else a["hex"].split()
+
+
+class Case:
+    def __init__(self, c):
+        self.raw = c
+        self.name = c["name"]
+        self.op = c["op"]
+        self.tensor = c.get("tensor")
+        self.seed = int(c["seed"], 16) if "seed" in c else None
+        self.step = c.get("step")
+        self.params = c.get("params", {})
+        self.inputs = {k: load_array(v, f"{self.name}.{k}") for k, v in c.get("inputs", {}).items()}
+
+    def f32(self, key):
+        return o.from_bits(np.array([int(self.params[key]["f32"], 16)], dtype=np.uint32))[0]
+
+    def word(self, key):
+        return self.params[key]
+
+
+def op_arith(c):
+    a = o.flush(c.inputs["a"])
+    fn = c.word("fn")
+    if fn == "flush":
+        return {"out": a}
+    if fn == "sqrt":
+        return {"out": o.sqrt(a)}
+    b = o.flush(c.inputs["b"])
+    return {"out": {"add": o.add, "sub": o.sub, "mul": o.mul, "div": o.div}[fn](a, b)}
+
+
+OPS = {
+    "arith": op_arith,
+}
+
+
+def compare(case, expected, got):
+    """A list of difference descriptions (empty when bit-identical)."""
+    diffs = []
+    if "error" in expected:
+        if not isinstance(got, Rejected):
+            return [f"expected error {expected['error']['message']!r}, oracle computed outputs"]
+        for k, v in got.fields.items():
+            if expected["error"].get(k) != v:
+                diffs.append(f"error field {k}: expected {expected['error'].get(k)!r}, oracle {v!r}")
+        return diffs
+    if isinstance(got, Rejected):
+        return [f"expected outputs, oracle rejected the input: {got.fields}"]
+    want = expected["outputs"]
+    for k in want:
+        if k not in got:
+            diffs.append(f"output {k!r} not computed by the oracle")
+            continue
+        w = expected_strings(want[k])
+        g = array_strings(np.asarray(got[k]).ravel())
+        if len(w) != len(g):
+            diffs.append(f"output {k!r}: expected {len(w)} elements, oracle {len(g)}")
+            continue
+        bad = [i for i in range(len(w)) if w[i] != g[i]]
+        if bad:
+            i = bad[0]
+            diffs.append(f"output {k!r}: {len(bad)} of {len(w)} differ; first at index {i}: expected {w[i]}, oracle {g[i]}")
+    for k in got:
+        if k not in want:
+            diffs.append(f"output {k!r} computed by the oracle but not in the golden file")
+    return diffs
+
+
+def check_file(path):
+    with open(path) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT:
+        raise Malformed(f"{path}: format is {doc.get('format')!r}, expected {FORMAT!r}")
+    failures = []
+    for raw in doc["cases"]:
+        c = Case(raw)
+        if c.op not in OPS:
+            raise Malformed(f"{path}: case {c.name!r}: the oracle has no op {c.op!r}")
+        try:
+            got = OPS[c.op](c)
+        except Rejected as r:
+            got = r
+        for d in compare(c, raw["expected"], got):
+            failures.append(f"{os.path.basename(path)}: case {c.name!r} (op {c.op}): {d}")
+    return len(doc["cases"]), failures
+
+
+def main(argv):
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    o.self_test()
+    files = sorted(f for f in os.listdir(argv[1]) if f.endswith(".json"))
+    if not files:
+        print(f"no golden files in {argv[1]}", file=sys.stderr)
+        return 2
+    all_failures = []
+    for f in files:
+        try:
+            n, failures = check_file(os.path.join(argv[1], f))
+        except Malformed as e:
+            print(f"MALFORMED {e}")
+            return 2
+        print(f"{'ok  ' if not failures else 'FAIL'} {f}: {n} cases" + (f", {len(failures)} differ" if failures else ""))
+        all_failures += failures
+    for line in all_failures:
+        print(line)
+    return 1 if all_failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
