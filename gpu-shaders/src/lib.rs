@@ -4,6 +4,7 @@
 pub mod context;
 mod kernel;
 pub mod ops;
+pub mod optim;
 pub mod tensor;
 
 pub use context::{GpuContext, GpuError, GpuOptions, ADAPTER_ENV};

@@ -1,0 +1,515 @@
+//! The online merging optimizer on the GPU: merge-core's `optim`/`step` with the
+//! state resident on the device. Only gradients go up each step; parameters and
+//! state come back only when asked (checkpoints, cross-checks).
+
+use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::error::tensor_name;
+use merge_core::hyper::AdamForm;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer};
+use merge_core::step::{MergePlan, Norms, Phase, Rescale};
+use merge_core::dare::DareVariant;
+
+use crate::context::{GpuContext, GpuError, WORKGROUP};
+use crate::kernel::Kernel;
+use crate::tensor::{GpuArray, Storage};
+
+/// What the status slots record, in merge-core's reporting order (`step.rs`).
+const WHAT: [&str; 12] = [
+    "gradient",
+    "parameter",
+    "exp_avg",
+    "exp_avg_sq",
+    "cached delta",
+    "task vector",
+    "updated exp_avg",
+    "updated exp_avg_sq",
+    "update",
+    "sparsified update",
+    "updated cached delta",
+    "updated parameter",
+];
+/// Status words per tensor (`NCODES` in step.wgsl).
+const NCODES: usize = 16;
+
+/// One tensor handed to [`GpuOptimizer::new`].
+pub struct TensorInit<'a> {
+    pub name: &'a str,
+    /// Initial parameters (the SFT weights at the start of alignment).
+    pub theta: &'a [f32],
+    /// Base and SFT weights for the task vector; required when merging.
+    pub task: Option<(Src<'a>, Src<'a>)>,
+    /// Storage format of the task vector `τ'` on the device.
+    pub tau_dtype: Dtype,
+}
+
+/// Moments (and `Δ_c` for step-K) of one tensor, read back for a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorStateData {
+    pub name: String,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub cached: Option<Vec<f32>>,
+}
+
+struct Slot {
+    name: String,
+    n: u64,
+    theta: GpuArray,
+    m: GpuArray,
+    v: GpuArray,
+    grad: GpuArray,
+    cached: Option<GpuArray>,
+    tau: Option<GpuArray>,
+    tau_dtype: Storage,
+    /// 256-block sums of |D| (first `nb`) and |D'| (next `nb`).
+    nb_buf: wgpu::Buffer,
+    nb: u32,
+    /// Tree levels above the blocks: (uniform, output buffer, groups per half, bind group).
+    levels: Vec<(wgpu::Buffer, wgpu::Buffer, u32, wgpu::BindGroup)>,
+    uniforms: Vec<wgpu::Buffer>,
+    /// Per chunk: bind groups for scan, check, write.
+    groups: Vec<[wgpu::BindGroup; 3]>,
+}
+
+/// The step uniform of step.wgsl (`StepU`), 32 words.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
+struct StepU {
+    zero: u32,
+    n: u32,
+    start: u32,
+    block0: u32,
+    k0: u32,
+    k1: u32,
+    threshold: u32,
+    keep_all: u32,
+    kind: u32,
+    torch: u32,
+    accumulate: u32,
+    has_cached: u32,
+    tau_dtype: u32,
+    do_rescale: u32,
+    slot: u32,
+    nb_total: u32,
+    beta1: f32,
+    beta2: f32,
+    c1: f32,
+    c2: f32,
+    eps: f32,
+    neg_step: f32,
+    bc2_sqrt: f32,
+    decay_before: f32,
+    decay_after: f32,
+    scale: f32,
+    alpha: f32,
+    omega: f32,
+    factor: f32,
+    clip: f32,
+    pad0: f32,
+    pad1: f32,
+}
+
+/// AdamW / OnDARE with step-K, on the GPU, bit-identical to merge-core.
+pub struct GpuOptimizer {
+    ctx: GpuContext,
+    cpu: Optimizer,
+    steps: u64,
+    slots: Vec<Slot>,
+    kernels: [Kernel; 3],
+    reduce: Kernel,
+    status: wgpu::Buffer,
+    validate: bool,
+    poisoned: Option<String>,
+}
+
+impl GpuOptimizer {
+    /// Uploads parameters and task vectors, zero moments. Tensors are kept in
+    /// bytewise name order (the order the CPU front and global scopes use).
+    pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
+        let cpu = Optimizer::new(config)?;
+        let mut order: Vec<&TensorInit> = tensors.iter().collect();
+        order.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+        for w in order.windows(2) {
+            if w[0].name == w[1].name {
+                return Err(GpuError::Invalid(format!("tensor `{}` is given twice", w[0].name)));
+            }
+        }
+        let kernels = [
+            Kernel::new(&ctx, "step scan", include_str!("step.wgsl"), "scan"),
+            Kernel::new(&ctx, "step check", include_str!("step.wgsl"), "check"),
+            Kernel::new(&ctx, "step write", include_str!("step.wgsl"), "write"),
+        ];
+        let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
+        let merging = !matches!(config.merge, Merge::None);
+        let status = ctx.storage("status", (order.len().max(1) * NCODES * 4) as u64);
+        let dummy_c = ctx.storage("no cached delta", 4);
+        let dummy_tau = ctx.storage("no task vector", 4);
+        let mut slots = Vec::with_capacity(order.len());
+        for t in &order {
+            let n = t.theta.len() as u64;
+            merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
+            let tau = if merging {
+                let (base, sft) = t.task.ok_or_else(|| {
+                    GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name))
+                })?;
+                Some(upload_tau(&ctx, &cpu, t.name, base, sft, t.tau_dtype)?)
+            } else {
+                None
+            };
+            let cached = cpu.needs_cached_delta().then(|| GpuArray::zeros(&ctx, "cached delta", Storage::F32, n));
+            let theta = GpuArray::from_f32(&ctx, "theta", t.theta);
+            let m = GpuArray::zeros(&ctx, "exp_avg", Storage::F32, n);
+            let v = GpuArray::zeros(&ctx, "exp_avg_sq", Storage::F32, n);
+            let grad = GpuArray::zeros(&ctx, "grad", Storage::F32, n);
+            let nb = n.div_ceil(WORKGROUP as u64) as u32;
+            let nb_buf = ctx.storage("block sums", 8 * nb.max(1) as u64);
+            let mut levels = Vec::new();
+            let mut cnt = nb;
+            let mut input = nb_buf.clone();
+            while cnt > 1 {
+                let gph = cnt.div_ceil(WORKGROUP);
+                let u = ctx.uniform_init("tree level", bytemuck::cast_slice(&[0u32, cnt, gph, 0]));
+                let out = ctx.storage("tree level", 8 * gph as u64);
+                let bg = reduce.bind(&ctx, &[&u, &input, &out]);
+                input = out.clone();
+                levels.push((u, out, gph, bg));
+                cnt = gph;
+            }
+            let mut uniforms = Vec::new();
+            let mut groups = Vec::new();
+            for (ci, ch) in theta.chunks.iter().enumerate() {
+                let u = ctx.uniform_init("step", bytemuck::bytes_of(&StepU::default()));
+                let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
+                let tb = tau.as_ref().map_or(&dummy_tau, |a| &a.chunks[ci].buf);
+                let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status, &nb_buf];
+                groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs)]);
+                uniforms.push(u);
+            }
+            slots.push(Slot {
+                name: t.name.to_string(),
+                n,
+                theta,
+                m,
+                v,
+                grad,
+                cached,
+                tau,
+                tau_dtype: Storage::from(t.tau_dtype),
+                nb_buf,
+                nb,
+                levels,
+                uniforms,
+                groups,
+            });
+        }
+        Ok(GpuOptimizer { ctx, cpu, steps: 0, slots, kernels, reduce, status, validate: true, poisoned: None })
+    }
+
+    /// With validation on (the default) a step runs a checking pass first and
+    /// writes nothing when any value is non-finite, exactly as merge-core. Off, a
+    /// step is one pass cheaper, and a failing step leaves the state unusable
+    /// (every later step is refused) until [`GpuOptimizer::load_state`].
+    pub fn set_validation(&mut self, on: bool) {
+        self.validate = on;
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        self.ctx.adapter_info()
+    }
+
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Tensor names in the optimizer's (bytewise) order.
+    pub fn names(&self) -> Vec<&str> {
+        self.slots.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Bytes the optimizer holds on the device (parameters, moments, gradients,
+    /// task vectors, Δ_c, scratch).
+    pub fn device_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| {
+                s.theta.device_bytes()
+                    + s.m.device_bytes()
+                    + s.v.device_bytes()
+                    + s.grad.device_bytes()
+                    + s.cached.as_ref().map_or(0, |c| c.device_bytes())
+                    + s.tau.as_ref().map_or(0, |c| c.device_bytes())
+                    + s.nb_buf.size()
+                    + s.levels.iter().map(|l| l.1.size()).sum::<u64>()
+            })
+            .sum()
+    }
+
+    /// One optimizer step. `grads` are given by tensor name (any order).
+    pub fn step(&mut self, grads: &[(&str, &[f32])]) -> Result<(), GpuError> {
+        if let Some(why) = &self.poisoned {
+            return Err(GpuError::Poisoned(why.clone()));
+        }
+        let mut by_slot: Vec<Option<&[f32]>> = vec![None; self.slots.len()];
+        for (name, g) in grads {
+            let ix = self
+                .slots
+                .binary_search_by(|s| s.name.as_bytes().cmp(name.as_bytes()))
+                .map_err(|_| GpuError::Invalid(format!("gradient for unknown tensor `{name}`")))?;
+            if g.len() as u64 != self.slots[ix].n {
+                return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                    tensor: tensor_name(name),
+                    what: "gradient",
+                    expected: self.slots[ix].n,
+                    found: g.len() as u64,
+                }));
+            }
+            by_slot[ix] = Some(g);
+        }
+        if let Some(ix) = by_slot.iter().position(|g| g.is_none()) {
+            return Err(GpuError::Invalid(format!("no gradient for tensor `{}`", self.slots[ix].name)));
+        }
+        let k = self.steps + 1;
+        let plan = self.cpu.plan(k)?;
+        for (slot, g) in self.slots.iter().zip(&by_slot) {
+            slot.grad.write_f32(&self.ctx, g.unwrap_or(&[]));
+        }
+        let mut us: Vec<StepU> = Vec::with_capacity(self.slots.len());
+        for (ix, slot) in self.slots.iter().enumerate() {
+            let ts = plan.tensor(&slot.name, slot.n)?;
+            us.push(base_uniform(&ts, ix as u32, slot));
+        }
+        if plan.needs_norms() {
+            self.write_uniforms(&us);
+            self.reset_status();
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for slot in &self.slots {
+                self.encode_pass(&mut enc, slot, 0);
+                for (_, _, gph, bg) in &slot.levels {
+                    // Both halves (|D| and |D'|) of the previous level in one dispatch.
+                    self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
+                }
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            self.check_status()?;
+            for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
+                let last = slot.levels.last().map_or(&slot.nb_buf, |l| &l.1);
+                let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&self.ctx.read_bytes(last, 8)?);
+                let (org, new) = if slot.n == 0 { (0.0, 0.0) } else { (sums[0], sums[1]) };
+                let mut norms = Norms::default();
+                norms.update.push(org);
+                norms.sparse.push(new);
+                if let Rescale::Apply { factor, clip } = norms.rescale(&slot.name, plan.scalars().eps, plan.clip())? {
+                    u.do_rescale = 1;
+                    u.factor = factor;
+                    u.clip = clip;
+                }
+            }
+        }
+        self.write_uniforms(&us);
+        if self.validate {
+            self.reset_status();
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for slot in &self.slots {
+                self.encode_pass(&mut enc, slot, 1);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            self.check_status()?;
+        } else {
+            self.reset_status();
+        }
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        for slot in &self.slots {
+            self.encode_pass(&mut enc, slot, 2);
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        if !self.validate {
+            if let Err(e) = self.check_status() {
+                self.poisoned = Some(format!("step {k} failed after writing: {e}"));
+                return Err(e);
+            }
+        } else {
+            self.ctx.wait()?;
+        }
+        self.steps = k;
+        Ok(())
+    }
+
+    fn encode_pass(&self, enc: &mut wgpu::CommandEncoder, slot: &Slot, pass: usize) {
+        for (ci, ch) in slot.theta.chunks.iter().enumerate() {
+            let groups = ch.len.div_ceil(WORKGROUP as u64) as u32;
+            self.kernels[pass].dispatch(&self.ctx, enc, &slot.groups[ci][pass], groups);
+        }
+    }
+
+    fn write_uniforms(&self, us: &[StepU]) {
+        for (slot, u) in self.slots.iter().zip(us) {
+            for (ci, ch) in slot.theta.chunks.iter().enumerate() {
+                let mut cu = *u;
+                cu.n = ch.len as u32;
+                cu.start = ch.start as u32;
+                cu.block0 = (ch.start / WORKGROUP as u64) as u32;
+                self.ctx.queue.write_buffer(&slot.uniforms[ci], 0, bytemuck::bytes_of(&cu));
+            }
+        }
+    }
+
+    fn reset_status(&self) {
+        let words = vec![u32::MAX; self.slots.len().max(1) * NCODES];
+        self.ctx.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&words));
+    }
+
+    /// The first tensor (in name order) with a non-finite value, its lowest index,
+    /// and which value it was (merge-core's order among values at that index).
+    fn check_status(&self) -> Result<(), GpuError> {
+        let words = self.ctx.read_u32(&self.status, (self.slots.len().max(1) * NCODES) as u64)?;
+        for (ix, slot) in self.slots.iter().enumerate() {
+            let s = &words[ix * NCODES..ix * NCODES + WHAT.len()];
+            let lowest = *s.iter().min().unwrap_or(&u32::MAX);
+            if lowest != u32::MAX {
+                let code = s.iter().position(|&w| w == lowest).unwrap_or(0);
+                return Err(GpuError::Core(merge_core::Error::NonFinite {
+                    tensor: tensor_name(&slot.name),
+                    what: WHAT[code],
+                    index: u64::from(lowest),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Current parameters, by name, in name order.
+    pub fn read_params(&self) -> Result<Vec<(String, Vec<f32>)>, GpuError> {
+        self.slots.iter().map(|s| Ok((s.name.clone(), s.theta.read_f32(&self.ctx)?))).collect()
+    }
+
+    /// Moments and Δ_c, for checkpoints and cross-checks.
+    pub fn read_state(&self) -> Result<Vec<TensorStateData>, GpuError> {
+        self.slots
+            .iter()
+            .map(|s| {
+                Ok(TensorStateData {
+                    name: s.name.clone(),
+                    m: s.m.read_f32(&self.ctx)?,
+                    v: s.v.read_f32(&self.ctx)?,
+                    cached: s.cached.as_ref().map(|c| c.read_f32(&self.ctx)).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Restores parameters, moments, Δ_c and the step count from a checkpoint
+    /// (also clears a failed unvalidated step).
+    pub fn load_state(&mut self, steps: u64, params: &[(&str, &[f32])], state: &[TensorStateData]) -> Result<(), GpuError> {
+        for slot in &self.slots {
+            let p = params
+                .iter()
+                .find(|(n, _)| *n == slot.name)
+                .ok_or_else(|| GpuError::Invalid(format!("checkpoint lacks parameters of `{}`", slot.name)))?;
+            let st = state
+                .iter()
+                .find(|s| s.name == slot.name)
+                .ok_or_else(|| GpuError::Invalid(format!("checkpoint lacks optimizer state of `{}`", slot.name)))?;
+            for (what, len) in [("parameter", p.1.len()), ("exp_avg", st.m.len()), ("exp_avg_sq", st.v.len())] {
+                if len as u64 != slot.n {
+                    return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                        tensor: tensor_name(&slot.name),
+                        what,
+                        expected: slot.n,
+                        found: len as u64,
+                    }));
+                }
+            }
+            slot.theta.write_f32(&self.ctx, p.1);
+            slot.m.write_f32(&self.ctx, &st.m);
+            slot.v.write_f32(&self.ctx, &st.v);
+            match (&slot.cached, &st.cached) {
+                (Some(c), Some(d)) if d.len() as u64 == slot.n => c.write_f32(&self.ctx, d),
+                (None, None) => {}
+                _ => {
+                    return Err(GpuError::Invalid(format!(
+                        "tensor `{}`: checkpoint's cached delta does not match k = {}",
+                        slot.name,
+                        self.cpu.config().k
+                    )))
+                }
+            }
+        }
+        self.steps = steps;
+        self.poisoned = None;
+        self.ctx.wait()
+    }
+}
+
+fn upload_tau(ctx: &GpuContext, cpu: &Optimizer, name: &str, base: Src<'_>, sft: Src<'_>, dtype: Dtype) -> Result<GpuArray, GpuError> {
+    let n = base.len();
+    Ok(match dtype {
+        Dtype::F32 => {
+            let mut out = vec![0f32; n];
+            cpu.init_task_vector(name, base, sft, &mut Dst::F32(&mut out))?;
+            GpuArray::from_f32(ctx, "task vector", &out)
+        }
+        Dtype::Bf16 | Dtype::F16 => {
+            let mut out = vec![0u16; n];
+            let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
+            cpu.init_task_vector(name, base, sft, &mut dst)?;
+            GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)
+        }
+    })
+}
+
+fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot) -> StepU {
+    let s = &ts.scalars;
+    let mut u = StepU {
+        slot: slot_ix,
+        nb_total: slot.nb,
+        torch: u32::from(s.form == AdamForm::Torch),
+        has_cached: u32::from(slot.cached.is_some()),
+        tau_dtype: slot.tau_dtype.code(),
+        beta1: s.beta1,
+        beta2: s.beta2,
+        c1: s.one_minus_beta1,
+        c2: s.one_minus_beta2,
+        eps: s.eps,
+        neg_step: s.neg_step_size,
+        bc2_sqrt: s.bc2_sqrt,
+        decay_before: s.decay_before,
+        decay_after: s.decay_after,
+        scale: 1.0,
+        omega: 1.0,
+        clip: 1.0,
+        factor: 1.0,
+        keep_all: 1,
+        ..StepU::default()
+    };
+    let accumulate = ts.phase == Phase::Accumulate;
+    u.accumulate = u32::from(accumulate);
+    if let MergePlan::Dare { params, key } = ts.merge {
+        u.kind = if accumulate {
+            0
+        } else {
+            match params.variant {
+                DareVariant::Reference => 1,
+                DareVariant::Paper => 2,
+            }
+        };
+        u.k0 = key.0[0];
+        u.k1 = key.0[1];
+        match params.keep.threshold() {
+            Some(t) => {
+                u.threshold = t;
+                u.keep_all = 0;
+            }
+            None => u.keep_all = 1,
+        }
+        u.scale = params.scale;
+        u.alpha = params.alpha;
+        u.omega = params.one_minus_alpha;
+        u.clip = params.clip;
+    }
+    u
+}

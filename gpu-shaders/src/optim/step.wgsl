@@ -1,0 +1,190 @@
+// One optimizer step of one chunk of one tensor: merge_core::step, element for
+// element (AdamW in both forms, step-K accumulate/rollback, OnDARE reference and
+// paper variants, weight decay). Three entry points share the arithmetic:
+//   scan  — validates, and writes the 256-block tree sums of |D| and |D'| (L1 rescale);
+//   check — validates every output, writes nothing;
+//   write — stores θ, m, v (and Δ_c).
+// Validation records, per tensor slot and per kind of value, the lowest
+// non-finite element index (atomicMin: independent of thread order).
+
+struct StepU {
+    zero: u32, n: u32, start: u32, block0: u32,
+    k0: u32, k1: u32, threshold: u32, keep_all: u32,
+    kind: u32, torch: u32, accumulate: u32, has_cached: u32,
+    tau_dtype: u32, do_rescale: u32, slot: u32, nb_total: u32,
+    beta1: f32, beta2: f32, c1: f32, c2: f32,
+    eps: f32, neg_step: f32, bc2_sqrt: f32, decay_before: f32,
+    decay_after: f32, scale: f32, alpha: f32, omega: f32,
+    factor: f32, clip: f32, pad0: f32, pad1: f32,
+}
+
+const PLAIN: u32 = 0u;
+const DARE_REF: u32 = 1u;
+const DARE_PAPER: u32 = 2u;
+
+const SCAN: u32 = 0u;
+const CHECK: u32 = 1u;
+const WRITE: u32 = 2u;
+
+// Slots per tensor in STATUS, in merge-core's reporting order (step.rs first_non_finite).
+const NCODES: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> U: StepU;
+@group(0) @binding(1) var<storage, read> G: array<f32>;
+@group(0) @binding(2) var<storage, read_write> THETA: array<f32>;
+@group(0) @binding(3) var<storage, read_write> M: array<f32>;
+@group(0) @binding(4) var<storage, read_write> V: array<f32>;
+@group(0) @binding(5) var<storage, read_write> C: array<f32>;
+@group(0) @binding(6) var<storage, read> TAU: array<u32>;
+@group(0) @binding(7) var<storage, read_write> STATUS: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read_write> NB: array<f32>;
+
+fn flag(x: f32, code: u32, idx: u32) {
+    if (is_nf(x)) {
+        atomicMin(&STATUS[U.slot * NCODES + code], idx);
+    }
+}
+
+fn load_tau(i: u32) -> f32 {
+    if (U.tau_dtype == 0u) {
+        return fb(bitcast<f32>(TAU[i]));
+    }
+    let h = half_word(TAU[i >> 1u], i);
+    if (U.tau_dtype == 1u) {
+        return fb(bf16_to_f32(h));
+    }
+    return fb(f16_to_f32(h));
+}
+
+// merge_core::dare::clamp
+fn clampc(x: f32, c: f32) -> f32 {
+    var lo = x;
+    if (x < -c) {
+        lo = -c;
+    }
+    if (lo > c) {
+        return c;
+    }
+    return lo;
+}
+
+fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
+    ZB = U.zero;
+    let gi = linear_group(wid, nwg);
+    let i = gi * WG + lid;
+    let live = i < U.n;
+    let idx = U.start + i;
+    var d = 0.0;
+    var sp = 0.0;
+    if (live) {
+        let g = fb(G[i]);
+        let th_in = fb(THETA[i]);
+        let m = fb(M[i]);
+        let v = fb(V[i]);
+        var c = 0.0;
+        if (U.has_cached != 0u) {
+            c = fb(C[i]);
+        }
+        var tau = 0.0;
+        if (U.kind != PLAIN) {
+            tau = load_tau(i);
+        }
+        var theta = th_in;
+        if (U.torch != 0u) {
+            theta = mul(th_in, U.decay_before);
+        }
+        let m1 = add(mul(U.beta1, m), mul(U.c1, g));
+        let v1 = add(mul(U.beta2, v), mul(U.c2, mul(g, g)));
+        var root = sqrt_cr(v1);
+        if (U.torch != 0u) {
+            root = div(root, U.bc2_sqrt);
+        }
+        let delta = mul(U.neg_step, div(m1, add(root, U.eps)));
+        var theta1 = 0.0;
+        var cached1 = 0.0;
+        if (U.kind == PLAIN && U.accumulate != 0u) {
+            theta1 = add(theta, delta);
+            cached1 = add(c, delta);
+            d = delta;
+            sp = delta;
+        } else {
+            let theta0 = sub(theta, c);
+            d = add(delta, c);
+            if (U.kind == PLAIN) {
+                theta1 = add(theta0, d);
+                sp = d;
+            } else {
+                let kept = keep(U.k0, U.k1, 0u, idx, U.threshold, U.keep_all);
+                if (U.kind == DARE_REF) {
+                    sp = select(0.0, mul(d, U.scale), kept);
+                } else {
+                    sp = select(0.0, mul(d, 1.0), kept);
+                }
+                var applied = sp;
+                if (mode != SCAN && U.do_rescale != 0u) {
+                    applied = clampc(mul(sp, U.factor), U.clip);
+                }
+                if (U.kind == DARE_REF) {
+                    theta1 = add(add(theta0, mul(U.alpha, tau)), mul(U.omega, applied));
+                } else {
+                    let tkept = keep(U.k0, U.k1, 1u, idx, U.threshold, U.keep_all);
+                    let t2 = select(0.0, tau, tkept);
+                    theta1 = add(theta0, add(mul(U.alpha, t2), mul(U.omega, applied)));
+                }
+            }
+        }
+        var theta2 = theta1;
+        if (U.torch == 0u) {
+            theta2 = sub(theta1, mul(U.decay_after, theta1));
+        }
+        flag(g, 0u, idx);
+        flag(th_in, 1u, idx);
+        flag(m, 2u, idx);
+        flag(v, 3u, idx);
+        flag(c, 4u, idx);
+        flag(tau, 5u, idx);
+        flag(m1, 6u, idx);
+        flag(v1, 7u, idx);
+        flag(d, 8u, idx);
+        flag(sp, 9u, idx);
+        flag(cached1, 10u, idx);
+        if (mode != SCAN) {
+            flag(theta2, 11u, idx);
+        }
+        if (mode == WRITE) {
+            THETA[i] = theta2;
+            M[i] = m1;
+            V[i] = v1;
+            if (U.has_cached != 0u) {
+                C[i] = cached1;
+            }
+        }
+    }
+    if (mode == SCAN) {
+        // Lanes past the end are the +0 leaves of SPEC §3.1.
+        let s1 = tree256(lid, abs_bits(d));
+        let s2 = tree256(lid, abs_bits(sp));
+        if (lid == 0u && gi * WG < U.n) {
+            NB[U.block0 + gi] = s1;
+            NB[U.nb_total + U.block0 + gi] = s2;
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    step_main(SCAN, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn check(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    step_main(CHECK, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn write(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    step_main(WRITE, wid, nwg, lid);
+}

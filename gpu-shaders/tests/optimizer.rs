@@ -1,0 +1,236 @@
+//! GpuOptimizer against merge-core's CPU optimizer, bit for bit, over several
+//! steps: both AdamW forms, plain AdamW, OnDARE reference and paper variants, L1
+//! rescale, step-K, every task-vector dtype, awkward sizes and forced tiny chunks.
+
+mod common;
+
+use common::{ctx, ctx_with, Rng};
+use gpu_shaders::optim::{GpuOptimizer, TensorInit};
+use gpu_shaders::{GpuError, GpuOptions};
+use merge_core::dare::{DareConfig, DareVariant};
+use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+
+struct CpuTensor {
+    name: String,
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    cached: Option<Vec<f32>>,
+    tau32: Vec<f32>,
+    tau16: Vec<u16>,
+    dtype: Dtype,
+}
+
+impl CpuTensor {
+    fn tau(&self) -> Src<'_> {
+        match self.dtype {
+            Dtype::F32 => Src::F32(&self.tau32),
+            Dtype::Bf16 => Src::Bf16(&self.tau16),
+            Dtype::F16 => Src::F16(&self.tau16),
+        }
+    }
+}
+
+fn grad(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| match i % 97 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => f32::from_bits(0x0000_1234), // subnormal: flushed
+            3 => rng.f32_exp(-40, -30),
+            4 => rng.f32_exp(5, 12),
+            _ => rng.f32_scaled(1e-2),
+        })
+        .collect()
+}
+
+/// Runs `steps` steps on CPU and GPU and compares every array after each.
+fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, opts: &GpuOptions) {
+    let mut rng = Rng(config.seed ^ 0x5eed);
+    let names: Vec<String> = sizes.iter().enumerate().map(|(i, _)| format!("layer.{}.w{}", (7 * i) % 10, i)).collect();
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.f32_scaled(0.5)).collect()).collect();
+    let sft: Vec<Vec<f32>> =
+        base.iter().map(|b| b.iter().map(|&x| x + rng.f32_scaled(2e-2)).collect()).collect();
+    let merging = !matches!(config.merge, Merge::None);
+    let inits: Vec<TensorInit> = (0..sizes.len())
+        .map(|i| TensorInit {
+            name: &names[i],
+            theta: &sft[i],
+            task: merging.then(|| (Src::F32(&base[i]), Src::F32(&sft[i]))),
+            tau_dtype: dtype,
+        })
+        .collect();
+    let mut gpu = GpuOptimizer::new(ctx_with(opts), config, &inits).unwrap();
+
+    let mut cpu = Optimizer::new(config).unwrap();
+    let mut ts: Vec<CpuTensor> = (0..sizes.len())
+        .map(|i| {
+            let n = sizes[i];
+            let mut t = CpuTensor {
+                name: names[i].clone(),
+                theta: sft[i].clone(),
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                cached: cpu.needs_cached_delta().then(|| vec![0.0; n]),
+                tau32: vec![0.0; n],
+                tau16: vec![0; n],
+                dtype,
+            };
+            if merging {
+                let mut dst = match dtype {
+                    Dtype::F32 => Dst::F32(&mut t.tau32),
+                    Dtype::Bf16 => Dst::Bf16(&mut t.tau16),
+                    Dtype::F16 => Dst::F16(&mut t.tau16),
+                };
+                cpu.init_task_vector(&names[i], Src::F32(&base[i]), Src::F32(&sft[i]), &mut dst).unwrap();
+            }
+            t
+        })
+        .collect();
+    ts.sort_by(|a, b| a.name.cmp(&b.name));
+
+    for step in 1..=steps {
+        let grads: Vec<Vec<f32>> = ts.iter().map(|t| grad(&mut rng, t.theta.len())).collect();
+        let plan = cpu.begin_step().unwrap();
+        for (t, g) in ts.iter_mut().zip(&grads) {
+            let tau32 = std::mem::take(&mut t.tau32);
+            let tau16 = std::mem::take(&mut t.tau16);
+            let tau = match t.dtype {
+                Dtype::F32 => Src::F32(&tau32),
+                Dtype::Bf16 => Src::Bf16(&tau16),
+                Dtype::F16 => Src::F16(&tau16),
+            };
+            plan.step_tensor(
+                &t.name,
+                g,
+                TensorState { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.cached.as_deref_mut(), tau },
+            )
+            .unwrap();
+            t.tau32 = tau32;
+            t.tau16 = tau16;
+        }
+        let named: Vec<(&str, &[f32])> = ts.iter().zip(&grads).map(|(t, g)| (t.name.as_str(), g.as_slice())).collect();
+        gpu.step(&named).unwrap();
+        let params = gpu.read_params().unwrap();
+        let state = gpu.read_state().unwrap();
+        for ((t, (pn, p)), st) in ts.iter().zip(&params).zip(&state) {
+            assert_eq!(&t.name, pn);
+            let _ = t.tau();
+            for (what, g, c) in [("theta", p, &t.theta), ("exp_avg", &st.m, &t.m), ("exp_avg_sq", &st.v, &t.v)] {
+                if let Some(i) = (0..c.len()).find(|&i| g[i].to_bits() != c[i].to_bits()) {
+                    panic!("step {step}, {}, {what}[{i}] of {}: gpu {:e} ({:#010x}) cpu {:e} ({:#010x}); config {config:?}",
+                        t.name, c.len(), g[i], g[i].to_bits(), c[i], c[i].to_bits());
+                }
+            }
+            match (&t.cached, &st.cached) {
+                (Some(c), Some(g)) => assert!(c.iter().zip(g).all(|(a, b)| a.to_bits() == b.to_bits()), "step {step} {} cached", t.name),
+                (None, None) => {}
+                _ => panic!("cached delta presence differs"),
+            }
+        }
+    }
+}
+
+const SIZES: [usize; 6] = [1, 255, 256, 257, 1000, 65537];
+
+fn adam(form: AdamForm, wd: f64) -> AdamConfig {
+    AdamConfig { form, lr: 1e-3, weight_decay: wd, ..AdamConfig::default() }
+}
+
+#[test]
+fn plain_adamw_both_forms() {
+    for form in [AdamForm::HuggingFace, AdamForm::Torch] {
+        let config = OnlineConfig { adam: adam(form, 0.01), merge: Merge::None, k: 1, seed: 1 };
+        cross_check(config, &SIZES, Dtype::F32, 3, &GpuOptions::default());
+    }
+}
+
+#[test]
+fn ondare_reference_every_dtype_and_tiny_chunks() {
+    let dare = DareConfig { variant: DareVariant::Reference, p: 0.3, alpha: 0.01, rescale: false, clip: 1.0 };
+    for (dtype, chunk) in [(Dtype::F32, None), (Dtype::Bf16, Some(1024)), (Dtype::F16, Some(2048))] {
+        let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::Dare(dare), k: 1, seed: 7 };
+        cross_check(config, &SIZES, dtype, 3, &GpuOptions { max_chunk_bytes: chunk, ..Default::default() });
+    }
+}
+
+#[test]
+fn ondare_rescale_both_variants_torch_and_schedule() {
+    for variant in [DareVariant::Reference, DareVariant::Paper] {
+        let dare = DareConfig { variant, p: 0.05, alpha: 1e-3, rescale: true, clip: 0.002 };
+        let a = AdamConfig {
+            schedule: Schedule::WarmupCosine { warmup: 1, total: 5 },
+            ..adam(AdamForm::Torch, 0.1)
+        };
+        let config = OnlineConfig { adam: a, merge: Merge::Dare(dare), k: 1, seed: 11 };
+        cross_check(config, &SIZES, Dtype::F32, 4, &GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() });
+    }
+}
+
+#[test]
+fn step_k_accumulates_and_rolls_back() {
+    let dare = DareConfig { variant: DareVariant::Reference, p: 1.0, alpha: 0.05, rescale: true, clip: 1.0 };
+    let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.01), merge: Merge::Dare(dare), k: 3, seed: 3 };
+    cross_check(config, &SIZES, Dtype::Bf16, 7, &GpuOptions::default());
+    let dare = DareConfig { variant: DareVariant::Paper, p: 0.5, alpha: 0.05, rescale: false, clip: 1.0 };
+    let config = OnlineConfig { adam: adam(AdamForm::Torch, 0.0), merge: Merge::Dare(dare), k: 2, seed: 4 };
+    cross_check(config, &SIZES[..4], Dtype::F16, 4, &GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() });
+}
+
+/// A tensor above lavapipe's 128 MiB binding limit, split by the device's own limit.
+#[test]
+fn tensor_larger_than_one_binding() {
+    let c = ctx();
+    let limit = c.limits().max_storage_buffer_binding_size.min(c.limits().max_buffer_size);
+    drop(c);
+    let n = (limit / 4 + 4097).min(40 << 20) as usize;
+    let dare = DareConfig { variant: DareVariant::Reference, p: 0.01, alpha: 1e-7, rescale: true, clip: 1.0 };
+    let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::Dare(dare), k: 1, seed: 5 };
+    cross_check(config, &[n, 3], Dtype::Bf16, 1, &GpuOptions::default());
+}
+
+#[test]
+fn non_finite_gradient_is_named_and_nothing_is_written() {
+    let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::None, k: 1, seed: 1 };
+    let a = vec![0.5f32; 300];
+    let b = vec![0.25f32; 600];
+    let inits = [
+        TensorInit { name: "b", theta: &b, task: None, tau_dtype: Dtype::F32 },
+        TensorInit { name: "a", theta: &a, task: None, tau_dtype: Dtype::F32 },
+    ];
+    let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
+    let ga = vec![0.1f32; 300];
+    let mut gb = vec![0.1f32; 600];
+    gb[555] = f32::NAN;
+    gb[300] = f32::INFINITY;
+    let before = gpu.read_params().unwrap();
+    let err = gpu.step(&[("a", &ga), ("b", &gb)]).unwrap_err();
+    match &err {
+        GpuError::Core(merge_core::Error::NonFinite { tensor, what, index }) => {
+            assert_eq!((tensor.as_str(), *what, *index), ("b", "gradient", 300), "{err}");
+        }
+        other => panic!("expected a non-finite error, got {other}"),
+    }
+    assert_eq!(gpu.read_params().unwrap(), before, "a failed step must not write");
+    assert_eq!(gpu.steps(), 0);
+    // The same error as the CPU reference.
+    let mut cpu = Optimizer::new(config).unwrap();
+    let plan = cpu.begin_step().unwrap();
+    let (mut t, mut m, mut v) = (b.clone(), vec![0.0; 600], vec![0.0; 600]);
+    // merge-core slices the task vector even for plain AdamW, so give it one.
+    let unused_tau = vec![0.0f32; 600];
+    let cpu_err = plan
+        .step_tensor("b", &gb, TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&unused_tau) })
+        .unwrap_err();
+    assert_eq!(GpuError::Core(cpu_err).to_string(), err.to_string());
+    // A gradient that overflows g² is an output error, caught before writing too.
+    gb[555] = 1e30;
+    gb[300] = 0.0;
+    let err = gpu.step(&[("a", &ga), ("b", &gb)]).unwrap_err();
+    assert!(err.to_string().contains("non-finite updated exp_avg_sq at element 555"), "{err}");
+    gb[555] = 0.0;
+    gpu.step(&[("a", &ga), ("b", &gb)]).unwrap();
+    assert_eq!(gpu.steps(), 1);
+}
