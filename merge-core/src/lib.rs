@@ -7,10 +7,13 @@ pub mod dare;
 pub mod dtype;
 pub mod error;
 pub mod hyper;
+pub mod offline;
+pub mod onties;
 pub mod optim;
 pub mod reduce;
 pub mod rng;
 pub mod step;
+pub mod topk;
 
 pub use error::Error;
 

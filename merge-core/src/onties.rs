@@ -1,0 +1,183 @@
+//! OnTIES (SPEC.md §5.3): the element-wise merge of the trimmed task vector `τ'`
+//! and the trimmed optimizer update `Δ'`, in the official code's `reference`
+//! variant and the paper's `paper` variant. Trimming itself is [`crate::topk`];
+//! the optimizer front runs the selection and calls [`combine`] per element.
+
+use crate::arith::{add, div, flush, mul};
+use crate::topk::{Threshold, magnitude_key};
+
+/// Which OnTIES to run; SPEC.md §5.3 has both side by side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// The official `OTAdamW`: sign elected on the unweighted sum `τ' ⊕ Δ'`, every
+    /// term that agrees with it added with its weight.
+    Reference,
+    /// The paper's equations: weighted terms `a = α ⊗ τ'`, `b = (1−α) ⊗ Δ'`; their
+    /// sum when the signs agree, otherwise the larger magnitude alone.
+    Paper,
+}
+
+/// `τ'_i` or `Δ'_i`: the value if the threshold keeps element `index`, else `+0`.
+#[inline(always)]
+pub fn trim(x: f32, index: u64, threshold: &Threshold) -> f32 {
+    let x = flush(x);
+    if threshold.keeps(magnitude_key(x), index) { x } else { 0.0 }
+}
+
+/// The per-element update `u` (then `θ ← θ ⊕ u`, then weight decay) from the
+/// already-trimmed values, `+0` meaning "not kept". `one_minus_alpha` is
+/// `1 ⊖ α`, computed once per step by the caller.
+///
+/// `reference`: `s = +1` iff `τ' ⊕ Δ' ≥ 0` (so a sum that cancels to zero, or
+/// flushes to zero, elects `+1`); `u = (α ⊗ τ')·[sign τ' = s] ⊕ ((1−α) ⊗ Δ')·[sign Δ' = s]`
+/// where a zero has no sign and never agrees, and a dropped term is `+0`.
+///
+/// `paper`: `a = α ⊗ τ'`, `b = (1−α) ⊗ Δ'`. If `a` and `b` are both non-zero with
+/// opposite signs, `u` is the one with the larger magnitude, and `max(a, b)` (the
+/// positive one) when the magnitudes are equal, the same "`≥ 0` elects `+1`" rule
+/// as the reference's election; otherwise `u = a ⊕ b`.
+#[inline(always)]
+pub fn combine(variant: Variant, tau_sel: f32, delta_sel: f32, alpha: f32, one_minus_alpha: f32) -> f32 {
+    let tau = flush(tau_sel);
+    let delta = flush(delta_sel);
+    match variant {
+        Variant::Reference => {
+            let positive = add(tau, delta) >= 0.0;
+            let a = if tau != 0.0 && (tau > 0.0) == positive { mul(alpha, tau) } else { 0.0 };
+            let b = if delta != 0.0 && (delta > 0.0) == positive { mul(one_minus_alpha, delta) } else { 0.0 };
+            add(a, b)
+        }
+        Variant::Paper => {
+            let a = mul(alpha, tau);
+            let b = mul(one_minus_alpha, delta);
+            if (a > 0.0 && b < 0.0) || (a < 0.0 && b > 0.0) {
+                // Magnitudes compared on the bits: the order of |x| is the order of its key.
+                let (ka, kb) = (magnitude_key(a), magnitude_key(b));
+                if ka > kb {
+                    a
+                } else if kb > ka {
+                    b
+                } else if a > 0.0 {
+                    a
+                } else {
+                    b
+                }
+            } else {
+                add(a, b)
+            }
+        }
+    }
+}
+
+/// `1e-8` rounded to binary32: below this L1 norm the official code's
+/// `magnitude_mask_` does not rescale.
+pub const RESCALE_MIN_L1: f32 = 1e-8;
+
+/// The optional L1 rescale of a trimmed tensor (SPEC.md §5.3): every kept value
+/// is multiplied by `ρ = ‖x‖₁ ⊘ ‖x'‖₁` (norms over the selection's scope, tree sums
+/// of SPEC.md §3.2), or `ρ = 1` when `‖x‖₁ < 1e-8` or nothing non-zero was kept.
+pub fn rescale_factor(l1_full: f32, l1_kept: f32) -> f32 {
+    if l1_full >= RESCALE_MIN_L1 && l1_kept > 0.0 { div(l1_full, l1_kept) } else { 1.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arith::sub;
+    use crate::testutil::Rng;
+
+    const R: Variant = Variant::Reference;
+    const P: Variant = Variant::Paper;
+
+    fn both(v: Variant, tau: f32, delta: f32, alpha: f32) -> f32 {
+        combine(v, tau, delta, alpha, sub(1.0, alpha))
+    }
+
+    #[test]
+    fn reference_elects_the_sign_of_the_unweighted_sum() {
+        let al = 0.25f32;
+        let om = 0.75f32;
+        // Same sign: both terms.
+        assert_eq!(both(R, 0.5, 0.25, al), 0.5 * al + 0.25 * om);
+        assert_eq!(both(R, -0.5, -0.25, al), -0.5 * al - 0.25 * om);
+        // Opposite signs: the sign of τ' + Δ' wins, whatever the weights.
+        assert_eq!(both(R, 0.5, -0.25, al), 0.5 * al);
+        assert_eq!(both(R, 0.25, -0.5, al), -0.5 * om);
+        assert_eq!(both(R, -0.5, 0.25, al), -0.5 * al);
+        // Exact cancellation: the sum is +0, which elects +1.
+        assert_eq!(both(R, 0.5, -0.5, al), 0.5 * al);
+        assert_eq!(both(R, -0.5, 0.5, al), 0.5 * om);
+        // A zero term has no sign and is dropped; the other decides.
+        assert_eq!(both(R, 0.0, -0.5, al), -0.5 * om);
+        assert_eq!(both(R, -0.5, 0.0, al), -0.5 * al);
+        assert_eq!(both(R, 0.0, 0.0, al).to_bits(), 0);
+        assert_eq!(both(R, -0.0, -0.0, al).to_bits(), 0);
+    }
+
+    #[test]
+    fn reference_election_flushes_a_subnormal_sum_to_plus() {
+        // 1.5e-38 − 1.6e-38 = −1e-39 is subnormal: F makes it +0, so +1 is elected
+        // and τ' survives although |Δ'| is larger.
+        let (tau, delta) = (1.5e-38f32, -1.6e-38f32);
+        assert!(tau.is_normal() && delta.is_normal());
+        assert_eq!(both(R, tau, delta, 1.0).to_bits(), tau.to_bits());
+        assert_eq!(both(R, tau, delta, 0.0).to_bits(), 0);
+    }
+
+    #[test]
+    fn paper_elects_on_the_weighted_terms() {
+        // The unweighted sum favours τ', the weighted terms favour Δ': the variants differ.
+        let alpha = 1e-7f32;
+        let om = sub(1.0, alpha);
+        assert_eq!(both(R, 1e-3, -1e-4, alpha), mul(alpha, 1e-3));
+        assert_eq!(both(P, 1e-3, -1e-4, alpha), mul(om, -1e-4));
+        // Agreeing signs: the sum of the weighted terms, as in the reference.
+        assert_eq!(both(P, 1e-3, 1e-4, alpha), add(mul(alpha, 1e-3), mul(om, 1e-4)));
+        assert_eq!(both(P, 1e-3, 1e-4, alpha), both(R, 1e-3, 1e-4, alpha));
+        // Larger weighted magnitude wins.
+        assert_eq!(both(P, -1.0, 1e-8, alpha), mul(alpha, -1.0));
+        // Equal magnitudes, opposite signs: the positive term.
+        assert_eq!(both(P, 0.5, -0.5, 0.5), 0.25);
+        assert_eq!(both(P, -0.5, 0.5, 0.5), 0.25);
+        // Zeros.
+        assert_eq!(both(P, 0.0, -0.5, 0.5), -0.25);
+        assert_eq!(both(P, -0.0, 0.0, 0.5).to_bits(), 0);
+        // A weighted term that flushes to zero is a zero: the other is added.
+        assert_eq!(both(P, 1e-38, -0.5, 1e-7), mul(sub(1.0, 1e-7), -0.5));
+    }
+
+    #[test]
+    fn alpha_zero_and_p_one_reduce_the_paper_variant_to_the_update() {
+        // With p = 1 nothing is trimmed (τ' = τ, Δ' = Δ); with α = 0 the paper
+        // variant's update is Δ bit for bit, so OnTIES-paper reduces to AdamW.
+        let mut rng = Rng::new(11);
+        for _ in 0..100_000 {
+            let (tau, delta) = (rng.wide_f32(), rng.wide_f32());
+            assert_eq!(both(P, tau, delta, 0.0).to_bits(), delta.to_bits());
+            // The reference still elects on τ + Δ, so it only keeps Δ where Δ agrees
+            // with that sign: it does NOT reduce to AdamW (the official code does the same).
+            let r = both(R, tau, delta, 0.0);
+            let s_pos = add(tau, delta) >= 0.0;
+            let want = if (delta > 0.0) == s_pos { delta } else { 0.0 };
+            assert_eq!(r.to_bits(), want.to_bits(), "tau={tau:e} delta={delta:e}");
+        }
+    }
+
+    #[test]
+    fn trim_keeps_what_the_threshold_keeps() {
+        let t = Threshold { key: magnitude_key(2.0), cutoff: 5 };
+        assert_eq!(trim(-3.0, 9, &t), -3.0);
+        assert_eq!(trim(2.0, 4, &t), 2.0);
+        assert_eq!(trim(-2.0, 5, &t).to_bits(), 0);
+        assert_eq!(trim(1.0, 0, &t).to_bits(), 0);
+        assert_eq!(trim(-1.0e-40, 0, &Threshold::all(1)).to_bits(), 0);
+    }
+
+    #[test]
+    fn rescale_factor_follows_the_official_guard() {
+        assert_eq!(rescale_factor(3.0, 2.0), 1.5);
+        assert_eq!(rescale_factor(9e-9, 1e-9), 1.0);
+        assert_eq!(rescale_factor(1e-8, 0.5e-8), 2.0);
+        assert_eq!(rescale_factor(1.0, 0.0), 1.0);
+    }
+}

@@ -1,0 +1,750 @@
+//! Top-k by magnitude (SPEC.md §4): the exact keep count, the threshold `(T, c)`
+//! with the lowest-index tie rule, and a radix select that finds it from integer
+//! histograms only, so the answer cannot depend on chunking, feeding order or device.
+//!
+//! The select is a state machine over passes, each pass one histogram of
+//! [`BUCKETS`] integer counts. A caller (the CPU optimizer, or the GPU runtime that
+//! computes the same histograms in a shader and hands them in with
+//! [`RadixSelect::add_histogram`]) loops:
+//! ```text
+//! while let Some(pass) = sel.pass() {
+//!     for each chunk: sel.feed_values(offset, chunk)   // or add_histogram(...)
+//!     sel.finish_pass()?;
+//! }
+//! let threshold = sel.threshold().unwrap();
+//! ```
+//! Key passes walk the 31 key bits in digits of 11, 11 and 9 bits, each later pass
+//! counting only the candidates whose higher digits equal the digits already chosen.
+//! Only when more elements tie at `T` than may be kept do index passes follow, which
+//! select, among the tied elements, the `r`-th lowest index in the same way.
+
+use crate::arith::flush;
+use crate::error::{Error, TensorName, tensor_name};
+
+/// Width of one radix digit. 11 bits keeps a histogram (2048 counters) inside a
+/// GPU workgroup's shared memory and a CPU's L1 cache, and needs three key passes.
+pub const DIGIT_BITS: u32 = 11;
+/// Counters per histogram.
+pub const BUCKETS: usize = 1 << DIGIT_BITS;
+/// Bits of a magnitude key: the sign bit is cleared.
+const KEY_BITS: u32 = 31;
+const KEY_MAX: u32 = 0x7fff_ffff;
+
+/// SPEC.md §4: `key(x) = bits(F(x)) & 0x7fff_ffff`, ordered as `|x|` is.
+#[inline(always)]
+pub fn magnitude_key(x: f32) -> u32 {
+    flush(x).to_bits() & KEY_MAX
+}
+
+/// The selection `(T, c)`: an element with magnitude key `key` at index `index`
+/// (in the scope's sequence) is kept iff `key > T` or (`key == T` and `index < c`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    /// `T`, the `k`-th largest key.
+    pub key: u32,
+    /// `c`: ties at `T` below this index are kept. Equal to `n` when every tie is kept.
+    pub cutoff: u64,
+}
+
+impl Threshold {
+    /// Keeps nothing: the selection over an empty scope. No magnitude key exceeds
+    /// `0x7fff_ffff`, and the cutoff 0 excludes every tie.
+    pub const NOTHING: Threshold = Threshold { key: KEY_MAX, cutoff: 0 };
+
+    /// Keeps every one of `n` elements (`k = n`). A caller may use it instead of
+    /// running the select when `k = n`: the kept set is the same, only `T` differs
+    /// from the select's (which would be the smallest key).
+    pub const fn all(n: u64) -> Threshold {
+        Threshold { key: 0, cutoff: n }
+    }
+
+    /// The keep decision. Branch-free so an element-wise loop stays vectorizable.
+    #[inline(always)]
+    pub fn keeps(&self, key: u32, index: u64) -> bool {
+        (key > self.key) | ((key == self.key) & (index < self.cutoff))
+    }
+
+    /// The same decision for the elements of one chunk that starts at `offset`,
+    /// by position `j < 2^32` within the chunk: all-`u32` compares vectorize well.
+    pub fn local(&self, offset: u64) -> LocalThreshold {
+        let cutoff = self.cutoff.saturating_sub(offset).min(u64::from(u32::MAX)) as u32;
+        LocalThreshold { key: self.key, cutoff }
+    }
+}
+
+/// A [`Threshold`] seen from one chunk ([`Threshold::local`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalThreshold {
+    key: u32,
+    cutoff: u32,
+}
+
+impl LocalThreshold {
+    /// Whether the chunk's element `j` with magnitude key `key` is kept.
+    #[inline(always)]
+    pub fn keeps(&self, key: u32, j: u32) -> bool {
+        (key > self.key) | ((key == self.key) & (j < self.cutoff))
+    }
+}
+
+/// SPEC.md §4: `k = ⌈p·n⌉`, computed exactly from the bits of `p` and clamped to
+/// `[1, n]` (0 when `n = 0`). `p` must be a normal binary32 in `(0, 1]`; `name` is
+/// the hyperparameter's name for the error.
+///
+/// Exact means exact on the binary32 value: `0.1f32` is slightly above 1/10, so
+/// `keep_count(0.1, 10)` is 2.
+pub fn keep_count(name: &'static str, p: f32, n: u64) -> Result<u64, Error> {
+    let bits = p.to_bits();
+    // Rejects NaN, ±Inf, zeros, subnormals (F flushes them to 0), negatives and p > 1.
+    if bits >= 0x7f80_0000 || bits & 0x7f80_0000 == 0 || bits > 1.0f32.to_bits() {
+        return Err(Error::InvalidHyperparameter {
+            name,
+            value: p as f64,
+            expected: "a keep fraction in (0, 1], a normal binary32",
+        });
+    }
+    if n == 0 {
+        return Ok(0);
+    }
+    // p = m · 2^-s with m the 24-bit significand and s = 150 - biased exponent.
+    let m = u128::from((bits & 0x007f_ffff) | 0x0080_0000);
+    let s = 150 - (bits >> 23);
+    let prod = m * u128::from(n); // < 2^88
+    let k = if s >= 128 {
+        // p·n < 2^88 / 2^128 < 1 but positive: the ceiling is 1.
+        1
+    } else {
+        ((prod + (1u128 << s) - 1) >> s) as u64
+    };
+    Ok(k.clamp(1, n))
+}
+
+/// What one pass histograms. Exposed so that a GPU kernel can implement the same
+/// filter and digit with the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Count digit `(key >> shift) & (2^bits − 1)` of every element whose higher
+    /// key bits `key >> (shift + bits)` equal `prefix`.
+    Key { shift: u32, bits: u32, prefix: u32 },
+    /// Count digit `(index >> shift) & (2^bits − 1)` of every element whose key
+    /// equals `key` (the threshold `T`) and whose higher index bits equal `prefix`.
+    Index { key: u32, shift: u32, bits: u32, prefix: u64 },
+}
+
+impl Pass {
+    /// The bucket an element falls in during this pass, `None` if it is not a candidate.
+    #[inline(always)]
+    pub fn bucket(&self, key: u32, index: u64) -> Option<usize> {
+        match *self {
+            Pass::Key { shift, bits, prefix } => {
+                // shift + bits <= 31, so the shift is in range.
+                if key >> (shift + bits) == prefix {
+                    Some(((key >> shift) & digit_mask(bits)) as usize)
+                } else {
+                    None
+                }
+            }
+            Pass::Index { key: t, shift, bits, prefix } => {
+                if key == t && index.checked_shr(shift + bits).unwrap_or(0) == prefix {
+                    Some(((index >> shift) & u64::from(digit_mask(bits))) as usize)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// Number of buckets this pass fills (`2^bits`).
+    pub fn buckets(&self) -> usize {
+        match *self {
+            Pass::Key { bits, .. } | Pass::Index { bits, .. } => 1 << bits,
+        }
+    }
+}
+
+#[inline(always)]
+fn digit_mask(bits: u32) -> u32 {
+    ((1u32 << bits) - 1) & (BUCKETS as u32 - 1)
+}
+
+/// Radix select of the threshold `(T, c)` for the `k` largest magnitudes of `n`
+/// elements (SPEC.md §4), fed in chunks with global offsets over several passes.
+///
+/// Within a pass, every candidate element must be fed exactly once, in any order
+/// and any chunking; feeding elements that are not candidates is harmless (they are
+/// filtered), so a caller may feed everything or only a compacted candidate list.
+/// `finish_pass` checks that the histogram holds exactly as many elements as the
+/// previous pass said were candidates, which catches a missing or doubled chunk.
+#[derive(Clone, Debug)]
+pub struct RadixSelect {
+    scope: TensorName,
+    n: u64,
+    pass: Option<Pass>,
+    /// Elements the current pass must count.
+    candidates: u64,
+    /// 1-based rank of the wanted element among the candidates: counted from the
+    /// largest key in key passes, from the lowest index in index passes.
+    rank: u64,
+    index_bits: u32,
+    result: Option<Threshold>,
+    /// Totals of the current pass, filled from `lanes` by `flush_lanes`.
+    hist: [u64; BUCKETS],
+    /// Hot-loop counters: consecutive elements go to different lanes, so equal
+    /// digits in a row (common: magnitudes cluster) do not serialize on one counter.
+    lanes: [[u32; LANE_LEN]; LANES],
+    /// Elements counted into `lanes` since they were last emptied (bounded so a
+    /// `u32` lane cannot overflow).
+    pending: u64,
+}
+
+const LANES: usize = 4;
+const LANE_LEN: usize = BUCKETS;
+/// Keys from here up are Inf or NaN magnitudes (or not magnitude keys at all).
+const NON_FINITE_KEY: u32 = 0x7f80_0000;
+/// Elements per candidate bit mask in filtered passes (bits of a `u32`).
+const BLOCK: usize = 32;
+
+impl RadixSelect {
+    /// A select of the `k` largest among `n` elements. `scope` names the tensor (or
+    /// the global scope) in errors. `k` must be in `[1, n]`, or 0 when `n = 0`.
+    pub fn new(scope: &str, n: u64, k: u64) -> Result<RadixSelect, Error> {
+        let scope = tensor_name(scope);
+        if (n == 0 && k != 0) || (n > 0 && (k == 0 || k > n)) {
+            return Err(Error::OutOfRange { tensor: scope, what: "top-k count k", value: k, limit: n });
+        }
+        let index_bits = if n <= 1 { 0 } else { 64 - (n - 1).leading_zeros() };
+        let (pass, result) = if n == 0 {
+            (None, Some(Threshold::NOTHING))
+        } else {
+            (Some(Pass::Key { shift: KEY_BITS - DIGIT_BITS, bits: DIGIT_BITS, prefix: 0 }), None)
+        };
+        Ok(RadixSelect {
+            scope,
+            n,
+            pass,
+            candidates: n,
+            rank: k,
+            index_bits,
+            result,
+            hist: [0; BUCKETS],
+            lanes: [[0; LANE_LEN]; LANES],
+            pending: 0,
+        })
+    }
+
+    /// The pass to run next, `None` once the threshold is known.
+    pub fn pass(&self) -> Option<Pass> {
+        self.pass
+    }
+
+    /// The threshold, once every pass has finished.
+    pub fn threshold(&self) -> Option<Threshold> {
+        self.result
+    }
+
+    /// Number of elements the current pass must count (0 when done).
+    pub fn candidates(&self) -> u64 {
+        if self.pass.is_some() { self.candidates } else { 0 }
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), Error> {
+        let end = offset.checked_add(len as u64);
+        match end {
+            Some(end) if end <= self.n => Ok(()),
+            _ => Err(Error::OutOfRange {
+                tensor: self.scope.clone(),
+                what: "top-k chunk end (offset + length)",
+                value: end.unwrap_or(u64::MAX),
+                limit: self.n,
+            }),
+        }
+    }
+
+    /// Feeds magnitude keys of elements `offset .. offset + keys.len()`. A key of
+    /// `0x7f80_0000` or more (a non-finite value, or a sign bit left set) is refused,
+    /// naming the lowest such index; after an error the select must be discarded.
+    pub fn feed_keys(&mut self, offset: u64, keys: &[u32]) -> Result<(), Error> {
+        self.check_range(offset, keys.len())?;
+        self.count(offset, keys, |k| k)
+    }
+
+    /// Feeds values (their magnitude keys) of elements `offset .. offset + values.len()`.
+    /// A non-finite value is refused, naming the lowest index; after an error the
+    /// select must be discarded.
+    pub fn feed_values(&mut self, offset: u64, values: &[f32]) -> Result<(), Error> {
+        self.check_range(offset, values.len())?;
+        self.count(offset, values, magnitude_key)
+    }
+
+    fn flush_lanes(&mut self) {
+        for lane in self.lanes.iter_mut() {
+            for (h, c) in self.hist.iter_mut().zip(lane.iter_mut()) {
+                *h += u64::from(*c);
+                *c = 0;
+            }
+        }
+        self.pending = 0;
+    }
+
+    /// Counts `items` (elements `offset ..`) into the lanes, `key` giving an item's
+    /// magnitude key. Keys are made a block at a time (vectorizable), checked, then
+    /// counted.
+    #[inline(always)]
+    fn count<T: Copy>(&mut self, offset: u64, items: &[T], key: impl Fn(T) -> u32) -> Result<(), Error> {
+        let Some(pass) = self.pass else { return Ok(()) };
+        if self.pending + items.len() as u64 > u64::from(u32::MAX) {
+            self.flush_lanes();
+        }
+        self.pending += items.len() as u64;
+        for (b, block) in items.chunks(BLOCK).enumerate() {
+            let start = offset + (b * BLOCK) as u64;
+            let mut keys = [0u32; BLOCK];
+            for (k, &x) in keys.iter_mut().zip(block) {
+                *k = key(x);
+            }
+            let keys = &keys[..block.len()];
+            if keys.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
+                let at = keys.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
+                return Err(Error::NonFinite { tensor: self.scope.clone(), what: "top-k input", index: start + at as u64 });
+            }
+            match pass {
+                Pass::Key { shift, bits, prefix: _ } if shift + bits == KEY_BITS => {
+                    // First pass: every element is a candidate.
+                    let mask = digit_mask(bits);
+                    for (j, &k) in keys.iter().enumerate() {
+                        self.lanes[j % LANES][((k >> shift) & mask) as usize] += 1;
+                    }
+                }
+                Pass::Key { shift, bits, prefix } => {
+                    // Later passes: candidates are typically a few percent, so a
+                    // vectorizable scan turns the block into a bit mask of candidates
+                    // and only those are counted.
+                    let mask = digit_mask(bits);
+                    let high = shift + bits;
+                    let mut hits = keys
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |m, (j, &k)| m | (u32::from(k >> high == prefix) << j));
+                    while hits != 0 {
+                        let j = hits.trailing_zeros() as usize;
+                        hits &= hits - 1;
+                        self.lanes[j % LANES][((keys[j] >> shift) & mask) as usize] += 1;
+                    }
+                }
+                Pass::Index { .. } => {
+                    for (j, &k) in keys.iter().enumerate() {
+                        if let Some(bucket) = pass.bucket(k, start + j as u64) {
+                            self.lanes[0][bucket] += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a histogram computed elsewhere (a GPU kernel) for the current pass:
+    /// `counts.len()` must be the pass's [`Pass::buckets`].
+    pub fn add_histogram(&mut self, counts: &[u32]) -> Result<(), Error> {
+        let Some(pass) = self.pass else {
+            return Err(Error::LengthMismatch {
+                tensor: self.scope.clone(),
+                what: "histogram for a finished top-k select",
+                expected: 0,
+                found: counts.len() as u64,
+            });
+        };
+        if counts.len() != pass.buckets() {
+            return Err(Error::LengthMismatch {
+                tensor: self.scope.clone(),
+                what: "top-k histogram",
+                expected: pass.buckets() as u64,
+                found: counts.len() as u64,
+            });
+        }
+        for (h, &c) in self.hist.iter_mut().zip(counts) {
+            *h += u64::from(c);
+        }
+        Ok(())
+    }
+
+    /// Ends the current pass: picks the digit holding the wanted element and sets up
+    /// the next pass. Returns the threshold when the select is complete.
+    pub fn finish_pass(&mut self) -> Result<Option<Threshold>, Error> {
+        let Some(pass) = self.pass else { return Ok(self.result) };
+        self.flush_lanes();
+        let nb = pass.buckets();
+        let total: u64 = self.hist[..nb].iter().sum();
+        if total != self.candidates {
+            return Err(Error::LengthMismatch {
+                tensor: self.scope.clone(),
+                what: "elements counted in a top-k pass",
+                expected: self.candidates,
+                found: total,
+            });
+        }
+        match pass {
+            Pass::Key { shift, bits, prefix } => {
+                // Walk digits from the largest; `above` counts candidates with larger digits.
+                let mut above = 0u64;
+                let mut digit = 0u32;
+                for d in (0..nb).rev() {
+                    let c = self.hist[d];
+                    if above + c >= self.rank {
+                        digit = d as u32;
+                        break;
+                    }
+                    above += c;
+                }
+                self.rank -= above;
+                self.candidates = self.hist[digit as usize];
+                let prefix = (prefix << bits) | digit;
+                if shift == 0 {
+                    // `prefix` is now T; `candidates` elements tie at T, `rank` of them are kept.
+                    if self.rank == self.candidates {
+                        self.finish(Threshold { key: prefix, cutoff: self.n });
+                    } else {
+                        let ib = self.index_bits;
+                        let s = ib.saturating_sub(DIGIT_BITS);
+                        self.pass = Some(Pass::Index { key: prefix, shift: s, bits: ib - s, prefix: 0 });
+                    }
+                } else {
+                    let s = shift.saturating_sub(DIGIT_BITS);
+                    self.pass = Some(Pass::Key { shift: s, bits: shift - s, prefix });
+                }
+            }
+            Pass::Index { key, shift, bits, prefix } => {
+                // Walk digits from the lowest; `below` counts tied candidates with lower indices.
+                let mut below = 0u64;
+                let mut digit = 0u64;
+                for d in 0..nb {
+                    let c = self.hist[d];
+                    if below + c >= self.rank {
+                        digit = d as u64;
+                        break;
+                    }
+                    below += c;
+                }
+                self.rank -= below;
+                self.candidates = self.hist[digit as usize];
+                let prefix = (prefix << bits) | digit;
+                if shift == 0 {
+                    // Indices are unique: exactly one element can remain.
+                    if self.candidates != 1 {
+                        return Err(Error::LengthMismatch {
+                            tensor: self.scope.clone(),
+                            what: "elements fed with the same top-k index",
+                            expected: 1,
+                            found: self.candidates,
+                        });
+                    }
+                    self.finish(Threshold { key, cutoff: prefix + 1 });
+                } else {
+                    let s = shift.saturating_sub(DIGIT_BITS);
+                    self.pass = Some(Pass::Index { key, shift: s, bits: shift - s, prefix });
+                }
+            }
+        }
+        self.hist = [0; BUCKETS];
+        Ok(self.result)
+    }
+
+    fn finish(&mut self, t: Threshold) {
+        self.pass = None;
+        self.result = Some(t);
+    }
+}
+
+/// The threshold for the `k` largest magnitudes over `tensors` concatenated in the
+/// order given (SPEC.md §4: pass them in bytewise name order for global scope; one
+/// slice for per-tensor scope). Runs every pass over the in-memory slices.
+pub fn select(scope: &str, tensors: &[&[f32]], k: u64) -> Result<Threshold, Error> {
+    let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+    let mut sel = RadixSelect::new(scope, n, k)?;
+    while sel.pass().is_some() {
+        let mut offset = 0u64;
+        for t in tensors {
+            sel.feed_values(offset, t)?;
+            offset += t.len() as u64;
+        }
+        sel.finish_pass()?;
+    }
+    // The loop only ends once the select has produced its threshold.
+    Ok(sel.threshold().unwrap_or(Threshold::NOTHING))
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::testutil::Rng;
+    use std::vec::Vec;
+
+    /// Uniform below `n` (test inputs only; the modulo bias is irrelevant here).
+    fn below(rng: &mut Rng, n: u64) -> u64 {
+        rng.next_u64() % n
+    }
+
+    /// Sort-based oracle: the kept set and the canonical (T, c) straight from SPEC §4.
+    fn oracle(values: &[f32], k: usize) -> (Vec<bool>, Threshold) {
+        let n = values.len();
+        let keys: Vec<u32> = values.iter().map(|&v| magnitude_key(v)).collect();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| keys[b].cmp(&keys[a]).then(a.cmp(&b)));
+        let mut kept = std::vec![false; n];
+        for &i in &order[..k] {
+            kept[i] = true;
+        }
+        let t = keys[order[k - 1]];
+        let ties = keys.iter().filter(|&&x| x == t).count();
+        let greater = keys.iter().filter(|&&x| x > t).count();
+        let r = k - greater;
+        let cutoff = if r == ties {
+            n as u64
+        } else {
+            // smallest c with #{i < c : key_i = T} = r
+            let mut seen = 0;
+            let mut c = 0;
+            for (i, &x) in keys.iter().enumerate() {
+                if x == t {
+                    seen += 1;
+                    if seen == r {
+                        c = i + 1;
+                        break;
+                    }
+                }
+            }
+            c as u64
+        };
+        (kept, Threshold { key: t, cutoff })
+    }
+
+    /// Values with many ties: a tiny set (with both zeros and a subnormal, which
+    /// flushes to the same key as zero), bf16-rounded values, or plain random.
+    fn values_of(rng: &mut Rng, n: usize, kind: u64) -> Vec<f32> {
+        const TINY: [f32; 8] = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 1.0e-40, 3.5];
+        (0..n)
+            .map(|_| match kind {
+                0 => TINY[below(rng, 8) as usize],
+                1 => {
+                    let x = f32::from_bits((rng.next_u32()) & 0xbf7f_ffff); // |x| < 2
+                    f32::from_bits(x.to_bits() & 0xffff_0000)
+                }
+                2 => 0.0,
+                3 => f32::from_bits((0x3f80_0000 + below(rng, 4) as u32) ^ ((rng.next_u32()) & 0x8000_0000)),
+                _ => f32::from_bits((rng.next_u32()) & 0xbfff_ffff),
+            })
+            .collect()
+    }
+
+    /// Runs the select with random chunking and a random chunk order per pass.
+    fn chunked(rng: &mut Rng, values: &[f32], k: u64) -> Threshold {
+        let n = values.len();
+        let mut sel = RadixSelect::new("t", n as u64, k).unwrap();
+        while sel.pass().is_some() {
+            let mut cuts = std::vec![0usize];
+            while *cuts.last().unwrap() < n {
+                let step = 1 + below(rng, 9) as usize;
+                cuts.push((cuts.last().unwrap() + step).min(n));
+            }
+            let mut chunks: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+            for i in (1..chunks.len()).rev() {
+                chunks.swap(i, below(rng, i as u64 + 1) as usize);
+            }
+            for (a, b) in chunks {
+                sel.feed_values(a as u64, &values[a..b]).unwrap();
+            }
+            sel.finish_pass().unwrap();
+        }
+        sel.threshold().unwrap()
+    }
+
+    fn check(values: &[f32], k: usize, got: Threshold) {
+        let (kept, want) = oracle(values, k);
+        assert_eq!(got, want, "n={} k={k} values={values:?}", values.len());
+        let mut count = 0;
+        for (i, &v) in values.iter().enumerate() {
+            let keep = got.keeps(magnitude_key(v), i as u64);
+            assert_eq!(keep, kept[i], "element {i} n={} k={k}", values.len());
+            count += keep as usize;
+        }
+        assert_eq!(count, k);
+    }
+
+    #[test]
+    fn every_k_on_small_inputs_matches_the_oracle() {
+        let mut rng = Rng::new(1);
+        for n in 1..=40usize {
+            for kind in 0..5 {
+                let values = values_of(&mut rng, n, kind);
+                for k in 1..=n {
+                    check(&values, k, select("t", &[&values], k as u64).unwrap());
+                    check(&values, k, chunked(&mut rng, &values, k as u64));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_inputs_with_many_ties_match_the_oracle() {
+        let mut rng = Rng::new(2);
+        for round in 0..30 {
+            let n = 1 + below(&mut rng, 6000) as usize;
+            let values = values_of(&mut rng, n, round % 5);
+            let ks = [1, n, 1 + below(&mut rng, n as u64) as usize, n / 2 + 1];
+            for &k in &ks {
+                let whole = select("t", &[&values], k as u64).unwrap();
+                check(&values, k, whole);
+                assert_eq!(chunked(&mut rng, &values, k as u64), whole);
+            }
+        }
+    }
+
+    #[test]
+    fn index_passes_run_when_ties_exceed_what_is_kept() {
+        // 5000 equal values: T is their key and c = k; index bits span two digits.
+        let values = std::vec![0.25f32; 5000];
+        let mut sel = RadixSelect::new("t", 5000, 1234).unwrap();
+        let mut index_passes = 0;
+        while let Some(p) = sel.pass() {
+            if matches!(p, Pass::Index { .. }) {
+                index_passes += 1;
+            }
+            sel.feed_values(0, &values).unwrap();
+            sel.finish_pass().unwrap();
+        }
+        assert_eq!(index_passes, 2);
+        assert_eq!(sel.threshold(), Some(Threshold { key: 0.25f32.to_bits(), cutoff: 1234 }));
+    }
+
+    #[test]
+    fn global_scope_over_several_tensors_is_one_concatenated_sequence() {
+        let mut rng = Rng::new(3);
+        for _ in 0..20 {
+            let parts: Vec<Vec<f32>> = (0..1 + below(&mut rng, 5))
+                .map(|i| {
+                    let len = below(&mut rng, 300) as usize;
+                    values_of(&mut rng, len, i % 5)
+                })
+                .collect();
+            let all: Vec<f32> = parts.iter().flatten().copied().collect();
+            if all.is_empty() {
+                continue;
+            }
+            let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+            let k = 1 + below(&mut rng, all.len() as u64) as usize;
+            check(&all, k, select("<global>", &slices, k as u64).unwrap());
+        }
+    }
+
+    #[test]
+    fn histograms_from_elsewhere_give_the_same_threshold() {
+        // What the GPU runtime does: compute each pass's histogram with Pass::bucket
+        // and hand it in as u32 counts.
+        let mut rng = Rng::new(4);
+        let values = values_of(&mut rng, 3000, 3);
+        let mut sel = RadixSelect::new("t", 3000, 700).unwrap();
+        while let Some(pass) = sel.pass() {
+            let mut h = std::vec![0u32; pass.buckets()];
+            for (i, &v) in values.iter().enumerate() {
+                if let Some(b) = pass.bucket(magnitude_key(v), i as u64) {
+                    h[b] += 1;
+                }
+            }
+            sel.add_histogram(&h).unwrap();
+            sel.finish_pass().unwrap();
+        }
+        assert_eq!(sel.threshold().unwrap(), select("t", &[&values], 700).unwrap());
+    }
+
+    #[test]
+    fn missing_doubled_or_out_of_range_input_is_an_error() {
+        let values = [1.0f32, 2.0, 3.0, 4.0];
+        let mut sel = RadixSelect::new("w", 4, 2).unwrap();
+        sel.feed_values(0, &values[..3]).unwrap();
+        assert!(matches!(sel.finish_pass(), Err(Error::LengthMismatch { expected: 4, found: 3, .. })));
+
+        let mut sel = RadixSelect::new("w", 4, 2).unwrap();
+        assert!(matches!(sel.feed_values(2, &values[..3]), Err(Error::OutOfRange { value: 5, limit: 4, .. })));
+
+        let mut sel = RadixSelect::new("w", 4, 2).unwrap();
+        assert!(matches!(
+            sel.feed_values(0, &[1.0, f32::NAN, f32::INFINITY, 0.0]),
+            Err(Error::NonFinite { index: 1, .. })
+        ));
+        assert!(matches!(sel.feed_keys(0, &[5, 0x8000_0000]), Err(Error::NonFinite { index: 1, .. })));
+        assert!(matches!(RadixSelect::new("w", 4, 5), Err(Error::OutOfRange { .. })));
+        assert!(matches!(RadixSelect::new("w", 4, 0), Err(Error::OutOfRange { .. })));
+        let mut sel = RadixSelect::new("w", 4, 2).unwrap();
+        assert!(matches!(sel.add_histogram(&[0; 7]), Err(Error::LengthMismatch { .. })));
+    }
+
+    #[test]
+    fn local_thresholds_decide_like_global_ones() {
+        let mut rng = Rng::new(6);
+        for _ in 0..2000 {
+            let t = Threshold { key: below(&mut rng, 8) as u32, cutoff: below(&mut rng, 300) };
+            let offset = below(&mut rng, 300);
+            let local = t.local(offset);
+            for j in 0..40u32 {
+                let key = below(&mut rng, 8) as u32;
+                assert_eq!(local.keeps(key, j), t.keeps(key, offset + u64::from(j)));
+            }
+        }
+    }
+
+    #[test]
+    fn lane_counters_are_emptied_before_they_can_overflow() {
+        let values = [1.0f32, 2.0, 3.0, 4.0, 5.0];
+        let mut sel = RadixSelect::new("t", 5, 2).unwrap();
+        sel.feed_values(0, &values[..2]).unwrap();
+        // As if 2^32 − 3 elements had been counted since the lanes were emptied:
+        // the next chunk must move the counts to the totals first.
+        sel.pending = u64::from(u32::MAX) - 2;
+        sel.feed_values(2, &values[2..]).unwrap();
+        assert_eq!(sel.pending, 3);
+        assert_eq!(sel.hist.iter().sum::<u64>(), 2);
+        while sel.pass().is_some() {
+            if sel.candidates() != 5 {
+                sel.feed_values(0, &values).unwrap();
+            }
+            sel.finish_pass().unwrap();
+        }
+        assert_eq!(sel.threshold(), Some(Threshold { key: 4.0f32.to_bits(), cutoff: 5 }));
+    }
+
+    #[test]
+    fn empty_scope_keeps_nothing() {
+        assert_eq!(select("t", &[], 0).unwrap(), Threshold::NOTHING);
+        assert!(!Threshold::NOTHING.keeps(KEY_MAX, 0));
+        assert_eq!(keep_count("p", 0.5, 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn keep_count_is_the_exact_ceiling_of_p_times_n() {
+        assert_eq!(keep_count("p", 1.0, 7).unwrap(), 7);
+        assert_eq!(keep_count("p", 0.5, 3).unwrap(), 2);
+        assert_eq!(keep_count("p", 0.5, 4).unwrap(), 2);
+        // 0.1f32 = 0.100000001490116...: 10 · p is just above 1.
+        assert_eq!(keep_count("p", 0.1, 10).unwrap(), 2);
+        // 0.01f32 = 0.00999999977648...: 100 · p is just below 1.
+        assert_eq!(keep_count("p", 0.01, 100).unwrap(), 1);
+        assert_eq!(keep_count("p", f32::MIN_POSITIVE, u64::MAX).unwrap(), 1);
+        assert_eq!(keep_count("p", 1.0, u64::MAX).unwrap(), u64::MAX);
+        let mut rng = Rng::new(5);
+        for _ in 0..100_000 {
+            // Products below 2^53 are exact in binary64: an independent oracle.
+            let p = f32::from_bits(0x0080_0000 + below(&mut rng, 0x3f80_0000 - 0x0080_0000 + 1) as u32);
+            let n = below(&mut rng, 1 << 29);
+            let want = ((p as f64) * (n as f64)).ceil() as u64;
+            let want = if n == 0 { 0 } else { want.clamp(1, n) };
+            assert_eq!(keep_count("p", p, n).unwrap(), want, "p={p:e} n={n}");
+        }
+        for bad in [0.0f32, -0.0, 1.0e-40, -0.5, 1.0000001, f32::NAN, f32::INFINITY] {
+            assert!(matches!(
+                keep_count("reserve_p", bad, 10),
+                Err(Error::InvalidHyperparameter { name: "reserve_p", .. })
+            ));
+        }
+    }
+}
