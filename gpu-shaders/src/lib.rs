@@ -6,6 +6,7 @@ mod kernel;
 pub mod ops;
 pub mod optim;
 pub mod tensor;
+pub mod topk;
 
 pub use context::{GpuContext, GpuError, GpuOptions, ADAPTER_ENV};
 pub use kernel::COMMON_WGSL;

@@ -207,3 +207,35 @@ fn sixteen_bit_conversions_match_merge_core() {
     let gpu = ops.eval(&ctx, Op::F32ToF16, &x, &[], RngParams::default()).unwrap();
     check_store("f32->f16", &gpu, &x, dtype::f32_to_f16);
 }
+
+#[test]
+fn threefry_and_keep_decisions_match_merge_core() {
+    use merge_core::rng::{threefry2x32_20, tensor_id, Keep, MaskKey};
+    let ctx = ctx();
+    let ops = Ops::new(&ctx);
+    let mut rng = Rng(6);
+    let key = MaskKey::new(0x0123_4567_89ab_cdef, tensor_id("model.layers.0.mlp.up_proj.weight"), 42);
+    let c0: Vec<u32> = (0..1 << 16).map(|i| if i < 256 { i } else { rng.next_u32() }).collect();
+    let c1: Vec<u32> = (0..1 << 16).map(|i| if i < 256 { 0 } else { rng.next_u32() }).collect();
+    let params = RngParams { k0: key.0[0], k1: key.0[1], ..Default::default() };
+    let gpu = ops.eval(&ctx, Op::Threefry, &c0, &c1, params).unwrap();
+    let want: Vec<u32> = c0.iter().zip(&c1).flat_map(|(&a, &b)| threefry2x32_20(key.0, [a, b])).collect();
+    assert_bits("threefry", &gpu, &want, |i| format!("ctr ({:#x}, {:#x})", c0[i / 2], c1[i / 2]));
+
+    let idx: Vec<u32> = (0..1u32 << 17).chain([u32::MAX - 1, u32::MAX]).collect();
+    for p in [1e-3f32, 0.01, 0.3, 0.999_999_9, 1.0] {
+        let keep = Keep::new(p).unwrap();
+        for stream in [0u32, 1, 5] {
+            let params = RngParams {
+                k0: key.0[0],
+                k1: key.0[1],
+                stream,
+                threshold: keep.threshold().unwrap_or(0),
+                keep_all: keep.threshold().is_none(),
+            };
+            let gpu = ops.eval(&ctx, Op::Keep, &idx, &[], params).unwrap();
+            let want: Vec<u32> = idx.iter().map(|&i| u32::from(keep.keeps(key.uniform(i, stream)))).collect();
+            assert_bits(&format!("keep p={p} stream={stream}"), &gpu, &want, |i| format!("index {}", idx[i]));
+        }
+    }
+}

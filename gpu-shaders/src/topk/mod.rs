@@ -1,0 +1,95 @@
+//! Top-k thresholds by magnitude (SPEC.md §4) on the GPU: the histograms of each
+//! radix-select pass come from a kernel, the pass logic is merge-core's own
+//! `RadixSelect`, so both sides pick the same `(T, c)` by construction.
+
+use merge_core::error::tensor_name;
+use merge_core::topk::{Pass, RadixSelect, Threshold, BUCKETS};
+
+use crate::context::{GpuContext, GpuError, WORKGROUP};
+use crate::kernel::Kernel;
+use crate::tensor::{GpuArray, Storage};
+
+pub struct GpuTopK {
+    kernel: Kernel,
+}
+
+impl GpuTopK {
+    pub fn new(ctx: &GpuContext) -> GpuTopK {
+        GpuTopK { kernel: Kernel::new(ctx, "topk histogram", include_str!("topk.wgsl"), "main") }
+    }
+
+    /// The threshold keeping the `k` largest magnitudes of `arrays` concatenated in
+    /// the order given (one array: per-tensor scope; all tensors in name order:
+    /// global scope). `scope` names it in errors.
+    pub fn select(&self, ctx: &GpuContext, scope: &str, arrays: &[&GpuArray], k: u64) -> Result<Threshold, GpuError> {
+        let n: u64 = arrays.iter().map(|a| a.n).sum();
+        if n >= 1 << 32 {
+            return Err(GpuError::Invalid(format!(
+                "top-k scope `{scope}`: {n} elements; the GPU histograms count in u32 (at most 2^32 - 1)"
+            )));
+        }
+        if let Some(a) = arrays.iter().find(|a| a.storage != Storage::F32) {
+            return Err(GpuError::Invalid(format!("top-k scope `{scope}`: input stored as {:?}, expected f32", a.storage)));
+        }
+        let mut sel = RadixSelect::new(scope, n, k)?;
+        // (global offset of the chunk, chunk) for every chunk of the scope.
+        let mut chunks = Vec::new();
+        let mut offset = 0u64;
+        for a in arrays {
+            for c in &a.chunks {
+                chunks.push((offset + c.start, c));
+            }
+            offset += a.n;
+        }
+        let hist = ctx.storage("topk histogram", BUCKETS as u64 * 4);
+        let status = ctx.storage("topk status", chunks.len().max(1) as u64 * 4);
+        ctx.queue.write_buffer(&status, 0, bytemuck::cast_slice(&vec![u32::MAX; chunks.len().max(1)]));
+        let mut first = true;
+        while let Some(pass) = sel.pass() {
+            ctx.queue.write_buffer(&hist, 0, bytemuck::cast_slice(&[0u32; BUCKETS]));
+            let (mode, shift, bits, key, prefix) = match pass {
+                Pass::Key { shift, bits, prefix } => (0u32, shift, bits, 0u32, u64::from(prefix)),
+                Pass::Index { key, shift, bits, prefix } => (1, shift, bits, key, prefix),
+            };
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let mut keep_alive = Vec::with_capacity(chunks.len());
+            for (slot, (start, c)) in chunks.iter().enumerate() {
+                let u = [
+                    0u32,
+                    c.len as u32,
+                    *start as u32,
+                    (*start >> 32) as u32,
+                    mode,
+                    shift,
+                    bits,
+                    key,
+                    prefix as u32,
+                    (prefix >> 32) as u32,
+                    slot as u32,
+                    0,
+                ];
+                let ub = ctx.uniform_init("topk pass", bytemuck::cast_slice(&u));
+                let bg = self.kernel.bind(ctx, &[&ub, &c.buf, &hist, &status]);
+                self.kernel.dispatch(ctx, &mut enc, &bg, c.len.div_ceil(WORKGROUP as u64) as u32);
+                keep_alive.push(ub);
+            }
+            ctx.queue.submit([enc.finish()]);
+            if first {
+                // Every element is read in the first pass: refuse non-finite input there.
+                let st = ctx.read_u32(&status, chunks.len().max(1) as u64)?;
+                if let Some(bad) = st.iter().enumerate().filter(|&(_, &w)| w != u32::MAX).map(|(s, &w)| chunks[s].0 + u64::from(w)).min() {
+                    return Err(GpuError::Core(merge_core::Error::NonFinite {
+                        tensor: tensor_name(scope),
+                        what: "top-k input",
+                        index: bad,
+                    }));
+                }
+                first = false;
+            }
+            let counts = ctx.read_u32(&hist, pass.buckets() as u64)?;
+            sel.add_histogram(&counts)?;
+            sel.finish_pass()?;
+        }
+        Ok(sel.threshold().unwrap_or(Threshold::NOTHING))
+    }
+}

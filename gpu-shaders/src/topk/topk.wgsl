@@ -1,0 +1,41 @@
+// One radix-select histogram pass (SPEC §4, merge_core::topk::Pass) over one
+// chunk: workgroup-local integer histograms, then atomically added into H.
+// Counts are integers, so the result is independent of thread order and of how
+// the scope was chunked. Non-finite inputs record their lowest chunk index in S.
+
+struct HistU {
+    zero: u32, n: u32, base_lo: u32, base_hi: u32,
+    mode: u32, shift: u32, bits: u32, key: u32,
+    prefix_lo: u32, prefix_hi: u32, slot: u32, pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> U: HistU;
+@group(0) @binding(1) var<storage, read> X: array<f32>;
+@group(0) @binding(2) var<storage, read_write> H: array<atomic<u32>>;
+@group(0) @binding(3) var<storage, read_write> S: array<atomic<u32>>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    ZB = U.zero;
+    hist_clear(lid);
+    workgroupBarrier();
+    let i = linear_group(wid, nwg) * WG + lid;
+    if (i < U.n) {
+        let x = fb(X[i]);
+        if (is_nf(x)) {
+            atomicMin(&S[U.slot], i);
+        } else {
+            let idx = index64(U.base_lo, U.base_hi, i);
+            let h = HistPass(U.mode, U.shift, U.bits, U.key, U.prefix_lo, U.prefix_hi);
+            hist_count(h, bitcast<u32>(x) & 0x7fffffffu, idx.x, idx.y);
+        }
+    }
+    workgroupBarrier();
+    for (var j = lid; j < BUCKETS; j = j + WG) {
+        let c = atomicLoad(&LHIST[j]);
+        if (c != 0u) {
+            atomicAdd(&H[j], c);
+        }
+    }
+}
