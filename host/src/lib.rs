@@ -2,5 +2,7 @@
 //! passes, DPO-family losses, and online merging optimizers run on the GPU and
 //! cross-checked against merge-core.
 
+pub mod data;
+pub mod demo;
 pub mod model;
 pub mod params;

@@ -1,0 +1,3 @@
+//! Training and evaluation data.
+
+pub mod builtin;
