@@ -69,24 +69,33 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, ic
 /// still needs it but a frozen input would not.
 pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [f32]>, dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize) {
     let rows = x.len() / ic;
+    // Both products go four rows at a time: each destination row is loaded and
+    // stored once per four source rows instead of once per row.
     if let Some(dx) = dx {
         for t in 0..rows {
             let dxr = &mut dx[t * ic..(t + 1) * ic];
-            for o in 0..oc {
-                let g = dy[t * oc + o];
-                if g != 0.0 {
-                    axpy(dxr, g, &w[o * ic..(o + 1) * ic]);
-                }
+            let g = &dy[t * oc..(t + 1) * oc];
+            let mut o = 0;
+            while o + 4 <= oc {
+                let ws = [&w[o * ic..(o + 1) * ic], &w[(o + 1) * ic..(o + 2) * ic], &w[(o + 2) * ic..(o + 3) * ic], &w[(o + 3) * ic..(o + 4) * ic]];
+                axpy4(dxr, [g[o], g[o + 1], g[o + 2], g[o + 3]], ws);
+                o += 4;
+            }
+            for o in o..oc {
+                axpy(dxr, g[o], &w[o * ic..(o + 1) * ic]);
             }
         }
     }
     for o in 0..oc {
         let dwr = &mut dw[o * ic..(o + 1) * ic];
-        for t in 0..rows {
-            let g = dy[t * oc + o];
-            if g != 0.0 {
-                axpy(dwr, g, &x[t * ic..(t + 1) * ic]);
-            }
+        let mut t = 0;
+        while t + 4 <= rows {
+            let xs = [&x[t * ic..(t + 1) * ic], &x[(t + 1) * ic..(t + 2) * ic], &x[(t + 2) * ic..(t + 3) * ic], &x[(t + 3) * ic..(t + 4) * ic]];
+            axpy4(dwr, [dy[t * oc + o], dy[(t + 1) * oc + o], dy[(t + 2) * oc + o], dy[(t + 3) * oc + o]], xs);
+            t += 4;
+        }
+        for t in t..rows {
+            axpy(dwr, dy[t * oc + o], &x[t * ic..(t + 1) * ic]);
         }
     }
     if let Some(db) = db {
@@ -95,6 +104,16 @@ pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [
                 db[o] += dy[t * oc + o];
             }
         }
+    }
+}
+
+/// `y += ((a0 x0 + a1 x1) + (a2 x2 + a3 x3))`
+#[inline]
+fn axpy4(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
+    let n = y.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    for i in 0..n {
+        y[i] += (a[0] * x0[i] + a[1] * x1[i]) + (a[2] * x2[i] + a[3] * x3[i]);
     }
 }
 

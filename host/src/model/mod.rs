@@ -6,3 +6,6 @@ pub mod llama;
 
 pub use config::{ConfigError, Family, LlamaConfig};
 pub use llama::{check_layout, CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,453 @@
+//! Finite-difference gradient checks for every layer and for the whole model,
+//! plus consistency checks between the training forward, the KV-cache forward
+//! and generation.
+//!
+//! The objective is always a random linear functional of the outputs, summed in
+//! f64; central differences in f32 with step 1e-2..1e-3 leave noise around 1e-4
+//! relative, so the tolerances below are a few times that and a wrong term in a
+//! backward (a missing factor, a transposed index) fails by orders of magnitude.
+
+use super::layers::{self, AttnShape, Rope};
+use super::*;
+use crate::params::ParamSet;
+
+fn rand_vec(rng: &mut SplitMix64, n: usize, scale: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.next_normal() * scale) as f32).collect()
+}
+
+fn functional(r: &[f32], y: &[f32]) -> f64 {
+    r.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum()
+}
+
+/// Compares `grad` with central differences of `f` at `x`: along a random
+/// direction over all elements, and at the three largest-gradient coordinates.
+fn check_grad(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, f: &dyn Fn(&[f32]) -> f64) {
+    let mut rng = SplitMix64(0x5eed ^ x.len() as u64);
+    let dir: Vec<f32> = (0..x.len()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect();
+    let shifted = |s: f32| -> Vec<f32> { x.iter().zip(&dir).map(|(&a, &d)| a + s * d).collect() };
+    let numeric = (f(&shifted(eps)) - f(&shifted(-eps))) / (2.0 * eps as f64);
+    let analytic: f64 = grad.iter().zip(&dir).map(|(&g, &d)| g as f64 * d as f64).sum();
+    let scale = analytic.abs().max(numeric.abs()).max(1e-2);
+    assert!(
+        (numeric - analytic).abs() <= tol * scale,
+        "{what}: directional derivative analytic {analytic:.6e} vs numeric {numeric:.6e}"
+    );
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
+    for &i in order.iter().take(3) {
+        let mut xp = x.to_vec();
+        xp[i] += eps;
+        let mut xm = x.to_vec();
+        xm[i] -= eps;
+        let numeric = (f(&xp) - f(&xm)) / (2.0 * eps as f64);
+        let analytic = grad[i] as f64;
+        let scale = analytic.abs().max(numeric.abs()).max(1e-2);
+        assert!((numeric - analytic).abs() <= tol * scale, "{what}[{i}]: analytic {analytic:.6e} vs numeric {numeric:.6e}");
+    }
+}
+
+#[test]
+fn linear_gradients() {
+    let (t, ic, oc) = (5, 12, 7);
+    let mut rng = SplitMix64(1);
+    let x = rand_vec(&mut rng, t * ic, 1.0);
+    let w = rand_vec(&mut rng, oc * ic, 0.5);
+    let b = rand_vec(&mut rng, oc, 0.5);
+    let r = rand_vec(&mut rng, t * oc, 1.0);
+    let run = |x: &[f32], w: &[f32], b: &[f32]| {
+        let mut y = vec![0f32; t * oc];
+        layers::linear_forward(&mut y, x, w, Some(b), ic, oc);
+        functional(&r, &y)
+    };
+    let (mut dx, mut dw, mut db) = (vec![0f32; t * ic], vec![0f32; oc * ic], vec![0f32; oc]);
+    layers::linear_backward(Some(&mut dx), &mut dw, None, &r, &x, &w, ic, oc);
+    for row in r.chunks_exact(oc) {
+        layers::axpy(&mut db, 1.0, row);
+    }
+    check_grad("linear dx", &x, &dx, 1e-2, 1e-3, &|v| run(v, &w, &b));
+    check_grad("linear dw", &w, &dw, 1e-2, 1e-3, &|v| run(&x, v, &b));
+    check_grad("linear db", &b, &db, 1e-2, 1e-3, &|v| run(&x, &w, v));
+}
+
+#[test]
+fn linear_forward_rows_agree_across_blocking() {
+    // Rows computed in the four-row block and in the remainder loop must round
+    // identically, or the KV-cache forward would drift from the training forward.
+    let (ic, oc) = (19, 6);
+    let mut rng = SplitMix64(2);
+    let x = rand_vec(&mut rng, 7 * ic, 1.0);
+    let w = rand_vec(&mut rng, oc * ic, 1.0);
+    let mut all = vec![0f32; 7 * oc];
+    layers::linear_forward(&mut all, &x, &w, None, ic, oc);
+    for t in 0..7 {
+        let mut one = vec![0f32; oc];
+        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &w, None, ic, oc);
+        assert_eq!(one, all[t * oc..(t + 1) * oc], "row {t}");
+    }
+}
+
+#[test]
+fn embedding_gradients() {
+    let (v, c) = (6, 4);
+    let tokens = [3u32, 1, 3, 0, 5];
+    let mut rng = SplitMix64(3);
+    let table = rand_vec(&mut rng, v * c, 1.0);
+    let r = rand_vec(&mut rng, tokens.len() * c, 1.0);
+    let run = |tab: &[f32]| {
+        let mut x = vec![0f32; tokens.len() * c];
+        layers::embedding_forward(&mut x, &tokens, tab, c);
+        functional(&r, &x)
+    };
+    let mut dt = vec![0f32; v * c];
+    layers::embedding_backward(&mut dt, &r, &tokens, c);
+    check_grad("embedding", &table, &dt, 1e-2, 1e-3, &run);
+    // rows of tokens that never occur get nothing
+    assert!(dt[2 * c..3 * c].iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn rmsnorm_gradients() {
+    let (t, c) = (4, 10);
+    let eps = 1e-5;
+    let mut rng = SplitMix64(4);
+    let x = rand_vec(&mut rng, t * c, 1.0);
+    let w = rand_vec(&mut rng, c, 1.0);
+    let r = rand_vec(&mut rng, t * c, 1.0);
+    let run = |x: &[f32], w: &[f32]| {
+        let (mut y, mut rs) = (vec![0f32; t * c], vec![0f32; t]);
+        layers::rmsnorm_forward(&mut y, &mut rs, x, w, eps, c);
+        functional(&r, &y)
+    };
+    let (mut y, mut rs) = (vec![0f32; t * c], vec![0f32; t]);
+    layers::rmsnorm_forward(&mut y, &mut rs, &x, &w, eps, c);
+    let (mut dx, mut dw) = (vec![0f32; t * c], vec![0f32; c]);
+    layers::rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rs, c);
+    check_grad("rmsnorm dx", &x, &dx, 1e-3, 5e-3, &|v| run(v, &w));
+    check_grad("rmsnorm dw", &w, &dw, 1e-2, 1e-3, &|v| run(&x, v));
+}
+
+#[test]
+fn rope_gradients_and_convention() {
+    let (t, heads, hd) = (5, 3, 8);
+    let rope = Rope::new(hd, 10000.0, 0, t);
+    let mut rng = SplitMix64(5);
+    let x = rand_vec(&mut rng, t * heads * hd, 1.0);
+    let r = rand_vec(&mut rng, x.len(), 1.0);
+    let run = |x: &[f32]| {
+        let mut y = x.to_vec();
+        layers::rope_forward(&mut y, &rope, heads);
+        functional(&r, &y)
+    };
+    let mut dx = r.clone();
+    layers::rope_backward(&mut dx, &rope, heads);
+    check_grad("rope", &x, &dx, 1e-2, 1e-3, &run);
+
+    // HF rotate_half: at position 1, element 0 pairs with element hd/2 and
+    // rotates by angle 1 rad (inv_freq of pair 0 is 1).
+    let mut v = vec![0f32; t * heads * hd];
+    v[heads * hd] = 1.0; // position 1, head 0, element 0
+    layers::rope_forward(&mut v, &rope, heads);
+    let base = heads * hd;
+    assert!((v[base] - 1f32.cos()).abs() < 1e-6);
+    assert!((v[base + hd / 2] - 1f32.sin()).abs() < 1e-6);
+    assert!(v[base + 1] == 0.0);
+}
+
+fn attention_case(heads: usize, kv_heads: usize) {
+    let (t, hd) = (6, 4);
+    let s = AttnShape { heads, kv_heads, head_dim: hd, pos0: 0, tq: t };
+    let mut rng = SplitMix64(6 + heads as u64 * 10 + kv_heads as u64);
+    let q = rand_vec(&mut rng, t * heads * hd, 1.0);
+    let k = rand_vec(&mut rng, t * kv_heads * hd, 1.0);
+    let v = rand_vec(&mut rng, t * kv_heads * hd, 1.0);
+    let r = rand_vec(&mut rng, t * heads * hd, 1.0);
+    let run = |q: &[f32], k: &[f32], v: &[f32]| {
+        let mut out = vec![0f32; t * heads * hd];
+        layers::attention_forward(&mut out, None, q, k, v, s);
+        functional(&r, &out)
+    };
+    let mut out = vec![0f32; t * heads * hd];
+    let mut probs = vec![0f32; heads * t * t];
+    layers::attention_forward(&mut out, Some(&mut probs), &q, &k, &v, s);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    layers::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &q, &k, &v, s);
+    let tag = format!("attention {heads}/{kv_heads}");
+    check_grad(&format!("{tag} dq"), &q, &dq, 1e-2, 2e-3, &|x| run(x, &k, &v));
+    check_grad(&format!("{tag} dk"), &k, &dk, 1e-2, 2e-3, &|x| run(&q, x, &v));
+    check_grad(&format!("{tag} dv"), &v, &dv, 1e-2, 2e-3, &|x| run(&q, &k, x));
+}
+
+#[test]
+fn attention_gradients_multi_head() {
+    attention_case(2, 2);
+}
+
+#[test]
+fn attention_gradients_grouped_query() {
+    attention_case(4, 2);
+    attention_case(3, 1);
+}
+
+#[test]
+fn attention_is_causal() {
+    let (t, hd) = (5, 4);
+    let s = AttnShape { heads: 1, kv_heads: 1, head_dim: hd, pos0: 0, tq: t };
+    let mut rng = SplitMix64(7);
+    let q = rand_vec(&mut rng, t * hd, 1.0);
+    let k = rand_vec(&mut rng, t * hd, 1.0);
+    let mut v = rand_vec(&mut rng, t * hd, 1.0);
+    let mut a = vec![0f32; t * hd];
+    layers::attention_forward(&mut a, None, &q, &k, &v, s);
+    v[(t - 1) * hd] += 10.0; // the last value only reaches the last query
+    let mut b = vec![0f32; t * hd];
+    layers::attention_forward(&mut b, None, &q, &k, &v, s);
+    assert_eq!(a[..(t - 1) * hd], b[..(t - 1) * hd]);
+    assert_ne!(a[(t - 1) * hd..], b[(t - 1) * hd..]);
+}
+
+#[test]
+fn swiglu_gradients() {
+    let n = 20;
+    let mut rng = SplitMix64(8);
+    let g = rand_vec(&mut rng, n, 2.0);
+    let u = rand_vec(&mut rng, n, 1.0);
+    let r = rand_vec(&mut rng, n, 1.0);
+    let run = |g: &[f32], u: &[f32]| {
+        let mut h = vec![0f32; n];
+        layers::swiglu_forward(&mut h, g, u);
+        functional(&r, &h)
+    };
+    let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+    layers::swiglu_backward(&mut dg, &mut du, &r, &g, &u);
+    check_grad("swiglu dgate", &g, &dg, 1e-2, 1e-3, &|x| run(x, &u));
+    check_grad("swiglu dup", &u, &du, 1e-2, 1e-3, &|x| run(&g, x));
+}
+
+#[test]
+fn log_softmax_gradients() {
+    let v = 9;
+    let mut rng = SplitMix64(9);
+    let logits = rand_vec(&mut rng, v, 2.0);
+    let run = |l: &[f32]| {
+        let mut p = vec![0f32; v];
+        layers::log_softmax_row(l, 4, &mut p) as f64 * -0.7
+    };
+    let mut p = vec![0f32; v];
+    let lp = layers::log_softmax_row(&logits, 4, &mut p);
+    let direct = {
+        let m = logits.iter().map(|&x| x as f64).fold(f64::MIN, f64::max);
+        logits[4] as f64 - m - logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+    };
+    assert!((lp as f64 - direct).abs() < 1e-6);
+    let mut d = vec![0f32; v];
+    layers::log_softmax_backward(&mut d, &p, 4, -0.7);
+    check_grad("log_softmax", &logits, &d, 1e-2, 1e-3, &run);
+}
+
+// ------------------------------------------------------------ whole model
+
+fn tiny(family: Family, tied: bool, attention_bias: bool, heads: usize, kv_heads: usize) -> LlamaConfig {
+    let mut c = LlamaConfig::tiny(11, 8, 12, 2, heads, kv_heads);
+    c.family = family;
+    c.tie_word_embeddings = tied;
+    c.attention_bias = attention_bias;
+    c.rms_norm_eps = 1e-6;
+    c
+}
+
+fn batch() -> Vec<Sequence> {
+    vec![Sequence::full(vec![1, 5, 2, 9, 3, 3, 7]), Sequence::completion(&[4, 0, 10], &[6, 2, 8]), Sequence::completion(&[2], &[5])]
+}
+
+/// Every tensor of the model: analytic gradient of `Σ_b c_b logp_b` against
+/// finite differences of the whole forward.
+fn model_case(cfg: LlamaConfig, what: &str) {
+    let mut model = LlamaModel::init(cfg, 42).unwrap();
+    // random norms and biases, so their gradients are generic, not at 1 and 0
+    let mut rng = SplitMix64(77);
+    for t in &mut model.params.tensors {
+        if t.name.ends_with(".bias") || t.name.ends_with("norm.weight") {
+            let base = if t.name.ends_with(".bias") { 0.0 } else { 1.0 };
+            for x in &mut t.data {
+                *x = base + (rng.next_normal() * 0.3) as f32;
+            }
+        } else {
+            // larger weights than init so every path carries signal
+            for x in &mut t.data {
+                *x *= 15.0;
+            }
+        }
+    }
+    let seqs = batch();
+    let coefs = [0.8f32, -1.3, 0.5];
+    let fwd = model.forward(&seqs).unwrap();
+    let mut grads = model.zero_grads();
+    model.backward(&fwd, &coefs, &mut grads).unwrap();
+    let params = model.params.clone();
+    let objective = |name: &str, data: &[f32]| -> f64 {
+        let mut p = params.clone();
+        p.get_mut(name).unwrap().data.copy_from_slice(data);
+        let m = LlamaModel::from_params(model.config.clone(), p).unwrap();
+        let lps = m.sequence_logps(&seqs).unwrap();
+        lps.iter().zip(&coefs).map(|(&l, &c)| l as f64 * c as f64).sum()
+    };
+    for (t, g) in params.tensors.iter().zip(&grads.tensors) {
+        assert!(g.data.iter().any(|&x| x != 0.0), "{what}: gradient of {} is all zero", t.name);
+        check_grad(&format!("{what}: {}", t.name), &t.data, &g.data, 2e-3, 2e-2, &|v| objective(&t.name, v));
+    }
+}
+
+#[test]
+fn model_gradients_untied_gqa() {
+    model_case(tiny(Family::Llama, false, false, 4, 2), "llama untied gqa");
+}
+
+#[test]
+fn model_gradients_tied() {
+    model_case(tiny(Family::Llama, true, false, 2, 2), "llama tied");
+}
+
+#[test]
+fn model_gradients_qwen2_qkv_bias() {
+    model_case(tiny(Family::Qwen2, false, false, 2, 1), "qwen2 bias");
+}
+
+#[test]
+fn model_gradients_llama_attention_bias() {
+    model_case(tiny(Family::Llama, true, true, 4, 1), "llama attention_bias");
+}
+
+#[test]
+fn backward_accumulates_and_ignores_thread_count() {
+    let mut model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 3).unwrap();
+    let seqs = batch();
+    let fwd = model.forward(&seqs).unwrap();
+    let mut g1 = model.zero_grads();
+    model.backward(&fwd, &[1.0, 2.0, -1.0], &mut g1).unwrap();
+    model.set_threads(3);
+    let fwd3 = model.forward(&seqs).unwrap();
+    assert_eq!(fwd.logps, fwd3.logps);
+    let mut g3 = model.zero_grads();
+    model.backward(&fwd3, &[1.0, 2.0, -1.0], &mut g3).unwrap();
+    model.set_threads(1);
+    let mut g1b = model.zero_grads();
+    model.backward(&fwd3, &[1.0, 2.0, -1.0], &mut g1b).unwrap();
+    assert_eq!(g1b, g3, "gradients depend on the thread count");
+    assert_eq!(g1, g3);
+    // accumulation: a second backward into the same set doubles it (up to the
+    // rounding of the different summation order)
+    model.backward(&fwd3, &[1.0, 2.0, -1.0], &mut g1b).unwrap();
+    for (a, b) in g1b.tensors.iter().zip(&g3.tensors) {
+        let big = b.data.iter().fold(0f32, |m, &y| m.max(y.abs()));
+        assert!(a.data.iter().zip(&b.data).all(|(&x, &y)| (x - 2.0 * y).abs() <= 1e-5 * big), "{}", a.name);
+    }
+}
+
+#[test]
+fn cross_entropy_matches_logps_and_logits() {
+    let model = LlamaModel::init(tiny(Family::Qwen2, true, false, 2, 1), 9).unwrap();
+    let seq = Sequence::full(vec![3, 1, 4, 1, 5, 9, 2, 6]);
+    let logits = model.logits(&seq.tokens).unwrap();
+    let v = model.config.vocab_size;
+    let mut expect = 0f64;
+    for p in 1..seq.tokens.len() {
+        let mut probs = vec![0f32; v];
+        expect += layers::log_softmax_row(&logits[(p - 1) * v..p * v], seq.tokens[p] as usize, &mut probs) as f64;
+    }
+    let ce = model.cross_entropy(std::slice::from_ref(&seq)).unwrap();
+    assert_eq!(ce.tokens, 7);
+    assert!((ce.nll_sum + expect).abs() < 1e-4, "{} vs {}", ce.nll_sum, -expect);
+    let mut g = model.zero_grads();
+    let ce2 = model.cross_entropy_backward(std::slice::from_ref(&seq), 1.0 / 7.0, &mut g).unwrap();
+    assert_eq!(ce, ce2);
+}
+
+#[test]
+fn kv_cache_generation_matches_full_forward() {
+    let model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 5).unwrap();
+    let prompt = vec![1u32, 2, 3];
+    let opts = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_token: None, seed: 0 };
+    let out = model.generate(&prompt, &opts).unwrap();
+    assert_eq!(out.len(), 6);
+    // greedy tokens must be the argmax of the full (cache-free) forward at each step
+    let mut seq = prompt.clone();
+    let v = model.config.vocab_size;
+    for &tok in &out {
+        let logits = model.logits(&seq).unwrap();
+        let last = &logits[(seq.len() - 1) * v..];
+        let best = (0..v).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+        assert_eq!(tok as usize, best);
+        seq.push(tok);
+    }
+}
+
+#[test]
+fn sampling_is_seeded_and_stops() {
+    let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
+    let prompts = vec![vec![1u32, 2], vec![3u32], vec![4u32, 4, 4]];
+    let opts = GenerateOptions { max_new_tokens: 20, sampling: Sampling::Temperature { temperature: 1.5, top_k: 0 }, stop_token: None, seed: 11 };
+    let a = model.generate_batch(&prompts, &opts).unwrap();
+    let b = model.generate_batch(&prompts, &opts).unwrap();
+    assert_eq!(a, b);
+    let c = model.generate_batch(&prompts, &GenerateOptions { seed: 12, ..opts }).unwrap();
+    assert_ne!(a, c, "a different seed should sample differently");
+    // stopping on the first token that was sampled with the same seed
+    let first = a[0][0];
+    let stopped = model.generate_batch(&prompts[..1], &GenerateOptions { stop_token: Some(first), ..opts }).unwrap();
+    assert!(stopped[0].is_empty());
+    // top_k = 1 is greedy
+    let g = model.generate_batch(&prompts, &GenerateOptions { sampling: Sampling::Greedy, ..opts }).unwrap();
+    let k1 = model.generate_batch(&prompts, &GenerateOptions { sampling: Sampling::Temperature { temperature: 1.0, top_k: 1 }, ..opts }).unwrap();
+    assert_eq!(g, k1);
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
+    let err = model.forward(&[Sequence::full(vec![1, 2]), Sequence::full(vec![1, 99])]).err().unwrap();
+    assert_eq!(err, ModelError::TokenOutOfRange { sequence: 1, position: 1, id: 99, vocab_size: 11 });
+    let err = model.forward(&[Sequence { tokens: vec![1, 2], mask: vec![true, true] }]).err().unwrap();
+    assert!(err.to_string().contains("sequence 0"), "{err}");
+    let mut params = model.params.clone();
+    params.tensors.retain(|t| t.name != "model.norm.weight");
+    let err = LlamaModel::from_params(model.config.clone(), params).err().unwrap();
+    assert!(err.to_string().contains("model.norm.weight"), "{err}");
+    let mut bad = model.config.clone();
+    bad.num_key_value_heads = 3;
+    let err = LlamaModel::init(bad, 1).err().unwrap();
+    assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    let mut wrong = ParamSet::new(vec![]);
+    let fwd = model.forward(&batch()).unwrap();
+    assert!(matches!(model.backward(&fwd, &[1.0; 3], &mut wrong), Err(ModelError::GradientLayout { .. })));
+}
+
+/// Throughput of a training step (forward + backward) on a ~1M-parameter model.
+/// Run: `cargo test -p host --release model::tests::bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_train_tokens_per_second() {
+    let cfg = LlamaConfig::tiny(259, 128, 352, 4, 4, 2);
+    let model = LlamaModel::init(cfg, 1).unwrap();
+    println!("params: {}", model.config.num_params());
+    let mut rng = SplitMix64(1);
+    let seqs: Vec<Sequence> = (0..16).map(|_| Sequence::full((0..128).map(|_| (rng.next_u64() % 256) as u32).collect())).collect();
+    let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let mut g = model.zero_grads();
+    let _ = model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
+    let start = std::time::Instant::now();
+    let reps = 3;
+    for _ in 0..reps {
+        model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
+    }
+    let dt = start.elapsed().as_secs_f64() / reps as f64;
+    println!("threads {}: train step {:.3} s for {tokens} tokens: {:.0} tokens/s", model.threads(), dt, tokens as f64 / dt);
+    let start = std::time::Instant::now();
+    model.sequence_logps(&seqs).unwrap();
+    let dt = start.elapsed().as_secs_f64();
+    println!("forward only: {:.0} tokens/s", tokens as f64 / dt);
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| vec![i as u32 + 1; 16]).collect();
+    let start = std::time::Instant::now();
+    let out = model.generate_batch(&prompts, &GenerateOptions { max_new_tokens: 64, sampling: Sampling::Greedy, stop_token: None, seed: 0 }).unwrap();
+    let n: usize = out.iter().map(Vec::len).sum();
+    println!("generation: {:.0} tokens/s", n as f64 / start.elapsed().as_secs_f64());
+}
