@@ -491,10 +491,12 @@ impl SlerpDot {
             return Err(Error::NonFiniteReduction { tensor: tensor_name(name), what: "SLERP dot product" });
         }
         let d = f64::from(dot);
+        let t32 = flush(t as f32);
         if d.abs() > 0.9995 {
-            let t32 = flush(t as f32);
             return Ok(SlerpScalars { s0: sub(1.0, t32), s1: t32, lerp: true });
         }
+        // Every use of t takes its binary32 value, as the GPU receives it.
+        let t = f64::from(t32);
         let theta0 = libm::acos(d);
         let sin0 = libm::sin(theta0);
         let theta_t = theta0 * t;

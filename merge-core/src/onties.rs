@@ -4,6 +4,7 @@
 //! the optimizer front runs the selection and calls [`combine`] per element.
 
 use crate::arith::{add, div, flush, mul};
+use crate::step::RESCALE_MIN_NORM;
 use crate::topk::{Threshold, magnitude_key};
 
 /// Which OnTIES to run; SPEC.md §5.3 has both side by side.
@@ -69,15 +70,11 @@ pub fn combine(variant: Variant, tau_sel: f32, delta_sel: f32, alpha: f32, one_m
     }
 }
 
-/// `1e-8` rounded to binary32: below this L1 norm the official code's
-/// `magnitude_mask_` does not rescale.
-pub const RESCALE_MIN_L1: f32 = 1e-8;
-
 /// The optional L1 rescale of a trimmed tensor (SPEC.md §5.3): every kept value
 /// is multiplied by `ρ = ‖x‖₁ ⊘ ‖x'‖₁` (norms over the selection's scope, tree sums
 /// of SPEC.md §3.2), or `ρ = 1` when `‖x‖₁ < 1e-8` or nothing non-zero was kept.
 pub fn rescale_factor(l1_full: f32, l1_kept: f32) -> f32 {
-    if l1_full >= RESCALE_MIN_L1 && l1_kept > 0.0 { div(l1_full, l1_kept) } else { 1.0 }
+    if l1_full >= RESCALE_MIN_NORM && l1_kept > 0.0 { div(l1_full, l1_kept) } else { 1.0 }
 }
 
 #[cfg(test)]

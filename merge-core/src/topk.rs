@@ -15,8 +15,11 @@
 //! ```
 //! Key passes walk the 31 key bits in digits of 11, 11 and 9 bits, each later pass
 //! counting only the candidates whose higher digits equal the digits already chosen.
-//! Only when more elements tie at `T` than may be kept do index passes follow, which
-//! select, among the tied elements, the `r`-th lowest index in the same way.
+//! When more elements tie at `T` than may be kept, index passes follow, which
+//! select among the tied elements the `r`-th lowest index in the same way. When
+//! every tie is kept, `c` is one past the last tie: the last key pass records it
+//! per bucket while counting, so no index pass runs (histograms added from
+//! elsewhere carry no indices, and then the index passes find it).
 
 use crate::arith::flush;
 use crate::error::{Error, TensorName, tensor_name};
@@ -42,7 +45,8 @@ pub fn magnitude_key(x: f32) -> u32 {
 pub struct Threshold {
     /// `T`, the `k`-th largest key.
     pub key: u32,
-    /// `c`: ties at `T` below this index are kept. Equal to `n` when every tie is kept.
+    /// `c`: ties at `T` below this index are kept (one past the index of the last
+    /// tie kept).
     pub cutoff: u64,
 }
 
@@ -195,9 +199,17 @@ pub struct RadixSelect {
     /// Elements counted into `lanes` since they were last emptied (bounded so a
     /// `u32` lane cannot overflow).
     pending: u64,
+    /// Last key pass only: one past the largest index counted in each bucket, so
+    /// that when every tie is kept `c` is known without index passes.
+    tie_end: [u64; LAST_BUCKETS],
+    /// Whether `tie_end` saw every candidate (not so for histograms added from
+    /// elsewhere, which then fall back to index passes).
+    tie_end_valid: bool,
 }
 
 const LANES: usize = 4;
+/// Buckets of the last key pass (its digit is the 9 bits left after two of 11).
+const LAST_BUCKETS: usize = 1 << (KEY_BITS - 2 * DIGIT_BITS);
 const LANE_LEN: usize = BUCKETS;
 /// Keys from here up are Inf or NaN magnitudes (or not magnitude keys at all).
 const NON_FINITE_KEY: u32 = 0x7f80_0000;
@@ -229,6 +241,8 @@ impl RadixSelect {
             hist: [0; BUCKETS],
             lanes: [[0; LANE_LEN]; LANES],
             pending: 0,
+            tie_end: [0; LAST_BUCKETS],
+            tie_end_valid: true,
         })
     }
 
@@ -328,7 +342,12 @@ impl RadixSelect {
                     while hits != 0 {
                         let j = hits.trailing_zeros() as usize;
                         hits &= hits - 1;
-                        self.lanes[j % LANES][((keys[j] >> shift) & mask) as usize] += 1;
+                        let d = ((keys[j] >> shift) & mask) as usize;
+                        self.lanes[j % LANES][d] += 1;
+                        if shift == 0 {
+                            let end = &mut self.tie_end[d % LAST_BUCKETS];
+                            *end = (*end).max(start + j as u64 + 1);
+                        }
                     }
                 }
                 Pass::Index { .. } => {
@@ -362,6 +381,7 @@ impl RadixSelect {
                 found: counts.len() as u64,
             });
         }
+        self.tie_end_valid = false;
         for (h, &c) in self.hist.iter_mut().zip(counts) {
             *h += u64::from(c);
         }
@@ -400,9 +420,10 @@ impl RadixSelect {
                 self.candidates = self.hist[digit as usize];
                 let prefix = (prefix << bits) | digit;
                 if shift == 0 {
-                    // `prefix` is now T; `candidates` elements tie at T, `rank` of them are kept.
-                    if self.rank == self.candidates {
-                        self.finish(Threshold { key: prefix, cutoff: self.n });
+                    // `prefix` is now T; `candidates` elements tie at T, `rank` of them
+                    // are kept. When that is all of them, c is one past the last tie.
+                    if self.rank == self.candidates && self.tie_end_valid {
+                        self.finish(Threshold { key: prefix, cutoff: self.tie_end[digit as usize % LAST_BUCKETS] });
                     } else {
                         let ib = self.index_bits;
                         let s = ib.saturating_sub(DIGIT_BITS);
@@ -446,6 +467,8 @@ impl RadixSelect {
             }
         }
         self.hist = [0; BUCKETS];
+        self.tie_end = [0; LAST_BUCKETS];
+        self.tie_end_valid = true;
         Ok(self.result)
     }
 
@@ -496,12 +519,9 @@ mod tests {
             kept[i] = true;
         }
         let t = keys[order[k - 1]];
-        let ties = keys.iter().filter(|&&x| x == t).count();
         let greater = keys.iter().filter(|&&x| x > t).count();
         let r = k - greater;
-        let cutoff = if r == ties {
-            n as u64
-        } else {
+        let cutoff = {
             // smallest c with #{i < c : key_i = T} = r
             let mut seen = 0;
             let mut c = 0;
@@ -710,7 +730,7 @@ mod tests {
             }
             sel.finish_pass().unwrap();
         }
-        assert_eq!(sel.threshold(), Some(Threshold { key: 4.0f32.to_bits(), cutoff: 5 }));
+        assert_eq!(sel.threshold(), Some(Threshold { key: 4.0f32.to_bits(), cutoff: 4 }));
     }
 
     #[test]
