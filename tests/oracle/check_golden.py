@@ -14,6 +14,8 @@ import numpy as np
 
 import oracle as o
 
+F32 = np.float32
+
 FORMAT = "online-merging-golden/1"
 
 
@@ -89,8 +91,68 @@ def op_arith(c):
     return {"out": {"add": o.add, "sub": o.sub, "mul": o.mul, "div": o.div}[fn](a, b)}
 
 
+def op_threefry(c):
+    k = c.inputs["key"]
+    x0, x1 = o.threefry2x32_20(k[0], k[1], c.inputs["c0"], c.inputs["c1"])
+    return {"x0": x0, "x1": x1}
+
+
+def valid_probability(p):
+    """§2.4: a keep probability is a binary32 in (0, 1] (subnormals included)."""
+    return not o.non_finite(p) and F32(0.0) < p <= F32(1.0)
+
+
+def valid_fraction(p):
+    """§4.1: a keep fraction is a normal binary32 in (0, 1]."""
+    return valid_probability(p) and o.flush(p) != F32(0.0)
+
+
+def op_mask(c):
+    p = c.f32("p")
+    n, offset, stream = c.params["n"], c.params["offset"], c.params["stream"]
+    if not valid_probability(p):
+        raise Rejected(kind="InvalidHyperparameter")
+    if offset + n > 2**32:  # §2.3: element indices are below 2^32
+        raise Rejected(kind="OutOfRange")
+    t = o.fnv1a32(c.tensor)
+    key = o.mask_key(c.seed, t, c.step)
+    u = o.draws(c.seed, t, c.step, stream, offset, n)
+    return {
+        "tensor_id": np.array([t], dtype=np.uint32),
+        "key": np.array(key, dtype=np.uint32),
+        "u": u,
+        "keep": o.keep_mask(c.seed, t, c.step, stream, p, n, start=offset),
+    }
+
+
+def op_tree_sum(c):
+    x = c.inputs["x"]
+    return {"sum": np.array([o.tree_sum(x)], dtype=F32), "l1": np.array([o.l1(x)], dtype=F32)}
+
+
+def op_topk(c):
+    p = c.f32("p")
+    if not valid_fraction(p):
+        raise Rejected(kind="InvalidHyperparameter")
+    names = sorted(c.inputs, key=lambda s: s.encode("utf-8"))  # §4: bytewise name order
+    x = np.concatenate([c.inputs[k] for k in names])
+    t, cut, k = o.topk_threshold(x, p)
+    keep = o.topk_mask(x, p)
+    out = {"k": np.array([k], dtype=np.uint32), "T": np.array([t], dtype=np.uint32), "c": np.array([cut], dtype=np.uint32)}
+    start = 0
+    for name in names:
+        n = c.inputs[name].size
+        out[f"keep.{name}"] = keep[start:start + n]
+        start += n
+    return out
+
+
 OPS = {
     "arith": op_arith,
+    "threefry": op_threefry,
+    "mask": op_mask,
+    "tree_sum": op_tree_sum,
+    "topk": op_topk,
 }
 
 
@@ -135,7 +197,8 @@ def check_file(path):
     for raw in doc["cases"]:
         c = Case(raw)
         if c.op not in OPS:
-            raise Malformed(f"{path}: case {c.name!r}: the oracle has no op {c.op!r}")
+            failures.append(f"{os.path.basename(path)}: case {c.name!r}: the oracle has no op {c.op!r}")
+            continue
         try:
             got = OPS[c.op](c)
         except Rejected as r:

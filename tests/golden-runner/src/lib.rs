@@ -139,9 +139,13 @@ pub enum Outcome {
     Error(merge_core::Error),
 }
 
-/// Hyperparameter helpers for case builders: `f32` values are stored as bits.
+/// Hyperparameter helpers for case builders: floats are stored as bits.
 pub fn f32_param(x: f32) -> Value {
     json!({"f32": format!("{:08x}", x.to_bits())})
+}
+
+pub fn f64_param(x: f64) -> Value {
+    json!({"f64": format!("{:016x}", x.to_bits())})
 }
 
 impl Case {
@@ -205,6 +209,17 @@ impl Case {
         let v = self.params.get(key).ok_or_else(|| format!("case {:?}: missing param {key:?}", self.name))?;
         let hex = v.get("f32").and_then(Value::as_str).ok_or_else(|| format!("case {:?}: param {key:?} is not {{\"f32\": hex}}", self.name))?;
         u32::from_str_radix(hex, 16).map(f32::from_bits).map_err(|e| format!("case {:?}: param {key:?} = {hex:?}: {e}", self.name))
+    }
+
+    /// The f64 hyperparameter `key` (stored as bits).
+    pub fn f64(&self, key: &str) -> Result<f64, String> {
+        let v = self.params.get(key).ok_or_else(|| format!("case {:?}: missing param {key:?}", self.name))?;
+        let hex = v.get("f64").and_then(Value::as_str).ok_or_else(|| format!("case {:?}: param {key:?} is not {{\"f64\": hex}}", self.name))?;
+        u64::from_str_radix(hex, 16).map(f64::from_bits).map_err(|e| format!("case {:?}: param {key:?} = {hex:?}: {e}", self.name))
+    }
+
+    pub fn flag(&self, key: &str) -> Result<bool, String> {
+        self.params.get(key).and_then(Value::as_bool).ok_or_else(|| format!("case {:?}: missing boolean param {key:?}", self.name))
     }
 
     pub fn word(&self, key: &str) -> Result<&str, String> {

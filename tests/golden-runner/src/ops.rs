@@ -1,7 +1,11 @@
 //! The dispatch from a case's `op` to merge-core. Each op names the SPEC.md
 //! section it exercises; the NumPy oracle has the same table in `check_golden.py`.
 
-use merge_core::arith;
+use merge_core::dare::{DareConfig, DareVariant};
+use merge_core::dtype::{self, Dst, Src};
+use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::{arith, reduce, rng, topk};
 
 use crate::{Array, Case, Outcome};
 
@@ -15,6 +19,13 @@ fn outputs<const N: usize>(items: [(&str, Array); N]) -> Outcome {
 pub fn evaluate(case: &Case) -> Result<Outcome, String> {
     match case.op.as_str() {
         "arith" => arith_op(case),
+        "threefry" => threefry_op(case),
+        "mask" => mask_op(case),
+        "tree_sum" => tree_sum_op(case),
+        "topk" => topk_op(case),
+        "optimizer" => optimizer_op(case),
+        "store" => store_op(case),
+        "load" => load_op(case),
         other => Err(format!("case {:?}: unknown op {other:?}", case.name)),
     }
 }
@@ -43,4 +54,267 @@ fn arith_op(case: &Case) -> Result<Outcome, String> {
         other => return Err(format!("case {:?}: unknown arith fn {other:?}", case.name)),
     };
     Ok(outputs([("out", Array::F32(out))]))
+}
+
+fn u32s<'a>(case: &'a Case, key: &str) -> Result<&'a [u32], String> {
+    match case.input(key)? {
+        Array::U32(v) => Ok(v),
+        _ => Err(format!("case {:?}: input {key:?} is not u32", case.name)),
+    }
+}
+
+/// SPEC.md §2.2: raw Threefry-2x32-20 blocks, key `(k0, k1)` and counters `(c0[i], c1[i])`.
+fn threefry_op(case: &Case) -> Result<Outcome, String> {
+    let key = u32s(case, "key")?;
+    let (c0, c1) = (u32s(case, "c0")?, u32s(case, "c1")?);
+    if key.len() != 2 || c0.len() != c1.len() {
+        return Err(format!("case {:?}: key must have 2 words and c0, c1 equal lengths", case.name));
+    }
+    let out: Vec<[u32; 2]> = c0.iter().zip(c1).map(|(&a, &b)| rng::threefry2x32_20([key[0], key[1]], [a, b])).collect();
+    Ok(outputs([("x0", Array::U32(out.iter().map(|x| x[0]).collect())), ("x1", Array::U32(out.iter().map(|x| x[1]).collect()))]))
+}
+
+/// SPEC.md §2.1-§2.4: tensor identity, mask key, the draws `u` and keep decisions of
+/// elements `offset .. offset + n` of stream `stream` at step `step`.
+fn mask_op(case: &Case) -> Result<Outcome, String> {
+    let name = case.tensor_name()?;
+    let seed = case.seed.ok_or_else(|| format!("case {:?}: missing seed", case.name))?;
+    let step = u32::try_from(case.step.ok_or_else(|| format!("case {:?}: missing step", case.name))?).map_err(|e| e.to_string())?;
+    let stream = u32::try_from(case.int("stream")?).map_err(|e| e.to_string())?;
+    let offset = case.int("offset")?;
+    let n = case.int("n")? as usize;
+    let keep = match rng::Keep::new(case.f32("p")?) {
+        Ok(k) => k,
+        Err(e) => return Ok(Outcome::Error(e)),
+    };
+    if let Err(e) = rng::check_extent(name, offset, n) {
+        return Ok(Outcome::Error(e));
+    }
+    let t = rng::tensor_id(name);
+    let key = rng::MaskKey::new(seed, t, step);
+    let u: Vec<u32> = (0..n as u64).map(|i| key.uniform((offset + i) as u32, stream)).collect();
+    let kept: Vec<bool> = u.iter().map(|&x| keep.keeps(x)).collect();
+    Ok(outputs([
+        ("tensor_id", Array::U32(vec![t])),
+        ("key", Array::U32(key.0.to_vec())),
+        ("u", Array::U32(u)),
+        ("keep", Array::Bool(kept)),
+    ]))
+}
+
+/// SPEC.md §3: the fixed-tree sum and the L1 norm of `x`.
+fn tree_sum_op(case: &Case) -> Result<Outcome, String> {
+    let x = case.f32s("x")?;
+    Ok(outputs([("sum", Array::F32(vec![reduce::tree_sum(x)])), ("l1", Array::F32(vec![reduce::l1_norm(x)]))]))
+}
+
+/// SPEC.md §4: `k = ⌈p·n⌉`, the threshold `(T, c)` over every input concatenated in
+/// bytewise name order (one input: per-tensor scope; several: global scope), and
+/// each input's keep mask `keep.<name>`.
+fn topk_op(case: &Case) -> Result<Outcome, String> {
+    let mut tensors: Vec<(&str, &[f32])> = Vec::new();
+    for name in case.inputs.keys() {
+        tensors.push((name, case.f32s(name)?));
+    }
+    let n: u64 = tensors.iter().map(|(_, t)| t.len() as u64).sum();
+    let k = match topk::keep_count("p", case.f32("p")?, n) {
+        Ok(k) => k,
+        Err(e) => return Ok(Outcome::Error(e)),
+    };
+    let slices: Vec<&[f32]> = tensors.iter().map(|(_, t)| *t).collect();
+    let th = match topk::select(case.word("scope")?, &slices, k) {
+        Ok(t) => t,
+        Err(e) => return Ok(Outcome::Error(e)),
+    };
+    let cutoff = u32::try_from(th.cutoff).map_err(|_| format!("case {:?}: cutoff {} needs more than 32 bits", case.name, th.cutoff))?;
+    let mut outs: Vec<(String, Array)> = vec![
+        ("k".into(), Array::U32(vec![k as u32])),
+        ("T".into(), Array::U32(vec![th.key])),
+        ("c".into(), Array::U32(vec![cutoff])),
+    ];
+    let mut offset = 0u64;
+    for (name, t) in &tensors {
+        let keep = t.iter().enumerate().map(|(i, &x)| th.keeps(topk::magnitude_key(x), offset + i as u64)).collect();
+        outs.push((format!("keep.{name}"), Array::Bool(keep)));
+        offset += t.len() as u64;
+    }
+    Ok(Outcome::Outputs(outs.into_iter().collect()))
+}
+
+/// The optimizer configuration a case describes (SPEC.md §5).
+fn online_config(case: &Case) -> Result<OnlineConfig, String> {
+    let form = match case.word("form")? {
+        "torch" => AdamForm::Torch,
+        "hf" => AdamForm::HuggingFace,
+        other => return Err(format!("case {:?}: unknown AdamW form {other:?}", case.name)),
+    };
+    let schedule = match case.word("schedule")? {
+        "constant" => Schedule::Constant,
+        "warmup_cosine" => Schedule::WarmupCosine { warmup: case.int("warmup")?, total: case.int("total")? },
+        other => return Err(format!("case {:?}: unknown schedule {other:?}", case.name)),
+    };
+    let adam = AdamConfig {
+        form,
+        lr: case.f64("lr")?,
+        beta1: case.f64("beta1")?,
+        beta2: case.f64("beta2")?,
+        eps: case.f64("eps")?,
+        weight_decay: case.f64("weight_decay")?,
+        schedule,
+    };
+    let merge = match case.word("merge")? {
+        "none" => Merge::None,
+        "dare" => Merge::Dare(DareConfig {
+            variant: match case.word("variant")? {
+                "reference" => DareVariant::Reference,
+                "paper" => DareVariant::Paper,
+                other => return Err(format!("case {:?}: unknown OnDARE variant {other:?}", case.name)),
+            },
+            p: case.f64("p")?,
+            alpha: case.f64("alpha")?,
+            rescale: case.flag("rescale")?,
+            clip: case.f64("clip")?,
+        }),
+        other => return Err(format!("case {:?}: unknown merge {other:?}", case.name)),
+    };
+    let k = u32::try_from(case.int("k")?).map_err(|e| format!("case {:?}: k: {e}", case.name))?;
+    Ok(OnlineConfig { adam, merge, k, seed: case.seed.ok_or_else(|| format!("case {:?}: missing seed", case.name))? })
+}
+
+fn src<'a>(case: &Case, a: &'a Array, what: &str) -> Result<Src<'a>, String> {
+    match a {
+        Array::F32(v) => Ok(Src::F32(v)),
+        Array::Bf16(v) => Ok(Src::Bf16(v)),
+        Array::F16(v) => Ok(Src::F16(v)),
+        _ => Err(format!("case {:?}: {what} must be f32, bf16 or f16", case.name)),
+    }
+}
+
+/// SPEC.md §5: a short run of one tensor. The task vector `τ'` is computed once from
+/// `base` and `sft` and stored as `tau_dtype`; then steps 1..=S apply the gradients
+/// `grad.1` .. `grad.S` to `theta`, `m`, `v` (and `Δ_c` for step-K). Outputs are the
+/// final state, `τ'`, and every step's binary32 scalars (`scalar.<name>`, one per step).
+fn optimizer_op(case: &Case) -> Result<Outcome, String> {
+    let name = case.tensor_name()?;
+    let config = online_config(case)?;
+    let mut theta = case.f32s("theta")?.to_vec();
+    let mut m = case.f32s("m")?.to_vec();
+    let mut v = case.f32s("v")?.to_vec();
+    let n = theta.len();
+    let mut grads = Vec::new();
+    while let Some(g) = case.inputs.get(&format!("grad.{}", grads.len() + 1)) {
+        match g {
+            Array::F32(g) => grads.push(g.as_slice()),
+            _ => return Err(format!("case {:?}: grad.{} must be f32", case.name, grads.len() + 1)),
+        }
+    }
+    let mut opt = match Optimizer::new(config) {
+        Ok(o) => o,
+        Err(e) => return Ok(Outcome::Error(e)),
+    };
+    let mut outs: Vec<(String, Array)> = Vec::new();
+    let tau_dtype = case.word("tau_dtype")?;
+    let (mut tau32, mut tau16) = (vec![0f32; n], vec![0u16; n]);
+    let has_tau = !matches!(config.merge, Merge::None);
+    if has_tau {
+        let base = src(case, case.input("base")?, "base")?;
+        let sft = src(case, case.input("sft")?, "sft")?;
+        let mut dst = match tau_dtype {
+            "f32" => Dst::F32(&mut tau32),
+            "bf16" => Dst::Bf16(&mut tau16),
+            "f16" => Dst::F16(&mut tau16),
+            other => return Err(format!("case {:?}: unknown tau_dtype {other:?}", case.name)),
+        };
+        if let Err(e) = opt.init_task_vector(name, base, sft, &mut dst) {
+            return Ok(Outcome::Error(e));
+        }
+        outs.push((
+            "tau".into(),
+            match tau_dtype {
+                "f32" => Array::F32(tau32.clone()),
+                "bf16" => Array::Bf16(tau16.clone()),
+                _ => Array::F16(tau16.clone()),
+            },
+        ));
+    }
+    let tau = match tau_dtype {
+        "f32" => Src::F32(&tau32),
+        "bf16" => Src::Bf16(&tau16),
+        _ => Src::F16(&tau16),
+    };
+    let mut cached = if opt.needs_cached_delta() { Some(vec![0f32; n]) } else { None };
+    let mut scalars: Vec<(&str, Vec<f32>)> = ["lr", "one_minus_beta1", "one_minus_beta2", "beta1", "beta2", "eps", "neg_step_size", "bc2_sqrt", "decay_before", "decay_after"]
+        .into_iter()
+        .map(|s| (s, Vec::new()))
+        .collect();
+    for g in grads {
+        let plan = match opt.begin_step() {
+            Ok(p) => p,
+            Err(e) => return Ok(Outcome::Error(e)),
+        };
+        let sc = plan.scalars();
+        for (key, vals) in scalars.iter_mut() {
+            vals.push(match *key {
+                "lr" => sc.lr,
+                "one_minus_beta1" => sc.one_minus_beta1,
+                "one_minus_beta2" => sc.one_minus_beta2,
+                "beta1" => sc.beta1,
+                "beta2" => sc.beta2,
+                "eps" => sc.eps,
+                "neg_step_size" => sc.neg_step_size,
+                "bc2_sqrt" => sc.bc2_sqrt,
+                "decay_before" => sc.decay_before,
+                _ => sc.decay_after,
+            });
+        }
+        let state = TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: cached.as_deref_mut(), tau };
+        if let Err(e) = plan.step_tensor(name, g, state) {
+            return Ok(Outcome::Error(e));
+        }
+    }
+    outs.push(("theta".into(), Array::F32(theta)));
+    outs.push(("m".into(), Array::F32(m)));
+    outs.push(("v".into(), Array::F32(v)));
+    if let Some(c) = cached {
+        outs.push(("cached".into(), Array::F32(c)));
+    }
+    outs.extend(scalars.into_iter().map(|(k, v)| (format!("scalar.{k}"), Array::F32(v))));
+    Ok(Outcome::Outputs(outs.into_iter().collect()))
+}
+
+/// SPEC.md §7: binary32 values stored as `dtype` (round to nearest even); the first
+/// value that cannot be stored fails the whole tensor.
+fn store_op(case: &Case) -> Result<Outcome, String> {
+    let name = case.tensor_name()?;
+    let x = case.f32s("x")?;
+    let (mut out32, mut out16) = (vec![0f32; x.len()], vec![0u16; x.len()]);
+    let dt = case.word("dtype")?;
+    let (mut dst, dtype) = match dt {
+        "f32" => (Dst::F32(&mut out32), dtype::Dtype::F32),
+        "bf16" => (Dst::Bf16(&mut out16), dtype::Dtype::Bf16),
+        "f16" => (Dst::F16(&mut out16), dtype::Dtype::F16),
+        other => return Err(format!("case {:?}: unknown dtype {other:?}", case.name)),
+    };
+    for (i, &v) in x.iter().enumerate() {
+        if let Err(e) = dst.store(i, v) {
+            return Ok(Outcome::Error(dtype::store_error(name, "value", i as u64, e, dtype)));
+        }
+    }
+    Ok(outputs([(
+        "stored",
+        match dt {
+            "f32" => Array::F32(out32),
+            "bf16" => Array::Bf16(out16),
+            _ => Array::F16(out16),
+        },
+    )]))
+}
+
+/// SPEC.md §7: stored values loaded into binary32 (exact), then flushed (§1.3).
+fn load_op(case: &Case) -> Result<Outcome, String> {
+    let h = case.input("h")?;
+    let s = src(case, h, "h")?;
+    let mut out = vec![0f32; s.len()];
+    s.load_into(0, &mut out);
+    Ok(outputs([("x", Array::F32(out))]))
 }
