@@ -4,5 +4,6 @@
 
 pub mod data;
 pub mod demo;
+pub mod hf;
 pub mod model;
 pub mod params;
