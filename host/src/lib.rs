@@ -7,3 +7,4 @@ pub mod demo;
 pub mod hf;
 pub mod model;
 pub mod params;
+pub mod train;

@@ -1,0 +1,484 @@
+//! The step loop, independent of what is being trained: an [`Objective`] turns
+//! parameters and example indices into gradients and statistics; the loop handles
+//! data order, gradient accumulation, the optimizer, evaluation, metrics and
+//! checkpoints.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::checkpoint::{self, Checkpoint, TrainerState};
+use super::metrics::{MetricsLog, Record};
+use super::optim::Optimizer;
+use super::order::DataOrder;
+use super::{Result, TrainError};
+use crate::params::ParamSet;
+
+/// Sums over examples of the preference statistics TRL logs (divided by the count
+/// when logged).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PrefSums {
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    /// Examples whose chosen reward exceeds the rejected one.
+    pub correct: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+}
+
+/// Statistics of a batch: sums over its `count` examples.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Stats {
+    pub count: usize,
+    pub loss_sum: f64,
+    pub pref: Option<PrefSums>,
+}
+
+impl Stats {
+    pub fn merge(&mut self, o: &Stats) {
+        self.count += o.count;
+        self.loss_sum += o.loss_sum;
+        self.pref = match (self.pref, o.pref) {
+            (Some(a), Some(b)) => Some(PrefSums {
+                rewards_chosen: a.rewards_chosen + b.rewards_chosen,
+                rewards_rejected: a.rewards_rejected + b.rewards_rejected,
+                correct: a.correct + b.correct,
+                logps_chosen: a.logps_chosen + b.logps_chosen,
+                logps_rejected: a.logps_rejected + b.logps_rejected,
+            }),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Fills a metrics record's loss and TRL preference fields with the means.
+    pub fn to_record(&self, step: u64, split: &str) -> Record {
+        let n = self.count.max(1) as f64;
+        let mut r = Record { step, split: split.to_string(), loss: self.loss_sum / n, ..Default::default() };
+        if let Some(p) = self.pref {
+            r.rewards_chosen = Some(p.rewards_chosen / n);
+            r.rewards_rejected = Some(p.rewards_rejected / n);
+            r.rewards_accuracies = Some(p.correct / n);
+            r.rewards_margins = Some((p.rewards_chosen - p.rewards_rejected) / n);
+            r.logps_chosen = Some(p.logps_chosen / n);
+            r.logps_rejected = Some(p.logps_rejected / n);
+        }
+        r
+    }
+}
+
+/// What is being trained (language modelling, DPO, ...).
+pub trait Objective {
+    /// Number of training examples (one epoch).
+    fn num_examples(&self) -> usize;
+    /// Gradient of the mean loss over `examples` at `params` (same names and shapes
+    /// as `params`), and the batch's statistics.
+    fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)>;
+    /// Statistics on held-out data, if the objective has any.
+    fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>>;
+}
+
+/// Writes the policy as a model directory for a checkpoint (the HF writer).
+pub type ModelWriter<'a> = &'a dyn Fn(&ParamSet, &std::path::Path) -> Result<()>;
+
+/// The loop's settings.
+pub struct LoopSpec {
+    /// Optimizer steps in the whole run (including steps done before a resume).
+    pub steps: u64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub data_seed: u64,
+    /// Evaluate every N steps (0: never).
+    pub eval_every: u64,
+    /// Checkpoint every N steps (0: only at the end).
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub checkpoint_root: Option<PathBuf>,
+    /// The task's settings, recorded in checkpoints and compared on resume.
+    pub run_config: serde_json::Value,
+    /// Show a progress bar (it hides itself anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl LoopSpec {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, v: &dyn std::fmt::Display, want: &str| Err(TrainError::msg(format!("{flag} = {v}: expected {want}")));
+        if self.steps == 0 {
+            return bad("--steps", &self.steps, "an integer >= 1");
+        }
+        if self.batch_size == 0 {
+            return bad("--batch-size", &self.batch_size, "an integer >= 1");
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum", &self.grad_accum, "an integer >= 1");
+        }
+        Ok(())
+    }
+
+    fn examples_per_step(&self) -> u64 {
+        (self.batch_size * self.grad_accum) as u64
+    }
+}
+
+/// Where a run starts: fresh, or from a checkpoint's trainer state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Start {
+    pub step: u64,
+    pub data_position: u64,
+}
+
+/// Checks a checkpoint against the current run before resuming from it; the error
+/// lists every differing setting.
+pub fn check_resume(state: &TrainerState, opt_cfg: &super::config::OptimConfig, spec: &LoopSpec) -> Result<()> {
+    let mut diffs = opt_cfg.differing_fields(&state.optim);
+    if state.run != spec.run_config {
+        diffs.push(format!("run settings: saved {}, given {}", state.run, spec.run_config));
+    }
+    if state.data_position != state.step * spec.examples_per_step() {
+        diffs.push(format!(
+            "data position {} is not step {} x {} examples per step (--batch-size x --grad-accum)",
+            state.data_position,
+            state.step,
+            spec.examples_per_step()
+        ));
+    }
+    if state.step > spec.steps {
+        diffs.push(format!("checkpoint is at step {}, beyond --steps {}", state.step, spec.steps));
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(TrainError::msg(format!("cannot resume: the checkpoint was written by a different run:\n  {}", diffs.join("\n  "))))
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn grad_norm(g: &ParamSet) -> f64 {
+    g.tensors.iter().flat_map(|t| t.data.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+}
+
+/// `acc += g` element-wise (same layout), in a fixed order so accumulation is
+/// reproducible.
+fn add_into(acc: &mut ParamSet, g: &ParamSet) -> Result<()> {
+    if acc.tensors.len() != g.tensors.len() {
+        return Err(TrainError::msg(format!("gradient has {} tensors, parameters have {}", g.tensors.len(), acc.tensors.len())));
+    }
+    for (a, b) in acc.tensors.iter_mut().zip(&g.tensors) {
+        if a.name != b.name || a.data.len() != b.data.len() {
+            return Err(TrainError::msg(format!(
+                "gradient tensor `{}` ({} elements) does not match parameter `{}` ({} elements)",
+                b.name,
+                b.data.len(),
+                a.name,
+                a.data.len()
+            )));
+        }
+        for (x, y) in a.data.iter_mut().zip(&b.data) {
+            *x += *y;
+        }
+    }
+    Ok(())
+}
+
+/// Runs steps `start.step + 1 ..= spec.steps`. Returns the final master weights.
+pub fn train(
+    spec: &LoopSpec,
+    objective: &mut dyn Objective,
+    opt: &mut Optimizer,
+    start: Start,
+    log: &mut MetricsLog,
+    model_writer: Option<ModelWriter<'_>>,
+) -> Result<ParamSet> {
+    spec.validate()?;
+    let n = objective.num_examples();
+    if n == 0 {
+        return Err(TrainError::msg("the training data has no examples"));
+    }
+    let mut order = DataOrder::new(spec.data_seed, n);
+    let mut position = start.data_position;
+    let bar = if spec.progress { ProgressBar::new(spec.steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} steps {elapsed}<{eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("training");
+    bar.set_position(start.step);
+    let inv_accum = 1.0 / spec.grad_accum as f32;
+
+    for step in start.step + 1..=spec.steps {
+        let t_model = Instant::now();
+        let mut grads: Option<ParamSet> = None;
+        let mut stats = Stats::default();
+        for _ in 0..spec.grad_accum {
+            let examples = order.take(position, spec.batch_size);
+            position += spec.batch_size as u64;
+            let (g, st) = objective.gradient(opt.params(), &examples)?;
+            stats.merge(&st);
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => add_into(acc, &g)?,
+            }
+        }
+        let mut grads = grads.expect("grad_accum >= 1");
+        if spec.grad_accum > 1 {
+            for t in &mut grads.tensors {
+                for x in &mut t.data {
+                    *x *= inv_accum;
+                }
+            }
+        }
+        let model_ms = ms(t_model);
+        let gnorm = grad_norm(&grads);
+        let report = opt.step(&grads)?;
+
+        let mut rec = stats.to_record(step, "train");
+        rec.grad_norm = Some(gnorm);
+        rec.learning_rate = Some(f64::from(report.learning_rate));
+        rec.model_ms = Some(model_ms);
+        rec.optimizer_ms = Some(report.optimizer_ms);
+        rec.cross_check_ms = Some(report.cross_check_ms);
+        log.log(&rec)?;
+        bar.set_position(step);
+        bar.set_message(format!("loss {:.4}", rec.loss));
+
+        if spec.eval_every > 0 && step % spec.eval_every == 0 {
+            if let Some(ev) = objective.evaluate(opt.params())? {
+                log.log(&ev.to_record(step, "eval"))?;
+            }
+        }
+        let due = step == spec.steps || (spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0);
+        if due {
+            if let Some(root) = &spec.checkpoint_root {
+                let ckpt = Checkpoint {
+                    state: TrainerState {
+                        format: checkpoint::FORMAT,
+                        step,
+                        data_position: position,
+                        optim: opt.config().clone(),
+                        run: spec.run_config.clone(),
+                        weights_hash: String::new(),
+                    },
+                    params: opt.params().clone(),
+                    optim_state: opt.export_state()?,
+                };
+                let params = opt.params();
+                let writer = model_writer.map(|w| move |dir: &std::path::Path| w(params, dir));
+                checkpoint::write(root, &ckpt, writer.as_ref().map(|w| w as &dyn Fn(&std::path::Path) -> Result<()>))?;
+                checkpoint::prune(root, spec.keep_checkpoints)?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(opt.params().clone())
+}
+
+/// Loads the checkpoint `LATEST` names under `root`, checks it against this run, and
+/// restores the optimizer from it. Returns where to continue.
+pub fn resume(root: &std::path::Path, opt: &mut Optimizer, spec: &LoopSpec) -> Result<Start> {
+    let dir = checkpoint::latest_dir(root)?
+        .ok_or_else(|| TrainError::msg(format!("--resume: no checkpoint under {} (no LATEST file)", root.display())))?;
+    let ckpt = checkpoint::load(&dir)?;
+    check_resume(&ckpt.state, opt.config(), spec)?;
+    opt.restore(ckpt.state.step, ckpt.params, ckpt.optim_state)?;
+    Ok(Start { step: ckpt.state.step, data_position: ckpt.state.data_position })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Tensor;
+    use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
+    use crate::train::metrics;
+
+    /// `loss = ½‖θ − target(example)‖²` summed over tensors: gradients that depend on
+    /// the parameters and on which examples a batch holds, so data order and weights
+    /// both shape the result.
+    struct Quadratic {
+        n: usize,
+    }
+
+    impl Objective for Quadratic {
+        fn num_examples(&self) -> usize {
+            self.n
+        }
+
+        fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
+            let mut g = params.zeros_like();
+            let mut loss = 0.0f64;
+            for &e in examples {
+                for (gt, pt) in g.tensors.iter_mut().zip(&params.tensors) {
+                    for (j, (gx, px)) in gt.data.iter_mut().zip(&pt.data).enumerate() {
+                        let target = ((e * 7 + j * 3) % 11) as f32 * 0.1 - 0.5;
+                        let d = *px - target;
+                        *gx += d / examples.len() as f32;
+                        loss += 0.5 * f64::from(d) * f64::from(d);
+                    }
+                }
+            }
+            Ok((g, Stats { count: examples.len(), loss_sum: loss, pref: None }))
+        }
+
+        fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
+            let (_, st) = self.gradient(params, &[0, 1])?;
+            Ok(Some(st))
+        }
+    }
+
+    fn params() -> ParamSet {
+        ParamSet::new(vec![
+            Tensor { name: "w".into(), shape: vec![3, 5], data: (0..15).map(|i| i as f32 * 0.05 - 0.3).collect() },
+            Tensor { name: "b".into(), shape: vec![4], data: vec![0.1, -0.2, 0.3, 0.0] },
+        ])
+    }
+
+    fn cfg(algorithm: Algorithm, k: u32) -> OptimConfig {
+        OptimConfig {
+            algorithm,
+            adam_form: AdamForm::Hf,
+            variant: Variant::Reference,
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            p: 0.5,
+            alpha: 0.3,
+            k,
+            seed: 5,
+            rescale: false,
+            clip: 1.0,
+            scope: Scope::PerTensor,
+            schedule: ScheduleKind::WarmupCosine,
+            warmup_steps: 2,
+            total_steps: 8,
+        }
+    }
+
+    fn spec(root: &std::path::Path, steps: u64) -> LoopSpec {
+        LoopSpec {
+            steps,
+            batch_size: 3,
+            grad_accum: 2,
+            data_seed: 11,
+            eval_every: 2,
+            checkpoint_every: 3,
+            keep_checkpoints: 2,
+            checkpoint_root: Some(root.join("checkpoints")),
+            run_config: serde_json::json!({"task": "quadratic"}),
+            progress: false,
+        }
+    }
+
+    fn optimizer(c: &OptimConfig) -> Optimizer {
+        let base = params();
+        let mut sft = params();
+        for t in &mut sft.tensors {
+            for (j, x) in t.data.iter_mut().enumerate() {
+                *x += (j as f32 - 2.0) * 0.01;
+            }
+        }
+        Optimizer::new(c.clone(), sft.clone(), Some((&base, &sft))).unwrap()
+    }
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("host-run-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    /// Stops after `stop` steps (as a kill after the checkpoint of that step would),
+    /// resumes in a fresh optimizer, and compares the final weights and logged losses
+    /// with an uninterrupted run.
+    fn resume_matches_uninterrupted(algorithm: Algorithm, k: u32, stop: u64) {
+        let c = cfg(algorithm, k);
+        let a = tmp(&format!("a{algorithm:?}{k}{stop}"));
+        let mut log = MetricsLog::create(&a.join("m.jsonl")).unwrap();
+        let mut opt = optimizer(&c);
+        let whole = train(&spec(&a, 8), &mut Quadratic { n: 10 }, &mut opt, Start { step: 0, data_position: 0 }, &mut log, None)
+            .unwrap();
+        assert_eq!(opt.steps(), 8);
+
+        let b = tmp(&format!("b{algorithm:?}{k}{stop}"));
+        let mut first = spec(&b, 8);
+        first.steps = stop;
+        let mut log = MetricsLog::create(&b.join("m.jsonl")).unwrap();
+        let mut opt = optimizer(&c);
+        // Stopping at `stop` writes its checkpoint (the loop checkpoints at its last step).
+        train(&first, &mut Quadratic { n: 10 }, &mut opt, Start { step: 0, data_position: 0 }, &mut log, None).unwrap();
+        let s = spec(&b, 8);
+        let mut opt = optimizer(&c);
+        let start = resume(s.checkpoint_root.as_ref().unwrap(), &mut opt, &s).unwrap();
+        assert_eq!(start.step, stop);
+        let mut log = MetricsLog::resume(&b.join("m.jsonl"), start.step).unwrap();
+        let resumed = train(&s, &mut Quadratic { n: 10 }, &mut opt, start, &mut log, None).unwrap();
+        assert_eq!(crate::train::weights_hash(&resumed), crate::train::weights_hash(&whole), "{algorithm:?} k={k}");
+        assert_ne!(crate::train::weights_hash(&whole), crate::train::weights_hash(&optimizer(&c).params().clone()));
+        let la: Vec<_> = metrics::read(&a.join("m.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split, r.loss.to_bits())).collect();
+        let lb: Vec<_> = metrics::read(&b.join("m.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split, r.loss.to_bits())).collect();
+        assert_eq!(la, lb);
+        std::fs::remove_dir_all(&a).unwrap();
+        std::fs::remove_dir_all(&b).unwrap();
+    }
+
+    #[test]
+    fn resume_is_bit_identical_adamw() {
+        resume_matches_uninterrupted(Algorithm::Adamw, 1, 3);
+    }
+
+    #[test]
+    fn resume_is_bit_identical_ondare_step_k() {
+        // Stop between merge steps, so Δ_c is non-zero in the checkpoint.
+        resume_matches_uninterrupted(Algorithm::Ondare, 3, 4);
+        resume_matches_uninterrupted(Algorithm::Ondare, 1, 5);
+    }
+
+    #[test]
+    fn resume_refuses_changed_hyperparameters_and_models() {
+        let root = tmp("mismatch");
+        let c = cfg(Algorithm::Ondare, 1);
+        let mut s = spec(&root, 8);
+        s.steps = 2;
+        let mut log = MetricsLog::create(&root.join("m.jsonl")).unwrap();
+        train(&s, &mut Quadratic { n: 10 }, &mut optimizer(&c), Start { step: 0, data_position: 0 }, &mut log, None).unwrap();
+        let s = spec(&root, 8);
+        let ckroot = s.checkpoint_root.clone().unwrap();
+        let mut other = cfg(Algorithm::Ondare, 1);
+        other.alpha = 0.4;
+        let err = resume(&ckroot, &mut optimizer(&other), &s).unwrap_err().to_string();
+        assert!(err.contains("alpha: saved 0.3"), "{err}");
+        let mut bigger = spec(&root, 8);
+        bigger.batch_size = 4;
+        let err = resume(&ckroot, &mut optimizer(&c), &bigger).unwrap_err().to_string();
+        assert!(err.contains("--batch-size"), "{err}");
+        // Same hyperparameters, different base model: τ' differs.
+        let base = params();
+        let err = match Optimizer::new(c.clone(), base.clone(), Some((&base, &params()))) {
+            Ok(mut o) => resume(&ckroot, &mut o, &s).unwrap_err().to_string(),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(err.contains("task vector differs"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn non_finite_gradient_names_tensor_and_changes_nothing() {
+        let c = cfg(Algorithm::Ondare, 1);
+        let mut opt = optimizer(&c);
+        let before = opt.params().clone();
+        let mut g = before.zeros_like();
+        g.tensors[1].data[7] = f32::NAN;
+        let err = opt.step(&g).unwrap_err().to_string();
+        assert!(err.contains("tensor `w`") && err.contains("element 7"), "{err}");
+        assert_eq!(opt.params(), &before);
+        assert_eq!(opt.steps(), 0);
+        let mut short = before.zeros_like();
+        short.tensors[0].data.pop();
+        short.tensors[0].shape = vec![3];
+        let err = opt.step(&short).unwrap_err().to_string();
+        assert!(err.contains("tensor `b`") && err.contains("shape"), "{err}");
+    }
+}
