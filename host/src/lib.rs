@@ -5,6 +5,7 @@
 pub mod data;
 pub mod demo;
 pub mod hf;
+pub mod loss;
 pub mod model;
 pub mod params;
 pub mod train;
