@@ -5,6 +5,7 @@ use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{self, Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::offline::{self, Gta, ModelParams, Sparsify};
 use merge_core::{arith, reduce, rng, topk};
 
 use crate::{Array, Case, Outcome};
@@ -26,6 +27,7 @@ pub fn evaluate(case: &Case) -> Result<Outcome, String> {
         "optimizer" => optimizer_op(case),
         "store" => store_op(case),
         "load" => load_op(case),
+        "offline" => offline_op(case),
         other => Err(format!("case {:?}: unknown op {other:?}", case.name)),
     }
 }
@@ -317,4 +319,90 @@ fn load_op(case: &Case) -> Result<Outcome, String> {
     let mut out = vec![0f32; s.len()];
     s.load_into(0, &mut out);
     Ok(outputs([("x", Array::F32(out))]))
+}
+
+/// A list of binary64 hyperparameters (`{"f64": hex}` each).
+fn f64_list(case: &Case, key: &str) -> Result<Vec<f64>, String> {
+    let list = case.params.get(key).and_then(serde_json::Value::as_array).ok_or_else(|| format!("case {:?}: missing list param {key:?}", case.name))?;
+    list.iter()
+        .map(|v| {
+            let hex = v.get("f64").and_then(serde_json::Value::as_str).ok_or_else(|| format!("case {:?}: {key:?} holds a non-f64", case.name))?;
+            u64::from_str_radix(hex, 16).map(f64::from_bits).map_err(|e| format!("case {:?}: {key:?}: {e}", case.name))
+        })
+        .collect()
+}
+
+/// SPEC.md §6: one tensor merged offline. Models are the inputs `model.0`, `model.1`,
+/// ...; `method` is linear, interpolate (SFT = model.0, RLHF = model.1), slerp
+/// (a = model.0, b = model.1) or gta (base = `base`, per-tensor trimming).
+fn offline_op(case: &Case) -> Result<Outcome, String> {
+    let name = case.tensor_name()?;
+    let mut models = Vec::new();
+    while let Some(a) = case.inputs.get(&format!("model.{}", models.len())) {
+        models.push(src(case, a, "model")?);
+    }
+    let n = models.first().map(|m| m.len()).ok_or_else(|| format!("case {:?}: no model.0", case.name))?;
+    let out_dtype = case.word("out_dtype")?;
+    let (mut out32, mut out16) = (vec![0f32; n], vec![0u16; n]);
+    let mut dst = match out_dtype {
+        "f32" => Dst::F32(&mut out32),
+        "bf16" => Dst::Bf16(&mut out16),
+        "f16" => Dst::F16(&mut out16),
+        other => return Err(format!("case {:?}: unknown out_dtype {other:?}", case.name)),
+    };
+    let mut extra: Vec<(String, Array)> = Vec::new();
+    let result = match case.word("method")? {
+        "linear" => offline::linear(name, 0, &models, &f64_list(case, "weights")?, case.flag("normalize")?, &mut dst),
+        "interpolate" => offline::interpolate(name, 0, models[0], models[1], case.f64("weight")?, &mut dst),
+        "slerp" => offline::slerp(name, models[0], models[1], case.f64("t")?, &mut dst).map(|s| {
+            extra.push(("s0".into(), Array::F32(vec![s.s0])));
+            extra.push(("s1".into(), Array::F32(vec![s.s1])));
+            extra.push(("lerp".into(), Array::Bool(vec![s.lerp])));
+        }),
+        "gta" => {
+            let config = Gta {
+                sparsify: match case.word("sparsify")? {
+                    "none" => Sparsify::None,
+                    "magnitude" => Sparsify::Magnitude,
+                    "random" => Sparsify::Random,
+                    other => return Err(format!("case {:?}: unknown sparsify {other:?}", case.name)),
+                },
+                consensus: case.flag("consensus")?,
+                normalize: case.flag("normalize")?,
+                lambda: case.f64("lambda")?,
+            };
+            let base = src(case, case.input("base")?, "base")?;
+            let weights = f64_list(case, "weights")?;
+            let densities = f64_list(case, "densities")?;
+            let params: Vec<ModelParams> = weights.iter().zip(&densities).map(|(&weight, &density)| ModelParams { weight, density }).collect();
+            let seed = case.seed.ok_or_else(|| format!("case {:?}: missing seed", case.name))?;
+            let mut thresholds = Vec::new();
+            let mut failed = None;
+            if config.sparsify == Sparsify::Magnitude {
+                for (m, p) in models.iter().zip(&params) {
+                    match offline::task_vector_threshold(name, p.density, &[base], &[*m]) {
+                        Ok(t) => thresholds.push(t),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => offline::GtaPlan::new(&config, name, seed, &params, &thresholds, 0).and_then(|plan| plan.apply(name, 0, base, &models, &mut dst)),
+            }
+        }
+        other => return Err(format!("case {:?}: unknown method {other:?}", case.name)),
+    };
+    if let Err(e) = result {
+        return Ok(Outcome::Error(e));
+    }
+    let merged = match out_dtype {
+        "f32" => Array::F32(out32),
+        "bf16" => Array::Bf16(out16),
+        _ => Array::F16(out16),
+    };
+    Ok(Outcome::Outputs(std::iter::once(("merged".to_string(), merged)).chain(extra).collect()))
 }

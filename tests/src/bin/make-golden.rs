@@ -486,6 +486,122 @@ fn dtype_cases() -> Vec<Case> {
     cases
 }
 
+fn offline_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut r = Inputs(7);
+    let n = 160;
+    let base: Vec<f32> = (0..n).map(|_| r.spread(115, 128)).collect();
+    // Three fine-tuned models: base plus deltas of mixed signs; edge deltas at the
+    // front (no change, sign-of-zero and subnormal differences, ties).
+    let models: Vec<Vec<f32>> = (0..3)
+        .map(|m| {
+            let mut x: Vec<f32> = base.iter().map(|&b| b + r.spread(105, 124)).collect();
+            x[0] = base[0];
+            x[1] = -0.0;
+            x[2] = 1e-40;
+            x[3] = base[3] + if m == 1 { -0.5 } else { 0.5 };
+            x
+        })
+        .collect();
+    let f64s = |v: &[f64]| serde_json::Value::Array(v.iter().map(|&x| f64_param(x)).collect());
+    let case = |name: &str, method: &str, k: usize, with_base: bool| {
+        let mut c = Case::new(name, "offline");
+        c.tensor = Some("model.layers.3.mlp.down_proj.weight".into());
+        c.seed = Some(0x5eed);
+        c.params.insert("method".into(), method.into());
+        c.params.insert("out_dtype".into(), "f32".into());
+        for (i, m) in models.iter().take(k).enumerate() {
+            c.inputs.insert(format!("model.{i}"), Array::F32(m.clone()));
+        }
+        if with_base {
+            c.inputs.insert("base".into(), Array::F32(base.clone()));
+        }
+        c
+    };
+    for (tag, w, norm) in [("normalized", [0.5, 0.3, 0.2], true), ("raw", [1.0, -0.5, 0.25], false)] {
+        let mut c = case(&format!("linear_{tag}"), "linear", 3, false);
+        c.params.insert("weights".into(), f64s(&w));
+        c.params.insert("normalize".into(), norm.into());
+        cases.push(c);
+    }
+    for w in [0.0, 0.3, 1.0] {
+        let mut c = case(&format!("interpolate_w{w}"), "interpolate", 2, false);
+        c.params.insert("weight".into(), f64_param(w));
+        cases.push(c);
+    }
+    for t in [0.0, 0.25, 0.5, 1.0] {
+        let mut c = case(&format!("slerp_t{t}"), "slerp", 2, false);
+        c.params.insert("t".into(), f64_param(t));
+        cases.push(c);
+    }
+    // Parallel tensors (b = 2a): |dot| > 0.9995 switches SLERP to linear interpolation.
+    let mut c = case("slerp_parallel", "slerp", 1, false);
+    c.inputs.insert("model.1".into(), Array::F32(models[0].iter().map(|x| x * 2.0).collect()));
+    c.params.insert("t".into(), f64_param(0.4));
+    cases.push(c);
+    let gta = [
+        ("task_arithmetic", "none", false, false, 1.0),
+        ("ties", "magnitude", true, true, 1.0),
+        ("ties_lambda", "magnitude", true, true, 0.7),
+        ("dare_linear", "random", false, false, 1.0),
+        ("dare_ties", "random", true, false, 1.0),
+        ("dare_ties_normalized", "random", true, true, 0.5),
+    ];
+    for (tag, sparsify, consensus, normalize, lambda) in gta {
+        let mut c = case(&format!("gta_{tag}"), "gta", 3, true);
+        c.params.insert("sparsify".into(), sparsify.into());
+        c.params.insert("consensus".into(), consensus.into());
+        c.params.insert("normalize".into(), normalize.into());
+        c.params.insert("lambda".into(), f64_param(lambda));
+        c.params.insert("weights".into(), f64s(&[0.5, 0.3, 0.4]));
+        c.params.insert("densities".into(), f64s(&[0.3, 0.5, 0.9]));
+        cases.push(c);
+    }
+    // bf16 inputs and output.
+    let mut c = case("gta_ties_bf16", "gta", 2, true);
+    for key in ["base", "model.0", "model.1"] {
+        let bits = half_bits(&mut r, n, true);
+        c.inputs.insert(key.into(), Array::Bf16(bits));
+    }
+    c.params.insert("out_dtype".into(), "bf16".into());
+    c.params.insert("sparsify".into(), "magnitude".into());
+    c.params.insert("consensus".into(), true.into());
+    c.params.insert("normalize".into(), true.into());
+    c.params.insert("lambda".into(), f64_param(1.0));
+    c.params.insert("weights".into(), f64s(&[1.0, 1.0]));
+    c.params.insert("densities".into(), f64s(&[0.2, 0.2]));
+    cases.push(c);
+    // Rejected inputs.
+    let mut c = case("rejects_nan_model", "linear", 3, false);
+    if let Some(Array::F32(x)) = c.inputs.get_mut("model.1") {
+        x[77] = f32::NAN;
+    }
+    c.params.insert("weights".into(), f64s(&[0.5, 0.3, 0.2]));
+    c.params.insert("normalize".into(), true.into());
+    cases.push(c);
+    let mut c = case("rejects_zero_weight_sum", "linear", 2, false);
+    c.params.insert("weights".into(), f64s(&[0.5, -0.5]));
+    c.params.insert("normalize".into(), true.into());
+    cases.push(c);
+    let mut c = case("rejects_interpolation_weight", "interpolate", 2, false);
+    c.params.insert("weight".into(), f64_param(1.5));
+    cases.push(c);
+    let mut c = case("rejects_f16_overflow", "linear", 2, false);
+    c.params.insert("weights".into(), f64s(&[1e5, 1.0]));
+    c.params.insert("normalize".into(), false.into());
+    c.params.insert("out_dtype".into(), "f16".into());
+    cases.push(c);
+    let mut c = case("rejects_density_zero", "gta", 2, true);
+    c.params.insert("sparsify".into(), "random".into());
+    c.params.insert("consensus".into(), false.into());
+    c.params.insert("normalize".into(), false.into());
+    c.params.insert("lambda".into(), f64_param(1.0));
+    c.params.insert("weights".into(), f64s(&[1.0, 1.0]));
+    c.params.insert("densities".into(), f64s(&[0.5, 0.0]));
+    cases.push(c);
+    cases
+}
+
 fn main() {
     let dir = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(workspace_tests::golden_dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -495,6 +611,7 @@ fn main() {
         ("tree_sum.json", "SPEC.md §3: the fixed-tree sum and the L1 norm", tree_sum_cases()),
         ("topk.json", "SPEC.md §4: k = ceil(p n), the threshold (T, c) with the tie rule, per tensor and global", topk_cases()),
         ("dtype.json", "SPEC.md §7: bf16 / f16 / f32 storage: round-to-nearest-even stores, overflow refused, exact loads then F", dtype_cases()),
+        ("offline.json", "SPEC.md §6: linear, SFT-RLHF interpolation, SLERP, task arithmetic, TIES, DARE linear, DARE-TIES, rejected inputs", offline_cases()),
         ("optimizer.json", "SPEC.md §5: AdamW (hf, torch), OnDARE (reference, paper), step-K, schedules, task-vector dtypes, rejected inputs", optimizer_cases()),
     ];
     for (name, about, cases) in files {
