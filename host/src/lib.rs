@@ -8,4 +8,5 @@ pub mod hf;
 pub mod loss;
 pub mod model;
 pub mod params;
+pub mod tokenizer;
 pub mod train;

@@ -1,3 +1,4 @@
 //! Training and evaluation data.
 
 pub mod builtin;
+pub mod jsonl;

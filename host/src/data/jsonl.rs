@@ -1,0 +1,271 @@
+//! JSON Lines datasets: TRL's preference format (`prompt`, `chosen`, `rejected`
+//! as strings, or in TRL's conversational form as lists of `{"role", "content"}`
+//! messages), SFT/plain text (`{"text"}` or `{"prompt", "completion"}`), and
+//! token-id preferences (`prompt_ids`, `chosen_ids`, `rejected_ids`) for data
+//! tokenized elsewhere. Blank lines are skipped; every error names the file, the
+//! 1-based line and the field.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::tokenizer::ByteTokenizer;
+
+#[derive(Debug)]
+pub enum DataError {
+    Io { path: PathBuf, source: std::io::Error },
+    Line { path: PathBuf, line: usize, field: Option<String>, reason: String },
+    Empty { path: PathBuf },
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DataError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            DataError::Line { path, line, field: Some(field), reason } => write!(f, "{}:{line}: field `{field}`: {reason}", path.display()),
+            DataError::Line { path, line, field: None, reason } => write!(f, "{}:{line}: {reason}", path.display()),
+            DataError::Empty { path } => write!(f, "{}: no records", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for DataError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DataError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preference {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreferenceIds {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+/// One SFT example; plain `{"text"}` lines have an empty prompt (every token
+/// after the first is trained on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SftExample {
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// Where a record came from, for error messages.
+struct At<'a> {
+    path: &'a Path,
+    line: usize,
+}
+
+impl At<'_> {
+    fn err(&self, field: Option<&str>, reason: impl Into<String>) -> DataError {
+        DataError::Line { path: self.path.to_path_buf(), line: self.line, field: field.map(str::to_string), reason: reason.into() }
+    }
+}
+
+fn read(path: &Path) -> Result<String, DataError> {
+    fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })
+}
+
+/// Parses each non-blank line as a JSON object and hands it to `f`.
+fn parse_lines<T>(path: &Path, text: &str, f: impl Fn(&At, &Map<String, Value>) -> Result<T, DataError>) -> Result<Vec<T>, DataError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = At { path, line: i + 1 };
+        let v: Value = serde_json::from_str(line).map_err(|e| at.err(None, format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| at.err(None, "expected a JSON object"))?;
+        out.push(f(&at, obj)?);
+    }
+    if out.is_empty() {
+        return Err(DataError::Empty { path: path.to_path_buf() });
+    }
+    Ok(out)
+}
+
+fn field<'v>(at: &At, obj: &'v Map<String, Value>, name: &str) -> Result<&'v Value, DataError> {
+    obj.get(name).ok_or_else(|| at.err(Some(name), "missing"))
+}
+
+/// How conversational messages become text for the byte-level tokenizer: each
+/// prompt message as `role: content\n`, then `assistant: ` to cue the answer;
+/// a completion is its messages' contents joined by newlines.
+fn messages(at: &At, name: &str, v: &[Value], as_prompt: bool) -> Result<String, DataError> {
+    let mut parts = Vec::with_capacity(v.len());
+    for (k, m) in v.iter().enumerate() {
+        let get = |key: &str| {
+            m.get(key).and_then(Value::as_str).ok_or_else(|| at.err(Some(&format!("{name}[{k}].{key}")), "missing or not a string"))
+        };
+        let content = get("content")?;
+        parts.push(if as_prompt { format!("{}: {content}\n", get("role")?) } else { content.to_string() });
+    }
+    Ok(if as_prompt { parts.concat() + "assistant: " } else { parts.join("\n") })
+}
+
+fn text_field(at: &At, obj: &Map<String, Value>, name: &str, as_prompt: bool, allow_empty: bool) -> Result<String, DataError> {
+    let s = match field(at, obj, name)? {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => messages(at, name, a, as_prompt)?,
+        other => return Err(at.err(Some(name), format!("expected a string or a list of messages, found {other}"))),
+    };
+    if s.is_empty() && !allow_empty {
+        return Err(at.err(Some(name), "empty"));
+    }
+    Ok(s)
+}
+
+/// TRL preference records; `prompt` may be empty, `chosen`/`rejected` may not.
+pub fn parse_preferences(path: &Path, text: &str) -> Result<Vec<Preference>, DataError> {
+    parse_lines(path, text, |at, obj| {
+        Ok(Preference {
+            prompt: text_field(at, obj, "prompt", true, true)?,
+            chosen: text_field(at, obj, "chosen", false, false)?,
+            rejected: text_field(at, obj, "rejected", false, false)?,
+        })
+    })
+}
+
+pub fn read_preferences(path: &Path) -> Result<Vec<Preference>, DataError> {
+    parse_preferences(path, &read(path)?)
+}
+
+/// `{"text"}` or `{"prompt", "completion"}` records (strings or message lists).
+pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> {
+    parse_lines(path, text, |at, obj| {
+        if obj.contains_key("text") {
+            Ok(SftExample { prompt: String::new(), completion: text_field(at, obj, "text", false, false)? })
+        } else if obj.contains_key("completion") {
+            Ok(SftExample { prompt: text_field(at, obj, "prompt", true, true)?, completion: text_field(at, obj, "completion", false, false)? })
+        } else {
+            Err(at.err(None, "expected a `text` field, or `prompt` and `completion`"))
+        }
+    })
+}
+
+pub fn read_sft(path: &Path) -> Result<Vec<SftExample>, DataError> {
+    parse_sft(path, &read(path)?)
+}
+
+fn ids_field(at: &At, obj: &Map<String, Value>, name: &str, vocab_size: usize, allow_empty: bool) -> Result<Vec<u32>, DataError> {
+    let arr = field(at, obj, name)?.as_array().ok_or_else(|| at.err(Some(name), "expected a list of token ids"))?;
+    let mut ids = Vec::with_capacity(arr.len());
+    for (k, v) in arr.iter().enumerate() {
+        match v.as_u64() {
+            Some(id) if (id as usize) < vocab_size => ids.push(id as u32),
+            Some(id) => return Err(at.err(Some(name), format!("element {k}: token id {id} is outside the vocabulary (vocab_size {vocab_size})"))),
+            None => return Err(at.err(Some(name), format!("element {k}: {v} is not a token id"))),
+        }
+    }
+    if ids.is_empty() && !allow_empty {
+        return Err(at.err(Some(name), "empty"));
+    }
+    Ok(ids)
+}
+
+/// Token-id preference records, each id checked against the model's vocabulary.
+/// The ids are used as given: add BOS/EOS in the file if the model expects them.
+pub fn parse_preference_ids(path: &Path, text: &str, vocab_size: usize) -> Result<Vec<PreferenceIds>, DataError> {
+    parse_lines(path, text, |at, obj| {
+        Ok(PreferenceIds {
+            prompt: ids_field(at, obj, "prompt_ids", vocab_size, true)?,
+            chosen: ids_field(at, obj, "chosen_ids", vocab_size, false)?,
+            rejected: ids_field(at, obj, "rejected_ids", vocab_size, false)?,
+        })
+    })
+}
+
+pub fn read_preference_ids(path: &Path, vocab_size: usize) -> Result<Vec<PreferenceIds>, DataError> {
+    parse_preference_ids(path, &read(path)?, vocab_size)
+}
+
+/// Byte-level tokenization: `BOS prompt` / `chosen EOS` / `rejected EOS`.
+pub fn tokenize_preferences(tok: &ByteTokenizer, prefs: &[Preference]) -> Vec<PreferenceIds> {
+    prefs
+        .iter()
+        .map(|p| PreferenceIds { prompt: tok.encode_prompt(&p.prompt), chosen: tok.encode_completion(&p.chosen), rejected: tok.encode_completion(&p.rejected) })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> &'static Path {
+        Path::new("data/prefs.jsonl")
+    }
+
+    #[test]
+    fn string_and_conversational_preferences() {
+        let text = concat!(
+            r#"{"prompt": "2+2=", "chosen": "4", "rejected": "5", "extra": 1}"#,
+            "\n\n",
+            r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "#,
+            r#""chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go away."}]}"#,
+            "\n"
+        );
+        let r = parse_preferences(p(), text).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], Preference { prompt: "2+2=".into(), chosen: "4".into(), rejected: "5".into() });
+        assert_eq!(r[1].prompt, "system: Be brief.\nuser: Hi\nassistant: ");
+        assert_eq!((r[1].chosen.as_str(), r[1].rejected.as_str()), ("Hello.", "Go away."));
+        let ids = tokenize_preferences(&ByteTokenizer, &r[..1]);
+        assert_eq!(ids[0].prompt, vec![ByteTokenizer::BOS, 50, 43, 50, 61]);
+        assert_eq!(ids[0].chosen, vec![52, ByteTokenizer::EOS]);
+    }
+
+    #[test]
+    fn preference_errors_name_line_and_field() {
+        let cases = [
+            ("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"rejected\": \"c\"}", ":2: field `chosen`: missing"),
+            ("{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}", ":1: field `chosen`: expected a string"),
+            ("{\"prompt\": \"a\", \"chosen\": \"\", \"rejected\": \"c\"}", ":1: field `chosen`: empty"),
+            ("\n\n{\"prompt\": \"a\", \"chosen\": \"b\"", ":3: not valid JSON"),
+            ("[1, 2]", ":1: expected a JSON object"),
+            ("{\"prompt\": [{\"role\": \"user\"}], \"chosen\": \"b\", \"rejected\": \"c\"}", ":1: field `prompt[0].content`"),
+        ];
+        for (text, want) in cases {
+            let e = parse_preferences(p(), text).err().unwrap().to_string();
+            assert!(e.starts_with("data/prefs.jsonl") && e.contains(want), "{e} (wanted {want})");
+        }
+        let e = parse_preferences(p(), "\n  \n").err().unwrap().to_string();
+        assert!(e.contains("no records"), "{e}");
+        let e = read_preferences(Path::new("/nonexistent/prefs.jsonl")).err().unwrap().to_string();
+        assert!(e.contains("/nonexistent/prefs.jsonl"), "{e}");
+    }
+
+    #[test]
+    fn sft_forms() {
+        let text = "{\"text\": \"once upon a time\"}\n{\"prompt\": \"Q: 1+1\", \"completion\": \" 2\"}\n";
+        let r = parse_sft(p(), text).unwrap();
+        assert_eq!(r[0], SftExample { prompt: String::new(), completion: "once upon a time".into() });
+        assert_eq!(r[1], SftExample { prompt: "Q: 1+1".into(), completion: " 2".into() });
+        let e = parse_sft(p(), "{\"text\": \"a\"}\n{\"prompt\": \"x\"}").err().unwrap().to_string();
+        assert!(e.contains(":2:") && e.contains("`text`"), "{e}");
+    }
+
+    #[test]
+    fn token_id_preferences() {
+        let text = "{\"prompt_ids\": [1, 5], \"chosen_ids\": [7, 2], \"rejected_ids\": [9]}\n";
+        let r = parse_preference_ids(p(), text, 10).unwrap();
+        assert_eq!(r[0], PreferenceIds { prompt: vec![1, 5], chosen: vec![7, 2], rejected: vec![9] });
+        let e = parse_preference_ids(p(), text, 9).err().unwrap().to_string();
+        assert!(e.contains(":1: field `rejected_ids`: element 0: token id 9 is outside"), "{e}");
+        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [1.5], \"rejected_ids\": [1]}", 10).err().unwrap().to_string();
+        assert!(e.contains("`chosen_ids`: element 0: 1.5 is not a token id"), "{e}");
+        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [], \"rejected_ids\": [1]}", 10).err().unwrap().to_string();
+        assert!(e.contains("`chosen_ids`: empty"), "{e}");
+    }
+}
