@@ -7,7 +7,9 @@ oracle.py, which was written from SPEC.md alone.
 """
 
 import json
+import math
 import os
+import struct
 import sys
 
 import numpy as np
@@ -75,6 +77,9 @@ class Case:
 
     def f32(self, key):
         return o.from_bits(np.array([int(self.params[key]["f32"], 16)], dtype=np.uint32))[0]
+
+    def f64(self, key):
+        return struct.unpack("<d", int(self.params[key]["f64"], 16).to_bytes(8, "little"))[0]
 
     def word(self, key):
         return self.params[key]
@@ -147,7 +152,154 @@ def op_topk(c):
     return out
 
 
+def hyper32(x):
+    """§6: a binary64 hyperparameter rounded once to binary32, then F; non-finite refused."""
+    y = F32(x)
+    if not math.isfinite(x) or o.non_finite(y):
+        raise Rejected(kind="InvalidHyperparameter")
+    return o.flush(y)
+
+
+def f64_list(c, key):
+    return [struct.unpack("<d", int(v["f64"], 16).to_bytes(8, "little"))[0] for v in c.params[key]]
+
+
+def load_all(c, keys):
+    """Loads inputs as §7 says (converted, then F). The lowest non-finite index over
+    all of them is refused (§1.4)."""
+    xs, worst = [], None
+    for k in keys:
+        x = o.load(c.inputs[k], c.raw["inputs"][k]["dtype"])
+        bad = o.first_non_finite(x)
+        if bad is not None and (worst is None or bad < worst):
+            worst = bad
+        xs.append(x)
+    if worst is not None:
+        raise Rejected(kind="NonFinite", tensor=c.tensor, index=worst)
+    return xs
+
+
+def stored(c, x, dtype):
+    out, err = o.store(x, dtype)
+    if err:
+        raise Rejected(kind=err[0], tensor=c.tensor, index=err[1])
+    return out
+
+
+def op_store(c):
+    return {"stored": stored(c, c.inputs["x"], c.word("dtype"))}
+
+
+def op_load(c):
+    return {"x": o.load(c.inputs["h"], c.raw["inputs"]["h"]["dtype"])}
+
+
+def left_fold(terms):
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = o.add(acc, t)
+    return acc
+
+
+def op_offline(c):
+    models = []
+    while f"model.{len(models)}" in c.inputs:
+        models.append(f"model.{len(models)}")
+    method = c.word("method")
+    extra = {}
+    if method == "linear":
+        w = [hyper32(v) for v in f64_list(c, "weights")]
+        x = load_all(c, models)
+        wsum = left_fold(w)
+        if c.params["normalize"] and wsum == 0:
+            raise Rejected(kind="InvalidHyperparameter")
+        out = left_fold([o.mul(wi, xi) for wi, xi in zip(w, x)])
+        if c.params["normalize"]:
+            out = o.div(out, wsum)
+    elif method == "interpolate":
+        w64 = c.f64("weight")
+        if not 0.0 <= w64 <= 1.0:
+            raise Rejected(kind="InvalidHyperparameter")
+        w = hyper32(w64)
+        sft, rlhf = load_all(c, models[:2])
+        out = o.add(sft, o.mul(w, o.sub(rlhf, sft)))
+    elif method == "slerp":
+        t64 = c.f64("t")
+        if not 0.0 <= t64 <= 1.0:
+            raise Rejected(kind="InvalidHyperparameter")
+        t = hyper32(t64)
+        a, b = load_all(c, models[:2])
+        na, nb = o.sqrt(o.tree_sum(o.mul(a, a))), o.sqrt(o.tree_sum(o.mul(b, b)))
+        if o.non_finite(na) or o.non_finite(nb):
+            raise Rejected(kind="NonFiniteReduction")
+        nu_a = na if float(na) > 1e-8 else F32(1.0)
+        nu_b = nb if float(nb) > 1e-8 else F32(1.0)
+        dot = o.tree_sum(o.mul(o.div(a, nu_a), o.div(b, nu_b)))
+        if o.non_finite(dot):
+            raise Rejected(kind="NonFiniteReduction")
+        if abs(float(dot)) > 0.9995:
+            s0, s1, lerp = o.sub(F32(1.0), t), t, True
+        else:
+            th0 = o.fdlibm_acos(float(dot))
+            sig = o.fdlibm_sin(th0)
+            tht = th0 * float(t)
+            s0 = o.flush(F32(o.fdlibm_sin(th0 - tht) / sig))
+            s1 = o.flush(F32(o.fdlibm_sin(tht) / sig))
+            lerp = False
+        out = o.add(o.mul(s0, a), o.mul(s1, b))
+        extra = {"s0": np.array([s0], F32), "s1": np.array([s1], F32), "lerp": np.array([lerp])}
+    elif method == "gta":
+        out = gta(c, models)
+    else:
+        raise Malformed(f"unknown method {method!r}")
+    return {"merged": stored(c, out, c.word("out_dtype")), **extra}
+
+
+def gta(c, models):
+    """§6.2: generalized task arithmetic (task arithmetic, TIES, DARE linear, DARE-TIES)."""
+    sparsify = c.word("sparsify")
+    lam = hyper32(c.f64("lambda"))
+    weights = [hyper32(v) for v in f64_list(c, "weights")]
+    densities = f64_list(c, "densities")
+    if sparsify != "none":
+        for d in densities:
+            if not valid_fraction(F32(d)) or not 0.0 < d <= 1.0:
+                raise Rejected(kind="InvalidHyperparameter")
+    base, *xs = load_all(c, ["base"] + models)
+    taus = [o.sub(x, base) for x in xs]
+    n = base.size
+    ys = []
+    for i, tau in enumerate(taus):
+        if sparsify == "magnitude":
+            kept = np.where(o.topk_mask(tau, F32(densities[i])), tau, F32(0.0))
+        elif sparsify == "random":
+            p = F32(densities[i])
+            sigma = o.flush(F32(1.0 / float(p)))
+            keep = o.keep_mask(c.seed, o.fnv1a32(c.tensor), 0, 2 + i, p, n)
+            kept = np.where(keep, o.mul(tau, sigma), F32(0.0))
+        else:
+            kept = tau
+        ys.append(o.mul(weights[i], kept))
+    if c.params["consensus"]:
+        total = left_fold(ys)
+        positive = total >= 0
+        agree = [(y != 0) & ((y > 0) == positive) for y in ys]
+        mixed = left_fold([np.where(a, y, F32(0.0)) for a, y in zip(agree, ys)])
+        div = left_fold([np.where(a, w, F32(0.0)).astype(F32) for a, w in zip(agree, weights)])
+        div = np.where(div == 0, F32(1.0), div).astype(F32)
+    else:
+        mixed = left_fold(ys)
+        d = left_fold(weights)
+        div = F32(1.0) if abs(float(d)) < 1e-8 else d
+    if c.params["normalize"]:
+        mixed = o.div(mixed, div)
+    return o.add(base, o.mul(lam, mixed))
+
+
 OPS = {
+    "store": op_store,
+    "load": op_load,
+    "offline": op_offline,
     "arith": op_arith,
     "threefry": op_threefry,
     "mask": op_mask,

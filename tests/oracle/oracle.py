@@ -26,11 +26,11 @@ SIGN_MASK = 0x80000000
 # ---------------------------------------------------------------- §1 arithmetic
 
 def bits(x):
-    return np.ascontiguousarray(x, dtype=F32).view(U32)
+    return np.asarray(x, dtype=F32).view(U32)
 
 
 def from_bits(b):
-    return np.ascontiguousarray(b, dtype=U32).view(F32)
+    return np.asarray(b, dtype=U32).view(F32)
 
 
 def flush(x):
@@ -233,6 +233,67 @@ def fdlibm_cos(x):
     return _kernel_sin(y0, y1, 1)
 
 
+def fdlibm_sin(x):
+    x = float(x)
+    ix = _hi_word(x) & 0x7FFFFFFF
+    if ix <= 0x3FE921FB:  # |x| < π/4
+        if ix < 0x3E500000:  # |x| < 2^-26: sin x rounds to x
+            return x
+        return _kernel_sin(x, 0.0, 0)
+    n, y0, y1 = _rem_pio2(x)
+    q = n & 3
+    if q == 0:
+        return _kernel_sin(y0, y1, 1)
+    if q == 1:
+        return _kernel_cos(y0, y1)
+    if q == 2:
+        return -_kernel_sin(y0, y1, 1)
+    return -_kernel_cos(y0, y1)
+
+
+_PIO2_HI = float.fromhex("0x1.921fb54442d18p+0")
+_PIO2_LO = float.fromhex("0x1.1a62633145c07p-54")
+_PS = [float.fromhex(h) for h in ["0x1.5555555555555p-3", "-0x1.4d61203eb6f7dp-2", "0x1.9c1550e884455p-3",
+                                   "-0x1.48228b5688f3bp-5", "0x1.9efe07501b288p-11", "0x1.23de10dfdf709p-15"]]
+_QS = [float.fromhex(h) for h in ["-0x1.33a271c8a2d4bp+1", "0x1.02ae59c598ac8p+1", "-0x1.6066c1b8d0159p-1",
+                                   "0x1.3b8c5b12e9282p-4"]]
+
+
+def _acos_r(z):
+    p = z * (_PS[0] + z * (_PS[1] + z * (_PS[2] + z * (_PS[3] + z * (_PS[4] + z * _PS[5])))))
+    q = 1.0 + z * (_QS[0] + z * (_QS[1] + z * (_QS[2] + z * _QS[3])))
+    return p / q
+
+
+def fdlibm_acos(x):
+    """fdlibm's e_acos.c (§6.3), for |x| <= 1."""
+    x = float(x)
+    hx = _hi_word(x)
+    ix = hx & 0x7FFFFFFF
+    if ix >= 0x3FF00000:
+        if x == 1.0:
+            return 0.0
+        if x == -1.0:
+            return 2.0 * _PIO2_HI  # + 2^-120 rounds away
+        raise ValueError(f"acos({x})")
+    if ix < 0x3FE00000:  # |x| < 0.5
+        if ix <= 0x3C600000:
+            return _PIO2_HI
+        return _PIO2_HI - (x - (_PIO2_LO - x * _acos_r(x * x)))
+    if hx >> 31:  # x < -0.5
+        z = (1.0 + x) * 0.5
+        s_ = math.sqrt(z)
+        w = _acos_r(z) * s_ - _PIO2_LO
+        return 2.0 * (_PIO2_HI - (s_ + w))
+    z = (1.0 - x) * 0.5
+    s_ = math.sqrt(z)
+    df = np.frombuffer((int.from_bytes(np.float64(s_).tobytes(), "little") & 0xFFFFFFFF00000000).to_bytes(8, "little"), dtype=np.float64)[0]
+    df = float(df)
+    c = (z - df * df) / (s_ + df)
+    w = _acos_r(z) * s_ + c
+    return 2.0 * (df + w)
+
+
 # ------------------------------------------------------------------ §2 the RNG
 
 def fnv1a32(name):
@@ -354,6 +415,53 @@ def topk_mask(x, p):
     return (key > t) | ((key == t) & (idx < c))
 
 
+# ------------------------------------------------------------- §7 storage
+
+def load(h, dtype):
+    """Stored values to binary32 (exact), then F."""
+    if dtype == "f32":
+        return flush(h)
+    if dtype == "bf16":
+        return flush(from_bits(np.asarray(h, dtype=np.uint32) << U32(16)))
+    if dtype == "f16":
+        return flush(np.asarray(h, dtype=np.uint16).view(np.float16).astype(F32))
+    raise ValueError(dtype)
+
+
+def to_bf16(x):
+    """Round to nearest, ties to even, on the bits: keep the high half, round up when
+    the dropped half exceeds 0x8000 or equals it with an odd kept half."""
+    b = bits(np.asarray(x, F32)).astype(np.uint64)
+    hi, lo = b >> np.uint64(16), b & np.uint64(0xFFFF)
+    up = (lo > 0x8000) | ((lo == 0x8000) & ((hi & np.uint64(1)) == 1))
+    return (hi + up.astype(np.uint64)).astype(np.uint32)
+
+
+def store(x, dtype):
+    """(stored array, None) or (None, (kind, index)) for the first value that
+    cannot be stored: non-finite, or rounding to Inf in the narrower format."""
+    x = np.asarray(x, F32)
+    bad = non_finite(x)
+    if dtype == "f32":
+        out, over = x.copy(), np.zeros(x.size, dtype=bool)
+    elif dtype == "bf16":
+        wide = to_bf16(x)
+        over = ~bad & ((wide & U32(0x7F80)) == U32(0x7F80))
+        out = wide.astype(np.uint16)
+    else:
+        with np.errstate(over="ignore"):
+            half = x.astype(np.float16)
+        over = ~bad & ~np.isfinite(half)
+        out = half.view(np.uint16)
+    for j in range(x.size):
+        if bad[j]:
+            return None, ("NonFinite", j)
+        if over[j]:
+            return None, ("StorageOverflow", j)
+    return out, None
+
+
+# ------------------------------------------------------------------- checks
 # ------------------------------------------------------------------- checks
 
 def self_test():
