@@ -123,6 +123,14 @@ pub fn keep_count(name: &'static str, p: f32, n: u64) -> Result<u64, Error> {
     Ok(k.clamp(1, n))
 }
 
+/// An element carried between passes: its index in the scope's sequence and its
+/// magnitude key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    pub index: u64,
+    pub key: u32,
+}
+
 /// What one pass histograms. Exposed so that a GPU kernel can implement the same
 /// filter and digit with the same numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -288,6 +296,102 @@ impl RadixSelect {
     pub fn feed_values(&mut self, offset: u64, values: &[f32]) -> Result<(), Error> {
         self.check_range(offset, values.len())?;
         self.count(offset, values, magnitude_key)
+    }
+
+    /// Feeds elements by explicit index (e.g. candidates gathered in an earlier
+    /// pass): any set that holds every candidate of the current pass exactly once.
+    pub fn feed_candidates(&mut self, candidates: &[Candidate]) -> Result<(), Error> {
+        let Some(pass) = self.pass else { return Ok(()) };
+        if self.pending + candidates.len() as u64 > u64::from(u32::MAX) {
+            self.flush_lanes();
+        }
+        self.pending += candidates.len() as u64;
+        for c in candidates {
+            if c.index >= self.n {
+                return Err(Error::OutOfRange { tensor: self.scope.clone(), what: "top-k element index", value: c.index, limit: self.n });
+            }
+            if c.key >= NON_FINITE_KEY {
+                return Err(Error::NonFinite { tensor: self.scope.clone(), what: "top-k input", index: c.index });
+            }
+            if let Some(b) = pass.bucket(c.key, c.index) {
+                self.lanes[0][b] += 1;
+                if let Pass::Key { shift: 0, .. } = pass {
+                    let end = &mut self.tie_end[b % LAST_BUCKETS];
+                    *end = (*end).max(c.index + 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the current key pass's candidates among `tensors` (the whole scope,
+    /// concatenated) in `scratch`; `None` when they do not fit.
+    fn gather(&self, tensors: &[&[f32]], scratch: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        let Some(Pass::Key { shift, bits, prefix }) = self.pass else { return Ok(None) };
+        if self.candidates > scratch.len() as u64 {
+            return Ok(None);
+        }
+        let high = shift + bits;
+        let mut len = 0usize;
+        let mut offset = 0u64;
+        for t in tensors {
+            for (b, block) in t.chunks(BLOCK).enumerate() {
+                let start = offset + (b * BLOCK) as u64;
+                let mut keys = [0u32; BLOCK];
+                for (k, &x) in keys.iter_mut().zip(block) {
+                    *k = magnitude_key(x);
+                }
+                let keys = &keys[..block.len()];
+                if keys.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
+                    let at = keys.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
+                    return Err(Error::NonFinite { tensor: self.scope.clone(), what: "top-k input", index: start + at as u64 });
+                }
+                let mut hits = keys
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |m, (j, &k)| m | (u32::from(k >> high == prefix) << j));
+                while hits != 0 {
+                    let j = hits.trailing_zeros() as usize;
+                    hits &= hits - 1;
+                    let Some(slot) = scratch.get_mut(len) else { return Ok(None) };
+                    *slot = Candidate { index: start + j as u64, key: keys[j] };
+                    len += 1;
+                }
+            }
+            offset += t.len() as u64;
+        }
+        Ok(Some(len))
+    }
+
+    /// Runs every remaining pass over the whole scope held in memory: `tensors`
+    /// concatenated in scope order, none of them fed to the current pass yet. The
+    /// first pass may have been run by the caller (fused with computing the
+    /// values, then [`finish_pass`](Self::finish_pass)). When the second pass's
+    /// candidates fit in `scratch`, one scan gathers them and every later pass
+    /// runs over that list only; otherwise each pass scans everything.
+    pub fn finish_in_memory(&mut self, tensors: &[&[f32]], scratch: &mut [Candidate]) -> Result<Threshold, Error> {
+        let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+        if n != self.n {
+            return Err(Error::LengthMismatch { tensor: self.scope.clone(), what: "top-k scope", expected: self.n, found: n });
+        }
+        let mut gathered: Option<usize> = None;
+        while let Some(pass) = self.pass {
+            if gathered.is_none() && !matches!(pass, Pass::Key { shift, bits, .. } if shift + bits == KEY_BITS) {
+                gathered = self.gather(tensors, scratch)?;
+            }
+            match gathered {
+                Some(len) => self.feed_candidates(&scratch[..len])?,
+                None => {
+                    let mut offset = 0u64;
+                    for t in tensors {
+                        self.feed_values(offset, t)?;
+                        offset += t.len() as u64;
+                    }
+                }
+            }
+            self.finish_pass()?;
+        }
+        Ok(self.result.unwrap_or(Threshold::NOTHING))
     }
 
     fn flush_lanes(&mut self) {
@@ -482,18 +586,14 @@ impl RadixSelect {
 /// order given (SPEC.md §4: pass them in bytewise name order for global scope; one
 /// slice for per-tensor scope). Runs every pass over the in-memory slices.
 pub fn select(scope: &str, tensors: &[&[f32]], k: u64) -> Result<Threshold, Error> {
+    select_with_scratch(scope, tensors, k, &mut [])
+}
+
+/// [`select`] with room for the candidates after the first pass: when they fit,
+/// two scans of the data suffice (see [`RadixSelect::finish_in_memory`]).
+pub fn select_with_scratch(scope: &str, tensors: &[&[f32]], k: u64, scratch: &mut [Candidate]) -> Result<Threshold, Error> {
     let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
-    let mut sel = RadixSelect::new(scope, n, k)?;
-    while sel.pass().is_some() {
-        let mut offset = 0u64;
-        for t in tensors {
-            sel.feed_values(offset, t)?;
-            offset += t.len() as u64;
-        }
-        sel.finish_pass()?;
-    }
-    // The loop only ends once the select has produced its threshold.
-    Ok(sel.threshold().unwrap_or(Threshold::NOTHING))
+    RadixSelect::new(scope, n, k)?.finish_in_memory(tensors, scratch)
 }
 
 #[cfg(test)]
@@ -599,6 +699,8 @@ mod tests {
                 let values = values_of(&mut rng, n, kind);
                 for k in 1..=n {
                     check(&values, k, select("t", &[&values], k as u64).unwrap());
+                    let mut scratch = std::vec![Candidate::default(); n];
+                    check(&values, k, select_with_scratch("t", &[&values], k as u64, &mut scratch).unwrap());
                     check(&values, k, chunked(&mut rng, &values, k as u64));
                 }
             }
@@ -615,6 +717,11 @@ mod tests {
             for &k in &ks {
                 let whole = select("t", &[&values], k as u64).unwrap();
                 check(&values, k, whole);
+                // Scratch for every candidate, for some, for none: same threshold.
+                for room in [n, n / 20, 0] {
+                    let mut scratch = std::vec![Candidate::default(); room];
+                    assert_eq!(select_with_scratch("t", &[&values], k as u64, &mut scratch).unwrap(), whole);
+                }
                 assert_eq!(chunked(&mut rng, &values, k as u64), whole);
             }
         }
@@ -654,6 +761,8 @@ mod tests {
             let slices: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
             let k = 1 + below(&mut rng, all.len() as u64) as usize;
             check(&all, k, select("<global>", &slices, k as u64).unwrap());
+            let mut scratch = std::vec![Candidate::default(); all.len()];
+            check(&all, k, select_with_scratch("<global>", &slices, k as u64, &mut scratch).unwrap());
         }
     }
 
@@ -731,6 +840,40 @@ mod tests {
             sel.finish_pass().unwrap();
         }
         assert_eq!(sel.threshold(), Some(Threshold { key: 4.0f32.to_bits(), cutoff: 4 }));
+    }
+
+    #[test]
+    fn a_first_pass_fused_by_the_caller_then_finished_in_memory() {
+        // What the optimizer does: feed pass 1 while computing the values, finish it,
+        // then let the select run the rest over the stored values.
+        let mut rng = Rng::new(7);
+        let values = values_of(&mut rng, 5000, 1);
+        let mut sel = RadixSelect::new("t", 5000, 321).unwrap();
+        for (c, chunk) in values.chunks(64).enumerate() {
+            sel.feed_values(64 * c as u64, chunk).unwrap();
+        }
+        sel.finish_pass().unwrap();
+        let mut scratch = std::vec![Candidate::default(); 5000];
+        let t = sel.finish_in_memory(&[&values], &mut scratch).unwrap();
+        check(&values, 321, t);
+        let mut sel = RadixSelect::new("t", 5000, 321).unwrap();
+        assert!(matches!(sel.finish_in_memory(&[&values[..4999]], &mut scratch), Err(Error::LengthMismatch { .. })));
+    }
+
+    #[test]
+    fn bad_candidates_are_refused() {
+        let mut sel = RadixSelect::new("t", 4, 1).unwrap();
+        assert!(matches!(
+            sel.feed_candidates(&[Candidate { index: 4, key: 1 }]),
+            Err(Error::OutOfRange { value: 4, limit: 4, .. })
+        ));
+        assert!(matches!(
+            sel.feed_candidates(&[Candidate { index: 2, key: 0x7f80_0000 }]),
+            Err(Error::NonFinite { index: 2, .. })
+        ));
+        let values = [1.0f32, f32::NAN];
+        let mut scratch = [Candidate::default(); 2];
+        assert!(matches!(select_with_scratch("t", &[&values], 1, &mut scratch), Err(Error::NonFinite { index: 1, .. })));
     }
 
     #[test]
