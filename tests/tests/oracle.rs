@@ -20,3 +20,24 @@ fn numpy_oracle_reproduces_every_golden_vector() {
     let out = run(Command::new("python3").arg(&script).arg(golden_dir()), "install python3");
     println!("{out}");
 }
+
+/// The oracle's comparison must be able to fail: a golden file with one expected
+/// bit flipped has to be reported with the case and the index.
+#[test]
+fn numpy_oracle_reports_a_changed_bit() {
+    let src = golden_dir().join("tree_sum.json");
+    let mut doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    let case = &mut doc["cases"][3];
+    let name = case["name"].as_str().unwrap().to_string();
+    let hex = case["expected"]["outputs"]["sum"]["hex"].as_str().unwrap();
+    let flipped = u32::from_str_radix(hex, 16).unwrap() ^ 0x10;
+    case["expected"]["outputs"]["sum"]["hex"] = format!("{flipped:08x}").into();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("oracle-flipped");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tree_sum.json"), doc.to_string()).unwrap();
+    let script = workspace_root().join("tests").join("oracle").join("check_golden.py");
+    let out = Command::new("python3").arg(&script).arg(&dir).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("case '{name}'")) && stdout.contains("first at index 0"), "{stdout}");
+}
