@@ -7,11 +7,11 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use merge_core::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Dtype, StoreError};
+use merge_core::dtype::{Dtype, StoreError, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
-use crate::model::{check_layout, Family, LlamaConfig, LlamaModel, ModelError};
+use crate::model::{Family, LlamaConfig, LlamaModel, ModelError, check_layout};
 use crate::params::{ParamSet, Tensor};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -19,16 +19,36 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 #[derive(Debug)]
 pub enum HfError {
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// config.json is not JSON, or a field is missing, of the wrong type or unsupported.
-    Config { path: PathBuf, field: String, reason: String },
+    Config {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
     /// The safetensors container itself is malformed or truncated.
-    Safetensors { path: PathBuf, reason: String },
+    Safetensors {
+        path: PathBuf,
+        reason: String,
+    },
     /// A tensor is missing, extra, misshaped, of an unsupported dtype, non-finite,
     /// or not representable in the dtype it is written as.
-    Tensor { path: PathBuf, tensor: String, reason: String },
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        reason: String,
+    },
     /// Two models that must share a layout (base, SFT, policy) do not.
-    LayoutMismatch { a: String, b: String, tensor: String, a_shape: Option<Vec<usize>>, b_shape: Option<Vec<usize>> },
+    LayoutMismatch {
+        a: String,
+        b: String,
+        tensor: String,
+        a_shape: Option<Vec<usize>>,
+        b_shape: Option<Vec<usize>>,
+    },
 }
 
 impl fmt::Display for HfError {
@@ -38,7 +58,13 @@ impl fmt::Display for HfError {
             HfError::Config { path, field, reason } => write!(f, "{}: field `{field}`: {reason}", path.display()),
             HfError::Safetensors { path, reason } => write!(f, "{}: not a valid safetensors file: {reason}", path.display()),
             HfError::Tensor { path, tensor, reason } => write!(f, "{}: tensor `{tensor}`: {reason}", path.display()),
-            HfError::LayoutMismatch { a, b, tensor, a_shape, b_shape } => {
+            HfError::LayoutMismatch {
+                a,
+                b,
+                tensor,
+                a_shape,
+                b_shape,
+            } => {
                 let show = |s: &Option<Vec<usize>>| s.as_ref().map_or("absent".to_string(), |s| format!("{s:?}"));
                 write!(f, "tensor `{tensor}`: {a} has {}, {b} has {}", show(a_shape), show(b_shape))
             }
@@ -56,7 +82,10 @@ impl std::error::Error for HfError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HfError + '_ {
-    move |source| HfError::Io { path: path.to_path_buf(), source }
+    move |source| HfError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The config plus the dtype the checkpoint declares (`torch_dtype`, or `dtype`
@@ -94,14 +123,21 @@ pub fn read_config(path: &Path) -> Result<HfConfig, HfError> {
 
 /// Parses config.json text; `path` only labels errors.
 pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
-    let err = |field: &str, reason: String| HfError::Config { path: path.to_path_buf(), field: field.to_string(), reason };
+    let err = |field: &str, reason: String| HfError::Config {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        reason,
+    };
     let v: Value = serde_json::from_str(text).map_err(|e| err("(whole file)", format!("not valid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| err("(whole file)", "not a JSON object".into()))?;
     let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let uint = |k: &str| -> Result<Option<usize>, HfError> {
         match present(k) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| err(k, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| err(k, format!("expected a non-negative integer, found {v}"))),
         }
     };
     let req = |k: &str| -> Result<usize, HfError> { uint(k)?.ok_or_else(|| err(k, "missing".into())) };
@@ -136,10 +172,10 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         (None, Some(other)) => return Err(err("architectures", format!("`{other}` is not supported (LlamaForCausalLM, Qwen2ForCausalLM)"))),
         (None, None) => return Err(err("model_type", "missing (and no `architectures` to infer it from)".into())),
     };
-    if let Some(act) = string("hidden_act")? {
-        if act != "silu" {
-            return Err(err("hidden_act", format!("`{act}` is not supported (the MLP is SwiGLU with silu)")));
-        }
+    if let Some(act) = string("hidden_act")?
+        && act != "silu"
+    {
+        return Err(err("hidden_act", format!("`{act}` is not supported (the MLP is SwiGLU with silu)")));
     }
     if boolean("mlp_bias", false)? {
         return Err(err("mlp_bias", "MLP biases are not supported".into()));
@@ -156,13 +192,16 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
     // transformers ≥ 4.56 moved the base into `rope_parameters`
     let rope_theta = match present("rope_parameters") {
         Some(Value::Object(rp)) => {
-            if let Some(kind) = rp.get("rope_type") {
-                if kind.as_str() != Some("default") {
-                    return Err(err("rope_parameters.rope_type", format!("{kind} is not supported (only \"default\")")));
-                }
+            if let Some(kind) = rp.get("rope_type")
+                && kind.as_str() != Some("default")
+            {
+                return Err(err("rope_parameters.rope_type", format!("{kind} is not supported (only \"default\")")));
             }
             match rp.get("rope_theta") {
-                Some(t) => Some(t.as_f64().ok_or_else(|| err("rope_parameters.rope_theta", format!("expected a number, found {t}")))?),
+                Some(t) => Some(
+                    t.as_f64()
+                        .ok_or_else(|| err("rope_parameters.rope_theta", format!("expected a number, found {t}")))?,
+                ),
                 None => float("rope_theta")?,
             }
         }
@@ -179,7 +218,10 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
             },
             Some(v) => v,
         };
-        v.as_u64().filter(|&n| n <= u32::MAX as u64).map(|n| Some(n as u32)).ok_or_else(|| err(k, format!("expected a token id, found {v}")))
+        v.as_u64()
+            .filter(|&n| n <= u32::MAX as u64)
+            .map(|n| Some(n as u32))
+            .ok_or_else(|| err(k, format!("expected a token id, found {v}")))
     };
     let dtype = match string("torch_dtype")?.map(|s| ("torch_dtype", s)).or(string("dtype")?.map(|s| ("dtype", s))) {
         None => Dtype::F32,
@@ -261,31 +303,47 @@ pub fn read_weights(path: &Path, config: &LlamaConfig) -> Result<ParamSet, HfErr
     let bytes = fs::read(path).map_err(io_err(path))?;
     let params = parse_weights(path, &bytes)?;
     let mut params = params;
-    if config.tie_word_embeddings {
-        if let Some(pos) = params.tensors.iter().position(|t| t.name == "lm_head.weight") {
-            let same = params.get("model.embed_tokens.weight").is_some_and(|e| e.shape == params.tensors[pos].shape && e.data == params.tensors[pos].data);
-            if !same {
-                return Err(tensor_err(path, "lm_head.weight", "present and different from model.embed_tokens.weight, but config.json says tie_word_embeddings = true".into()));
-            }
-            params.tensors.remove(pos);
+    if config.tie_word_embeddings
+        && let Some(pos) = params.tensors.iter().position(|t| t.name == "lm_head.weight")
+    {
+        let same = params
+            .get("model.embed_tokens.weight")
+            .is_some_and(|e| e.shape == params.tensors[pos].shape && e.data == params.tensors[pos].data);
+        if !same {
+            return Err(tensor_err(
+                path,
+                "lm_head.weight",
+                "present and different from model.embed_tokens.weight, but config.json says tie_word_embeddings = true".into(),
+            ));
         }
+        params.tensors.remove(pos);
     }
     check_layout(config, &params).map_err(|e| match e {
         ModelError::MissingTensor { tensor, expected } => tensor_err(path, &tensor, format!("missing (the config implies shape {expected:?})")),
         ModelError::ExtraTensor { tensor, shape } => tensor_err(path, &tensor, format!("shape {shape:?}: not part of the architecture config.json describes")),
         ModelError::ShapeMismatch { tensor, expected, found } => tensor_err(path, &tensor, format!("shape {found:?}, the config implies {expected:?}")),
-        other => HfError::Safetensors { path: path.to_path_buf(), reason: other.to_string() },
+        other => HfError::Safetensors {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
     })?;
     Ok(params)
 }
 
 fn tensor_err(path: &Path, tensor: &str, reason: String) -> HfError {
-    HfError::Tensor { path: path.to_path_buf(), tensor: tensor.to_string(), reason }
+    HfError::Tensor {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        reason,
+    }
 }
 
 /// Decodes a safetensors buffer into f32 tensors, without any layout check.
 pub fn parse_weights(path: &Path, bytes: &[u8]) -> Result<ParamSet, HfError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| HfError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| HfError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     let mut tensors = Vec::with_capacity(st.len());
     for (name, view) in st.tensors() {
         let raw = view.data();
@@ -298,7 +356,11 @@ pub fn parse_weights(path: &Path, bytes: &[u8]) -> Result<ParamSet, HfError> {
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             return Err(tensor_err(path, &name, format!("element {i} is {} (weights must be finite)", data[i])));
         }
-        tensors.push(Tensor { name, shape: view.shape().to_vec(), data });
+        tensors.push(Tensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
     }
     Ok(ParamSet::new(tensors))
 }
@@ -337,7 +399,10 @@ pub fn encode_weights(path: &Path, params: &ParamSet, dtype: Dtype) -> Result<Ve
     }
     // transformers refuses safetensors files without this metadata entry
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| HfError::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| HfError::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 pub fn write_weights(path: &Path, params: &ParamSet, dtype: Dtype) -> Result<(), HfError> {
@@ -353,7 +418,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), HfError> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| HfError::Io { path: path.to_path_buf(), source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path") })?;
+    let file_name = path.file_name().ok_or_else(|| HfError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+    })?;
     let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -376,7 +444,10 @@ pub fn load_model(dir: &Path) -> Result<(LlamaModel, Dtype), HfError> {
     let HfConfig { config, dtype } = read_config(&cfg_path)?;
     let w_path = dir.join(WEIGHTS_FILE);
     let params = read_weights(&w_path, &config)?;
-    let model = LlamaModel::from_params(config, params).map_err(|e| HfError::Safetensors { path: w_path, reason: e.to_string() })?;
+    let model = LlamaModel::from_params(config, params).map_err(|e| HfError::Safetensors {
+        path: w_path,
+        reason: e.to_string(),
+    })?;
     Ok((model, dtype))
 }
 
@@ -516,7 +587,11 @@ mod tests {
         assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
 
         let mut p = model.params.clone();
-        p.tensors.push(Tensor { name: "model.layers.0.mlp.extra".into(), shape: vec![2], data: vec![0.0; 2] });
+        p.tensors.push(Tensor {
+            name: "model.layers.0.mlp.extra".into(),
+            shape: vec![2],
+            data: vec![0.0; 2],
+        });
         write_weights(&path, &ParamSet::new(p.tensors), Dtype::F32).unwrap();
         let e = read_weights(&path, &cfg).err().unwrap().to_string();
         assert!(e.contains("model.layers.0.mlp.extra"), "{e}");
@@ -580,7 +655,12 @@ mod tests {
         let again = parse_config(p, &config_json(&c.config, c.dtype)).unwrap();
         assert_eq!(again, c);
 
-        let top = base.replace(r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#, r#""rope_theta":1000.0,"dtype":"float16""#).replace(r#""torch_dtype":"bfloat16","#, "");
+        let top = base
+            .replace(
+                r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#,
+                r#""rope_theta":1000.0,"dtype":"float16""#,
+            )
+            .replace(r#""torch_dtype":"bfloat16","#, "");
         let c = parse_config(p, &top).unwrap();
         assert_eq!((c.config.rope_theta, c.dtype), (1000.0, Dtype::F16));
 
@@ -616,7 +696,10 @@ mod tests {
         assert!(check_same_layout("base", &a, "sft", &b).is_ok());
         b.get_mut("model.norm.weight").unwrap().shape = vec![2, 4];
         let e = check_same_layout("base", &a, "sft", &b).err().unwrap().to_string();
-        assert!(e.contains("model.norm.weight") && e.contains("base has [8]") && e.contains("sft has [2, 4]"), "{e}");
+        assert!(
+            e.contains("model.norm.weight") && e.contains("base has [8]") && e.contains("sft has [2, 4]"),
+            "{e}"
+        );
         let tied = LlamaModel::init(small(true, Family::Llama), 1).unwrap().params;
         let e = check_same_layout("policy", &tied, "sft", &a).err().unwrap().to_string();
         assert!(e.contains("lm_head.weight") && e.contains("policy has absent"), "{e}");

@@ -39,16 +39,24 @@ impl FromStr for LossKind {
             "sigmoid" => Ok(LossKind::Sigmoid),
             "ipo" => Ok(LossKind::Ipo),
             "hinge" => Ok(LossKind::Hinge),
-            other => Err(LossError::Hyperparameter { name: "loss_type", reason: format!("`{other}` is not one of sigmoid, ipo, hinge") }),
+            other => Err(LossError::Hyperparameter {
+                name: "loss_type",
+                reason: format!("`{other}` is not one of sigmoid, ipo, hinge"),
+            }),
         }
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum LossError {
-    Hyperparameter { name: &'static str, reason: String },
+    Hyperparameter {
+        name: &'static str,
+        reason: String,
+    },
     /// A log-probability that is NaN or infinite, or slices of different lengths.
-    Input { reason: String },
+    Input {
+        reason: String,
+    },
 }
 
 impl fmt::Display for LossError {
@@ -133,13 +141,22 @@ impl DpoLoss {
     /// conservative DPO; 0.5 would make the loss constant).
     pub fn new(kind: LossKind, beta: f64, label_smoothing: f64) -> Result<Self, LossError> {
         if !(beta.is_finite() && beta > 0.0) {
-            return Err(LossError::Hyperparameter { name: "beta", reason: format!("{beta} is not a positive finite number") });
+            return Err(LossError::Hyperparameter {
+                name: "beta",
+                reason: format!("{beta} is not a positive finite number"),
+            });
         }
         if !(0.0..0.5).contains(&label_smoothing) {
-            return Err(LossError::Hyperparameter { name: "label_smoothing", reason: format!("{label_smoothing} is outside [0, 0.5)") });
+            return Err(LossError::Hyperparameter {
+                name: "label_smoothing",
+                reason: format!("{label_smoothing} is outside [0, 0.5)"),
+            });
         }
         if label_smoothing != 0.0 && kind != LossKind::Sigmoid {
-            return Err(LossError::Hyperparameter { name: "label_smoothing", reason: format!("{label_smoothing} given, but it only applies to the sigmoid loss, not {}", kind.name()) });
+            return Err(LossError::Hyperparameter {
+                name: "label_smoothing",
+                reason: format!("{label_smoothing} given, but it only applies to the sigmoid loss, not {}", kind.name()),
+            });
         }
         Ok(Self { kind, beta, label_smoothing })
     }
@@ -172,7 +189,13 @@ impl DpoLoss {
                 if m > 0.0 { (m, -b) } else { (0.0, 0.0) }
             }
         };
-        PairLoss { loss, d_chosen: dh, d_rejected: -dh, reward_chosen: b * (policy_chosen - ref_chosen), reward_rejected: b * (policy_rejected - ref_rejected) }
+        PairLoss {
+            loss,
+            d_chosen: dh,
+            d_rejected: -dh,
+            reward_chosen: b * (policy_chosen - ref_chosen),
+            reward_rejected: b * (policy_rejected - ref_rejected),
+        }
     }
 
     pub fn batch(&self, policy_chosen: &[f32], policy_rejected: &[f32], ref_chosen: &[f32], ref_rejected: &[f32]) -> Result<BatchLoss, LossError> {
@@ -182,16 +205,30 @@ impl DpoLoss {
         }
         for (what, s) in [("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)] {
             if s.len() != n {
-                return Err(LossError::Input { reason: format!("{what} has {} values, policy_chosen has {n}", s.len()) });
+                return Err(LossError::Input {
+                    reason: format!("{what} has {} values, policy_chosen has {n}", s.len()),
+                });
             }
         }
-        for (what, s) in [("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)] {
+        for (what, s) in [
+            ("policy_chosen", policy_chosen),
+            ("policy_rejected", policy_rejected),
+            ("ref_chosen", ref_chosen),
+            ("ref_rejected", ref_rejected),
+        ] {
             if let Some(i) = s.iter().position(|x| !x.is_finite()) {
-                return Err(LossError::Input { reason: format!("{what}[{i}] = {} is not finite", s[i]) });
+                return Err(LossError::Input {
+                    reason: format!("{what}[{i}] = {} is not finite", s[i]),
+                });
             }
         }
         let inv = 1.0 / n as f64;
-        let mut out = BatchLoss { loss: 0.0, d_chosen: Vec::with_capacity(n), d_rejected: Vec::with_capacity(n), metrics: DpoMetrics::default() };
+        let mut out = BatchLoss {
+            loss: 0.0,
+            d_chosen: Vec::with_capacity(n),
+            d_rejected: Vec::with_capacity(n),
+            metrics: DpoMetrics::default(),
+        };
         let m = &mut out.metrics;
         for i in 0..n {
             let (pc, pr) = (policy_chosen[i] as f64, policy_rejected[i] as f64);
@@ -241,8 +278,18 @@ mod tests {
 
     #[test]
     fn derivatives_match_finite_differences() {
-        let cases = [(LossKind::Sigmoid, 0.1, 0.0), (LossKind::Sigmoid, 0.5, 0.3), (LossKind::Ipo, 0.2, 0.0), (LossKind::Hinge, 0.1, 0.0)];
-        let points = [(-10.0, -14.0, -11.0, -12.0), (-30.0, -5.0, -29.0, -6.5), (-3.0, -3.0, -3.0, -3.0), (-200.0, -900.0, -210.0, -880.0)];
+        let cases = [
+            (LossKind::Sigmoid, 0.1, 0.0),
+            (LossKind::Sigmoid, 0.5, 0.3),
+            (LossKind::Ipo, 0.2, 0.0),
+            (LossKind::Hinge, 0.1, 0.0),
+        ];
+        let points = [
+            (-10.0, -14.0, -11.0, -12.0),
+            (-30.0, -5.0, -29.0, -6.5),
+            (-3.0, -3.0, -3.0, -3.0),
+            (-200.0, -900.0, -210.0, -880.0),
+        ];
         for (kind, beta, ls) in cases {
             let l = DpoLoss::new(kind, beta, ls).unwrap();
             for &(pc, pr, rc, rr) in &points {
@@ -251,7 +298,11 @@ mod tests {
                 let nc = (l.pair(pc + e, pr, rc, rr).loss - l.pair(pc - e, pr, rc, rr).loss) / (2.0 * e);
                 let nr = (l.pair(pc, pr + e, rc, rr).loss - l.pair(pc, pr - e, rc, rr).loss) / (2.0 * e);
                 assert!((nc - p.d_chosen).abs() < 1e-7 * (1.0 + nc.abs()), "{kind:?} at {pc}: {nc} vs {}", p.d_chosen);
-                assert!((nr - p.d_rejected).abs() < 1e-7 * (1.0 + nr.abs()), "{kind:?} at {pc}: {nr} vs {}", p.d_rejected);
+                assert!(
+                    (nr - p.d_rejected).abs() < 1e-7 * (1.0 + nr.abs()),
+                    "{kind:?} at {pc}: {nr} vs {}",
+                    p.d_rejected
+                );
                 assert!(p.loss.is_finite());
             }
         }
@@ -273,7 +324,17 @@ mod tests {
         assert!((m.rewards_margins - 0.2).abs() < 1e-12);
         assert_eq!((m.logps_chosen, m.logps_rejected), (-7.5, -9.0));
         let names: Vec<_> = m.entries().iter().map(|e| e.0).collect();
-        assert_eq!(names, ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]);
+        assert_eq!(
+            names,
+            [
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/accuracies",
+                "rewards/margins",
+                "logps/chosen",
+                "logps/rejected"
+            ]
+        );
     }
 
     #[test]

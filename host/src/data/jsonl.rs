@@ -15,17 +15,37 @@ use crate::tokenizer::ByteTokenizer;
 
 #[derive(Debug)]
 pub enum DataError {
-    Io { path: PathBuf, source: std::io::Error },
-    Line { path: PathBuf, line: usize, field: Option<String>, reason: String },
-    Empty { path: PathBuf },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Line {
+        path: PathBuf,
+        line: usize,
+        field: Option<String>,
+        reason: String,
+    },
+    Empty {
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for DataError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DataError::Io { path, source } => write!(f, "{}: {source}", path.display()),
-            DataError::Line { path, line, field: Some(field), reason } => write!(f, "{}:{line}: field `{field}`: {reason}", path.display()),
-            DataError::Line { path, line, field: None, reason } => write!(f, "{}:{line}: {reason}", path.display()),
+            DataError::Line {
+                path,
+                line,
+                field: Some(field),
+                reason,
+            } => write!(f, "{}:{line}: field `{field}`: {reason}", path.display()),
+            DataError::Line {
+                path,
+                line,
+                field: None,
+                reason,
+            } => write!(f, "{}:{line}: {reason}", path.display()),
             DataError::Empty { path } => write!(f, "{}: no records", path.display()),
         }
     }
@@ -70,12 +90,20 @@ struct At<'a> {
 
 impl At<'_> {
     fn err(&self, field: Option<&str>, reason: impl Into<String>) -> DataError {
-        DataError::Line { path: self.path.to_path_buf(), line: self.line, field: field.map(str::to_string), reason: reason.into() }
+        DataError::Line {
+            path: self.path.to_path_buf(),
+            line: self.line,
+            field: field.map(str::to_string),
+            reason: reason.into(),
+        }
     }
 }
 
 fn read(path: &Path) -> Result<String, DataError> {
-    fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parses each non-blank line as a JSON object and hands it to `f`.
@@ -107,10 +135,16 @@ fn messages(at: &At, name: &str, v: &[Value], as_prompt: bool) -> Result<String,
     let mut parts = Vec::with_capacity(v.len());
     for (k, m) in v.iter().enumerate() {
         let get = |key: &str| {
-            m.get(key).and_then(Value::as_str).ok_or_else(|| at.err(Some(&format!("{name}[{k}].{key}")), "missing or not a string"))
+            m.get(key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| at.err(Some(&format!("{name}[{k}].{key}")), "missing or not a string"))
         };
         let content = get("content")?;
-        parts.push(if as_prompt { format!("{}: {content}\n", get("role")?) } else { content.to_string() });
+        parts.push(if as_prompt {
+            format!("{}: {content}\n", get("role")?)
+        } else {
+            content.to_string()
+        });
     }
     Ok(if as_prompt { parts.concat() + "assistant: " } else { parts.join("\n") })
 }
@@ -146,9 +180,15 @@ pub fn read_preferences(path: &Path) -> Result<Vec<Preference>, DataError> {
 pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> {
     parse_lines(path, text, |at, obj| {
         if obj.contains_key("text") {
-            Ok(SftExample { prompt: String::new(), completion: text_field(at, obj, "text", false, false)? })
+            Ok(SftExample {
+                prompt: String::new(),
+                completion: text_field(at, obj, "text", false, false)?,
+            })
         } else if obj.contains_key("completion") {
-            Ok(SftExample { prompt: text_field(at, obj, "prompt", true, true)?, completion: text_field(at, obj, "completion", false, false)? })
+            Ok(SftExample {
+                prompt: text_field(at, obj, "prompt", true, true)?,
+                completion: text_field(at, obj, "completion", false, false)?,
+            })
         } else {
             Err(at.err(None, "expected a `text` field, or `prompt` and `completion`"))
         }
@@ -160,12 +200,19 @@ pub fn read_sft(path: &Path) -> Result<Vec<SftExample>, DataError> {
 }
 
 fn ids_field(at: &At, obj: &Map<String, Value>, name: &str, vocab_size: usize, allow_empty: bool) -> Result<Vec<u32>, DataError> {
-    let arr = field(at, obj, name)?.as_array().ok_or_else(|| at.err(Some(name), "expected a list of token ids"))?;
+    let arr = field(at, obj, name)?
+        .as_array()
+        .ok_or_else(|| at.err(Some(name), "expected a list of token ids"))?;
     let mut ids = Vec::with_capacity(arr.len());
     for (k, v) in arr.iter().enumerate() {
         match v.as_u64() {
             Some(id) if (id as usize) < vocab_size => ids.push(id as u32),
-            Some(id) => return Err(at.err(Some(name), format!("element {k}: token id {id} is outside the vocabulary (vocab_size {vocab_size})"))),
+            Some(id) => {
+                return Err(at.err(
+                    Some(name),
+                    format!("element {k}: token id {id} is outside the vocabulary (vocab_size {vocab_size})"),
+                ));
+            }
             None => return Err(at.err(Some(name), format!("element {k}: {v} is not a token id"))),
         }
     }
@@ -195,7 +242,11 @@ pub fn read_preference_ids(path: &Path, vocab_size: usize) -> Result<Vec<Prefere
 pub fn tokenize_preferences(tok: &ByteTokenizer, prefs: &[Preference]) -> Vec<PreferenceIds> {
     prefs
         .iter()
-        .map(|p| PreferenceIds { prompt: tok.encode_prompt(&p.prompt), chosen: tok.encode_completion(&p.chosen), rejected: tok.encode_completion(&p.rejected) })
+        .map(|p| PreferenceIds {
+            prompt: tok.encode_prompt(&p.prompt),
+            chosen: tok.encode_completion(&p.chosen),
+            rejected: tok.encode_completion(&p.rejected),
+        })
         .collect()
 }
 
@@ -218,7 +269,14 @@ mod tests {
         );
         let r = parse_preferences(p(), text).unwrap();
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0], Preference { prompt: "2+2=".into(), chosen: "4".into(), rejected: "5".into() });
+        assert_eq!(
+            r[0],
+            Preference {
+                prompt: "2+2=".into(),
+                chosen: "4".into(),
+                rejected: "5".into()
+            }
+        );
         assert_eq!(r[1].prompt, "system: Be brief.\nuser: Hi\nassistant: ");
         assert_eq!((r[1].chosen.as_str(), r[1].rejected.as_str()), ("Hello.", "Go away."));
         let ids = tokenize_preferences(&ByteTokenizer, &r[..1]);
@@ -229,12 +287,21 @@ mod tests {
     #[test]
     fn preference_errors_name_line_and_field() {
         let cases = [
-            ("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"rejected\": \"c\"}", ":2: field `chosen`: missing"),
-            ("{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}", ":1: field `chosen`: expected a string"),
+            (
+                "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"rejected\": \"c\"}",
+                ":2: field `chosen`: missing",
+            ),
+            (
+                "{\"prompt\": \"a\", \"chosen\": 3, \"rejected\": \"c\"}",
+                ":1: field `chosen`: expected a string",
+            ),
             ("{\"prompt\": \"a\", \"chosen\": \"\", \"rejected\": \"c\"}", ":1: field `chosen`: empty"),
             ("\n\n{\"prompt\": \"a\", \"chosen\": \"b\"", ":3: not valid JSON"),
             ("[1, 2]", ":1: expected a JSON object"),
-            ("{\"prompt\": [{\"role\": \"user\"}], \"chosen\": \"b\", \"rejected\": \"c\"}", ":1: field `prompt[0].content`"),
+            (
+                "{\"prompt\": [{\"role\": \"user\"}], \"chosen\": \"b\", \"rejected\": \"c\"}",
+                ":1: field `prompt[0].content`",
+            ),
         ];
         for (text, want) in cases {
             let e = parse_preferences(p(), text).err().unwrap().to_string();
@@ -250,8 +317,20 @@ mod tests {
     fn sft_forms() {
         let text = "{\"text\": \"once upon a time\"}\n{\"prompt\": \"Q: 1+1\", \"completion\": \" 2\"}\n";
         let r = parse_sft(p(), text).unwrap();
-        assert_eq!(r[0], SftExample { prompt: String::new(), completion: "once upon a time".into() });
-        assert_eq!(r[1], SftExample { prompt: "Q: 1+1".into(), completion: " 2".into() });
+        assert_eq!(
+            r[0],
+            SftExample {
+                prompt: String::new(),
+                completion: "once upon a time".into()
+            }
+        );
+        assert_eq!(
+            r[1],
+            SftExample {
+                prompt: "Q: 1+1".into(),
+                completion: " 2".into()
+            }
+        );
         let e = parse_sft(p(), "{\"text\": \"a\"}\n{\"prompt\": \"x\"}").err().unwrap().to_string();
         assert!(e.contains(":2:") && e.contains("`text`"), "{e}");
     }
@@ -260,12 +339,25 @@ mod tests {
     fn token_id_preferences() {
         let text = "{\"prompt_ids\": [1, 5], \"chosen_ids\": [7, 2], \"rejected_ids\": [9]}\n";
         let r = parse_preference_ids(p(), text, 10).unwrap();
-        assert_eq!(r[0], PreferenceIds { prompt: vec![1, 5], chosen: vec![7, 2], rejected: vec![9] });
+        assert_eq!(
+            r[0],
+            PreferenceIds {
+                prompt: vec![1, 5],
+                chosen: vec![7, 2],
+                rejected: vec![9]
+            }
+        );
         let e = parse_preference_ids(p(), text, 9).err().unwrap().to_string();
         assert!(e.contains(":1: field `rejected_ids`: element 0: token id 9 is outside"), "{e}");
-        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [1.5], \"rejected_ids\": [1]}", 10).err().unwrap().to_string();
+        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [1.5], \"rejected_ids\": [1]}", 10)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("`chosen_ids`: element 0: 1.5 is not a token id"), "{e}");
-        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [], \"rejected_ids\": [1]}", 10).err().unwrap().to_string();
+        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [], \"rejected_ids\": [1]}", 10)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("`chosen_ids`: empty"), "{e}");
     }
 }

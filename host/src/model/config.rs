@@ -74,7 +74,7 @@ impl LlamaConfig {
             num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
-            head_dim: if heads == 0 { 0 } else { hidden_size / heads },
+            head_dim: hidden_size.checked_div(heads).unwrap_or(0),
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
             tie_word_embeddings: false,
@@ -122,10 +122,13 @@ impl LlamaConfig {
         ];
         for (field, v) in positive {
             if v == 0 {
-                return Err(ConfigError { field, reason: "must be positive".into() });
+                return Err(ConfigError {
+                    field,
+                    reason: "must be positive".into(),
+                });
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ConfigError {
                 field: "num_key_value_heads",
                 reason: format!(
@@ -134,23 +137,38 @@ impl LlamaConfig {
                 ),
             });
         }
-        if self.head_dim % 2 != 0 {
-            return Err(ConfigError { field: "head_dim", reason: format!("{} is odd; rotary embeddings rotate pairs", self.head_dim) });
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(ConfigError {
+                field: "head_dim",
+                reason: format!("{} is odd; rotary embeddings rotate pairs", self.head_dim),
+            });
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(ConfigError { field: "rms_norm_eps", reason: format!("{} is not a positive finite number", self.rms_norm_eps) });
+            return Err(ConfigError {
+                field: "rms_norm_eps",
+                reason: format!("{} is not a positive finite number", self.rms_norm_eps),
+            });
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(ConfigError { field: "rope_theta", reason: format!("{} is not a finite number above 1", self.rope_theta) });
+            return Err(ConfigError {
+                field: "rope_theta",
+                reason: format!("{} is not a finite number above 1", self.rope_theta),
+            });
         }
         if self.vocab_size > u32::MAX as usize {
-            return Err(ConfigError { field: "vocab_size", reason: "does not fit token ids in u32".into() });
+            return Err(ConfigError {
+                field: "vocab_size",
+                reason: "does not fit token ids in u32".into(),
+            });
         }
         for (field, id) in [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
-            if let Some(id) = id {
-                if id as usize >= self.vocab_size {
-                    return Err(ConfigError { field, reason: format!("{id} is outside the vocabulary (vocab_size {})", self.vocab_size) });
-                }
+            if let Some(id) = id
+                && id as usize >= self.vocab_size
+            {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("{id} is outside the vocabulary (vocab_size {})", self.vocab_size),
+                });
             }
         }
         Ok(())

@@ -46,7 +46,12 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, ic
     debug_assert_eq!(w.len(), oc * ic);
     let mut t = 0;
     while t + 4 <= rows {
-        let xs = [&x[t * ic..(t + 1) * ic], &x[(t + 1) * ic..(t + 2) * ic], &x[(t + 2) * ic..(t + 3) * ic], &x[(t + 3) * ic..(t + 4) * ic]];
+        let xs = [
+            &x[t * ic..(t + 1) * ic],
+            &x[(t + 1) * ic..(t + 2) * ic],
+            &x[(t + 2) * ic..(t + 3) * ic],
+            &x[(t + 3) * ic..(t + 4) * ic],
+        ];
         for o in 0..oc {
             let wr = &w[o * ic..(o + 1) * ic];
             let bias = b.map_or(0.0, |b| b[o]);
@@ -64,10 +69,10 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, ic
     }
 }
 
-/// Gradients of [`linear_forward`]: `dx += dy w`, `dw += dyᵀ x`, `db += Σ_t dy`.
-/// `dx` is optional because the first layer's input (the embedding lookup result)
-/// still needs it but a frozen input would not.
-pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [f32]>, dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize) {
+/// Gradients of [`linear_forward`]'s input and weight: `dx += dy w`, `dw += dyᵀ x`
+/// (the bias has [`bias_backward`]). `dx` is optional: the LM head's input needs
+/// it, but a caller that only wants weight gradients does not.
+pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize) {
     let rows = x.len() / ic;
     // Both products go four rows at a time: each destination row is loaded and
     // stored once per four source rows instead of once per row.
@@ -77,7 +82,12 @@ pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [
             let g = &dy[t * oc..(t + 1) * oc];
             let mut o = 0;
             while o + 4 <= oc {
-                let ws = [&w[o * ic..(o + 1) * ic], &w[(o + 1) * ic..(o + 2) * ic], &w[(o + 2) * ic..(o + 3) * ic], &w[(o + 3) * ic..(o + 4) * ic]];
+                let ws = [
+                    &w[o * ic..(o + 1) * ic],
+                    &w[(o + 1) * ic..(o + 2) * ic],
+                    &w[(o + 2) * ic..(o + 3) * ic],
+                    &w[(o + 3) * ic..(o + 4) * ic],
+                ];
                 axpy4(dxr, [g[o], g[o + 1], g[o + 2], g[o + 3]], ws);
                 o += 4;
             }
@@ -90,7 +100,12 @@ pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [
         let dwr = &mut dw[o * ic..(o + 1) * ic];
         let mut t = 0;
         while t + 4 <= rows {
-            let xs = [&x[t * ic..(t + 1) * ic], &x[(t + 1) * ic..(t + 2) * ic], &x[(t + 2) * ic..(t + 3) * ic], &x[(t + 3) * ic..(t + 4) * ic]];
+            let xs = [
+                &x[t * ic..(t + 1) * ic],
+                &x[(t + 1) * ic..(t + 2) * ic],
+                &x[(t + 2) * ic..(t + 3) * ic],
+                &x[(t + 3) * ic..(t + 4) * ic],
+            ];
             axpy4(dwr, [dy[t * oc + o], dy[(t + 1) * oc + o], dy[(t + 2) * oc + o], dy[(t + 3) * oc + o]], xs);
             t += 4;
         }
@@ -98,12 +113,12 @@ pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], db: Option<&mut [
             axpy(dwr, dy[t * oc + o], &x[t * ic..(t + 1) * ic]);
         }
     }
-    if let Some(db) = db {
-        for t in 0..rows {
-            for o in 0..oc {
-                db[o] += dy[t * oc + o];
-            }
-        }
+}
+
+/// `db += Σ_t dy[t, :]`
+pub fn bias_backward(db: &mut [f32], dy: &[f32]) {
+    for row in dy.chunks_exact(db.len()) {
+        axpy(db, 1.0, row);
     }
 }
 

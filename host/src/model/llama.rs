@@ -17,15 +17,38 @@ use crate::params::{ParamSet, Tensor};
 pub enum ModelError {
     Config(ConfigError),
     /// A tensor the config requires is absent.
-    MissingTensor { tensor: String, expected: Vec<usize> },
+    MissingTensor {
+        tensor: String,
+        expected: Vec<usize>,
+    },
     /// A tensor the config does not know about.
-    ExtraTensor { tensor: String, shape: Vec<usize> },
-    ShapeMismatch { tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    ExtraTensor {
+        tensor: String,
+        shape: Vec<usize>,
+    },
+    ShapeMismatch {
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// A gradient set whose layout is not the model's.
-    GradientLayout { reason: String },
-    TokenOutOfRange { sequence: usize, position: usize, id: u32, vocab_size: usize },
-    BadSequence { sequence: usize, reason: String },
-    BadArgument { argument: &'static str, reason: String },
+    GradientLayout {
+        reason: String,
+    },
+    TokenOutOfRange {
+        sequence: usize,
+        position: usize,
+        id: u32,
+        vocab_size: usize,
+    },
+    BadSequence {
+        sequence: usize,
+        reason: String,
+    },
+    BadArgument {
+        argument: &'static str,
+        reason: String,
+    },
 }
 
 impl fmt::Display for ModelError {
@@ -36,8 +59,16 @@ impl fmt::Display for ModelError {
             ModelError::ExtraTensor { tensor, shape } => write!(f, "tensor `{tensor}` (shape {shape:?}) is not part of this architecture"),
             ModelError::ShapeMismatch { tensor, expected, found } => write!(f, "tensor `{tensor}` has shape {found:?}, the config implies {expected:?}"),
             ModelError::GradientLayout { reason } => write!(f, "gradient set does not match the model: {reason}"),
-            ModelError::TokenOutOfRange { sequence, position, id, vocab_size } => {
-                write!(f, "sequence {sequence}, position {position}: token id {id} is outside the vocabulary (vocab_size {vocab_size})")
+            ModelError::TokenOutOfRange {
+                sequence,
+                position,
+                id,
+                vocab_size,
+            } => {
+                write!(
+                    f,
+                    "sequence {sequence}, position {position}: token id {id} is outside the vocabulary (vocab_size {vocab_size})"
+                )
             }
             ModelError::BadSequence { sequence, reason } => write!(f, "sequence {sequence}: {reason}"),
             ModelError::BadArgument { argument, reason } => write!(f, "`{argument}`: {reason}"),
@@ -251,12 +282,6 @@ fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> 
     slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
 }
 
-fn bias_backward(db: &mut [f32], dy: &[f32]) {
-    for row in dy.chunks_exact(db.len()) {
-        layers::axpy(db, 1.0, row);
-    }
-}
-
 impl LlamaModel {
     /// A freshly initialized model: linear and embedding weights N(0, 0.02²), the
     /// two projections that write into the residual stream (o, down) scaled by
@@ -275,7 +300,11 @@ impl LlamaModel {
                 } else if name.ends_with(".bias") {
                     vec![0.0; n]
                 } else {
-                    let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { 0.02 * resid_scale } else { 0.02 };
+                    let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                        0.02 * resid_scale
+                    } else {
+                        0.02
+                    };
                     let mut rng = SplitMix64(seed ^ fnv1a64(&name));
                     (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
                 };
@@ -346,22 +375,40 @@ impl LlamaModel {
         let vocab = self.config.vocab_size;
         for (s, seq) in seqs.iter().enumerate() {
             if seq.tokens.is_empty() {
-                return Err(ModelError::BadSequence { sequence: s, reason: "no tokens".into() });
+                return Err(ModelError::BadSequence {
+                    sequence: s,
+                    reason: "no tokens".into(),
+                });
             }
             if seq.tokens.len() > self.config.max_position_embeddings {
                 return Err(ModelError::BadSequence {
                     sequence: s,
-                    reason: format!("{} tokens exceed max_position_embeddings = {}", seq.tokens.len(), self.config.max_position_embeddings),
+                    reason: format!(
+                        "{} tokens exceed max_position_embeddings = {}",
+                        seq.tokens.len(),
+                        self.config.max_position_embeddings
+                    ),
                 });
             }
             if seq.mask.len() != seq.tokens.len() {
-                return Err(ModelError::BadSequence { sequence: s, reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()) });
+                return Err(ModelError::BadSequence {
+                    sequence: s,
+                    reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()),
+                });
             }
             if seq.mask[0] {
-                return Err(ModelError::BadSequence { sequence: s, reason: "the first token cannot be scored: nothing predicts it".into() });
+                return Err(ModelError::BadSequence {
+                    sequence: s,
+                    reason: "the first token cannot be scored: nothing predicts it".into(),
+                });
             }
             if let Some((p, &id)) = seq.tokens.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
-                return Err(ModelError::TokenOutOfRange { sequence: s, position: p, id, vocab_size: vocab });
+                return Err(ModelError::TokenOutOfRange {
+                    sequence: s,
+                    position: p,
+                    id,
+                    vocab_size: vocab,
+                });
             }
         }
         Ok(())
@@ -369,11 +416,21 @@ impl LlamaModel {
 
     fn check_grads(&self, grads: &ParamSet) -> Result<(), ModelError> {
         if grads.tensors.len() != self.params.tensors.len() {
-            return Err(ModelError::GradientLayout { reason: format!("{} tensors, the model has {}", grads.tensors.len(), self.params.tensors.len()) });
+            return Err(ModelError::GradientLayout {
+                reason: format!("{} tensors, the model has {}", grads.tensors.len(), self.params.tensors.len()),
+            });
         }
         for (g, p) in grads.tensors.iter().zip(&self.params.tensors) {
             if g.name != p.name || g.data.len() != p.data.len() {
-                return Err(ModelError::GradientLayout { reason: format!("`{}` ({} elements) where the model has `{}` ({} elements)", g.name, g.data.len(), p.name, p.data.len()) });
+                return Err(ModelError::GradientLayout {
+                    reason: format!(
+                        "`{}` ({} elements) where the model has `{}` ({} elements)",
+                        g.name,
+                        g.data.len(),
+                        p.name,
+                        p.data.len()
+                    ),
+                });
             }
         }
         Ok(())
@@ -403,7 +460,13 @@ impl LlamaModel {
         layers::linear_forward(&mut v, &n1, self.w(li.v), bias(li.vb), c, kvd);
         layers::rope_forward(&mut q, rope, cfg.num_attention_heads);
         layers::rope_forward(&mut k, rope, cfg.num_key_value_heads);
-        let shape = AttnShape { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim, pos0, tq: t };
+        let shape = AttnShape {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            pos0,
+            tq: t,
+        };
         let mut ctx = vec![0f32; t * qd];
         let mut probs = Vec::new();
         match cache {
@@ -438,7 +501,22 @@ impl LlamaModel {
         for (o, m) in x_out.iter_mut().zip(&x_mid) {
             *o += m;
         }
-        let acts = LayerActs { x_in, n1, rstd1, q, k, v, probs, ctx, x_mid, n2, rstd2, gate, up, h };
+        let acts = LayerActs {
+            x_in,
+            n1,
+            rstd1,
+            q,
+            k,
+            v,
+            probs,
+            ctx,
+            x_mid,
+            n2,
+            rstd2,
+            gate,
+            up,
+            h,
+        };
         (acts, x_out)
     }
 
@@ -452,34 +530,40 @@ impl LlamaModel {
 
         // MLP sub-block
         let mut dh = vec![0f32; t * im];
-        layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, None, &dx_out, &a.h, self.w(li.down), im, c);
+        layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, &dx_out, &a.h, self.w(li.down), im, c);
         let mut dgate = vec![0f32; t * im];
         let mut dup = vec![0f32; t * im];
         layers::swiglu_backward(&mut dgate, &mut dup, &dh, &a.gate, &a.up);
         let mut dn2 = vec![0f32; t * c];
-        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, None, &dgate, &a.n2, self.w(li.gate), c, im);
-        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, None, &dup, &a.n2, self.w(li.up), c, im);
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, &dgate, &a.n2, self.w(li.gate), c, im);
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, &dup, &a.n2, self.w(li.up), c, im);
         let mut dx_mid = dx_out;
         layers::rmsnorm_backward(&mut dx_mid, &mut g.tensors[li.ln2].data, &dn2, &a.x_mid, self.w(li.ln2), &a.rstd2, c);
 
         // attention sub-block
         let mut dctx = vec![0f32; t * qd];
-        layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, None, &dx_mid, &a.ctx, self.w(li.o), qd, c);
+        layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, &dx_mid, &a.ctx, self.w(li.o), qd, c);
         if let Some(ob) = li.ob {
-            bias_backward(&mut g.tensors[ob].data, &dx_mid);
+            layers::bias_backward(&mut g.tensors[ob].data, &dx_mid);
         }
         let mut dq = vec![0f32; t * qd];
         let mut dk = vec![0f32; t * kvd];
         let mut dv = vec![0f32; t * kvd];
-        let shape = AttnShape { heads: cfg.num_attention_heads, kv_heads: cfg.num_key_value_heads, head_dim: cfg.head_dim, pos0: 0, tq: t };
+        let shape = AttnShape {
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            pos0: 0,
+            tq: t,
+        };
         layers::attention_backward(&mut dq, &mut dk, &mut dv, &dctx, &a.probs, &a.q, &a.k, &a.v, shape);
         layers::rope_backward(&mut dq, rope, cfg.num_attention_heads);
         layers::rope_backward(&mut dk, rope, cfg.num_key_value_heads);
         let mut dn1 = vec![0f32; t * c];
         for (d, wi, bi, od) in [(&dq, li.q, li.qb, qd), (&dk, li.k, li.kb, kvd), (&dv, li.v, li.vb, kvd)] {
-            layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, None, d, &a.n1, self.w(wi), c, od);
+            layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, d, &a.n1, self.w(wi), c, od);
             if let Some(bi) = bi {
-                bias_backward(&mut g.tensors[bi].data, d);
+                layers::bias_backward(&mut g.tensors[bi].data, d);
             }
         }
         let mut dx_in = dx_mid;
@@ -519,7 +603,15 @@ impl LlamaModel {
         for (r, &(_, tgt)) in rows.iter().enumerate() {
             logp += layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs[r * vocab..(r + 1) * vocab]) as f64;
         }
-        let tape = SeqTape { tokens: seq.tokens.clone(), layers: acts, x_final: x, nf, rstdf, rows, probs };
+        let tape = SeqTape {
+            tokens: seq.tokens.clone(),
+            layers: acts,
+            x_final: x,
+            nf,
+            rstdf,
+            rows,
+            probs,
+        };
         (logp as f32, tape)
     }
 
@@ -534,20 +626,41 @@ impl LlamaModel {
         let r = tape.rows.len();
         let mut dlogits = vec![0f32; r * vocab];
         for (i, &(_, tgt)) in tape.rows.iter().enumerate() {
-            layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], &tape.probs[i * vocab..(i + 1) * vocab], tgt as usize, coef);
+            layers::log_softmax_backward(
+                &mut dlogits[i * vocab..(i + 1) * vocab],
+                &tape.probs[i * vocab..(i + 1) * vocab],
+                tgt as usize,
+                coef,
+            );
         }
         let mut hsel = Vec::with_capacity(r * c);
         for &(p, _) in &tape.rows {
             hsel.extend_from_slice(&tape.nf[p * c..(p + 1) * c]);
         }
         let mut dhsel = vec![0f32; r * c];
-        layers::linear_backward(Some(&mut dhsel), &mut g.tensors[self.idx.head].data, None, &dlogits, &hsel, self.w(self.idx.head), c, vocab);
+        layers::linear_backward(
+            Some(&mut dhsel),
+            &mut g.tensors[self.idx.head].data,
+            &dlogits,
+            &hsel,
+            self.w(self.idx.head),
+            c,
+            vocab,
+        );
         let mut dnf = vec![0f32; t * c];
         for (i, &(p, _)) in tape.rows.iter().enumerate() {
             layers::axpy(&mut dnf[p * c..(p + 1) * c], 1.0, &dhsel[i * c..(i + 1) * c]);
         }
         let mut dx = vec![0f32; t * c];
-        layers::rmsnorm_backward(&mut dx, &mut g.tensors[self.idx.norm].data, &dnf, &tape.x_final, self.w(self.idx.norm), &tape.rstdf, c);
+        layers::rmsnorm_backward(
+            &mut dx,
+            &mut g.tensors[self.idx.norm].data,
+            &dnf,
+            &tape.x_final,
+            self.w(self.idx.norm),
+            &tape.rstdf,
+            c,
+        );
         for l in (0..cfg.num_hidden_layers).rev() {
             dx = self.block_backward(l, &tape.layers[l], &rope, dx, &mut g);
         }
@@ -572,7 +685,10 @@ impl LlamaModel {
     pub fn backward(&self, fwd: &Forward, dlogps: &[f32], grads: &mut ParamSet) -> Result<(), ModelError> {
         self.check_grads(grads)?;
         if dlogps.len() != fwd.tapes.len() {
-            return Err(ModelError::BadArgument { argument: "dlogps", reason: format!("{} values for {} sequences", dlogps.len(), fwd.tapes.len()) });
+            return Err(ModelError::BadArgument {
+                argument: "dlogps",
+                reason: format!("{} values for {} sequences", dlogps.len(), fwd.tapes.len()),
+            });
         }
         let n = fwd.tapes.len();
         let wave = self.threads.max(1);
@@ -604,13 +720,19 @@ impl LlamaModel {
         let fwd = self.forward(seqs)?;
         let coefs = vec![-scale; seqs.len()];
         self.backward(&fwd, &coefs, grads)?;
-        Ok(CrossEntropy { nll_sum: fwd.logps.iter().map(|&l| -(l as f64)).sum(), tokens: fwd.scored.iter().sum() })
+        Ok(CrossEntropy {
+            nll_sum: fwd.logps.iter().map(|&l| -(l as f64)).sum(),
+            tokens: fwd.scored.iter().sum(),
+        })
     }
 
     /// Next-token cross-entropy without gradients.
     pub fn cross_entropy(&self, seqs: &[Sequence]) -> Result<CrossEntropy, ModelError> {
         let logps = self.sequence_logps(seqs)?;
-        Ok(CrossEntropy { nll_sum: logps.iter().map(|&l| -(l as f64)).sum(), tokens: seqs.iter().map(Sequence::scored).sum() })
+        Ok(CrossEntropy {
+            nll_sum: logps.iter().map(|&l| -(l as f64)).sum(),
+            tokens: seqs.iter().map(Sequence::scored).sum(),
+        })
     }
 
     // ------------------------------------------------------------ inference
@@ -634,12 +756,18 @@ impl LlamaModel {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache { len: 0, layers: (0..self.config.num_hidden_layers).map(|_| KvLayer { k: Vec::new(), v: Vec::new() }).collect() }
+        KvCache {
+            len: 0,
+            layers: (0..self.config.num_hidden_layers).map(|_| KvLayer { k: Vec::new(), v: Vec::new() }).collect(),
+        }
     }
 
     /// Logits `[tokens.len(), vocab_size]` at every position.
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        self.check_sequences(&[Sequence { tokens: tokens.to_vec(), mask: vec![false; tokens.len()] }])?;
+        self.check_sequences(&[Sequence {
+            tokens: tokens.to_vec(),
+            mask: vec![false; tokens.len()],
+        }])?;
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let nf = self.infer(&mut self.new_cache(), tokens);
         let mut logits = vec![0f32; tokens.len() * vocab];
@@ -656,12 +784,21 @@ impl LlamaModel {
     /// its own generator seeded from `(opts.seed, i)`, so results do not depend on
     /// thread count or scheduling.
     pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, ModelError> {
-        if let Sampling::Temperature { temperature, .. } = opts.sampling {
-            if !(temperature.is_finite() && temperature > 0.0) {
-                return Err(ModelError::BadArgument { argument: "temperature", reason: format!("{temperature} is not a positive finite number") });
-            }
+        if let Sampling::Temperature { temperature, .. } = opts.sampling
+            && !(temperature.is_finite() && temperature > 0.0)
+        {
+            return Err(ModelError::BadArgument {
+                argument: "temperature",
+                reason: format!("{temperature} is not a positive finite number"),
+            });
         }
-        let seqs: Vec<Sequence> = prompts.iter().map(|p| Sequence { tokens: p.clone(), mask: vec![false; p.len()] }).collect();
+        let seqs: Vec<Sequence> = prompts
+            .iter()
+            .map(|p| Sequence {
+                tokens: p.clone(),
+                mask: vec![false; p.len()],
+            })
+            .collect();
         self.check_sequences(&seqs)?;
         Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&prompts[i], opts, i as u64)))
     }
@@ -728,15 +865,27 @@ pub fn check_layout(config: &LlamaConfig, params: &ParamSet) -> Result<(), Model
     let expected = config.param_shapes();
     for (name, shape) in &expected {
         match params.get(name) {
-            None => return Err(ModelError::MissingTensor { tensor: name.clone(), expected: shape.clone() }),
+            None => {
+                return Err(ModelError::MissingTensor {
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                });
+            }
             Some(t) if &t.shape != shape || t.data.len() != shape.iter().product::<usize>() => {
-                return Err(ModelError::ShapeMismatch { tensor: name.clone(), expected: shape.clone(), found: t.shape.clone() })
+                return Err(ModelError::ShapeMismatch {
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                    found: t.shape.clone(),
+                });
             }
             Some(_) => {}
         }
     }
     if let Some(extra) = params.tensors.iter().find(|t| !expected.iter().any(|(n, _)| n == &t.name)) {
-        return Err(ModelError::ExtraTensor { tensor: extra.name.clone(), shape: extra.shape.clone() });
+        return Err(ModelError::ExtraTensor {
+            tensor: extra.name.clone(),
+            shape: extra.shape.clone(),
+        });
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ pub mod layers;
 pub mod llama;
 
 pub use config::{ConfigError, Family, LlamaConfig};
-pub use llama::{check_layout, CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64};
+pub use llama::{CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
 
 #[cfg(test)]
 mod tests;

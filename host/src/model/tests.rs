@@ -42,7 +42,10 @@ fn check_grad(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, f: &dyn F
         let numeric = (f(&xp) - f(&xm)) / (2.0 * eps as f64);
         let analytic = grad[i] as f64;
         let scale = analytic.abs().max(numeric.abs()).max(1e-2);
-        assert!((numeric - analytic).abs() <= tol * scale, "{what}[{i}]: analytic {analytic:.6e} vs numeric {numeric:.6e}");
+        assert!(
+            (numeric - analytic).abs() <= tol * scale,
+            "{what}[{i}]: analytic {analytic:.6e} vs numeric {numeric:.6e}"
+        );
     }
 }
 
@@ -60,10 +63,8 @@ fn linear_gradients() {
         functional(&r, &y)
     };
     let (mut dx, mut dw, mut db) = (vec![0f32; t * ic], vec![0f32; oc * ic], vec![0f32; oc]);
-    layers::linear_backward(Some(&mut dx), &mut dw, None, &r, &x, &w, ic, oc);
-    for row in r.chunks_exact(oc) {
-        layers::axpy(&mut db, 1.0, row);
-    }
+    layers::linear_backward(Some(&mut dx), &mut dw, &r, &x, &w, ic, oc);
+    layers::bias_backward(&mut db, &r);
     check_grad("linear dx", &x, &dx, 1e-2, 1e-3, &|v| run(v, &w, &b));
     check_grad("linear dw", &w, &dw, 1e-2, 1e-3, &|v| run(&x, v, &b));
     check_grad("linear db", &b, &db, 1e-2, 1e-3, &|v| run(&x, &w, v));
@@ -155,7 +156,13 @@ fn rope_gradients_and_convention() {
 
 fn attention_case(heads: usize, kv_heads: usize) {
     let (t, hd) = (6, 4);
-    let s = AttnShape { heads, kv_heads, head_dim: hd, pos0: 0, tq: t };
+    let s = AttnShape {
+        heads,
+        kv_heads,
+        head_dim: hd,
+        pos0: 0,
+        tq: t,
+    };
     let mut rng = SplitMix64(6 + heads as u64 * 10 + kv_heads as u64);
     let q = rand_vec(&mut rng, t * heads * hd, 1.0);
     let k = rand_vec(&mut rng, t * kv_heads * hd, 1.0);
@@ -191,7 +198,13 @@ fn attention_gradients_grouped_query() {
 #[test]
 fn attention_is_causal() {
     let (t, hd) = (5, 4);
-    let s = AttnShape { heads: 1, kv_heads: 1, head_dim: hd, pos0: 0, tq: t };
+    let s = AttnShape {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: hd,
+        pos0: 0,
+        tq: t,
+    };
     let mut rng = SplitMix64(7);
     let q = rand_vec(&mut rng, t * hd, 1.0);
     let k = rand_vec(&mut rng, t * hd, 1.0);
@@ -256,7 +269,11 @@ fn tiny(family: Family, tied: bool, attention_bias: bool, heads: usize, kv_heads
 }
 
 fn batch() -> Vec<Sequence> {
-    vec![Sequence::full(vec![1, 5, 2, 9, 3, 3, 7]), Sequence::completion(&[4, 0, 10], &[6, 2, 8]), Sequence::completion(&[2], &[5])]
+    vec![
+        Sequence::full(vec![1, 5, 2, 9, 3, 3, 7]),
+        Sequence::completion(&[4, 0, 10], &[6, 2, 8]),
+        Sequence::completion(&[2], &[5]),
+    ]
 }
 
 /// Every tensor of the model: analytic gradient of `Σ_b c_b logp_b` against
@@ -366,7 +383,12 @@ fn cross_entropy_matches_logps_and_logits() {
 fn kv_cache_generation_matches_full_forward() {
     let model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 5).unwrap();
     let prompt = vec![1u32, 2, 3];
-    let opts = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_token: None, seed: 0 };
+    let opts = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: Sampling::Greedy,
+        stop_token: None,
+        seed: 0,
+    };
     let out = model.generate(&prompt, &opts).unwrap();
     assert_eq!(out.len(), 6);
     // greedy tokens must be the argmax of the full (cache-free) forward at each step
@@ -385,7 +407,12 @@ fn kv_cache_generation_matches_full_forward() {
 fn sampling_is_seeded_and_stops() {
     let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
     let prompts = vec![vec![1u32, 2], vec![3u32], vec![4u32, 4, 4]];
-    let opts = GenerateOptions { max_new_tokens: 20, sampling: Sampling::Temperature { temperature: 1.5, top_k: 0 }, stop_token: None, seed: 11 };
+    let opts = GenerateOptions {
+        max_new_tokens: 20,
+        sampling: Sampling::Temperature { temperature: 1.5, top_k: 0 },
+        stop_token: None,
+        seed: 11,
+    };
     let a = model.generate_batch(&prompts, &opts).unwrap();
     let b = model.generate_batch(&prompts, &opts).unwrap();
     assert_eq!(a, b);
@@ -393,11 +420,35 @@ fn sampling_is_seeded_and_stops() {
     assert_ne!(a, c, "a different seed should sample differently");
     // stopping on the first token that was sampled with the same seed
     let first = a[0][0];
-    let stopped = model.generate_batch(&prompts[..1], &GenerateOptions { stop_token: Some(first), ..opts }).unwrap();
+    let stopped = model
+        .generate_batch(
+            &prompts[..1],
+            &GenerateOptions {
+                stop_token: Some(first),
+                ..opts
+            },
+        )
+        .unwrap();
     assert!(stopped[0].is_empty());
     // top_k = 1 is greedy
-    let g = model.generate_batch(&prompts, &GenerateOptions { sampling: Sampling::Greedy, ..opts }).unwrap();
-    let k1 = model.generate_batch(&prompts, &GenerateOptions { sampling: Sampling::Temperature { temperature: 1.0, top_k: 1 }, ..opts }).unwrap();
+    let g = model
+        .generate_batch(
+            &prompts,
+            &GenerateOptions {
+                sampling: Sampling::Greedy,
+                ..opts
+            },
+        )
+        .unwrap();
+    let k1 = model
+        .generate_batch(
+            &prompts,
+            &GenerateOptions {
+                sampling: Sampling::Temperature { temperature: 1.0, top_k: 1 },
+                ..opts
+            },
+        )
+        .unwrap();
     assert_eq!(g, k1);
 }
 
@@ -405,8 +456,22 @@ fn sampling_is_seeded_and_stops() {
 fn bad_inputs_are_named() {
     let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
     let err = model.forward(&[Sequence::full(vec![1, 2]), Sequence::full(vec![1, 99])]).err().unwrap();
-    assert_eq!(err, ModelError::TokenOutOfRange { sequence: 1, position: 1, id: 99, vocab_size: 11 });
-    let err = model.forward(&[Sequence { tokens: vec![1, 2], mask: vec![true, true] }]).err().unwrap();
+    assert_eq!(
+        err,
+        ModelError::TokenOutOfRange {
+            sequence: 1,
+            position: 1,
+            id: 99,
+            vocab_size: 11
+        }
+    );
+    let err = model
+        .forward(&[Sequence {
+            tokens: vec![1, 2],
+            mask: vec![true, true],
+        }])
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("sequence 0"), "{err}");
     let mut params = model.params.clone();
     params.tensors.retain(|t| t.name != "model.norm.weight");
@@ -430,7 +495,9 @@ fn bench_train_tokens_per_second() {
     let model = LlamaModel::init(cfg, 1).unwrap();
     println!("params: {}", model.config.num_params());
     let mut rng = SplitMix64(1);
-    let seqs: Vec<Sequence> = (0..16).map(|_| Sequence::full((0..128).map(|_| (rng.next_u64() % 256) as u32).collect())).collect();
+    let seqs: Vec<Sequence> = (0..16)
+        .map(|_| Sequence::full((0..128).map(|_| (rng.next_u64() % 256) as u32).collect()))
+        .collect();
     let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
     let mut g = model.zero_grads();
     let _ = model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
@@ -440,14 +507,29 @@ fn bench_train_tokens_per_second() {
         model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
     }
     let dt = start.elapsed().as_secs_f64() / reps as f64;
-    println!("threads {}: train step {:.3} s for {tokens} tokens: {:.0} tokens/s", model.threads(), dt, tokens as f64 / dt);
+    println!(
+        "threads {}: train step {:.3} s for {tokens} tokens: {:.0} tokens/s",
+        model.threads(),
+        dt,
+        tokens as f64 / dt
+    );
     let start = std::time::Instant::now();
     model.sequence_logps(&seqs).unwrap();
     let dt = start.elapsed().as_secs_f64();
     println!("forward only: {:.0} tokens/s", tokens as f64 / dt);
     let prompts: Vec<Vec<u32>> = (0..8).map(|i| vec![i as u32 + 1; 16]).collect();
     let start = std::time::Instant::now();
-    let out = model.generate_batch(&prompts, &GenerateOptions { max_new_tokens: 64, sampling: Sampling::Greedy, stop_token: None, seed: 0 }).unwrap();
+    let out = model
+        .generate_batch(
+            &prompts,
+            &GenerateOptions {
+                max_new_tokens: 64,
+                sampling: Sampling::Greedy,
+                stop_token: None,
+                seed: 0,
+            },
+        )
+        .unwrap();
     let n: usize = out.iter().map(Vec::len).sum();
     println!("generation: {:.0} tokens/s", n as f64 / start.elapsed().as_secs_f64());
 }
