@@ -4,5 +4,6 @@
 //! each and write a table, CSV, JSON and an SVG plot.
 
 pub mod judge;
+pub mod pipeline;
 pub mod plot;
 pub mod report;
