@@ -502,16 +502,19 @@ fn bench_train_tokens_per_second() {
     let mut g = model.zero_grads();
     let _ = model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
     let start = std::time::Instant::now();
+    let cpu0 = cpu_seconds();
     let reps = 3;
     for _ in 0..reps {
         model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
     }
     let dt = start.elapsed().as_secs_f64() / reps as f64;
+    let cpu = (cpu_seconds() - cpu0) / reps as f64;
     println!(
-        "threads {}: train step {:.3} s for {tokens} tokens: {:.0} tokens/s",
+        "threads {}: train step {:.3} s wall for {tokens} tokens: {:.0} tokens/s wall, {:.0} tokens per CPU second",
         model.threads(),
         dt,
-        tokens as f64 / dt
+        tokens as f64 / dt,
+        tokens as f64 / cpu
     );
     let start = std::time::Instant::now();
     model.sequence_logps(&seqs).unwrap();
@@ -532,4 +535,43 @@ fn bench_train_tokens_per_second() {
         .unwrap();
     let n: usize = out.iter().map(Vec::len).sum();
     println!("generation: {:.0} tokens/s", n as f64 / start.elapsed().as_secs_f64());
+}
+
+/// CPU seconds used by this process so far (user + system), so throughput can be
+/// judged on a machine shared with other jobs.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+    // fields 14 and 15 of stat (utime, stime), counted after the `)` of the name
+    if f.len() > 13 { (f[11] + f[12]) / 100.0 } else { 0.0 }
+}
+
+/// Single-thread GFLOP/s of the linear layer at the demo model's sizes.
+#[test]
+#[ignore]
+fn bench_linear() {
+    let (t, ic, oc) = (128, 128, 352);
+    let mut rng = SplitMix64(1);
+    let x = rand_vec(&mut rng, t * ic, 1.0);
+    let w = rand_vec(&mut rng, oc * ic, 1.0);
+    let dy = rand_vec(&mut rng, t * oc, 1.0);
+    let mut y = vec![0f32; t * oc];
+    let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
+    let reps = 200;
+    let flops = 2.0 * (t * ic * oc) as f64 * reps as f64;
+    let c0 = cpu_seconds();
+    for _ in 0..reps {
+        layers::linear_forward(&mut y, &x, &w, None, ic, oc);
+    }
+    let c1 = cpu_seconds();
+    for _ in 0..reps {
+        layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc);
+    }
+    let c2 = cpu_seconds();
+    println!(
+        "linear forward {:.2} GFLOP/s, backward {:.2} GFLOP/s (per CPU second)",
+        flops / (c1 - c0) / 1e9,
+        2.0 * flops / (c2 - c1) / 1e9
+    );
 }
