@@ -704,4 +704,22 @@ mod tests {
         let e = check_same_layout("policy", &tied, "sft", &a).err().unwrap().to_string();
         assert!(e.contains("lm_head.weight") && e.contains("policy has absent"), "{e}");
     }
+
+    #[test]
+    fn saved_model_computes_the_same_function() {
+        use crate::model::Sequence;
+        let dir = temp_dir("function");
+        let model = LlamaModel::init(small(false, Family::Qwen2), 4).unwrap();
+        let seqs = [Sequence::full(vec![1, 4, 9, 12, 3]), Sequence::completion(&[2, 2], &[7, 0, 5])];
+        let want = model.sequence_logps(&seqs).unwrap();
+        save_model(&dir, &model, Dtype::F32).unwrap();
+        assert_eq!(load_model(&dir).unwrap().0.sequence_logps(&seqs).unwrap(), want);
+        save_model(&dir, &model, Dtype::Bf16).unwrap();
+        let got = load_model(&dir).unwrap().0.sequence_logps(&seqs).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            // bf16 keeps 8 bits of mantissa: the function moves, but only a little
+            assert!(g != w && (g - w).abs() < 0.05 * w.abs(), "{g} vs {w}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -173,8 +173,6 @@ struct SeqTape {
     rstdf: Vec<f32>,
     /// Positions whose next token is scored, and that next token.
     rows: Vec<(usize, u32)>,
-    /// Softmax of the scored rows, `[rows, vocab]`.
-    probs: Vec<f32>,
 }
 
 /// The result of [`LlamaModel::forward`]: per-sequence summed log-probabilities
@@ -575,7 +573,7 @@ impl LlamaModel {
 
     fn forward_seq(&self, seq: &Sequence) -> (f32, SeqTape) {
         let cfg = &self.config;
-        let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let c = cfg.hidden_size;
         let t = seq.tokens.len();
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, 0, t);
         let mut x = vec![0f32; t * c];
@@ -590,19 +588,9 @@ impl LlamaModel {
         let mut rstdf = vec![0f32; t];
         layers::rmsnorm_forward(&mut nf, &mut rstdf, &x, self.w(self.idx.norm), cfg.rms_norm_eps, c);
 
-        // only rows whose next token is scored go through the head
         let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
-        let mut hsel = Vec::with_capacity(rows.len() * c);
-        for &(p, _) in &rows {
-            hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
-        }
-        let mut logits = vec![0f32; rows.len() * vocab];
-        layers::linear_forward(&mut logits, &hsel, self.w(self.idx.head), None, c, vocab);
-        let mut probs = vec![0f32; rows.len() * vocab];
         let mut logp = 0f64;
-        for (r, &(_, tgt)) in rows.iter().enumerate() {
-            logp += layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs[r * vocab..(r + 1) * vocab]) as f64;
-        }
+        self.head_rows(&nf, &rows, |_, lp, _| logp += lp as f64);
         let tape = SeqTape {
             tokens: seq.tokens.clone(),
             layers: acts,
@@ -610,9 +598,29 @@ impl LlamaModel {
             nf,
             rstdf,
             rows,
-            probs,
         };
         (logp as f32, tape)
+    }
+
+    /// Runs the LM head on the rows of `nf` whose next token is scored (the others
+    /// never need logits) and calls `f(row, log p(target), softmax)` for each.
+    /// The backward pass calls it again rather than keeping `[rows, vocab]`
+    /// probabilities on the tape: for real vocabularies that would dominate memory,
+    /// and recomputing is one head matmul with identical results.
+    fn head_rows(&self, nf: &[f32], rows: &[(usize, u32)], mut f: impl FnMut(usize, f32, &[f32])) -> Vec<f32> {
+        let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut hsel = Vec::with_capacity(rows.len() * c);
+        for &(p, _) in rows {
+            hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
+        }
+        let mut logits = vec![0f32; rows.len() * vocab];
+        layers::linear_forward(&mut logits, &hsel, self.w(self.idx.head), None, c, vocab);
+        let mut probs = vec![0f32; vocab];
+        for (r, &(_, tgt)) in rows.iter().enumerate() {
+            let lp = layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs);
+            f(r, lp, &probs);
+        }
+        hsel
     }
 
     /// Gradients of `coef · logp(seq)` into a fresh set.
@@ -625,18 +633,9 @@ impl LlamaModel {
 
         let r = tape.rows.len();
         let mut dlogits = vec![0f32; r * vocab];
-        for (i, &(_, tgt)) in tape.rows.iter().enumerate() {
-            layers::log_softmax_backward(
-                &mut dlogits[i * vocab..(i + 1) * vocab],
-                &tape.probs[i * vocab..(i + 1) * vocab],
-                tgt as usize,
-                coef,
-            );
-        }
-        let mut hsel = Vec::with_capacity(r * c);
-        for &(p, _) in &tape.rows {
-            hsel.extend_from_slice(&tape.nf[p * c..(p + 1) * c]);
-        }
+        let hsel = self.head_rows(&tape.nf, &tape.rows, |i, _, probs| {
+            layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], probs, tape.rows[i].1 as usize, coef)
+        });
         let mut dhsel = vec![0f32; r * c];
         layers::linear_backward(
             Some(&mut dhsel),
