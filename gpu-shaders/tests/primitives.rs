@@ -239,3 +239,12 @@ fn threefry_and_keep_decisions_match_merge_core() {
         }
     }
 }
+
+#[test]
+fn self_test_passes_on_this_adapter() {
+    let report = gpu_shaders::self_test(&gpu_shaders::GpuOptions::default()).unwrap_or_else(|e| {
+        panic!("self-test could not run ({e}); install mesa-vulkan-drivers libvulkan1 (software Vulkan)")
+    });
+    assert!(report.passed(), "{report}");
+    assert!(report.checks.len() >= 9 && report.checks.iter().all(|c| c.cases > 0), "{report}");
+}

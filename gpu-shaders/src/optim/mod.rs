@@ -251,9 +251,12 @@ impl GpuOptimizer {
 
     /// One optimizer step. `grads` are given by tensor name (any order).
     pub fn step(&mut self, grads: &[(&str, &[f32])]) -> Result<(), GpuError> {
-        if let Some(why) = &self.poisoned {
-            return Err(GpuError::Poisoned(why.clone()));
-        }
+        self.upload_grads(grads)?;
+        self.step_uploaded()
+    }
+
+    /// Uploads this step's gradients (all tensors, by name, any order).
+    pub fn upload_grads(&mut self, grads: &[(&str, &[f32])]) -> Result<(), GpuError> {
         let mut by_slot: Vec<Option<&[f32]>> = vec![None; self.slots.len()];
         for (name, g) in grads {
             let ix = self
@@ -273,11 +276,20 @@ impl GpuOptimizer {
         if let Some(ix) = by_slot.iter().position(|g| g.is_none()) {
             return Err(GpuError::Invalid(format!("no gradient for tensor `{}`", self.slots[ix].name)));
         }
-        let k = self.steps + 1;
-        let plan = self.cpu.plan(k)?;
         for (slot, g) in self.slots.iter().zip(&by_slot) {
             slot.grad.write_f32(&self.ctx, g.unwrap_or(&[]));
         }
+        Ok(())
+    }
+
+    /// One step with the gradients already on the device ([`Self::upload_grads`]);
+    /// benchmarks time this part alone.
+    pub fn step_uploaded(&mut self) -> Result<(), GpuError> {
+        if let Some(why) = &self.poisoned {
+            return Err(GpuError::Poisoned(why.clone()));
+        }
+        let k = self.steps + 1;
+        let plan = self.cpu.plan(k)?;
         let mut us: Vec<StepU> = Vec::with_capacity(self.slots.len());
         for (ix, slot) in self.slots.iter().enumerate() {
             let ts = plan.tensor(&slot.name, slot.n)?;
