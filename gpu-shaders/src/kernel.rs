@@ -41,6 +41,14 @@ impl Kernel {
         ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
     }
 
+    /// A bind group with explicit `(binding, buffer)` pairs, for entry points that
+    /// use only some of their module's bindings.
+    pub(crate) fn bind_at(&self, ctx: &GpuContext, buffers: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
+    }
+
     /// Records a dispatch of `n_groups` workgroups (2-D when above the per-dimension limit).
     pub(crate) fn dispatch(&self, ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, bg: &wgpu::BindGroup, n_groups: u32) {
         let (x, y) = ctx.groups(n_groups);

@@ -8,6 +8,9 @@ use merge_core::hyper::AdamForm;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer};
 use merge_core::step::{MergePlan, Norms, Phase, Rescale};
 use merge_core::dare::DareVariant;
+use merge_core::dtype::store_error;
+use merge_core::onties;
+use merge_core::topk::{keep_count, select, Pass, RadixSelect, Threshold, BUCKETS};
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
@@ -30,6 +33,61 @@ const WHAT: [&str; 12] = [
 ];
 /// Status words per tensor (`NCODES` in step.wgsl).
 const NCODES: usize = 16;
+
+/// OnTIES (SPEC.md §5.3) as the GPU runs it: `τ' = TopP(τ)` once, each step
+/// `Δ' = TopP(D)` (times `ρ = ‖D‖₁ ⊘ ‖D'‖₁` with the rescale), merged by
+/// `merge_core::onties::combine`. `global` trims over all tensors in name order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TiesConfig {
+    pub variant: onties::Variant,
+    /// Kept fraction `p ∈ (0, 1]`.
+    pub p: f64,
+    pub alpha: f64,
+    pub rescale: bool,
+    pub global: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TiesParams {
+    variant: onties::Variant,
+    p: f32,
+    alpha: f32,
+    /// `1 ⊖ α` (binary32), as `onties::combine` documents.
+    omega: f32,
+    rescale: bool,
+    global: bool,
+}
+
+impl TiesConfig {
+    fn params(&self) -> Result<TiesParams, GpuError> {
+        let p = self.p as f32;
+        // keep_count validates p (a normal binary32 in (0, 1]) and names it.
+        keep_count("p (reserve rate)", p, 1)?;
+        if !(self.alpha >= 0.0 && self.alpha <= 1.0) {
+            return Err(GpuError::Core(merge_core::Error::InvalidHyperparameter {
+                name: "alpha",
+                value: self.alpha,
+                expected: "0 <= alpha <= 1",
+            }));
+        }
+        if self.global && self.rescale {
+            return Err(GpuError::Invalid(
+                "OnTIES with global scope and L1 rescale is not implemented on the GPU (the global tree sum \
+                 needs blocks aligned across tensors); use per-tensor scope or no rescale"
+                    .into(),
+            ));
+        }
+        let alpha = merge_core::arith::flush(self.alpha as f32);
+        Ok(TiesParams {
+            variant: self.variant,
+            p,
+            alpha,
+            omega: merge_core::arith::sub(1.0, alpha),
+            rescale: self.rescale,
+            global: self.global,
+        })
+    }
+}
 
 /// One tensor handed to [`GpuOptimizer::new`].
 pub struct TensorInit<'a> {
@@ -67,8 +125,10 @@ struct Slot {
     /// Tree levels above the blocks: (uniform, output buffer, groups per half, bind group).
     levels: Vec<(wgpu::Buffer, wgpu::Buffer, u32, wgpu::BindGroup)>,
     uniforms: Vec<wgpu::Buffer>,
-    /// Per chunk: bind groups for scan, check, write.
-    groups: Vec<[wgpu::BindGroup; 3]>,
+    /// Per chunk: bind groups for scan, check, write, hist.
+    groups: Vec<[wgpu::BindGroup; 4]>,
+    /// First index in the OnTIES scope (0 for per-tensor scope).
+    offset: u64,
 }
 
 /// The step uniform of step.wgsl (`StepU`), 32 words.
@@ -105,8 +165,42 @@ struct StepU {
     omega: f32,
     factor: f32,
     clip: f32,
-    pad0: f32,
-    pad1: f32,
+    ties_variant: u32,
+    hist_base: u32,
+    thr_key: u32,
+    cut_lo: u32,
+    cut_hi: u32,
+    off_lo: u32,
+    off_hi: u32,
+    h_mode: u32,
+    h_shift: u32,
+    h_bits: u32,
+    h_key: u32,
+    h_prefix_lo: u32,
+    h_prefix_hi: u32,
+    pad0: u32,
+}
+
+impl StepU {
+    fn set_threshold(&mut self, t: Threshold) {
+        self.thr_key = t.key;
+        self.cut_lo = t.cutoff as u32;
+        self.cut_hi = (t.cutoff >> 32) as u32;
+    }
+
+    fn set_pass(&mut self, p: Pass, base: u32) {
+        self.hist_base = base;
+        let (mode, shift, bits, key, prefix) = match p {
+            Pass::Key { shift, bits, prefix } => (0, shift, bits, 0, u64::from(prefix)),
+            Pass::Index { key, shift, bits, prefix } => (1, shift, bits, key, prefix),
+        };
+        self.h_mode = mode;
+        self.h_shift = shift;
+        self.h_bits = bits;
+        self.h_key = key;
+        self.h_prefix_lo = prefix as u32;
+        self.h_prefix_hi = (prefix >> 32) as u32;
+    }
 }
 
 /// AdamW / OnDARE with step-K, on the GPU, bit-identical to merge-core.
@@ -115,8 +209,11 @@ pub struct GpuOptimizer {
     cpu: Optimizer,
     steps: u64,
     slots: Vec<Slot>,
-    kernels: [Kernel; 3],
+    kernels: [Kernel; 4],
     reduce: Kernel,
+    ties: Option<TiesParams>,
+    /// Radix-select histograms, 2048 counters per select.
+    hist: wgpu::Buffer,
     status: wgpu::Buffer,
     validate: bool,
     poisoned: Option<String>,
@@ -126,6 +223,19 @@ impl GpuOptimizer {
     /// Uploads parameters and task vectors, zero moments. Tensors are kept in
     /// bytewise name order (the order the CPU front and global scopes use).
     pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
+        Self::build(ctx, config, None, tensors)
+    }
+
+    /// OnTIES: `config` gives the Adam part, `k` and the seed (its `merge` must be
+    /// `Merge::None`), `ties` the merge.
+    pub fn new_onties(ctx: GpuContext, config: OnlineConfig, ties: TiesConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
+        if config.merge != Merge::None {
+            return Err(GpuError::Invalid("new_onties: config.merge must be Merge::None (the merge is the TiesConfig)".into()));
+        }
+        Self::build(ctx, config, Some(ties.params()?), tensors)
+    }
+
+    fn build(ctx: GpuContext, config: OnlineConfig, ties: Option<TiesParams>, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
         let cpu = Optimizer::new(config)?;
         let mut order: Vec<&TensorInit> = tensors.iter().collect();
         order.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
@@ -138,17 +248,30 @@ impl GpuOptimizer {
             Kernel::new(&ctx, "step scan", include_str!("step.wgsl"), "scan"),
             Kernel::new(&ctx, "step check", include_str!("step.wgsl"), "check"),
             Kernel::new(&ctx, "step write", include_str!("step.wgsl"), "write"),
+            Kernel::new(&ctx, "step hist", include_str!("step.wgsl"), "hist"),
         ];
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
-        let merging = !matches!(config.merge, Merge::None);
+        let merging = !matches!(config.merge, Merge::None) || ties.is_some();
+        let ties_taus = match ties {
+            Some(tp) => Some(ties_task_vectors(&order, tp)?),
+            None => None,
+        };
+        let selects = match ties {
+            Some(tp) if !tp.global => order.len().max(1),
+            _ => 1,
+        };
+        let hist = ctx.storage("radix histograms", (selects * BUCKETS * 4) as u64);
+        let mut scope_offset = 0u64;
         let status = ctx.storage("status", (order.len().max(1) * NCODES * 4) as u64);
         let dummy_c = ctx.storage("no cached delta", 4);
         let dummy_tau = ctx.storage("no task vector", 4);
         let mut slots = Vec::with_capacity(order.len());
-        for t in &order {
+        for (ix, t) in order.iter().enumerate() {
             let n = t.theta.len() as u64;
             merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
-            let tau = if merging {
+            let tau = if let Some(taus) = &ties_taus {
+                Some(upload_trimmed(&ctx, t.name, &taus[ix], t.tau_dtype)?)
+            } else if merging {
                 let (base, sft) = t.task.ok_or_else(|| {
                     GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name))
                 })?;
@@ -182,7 +305,11 @@ impl GpuOptimizer {
                 let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
                 let tb = tau.as_ref().map_or(&dummy_tau, |a| &a.chunks[ci].buf);
                 let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status, &nb_buf];
-                groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs)]);
+                let hist_bg = kernels[3].bind_at(
+                    &ctx,
+                    &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (9, &hist)],
+                );
+                groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs), hist_bg]);
                 uniforms.push(u);
             }
             slots.push(Slot {
@@ -200,9 +327,11 @@ impl GpuOptimizer {
                 levels,
                 uniforms,
                 groups,
+                offset: if ties.is_some_and(|t| t.global) { scope_offset } else { 0 },
             });
+            scope_offset += n;
         }
-        Ok(GpuOptimizer { ctx, cpu, steps: 0, slots, kernels, reduce, status, validate: true, poisoned: None })
+        Ok(GpuOptimizer { ctx, cpu, steps: 0, slots, kernels, reduce, ties, hist, status, validate: true, poisoned: None })
     }
 
     /// With validation on (the default) a step runs a checking pass first and
@@ -293,7 +422,10 @@ impl GpuOptimizer {
         let mut us: Vec<StepU> = Vec::with_capacity(self.slots.len());
         for (ix, slot) in self.slots.iter().enumerate() {
             let ts = plan.tensor(&slot.name, slot.n)?;
-            us.push(base_uniform(&ts, ix as u32, slot));
+            us.push(base_uniform(&ts, ix as u32, slot, self.ties));
+        }
+        if self.ties.is_some() && plan.phase() == Phase::Merge {
+            self.ties_selection(&mut us)?;
         }
         if plan.needs_norms() {
             self.write_uniforms(&us);
@@ -309,9 +441,7 @@ impl GpuOptimizer {
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
             for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
-                let last = slot.levels.last().map_or(&slot.nb_buf, |l| &l.1);
-                let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&self.ctx.read_bytes(last, 8)?);
-                let (org, new) = if slot.n == 0 { (0.0, 0.0) } else { (sums[0], sums[1]) };
+                let (org, new) = self.norms(slot)?;
                 let mut norms = Norms::default();
                 norms.update.push(org);
                 norms.sparse.push(new);
@@ -349,6 +479,89 @@ impl GpuOptimizer {
         }
         self.steps = k;
         Ok(())
+    }
+
+    /// OnTIES, merge phase: validate (scan), radix-select the update's threshold
+    /// per tensor or globally, then (with the rescale) the norms of D and D'.
+    /// Leaves the threshold and factor in `us`.
+    fn ties_selection(&self, us: &mut [StepU]) -> Result<(), GpuError> {
+        let Some(tp) = self.ties else { return Ok(()) };
+        self.write_uniforms(us);
+        self.reset_status();
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        for slot in &self.slots {
+            self.encode_pass(&mut enc, slot, 0);
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.check_status()?;
+
+        let mut sels = Vec::new();
+        if tp.global {
+            let n: u64 = self.slots.iter().map(|s| s.n).sum();
+            if n >= 1 << 32 {
+                return Err(GpuError::Invalid(format!("OnTIES global scope of {n} elements: the GPU histograms count in u32")));
+            }
+            sels.push(RadixSelect::new("global", n, keep_count("p (reserve rate)", tp.p, n)?)?);
+        } else {
+            for s in &self.slots {
+                sels.push(RadixSelect::new(&s.name, s.n, keep_count("p (reserve rate)", tp.p, s.n)?)?);
+            }
+        }
+        let sel_of = |ix: usize| if tp.global { 0 } else { ix };
+        while sels.iter().any(|s| s.pass().is_some()) {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for (ix, u) in us.iter_mut().enumerate() {
+                if let Some(p) = sels[sel_of(ix)].pass() {
+                    u.set_pass(p, (sel_of(ix) * BUCKETS) as u32);
+                }
+            }
+            self.write_uniforms(us);
+            self.ctx.queue.write_buffer(&self.hist, 0, bytemuck::cast_slice(&vec![0u32; sels.len() * BUCKETS]));
+            for (ix, slot) in self.slots.iter().enumerate() {
+                if sels[sel_of(ix)].pass().is_some() {
+                    self.encode_pass(&mut enc, slot, 3);
+                }
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            let counts = self.ctx.read_u32(&self.hist, (sels.len() * BUCKETS) as u64)?;
+            for (j, sel) in sels.iter_mut().enumerate() {
+                if let Some(p) = sel.pass() {
+                    sel.add_histogram(&counts[j * BUCKETS..j * BUCKETS + p.buckets()])?;
+                    sel.finish_pass()?;
+                }
+            }
+        }
+        for (ix, u) in us.iter_mut().enumerate() {
+            u.set_threshold(sels[sel_of(ix)].threshold().unwrap_or(Threshold::NOTHING));
+            u.factor = 1.0;
+        }
+        if tp.rescale {
+            // The scan pass with the threshold and factor 1 sums |D| and |D'|.
+            self.write_uniforms(us);
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for slot in &self.slots {
+                self.encode_pass(&mut enc, slot, 0);
+                for (_, _, gph, bg) in &slot.levels {
+                    self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
+                }
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
+                let (full, kept) = self.norms(slot)?;
+                u.factor = onties::rescale_factor(full, kept);
+            }
+        }
+        Ok(())
+    }
+
+    /// The two tree sums of the last scan: `(‖D‖₁, ‖D'‖₁)`.
+    fn norms(&self, slot: &Slot) -> Result<(f32, f32), GpuError> {
+        if slot.n == 0 {
+            return Ok((0.0, 0.0));
+        }
+        let last = slot.levels.last().map_or(&slot.nb_buf, |l| &l.1);
+        let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&self.ctx.read_bytes(last, 8)?);
+        Ok((sums[0], sums[1]))
     }
 
     fn encode_pass(&self, enc: &mut wgpu::CommandEncoder, slot: &Slot, pass: usize) {
@@ -474,7 +687,7 @@ fn upload_tau(ctx: &GpuContext, cpu: &Optimizer, name: &str, base: Src<'_>, sft:
     })
 }
 
-fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot) -> StepU {
+fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot, ties: Option<TiesParams>) -> StepU {
     let s = &ts.scalars;
     let mut u = StepU {
         slot: slot_ix,
@@ -523,5 +736,83 @@ fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot
         u.omega = params.one_minus_alpha;
         u.clip = params.clip;
     }
+    if let Some(tp) = ties {
+        u.kind = if accumulate { 0 } else { 3 };
+        u.ties_variant = match tp.variant {
+            onties::Variant::Reference => 0,
+            onties::Variant::Paper => 1,
+        };
+        u.alpha = tp.alpha;
+        u.omega = tp.omega;
+        u.set_threshold(Threshold::NOTHING);
+        u.off_lo = slot.offset as u32;
+        u.off_hi = (slot.offset >> 32) as u32;
+    }
     u
+}
+
+/// `τ = SFT ⊖ base` of every tensor, trimmed once to its top `p` by magnitude
+/// (per tensor, or over all tensors in name order).
+fn ties_task_vectors(order: &[&TensorInit<'_>], tp: TiesParams) -> Result<Vec<Vec<f32>>, GpuError> {
+    let mut taus = Vec::with_capacity(order.len());
+    for t in order {
+        let (base, sft) = t
+            .task
+            .ok_or_else(|| GpuError::Invalid(format!("tensor `{}`: OnTIES needs its base and SFT weights", t.name)))?;
+        let n = t.theta.len();
+        for (what, len) in [("base weights", base.len()), ("SFT weights", sft.len())] {
+            if len != n {
+                return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                    tensor: tensor_name(t.name),
+                    what,
+                    expected: n as u64,
+                    found: len as u64,
+                }));
+            }
+        }
+        let mut tau = Vec::with_capacity(n);
+        for i in 0..n {
+            let (b, s) = (base.get(i), sft.get(i));
+            for (x, what) in [(b, "base weights"), (s, "SFT weights")] {
+                if merge_core::arith::is_non_finite(x) {
+                    return Err(GpuError::Core(merge_core::Error::NonFinite { tensor: tensor_name(t.name), what, index: i as u64 }));
+                }
+            }
+            tau.push(merge_core::arith::sub(s, b));
+        }
+        taus.push(tau);
+    }
+    if tp.global {
+        let all: Vec<&[f32]> = taus.iter().map(|t| t.as_slice()).collect();
+        let n: u64 = taus.iter().map(|t| t.len() as u64).sum();
+        let thr = select("global", &all, keep_count("p (reserve rate)", tp.p, n)?)?;
+        let mut off = 0u64;
+        for t in &mut taus {
+            for (i, x) in t.iter_mut().enumerate() {
+                *x = onties::trim(*x, off + i as u64, &thr);
+            }
+            off += t.len() as u64;
+        }
+    } else {
+        for (t, init) in taus.iter_mut().zip(order) {
+            let thr = select(init.name, &[t], keep_count("p (reserve rate)", tp.p, t.len() as u64)?)?;
+            for (i, x) in t.iter_mut().enumerate() {
+                *x = onties::trim(*x, i as u64, &thr);
+            }
+        }
+    }
+    Ok(taus)
+}
+
+/// Stores a trimmed task vector in its dtype, refusing values the dtype cannot hold.
+fn upload_trimmed(ctx: &GpuContext, name: &str, tau: &[f32], dtype: Dtype) -> Result<GpuArray, GpuError> {
+    if dtype == Dtype::F32 {
+        return Ok(GpuArray::from_f32(ctx, "task vector", tau));
+    }
+    let mut out = vec![0u16; tau.len()];
+    let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
+    for (i, &x) in tau.iter().enumerate() {
+        dst.store(i, x).map_err(|e| store_error(name, "task vector", i as u64, e, dtype))?;
+    }
+    Ok(GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out))
 }

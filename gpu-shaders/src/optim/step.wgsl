@@ -1,7 +1,8 @@
 // One optimizer step of one chunk of one tensor: merge_core::step, element for
 // element (AdamW in both forms, step-K accumulate/rollback, OnDARE reference and
-// paper variants, weight decay). Three entry points share the arithmetic:
+// paper variants, OnTIES, weight decay). Entry points sharing the arithmetic:
 //   scan  — validates, and writes the 256-block tree sums of |D| and |D'| (L1 rescale);
+//   hist  — one radix-select histogram pass over the magnitude keys of D (OnTIES);
 //   check — validates every output, writes nothing;
 //   write — stores θ, m, v (and Δ_c).
 // Validation records, per tensor slot and per kind of value, the lowest
@@ -15,12 +16,18 @@ struct StepU {
     beta1: f32, beta2: f32, c1: f32, c2: f32,
     eps: f32, neg_step: f32, bc2_sqrt: f32, decay_before: f32,
     decay_after: f32, scale: f32, alpha: f32, omega: f32,
-    factor: f32, clip: f32, pad0: f32, pad1: f32,
+    factor: f32, clip: f32, ties_variant: u32, hist_base: u32,
+    // OnTIES: the update's threshold (T, c) over the scope, the tensor's first
+    // index in the scope, and the histogram pass of the radix select.
+    thr_key: u32, cut_lo: u32, cut_hi: u32, off_lo: u32,
+    off_hi: u32, h_mode: u32, h_shift: u32, h_bits: u32,
+    h_key: u32, h_prefix_lo: u32, h_prefix_hi: u32, pad0: u32,
 }
 
 const PLAIN: u32 = 0u;
 const DARE_REF: u32 = 1u;
 const DARE_PAPER: u32 = 2u;
+const TIES: u32 = 3u;
 
 const SCAN: u32 = 0u;
 const CHECK: u32 = 1u;
@@ -38,6 +45,7 @@ const NCODES: u32 = 16u;
 @group(0) @binding(6) var<storage, read> TAU: array<u32>;
 @group(0) @binding(7) var<storage, read_write> STATUS: array<atomic<u32>>;
 @group(0) @binding(8) var<storage, read_write> NB: array<f32>;
+@group(0) @binding(9) var<storage, read_write> HIST: array<atomic<u32>>;
 
 fn flag(x: f32, code: u32, idx: u32) {
     if (is_nf(x)) {
@@ -66,6 +74,73 @@ fn clampc(x: f32, c: f32) -> f32 {
         return c;
     }
     return lo;
+}
+
+// Index of chunk element i in the OnTIES scope (64-bit).
+fn scope_index(i: u32) -> vec2<u32> {
+    let t = index64(U.start, 0u, i);
+    let lo = t.x + U.off_lo;
+    return vec2<u32>(lo, t.y + U.off_hi + select(0u, 1u, lo < t.x));
+}
+
+// merge_core::topk::Threshold::keeps on 64-bit indices.
+fn ties_keeps(key: u32, idx: vec2<u32>) -> bool {
+    if (key > U.thr_key) {
+        return true;
+    }
+    if (key != U.thr_key) {
+        return false;
+    }
+    return idx.y < U.cut_hi || (idx.y == U.cut_hi && idx.x < U.cut_lo);
+}
+
+// merge_core::onties::combine, on flushed operands.
+fn combine(variant: u32, tau: f32, delta: f32, alpha: f32, omega: f32) -> f32 {
+    if (variant == 0u) {
+        let positive = add(tau, delta) >= 0.0;
+        var a = 0.0;
+        if (tau != 0.0 && (tau > 0.0) == positive) {
+            a = mul(alpha, tau);
+        }
+        var b = 0.0;
+        if (delta != 0.0 && (delta > 0.0) == positive) {
+            b = mul(omega, delta);
+        }
+        return add(a, b);
+    }
+    let a = mul(alpha, tau);
+    let b = mul(omega, delta);
+    if ((a > 0.0 && b < 0.0) || (a < 0.0 && b > 0.0)) {
+        let ka = bitcast<u32>(a) & 0x7fffffffu;
+        let kb = bitcast<u32>(b) & 0x7fffffffu;
+        if (ka > kb) {
+            return a;
+        }
+        if (kb > ka) {
+            return b;
+        }
+        return select(b, a, a > 0.0);
+    }
+    return add(a, b);
+}
+
+// The Adam update of element i after rollback: D = Δ ⊕ Δ_c (merge phase).
+fn update_d(i: u32) -> f32 {
+    let g = fb(G[i]);
+    let m = fb(M[i]);
+    let v = fb(V[i]);
+    var c = 0.0;
+    if (U.has_cached != 0u) {
+        c = fb(C[i]);
+    }
+    let m1 = add(mul(U.beta1, m), mul(U.c1, g));
+    let v1 = add(mul(U.beta2, v), mul(U.c2, mul(g, g)));
+    var root = sqrt_cr(v1);
+    if (U.torch != 0u) {
+        root = div(root, U.bc2_sqrt);
+    }
+    let delta = mul(U.neg_step, div(m1, add(root, U.eps)));
+    return add(delta, c);
 }
 
 fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
@@ -114,17 +189,24 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
                 theta1 = add(theta0, d);
                 sp = d;
             } else {
-                let kept = keep(U.k0, U.k1, 0u, idx, U.threshold, U.keep_all);
-                if (U.kind == DARE_REF) {
-                    sp = select(0.0, mul(d, U.scale), kept);
-                } else {
-                    sp = select(0.0, mul(d, 1.0), kept);
+                var applied = 0.0;
+                if (U.kind != TIES) {
+                    let kept = keep(U.k0, U.k1, 0u, idx, U.threshold, U.keep_all);
+                    if (U.kind == DARE_REF) {
+                        sp = select(0.0, mul(d, U.scale), kept);
+                    } else {
+                        sp = select(0.0, mul(d, 1.0), kept);
+                    }
+                    applied = sp;
+                    if (mode != SCAN && U.do_rescale != 0u) {
+                        applied = clampc(mul(sp, U.factor), U.clip);
+                    }
                 }
-                var applied = sp;
-                if (mode != SCAN && U.do_rescale != 0u) {
-                    applied = clampc(mul(sp, U.factor), U.clip);
-                }
-                if (U.kind == DARE_REF) {
+                if (U.kind == TIES) {
+                    let kept = ties_keeps(bitcast<u32>(d) & 0x7fffffffu, scope_index(i));
+                    sp = select(0.0, mul(d, U.factor), kept);
+                    theta1 = add(theta0, combine(U.ties_variant, tau, sp, U.alpha, U.omega));
+                } else if (U.kind == DARE_REF) {
                     theta1 = add(add(theta0, mul(U.alpha, tau)), mul(U.omega, applied));
                 } else {
                     let tkept = keep(U.k0, U.k1, 1u, idx, U.threshold, U.keep_all);
@@ -175,6 +257,28 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
 fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     step_main(SCAN, wid, nwg, lid);
+}
+
+@compute @workgroup_size(256)
+fn hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    ZB = U.zero;
+    hist_clear(lid);
+    workgroupBarrier();
+    let i = linear_group(wid, nwg) * WG + lid;
+    if (i < U.n) {
+        let key = bitcast<u32>(update_d(i)) & 0x7fffffffu;
+        let idx = scope_index(i);
+        let h = HistPass(U.h_mode, U.h_shift, U.h_bits, U.h_key, U.h_prefix_lo, U.h_prefix_hi);
+        hist_count(h, key, idx.x, idx.y);
+    }
+    workgroupBarrier();
+    for (var j = lid; j < BUCKETS; j = j + WG) {
+        let c = atomicLoad(&LHIST[j]);
+        if (c != 0u) {
+            atomicAdd(&HIST[U.hist_base + j], c);
+        }
+    }
 }
 
 @compute @workgroup_size(256)
