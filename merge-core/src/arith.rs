@@ -41,8 +41,14 @@ pub fn div(a: f32, b: f32) -> f32 {
     flush(a / b)
 }
 
-/// `√a`, correctly rounded.
+/// `√a`, correctly rounded. With the `std` feature this is the compiler's square
+/// root, which vectorizes (`sqrtps`); without it, `libm::sqrtf`. Both are the IEEE
+/// correctly rounded square root, so the bits are the same.
 #[inline(always)]
 pub fn sqrt(a: f32) -> f32 {
-    flush(libm::sqrtf(a))
+    #[cfg(feature = "std")]
+    let r = a.sqrt();
+    #[cfg(not(feature = "std"))]
+    let r = libm::sqrtf(a);
+    flush(r)
 }

@@ -162,21 +162,13 @@ pub fn init_tau(params: &DareParams, seed: u64, name: &str, base: Src<'_>, sft: 
     };
     for i in 0..n {
         let t = value(i)?;
-        out.check(t).map_err(|e| store_error(name, "task vector", i as u64, e, dtype_of(out)))?;
+        out.check(t).map_err(|e| store_error(name, "task vector", i as u64, e, out.dtype()))?;
     }
     for i in 0..n {
         let t = value(i)?;
-        out.store(i, t).map_err(|e| store_error(name, "task vector", i as u64, e, dtype_of(out)))?;
+        out.store(i, t).map_err(|e| store_error(name, "task vector", i as u64, e, out.dtype()))?;
     }
     Ok(())
-}
-
-fn dtype_of(d: &Dst<'_>) -> crate::dtype::Dtype {
-    match d {
-        Dst::F32(_) => crate::dtype::Dtype::F32,
-        Dst::Bf16(_) => crate::dtype::Dtype::Bf16,
-        Dst::F16(_) => crate::dtype::Dtype::F16,
-    }
 }
 
 #[cfg(test)]

@@ -188,6 +188,14 @@ pub enum Dst<'a> {
 }
 
 impl Dst<'_> {
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Dst::F32(_) => Dtype::F32,
+            Dst::Bf16(_) => Dtype::Bf16,
+            Dst::F16(_) => Dtype::F16,
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Dst::F32(s) => s.len(),

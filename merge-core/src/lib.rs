@@ -1,6 +1,10 @@
 #![no_std]
 #![forbid(unsafe_code)]
 
+// `std` only lends the vectorizable square root (see `arith::sqrt`).
+#[cfg(feature = "std")]
+extern crate std;
+
 pub mod adam;
 pub mod arith;
 pub mod dare;

@@ -1,12 +1,16 @@
 //! The optimizer front for hosts: one configuration, one plan per step, and a
 //! whole-tensor `step_tensor` that validates the whole tensor before writing it.
 
-use crate::dare::{self, DareConfig, DareParams};
-use crate::dtype::{Dst, Src};
+use crate::arith::{is_non_finite, mul, sub};
+use crate::dare::{self, DareConfig, DareParams, validate_alpha, validate_p};
+use crate::dtype::{Dst, Src, store_error};
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, StepScalars, invalid};
+use crate::onties;
+use crate::reduce::TreeSum;
 use crate::rng::{MaskKey, check_extent, tensor_id};
-use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, TensorStep};
+use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep, TiesSelection};
+use crate::topk::{self, Threshold};
 
 /// What is merged into each update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -15,6 +19,57 @@ pub enum Merge {
     None,
     /// OnDARE.
     Dare(DareConfig),
+    /// OnTIES.
+    Ties(TiesConfig),
+}
+
+/// Where OnTIES trims (SPEC.md §4.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Each tensor keeps its own `⌈p·n⌉` largest magnitudes (the official code).
+    PerTensor,
+    /// One threshold over all tensors, concatenated in bytewise name order.
+    Global,
+}
+
+/// OnTIES hyperparameters as the user gives them (SPEC.md §5.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TiesConfig {
+    pub variant: onties::Variant,
+    /// Reserve rate `p ∈ (0, 1]`: the fraction of largest magnitudes kept.
+    pub p: f64,
+    /// Merge weight `α ∈ [0, 1]`.
+    pub alpha: f64,
+    /// L1 rescale of the trimmed values (no `ε`, no clamp).
+    pub rescale: bool,
+    pub scope: Scope,
+}
+
+impl Default for TiesConfig {
+    /// The paper's defaults: `p = 0.01`, `α = 1e-7`, per tensor, no rescale.
+    fn default() -> Self {
+        TiesConfig { variant: onties::Variant::Reference, p: 0.01, alpha: 1e-7, rescale: false, scope: Scope::PerTensor }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct TiesParams {
+    variant: onties::Variant,
+    p: f32,
+    alpha: f32,
+    one_minus_alpha: f32,
+    rescale: bool,
+    scope: Scope,
+}
+
+impl TiesConfig {
+    fn params(&self) -> Result<TiesParams, Error> {
+        let p = validate_p(self.p)?;
+        // k = ⌈p·n⌉ is computed from p's bits, which must be a normal binary32.
+        topk::keep_count("p (reserve rate)", p, 1)?;
+        let (alpha, one_minus_alpha) = validate_alpha(self.alpha)?;
+        Ok(TiesParams { variant: self.variant, p, alpha, one_minus_alpha, rescale: self.rescale, scope: self.scope })
+    }
 }
 
 /// Everything that defines an online merging optimizer run.
@@ -38,6 +93,7 @@ impl Default for OnlineConfig {
 enum MergeParams {
     None,
     Dare(DareParams),
+    Ties(TiesParams),
 }
 
 /// A validated configuration and the number of steps taken.
@@ -57,6 +113,7 @@ impl Optimizer {
         let merge = match config.merge {
             Merge::None => MergeParams::None,
             Merge::Dare(d) => MergeParams::Dare(d.params()?),
+            Merge::Ties(t) => MergeParams::Ties(t.params()?),
         };
         Ok(Optimizer { config, merge, steps: 0 })
     }
@@ -90,13 +147,157 @@ impl Optimizer {
     }
 
     /// Computes a tensor's stored task vector `τ'` from its base and SFT weights
-    /// (SPEC.md §5.2); validated before anything is written.
+    /// (SPEC.md §5.2, §5.3); validated before anything is written. OnTIES needs a
+    /// binary32 scratch for `τ`: use [`Optimizer::init_task_vectors`].
     pub fn init_task_vector(&self, name: &str, base: Src<'_>, sft: Src<'_>, out: &mut Dst<'_>) -> Result<(), Error> {
         match self.merge {
             MergeParams::Dare(p) => dare::init_tau(&p, self.config.seed, name, base, sft, out),
+            MergeParams::Ties(_) => Err(Error::LengthMismatch { tensor: tensor_name(name), what: "task-vector scratch (OnTIES: use init_task_vectors)", expected: out.len() as u64, found: 0 }),
             MergeParams::None => Err(invalid("merge", 0.0, "a merge method (plain AdamW has no task vector)")),
         }
     }
+
+    /// Computes the stored task vectors of several tensors: for OnTIES with global
+    /// scope the tensors must come in bytewise ascending name order (the scope's
+    /// sequence, SPEC.md §4.4) and all share one threshold. Every tensor is
+    /// validated before any is written.
+    pub fn init_task_vectors(&self, jobs: &mut [TaskVectorJob<'_>]) -> Result<(), Error> {
+        let t = match self.merge {
+            MergeParams::Ties(t) => t,
+            _ => {
+                for job in jobs.iter_mut() {
+                    self.init_task_vector(job.name, job.base, job.sft, &mut job.out)?;
+                }
+                return Ok(());
+            }
+        };
+        if t.scope == Scope::Global {
+            check_name_order(jobs.iter().map(|j| j.name))?;
+        }
+        // τ = θ_sft ⊖ θ_base into each scratch, validated.
+        for job in jobs.iter_mut() {
+            let n = job.out.len();
+            for (what, len) in [("base weights", job.base.len()), ("SFT weights", job.sft.len()), ("task-vector scratch", job.scratch.len())] {
+                if len != n {
+                    return Err(Error::LengthMismatch { tensor: tensor_name(job.name), what, expected: n as u64, found: len as u64 });
+                }
+            }
+            check_extent(job.name, 0, n)?;
+            for i in 0..n {
+                let (b, f) = (job.base.get(i), job.sft.get(i));
+                for (x, what) in [(b, "base weights"), (f, "SFT weights")] {
+                    if is_non_finite(x) {
+                        return Err(Error::NonFinite { tensor: tensor_name(job.name), what, index: i as u64 });
+                    }
+                }
+                let tau = sub(f, b);
+                if is_non_finite(tau) {
+                    return Err(Error::NonFinite { tensor: tensor_name(job.name), what: "task vector (SFT - base)", index: i as u64 });
+                }
+                job.scratch[i] = tau;
+            }
+        }
+        // Selections: one per tensor, or one over the whole sequence.
+        let mut global = None;
+        if t.scope == Scope::Global {
+            global = Some(select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?);
+        }
+        for pass in [false, true] {
+            let mut offset = 0u64;
+            for job in jobs.iter_mut() {
+                let sel = match global {
+                    Some(g) => g,
+                    None => select_over(&t, job.name, core::iter::once(&*job.scratch))?,
+                };
+                let local = if t.scope == Scope::Global { offset } else { 0 };
+                for i in 0..job.scratch.len() {
+                    let kept = onties::trim(job.scratch[i], local + i as u64, &sel.threshold);
+                    let value = mul(kept, sel.factor);
+                    let dtype = job.out.dtype();
+                    if pass {
+                        job.out.store(i, value).map_err(|e| store_error(job.name, "task vector", i as u64, e, dtype))?;
+                    } else {
+                        job.out.check(value).map_err(|e| store_error(job.name, "task vector", i as u64, e, dtype))?;
+                    }
+                }
+                offset += job.scratch.len() as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One tensor's inputs and output for [`Optimizer::init_task_vectors`].
+#[derive(Debug)]
+pub struct TaskVectorJob<'a> {
+    pub name: &'a str,
+    pub base: Src<'a>,
+    pub sft: Src<'a>,
+    pub out: Dst<'a>,
+    /// Binary32 room for `τ` (OnTIES; may be empty for OnDARE).
+    pub scratch: &'a mut [f32],
+}
+
+/// Global scope needs the tensors in bytewise ascending name order, each once.
+fn check_name_order<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), Error> {
+    let mut prev: Option<&str> = None;
+    for name in names {
+        if let Some(p) = prev {
+            if p.as_bytes() >= name.as_bytes() {
+                return Err(Error::InvalidHyperparameter { name: "tensor order (global scope)", value: 0.0, expected: "tensors in strictly ascending bytewise name order" });
+            }
+        }
+        prev = Some(name);
+    }
+    Ok(())
+}
+
+/// The threshold of `⌈p·n⌉` over the concatenated values, and the rescale factor.
+fn select_over<'a>(t: &TiesParams, scope: &str, values: impl Iterator<Item = &'a [f32]> + Clone) -> Result<TiesSelection, Error> {
+    let n: u64 = values.clone().map(|v| v.len() as u64).sum();
+    let k = topk::keep_count("p (reserve rate)", t.p, n)?;
+    let threshold = if n == 0 {
+        Threshold::NOTHING
+    } else if k == n {
+        Threshold::all(n)
+    } else {
+        let mut sel = topk::RadixSelect::new(scope, n, k)?;
+        loop {
+            let mut offset = 0u64;
+            for v in values.clone() {
+                sel.feed_values(offset, v)?;
+                offset += v.len() as u64;
+            }
+            if let Some(th) = sel.finish_pass()? {
+                break th;
+            }
+        }
+    };
+    let factor = if t.rescale {
+        let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());
+        let mut offset = 0u64;
+        let mut chunk = [0.0f32; 256];
+        for v in values.clone() {
+            full.push_abs_slice(v);
+            for (c, part) in v.chunks(256).enumerate() {
+                for (j, &x) in part.iter().enumerate() {
+                    chunk[j] = onties::trim(x, offset + (c * 256 + j) as u64, &threshold);
+                }
+                kept.push_abs_slice(&chunk[..part.len()]);
+            }
+            offset += v.len() as u64;
+        }
+        let (full, kept) = (full.finish(), kept.finish());
+        for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
+            if is_non_finite(x) {
+                return Err(Error::NonFiniteReduction { tensor: tensor_name(scope), what });
+            }
+        }
+        onties::rescale_factor(full, kept)
+    } else {
+        1.0
+    };
+    Ok(TiesSelection { threshold, factor })
 }
 
 /// One step of the optimizer, for every tensor.
@@ -136,45 +337,148 @@ impl StepPlan {
         self.phase
     }
 
-    /// The chunk-level plan of one tensor (rescale not yet known: see
-    /// [`StepPlan::needs_norms`] and [`Norms::rescale`]).
+    /// The chunk-level plan of one tensor (rescale and OnTIES selection not yet
+    /// known: see [`StepPlan::needs_norms`], [`Norms::rescale`] and
+    /// [`StepPlan::step_tensors`]).
     pub fn tensor<'n>(&self, name: &'n str, len: u64) -> Result<TensorStep<'n>, Error> {
         check_extent(name, 0, len.min(usize::MAX as u64) as usize)?;
         let merge = match self.merge {
             MergeParams::None => MergePlan::None,
             MergeParams::Dare(params) => MergePlan::Dare { params, key: MaskKey::new(self.seed, tensor_id(name), self.k as u32) },
+            MergeParams::Ties(t) => MergePlan::Ties { variant: t.variant, alpha: t.alpha, one_minus_alpha: t.one_minus_alpha, selection: None, offset: 0 },
         };
         Ok(TensorStep { name, len, scalars: self.scalars, phase: self.phase, merge, rescale: Rescale::Off })
     }
 
-    /// Whether this step needs the L1 norms pass before the rescale is known.
+    /// Whether this step needs the OnDARE L1 norms pass before the rescale is known.
     pub fn needs_norms(&self) -> bool {
         matches!(self.merge, MergeParams::Dare(p) if p.rescale) && self.phase == Phase::Merge
     }
 
-    /// The clip value the rescale clamps to.
+    /// Whether this step trims the update (OnTIES on a merge step): it then needs
+    /// each tensor's update in a scratch slice before anything is written.
+    pub fn needs_update_scratch(&self) -> bool {
+        matches!(self.merge, MergeParams::Ties(_)) && self.phase == Phase::Merge
+    }
+
+    /// The clip value the OnDARE rescale clamps to.
     pub fn clip(&self) -> f32 {
         match self.merge {
             MergeParams::Dare(p) => p.clip,
-            MergeParams::None => 0.0,
+            MergeParams::None | MergeParams::Ties(_) => 0.0,
         }
     }
 
-    /// Steps one whole tensor in place: norms (if the rescale needs them), then a
-    /// validating pass, then the writing pass. On error nothing is written.
+    /// Steps one whole tensor in place (plain AdamW and OnDARE; OnTIES needs
+    /// [`StepPlan::step_tensor_with_scratch`]). On error nothing is written.
     pub fn step_tensor(&self, name: &str, grad: &[f32], state: TensorState<'_>) -> Result<(), Error> {
-        let TensorState { theta, m, v, cached, tau } = state;
-        if self.need_cached && cached.is_none() {
-            return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
+        self.step_tensor_with_scratch(name, grad, state, &mut [])
+    }
+
+    /// Steps one whole tensor in place: the norms or update pass where the merge
+    /// needs one, then a validating pass, then the writing pass. `scratch` holds the
+    /// update for OnTIES (same length as the tensor; may be empty otherwise). On
+    /// error nothing is written. OnTIES with global scope needs every tensor at
+    /// once: use [`StepPlan::step_tensors`].
+    pub fn step_tensor_with_scratch(&self, name: &str, grad: &[f32], state: TensorState<'_>, scratch: &mut [f32]) -> Result<(), Error> {
+        if matches!(self.merge, MergeParams::Ties(t) if t.scope == Scope::Global) && self.phase == Phase::Merge {
+            return Err(invalid("scope", 0.0, "per-tensor for step_tensor (global scope: use step_tensors)"));
         }
-        let mut plan = self.tensor(name, grad.len() as u64)?;
+        let TensorState { theta, m, v, cached, tau } = state;
         let mut st = StateMut { theta, m, v, cached };
-        if self.needs_norms() {
-            let mut norms = Norms::default();
-            plan.scan_chunk(0, grad, st.as_ref(), tau, Some(&mut norms), None)?;
-            plan.rescale = norms.rescale(name, self.scalars.eps, self.clip())?;
+        let mut plan = self.prepare(name, grad, &st.as_ref(), tau, scratch)?;
+        if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
+            *selection = Some(select_over(&t, name, core::iter::once(&*scratch))?);
         }
         plan.check_chunk(0, grad, st.as_ref(), tau)?;
         plan.write_chunk(0, grad, StateMut { theta: st.theta, m: st.m, v: st.v, cached: st.cached.as_deref_mut() }, tau)
     }
+
+    /// Steps several tensors; the one entry that serves every merge and scope.
+    /// With OnTIES and global scope the jobs must come in bytewise ascending name
+    /// order, and no tensor is written unless every tensor passes; otherwise
+    /// each tensor is stepped as by [`StepPlan::step_tensor_with_scratch`].
+    pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {
+        let t = match self.merge {
+            MergeParams::Ties(t) if t.scope == Scope::Global && self.phase == Phase::Merge => t,
+            _ => {
+                for job in jobs.iter_mut() {
+                    let state = TensorState { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut(), tau: job.tau };
+                    self.step_tensor_with_scratch(job.name, job.grad, state, job.scratch)?;
+                }
+                return Ok(());
+            }
+        };
+        check_name_order(jobs.iter().map(|j| j.name))?;
+        for job in jobs.iter_mut() {
+            let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
+            self.prepare(job.name, job.grad, &st, job.tau, job.scratch)?;
+        }
+        let selection = select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
+        for write in [false, true] {
+            let mut offset = 0u64;
+            for job in jobs.iter_mut() {
+                let mut plan = self.tensor(job.name, job.grad.len() as u64)?;
+                if let MergePlan::Ties { selection: s, offset: o, .. } = &mut plan.merge {
+                    *s = Some(selection);
+                    *o = offset;
+                }
+                if write {
+                    let st = StateMut { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut() };
+                    plan.write_chunk(0, job.grad, st, job.tau)?;
+                } else {
+                    let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
+                    plan.check_chunk(0, job.grad, st, job.tau)?;
+                }
+                offset += job.grad.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The OnTIES selection of this step's updates over one scope: one tensor's
+    /// update, or every tensor's in bytewise name order for global scope. For
+    /// callers that run the chunk passes themselves; set the result into the
+    /// tensor plan's `MergePlan::Ties` with the tensor's offset in the scope.
+    pub fn ties_selection(&self, scope: &str, updates: &[&[f32]]) -> Result<TiesSelection, Error> {
+        match self.merge {
+            MergeParams::Ties(t) => select_over(&t, scope, updates.iter().copied()),
+            _ => Err(invalid("merge", 0.0, "OnTIES (only OnTIES trims the update)")),
+        }
+    }
+
+    /// The tensor's plan after the passes it needs before checking: the OnDARE
+    /// norms (rescale), or the OnTIES update written into `scratch`.
+    fn prepare<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<TensorStep<'n>, Error> {
+        if self.need_cached && st.cached.is_none() {
+            return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
+        }
+        let mut plan = self.tensor(name, grad.len() as u64)?;
+        if self.needs_norms() {
+            let mut norms = Norms::default();
+            plan.scan_chunk(0, grad, *st, tau, Some(&mut norms), None)?;
+            plan.rescale = norms.rescale(name, self.scalars.eps, self.clip())?;
+        }
+        if self.needs_update_scratch() {
+            if scratch.len() != grad.len() {
+                return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "update scratch (OnTIES)", expected: grad.len() as u64, found: scratch.len() as u64 });
+            }
+            plan.scan_chunk(0, grad, *st, tau, None, Some(scratch))?;
+        }
+        Ok(plan)
+    }
+}
+
+/// One tensor of [`StepPlan::step_tensors`].
+#[derive(Debug)]
+pub struct StepJob<'a> {
+    pub name: &'a str,
+    pub grad: &'a [f32],
+    pub theta: &'a mut [f32],
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+    pub cached: Option<&'a mut [f32]>,
+    pub tau: Src<'a>,
+    /// Room for the update (OnTIES merge steps; may be empty otherwise).
+    pub scratch: &'a mut [f32],
 }

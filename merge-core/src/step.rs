@@ -20,10 +20,12 @@ use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamForm, StepScalars};
 use crate::reduce::TreeSum;
+use crate::onties;
 use crate::rng::{MaskKey, check_extent, stream};
+use crate::topk::{Threshold, magnitude_key};
 
 /// Elements per block.
-pub const BLOCK: usize = 64;
+pub const BLOCK: usize = 256;
 
 /// What the step does with the Adam update `Δ` (after rollback, `D = Δ ⊕ Δ_c`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -32,6 +34,18 @@ pub enum MergePlan {
     None,
     /// OnDARE with the tensor's mask key for this step.
     Dare { params: DareParams, key: MaskKey },
+    /// OnTIES. `selection` is `None` until the update's threshold over the scope
+    /// is known (the scan pass runs without it); `offset` is the tensor's first
+    /// index in the scope's sequence (0 for per-tensor scope).
+    Ties { variant: onties::Variant, alpha: f32, one_minus_alpha: f32, selection: Option<TiesSelection>, offset: u64 },
+}
+
+/// The trimming of one step's update over a scope (SPEC.md §5.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TiesSelection {
+    pub threshold: Threshold,
+    /// `ρ(D, D')`, or 1 without the rescale.
+    pub factor: f32,
 }
 
 /// Step-K phase (SPEC.md §5.4).
@@ -120,9 +134,11 @@ impl StateMut<'_> {
 }
 
 /// Kernels, picked once per chunk.
-const PLAIN: u8 = 0;
-const DARE_REF: u8 = 1;
-const DARE_PAPER: u8 = 2;
+const ACCUM: u8 = 0;
+const PLAIN: u8 = 1;
+const DARE_REF: u8 = 2;
+const DARE_PAPER: u8 = 3;
+const TIES: u8 = 4;
 
 /// Inputs of one block, flushed.
 struct BlockIn {
@@ -136,6 +152,8 @@ struct BlockIn {
     /// Uniforms of streams 0 and 1 (only filled for the kernels that use them).
     u0: [u32; BLOCK],
     u1: [u32; BLOCK],
+    /// Index of the block's first element in the tensor (OnTIES trims by index).
+    first: u64,
 }
 
 /// Outputs of one block.
@@ -162,6 +180,7 @@ impl BlockIn {
             tau: [0.0; BLOCK],
             u0: [0; BLOCK],
             u1: [0; BLOCK],
+            first: 0,
         }
     }
 }
@@ -179,6 +198,30 @@ impl BlockOut {
     }
 }
 
+/// A block's inputs and outputs, reused from block to block.
+struct Buffers {
+    inp: BlockIn,
+    out: BlockOut,
+}
+
+impl Buffers {
+    fn new() -> Self {
+        Buffers { inp: BlockIn::new(), out: BlockOut::new() }
+    }
+
+    /// Stores the validated block.
+    #[inline]
+    fn store(&self, dst: StateMut<'_>) {
+        let n = dst.theta.len();
+        dst.theta.copy_from_slice(&self.out.theta[..n]);
+        dst.m.copy_from_slice(&self.out.m[..n]);
+        dst.v.copy_from_slice(&self.out.v[..n]);
+        if let Some(c) = dst.cached {
+            c.copy_from_slice(&self.out.cached[..n]);
+        }
+    }
+}
+
 #[inline(always)]
 fn load(dst: &mut [f32; BLOCK], src: &[f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
@@ -190,16 +233,29 @@ fn load(dst: &mut [f32; BLOCK], src: &[f32]) {
 /// block per aligned pair.
 #[inline(always)]
 fn uniforms(key: &MaskKey, stream: u32, start: u64, n: usize, u: &mut [u32; BLOCK]) {
-    let mut pairs = [0u32; BLOCK + 2];
-    let shift = (start & 1) as usize;
+    const PAIRS: usize = BLOCK / 2 + 1;
+    let mut even = [0u32; PAIRS];
+    let mut odd = [0u32; PAIRS];
     let first_pair = (start >> 1) as u32;
-    let count = (shift + n).div_ceil(2);
-    for p in 0..count {
+    // Straight-line lanes: the Threefry rounds vectorize across pairs.
+    for p in 0..PAIRS {
         let [a, b] = key.pair(first_pair.wrapping_add(p as u32), stream);
-        pairs[2 * p] = a;
-        pairs[2 * p + 1] = b;
+        even[p] = a;
+        odd[p] = b;
     }
-    u[..n].copy_from_slice(&pairs[shift..shift + n]);
+    if start & 1 == 0 {
+        for (p, pair) in u.chunks_exact_mut(2).enumerate() {
+            pair[0] = even[p];
+            pair[1] = odd[p];
+        }
+    } else {
+        // An odd start (a chunk cut at an odd index): element j is the element at
+        // position j + 1 counted from the first pair's even half.
+        for (j, slot) in u[..n].iter_mut().enumerate() {
+            let k = j + 1;
+            *slot = if k & 1 == 0 { even[k >> 1] } else { odd[k >> 1] };
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -212,11 +268,13 @@ enum Pass {
 impl TensorStep<'_> {
     fn kind(&self) -> u8 {
         match (self.phase, self.merge) {
-            (Phase::Accumulate, _) | (Phase::Merge, MergePlan::None) => PLAIN,
+            (Phase::Accumulate, _) => ACCUM,
+            (Phase::Merge, MergePlan::None) => PLAIN,
             (Phase::Merge, MergePlan::Dare { params, .. }) => match params.variant {
                 DareVariant::Reference => DARE_REF,
                 DareVariant::Paper => DARE_PAPER,
             },
+            (Phase::Merge, MergePlan::Ties { .. }) => TIES,
         }
     }
 
@@ -226,7 +284,7 @@ impl TensorStep<'_> {
         if let Some(c) = s.cached {
             lens[3].1 = c.len();
         }
-        if self.kind() != PLAIN {
+        if matches!(self.kind(), DARE_REF | DARE_PAPER | TIES) {
             lens[4].1 = tau.len();
         }
         for (what, len) in lens {
@@ -267,60 +325,85 @@ impl TensorStep<'_> {
         self.run(Pass::Check, offset, grad, &state, &tau, |_, _, _| {})
     }
 
-    /// Pass 3: computes and stores. Each block is validated before it is stored, so
-    /// an error leaves the failing block and everything after it untouched; run
-    /// [`TensorStep::check_chunk`] over the whole tensor first so that a failing
-    /// tensor is not written at all (as `optim::Optimizer::step_tensor` does).
+    /// Pass 3: computes and stores in place. Each block is validated before it is
+    /// stored, so an error leaves the failing block and everything after it
+    /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
+    /// that a failing tensor is not written at all (as
+    /// `optim::StepPlan::step_tensor` does), or use [`TensorStep::write_chunk_into`].
     pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         let StateMut { theta, m, v, mut cached } = state;
+        let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
-            let out = {
-                let view = StateRef {
-                    theta: &theta[start..start + len],
-                    m: &m[start..start + len],
-                    v: &v[start..start + len],
-                    cached: cached.as_deref().map(|c| &c[start..start + len]),
-                };
-                self.block(Pass::Write, offset + start as u64, &grad[start..start + len], &view, &tau.slice(start, len))?
-            };
-            theta[start..start + len].copy_from_slice(&out.theta[..len]);
-            m[start..start + len].copy_from_slice(&out.m[..len]);
-            v[start..start + len].copy_from_slice(&out.v[..len]);
-            if let Some(c) = cached.as_deref_mut() {
-                c[start..start + len].copy_from_slice(&out.cached[..len]);
+            let r = start..start + len;
+            {
+                let view = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: cached.as_deref().map(|c| &c[r.clone()]) };
+                self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
             }
+            bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// The single-pass alternative: reads the state from `input`, writes the new
+    /// state to `output` (separate buffers, e.g. ping-pong). On error `input` is
+    /// untouched, so a caller that swaps buffers only on success never sees a
+    /// partly updated tensor, with one pass instead of check + write.
+    pub fn write_chunk_into(&self, offset: u64, grad: &[f32], input: StateRef<'_>, tau: Src<'_>, output: StateMut<'_>) -> Result<(), Error> {
+        self.check_lengths(offset, grad, &input, &tau)?;
+        let out_ref = output.as_ref();
+        let lens = [("new parameter", out_ref.theta.len()), ("new exp_avg", out_ref.m.len()), ("new exp_avg_sq", out_ref.v.len())];
+        for (what, len) in lens {
+            if len != grad.len() {
+                return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what, expected: grad.len() as u64, found: len as u64 });
+            }
+        }
+        if out_ref.cached.map(|c| c.len()) != input.cached.map(|c| c.len()) {
+            return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
+        }
+        let StateMut { theta, m, v, mut cached } = output;
+        let mut bufs = Buffers::new();
+        let n = grad.len();
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            let r = start..start + len;
+            let view = StateRef { theta: &input.theta[r.clone()], m: &input.m[r.clone()], v: &input.v[r.clone()], cached: input.cached.map(|c| &c[r.clone()]) };
+            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
+            bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
             start += len;
         }
         Ok(())
     }
 
     fn run(&self, pass: Pass, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
+        let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
-            let view = StateRef {
-                theta: &state.theta[start..start + len],
-                m: &state.m[start..start + len],
-                v: &state.v[start..start + len],
-                cached: state.cached.map(|c| &c[start..start + len]),
-            };
-            let out = self.block(pass, offset + start as u64, &grad[start..start + len], &view, &tau.slice(start, len))?;
-            sink(start, &out, len);
+            let r = start..start + len;
+            let view = StateRef { theta: &state.theta[r.clone()], m: &state.m[r.clone()], v: &state.v[r.clone()], cached: state.cached.map(|c| &c[r.clone()]) };
+            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
+            sink(start, &bufs.out, len);
             start += len;
         }
         Ok(())
     }
 
-    /// Loads, computes and validates one block.
+    /// Loads, computes and validates one block into `bufs.out`.
     #[inline]
-    fn block(&self, pass: Pass, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>) -> Result<BlockOut, Error> {
-        let mut inp = BlockIn::new();
+    fn block(&self, pass: Pass, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
+        let Buffers { inp, out } = bufs;
         let n = grad.len();
+        if n < inp.n {
+            // A short last block: the unused lanes hold zeros, which never fail.
+            *inp = BlockIn::new();
+        }
         inp.n = n;
         load(&mut inp.g, grad);
         load(&mut inp.theta, state.theta);
@@ -330,45 +413,75 @@ impl TensorStep<'_> {
             load(&mut inp.cached, c);
         }
         let kind = self.kind();
-        if kind != PLAIN {
+        let dare = matches!(kind, DARE_REF | DARE_PAPER);
+        if dare || kind == TIES {
             tau.load_into(0, &mut inp.tau[..n]);
         }
+        if kind == TIES {
+            if pass != Pass::Scan && !matches!(self.merge, MergePlan::Ties { selection: Some(_), .. }) {
+                return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "the update's threshold, computed after the scan pass" });
+            }
+            inp.first = index;
+        }
         if let MergePlan::Dare { key, .. } = self.merge {
-            if kind != PLAIN {
+            if dare {
                 uniforms(&key, stream::UPDATE, index, n, &mut inp.u0);
             }
             if kind == DARE_PAPER {
                 uniforms(&key, stream::TAU_PAPER, index, n, &mut inp.u1);
             }
         }
-        let mut out = BlockOut::new();
         let torch = self.scalars.form == AdamForm::Torch;
-        let bad = match (torch, kind) {
-            (false, PLAIN) => self.compute::<false, PLAIN>(pass, &inp, &mut out),
-            (true, PLAIN) => self.compute::<true, PLAIN>(pass, &inp, &mut out),
-            (false, DARE_REF) => self.compute::<false, DARE_REF>(pass, &inp, &mut out),
-            (true, DARE_REF) => self.compute::<true, DARE_REF>(pass, &inp, &mut out),
-            (false, _) => self.compute::<false, DARE_PAPER>(pass, &inp, &mut out),
-            (true, _) => self.compute::<true, DARE_PAPER>(pass, &inp, &mut out),
+        let bad = match (torch, state.cached.is_some()) {
+            (false, false) => self.dispatch::<false, false>(kind, pass, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, inp, out),
         };
         if bad {
-            return Err(self.first_non_finite(pass, index, &inp, &out, state, grad, tau));
+            return Err(self.first_non_finite(pass, index, inp, out, state, grad, tau));
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// The block's arithmetic; returns whether any checked value is non-finite.
     #[inline(always)]
-    fn compute<const TORCH: bool, const KIND: u8>(&self, pass: Pass, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, inp: &BlockIn, out: &mut BlockOut) -> bool {
+        match kind {
+            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, inp, out),
+            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, inp, out),
+            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, inp, out),
+            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, inp, out),
+            _ => self.compute::<TORCH, TIES, CACHED>(pass, inp, out),
+        }
+    }
+
+    /// The block's arithmetic; returns whether any value of the block is non-finite.
+    ///
+    /// The fast test looks only at values every non-finite input reaches: `g`, `m`
+    /// reach `m'` (`c1 > 0`, and `0 ⊗ Inf` is NaN), `v` reaches `v'`, `Δ_c` reaches
+    /// `D` (merge) or `Δ_c'` (accumulate), `θ`, the reference OnDARE `τ'` and the
+    /// OnTIES `τ'` (through `combine`, where `0 ⊗ Inf` is NaN) reach the new `θ`.
+    /// Only a masked-out paper `τ` can vanish, so it is tested itself, and the scan
+    /// pass (which has no new `θ`) tests `θ` and `τ'` directly. The slow path
+    /// then names the lowest index over every input and output.
+    #[inline(always)]
+    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, inp: &BlockIn, out: &mut BlockOut) -> bool {
         let s = &self.scalars;
-        let accumulate = self.phase == Phase::Accumulate;
+        let scan = pass == Pass::Scan;
         let (dp, rescale) = match self.merge {
-            MergePlan::Dare { params, .. } => (params, if pass == Pass::Scan { Rescale::Off } else { self.rescale }),
-            MergePlan::None => (DARE_NEUTRAL, Rescale::Off),
+            MergePlan::Dare { params, .. } => (params, if scan { Rescale::Off } else { self.rescale }),
+            MergePlan::None | MergePlan::Ties { .. } => (DARE_NEUTRAL, Rescale::Off),
         };
         let (factor, clip, do_rescale) = match rescale {
             Rescale::Off => (1.0, 0.0, false),
             Rescale::Apply { factor, clip } => (factor, clip, true),
+        };
+        let (tv, t_alpha, t_omega, t_sel, t_local) = match self.merge {
+            MergePlan::Ties { variant, alpha, one_minus_alpha, selection, offset } => {
+                let sel = selection.unwrap_or(TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 });
+                (variant, alpha, one_minus_alpha, sel, sel.threshold.local(offset + inp.first))
+            }
+            _ => (onties::Variant::Reference, 0.0, 1.0, TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 }, Threshold::NOTHING.local(0)),
         };
         let mut bad = 0u32;
         for j in 0..BLOCK {
@@ -376,24 +489,32 @@ impl TensorStep<'_> {
             let (m1, v1) = adam::moments(s, inp.g[j], inp.m[j], inp.v[j]);
             let delta = adam::delta::<TORCH>(s, m1, v1);
             let c = inp.cached[j];
-            let (theta1, cached1, d, sparse) = if KIND == PLAIN && accumulate {
-                (add(theta, delta), add(c, delta), delta, delta)
-            } else {
-                let theta0 = sub(theta, c);
-                let d = add(delta, c);
-                match KIND {
-                    PLAIN => (add(theta0, d), 0.0, d, d),
-                    DARE_REF => {
-                        let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), dp.scale);
-                        let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                        (dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha), 0.0, d, sp)
+            // Without a cached delta the rollback is `θ ⊖ +0` and `Δ ⊕ +0`: identities.
+            let (theta0, d) = if KIND != ACCUM && CACHED { (sub(theta, c), add(delta, c)) } else { (theta, delta) };
+            let mut cached1 = 0.0;
+            let (theta1, sparse) = match KIND {
+                ACCUM => {
+                    if CACHED {
+                        cached1 = add(c, delta);
                     }
-                    _ => {
-                        let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), 1.0);
-                        let tau = if dp.keep.keeps(inp.u1[j]) { inp.tau[j] } else { 0.0 };
-                        let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                        (dare::merge_paper(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), 0.0, d, sp)
-                    }
+                    (add(theta, delta), delta)
+                }
+                PLAIN => (add(theta0, d), d),
+                DARE_REF => {
+                    let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), dp.scale);
+                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
+                    (dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha), sp)
+                }
+                TIES => {
+                    let kept = t_local.keeps(magnitude_key(d), j as u32);
+                    let sp = if kept { mul(d, t_sel.factor) } else { 0.0 };
+                    (add(theta0, onties::combine(tv, inp.tau[j], sp, t_alpha, t_omega)), sp)
+                }
+                _ => {
+                    let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), 1.0);
+                    let tau = if dp.keep.keeps(inp.u1[j]) { inp.tau[j] } else { 0.0 };
+                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
+                    (dare::merge_paper(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
             };
             let theta2 = adam::decay_after::<TORCH>(s, theta1);
@@ -403,11 +524,19 @@ impl TensorStep<'_> {
             out.cached[j] = cached1;
             out.d[j] = d;
             out.sparse[j] = sparse;
-            let inputs = nf(inp.g[j]) | nf(inp.theta[j]) | nf(inp.m[j]) | nf(inp.v[j]) | nf(c) | nf(inp.tau[j]);
-            let outputs = nf(m1) | nf(v1) | nf(d) | nf(sparse) | nf(cached1);
-            let final_theta = if pass == Pass::Scan { 0 } else { nf(theta2) };
+            let mut flags = nf(m1) | nf(v1) | nf(d);
+            if KIND == DARE_REF || KIND == DARE_PAPER || KIND == TIES {
+                flags |= nf(sparse);
+            }
+            if KIND == DARE_PAPER {
+                flags |= nf(inp.tau[j]);
+            }
+            if KIND == ACCUM && CACHED {
+                flags |= nf(cached1);
+            }
+            flags |= if scan { nf(inp.theta[j]) | nf(inp.tau[j]) } else { nf(theta2) };
             // Lanes past the block's end hold zeros and never fail.
-            bad |= inputs | outputs | final_theta;
+            bad |= flags;
         }
         bad != 0
     }
@@ -416,7 +545,7 @@ impl TensorStep<'_> {
     #[cold]
     #[allow(clippy::too_many_arguments)]
     fn first_non_finite(&self, pass: Pass, index: u64, inp: &BlockIn, out: &BlockOut, state: &StateRef<'_>, grad: &[f32], tau: &Src<'_>) -> Error {
-        let uses_tau = self.kind() != PLAIN;
+        let uses_tau = matches!(self.kind(), DARE_REF | DARE_PAPER | TIES);
         for j in 0..inp.n {
             let checks = [
                 (grad[j], "gradient"),

@@ -7,7 +7,11 @@ use crate::dare::{DareConfig, DareVariant};
 use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, AdamForm, Schedule, StepScalars};
-use crate::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use crate::onties;
+use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TensorState, TiesConfig};
+use crate::dtype::Dst;
+use crate::step::MergePlan;
+use crate::topk::magnitude_key;
 use crate::rng::{Keep, MaskKey, tensor_id};
 use crate::step::{Norms, Phase, StateMut, StateRef};
 use crate::testutil::Rng;
@@ -73,6 +77,21 @@ fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
         }
         match cfg.merge {
             Merge::None => for i in 0..n { theta[i] = a(theta[i], delta[i]); },
+            Merge::Ties(t) => {
+                let kept = naive_top_k(&[&delta], t.p as f32);
+                let mut sel: Vec<f32> = (0..n).map(|i| if kept[i] { fl(delta[i]) } else { 0.0 }).collect();
+                if t.rescale {
+                    let (full, part) = (l1(&delta), l1(&sel));
+                    if full >= 1e-8f32 && part > 0.0 {
+                        let r = d_(full, part);
+                        for x in sel.iter_mut() { *x = m_(*x, r); }
+                    }
+                }
+                let (al, om) = (fl(t.alpha as f32), fl((1.0 - t.alpha) as f32));
+                for i in 0..n {
+                    theta[i] = a(theta[i], onties::combine(t.variant, tau[i], sel[i], al, om));
+                }
+            }
             Merge::Dare(d) => {
                 let p32 = d.p as f32;
                 let keep = Keep::new(p32).unwrap();
@@ -106,6 +125,21 @@ fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
     }
 }
 
+/// Which elements of the concatenation keep: the `⌈p·n⌉` largest keys, ties to
+/// the lowest index, by sorting (independent of the radix select).
+fn naive_top_k(parts: &[&[f32]], p: f32) -> Vec<bool> {
+    let all: Vec<f32> = parts.iter().flat_map(|x| x.iter().copied()).collect();
+    let n = all.len();
+    let k = ((f64::from(p) * n as f64).ceil() as usize).clamp(1, n);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (core::cmp::Reverse(magnitude_key(all[i])), i));
+    let mut kept = vec![false; n];
+    for &i in &order[..k] {
+        kept[i] = true;
+    }
+    kept
+}
+
 fn random_state(rng: &mut Rng, n: usize) -> (Vec<f32>, State, Vec<f32>) {
     let g: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-2).collect();
     let theta: Vec<f32> = (0..n).map(|_| rng.unit_f32()).collect();
@@ -119,7 +153,8 @@ fn run_front(cfg: &OnlineConfig, steps: u64, name: &str, grads: &[Vec<f32>], st:
     for k in 0..steps {
         let plan = opt.begin_step().unwrap();
         let cached = if opt.needs_cached_delta() { Some(&mut st.cached[..]) } else { None };
-        plan.step_tensor(name, &grads[k as usize], TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }).unwrap();
+        let mut scratch = vec![f32::NAN; tau.len()];
+        plan.step_tensor_with_scratch(name, &grads[k as usize], TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }, &mut scratch).unwrap();
     }
 }
 
@@ -132,6 +167,14 @@ fn configs() -> Vec<OnlineConfig> {
                 for k in [1, 3] {
                     let dare = DareConfig { variant, p: 0.3, alpha: 0.25, rescale, clip: 1e-3 };
                     out.push(OnlineConfig { adam, merge: Merge::Dare(dare), k, seed: 0xdead_beef_0bad_cafe });
+                }
+            }
+        }
+        for variant in [onties::Variant::Reference, onties::Variant::Paper] {
+            for rescale in [false, true] {
+                for k in [1, 3] {
+                    let ties = TiesConfig { variant, p: 0.3, alpha: 0.25, rescale, scope: Scope::PerTensor };
+                    out.push(OnlineConfig { adam, merge: Merge::Ties(ties), k, seed: 5 });
                 }
             }
         }
@@ -188,6 +231,12 @@ fn p_one_alpha_zero_is_adamw_bit_for_bit() {
             assert_eq!(bits(&got.theta), bits(&want.theta), "{form:?} {variant:?}");
             assert_eq!(bits(&got.m), bits(&want.m));
         }
+        // OnTIES: the paper variant reduces to AdamW (SPEC.md §5.3); the reference
+        // variant does not, by design (it drops D where τ' wins the election).
+        let ties = TiesConfig { variant: onties::Variant::Paper, p: 1.0, alpha: 0.0, rescale: false, scope: Scope::PerTensor };
+        let mut got = st0.clone();
+        run_front(&OnlineConfig { merge: Merge::Ties(ties), ..plain }, 4, "t", &grads, &mut got, &tau);
+        assert_eq!(bits(&got.theta), bits(&want.theta), "{form:?} OnTIES paper");
     }
 }
 
@@ -269,6 +318,17 @@ fn step_in_chunks(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
             ts.scan_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi]), Some(&mut norms), None).unwrap();
         }
         ts.rescale = norms.rescale(name, plan.scalars().eps, plan.clip()).unwrap();
+    }
+    if plan.needs_update_scratch() {
+        let mut scratch = vec![0.0f32; g.len()];
+        for &(lo, hi) in &bounds {
+            let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: cached.then(|| &st.cached[lo..hi]) };
+            ts.scan_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi]), None, Some(&mut scratch[lo..hi])).unwrap();
+        }
+        let sel = plan.ties_selection(name, &[&scratch]).unwrap();
+        if let MergePlan::Ties { selection, .. } = &mut ts.merge {
+            *selection = Some(sel);
+        }
     }
     for &(lo, hi) in &bounds {
         let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: cached.then(|| &st.cached[lo..hi]) };
@@ -395,4 +455,97 @@ fn bad_configurations_are_named() {
     assert!(matches!(e, Error::LengthMismatch { what: "cached delta (required when k > 1)", .. }));
     let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]), tau: Src::F32(&[0.0; 3]) }).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "exp_avg", expected: 3, found: 2, .. }));
+}
+
+#[test]
+fn global_ties_trims_the_concatenation_in_name_order() {
+    let mut rng = Rng::new(8);
+    let names = ["a.bias", "a.weight", "b.weight"];
+    let sizes = [7usize, 300, 129];
+    for variant in [onties::Variant::Reference, onties::Variant::Paper] {
+        for rescale in [false, true] {
+            let ties = TiesConfig { variant, p: 0.05, alpha: 0.3, rescale, scope: Scope::Global };
+            let cfg = OnlineConfig { adam: AdamConfig { lr: 1e-3, ..AdamConfig::default() }, merge: Merge::Ties(ties), k: 1, seed: 3 };
+            let opt = Optimizer::new(cfg).unwrap();
+            let mut states: Vec<(Vec<f32>, State, Vec<f32>)> = sizes.iter().map(|&n| random_state(&mut rng, n)).collect();
+            // Scale the tensors differently so the global threshold is not per-tensor.
+            for (t, (g, _, _)) in states.iter_mut().enumerate() {
+                for x in g.iter_mut() { *x *= [1.0, 0.01, 3.0][t]; }
+            }
+            let before: Vec<State> = states.iter().map(|s| s.1.clone()).collect();
+            let mut scratches: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            {
+                let plan = opt.plan(1).unwrap();
+                let mut jobs: Vec<StepJob<'_>> = states.iter_mut().zip(scratches.iter_mut()).zip(names).map(|(((g, st, tau), scr), name)| StepJob {
+                    name, grad: g, theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(tau), scratch: scr,
+                }).collect();
+                plan.step_tensors(&mut jobs).unwrap();
+                // Out of order: refused.
+                jobs.swap(0, 2);
+                assert!(matches!(plan.step_tensors(&mut jobs), Err(Error::InvalidHyperparameter { name: "tensor order (global scope)", .. })));
+            }
+            // Reference: the Adam deltas, one top-k over the concatenation.
+            let s = cfg.adam.scalars(1).unwrap();
+            let deltas: Vec<Vec<f32>> = states.iter().zip(&before).map(|((g, _, _), st)| {
+                (0..g.len()).map(|i| {
+                    let m1 = a(m_(s.beta1, st.m[i]), m_(s.one_minus_beta1, g[i]));
+                    let v1 = a(m_(s.beta2, st.v[i]), m_(s.one_minus_beta2, m_(g[i], g[i])));
+                    m_(s.neg_step_size, d_(m1, a(fl(libm::sqrtf(v1)), s.eps)))
+                }).collect()
+            }).collect();
+            let parts: Vec<&[f32]> = deltas.iter().map(|d| &d[..]).collect();
+            let kept = naive_top_k(&parts, 0.05);
+            let all: Vec<f32> = parts.concat();
+            let mut sel: Vec<f32> = all.iter().zip(&kept).map(|(&d, &k)| if k { d } else { 0.0 }).collect();
+            if rescale {
+                let r = d_(l1(&all), l1(&sel));
+                for x in sel.iter_mut() { *x = m_(*x, r); }
+            }
+            let mut at = 0;
+            for (t, (_, st, tau)) in states.iter().enumerate() {
+                for i in 0..sizes[t] {
+                    let u = onties::combine(variant, tau[i], sel[at + i], fl(0.3f32), fl((1.0 - 0.3f64) as f32));
+                    let want = a(before[t].theta[i], u);
+                    assert_eq!(st.theta[i].to_bits(), want.to_bits(), "{variant:?} {rescale} {} [{i}]", names[t]);
+                }
+                at += sizes[t];
+            }
+        }
+    }
+}
+
+#[test]
+fn ties_task_vectors_per_tensor_and_global() {
+    let mut rng = Rng::new(9);
+    let sizes = [50usize, 200];
+    let bases: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.unit_f32()).collect()).collect();
+    let sfts: Vec<Vec<f32>> = bases.iter().map(|b| b.iter().map(|&x| x + rng.unit_f32() * [1e-3, 1e-1][b.len() / 200]).collect()).collect();
+    for scope in [Scope::PerTensor, Scope::Global] {
+        let cfg = OnlineConfig { merge: Merge::Ties(TiesConfig { p: 0.1, scope, rescale: true, ..TiesConfig::default() }), ..OnlineConfig::default() };
+        let opt = Optimizer::new(cfg).unwrap();
+        let mut outs: Vec<Vec<u16>> = sizes.iter().map(|&n| vec![0u16; n]).collect();
+        let mut scratches: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let mut jobs: Vec<TaskVectorJob<'_>> = outs.iter_mut().zip(scratches.iter_mut()).enumerate().map(|(t, (o, s))| TaskVectorJob {
+            name: ["x", "y"][t], base: Src::F32(&bases[t]), sft: Src::F32(&sfts[t]), out: Dst::Bf16(o), scratch: s,
+        }).collect();
+        opt.init_task_vectors(&mut jobs).unwrap();
+        drop(jobs);
+        let taus: Vec<Vec<f32>> = bases.iter().zip(&sfts).map(|(b, f)| b.iter().zip(f).map(|(&b, &f)| s_(f, b)).collect()).collect();
+        let groups: Vec<Vec<usize>> = if scope == Scope::Global { vec![vec![0, 1]] } else { vec![vec![0], vec![1]] };
+        for group in groups {
+            let parts: Vec<&[f32]> = group.iter().map(|&t| &taus[t][..]).collect();
+            let kept = naive_top_k(&parts, 0.1);
+            let all: Vec<f32> = parts.concat();
+            let sel: Vec<f32> = all.iter().zip(&kept).map(|(&x, &k)| if k { x } else { 0.0 }).collect();
+            let r = d_(l1(&all), l1(&sel));
+            let mut at = 0;
+            for &t in &group {
+                for i in 0..sizes[t] {
+                    let want = half::bf16::from_f32(m_(sel[at + i], r)).to_bits();
+                    assert_eq!(outs[t][i], want, "{scope:?} tensor {t} [{i}]");
+                }
+                at += sizes[t];
+            }
+        }
+    }
 }
