@@ -10,11 +10,12 @@
 
 use std::time::Instant;
 
-use gpu_shaders::optim::{GpuOptimizer, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, TensorInit, TiesConfig};
 use gpu_shaders::{bench, GpuContext, GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dtype, Src};
 use merge_core::hyper::AdamConfig;
+use merge_core::onties::Variant;
 use merge_core::optim::{Merge, OnlineConfig};
 
 struct Args {
@@ -57,13 +58,26 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn dare_step(shapes: &[usize], rescale: bool, validate: bool, reps: u32) -> Result<(f64, String), GpuError> {
+#[derive(Clone, Copy)]
+enum Method {
+    Dare { rescale: bool },
+    Ties { rescale: bool },
+}
+
+fn opt_step(shapes: &[usize], method: Method, validate: bool, reps: u32) -> Result<(f64, String), GpuError> {
     let ctx = GpuContext::new(&GpuOptions::default())?;
     let names: Vec<String> = (0..shapes.len()).map(|i| format!("t{i:04}")).collect();
     let thetas: Vec<Vec<f32>> = shapes.iter().map(|&n| (0..n).map(|i| ((i % 1000) as f32 - 500.0) * 1e-3).collect()).collect();
     let bases: Vec<Vec<f32>> = thetas.iter().map(|t| t.iter().map(|x| x * 0.999).collect()).collect();
-    let dare = DareConfig { variant: DareVariant::Reference, p: 0.01, alpha: 1e-7, rescale, clip: 1.0 };
-    let config = OnlineConfig { adam: AdamConfig::default(), merge: Merge::Dare(dare), k: 1, seed: 1 };
+    let (merge, ties) = match method {
+        Method::Dare { rescale } => {
+            (Merge::Dare(DareConfig { variant: DareVariant::Reference, p: 0.01, alpha: 1e-7, rescale, clip: 1.0 }), None)
+        }
+        Method::Ties { rescale } => {
+            (Merge::None, Some(TiesConfig { variant: Variant::Reference, p: 0.01, alpha: 1e-7, rescale, global: false }))
+        }
+    };
+    let config = OnlineConfig { adam: AdamConfig::default(), merge, k: 1, seed: 1 };
     let inits: Vec<TensorInit> = (0..shapes.len())
         .map(|i| TensorInit {
             name: &names[i],
@@ -72,7 +86,10 @@ fn dare_step(shapes: &[usize], rescale: bool, validate: bool, reps: u32) -> Resu
             tau_dtype: Dtype::Bf16,
         })
         .collect();
-    let mut opt = GpuOptimizer::new(ctx, config, &inits)?;
+    let mut opt = match ties {
+        Some(t) => GpuOptimizer::new_onties(ctx, config, t, &inits)?,
+        None => GpuOptimizer::new(ctx, config, &inits)?,
+    };
     drop(inits);
     drop(bases);
     opt.set_validation(validate);
@@ -128,14 +145,17 @@ fn main() {
         let copy_bw = 8.0 * n as f64 / copy;
         println!("\n{label}: {n} f32 in {} tensors", shapes.len());
         println!("  {:<40} {:>9.3} ms {:>8.1} GB/s  1.00 of copy", "device copy (8 B/param)", copy * 1e3, copy_bw / 1e9);
-        // Minimal traffic of the OnDARE step: read g, θ, m, v, τ' (bf16) and write θ, m, v.
+        // Minimal traffic of one merged step: read g, θ, m, v, τ' (bf16) and write
+        // θ, m, v; every figure below is that traffic over the measured time.
         let bytes = 30.0 * n as f64;
-        for (what, rescale, validate) in [
-            ("OnDARE step, unvalidated (30 B/param)", false, false),
-            ("OnDARE step, validated (30 B/param)", false, true),
-            ("OnDARE + L1 rescale, unvalidated", true, false),
+        for (what, method, validate) in [
+            ("OnDARE step, unvalidated", Method::Dare { rescale: false }, false),
+            ("OnDARE step, validated", Method::Dare { rescale: false }, true),
+            ("OnDARE + L1 rescale, unvalidated", Method::Dare { rescale: true }, false),
+            ("OnTIES step incl. top-k passes, unvalid.", Method::Ties { rescale: false }, false),
+            ("OnTIES step, validated", Method::Ties { rescale: false }, true),
         ] {
-            match dare_step(shapes, rescale, validate, args.reps) {
+            match opt_step(shapes, method, validate, args.reps) {
                 Ok((t, mem)) => {
                     let bw = bytes / t;
                     println!("  {what:<40} {:>9.3} ms {:>8.1} GB/s  {:.2} of copy  ({mem})", t * 1e3, bw / 1e9, bw / copy_bw);
