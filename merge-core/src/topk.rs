@@ -467,27 +467,50 @@ impl RadixSelect {
     }
 
     /// Adds a histogram computed elsewhere (a GPU kernel) for the current pass:
-    /// `counts.len()` must be the pass's [`Pass::buckets`].
+    /// `counts.len()` must be the pass's [`Pass::buckets`]. Such counts carry no
+    /// indices, so if every tie turns out to be kept, index passes find `c`.
     pub fn add_histogram(&mut self, counts: &[u32]) -> Result<(), Error> {
+        self.check_histogram(counts.len(), "top-k histogram")?;
+        self.tie_end_valid = false;
+        for (h, &c) in self.hist.iter_mut().zip(counts) {
+            *h += u64::from(c);
+        }
+        Ok(())
+    }
+
+    /// [`add_histogram`](Self::add_histogram) for the last key pass
+    /// (`Pass::Key { shift: 0, .. }`) together with, per bucket, one past the
+    /// largest index counted there (0 for none; e.g. a GPU's `atomicMax` of
+    /// `index + 1`), so that no index pass is needed when every tie is kept.
+    pub fn add_histogram_with_tie_ends(&mut self, counts: &[u32], ends: &[u64]) -> Result<(), Error> {
+        if !matches!(self.pass, Some(Pass::Key { shift: 0, .. })) {
+            return Err(Error::LengthMismatch {
+                tensor: self.scope.clone(),
+                what: "tie ends outside the last key pass of a top-k select",
+                expected: 0,
+                found: ends.len() as u64,
+            });
+        }
+        self.check_histogram(counts.len(), "top-k histogram")?;
+        self.check_histogram(ends.len(), "top-k tie ends")?;
+        for ((h, &c), (t, &e)) in self.hist.iter_mut().zip(counts).zip(self.tie_end.iter_mut().zip(ends)) {
+            *h += u64::from(c);
+            *t = (*t).max(e);
+        }
+        Ok(())
+    }
+
+    fn check_histogram(&self, len: usize, what: &'static str) -> Result<(), Error> {
         let Some(pass) = self.pass else {
             return Err(Error::LengthMismatch {
                 tensor: self.scope.clone(),
                 what: "histogram for a finished top-k select",
                 expected: 0,
-                found: counts.len() as u64,
+                found: len as u64,
             });
         };
-        if counts.len() != pass.buckets() {
-            return Err(Error::LengthMismatch {
-                tensor: self.scope.clone(),
-                what: "top-k histogram",
-                expected: pass.buckets() as u64,
-                found: counts.len() as u64,
-            });
-        }
-        self.tie_end_valid = false;
-        for (h, &c) in self.hist.iter_mut().zip(counts) {
-            *h += u64::from(c);
+        if len != pass.buckets() {
+            return Err(Error::LengthMismatch { tensor: self.scope.clone(), what, expected: pass.buckets() as u64, found: len as u64 });
         }
         Ok(())
     }
@@ -784,6 +807,43 @@ mod tests {
             sel.finish_pass().unwrap();
         }
         assert_eq!(sel.threshold().unwrap(), select("t", &[&values], 700).unwrap());
+    }
+
+    #[test]
+    fn histograms_with_tie_ends_skip_the_index_passes() {
+        let mut rng = Rng::new(8);
+        for kind in 0..5 {
+            let values = values_of(&mut rng, 3000, kind);
+            for k in [1u64, 17, 1500, 3000] {
+                let mut sel = RadixSelect::new("t", 3000, k).unwrap();
+                while let Some(pass) = sel.pass() {
+                    let mut h = std::vec![0u32; pass.buckets()];
+                    let mut ends = std::vec![0u64; pass.buckets()];
+                    for (i, &v) in values.iter().enumerate() {
+                        if let Some(b) = pass.bucket(magnitude_key(v), i as u64) {
+                            h[b] += 1;
+                            ends[b] = ends[b].max(i as u64 + 1);
+                        }
+                    }
+                    if let Pass::Key { shift: 0, .. } = pass {
+                        sel.add_histogram_with_tie_ends(&h, &ends).unwrap();
+                    } else {
+                        assert!(sel.add_histogram_with_tie_ends(&h, &ends).is_err());
+                        sel.add_histogram(&h).unwrap();
+                    }
+                    let before = sel.pass();
+                    sel.finish_pass().unwrap();
+                    // An index pass only runs when fewer ties are kept than there are.
+                    if let (Some(Pass::Key { shift: 0, .. }), Some(Pass::Index { .. })) = (before, sel.pass()) {
+                        let (_, want) = oracle(&values, k as usize);
+                        let ties = values.iter().filter(|&&v| magnitude_key(v) == want.key).count();
+                        let greater = values.iter().filter(|&&v| magnitude_key(v) > want.key).count();
+                        assert!(k as usize - greater < ties);
+                    }
+                }
+                assert_eq!(sel.threshold().unwrap(), select("t", &[&values], k).unwrap());
+            }
+        }
     }
 
     #[test]
