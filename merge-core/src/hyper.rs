@@ -120,24 +120,23 @@ impl AdamConfig {
             AdamForm::HuggingFace => (-(lr * libm::sqrt(bc2) / bc1), 1.0, 1.0, decay),
             AdamForm::Torch => (-(lr / bc1), libm::sqrt(bc2), 1.0 - decay, 0.0),
         };
+        // Every scalar is rounded once and then flushed, like every value in the
+        // merge path, so a GPU that flushes its uniforms agrees.
+        let rf = |x: f64| crate::arith::flush(x as f32);
         Ok(StepScalars {
             form: self.form,
-            lr: lr as f32,
-            beta1: self.beta1 as f32,
-            beta2: self.beta2 as f32,
-            one_minus_beta1: (1.0 - self.beta1) as f32,
-            one_minus_beta2: (1.0 - self.beta2) as f32,
-            eps: self.eps as f32,
-            neg_step_size: flush32(neg_step_size as f32),
-            bc2_sqrt: bc2_sqrt as f32,
-            decay_before: flush32(decay_before as f32),
-            decay_after: flush32(decay_after as f32),
+            lr: rf(lr),
+            beta1: rf(self.beta1),
+            beta2: rf(self.beta2),
+            one_minus_beta1: rf(1.0 - self.beta1),
+            one_minus_beta2: rf(1.0 - self.beta2),
+            eps: rf(self.eps),
+            neg_step_size: rf(neg_step_size),
+            bc2_sqrt: rf(bc2_sqrt),
+            decay_before: rf(decay_before),
+            decay_after: rf(decay_after),
         })
     }
-}
-
-fn flush32(x: f32) -> f32 {
-    crate::arith::flush(x)
 }
 
 /// SPEC.md §1.6: `π` as the binary64 constant 0x400921FB54442D18.
