@@ -2,6 +2,7 @@
 //! passes, DPO-family losses, and online merging optimizers run on the GPU and
 //! cross-checked against merge-core.
 
+pub mod cli;
 pub mod data;
 pub mod demo;
 pub mod hf;
@@ -10,3 +11,4 @@ pub mod model;
 pub mod params;
 pub mod tokenizer;
 pub mod train;
+pub mod verify;

@@ -1,5 +1,7 @@
 //! The optimizer driver: owns the master weights and the optimizer state, runs each
-//! step on merge-core (the CPU reference), and exposes the state for checkpoints.
+//! step on a GPU (gpu-shaders, state resident on the device, only gradients go up)
+//! or on merge-core alone, and with a GPU recomputes every N-th step with merge-core
+//! and compares the bits.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -7,7 +9,10 @@ use std::time::Instant;
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm as CoreAdamForm, Schedule};
+use merge_core::dtype::Dtype;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer as CoreOptimizer, TensorState};
+use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
+use gpu_shaders::{GpuContext, GpuOptions};
 
 use super::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Variant};
 use super::{Result, TrainError};
@@ -101,7 +106,30 @@ pub fn check_gradients(step: u64, grads: &ParamSet) -> Result<()> {
     Ok(())
 }
 
-/// The optimizer and the state it owns, stepped by merge-core.
+/// Where the steps run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendRequest {
+    /// merge-core on the CPU.
+    Cpu,
+    /// A GPU adapter (`adapter`: a substring of its name / driver / backend, else
+    /// gpu-shaders' own choice); fail if none works.
+    Gpu { adapter: Option<String> },
+    /// A GPU if one works, else merge-core, said once on stderr.
+    Auto,
+}
+
+/// The GPU side: the resident optimizer and the cross-check cadence.
+struct GpuSide {
+    opt: GpuOptimizer,
+    adapter: String,
+    /// Recompute every N-th step with merge-core (0: never).
+    every: u64,
+    /// The step whose state the CPU mirror (`m`, `v`, `cached`) holds; the GPU's is
+    /// authoritative, the mirror is refreshed before a cross-checked step.
+    mirror_step: u64,
+}
+
+/// The optimizer and the state it owns.
 pub struct Optimizer {
     cfg: OptimConfig,
     core: CoreOptimizer,
@@ -111,6 +139,7 @@ pub struct Optimizer {
     v: ParamSet,
     cached: Option<ParamSet>,
     tau: Option<ParamSet>,
+    gpu: Option<GpuSide>,
 }
 
 impl Optimizer {
@@ -140,7 +169,63 @@ impl Optimizer {
             }
         };
         let cached = core.needs_cached_delta().then(|| params.zeros_like());
-        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, core, step: 0, params, cfg })
+        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, core, step: 0, params, cfg, gpu: None })
+    }
+
+    /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
+    /// `cross_check_every` applies to the GPU (0: never check). `Auto` without a
+    /// usable adapter continues on merge-core and says so once on stderr.
+    pub fn with_backend(
+        cfg: OptimConfig,
+        params: ParamSet,
+        task: Option<(&ParamSet, &ParamSet)>,
+        backend: &BackendRequest,
+        cross_check_every: u64,
+    ) -> Result<Self> {
+        let mut opt = Self::new(cfg, params, task)?;
+        let adapter = match backend {
+            BackendRequest::Cpu => return Ok(opt),
+            BackendRequest::Gpu { adapter } => adapter.clone(),
+            BackendRequest::Auto => None,
+        };
+        let opened = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None })
+            .and_then(|ctx| {
+                let inits: Vec<TensorInit<'_>> = opt
+                    .params
+                    .tensors
+                    .iter()
+                    .map(|t| TensorInit {
+                        name: &t.name,
+                        theta: &t.data,
+                        task: task.map(|(b, s)| {
+                            let b = b.get(&t.name).expect("layout checked in new");
+                            let s = s.get(&t.name).expect("layout checked in new");
+                            (Src::F32(&b.data), Src::F32(&s.data))
+                        }),
+                        tau_dtype: Dtype::F32,
+                    })
+                    .collect();
+                GpuOptimizer::new(ctx, core_config(&opt.cfg).expect("validated in new"), &inits)
+            });
+        match opened {
+            Ok(g) => {
+                let adapter = gpu_shaders::context::describe(g.adapter_info());
+                opt.gpu = Some(GpuSide { opt: g, adapter, every: cross_check_every, mirror_step: 0 });
+            }
+            Err(e) if *backend == BackendRequest::Auto => {
+                eprintln!("no usable GPU ({e}); running the optimizer on merge-core (CPU) alone");
+            }
+            Err(e) => return Err(TrainError::msg(format!("--backend gpu: {e}"))),
+        }
+        Ok(opt)
+    }
+
+    /// Where the steps run, for logs and `verify`.
+    pub fn backend_name(&self) -> String {
+        match &self.gpu {
+            Some(g) => format!("gpu: {}", g.adapter),
+            None => "cpu: merge-core".to_string(),
+        }
     }
 
     pub fn config(&self) -> &OptimConfig {
@@ -157,14 +242,61 @@ impl Optimizer {
         &self.params
     }
 
-    /// Runs step `steps() + 1`. On error (non-finite gradient, shape mismatch, a
-    /// non-finite result) the step is not counted; merge-core writes nothing for the
-    /// failing tensor, and gradients are checked for all tensors up front.
+    /// Runs step `steps() + 1`. Gradients are checked for all tensors up front, so a
+    /// non-finite gradient leaves every tensor unchanged and the step uncounted.
     pub fn step(&mut self, grads: &ParamSet) -> Result<StepReport> {
         let k = self.step + 1;
         check_layout(&self.params, grads, &format!("step {k}: gradient"))?;
         check_gradients(k, grads)?;
+        let lr = self.core.plan(k)?.scalars().lr;
+        let Some(gpu) = self.gpu.as_mut() else {
+            let t = Instant::now();
+            self.cpu_step(k, grads)?;
+            self.step = k;
+            return Ok(StepReport { learning_rate: lr, optimizer_ms: t.elapsed().as_secs_f64() * 1e3, cross_check_ms: 0.0 });
+        };
+        let check = gpu.every > 0 && k % gpu.every == 0;
+        let mut cross_check_ms = 0.0;
+        if check && gpu.mirror_step != self.step {
+            // The mirror's moments are stale (unchecked steps ran on the GPU only).
+            let t = Instant::now();
+            let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
+            install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
+            gpu.mirror_step = self.step;
+            cross_check_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
         let t = Instant::now();
+        let named: Vec<(&str, &[f32])> = grads.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
+        gpu.opt.step(&named).map_err(|e| TrainError::msg(format!("step {k} on {}: {e}", gpu.adapter)))?;
+        let gpu_params = gpu.opt.read_params().map_err(|e| TrainError::msg(format!("step {k}: reading GPU weights: {e}")))?;
+        let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
+        if check {
+            let t = Instant::now();
+            let gpu_state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
+            let adapter = gpu.adapter.clone();
+            self.cpu_step(k, grads)?;
+            compare(k, &adapter, "parameter", &self.params, gpu_params.iter().map(|(n, d)| (n.as_str(), d.as_slice())))?;
+            compare(k, &adapter, EXP_AVG, &self.m, gpu_state.iter().map(|s| (s.name.as_str(), s.m.as_slice())))?;
+            compare(k, &adapter, EXP_AVG_SQ, &self.v, gpu_state.iter().map(|s| (s.name.as_str(), s.v.as_slice())))?;
+            if let Some(c) = &self.cached {
+                let rows = gpu_state.iter().map(|s| (s.name.as_str(), s.cached.as_deref().unwrap_or(&[])));
+                compare(k, &adapter, DELTA_C, c, rows)?;
+            }
+            self.gpu.as_mut().expect("gpu").mirror_step = k;
+            cross_check_ms += t.elapsed().as_secs_f64() * 1e3;
+        } else {
+            for (t, (name, data)) in self.params.tensors.iter_mut().zip(gpu_params) {
+                debug_assert_eq!(t.name, name);
+                t.data = data;
+            }
+        }
+        self.step = k;
+        Ok(StepReport { learning_rate: lr, optimizer_ms, cross_check_ms })
+    }
+
+    /// Step `k` on the CPU state (the whole run on the CPU backend; the reference
+    /// recomputation on a cross-checked GPU step).
+    fn cpu_step(&mut self, k: u64, grads: &ParamSet) -> Result<()> {
         let plan = self.core.plan(k)?;
         for (i, g) in grads.tensors.iter().enumerate() {
             // Plain AdamW has no τ', but merge-core slices the τ' source per block
@@ -179,16 +311,18 @@ impl Optimizer {
             };
             plan.step_tensor(&g.name, &g.data, state).map_err(|e| TrainError::msg(format!("step {k}: {e}")))?;
         }
-        self.step = k;
-        Ok(StepReport {
-            learning_rate: plan.scalars().lr,
-            optimizer_ms: t.elapsed().as_secs_f64() * 1e3,
-            cross_check_ms: 0.0,
-        })
+        Ok(())
     }
 
     /// The optimizer state by kind, for checkpoints.
-    pub fn export_state(&self) -> Result<BTreeMap<String, ParamSet>> {
+    pub fn export_state(&mut self) -> Result<BTreeMap<String, ParamSet>> {
+        if let Some(gpu) = self.gpu.as_mut() {
+            if gpu.mirror_step != self.step {
+                let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("reading GPU state: {e}")))?;
+                install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
+                gpu.mirror_step = self.step;
+            }
+        }
         let mut out = BTreeMap::new();
         out.insert(EXP_AVG.to_string(), self.m.clone());
         out.insert(EXP_AVG_SQ.to_string(), self.v.clone());
@@ -234,8 +368,81 @@ impl Optimizer {
         }
         self.params = params;
         self.step = step;
+        if let Some(gpu) = self.gpu.as_mut() {
+            let named: Vec<(&str, &[f32])> = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
+            let state: Vec<TensorStateData> = self
+                .m
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| TensorStateData {
+                    name: t.name.clone(),
+                    m: t.data.clone(),
+                    v: self.v.tensors[i].data.clone(),
+                    cached: self.cached.as_ref().map(|c| c.tensors[i].data.clone()),
+                })
+                .collect();
+            gpu.opt.load_state(step, &named, &state).map_err(|e| TrainError::msg(format!("loading checkpoint onto the GPU: {e}")))?;
+            gpu.mirror_step = step;
+        }
         Ok(())
     }
+}
+
+/// Copies GPU-read moments (and Δ_c) into the CPU mirror.
+fn install_state(m: &mut ParamSet, v: &mut ParamSet, mut cached: Option<&mut ParamSet>, state: Vec<TensorStateData>) -> Result<()> {
+    if state.len() != m.tensors.len() {
+        return Err(TrainError::msg(format!("GPU returned state for {} tensors, expected {}", state.len(), m.tensors.len())));
+    }
+    for (i, s) in state.into_iter().enumerate() {
+        if s.name != m.tensors[i].name {
+            return Err(TrainError::msg(format!("GPU state order: got `{}`, expected `{}`", s.name, m.tensors[i].name)));
+        }
+        m.tensors[i].data = s.m;
+        v.tensors[i].data = s.v;
+        if let (Some(c), Some(d)) = (cached.as_deref_mut(), s.cached) {
+            c.tensors[i].data = d;
+        }
+    }
+    Ok(())
+}
+
+/// Bitwise comparison of the CPU result with the GPU's; the error names the step,
+/// adapter, state kind, tensor, first differing index and both values' bits.
+fn compare<'a>(
+    k: u64,
+    adapter: &str,
+    what: &str,
+    cpu: &ParamSet,
+    gpu: impl Iterator<Item = (&'a str, &'a [f32])>,
+) -> Result<()> {
+    let mut seen = 0;
+    for (t, (name, data)) in cpu.tensors.iter().zip(gpu) {
+        seen += 1;
+        if t.name != name || t.data.len() != data.len() {
+            return Err(TrainError::msg(format!(
+                "cross-check at step {k}: GPU {what} tensor `{name}` ({} elements) does not line up with CPU tensor `{}` ({} elements)",
+                data.len(),
+                t.name,
+                t.data.len()
+            )));
+        }
+        if let Some(i) = t.data.iter().zip(data).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(TrainError::msg(format!(
+                "cross-check FAILED at step {k} on {adapter}: {what} of tensor `{}` differs first at element {i}: \
+                 merge-core 0x{:08x} ({:e}), GPU 0x{:08x} ({:e})",
+                t.name,
+                t.data[i].to_bits(),
+                t.data[i],
+                data[i].to_bits(),
+                data[i]
+            )));
+        }
+    }
+    if seen != cpu.tensors.len() {
+        return Err(TrainError::msg(format!("cross-check at step {k}: GPU returned {seen} {what} tensors, expected {}", cpu.tensors.len())));
+    }
+    Ok(())
 }
 
 /// The first tensor name and element index where two same-layout sets differ in bits.

@@ -384,6 +384,14 @@ mod tests {
         Optimizer::new(c.clone(), sft.clone(), Some((&base, &sft))).unwrap()
     }
 
+    fn gpu_optimizer(c: &OptimConfig, every: u64) -> Optimizer {
+        let base = params();
+        let sft = optimizer(c).params().clone();
+        let task = (c.algorithm != Algorithm::Adamw).then_some((&base, &sft));
+        let backend = crate::train::optim::BackendRequest::Gpu { adapter: None };
+        Optimizer::with_backend(c.clone(), sft.clone(), task, &backend, every).unwrap()
+    }
+
     fn tmp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("host-run-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
@@ -480,5 +488,42 @@ mod tests {
         short.tensors[0].shape = vec![3];
         let err = opt.step(&short).unwrap_err().to_string();
         assert!(err.contains("tensor `b`") && err.contains("shape"), "{err}");
+    }
+
+    /// On the GPU (lavapipe in CI) with the cross-check on every step and on every
+    /// other step, across a resume: the final weights are the CPU run's bits.
+    #[test]
+    fn gpu_run_matches_cpu_run_across_resume() {
+        for (algorithm, k) in [(Algorithm::Adamw, 1), (Algorithm::Ondare, 2)] {
+            let c = cfg(algorithm, k);
+            let a = tmp(&format!("gpu-a{algorithm:?}"));
+            let mut log = MetricsLog::create(&a.join("m.jsonl")).unwrap();
+            let mut cpu = optimizer(&c);
+            let want = train(&spec(&a, 8), &mut Quadratic { n: 10 }, &mut cpu, Start { step: 0, data_position: 0 }, &mut log, None)
+                .unwrap();
+            for every in [1, 2] {
+                let b = tmp(&format!("gpu-b{algorithm:?}{every}"));
+                let mut first = spec(&b, 8);
+                first.steps = 5;
+                let mut log = MetricsLog::create(&b.join("m.jsonl")).unwrap();
+                let mut opt = gpu_optimizer(&c, every);
+                assert!(opt.backend_name().starts_with("gpu: "), "{}", opt.backend_name());
+                train(&first, &mut Quadratic { n: 10 }, &mut opt, Start { step: 0, data_position: 0 }, &mut log, None).unwrap();
+                let s = spec(&b, 8);
+                let mut opt = gpu_optimizer(&c, every);
+                let start = resume(s.checkpoint_root.as_ref().unwrap(), &mut opt, &s).unwrap();
+                let mut log = MetricsLog::resume(&b.join("m.jsonl"), start.step).unwrap();
+                let got = train(&s, &mut Quadratic { n: 10 }, &mut opt, start, &mut log, None).unwrap();
+                assert_eq!(crate::train::weights_hash(&got), crate::train::weights_hash(&want), "{algorithm:?} every {every}");
+                let recs = metrics::read(&b.join("m.jsonl")).unwrap();
+                let checked: Vec<bool> = recs.iter().filter(|r| r.split == "train").map(|r| r.cross_check_ms.unwrap() > 0.0).collect();
+                assert_eq!(checked.len(), 8);
+                if every == 2 {
+                    assert!(!checked[0] && checked[1], "{checked:?}");
+                }
+                std::fs::remove_dir_all(&b).unwrap();
+            }
+            std::fs::remove_dir_all(&a).unwrap();
+        }
     }
 }

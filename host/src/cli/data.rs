@@ -1,0 +1,223 @@
+//! Training / evaluation data for the CLI: JSONL files (text, prompt/completion,
+//! TRL preferences, or token ids) or the built-in generator.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::data::builtin::{Builtin, BuiltinConfig};
+use crate::data::jsonl;
+use crate::model::llama::Sequence;
+use crate::tokenizer::ByteTokenizer;
+use crate::train::objectives::PairSeqs;
+use crate::train::{Result, TrainError};
+
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Training data, JSONL: `{"text"}` or `{"input_ids"}` (pretrain), `{"prompt","completion"}`
+    /// (sft), TRL `{"prompt","chosen","rejected"}` or with --token-ids `{"prompt_ids","chosen_ids","rejected_ids"}` (align).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Held-out data in the same format, for --eval-every.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Preference files hold token ids (another tokenizer's output) rather than text.
+    #[arg(long)]
+    pub token_ids: bool,
+    /// Use N examples of the built-in generated data (seeded by --seed) instead of --data.
+    #[arg(long)]
+    pub builtin: Option<usize>,
+    /// Held-out examples of the built-in data for evaluation.
+    #[arg(long, default_value_t = 0)]
+    pub builtin_eval: usize,
+}
+
+impl DataArgs {
+    /// The data settings as recorded in checkpoints (resume must see the same data).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "data": self.data, "eval_data": self.eval_data, "token_ids": self.token_ids,
+            "builtin": self.builtin, "builtin_eval": self.builtin_eval,
+        })
+    }
+
+    fn source(&self) -> Result<Source<'_>> {
+        match (&self.data, self.builtin) {
+            (Some(_), Some(_)) => Err(TrainError::msg("--data and --builtin: give one, not both")),
+            (None, None) => Err(TrainError::msg("no training data: give --data FILE or --builtin N")),
+            (Some(p), None) => Ok(Source::File(p)),
+            (None, Some(0)) => Err(TrainError::msg("--builtin = 0: expected an integer >= 1")),
+            (None, Some(n)) => Ok(Source::Builtin(n)),
+        }
+    }
+}
+
+enum Source<'a> {
+    File(&'a Path),
+    Builtin(usize),
+}
+
+fn builtin(seed: u64) -> Result<Builtin> {
+    Builtin::new(BuiltinConfig::default(), seed).map_err(TrainError::msg)
+}
+
+/// Text data goes through the byte tokenizer, whose ids must exist in the model.
+fn need_byte_vocab(vocab: usize) -> Result<()> {
+    if vocab < ByteTokenizer::VOCAB_SIZE {
+        return Err(TrainError::msg(format!(
+            "the model's vocab_size {vocab} is smaller than the byte tokenizer's {}: bring token ids instead",
+            ByteTokenizer::VOCAB_SIZE
+        )));
+    }
+    Ok(())
+}
+
+fn text_seq(text: &str) -> Sequence {
+    let tok = ByteTokenizer;
+    let mut ids = tok.encode_prompt("");
+    ids.extend(tok.encode_completion(text));
+    Sequence::full(ids)
+}
+
+fn completion_seq(prompt: &str, completion: &str) -> Sequence {
+    let tok = ByteTokenizer;
+    Sequence::completion(&tok.encode_prompt(prompt), &tok.encode_completion(completion))
+}
+
+/// Plain-text JSONL: each line an object with `text` (a string) or `input_ids`
+/// (token ids, checked against `vocab`).
+pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |msg: String| TrainError::msg(format!("{}:{}: {msg}", path.display(), i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+        if let Some(t) = v.get("text") {
+            let t = t.as_str().ok_or_else(|| at("field `text`: not a string".into()))?;
+            need_byte_vocab(vocab)?;
+            out.push(text_seq(t));
+        } else if let Some(ids) = v.get("input_ids") {
+            let arr = ids.as_array().ok_or_else(|| at("field `input_ids`: not a list".into()))?;
+            let mut seq = Vec::with_capacity(arr.len());
+            for (k, x) in arr.iter().enumerate() {
+                match x.as_u64() {
+                    Some(id) if (id as usize) < vocab => seq.push(id as u32),
+                    _ => return Err(at(format!("field `input_ids` element {k}: {x} is not a token id below vocab_size {vocab}"))),
+                }
+            }
+            if seq.len() < 2 {
+                return Err(at("field `input_ids`: fewer than 2 tokens, nothing to predict".into()));
+            }
+            out.push(Sequence::full(seq));
+        } else {
+            return Err(at("expected a field `text` or `input_ids`".into()));
+        }
+    }
+    if out.is_empty() {
+        return Err(TrainError::msg(format!("{}: no records", path.display())));
+    }
+    Ok(out)
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| TrainError::io("reading", path, e))
+}
+
+/// Pretraining sequences (train, eval).
+pub fn lm_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    match a.source()? {
+        Source::File(p) => {
+            let train = parse_lm(p, &read(p)?, vocab)?;
+            let eval = a.eval_data.as_ref().map(|e| read(e).and_then(|t| parse_lm(e, &t, vocab))).transpose()?;
+            Ok((train, eval.unwrap_or_default()))
+        }
+        Source::Builtin(n) => {
+            need_byte_vocab(vocab)?;
+            let b = builtin(seed)?;
+            let train = b.pretrain_text(n).iter().map(|t| text_seq(t)).collect();
+            let eval = b.heldout_text(a.builtin_eval).iter().map(|t| text_seq(t)).collect();
+            Ok((train, eval))
+        }
+    }
+}
+
+/// SFT sequences (train, eval): prompt then completion, the completion scored.
+pub fn sft_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    need_byte_vocab(vocab)?;
+    let file = |p: &Path| -> Result<Vec<Sequence>> {
+        let ex = jsonl::read_sft(p).map_err(|e| TrainError::msg(e.to_string()))?;
+        Ok(ex.iter().map(|e| completion_seq(&e.prompt, &e.completion)).collect())
+    };
+    match a.source()? {
+        Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
+        Source::Builtin(n) => {
+            let b = builtin(seed)?;
+            let all = b.sft(n + a.builtin_eval);
+            let seqs: Vec<Sequence> = all.iter().map(|e| completion_seq(&e.prompt, &e.response)).collect();
+            let (train, eval) = seqs.split_at(n);
+            Ok((train.to_vec(), eval.to_vec()))
+        }
+    }
+}
+
+fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> PairSeqs {
+    PairSeqs { chosen: Sequence::completion(prompt, chosen), rejected: Sequence::completion(prompt, rejected) }
+}
+
+/// Preference pairs (train, eval).
+pub fn preference_pairs(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
+    let tok = ByteTokenizer;
+    let file = |p: &Path| -> Result<Vec<PairSeqs>> {
+        if a.token_ids {
+            let ids = jsonl::read_preference_ids(p, vocab).map_err(|e| TrainError::msg(e.to_string()))?;
+            Ok(ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect())
+        } else {
+            need_byte_vocab(vocab)?;
+            let prefs = jsonl::read_preferences(p).map_err(|e| TrainError::msg(e.to_string()))?;
+            let ids = jsonl::tokenize_preferences(&tok, &prefs);
+            Ok(ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect())
+        }
+    };
+    match a.source()? {
+        Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
+        Source::Builtin(n) => {
+            need_byte_vocab(vocab)?;
+            let b = builtin(seed)?;
+            let conv = |v: Vec<crate::data::builtin::PreferencePair>| -> Vec<PairSeqs> {
+                v.iter()
+                    .map(|p| {
+                        pair(&tok.encode_prompt(&p.prompt), &tok.encode_completion(&p.chosen), &tok.encode_completion(&p.rejected))
+                    })
+                    .collect()
+            };
+            Ok((conv(b.preferences(n)), conv(b.heldout_preferences(a.builtin_eval))))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lm_jsonl_errors_name_file_line_and_field() {
+        let p = Path::new("corpus.jsonl");
+        let ok = parse_lm(p, "{\"text\":\"ab\"}\n\n{\"input_ids\":[1,2,3]}\n", 300).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok[0].tokens, vec![ByteTokenizer::BOS, 97, 98, ByteTokenizer::EOS]);
+        for (text, want) in [
+            ("{\"text\":\"a\"}\n{\"text\":3}", "corpus.jsonl:2: field `text`"),
+            ("{\"input_ids\":[1,400]}", "corpus.jsonl:1: field `input_ids` element 1"),
+            ("{\"text\":\"a\"}\n{oops", "corpus.jsonl:2: not JSON"),
+            ("{\"other\":1}", "corpus.jsonl:1: expected a field"),
+            ("", "corpus.jsonl: no records"),
+        ] {
+            let err = parse_lm(p, text, 300).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
+        let err = parse_lm(p, "{\"text\":\"a\"}", 100).unwrap_err().to_string();
+        assert!(err.contains("vocab_size 100"), "{err}");
+    }
+}

@@ -1,0 +1,346 @@
+//! The `host` command line: `pretrain`, `sft`, `align`, `eval`, `verify`.
+//!
+//! Every training subcommand writes into `--out`: `model/` (Hugging Face layout),
+//! `metrics.jsonl` (TRL names) and `checkpoints/` (see `train::checkpoint`);
+//! `--resume` continues from the newest checkpoint there.
+//!
+//! To add a subcommand (e.g. `demo`): a variant in [`Command`] with its `Args`
+//! struct, and an arm in [`run`].
+
+pub mod args;
+pub mod data;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use merge_core::dtype::Dtype;
+
+use crate::hf;
+use crate::loss::{DpoLoss, LossKind};
+use crate::model::config::LlamaConfig;
+use crate::model::llama::LlamaModel;
+use crate::params::ParamSet;
+use crate::train::metrics::MetricsLog;
+use crate::train::objectives::{DpoObjective, LmObjective};
+use crate::train::optim::{BackendRequest, Optimizer};
+use crate::train::run::{self, LoopSpec, Objective, Start};
+use crate::train::{Result, TrainError};
+use args::{BackendChoice, LoopArgs, OptimArgs};
+use data::DataArgs;
+
+#[derive(Parser, Debug)]
+#[command(name = "host", version, about = "DPO-family trainer with online merging optimizers (OnDARE, OnTIES), GPU cross-checked against merge-core")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Next-token pretraining of a new (or existing) model.
+    Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on prompt/completion pairs (loss on the completion).
+    Sft(SftArgs),
+    /// Preference alignment (DPO sigmoid / IPO / hinge) with AdamW, OnDARE or OnTIES.
+    Align(AlignArgs),
+    /// Loss (and preference metrics) of a model on a data set.
+    Eval(EvalArgs),
+    /// Golden vectors and a seeded training run on merge-core and on every GPU adapter.
+    Verify(crate::verify::VerifyArgs),
+}
+
+/// Model architecture for a model trained from scratch.
+#[derive(Args, Debug, Clone)]
+pub struct ArchArgs {
+    /// A Hugging Face config.json to take the architecture from (overrides the size flags).
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub hidden_size: usize,
+    #[arg(long, default_value_t = 176)]
+    pub intermediate_size: usize,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 2)]
+    pub kv_heads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// Continue from this Hugging Face model directory instead of a fresh model.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    /// dtype of the written model.safetensors.
+    #[arg(long, default_value = "f32")]
+    pub save_dtype: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SftArgs {
+    /// The model to fine-tune (Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[arg(long, default_value = "f32")]
+    pub save_dtype: String,
+}
+
+#[derive(Args, Debug)]
+pub struct AlignArgs {
+    /// The SFT model: the policy's starting point and, unless --ref-model, the frozen reference.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The pretrained base model; the task vector is SFT − base (needed by ondare/onties).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Frozen reference model for the DPO loss (default: --model).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+    /// DPO loss: sigmoid, ipo or hinge.
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub train: LoopArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    #[arg(long, default_value = "f32")]
+    pub save_dtype: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Reference model for preference metrics (default: --model itself, so rewards are 0).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+    /// What the data is: lm (plain text), sft (prompt/completion) or preference (TRL).
+    #[arg(long, default_value = "preference")]
+    pub task: String,
+    #[arg(long, default_value = "sigmoid")]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[command(flatten)]
+    pub data: DataArgs,
+}
+
+/// Parses the command line, runs it, and turns errors into a message and exit code 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Pretrain(a) => pretrain(a).map(|()| ExitCode::SUCCESS),
+        Command::Sft(a) => sft(a).map(|()| ExitCode::SUCCESS),
+        Command::Align(a) => align(a).map(|()| ExitCode::SUCCESS),
+        Command::Eval(a) => eval(a).map(|()| ExitCode::SUCCESS),
+        Command::Verify(a) => crate::verify::run(&a),
+    }
+}
+
+fn parse_save_dtype(s: &str) -> Result<Dtype> {
+    hf::parse_dtype(s).ok_or_else(|| TrainError::msg(format!("--save-dtype = {s}: expected f32, bf16 or f16")))
+}
+
+fn hf_err(e: hf::HfError) -> TrainError {
+    TrainError::msg(e.to_string())
+}
+
+fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
+    hf::load_model(dir).map(|(m, _)| m).map_err(|e| TrainError::msg(format!("{flag} {}: {e}", dir.display())))
+}
+
+fn backend(o: &OptimArgs) -> BackendRequest {
+    match o.backend {
+        BackendChoice::Auto => BackendRequest::Auto,
+        BackendChoice::Cpu => BackendRequest::Cpu,
+        BackendChoice::Gpu => BackendRequest::Gpu { adapter: None },
+    }
+}
+
+/// Shared driver of every training subcommand: builds the optimizer, resumes if
+/// asked, runs the loop with checkpoints, and writes the final model.
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    task: &str,
+    config: &LlamaConfig,
+    init: ParamSet,
+    merge_task: Option<(&ParamSet, &ParamSet)>,
+    objective: &mut dyn Objective,
+    lp: &LoopArgs,
+    op: &OptimArgs,
+    run_config: serde_json::Value,
+    save_dtype: Dtype,
+) -> Result<()> {
+    let steps = lp.total_steps(objective.num_examples()).map_err(TrainError::msg)?;
+    let cfg = op.config(lp.seed, steps);
+    let mut opt = Optimizer::with_backend(cfg, init, merge_task, &backend(op), op.cross_check_every)?;
+    eprintln!("{task}: {steps} steps, optimizer on {}", opt.backend_name());
+    let spec = LoopSpec {
+        steps,
+        batch_size: lp.batch_size,
+        grad_accum: lp.grad_accum,
+        data_seed: lp.seed,
+        eval_every: lp.eval_every,
+        checkpoint_every: lp.checkpoint_every,
+        keep_checkpoints: lp.keep_checkpoints,
+        checkpoint_root: Some(lp.out.join("checkpoints")),
+        run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(save_dtype) }),
+        progress: true,
+    };
+    spec.validate()?;
+    let metrics_path = lp.out.join("metrics.jsonl");
+    let (start, mut log) = if lp.resume {
+        let start = run::resume(spec.checkpoint_root.as_ref().expect("set above"), &mut opt, &spec)?;
+        eprintln!("{task}: resuming after step {}", start.step);
+        (start, MetricsLog::resume(&metrics_path, start.step)?)
+    } else {
+        if crate::train::checkpoint::latest_dir(spec.checkpoint_root.as_ref().expect("set above"))?.is_some() {
+            return Err(TrainError::msg(format!(
+                "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
+                lp.out.display()
+            )));
+        }
+        (Start { step: 0, data_position: 0 }, MetricsLog::create(&metrics_path)?)
+    };
+    let writer = |p: &ParamSet, dir: &Path| -> Result<()> {
+        hf::write_weights(&dir.join("model.safetensors"), p, save_dtype).map_err(hf_err)?;
+        hf::write_config(&dir.join("config.json"), config, save_dtype).map_err(hf_err)
+    };
+    let final_params = run::train(&spec, objective, &mut opt, start, &mut log, Some(&writer))?;
+    let model_dir = lp.out.join("model");
+    std::fs::create_dir_all(&model_dir).map_err(|e| TrainError::io("creating", &model_dir, e))?;
+    writer(&final_params, &model_dir)?;
+    eprintln!(
+        "{task}: done; model in {}, metrics in {}, weights hash {}",
+        model_dir.display(),
+        metrics_path.display(),
+        crate::train::weights_hash(&final_params)
+    );
+    Ok(())
+}
+
+fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
+    let config = match &a.model_config {
+        Some(p) => hf::read_config(p).map_err(hf_err)?.config,
+        None => LlamaConfig::tiny(vocab, a.hidden_size, a.intermediate_size, a.layers, a.heads, a.kv_heads),
+    };
+    config.validate().map_err(|e| TrainError::msg(format!("model architecture: {e}")))?;
+    Ok(config)
+}
+
+fn pretrain(a: PretrainArgs) -> Result<()> {
+    let save_dtype = parse_save_dtype(&a.save_dtype)?;
+    let model = match &a.init {
+        Some(dir) => load(dir, "--init")?,
+        None => {
+            let config = arch_config(&a.arch, crate::tokenizer::ByteTokenizer::VOCAB_SIZE)?;
+            LlamaModel::init(config, a.train.seed).map_err(|e| TrainError::msg(format!("model init: {e}")))?
+        }
+    };
+    let (train, eval) = data::lm_sequences(&a.data, model.config.vocab_size, a.train.seed)?;
+    let config = model.config.clone();
+    let init = model.params.clone();
+    let mut obj = LmObjective::new(model, train, eval)?;
+    let settings = serde_json::json!({ "data": a.data.describe(), "init": a.init });
+    fit("pretrain", &config, init, None, &mut obj, &a.train, &a.optim, settings, save_dtype)
+}
+
+fn sft(a: SftArgs) -> Result<()> {
+    let save_dtype = parse_save_dtype(&a.save_dtype)?;
+    let model = load(&a.model, "--model")?;
+    let (train, eval) = data::sft_sequences(&a.data, model.config.vocab_size, a.train.seed)?;
+    let config = model.config.clone();
+    let init = model.params.clone();
+    let mut obj = LmObjective::new(model, train, eval)?;
+    let settings = serde_json::json!({ "data": a.data.describe(), "model": a.model });
+    fit("sft", &config, init, None, &mut obj, &a.train, &a.optim, settings, save_dtype)
+}
+
+fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
+    let kind: LossKind = kind.parse().map_err(|e: crate::loss::LossError| TrainError::msg(format!("--loss: {e}")))?;
+    DpoLoss::new(kind, beta, label_smoothing).map_err(|e| TrainError::msg(format!("--beta / --label-smoothing: {e}")))
+}
+
+fn align(a: AlignArgs) -> Result<()> {
+    let save_dtype = parse_save_dtype(&a.save_dtype)?;
+    let loss = dpo_loss(&a.loss, a.beta, a.label_smoothing)?;
+    let policy = load(&a.model, "--model")?;
+    let reference = match &a.ref_model {
+        Some(p) => load(p, "--ref-model")?,
+        None => load(&a.model, "--model")?,
+    };
+    hf::check_same_layout("--model", &policy.params, "--ref-model", &reference.params).map_err(hf_err)?;
+    let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
+    if let Some(b) = &base {
+        hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
+    }
+    let (train, eval) = data::preference_pairs(&a.data, policy.config.vocab_size, a.train.seed)?;
+    let config = policy.config.clone();
+    let sft_params = policy.params.clone();
+    let mut obj = DpoObjective::new(policy, &reference, loss, train, eval)?;
+    drop(reference);
+    let merge_task = base.as_ref().map(|b| (&b.params, &sft_params));
+    let settings = serde_json::json!({
+        "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,
+        "loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
+    });
+    fit("align", &config, sft_params.clone(), merge_task, &mut obj, &a.train, &a.optim, settings, save_dtype)
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let model = load(&a.model, "--model")?;
+    let vocab = model.config.vocab_size;
+    let params = model.params.clone();
+    let stats = match a.task.as_str() {
+        "lm" | "sft" => {
+            let (train, _) =
+                if a.task == "lm" { data::lm_sequences(&a.data, vocab, 0)? } else { data::sft_sequences(&a.data, vocab, 0)? };
+            LmObjective::new(model, Vec::new(), train)?.evaluate(&params)?
+        }
+        "preference" => {
+            let loss = dpo_loss(&a.loss, a.beta, 0.0)?;
+            let reference = match &a.ref_model {
+                Some(p) => load(p, "--ref-model")?,
+                None => load(&a.model, "--model")?,
+            };
+            let (pairs, _) = data::preference_pairs(&a.data, vocab, 0)?;
+            DpoObjective::new(model, &reference, loss, Vec::new(), pairs)?.evaluate(&params)?
+        }
+        other => return Err(TrainError::msg(format!("--task = {other}: expected lm, sft or preference"))),
+    };
+    let rec = stats.ok_or_else(|| TrainError::msg("no evaluation data"))?.to_record(0, "eval");
+    println!("{}", serde_json::to_string(&rec).expect("Record serializes"));
+    Ok(())
+}
