@@ -37,33 +37,42 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 // ---------------------------------------------------------------- linear
 
-/// `y[t, o] = x[t, :] · w[o, :] + b[o]`, `w` in Hugging Face `[out, in]` layout.
-/// Rows of `x` go four at a time so each row of `w` is loaded once per four rows.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, ic: usize, oc: usize) {
-    let rows = x.len() / ic;
-    debug_assert_eq!(y.len(), rows * oc);
+/// `w` (`[out, in]`, Hugging Face layout) as `[in, out]`, the layout
+/// [`linear_forward`] reads.
+pub fn transpose(w: &[f32], ic: usize, oc: usize) -> Vec<f32> {
     debug_assert_eq!(w.len(), oc * ic);
-    let mut t = 0;
-    while t + 4 <= rows {
-        let xs = [
-            &x[t * ic..(t + 1) * ic],
-            &x[(t + 1) * ic..(t + 2) * ic],
-            &x[(t + 2) * ic..(t + 3) * ic],
-            &x[(t + 3) * ic..(t + 4) * ic],
-        ];
-        for o in 0..oc {
-            let wr = &w[o * ic..(o + 1) * ic];
-            let bias = b.map_or(0.0, |b| b[o]);
-            for (r, xr) in xs.iter().enumerate() {
-                y[(t + r) * oc + o] = dot(xr, wr) + bias;
-            }
+    let mut wt = vec![0f32; ic * oc];
+    for (o, wr) in w.chunks_exact(ic).enumerate() {
+        for (i, &v) in wr.iter().enumerate() {
+            wt[i * oc + o] = v;
         }
-        t += 4;
     }
-    for t in t..rows {
-        let xr = &x[t * ic..(t + 1) * ic];
-        for o in 0..oc {
-            y[t * oc + o] = dot(xr, &w[o * ic..(o + 1) * ic]) + b.map_or(0.0, |b| b[o]);
+    wt
+}
+
+/// `y[t, o] = b[o] + Σ_i x[t, i] w[o, i]`, given `wt` = [`transpose`]`(w)`.
+///
+/// Each output row is built by [`axpy4`] over contiguous rows of `wᵀ`: that
+/// vectorizes without horizontal sums, about twice the speed of row-by-row dot
+/// products (measured with `bench_linear`). Every output element is summed in
+/// the same order whatever the number of rows, so a KV-cache step and a full
+/// forward agree bit for bit.
+pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, ic: usize, oc: usize) {
+    debug_assert_eq!(y.len(), x.len() / ic * oc);
+    debug_assert_eq!(wt.len(), oc * ic);
+    let wrow = |i: usize| &wt[i * oc..(i + 1) * oc];
+    for (yr, xr) in y.chunks_exact_mut(oc).zip(x.chunks_exact(ic)) {
+        match b {
+            Some(b) => yr.copy_from_slice(b),
+            None => yr.fill(0.0),
+        }
+        let mut i = 0;
+        while i + 4 <= ic {
+            axpy4(yr, [xr[i], xr[i + 1], xr[i + 2], xr[i + 3]], [wrow(i), wrow(i + 1), wrow(i + 2), wrow(i + 3)]);
+            i += 4;
+        }
+        for (k, &xk) in xr.iter().enumerate().skip(i) {
+            axpy(yr, xk, wrow(k));
         }
     }
 }

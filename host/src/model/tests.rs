@@ -22,12 +22,19 @@ fn functional(r: &[f32], y: &[f32]) -> f64 {
 /// Compares `grad` with central differences of `f` at `x`: along a random
 /// direction over all elements, and at the three largest-gradient coordinates.
 fn check_grad(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, f: &dyn Fn(&[f32]) -> f64) {
+    check_grad_floor(what, x, grad, eps, tol, 1e-2, f)
+}
+
+/// [`check_grad`] where errors are judged relative to at least `floor`: the
+/// whole-model objective sums f32 log-probs of size ~30, so differences of it
+/// carry absolute noise near 1e-3 that tiny gradients cannot be checked below.
+fn check_grad_floor(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, floor: f64, f: &dyn Fn(&[f32]) -> f64) {
     let mut rng = SplitMix64(0x5eed ^ x.len() as u64);
     let dir: Vec<f32> = (0..x.len()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect();
     let shifted = |s: f32| -> Vec<f32> { x.iter().zip(&dir).map(|(&a, &d)| a + s * d).collect() };
     let numeric = (f(&shifted(eps)) - f(&shifted(-eps))) / (2.0 * eps as f64);
     let analytic: f64 = grad.iter().zip(&dir).map(|(&g, &d)| g as f64 * d as f64).sum();
-    let scale = analytic.abs().max(numeric.abs()).max(1e-2);
+    let scale = analytic.abs().max(numeric.abs()).max(floor);
     assert!(
         (numeric - analytic).abs() <= tol * scale,
         "{what}: directional derivative analytic {analytic:.6e} vs numeric {numeric:.6e}"
@@ -41,7 +48,7 @@ fn check_grad(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, f: &dyn F
         xm[i] -= eps;
         let numeric = (f(&xp) - f(&xm)) / (2.0 * eps as f64);
         let analytic = grad[i] as f64;
-        let scale = analytic.abs().max(numeric.abs()).max(1e-2);
+        let scale = analytic.abs().max(numeric.abs()).max(floor);
         assert!(
             (numeric - analytic).abs() <= tol * scale,
             "{what}[{i}]: analytic {analytic:.6e} vs numeric {numeric:.6e}"
@@ -59,7 +66,7 @@ fn linear_gradients() {
     let r = rand_vec(&mut rng, t * oc, 1.0);
     let run = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = vec![0f32; t * oc];
-        layers::linear_forward(&mut y, x, w, Some(b), ic, oc);
+        layers::linear_forward(&mut y, x, &layers::transpose(w, ic, oc), Some(b), ic, oc);
         functional(&r, &y)
     };
     let (mut dx, mut dw, mut db) = (vec![0f32; t * ic], vec![0f32; oc * ic], vec![0f32; oc]);
@@ -79,10 +86,10 @@ fn linear_forward_rows_agree_across_blocking() {
     let x = rand_vec(&mut rng, 7 * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let mut all = vec![0f32; 7 * oc];
-    layers::linear_forward(&mut all, &x, &w, None, ic, oc);
+    layers::linear_forward(&mut all, &x, &layers::transpose(&w, ic, oc), None, ic, oc);
     for t in 0..7 {
         let mut one = vec![0f32; oc];
-        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &w, None, ic, oc);
+        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &layers::transpose(&w, ic, oc), None, ic, oc);
         assert_eq!(one, all[t * oc..(t + 1) * oc], "row {t}");
     }
 }
@@ -310,7 +317,7 @@ fn model_case(cfg: LlamaConfig, what: &str) {
     };
     for (t, g) in params.tensors.iter().zip(&grads.tensors) {
         assert!(g.data.iter().any(|&x| x != 0.0), "{what}: gradient of {} is all zero", t.name);
-        check_grad(&format!("{what}: {}", t.name), &t.data, &g.data, 2e-3, 2e-2, &|v| objective(&t.name, v));
+        check_grad_floor(&format!("{what}: {}", t.name), &t.data, &g.data, 2e-3, 2e-2, 0.1, &|v| objective(&t.name, v));
     }
 }
 
@@ -561,8 +568,9 @@ fn bench_linear() {
     let reps = 200;
     let flops = 2.0 * (t * ic * oc) as f64 * reps as f64;
     let c0 = cpu_seconds();
+    let wt = layers::transpose(&w, ic, oc);
     for _ in 0..reps {
-        layers::linear_forward(&mut y, &x, &w, None, ic, oc);
+        layers::linear_forward(&mut y, &x, &wt, None, ic, oc);
     }
     let c1 = cpu_seconds();
     for _ in 0..reps {
