@@ -13,6 +13,10 @@ pub enum Storage {
     F32,
     Bf16,
     F16,
+    /// A sparse f32 array, per chunk `[offsets (blocks + 1) | entries]`: `offsets[b]`
+    /// counts the non-zero entries of the chunk's earlier 256-blocks, each entry is
+    /// (index within its block, f32 bits), in index order. Zeros are implicit.
+    Compact,
 }
 
 impl Storage {
@@ -21,12 +25,15 @@ impl Storage {
             Storage::F32 => 0,
             Storage::Bf16 => 1,
             Storage::F16 => 2,
+            Storage::Compact => 3,
         }
     }
     fn bytes(self, n: u64) -> u64 {
         match self {
             Storage::F32 => 4 * n,
             Storage::Bf16 | Storage::F16 => 2 * n,
+            // Upper bound (every element non-zero), for zero-filled arrays.
+            Storage::Compact => 4 * (n.div_ceil(256) + 1) + 8 * n,
         }
     }
 }
@@ -92,6 +99,42 @@ impl GpuArray {
             })
             .collect();
         GpuArray { storage, n, chunks }
+    }
+
+    /// The compact layout of `values` (already flushed: no -0.0) with the same
+    /// chunk boundaries as every other array of the tensor.
+    pub fn compact(ctx: &GpuContext, label: &str, values: &[f32]) -> GpuArray {
+        let n = values.len() as u64;
+        let chunks = ctx
+            .chunks(n)
+            .into_iter()
+            .map(|(start, len)| {
+                let part = &values[start as usize..(start + len) as usize];
+                let nb = part.len().div_ceil(256);
+                let mut offsets = Vec::with_capacity(nb + 1);
+                let mut entries = Vec::new();
+                for block in part.chunks(256) {
+                    offsets.push((entries.len() / 2) as u32);
+                    for (j, &x) in block.iter().enumerate() {
+                        if x.to_bits() != 0 {
+                            entries.push(j as u32);
+                            entries.push(x.to_bits());
+                        }
+                    }
+                }
+                offsets.push((entries.len() / 2) as u32);
+                offsets.extend(entries);
+                Chunk { start, len, buf: ctx.storage_init(label, bytemuck::cast_slice(&offsets)) }
+            })
+            .collect();
+        GpuArray { storage: Storage::Compact, n, chunks }
+    }
+
+    /// Bytes the compact layout of `values` would take.
+    pub fn compact_bytes(ctx: &GpuContext, values: &[f32]) -> u64 {
+        let nnz = values.iter().filter(|x| x.to_bits() != 0).count() as u64;
+        let blocks: u64 = ctx.chunks(values.len() as u64).iter().map(|(_, len)| len.div_ceil(256) + 1).sum();
+        4 * blocks + 8 * nnz
     }
 
     /// Overwrites an f32 array from the host (the per-step gradient upload).

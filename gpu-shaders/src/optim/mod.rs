@@ -178,7 +178,8 @@ struct StepU {
     h_key: u32,
     h_prefix_lo: u32,
     h_prefix_hi: u32,
-    pad0: u32,
+    /// Compact task vectors: index of the first entry word in a chunk's buffer.
+    tau_entries: u32,
 }
 
 impl StepU {
@@ -320,8 +321,8 @@ impl GpuOptimizer {
                 v,
                 grad,
                 cached,
+                tau_dtype: tau.as_ref().map_or(Storage::F32, |a| a.storage),
                 tau,
-                tau_dtype: Storage::from(t.tau_dtype),
                 nb_buf,
                 nb,
                 levels,
@@ -578,6 +579,7 @@ impl GpuOptimizer {
                 cu.n = ch.len as u32;
                 cu.start = ch.start as u32;
                 cu.block0 = (ch.start / WORKGROUP as u64) as u32;
+                cu.tau_entries = ch.len.div_ceil(WORKGROUP as u64) as u32 + 1;
                 self.ctx.queue.write_buffer(&slot.uniforms[ci], 0, bytemuck::bytes_of(&cu));
             }
         }
@@ -672,19 +674,28 @@ impl GpuOptimizer {
 
 fn upload_tau(ctx: &GpuContext, cpu: &Optimizer, name: &str, base: Src<'_>, sft: Src<'_>, dtype: Dtype) -> Result<GpuArray, GpuError> {
     let n = base.len();
-    Ok(match dtype {
+    match dtype {
         Dtype::F32 => {
             let mut out = vec![0f32; n];
             cpu.init_task_vector(name, base, sft, &mut Dst::F32(&mut out))?;
-            GpuArray::from_f32(ctx, "task vector", &out)
+            Ok(dense_or_compact(ctx, &out, || GpuArray::from_f32(ctx, "task vector", &out)))
         }
         Dtype::Bf16 | Dtype::F16 => {
             let mut out = vec![0u16; n];
             let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
             cpu.init_task_vector(name, base, sft, &mut dst)?;
-            GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)
+            let values: Vec<f32> = Src::from_storage(dtype, &out).to_f32_vec();
+            Ok(dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)))
         }
-    })
+    }
+}
+
+/// The task vector as the kernels read it: dense in its dtype, or (when smaller,
+/// as for the sparse τ' of OnDARE-reference and OnTIES) only its non-zero entries.
+/// `values` are the stored values read back as binary32 and flushed.
+fn dense_or_compact(ctx: &GpuContext, values: &[f32], dense: impl FnOnce() -> GpuArray) -> GpuArray {
+    let d = dense();
+    if GpuArray::compact_bytes(ctx, values) < d.device_bytes() { GpuArray::compact(ctx, "task vector", values) } else { d }
 }
 
 fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot, ties: Option<TiesParams>) -> StepU {
@@ -807,12 +818,36 @@ fn ties_task_vectors(order: &[&TensorInit<'_>], tp: TiesParams) -> Result<Vec<Ve
 /// Stores a trimmed task vector in its dtype, refusing values the dtype cannot hold.
 fn upload_trimmed(ctx: &GpuContext, name: &str, tau: &[f32], dtype: Dtype) -> Result<GpuArray, GpuError> {
     if dtype == Dtype::F32 {
-        return Ok(GpuArray::from_f32(ctx, "task vector", tau));
+        return Ok(dense_or_compact(ctx, tau, || GpuArray::from_f32(ctx, "task vector", tau)));
     }
     let mut out = vec![0u16; tau.len()];
     let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
     for (i, &x) in tau.iter().enumerate() {
         dst.store(i, x).map_err(|e| store_error(name, "task vector", i as u64, e, dtype))?;
     }
-    Ok(GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out))
+    let values: Vec<f32> = Src::from_storage(dtype, &out).to_f32_vec();
+    Ok(dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)))
+}
+
+/// Reading 16-bit storage back as flushed binary32 (what the kernels load).
+trait ToF32 {
+    fn to_f32_vec(&self) -> Vec<f32>;
+}
+
+impl ToF32 for Src<'_> {
+    fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.len()];
+        self.load_into(0, &mut v);
+        v
+    }
+}
+
+trait FromStorage<'a> {
+    fn from_storage(dtype: Dtype, bits: &'a [u16]) -> Src<'a>;
+}
+
+impl<'a> FromStorage<'a> for Src<'a> {
+    fn from_storage(dtype: Dtype, bits: &'a [u16]) -> Src<'a> {
+        if dtype == Dtype::F16 { Src::F16(bits) } else { Src::Bf16(bits) }
+    }
 }

@@ -21,7 +21,7 @@ struct StepU {
     // index in the scope, and the histogram pass of the radix select.
     thr_key: u32, cut_lo: u32, cut_hi: u32, off_lo: u32,
     off_hi: u32, h_mode: u32, h_shift: u32, h_bits: u32,
-    h_key: u32, h_prefix_lo: u32, h_prefix_hi: u32, pad0: u32,
+    h_key: u32, h_prefix_lo: u32, h_prefix_hi: u32, tau_entries: u32,
 }
 
 const PLAIN: u32 = 0u;
@@ -51,6 +51,25 @@ fn flag(x: f32, code: u32, idx: u32) {
     if (is_nf(x)) {
         atomicMin(&STATUS[U.slot * NCODES + code], idx);
     }
+}
+
+// Compact task vectors (tau_dtype 3): the block's non-zero entries are
+// scattered into workgroup memory, every other lane reads +0.
+var<workgroup> TAUW: array<f32, 256>;
+
+fn load_tau_compact(gi: u32, lid: u32) -> f32 {
+    TAUW[lid] = 0.0;
+    workgroupBarrier();
+    if (gi * WG < U.n) {
+        let s0 = TAU[gi];
+        let count = TAU[gi + 1u] - s0;
+        if (lid < count) {
+            let e = U.tau_entries + 2u * (s0 + lid);
+            TAUW[TAU[e] & 0xffu] = bitcast<f32>(TAU[e + 1u]);
+        }
+    }
+    workgroupBarrier();
+    return TAUW[lid];
 }
 
 fn load_tau(i: u32) -> f32 {
@@ -151,6 +170,10 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     let idx = U.start + i;
     var d = 0.0;
     var sp = 0.0;
+    var tau_c = 0.0;
+    if (U.tau_dtype == 3u && U.kind != PLAIN) {
+        tau_c = load_tau_compact(gi, lid);
+    }
     if (live) {
         let g = fb(G[i]);
         let th_in = fb(THETA[i]);
@@ -162,7 +185,11 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
         }
         var tau = 0.0;
         if (U.kind != PLAIN) {
-            tau = load_tau(i);
+            if (U.tau_dtype == 3u) {
+                tau = fb(tau_c);
+            } else {
+                tau = load_tau(i);
+            }
         }
         var theta = th_in;
         if (U.torch != 0u) {
