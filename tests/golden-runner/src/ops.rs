@@ -4,7 +4,8 @@
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{self, Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::onties;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TiesConfig};
 use merge_core::offline::{self, Gta, ModelParams, Sparsify};
 use merge_core::{arith, reduce, rng, topk};
 
@@ -177,6 +178,21 @@ fn online_config(case: &Case) -> Result<OnlineConfig, String> {
             rescale: case.flag("rescale")?,
             clip: case.f64("clip")?,
         }),
+        "ties" => Merge::Ties(TiesConfig {
+            variant: match case.word("variant")? {
+                "reference" => onties::Variant::Reference,
+                "paper" => onties::Variant::Paper,
+                other => return Err(format!("case {:?}: unknown OnTIES variant {other:?}", case.name)),
+            },
+            p: case.f64("p")?,
+            alpha: case.f64("alpha")?,
+            rescale: case.flag("rescale")?,
+            scope: match case.word("scope")? {
+                "tensor" => Scope::PerTensor,
+                "global" => Scope::Global,
+                other => return Err(format!("case {:?}: unknown scope {other:?}", case.name)),
+            },
+        }),
         other => return Err(format!("case {:?}: unknown merge {other:?}", case.name)),
     };
     let k = u32::try_from(case.int("k")?).map_err(|e| format!("case {:?}: k: {e}", case.name))?;
@@ -192,64 +208,108 @@ fn src<'a>(case: &Case, a: &'a Array, what: &str) -> Result<Src<'a>, String> {
     }
 }
 
-/// SPEC.md §5: a short run of one tensor. The task vector `τ'` is computed once from
-/// `base` and `sft` and stored as `tau_dtype`; then steps 1..=S apply the gradients
-/// `grad.1` .. `grad.S` to `theta`, `m`, `v` (and `Δ_c` for step-K). Outputs are the
-/// final state, `τ'`, and every step's binary32 scalars (`scalar.<name>`, one per step).
-fn optimizer_op(case: &Case) -> Result<Outcome, String> {
-    let name = case.tensor_name()?;
-    let config = online_config(case)?;
-    let mut theta = case.f32s("theta")?.to_vec();
-    let mut m = case.f32s("m")?.to_vec();
-    let mut v = case.f32s("v")?.to_vec();
-    let n = theta.len();
-    let mut grads = Vec::new();
-    while let Some(g) = case.inputs.get(&format!("grad.{}", grads.len() + 1)) {
-        match g {
-            Array::F32(g) => grads.push(g.as_slice()),
-            _ => return Err(format!("case {:?}: grad.{} must be f32", case.name, grads.len() + 1)),
-        }
+/// One tensor of an optimizer case: inputs are `theta`, `m`, `v`, `base`, `sft`,
+/// `grad.1` .. `grad.S` for a single-tensor case, prefixed `t<j>/` when the case
+/// lists several tensors in its `tensors` param (global OnTIES scope).
+struct TensorRun {
+    name: String,
+    prefix: String,
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    cached: Option<Vec<f32>>,
+    tau32: Vec<f32>,
+    tau16: Vec<u16>,
+    scratch: Vec<f32>,
+    grads: Vec<Vec<f32>>,
+}
+
+fn tau_src<'a>(dtype: &str, t32: &'a [f32], t16: &'a [u16]) -> Src<'a> {
+    match dtype {
+        "f32" => Src::F32(t32),
+        "bf16" => Src::Bf16(t16),
+        _ => Src::F16(t16),
     }
+}
+
+/// SPEC.md §5: a short run. The task vectors `τ'` are computed once from `base` and
+/// `sft` and stored as `tau_dtype`; then steps 1..=S apply the gradients to `theta`,
+/// `m`, `v` (and `Δ_c` for step-K). Outputs: each tensor's final state and `τ'`,
+/// and every step's binary32 scalars (`scalar.<name>`, one value per step) that
+/// SPEC.md §5.1 defines for the form.
+fn optimizer_op(case: &Case) -> Result<Outcome, String> {
+    let config = online_config(case)?;
+    let names: Vec<(String, String)> = match case.params.get("tensors") {
+        None => vec![(case.tensor_name()?.to_string(), String::new())],
+        Some(list) => list
+            .as_array()
+            .ok_or_else(|| format!("case {:?}: \"tensors\" is not a list", case.name))?
+            .iter()
+            .enumerate()
+            .map(|(j, v)| v.as_str().map(|s| (s.to_string(), format!("t{j}/"))).ok_or_else(|| format!("case {:?}: tensor names must be strings", case.name)))
+            .collect::<Result<_, _>>()?,
+    };
     let mut opt = match Optimizer::new(config) {
         Ok(o) => o,
         Err(e) => return Ok(Outcome::Error(e)),
     };
-    let mut outs: Vec<(String, Array)> = Vec::new();
     let tau_dtype = case.word("tau_dtype")?;
-    let (mut tau32, mut tau16) = (vec![0f32; n], vec![0u16; n]);
+    if !matches!(tau_dtype, "f32" | "bf16" | "f16") {
+        return Err(format!("case {:?}: unknown tau_dtype {tau_dtype:?}", case.name));
+    }
+    let mut runs = Vec::new();
+    for (name, prefix) in names {
+        let theta = case.f32s(&format!("{prefix}theta"))?.to_vec();
+        let n = theta.len();
+        let mut grads = Vec::new();
+        while let Some(g) = case.inputs.get(&format!("{prefix}grad.{}", grads.len() + 1)) {
+            match g {
+                Array::F32(g) => grads.push(g.clone()),
+                _ => return Err(format!("case {:?}: gradients must be f32", case.name)),
+            }
+        }
+        runs.push(TensorRun {
+            m: case.f32s(&format!("{prefix}m"))?.to_vec(),
+            v: case.f32s(&format!("{prefix}v"))?.to_vec(),
+            cached: opt.needs_cached_delta().then(|| vec![0f32; n]),
+            tau32: vec![0f32; n],
+            tau16: vec![0u16; n],
+            scratch: vec![0f32; n],
+            theta,
+            grads,
+            name,
+            prefix,
+        });
+    }
     let has_tau = !matches!(config.merge, Merge::None);
     if has_tau {
-        let base = src(case, case.input("base")?, "base")?;
-        let sft = src(case, case.input("sft")?, "sft")?;
-        let mut dst = match tau_dtype {
-            "f32" => Dst::F32(&mut tau32),
-            "bf16" => Dst::Bf16(&mut tau16),
-            "f16" => Dst::F16(&mut tau16),
-            other => return Err(format!("case {:?}: unknown tau_dtype {other:?}", case.name)),
-        };
-        if let Err(e) = opt.init_task_vector(name, base, sft, &mut dst) {
+        let mut jobs = Vec::new();
+        for r in runs.iter_mut() {
+            let out = match tau_dtype {
+                "f32" => Dst::F32(&mut r.tau32),
+                "bf16" => Dst::Bf16(&mut r.tau16),
+                _ => Dst::F16(&mut r.tau16),
+            };
+            jobs.push(TaskVectorJob {
+                name: &r.name,
+                base: src(case, case.input(&format!("{}base", r.prefix))?, "base")?,
+                sft: src(case, case.input(&format!("{}sft", r.prefix))?, "sft")?,
+                out,
+                scratch: &mut r.scratch,
+            });
+        }
+        if let Err(e) = opt.init_task_vectors(&mut jobs) {
             return Ok(Outcome::Error(e));
         }
-        outs.push((
-            "tau".into(),
-            match tau_dtype {
-                "f32" => Array::F32(tau32.clone()),
-                "bf16" => Array::Bf16(tau16.clone()),
-                _ => Array::F16(tau16.clone()),
-            },
-        ));
     }
-    let tau = match tau_dtype {
-        "f32" => Src::F32(&tau32),
-        "bf16" => Src::Bf16(&tau16),
-        _ => Src::F16(&tau16),
+    let steps = runs.iter().map(|r| r.grads.len()).max().unwrap_or(0);
+    let form_scalars: &[&str] = match config.adam.form {
+        AdamForm::Torch => &["bc2_sqrt", "decay_before"],
+        AdamForm::HuggingFace => &["decay_after"],
     };
-    let mut cached = if opt.needs_cached_delta() { Some(vec![0f32; n]) } else { None };
-    let mut scalars: Vec<(&str, Vec<f32>)> = ["lr", "one_minus_beta1", "one_minus_beta2", "beta1", "beta2", "eps", "neg_step_size", "bc2_sqrt", "decay_before", "decay_after"]
-        .into_iter()
-        .map(|s| (s, Vec::new()))
-        .collect();
-    for g in grads {
+    let mut scalars: Vec<(&str, Vec<f32>)> =
+        ["lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "neg_step_size"].iter().chain(form_scalars).map(|&s| (s, Vec::new())).collect();
+    for step in 0..steps {
         let plan = match opt.begin_step() {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Error(e)),
@@ -269,16 +329,40 @@ fn optimizer_op(case: &Case) -> Result<Outcome, String> {
                 _ => sc.decay_after,
             });
         }
-        let state = TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: cached.as_deref_mut(), tau };
-        if let Err(e) = plan.step_tensor(name, g, state) {
+        let mut jobs: Vec<StepJob> = runs
+            .iter_mut()
+            .map(|r| StepJob {
+                name: &r.name,
+                grad: &r.grads[step],
+                theta: &mut r.theta,
+                m: &mut r.m,
+                v: &mut r.v,
+                cached: r.cached.as_deref_mut(),
+                tau: tau_src(tau_dtype, &r.tau32, &r.tau16),
+                scratch: &mut r.scratch,
+            })
+            .collect();
+        if let Err(e) = plan.step_tensors(&mut jobs) {
             return Ok(Outcome::Error(e));
         }
     }
-    outs.push(("theta".into(), Array::F32(theta)));
-    outs.push(("m".into(), Array::F32(m)));
-    outs.push(("v".into(), Array::F32(v)));
-    if let Some(c) = cached {
-        outs.push(("cached".into(), Array::F32(c)));
+    let mut outs: Vec<(String, Array)> = Vec::new();
+    for r in runs {
+        let p = &r.prefix;
+        if has_tau {
+            let tau = match tau_dtype {
+                "f32" => Array::F32(r.tau32),
+                "bf16" => Array::Bf16(r.tau16),
+                _ => Array::F16(r.tau16),
+            };
+            outs.push((format!("{p}tau"), tau));
+        }
+        outs.push((format!("{p}theta"), Array::F32(r.theta)));
+        outs.push((format!("{p}m"), Array::F32(r.m)));
+        outs.push((format!("{p}v"), Array::F32(r.v)));
+        if let Some(c) = r.cached {
+            outs.push((format!("{p}cached"), Array::F32(c)));
+        }
     }
     outs.extend(scalars.into_iter().map(|(k, v)| (format!("scalar.{k}"), Array::F32(v))));
     Ok(Outcome::Outputs(outs.into_iter().collect()))

@@ -295,6 +295,7 @@ struct Opt<'a> {
     rescale: bool,
     k: u64,
     tau_dtype: &'a str,
+    scope: &'a str,
 }
 
 const ADAMW: Opt<'static> = Opt {
@@ -310,6 +311,7 @@ const ADAMW: Opt<'static> = Opt {
     rescale: false,
     k: 1,
     tau_dtype: "f32",
+    scope: "tensor",
 };
 
 fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
@@ -333,7 +335,11 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
         c.params.insert("p".into(), f64_param(o.p));
         c.params.insert("alpha".into(), f64_param(o.alpha));
         c.params.insert("rescale".into(), o.rescale.into());
-        c.params.insert("clip".into(), f64_param(1.0));
+        if o.merge == "dare" {
+            c.params.insert("clip".into(), f64_param(1.0));
+        } else {
+            c.params.insert("scope".into(), o.scope.into());
+        }
     }
     c.params.insert("k".into(), o.k.into());
     c.params.insert("tau_dtype".into(), o.tau_dtype.into());
@@ -382,6 +388,7 @@ fn optimizer_cases() -> Vec<Case> {
     let long = fixture(&mut r, 65, 8);
     let cos = ("warmup_cosine", 2, 6);
     let dare = Opt { merge: "dare", p: 0.3, alpha: 0.1, ..ADAMW };
+    let ties = Opt { merge: "ties", p: 0.2, alpha: 0.3, ..ADAMW };
     let runs: Vec<(Opt, &Fixture, &str)> = vec![
         (Opt { name: "adamw_hf", wd: 0.01, ..ADAMW }, &fx, "f32"),
         (Opt { name: "adamw_torch", form: "torch", wd: 0.01, ..ADAMW }, &fx, "f32"),
@@ -401,9 +408,38 @@ fn optimizer_cases() -> Vec<Case> {
         (Opt { name: "stepk3_ondare_reference", k: 3, ..dare }, &long, "f32"),
         (Opt { name: "stepk3_ondare_paper_rescale", k: 3, variant: "paper", rescale: true, schedule: cos, ..dare }, &long, "f32"),
         (Opt { name: "stepk2_adamw_torch", k: 2, form: "torch", wd: 0.01, ..ADAMW }, &long, "f32"),
+        (Opt { name: "onties_reference", ..ties }, &fx, "f32"),
+        (Opt { name: "onties_reference_rescale", rescale: true, ..ties }, &fx, "f32"),
+        (Opt { name: "onties_reference_paper_defaults", p: 0.01, alpha: 1e-7, lr: 1e-6, ..ties }, &fx, "f32"),
+        (Opt { name: "onties_reference_p1_alpha0", p: 1.0, alpha: 0.0, ..ties }, &fx, "f32"),
+        (Opt { name: "onties_reference_tau_bf16_torch", tau_dtype: "bf16", form: "torch", wd: 0.05, ..ties }, &fx, "bf16"),
+        (Opt { name: "onties_paper", variant: "paper", ..ties }, &fx, "f32"),
+        (Opt { name: "onties_paper_rescale", variant: "paper", rescale: true, ..ties }, &fx, "f32"),
+        (Opt { name: "onties_paper_tau_f16", variant: "paper", tau_dtype: "f16", ..ties }, &fx, "f16"),
+        (Opt { name: "onties_paper_p1_alpha0", variant: "paper", p: 1.0, alpha: 0.0, ..ties }, &fx, "f32"),
+        (Opt { name: "stepk3_onties_reference_cosine", k: 3, schedule: cos, ..ties }, &long, "f32"),
     ];
     for (i, (o, f, dt)) in runs.iter().enumerate() {
         cases.push(optimizer_case(o, f, dt, 1000 + i as u64));
+    }
+    // Global scope: three tensors trimmed with one threshold over their
+    // concatenation in bytewise name order.
+    for (tag, variant, rescale) in [("reference", "reference", false), ("paper_rescale", "paper", true)] {
+        let o = Opt { name: "", variant, rescale, scope: "global", ..ties };
+        let mut c = optimizer_case(&Opt { name: &format!("onties_global_{tag}"), ..o }, &fx, "f32", 90);
+        let names = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"];
+        c.tensor = None;
+        c.params.insert("tensors".into(), serde_json::Value::Array(names.iter().map(|&n| n.into()).collect()));
+        let inputs = std::mem::take(&mut c.inputs);
+        for (j, _) in names.iter().enumerate() {
+            let f = fixture(&mut r, 40 + 7 * j, 3);
+            let mut one = optimizer_case(&o, &f, "f32", 91);
+            for (k, a) in std::mem::take(&mut one.inputs) {
+                c.inputs.insert(format!("t{j}/{k}"), a);
+            }
+        }
+        drop(inputs);
+        cases.push(c);
     }
     // Rejected inputs: the first non-finite element is named with its index.
     let mut bad = optimizer_case(&Opt { name: "rejects_nan_gradient", ..dare }, &fx, "f32", 77);
