@@ -166,6 +166,27 @@ impl Pass {
         }
     }
 
+    /// The index range `[start, end)` (clipped to `n` elements) outside which no
+    /// element is a candidate: everything for key passes, one aligned block of
+    /// `2^(shift + bits)` indices for index passes after the first.
+    pub fn index_range(&self, n: u64) -> (u64, u64) {
+        match *self {
+            Pass::Key { .. } => (0, n),
+            Pass::Index { shift, bits, prefix, .. } => {
+                let width = shift + bits;
+                if width >= 64 {
+                    // The first index pass of a scope of more than 2^53 elements.
+                    return (0, n);
+                }
+                let start = prefix << width;
+                if start >> width != prefix {
+                    return (n, n);
+                }
+                (start.min(n), start.saturating_add(1u64 << width).min(n))
+            }
+        }
+    }
+
     /// Number of buckets this pass fills (`2^bits`).
     pub fn buckets(&self) -> usize {
         match *self {
@@ -382,10 +403,15 @@ impl RadixSelect {
             match gathered {
                 Some(len) => self.feed_candidates(&scratch[..len])?,
                 None => {
+                    let (lo, hi) = pass.index_range(self.n);
                     let mut offset = 0u64;
                     for t in tensors {
-                        self.feed_values(offset, t)?;
-                        offset += t.len() as u64;
+                        let end = offset + t.len() as u64;
+                        let (a, b) = (lo.max(offset), hi.min(end));
+                        if a < b {
+                            self.feed_values(a, &t[(a - offset) as usize..(b - offset) as usize])?;
+                        }
+                        offset = end;
                     }
                 }
             }
@@ -844,6 +870,32 @@ mod tests {
                 assert_eq!(sel.threshold().unwrap(), select("t", &[&values], k).unwrap());
             }
         }
+    }
+
+    #[test]
+    fn index_ranges_hold_every_candidate() {
+        // Every candidate of every pass lies inside the pass's index range.
+        let mut rng = Rng::new(9);
+        for _ in 0..30 {
+            let n = 1 + below(&mut rng, 20_000) as usize;
+            let values = values_of(&mut rng, n, 3);
+            let k = 1 + below(&mut rng, n as u64);
+            let mut sel = RadixSelect::new("t", n as u64, k).unwrap();
+            while let Some(pass) = sel.pass() {
+                let (lo, hi) = pass.index_range(n as u64);
+                for (i, &v) in values.iter().enumerate() {
+                    if pass.bucket(magnitude_key(v), i as u64).is_some() {
+                        assert!(lo <= i as u64 && (i as u64) < hi, "{pass:?} {i} not in {lo}..{hi}");
+                    }
+                }
+                sel.feed_values(0, &values).unwrap();
+                sel.finish_pass().unwrap();
+            }
+        }
+        let p = Pass::Index { key: 0, shift: 53, bits: 11, prefix: 0 };
+        assert_eq!(p.index_range(u64::MAX), (0, u64::MAX));
+        let p = Pass::Index { key: 0, shift: 2, bits: 11, prefix: 3 };
+        assert_eq!(p.index_range(100_000), (3 << 13, 4 << 13));
     }
 
     #[test]
