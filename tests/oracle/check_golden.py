@@ -296,7 +296,314 @@ def gta(c, models):
     return o.add(base, o.mul(lam, mixed))
 
 
+# ----------------------------------------------------------------- §5 optimizers
+
+def rn(x):
+    """F(RN(x)): a binary64 scalar handed to the element arithmetic (§1.6)."""
+    return o.flush(F32(x))
+
+
+def lr_at(c, k):
+    """§1.6: the learning rate of step k in binary64."""
+    lr = c.f64("lr")
+    if c.word("schedule") == "constant":
+        return lr
+    warmup, total = c.params["warmup"], c.params["total"]
+    s = k - 1
+    if s < warmup:
+        return lr * (s / warmup)
+    q = min(1.0, (s - warmup) / max(1, total - warmup))
+    return lr * (0.5 * (1.0 + o.fdlibm_cos(o.PI * q)))
+
+
+def validate_hyper(c):
+    """§1.6's validation; only the error kind is compared (the names are merge-core's)."""
+    lr, b1, b2, eps, wd = (c.f64(k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    ok = math.isfinite(lr) and lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1
+    ok = ok and eps > 0 and o.flush(F32(eps)) != 0 and not o.non_finite(F32(eps))
+    ok = ok and math.isfinite(wd) and wd >= 0 and c.params["k"] >= 1
+    if c.word("schedule") != "constant":
+        ok = ok and c.params["total"] >= 1 and c.params["warmup"] <= c.params["total"]
+    merge = c.word("merge")
+    if merge != "none":
+        p, alpha = c.f64("p"), c.f64("alpha")
+        ok = ok and 0 < p <= 1 and F32(p) > 0 and 0 <= alpha <= 1
+        if merge == "ties":
+            ok = ok and o.flush(F32(p)) != 0
+        else:
+            clip = c.f64("clip")
+            ok = ok and clip > 0 and o.flush(F32(clip)) != 0 and not o.non_finite(F32(clip))
+            if c.word("variant") == "reference":
+                ok = ok and not o.non_finite(F32(1.0 / float(F32(p))))
+    if not ok:
+        raise Rejected(kind="InvalidHyperparameter")
+
+
+def step_scalars(c, k):
+    """§5.1's table for step k."""
+    eta = lr_at(c, k)
+    beta1, beta2, wd = c.f64("beta1"), c.f64("beta2"), c.f64("weight_decay")
+    b1 = 1.0 - o.pow_f64(beta1, k)
+    b2 = 1.0 - o.pow_f64(beta2, k)
+    sc = {
+        "lr": rn(eta),
+        "beta1": rn(beta1),
+        "beta2": rn(beta2),
+        "one_minus_beta1": rn(1.0 - beta1),
+        "one_minus_beta2": rn(1.0 - beta2),
+        "eps": rn(c.f64("eps")),
+    }
+    if c.word("form") == "hf":
+        sc["neg_step_size"] = rn(-((eta * math.sqrt(b2)) / b1))
+        sc["decay_after"] = rn(eta * wd)
+    else:
+        sc["neg_step_size"] = rn(-(eta / b1))
+        sc["bc2_sqrt"] = rn(math.sqrt(b2))
+        sc["decay_before"] = rn(1.0 - eta * wd)
+    return sc
+
+
+def first_failure(checks):
+    """§5.6: the lowest index at which any of `checks` (label, array) is non-finite,
+    and the first label failing there; None when all are finite."""
+    best = None
+    for label, arr in checks:
+        j = o.first_non_finite(arr)
+        if j is not None and (best is None or j < best[0]):
+            best = (j, label)
+    return best
+
+
+def clamp(x, cl):
+    x = np.asarray(x, F32)
+    return np.minimum(np.maximum(x, -cl), cl).astype(F32)
+
+
+def topp(x, p, mask):
+    """§5.3 TopP: F(x_i) where the threshold keeps i, else +0."""
+    return np.where(mask, o.flush(x), F32(0.0)).astype(F32)
+
+
+def ties_rho(full, kept):
+    """§5.3: ρ = ‖x‖₁ ⊘ ‖x'‖₁ when ‖x‖₁ ≥ RN32(1e-8) and ‖x'‖₁ > 0, else None."""
+    n_full, n_kept = o.l1(full), o.l1(kept)
+    if n_full >= F32(1e-8) and n_kept > 0:
+        return o.div(n_full, n_kept)
+    return None
+
+
+def scope_masks(xs, p):
+    """The §4 keep masks of each tensor: per tensor, or over the concatenation (global)."""
+    return [o.topk_mask(x, p) for x in xs]
+
+
+def global_masks(xs, p):
+    mask = o.topk_mask(np.concatenate(xs), p)
+    out, start = [], 0
+    for x in xs:
+        out.append(mask[start:start + x.size])
+        start += x.size
+    return out
+
+
+def ties_combine(variant, tau, d, alpha, omega):
+    """§5.3 combine."""
+    tb, db = o.bits(tau), o.bits(d)
+    if variant == "reference":
+        s_pos = o.add(tau, d) >= 0
+        t_neg, d_neg = (tb >> 31) == 1, (db >> 31) == 1
+        a = np.where((tau != 0) & (t_neg != s_pos), o.mul(alpha, tau), F32(0.0)).astype(F32)
+        b = np.where((d != 0) & (d_neg != s_pos), o.mul(omega, d), F32(0.0)).astype(F32)
+        return o.add(a, b)
+    a, b = o.mul(alpha, tau), o.mul(omega, d)
+    ka, kb = o.magnitude_key(a), o.magnitude_key(b)
+    opposite = (a != 0) & (b != 0) & ((o.bits(a) >> 31) != (o.bits(b) >> 31))
+    larger = np.where(ka > kb, a, np.where(kb > ka, b, np.where(a > 0, a, b))).astype(F32)
+    return np.where(opposite, larger, o.add(a, b)).astype(F32)
+
+
+def op_optimizer(c):
+    validate_hyper(c)
+    if "tensors" in c.params:
+        tensors = [(name, f"t{j}/") for j, name in enumerate(c.params["tensors"])]
+    else:
+        tensors = [(c.tensor, "")]
+    merge, form, K = c.word("merge"), c.word("form"), c.params["k"]
+    variant = c.word("variant") if merge != "none" else None
+    tau_dtype = c.word("tau_dtype")
+    seed = c.seed
+
+    def reject(name, j, what=None):
+        fields = {"kind": "NonFinite", "tensor": name, "index": j}
+        if what:
+            fields["what"] = what
+        raise Rejected(**fields)
+
+    st = []
+    for name, pre in tensors:
+        t = {"name": name, "pre": pre, "id": o.fnv1a32(name)}
+        for k in ("theta", "m", "v"):
+            t[k] = c.inputs[pre + k]
+        t["grads"] = []
+        while f"{pre}grad.{len(t['grads']) + 1}" in c.inputs:
+            t["grads"].append(c.inputs[f"{pre}grad.{len(t['grads']) + 1}"])
+        t["cached"] = np.zeros(t["theta"].size, F32) if K > 1 else None
+        st.append(t)
+
+    out = {}
+    if merge != "none":
+        p32 = F32(c.f64("p"))
+        taus = []
+        for t in st:
+            base, sft = (o.load(c.inputs[t["pre"] + k], c.raw["inputs"][t["pre"] + k]["dtype"]) for k in ("base", "sft"))
+            bad = first_failure([("base weights", base), ("SFT weights", sft)])
+            if bad:
+                reject(t["name"], bad[0])
+            tau = o.sub(sft, base)
+            bad = first_failure([("task vector", tau)])
+            if bad:
+                reject(t["name"], bad[0])
+            taus.append(tau)
+        if merge == "dare":
+            c32 = rn(c.f64("clip"))
+            for t, tau in zip(st, taus):
+                if variant == "reference":
+                    s_ = rn(1.0 / float(p32))
+                    keep = o.keep_mask(seed, t["id"], 0, 0, p32, tau.size)
+                    t["tau_f32"] = np.where(keep, clamp(o.mul(tau, s_), c32), F32(0.0)).astype(F32)
+                else:
+                    t["tau_f32"] = tau
+        else:
+            masks = (global_masks if c.word("scope") == "global" else scope_masks)(taus, p32)
+            kept = [topp(tau, p32, m) for tau, m in zip(taus, masks)]
+            if c.params["rescale"]:
+                if c.word("scope") == "global":
+                    rho = ties_rho(np.concatenate(taus), np.concatenate(kept))
+                    rhos = [rho] * len(kept)
+                else:
+                    rhos = [ties_rho(tau, kt) for tau, kt in zip(taus, kept)]
+                kept = [kt if r is None else o.mul(kt, r) for kt, r in zip(kept, rhos)]
+            for t, kt in zip(st, kept):
+                t["tau_f32"] = kt
+        for t in st:
+            stored_tau, err = o.store(t["tau_f32"], tau_dtype)
+            if err:
+                raise Rejected(kind=err[0], tensor=t["name"], index=err[1])
+            t["tau_stored"] = stored_tau
+            t["tau"] = o.load(stored_tau, tau_dtype)
+            out[t["pre"] + "tau"] = stored_tau
+
+    steps = max(len(t["grads"]) for t in st)
+    scal = {}
+    alpha32 = rn(c.f64("alpha")) if merge != "none" else None
+    omega = rn(1.0 - c.f64("alpha")) if merge != "none" else None
+    for k in range(1, steps + 1):
+        sc = step_scalars(c, k)
+        for key, val in sc.items():
+            scal.setdefault(key, []).append(val)
+        merge_step = k % K == 0
+        # Pass 1: the update of every tensor (needed first by a global OnTIES threshold).
+        work = []
+        for t in st:
+            g, th, m, v = (o.flush(x) for x in (t["grads"][k - 1], t["theta"], t["m"], t["v"]))
+            cached = o.flush(t["cached"]) if t["cached"] is not None else None
+            checks = [("gradient", g), ("parameter", th), ("exp_avg", m), ("exp_avg_sq", v)]
+            if cached is not None:
+                checks.append(("cached delta", cached))
+            if merge != "none" and merge_step:
+                checks.append(("task vector", t["tau"]))
+            if form == "torch" and c.f64("weight_decay") != 0:
+                th = o.mul(th, sc["decay_before"])
+            m2 = o.add(o.mul(sc["beta1"], m), o.mul(sc["one_minus_beta1"], g))
+            v2 = o.add(o.mul(sc["beta2"], v), o.mul(sc["one_minus_beta2"], o.mul(g, g)))
+            sq = o.sqrt(v2)
+            denom = o.add(sq, sc["eps"]) if form == "hf" else o.add(o.div(sq, sc["bc2_sqrt"]), sc["eps"])
+            delta = o.mul(sc["neg_step_size"], o.div(m2, denom))
+            checks += [("updated exp_avg", m2), ("updated exp_avg_sq", v2)]
+            work.append(dict(t=t, th=th, m2=m2, v2=v2, delta=delta, cached=cached, checks=checks))
+        if merge == "ties" and merge_step:
+            ds = [w["delta"] if w["cached"] is None else o.add(w["delta"], w["cached"]) for w in work]
+            masks = (global_masks if c.word("scope") == "global" else scope_masks)(ds, p32)
+            kept = [topp(d, p32, mk) for d, mk in zip(ds, masks)]
+            if c.params["rescale"]:
+                if c.word("scope") == "global":
+                    rho = ties_rho(np.concatenate(ds), np.concatenate(kept))
+                    rhos = [rho] * len(kept)
+                else:
+                    rhos = [ties_rho(d, kt) for d, kt in zip(ds, kept)]
+                kept = [kt if r is None else o.mul(kt, r) for kt, r in zip(kept, rhos)]
+            for w, kt in zip(work, kept):
+                w["ties_d"] = kt
+        for w in work:
+            t, th, delta, cached = w["t"], w["th"], w["delta"], w["cached"]
+            checks = w["checks"]
+            new_cached = cached
+            if not merge_step:
+                checks.append(("update", delta))
+                th = o.add(th, delta)
+                new_cached = o.add(cached, delta)
+                checks.append(("updated cached delta", new_cached))
+            else:
+                if cached is not None:
+                    th = o.sub(th, cached)
+                    d = o.add(delta, cached)
+                    new_cached = np.zeros_like(cached)
+                else:
+                    d = delta
+                checks.append(("update", d))
+                if merge == "none":
+                    th = o.add(th, d)
+                elif merge == "dare":
+                    keep = o.keep_mask(seed, t["id"], k, 0, p32, d.size)
+                    s_ = rn(1.0 / float(p32)) if variant == "reference" else None
+                    dp = np.where(keep, o.mul(d, s_) if s_ is not None else d, F32(0.0)).astype(F32)
+                    if c.params["rescale"]:
+                        n_full, n_kept = o.l1(d), o.l1(dp)
+                        if o.non_finite(n_full) or o.non_finite(n_kept):
+                            raise Rejected(kind="NonFiniteReduction", tensor=t["name"])
+                        if n_full >= F32(1e-8):
+                            r = o.div(n_full, o.add(n_kept, sc["eps"]))
+                            dp = clamp(o.mul(dp, r), rn(c.f64("clip")))
+                    checks.append(("sparsified update", dp))
+                    if variant == "reference":
+                        th = o.add(o.add(th, o.mul(alpha32, t["tau"])), o.mul(omega, dp))
+                    else:
+                        tkeep = o.keep_mask(seed, t["id"], k, 1, p32, d.size)
+                        tt = np.where(tkeep, t["tau"], F32(0.0)).astype(F32)
+                        th = o.add(th, o.add(o.mul(alpha32, tt), o.mul(omega, dp)))
+                else:
+                    checks.append(("sparsified update", w["ties_d"]))
+                    th = o.add(th, ties_combine(variant, t["tau"], w["ties_d"], alpha32, omega))
+                if cached is not None:
+                    checks.append(("updated cached delta", new_cached))
+            if form == "hf" and c.f64("weight_decay") != 0:
+                th = o.sub(th, o.mul(sc["decay_after"], th))
+            checks.append(("updated parameter", th))
+            bad = first_failure(checks)
+            if bad:
+                reject(t["name"], bad[0], bad[1])
+            w["new"] = (th, w["m2"], w["v2"], new_cached)
+        for w in work:
+            t = w["t"]
+            t["theta"], t["m"], t["v"], t["cached"] = w["new"]
+    for t in st:
+        pre = t["pre"]
+        out[pre + "theta"], out[pre + "m"], out[pre + "v"] = t["theta"], t["m"], t["v"]
+        if t["cached"] is not None:
+            out[pre + "cached"] = t["cached"]
+    for key, vals in scal.items():
+        out["scalar." + key] = np.array(vals, F32)
+    return out
+
+
+def op_ties_combine(c):
+    tau, d = o.flush(c.inputs["tau"]), o.flush(c.inputs["d"])
+    return {"u": ties_combine(c.word("variant"), tau, d, c.f32("alpha"), c.f32("omega"))}
+
+
 OPS = {
+    "optimizer": op_optimizer,
+    "ties_combine": op_ties_combine,
     "store": op_store,
     "load": op_load,
     "offline": op_offline,

@@ -29,6 +29,7 @@ pub fn evaluate(case: &Case) -> Result<Outcome, String> {
         "store" => store_op(case),
         "load" => load_op(case),
         "offline" => offline_op(case),
+        "ties_combine" => ties_combine_op(case),
         other => Err(format!("case {:?}: unknown op {other:?}", case.name)),
     }
 }
@@ -489,4 +490,21 @@ fn offline_op(case: &Case) -> Result<Outcome, String> {
         _ => Array::F16(out16),
     };
     Ok(Outcome::Outputs(std::iter::once(("merged".to_string(), merged)).chain(extra).collect()))
+}
+
+/// SPEC.md §5.3 `combine`: the per-element OnTIES update from trimmed `τ'` and `D'`,
+/// with `α₃₂` and `ω` given as binary32 (crafted edge cases the runs rarely meet).
+fn ties_combine_op(case: &Case) -> Result<Outcome, String> {
+    let (tau, d) = (case.f32s("tau")?, case.f32s("d")?);
+    if tau.len() != d.len() {
+        return Err(format!("case {:?}: tau and d differ in length", case.name));
+    }
+    let variant = match case.word("variant")? {
+        "reference" => onties::Variant::Reference,
+        "paper" => onties::Variant::Paper,
+        other => return Err(format!("case {:?}: unknown variant {other:?}", case.name)),
+    };
+    let (alpha, omega) = (case.f32("alpha")?, case.f32("omega")?);
+    let u = tau.iter().zip(d).map(|(&t, &x)| onties::combine(variant, t, x, alpha, omega)).collect();
+    Ok(outputs([("u", Array::F32(u))]))
 }

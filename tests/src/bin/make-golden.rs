@@ -638,6 +638,32 @@ fn offline_cases() -> Vec<Case> {
     cases
 }
 
+fn ties_combine_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut r = Inputs(8);
+    // Pairs (τ', D'): exact cancellation (elects +1), one or both zero, subnormals
+    // (flushed: no sign), sums that flush to zero, equal weighted magnitudes of
+    // opposite signs (paper: the positive one), then random pairs.
+    let mut tau = vec![1.0f32, -1.0, 0.0, 0.0, -0.0, 2.0, -2.0, 1e-40, -1e-40, 1.5e-38, -3.0, 3.0, 0.25, -0.25, 1e30];
+    let mut d = vec![-1.0f32, 1.0, 0.0, -5.0, 5.0, -0.0, 1e-42, -1.0, 1.0, -1.4e-38, 3.0, -3.0, -0.25, 0.25, -1e30];
+    for _ in 0..200 {
+        tau.push(r.spread(110, 140));
+        d.push(if r.next() % 4 == 0 { -tau[tau.len() - 1] } else { r.spread(110, 140) });
+    }
+    for variant in ["reference", "paper"] {
+        for (tag, alpha, omega) in [("half", 0.5f32, 0.5f32), ("skewed", 0.3, 0.7), ("paper_defaults", 1e-7, 0.9999999)] {
+            let mut c = Case::new(&format!("ties_combine_{variant}_{tag}"), "ties_combine");
+            c.params.insert("variant".into(), variant.into());
+            c.params.insert("alpha".into(), f32_param(alpha));
+            c.params.insert("omega".into(), f32_param(omega));
+            c.inputs.insert("tau".into(), Array::F32(tau.clone()));
+            c.inputs.insert("d".into(), Array::F32(d.clone()));
+            cases.push(c);
+        }
+    }
+    cases
+}
+
 fn main() {
     let dir = std::env::args_os().nth(1).map(PathBuf::from).unwrap_or_else(workspace_tests::golden_dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
@@ -648,6 +674,7 @@ fn main() {
         ("topk.json", "SPEC.md §4: k = ceil(p n), the threshold (T, c) with the tie rule, per tensor and global", topk_cases()),
         ("dtype.json", "SPEC.md §7: bf16 / f16 / f32 storage: round-to-nearest-even stores, overflow refused, exact loads then F", dtype_cases()),
         ("offline.json", "SPEC.md §6: linear, SFT-RLHF interpolation, SLERP, task arithmetic, TIES, DARE linear, DARE-TIES, rejected inputs", offline_cases()),
+        ("ties_combine.json", "SPEC.md §5.3 combine: sign election and the paper's larger-magnitude rule on crafted pairs", ties_combine_cases()),
         ("optimizer.json", "SPEC.md §5: AdamW (hf, torch), OnDARE (reference, paper), step-K, schedules, task-vector dtypes, rejected inputs", optimizer_cases()),
     ];
     for (name, about, cases) in files {
