@@ -296,6 +296,7 @@ struct Opt<'a> {
     k: u64,
     tau_dtype: &'a str,
     scope: &'a str,
+    clip: f64,
 }
 
 const ADAMW: Opt<'static> = Opt {
@@ -312,6 +313,7 @@ const ADAMW: Opt<'static> = Opt {
     k: 1,
     tau_dtype: "f32",
     scope: "tensor",
+    clip: 1.0,
 };
 
 fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
@@ -336,7 +338,7 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
         c.params.insert("alpha".into(), f64_param(o.alpha));
         c.params.insert("rescale".into(), o.rescale.into());
         if o.merge == "dare" {
-            c.params.insert("clip".into(), f64_param(1.0));
+            c.params.insert("clip".into(), f64_param(o.clip));
         } else {
             c.params.insert("scope".into(), o.scope.into());
         }
@@ -408,7 +410,13 @@ fn optimizer_cases() -> Vec<Case> {
         (Opt { name: "stepk3_ondare_reference", k: 3, ..dare }, &long, "f32"),
         (Opt { name: "stepk3_ondare_paper_rescale", k: 3, variant: "paper", rescale: true, schedule: cos, ..dare }, &long, "f32"),
         (Opt { name: "stepk2_adamw_torch", k: 2, form: "torch", wd: 0.01, ..ADAMW }, &long, "f32"),
+        // Clamping: a small clip bites on τ' (reference) and, with a large rate, on
+        // the rescaled update; a tiny rate makes ‖D‖₁ < 1e-8, which skips the rescale.
+        (Opt { name: "ondare_reference_clip_small", clip: 0.01, rescale: true, lr: 0.5, ..dare }, &fx, "f32"),
+        (Opt { name: "ondare_paper_clip_small", variant: "paper", clip: 0.01, rescale: true, lr: 0.5, ..dare }, &fx, "f32"),
+        (Opt { name: "ondare_reference_rescale_tiny_norm", rescale: true, lr: 1e-12, ..dare }, &fx, "f32"),
         (Opt { name: "onties_reference", ..ties }, &fx, "f32"),
+        (Opt { name: "onties_reference_rescale_tiny_norm", rescale: true, lr: 1e-12, ..ties }, &fx, "f32"),
         (Opt { name: "onties_reference_rescale", rescale: true, ..ties }, &fx, "f32"),
         (Opt { name: "onties_reference_paper_defaults", p: 0.01, alpha: 1e-7, lr: 1e-6, ..ties }, &fx, "f32"),
         (Opt { name: "onties_reference_p1_alpha0", p: 1.0, alpha: 0.0, ..ties }, &fx, "f32"),
