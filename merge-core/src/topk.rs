@@ -347,7 +347,7 @@ impl RadixSelect {
 
     /// Stores the current key pass's candidates among `tensors` (the whole scope,
     /// concatenated) in `scratch`; `None` when they do not fit.
-    fn gather(&self, tensors: &[&[f32]], scratch: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    fn gather<'a>(&self, tensors: impl Iterator<Item = &'a [f32]>, scratch: &mut [Candidate]) -> Result<Option<usize>, Error> {
         let Some(Pass::Key { shift, bits, prefix }) = self.pass else { return Ok(None) };
         if self.candidates > scratch.len() as u64 {
             return Ok(None);
@@ -385,27 +385,32 @@ impl RadixSelect {
     }
 
     /// Runs every remaining pass over the whole scope held in memory: `tensors`
+    /// (an iterator that can be restarted, e.g. `slices.iter().copied()`)
     /// concatenated in scope order, none of them fed to the current pass yet. The
     /// first pass may have been run by the caller (fused with computing the
     /// values, then [`finish_pass`](Self::finish_pass)). When the second pass's
     /// candidates fit in `scratch`, one scan gathers them and every later pass
     /// runs over that list only; otherwise each pass scans everything.
-    pub fn finish_in_memory(&mut self, tensors: &[&[f32]], scratch: &mut [Candidate]) -> Result<Threshold, Error> {
-        let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
+    pub fn finish_in_memory<'a>(
+        &mut self,
+        tensors: impl Iterator<Item = &'a [f32]> + Clone,
+        scratch: &mut [Candidate],
+    ) -> Result<Threshold, Error> {
+        let n: u64 = tensors.clone().map(|t| t.len() as u64).sum();
         if n != self.n {
             return Err(Error::LengthMismatch { tensor: self.scope.clone(), what: "top-k scope", expected: self.n, found: n });
         }
         let mut gathered: Option<usize> = None;
         while let Some(pass) = self.pass {
             if gathered.is_none() && !matches!(pass, Pass::Key { shift, bits, .. } if shift + bits == KEY_BITS) {
-                gathered = self.gather(tensors, scratch)?;
+                gathered = self.gather(tensors.clone(), scratch)?;
             }
             match gathered {
                 Some(len) => self.feed_candidates(&scratch[..len])?,
                 None => {
                     let (lo, hi) = pass.index_range(self.n);
                     let mut offset = 0u64;
-                    for t in tensors {
+                    for t in tensors.clone() {
                         let end = offset + t.len() as u64;
                         let (a, b) = (lo.max(offset), hi.min(end));
                         if a < b {
@@ -642,7 +647,7 @@ pub fn select(scope: &str, tensors: &[&[f32]], k: u64) -> Result<Threshold, Erro
 /// two scans of the data suffice (see [`RadixSelect::finish_in_memory`]).
 pub fn select_with_scratch(scope: &str, tensors: &[&[f32]], k: u64, scratch: &mut [Candidate]) -> Result<Threshold, Error> {
     let n: u64 = tensors.iter().map(|t| t.len() as u64).sum();
-    RadixSelect::new(scope, n, k)?.finish_in_memory(tensors, scratch)
+    RadixSelect::new(scope, n, k)?.finish_in_memory(tensors.iter().copied(), scratch)
 }
 
 #[cfg(test)]
@@ -966,10 +971,10 @@ mod tests {
         }
         sel.finish_pass().unwrap();
         let mut scratch = std::vec![Candidate::default(); 5000];
-        let t = sel.finish_in_memory(&[&values], &mut scratch).unwrap();
+        let t = sel.finish_in_memory([values.as_slice()].into_iter(), &mut scratch).unwrap();
         check(&values, 321, t);
         let mut sel = RadixSelect::new("t", 5000, 321).unwrap();
-        assert!(matches!(sel.finish_in_memory(&[&values[..4999]], &mut scratch), Err(Error::LengthMismatch { .. })));
+        assert!(matches!(sel.finish_in_memory([&values[..4999]].into_iter(), &mut scratch), Err(Error::LengthMismatch { .. })));
     }
 
     #[test]
