@@ -2,15 +2,19 @@
 //! and OnTIES, reported as bytes moved per second next to a memcpy of the same
 //! number of bytes, on one thread, in one run.
 //!
-//! Bytes moved per element: AdamW reads θ, m, v, g and writes θ, m, v (28 B);
-//! OnDARE and OnTIES also read τ' (32 B). A memcpy of B bytes moves 2·B.
+//! Bytes moved per element, counted once per step whatever the passes: AdamW
+//! reads θ, m, v, g and writes θ, m, v (28 B); OnDARE and OnTIES also read τ'
+//! (32 B). A memcpy of B bytes moves 2·B. "in place, validated" is
+//! `step_tensor` (a validating pass, then the writing pass; OnTIES and the L1
+//! rescale add their pass over the update); "one pass" is `step_tensor_into`.
 //! Times are this thread's CPU time (`/proc/thread-self/schedstat`), best of 5.
 //! `cargo bench -p merge-core --bench cpu_step`
 
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::Src;
 use merge_core::hyper::AdamConfig;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::onties;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState, TiesConfig};
 use merge_core::step::{StateMut, StateRef};
 use std::hint::black_box;
 use std::time::Instant;
@@ -80,30 +84,34 @@ fn main() {
 
     let adam = AdamConfig { lr: 1e-4, weight_decay: 0.01, ..AdamConfig::default() };
     let dare = |variant, rescale| Merge::Dare(DareConfig { variant, rescale, ..DareConfig::default() });
-    let cases: [(&str, Merge, usize); 4] = [
+    let ties = |variant, rescale| Merge::Ties(TiesConfig { variant, rescale, ..TiesConfig::default() });
+    let cases: [(&str, Merge, usize); 7] = [
         ("AdamW (HF form)", Merge::None, 28),
-        ("OnDARE reference", dare(DareVariant::Reference, false), 32),
+        ("OnDARE reference, p=0.01", dare(DareVariant::Reference, false), 32),
         ("OnDARE reference + L1 rescale", dare(DareVariant::Reference, true), 32),
         ("OnDARE paper", dare(DareVariant::Paper, false), 32),
+        ("OnTIES reference, p=0.01, per tensor", ties(onties::Variant::Reference, false), 32),
+        ("OnTIES reference + L1 rescale", ties(onties::Variant::Reference, true), 32),
+        ("OnTIES paper", ties(onties::Variant::Paper, false), 32),
     ];
-    for (name, merge, bytes) in cases {
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let mut scratch = vec![0.0f32; N];
+    let (mut theta2, mut m2, mut v2) = (theta.clone(), m.clone(), v.clone());
+    for (what, merge, bytes) in cases {
         let opt = Optimizer::new(OnlineConfig { adam, merge, k: 1, seed: 7 }).unwrap();
         let plan = opt.plan(10).unwrap();
-        let full = best(|| {
-            plan.step_tensor("model.layers.0.mlp.up_proj.weight", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) })
-                .unwrap();
+        let in_place = best(|| {
+            let state = TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) };
+            plan.step_tensor_with_scratch(name, &g, state, &mut scratch).unwrap();
         });
-        report(&format!("{name}: step_tensor (validate + write)"), bytes, full, memcpy_gbs);
-        let ts = plan.tensor("model.layers.0.mlp.up_proj.weight", N as u64).unwrap();
-        let write = best(|| {
-            ts.write_chunk(0, &g, StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None }, Src::F32(&tau)).unwrap();
-        });
-        report(&format!("{name}: write pass alone"), bytes, write, memcpy_gbs);
-        let (mut theta2, mut m2, mut v2) = (theta.clone(), m.clone(), v.clone());
-        let into = best(|| {
-            ts.write_chunk_into(0, &g, StateRef { theta: &theta, m: &m, v: &v, cached: None }, Src::F32(&tau), StateMut { theta: &mut theta2, m: &mut m2, v: &mut v2, cached: None })
-                .unwrap();
-        });
-        report(&format!("{name}: write_chunk_into (one pass)"), bytes, into, memcpy_gbs);
+        report(&format!("{what}: in place, validated"), bytes, in_place, memcpy_gbs);
+        if !plan.needs_norms() && !plan.needs_update_scratch() {
+            let one_pass = best(|| {
+                let old = StateRef { theta: &theta, m: &m, v: &v, cached: None };
+                let new = StateMut { theta: &mut theta2, m: &mut m2, v: &mut v2, cached: None };
+                plan.step_tensor_into(name, &g, old, Src::F32(&tau), new).unwrap();
+            });
+            report(&format!("{what}: one pass, out of place"), bytes, one_pass, memcpy_gbs);
+        }
     }
 }

@@ -261,17 +261,10 @@ fn select_over<'a>(t: &TiesParams, scope: &str, values: impl Iterator<Item = &'a
     } else if k == n {
         Threshold::all(n)
     } else {
-        let mut sel = topk::RadixSelect::new(scope, n, k)?;
-        loop {
-            let mut offset = 0u64;
-            for v in values.clone() {
-                sel.feed_values(offset, v)?;
-                offset += v.len() as u64;
-            }
-            if let Some(th) = sel.finish_pass()? {
-                break th;
-            }
-        }
+        // After the first pass the candidates usually fit here, and the remaining
+        // passes run over them instead of over every update.
+        let mut candidates = [topk::Candidate::default(); 2048];
+        topk::RadixSelect::new(scope, n, k)?.finish_in_memory(values.clone(), &mut candidates)?
     };
     let factor = if t.rescale {
         let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());
@@ -392,6 +385,22 @@ impl StepPlan {
         }
         plan.check_chunk(0, grad, st.as_ref(), tau)?;
         plan.write_chunk(0, grad, StateMut { theta: st.theta, m: st.m, v: st.v, cached: st.cached.as_deref_mut() }, tau)
+    }
+
+    /// Steps one whole tensor out of place in a single pass (plain AdamW and OnDARE
+    /// without the rescale; the others need a pass over the whole update first):
+    /// reads `old`, writes the new state into `new`. On error `old` is untouched,
+    /// so a caller that adopts `new` only on success never sees a failed step,
+    /// at the cost of one pass instead of the validating pass plus the writing
+    /// pass of [`StepPlan::step_tensor`].
+    pub fn step_tensor_into(&self, name: &str, grad: &[f32], old: StateRef<'_>, tau: Src<'_>, new: StateMut<'_>) -> Result<(), Error> {
+        if self.needs_norms() || self.needs_update_scratch() {
+            return Err(invalid("merge", 0.0, "plain AdamW or OnDARE without rescale for the single-pass step (the others need step_tensor)"));
+        }
+        if self.need_cached && old.cached.is_none() {
+            return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
+        }
+        self.tensor(name, grad.len() as u64)?.write_chunk_into(0, grad, old, tau, new)
     }
 
     /// Steps several tensors; the one entry that serves every merge and scope.

@@ -483,11 +483,20 @@ impl TensorStep<'_> {
             }
             _ => (onties::Variant::Reference, 0.0, 1.0, TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 }, Threshold::NOTHING.local(0)),
         };
+        // Two simple loops rather than one long one: the Adam loop is the same for
+        // every kernel, and short loop bodies vectorize reliably.
         let mut bad = 0u32;
         for j in 0..BLOCK {
-            let theta = adam::decay_before::<TORCH>(s, inp.theta[j]);
             let (m1, v1) = adam::moments(s, inp.g[j], inp.m[j], inp.v[j]);
-            let delta = adam::delta::<TORCH>(s, m1, v1);
+            out.m[j] = m1;
+            out.v[j] = v1;
+            out.d[j] = adam::delta::<TORCH>(s, m1, v1);
+            out.theta[j] = adam::decay_before::<TORCH>(s, inp.theta[j]);
+            bad |= nf(m1) | nf(v1);
+        }
+        for j in 0..BLOCK {
+            let theta = out.theta[j];
+            let delta = out.d[j];
             let c = inp.cached[j];
             // Without a cached delta the rollback is `θ ⊖ +0` and `Δ ⊕ +0`: identities.
             let (theta0, d) = if KIND != ACCUM && CACHED { (sub(theta, c), add(delta, c)) } else { (theta, delta) };
@@ -519,12 +528,10 @@ impl TensorStep<'_> {
             };
             let theta2 = adam::decay_after::<TORCH>(s, theta1);
             out.theta[j] = theta2;
-            out.m[j] = m1;
-            out.v[j] = v1;
             out.cached[j] = cached1;
             out.d[j] = d;
             out.sparse[j] = sparse;
-            let mut flags = nf(m1) | nf(v1) | nf(d);
+            let mut flags = nf(d);
             if KIND == DARE_REF || KIND == DARE_PAPER || KIND == TIES {
                 flags |= nf(sparse);
             }

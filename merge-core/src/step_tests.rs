@@ -549,3 +549,40 @@ fn ties_task_vectors_per_tensor_and_global() {
         }
     }
 }
+
+#[test]
+fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_input() {
+    let mut rng = Rng::new(10);
+    let n = 999;
+    for merge in [Merge::None, Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() }), Merge::Dare(DareConfig { variant: DareVariant::Paper, p: 0.4, alpha: 0.1, ..DareConfig::default() })] {
+        for k in [1u32, 2] {
+            let cfg = OnlineConfig { merge, k, ..OnlineConfig::default() };
+            let opt = Optimizer::new(cfg).unwrap();
+            let (g, st0, tau) = random_state(&mut rng, n);
+            for step in [1u64, 2] {
+                let plan = opt.plan(step).unwrap();
+                let mut inplace = st0.clone();
+                let cached = (k > 1).then(|| &mut inplace.cached[..]);
+                plan.step_tensor("w", &g, TensorState { theta: &mut inplace.theta, m: &mut inplace.m, v: &mut inplace.v, cached, tau: Src::F32(&tau) }).unwrap();
+                let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
+                let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
+                let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
+                plan.step_tensor_into("w", &g, old, Src::F32(&tau), new).unwrap();
+                if k == 1 {
+                    out.cached = inplace.cached.clone();
+                }
+                assert_eq!(out, inplace, "{merge:?} k={k} step {step}");
+            }
+        }
+    }
+    // A failing step leaves the input alone and names the lowest index.
+    let opt = Optimizer::new(OnlineConfig::default()).unwrap();
+    let (mut g, st0, tau) = random_state(&mut rng, n);
+    g[700] = f32::INFINITY;
+    g[900] = f32::NAN;
+    let mut out = st0.clone();
+    let err = opt.plan(1).unwrap()
+        .step_tensor_into("w", &g, StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: None }, Src::F32(&tau), StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: None })
+        .unwrap_err();
+    assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "gradient", index: 700 });
+}
