@@ -10,13 +10,13 @@
 
 use std::time::Instant;
 
-use gpu_shaders::optim::{GpuOptimizer, TensorInit, TiesConfig};
+use gpu_shaders::optim::{GpuOptimizer, TensorInit};
 use gpu_shaders::{bench, GpuContext, GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dtype, Src};
 use merge_core::hyper::AdamConfig;
 use merge_core::onties::Variant;
-use merge_core::optim::{Merge, OnlineConfig};
+use merge_core::optim::{Merge, OnlineConfig, Scope, TiesConfig};
 
 struct Args {
     sizes: Vec<u64>,
@@ -69,12 +69,10 @@ fn opt_step(shapes: &[usize], method: Method, validate: bool, reps: u32) -> Resu
     let names: Vec<String> = (0..shapes.len()).map(|i| format!("t{i:04}")).collect();
     let thetas: Vec<Vec<f32>> = shapes.iter().map(|&n| (0..n).map(|i| ((i % 1000) as f32 - 500.0) * 1e-3).collect()).collect();
     let bases: Vec<Vec<f32>> = thetas.iter().map(|t| t.iter().map(|x| x * 0.999).collect()).collect();
-    let (merge, ties) = match method {
-        Method::Dare { rescale } => {
-            (Merge::Dare(DareConfig { variant: DareVariant::Reference, p: 0.01, alpha: 1e-7, rescale, clip: 1.0 }), None)
-        }
+    let merge = match method {
+        Method::Dare { rescale } => Merge::Dare(DareConfig { variant: DareVariant::Reference, p: 0.01, alpha: 1e-7, rescale, clip: 1.0 }),
         Method::Ties { rescale } => {
-            (Merge::None, Some(TiesConfig { variant: Variant::Reference, p: 0.01, alpha: 1e-7, rescale, global: false }))
+            Merge::Ties(TiesConfig { variant: Variant::Reference, p: 0.01, alpha: 1e-7, rescale, scope: Scope::PerTensor })
         }
     };
     let config = OnlineConfig { adam: AdamConfig::default(), merge, k: 1, seed: 1 };
@@ -86,10 +84,7 @@ fn opt_step(shapes: &[usize], method: Method, validate: bool, reps: u32) -> Resu
             tau_dtype: Dtype::Bf16,
         })
         .collect();
-    let mut opt = match ties {
-        Some(t) => GpuOptimizer::new_onties(ctx, config, t, &inits)?,
-        None => GpuOptimizer::new(ctx, config, &inits)?,
-    };
+    let mut opt = GpuOptimizer::new(ctx, config, &inits)?;
     drop(inits);
     drop(bases);
     opt.set_validation(validate);

@@ -5,12 +5,11 @@
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::error::tensor_name;
 use merge_core::hyper::AdamForm;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TaskVectorJob, TiesConfig};
 use merge_core::step::{MergePlan, Norms, Phase, Rescale};
 use merge_core::dare::DareVariant;
-use merge_core::dtype::store_error;
 use merge_core::onties;
-use merge_core::topk::{keep_count, select, Pass, RadixSelect, Threshold, BUCKETS};
+use merge_core::topk::{keep_count, Pass, RadixSelect, Threshold, BUCKETS};
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
@@ -34,58 +33,26 @@ const WHAT: [&str; 12] = [
 /// Status words per tensor (`NCODES` in step.wgsl).
 const NCODES: usize = 16;
 
-/// OnTIES (SPEC.md §5.3) as the GPU runs it: `τ' = TopP(τ)` once, each step
-/// `Δ' = TopP(D)` (times `ρ = ‖D‖₁ ⊘ ‖D'‖₁` with the rescale), merged by
-/// `merge_core::onties::combine`. `global` trims over all tensors in name order.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TiesConfig {
-    pub variant: onties::Variant,
-    /// Kept fraction `p ∈ (0, 1]`.
-    pub p: f64,
-    pub alpha: f64,
-    pub rescale: bool,
-    pub global: bool,
-}
-
+/// OnTIES as the GPU needs it (alpha and 1 − α come from merge-core's plan).
 #[derive(Clone, Copy, Debug)]
 struct TiesParams {
-    variant: onties::Variant,
+    /// Kept fraction in binary32, as merge-core validates and uses it.
     p: f32,
-    alpha: f32,
-    /// `1 ⊖ α` (binary32), as `onties::combine` documents.
-    omega: f32,
     rescale: bool,
     global: bool,
 }
 
-impl TiesConfig {
-    fn params(&self) -> Result<TiesParams, GpuError> {
-        let p = self.p as f32;
-        // keep_count validates p (a normal binary32 in (0, 1]) and names it.
-        keep_count("p (reserve rate)", p, 1)?;
-        if !(self.alpha >= 0.0 && self.alpha <= 1.0) {
-            return Err(GpuError::Core(merge_core::Error::InvalidHyperparameter {
-                name: "alpha",
-                value: self.alpha,
-                expected: "0 <= alpha <= 1",
-            }));
-        }
-        if self.global && self.rescale {
+impl TiesParams {
+    fn from_config(t: &TiesConfig) -> Result<Self, GpuError> {
+        let global = t.scope == Scope::Global;
+        if global && t.rescale {
             return Err(GpuError::Invalid(
                 "OnTIES with global scope and L1 rescale is not implemented on the GPU (the global tree sum \
-                 needs blocks aligned across tensors); use per-tensor scope or no rescale"
+                 needs 256-blocks aligned across tensors); use per-tensor scope or no rescale"
                     .into(),
             ));
         }
-        let alpha = merge_core::arith::flush(self.alpha as f32);
-        Ok(TiesParams {
-            variant: self.variant,
-            p,
-            alpha,
-            omega: merge_core::arith::sub(1.0, alpha),
-            rescale: self.rescale,
-            global: self.global,
-        })
+        Ok(TiesParams { p: t.p as f32, rescale: t.rescale, global })
     }
 }
 
@@ -224,16 +191,11 @@ impl GpuOptimizer {
     /// Uploads parameters and task vectors, zero moments. Tensors are kept in
     /// bytewise name order (the order the CPU front and global scopes use).
     pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
-        Self::build(ctx, config, None, tensors)
-    }
-
-    /// OnTIES: `config` gives the Adam part, `k` and the seed (its `merge` must be
-    /// `Merge::None`), `ties` the merge.
-    pub fn new_onties(ctx: GpuContext, config: OnlineConfig, ties: TiesConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
-        if config.merge != Merge::None {
-            return Err(GpuError::Invalid("new_onties: config.merge must be Merge::None (the merge is the TiesConfig)".into()));
-        }
-        Self::build(ctx, config, Some(ties.params()?), tensors)
+        let ties = match &config.merge {
+            Merge::Ties(t) => Some(TiesParams::from_config(t)?),
+            _ => None,
+        };
+        Self::build(ctx, config, ties, tensors)
     }
 
     fn build(ctx: GpuContext, config: OnlineConfig, ties: Option<TiesParams>, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
@@ -254,7 +216,7 @@ impl GpuOptimizer {
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
         let merging = !matches!(config.merge, Merge::None) || ties.is_some();
         let ties_taus = match ties {
-            Some(tp) => Some(ties_task_vectors(&order, tp)?),
+            Some(_) => Some(ties_task_vectors(&cpu, &order)?),
             None => None,
         };
         let selects = match ties {
@@ -271,7 +233,7 @@ impl GpuOptimizer {
             let n = t.theta.len() as u64;
             merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
             let tau = if let Some(taus) = &ties_taus {
-                Some(upload_trimmed(&ctx, t.name, &taus[ix], t.tau_dtype)?)
+                Some(taus[ix].upload(&ctx))
             } else if merging {
                 let (base, sft) = t.task.ok_or_else(|| {
                     GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name))
@@ -423,7 +385,7 @@ impl GpuOptimizer {
         let mut us: Vec<StepU> = Vec::with_capacity(self.slots.len());
         for (ix, slot) in self.slots.iter().enumerate() {
             let ts = plan.tensor(&slot.name, slot.n)?;
-            us.push(base_uniform(&ts, ix as u32, slot, self.ties));
+            us.push(base_uniform(&ts, ix as u32, slot));
         }
         if self.ties.is_some() && plan.phase() == Phase::Merge {
             self.ties_selection(&mut us)?;
@@ -549,6 +511,11 @@ impl GpuOptimizer {
             self.ctx.queue.submit([enc.finish()]);
             for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
                 let (full, kept) = self.norms(slot)?;
+                for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
+                    if merge_core::arith::is_non_finite(x) {
+                        return Err(GpuError::Core(merge_core::Error::NonFiniteReduction { tensor: tensor_name(&slot.name), what }));
+                    }
+                }
                 u.factor = onties::rescale_factor(full, kept);
             }
         }
@@ -698,7 +665,7 @@ fn dense_or_compact(ctx: &GpuContext, values: &[f32], dense: impl FnOnce() -> Gp
     if GpuArray::compact_bytes(ctx, values) < d.device_bytes() { GpuArray::compact(ctx, "task vector", values) } else { d }
 }
 
-fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot, ties: Option<TiesParams>) -> StepU {
+fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot) -> StepU {
     let s = &ts.scalars;
     let mut u = StepU {
         slot: slot_ix,
@@ -747,14 +714,14 @@ fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot
         u.omega = params.one_minus_alpha;
         u.clip = params.clip;
     }
-    if let Some(tp) = ties {
+    if let MergePlan::Ties { variant, alpha, one_minus_alpha, .. } = ts.merge {
         u.kind = if accumulate { 0 } else { 3 };
-        u.ties_variant = match tp.variant {
+        u.ties_variant = match variant {
             onties::Variant::Reference => 0,
             onties::Variant::Paper => 1,
         };
-        u.alpha = tp.alpha;
-        u.omega = tp.omega;
+        u.alpha = alpha;
+        u.omega = one_minus_alpha;
         u.set_threshold(Threshold::NOTHING);
         u.off_lo = slot.offset as u32;
         u.off_hi = (slot.offset >> 32) as u32;
@@ -762,71 +729,50 @@ fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot
     u
 }
 
-/// `τ = SFT ⊖ base` of every tensor, trimmed once to its top `p` by magnitude
-/// (per tensor, or over all tensors in name order).
-fn ties_task_vectors(order: &[&TensorInit<'_>], tp: TiesParams) -> Result<Vec<Vec<f32>>, GpuError> {
-    let mut taus = Vec::with_capacity(order.len());
-    for t in order {
+/// A task vector computed on the host, in its storage dtype.
+enum HostTau {
+    F32(Vec<f32>),
+    Half(Dtype, Vec<u16>),
+}
+
+impl HostTau {
+    fn upload(&self, ctx: &GpuContext) -> GpuArray {
+        match self {
+            HostTau::F32(v) => dense_or_compact(ctx, v, || GpuArray::from_f32(ctx, "task vector", v)),
+            HostTau::Half(d, bits) => {
+                let values = Src::from_storage(*d, bits).to_f32_vec();
+                dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(*d), bits))
+            }
+        }
+    }
+}
+
+/// OnTIES task vectors `τ'` of every tensor (name order), by merge-core itself:
+/// trimmed per tensor or globally, rescaled when asked, stored in each dtype.
+fn ties_task_vectors(cpu: &Optimizer, order: &[&TensorInit<'_>]) -> Result<Vec<HostTau>, GpuError> {
+    let mut outs: Vec<HostTau> = order
+        .iter()
+        .map(|t| match t.tau_dtype {
+            Dtype::F32 => HostTau::F32(vec![0.0; t.theta.len()]),
+            d => HostTau::Half(d, vec![0; t.theta.len()]),
+        })
+        .collect();
+    let mut scratch: Vec<Vec<f32>> = order.iter().map(|t| vec![0.0; t.theta.len()]).collect();
+    let mut jobs = Vec::with_capacity(order.len());
+    for ((t, out), sc) in order.iter().zip(outs.iter_mut()).zip(scratch.iter_mut()) {
         let (base, sft) = t
             .task
             .ok_or_else(|| GpuError::Invalid(format!("tensor `{}`: OnTIES needs its base and SFT weights", t.name)))?;
-        let n = t.theta.len();
-        for (what, len) in [("base weights", base.len()), ("SFT weights", sft.len())] {
-            if len != n {
-                return Err(GpuError::Core(merge_core::Error::LengthMismatch {
-                    tensor: tensor_name(t.name),
-                    what,
-                    expected: n as u64,
-                    found: len as u64,
-                }));
-            }
-        }
-        let mut tau = Vec::with_capacity(n);
-        for i in 0..n {
-            let (b, s) = (base.get(i), sft.get(i));
-            for (x, what) in [(b, "base weights"), (s, "SFT weights")] {
-                if merge_core::arith::is_non_finite(x) {
-                    return Err(GpuError::Core(merge_core::Error::NonFinite { tensor: tensor_name(t.name), what, index: i as u64 }));
-                }
-            }
-            tau.push(merge_core::arith::sub(s, b));
-        }
-        taus.push(tau);
+        let out = match out {
+            HostTau::F32(v) => Dst::F32(v),
+            HostTau::Half(Dtype::F16, v) => Dst::F16(v),
+            HostTau::Half(_, v) => Dst::Bf16(v),
+        };
+        jobs.push(TaskVectorJob { name: t.name, base, sft, out, scratch: sc });
     }
-    if tp.global {
-        let all: Vec<&[f32]> = taus.iter().map(|t| t.as_slice()).collect();
-        let n: u64 = taus.iter().map(|t| t.len() as u64).sum();
-        let thr = select("global", &all, keep_count("p (reserve rate)", tp.p, n)?)?;
-        let mut off = 0u64;
-        for t in &mut taus {
-            for (i, x) in t.iter_mut().enumerate() {
-                *x = onties::trim(*x, off + i as u64, &thr);
-            }
-            off += t.len() as u64;
-        }
-    } else {
-        for (t, init) in taus.iter_mut().zip(order) {
-            let thr = select(init.name, &[t], keep_count("p (reserve rate)", tp.p, t.len() as u64)?)?;
-            for (i, x) in t.iter_mut().enumerate() {
-                *x = onties::trim(*x, i as u64, &thr);
-            }
-        }
-    }
-    Ok(taus)
-}
-
-/// Stores a trimmed task vector in its dtype, refusing values the dtype cannot hold.
-fn upload_trimmed(ctx: &GpuContext, name: &str, tau: &[f32], dtype: Dtype) -> Result<GpuArray, GpuError> {
-    if dtype == Dtype::F32 {
-        return Ok(dense_or_compact(ctx, tau, || GpuArray::from_f32(ctx, "task vector", tau)));
-    }
-    let mut out = vec![0u16; tau.len()];
-    let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
-    for (i, &x) in tau.iter().enumerate() {
-        dst.store(i, x).map_err(|e| store_error(name, "task vector", i as u64, e, dtype))?;
-    }
-    let values: Vec<f32> = Src::from_storage(dtype, &out).to_f32_vec();
-    Ok(dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)))
+    cpu.init_task_vectors(&mut jobs)?;
+    drop(jobs);
+    Ok(outs)
 }
 
 /// Reading 16-bit storage back as flushed binary32 (what the kernels load).
