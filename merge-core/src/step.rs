@@ -139,6 +139,12 @@ const PLAIN: u8 = 1;
 const DARE_REF: u8 = 2;
 const DARE_PAPER: u8 = 3;
 const TIES: u8 = 4;
+/// The check pass of the OnDARE kernels without drawing the masks: every element
+/// is checked both kept and dropped (and, for the paper variant, with `τ` kept
+/// and dropped). All candidates finite means the masked values are finite, so
+/// the Threefry blocks are only drawn for a block where some candidate fails.
+const DARE_REF_ALL: u8 = 5;
+const DARE_PAPER_ALL: u8 = 6;
 
 /// Inputs of one block, flushed.
 struct BlockIn {
@@ -423,6 +429,19 @@ impl TensorStep<'_> {
             }
             inp.first = index;
         }
+        let torch = self.scalars.form == AdamForm::Torch;
+        let run = |kind: u8, inp: &BlockIn, out: &mut BlockOut| match (torch, state.cached.is_some()) {
+            (false, false) => self.dispatch::<false, false>(kind, pass, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, inp, out),
+        };
+        if dare && pass == Pass::Check {
+            let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
+            if !run(all, inp, out) {
+                return Ok(());
+            }
+        }
         if let MergePlan::Dare { key, .. } = self.merge {
             if dare {
                 uniforms(&key, stream::UPDATE, index, n, &mut inp.u0);
@@ -431,13 +450,7 @@ impl TensorStep<'_> {
                 uniforms(&key, stream::TAU_PAPER, index, n, &mut inp.u1);
             }
         }
-        let torch = self.scalars.form == AdamForm::Torch;
-        let bad = match (torch, state.cached.is_some()) {
-            (false, false) => self.dispatch::<false, false>(kind, pass, inp, out),
-            (false, true) => self.dispatch::<false, true>(kind, pass, inp, out),
-            (true, false) => self.dispatch::<true, false>(kind, pass, inp, out),
-            (true, true) => self.dispatch::<true, true>(kind, pass, inp, out),
-        };
+        let bad = run(kind, inp, out);
         if bad {
             return Err(self.first_non_finite(pass, index, inp, out, state, grad, tau));
         }
@@ -451,6 +464,8 @@ impl TensorStep<'_> {
             PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, inp, out),
             DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, inp, out),
             DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, inp, out),
+            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, inp, out),
+            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, inp, out),
             _ => self.compute::<TORCH, TIES, CACHED>(pass, inp, out),
         }
     }
@@ -514,6 +529,27 @@ impl TensorStep<'_> {
                     let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
                     (dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
+                DARE_REF_ALL => {
+                    // Kept: `θ` with `D ⊗ s`; dropped: `θ` with `+0`.
+                    let sp = mul(d, dp.scale);
+                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
+                    let kept = dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha);
+                    let dropped = dare::merge_reference(theta0, inp.tau[j], 0.0, dp.alpha, dp.one_minus_alpha);
+                    cached1 = adam::decay_after::<TORCH>(s, dropped);
+                    (kept, sp)
+                }
+                DARE_PAPER_ALL => {
+                    let sp = d;
+                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
+                    let both = dare::merge_paper(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha);
+                    let tau_only = dare::merge_paper(theta0, inp.tau[j], 0.0, dp.alpha, dp.one_minus_alpha);
+                    let d_only = dare::merge_paper(theta0, 0.0, applied, dp.alpha, dp.one_minus_alpha);
+                    let neither = dare::merge_paper(theta0, 0.0, 0.0, dp.alpha, dp.one_minus_alpha);
+                    let worst = nf(adam::decay_after::<TORCH>(s, tau_only)) | nf(adam::decay_after::<TORCH>(s, d_only)) | nf(adam::decay_after::<TORCH>(s, neither));
+                    // Carried in `cached1` (unused by merge kernels): any failing candidate.
+                    cached1 = if worst != 0 { f32::NAN } else { 0.0 };
+                    (both, sp)
+                }
                 TIES => {
                     let kept = t_local.keeps(magnitude_key(d), j as u32);
                     let sp = if kept { mul(d, t_sel.factor) } else { 0.0 };
@@ -532,13 +568,13 @@ impl TensorStep<'_> {
             out.d[j] = d;
             out.sparse[j] = sparse;
             let mut flags = nf(d);
-            if KIND == DARE_REF || KIND == DARE_PAPER || KIND == TIES {
+            if KIND != ACCUM && KIND != PLAIN {
                 flags |= nf(sparse);
             }
-            if KIND == DARE_PAPER {
+            if KIND == DARE_PAPER || KIND == DARE_PAPER_ALL {
                 flags |= nf(inp.tau[j]);
             }
-            if KIND == ACCUM && CACHED {
+            if (KIND == ACCUM && CACHED) || KIND == DARE_REF_ALL || KIND == DARE_PAPER_ALL {
                 flags |= nf(cached1);
             }
             flags |= if scan { nf(inp.theta[j]) | nf(inp.tau[j]) } else { nf(theta2) };

@@ -586,3 +586,34 @@ fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_inp
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "gradient", index: 700 });
 }
+
+#[test]
+fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
+    // s = RN(1/p) = 1e30 and |D| ≈ lr = 1e10: every kept D ⊗ s overflows, but
+    // with p = 1e-30 the threshold is 0 and nothing is kept, so the step is fine;
+    // the check pass must fall back to the real masks rather than refuse.
+    let mut rng = Rng::new(11);
+    let n = 600;
+    let cfg = OnlineConfig {
+        adam: AdamConfig { lr: 1e10, ..AdamConfig::default() },
+        merge: Merge::Dare(DareConfig { p: 1e-30, alpha: 0.0, ..DareConfig::default() }),
+        ..OnlineConfig::default()
+    };
+    let (g, st0, tau) = random_state(&mut rng, n);
+    let mut got = st0.clone();
+    run_front(&cfg, 1, "w", &[g.clone()], &mut got, &tau);
+    let mut want = st0.clone();
+    reference_step(&cfg, 1, "w", &g, &mut want, &tau);
+    want.cached = st0.cached.clone();
+    assert_eq!(got, want);
+    assert_eq!(got.theta, st0.theta, "nothing kept, no decay: θ unchanged");
+    // With p = 0.5 half the elements are kept and overflow: refused, lowest index.
+    let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, alpha: 0.0, ..DareConfig::default() }), adam: AdamConfig { lr: 2e38, ..AdamConfig::default() }, ..cfg };
+    let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+    let key = MaskKey::new(0, tensor_id("w"), 1);
+    let first_kept = (0..n as u32).find(|&i| key.uniform(i, 0) < (1u32 << 31)).unwrap();
+    let mut st = st0.clone();
+    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "sparsified update", index: u64::from(first_kept) });
+    assert_eq!(st, st0);
+}
