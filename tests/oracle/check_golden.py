@@ -255,6 +255,38 @@ def op_offline(c):
     return {"merged": stored(c, out, c.word("out_dtype")), **extra}
 
 
+def op_ties_global(c):
+    """§6.2 TIES with global trimming over the listed tensors (in that order)."""
+    names = c.params["tensors"]
+    weights = [hyper32(v) for v in f64_list(c, "weights")]
+    densities = f64_list(c, "densities")
+    lam = hyper32(c.f64("lambda"))
+    bases, taus = [], []
+    for j, _ in enumerate(names):
+        base, *xs = [o.load(c.inputs[k], c.raw["inputs"][k]["dtype"]) for k in
+                     [f"t{j}/base"] + [f"t{j}/model.{i}" for i in range(len(weights))]]
+        bases.append(base)
+        taus.append([o.sub(x, base) for x in xs])
+    masks = [global_masks([taus[j][i] for j in range(len(names))], F32(densities[i])) for i in range(len(weights))]
+    out = {}
+    for j, _ in enumerate(names):
+        ys = [o.mul(weights[i], np.where(masks[i][j], taus[j][i], F32(0.0)).astype(F32)) for i in range(len(weights))]
+        out[f"t{j}/merged"] = o.add(bases[j], o.mul(lam, consensus_mix(ys, weights, normalize=True)))
+    return out
+
+
+def consensus_mix(ys, weights, normalize):
+    """§6.2 step 3-4 with consensus: sign election, disjoint sum, optional mean."""
+    total = left_fold(ys)
+    positive = total >= 0
+    agree = [(y != 0) & ((y > 0) == positive) for y in ys]
+    mixed = left_fold([np.where(a, y, F32(0.0)) for a, y in zip(agree, ys)])
+    if not normalize:
+        return mixed
+    div = left_fold([np.where(a, w, F32(0.0)).astype(F32) for a, w in zip(agree, weights)])
+    return o.div(mixed, np.where(div == 0, F32(1.0), div).astype(F32))
+
+
 def gta(c, models):
     """§6.2: generalized task arithmetic (task arithmetic, TIES, DARE linear, DARE-TIES)."""
     sparsify = c.word("sparsify")
@@ -281,18 +313,12 @@ def gta(c, models):
             kept = tau
         ys.append(o.mul(weights[i], kept))
     if c.params["consensus"]:
-        total = left_fold(ys)
-        positive = total >= 0
-        agree = [(y != 0) & ((y > 0) == positive) for y in ys]
-        mixed = left_fold([np.where(a, y, F32(0.0)) for a, y in zip(agree, ys)])
-        div = left_fold([np.where(a, w, F32(0.0)).astype(F32) for a, w in zip(agree, weights)])
-        div = np.where(div == 0, F32(1.0), div).astype(F32)
+        mixed = consensus_mix(ys, weights, c.params["normalize"])
     else:
         mixed = left_fold(ys)
         d = left_fold(weights)
-        div = F32(1.0) if abs(float(d)) < 1e-8 else d
-    if c.params["normalize"]:
-        mixed = o.div(mixed, div)
+        if c.params["normalize"]:
+            mixed = o.div(mixed, F32(1.0) if abs(float(d)) < 1e-8 else d)
     return o.add(base, o.mul(lam, mixed))
 
 
@@ -604,6 +630,7 @@ def op_ties_combine(c):
 OPS = {
     "optimizer": op_optimizer,
     "ties_combine": op_ties_combine,
+    "ties_global": op_ties_global,
     "store": op_store,
     "load": op_load,
     "offline": op_offline,

@@ -30,6 +30,7 @@ pub fn evaluate(case: &Case) -> Result<Outcome, String> {
         "load" => load_op(case),
         "offline" => offline_op(case),
         "ties_combine" => ties_combine_op(case),
+        "ties_global" => ties_global_op(case),
         other => Err(format!("case {:?}: unknown op {other:?}", case.name)),
     }
 }
@@ -507,4 +508,54 @@ fn ties_combine_op(case: &Case) -> Result<Outcome, String> {
     let (alpha, omega) = (case.f32("alpha")?, case.f32("omega")?);
     let u = tau.iter().zip(d).map(|(&t, &x)| onties::combine(variant, t, x, alpha, omega)).collect();
     Ok(outputs([("u", Array::F32(u))]))
+}
+
+/// SPEC.md §6.2 with global trimming: TIES over the tensors listed in `tensors`
+/// (bytewise ascending), each model trimmed with one threshold over all of its
+/// tensors concatenated. Inputs `t<j>/base`, `t<j>/model.<i>`; outputs `t<j>/merged`.
+fn ties_global_op(case: &Case) -> Result<Outcome, String> {
+    let names: Vec<&str> = case
+        .params
+        .get("tensors")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| format!("case {:?}: missing \"tensors\"", case.name))?
+        .iter()
+        .map(|v| v.as_str().ok_or_else(|| format!("case {:?}: tensor names must be strings", case.name)))
+        .collect::<Result<_, _>>()?;
+    let weights = f64_list(case, "weights")?;
+    let densities = f64_list(case, "densities")?;
+    let params: Vec<ModelParams> = weights.iter().zip(&densities).map(|(&weight, &density)| ModelParams { weight, density }).collect();
+    let config = Gta { lambda: case.f64("lambda")?, ..Gta::TIES };
+    let mut bases = Vec::new();
+    let mut models: Vec<Vec<Src>> = vec![Vec::new(); params.len()];
+    for j in 0..names.len() {
+        bases.push(src(case, case.input(&format!("t{j}/base"))?, "base")?);
+        for (i, list) in models.iter_mut().enumerate() {
+            list.push(src(case, case.input(&format!("t{j}/model.{i}"))?, "model")?);
+        }
+    }
+    let mut thresholds = Vec::new();
+    for (p, list) in params.iter().zip(&models) {
+        match offline::task_vector_threshold("global", p.density, &bases, list) {
+            Ok(t) => thresholds.push(t),
+            Err(e) => return Ok(Outcome::Error(e)),
+        }
+    }
+    let mut outs = Vec::new();
+    let mut start = 0u64;
+    for (j, name) in names.iter().enumerate() {
+        let n = bases[j].len();
+        let mut out = vec![0f32; n];
+        let tensor_models: Vec<Src> = models.iter().map(|list| list[j]).collect();
+        let plan = match offline::GtaPlan::new(&config, name, case.seed.unwrap_or(0), &params, &thresholds, start) {
+            Ok(p) => p,
+            Err(e) => return Ok(Outcome::Error(e)),
+        };
+        if let Err(e) = plan.apply(name, 0, bases[j], &tensor_models, &mut Dst::F32(&mut out)) {
+            return Ok(Outcome::Error(e));
+        }
+        outs.push((format!("t{j}/merged"), Array::F32(out)));
+        start += n as u64;
+    }
+    Ok(Outcome::Outputs(outs.into_iter().collect()))
 }

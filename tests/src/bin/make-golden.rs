@@ -615,6 +615,25 @@ fn offline_cases() -> Vec<Case> {
     c.params.insert("weights".into(), f64s(&[1.0, 1.0]));
     c.params.insert("densities".into(), f64s(&[0.2, 0.2]));
     cases.push(c);
+    // Global trimming: each model's threshold over its three tensors concatenated
+    // in bytewise name order; sizes differ so the offsets matter.
+    let mut c = Case::new("ties_global", "ties_global");
+    let names = ["lm_head.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"];
+    c.params.insert("tensors".into(), serde_json::Value::Array(names.iter().map(|&n| n.into()).collect()));
+    c.params.insert("lambda".into(), f64_param(1.0));
+    c.params.insert("weights".into(), f64s(&[0.6, 0.4]));
+    c.params.insert("densities".into(), f64s(&[0.25, 0.1]));
+    for (j, len) in [37usize, 64, 19].into_iter().enumerate() {
+        let base: Vec<f32> = (0..len).map(|_| r.spread(115, 128)).collect();
+        for i in 0..2 {
+            // Tensor j's deltas scaled by 4^j so the global threshold keeps unevenly.
+            let scale = (1 << (2 * j)) as f32;
+            let m: Vec<f32> = base.iter().map(|&b| b + scale * r.spread(105, 118)).collect();
+            c.inputs.insert(format!("t{j}/model.{i}"), Array::F32(m));
+        }
+        c.inputs.insert(format!("t{j}/base"), Array::F32(base));
+    }
+    cases.push(c);
     // Rejected inputs.
     let mut c = case("rejects_nan_model", "linear", 3, false);
     if let Some(Array::F32(x)) = c.inputs.get_mut("model.1") {
