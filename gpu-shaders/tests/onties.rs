@@ -145,12 +145,14 @@ fn onties_step_k_and_p_one() {
     run(tc, AdamForm::HuggingFace, 2, Dtype::F32, &SIZES[..3], 4, None);
 }
 
+/// Global scope with the rescale: tree sums over 256-blocks of the concatenated
+/// scope, which straddle tensors and chunks (sizes 1, 255, 257, … and 256-element
+/// chunks put segment boundaries inside most blocks).
 #[test]
-fn onties_global_rescale_is_refused_clearly() {
-    let tc = TiesConfig { variant: Variant::Reference, p: 0.1, alpha: 0.02, rescale: true, scope: Scope::Global };
-    let config = OnlineConfig { adam: AdamConfig::default(), merge: Merge::Ties(tc), k: 1, seed: 1 };
-    let w = [1.0f32; 4];
-    let init = TensorInit { name: "w", theta: &w, task: Some((Src::F32(&w), Src::F32(&w))), tau_dtype: Dtype::F32 };
-    let err = GpuOptimizer::new(common::ctx(), config, &[init]).err().expect("must be refused");
-    assert!(err.to_string().contains("global scope and L1 rescale"), "{err}");
+fn onties_global_rescale_over_blocks_shared_by_tensors_and_chunks() {
+    for variant in [Variant::Reference, Variant::Paper] {
+        let tc = TiesConfig { variant, p: 0.2, alpha: 0.03, rescale: true, scope: Scope::Global };
+        run(tc, AdamForm::HuggingFace, 1, Dtype::F32, &SIZES, 3, Some(1024));
+        run(tc, AdamForm::Torch, 2, Dtype::Bf16, &[70000, 3, 130], 4, None);
+    }
 }

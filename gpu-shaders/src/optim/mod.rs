@@ -43,16 +43,9 @@ struct TiesParams {
 }
 
 impl TiesParams {
-    fn from_config(t: &TiesConfig) -> Result<Self, GpuError> {
+    fn from_config(t: &TiesConfig) -> Self {
         let global = t.scope == Scope::Global;
-        if global && t.rescale {
-            return Err(GpuError::Invalid(
-                "OnTIES with global scope and L1 rescale is not implemented on the GPU (the global tree sum \
-                 needs 256-blocks aligned across tensors); use per-tensor scope or no rescale"
-                    .into(),
-            ));
-        }
-        Ok(TiesParams { p: t.p as f32, rescale: t.rescale, global })
+        TiesParams { p: t.p as f32, rescale: t.rescale, global }
     }
 }
 
@@ -96,6 +89,22 @@ struct Slot {
     groups: Vec<[wgpu::BindGroup; 4]>,
     /// First index in the OnTIES scope (0 for per-tensor scope).
     offset: u64,
+    /// Global-scope norms: per chunk, the gnorm bind group and
+    /// (shift, first scope block, first shared slot, last shared slot).
+    gnorm: Vec<(wgpu::BindGroup, [u32; 4])>,
+}
+
+/// The tree sums over the whole OnTIES scope (global scope with the rescale):
+/// `buf` holds the scope's 256-block sums of |D| then |D'| (`nb_total` each), then
+/// the leaves of the `nslots` blocks shared by two or more chunks.
+struct GlobalNorms {
+    buf: wgpu::Buffer,
+    nb_total: u32,
+    nslots: u32,
+    bl_base: u32,
+    /// The boundary reduction (uniform and map kept alive by the bind group's owner).
+    boundary: Option<(wgpu::Buffer, wgpu::Buffer, wgpu::BindGroup)>,
+    levels: Vec<(wgpu::Buffer, wgpu::Buffer, u32, wgpu::BindGroup)>,
 }
 
 /// The step uniform of step.wgsl (`StepU`), 32 words.
@@ -147,6 +156,14 @@ struct StepU {
     h_prefix_hi: u32,
     /// Compact task vectors: index of the first entry word in a chunk's buffer.
     tau_entries: u32,
+    g_shift: u32,
+    g_block0: u32,
+    g_nb_total: u32,
+    g_first_slot: u32,
+    g_last_slot: u32,
+    g_bl_base: u32,
+    g_nslots: u32,
+    pad1: u32,
 }
 
 impl StepU {
@@ -177,8 +194,10 @@ pub struct GpuOptimizer {
     cpu: Optimizer,
     steps: u64,
     slots: Vec<Slot>,
-    kernels: [Kernel; 4],
+    kernels: [Kernel; 5],
     reduce: Kernel,
+    boundary: Kernel,
+    global_norms: Option<GlobalNorms>,
     ties: Option<TiesParams>,
     /// Radix-select histograms, 2048 counters per select.
     hist: wgpu::Buffer,
@@ -192,7 +211,7 @@ impl GpuOptimizer {
     /// bytewise name order (the order the CPU front and global scopes use).
     pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
         let ties = match &config.merge {
-            Merge::Ties(t) => Some(TiesParams::from_config(t)?),
+            Merge::Ties(t) => Some(TiesParams::from_config(t)),
             _ => None,
         };
         Self::build(ctx, config, ties, tensors)
@@ -212,7 +231,9 @@ impl GpuOptimizer {
             Kernel::new(&ctx, "step check", include_str!("step.wgsl"), "check"),
             Kernel::new(&ctx, "step write", include_str!("step.wgsl"), "write"),
             Kernel::new(&ctx, "step hist", include_str!("step.wgsl"), "hist"),
+            Kernel::new(&ctx, "step gnorm", include_str!("step.wgsl"), "gnorm"),
         ];
+        let boundary = Kernel::new(&ctx, "shared blocks", include_str!("boundary.wgsl"), "boundary");
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
         let merging = !matches!(config.merge, Merge::None) || ties.is_some();
         let ties_taus = match ties {
@@ -224,6 +245,13 @@ impl GpuOptimizer {
             _ => 1,
         };
         let hist = ctx.storage("radix histograms", (selects * BUCKETS * 4) as u64);
+        let (global_norms, segments) = match ties {
+            Some(tp) if tp.global && tp.rescale => {
+                let (g, seg) = global_norms(&ctx, &reduce, &boundary, &order)?;
+                (Some(g), seg)
+            }
+            _ => (None, Vec::new()),
+        };
         let mut scope_offset = 0u64;
         let status = ctx.storage("status", (order.len().max(1) * NCODES * 4) as u64);
         let dummy_c = ctx.storage("no cached delta", 4);
@@ -263,6 +291,7 @@ impl GpuOptimizer {
             }
             let mut uniforms = Vec::new();
             let mut groups = Vec::new();
+            let mut gnorm = Vec::new();
             for (ci, ch) in theta.chunks.iter().enumerate() {
                 let u = ctx.uniform_init("step", bytemuck::bytes_of(&StepU::default()));
                 let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
@@ -273,6 +302,13 @@ impl GpuOptimizer {
                     &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (9, &hist)],
                 );
                 groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs), hist_bg]);
+                if let Some(g) = &global_norms {
+                    let bg = kernels[4].bind_at(
+                        &ctx,
+                        &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (8, &g.buf)],
+                    );
+                    gnorm.push((bg, segments[ix][ci]));
+                }
                 uniforms.push(u);
             }
             slots.push(Slot {
@@ -291,10 +327,11 @@ impl GpuOptimizer {
                 uniforms,
                 groups,
                 offset: if ties.is_some_and(|t| t.global) { scope_offset } else { 0 },
+                gnorm,
             });
             scope_offset += n;
         }
-        Ok(GpuOptimizer { ctx, cpu, steps: 0, slots, kernels, reduce, ties, hist, status, validate: true, poisoned: None })
+        Ok(GpuOptimizer { ctx, cpu, steps: 0, slots, kernels, reduce, boundary, global_norms, ties, hist, status, validate: true, poisoned: None })
     }
 
     /// With validation on (the default) a step runs a checking pass first and
@@ -498,7 +535,47 @@ impl GpuOptimizer {
             u.set_threshold(sels[sel_of(ix)].threshold().unwrap_or(Threshold::NOTHING));
             u.factor = 1.0;
         }
-        if tp.rescale {
+        if let (true, Some(g)) = (tp.rescale, &self.global_norms) {
+            self.write_uniforms(us);
+            let leaves = 2 * g.nslots as usize * WORKGROUP as usize;
+            if leaves > 0 {
+                self.ctx.queue.write_buffer(&g.buf, u64::from(g.bl_base) * 4, bytemuck::cast_slice(&vec![0f32; leaves]));
+            }
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for slot in &self.slots {
+                for ((bg, seg), ch) in slot.gnorm.iter().zip(&slot.theta.chunks) {
+                    let groups = (u64::from(seg[0]) + ch.len).div_ceil(WORKGROUP as u64) as u32;
+                    self.kernels[4].dispatch(&self.ctx, &mut enc, bg, groups);
+                }
+            }
+            if let Some((_, _, bg)) = &g.boundary {
+                self.boundary.dispatch(&self.ctx, &mut enc, bg, 2 * g.nslots);
+            }
+            for (_, _, gph, bg) in &g.levels {
+                self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            let (full, kept) = if g.nb_total == 0 {
+                (0.0, 0.0)
+            } else {
+                let last = g.levels.last().map_or(&g.buf, |l| &l.1);
+                let w = self.ctx.read_bytes(last, if g.levels.is_empty() { 4 * (g.nb_total as u64 + 1) } else { 8 })?;
+                let f: Vec<f32> = bytemuck::pod_collect_to_vec(&w);
+                if g.levels.is_empty() { (f[0], f[g.nb_total as usize]) } else { (f[0], f[1]) }
+            };
+            for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
+                if merge_core::arith::is_non_finite(x) {
+                    return Err(GpuError::Core(merge_core::Error::NonFiniteReduction {
+                        tensor: tensor_name("all tensors (global scope)"),
+                        what,
+                    }));
+                }
+            }
+            let factor = onties::rescale_factor(full, kept);
+            for u in us.iter_mut() {
+                u.factor = factor;
+            }
+        } else if tp.rescale {
             // The scan pass with the threshold and factor 1 sums |D| and |D'|.
             self.write_uniforms(us);
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -547,6 +624,12 @@ impl GpuOptimizer {
                 cu.start = ch.start as u32;
                 cu.block0 = (ch.start / WORKGROUP as u64) as u32;
                 cu.tau_entries = ch.len.div_ceil(WORKGROUP as u64) as u32 + 1;
+                if let (Some(g), Some((_, seg))) = (&self.global_norms, slot.gnorm.get(ci)) {
+                    [cu.g_shift, cu.g_block0, cu.g_first_slot, cu.g_last_slot] = *seg;
+                    cu.g_nb_total = g.nb_total;
+                    cu.g_bl_base = g.bl_base;
+                    cu.g_nslots = g.nslots;
+                }
                 self.ctx.queue.write_buffer(&slot.uniforms[ci], 0, bytemuck::bytes_of(&cu));
             }
         }
@@ -796,4 +879,67 @@ impl<'a> FromStorage<'a> for Src<'a> {
     fn from_storage(dtype: Dtype, bits: &'a [u16]) -> Src<'a> {
         if dtype == Dtype::F16 { Src::F16(bits) } else { Src::Bf16(bits) }
     }
+}
+
+/// Lays out the global-scope tree sums: every chunk of every tensor (name order)
+/// is a segment of the scope; a 256-block of the scope that two or more segments
+/// touch is "shared" and gets a slot for its leaves. Returns the buffers and, per
+/// tensor per chunk, (shift, first scope block, first slot, last slot).
+#[allow(clippy::type_complexity)]
+fn global_norms(ctx: &GpuContext, reduce: &Kernel, boundary: &Kernel, order: &[&TensorInit<'_>]) -> Result<(GlobalNorms, Vec<Vec<[u32; 4]>>), GpuError> {
+    let wg = WORKGROUP as u64;
+    let n: u64 = order.iter().map(|t| t.theta.len() as u64).sum();
+    if n >= 1 << 32 {
+        return Err(GpuError::Invalid(format!("OnTIES global scope of {n} elements: the GPU indexes it with u32")));
+    }
+    let mut segs = Vec::new();
+    let mut off = 0u64;
+    for t in order {
+        let mut per = Vec::new();
+        for (start, len) in ctx.chunks(t.theta.len() as u64) {
+            per.push((off + start, len));
+        }
+        segs.push(per);
+        off += t.theta.len() as u64;
+    }
+    // A block is shared when a segment starts strictly inside it.
+    let mut shared: Vec<u64> = segs.iter().flatten().map(|&(g0, _)| g0).filter(|g0| g0 % wg != 0).map(|g0| g0 / wg).collect();
+    shared.dedup();
+    let slot_of = |b: u64| shared.binary_search(&b).ok().map_or(u32::MAX, |s| s as u32);
+    let layout: Vec<Vec<[u32; 4]>> = segs
+        .iter()
+        .map(|per| {
+            per.iter()
+                .map(|&(g0, len)| {
+                    let first = g0 / wg;
+                    let last = (g0 + len.max(1) - 1) / wg;
+                    [(g0 % wg) as u32, first as u32, slot_of(first), slot_of(last)]
+                })
+                .collect()
+        })
+        .collect();
+    let nb_total = n.div_ceil(wg) as u32;
+    let nslots = shared.len() as u32;
+    let bl_base = 2 * nb_total;
+    let buf = ctx.storage("global block sums", 4 * (u64::from(bl_base) + 2 * u64::from(nslots) * wg).max(2));
+    let boundary = (nslots > 0).then(|| {
+        let map: Vec<u32> = shared.iter().map(|&b| b as u32).collect();
+        let mb = ctx.storage_init("shared blocks", bytemuck::cast_slice(&map));
+        let u = ctx.uniform_init("shared blocks", bytemuck::cast_slice(&[0u32, nslots, nb_total, bl_base]));
+        let bg = boundary.bind(ctx, &[&u, &buf, &mb]);
+        (u, mb, bg)
+    });
+    let mut levels = Vec::new();
+    let mut cnt = nb_total;
+    let mut input = buf.clone();
+    while cnt > 1 {
+        let gph = cnt.div_ceil(WORKGROUP);
+        let u = ctx.uniform_init("tree level", bytemuck::cast_slice(&[0u32, cnt, gph, 0]));
+        let out = ctx.storage("tree level", 8 * u64::from(gph));
+        let bg = reduce.bind(ctx, &[&u, &input, &out]);
+        input = out.clone();
+        levels.push((u, out, gph, bg));
+        cnt = gph;
+    }
+    Ok((GlobalNorms { buf, nb_total, nslots, bl_base, boundary, levels }, layout))
 }

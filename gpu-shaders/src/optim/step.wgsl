@@ -22,6 +22,11 @@ struct StepU {
     thr_key: u32, cut_lo: u32, cut_hi: u32, off_lo: u32,
     off_hi: u32, h_mode: u32, h_shift: u32, h_bits: u32,
     h_key: u32, h_prefix_lo: u32, h_prefix_hi: u32, tau_entries: u32,
+    // Global-scope norms (gnorm): the segment's offset within its first global
+    // 256-block, that block's index, the scope's block count, the slots of shared
+    // first/last blocks (0xffffffff: not shared), where the shared leaves live.
+    g_shift: u32, g_block0: u32, g_nb_total: u32, g_first_slot: u32,
+    g_last_slot: u32, g_bl_base: u32, g_nslots: u32, pad1: u32,
 }
 
 const PLAIN: u32 = 0u;
@@ -305,6 +310,52 @@ fn hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (c != 0u) {
             atomicAdd(&HIST[U.hist_base + j], c);
         }
+    }
+}
+
+// OnTIES global-scope rescale: the tree sums of |D| and |trim(D)| over the
+// concatenation of all tensors need 256-blocks aligned in the scope, not in the
+// chunk. Workgroup gi covers scope block g_block0 + gi; a block no other chunk
+// touches is reduced here, the leaves of a shared block are written to its slot
+// and reduced by boundary.wgsl once every chunk has written.
+@compute @workgroup_size(256)
+fn gnorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    ZB = U.zero;
+    let gi = linear_group(wid, nwg);
+    let j = gi * WG + lid;
+    let live = j >= U.g_shift && j - U.g_shift < U.n;
+    var a = 0.0;
+    var k = 0.0;
+    if (live) {
+        let i = j - U.g_shift;
+        let d = update_d(i);
+        a = abs_bits(d);
+        if (ties_keeps(bitcast<u32>(d) & 0x7fffffffu, scope_index(i))) {
+            k = a;
+        }
+    }
+    let s1 = tree256(lid, a);
+    let s2 = tree256(lid, k);
+    let groups = (U.g_shift + U.n + WG - 1u) / WG;
+    if (gi >= groups) {
+        return;
+    }
+    var slot = 0xffffffffu;
+    if (gi == 0u) {
+        slot = U.g_first_slot;
+    }
+    if (gi == groups - 1u && U.g_last_slot != 0xffffffffu) {
+        slot = U.g_last_slot;
+    }
+    if (slot == 0xffffffffu) {
+        if (lid == 0u) {
+            NB[U.g_block0 + gi] = s1;
+            NB[U.g_nb_total + U.g_block0 + gi] = s2;
+        }
+    } else if (live) {
+        NB[U.g_bl_base + slot * WG + lid] = a;
+        NB[U.g_bl_base + (U.g_nslots + slot) * WG + lid] = k;
     }
 }
 
