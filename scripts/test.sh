@@ -51,9 +51,11 @@ have_numpy || missing+=("numpy for python3: pip install numpy (Debian: sudo apt-
 have node || apt_install nodejs || true
 have node || missing+=("Node.js 18+: sudo apt-get install nodejs")
 
-installed_targets=$(rustup target list --installed 2>/dev/null || true)
+# A target is installed when the toolchain's sysroot holds its standard library
+# (true for rustup and for toolchains installed some other way).
+sysroot=$(rustc --print sysroot)
 for t in "${targets[@]}"; do
-    if ! grep -qx "$t" <<<"$installed_targets"; then
+    if [ ! -d "$sysroot/lib/rustlib/$t/lib" ]; then
         if have rustup; then
             rustup target add "$t" || missing+=("the Rust target $t: rustup target add $t")
         else
