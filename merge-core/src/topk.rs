@@ -20,6 +20,10 @@
 //! every tie is kept, `c` is one past the last tie: the last key pass records it
 //! per bucket while counting, so no index pass runs (histograms added from
 //! elsewhere carry no indices, and then the index passes find it).
+//!
+//! For values held in memory, [`select_with_scratch`] and
+//! [`RadixSelect::finish_in_memory`] run the passes; given scratch room, they
+//! gather the candidates once so that the later passes do not rescan the data.
 
 use crate::arith::flush;
 use crate::error::{Error, TensorName, tensor_name};
@@ -99,8 +103,9 @@ impl LocalThreshold {
 /// `keep_count(0.1, 10)` is 2.
 pub fn keep_count(name: &'static str, p: f32, n: u64) -> Result<u64, Error> {
     let bits = p.to_bits();
-    // Rejects NaN, ±Inf, zeros, subnormals (F flushes them to 0), negatives and p > 1.
-    if bits >= 0x7f80_0000 || bits & 0x7f80_0000 == 0 || bits > 1.0f32.to_bits() {
+    // Zeros and subnormals (F flushes them to 0) have a zero exponent field; as
+    // unsigned integers, NaN, ±Inf, negatives and p > 1 all compare above 1.0's bits.
+    if bits & 0x7f80_0000 == 0 || bits > 1.0f32.to_bits() {
         return Err(Error::InvalidHyperparameter {
             name,
             value: p as f64,
