@@ -301,11 +301,17 @@ pub fn write_config(path: &Path, config: &LlamaConfig, dtype: Dtype) -> Result<(
 /// embeddings is accepted and dropped (some exporters write it anyway).
 pub fn read_weights(path: &Path, config: &LlamaConfig) -> Result<ParamSet, HfError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
-    let params = parse_weights(path, &bytes)?;
-    let mut params = params;
-    if config.tie_word_embeddings
-        && let Some(pos) = params.tensors.iter().position(|t| t.name == "lm_head.weight")
-    {
+    let mut params = parse_weights(path, &bytes)?;
+    drop_tied_head(path, config, &mut params)?;
+    check_against_config(path, config, &params)?;
+    Ok(params)
+}
+
+fn drop_tied_head(path: &Path, config: &LlamaConfig, params: &mut ParamSet) -> Result<(), HfError> {
+    if !config.tie_word_embeddings {
+        return Ok(());
+    }
+    if let Some(pos) = params.tensors.iter().position(|t| t.name == "lm_head.weight") {
         let same = params
             .get("model.embed_tokens.weight")
             .is_some_and(|e| e.shape == params.tensors[pos].shape && e.data == params.tensors[pos].data);
@@ -318,7 +324,11 @@ pub fn read_weights(path: &Path, config: &LlamaConfig) -> Result<ParamSet, HfErr
         }
         params.tensors.remove(pos);
     }
-    check_layout(config, &params).map_err(|e| match e {
+    Ok(())
+}
+
+fn check_against_config(path: &Path, config: &LlamaConfig, params: &ParamSet) -> Result<(), HfError> {
+    check_layout(config, params).map_err(|e| match e {
         ModelError::MissingTensor { tensor, expected } => tensor_err(path, &tensor, format!("missing (the config implies shape {expected:?})")),
         ModelError::ExtraTensor { tensor, shape } => tensor_err(path, &tensor, format!("shape {shape:?}: not part of the architecture config.json describes")),
         ModelError::ShapeMismatch { tensor, expected, found } => tensor_err(path, &tensor, format!("shape {found:?}, the config implies {expected:?}")),
@@ -326,8 +336,7 @@ pub fn read_weights(path: &Path, config: &LlamaConfig) -> Result<ParamSet, HfErr
             path: path.to_path_buf(),
             reason: other.to_string(),
         },
-    })?;
-    Ok(params)
+    })
 }
 
 fn tensor_err(path: &Path, tensor: &str, reason: String) -> HfError {
@@ -439,16 +448,73 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), HfError> {
 
 // ------------------------------------------------------------ whole directories
 
+/// Loads `config.json` and the weights: `model.safetensors`, or, for checkpoints
+/// that transformers saved in shards, every file named in
+/// `model.safetensors.index.json`'s `weight_map`.
 pub fn load_model(dir: &Path) -> Result<(LlamaModel, Dtype), HfError> {
     let cfg_path = dir.join(CONFIG_FILE);
     let HfConfig { config, dtype } = read_config(&cfg_path)?;
     let w_path = dir.join(WEIGHTS_FILE);
-    let params = read_weights(&w_path, &config)?;
+    let index = dir.join(INDEX_FILE);
+    let params = if !w_path.exists() && index.exists() {
+        read_sharded(&index, &config)?
+    } else {
+        read_weights(&w_path, &config)?
+    };
     let model = LlamaModel::from_params(config, params).map_err(|e| HfError::Safetensors {
         path: w_path,
         reason: e.to_string(),
     })?;
     Ok((model, dtype))
+}
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Reads the shards an index names and checks the union against `config`.
+pub fn read_sharded(index: &Path, config: &LlamaConfig) -> Result<ParamSet, HfError> {
+    let err = |field: &str, reason: String| HfError::Config {
+        path: index.to_path_buf(),
+        field: field.to_string(),
+        reason,
+    };
+    let text = fs::read_to_string(index).map_err(io_err(index))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| err("(whole file)", format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| err("weight_map", "missing or not an object".into()))?;
+    let mut shards: Vec<&str> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| err(&format!("weight_map.{name}"), format!("expected a file name, found {file}")))?;
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(err(&format!("weight_map.{name}"), format!("`{file}` is not a file in the model directory")));
+        }
+        if !shards.contains(&file) {
+            shards.push(file);
+        }
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut tensors: Vec<Tensor> = Vec::new();
+    for shard in shards {
+        let path = dir.join(shard);
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        for t in parse_weights(&path, &bytes)?.tensors {
+            match map.get(&t.name).and_then(Value::as_str) {
+                Some(f) if f == shard => {}
+                _ => return Err(tensor_err(&path, &t.name, format!("not assigned to this file by {}", index.display()))),
+            }
+            tensors.push(t);
+        }
+    }
+    if let Some(name) = map.keys().find(|n| !tensors.iter().any(|t| &t.name == *n)) {
+        return Err(err(&format!("weight_map.{name}"), "names a tensor that its shard does not contain".into()));
+    }
+    let mut params = ParamSet::new(tensors);
+    drop_tied_head(index, config, &mut params)?;
+    check_against_config(index, config, &params)?;
+    Ok(params)
 }
 
 /// Writes config.json and model.safetensors (each atomically; the weights first,
@@ -720,6 +786,34 @@ mod tests {
             // bf16 keeps 8 bits of mantissa: the function moves, but only a little
             assert!(g != w && (g - w).abs() < 0.05 * w.abs(), "{g} vs {w}");
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sharded_checkpoints_load() {
+        let dir = temp_dir("shards");
+        let model = LlamaModel::init(small(true, Family::Llama), 12).unwrap();
+        save_model(&dir, &model, Dtype::Bf16).unwrap();
+        let (want, _) = load_model(&dir).unwrap();
+        fs::remove_file(dir.join(WEIGHTS_FILE)).unwrap();
+        let (a, b): (Vec<Tensor>, Vec<Tensor>) = want.params.tensors.iter().cloned().partition(|t| t.name.contains("layers.1."));
+        let mut map = Map::new();
+        for (file, part) in [("model-00001-of-00002.safetensors", &a), ("model-00002-of-00002.safetensors", &b)] {
+            write_weights(&dir.join(file), &ParamSet::new(part.clone()), Dtype::Bf16).unwrap();
+            for t in part {
+                map.insert(t.name.clone(), json!(file));
+            }
+        }
+        let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
+        fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+        assert_eq!(load_model(&dir).unwrap().0.params, want.params);
+
+        // an index entry whose shard lacks the tensor
+        let mut bad = map.clone();
+        bad.insert("model.norm.weight".into(), json!("model-00001-of-00002.safetensors"));
+        fs::write(dir.join(INDEX_FILE), json!({"weight_map": bad}).to_string()).unwrap();
+        let e = load_model(&dir).err().unwrap().to_string();
+        assert!(e.contains("model.norm.weight") && e.contains("model-0000"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
