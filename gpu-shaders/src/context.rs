@@ -113,6 +113,7 @@ fn matches(info: &wgpu::AdapterInfo, wanted: &str) -> bool {
 }
 
 /// A device with its queue: the one object every kernel runs on.
+#[derive(Clone)]
 pub struct GpuContext {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
