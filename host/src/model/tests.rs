@@ -583,3 +583,28 @@ fn bench_linear() {
         2.0 * flops / (c2 - c1) / 1e9
     );
 }
+
+/// A ~58M-parameter Llama shape (32k vocabulary) to see how the CPU path scales.
+/// Run: `cargo test -p host --release model::tests::bench_train_mid -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_train_mid() {
+    let cfg = LlamaConfig::tiny(32000, 512, 1376, 8, 8, 4);
+    let model = LlamaModel::init(cfg, 1).unwrap();
+    println!("params: {}", model.config.num_params());
+    let mut rng = SplitMix64(1);
+    let seqs: Vec<Sequence> = (0..2)
+        .map(|_| Sequence::full((0..256).map(|_| (rng.next_u64() % 32000) as u32).collect()))
+        .collect();
+    let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let mut g = model.zero_grads();
+    let start = std::time::Instant::now();
+    let cpu0 = cpu_seconds();
+    model.cross_entropy_backward(&seqs, 1.0, &mut g).unwrap();
+    let (dt, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+    println!(
+        "train step {dt:.2} s wall for {tokens} tokens: {:.0} tokens/s wall, {:.0} tokens per CPU second",
+        tokens as f64 / dt,
+        tokens as f64 / cpu
+    );
+}
