@@ -16,9 +16,19 @@
 //! `{"dtype": "bf16"|"f16", "hex": "3f80 8000 ..."}` or `{"dtype": "bool", "bits": "0110"}`:
 //! bit patterns, never decimal, so every value (subnormals, -0.0, NaN payloads)
 //! survives the round trip.
+//!
+//! `no_std` with `alloc`, so that the same evaluator also runs on a Cortex-M
+//! (`tests/cortex-m`); the default `std` feature only forwards to merge-core.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+#![no_std]
+
+extern crate alloc;
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
 

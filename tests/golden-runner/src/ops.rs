@@ -1,6 +1,10 @@
 //! The dispatch from a case's `op` to merge-core. Each op names the SPEC.md
 //! section it exercises; the NumPy oracle has the same table in `check_golden.py`.
 
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use alloc::{format, vec};
+
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{self, Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
@@ -490,7 +494,7 @@ fn offline_op(case: &Case) -> Result<Outcome, String> {
         "bf16" => Array::Bf16(out16),
         _ => Array::F16(out16),
     };
-    Ok(Outcome::Outputs(std::iter::once(("merged".to_string(), merged)).chain(extra).collect()))
+    Ok(Outcome::Outputs(core::iter::once(("merged".to_string(), merged)).chain(extra).collect()))
 }
 
 /// SPEC.md §5.3 `combine`: the per-element OnTIES update from trimmed `τ'` and `D'`,
