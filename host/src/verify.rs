@@ -221,7 +221,11 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
                     println!("golden {name}: {cases} cases match");
                 } else {
                     ok = false;
-                    println!("golden {name}: {} of {cases} cases FAIL", failures.len());
+                    if cases == 0 {
+                        println!("golden {name}: FAIL");
+                    } else {
+                        println!("golden {name}: {} of {cases} cases FAIL", failures.len());
+                    }
                     for f in failures.iter().take(5) {
                         println!("  {f}");
                     }

@@ -29,22 +29,22 @@ pub struct OptimArgs {
     #[arg(long, value_enum, default_value = "reference")]
     pub variant: Variant,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-6)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.9)]
     pub beta1: f64,
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.999)]
     pub beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-8)]
     pub eps: f64,
     /// Decoupled weight decay λ.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Reserve rate p: DARE keep probability / TIES keep fraction, in (0, 1].
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.01)]
     pub p: f64,
     /// Merge weight α of the SFT delta, in [0, 1].
-    #[arg(long, default_value_t = 1e-7)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-7)]
     pub alpha: f64,
     /// Merge every K-th step (plain Adam steps in between, paper Alg. 2); 1 = online merging.
     #[arg(long, default_value_t = 1)]
@@ -53,7 +53,7 @@ pub struct OptimArgs {
     #[arg(long)]
     pub rescale: bool,
     /// Clamp bound c for the DARE-rescaled deltas.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub clip: f64,
     /// OnTIES trimming scope.
     #[arg(long, value_enum, default_value = "per-tensor")]

@@ -1,0 +1,241 @@
+//! The trainer binary end to end: align runs with each optimizer on a GPU adapter
+//! (lavapipe in CI) with the merge-core cross-check on, resume bit-identity after
+//! a kill during a checkpoint write, and bad inputs named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use host::hf;
+use host::model::config::LlamaConfig;
+use host::model::llama::LlamaModel;
+use host::tokenizer::ByteTokenizer;
+use merge_core::dtype::Dtype;
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("host-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny base model and an SFT model near it, as Hugging Face directories.
+fn models(dir: &Path) -> (PathBuf, PathBuf) {
+    let config = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE, 32, 64, 1, 2, 1);
+    let base = LlamaModel::init(config.clone(), 3).unwrap();
+    let other = LlamaModel::init(config, 4).unwrap();
+    let mut sft = LlamaModel::from_params(base.config.clone(), base.params.clone()).unwrap();
+    for (s, o) in sft.params.tensors.iter_mut().zip(&other.params.tensors) {
+        for (x, y) in s.data.iter_mut().zip(&o.data) {
+            *x += 0.05 * *y;
+        }
+    }
+    let (b, s) = (dir.join("base"), dir.join("sft"));
+    hf::save_model(&b, &base, Dtype::F32).unwrap();
+    hf::save_model(&s, &sft, Dtype::F32).unwrap();
+    (b, s)
+}
+
+fn host(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_host"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn align_args<'a>(base: &'a str, sft: &'a str, out: &'a str, optimizer: &'a str, backend: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "align", "--model", sft, "--base", base, "--builtin", "12", "--builtin-eval", "4", "--eval-every", "2", "--steps", steps,
+        "--batch-size", "2", "--grad-accum", "2", "--optimizer", optimizer, "--p", "0.5", "--alpha", "0.1", "--lr", "1e-3",
+        "--schedule", "warmup-cosine", "--warmup-steps", "1", "--weight-decay", "0.01", "--seed", "9", "--out", out,
+        "--backend", backend, "--cross-check-every", "1", "--checkpoint-every", "2",
+    ]
+}
+
+#[test]
+fn align_with_each_optimizer_on_gpu_matches_cpu() {
+    let d = tmp("gpu");
+    let (b, s) = models(&d);
+    let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
+    for optimizer in ["adamw", "ondare"] {
+        for extra in [&[][..], &["--k", "2", "--rescale"][..]] {
+            let mut weights = Vec::new();
+            for backend in ["gpu", "cpu"] {
+                let out = d.join(format!("{optimizer}-{backend}-{}", extra.len()));
+                let mut args = align_args(b, s, out.to_str().unwrap(), optimizer, backend, "4");
+                args.extend_from_slice(extra);
+                let o = host(&args, &[]);
+                assert!(o.status.success(), "{optimizer} {backend} {extra:?}: {}", stderr(&o));
+                if backend == "gpu" {
+                    assert!(stderr(&o).contains("optimizer on gpu: "), "{}", stderr(&o));
+                }
+                let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+                let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+                for key in [
+                    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                    "logps/rejected", "grad_norm", "learning_rate", "model_ms", "optimizer_ms", "cross_check_ms",
+                ] {
+                    assert!(first.get(key).is_some(), "{key} missing in {first}");
+                }
+                assert_eq!(metrics.lines().filter(|l| l.contains("\"split\":\"eval\"")).count(), 2);
+                weights.push(std::fs::read(out.join("model/model.safetensors")).unwrap());
+            }
+            assert_eq!(weights[0], weights[1], "{optimizer} {extra:?}: GPU and CPU runs differ");
+            let sft_bytes = std::fs::read(Path::new(s).join("model.safetensors")).unwrap();
+            assert_ne!(weights[0], sft_bytes, "{optimizer}: training changed nothing");
+        }
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+fn latest(out: &Path) -> String {
+    std::fs::read_to_string(out.join("checkpoints/LATEST")).unwrap().trim().to_string()
+}
+
+#[test]
+fn killed_during_checkpoint_then_resumed_is_bit_identical() {
+    let d = tmp("kill");
+    let (b, s) = models(&d);
+    let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let whole = d.join("whole");
+    let o = host(&align_args(b, s, whole.to_str().unwrap(), "ondare", "cpu", "7").iter().chain(&["--k", "3"]).copied().collect::<Vec<_>>(), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = std::fs::read(whole.join("model/model.safetensors")).unwrap();
+
+    // Killed half-way through the optimizer file of step 4's checkpoint, and (second
+    // case) after step 4's directory is in place but before LATEST names it.
+    for (file, tag) in [("optimizer.safetensors", "torn"), ("LATEST", "unnamed")] {
+        let out = d.join(tag);
+        let args: Vec<&str> = align_args(b, s, out.to_str().unwrap(), "ondare", "cpu", "7").into_iter().chain(["--k", "3"]).collect();
+        let o = host(&args, &[("HOST_ABORT_WRITING", file), ("HOST_ABORT_AT_STEP", "4")]);
+        assert!(!o.status.success(), "the abort hook did not fire: {}", stderr(&o));
+        assert!(stderr(&o).contains("HOST_ABORT_WRITING"), "{}", stderr(&o));
+        assert_eq!(latest(&out), "step-00000002", "{tag}");
+        // The previous checkpoint is intact: it loads and its hash checks out.
+        host::train::checkpoint::load(&out.join("checkpoints/step-00000002")).unwrap();
+        assert!(!out.join("model").exists(), "{tag}: a final model was written by a killed run");
+
+        let mut resume = args.clone();
+        resume.push("--resume");
+        let o = host(&resume, &[]);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        assert!(stderr(&o).contains("resuming after step 2"), "{}", stderr(&o));
+        assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), want, "{tag}: resumed run differs");
+        // The metrics log has each step once, as the uninterrupted run's.
+        let steps = |p: &Path| -> Vec<(u64, String)> {
+            host::train::metrics::read(&p.join("metrics.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split)).collect()
+        };
+        assert_eq!(steps(&out), steps(&whole));
+        let names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".partial-")), "{names:?}");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn bad_inputs_are_named_and_nothing_written_is_lost() {
+    let d = tmp("bad");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let out = d.join("run");
+    let o_ = out.to_str().unwrap();
+    // `extra` flags replace the defaults of the same name.
+    let run = |extra: &[&str]| {
+        let mut a = align_args(bs, ss, o_, "ondare", "cpu", "4");
+        let mut i = 0;
+        while i < extra.len() {
+            let flag = extra[i];
+            let value = extra.get(i + 1).filter(|v| !v.starts_with("--") || v.parse::<f64>().is_ok());
+            match (a.iter().position(|x| *x == flag), value) {
+                (Some(j), Some(v)) => a[j + 1] = v,
+                (None, Some(v)) => a.extend([flag, *v]),
+                (_, None) => a.push(flag),
+            }
+            i += if value.is_some() { 2 } else { 1 };
+        }
+        host(&a, &[])
+    };
+    for (extra, want) in [
+        (&["--p", "1.5"][..], "--p = 1.5"),
+        (&["--alpha", "-1"][..], "--alpha = -1"),
+        (&["--k", "0"][..], "--k = 0"),
+        (&["--lr", "nan"][..], "--lr = NaN"),
+        (&["--beta", "0"][..], "--beta"),
+        (&["--loss", "squared"][..], "--loss"),
+        (&["--batch-size", "0"][..], "--batch-size = 0"),
+        (&["--resume"][..], "no checkpoint"),
+    ] {
+        let o = run(extra);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
+    }
+    // A finished run; then a resume with another alpha is refused and leaves it intact.
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    let o = run(&["--alpha", "0.2", "--resume"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("alpha: saved 0.1"), "{}", stderr(&o));
+    let o = run(&[]);
+    assert!(stderr(&o).contains("--resume"), "a second run over the same --out must be refused: {}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), before);
+
+    // NaN in the base model's weights: named by tensor.
+    let (mut model, _) = hf::load_model(&b).unwrap();
+    let name = model.params.tensors[2].name.clone();
+    model.params.tensors[2].data[5] = f32::NAN;
+    let nan_base = d.join("nan-base");
+    std::fs::create_dir_all(&nan_base).unwrap();
+    std::fs::copy(b.join("config.json"), nan_base.join("config.json")).unwrap();
+    // hf refuses to write NaN, so the file is assembled directly.
+    let entries: Vec<(String, &host::params::Tensor)> = model.params.tensors.iter().map(|t| (t.name.clone(), t)).collect();
+    std::fs::write(nan_base.join("model.safetensors"), host::train::checkpoint::to_safetensors(&entries).unwrap()).unwrap();
+    let out2 = d.join("run2");
+    let o = host(&align_args(nan_base.to_str().unwrap(), ss, out2.to_str().unwrap(), "ondare", "cpu", "2"), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&name) && stderr(&o).contains("element 5"), "{}", stderr(&o));
+
+    // A truncated safetensors file and a malformed data line name the file.
+    let trunc = d.join("trunc");
+    std::fs::create_dir_all(&trunc).unwrap();
+    std::fs::copy(s.join("config.json"), trunc.join("config.json")).unwrap();
+    let w = std::fs::read(s.join("model.safetensors")).unwrap();
+    std::fs::write(trunc.join("model.safetensors"), &w[..w.len() / 2]).unwrap();
+    let o = host(&align_args(bs, trunc.to_str().unwrap(), d.join("run3").to_str().unwrap(), "ondare", "cpu", "2"), &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("model.safetensors"), "{}", stderr(&o));
+    let data = d.join("prefs.jsonl");
+    std::fs::write(&data, "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n{\"prompt\":\"a\",\"chosen\":\"b\"}\n").unwrap();
+    let o = host(
+        &["align", "--model", ss, "--data", data.to_str().unwrap(), "--steps", "1", "--out", d.join("run4").to_str().unwrap(), "--backend", "cpu"],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("prefs.jsonl:2") && stderr(&o).contains("rejected"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn verify_prints_a_matching_table() {
+    let o = host(&["verify", "--steps", "2"], &[]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{stdout}\n{}", stderr(&o));
+    assert!(stdout.contains("golden optimizer.json") && stdout.contains("cases match"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.ends_with(" yes")).collect();
+    assert!(rows.iter().any(|l| l.starts_with("merge-core")), "{stdout}");
+    assert!(rows.iter().any(|l| l.contains(" gpu ")), "no GPU row (CI has lavapipe): {stdout}");
+    // Every row of one optimizer shows the same hash.
+    for opt in ["adamw", "ondare"] {
+        let hashes: std::collections::BTreeSet<&str> =
+            rows.iter().filter(|l| l.contains(&format!(" {opt} "))).map(|l| l.split_whitespace().rev().nth(1).unwrap()).collect();
+        assert_eq!(hashes.len(), 1, "{opt}: {stdout}");
+    }
+}
