@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod context;
 mod kernel;
+pub mod offline;
 pub mod ops;
 pub mod optim;
 pub mod selftest;

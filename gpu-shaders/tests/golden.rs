@@ -1,6 +1,6 @@
-//! The optimizer golden vectors of tests/golden/ (written by merge-core, checked
-//! by the NumPy oracle) reproduced by the GPU: every case of op "optimizer",
-//! outputs bit for bit, rejected inputs with the same error.
+//! The golden vectors of tests/golden/ (written by merge-core, checked by the
+//! NumPy oracle) reproduced by the GPU: every optimizer case and every offline
+//! merge but SLERP, outputs bit for bit, rejected inputs with the same error.
 
 mod common;
 
@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 
 use common::ctx;
 use golden_runner::{evaluate, Array, Case, Outcome};
+use gpu_shaders::offline::GpuMerger;
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
 use gpu_shaders::GpuError;
 use merge_core::dare::{DareConfig, DareVariant};
-use merge_core::dtype::{Dtype, Src};
+use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::offline::{Gta, ModelParams, Sparsify};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Scope, TiesConfig};
@@ -172,4 +174,134 @@ fn optimizer_golden_vectors_on_the_gpu() {
     }
     assert!(checked >= 30, "only {checked} optimizer cases found in {}", path.display());
     assert!(failures.is_empty(), "{} of {checked} golden cases differ on the GPU:\n{}", failures.len(), failures.join("\n"));
+}
+
+fn f64_list(case: &Case, key: &str) -> Vec<f64> {
+    case.params[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| f64::from_bits(u64::from_str_radix(v["f64"].as_str().unwrap(), 16).unwrap()))
+        .collect()
+}
+
+/// One offline case on the GPU: the merged tensor(s) as golden-runner names them.
+fn gpu_offline(m: &GpuMerger, case: &Case) -> Result<BTreeMap<String, Array>, GpuError> {
+    let mut out = BTreeMap::new();
+    if case.op == "ties_global" {
+        let names: Vec<&str> = case.params["tensors"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let weights = f64_list(case, "weights");
+        let densities = f64_list(case, "densities");
+        let params: Vec<ModelParams> = weights.iter().zip(&densities).map(|(&weight, &density)| ModelParams { weight, density }).collect();
+        let config = Gta { lambda: case.f64("lambda").unwrap(), ..Gta::TIES };
+        let bases: Vec<Src> = (0..names.len()).map(|j| src(case.input(&format!("t{j}/base")).unwrap())).collect();
+        let models: Vec<Vec<Src>> = (0..params.len())
+            .map(|i| (0..names.len()).map(|j| src(case.input(&format!("t{j}/model.{i}")).unwrap())).collect())
+            .collect();
+        let mut thresholds = Vec::new();
+        for (p, list) in params.iter().zip(&models) {
+            thresholds.push(m.task_vector_threshold("global", p.density, &bases, list)?);
+        }
+        let mut start = 0u64;
+        for (j, name) in names.iter().enumerate() {
+            let mut merged = vec![0f32; bases[j].len()];
+            let tm: Vec<Src> = models.iter().map(|l| l[j]).collect();
+            m.gta(&config, name, case.seed.unwrap_or(0), &params, &thresholds, start, bases[j], &tm, &mut Dst::F32(&mut merged))?;
+            out.insert(format!("t{j}/merged"), Array::F32(merged));
+            start += bases[j].len() as u64;
+        }
+        return Ok(out);
+    }
+    let name = case.tensor_name().unwrap();
+    let mut models = Vec::new();
+    while let Some(a) = case.inputs.get(&format!("model.{}", models.len())) {
+        models.push(src(a));
+    }
+    let n = models[0].len();
+    let (mut o32, mut o16) = (vec![0f32; n], vec![0u16; n]);
+    let dt = case.word("out_dtype").unwrap();
+    let mut dst = match dt {
+        "bf16" => Dst::Bf16(&mut o16),
+        "f16" => Dst::F16(&mut o16),
+        _ => Dst::F32(&mut o32),
+    };
+    match case.word("method").unwrap() {
+        "linear" => m.linear(name, &models, &f64_list(case, "weights"), case.flag("normalize").unwrap(), &mut dst)?,
+        "interpolate" => m.interpolate(name, models[0], models[1], case.f64("weight").unwrap(), &mut dst)?,
+        _ => {
+            let config = Gta {
+                sparsify: match case.word("sparsify").unwrap() {
+                    "magnitude" => Sparsify::Magnitude,
+                    "random" => Sparsify::Random,
+                    _ => Sparsify::None,
+                },
+                consensus: case.flag("consensus").unwrap(),
+                normalize: case.flag("normalize").unwrap(),
+                lambda: case.f64("lambda").unwrap(),
+            };
+            let base = src(case.input("base").unwrap());
+            let params: Vec<ModelParams> = f64_list(case, "weights")
+                .into_iter()
+                .zip(f64_list(case, "densities"))
+                .map(|(weight, density)| ModelParams { weight, density })
+                .collect();
+            let mut thresholds = Vec::new();
+            if config.sparsify == Sparsify::Magnitude {
+                for (mm, p) in models.iter().zip(&params) {
+                    thresholds.push(m.task_vector_threshold(name, p.density, &[base], &[*mm])?);
+                }
+            }
+            m.gta(&config, name, case.seed.unwrap(), &params, &thresholds, 0, base, &models, &mut dst)?;
+        }
+    }
+    drop(dst);
+    out.insert(
+        "merged".into(),
+        match dt {
+            "bf16" => Array::Bf16(o16),
+            "f16" => Array::F16(o16),
+            _ => Array::F32(o32),
+        },
+    );
+    Ok(out)
+}
+
+#[test]
+fn offline_golden_vectors_on_the_gpu() {
+    let merger = GpuMerger::new(ctx());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/offline.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (mut checked, mut slerp) = (0, 0);
+    let mut failures = Vec::new();
+    for c in file["cases"].as_array().unwrap() {
+        let case = Case::from_json(c).unwrap();
+        if case.op == "offline" && case.word("method").unwrap() == "slerp" {
+            // SLERP stays on the CPU (its norms and angle are whole-tensor scalars).
+            slerp += 1;
+            continue;
+        }
+        if case.op != "offline" && case.op != "ties_global" {
+            continue;
+        }
+        checked += 1;
+        match (evaluate(&case).unwrap(), gpu_offline(&merger, &case)) {
+            (Outcome::Outputs(want), Ok(got)) => {
+                for (key, w) in &want {
+                    if got.get(key) != Some(w) {
+                        failures.push(format!("{}: {key} differs", case.name));
+                    }
+                }
+            }
+            (Outcome::Error(e), Err(g)) => {
+                if GpuError::Core(e.clone()).to_string() != g.to_string() {
+                    failures.push(format!("{}: error differs: cpu `{e}`, gpu `{g}`", case.name));
+                }
+            }
+            (Outcome::Error(e), Ok(_)) => failures.push(format!("{}: cpu refused (`{e}`), gpu did not", case.name)),
+            (Outcome::Outputs(_), Err(g)) => failures.push(format!("{}: gpu refused: {g}", case.name)),
+        }
+    }
+    assert!(checked >= 15 && slerp > 0, "{checked} offline cases checked, {slerp} SLERP cases skipped");
+    assert!(failures.is_empty(), "{} of {checked} offline golden cases differ on the GPU:\n{}", failures.len(), failures.join("\n"));
 }

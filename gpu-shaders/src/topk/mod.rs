@@ -22,28 +22,53 @@ impl GpuTopK {
     /// the order given (one array: per-tensor scope; all tensors in name order:
     /// global scope). `scope` names it in errors.
     pub fn select(&self, ctx: &GpuContext, scope: &str, arrays: &[&GpuArray], k: u64) -> Result<Threshold, GpuError> {
-        let n: u64 = arrays.iter().map(|a| a.n).sum();
+        let pairs: Vec<(&GpuArray, Option<&GpuArray>)> = arrays.iter().map(|a| (*a, None)).collect();
+        self.select_inner(ctx, scope, &pairs, k)
+    }
+
+    /// The threshold over the task vectors `model ⊖ base` (offline TIES trimming,
+    /// `merge_core::offline::task_vector_threshold`): pairs in scope order.
+    pub fn select_task_vectors(&self, ctx: &GpuContext, scope: &str, pairs: &[(&GpuArray, &GpuArray)], k: u64) -> Result<Threshold, GpuError> {
+        for (m, b) in pairs {
+            if m.n != b.n {
+                return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                    tensor: tensor_name(scope),
+                    what: "model weights",
+                    expected: b.n,
+                    found: m.n,
+                }));
+            }
+        }
+        let pairs: Vec<(&GpuArray, Option<&GpuArray>)> = pairs.iter().map(|(m, b)| (*m, Some(*b))).collect();
+        self.select_inner(ctx, scope, &pairs, k)
+    }
+
+    fn select_inner(&self, ctx: &GpuContext, scope: &str, arrays: &[(&GpuArray, Option<&GpuArray>)], k: u64) -> Result<Threshold, GpuError> {
+        let n: u64 = arrays.iter().map(|a| a.0.n).sum();
         if n >= 1 << 32 {
             return Err(GpuError::Invalid(format!(
                 "top-k scope `{scope}`: {n} elements; the GPU histograms count in u32 (at most 2^32 - 1)"
             )));
         }
-        if let Some(a) = arrays.iter().find(|a| a.storage != Storage::F32) {
+        if let Some(a) = arrays.iter().flat_map(|(a, b)| [Some(*a), *b]).flatten().find(|a| a.storage != Storage::F32) {
             return Err(GpuError::Invalid(format!("top-k scope `{scope}`: input stored as {:?}, expected f32", a.storage)));
         }
         let mut sel = RadixSelect::new(scope, n, k)?;
         // (global offset of the chunk, chunk) for every chunk of the scope.
         let mut chunks = Vec::new();
         let mut offset = 0u64;
-        for a in arrays {
-            for c in &a.chunks {
-                chunks.push((offset + c.start, c));
+        for (a, b) in arrays {
+            for (ci, c) in a.chunks.iter().enumerate() {
+                chunks.push((offset + c.start, c, b.map(|b| &b.chunks[ci].buf)));
             }
             offset += a.n;
         }
+        let no_base = ctx.storage("no base", 4);
+        let diff = arrays.iter().any(|(_, b)| b.is_some());
         let hist = ctx.storage("topk histogram", BUCKETS as u64 * 4);
-        let status = ctx.storage("topk status", chunks.len().max(1) as u64 * 4);
-        ctx.queue.write_buffer(&status, 0, bytemuck::cast_slice(&vec![u32::MAX; chunks.len().max(1)]));
+        let words = 2 * chunks.len().max(1);
+        let status = ctx.storage("topk status", words as u64 * 4);
+        ctx.queue.write_buffer(&status, 0, bytemuck::cast_slice(&vec![u32::MAX; words]));
         let mut first = true;
         while let Some(pass) = sel.pass() {
             ctx.queue.write_buffer(&hist, 0, bytemuck::cast_slice(&[0u32; BUCKETS]));
@@ -53,7 +78,7 @@ impl GpuTopK {
             };
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             let mut keep_alive = Vec::with_capacity(chunks.len());
-            for (slot, (start, c)) in chunks.iter().enumerate() {
+            for (slot, (start, c, base)) in chunks.iter().enumerate() {
                 let u = [
                     0u32,
                     c.len as u32,
@@ -66,23 +91,35 @@ impl GpuTopK {
                     prefix as u32,
                     (prefix >> 32) as u32,
                     slot as u32,
-                    0,
+                    u32::from(diff),
                 ];
                 let ub = ctx.uniform_init("topk pass", bytemuck::cast_slice(&u));
-                let bg = self.kernel.bind(ctx, &[&ub, &c.buf, &hist, &status]);
+                let bg = self.kernel.bind(ctx, &[&ub, &c.buf, &hist, &status, base.unwrap_or(&no_base)]);
                 self.kernel.dispatch(ctx, &mut enc, &bg, c.len.div_ceil(WORKGROUP as u64) as u32);
                 keep_alive.push(ub);
             }
             ctx.queue.submit([enc.finish()]);
             if first {
-                // Every element is read in the first pass: refuse non-finite input there.
-                let st = ctx.read_u32(&status, chunks.len().max(1) as u64)?;
-                if let Some(bad) = st.iter().enumerate().filter(|&(_, &w)| w != u32::MAX).map(|(s, &w)| chunks[s].0 + u64::from(w)).min() {
-                    return Err(GpuError::Core(merge_core::Error::NonFinite {
-                        tensor: tensor_name(scope),
-                        what: "top-k input",
-                        index: bad,
-                    }));
+                // Every element is read in the first pass: refuse non-finite input there,
+                // naming the lowest index (the base before the model at equal index).
+                let st = ctx.read_u32(&status, words as u64)?;
+                let mut worst: Option<(u64, usize)> = None;
+                for (slot, (start, _, _)) in chunks.iter().enumerate() {
+                    for which in 0..2 {
+                        let w = st[2 * slot + which];
+                        if w != u32::MAX {
+                            let cand = (start + u64::from(w), which);
+                            worst = Some(worst.map_or(cand, |c| c.min(cand)));
+                        }
+                    }
+                }
+                if let Some((index, which)) = worst {
+                    let what = match (diff, which) {
+                        (false, _) => "top-k input",
+                        (true, 0) => "base weights",
+                        (true, _) => "model weights",
+                    };
+                    return Err(GpuError::Core(merge_core::Error::NonFinite { tensor: tensor_name(scope), what, index }));
                 }
                 first = false;
             }

@@ -6,13 +6,15 @@
 struct HistU {
     zero: u32, n: u32, base_lo: u32, base_hi: u32,
     mode: u32, shift: u32, bits: u32, key: u32,
-    prefix_lo: u32, prefix_hi: u32, slot: u32, pad: u32,
+    prefix_lo: u32, prefix_hi: u32, slot: u32, diff: u32,
 }
 
 @group(0) @binding(0) var<uniform> U: HistU;
 @group(0) @binding(1) var<storage, read> X: array<f32>;
 @group(0) @binding(2) var<storage, read_write> H: array<atomic<u32>>;
 @group(0) @binding(3) var<storage, read_write> S: array<atomic<u32>>;
+// With `diff`, the values are the task vector X ⊖ B (offline TIES trimming).
+@group(0) @binding(4) var<storage, read> B: array<f32>;
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -22,10 +24,23 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
     let i = linear_group(wid, nwg) * WG + lid;
     if (i < U.n) {
-        let x = fb(X[i]);
-        if (is_nf(x)) {
-            atomicMin(&S[U.slot], i);
-        } else {
+        var x = fb(X[i]);
+        var bad = is_nf(x);
+        if (U.diff != 0u) {
+            // merge-core loads the base first, then the model: two status words.
+            let b = fb(B[i]);
+            if (is_nf(b)) {
+                atomicMin(&S[2u * U.slot], i);
+            }
+            if (bad) {
+                atomicMin(&S[2u * U.slot + 1u], i);
+            }
+            bad = bad || is_nf(b);
+            x = sub(x, b);
+        } else if (bad) {
+            atomicMin(&S[2u * U.slot], i);
+        }
+        if (!bad) {
             let idx = index64(U.base_lo, U.base_hi, i);
             let h = HistPass(U.mode, U.shift, U.bits, U.key, U.prefix_lo, U.prefix_hi);
             hist_count(h, bitcast<u32>(x) & 0x7fffffffu, idx.x, idx.y);
