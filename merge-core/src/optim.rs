@@ -382,8 +382,10 @@ impl StepPlan {
         let mut plan = self.prepare(name, grad, &st.as_ref(), tau, scratch)?;
         if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
             *selection = Some(select_over(&t, name, core::iter::once(&*scratch))?);
+            plan.check_chunk_from_update(0, st.as_ref(), tau, scratch)?;
+        } else {
+            plan.check_chunk(0, grad, st.as_ref(), tau)?;
         }
-        plan.check_chunk(0, grad, st.as_ref(), tau)?;
         plan.write_chunk(0, grad, StateMut { theta: st.theta, m: st.m, v: st.v, cached: st.cached.as_deref_mut() }, tau)
     }
 
@@ -437,7 +439,7 @@ impl StepPlan {
                     plan.write_chunk(0, job.grad, st, job.tau)?;
                 } else {
                     let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
-                    plan.check_chunk(0, job.grad, st, job.tau)?;
+                    plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
                 }
                 offset += job.grad.len() as u64;
             }

@@ -331,6 +331,57 @@ impl TensorStep<'_> {
         self.run(Pass::Check, offset, grad, &state, &tau, |_, _, _| {})
     }
 
+    /// Pass 2 of OnTIES, from the update the scan pass left in `update` (the same
+    /// chunk of `D`): the scan has validated the inputs, `m'`, `v'` and `D`, so
+    /// only the trimmed update and the new parameter remain, and they need no
+    /// Adam arithmetic. Writes nothing.
+    pub fn check_chunk_from_update(&self, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
+            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+        };
+        self.check_lengths(offset, update, &state, &tau)?;
+        let torch = self.scalars.form == AdamForm::Torch;
+        let n = update.len();
+        let mut tau_buf = [0.0f32; BLOCK];
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            tau.load_into(start, &mut tau_buf[..len]);
+            let local = sel.threshold.local(scope_offset + offset + start as u64);
+            let cached = state.cached.map(|c| &c[start..start + len]);
+            let one = |j: usize| -> (f32, f32) {
+                let theta = crate::arith::flush(state.theta[start + j]);
+                let theta = if torch { adam::decay_before::<true>(&self.scalars, theta) } else { theta };
+                let theta0 = match cached {
+                    Some(c) => sub(theta, crate::arith::flush(c[j])),
+                    None => theta,
+                };
+                let d = crate::arith::flush(update[start + j]);
+                let sp = if local.keeps(magnitude_key(d), j as u32) { mul(d, sel.factor) } else { 0.0 };
+                let theta1 = add(theta0, onties::combine(variant, tau_buf[j], sp, alpha, one_minus_alpha));
+                let theta2 = if torch { theta1 } else { adam::decay_after::<false>(&self.scalars, theta1) };
+                (sp, theta2)
+            };
+            let mut bad = 0u32;
+            for j in 0..len {
+                let (sp, theta2) = one(j);
+                bad |= nf(sp) | nf(theta2);
+            }
+            if bad != 0 {
+                for j in 0..len {
+                    let (sp, theta2) = one(j);
+                    for (x, what) in [(sp, "sparsified update"), (theta2, "updated parameter")] {
+                        if is_non_finite(x) {
+                            return Err(Error::NonFinite { tensor: tensor_name(self.name), what, index: offset + (start + j) as u64 });
+                        }
+                    }
+                }
+            }
+            start += len;
+        }
+        Ok(())
+    }
+
     /// Pass 3: computes and stores in place. Each block is validated before it is
     /// stored, so an error leaves the failing block and everything after it
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so

@@ -617,3 +617,34 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "sparsified update", index: u64::from(first_kept) });
     assert_eq!(st, st0);
 }
+
+#[test]
+fn ties_validates_the_new_parameter_before_writing() {
+    let mut rng = Rng::new(12);
+    let n = 700;
+    let ties = TiesConfig { p: 0.1, alpha: 1.0, ..TiesConfig::default() };
+    let cfg = OnlineConfig { merge: Merge::Ties(ties), ..OnlineConfig::default() };
+    let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+    let (g, mut st0, mut tau) = random_state(&mut rng, n);
+    // θ + α τ' overflows at 600 and 650 (α = 1, τ' elected: D' is +0 or small).
+    for i in [650, 600] {
+        st0.theta[i] = f32::MAX;
+        tau[i] = 1e38;
+    }
+    let mut st = st0.clone();
+    let mut scratch = vec![0.0f32; n];
+    let err = plan
+        .step_tensor_with_scratch("t", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .unwrap_err();
+    assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "updated parameter", index: 600 });
+    assert_eq!(st, st0);
+    // An update-stage failure (a non-finite gradient) is reported even at a higher
+    // index: it is validated over the whole tensor before the trimming (SPEC.md §5.6).
+    let mut g2 = g.clone();
+    g2[690] = f32::NAN;
+    let err = plan
+        .step_tensor_with_scratch("t", &g2, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .unwrap_err();
+    assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "gradient", index: 690 });
+    assert_eq!(st, st0);
+}
