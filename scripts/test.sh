@@ -5,8 +5,8 @@
 # apt-get / rustup available, installs it; otherwise it stops and prints the exact
 # command to run. Needed: the software Vulkan driver (GPU tests run on lavapipe when
 # there is no GPU), python3 with numpy (the independent oracle), node (the wasm32
-# run of the golden vectors), and the rustup targets wasm32-unknown-unknown and
-# thumbv7em-none-eabihf. Then: cargo test --workspace.
+# run of the golden vectors), qemu-system-arm (their Cortex-M4F run), and the rustup
+# targets wasm32-unknown-unknown and thumbv7em-none-eabihf. Then: cargo test --workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +50,9 @@ have_numpy || missing+=("numpy for python3: pip install numpy (Debian: sudo apt-
 
 have node || apt_install nodejs || true
 have node || missing+=("Node.js 18+: sudo apt-get install nodejs")
+
+have qemu-system-arm || apt_install qemu-system-arm || true
+have qemu-system-arm || missing+=("QEMU for the Cortex-M run of the golden vectors: sudo apt-get install qemu-system-arm")
 
 # A target is installed when the toolchain's sysroot holds its standard library
 # (true for rustup and for toolchains installed some other way).
