@@ -405,7 +405,7 @@ def clamp(x, cl):
     return np.minimum(np.maximum(x, -cl), cl).astype(F32)
 
 
-def topp(x, p, mask):
+def topp(x, mask):
     """§5.3 TopP: F(x_i) where the threshold keeps i, else +0."""
     return np.where(mask, o.flush(x), F32(0.0)).astype(F32)
 
@@ -501,7 +501,7 @@ def op_optimizer(c):
                     t["tau_f32"] = tau
         else:
             masks = (global_masks if c.word("scope") == "global" else scope_masks)(taus, p32)
-            kept = [topp(tau, p32, m) for tau, m in zip(taus, masks)]
+            kept = [topp(tau, m) for tau, m in zip(taus, masks)]
             if c.params["rescale"]:
                 if c.word("scope") == "global":
                     rho = ties_rho(np.concatenate(taus), np.concatenate(kept))
@@ -550,7 +550,7 @@ def op_optimizer(c):
         if merge == "ties" and merge_step:
             ds = [w["delta"] if w["cached"] is None else o.add(w["delta"], w["cached"]) for w in work]
             masks = (global_masks if c.word("scope") == "global" else scope_masks)(ds, p32)
-            kept = [topp(d, p32, mk) for d, mk in zip(ds, masks)]
+            kept = [topp(d, mk) for d, mk in zip(ds, masks)]
             if c.params["rescale"]:
                 if c.word("scope") == "global":
                     rho = ties_rho(np.concatenate(ds), np.concatenate(kept))

@@ -77,11 +77,6 @@ def absolute(x):
     return from_bits(bits(np.asarray(x, F32)) & U32(0x7FFFFFFF))
 
 
-def neg(x):
-    """Negation flips the sign bit; followed by F so that -(+0) stays +0."""
-    return flush(from_bits(bits(np.asarray(x, F32)) ^ U32(SIGN_MASK)))
-
-
 def first_non_finite(x):
     """Lowest non-finite index (§1.4), or None."""
     idx = np.flatnonzero(non_finite(x))
@@ -89,11 +84,6 @@ def first_non_finite(x):
 
 
 # ------------------------------------------------------------ §1.6 step scalars
-
-def f64_to_f32(x):
-    """One RNE rounding of a binary64 value to binary32 (a C cast, as NumPy does)."""
-    return F32(x)
-
 
 def pow_f64(beta, k):
     """β^k by right-to-left binary exponentiation in binary64 (§1.6)."""
