@@ -608,3 +608,33 @@ fn bench_train_mid() {
         tokens as f64 / cpu
     );
 }
+
+/// Grouped-query attention means what transformers' `repeat_kv` means: query head
+/// `h` reads key/value head `h / (heads / kv_heads)`. So a GQA model equals the
+/// multi-head model whose k/v projections repeat each group's rows.
+#[test]
+fn grouped_query_attention_is_repeated_kv() {
+    let mut gqa = LlamaModel::init(tiny(Family::Qwen2, false, false, 4, 2), 21).unwrap();
+    // random biases, so the bias rows are checked too
+    let mut rng = SplitMix64(22);
+    for t in gqa.params.tensors.iter_mut().filter(|t| t.name.ends_with(".bias")) {
+        t.data = rand_vec(&mut rng, t.data.len(), 0.5);
+    }
+    let mut mha_cfg = gqa.config.clone();
+    mha_cfg.num_key_value_heads = 4;
+    let hd = gqa.config.head_dim;
+    let mut tensors = Vec::new();
+    for t in &gqa.params.tensors {
+        let mut t = t.clone();
+        if t.name.contains("k_proj") || t.name.contains("v_proj") {
+            let row = t.data.len() / (2 * hd); // elements per output unit (1 for biases)
+            let groups: Vec<&[f32]> = t.data.chunks(hd * row).collect();
+            t.data = (0..4).flat_map(|h| groups[h / 2].to_vec()).collect();
+            t.shape[0] = 4 * hd;
+        }
+        tensors.push(t);
+    }
+    let mha = LlamaModel::from_params(mha_cfg, ParamSet::new(tensors)).unwrap();
+    let tokens = [3u32, 7, 1, 9, 4, 4];
+    assert_eq!(gqa.logits(&tokens).unwrap(), mha.logits(&tokens).unwrap());
+}
