@@ -40,6 +40,15 @@ pub enum MergePlan {
     Ties { variant: onties::Variant, alpha: f32, one_minus_alpha: f32, selection: Option<TiesSelection>, offset: u64 },
 }
 
+/// What the OnTIES check from the scanned update needs.
+struct TiesCheck {
+    variant: onties::Variant,
+    alpha: f32,
+    one_minus_alpha: f32,
+    sel: TiesSelection,
+    scope_offset: u64,
+}
+
 /// The trimming of one step's update over a scope (SPEC.md §5.3).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TiesSelection {
@@ -340,37 +349,45 @@ impl TensorStep<'_> {
             return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, update, &state, &tau)?;
-        let torch = self.scalars.form == AdamForm::Torch;
+        let ties = TiesCheck { variant, alpha, one_minus_alpha, sel, scope_offset };
+        match (self.scalars.form == AdamForm::Torch, state.cached.is_some()) {
+            (false, false) => self.check_from_update::<false, false>(&ties, offset, state, tau, update),
+            (false, true) => self.check_from_update::<false, true>(&ties, offset, state, tau, update),
+            (true, false) => self.check_from_update::<true, false>(&ties, offset, state, tau, update),
+            (true, true) => self.check_from_update::<true, true>(&ties, offset, state, tau, update),
+        }
+    }
+
+    fn check_from_update<const TORCH: bool, const CACHED: bool>(&self, t: &TiesCheck, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let n = update.len();
-        let mut tau_buf = [0.0f32; BLOCK];
+        let (mut tau_buf, mut sp, mut theta2) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let zeros = [0.0f32; BLOCK];
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
             tau.load_into(start, &mut tau_buf[..len]);
-            let local = sel.threshold.local(scope_offset + offset + start as u64);
-            let cached = state.cached.map(|c| &c[start..start + len]);
-            let one = |j: usize| -> (f32, f32) {
-                let theta = crate::arith::flush(state.theta[start + j]);
-                let theta = if torch { adam::decay_before::<true>(&self.scalars, theta) } else { theta };
-                let theta0 = match cached {
-                    Some(c) => sub(theta, crate::arith::flush(c[j])),
-                    None => theta,
-                };
-                let d = crate::arith::flush(update[start + j]);
-                let sp = if local.keeps(magnitude_key(d), j as u32) { mul(d, sel.factor) } else { 0.0 };
-                let theta1 = add(theta0, onties::combine(variant, tau_buf[j], sp, alpha, one_minus_alpha));
-                let theta2 = if torch { theta1 } else { adam::decay_after::<false>(&self.scalars, theta1) };
-                (sp, theta2)
+            let local = t.sel.threshold.local(t.scope_offset + offset + start as u64);
+            let theta = &state.theta[start..start + len];
+            let d = &update[start..start + len];
+            let c = match state.cached {
+                Some(c) if CACHED => &c[start..start + len],
+                _ => &zeros[..len],
             };
             let mut bad = 0u32;
             for j in 0..len {
-                let (sp, theta2) = one(j);
-                bad |= nf(sp) | nf(theta2);
+                let th = adam::decay_before::<TORCH>(&self.scalars, crate::arith::flush(theta[j]));
+                let th0 = if CACHED { sub(th, crate::arith::flush(c[j])) } else { th };
+                let dj = crate::arith::flush(d[j]);
+                let s = if local.keeps(magnitude_key(dj), j as u32) { mul(dj, t.sel.factor) } else { 0.0 };
+                let th1 = add(th0, onties::combine(t.variant, tau_buf[j], s, t.alpha, t.one_minus_alpha));
+                let th2 = adam::decay_after::<TORCH>(&self.scalars, th1);
+                sp[j] = s;
+                theta2[j] = th2;
+                bad |= nf(s) | nf(th2);
             }
             if bad != 0 {
                 for j in 0..len {
-                    let (sp, theta2) = one(j);
-                    for (x, what) in [(sp, "sparsified update"), (theta2, "updated parameter")] {
+                    for (x, what) in [(sp[j], "sparsified update"), (theta2[j], "updated parameter")] {
                         if is_non_finite(x) {
                             return Err(Error::NonFinite { tensor: tensor_name(self.name), what, index: offset + (start + j) as u64 });
                         }
