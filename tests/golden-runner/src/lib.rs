@@ -364,3 +364,39 @@ pub fn file_json(about: &str, cases: &[Case]) -> Result<String, String> {
     let file = json!({"format": FORMAT, "about": about, "cases": out});
     serde_json::to_string_pretty(&file).map(|s| s + "\n").map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn arrays_survive_the_round_trip_bit_for_bit() {
+        let arrays = [
+            Array::F32(vec![-0.0, f32::from_bits(1), f32::from_bits(0x7fc0_1234), f32::NEG_INFINITY, 1.5]),
+            Array::Bf16(vec![0x8000, 0x0001, 0x7f80]),
+            Array::F16(vec![0xfbff, 0x0200]),
+            Array::U32(vec![0, u32::MAX]),
+            Array::Bool(vec![true, false, true]),
+            Array::F32(vec![]),
+        ];
+        for a in arrays {
+            let back = Array::from_json(&a.to_json(), "test").unwrap();
+            let (x, y) = (a.to_json(), back.to_json());
+            assert_eq!(x, y);
+        }
+    }
+
+    #[test]
+    fn malformed_files_are_refused_with_the_place_named() {
+        let wrong_format = r#"{"format": "other/9", "cases": []}"#;
+        assert!(check_file(wrong_format).err().unwrap().contains("other/9"));
+        let bad_hex = r#"{"format": "online-merging-golden/1", "cases": [{"name": "c1", "op": "arith",
+            "params": {"fn": "add"}, "inputs": {"a": {"dtype": "f32", "hex": "3f80"}}, "expected": {}}]}"#;
+        let e = check_file(bad_hex).err().unwrap();
+        assert!(e.contains("c1") && e.contains("input \"a\"") && e.contains("8 hex digits"), "{e}");
+        let unknown_op = r#"{"format": "online-merging-golden/1", "cases": [{"name": "c2", "op": "nope", "expected": {}}]}"#;
+        let e = check_file(unknown_op).err().unwrap();
+        assert!(e.contains("c2") && e.contains("nope"), "{e}");
+    }
+}
