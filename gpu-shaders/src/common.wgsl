@@ -33,12 +33,57 @@ fn nan_value() -> f32 { return bitcast<f32>(0x7fc00000u | ZB); }
 
 fn abs_bits(x: f32) -> f32 { return bitcast<f32>(bitcast<u32>(x) & 0x7fffffffu); }
 
+// Test hook: shifts the float estimates below by this many units (0 in every
+// real kernel: private variables start at zero). The ops kernel sets it so the
+// tests exercise every correction path, which an exact `/` or `sqrt` never takes.
+var<private> EST_BIAS: i32;
+
+// ⌊ma·2^23 / mb⌋ and its remainder, for 24-bit significands with ma ∈ [mb, 2mb):
+// restoring long division, 23 steps (the remainder stays below 2^25).
+fn div_long(ma: u32, mb: u32) -> vec2<u32> {
+    var r = ma - mb;
+    var q = 1u;
+    for (var k = 0u; k < 23u; k = k + 1u) {
+        r = r << 1u;
+        q = q << 1u;
+        if (r >= mb) {
+            r = r - mb;
+            q = q | 1u;
+        }
+    }
+    return vec2<u32>(q, r);
+}
+
+// The same quotient from a float estimate: WGSL's `/` is within 2.5 ULP, so the
+// truncated estimate is within a few units of q. The remainder ma·2^23 − q·mb is
+// then small (|r| < 2^31), so its low 32 bits, computed with wrapping u32
+// arithmetic, are exact as an i32; a few exact steps correct q. Should the
+// estimate be further off than that, the long division decides.
+fn div_q(ma: u32, mb: u32) -> vec2<u32> {
+    let qf = f32(ma) / f32(mb);
+    var q = u32(i32(u32(qf * 8388608.0)) + EST_BIAS);
+    var r = bitcast<i32>((ma << 23u) - q * mb);
+    let imb = i32(mb);
+    for (var k = 0u; k < 4u; k = k + 1u) {
+        if (r < 0) {
+            q = q - 1u;
+            r = r + imb;
+        } else if (r >= imb) {
+            q = q + 1u;
+            r = r - imb;
+        }
+    }
+    if (r < 0 || r >= imb) {
+        return div_long(ma, mb);
+    }
+    return vec2<u32>(q, u32(r));
+}
+
 // Correctly rounded a ⊘ b followed by F, for operands that already passed F.
 // WGSL's `/` is only accurate to 2.5 ULP, so the quotient of the 24-bit
-// significands is formed by exact restoring long division (the remainder stays
-// below 2^25) and rounded to nearest-even from the remainder. Non-finite
-// dividends, NaN or zero divisors give NaN: such results are reported, never stored,
-// so only their non-finiteness matters.
+// significands is made exact with an integer remainder (div_q) and rounded to
+// nearest-even from it. Non-finite dividends, NaN or zero divisors give NaN:
+// such results are reported, never stored, so only their non-finiteness matters.
 fn div(a: f32, b: f32) -> f32 {
     let ua = bitcast<u32>(a);
     let ub = bitcast<u32>(b);
@@ -58,17 +103,9 @@ fn div(a: f32, b: f32) -> f32 {
         ma = ma << 1u;
         e = e - 1;
     }
-    // ma/mb is in [1, 2): the leading quotient bit is 1, then 23 more.
-    var r = ma - mb;
-    var q = 1u;
-    for (var k = 0u; k < 23u; k = k + 1u) {
-        r = r << 1u;
-        q = q << 1u;
-        if (r >= mb) {
-            r = r - mb;
-            q = q | 1u;
-        }
-    }
+    let qr = div_q(ma, mb);
+    var q = qr.x;
+    let r = qr.y;
     if (e <= 0) {
         // Below the normal range. IEEE rounds on the subnormal grid (one bit
         // coarser when e == 0), and F then flushes, unless that rounding reaches
@@ -92,26 +129,9 @@ fn div(a: f32, b: f32) -> f32 {
     return bitcast<f32>((sign | (u32(e) << 23u) | (q & 0x7fffffu)) ^ ZB);
 }
 
-// Correctly rounded √a followed by F, for an operand that already passed F.
-// Digit-by-digit (two radicand bits per step) square root of the significand
-// scaled to a 48-bit radicand T, so that q = ⌊√T⌋ has 24 bits and the remainder
-// T − q² stays below 2^26. √T is never a half-integer, so it rounds up iff the
-// remainder exceeds q. Negative or non-finite operands give NaN.
-fn sqrt_cr(a: f32) -> f32 {
-    let ua = bitcast<u32>(a);
-    let ea = (ua >> 23u) & 0xffu;
-    if (ea == 0u) {
-        return bitcast<f32>(ZB);
-    }
-    if (ea == 255u || (ua & 0x80000000u) != 0u) {
-        return nan_value();
-    }
-    let m = (ua & 0x7fffffu) | 0x800000u;
-    let e = i32(ea) - 150; // a = m · 2^e
-    // T = X · 2^22 with X = 4m (e even: T = m·2^24) or 2m (e odd: T = m·2^23):
-    // X fills 13 bit pairs, followed by 11 pairs of zeros.
-    let odd = (e & 1) != 0;
-    let x = select(m << 2u, m << 1u, odd);
+// ⌊√T⌋ and T − ⌊√T⌋² for T = x·2^22 (x of at most 26 bits, 13 bit pairs):
+// digit by digit, two radicand bits per step; the remainder stays below 2^26.
+fn sqrt_digits(x: u32) -> vec2<u32> {
     var r = 0u;
     var q = 0u;
     for (var k = 0u; k < 24u; k = k + 1u) {
@@ -128,7 +148,50 @@ fn sqrt_cr(a: f32) -> f32 {
             q = q << 1u;
         }
     }
-    if (r > q) {
+    return vec2<u32>(q, r);
+}
+
+// The same from a float estimate, corrected with the exact remainder T − q²
+// (small, so its low 32 bits are exact as an i32), as div_q.
+fn sqrt_q(x: u32) -> vec2<u32> {
+    let sf = sqrt(f32(x)) * 2048.0;
+    var q = u32(i32(u32(sf)) + EST_BIAS);
+    var r = bitcast<i32>((x << 22u) - q * q);
+    for (var k = 0u; k < 4u; k = k + 1u) {
+        if (r < 0) {
+            r = r + i32(2u * q - 1u);
+            q = q - 1u;
+        } else if (r > i32(2u * q)) {
+            r = r - i32(2u * q + 1u);
+            q = q + 1u;
+        }
+    }
+    if (r < 0 || r > i32(2u * q)) {
+        return sqrt_digits(x);
+    }
+    return vec2<u32>(q, u32(r));
+}
+
+// Correctly rounded √a followed by F, for an operand that already passed F.
+// With a = m·2^e, the radicand T = m·2^24 (e even) or m·2^23 (e odd) has 48
+// bits and q = ⌊√T⌋ has 24 (sqrt_q). √T is never a half-integer, so it rounds
+// up iff the remainder exceeds q. Negative or non-finite operands give NaN.
+fn sqrt_cr(a: f32) -> f32 {
+    let ua = bitcast<u32>(a);
+    let ea = (ua >> 23u) & 0xffu;
+    if (ea == 0u) {
+        return bitcast<f32>(ZB);
+    }
+    if (ea == 255u || (ua & 0x80000000u) != 0u) {
+        return nan_value();
+    }
+    let m = (ua & 0x7fffffu) | 0x800000u;
+    let e = i32(ea) - 150; // a = m · 2^e
+    // T = X · 2^22 with X = 4m (e even: T = m·2^24) or 2m (e odd: T = m·2^23).
+    let odd = (e & 1) != 0;
+    let qr = sqrt_q(select(m << 2u, m << 1u, odd));
+    var q = qr.x;
+    if (qr.y > q) {
         q = q + 1u;
     }
     var eo = (e - 24 + select(0, 1, odd)) / 2 + 150;

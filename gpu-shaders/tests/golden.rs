@@ -18,6 +18,14 @@ use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Scope, TiesConfig};
 
+/// `tests/golden`, or `GOLDEN_DIR` (a test binary run away from its checkout).
+fn golden_dir() -> std::path::PathBuf {
+    match std::env::var_os("GOLDEN_DIR") {
+        Some(d) => d.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden"),
+    }
+}
+
 /// The case's configuration, read as golden-runner's `online_config` reads it.
 fn config(case: &Case) -> OnlineConfig {
     let form = match case.word("form").unwrap() {
@@ -134,7 +142,7 @@ fn gpu_run(ctx: &gpu_shaders::GpuContext, case: &Case) -> Result<BTreeMap<String
 #[test]
 fn optimizer_golden_vectors_on_the_gpu() {
     let ctx = ctx();
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/optimizer.json");
+    let path = golden_dir().join("optimizer.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let file: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut checked = 0;
@@ -269,7 +277,7 @@ fn gpu_offline(m: &GpuMerger, case: &Case) -> Result<BTreeMap<String, Array>, Gp
 #[test]
 fn offline_golden_vectors_on_the_gpu() {
     let merger = GpuMerger::new(ctx());
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/offline.json");
+    let path = golden_dir().join("offline.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let file: serde_json::Value = serde_json::from_str(&text).unwrap();
     let (mut checked, mut slerp) = (0, 0);

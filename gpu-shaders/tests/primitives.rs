@@ -151,6 +151,36 @@ fn square_root_is_correctly_rounded_exhaustively() {
     }
 }
 
+/// Division and square root whatever the float estimate: shifted by up to ±4
+/// units the exact correction steps fix it, beyond that the integer fallback
+/// decides (an exact `/` and `sqrt`, as lavapipe has, would test neither).
+#[test]
+fn division_and_square_root_with_perturbed_estimates() {
+    let ctx = ctx();
+    let ops = Ops::new(&ctx);
+    let mut rng = Rng(8);
+    let mut a: Vec<u32> = (0..1 << 16).map(|_| rng.f32_exp(-30, 30).to_bits()).collect();
+    let mut b: Vec<u32> = (0..1 << 16).map(|_| rng.f32_exp(-30, 30).to_bits()).collect();
+    // Significands at the ends of [1, 2), where the estimate can cross a binade.
+    for m in [0u32, 1, 2, 3, 0x7f_fffc, 0x7f_fffd, 0x7f_fffe, 0x7f_ffff] {
+        for n in [0u32, 1, 0x7f_fffe, 0x7f_ffff] {
+            a.push((127 << 23) | m);
+            b.push((127 << 23) | n);
+            a.push((128 << 23) | m);
+            b.push((127 << 23) | n);
+        }
+    }
+    let sq: Vec<u32> = a.iter().map(|&x| x & 0x7fff_ffff).collect();
+    let want_div: Vec<u32> = a.iter().zip(&b).map(|(&x, &y)| arith::div(fl(x), fl(y)).to_bits()).collect();
+    let want_sqrt: Vec<u32> = sq.iter().map(|&x| arith::sqrt(fl(x)).to_bits()).collect();
+    for bias in [-9, -5, -4, -3, -1, 1, 2, 4, 5, 9] {
+        let gpu = ops.eval_biased(&ctx, Op::Div, &a, &b, RngParams::default(), bias).unwrap();
+        assert_bits(&format!("div, estimate {bias:+}"), &gpu, &want_div, |i| format!("{:#010x}, {:#010x}", a[i], b[i]));
+        let gpu = ops.eval_biased(&ctx, Op::Sqrt, &sq, &[], RngParams::default(), bias).unwrap();
+        assert_bits(&format!("sqrt, estimate {bias:+}"), &gpu, &want_sqrt, |i| format!("{:#010x}", sq[i]));
+    }
+}
+
 #[test]
 fn flush_rule() {
     let ctx = ctx();

@@ -54,6 +54,13 @@ impl Ops {
 
     /// Applies `op` to `(a[i], b[i])` (bit patterns). `b` may be empty for unary ops.
     pub fn eval(&self, ctx: &GpuContext, op: Op, a: &[u32], b: &[u32], rng: RngParams) -> Result<Vec<u32>, GpuError> {
+        self.eval_biased(ctx, op, a, b, rng, 0)
+    }
+
+    /// As [`Ops::eval`], with the float estimates inside division and square root
+    /// shifted by `bias` units, so that tests reach every correction path (and,
+    /// beyond four units, the exact fallback) on any device.
+    pub fn eval_biased(&self, ctx: &GpuContext, op: Op, a: &[u32], b: &[u32], rng: RngParams, bias: i32) -> Result<Vec<u32>, GpuError> {
         let n = a.len();
         if !b.is_empty() && b.len() != n {
             return Err(GpuError::Invalid(format!("ops::eval: operand b has {} elements, a has {n}", b.len())));
@@ -62,7 +69,7 @@ impl Ops {
         if n > max {
             return Err(GpuError::Invalid(format!("ops::eval: {n} elements exceed one binding ({max})")));
         }
-        let params = [0u32, op.code(), n as u32, rng.k0, rng.k1, rng.stream, rng.threshold, rng.keep_all as u32];
+        let params = [0u32, op.code(), n as u32, rng.k0, rng.k1, rng.stream, rng.threshold, rng.keep_all as u32, bias as u32, 0, 0, 0];
         let u = ctx.uniform_init("ops params", bytemuck::cast_slice(&params));
         let ba = ctx.storage_init("ops a", bytemuck::cast_slice(a));
         let bb = if b.is_empty() { ctx.storage("ops b", 4) } else { ctx.storage_init("ops b", bytemuck::cast_slice(b)) };

@@ -11,6 +11,10 @@ struct OpParams {
     stream: u32,
     threshold: u32,
     keep_all: u32,
+    est_bias: i32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: OpParams;
@@ -22,6 +26,7 @@ struct OpParams {
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     ZB = P.zero;
+    EST_BIAS = P.est_bias;
     let i = linear_group(wid, nwg) * WG + lid;
     if (i >= P.n) {
         return;

@@ -486,14 +486,17 @@ impl GpuOptimizer {
     /// Leaves the threshold and factor in `us`.
     fn ties_selection(&self, us: &mut [StepU]) -> Result<(), GpuError> {
         let Some(tp) = self.ties else { return Ok(()) };
-        self.write_uniforms(us);
-        self.reset_status();
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        for slot in &self.slots {
-            self.encode_pass(&mut enc, slot, 0);
+        if self.validate {
+            // Refuse non-finite values before selecting on them (writes nothing).
+            self.write_uniforms(us);
+            self.reset_status();
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            for slot in &self.slots {
+                self.encode_pass(&mut enc, slot, 0);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+            self.check_status()?;
         }
-        self.ctx.queue.submit([enc.finish()]);
-        self.check_status()?;
 
         let mut sels = Vec::new();
         if tp.global {
