@@ -1,5 +1,23 @@
 //! The optimizer front for hosts: one configuration, one plan per step, and a
 //! whole-tensor `step_tensor` that validates the whole tensor before writing it.
+//!
+//! ```
+//! use merge_core::dare::DareConfig;
+//! use merge_core::dtype::{Dst, Src};
+//! use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+//!
+//! // OnDARE with the paper's defaults (p = 0.01, α = 1e-7), HF-form AdamW, lr 1e-6.
+//! let mut opt = Optimizer::new(OnlineConfig { merge: Merge::Dare(DareConfig::default()), seed: 42, ..OnlineConfig::default() })?;
+//! let (base, sft) = ([0.5f32, -0.25, 1.0], [0.5f32, -0.20, 1.5]);
+//! let mut tau = [0.0f32; 3]; // τ' = DARE(θ_sft − θ_base), once
+//! opt.init_task_vector("layer.w", Src::F32(&base), Src::F32(&sft), &mut Dst::F32(&mut tau))?;
+//! let (mut theta, mut m, mut v) = (sft, [0.0f32; 3], [0.0f32; 3]);
+//! let grad = [0.1f32, -0.2, 0.3];
+//! let plan = opt.begin_step()?; // step 1: scalars, masks' keys
+//! plan.step_tensor("layer.w", &grad, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) })?;
+//! assert!(theta.iter().zip(&sft).any(|(a, b)| a != b));
+//! # Ok::<(), merge_core::Error>(())
+//! ```
 
 use crate::arith::{is_non_finite, mul, sub};
 use crate::dare::{self, DareConfig, DareParams, validate_alpha, validate_p};
