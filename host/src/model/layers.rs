@@ -55,9 +55,10 @@ pub fn transpose(w: &[f32], ic: usize, oc: usize) -> Vec<f32> {
 /// Output rows are built by [`axpy4`] over contiguous rows of `wᵀ`: that
 /// vectorizes without horizontal sums, about twice the speed of row-by-row dot
 /// products (measured with `bench_linear`). Every output element is summed in
-/// the same order whatever the number of rows, so a KV-cache step and a full
-/// forward agree bit for bit.
-pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, ic: usize, oc: usize) {
+/// the same order whatever the number of rows or `threads`, so a KV-cache step
+/// and a full forward agree bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, ic: usize, oc: usize, threads: usize) {
     debug_assert_eq!(y.len(), x.len() / ic * oc);
     debug_assert_eq!(wt.len(), oc * ic);
     for yr in y.chunks_exact_mut(oc) {
@@ -66,44 +67,82 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, i
             None => yr.fill(0.0),
         }
     }
-    accumulate_rows(y, oc, wt, ic, |t, i| x[t * ic + i]);
+    accumulate_rows(y, oc, wt, ic, threads, |t, i| x[t * ic + i]);
 }
 
 /// Gradients of [`linear_forward`]'s input and weight: `dx += dy w`, `dw += dyᵀ x`
 /// (the bias has [`bias_backward`]). `dx` is optional: the LM head's input needs
 /// it, but a caller that only wants weight gradients does not.
-pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize, threads: usize) {
     let rows = x.len() / ic;
     if let Some(dx) = dx {
-        accumulate_rows(dx, ic, w, oc, |t, o| dy[t * oc + o]);
+        accumulate_rows(dx, ic, w, oc, threads, |t, o| dy[t * oc + o]);
     }
-    accumulate_rows(dw, ic, x, rows, |o, t| dy[t * oc + o]);
+    accumulate_rows(dw, ic, x, rows, threads, |o, t| dy[t * oc + o]);
 }
+
+/// Below this many multiply-adds a product is not worth waking a second thread.
+const PARALLEL_MIN_MACS: usize = 1 << 20;
 
 /// `out[r, :] += Σ_k a(r, k) · src[k, :]` for every row `r` of `out`, rows of
 /// length `n`, `k < n_src`.
+///
+/// With `threads > 1` and enough work, the columns are split among threads;
+/// every element is still summed in the same order, so the split changes nothing
+/// but the time.
+fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+    let rows = out.len() / n;
+    // at least 64 columns each, so every thread still has whole vectors to work on
+    let parts = if rows * n * n_src >= PARALLEL_MIN_MACS {
+        threads.min(n / 64).max(1)
+    } else {
+        1
+    };
+    if parts == 1 {
+        accumulate_segments(out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
+        return;
+    }
+    let width = n.div_ceil(parts);
+    let mut split: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::with_capacity(rows)).collect();
+    for row in out.chunks_exact_mut(n) {
+        for (p, seg) in row.chunks_mut(width).enumerate() {
+            split[p].push(seg);
+        }
+    }
+    let a = &a;
+    std::thread::scope(|s| {
+        for (p, segs) in split.into_iter().enumerate() {
+            s.spawn(move || accumulate_segments(segs, p * width, src, n, n_src, a));
+        }
+    });
+}
+
+/// The work of [`accumulate_rows`] on `segs[r]` = columns `c0 .. c0 + len` of
+/// output row `r`.
 ///
 /// Sources go four at a time through [`axpy4`] in ascending `k` (the summation
 /// order, hence the rounding, of every element), and output rows go in blocks of
 /// four, so each group of four source rows is loaded from cache once per block
 /// rather than once per output row: at 512-wide layers the sources no longer fit
 /// in L2, and without the blocking the loop waits on memory.
-fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, a: impl Fn(usize, usize) -> f32) {
-    let srow = |k: usize| &src[k * n..(k + 1) * n];
-    for (b, block) in out.chunks_mut(4 * n).enumerate() {
+fn accumulate_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    let Some(len) = segs.first().map(|s| s.len()) else { return };
+    let stile = |k: usize| &src[k * n + c0..k * n + c0 + len];
+    for (b, block) in segs.chunks_mut(4).enumerate() {
         let r0 = 4 * b;
         let mut k = 0;
         while k + 4 <= n_src {
-            let s = [srow(k), srow(k + 1), srow(k + 2), srow(k + 3)];
-            for (j, orow) in block.chunks_exact_mut(n).enumerate() {
+            let s = [stile(k), stile(k + 1), stile(k + 2), stile(k + 3)];
+            for (j, seg) in block.iter_mut().enumerate() {
                 let r = r0 + j;
-                axpy4(orow, [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
+                axpy4(seg, [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
             }
             k += 4;
         }
         for k in k..n_src {
-            for (j, orow) in block.chunks_exact_mut(n).enumerate() {
-                axpy(orow, a(r0 + j, k), srow(k));
+            for (j, seg) in block.iter_mut().enumerate() {
+                axpy(seg, a(r0 + j, k), stile(k));
             }
         }
     }

@@ -365,23 +365,27 @@ impl LlamaModel {
         self.params.zeros_like()
     }
 
-    fn transposed(&self) -> Transposed {
+    /// The shared state of a call that runs `sequences` sequences in parallel.
+    fn pass(&self, sequences: usize) -> Pass {
         let untied_embed = (!self.config.tie_word_embeddings).then_some(self.idx.embed);
-        Transposed(
-            self.params
-                .tensors
-                .iter()
-                .enumerate()
-                // the embedding table is only read by rows, unless it is also the head
-                .map(|(i, t)| {
-                    if t.shape.len() == 2 && Some(i) != untied_embed {
-                        layers::transpose(&t.data, t.shape[1], t.shape[0])
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect(),
-        )
+        let wt = self
+            .params
+            .tensors
+            .iter()
+            .enumerate()
+            // the embedding table is only read by rows, unless it is also the head
+            .map(|(i, t)| {
+                if t.shape.len() == 2 && Some(i) != untied_embed {
+                    layers::transpose(&t.data, t.shape[1], t.shape[0])
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
+        Pass {
+            wt,
+            par: (self.threads / sequences.max(1)).max(1),
+        }
     }
 
     fn w(&self, i: usize) -> &[f32] {
@@ -458,7 +462,7 @@ impl LlamaModel {
     /// One decoder block on `t` rows at positions `pos0..pos0+t`. With a cache,
     /// the new keys/values are appended to it and attention reads the whole cache;
     /// without, keys/values are just these rows (training).
-    fn block_forward(&self, wt: &Transposed, l: usize, x_in: Vec<f32>, pos0: usize, rope: &Rope, cache: Option<&mut KvLayer>) -> (LayerActs, Vec<f32>) {
+    fn block_forward(&self, pass: &Pass, l: usize, x_in: Vec<f32>, pos0: usize, rope: &Rope, cache: Option<&mut KvLayer>) -> (LayerActs, Vec<f32>) {
         let cfg = &self.config;
         let li = &self.idx.layers[l];
         let (c, im, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
@@ -472,9 +476,9 @@ impl LlamaModel {
         let mut q = vec![0f32; t * qd];
         let mut k = vec![0f32; t * kvd];
         let mut v = vec![0f32; t * kvd];
-        layers::linear_forward(&mut q, &n1, wt.get(li.q), bias(li.qb), c, qd);
-        layers::linear_forward(&mut k, &n1, wt.get(li.k), bias(li.kb), c, kvd);
-        layers::linear_forward(&mut v, &n1, wt.get(li.v), bias(li.vb), c, kvd);
+        layers::linear_forward(&mut q, &n1, pass.wt(li.q), bias(li.qb), c, qd, pass.par);
+        layers::linear_forward(&mut k, &n1, pass.wt(li.k), bias(li.kb), c, kvd, pass.par);
+        layers::linear_forward(&mut v, &n1, pass.wt(li.v), bias(li.vb), c, kvd, pass.par);
         layers::rope_forward(&mut q, rope, cfg.num_attention_heads);
         layers::rope_forward(&mut k, rope, cfg.num_key_value_heads);
         let shape = AttnShape {
@@ -498,7 +502,7 @@ impl LlamaModel {
             }
         }
         let mut x_mid = vec![0f32; t * c];
-        layers::linear_forward(&mut x_mid, &ctx, wt.get(li.o), bias(li.ob), qd, c);
+        layers::linear_forward(&mut x_mid, &ctx, pass.wt(li.o), bias(li.ob), qd, c, pass.par);
         for (m, x) in x_mid.iter_mut().zip(&x_in) {
             *m += x;
         }
@@ -509,12 +513,12 @@ impl LlamaModel {
         layers::rmsnorm_forward(&mut n2, &mut rstd2, &x_mid, self.w(li.ln2), cfg.rms_norm_eps, c);
         let mut gate = vec![0f32; t * im];
         let mut up = vec![0f32; t * im];
-        layers::linear_forward(&mut gate, &n2, wt.get(li.gate), None, c, im);
-        layers::linear_forward(&mut up, &n2, wt.get(li.up), None, c, im);
+        layers::linear_forward(&mut gate, &n2, pass.wt(li.gate), None, c, im, pass.par);
+        layers::linear_forward(&mut up, &n2, pass.wt(li.up), None, c, im, pass.par);
         let mut h = vec![0f32; t * im];
         layers::swiglu_forward(&mut h, &gate, &up);
         let mut x_out = vec![0f32; t * c];
-        layers::linear_forward(&mut x_out, &h, wt.get(li.down), None, im, c);
+        layers::linear_forward(&mut x_out, &h, pass.wt(li.down), None, im, c, pass.par);
         for (o, m) in x_out.iter_mut().zip(&x_mid) {
             *o += m;
         }
@@ -539,7 +543,7 @@ impl LlamaModel {
 
     /// Backward of [`Self::block_forward`] (no cache): accumulates parameter
     /// gradients into `g` and returns d loss / d x_in.
-    fn block_backward(&self, l: usize, a: &LayerActs, rope: &Rope, dx_out: Vec<f32>, g: &mut ParamSet) -> Vec<f32> {
+    fn block_backward(&self, pass: &Pass, l: usize, a: &LayerActs, rope: &Rope, dx_out: Vec<f32>, g: &mut ParamSet) -> Vec<f32> {
         let cfg = &self.config;
         let li = &self.idx.layers[l];
         let (c, im, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
@@ -547,19 +551,19 @@ impl LlamaModel {
 
         // MLP sub-block
         let mut dh = vec![0f32; t * im];
-        layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, &dx_out, &a.h, self.w(li.down), im, c);
+        layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, &dx_out, &a.h, self.w(li.down), im, c, pass.par);
         let mut dgate = vec![0f32; t * im];
         let mut dup = vec![0f32; t * im];
         layers::swiglu_backward(&mut dgate, &mut dup, &dh, &a.gate, &a.up);
         let mut dn2 = vec![0f32; t * c];
-        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, &dgate, &a.n2, self.w(li.gate), c, im);
-        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, &dup, &a.n2, self.w(li.up), c, im);
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, &dgate, &a.n2, self.w(li.gate), c, im, pass.par);
+        layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, &dup, &a.n2, self.w(li.up), c, im, pass.par);
         let mut dx_mid = dx_out;
         layers::rmsnorm_backward(&mut dx_mid, &mut g.tensors[li.ln2].data, &dn2, &a.x_mid, self.w(li.ln2), &a.rstd2, c);
 
         // attention sub-block
         let mut dctx = vec![0f32; t * qd];
-        layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, &dx_mid, &a.ctx, self.w(li.o), qd, c);
+        layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, &dx_mid, &a.ctx, self.w(li.o), qd, c, pass.par);
         if let Some(ob) = li.ob {
             layers::bias_backward(&mut g.tensors[ob].data, &dx_mid);
         }
@@ -578,7 +582,7 @@ impl LlamaModel {
         layers::rope_backward(&mut dk, rope, cfg.num_key_value_heads);
         let mut dn1 = vec![0f32; t * c];
         for (d, wi, bi, od) in [(&dq, li.q, li.qb, qd), (&dk, li.k, li.kb, kvd), (&dv, li.v, li.vb, kvd)] {
-            layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, d, &a.n1, self.w(wi), c, od);
+            layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, d, &a.n1, self.w(wi), c, od, pass.par);
             if let Some(bi) = bi {
                 layers::bias_backward(&mut g.tensors[bi].data, d);
             }
@@ -590,7 +594,7 @@ impl LlamaModel {
 
     // ------------------------------------------------------------ whole sequence
 
-    fn forward_seq(&self, wt: &Transposed, seq: &Sequence) -> (f32, SeqTape) {
+    fn forward_seq(&self, pass: &Pass, seq: &Sequence) -> (f32, SeqTape) {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = seq.tokens.len();
@@ -599,7 +603,7 @@ impl LlamaModel {
         layers::embedding_forward(&mut x, &seq.tokens, self.w(self.idx.embed), c);
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let (a, x_out) = self.block_forward(wt, l, x, 0, &rope, None);
+            let (a, x_out) = self.block_forward(pass, l, x, 0, &rope, None);
             acts.push(a);
             x = x_out;
         }
@@ -609,7 +613,7 @@ impl LlamaModel {
 
         let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
         let mut logp = 0f64;
-        self.head_rows(wt, &nf, &rows, |_, lp, _| logp += lp as f64);
+        self.head_rows(pass, &nf, &rows, |_, lp, _| logp += lp as f64);
         let tape = SeqTape {
             tokens: seq.tokens.clone(),
             layers: acts,
@@ -626,14 +630,14 @@ impl LlamaModel {
     /// The backward pass calls it again rather than keeping `[rows, vocab]`
     /// probabilities on the tape: for real vocabularies that would dominate memory,
     /// and recomputing is one head matmul with identical results.
-    fn head_rows(&self, wt: &Transposed, nf: &[f32], rows: &[(usize, u32)], mut f: impl FnMut(usize, f32, &[f32])) -> Vec<f32> {
+    fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], mut f: impl FnMut(usize, f32, &[f32])) -> Vec<f32> {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut hsel = Vec::with_capacity(rows.len() * c);
         for &(p, _) in rows {
             hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
         }
         let mut logits = vec![0f32; rows.len() * vocab];
-        layers::linear_forward(&mut logits, &hsel, wt.get(self.idx.head), None, c, vocab);
+        layers::linear_forward(&mut logits, &hsel, pass.wt(self.idx.head), None, c, vocab, pass.par);
         let mut probs = vec![0f32; vocab];
         for (r, &(_, tgt)) in rows.iter().enumerate() {
             let lp = layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs);
@@ -643,7 +647,7 @@ impl LlamaModel {
     }
 
     /// Gradients of `coef · logp(seq)` into a fresh set.
-    fn backward_seq(&self, wt: &Transposed, tape: &SeqTape, coef: f32) -> ParamSet {
+    fn backward_seq(&self, pass: &Pass, tape: &SeqTape, coef: f32) -> ParamSet {
         let cfg = &self.config;
         let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let t = tape.tokens.len();
@@ -652,7 +656,7 @@ impl LlamaModel {
 
         let r = tape.rows.len();
         let mut dlogits = vec![0f32; r * vocab];
-        let hsel = self.head_rows(wt, &tape.nf, &tape.rows, |i, _, probs| {
+        let hsel = self.head_rows(pass, &tape.nf, &tape.rows, |i, _, probs| {
             layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], probs, tape.rows[i].1 as usize, coef)
         });
         let mut dhsel = vec![0f32; r * c];
@@ -664,6 +668,7 @@ impl LlamaModel {
             self.w(self.idx.head),
             c,
             vocab,
+            pass.par,
         );
         let mut dnf = vec![0f32; t * c];
         for (i, &(p, _)) in tape.rows.iter().enumerate() {
@@ -680,7 +685,7 @@ impl LlamaModel {
             c,
         );
         for l in (0..cfg.num_hidden_layers).rev() {
-            dx = self.block_backward(l, &tape.layers[l], &rope, dx, &mut g);
+            dx = self.block_backward(pass, l, &tape.layers[l], &rope, dx, &mut g);
         }
         layers::embedding_backward(&mut g.tensors[self.idx.embed].data, &dx, &tape.tokens, c);
         g
@@ -692,8 +697,8 @@ impl LlamaModel {
     /// tokens, with the activations kept for [`Self::backward`].
     pub fn forward(&self, seqs: &[Sequence]) -> Result<Forward, ModelError> {
         self.check_sequences(seqs)?;
-        let wt = self.transposed();
-        let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&wt, &seqs[i]));
+        let pass = self.pass(seqs.len());
+        let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i]));
         let scored = seqs.iter().map(Sequence::scored).collect();
         let (logps, tapes) = out.into_iter().unzip();
         Ok(Forward { logps, scored, tapes })
@@ -710,12 +715,14 @@ impl LlamaModel {
             });
         }
         let n = fwd.tapes.len();
-        let wt = self.transposed();
+        let pass = self.pass(n);
         let wave = self.threads.max(1);
         let mut start = 0;
         while start < n {
             let end = (start + wave).min(n);
-            let parts = par_map(self.threads, end - start, |i| self.backward_seq(&wt, &fwd.tapes[start + i], dlogps[start + i]));
+            let parts = par_map(self.threads, end - start, |i| {
+                self.backward_seq(&pass, &fwd.tapes[start + i], dlogps[start + i])
+            });
             for part in parts {
                 for (gt, pt) in grads.tensors.iter_mut().zip(&part.tensors) {
                     layers::axpy(&mut gt.data, 1.0, &pt.data);
@@ -730,8 +737,8 @@ impl LlamaModel {
     /// (the frozen reference model, evaluation).
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, ModelError> {
         self.check_sequences(seqs)?;
-        let wt = self.transposed();
-        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&wt, &seqs[i]).0))
+        let pass = self.pass(seqs.len());
+        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i]).0))
     }
 
     /// Next-token cross-entropy over the scored tokens; accumulates
@@ -758,7 +765,7 @@ impl LlamaModel {
 
     // ------------------------------------------------------------ inference
 
-    fn infer(&self, wt: &Transposed, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    fn infer(&self, pass: &Pass, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = tokens.len();
@@ -767,7 +774,7 @@ impl LlamaModel {
         let mut x = vec![0f32; t * c];
         layers::embedding_forward(&mut x, tokens, self.w(self.idx.embed), c);
         for l in 0..cfg.num_hidden_layers {
-            x = self.block_forward(wt, l, x, pos0, &rope, Some(&mut cache.layers[l])).1;
+            x = self.block_forward(pass, l, x, pos0, &rope, Some(&mut cache.layers[l])).1;
         }
         cache.len += t;
         let mut nf = vec![0f32; t * c];
@@ -790,10 +797,10 @@ impl LlamaModel {
             mask: vec![false; tokens.len()],
         }])?;
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let wt = self.transposed();
-        let nf = self.infer(&wt, &mut self.new_cache(), tokens);
+        let pass = self.pass(1);
+        let nf = self.infer(&pass, &mut self.new_cache(), tokens);
         let mut logits = vec![0f32; tokens.len() * vocab];
-        layers::linear_forward(&mut logits, &nf, wt.get(self.idx.head), None, c, vocab);
+        layers::linear_forward(&mut logits, &nf, pass.wt(self.idx.head), None, c, vocab, pass.par);
         Ok(logits)
     }
 
@@ -822,40 +829,44 @@ impl LlamaModel {
             })
             .collect();
         self.check_sequences(&seqs)?;
-        let wt = self.transposed();
-        Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&wt, &prompts[i], opts, i as u64)))
+        let pass = self.pass(prompts.len());
+        Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&pass, &prompts[i], opts, i as u64)))
     }
 
-    fn generate_one(&self, wt: &Transposed, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
+    fn generate_one(&self, pass: &Pass, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut rng = SplitMix64(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut cache = self.new_cache();
         let mut out = Vec::new();
-        let mut nf = self.infer(wt, &mut cache, prompt);
+        let mut nf = self.infer(pass, &mut cache, prompt);
         let mut logits = vec![0f32; vocab];
         while out.len() < opts.max_new_tokens && cache.len < self.config.max_position_embeddings {
             let last = &nf[nf.len() - c..];
-            layers::linear_forward(&mut logits, last, wt.get(self.idx.head), None, c, vocab);
+            layers::linear_forward(&mut logits, last, pass.wt(self.idx.head), None, c, vocab, pass.par);
             let tok = sample(&logits, opts.sampling, &mut rng);
             if Some(tok) == opts.stop_token {
                 break;
             }
             out.push(tok);
-            nf = self.infer(wt, &mut cache, &[tok]);
+            nf = self.infer(pass, &mut cache, &[tok]);
         }
         out
     }
 }
 
-/// The matrices of a forward pass in `[in, out]` layout ([`layers::transpose`]),
-/// built once per batch call and shared by its workers; indexed like the
-/// [`ParamSet`]. Built per call, never cached on the model, so it can never be
-/// stale after the parameters change.
-struct Transposed(Vec<Vec<f32>>);
+/// What one batch call shares among its workers: the matrices in `[in, out]`
+/// layout ([`layers::transpose`], indexed like the [`ParamSet`]; built per call,
+/// never cached on the model, so never stale after the parameters change), and
+/// how many threads each sequence's matrix products may use (the threads that
+/// running sequences side by side leaves idle).
+struct Pass {
+    wt: Vec<Vec<f32>>,
+    par: usize,
+}
 
-impl Transposed {
-    fn get(&self, i: usize) -> &[f32] {
-        &self.0[i]
+impl Pass {
+    fn wt(&self, i: usize) -> &[f32] {
+        &self.wt[i]
     }
 }
 

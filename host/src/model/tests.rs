@@ -66,11 +66,11 @@ fn linear_gradients() {
     let r = rand_vec(&mut rng, t * oc, 1.0);
     let run = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = vec![0f32; t * oc];
-        layers::linear_forward(&mut y, x, &layers::transpose(w, ic, oc), Some(b), ic, oc);
+        layers::linear_forward(&mut y, x, &layers::transpose(w, ic, oc), Some(b), ic, oc, 1);
         functional(&r, &y)
     };
     let (mut dx, mut dw, mut db) = (vec![0f32; t * ic], vec![0f32; oc * ic], vec![0f32; oc]);
-    layers::linear_backward(Some(&mut dx), &mut dw, &r, &x, &w, ic, oc);
+    layers::linear_backward(Some(&mut dx), &mut dw, &r, &x, &w, ic, oc, 1);
     layers::bias_backward(&mut db, &r);
     check_grad("linear dx", &x, &dx, 1e-2, 1e-3, &|v| run(v, &w, &b));
     check_grad("linear dw", &w, &dw, 1e-2, 1e-3, &|v| run(&x, v, &b));
@@ -86,10 +86,10 @@ fn linear_forward_rows_agree_across_blocking() {
     let x = rand_vec(&mut rng, 7 * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let mut all = vec![0f32; 7 * oc];
-    layers::linear_forward(&mut all, &x, &layers::transpose(&w, ic, oc), None, ic, oc);
+    layers::linear_forward(&mut all, &x, &layers::transpose(&w, ic, oc), None, ic, oc, 1);
     for t in 0..7 {
         let mut one = vec![0f32; oc];
-        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &layers::transpose(&w, ic, oc), None, ic, oc);
+        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &layers::transpose(&w, ic, oc), None, ic, oc, 1);
         assert_eq!(one, all[t * oc..(t + 1) * oc], "row {t}");
     }
 }
@@ -570,11 +570,11 @@ fn bench_linear() {
     let c0 = cpu_seconds();
     let wt = layers::transpose(&w, ic, oc);
     for _ in 0..reps {
-        layers::linear_forward(&mut y, &x, &wt, None, ic, oc);
+        layers::linear_forward(&mut y, &x, &wt, None, ic, oc, 1);
     }
     let c1 = cpu_seconds();
     for _ in 0..reps {
-        layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc);
+        layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc, 1);
     }
     let c2 = cpu_seconds();
     println!(
@@ -607,6 +607,17 @@ fn bench_train_mid() {
         tokens as f64 / dt,
         tokens as f64 / cpu
     );
+    // one sequence alone: its matrix products are what use the second core
+    let mut model = model;
+    for threads in [1, 2] {
+        model.set_threads(threads);
+        let start = std::time::Instant::now();
+        let lp = model.sequence_logps(&seqs[..1]).unwrap();
+        println!(
+            "one sequence forward, {threads} thread(s): {:.2} s wall ({lp:?})",
+            start.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// Grouped-query attention means what transformers' `repeat_kv` means: query head
@@ -637,4 +648,27 @@ fn grouped_query_attention_is_repeated_kv() {
     let mha = LlamaModel::from_params(mha_cfg, ParamSet::new(tensors)).unwrap();
     let tokens = [3u32, 7, 1, 9, 4, 4];
     assert_eq!(gqa.logits(&tokens).unwrap(), mha.logits(&tokens).unwrap());
+}
+
+/// Splitting a product's columns among threads changes nothing but the time.
+#[test]
+fn linear_products_ignore_thread_count() {
+    let (t, ic, oc) = (67, 130, 203); // above the parallel threshold, odd remainders everywhere
+    let mut rng = SplitMix64(31);
+    let x = rand_vec(&mut rng, t * ic, 1.0);
+    let w = rand_vec(&mut rng, oc * ic, 1.0);
+    let b = rand_vec(&mut rng, oc, 1.0);
+    let dy = rand_vec(&mut rng, t * oc, 1.0);
+    let wt = layers::transpose(&w, ic, oc);
+    let run = |threads: usize| {
+        let mut y = vec![0f32; t * oc];
+        layers::linear_forward(&mut y, &x, &wt, Some(&b), ic, oc, threads);
+        let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
+        layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc, threads);
+        (y, dx, dw)
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        assert!(run(threads) == one, "{threads} threads");
+    }
 }
