@@ -4,7 +4,9 @@
 //!
 //! Parallelism is across sequences: each worker runs whole sequences, and
 //! per-sequence gradients are added into the caller's gradients in sequence
-//! order, so results are the same bits whatever the number of threads.
+//! order. When a call has fewer sequences than threads, each sequence's matrix
+//! products split their columns among the idle threads. Neither changes any
+//! summation order, so results are the same bits whatever the number of threads.
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -712,6 +714,12 @@ impl LlamaModel {
             return Err(ModelError::BadArgument {
                 argument: "dlogps",
                 reason: format!("{} values for {} sequences", dlogps.len(), fwd.tapes.len()),
+            });
+        }
+        if let Some(i) = dlogps.iter().position(|d| !d.is_finite()) {
+            return Err(ModelError::BadArgument {
+                argument: "dlogps",
+                reason: format!("dlogps[{i}] = {} is not finite", dlogps[i]),
             });
         }
         let n = fwd.tapes.len();

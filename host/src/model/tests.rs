@@ -491,6 +491,10 @@ fn bad_inputs_are_named() {
     let mut wrong = ParamSet::new(vec![]);
     let fwd = model.forward(&batch()).unwrap();
     assert!(matches!(model.backward(&fwd, &[1.0; 3], &mut wrong), Err(ModelError::GradientLayout { .. })));
+    let mut grads = model.zero_grads();
+    let err = model.backward(&fwd, &[1.0, f32::NAN, 0.0], &mut grads).err().unwrap();
+    assert!(err.to_string().contains("dlogps[1]"), "{err}");
+    assert!(grads.tensors.iter().all(|t| t.data.iter().all(|&g| g == 0.0)), "nothing is written on error");
 }
 
 /// Throughput of a training step (forward + backward) on a ~1M-parameter model.
