@@ -52,7 +52,7 @@ pub fn transpose(w: &[f32], ic: usize, oc: usize) -> Vec<f32> {
 
 /// `y[t, o] = b[o] + Σ_i x[t, i] w[o, i]`, given `wt` = [`transpose`]`(w)`.
 ///
-/// Output rows are built by [`axpy4`] over contiguous rows of `wᵀ`: that
+/// Output rows are built by `axpy4` over contiguous rows of `wᵀ`: that
 /// vectorizes without horizontal sums, about twice the speed of row-by-row dot
 /// products (measured with `bench_linear`). Every output element is summed in
 /// the same order whatever the number of rows or `threads`, so a KV-cache step
