@@ -169,7 +169,7 @@ pub fn adapter_names() -> Vec<String> {
 /// Runs every check and returns the rows (CPU rows first, then per adapter).
 pub fn training_rows(args: &VerifyArgs) -> Result<Vec<Row>> {
     let s = setup(args.seed)?;
-    let algorithms = [Algorithm::Adamw, Algorithm::Ondare];
+    let algorithms = [Algorithm::Adamw, Algorithm::Ondare, Algorithm::Onties];
     let mut rows = Vec::new();
     let mut reference = Vec::new();
     for a in algorithms {

@@ -62,8 +62,8 @@ fn align_with_each_optimizer_on_gpu_matches_cpu() {
     let d = tmp("gpu");
     let (b, s) = models(&d);
     let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
-    for optimizer in ["adamw", "ondare"] {
-        for extra in [&[][..], &["--k", "2", "--rescale"][..]] {
+    for optimizer in ["adamw", "ondare", "onties"] {
+        for extra in [&[][..], &["--k", "2", "--rescale", "--scope", "global", "--variant", "paper"][..]] {
             let mut weights = Vec::new();
             for backend in ["gpu", "cpu"] {
                 let out = d.join(format!("{optimizer}-{backend}-{}", extra.len()));
@@ -233,7 +233,7 @@ fn verify_prints_a_matching_table() {
     assert!(rows.iter().any(|l| l.starts_with("merge-core")), "{stdout}");
     assert!(rows.iter().any(|l| l.contains(" gpu ")), "no GPU row (CI has lavapipe): {stdout}");
     // Every row of one optimizer shows the same hash.
-    for opt in ["adamw", "ondare"] {
+    for opt in ["adamw", "ondare", "onties"] {
         let hashes: std::collections::BTreeSet<&str> =
             rows.iter().filter(|l| l.contains(&format!(" {opt} "))).map(|l| l.split_whitespace().rev().nth(1).unwrap()).collect();
         assert_eq!(hashes.len(), 1, "{opt}: {stdout}");

@@ -10,11 +10,14 @@ use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm as CoreAdamForm, Schedule};
 use merge_core::dtype::Dtype;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer as CoreOptimizer, TensorState};
+use merge_core::onties::Variant as TiesVariant;
+use merge_core::optim::{
+    Merge, OnlineConfig, Optimizer as CoreOptimizer, Scope as CoreScope, StepJob, TaskVectorJob, TiesConfig,
+};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
 use gpu_shaders::{GpuContext, GpuOptions};
 
-use super::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Variant};
+use super::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 use super::{Result, TrainError};
 use crate::params::ParamSet;
 
@@ -61,11 +64,19 @@ pub fn core_config(cfg: &OptimConfig) -> Result<OnlineConfig> {
             rescale: cfg.rescale,
             clip: cfg.clip,
         }),
-        Algorithm::Onties => {
-            return Err(TrainError::msg(
-                "--optimizer onties: merge-core's optimizer front (merge_core::optim::Merge) offers no OnTIES yet",
-            ));
-        }
+        Algorithm::Onties => Merge::Ties(TiesConfig {
+            variant: match cfg.variant {
+                Variant::Reference => TiesVariant::Reference,
+                Variant::Paper => TiesVariant::Paper,
+            },
+            p: cfg.p,
+            alpha: cfg.alpha,
+            rescale: cfg.rescale,
+            scope: match cfg.scope {
+                Scope::PerTensor => CoreScope::PerTensor,
+                Scope::Global => CoreScope::Global,
+            },
+        }),
     };
     Ok(OnlineConfig { adam, merge, k: cfg.k, seed: cfg.seed })
 }
@@ -139,6 +150,8 @@ pub struct Optimizer {
     v: ParamSet,
     cached: Option<ParamSet>,
     tau: Option<ParamSet>,
+    /// Room for the per-step update (OnTIES trims it as a whole before merging).
+    scratch: Option<ParamSet>,
     gpu: Option<GpuSide>,
 }
 
@@ -160,16 +173,34 @@ impl Optimizer {
                 check_layout(&params, base, "base model")?;
                 check_layout(&params, sft, "SFT model")?;
                 let mut tau = params.zeros_like();
-                for t in &mut tau.tensors {
-                    let b = base.get(&t.name).expect("layout checked");
-                    let s = sft.get(&t.name).expect("layout checked");
-                    core.init_task_vector(&t.name, Src::F32(&b.data), Src::F32(&s.data), &mut Dst::F32(&mut t.data))?;
-                }
+                // OnTIES needs room for τ before trimming; OnDARE none.
+                let mut scratch = if cfg.algorithm == Algorithm::Onties { params.zeros_like() } else { ParamSet::default() };
+                let mut scratch_slices: Vec<&mut [f32]> = scratch.tensors.iter_mut().map(|t| t.data.as_mut_slice()).collect();
+                scratch_slices.resize_with(tau.tensors.len(), Default::default);
+                let mut jobs: Vec<TaskVectorJob<'_>> = tau
+                    .tensors
+                    .iter_mut()
+                    .zip(scratch_slices)
+                    .map(|(t, scratch)| {
+                        let b = base.get(&t.name).expect("layout checked");
+                        let s = sft.get(&t.name).expect("layout checked");
+                        TaskVectorJob {
+                            name: &t.name,
+                            base: Src::F32(&b.data),
+                            sft: Src::F32(&s.data),
+                            out: Dst::F32(&mut t.data),
+                            scratch,
+                        }
+                    })
+                    .collect();
+                core.init_task_vectors(&mut jobs)?;
+                drop(jobs);
                 Some(tau)
             }
         };
         let cached = core.needs_cached_delta().then(|| params.zeros_like());
-        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, core, step: 0, params, cfg, gpu: None })
+        let scratch = (cfg.algorithm == Algorithm::Onties).then(|| params.zeros_like());
+        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, scratch, core, step: 0, params, cfg, gpu: None })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -298,20 +329,33 @@ impl Optimizer {
     /// recomputation on a cross-checked GPU step).
     fn cpu_step(&mut self, k: u64, grads: &ParamSet) -> Result<()> {
         let plan = self.core.plan(k)?;
-        for (i, g) in grads.tensors.iter().enumerate() {
+        let n = grads.tensors.len();
+        let mut cached: Vec<Option<&mut [f32]>> = match self.cached.as_mut() {
+            Some(c) => c.tensors.iter_mut().map(|t| Some(t.data.as_mut_slice())).collect(),
+            None => (0..n).map(|_| None).collect(),
+        };
+        let mut scratch: Vec<&mut [f32]> = match self.scratch.as_mut() {
+            Some(s) => s.tensors.iter_mut().map(|t| t.data.as_mut_slice()).collect(),
+            None => (0..n).map(|_| <&mut [f32]>::default()).collect(),
+        };
+        let mut jobs = Vec::with_capacity(n);
+        let state = self.params.tensors.iter_mut().zip(self.m.tensors.iter_mut()).zip(self.v.tensors.iter_mut());
+        for (i, ((g, ((theta, m), v)), (c, s))) in grads.tensors.iter().zip(state).zip(cached.drain(..).zip(scratch.drain(..))).enumerate() {
             // Plain AdamW has no τ', but merge-core slices the τ' source per block
             // even when it never reads it; the gradient has the right length.
             let tau = self.tau.as_ref().map_or(g.data.as_slice(), |t| t.tensors[i].data.as_slice());
-            let state = TensorState {
-                theta: &mut self.params.tensors[i].data,
-                m: &mut self.m.tensors[i].data,
-                v: &mut self.v.tensors[i].data,
-                cached: self.cached.as_mut().map(|c| c.tensors[i].data.as_mut_slice()),
+            jobs.push(StepJob {
+                name: &g.name,
+                grad: &g.data,
+                theta: &mut theta.data,
+                m: &mut m.data,
+                v: &mut v.data,
+                cached: c,
                 tau: Src::F32(tau),
-            };
-            plan.step_tensor(&g.name, &g.data, state).map_err(|e| TrainError::msg(format!("step {k}: {e}")))?;
+                scratch: s,
+            });
         }
-        Ok(())
+        plan.step_tensors(&mut jobs).map_err(|e| TrainError::msg(format!("step {k}: {e}")))
     }
 
     /// The optimizer state by kind, for checkpoints.
@@ -450,4 +494,29 @@ pub fn first_difference(a: &ParamSet, b: &ParamSet) -> Option<(String, usize)> {
     a.tensors.iter().zip(&b.tensors).find_map(|(x, y)| {
         x.data.iter().zip(&y.data).position(|(p, q)| p.to_bits() != q.to_bits()).map(|i| (x.name.clone(), i))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Tensor;
+
+    #[test]
+    fn cross_check_mismatch_names_step_adapter_tensor_index_and_bits() {
+        let cpu = ParamSet::new(vec![
+            Tensor { name: "a".into(), shape: vec![2], data: vec![1.0, 2.0] },
+            Tensor { name: "b".into(), shape: vec![3], data: vec![0.5, 0.25, -1.0] },
+        ]);
+        let same: Vec<(String, Vec<f32>)> = cpu.tensors.iter().map(|t| (t.name.clone(), t.data.clone())).collect();
+        compare(3, "lavapipe", "parameter", &cpu, same.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap();
+        let mut off = same.clone();
+        off[1].1[2] = f32::from_bits((-1.0f32).to_bits() + 1);
+        let err = compare(3, "lavapipe", EXP_AVG, &cpu, off.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap_err().to_string();
+        for want in ["step 3", "lavapipe", "exp_avg", "tensor `b`", "element 2", "0xbf800000", "0xbf800001"] {
+            assert!(err.contains(want), "{want} missing: {err}");
+        }
+        let short = &same[..1];
+        let err = compare(1, "x", "parameter", &cpu, short.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap_err().to_string();
+        assert!(err.contains("returned 1 parameter tensors, expected 2"), "{err}");
+    }
 }

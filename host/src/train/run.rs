@@ -402,7 +402,11 @@ mod tests {
     /// resumes in a fresh optimizer, and compares the final weights and logged losses
     /// with an uninterrupted run.
     fn resume_matches_uninterrupted(algorithm: Algorithm, k: u32, stop: u64) {
-        let c = cfg(algorithm, k);
+        resume_matches_uninterrupted_with(cfg(algorithm, k), stop);
+    }
+
+    fn resume_matches_uninterrupted_with(c: OptimConfig, stop: u64) {
+        let (algorithm, k) = (c.algorithm, c.k);
         let a = tmp(&format!("a{algorithm:?}{k}{stop}"));
         let mut log = MetricsLog::create(&a.join("m.jsonl")).unwrap();
         let mut opt = optimizer(&c);
@@ -442,6 +446,16 @@ mod tests {
         // Stop between merge steps, so Δ_c is non-zero in the checkpoint.
         resume_matches_uninterrupted(Algorithm::Ondare, 3, 4);
         resume_matches_uninterrupted(Algorithm::Ondare, 1, 5);
+    }
+
+    #[test]
+    fn resume_is_bit_identical_onties_both_scopes() {
+        let mut c = cfg(Algorithm::Onties, 2);
+        resume_matches_uninterrupted_with(c.clone(), 3);
+        c.scope = Scope::Global;
+        c.variant = Variant::Paper;
+        c.rescale = true;
+        resume_matches_uninterrupted_with(c, 4);
     }
 
     #[test]
@@ -494,8 +508,10 @@ mod tests {
     /// other step, across a resume: the final weights are the CPU run's bits.
     #[test]
     fn gpu_run_matches_cpu_run_across_resume() {
-        for (algorithm, k) in [(Algorithm::Adamw, 1), (Algorithm::Ondare, 2)] {
-            let c = cfg(algorithm, k);
+        for (algorithm, k, scope) in
+            [(Algorithm::Adamw, 1, Scope::PerTensor), (Algorithm::Ondare, 2, Scope::PerTensor), (Algorithm::Onties, 1, Scope::Global)]
+        {
+            let c = OptimConfig { scope, ..cfg(algorithm, k) };
             let a = tmp(&format!("gpu-a{algorithm:?}"));
             let mut log = MetricsLog::create(&a.join("m.jsonl")).unwrap();
             let mut cpu = optimizer(&c);
