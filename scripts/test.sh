@@ -73,4 +73,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
 fi
 
-cargo test --workspace
+# --no-fail-fast: CI reports every failing test binary, not only the first.
+cargo test --workspace --no-fail-fast
