@@ -685,3 +685,27 @@ fn linear_products_ignore_thread_count() {
         assert!(run(threads) == one, "{threads} threads");
     }
 }
+
+/// Wall time of one large product on one and two threads.
+#[test]
+#[ignore]
+fn bench_linear_threads() {
+    let (t, ic, oc) = (256, 512, 1376);
+    let mut rng = SplitMix64(1);
+    let x = rand_vec(&mut rng, t * ic, 1.0);
+    let wt = rand_vec(&mut rng, oc * ic, 1.0);
+    let mut y = vec![0f32; t * oc];
+    for threads in [1, 2, 1, 2] {
+        let (start, cpu0) = (std::time::Instant::now(), cpu_seconds());
+        for _ in 0..10 {
+            layers::linear_forward(&mut y, &x, &wt, None, ic, oc, threads);
+        }
+        let (dt, cpu) = (start.elapsed().as_secs_f64() / 10.0, (cpu_seconds() - cpu0) / 10.0);
+        println!(
+            "{threads} thread(s): {:.1} ms wall, {:.1} ms CPU, {:.1} GFLOP/s wall",
+            dt * 1e3,
+            cpu * 1e3,
+            2.0 * (t * ic * oc) as f64 / dt / 1e9
+        );
+    }
+}
