@@ -239,3 +239,34 @@ fn verify_prints_a_matching_table() {
         assert_eq!(hashes.len(), 1, "{opt}: {stdout}");
     }
 }
+
+#[test]
+fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
+    let d = tmp("auto");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let out = d.join("run");
+    let args = align_args(bs, ss, out.to_str().unwrap(), "ondare", "auto", "2");
+    let o = host(&args, &[("MERGE_GPU_ADAPTER", "no-such-adapter")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.matches("running the optimizer on merge-core (CPU) alone").count(), 1, "{err}");
+    assert!(err.contains("no-such-adapter") && err.contains("optimizer on cpu: merge-core"), "{err}");
+    // The same adapter request with --backend gpu is an error, not a fallback.
+    let gpu_out = d.join("run-gpu");
+    let gpu = align_args(bs, ss, gpu_out.to_str().unwrap(), "ondare", "gpu", "2");
+    let o = host(&gpu, &[("MERGE_GPU_ADAPTER", "no-such-adapter")]);
+    assert!(!o.status.success() && stderr(&o).contains("--backend gpu"), "{}", stderr(&o));
+
+    let o = host(
+        &["eval", "--model", out.join("model").to_str().unwrap(), "--ref-model", ss, "--builtin", "6", "--task", "preference"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rec: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(rec[key].is_number(), "{key}: {rec}");
+    }
+    assert_ne!(rec["rewards/margins"].as_f64().unwrap(), 0.0, "aligned model vs SFT reference: {rec}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
