@@ -48,6 +48,8 @@ pub enum Command {
     Eval(EvalArgs),
     /// Golden vectors and a seeded training run on merge-core and on every GPU adapter.
     Verify(crate::verify::VerifyArgs),
+    /// The paper's experiment in miniature on built-in data: pretrain, SFT, align with AdamW / OnDARE / OnTIES and offline interpolation; reward vs. tax table, CSV, JSON, SVG.
+    Demo(crate::demo::cli::DemoArgs),
 }
 
 /// Model architecture for a model trained from scratch.
@@ -166,6 +168,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Align(a) => align(a).map(|()| ExitCode::SUCCESS),
         Command::Eval(a) => eval(a).map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => crate::verify::run(&a),
+        Command::Demo(a) => crate::demo::cli::demo(&a).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -32,8 +32,13 @@ pub const END: char = '\n';
 /// What the generator produces and how hard the capability is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BuiltinConfig {
-    /// Operands are drawn uniformly from `0..10^digits`.
+    /// The first operand is drawn uniformly from `0..10^digits`.
     pub digits: u32,
+    /// The second operand is drawn uniformly from `0..10^b_digits`. Adding a
+    /// single digit (the default) is learnable by a ~100k-parameter model in the
+    /// demo's CPU budget; two-digit plus two-digit was not (5% held-out accuracy
+    /// after 3000 steps, measured).
+    pub b_digits: u32,
     /// Fraction of pretraining lines that are addition facts (the rest are
     /// sentences of the toy grammar).
     pub arith_fraction: f64,
@@ -46,15 +51,17 @@ pub struct BuiltinConfig {
 
 impl Default for BuiltinConfig {
     fn default() -> Self {
-        Self { digits: 2, arith_fraction: 0.5, sft_style_fraction: 0.1, chosen_answer_error: 0.3 }
+        Self { digits: 2, b_digits: 1, arith_fraction: 0.6, sft_style_fraction: 0.25, chosen_answer_error: 0.3 }
     }
 }
 
 impl BuiltinConfig {
     /// Rejects settings that would make an empty or degenerate data set.
     pub fn validate(&self) -> Result<(), String> {
-        if !(1..=6).contains(&self.digits) {
-            return Err(format!("builtin data: digits = {} must be in 1..=6", self.digits));
+        for (name, d) in [("digits", self.digits), ("b_digits", self.b_digits)] {
+            if !(1..=6).contains(&d) {
+                return Err(format!("builtin data: {name} = {d} must be in 1..=6"));
+            }
         }
         for (name, v) in [
             ("arith_fraction", self.arith_fraction),
@@ -68,8 +75,8 @@ impl BuiltinConfig {
         Ok(())
     }
 
-    fn operand_limit(&self) -> u64 {
-        10u64.pow(self.digits)
+    fn operand_limits(&self) -> (u64, u64) {
+        (10u64.pow(self.digits), 10u64.pow(self.b_digits))
     }
 }
 
@@ -192,9 +199,9 @@ impl Builtin {
     }
 
     fn problem(&self, rng: &mut SplitMix64, heldout: bool) -> Problem {
-        let lim = self.config.operand_limit();
+        let (la, lb) = self.config.operand_limits();
         loop {
-            let p = Problem { a: rng.below(lim), b: rng.below(lim) };
+            let p = Problem { a: rng.below(la), b: rng.below(lb) };
             if p.is_heldout() == heldout {
                 return p;
             }
@@ -313,8 +320,8 @@ impl Builtin {
     /// `n` distinct held-out problems for capability accuracy (fewer if the
     /// evaluation split is smaller than `n`).
     pub fn capability_problems(&self, n: usize) -> Vec<Problem> {
-        let lim = self.config.operand_limit();
-        let total = lim * lim;
+        let (la, lb) = self.config.operand_limits();
+        let total = la * lb;
         let mut rng = stream(self.seed, Stream::Capability);
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
@@ -323,7 +330,7 @@ impl Builtin {
         let mut tries = 0u64;
         while out.len() < n && tries < 64 * total.max(n as u64) {
             tries += 1;
-            let p = Problem { a: rng.below(lim), b: rng.below(lim) };
+            let p = Problem { a: rng.below(la), b: rng.below(lb) };
             if p.is_heldout() && seen.insert(p) {
                 out.push(p);
             }
@@ -383,7 +390,7 @@ mod tests {
                 assert!(!Problem { a, b }.is_heldout(), "held-out problem leaked: {line:?}");
             }
         }
-        assert!((800..1200).contains(&facts), "arith_fraction 0.5 gave {facts} of 2000");
+        assert!((1000..1400).contains(&facts), "arith_fraction 0.6 gave {facts} of 2000");
         for ex in g.sft(500) {
             assert!(!parse_prompt(&ex.prompt).is_heldout());
         }
@@ -398,9 +405,13 @@ mod tests {
                 assert!(Problem { a, b }.is_heldout());
             }
         }
-        let probs = g.capability_problems(300);
-        assert_eq!(probs.len(), 300);
-        assert!(probs.iter().all(|p| p.is_heldout() && p.a < 100 && p.b < 100));
+        let probs = g.capability_problems(150);
+        assert_eq!(probs.len(), 150);
+        assert!(probs.iter().all(|p| p.is_heldout() && p.a < 100 && p.b < 10));
+        // The split holds about 200 of the 1000 problems; asking for more gives
+        // every one of them once.
+        let all = g.capability_problems(5000);
+        assert!((150..250).contains(&all.len()), "{}", all.len());
         let distinct: std::collections::HashSet<_> = probs.iter().collect();
         assert_eq!(distinct.len(), probs.len());
     }
@@ -436,7 +447,7 @@ mod tests {
         let g = mk(9);
         let ex = g.sft(2000);
         let styled = ex.iter().filter(|e| e.response.starts_with(STYLE_PREFIX)).count();
-        assert!((140..260).contains(&styled), "styled SFT responses: {styled}");
+        assert!((420..580).contains(&styled), "styled SFT responses: {styled}");
         for e in &ex {
             let p = parse_prompt(&e.prompt);
             let digits: String = e.response.chars().filter(|c| c.is_ascii_digit()).collect();

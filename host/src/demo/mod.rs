@@ -3,6 +3,7 @@
 //! interpolate the AdamW model back toward SFT; then measure reward and tax for
 //! each and write a table, CSV, JSON and an SVG plot.
 
+pub mod cli;
 pub mod judge;
 pub mod pipeline;
 pub mod plot;

@@ -105,7 +105,10 @@ impl Plot {
             TOP + ph / 2.0,
             escape(&self.y_label)
         );
-        for (i, ser) in self.series.iter().enumerate() {
+        // Lines first, then markers of point series, so a line through a point
+        // (the interpolation sweep ends at the AdamW model) never hides it.
+        let order = self.series.iter().enumerate().filter(|(_, s)| s.line).chain(self.series.iter().enumerate().filter(|(_, s)| !s.line));
+        for (i, ser) in order {
             let pts: Vec<&(f64, f64, String)> = ser.points.iter().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
             let c = escape(&ser.color);
             if ser.line && pts.len() > 1 {

@@ -70,11 +70,19 @@ impl Row {
     }
 }
 
+/// A run of the sweep that produced no model, and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailedRun {
+    pub name: String,
+    pub error: String,
+}
+
 /// A complete demo report: the settings it ran with and its rows, SFT first.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub settings: serde_json::Value,
     pub rows: Vec<Row>,
+    pub failed: Vec<FailedRun>,
     pub total_seconds: f64,
 }
 
@@ -140,6 +148,9 @@ impl Report {
         out.push('\n');
         for r in &rows {
             line(&mut out, r);
+        }
+        for f in &self.failed {
+            let _ = writeln!(out, "{}: no result: {}", f.name, f.error);
         }
         out
     }
@@ -227,6 +238,7 @@ mod tests {
         Report {
             settings: serde_json::json!({"seed": 1}),
             rows: vec![row("sft", Kind::Sft, 0.9, 3.0), row("adamw", Kind::Online, 0.6, 3.6), on],
+            failed: Vec::new(),
             total_seconds: 10.0,
         }
     }
@@ -257,6 +269,16 @@ mod tests {
         assert_eq!(v["rows"][2]["p"], 0.1);
         assert_eq!(v["rows"][1]["capability"], 0.6);
         assert!(v["rows"][0]["alpha"].is_null());
+    }
+
+    #[test]
+    fn failed_runs_are_listed_under_the_table() {
+        let mut r = report();
+        r.failed.push(FailedRun { name: "onties p=0.1 a=0.001".into(), error: "step 3: gradient non-finite".into() });
+        let t = r.table();
+        assert!(t.lines().last().unwrap().starts_with("onties p=0.1 a=0.001: no result: step 3"), "{t}");
+        let v: serde_json::Value = serde_json::from_str(&r.json()).unwrap();
+        assert_eq!(v["failed"][0]["error"], "step 3: gradient non-finite");
     }
 
     #[test]

@@ -1,0 +1,50 @@
+//! The `demo` subcommand's arguments and entry point.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::pipeline::{default_out_dir, run, DemoConfig, RunOptions};
+use crate::train::Result;
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// The CI smoke-test setting (same as `--preset quick`): every stage and output, tiny sizes, well under 2 minutes.
+    #[arg(long, conflicts_with = "preset")]
+    pub quick: bool,
+    /// quick | default | large (large: bigger model and longer runs; see the README for its time).
+    #[arg(long, default_value = "default")]
+    pub preset: String,
+    /// Output directory (default: runs/demo-<preset>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Seed for data, initialization, data order, masks and sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Worker threads for the model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars or stage messages (the table is still printed).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Runs the demo, prints the table, and names the output directory last.
+pub fn demo(args: &DemoArgs) -> Result<()> {
+    let mut cfg = DemoConfig::preset(if args.quick { "quick" } else { &args.preset })?;
+    if let Some(s) = args.seed {
+        cfg.seed = s;
+    }
+    if let Some(t) = args.threads {
+        cfg.threads = t.max(1);
+    }
+    let out_dir = args.out.clone().unwrap_or_else(|| default_out_dir(&cfg));
+    let report = run(&cfg, &RunOptions { out_dir: out_dir.clone(), progress: !args.no_progress })?;
+    println!("{}", report.table());
+    println!("total time {:.1} s ({} preset, {} threads)", report.total_seconds, cfg.preset, cfg.threads);
+    println!(
+        "outputs: {} (results.txt, results.csv, results.json, reward_vs_capability_tax.svg, margin_vs_perplexity_tax.svg, logs/)",
+        out_dir.display()
+    );
+    Ok(())
+}
