@@ -103,7 +103,8 @@ pub fn self_test(opts: &GpuOptions) -> Result<SelfTestReport, GpuError> {
     }
     let fl = |x: u32| arith::flush(f32::from_bits(x));
     let mut checks = Vec::new();
-    let binary: [(Op, &'static str, fn(f32, f32) -> f32); 5] = [
+    type Binary = (Op, &'static str, fn(f32, f32) -> f32);
+    let binary: [Binary; 5] = [
         (Op::Add, "add", arith::add),
         (Op::Sub, "sub", arith::sub),
         (Op::Mul, "mul", arith::mul),

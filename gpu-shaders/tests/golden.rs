@@ -262,7 +262,6 @@ fn gpu_offline(m: &GpuMerger, case: &Case) -> Result<BTreeMap<String, Array>, Gp
             m.gta(&config, name, case.seed.unwrap(), &params, &thresholds, 0, base, &models, &mut dst)?;
         }
     }
-    drop(dst);
     out.insert(
         "merged".into(),
         match dt {

@@ -74,7 +74,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
     for step in 1..=steps {
         let grads: Vec<Vec<f32>> = ts
             .iter()
-            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize) % 3 == 0 { 0.0 } else { rng.f32_scaled(1e-2) }).collect())
+            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize).is_multiple_of(3) { 0.0 } else { rng.f32_scaled(1e-2) }).collect())
             .collect();
         let plan = cpu.begin_step().unwrap();
         {

@@ -128,7 +128,7 @@ fn main() {
         }
     };
     println!("adapter: {}", gpu_shaders::context::describe(ctx.adapter_info()));
-    println!("binding limit {} MiB, reps {}", ctx.chunk_elems() * 4 >> 20, args.reps);
+    println!("binding limit {} MiB, reps {}", (ctx.chunk_elems() * 4) >> 20, args.reps);
     let mut sets: Vec<(String, Vec<usize>)> =
         args.sizes.iter().map(|&mi| (format!("{mi}M params, one tensor"), vec![(mi << 20) as usize])).collect();
     if args.qwen {

@@ -30,6 +30,10 @@ const WHAT: [&str; 12] = [
     "updated cached delta",
     "updated parameter",
 ];
+/// Elements each invocation of the histogram pass counts (one workgroup clears
+/// and flushes 2048 shared counters per 16 × 256 elements).
+const HIST_ITEMS: u32 = 16;
+
 /// Status words per tensor (`NCODES` in step.wgsl).
 const NCODES: usize = 16;
 
@@ -226,12 +230,13 @@ impl GpuOptimizer {
                 return Err(GpuError::Invalid(format!("tensor `{}` is given twice", w[0].name)));
             }
         }
+        let step_src = format!("const HIST_ITEMS: u32 = {HIST_ITEMS}u;\n{}", include_str!("step.wgsl"));
         let kernels = [
-            Kernel::new(&ctx, "step scan", include_str!("step.wgsl"), "scan"),
-            Kernel::new(&ctx, "step check", include_str!("step.wgsl"), "check"),
-            Kernel::new(&ctx, "step write", include_str!("step.wgsl"), "write"),
-            Kernel::new(&ctx, "step hist", include_str!("step.wgsl"), "hist"),
-            Kernel::new(&ctx, "step gnorm", include_str!("step.wgsl"), "gnorm"),
+            Kernel::new(&ctx, "step scan", &step_src, "scan"),
+            Kernel::new(&ctx, "step check", &step_src, "check"),
+            Kernel::new(&ctx, "step write", &step_src, "write"),
+            Kernel::new(&ctx, "step hist", &step_src, "hist"),
+            Kernel::new(&ctx, "step gnorm", &step_src, "gnorm"),
         ];
         let boundary = Kernel::new(&ctx, "shared blocks", include_str!("boundary.wgsl"), "boundary");
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
@@ -613,8 +618,9 @@ impl GpuOptimizer {
     }
 
     fn encode_pass(&self, enc: &mut wgpu::CommandEncoder, slot: &Slot, pass: usize) {
+        let per_group = if pass == 3 { u64::from(HIST_ITEMS * WORKGROUP) } else { u64::from(WORKGROUP) };
         for (ci, ch) in slot.theta.chunks.iter().enumerate() {
-            let groups = ch.len.div_ceil(WORKGROUP as u64) as u32;
+            let groups = ch.len.div_ceil(per_group) as u32;
             self.kernels[pass].dispatch(&self.ctx, enc, &slot.groups[ci][pass], groups);
         }
     }

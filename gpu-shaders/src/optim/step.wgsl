@@ -291,18 +291,24 @@ fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     step_main(SCAN, wid, nwg, lid);
 }
 
+// `hist` counts HIST_ITEMS elements per invocation (the constant is prepended by
+// the runtime, which sizes the dispatch with it), so clearing and flushing the
+// 2048 shared counters of a workgroup is amortised over a tile.
 @compute @workgroup_size(256)
 fn hist(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     ZB = U.zero;
     hist_clear(lid);
     workgroupBarrier();
-    let i = linear_group(wid, nwg) * WG + lid;
-    if (i < U.n) {
-        let key = bitcast<u32>(update_d(i)) & 0x7fffffffu;
-        let idx = scope_index(i);
-        let h = HistPass(U.h_mode, U.h_shift, U.h_bits, U.h_key, U.h_prefix_lo, U.h_prefix_hi);
-        hist_count(h, key, idx.x, idx.y);
+    let h = HistPass(U.h_mode, U.h_shift, U.h_bits, U.h_key, U.h_prefix_lo, U.h_prefix_hi);
+    let tile = linear_group(wid, nwg) * WG * HIST_ITEMS;
+    for (var t = 0u; t < HIST_ITEMS; t = t + 1u) {
+        let i = tile + t * WG + lid;
+        if (i < U.n) {
+            let key = bitcast<u32>(update_d(i)) & 0x7fffffffu;
+            let idx = scope_index(i);
+            hist_count(h, key, idx.x, idx.y);
+        }
     }
     workgroupBarrier();
     for (var j = lid; j < BUCKETS; j = j + WG) {
