@@ -48,8 +48,11 @@ pub struct Row {
     pub matches: bool,
 }
 
-/// Golden files: (file name, cases, failures). Missing directory: `None`.
-pub fn golden(dir: &std::path::Path) -> Result<Option<Vec<(String, usize, Vec<String>)>>> {
+/// One golden file's result: (file name, cases, failures).
+pub type GoldenFile = (String, usize, Vec<String>);
+
+/// Every golden file of `dir`, checked. Missing directory: `None`.
+pub fn golden(dir: &std::path::Path) -> Result<Option<Vec<GoldenFile>>> {
     let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -135,10 +135,10 @@ impl LoopArgs {
     /// Total optimizer steps for `n` training examples; errors name the flag.
     pub fn total_steps(&self, n: usize) -> Result<u64, String> {
         if self.batch_size == 0 {
-            return Err(format!("--batch-size = 0: expected an integer >= 1"));
+            return Err("--batch-size = 0: expected an integer >= 1".to_string());
         }
         if self.grad_accum == 0 {
-            return Err(format!("--grad-accum = 0: expected an integer >= 1"));
+            return Err("--grad-accum = 0: expected an integer >= 1".to_string());
         }
         match (self.steps, self.epochs) {
             (Some(_), Some(_)) => Err("--steps and --epochs: give one, not both".to_string()),

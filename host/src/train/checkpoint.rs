@@ -102,13 +102,16 @@ pub fn from_safetensors(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Te
     Ok(out)
 }
 
+/// Fills a directory (the checkpoint's `model/`).
+pub type DirWriter<'a> = &'a dyn Fn(&Path) -> Result<()>;
+
 /// Writes `ckpt` under `root` as described in the module docs. `write_model` (if
 /// given) fills the `model/` subdirectory; it runs before the commit point, so a
 /// failure there leaves the previous checkpoint current. Returns the new directory.
 pub fn write(
     root: &Path,
     ckpt: &Checkpoint,
-    write_model: Option<&dyn Fn(&Path) -> Result<()>>,
+    write_model: Option<DirWriter<'_>>,
 ) -> Result<PathBuf> {
     fs::create_dir_all(root).map_err(|e| TrainError::io("creating checkpoint root", root, e))?;
     let step = ckpt.state.step;

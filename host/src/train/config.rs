@@ -179,7 +179,8 @@ mod tests {
 
     #[test]
     fn each_bad_value_names_its_flag() {
-        let cases: Vec<(fn(&mut OptimConfig), &str)> = vec![
+        type Case = (fn(&mut OptimConfig), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.lr = 0.0, "--lr"),
             (|c| c.lr = f64::NAN, "--lr"),
             (|c| c.beta1 = 1.0, "--beta1"),

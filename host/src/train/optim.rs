@@ -220,6 +220,7 @@ impl Optimizer {
             BackendRequest::Auto => None,
         };
         let opened = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None })
+            .map_err(|e| e.to_string())
             .and_then(|ctx| {
                 let inits: Vec<TensorInit<'_>> = opt
                     .params
@@ -236,7 +237,7 @@ impl Optimizer {
                         tau_dtype: Dtype::F32,
                     })
                     .collect();
-                GpuOptimizer::new(ctx, core_config(&opt.cfg).expect("validated in new"), &inits)
+                GpuOptimizer::new(ctx, core_config(&opt.cfg).expect("validated in new"), &inits).map_err(|e| e.to_string())
             });
         match opened {
             Ok(g) => {
@@ -286,7 +287,7 @@ impl Optimizer {
             self.step = k;
             return Ok(StepReport { learning_rate: lr, optimizer_ms: t.elapsed().as_secs_f64() * 1e3, cross_check_ms: 0.0 });
         };
-        let check = gpu.every > 0 && k % gpu.every == 0;
+        let check = gpu.every > 0 && k.is_multiple_of(gpu.every);
         let mut cross_check_ms = 0.0;
         if check && gpu.mirror_step != self.step {
             // The mirror's moments are stale (unchecked steps ran on the GPU only).
