@@ -241,8 +241,9 @@ impl GpuOptimizer {
         let boundary = Kernel::new(&ctx, "shared blocks", include_str!("boundary.wgsl"), "boundary");
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
         let merging = !matches!(config.merge, Merge::None) || ties.is_some();
-        let ties_taus = match ties {
+        let host_taus = match ties {
             Some(_) => Some(ties_task_vectors(&cpu, &order)?),
+            None if merging => Some(dare_task_vectors(&cpu, &order)?),
             None => None,
         };
         let selects = match ties {
@@ -265,16 +266,7 @@ impl GpuOptimizer {
         for (ix, t) in order.iter().enumerate() {
             let n = t.theta.len() as u64;
             merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
-            let tau = if let Some(taus) = &ties_taus {
-                Some(taus[ix].upload(&ctx))
-            } else if merging {
-                let (base, sft) = t.task.ok_or_else(|| {
-                    GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name))
-                })?;
-                Some(upload_tau(&ctx, &cpu, t.name, base, sft, t.tau_dtype)?)
-            } else {
-                None
-            };
+            let tau = host_taus.as_ref().map(|taus| taus[ix].upload(&ctx));
             let cached = cpu.needs_cached_delta().then(|| GpuArray::zeros(&ctx, "cached delta", Storage::F32, n));
             let theta = GpuArray::from_f32(&ctx, "theta", t.theta);
             let m = GpuArray::zeros(&ctx, "exp_avg", Storage::F32, n);
@@ -731,22 +723,37 @@ impl GpuOptimizer {
     }
 }
 
-fn upload_tau(ctx: &GpuContext, cpu: &Optimizer, name: &str, base: Src<'_>, sft: Src<'_>, dtype: Dtype) -> Result<GpuArray, GpuError> {
-    let n = base.len();
-    match dtype {
-        Dtype::F32 => {
-            let mut out = vec![0f32; n];
-            cpu.init_task_vector(name, base, sft, &mut Dst::F32(&mut out))?;
-            Ok(dense_or_compact(ctx, &out, || GpuArray::from_f32(ctx, "task vector", &out)))
-        }
-        Dtype::Bf16 | Dtype::F16 => {
-            let mut out = vec![0u16; n];
-            let mut dst = if dtype == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
-            cpu.init_task_vector(name, base, sft, &mut dst)?;
-            let values: Vec<f32> = Src::from_storage(dtype, &out).to_f32_vec();
-            Ok(dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(dtype), &out)))
-        }
-    }
+/// OnDARE task vectors `τ'` of every tensor, by merge-core, on all CPU cores
+/// (they are independent per tensor); the first failing tensor in name order
+/// gives the error, as a sequential loop would.
+fn dare_task_vectors(cpu: &Optimizer, order: &[&TensorInit<'_>]) -> Result<Vec<HostTau>, GpuError> {
+    let one = |t: &TensorInit<'_>| -> Result<HostTau, GpuError> {
+        let (base, sft) =
+            t.task.ok_or_else(|| GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name)))?;
+        let n = t.theta.len();
+        Ok(match t.tau_dtype {
+            Dtype::F32 => {
+                let mut out = vec![0f32; n];
+                cpu.init_task_vector(t.name, base, sft, &mut Dst::F32(&mut out))?;
+                HostTau::F32(out)
+            }
+            d => {
+                let mut out = vec![0u16; n];
+                let mut dst = if d == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
+                cpu.init_task_vector(t.name, base, sft, &mut dst)?;
+                HostTau::Half(d, out)
+            }
+        })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let per = order.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let one = &one;
+        let handles: Vec<_> =
+            order.chunks(per).map(|part| s.spawn(move || part.iter().map(|t| one(t)).collect::<Vec<_>>())).collect();
+        // A panic in a worker is a bug; re-raise it here.
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
 }
 
 /// The task vector as the kernels read it: dense in its dtype, or (when smaller,
