@@ -1,6 +1,8 @@
 //! Workspace-level integration tests. The library holds what the test targets and
 //! the `make-golden` generator share: where things are, and how to run tools.
 
+pub mod cases;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

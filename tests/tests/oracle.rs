@@ -41,3 +41,21 @@ fn numpy_oracle_reports_a_changed_bit() {
     assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("case '{name}'")) && stdout.contains("first at index 0"), "{stdout}");
 }
+
+/// Beyond the committed files: fresh inputs of the same shapes (other generator
+/// salts), expected outputs from merge-core now, and the oracle must agree on them
+/// too. This catches a disagreement the fixed inputs happen to miss.
+#[test]
+fn numpy_oracle_agrees_with_merge_core_on_fresh_inputs() {
+    let script = workspace_root().join("tests").join("oracle").join("check_golden.py");
+    for salt in [0x9e37_79b9u64, 0x7f4a_7c15] {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("oracle-fresh-{salt:x}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, about, cases) in workspace_tests::cases::golden_sets(salt) {
+            let text = golden_runner::file_json(about, &cases).unwrap_or_else(|e| panic!("{name}: {e}"));
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let out = run(Command::new("python3").arg(&script).arg(&dir), "install python3 and numpy (`pip install numpy`)");
+        println!("salt {salt:#x}:\n{out}");
+    }
+}
