@@ -270,3 +270,56 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
     assert_ne!(rec["rewards/margins"].as_f64().unwrap(), 0.0, "aligned model vs SFT reference: {rec}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// TRL's precomputed `ref_chosen_logps` / `ref_rejected_logps` in the data replace
+/// the reference model: with the SFT model's own log-probs the run is bit-identical
+/// to one that computes them from `--model`.
+#[test]
+fn precomputed_reference_logps_match_the_reference_model() {
+    use host::model::llama::Sequence;
+    let d = tmp("reflogps");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let prefs = [("2+2?", "4", "five"), ("hi", "hello there", "go away"), ("", "a fine answer", "no"), ("x", "yy", "zzz")];
+    let (sft, _) = hf::load_model(&s).unwrap();
+    let tok = ByteTokenizer;
+    let mut plain = String::new();
+    let mut with_ref = String::new();
+    for (p, c, r) in prefs {
+        let prompt = tok.encode_prompt(p);
+        let seqs = [
+            Sequence::completion(&prompt, &tok.encode_completion(c)),
+            Sequence::completion(&prompt, &tok.encode_completion(r)),
+        ];
+        let lp = sft.sequence_logps(&seqs).unwrap();
+        let rec = serde_json::json!({"prompt": p, "chosen": c, "rejected": r});
+        plain.push_str(&format!("{rec}\n"));
+        let rec = serde_json::json!({"prompt": p, "chosen": c, "rejected": r, "ref_chosen_logps": lp[0], "ref_rejected_logps": lp[1]});
+        with_ref.push_str(&format!("{rec}\n"));
+    }
+    let mut weights = Vec::new();
+    for (tag, text) in [("plain", &plain), ("ref", &with_ref)] {
+        let data = d.join(format!("{tag}.jsonl"));
+        std::fs::write(&data, text).unwrap();
+        let out = d.join(tag);
+        let o = host(
+            &[
+                "align", "--model", ss, "--base", bs, "--data", data.to_str().unwrap(), "--steps", "3", "--batch-size", "2",
+                "--optimizer", "ondare", "--p", "0.5", "--alpha", "0.1", "--lr", "1e-3", "--out", out.to_str().unwrap(),
+                "--backend", "cpu",
+            ],
+            &[],
+        );
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        assert_eq!(tag == "ref", stderr(&o).contains("reference log-probs given in the data"), "{}", stderr(&o));
+        weights.push(std::fs::read(out.join("model/model.safetensors")).unwrap());
+    }
+    assert_eq!(weights[0], weights[1]);
+    let torn = d.join("torn.jsonl");
+    let mut lines: Vec<&str> = with_ref.lines().collect();
+    lines[2] = plain.lines().nth(2).unwrap();
+    std::fs::write(&torn, lines.join("\n")).unwrap();
+    let o = host(&["align", "--model", ss, "--data", torn.to_str().unwrap(), "--steps", "1", "--out", d.join("t").to_str().unwrap()], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("torn.jsonl:3"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}

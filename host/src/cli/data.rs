@@ -162,6 +162,33 @@ pub fn sft_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Seque
     }
 }
 
+/// TRL's precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`)
+/// of a preference file: on every line or on none (`None`).
+pub fn reference_logps(path: &Path) -> Result<Option<Vec<(f32, f32)>>> {
+    let text = read(path)?;
+    let mut out = Vec::new();
+    let mut lines = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        let at = |msg: &str| TrainError::msg(format!("{}:{}: {msg}", path.display(), i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(&format!("not JSON: {e}")))?;
+        let field = |k: &str| v.get(k).map(|x| x.as_f64().ok_or_else(|| at(&format!("field `{k}`: not a number"))));
+        match (field("ref_chosen_logps"), field("ref_rejected_logps")) {
+            (Some(c), Some(r)) => out.push((c? as f32, r? as f32)),
+            (None, None) if out.is_empty() => {}
+            _ => return Err(at("expected both `ref_chosen_logps` and `ref_rejected_logps` (on every line or on none)")),
+        }
+    }
+    Ok(match out.len() {
+        0 => None,
+        n if n == lines => Some(out),
+        _ => return Err(TrainError::msg(format!("{}: some lines carry reference log-probs, others do not", path.display()))),
+    })
+}
+
 fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> PairSeqs {
     PairSeqs { chosen: Sequence::completion(prompt, chosen), rejected: Sequence::completion(prompt, rejected) }
 }

@@ -300,11 +300,6 @@ fn align(a: AlignArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let loss = dpo_loss(&a.loss, a.beta, a.label_smoothing)?;
     let policy = load(&a.model, "--model")?;
-    let reference = match &a.ref_model {
-        Some(p) => load(p, "--ref-model")?,
-        None => load(&a.model, "--model")?,
-    };
-    hf::check_same_layout("--model", &policy.params, "--ref-model", &reference.params).map_err(hf_err)?;
     let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
     if let Some(b) = &base {
         hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
@@ -312,8 +307,36 @@ fn align(a: AlignArgs) -> Result<()> {
     let (train, eval) = data::preference_pairs(&a.data, policy.config.vocab_size, a.train.seed)?;
     let config = policy.config.clone();
     let sft_params = policy.params.clone();
-    let mut obj = DpoObjective::new(policy, &reference, loss, train, eval)?;
-    drop(reference);
+    let precomputed = match &a.data.data {
+        Some(p) => data::reference_logps(p)?,
+        None => None,
+    };
+    let mut obj = match precomputed {
+        Some(train_ref) => {
+            if a.ref_model.is_some() {
+                return Err(TrainError::msg(format!(
+                    "--ref-model and the reference log-probs in {}: give one, not both",
+                    a.data.data.as_ref().expect("precomputed come from --data").display()
+                )));
+            }
+            let eval_ref = match &a.data.eval_data {
+                Some(p) => data::reference_logps(p)?.ok_or_else(|| {
+                    TrainError::msg(format!("{}: --data carries reference log-probs, so must --eval-data", p.display()))
+                })?,
+                None => Vec::new(),
+            };
+            eprintln!("align: using the reference log-probs given in the data (no reference model)");
+            DpoObjective::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?
+        }
+        None => {
+            let reference = match &a.ref_model {
+                Some(p) => load(p, "--ref-model")?,
+                None => load(&a.model, "--model")?,
+            };
+            hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params).map_err(hf_err)?;
+            DpoObjective::new(policy, &reference, loss, train, eval)?
+        }
+    };
     let merge_task = base.as_ref().map(|b| (&b.params, &sft_params));
     let settings = serde_json::json!({
         "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,

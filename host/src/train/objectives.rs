@@ -116,6 +116,31 @@ impl DpoObjective {
         let norm = loss.length_normalized();
         let train_ref = pair_logps("reference model", reference, &train, norm)?;
         let eval_ref = pair_logps("reference model", reference, &eval, norm)?;
+        Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)
+    }
+
+    /// With reference log-probs given per pair (TRL's `ref_chosen_logps` /
+    /// `ref_rejected_logps`, precomputed): summed for sigmoid and hinge,
+    /// length-averaged for IPO, exactly as the loss consumes them.
+    pub fn with_reference_logps(
+        policy: LlamaModel,
+        loss: DpoLoss,
+        train: Vec<PairSeqs>,
+        train_ref: Vec<(f32, f32)>,
+        eval: Vec<PairSeqs>,
+        eval_ref: Vec<(f32, f32)>,
+    ) -> Result<Self> {
+        for (split, pairs, refs) in [("training", &train, &train_ref), ("evaluation", &eval, &eval_ref)] {
+            if pairs.len() != refs.len() {
+                return Err(TrainError::msg(format!("{split}: {} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
+            }
+            if let Some(i) = pairs.iter().position(|p| p.chosen.scored() == 0 || p.rejected.scored() == 0) {
+                return Err(TrainError::msg(format!("{split} pair {i}: empty chosen or rejected completion")));
+            }
+            if let Some(i) = refs.iter().position(|r| !r.0.is_finite() || !r.1.is_finite()) {
+                return Err(TrainError::msg(format!("{split} pair {i}: reference log-prob {:?} is not finite", refs[i])));
+            }
+        }
         Ok(Self { policy, loss, train, train_ref, eval, eval_ref })
     }
 }
