@@ -14,6 +14,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::llama::{GenerateOptions, LlamaModel, Sampling, Sequence};
 use crate::loss::{DpoLoss, LossKind};
 use crate::params::{ParamSet, Tensor};
+use crate::tokenizer::ByteTokenizer;
 use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 use crate::train::metrics::MetricsLog;
 use crate::train::optim::Optimizer;
@@ -21,24 +22,21 @@ use crate::train::objectives::{DpoObjective, LmObjective, PairSeqs};
 use crate::train::run::{LoopSpec, Objective, Start, train};
 use crate::train::{Result, TrainError};
 
-/// Byte-level tokens: the built-in data is ASCII, one token per byte.
-const VOCAB: usize = 256;
+const TOK: ByteTokenizer = ByteTokenizer;
 
 fn encode(s: &str) -> Vec<u32> {
-    s.bytes().map(u32::from).collect()
+    TOK.encode(s)
 }
 
 fn decode(t: &[u32]) -> String {
-    t.iter().map(|&b| char::from(b as u8)).collect()
+    TOK.decode(t)
 }
 
-/// Every text starts with a newline, the data's document separator, so the model
-/// predicts the first real character too and prompts start the way pretraining
-/// lines do.
+/// Every text starts with BOS, so the model predicts the first real character too
+/// and prompts start the way pretraining lines do. Texts end with a newline (the
+/// data's terminator), which is also where generation stops.
 fn with_start(s: &str) -> Vec<u32> {
-    let mut t = vec![END as u32];
-    t.extend(encode(s));
-    t
+    TOK.encode_prompt(s)
 }
 
 /// One training phase's settings.
@@ -191,7 +189,7 @@ impl DemoConfig {
     }
 
     fn model_config(&self) -> LlamaConfig {
-        let mut c = LlamaConfig::tiny(VOCAB, self.hidden_size, self.intermediate_size, self.layers, self.heads, self.heads);
+        let mut c = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE, self.hidden_size, self.intermediate_size, self.layers, self.heads, self.heads);
         c.max_position_embeddings = 128;
         c
     }
@@ -525,12 +523,14 @@ pub fn plots(report: &Report) -> Vec<(&'static str, Plot)> {
     };
     let mk = |x: &dyn Fn(&Row) -> f64, y: &dyn Fn(&Row) -> f64| {
         let mut series = vec![Series { label: "SFT".into(), color: colors("sft").into(), points: vec![(x(sft), y(sft), "SFT".into())], line: false }];
-        for opt in ["adamw", "ondare", "onties"] {
+        // AdamW last so the merging sweeps around it cannot hide it; sweep points
+        // carry no labels (they crowd), the table names each one.
+        for opt in ["ondare", "onties", "adamw"] {
             let pts: Vec<_> = report
                 .rows
                 .iter()
                 .filter(|r| r.kind == Kind::Online && r.optimizer == opt)
-                .map(|r| (x(r), y(r), r.p.map(|p| format!("p={p} a={}", r.alpha.unwrap_or(0.0))).unwrap_or_default()))
+                .map(|r| (x(r), y(r), if opt == "adamw" { "AdamW".to_string() } else { String::new() }))
                 .collect();
             if !pts.is_empty() {
                 series.push(Series { label: opt.into(), color: colors(opt).into(), points: pts, line: false });
