@@ -97,7 +97,13 @@ fn main() {
     let name = "model.layers.0.mlp.up_proj.weight";
     let mut scratch = vec![0.0f32; N];
     let (mut theta2, mut m2, mut v2) = (theta.clone(), m.clone(), v.clone());
+    // `cargo bench ... -- WORD` runs only the cases whose name contains WORD
+    // (cargo itself passes `--bench`, hence the dash filter).
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     for (what, merge, bytes) in cases {
+        if filter.as_deref().is_some_and(|f| !what.contains(f)) {
+            continue;
+        }
         let opt = Optimizer::new(OnlineConfig { adam, merge, k: 1, seed: 7 }).unwrap();
         let plan = opt.plan(10).unwrap();
         let in_place = best(|| {

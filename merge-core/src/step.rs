@@ -14,7 +14,7 @@
 //! points never change a bit.
 
 use crate::adam;
-use crate::arith::{add, is_non_finite, mul, sub};
+use crate::arith::{add, flush, is_non_finite, mul, sub};
 use crate::dare::{self, DareParams, DareVariant};
 use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
@@ -155,13 +155,11 @@ const TIES: u8 = 4;
 const DARE_REF_ALL: u8 = 5;
 const DARE_PAPER_ALL: u8 = 6;
 
-/// Inputs of one block, flushed.
+/// Inputs of one block that need more than a flush (the gradient, `θ`, `m` and `v`
+/// are read from the caller's slices and flushed in the compute loop, so that a
+/// block is not copied into a buffer before the arithmetic), flushed.
 struct BlockIn {
     n: usize,
-    g: [f32; BLOCK],
-    theta: [f32; BLOCK],
-    m: [f32; BLOCK],
-    v: [f32; BLOCK],
     cached: [f32; BLOCK],
     tau: [f32; BLOCK],
     /// Uniforms of streams 0 and 1 (only filled for the kernels that use them).
@@ -187,10 +185,6 @@ impl BlockIn {
     fn new() -> Self {
         BlockIn {
             n: 0,
-            g: [0.0; BLOCK],
-            theta: [0.0; BLOCK],
-            m: [0.0; BLOCK],
-            v: [0.0; BLOCK],
             cached: [0.0; BLOCK],
             tau: [0.0; BLOCK],
             u0: [0; BLOCK],
@@ -474,15 +468,7 @@ impl TensorStep<'_> {
     fn block(&self, pass: Pass, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
         let Buffers { inp, out } = bufs;
         let n = grad.len();
-        if n < inp.n {
-            // A short last block: the unused lanes hold zeros, which never fail.
-            *inp = BlockIn::new();
-        }
         inp.n = n;
-        load(&mut inp.g, grad);
-        load(&mut inp.theta, state.theta);
-        load(&mut inp.m, state.m);
-        load(&mut inp.v, state.v);
         if let Some(c) = state.cached {
             load(&mut inp.cached, c);
         }
@@ -499,10 +485,10 @@ impl TensorStep<'_> {
         }
         let torch = self.scalars.form == AdamForm::Torch;
         let run = |kind: u8, inp: &BlockIn, out: &mut BlockOut| match (torch, state.cached.is_some()) {
-            (false, false) => self.dispatch::<false, false>(kind, pass, inp, out),
-            (false, true) => self.dispatch::<false, true>(kind, pass, inp, out),
-            (true, false) => self.dispatch::<true, false>(kind, pass, inp, out),
-            (true, true) => self.dispatch::<true, true>(kind, pass, inp, out),
+            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, inp, out),
         };
         if dare && pass == Pass::Check {
             let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
@@ -526,15 +512,15 @@ impl TensorStep<'_> {
     }
 
     #[inline(always)]
-    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
         match kind {
-            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, inp, out),
-            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, inp, out),
-            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, inp, out),
-            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, inp, out),
-            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, inp, out),
-            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, inp, out),
-            _ => self.compute::<TORCH, TIES, CACHED>(pass, inp, out),
+            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, grad, state, inp, out),
+            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, grad, state, inp, out),
+            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, grad, state, inp, out),
+            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, grad, state, inp, out),
+            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, grad, state, inp, out),
+            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, grad, state, inp, out),
+            _ => self.compute::<TORCH, TIES, CACHED>(pass, grad, state, inp, out),
         }
     }
 
@@ -548,7 +534,10 @@ impl TensorStep<'_> {
     /// pass (which has no new `θ`) tests `θ` and `τ'` directly. The slow path
     /// then names the lowest index over every input and output.
     #[inline(always)]
-    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
+        // `n <= BLOCK` and equal-length inputs let the loops run without bounds checks.
+        let n = inp.n.min(BLOCK);
+        let (g_in, theta_in, m_in, v_in) = (&grad[..n], &state.theta[..n], &state.m[..n], &state.v[..n]);
         let s = &self.scalars;
         let scan = pass == Pass::Scan;
         let (dp, rescale) = match self.merge {
@@ -568,16 +557,17 @@ impl TensorStep<'_> {
         };
         // Two simple loops rather than one long one: the Adam loop is the same for
         // every kernel, and short loop bodies vectorize reliably.
+        let scan_mask = if scan { u32::MAX } else { 0 };
         let mut bad = 0u32;
-        for j in 0..BLOCK {
-            let (m1, v1) = adam::moments(s, inp.g[j], inp.m[j], inp.v[j]);
+        for j in 0..n {
+            let (m1, v1) = adam::moments(s, flush(g_in[j]), flush(m_in[j]), flush(v_in[j]));
             out.m[j] = m1;
             out.v[j] = v1;
             out.d[j] = adam::delta::<TORCH>(s, m1, v1);
-            out.theta[j] = adam::decay_before::<TORCH>(s, inp.theta[j]);
+            out.theta[j] = adam::decay_before::<TORCH>(s, flush(theta_in[j]));
             bad |= nf(m1) | nf(v1);
         }
-        for j in 0..BLOCK {
+        for j in 0..n {
             let theta = out.theta[j];
             let delta = out.d[j];
             let c = inp.cached[j];
@@ -645,8 +635,8 @@ impl TensorStep<'_> {
             if (KIND == ACCUM && CACHED) || KIND == DARE_REF_ALL || KIND == DARE_PAPER_ALL {
                 flags |= nf(cached1);
             }
-            flags |= if scan { nf(inp.theta[j]) | nf(inp.tau[j]) } else { nf(theta2) };
-            // Lanes past the block's end hold zeros and never fail.
+            // A mask, not a branch: a branch on the pass inside the loop keeps it scalar.
+            flags |= (scan_mask & (nf(theta_in[j]) | nf(inp.tau[j]))) | (!scan_mask & nf(theta2));
             bad |= flags;
         }
         bad != 0
