@@ -42,7 +42,6 @@ pub enum MergePlan {
 
 /// What the OnTIES check from the scanned update needs.
 struct TiesCheck {
-    variant: onties::Variant,
     alpha: f32,
     one_minus_alpha: f32,
     sel: TiesSelection,
@@ -148,6 +147,9 @@ const PLAIN: u8 = 1;
 const DARE_REF: u8 = 2;
 const DARE_PAPER: u8 = 3;
 const TIES: u8 = 4;
+/// OnTIES, paper variant: the variant is part of the kernel, not a per-element
+/// branch, so that the merge loop vectorizes.
+const TIES_PAPER: u8 = 7;
 /// The check pass of the OnDARE kernels without drawing the masks: every element
 /// is checked both kept and dropped (and, for the paper variant, with `τ` kept
 /// and dropped). All candidates finite means the masked values are finite, so
@@ -283,6 +285,7 @@ impl TensorStep<'_> {
                 DareVariant::Reference => DARE_REF,
                 DareVariant::Paper => DARE_PAPER,
             },
+            (Phase::Merge, MergePlan::Ties { variant: onties::Variant::Paper, .. }) => TIES_PAPER,
             (Phase::Merge, MergePlan::Ties { .. }) => TIES,
         }
     }
@@ -293,7 +296,7 @@ impl TensorStep<'_> {
         if let Some(c) = s.cached {
             lens[3].1 = c.len();
         }
-        if matches!(self.kind(), DARE_REF | DARE_PAPER | TIES) {
+        if matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER) {
             lens[4].1 = tau.len();
         }
         for (what, len) in lens {
@@ -343,16 +346,22 @@ impl TensorStep<'_> {
             return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, update, &state, &tau)?;
-        let ties = TiesCheck { variant, alpha, one_minus_alpha, sel, scope_offset };
-        match (self.scalars.form == AdamForm::Torch, state.cached.is_some()) {
-            (false, false) => self.check_from_update::<false, false>(&ties, offset, state, tau, update),
-            (false, true) => self.check_from_update::<false, true>(&ties, offset, state, tau, update),
-            (true, false) => self.check_from_update::<true, false>(&ties, offset, state, tau, update),
-            (true, true) => self.check_from_update::<true, true>(&ties, offset, state, tau, update),
+        let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
+        // The variant is a compile-time parameter: a per-element branch on it keeps the loop scalar.
+        let paper = variant == onties::Variant::Paper;
+        match (self.scalars.form == AdamForm::Torch, state.cached.is_some(), paper) {
+            (false, false, false) => self.check_from_update::<false, false, false>(&ties, offset, state, tau, update),
+            (false, true, false) => self.check_from_update::<false, true, false>(&ties, offset, state, tau, update),
+            (true, false, false) => self.check_from_update::<true, false, false>(&ties, offset, state, tau, update),
+            (true, true, false) => self.check_from_update::<true, true, false>(&ties, offset, state, tau, update),
+            (false, false, true) => self.check_from_update::<false, false, true>(&ties, offset, state, tau, update),
+            (false, true, true) => self.check_from_update::<false, true, true>(&ties, offset, state, tau, update),
+            (true, false, true) => self.check_from_update::<true, false, true>(&ties, offset, state, tau, update),
+            (true, true, true) => self.check_from_update::<true, true, true>(&ties, offset, state, tau, update),
         }
     }
 
-    fn check_from_update<const TORCH: bool, const CACHED: bool>(&self, t: &TiesCheck, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+    fn check_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let n = update.len();
         let (mut tau_buf, mut sp, mut theta2) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
         let zeros = [0.0f32; BLOCK];
@@ -373,7 +382,7 @@ impl TensorStep<'_> {
                 let th0 = if CACHED { sub(th, crate::arith::flush(c[j])) } else { th };
                 let dj = crate::arith::flush(d[j]);
                 let s = if local.keeps(magnitude_key(dj), j as u32) { mul(dj, t.sel.factor) } else { 0.0 };
-                let th1 = add(th0, onties::combine(t.variant, tau_buf[j], s, t.alpha, t.one_minus_alpha));
+                let th1 = add(th0, onties::combine(if PAPER { onties::Variant::Paper } else { onties::Variant::Reference }, tau_buf[j], s, t.alpha, t.one_minus_alpha));
                 let th2 = adam::decay_after::<TORCH>(&self.scalars, th1);
                 sp[j] = s;
                 theta2[j] = th2;
@@ -474,10 +483,11 @@ impl TensorStep<'_> {
         }
         let kind = self.kind();
         let dare = matches!(kind, DARE_REF | DARE_PAPER);
-        if dare || kind == TIES {
+        let ties = matches!(kind, TIES | TIES_PAPER);
+        if dare || ties {
             tau.load_into(0, &mut inp.tau[..n]);
         }
-        if kind == TIES {
+        if ties {
             if pass != Pass::Scan && !matches!(self.merge, MergePlan::Ties { selection: Some(_), .. }) {
                 return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "the update's threshold, computed after the scan pass" });
             }
@@ -520,6 +530,7 @@ impl TensorStep<'_> {
             DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, grad, state, inp, out),
             DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, grad, state, inp, out),
             DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, grad, state, inp, out),
+            TIES_PAPER => self.compute::<TORCH, TIES_PAPER, CACHED>(pass, grad, state, inp, out),
             _ => self.compute::<TORCH, TIES, CACHED>(pass, grad, state, inp, out),
         }
     }
@@ -548,12 +559,12 @@ impl TensorStep<'_> {
             Rescale::Off => (1.0, 0.0, false),
             Rescale::Apply { factor, clip } => (factor, clip, true),
         };
-        let (tv, t_alpha, t_omega, t_sel, t_local) = match self.merge {
-            MergePlan::Ties { variant, alpha, one_minus_alpha, selection, offset } => {
+        let (t_alpha, t_omega, t_sel, t_local) = match self.merge {
+            MergePlan::Ties { alpha, one_minus_alpha, selection, offset, .. } => {
                 let sel = selection.unwrap_or(TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 });
-                (variant, alpha, one_minus_alpha, sel, sel.threshold.local(offset + inp.first))
+                (alpha, one_minus_alpha, sel, sel.threshold.local(offset + inp.first))
             }
-            _ => (onties::Variant::Reference, 0.0, 1.0, TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 }, Threshold::NOTHING.local(0)),
+            _ => (0.0, 1.0, TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 }, Threshold::NOTHING.local(0)),
         };
         // Two simple loops rather than one long one: the Adam loop is the same for
         // every kernel, and short loop bodies vectorize reliably.
@@ -608,7 +619,8 @@ impl TensorStep<'_> {
                     cached1 = if worst != 0 { f32::NAN } else { 0.0 };
                     (both, sp)
                 }
-                TIES => {
+                TIES | TIES_PAPER => {
+                    let tv = if KIND == TIES_PAPER { onties::Variant::Paper } else { onties::Variant::Reference };
                     let kept = t_local.keeps(magnitude_key(d), j as u32);
                     let sp = if kept { mul(d, t_sel.factor) } else { 0.0 };
                     (add(theta0, onties::combine(tv, inp.tau[j], sp, t_alpha, t_omega)), sp)
@@ -646,7 +658,7 @@ impl TensorStep<'_> {
     #[cold]
     #[allow(clippy::too_many_arguments)]
     fn first_non_finite(&self, pass: Pass, index: u64, inp: &BlockIn, out: &BlockOut, state: &StateRef<'_>, grad: &[f32], tau: &Src<'_>) -> Error {
-        let uses_tau = matches!(self.kind(), DARE_REF | DARE_PAPER | TIES);
+        let uses_tau = matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER);
         for j in 0..inp.n {
             let checks = [
                 (grad[j], "gradient"),
