@@ -157,9 +157,10 @@ const TIES_PAPER: u8 = 7;
 const DARE_REF_ALL: u8 = 5;
 const DARE_PAPER_ALL: u8 = 6;
 
-/// Inputs of one block that need more than a flush (the gradient, `θ`, `m` and `v`
-/// are read from the caller's slices and flushed in the compute loop, so that a
-/// block is not copied into a buffer before the arithmetic), flushed.
+/// Inputs of one block that need more than a flush, flushed: the gradient, `θ`,
+/// `m`, `v` and a binary32 task vector are read from the caller's slices and
+/// flushed in the compute loop, so that a block is not copied into a buffer
+/// before the arithmetic; `tau` holds a converted binary16/bfloat16 task vector.
 struct BlockIn {
     n: usize,
     cached: [f32; BLOCK],
@@ -484,7 +485,10 @@ impl TensorStep<'_> {
         let kind = self.kind();
         let dare = matches!(kind, DARE_REF | DARE_PAPER);
         let ties = matches!(kind, TIES | TIES_PAPER);
-        if dare || ties {
+        let uses_tau = dare || ties;
+        // A binary32 task vector is read in place like the state; the others are
+        // converted into the block buffer first.
+        if uses_tau && !matches!(tau, Src::F32(_)) {
             tau.load_into(0, &mut inp.tau[..n]);
         }
         if ties {
@@ -494,11 +498,17 @@ impl TensorStep<'_> {
             inp.first = index;
         }
         let torch = self.scalars.form == AdamForm::Torch;
-        let run = |kind: u8, inp: &BlockIn, out: &mut BlockOut| match (torch, state.cached.is_some()) {
-            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, inp, out),
-            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, inp, out),
-            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, inp, out),
-            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, inp, out),
+        let run = |kind: u8, inp: &BlockIn, out: &mut BlockOut| {
+            let tau_in: &[f32] = match tau {
+                Src::F32(t) if uses_tau => t,
+                _ => &inp.tau[..n],
+            };
+            match (torch, state.cached.is_some()) {
+            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, tau_in, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, tau_in, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, tau_in, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, tau_in, inp, out),
+            }
         };
         if dare && pass == Pass::Check {
             let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
@@ -522,16 +532,16 @@ impl TensorStep<'_> {
     }
 
     #[inline(always)]
-    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
         match kind {
-            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, grad, state, inp, out),
-            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, grad, state, inp, out),
-            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, grad, state, inp, out),
-            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, grad, state, inp, out),
-            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, grad, state, inp, out),
-            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, grad, state, inp, out),
-            TIES_PAPER => self.compute::<TORCH, TIES_PAPER, CACHED>(pass, grad, state, inp, out),
-            _ => self.compute::<TORCH, TIES, CACHED>(pass, grad, state, inp, out),
+            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, grad, state, tau, inp, out),
+            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, grad, state, tau, inp, out),
+            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, grad, state, tau, inp, out),
+            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, grad, state, tau, inp, out),
+            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, grad, state, tau, inp, out),
+            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, grad, state, tau, inp, out),
+            TIES_PAPER => self.compute::<TORCH, TIES_PAPER, CACHED>(pass, grad, state, tau, inp, out),
+            _ => self.compute::<TORCH, TIES, CACHED>(pass, grad, state, tau, inp, out),
         }
     }
 
@@ -545,10 +555,10 @@ impl TensorStep<'_> {
     /// pass (which has no new `θ`) tests `θ` and `τ'` directly. The slow path
     /// then names the lowest index over every input and output.
     #[inline(always)]
-    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
         // `n <= BLOCK` and equal-length inputs let the loops run without bounds checks.
         let n = inp.n.min(BLOCK);
-        let (g_in, theta_in, m_in, v_in) = (&grad[..n], &state.theta[..n], &state.m[..n], &state.v[..n]);
+        let (g_in, theta_in, m_in, v_in, tau_in) = (&grad[..n], &state.theta[..n], &state.m[..n], &state.v[..n], &tau[..n]);
         let s = &self.scalars;
         let scan = pass == Pass::Scan;
         let (dp, rescale) = match self.merge {
@@ -579,6 +589,7 @@ impl TensorStep<'_> {
             bad |= nf(m1) | nf(v1);
         }
         for j in 0..n {
+            let tau_j = flush(tau_in[j]);
             let theta = out.theta[j];
             let delta = out.d[j];
             let c = inp.cached[j];
@@ -596,22 +607,22 @@ impl TensorStep<'_> {
                 DARE_REF => {
                     let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), dp.scale);
                     let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                    (dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha), sp)
+                    (dare::merge_reference(theta0, tau_j, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
                 DARE_REF_ALL => {
                     // Kept: `θ` with `D ⊗ s`; dropped: `θ` with `+0`.
                     let sp = mul(d, dp.scale);
                     let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                    let kept = dare::merge_reference(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha);
-                    let dropped = dare::merge_reference(theta0, inp.tau[j], 0.0, dp.alpha, dp.one_minus_alpha);
+                    let kept = dare::merge_reference(theta0, tau_j, applied, dp.alpha, dp.one_minus_alpha);
+                    let dropped = dare::merge_reference(theta0, tau_j, 0.0, dp.alpha, dp.one_minus_alpha);
                     cached1 = adam::decay_after::<TORCH>(s, dropped);
                     (kept, sp)
                 }
                 DARE_PAPER_ALL => {
                     let sp = d;
                     let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                    let both = dare::merge_paper(theta0, inp.tau[j], applied, dp.alpha, dp.one_minus_alpha);
-                    let tau_only = dare::merge_paper(theta0, inp.tau[j], 0.0, dp.alpha, dp.one_minus_alpha);
+                    let both = dare::merge_paper(theta0, tau_j, applied, dp.alpha, dp.one_minus_alpha);
+                    let tau_only = dare::merge_paper(theta0, tau_j, 0.0, dp.alpha, dp.one_minus_alpha);
                     let d_only = dare::merge_paper(theta0, 0.0, applied, dp.alpha, dp.one_minus_alpha);
                     let neither = dare::merge_paper(theta0, 0.0, 0.0, dp.alpha, dp.one_minus_alpha);
                     let worst = nf(adam::decay_after::<TORCH>(s, tau_only)) | nf(adam::decay_after::<TORCH>(s, d_only)) | nf(adam::decay_after::<TORCH>(s, neither));
@@ -623,11 +634,11 @@ impl TensorStep<'_> {
                     let tv = if KIND == TIES_PAPER { onties::Variant::Paper } else { onties::Variant::Reference };
                     let kept = t_local.keeps(magnitude_key(d), j as u32);
                     let sp = if kept { mul(d, t_sel.factor) } else { 0.0 };
-                    (add(theta0, onties::combine(tv, inp.tau[j], sp, t_alpha, t_omega)), sp)
+                    (add(theta0, onties::combine(tv, tau_j, sp, t_alpha, t_omega)), sp)
                 }
                 _ => {
                     let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), 1.0);
-                    let tau = if dp.keep.keeps(inp.u1[j]) { inp.tau[j] } else { 0.0 };
+                    let tau = if dp.keep.keeps(inp.u1[j]) { tau_j } else { 0.0 };
                     let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
                     (dare::merge_paper(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
@@ -642,13 +653,13 @@ impl TensorStep<'_> {
                 flags |= nf(sparse);
             }
             if KIND == DARE_PAPER || KIND == DARE_PAPER_ALL {
-                flags |= nf(inp.tau[j]);
+                flags |= nf(tau_j);
             }
             if (KIND == ACCUM && CACHED) || KIND == DARE_REF_ALL || KIND == DARE_PAPER_ALL {
                 flags |= nf(cached1);
             }
             // A mask, not a branch: a branch on the pass inside the loop keeps it scalar.
-            flags |= (scan_mask & (nf(theta_in[j]) | nf(inp.tau[j]))) | (!scan_mask & nf(theta2));
+            flags |= (scan_mask & (nf(theta_in[j]) | nf(tau_j))) | (!scan_mask & nf(theta2));
             bad |= flags;
         }
         bad != 0
