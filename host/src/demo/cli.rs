@@ -12,7 +12,7 @@ pub struct DemoArgs {
     /// The CI smoke-test setting (same as `--preset quick`): every stage and output, tiny sizes, well under 2 minutes.
     #[arg(long, conflicts_with = "preset")]
     pub quick: bool,
-    /// quick | default | large (large: bigger model and longer runs; see the README for its time).
+    /// quick | default | large (large: bigger model and longer runs, for machines with more cores; see docs/DEMO.md).
     #[arg(long, default_value = "default")]
     pub preset: String,
     /// Output directory (default: runs/demo-<preset>).
