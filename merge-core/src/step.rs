@@ -532,6 +532,7 @@ impl TensorStep<'_> {
     }
 
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
         match kind {
             ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, grad, state, tau, inp, out),
