@@ -19,15 +19,14 @@ fn quick_demo_writes_every_output_and_is_reproducible() {
     let dir = std::env::temp_dir().join(format!("demo-quick-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cfg = DemoConfig::quick();
-    let t = std::time::Instant::now();
     let report = run(&cfg, &RunOptions { out_dir: dir.clone(), progress: false }).expect("quick demo runs");
-    assert!(t.elapsed().as_secs() < 120, "quick demo took {:?}, budget is 2 minutes", t.elapsed());
 
-    // SFT, AdamW, every merge setting, every interpolation weight; a merge
-    // setting that could not run is listed with its error instead of a row.
-    let expected = 2 + cfg.merges.len() + cfg.interpolation_weights.len() - report.failed.len();
-    assert_eq!(report.rows.len(), expected, "failed runs: {:?}", report.failed);
-    assert!(report.failed.len() < cfg.merges.len(), "no merging run succeeded: {:?}", report.failed);
+    // SFT, AdamW, every merge setting, every interpolation weight. The full demo
+    // lists a sweep setting that diverges instead of stopping; the quick preset's
+    // settings are all expected to run.
+    assert!(report.failed.is_empty(), "failed runs: {:?}", report.failed);
+    let expected = 2 + cfg.merges.len() + cfg.interpolation_weights.len();
+    assert_eq!(report.rows.len(), expected);
 
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).expect("results.json parses");
     let rows = json["rows"].as_array().expect("rows array");
