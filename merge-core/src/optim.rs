@@ -396,15 +396,16 @@ impl StepPlan {
             return Err(invalid("scope", 0.0, "per-tensor for step_tensor (global scope: use step_tensors)"));
         }
         let TensorState { theta, m, v, cached, tau } = state;
-        let mut st = StateMut { theta, m, v, cached };
+        let st = StateMut { theta, m, v, cached };
         let mut plan = self.prepare(name, grad, &st.as_ref(), tau, scratch)?;
         if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
             *selection = Some(select_over(&t, name, core::iter::once(&*scratch))?);
             plan.check_chunk_from_update(0, st.as_ref(), tau, scratch)?;
+            plan.write_chunk_from_update(0, grad, st, tau, scratch)
         } else {
             plan.check_chunk(0, grad, st.as_ref(), tau)?;
+            plan.write_chunk(0, grad, st, tau)
         }
-        plan.write_chunk(0, grad, StateMut { theta: st.theta, m: st.m, v: st.v, cached: st.cached.as_deref_mut() }, tau)
     }
 
     /// Steps one whole tensor out of place in a single pass (plain AdamW and OnDARE
@@ -454,7 +455,7 @@ impl StepPlan {
                 }
                 if write {
                     let st = StateMut { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut() };
-                    plan.write_chunk(0, job.grad, st, job.tau)?;
+                    plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
                 } else {
                     let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
                     plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;

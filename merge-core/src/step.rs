@@ -403,6 +403,89 @@ impl TensorStep<'_> {
         Ok(())
     }
 
+    /// Pass 3 of OnTIES, from the update the scan pass left in `update` (as
+    /// [`TensorStep::check_chunk_from_update`]): `m'` and `v'` are recomputed (two
+    /// products and a sum each), `D` is read instead of recomputed, which saves the
+    /// square root and the division. Stores in place, each block validated first as
+    /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`.
+    pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
+            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+        };
+        self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
+        if update.len() != grad.len() {
+            return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: update.len() as u64 });
+        }
+        let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
+        let paper = variant == onties::Variant::Paper;
+        match (self.scalars.form == AdamForm::Torch, state.cached.is_some(), paper) {
+            (false, false, false) => self.write_from_update::<false, false, false>(&ties, offset, grad, state, tau, update),
+            (false, true, false) => self.write_from_update::<false, true, false>(&ties, offset, grad, state, tau, update),
+            (true, false, false) => self.write_from_update::<true, false, false>(&ties, offset, grad, state, tau, update),
+            (true, true, false) => self.write_from_update::<true, true, false>(&ties, offset, grad, state, tau, update),
+            (false, false, true) => self.write_from_update::<false, false, true>(&ties, offset, grad, state, tau, update),
+            (false, true, true) => self.write_from_update::<false, true, true>(&ties, offset, grad, state, tau, update),
+            (true, false, true) => self.write_from_update::<true, false, true>(&ties, offset, grad, state, tau, update),
+            (true, true, true) => self.write_from_update::<true, true, true>(&ties, offset, grad, state, tau, update),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        let variant = if PAPER { onties::Variant::Paper } else { onties::Variant::Reference };
+        let s = &self.scalars;
+        let StateMut { theta, m, v, mut cached } = state;
+        let n = update.len();
+        let mut tau_buf = [0.0f32; BLOCK];
+        let (mut theta2, mut m1s, mut v1s, mut sp) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
+        let zeros = [0.0f32; BLOCK];
+        let mut start = 0;
+        while start < n {
+            let len = BLOCK.min(n - start);
+            let r = start..start + len;
+            tau.load_into(start, &mut tau_buf[..len]);
+            let local = t.sel.threshold.local(t.scope_offset + offset + start as u64);
+            let (g, th, mm, vv, d) = (&grad[r.clone()], &theta[r.clone()], &m[r.clone()], &v[r.clone()], &update[r.clone()]);
+            let c = match cached.as_deref() {
+                Some(c) if CACHED => &c[r.clone()],
+                _ => &zeros[..len],
+            };
+            let mut bad = 0u32;
+            for j in 0..len {
+                let (m1, v1) = adam::moments(s, flush(g[j]), flush(mm[j]), flush(vv[j]));
+                let th0 = adam::decay_before::<TORCH>(s, flush(th[j]));
+                let th0 = if CACHED { sub(th0, flush(c[j])) } else { th0 };
+                let dj = flush(d[j]);
+                let spj = if local.keeps(magnitude_key(dj), j as u32) { mul(dj, t.sel.factor) } else { 0.0 };
+                let th2 = adam::decay_after::<TORCH>(s, add(th0, onties::combine(variant, tau_buf[j], spj, t.alpha, t.one_minus_alpha)));
+                m1s[j] = m1;
+                v1s[j] = v1;
+                sp[j] = spj;
+                theta2[j] = th2;
+                bad |= nf(m1) | nf(v1) | nf(dj) | nf(spj) | nf(th2);
+            }
+            if bad != 0 {
+                for j in 0..len {
+                    let checks = [(m1s[j], "updated exp_avg"), (v1s[j], "updated exp_avg_sq"), (d[j], "update"), (sp[j], "sparsified update"), (theta2[j], "updated parameter")];
+                    for (x, what) in checks {
+                        if is_non_finite(x) {
+                            return Err(Error::NonFinite { tensor: tensor_name(self.name), what, index: offset + (start + j) as u64 });
+                        }
+                    }
+                }
+            }
+            theta[r.clone()].copy_from_slice(&theta2[..len]);
+            m[r.clone()].copy_from_slice(&m1s[..len]);
+            v[r.clone()].copy_from_slice(&v1s[..len]);
+            // A merge step resets the cached delta, as `write_chunk` does.
+            if let Some(c) = cached.as_deref_mut() {
+                c[r].fill(0.0);
+            }
+            start += len;
+        }
+        Ok(())
+    }
+
     /// Pass 3: computes and stores in place. Each block is validated before it is
     /// stored, so an error leaves the failing block and everything after it
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
