@@ -291,13 +291,25 @@ impl TensorStep<'_> {
         }
     }
 
+    /// Whether this step reads the task vector (plain AdamW and step-K's
+    /// accumulating steps do not, so their callers may pass an empty one).
+    fn uses_tau(&self) -> bool {
+        matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER)
+    }
+
+    /// The task vector's elements `start .. start + len`, or an empty source when
+    /// this step does not read it.
+    fn tau_block<'t>(&self, tau: &Src<'t>, start: usize, len: usize) -> Src<'t> {
+        if self.uses_tau() { tau.slice(start, len) } else { Src::F32(&[]) }
+    }
+
     fn check_lengths(&self, offset: u64, grad: &[f32], s: &StateRef<'_>, tau: &Src<'_>) -> Result<(), Error> {
         let n = grad.len();
         let mut lens = [("parameter", s.theta.len()), ("exp_avg", s.m.len()), ("exp_avg_sq", s.v.len()), ("cached delta", n), ("task vector", n)];
         if let Some(c) = s.cached {
             lens[3].1 = c.len();
         }
-        if matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER) {
+        if self.uses_tau() {
             lens[4].1 = tau.len();
         }
         for (what, len) in lens {
@@ -502,7 +514,7 @@ impl TensorStep<'_> {
             let r = start..start + len;
             {
                 let view = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: cached.as_deref().map(|c| &c[r.clone()]) };
-                self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
+                self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
             }
             bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
             start += len;
@@ -534,7 +546,7 @@ impl TensorStep<'_> {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
             let view = StateRef { theta: &input.theta[r.clone()], m: &input.m[r.clone()], v: &input.v[r.clone()], cached: input.cached.map(|c| &c[r.clone()]) };
-            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
+            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
             bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
             start += len;
         }
@@ -549,7 +561,7 @@ impl TensorStep<'_> {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
             let view = StateRef { theta: &state.theta[r.clone()], m: &state.m[r.clone()], v: &state.v[r.clone()], cached: state.cached.map(|c| &c[r.clone()]) };
-            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &tau.slice(start, len), &mut bufs)?;
+            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
             sink(start, &bufs.out, len);
             start += len;
         }

@@ -657,3 +657,35 @@ fn ties_validates_the_new_parameter_before_writing() {
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "gradient", index: 690 });
     assert_eq!(st, st0);
 }
+
+#[test]
+fn steps_that_read_no_task_vector_accept_an_empty_one() {
+    // Plain AdamW, and step-K's accumulating steps, never read τ': a host without
+    // SFT/base models passes an empty one. A merging step still refuses it by name.
+    let mut rng = Rng::new(12);
+    let n = 700;
+    let (g, st0, tau) = random_state(&mut rng, n);
+    let dare = Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() });
+    for (merge, k, step) in [(Merge::None, 1u32, 1u64), (Merge::None, 2, 1), (dare, 2, 1)] {
+        let plan = Optimizer::new(OnlineConfig { merge, k, ..OnlineConfig::default() }).unwrap().plan(step).unwrap();
+        let run = |tau: &[f32]| {
+            let mut st = st0.clone();
+            let cached = (k > 1).then(|| &mut st.cached[..]);
+            plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }).unwrap();
+            let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
+            let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
+            let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
+            plan.step_tensor_into("w", &g, old, Src::F32(tau), new).unwrap();
+            (st, out)
+        };
+        let (full_inplace, full_into) = run(&tau);
+        let (empty_inplace, empty_into) = run(&[]);
+        assert_eq!(empty_inplace, full_inplace, "{merge:?} k={k}");
+        assert_eq!(bits(&empty_into.theta), bits(&full_into.theta), "{merge:?} k={k}");
+    }
+    let plan = Optimizer::new(OnlineConfig { merge: dare, ..OnlineConfig::default() }).unwrap().plan(1).unwrap();
+    let mut st = st0.clone();
+    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&[]) }).unwrap_err();
+    assert_eq!(err, Error::LengthMismatch { tensor: tensor_name("w"), what: "task vector", expected: n as u64, found: 0 });
+    assert_eq!(st, st0);
+}

@@ -342,9 +342,8 @@ impl Optimizer {
         let mut jobs = Vec::with_capacity(n);
         let state = self.params.tensors.iter_mut().zip(self.m.tensors.iter_mut()).zip(self.v.tensors.iter_mut());
         for (i, ((g, ((theta, m), v)), (c, s))) in grads.tensors.iter().zip(state).zip(cached.drain(..).zip(scratch.drain(..))).enumerate() {
-            // Plain AdamW has no τ', but merge-core slices the τ' source per block
-            // even when it never reads it; the gradient has the right length.
-            let tau = self.tau.as_ref().map_or(g.data.as_slice(), |t| t.tensors[i].data.as_slice());
+            // Plain AdamW has no τ': merge-core accepts an empty one.
+            let tau = self.tau.as_ref().map_or(&[][..], |t| t.tensors[i].data.as_slice());
             jobs.push(StepJob {
                 name: &g.name,
                 grad: &g.data,
