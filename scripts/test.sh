@@ -73,5 +73,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
 fi
 
+# Mesa's Vulkan loader complains on every device creation when there is no
+# session runtime directory (CI, containers); give it a private one.
+if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
+    XDG_RUNTIME_DIR=$(mktemp -d)
+    chmod 700 "$XDG_RUNTIME_DIR"
+    export XDG_RUNTIME_DIR
+fi
+
 # --no-fail-fast: CI reports every failing test binary, not only the first.
 cargo test --workspace --no-fail-fast
