@@ -5,9 +5,9 @@
 #   device.sh torch   the PyTorch port of the official ODAdamW/OTAdamW on the same GPU
 #   device.sh all     the three in order (may exceed one 10-minute device command)
 # Output goes to stdout and, when $OUT is set, to $OUT/device-<stage>.txt.
-# Without cargo on the machine: build the test binaries and gpu-bench here
-# (cargo build --release -p gpu-shaders --tests --bins), carry them, set BIN_DIR,
-# and GOLDEN_DIR to the repository's tests/golden.
+# Without cargo on the machine: gpu-shaders/bench/build-device-bins.sh here, carry
+# devbin/ (stripped binaries, under the 64 MiB carry limit), set BIN_DIR=devbin.
+# GOLDEN_DIR defaults to the repository's tests/golden.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage="${1:-all}"

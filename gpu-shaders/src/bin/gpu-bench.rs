@@ -43,6 +43,10 @@ fn parse() -> Result<Args, String> {
             a.qwen = true;
             continue;
         }
+        if flag == "--help" || flag == "-h" {
+            println!("usage: gpu-bench [--sizes 16,64] [--reps 5] [--qwen]\n  --sizes  tensor sizes in Mi parameters\n  --reps   timed repetitions per step\n  --qwen   add the Qwen1.5-1.8B tensor set (~35 GB of device memory)\nMERGE_GPU_ADAPTER=<substring> picks the adapter.");
+            std::process::exit(0);
+        }
         let val = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--sizes" => {
