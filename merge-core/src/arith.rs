@@ -1,6 +1,6 @@
 //! The binary32 operations of SPEC.md §1: every result passes through the flush
 //! rule `F`, so no value in the merge path is ever subnormal or `-0.0`.
-//! Nothing here may use `mul_add`: SPEC.md §1.2 bans fused multiply-add.
+//! Nothing here may fuse a multiply and an add into one rounding: SPEC.md §1.2.
 
 /// Exponent field of a binary32 value.
 pub const EXP_MASK: u32 = 0x7f80_0000;
