@@ -4,6 +4,7 @@
 //! inputs of the same shapes, on which the oracle must agree with merge-core too.
 
 use golden_runner::{Array, Case, f32_param, f64_param};
+use merge_core::dtype::{bf16_to_f32, f16_to_f32};
 
 /// splitmix64: a fixed, documented input generator so regenerating gives the same inputs.
 struct Inputs(u64);
@@ -354,8 +355,8 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
     // The policy starts at the SFT weights (in f32).
     let theta: Vec<f32> = match &sft {
         Array::F32(v) => v.clone(),
-        Array::Bf16(v) => v.iter().map(|&h| f32::from_bits(u32::from(h) << 16)).collect(),
-        Array::F16(v) => v.iter().map(|&h| half_f16_to_f32(h)).collect(),
+        Array::Bf16(v) => v.iter().map(|&h| bf16_to_f32(h)).collect(),
+        Array::F16(v) => v.iter().map(|&h| f16_to_f32(h)).collect(),
         _ => unreachable!("weights are float arrays"),
     };
     c.inputs.insert("sft".into(), sft);
@@ -367,14 +368,6 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
         c.inputs.insert(format!("grad.{}", i + 1), Array::F32(g.clone()));
     }
     c
-}
-
-/// IEEE binary16 to binary32 (exact), for the policy's starting point only.
-fn half_f16_to_f32(h: u16) -> f32 {
-    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
-    let e = i32::from((h >> 10) & 0x1f);
-    let m = f32::from(h & 0x3ff);
-    sign * if e == 0 { m * 2f32.powi(-24) } else { (1.0 + m / 1024.0) * 2f32.powi(e - 15) }
 }
 
 fn optimizer_cases(salt: u64) -> Vec<Case> {
