@@ -10,7 +10,7 @@
 //! right, starting from the first term; sums over elements are SPEC.md §3 tree sums.
 
 use crate::arith::{add, div, flush, is_non_finite, mul, sqrt, sub};
-use crate::dtype::{Dst, Dtype, Src, StoreError, store_error};
+use crate::dtype::{Dst, Src, StoreError, store_error};
 use crate::error::{Error, tensor_name};
 use crate::reduce::TreeSum;
 use crate::rng::{Keep, MaskKey, check_extent, stream, tensor_id};
@@ -82,14 +82,6 @@ fn load(name: &str, what: &'static str, src: &Src<'_>, j: usize, index: u64) -> 
     Ok(x)
 }
 
-fn dtype_of(d: &Dst<'_>) -> Dtype {
-    match d {
-        Dst::F32(_) => Dtype::F32,
-        Dst::Bf16(_) => Dtype::Bf16,
-        Dst::F16(_) => Dtype::F16,
-    }
-}
-
 /// Runs `value` for every element twice: first to validate every input and result
 /// (so a failing chunk writes nothing), then to store.
 fn write_all(
@@ -98,7 +90,7 @@ fn write_all(
     out: &mut Dst<'_>,
     value: impl Fn(usize) -> Result<f32, Error>,
 ) -> Result<(), Error> {
-    let dtype = dtype_of(out);
+    let dtype = out.dtype();
     let fail = |e: StoreError, j: usize| store_error(name, "merged weights", offset + j as u64, e, dtype);
     for j in 0..out.len() {
         let x = value(j)?;
