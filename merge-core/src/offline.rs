@@ -12,6 +12,7 @@
 use crate::arith::{add, div, flush, is_non_finite, mul, sqrt, sub};
 use crate::dtype::{Dst, Src, StoreError, store_error};
 use crate::error::{Error, tensor_name};
+use crate::hyper::invalid;
 use crate::reduce::TreeSum;
 use crate::rng::{Keep, MaskKey, check_extent, stream, tensor_id};
 use crate::topk::{RadixSelect, Threshold, keep_count, magnitude_key};
@@ -26,10 +27,6 @@ const MODEL_NAMES: [&str; MAX_MODELS] = [
     "model 8 weights", "model 9 weights", "model 10 weights", "model 11 weights",
     "model 12 weights", "model 13 weights", "model 14 weights", "model 15 weights",
 ];
-
-fn invalid(name: &'static str, value: f64, expected: &'static str) -> Error {
-    Error::InvalidHyperparameter { name, value, expected }
-}
 
 /// A hyperparameter rounded once to binary32 (then `F`); it must stay finite.
 fn to_f32(name: &'static str, x: f64) -> Result<f32, Error> {
