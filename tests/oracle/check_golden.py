@@ -432,6 +432,20 @@ def global_masks(xs, p):
     return out
 
 
+def ties_trim(xs, p, global_scope, rescale):
+    """§5.3 TopP of each tensor (threshold per tensor or over all of them), then
+    the optional ρ rescale, over the same scope; used for τ' and for the update."""
+    masks = (global_masks if global_scope else scope_masks)(xs, p)
+    kept = [topp(x, m) for x, m in zip(xs, masks)]
+    if rescale:
+        if global_scope:
+            rhos = [ties_rho(np.concatenate(xs), np.concatenate(kept))] * len(kept)
+        else:
+            rhos = [ties_rho(x, kt) for x, kt in zip(xs, kept)]
+        kept = [kt if r is None else o.mul(kt, r) for kt, r in zip(kept, rhos)]
+    return kept
+
+
 def ties_combine(variant, tau, d, alpha, omega):
     """§5.3 combine."""
     tb, db = o.bits(tau), o.bits(d)
@@ -500,15 +514,7 @@ def op_optimizer(c):
                 else:
                     t["tau_f32"] = tau
         else:
-            masks = (global_masks if c.word("scope") == "global" else scope_masks)(taus, p32)
-            kept = [topp(tau, m) for tau, m in zip(taus, masks)]
-            if c.params["rescale"]:
-                if c.word("scope") == "global":
-                    rho = ties_rho(np.concatenate(taus), np.concatenate(kept))
-                    rhos = [rho] * len(kept)
-                else:
-                    rhos = [ties_rho(tau, kt) for tau, kt in zip(taus, kept)]
-                kept = [kt if r is None else o.mul(kt, r) for kt, r in zip(kept, rhos)]
+            kept = ties_trim(taus, p32, c.word("scope") == "global", c.params["rescale"])
             for t, kt in zip(st, kept):
                 t["tau_f32"] = kt
         for t in st:
@@ -549,15 +555,7 @@ def op_optimizer(c):
             work.append(dict(t=t, th=th, m2=m2, v2=v2, delta=delta, cached=cached, checks=checks))
         if merge == "ties" and merge_step:
             ds = [w["delta"] if w["cached"] is None else o.add(w["delta"], w["cached"]) for w in work]
-            masks = (global_masks if c.word("scope") == "global" else scope_masks)(ds, p32)
-            kept = [topp(d, mk) for d, mk in zip(ds, masks)]
-            if c.params["rescale"]:
-                if c.word("scope") == "global":
-                    rho = ties_rho(np.concatenate(ds), np.concatenate(kept))
-                    rhos = [rho] * len(kept)
-                else:
-                    rhos = [ties_rho(d, kt) for d, kt in zip(ds, kept)]
-                kept = [kt if r is None else o.mul(kt, r) for kt, r in zip(kept, rhos)]
+            kept = ties_trim(ds, p32, c.word("scope") == "global", c.params["rescale"])
             for w, kt in zip(work, kept):
                 w["ties_d"] = kt
         for w in work:
