@@ -73,21 +73,16 @@ impl GpuArray {
     }
 
     pub fn from_f32(ctx: &GpuContext, label: &str, data: &[f32]) -> GpuArray {
-        let n = data.len() as u64;
-        let chunks = ctx
-            .chunks(n)
-            .into_iter()
-            .map(|(start, len)| Chunk {
-                start,
-                len,
-                buf: ctx.storage_init(label, bytemuck::cast_slice(&data[start as usize..(start + len) as usize])),
-            })
-            .collect();
-        GpuArray { storage: Storage::F32, n, chunks }
+        Self::dense(ctx, label, Storage::F32, data)
     }
 
     /// 16-bit storage from raw bits.
     pub fn from_u16(ctx: &GpuContext, label: &str, storage: Storage, data: &[u16]) -> GpuArray {
+        Self::dense(ctx, label, storage, data)
+    }
+
+    /// One element of `data` per element of the array, split at the chunk boundaries.
+    fn dense<T: bytemuck::Pod>(ctx: &GpuContext, label: &str, storage: Storage, data: &[T]) -> GpuArray {
         let n = data.len() as u64;
         let chunks = ctx
             .chunks(n)
