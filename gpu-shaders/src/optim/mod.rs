@@ -516,7 +516,7 @@ impl GpuOptimizer {
                 }
             }
             self.write_uniforms(us);
-            self.ctx.queue.write_buffer(&self.hist, 0, bytemuck::cast_slice(&vec![0u32; sels.len() * BUCKETS]));
+            enc.clear_buffer(&self.hist, 0, Some((sels.len() * BUCKETS * 4) as u64));
             for (ix, slot) in self.slots.iter().enumerate() {
                 if sels[sel_of(ix)].pass().is_some() {
                     self.encode_pass(&mut enc, slot, 3);
@@ -537,11 +537,11 @@ impl GpuOptimizer {
         }
         if let (true, Some(g)) = (tp.rescale, &self.global_norms) {
             self.write_uniforms(us);
-            let leaves = 2 * g.nslots as usize * WORKGROUP as usize;
-            if leaves > 0 {
-                self.ctx.queue.write_buffer(&g.buf, u64::from(g.bl_base) * 4, bytemuck::cast_slice(&vec![0f32; leaves]));
-            }
+            let leaves = 2 * u64::from(g.nslots) * u64::from(WORKGROUP);
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            if leaves > 0 {
+                enc.clear_buffer(&g.buf, u64::from(g.bl_base) * 4, Some(4 * leaves));
+            }
             for slot in &self.slots {
                 for ((bg, seg), ch) in slot.gnorm.iter().zip(&slot.theta.chunks) {
                     let groups = (u64::from(seg[0]) + ch.len).div_ceil(WORKGROUP as u64) as u32;
