@@ -274,18 +274,7 @@ impl GpuOptimizer {
             let grad = GpuArray::zeros(&ctx, "grad", Storage::F32, n);
             let nb = n.div_ceil(WORKGROUP as u64) as u32;
             let nb_buf = ctx.storage("block sums", 8 * nb.max(1) as u64);
-            let mut levels = Vec::new();
-            let mut cnt = nb;
-            let mut input = nb_buf.clone();
-            while cnt > 1 {
-                let gph = cnt.div_ceil(WORKGROUP);
-                let u = ctx.uniform_init("tree level", bytemuck::cast_slice(&[0u32, cnt, gph, 0]));
-                let out = ctx.storage("tree level", 8 * gph as u64);
-                let bg = reduce.bind(&ctx, &[&u, &input, &out]);
-                input = out.clone();
-                levels.push((u, out, gph, bg));
-                cnt = gph;
-            }
+            let levels = tree_levels(&ctx, &reduce, &nb_buf, nb);
             let mut uniforms = Vec::new();
             let mut groups = Vec::new();
             let mut gnorm = Vec::new();
@@ -945,9 +934,21 @@ fn global_norms(ctx: &GpuContext, reduce: &Kernel, boundary: &Kernel, order: &[&
         let bg = boundary.bind(ctx, &[&u, &buf, &mb]);
         (u, mb, bg)
     });
+    let levels = tree_levels(ctx, reduce, &buf, nb_total);
+    Ok((GlobalNorms { buf, nb_total, nslots, bl_base, boundary, levels }, layout))
+}
+
+/// The levels of the fixed tree sum above `blocks` 256-block sums of |D| and |D'|
+/// held in `leaves`: per level its uniform, output buffer, groups per half and bind group.
+fn tree_levels(
+    ctx: &GpuContext,
+    reduce: &Kernel,
+    leaves: &wgpu::Buffer,
+    blocks: u32,
+) -> Vec<(wgpu::Buffer, wgpu::Buffer, u32, wgpu::BindGroup)> {
     let mut levels = Vec::new();
-    let mut cnt = nb_total;
-    let mut input = buf.clone();
+    let mut cnt = blocks;
+    let mut input = leaves.clone();
     while cnt > 1 {
         let gph = cnt.div_ceil(WORKGROUP);
         let u = ctx.uniform_init("tree level", bytemuck::cast_slice(&[0u32, cnt, gph, 0]));
@@ -957,5 +958,5 @@ fn global_norms(ctx: &GpuContext, reduce: &Kernel, boundary: &Kernel, order: &[&
         levels.push((u, out, gph, bg));
         cnt = gph;
     }
-    Ok((GlobalNorms { buf, nb_total, nslots, bl_base, boundary, levels }, layout))
+    levels
 }
