@@ -3,7 +3,7 @@
 //! and the `paper` variant (the equations as printed).
 
 use crate::arith::{add, is_non_finite, mul, sub};
-use crate::dtype::{Dst, Src, store_error};
+use crate::dtype::{Dst, Src, write_all};
 use crate::error::{Error, tensor_name};
 use crate::hyper::invalid;
 use crate::rng::{Keep, MaskKey, check_extent, stream, tensor_id};
@@ -160,15 +160,7 @@ pub fn init_tau(params: &DareParams, seed: u64, name: &str, base: Src<'_>, sft: 
         }
         Ok(t)
     };
-    for i in 0..n {
-        let t = value(i)?;
-        out.check(t).map_err(|e| store_error(name, "task vector", i as u64, e, out.dtype()))?;
-    }
-    for i in 0..n {
-        let t = value(i)?;
-        out.store(i, t).map_err(|e| store_error(name, "task vector", i as u64, e, out.dtype()))?;
-    }
-    Ok(())
+    write_all(name, "task vector", 0, out, value)
 }
 
 #[cfg(test)]

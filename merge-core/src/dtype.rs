@@ -242,6 +242,29 @@ pub fn store_error(name: &str, what: &'static str, index: u64, e: StoreError, dt
     }
 }
 
+/// Runs `value` for every element of `out` twice: first to validate every input
+/// and result (so a failing chunk writes nothing), then to store. `offset` is the
+/// chunk's start in the whole tensor, for the index an error names.
+pub(crate) fn write_all(
+    name: &str,
+    what: &'static str,
+    offset: u64,
+    out: &mut Dst<'_>,
+    value: impl Fn(usize) -> Result<f32, Error>,
+) -> Result<(), Error> {
+    let dtype = out.dtype();
+    let fail = |e: StoreError, j: usize| store_error(name, what, offset + j as u64, e, dtype);
+    for j in 0..out.len() {
+        let x = value(j)?;
+        out.check(x).map_err(|e| fail(e, j))?;
+    }
+    for j in 0..out.len() {
+        let x = value(j)?;
+        out.store(j, x).map_err(|e| fail(e, j))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

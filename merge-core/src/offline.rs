@@ -10,7 +10,7 @@
 //! right, starting from the first term; sums over elements are SPEC.md §3 tree sums.
 
 use crate::arith::{add, div, flush, is_non_finite, mul, sqrt, sub};
-use crate::dtype::{Dst, Src, StoreError, store_error};
+use crate::dtype::{Dst, Src, write_all};
 use crate::error::{Error, tensor_name};
 use crate::hyper::invalid;
 use crate::reduce::TreeSum;
@@ -79,27 +79,6 @@ fn load(name: &str, what: &'static str, src: &Src<'_>, j: usize, index: u64) -> 
     Ok(x)
 }
 
-/// Runs `value` for every element twice: first to validate every input and result
-/// (so a failing chunk writes nothing), then to store.
-fn write_all(
-    name: &str,
-    offset: u64,
-    out: &mut Dst<'_>,
-    value: impl Fn(usize) -> Result<f32, Error>,
-) -> Result<(), Error> {
-    let dtype = out.dtype();
-    let fail = |e: StoreError, j: usize| store_error(name, "merged weights", offset + j as u64, e, dtype);
-    for j in 0..out.len() {
-        let x = value(j)?;
-        out.check(x).map_err(|e| fail(e, j))?;
-    }
-    for j in 0..out.len() {
-        let x = value(j)?;
-        out.store(j, x).map_err(|e| fail(e, j))?;
-    }
-    Ok(())
-}
-
 /// Linear merge (mergekit `linear`): `Σ w_i ⊗ x_i`, divided by `Σ w_i` when
 /// `normalize` (mergekit's default). Weights are rounded once to binary32; with
 /// `normalize` their sum must not be zero.
@@ -121,7 +100,7 @@ pub fn linear(
     if normalize && wsum == 0.0 {
         return Err(invalid("weight", weights[0], "weights whose binary32 sum is not zero (normalize divides by it)"));
     }
-    write_all(name, offset, out, |j| {
+    write_all(name, "merged weights", offset, out, |j| {
         let index = offset + j as u64;
         let mut acc = mul(w[0], load(name, MODEL_NAMES[0], &models[0], j, index)?);
         for m in 1..models.len() {
@@ -147,7 +126,7 @@ pub fn interpolate(
     let w = flush(weight as f32);
     check_len(name, "SFT weights", out.len(), &sft)?;
     check_len(name, "RLHF weights", out.len(), &rlhf)?;
-    write_all(name, offset, out, |j| {
+    write_all(name, "merged weights", offset, out, |j| {
         let index = offset + j as u64;
         let s = load(name, "SFT weights", &sft, j, index)?;
         let r = load(name, "RLHF weights", &rlhf, j, index)?;
@@ -363,7 +342,7 @@ impl GtaPlan {
             check_extent(name, offset, out.len())?;
         }
         let count = models.len();
-        write_all(name, offset, out, |j| {
+        write_all(name, "merged weights", offset, out, |j| {
             let index = offset + j as u64;
             let b = load(name, "base weights", &base, j, index)?;
             let mut x = [0.0f32; MAX_MODELS];
@@ -499,7 +478,7 @@ impl SlerpDot {
 pub fn slerp_apply(name: &str, offset: u64, a: Src<'_>, b: Src<'_>, s: &SlerpScalars, out: &mut Dst<'_>) -> Result<(), Error> {
     check_len(name, "first model's weights", out.len(), &a)?;
     check_len(name, "second model's weights", out.len(), &b)?;
-    write_all(name, offset, out, |j| {
+    write_all(name, "merged weights", offset, out, |j| {
         let index = offset + j as u64;
         let x = load(name, "first model's weights", &a, j, index)?;
         let y = load(name, "second model's weights", &b, j, index)?;
