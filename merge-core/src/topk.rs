@@ -569,16 +569,8 @@ impl RadixSelect {
         match pass {
             Pass::Key { shift, bits, prefix } => {
                 // Walk digits from the largest; `above` counts candidates with larger digits.
-                let mut above = 0u64;
-                let mut digit = 0u32;
-                for d in (0..nb).rev() {
-                    let c = self.hist[d];
-                    if above + c >= self.rank {
-                        digit = d as u32;
-                        break;
-                    }
-                    above += c;
-                }
+                let (d, above) = locate(&self.hist, (0..nb).rev(), self.rank);
+                let digit = d as u32;
                 self.rank -= above;
                 self.candidates = self.hist[digit as usize];
                 let prefix = (prefix << bits) | digit;
@@ -599,16 +591,8 @@ impl RadixSelect {
             }
             Pass::Index { key, shift, bits, prefix } => {
                 // Walk digits from the lowest; `below` counts tied candidates with lower indices.
-                let mut below = 0u64;
-                let mut digit = 0u64;
-                for d in 0..nb {
-                    let c = self.hist[d];
-                    if below + c >= self.rank {
-                        digit = d as u64;
-                        break;
-                    }
-                    below += c;
-                }
+                let (d, below) = locate(&self.hist, 0..nb, self.rank);
+                let digit = d as u64;
                 self.rank -= below;
                 self.candidates = self.hist[digit as usize];
                 let prefix = (prefix << bits) | digit;
@@ -639,6 +623,20 @@ impl RadixSelect {
         self.pass = None;
         self.result = Some(t);
     }
+}
+
+/// The bucket of `hist`, walked in `order`, that holds the `rank`-th candidate, and
+/// how many candidates the buckets walked before it hold.
+fn locate(hist: &[u64], order: impl Iterator<Item = usize>, rank: u64) -> (usize, u64) {
+    let mut before = 0u64;
+    for d in order {
+        let c = hist[d];
+        if before + c >= rank {
+            return (d, before);
+        }
+        before += c;
+    }
+    (0, before)
 }
 
 /// The threshold for the `k` largest magnitudes over `tensors` concatenated in the
