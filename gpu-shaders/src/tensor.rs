@@ -4,7 +4,16 @@
 //! 256, at most one binding of 4-byte words), so one bind group per chunk sees the
 //! matching parts of θ, m, v, g, … and an element's global index is `start + i`.
 
+use merge_core::dtype::Src;
+
 use crate::context::{GpuContext, GpuError};
+
+/// `src` as the kernels load it: binary32, flushed.
+pub(crate) fn load_f32(src: &Src<'_>) -> Vec<f32> {
+    let mut v = vec![0f32; src.len()];
+    src.load_into(0, &mut v);
+    v
+}
 
 /// Storage format of a resident array (SPEC §7). 16-bit arrays hold two elements
 /// per u32 word, element `2j` in the low half.

@@ -14,7 +14,7 @@ use merge_core::topk::{keep_count, Threshold};
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
-use crate::tensor::{GpuArray, Storage};
+use crate::tensor::{load_f32, GpuArray, Storage};
 use crate::topk::GpuTopK;
 
 /// Models one GPU merge takes (the kernel binds each model separately).
@@ -123,11 +123,7 @@ impl GpuMerger {
         offline::task_vector_threshold(scope, density, &eb, &em)?;
         let n: u64 = bases.iter().map(|b| b.len() as u64).sum();
         let k = keep_count("density", density as f32, n)?;
-        let f32_of = |s: &Src<'_>| -> GpuArray {
-            let mut v = vec![0f32; s.len()];
-            s.load_into(0, &mut v);
-            GpuArray::from_f32(&self.ctx, "task vector input", &v)
-        };
+        let f32_of = |s: &Src<'_>| GpuArray::from_f32(&self.ctx, "task vector input", &load_f32(s));
         let b: Vec<GpuArray> = bases.iter().map(f32_of).collect();
         let m: Vec<GpuArray> = models.iter().map(f32_of).collect();
         let pairs: Vec<(&GpuArray, &GpuArray)> = m.iter().zip(&b).collect();

@@ -13,7 +13,7 @@ use merge_core::topk::{keep_count, Pass, RadixSelect, Threshold, BUCKETS};
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
-use crate::tensor::{GpuArray, Storage};
+use crate::tensor::{load_f32, GpuArray, Storage};
 
 /// What the status slots record, in merge-core's reporting order (`step.rs`).
 const WHAT: [&str; 12] = [
@@ -828,7 +828,8 @@ impl HostTau {
         match self {
             HostTau::F32(v) => dense_or_compact(ctx, v, || GpuArray::from_f32(ctx, "task vector", v)),
             HostTau::Half(d, bits) => {
-                let values = Src::from_storage(*d, bits).to_f32_vec();
+                let src = if *d == Dtype::F16 { Src::F16(bits) } else { Src::Bf16(bits) };
+                let values = load_f32(&src);
                 dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(*d), bits))
             }
         }
@@ -861,29 +862,6 @@ fn ties_task_vectors(cpu: &Optimizer, order: &[&TensorInit<'_>]) -> Result<Vec<H
     cpu.init_task_vectors(&mut jobs)?;
     drop(jobs);
     Ok(outs)
-}
-
-/// Reading 16-bit storage back as flushed binary32 (what the kernels load).
-trait ToF32 {
-    fn to_f32_vec(&self) -> Vec<f32>;
-}
-
-impl ToF32 for Src<'_> {
-    fn to_f32_vec(&self) -> Vec<f32> {
-        let mut v = vec![0f32; self.len()];
-        self.load_into(0, &mut v);
-        v
-    }
-}
-
-trait FromStorage<'a> {
-    fn from_storage(dtype: Dtype, bits: &'a [u16]) -> Src<'a>;
-}
-
-impl<'a> FromStorage<'a> for Src<'a> {
-    fn from_storage(dtype: Dtype, bits: &'a [u16]) -> Src<'a> {
-        if dtype == Dtype::F16 { Src::F16(bits) } else { Src::Bf16(bits) }
-    }
 }
 
 /// Lays out the global-scope tree sums: every chunk of every tensor (name order)
