@@ -112,7 +112,7 @@ impl GpuMerger {
         }
         let mut u = OffU { head: [0, 0, 1, 2], ..OffU::default() };
         u.fl[3] = to_f32(weight);
-        self.run_named(name, u, None, &[sft, rlhf], out, ["SFT weights", "RLHF weights"])
+        self.run_with(name, u, None, &[sft, rlhf], out, &["SFT weights", "RLHF weights"])
     }
 
     /// The TIES trim threshold of one model over its tensors (one tensor: per-tensor
@@ -221,10 +221,6 @@ impl GpuMerger {
 
     fn run(&self, name: &str, u: OffU, base: Option<Src<'_>>, models: &[Src<'_>], out: &mut Dst<'_>) -> Result<(), GpuError> {
         self.run_with(name, u, base, models, out, &MODEL_NAMES[..models.len()])
-    }
-
-    fn run_named(&self, name: &str, u: OffU, base: Option<Src<'_>>, models: &[Src<'_>], out: &mut Dst<'_>, what: [&'static str; 2]) -> Result<(), GpuError> {
-        self.run_with(name, u, base, models, out, &what)
     }
 
     /// Uploads, merges chunk by chunk, reports the first bad value (lowest index;
