@@ -2,24 +2,18 @@
 //! a pure function of (seed, epoch), so that the examples of global position `pos`
 //! are the same in an uninterrupted run and in a resumed one.
 
-/// SplitMix64 (Steele, Lea, Flood 2014): a small, fully specified generator; data
-/// order needs reproducibility, not cryptographic quality.
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
+// SplitMix64: a small, fully specified generator; data order needs
+// reproducibility, not cryptographic quality.
+use crate::data::builtin::SplitMix64;
 
 /// Fisher–Yates permutation of `0..n` for `epoch`.
 pub fn epoch_permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     let mut perm: Vec<usize> = (0..n).collect();
-    let mut s = seed ^ epoch.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    let mut rng = SplitMix64::new(seed ^ epoch.wrapping_mul(0xd6e8_feb8_6659_fd93));
     for i in (1..n).rev() {
         // Multiply-shift maps the 64-bit draw onto 0..=i without modulo bias worth
         // caring about for data order.
-        let j = ((u128::from(splitmix64(&mut s)) * (i as u128 + 1)) >> 64) as usize;
+        let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
         perm.swap(i, j);
     }
     perm
