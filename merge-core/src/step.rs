@@ -220,16 +220,18 @@ impl Buffers {
     fn new() -> Self {
         Buffers { inp: BlockIn::new(), out: BlockOut::new() }
     }
+}
 
+impl BlockOut {
     /// Stores the validated block.
     #[inline]
     fn store(&self, dst: StateMut<'_>) {
         let n = dst.theta.len();
-        dst.theta.copy_from_slice(&self.out.theta[..n]);
-        dst.m.copy_from_slice(&self.out.m[..n]);
-        dst.v.copy_from_slice(&self.out.v[..n]);
+        dst.theta.copy_from_slice(&self.theta[..n]);
+        dst.m.copy_from_slice(&self.m[..n]);
+        dst.v.copy_from_slice(&self.v[..n]);
         if let Some(c) = dst.cached {
-            c.copy_from_slice(&self.out.cached[..n]);
+            c.copy_from_slice(&self.cached[..n]);
         }
     }
 }
@@ -516,7 +518,7 @@ impl TensorStep<'_> {
                 let view = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: cached.as_deref().map(|c| &c[r.clone()]) };
                 self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
             }
-            bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
+            bufs.out.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
             start += len;
         }
         Ok(())
@@ -539,18 +541,10 @@ impl TensorStep<'_> {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
         }
         let StateMut { theta, m, v, mut cached } = output;
-        let mut bufs = Buffers::new();
-        let n = grad.len();
-        let mut start = 0;
-        while start < n {
-            let len = BLOCK.min(n - start);
+        self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| {
             let r = start..start + len;
-            let view = StateRef { theta: &input.theta[r.clone()], m: &input.m[r.clone()], v: &input.v[r.clone()], cached: input.cached.map(|c| &c[r.clone()]) };
-            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
-            bufs.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
-            start += len;
-        }
-        Ok(())
+            out.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
+        })
     }
 
     fn run(&self, pass: Pass, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
