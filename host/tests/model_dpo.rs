@@ -54,7 +54,7 @@ fn dpo_chain_rule_matches_finite_differences() {
     // loss is so curved along a whole-model direction that no f32 step size
     // gives a usable central difference)
     let mut params = reference.params.clone();
-    let mut rng = SplitMix64(2);
+    let mut rng = SplitMix64::new(2);
     for t in &mut params.tensors {
         for x in &mut t.data {
             *x = *x * 3.0 + (rng.next_normal() * 0.05) as f32;
@@ -72,7 +72,7 @@ fn dpo_chain_rule_matches_finite_differences() {
         let mut grads = policy.zero_grads();
         dpo(&policy, &loss, &chosen, &rejected, &refs, Some(&mut grads));
         // one random direction over every parameter at once
-        let mut rng = SplitMix64(3);
+        let mut rng = SplitMix64::new(3);
         let dir: Vec<Vec<f32>> = params
             .tensors
             .iter()

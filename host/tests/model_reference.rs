@@ -39,7 +39,7 @@ fn forward_matches_transformers_reference() {
         c.rms_norm_eps = 1e-5;
         let mut model = LlamaModel::init(c, 3).unwrap();
         // away from init's structure (norms at 1, zero biases), so every term shows
-        let mut rng = SplitMix64(9);
+        let mut rng = SplitMix64::new(9);
         for t in &mut model.params.tensors {
             for x in &mut t.data {
                 *x += (rng.next_normal() * 0.3) as f32;

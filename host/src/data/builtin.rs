@@ -174,6 +174,13 @@ impl SplitMix64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// Standard normal by Box–Muller (the model's initialization).
+    pub fn next_normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit();
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
     pub fn pick<'a>(&mut self, items: &'a [&'a str]) -> &'a str {
         items[self.below(items.len() as u64) as usize]
     }

@@ -210,32 +210,9 @@ pub struct GenerateOptions {
     pub seed: u64,
 }
 
-/// SplitMix64 (Steele et al.): small, seedable, and the same stream on every
-/// platform; used for initialization and sampling, never for merge masks.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// Standard normal by Box–Muller.
-    pub fn next_normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.next_f64();
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
+// SplitMix64: small, seedable, and the same stream on every platform; used for
+// initialization and sampling, never for merge masks.
+pub use crate::data::builtin::SplitMix64;
 
 fn fnv1a64(s: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -305,7 +282,7 @@ impl LlamaModel {
                     } else {
                         0.02
                     };
-                    let mut rng = SplitMix64(seed ^ fnv1a64(&name));
+                    let mut rng = SplitMix64::new(seed ^ fnv1a64(&name));
                     (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
                 };
                 Tensor { name, shape, data }
@@ -843,7 +820,7 @@ impl LlamaModel {
 
     fn generate_one(&self, pass: &Pass, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut rng = SplitMix64(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut rng = SplitMix64::new(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
         let mut cache = self.new_cache();
         let mut out = Vec::new();
         let mut nf = self.infer(pass, &mut cache, prompt);
@@ -901,7 +878,7 @@ fn sample(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
             let mx = logits[argmax()] as f64;
             let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - mx) / temperature as f64).exp()).collect();
             let total: f64 = weights.iter().sum();
-            let mut u = rng.next_f64() * total;
+            let mut u = rng.unit() * total;
             for (&i, &w) in order.iter().zip(&weights) {
                 if u < w {
                     return i as u32;

@@ -29,7 +29,7 @@ fn check_grad(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, f: &dyn F
 /// whole-model objective sums f32 log-probs of size ~30, so differences of it
 /// carry absolute noise near 1e-3 that tiny gradients cannot be checked below.
 fn check_grad_floor(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, floor: f64, f: &dyn Fn(&[f32]) -> f64) {
-    let mut rng = SplitMix64(0x5eed ^ x.len() as u64);
+    let mut rng = SplitMix64::new(0x5eed ^ x.len() as u64);
     let dir: Vec<f32> = (0..x.len()).map(|_| if rng.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect();
     let shifted = |s: f32| -> Vec<f32> { x.iter().zip(&dir).map(|(&a, &d)| a + s * d).collect() };
     let numeric = (f(&shifted(eps)) - f(&shifted(-eps))) / (2.0 * eps as f64);
@@ -59,7 +59,7 @@ fn check_grad_floor(what: &str, x: &[f32], grad: &[f32], eps: f32, tol: f64, flo
 #[test]
 fn linear_gradients() {
     let (t, ic, oc) = (5, 12, 7);
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64::new(1);
     let x = rand_vec(&mut rng, t * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 0.5);
     let b = rand_vec(&mut rng, oc, 0.5);
@@ -82,7 +82,7 @@ fn linear_forward_rows_agree_across_blocking() {
     // Rows computed in the four-row block and in the remainder loop must round
     // identically, or the KV-cache forward would drift from the training forward.
     let (ic, oc) = (19, 6);
-    let mut rng = SplitMix64(2);
+    let mut rng = SplitMix64::new(2);
     let x = rand_vec(&mut rng, 7 * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let mut all = vec![0f32; 7 * oc];
@@ -98,7 +98,7 @@ fn linear_forward_rows_agree_across_blocking() {
 fn embedding_gradients() {
     let (v, c) = (6, 4);
     let tokens = [3u32, 1, 3, 0, 5];
-    let mut rng = SplitMix64(3);
+    let mut rng = SplitMix64::new(3);
     let table = rand_vec(&mut rng, v * c, 1.0);
     let r = rand_vec(&mut rng, tokens.len() * c, 1.0);
     let run = |tab: &[f32]| {
@@ -117,7 +117,7 @@ fn embedding_gradients() {
 fn rmsnorm_gradients() {
     let (t, c) = (4, 10);
     let eps = 1e-5;
-    let mut rng = SplitMix64(4);
+    let mut rng = SplitMix64::new(4);
     let x = rand_vec(&mut rng, t * c, 1.0);
     let w = rand_vec(&mut rng, c, 1.0);
     let r = rand_vec(&mut rng, t * c, 1.0);
@@ -138,7 +138,7 @@ fn rmsnorm_gradients() {
 fn rope_gradients_and_convention() {
     let (t, heads, hd) = (5, 3, 8);
     let rope = Rope::new(hd, 10000.0, 0, t);
-    let mut rng = SplitMix64(5);
+    let mut rng = SplitMix64::new(5);
     let x = rand_vec(&mut rng, t * heads * hd, 1.0);
     let r = rand_vec(&mut rng, x.len(), 1.0);
     let run = |x: &[f32]| {
@@ -170,7 +170,7 @@ fn attention_case(heads: usize, kv_heads: usize) {
         pos0: 0,
         tq: t,
     };
-    let mut rng = SplitMix64(6 + heads as u64 * 10 + kv_heads as u64);
+    let mut rng = SplitMix64::new(6 + heads as u64 * 10 + kv_heads as u64);
     let q = rand_vec(&mut rng, t * heads * hd, 1.0);
     let k = rand_vec(&mut rng, t * kv_heads * hd, 1.0);
     let v = rand_vec(&mut rng, t * kv_heads * hd, 1.0);
@@ -212,7 +212,7 @@ fn attention_is_causal() {
         pos0: 0,
         tq: t,
     };
-    let mut rng = SplitMix64(7);
+    let mut rng = SplitMix64::new(7);
     let q = rand_vec(&mut rng, t * hd, 1.0);
     let k = rand_vec(&mut rng, t * hd, 1.0);
     let mut v = rand_vec(&mut rng, t * hd, 1.0);
@@ -228,7 +228,7 @@ fn attention_is_causal() {
 #[test]
 fn swiglu_gradients() {
     let n = 20;
-    let mut rng = SplitMix64(8);
+    let mut rng = SplitMix64::new(8);
     let g = rand_vec(&mut rng, n, 2.0);
     let u = rand_vec(&mut rng, n, 1.0);
     let r = rand_vec(&mut rng, n, 1.0);
@@ -246,7 +246,7 @@ fn swiglu_gradients() {
 #[test]
 fn log_softmax_gradients() {
     let v = 9;
-    let mut rng = SplitMix64(9);
+    let mut rng = SplitMix64::new(9);
     let logits = rand_vec(&mut rng, v, 2.0);
     let run = |l: &[f32]| {
         let mut p = vec![0f32; v];
@@ -288,7 +288,7 @@ fn batch() -> Vec<Sequence> {
 fn model_case(cfg: LlamaConfig, what: &str) {
     let mut model = LlamaModel::init(cfg, 42).unwrap();
     // random norms and biases, so their gradients are generic, not at 1 and 0
-    let mut rng = SplitMix64(77);
+    let mut rng = SplitMix64::new(77);
     for t in &mut model.params.tensors {
         if t.name.ends_with(".bias") || t.name.ends_with("norm.weight") {
             let base = if t.name.ends_with(".bias") { 0.0 } else { 1.0 };
@@ -505,7 +505,7 @@ fn bench_train_tokens_per_second() {
     let cfg = LlamaConfig::tiny(259, 128, 352, 4, 4, 2);
     let model = LlamaModel::init(cfg, 1).unwrap();
     println!("params: {}", model.config.num_params());
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64::new(1);
     let seqs: Vec<Sequence> = (0..16)
         .map(|_| Sequence::full((0..128).map(|_| (rng.next_u64() % 256) as u32).collect()))
         .collect();
@@ -572,7 +572,7 @@ fn cpu_seconds() -> f64 {
 #[ignore]
 fn bench_linear() {
     let (t, ic, oc) = (128, 128, 352);
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64::new(1);
     let x = rand_vec(&mut rng, t * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let dy = rand_vec(&mut rng, t * oc, 1.0);
@@ -605,7 +605,7 @@ fn bench_train_mid() {
     let cfg = LlamaConfig::tiny(32000, 512, 1376, 8, 8, 4);
     let model = LlamaModel::init(cfg, 1).unwrap();
     println!("params: {}", model.config.num_params());
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64::new(1);
     let seqs: Vec<Sequence> = (0..2)
         .map(|_| Sequence::full((0..256).map(|_| (rng.next_u64() % 32000) as u32).collect()))
         .collect();
@@ -640,7 +640,7 @@ fn bench_train_mid() {
 fn grouped_query_attention_is_repeated_kv() {
     let mut gqa = LlamaModel::init(tiny(Family::Qwen2, false, false, 4, 2), 21).unwrap();
     // random biases, so the bias rows are checked too
-    let mut rng = SplitMix64(22);
+    let mut rng = SplitMix64::new(22);
     for t in gqa.params.tensors.iter_mut().filter(|t| t.name.ends_with(".bias")) {
         t.data = rand_vec(&mut rng, t.data.len(), 0.5);
     }
@@ -667,7 +667,7 @@ fn grouped_query_attention_is_repeated_kv() {
 #[test]
 fn linear_products_ignore_thread_count() {
     let (t, ic, oc) = (67, 130, 203); // above the parallel threshold, odd remainders everywhere
-    let mut rng = SplitMix64(31);
+    let mut rng = SplitMix64::new(31);
     let x = rand_vec(&mut rng, t * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let b = rand_vec(&mut rng, oc, 1.0);
@@ -691,7 +691,7 @@ fn linear_products_ignore_thread_count() {
 #[ignore]
 fn bench_linear_threads() {
     let (t, ic, oc) = (256, 512, 1376);
-    let mut rng = SplitMix64(1);
+    let mut rng = SplitMix64::new(1);
     let x = rand_vec(&mut rng, t * ic, 1.0);
     let wt = rand_vec(&mut rng, oc * ic, 1.0);
     let mut y = vec![0f32; t * oc];
