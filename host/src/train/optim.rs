@@ -161,6 +161,9 @@ impl Optimizer {
     pub fn new(cfg: OptimConfig, params: ParamSet, task: Option<(&ParamSet, &ParamSet)>) -> Result<Self> {
         cfg.validate()?;
         let core = CoreOptimizer::new(core_config(&cfg)?)?;
+        // OnTIES's per-step update scratch; it also holds τ before trimming below (every
+        // step overwrites it whole, as it does the previous step's update).
+        let mut scratch = (cfg.algorithm == Algorithm::Onties).then(|| params.zeros_like());
         let tau = match (cfg.algorithm, task) {
             (Algorithm::Adamw, _) => None,
             (_, None) => {
@@ -174,8 +177,8 @@ impl Optimizer {
                 check_layout(&params, sft, "SFT model")?;
                 let mut tau = params.zeros_like();
                 // OnTIES needs room for τ before trimming; OnDARE none.
-                let mut scratch = if cfg.algorithm == Algorithm::Onties { params.zeros_like() } else { ParamSet::default() };
-                let mut scratch_slices: Vec<&mut [f32]> = scratch.tensors.iter_mut().map(|t| t.data.as_mut_slice()).collect();
+                let mut scratch_slices: Vec<&mut [f32]> =
+                    scratch.iter_mut().flat_map(|s| s.tensors.iter_mut()).map(|t| t.data.as_mut_slice()).collect();
                 scratch_slices.resize_with(tau.tensors.len(), Default::default);
                 let mut jobs: Vec<TaskVectorJob<'_>> = tau
                     .tensors
@@ -199,7 +202,6 @@ impl Optimizer {
             }
         };
         let cached = core.needs_cached_delta().then(|| params.zeros_like());
-        let scratch = (cfg.algorithm == Algorithm::Onties).then(|| params.zeros_like());
         Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, scratch, core, step: 0, params, cfg, gpu: None })
     }
 
