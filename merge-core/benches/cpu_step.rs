@@ -9,9 +9,23 @@
 //! rescale add their pass over the update); "one pass" is `step_tensor_into`.
 //! Where the in-place step is check + write only, a second line gives the rate at
 //! the bytes both passes really move (the inputs are read twice: 44 B for AdamW,
-//! 52 B for OnDARE). `-- WORD` runs only the cases whose name contains WORD.
-//! Times are this thread's CPU time (`/proc/thread-self/schedstat`), best of 5.
-//! `cargo bench -p merge-core --bench cpu_step`
+//! 52 B for OnDARE).
+//!
+//! The memory system's own limit for each access pattern is measured in the same
+//! run: trivial loops (one add or multiply per output, no flush, no random
+//! numbers) over OnDARE's streams, out of place, in place, and as check + write.
+//! A step cannot beat its pattern's loop, and the loops show what a pattern costs
+//! before any arithmetic: glibc's memcpy streams its stores past the cache, while
+//! a store to a line not in cache first reads the line (out of place moves 44 B
+//! for 32 B counted), which safe Rust cannot avoid.
+//!
+//! `-- WORD` runs only the cases whose name contains WORD. Each figure is the
+//! best of 3 spans of this thread's CPU time (`/proc/thread-self/schedstat`), each
+//! span repeating the operation for at least 0.4 s: the kernel updates that
+//! counter only at scheduler ticks, so a span of one call would be off by up to
+//! a tick (4 ms). Wall time where the kernel does not provide it.
+//! `cargo bench -p merge-core --bench cpu_step`; with
+//! `RUSTFLAGS="-C target-cpu=native"` for the vector width of the machine.
 
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::Src;
@@ -23,7 +37,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 const N: usize = 16 << 20;
-const REPS: usize = 5;
+/// Elements of the in-cache run: its eight streams take 512 KiB.
+const IN_CACHE: usize = 16 << 10;
 
 fn fill(seed: u32, scale: f32) -> Vec<f32> {
     let mut x = seed.wrapping_mul(0x9e37_79b9) | 1;
@@ -38,26 +53,91 @@ fn fill(seed: u32, scale: f32) -> Vec<f32> {
 }
 
 /// Nanoseconds this thread has spent on a CPU (first field of schedstat), so that
-/// time other processes take on a busy machine is not counted; wall time where
-/// the kernel does not provide it.
+/// time other processes take on a busy machine is not counted.
 fn on_cpu_ns() -> Option<u64> {
     std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok()
 }
 
-/// Best of `REPS` runs, in seconds of this thread's CPU time.
+/// Seconds per call: the best of 3 spans of at least `SPAN` seconds each.
 fn best(mut f: impl FnMut()) -> f64 {
+    const SPAN: f64 = 0.4;
+    let now = || on_cpu_ns().map_or_else(|| EPOCH.with(|e| e.elapsed().as_secs_f64()), |ns| ns as f64 * 1e-9);
     f();
-    (0..REPS)
+    (0..3)
         .map(|_| {
-            let t = Instant::now();
-            let c = on_cpu_ns();
-            f();
-            match (c, on_cpu_ns()) {
-                (Some(a), Some(b)) => (b - a) as f64 * 1e-9,
-                _ => t.elapsed().as_secs_f64(),
+            let start = now();
+            let mut calls = 0u32;
+            while calls == 0 || now() - start < SPAN {
+                f();
+                calls += 1;
             }
+            (now() - start) / f64::from(calls)
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+thread_local! {
+    static EPOCH: Instant = Instant::now();
+}
+
+fn simd_level() -> &'static str {
+    if cfg!(target_feature = "avx512f") {
+        "compiled for AVX-512"
+    } else if cfg!(target_feature = "avx2") {
+        "compiled for AVX2"
+    } else if cfg!(target_feature = "sse4.1") {
+        "compiled for SSE4.1"
+    } else if cfg!(target_feature = "sse2") {
+        "compiled for SSE2 (the x86-64 default)"
+    } else {
+        "compiled for the target's default features"
+    }
+}
+
+/// Seconds per call of the trivial loops over OnDARE's streams (read θ, m, v, g,
+/// τ'; write θ, m, v), with adds only so no value drifts into subnormals.
+struct PatternLimits {
+    out_of_place: f64,
+    in_place: f64,
+    check_then_write: f64,
+}
+
+fn pattern_limits(g: &[f32], tau: &[f32], init: &[f32], memcpy_gbs: f64) -> PatternLimits {
+    let (mut theta, mut m, mut v) = (init.to_vec(), init.to_vec(), init.to_vec());
+    let (mut theta2, mut m2, mut v2) = (init.to_vec(), init.to_vec(), init.to_vec());
+    let out_of_place = best(|| {
+        for i in 0..N {
+            theta2[i] = theta[i] + tau[i];
+            m2[i] = m[i] + g[i];
+            v2[i] = v[i] + g[i];
+        }
+        black_box((&mut theta2, &mut m2, &mut v2));
+    });
+    let write = |theta: &mut [f32], m: &mut [f32], v: &mut [f32]| {
+        for i in 0..N {
+            theta[i] += tau[i];
+            m[i] += g[i];
+            v[i] += g[i];
+        }
+    };
+    let in_place = best(|| {
+        write(&mut theta, &mut m, &mut v);
+        black_box((&mut theta, &mut m, &mut v));
+    });
+    let check_then_write = best(|| {
+        let mut bits = 0u32;
+        for i in 0..N {
+            bits |= (theta[i] + tau[i]).to_bits() | (m[i] + g[i]).to_bits() | (v[i] + g[i]).to_bits();
+        }
+        black_box(bits);
+        write(&mut theta, &mut m, &mut v);
+        black_box((&mut theta, &mut m, &mut v));
+    });
+    println!("limits of OnDARE's access pattern (32 B/element counted; trivial loops):");
+    report("  out of place, one pass", 32, out_of_place, memcpy_gbs);
+    report("  in place, one pass", 32, in_place, memcpy_gbs);
+    report("  in place, check + write", 32, check_then_write, memcpy_gbs);
+    PatternLimits { out_of_place, in_place, check_then_write }
 }
 
 fn report(what: &str, bytes_per_elem: usize, secs: f64, memcpy_gbs: f64) {
@@ -74,16 +154,14 @@ fn main() {
 
     let src = fill(4, 1.0);
     let mut dst = vec![0.0f32; N];
-    // Ten copies per timing, so the timed span is as long as a step's.
     let memcpy = best(|| {
-        for _ in 0..10 {
-            dst.copy_from_slice(black_box(&src));
-            black_box(&mut dst);
-        }
-    }) / 10.0;
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    });
     let memcpy_gbs = (2 * 4 * N) as f64 / memcpy / 1e9;
-    println!("{N} elements, one thread, best of {REPS}");
+    println!("{N} elements, one thread, {}", simd_level());
     println!("{:<44} {:>8.2} ms  {memcpy_gbs:>7.2} GB/s  (read + write)", "memcpy 64 MiB", memcpy * 1e3);
+    let limits = pattern_limits(&g, &tau, &src, memcpy_gbs);
 
     let adam = AdamConfig { lr: 1e-4, weight_decay: 0.01, ..AdamConfig::default() };
     let dare = |variant, rescale| Merge::Dare(DareConfig { variant, rescale, ..DareConfig::default() });
@@ -103,6 +181,8 @@ fn main() {
     // `cargo bench ... -- WORD` runs only the cases whose name contains WORD
     // (cargo itself passes `--bench`, hence the dash filter).
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    // In-place times of the reference OnDARE and OnTIES, for the "OnTIES within 2x" target.
+    let (mut dare_time, mut ties_time) = (None, None);
     for (what, merge, bytes) in cases {
         if filter.as_deref().is_some_and(|f| !what.contains(f)) {
             continue;
@@ -114,6 +194,15 @@ fn main() {
             plan.step_tensor_with_scratch(name, &g, state, &mut scratch).unwrap();
         });
         report(&format!("{what}: in place, validated"), bytes, in_place, memcpy_gbs);
+        match merge {
+            Merge::Dare(d) if d.variant == DareVariant::Reference && !d.rescale => dare_time = Some(in_place),
+            Merge::Ties(t) if t.variant == onties::Variant::Reference && !t.rescale => ties_time = Some(in_place),
+            _ => {}
+        }
+        let dare_like = matches!(merge, Merge::Dare(_));
+        if dare_like {
+            println!("{:<44} {:>5.1}% of its pattern's check + write loop", "", 100.0 * limits.check_then_write / in_place);
+        }
         if !plan.needs_norms() && !plan.needs_update_scratch() {
             // Check + write read every input twice: the bytes the memory system
             // actually moves are the nominal ones plus one more read of the inputs.
@@ -126,6 +215,28 @@ fn main() {
                 plan.step_tensor_into(name, &g, old, Src::F32(&tau), new).unwrap();
             });
             report(&format!("{what}: one pass, out of place"), bytes, one_pass, memcpy_gbs);
+            if dare_like {
+                println!(
+                    "{:<44} {:>5.1}% of its pattern's out-of-place loop ({:.1}% of the in-place one)",
+                    "",
+                    100.0 * limits.out_of_place / one_pass,
+                    100.0 * limits.in_place / one_pass
+                );
+                // The same step over a tensor that stays in L2, scaled to N: the
+                // arithmetic's own cost, with memory taken out.
+                let cached = best(|| {
+                    for _ in 0..N / IN_CACHE {
+                        let r = 0..IN_CACHE;
+                        let old = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: None };
+                        let new = StateMut { theta: &mut theta2[r.clone()], m: &mut m2[r.clone()], v: &mut v2[r.clone()], cached: None };
+                        plan.step_tensor_into(name, &g[r.clone()], old, Src::F32(&tau[r]), new).unwrap();
+                    }
+                });
+                report(&format!("{what}: one pass, {IN_CACHE} in L2 (x{})", N / IN_CACHE), bytes, cached, memcpy_gbs);
+            }
         }
+    }
+    if let (Some(d), Some(t)) = (dare_time, ties_time) {
+        println!("OnTIES / OnDARE (reference, in place, validated): {:.2}x", t / d);
     }
 }
