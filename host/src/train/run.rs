@@ -280,7 +280,13 @@ pub fn train(
 /// restores the optimizer from it. Returns where to continue.
 pub fn resume(root: &std::path::Path, opt: &mut Optimizer, spec: &LoopSpec) -> Result<Start> {
     let dir = checkpoint::latest_dir(root)?
-        .ok_or_else(|| TrainError::msg(format!("--resume: no checkpoint under {} (no LATEST file)", root.display())))?;
+        .ok_or_else(|| {
+            TrainError::msg(format!(
+                "--resume: no checkpoint under {} (no LATEST file): a run stopped before its first checkpoint \
+                 completed has nothing to resume; run the same command without --resume to start it again",
+                root.display()
+            ))
+        })?;
     let ckpt = checkpoint::load(&dir)?;
     check_resume(&ckpt.state, opt.config(), spec)?;
     opt.restore(ckpt.state.step, ckpt.params, ckpt.optim_state)?;
@@ -483,6 +489,19 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert!(err.contains("task vector differs"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn resume_without_a_committed_checkpoint_says_how_to_start_again() {
+        let root = tmp("nothing-committed");
+        let s = spec(&root, 8);
+        let ckroot = s.checkpoint_root.clone().unwrap();
+        // What a run killed while writing its first checkpoint leaves: a partial
+        // directory and no LATEST.
+        std::fs::create_dir_all(ckroot.join("step-00000002.partial-1")).unwrap();
+        let err = resume(&ckroot, &mut optimizer(&cfg(Algorithm::Ondare, 1)), &s).unwrap_err().to_string();
+        assert!(err.contains("no LATEST file") && err.contains("without --resume"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 
