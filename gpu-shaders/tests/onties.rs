@@ -156,3 +156,81 @@ fn onties_global_rescale_over_blocks_shared_by_tensors_and_chunks() {
         run(tc, AdamForm::Torch, 2, Dtype::Bf16, &[70000, 3, 130], 4, None);
     }
 }
+
+/// Steps GPU and CPU once over tensors "a" (300) and "b" (600) in 256-element
+/// chunks, from `sft` (base = sft / 1.5, so τ = sft / 3) with `grads`: both must
+/// refuse with the same error, and the GPU must write nothing.
+fn same_refusal(tc: TiesConfig, form: AdamForm, sft: [&[f32]; 2], grads: [&[f32]; 2]) -> String {
+    let adam = AdamConfig { form, lr: 1e-3, weight_decay: 0.01, ..AdamConfig::default() };
+    let config = OnlineConfig { adam, merge: Merge::Ties(tc), k: 1, seed: 3 };
+    let names = ["a", "b"];
+    let base: Vec<Vec<f32>> = sft.iter().map(|s| s.iter().map(|x| x / 1.5).collect()).collect();
+    let inits: Vec<TensorInit> = (0..2)
+        .map(|i| TensorInit { name: names[i], theta: sft[i], task: Some((Src::F32(&base[i]), Src::F32(sft[i]))), tau_dtype: Dtype::F32 })
+        .collect();
+    let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
+    let before = gpu.read_params().unwrap();
+    let gpu_err = gpu.step(&[("a", grads[0]), ("b", grads[1])]).unwrap_err().to_string();
+    assert_eq!(gpu.read_params().unwrap(), before, "a refused step must not write");
+    assert_eq!(gpu.steps(), 0);
+
+    let mut cpu = Optimizer::new(config).unwrap();
+    let mut taus: Vec<Vec<f32>> = sft.iter().map(|s| vec![0.0; s.len()]).collect();
+    let mut scratch: Vec<Vec<f32>> = sft.iter().map(|s| vec![0.0; s.len()]).collect();
+    {
+        let mut jobs: Vec<TaskVectorJob> = taus
+            .iter_mut()
+            .zip(scratch.iter_mut())
+            .enumerate()
+            .map(|(i, (t, sc))| TaskVectorJob { name: names[i], base: Src::F32(&base[i]), sft: Src::F32(sft[i]), out: Dst::F32(t), scratch: sc })
+            .collect();
+        cpu.init_task_vectors(&mut jobs).unwrap();
+    }
+    let mut theta: Vec<Vec<f32>> = sft.iter().map(|s| s.to_vec()).collect();
+    let mut m: Vec<Vec<f32>> = sft.iter().map(|s| vec![0.0; s.len()]).collect();
+    let mut v = m.clone();
+    let plan = cpu.begin_step().unwrap();
+    let mut jobs: Vec<StepJob> = theta
+        .iter_mut()
+        .zip(m.iter_mut().zip(v.iter_mut()))
+        .zip(scratch.iter_mut())
+        .enumerate()
+        .map(|(i, ((theta, (m, v)), scratch))| StepJob {
+            name: names[i],
+            grad: grads[i],
+            theta,
+            m,
+            v,
+            cached: None,
+            tau: Src::F32(&taus[i]),
+            scratch,
+        })
+        .collect();
+    let cpu_err = gpu_shaders::GpuError::Core(plan.step_tensors(&mut jobs).unwrap_err()).to_string();
+    assert_eq!(gpu_err, cpu_err);
+    gpu_err
+}
+
+/// Non-finite values found by the scan before the threshold passes (inputs, m',
+/// v', D) and by the check after them (θ from the stored D): the tensor, value and
+/// lowest index merge-core names, in its order, and nothing written.
+#[test]
+fn onties_non_finite_values_are_named_like_merge_core() {
+    let (a, mut b) = (vec![0.5f32; 300], vec![0.25f32; 600]);
+    let (ga, mut gb) = (vec![1e-3f32; 300], vec![-1e-3f32; 600]);
+    // τ = 1e38 is kept, and θ + α·τ overflows: only the check can see it.
+    b[410] = 3e38;
+    b[520] = 3e38;
+    for (scope, form) in [(Scope::PerTensor, AdamForm::HuggingFace), (Scope::Global, AdamForm::Torch)] {
+        for variant in [Variant::Reference, Variant::Paper] {
+            let tc = TiesConfig { variant, p: 0.5, alpha: 0.5, rescale: scope == Scope::Global, scope };
+            let err = same_refusal(tc, form, [&a, &b], [&ga, &gb]);
+            assert!(err.contains("`b`: non-finite updated parameter at element 410"), "{err}");
+            // The scan's refusal comes first, though its index is higher.
+            gb[555] = f32::NAN;
+            let err = same_refusal(tc, form, [&a, &b], [&ga, &gb]);
+            assert!(err.contains("`b`: non-finite gradient at element 555"), "{err}");
+            gb[555] = -1e-3;
+        }
+    }
+}
