@@ -250,3 +250,29 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
     gpu.step(&[("a", &ga), ("b", &gb)]).unwrap();
     assert_eq!(gpu.steps(), 1);
 }
+
+/// Without validation a failing step writes, names the value like the validated
+/// step, and refuses every later step until the state is reloaded; each step
+/// starts from a clean record, so a good step after the reload succeeds.
+#[test]
+fn unvalidated_failure_poisons_until_load_state() {
+    let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::None, k: 1, seed: 1 };
+    let theta = vec![0.5f32; 700];
+    let init = TensorInit { name: "w", theta: &theta, task: None, tau_dtype: Dtype::F32 };
+    let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &[init]).unwrap();
+    gpu.set_validation(false);
+    let mut g = vec![0.1f32; 700];
+    gpu.step(&[("w", &g)]).unwrap();
+    let (params, state) = (gpu.read_params().unwrap(), gpu.read_state().unwrap());
+    g[600] = f32::NAN;
+    g[650] = f32::INFINITY;
+    let err = gpu.step(&[("w", &g)]).unwrap_err();
+    assert_eq!(err.to_string(), "tensor `w`: non-finite gradient at element 600");
+    g[600] = 0.1;
+    g[650] = 0.1;
+    assert!(matches!(gpu.step(&[("w", &g)]), Err(GpuError::Poisoned(_))));
+    let refs: Vec<(&str, &[f32])> = params.iter().map(|(n, p)| (n.as_str(), p.as_slice())).collect();
+    gpu.load_state(1, &refs, &state).unwrap();
+    gpu.step(&[("w", &g)]).unwrap();
+    assert_eq!(gpu.steps(), 2);
+}

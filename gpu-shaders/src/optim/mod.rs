@@ -224,6 +224,8 @@ pub struct GpuOptimizer {
     /// Radix-select histograms, 2048 counters per select.
     hist: wgpu::Buffer,
     status: wgpu::Buffer,
+    /// `status` with nothing found (every word u32::MAX), copied over it before a pass.
+    status_clear: wgpu::Buffer,
     validate: bool,
     poisoned: Option<String>,
 }
@@ -282,6 +284,8 @@ impl GpuOptimizer {
         };
         let mut scope_offset = 0u64;
         let status = ctx.storage("status", (order.len().max(1) * NCODES * 4) as u64);
+        let nothing_found = vec![u32::MAX; order.len().max(1) * NCODES];
+        let status_clear = ctx.storage_init("status, nothing found", bytemuck::cast_slice(&nothing_found));
         let dummy_c = ctx.storage("no cached delta", 4);
         let dummy_tau = ctx.storage("no task vector", 4);
         let mut slots = Vec::with_capacity(order.len());
@@ -363,6 +367,7 @@ impl GpuOptimizer {
             ties,
             hist,
             status,
+            status_clear,
             validate: true,
             poisoned: None,
         })
@@ -466,8 +471,8 @@ impl GpuOptimizer {
         }
         if plan.needs_norms() {
             self.write_uniforms(&us);
-            self.reset_status();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.reset_status(&mut enc);
             for slot in &self.slots {
                 self.encode_pass(&mut enc, slot, 0);
                 for (_, _, gph, bg) in &slot.levels {
@@ -491,8 +496,8 @@ impl GpuOptimizer {
         }
         self.write_uniforms(&us);
         if self.validate {
-            self.reset_status();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.reset_status(&mut enc);
             for slot in &self.slots {
                 match (&self.update_kernels, &slot.update) {
                     (Some(uk), Some(up)) if ties_merge => self.encode_chunks(&mut enc, slot, &uk.check, 1, |ci| &up.groups[ci].1),
@@ -501,10 +506,11 @@ impl GpuOptimizer {
             }
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
-        } else {
-            self.reset_status();
         }
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        if !self.validate {
+            self.reset_status(&mut enc);
+        }
         for slot in &self.slots {
             self.encode_pass(&mut enc, slot, 2);
         }
@@ -530,8 +536,8 @@ impl GpuOptimizer {
             // Refuse non-finite values before selecting on them (writes nothing
             // but D, which the check pass reads).
             self.write_uniforms(us);
-            self.reset_status();
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.reset_status(&mut enc);
             for slot in &self.slots {
                 if let Some(up) = &slot.update {
                     self.encode_chunks(&mut enc, slot, &uk.scan, 1, |ci| &up.groups[ci].0);
@@ -696,9 +702,9 @@ impl GpuOptimizer {
         }
     }
 
-    fn reset_status(&self) {
-        let words = vec![u32::MAX; self.slots.len().max(1) * NCODES];
-        self.ctx.queue.write_buffer(&self.status, 0, bytemuck::cast_slice(&words));
+    /// Records, ahead of a validating pass in `enc`, that nothing was found yet.
+    fn reset_status(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.copy_buffer_to_buffer(&self.status_clear, 0, &self.status, 0, self.status.size());
     }
 
     /// The first tensor (in name order) with a non-finite value, its lowest index,
