@@ -67,36 +67,32 @@ impl GpuTopK {
         let diff = arrays.iter().any(|(_, b)| b.is_some());
         let hist = ctx.storage("topk histogram", BUCKETS as u64 * 4);
         let words = 2 * chunks.len().max(1);
-        let status = ctx.storage("topk status", words as u64 * 4);
-        ctx.queue.write_buffer(&status, 0, bytemuck::cast_slice(&vec![u32::MAX; words]));
+        let status = ctx.storage_init("topk status", bytemuck::cast_slice(&vec![u32::MAX; words]));
+        let pass_u = ctx.uniform_init("topk pass", bytemuck::cast_slice(&[0u32; 8]));
+        // Every pass reads the same chunks: their uniforms and bind groups are made
+        // once, and only the pass's digit and prefix change between passes.
+        let binds: Vec<(wgpu::BindGroup, u32)> = chunks
+            .iter()
+            .enumerate()
+            .map(|(slot, (start, c, base))| {
+                let u = [0u32, c.len as u32, *start as u32, (*start >> 32) as u32, slot as u32, u32::from(diff), 0, 0];
+                let ub = ctx.uniform_init("topk chunk", bytemuck::cast_slice(&u));
+                let bg = self.kernel.bind(ctx, &[&ub, &c.buf, &hist, &status, base.unwrap_or(&no_base), &pass_u]);
+                (bg, c.len.div_ceil(WORKGROUP as u64) as u32)
+            })
+            .collect();
         let mut first = true;
         while let Some(pass) = sel.pass() {
-            ctx.queue.write_buffer(&hist, 0, bytemuck::cast_slice(&[0u32; BUCKETS]));
             let (mode, shift, bits, key, prefix) = match pass {
                 Pass::Key { shift, bits, prefix } => (0u32, shift, bits, 0u32, u64::from(prefix)),
                 Pass::Index { key, shift, bits, prefix } => (1, shift, bits, key, prefix),
             };
+            let p = [mode, shift, bits, key, prefix as u32, (prefix >> 32) as u32, 0, 0];
+            ctx.queue.write_buffer(&pass_u, 0, bytemuck::cast_slice(&p));
             let mut enc = ctx.device.create_command_encoder(&Default::default());
-            let mut keep_alive = Vec::with_capacity(chunks.len());
-            for (slot, (start, c, base)) in chunks.iter().enumerate() {
-                let u = [
-                    0u32,
-                    c.len as u32,
-                    *start as u32,
-                    (*start >> 32) as u32,
-                    mode,
-                    shift,
-                    bits,
-                    key,
-                    prefix as u32,
-                    (prefix >> 32) as u32,
-                    slot as u32,
-                    u32::from(diff),
-                ];
-                let ub = ctx.uniform_init("topk pass", bytemuck::cast_slice(&u));
-                let bg = self.kernel.bind(ctx, &[&ub, &c.buf, &hist, &status, base.unwrap_or(&no_base)]);
-                self.kernel.dispatch(ctx, &mut enc, &bg, c.len.div_ceil(WORKGROUP as u64) as u32);
-                keep_alive.push(ub);
+            enc.clear_buffer(&hist, 0, None);
+            for (bg, groups) in &binds {
+                self.kernel.dispatch(ctx, &mut enc, bg, *groups);
             }
             ctx.queue.submit([enc.finish()]);
             if first {
