@@ -91,28 +91,11 @@ struct Slot {
     uniforms: Vec<wgpu::Buffer>,
     /// Per chunk: bind groups for scan, check, write, hist.
     groups: Vec<[wgpu::BindGroup; 4]>,
-    /// OnTIES: the update D kept between the validating scan and the check.
-    update: Option<UpdateArrays>,
     /// First index in the OnTIES scope (0 for per-tensor scope).
     offset: u64,
     /// Global-scope norms: per chunk, the gnorm bind group and
     /// (shift, first scope block, first shared slot, last shared slot).
     gnorm: Vec<(wgpu::BindGroup, [u32; 4])>,
-}
-
-/// OnTIES with validation scans every element for non-finite values before the
-/// top-k passes, and checks the outputs once the threshold and factor are known.
-/// Keeping the scan's D on the device lets the check skip the Adam arithmetic
-/// (merge-core's `check_chunk_from_update`), for 4 bytes per parameter.
-struct UpdateKernels {
-    scan: Kernel,
-    check: Kernel,
-}
-
-struct UpdateArrays {
-    d: GpuArray,
-    /// Per chunk: bind groups for `scan_update` and `check_update`.
-    groups: Vec<(wgpu::BindGroup, wgpu::BindGroup)>,
 }
 
 /// The tree sums over the whole OnTIES scope (global scope with the rescale):
@@ -216,7 +199,6 @@ pub struct GpuOptimizer {
     steps: u64,
     slots: Vec<Slot>,
     kernels: [Kernel; 5],
-    update_kernels: Option<UpdateKernels>,
     reduce: Kernel,
     boundary: Kernel,
     global_norms: Option<GlobalNorms>,
@@ -258,10 +240,6 @@ impl GpuOptimizer {
             Kernel::new(&ctx, "step hist", &step_src, "hist"),
             Kernel::new(&ctx, "step gnorm", &step_src, "gnorm"),
         ];
-        let update_kernels = ties.map(|_| UpdateKernels {
-            scan: Kernel::new(&ctx, "step scan_update", &step_src, "scan_update"),
-            check: Kernel::new(&ctx, "step check_update", &step_src, "check_update"),
-        });
         let boundary = Kernel::new(&ctx, "shared blocks", include_str!("boundary.wgsl"), "boundary");
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
         let merging = !matches!(config.merge, Merge::None) || ties.is_some();
@@ -301,8 +279,6 @@ impl GpuOptimizer {
             let nb = n.div_ceil(WORKGROUP as u64) as u32;
             let nb_buf = ctx.storage("block sums", 8 * nb.max(1) as u64);
             let levels = tree_levels(&ctx, &reduce, &nb_buf, nb);
-            let update_d = update_kernels.as_ref().map(|_| GpuArray::zeros(&ctx, "update", Storage::F32, n));
-            let mut update_groups = Vec::new();
             let mut uniforms = Vec::new();
             let mut groups = Vec::new();
             let mut gnorm = Vec::new();
@@ -310,20 +286,12 @@ impl GpuOptimizer {
                 let u = ctx.uniform_init("step", bytemuck::bytes_of(&StepU::default()));
                 let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
                 let tb = tau.as_ref().map_or(&dummy_tau, |a| &a.chunks[ci].buf);
-                // Bindings 0..=7 of step.wgsl; only `scan` adds the block sums (8).
-                let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status];
+                let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status, &nb_buf];
                 let hist_bg = kernels[3].bind_at(
                     &ctx,
                     &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (9, &hist)],
                 );
-                let scan_bg = kernels[0].bind(&ctx, &[&bufs[..], &[&nb_buf]].concat());
-                groups.push([scan_bg, kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs), hist_bg]);
-                if let (Some(uk), Some(d)) = (&update_kernels, &update_d) {
-                    let d = &d.chunks[ci].buf;
-                    let scan: Vec<(u32, &wgpu::Buffer)> = (0u32..).zip(bufs).chain([(10, d)]).collect();
-                    let check = [(0, &u), (2, &ch.buf), (5, c), (6, tb), (7, &status), (10, d)];
-                    update_groups.push((uk.scan.bind_at(&ctx, &scan), uk.check.bind_at(&ctx, &check)));
-                }
+                groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs), hist_bg]);
                 if let Some(g) = &global_norms {
                     let bg = kernels[4].bind_at(
                         &ctx,
@@ -348,7 +316,6 @@ impl GpuOptimizer {
                 levels,
                 uniforms,
                 groups,
-                update: update_d.map(|d| UpdateArrays { d, groups: update_groups }),
                 offset: if ties.is_some_and(|t| t.global) { scope_offset } else { 0 },
                 gnorm,
             });
@@ -360,7 +327,6 @@ impl GpuOptimizer {
             steps: 0,
             slots,
             kernels,
-            update_kernels,
             reduce,
             boundary,
             global_norms,
@@ -413,7 +379,6 @@ impl GpuOptimizer {
                     + s.tau.as_ref().map_or(0, |c| c.device_bytes())
                     + s.nb_buf.size()
                     + s.levels.iter().map(|l| l.1.size()).sum::<u64>()
-                    + s.update.as_ref().map_or(0, |u| u.d.device_bytes())
             })
             .sum()
     }
@@ -464,9 +429,7 @@ impl GpuOptimizer {
             let ts = plan.tensor(&slot.name, slot.n)?;
             us.push(base_uniform(&ts, ix as u32, slot));
         }
-        // OnTIES's validating scan has then kept D for the check.
-        let ties_merge = self.ties.is_some() && plan.phase() == Phase::Merge;
-        if ties_merge {
+        if self.ties.is_some() && plan.phase() == Phase::Merge {
             self.ties_selection(&mut us)?;
         }
         if plan.needs_norms() {
@@ -499,10 +462,7 @@ impl GpuOptimizer {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.reset_status(&mut enc);
             for slot in &self.slots {
-                match (&self.update_kernels, &slot.update) {
-                    (Some(uk), Some(up)) if ties_merge => self.encode_chunks(&mut enc, slot, &uk.check, 1, |ci| &up.groups[ci].1),
-                    _ => self.encode_pass(&mut enc, slot, 1),
-                }
+                self.encode_pass(&mut enc, slot, 1);
             }
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
@@ -532,16 +492,13 @@ impl GpuOptimizer {
     /// Leaves the threshold and factor in `us`.
     fn ties_selection(&self, us: &mut [StepU]) -> Result<(), GpuError> {
         let Some(tp) = self.ties else { return Ok(()) };
-        if let (true, Some(uk)) = (self.validate, &self.update_kernels) {
-            // Refuse non-finite values before selecting on them (writes nothing
-            // but D, which the check pass reads).
+        if self.validate {
+            // Refuse non-finite values before selecting on them (writes nothing).
             self.write_uniforms(us);
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.reset_status(&mut enc);
             for slot in &self.slots {
-                if let Some(up) = &slot.update {
-                    self.encode_chunks(&mut enc, slot, &uk.scan, 1, |ci| &up.groups[ci].0);
-                }
+                self.encode_pass(&mut enc, slot, 0);
             }
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
@@ -661,25 +618,11 @@ impl GpuOptimizer {
         Ok((sums[0], sums[1]))
     }
 
-    /// Pass 0 scan, 1 check, 2 write, 3 hist of step.wgsl over every chunk of `slot`.
     fn encode_pass(&self, enc: &mut wgpu::CommandEncoder, slot: &Slot, pass: usize) {
-        let items = if pass == 3 { HIST_ITEMS } else { 1 };
-        self.encode_chunks(enc, slot, &self.kernels[pass], items, |ci| &slot.groups[ci][pass]);
-    }
-
-    /// `kernel` over every chunk of `slot`, `items` elements per invocation, with
-    /// the chunk's bind group from `group`.
-    fn encode_chunks<'a>(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        slot: &Slot,
-        kernel: &Kernel,
-        items: u32,
-        group: impl Fn(usize) -> &'a wgpu::BindGroup,
-    ) {
-        let per_group = u64::from(items * WORKGROUP);
+        let per_group = if pass == 3 { u64::from(HIST_ITEMS * WORKGROUP) } else { u64::from(WORKGROUP) };
         for (ci, ch) in slot.theta.chunks.iter().enumerate() {
-            kernel.dispatch(&self.ctx, enc, group(ci), ch.len.div_ceil(per_group) as u32);
+            let groups = ch.len.div_ceil(per_group) as u32;
+            self.kernels[pass].dispatch(&self.ctx, enc, &slot.groups[ci][pass], groups);
         }
     }
 

@@ -2,11 +2,8 @@
 // element (AdamW in both forms, step-K accumulate/rollback, OnDARE reference and
 // paper variants, OnTIES, weight decay). Entry points sharing the arithmetic:
 //   scan  — validates, and writes the 256-block tree sums of |D| and |D'| (L1 rescale);
-//   scan_update — validates, and stores D (OnTIES, before its threshold is known);
 //   hist  — one radix-select histogram pass over the magnitude keys of D (OnTIES);
 //   check — validates every output, writes nothing;
-//   check_update — OnTIES after scan_update: validates only D' and θ from the
-//           stored D (merge_core::step check_chunk_from_update), writes nothing;
 //   write — stores θ, m, v (and Δ_c).
 // Validation records, per tensor slot and per kind of value, the lowest
 // non-finite element index (atomicMin: independent of thread order).
@@ -54,9 +51,6 @@ const NCODES: u32 = 16u;
 @group(0) @binding(7) var<storage, read_write> STATUS: array<atomic<u32>>;
 @group(0) @binding(8) var<storage, read_write> NB: array<f32>;
 @group(0) @binding(9) var<storage, read_write> HIST: array<atomic<u32>>;
-// OnTIES: the update D of each element, kept from scan_update for check_update.
-// A binding of its own, so that no entry point needs more than 8 storage buffers.
-@group(0) @binding(10) var<storage, read_write> UPD: array<f32>;
 
 fn flag(x: f32, code: u32, idx: u32) {
     if (is_nf(x)) {
@@ -81,18 +75,6 @@ fn load_tau_compact(gi: u32, lid: u32) -> f32 {
     }
     workgroupBarrier();
     return TAUW[lid];
-}
-
-// The task vector at element gi * WG + lid (+0 past the end). Every lane of the
-// workgroup must call it: the compact form scatters through workgroup memory.
-fn task_value(gi: u32, lid: u32, live: bool) -> f32 {
-    if (U.tau_dtype == 3u) {
-        return fb(load_tau_compact(gi, lid));
-    }
-    if (live) {
-        return load_tau(gi * WG + lid);
-    }
-    return 0.0;
 }
 
 fn load_tau(i: u32) -> f32 {
@@ -134,26 +116,6 @@ fn ties_keeps(key: u32, idx: vec2<u32>) -> bool {
         return false;
     }
     return idx.y < U.cut_hi || (idx.y == U.cut_hi && idx.x < U.cut_lo);
-}
-
-// The trimmed OnTIES update D' of chunk element i (threshold and factor from U).
-fn ties_sparse(d: f32, i: u32) -> f32 {
-    return select(0.0, mul(d, U.factor), ties_keeps(bitcast<u32>(d) & 0x7fffffffu, scope_index(i)));
-}
-
-// Weight decay of the torch form (before the update) and of the HF form (after).
-fn decay_before(theta: f32) -> f32 {
-    if (U.torch != 0u) {
-        return mul(theta, U.decay_before);
-    }
-    return theta;
-}
-
-fn decay_after(theta1: f32) -> f32 {
-    if (U.torch == 0u) {
-        return sub(theta1, mul(U.decay_after, theta1));
-    }
-    return theta1;
 }
 
 // merge_core::onties::combine, on flushed operands.
@@ -205,8 +167,7 @@ fn update_d(i: u32) -> f32 {
     return add(delta, c);
 }
 
-// Returns (D, D') of the element, +0 past the end of the chunk.
-fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
+fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) {
     ZB = U.zero;
     let gi = linear_group(wid, nwg);
     let i = gi * WG + lid;
@@ -214,9 +175,9 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
     let idx = U.start + i;
     var d = 0.0;
     var sp = 0.0;
-    var tau = 0.0;
-    if (U.kind != PLAIN) {
-        tau = task_value(gi, lid, live);
+    var tau_c = 0.0;
+    if (U.tau_dtype == 3u && U.kind != PLAIN) {
+        tau_c = load_tau_compact(gi, lid);
     }
     if (live) {
         let g = fb(G[i]);
@@ -227,7 +188,18 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
         if (U.has_cached != 0u) {
             c = fb(C[i]);
         }
-        let theta = decay_before(th_in);
+        var tau = 0.0;
+        if (U.kind != PLAIN) {
+            if (U.tau_dtype == 3u) {
+                tau = fb(tau_c);
+            } else {
+                tau = load_tau(i);
+            }
+        }
+        var theta = th_in;
+        if (U.torch != 0u) {
+            theta = mul(th_in, U.decay_before);
+        }
         let m1 = add(mul(U.beta1, m), mul(U.c1, g));
         let v1 = add(mul(U.beta2, v), mul(U.c2, mul(g, g)));
         var root = sqrt_cr(v1);
@@ -263,7 +235,8 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
                     }
                 }
                 if (U.kind == TIES) {
-                    sp = ties_sparse(d, i);
+                    let kept = ties_keeps(bitcast<u32>(d) & 0x7fffffffu, scope_index(i));
+                    sp = select(0.0, mul(d, U.factor), kept);
                     theta1 = add(theta0, combine(U.ties_variant, tau, sp, U.alpha, U.omega));
                 } else if (U.kind == DARE_REF) {
                     theta1 = add(add(theta0, mul(U.alpha, tau)), mul(U.omega, applied));
@@ -274,7 +247,10 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
                 }
             }
         }
-        let theta2 = decay_after(theta1);
+        var theta2 = theta1;
+        if (U.torch == 0u) {
+            theta2 = sub(theta1, mul(U.decay_after, theta1));
+        }
         flag(g, 0u, idx);
         flag(th_in, 1u, idx);
         flag(m, 2u, idx);
@@ -298,31 +274,21 @@ fn step_main(mode: u32, wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> vec2<f32> {
             }
         }
     }
-    return vec2<f32>(d, sp);
+    if (mode == SCAN) {
+        // Lanes past the end are the +0 leaves of SPEC §3.1.
+        let s1 = tree256(lid, abs_bits(d));
+        let s2 = tree256(lid, abs_bits(sp));
+        if (lid == 0u && gi * WG < U.n) {
+            NB[U.block0 + gi] = s1;
+            NB[U.nb_total + U.block0 + gi] = s2;
+        }
+    }
 }
 
 @compute @workgroup_size(256)
 fn scan(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
-    let dsp = step_main(SCAN, wid, nwg, lid);
-    // Lanes past the end are the +0 leaves of SPEC §3.1.
-    let s1 = tree256(lid, abs_bits(dsp.x));
-    let s2 = tree256(lid, abs_bits(dsp.y));
-    let gi = linear_group(wid, nwg);
-    if (lid == 0u && gi * WG < U.n) {
-        NB[U.block0 + gi] = s1;
-        NB[U.nb_total + U.block0 + gi] = s2;
-    }
-}
-
-@compute @workgroup_size(256)
-fn scan_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let d = step_main(SCAN, wid, nwg, lid).x;
-    let i = linear_group(wid, nwg) * WG + lid;
-    if (i < U.n) {
-        UPD[i] = d;
-    }
+    step_main(SCAN, wid, nwg, lid);
 }
 
 // `hist` counts HIST_ITEMS elements per invocation (the constant is prepended by
@@ -403,30 +369,6 @@ fn gnorm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
 fn check(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
     step_main(CHECK, wid, nwg, lid);
-}
-
-// scan_update has validated the inputs, m', v', D and Δ_c of this step, so only
-// D' (threshold and factor now known) and θ are left, and no Adam arithmetic:
-// step_main's OnTIES merge branch on the stored D.
-@compute @workgroup_size(256)
-fn check_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32) {
-    ZB = U.zero;
-    let gi = linear_group(wid, nwg);
-    let i = gi * WG + lid;
-    let live = i < U.n;
-    let tau = task_value(gi, lid, live);
-    if (live) {
-        var c = 0.0;
-        if (U.has_cached != 0u) {
-            c = fb(C[i]);
-        }
-        let theta0 = sub(decay_before(fb(THETA[i])), c);
-        let sp = ties_sparse(fb(UPD[i]), i);
-        let theta2 = decay_after(add(theta0, combine(U.ties_variant, tau, sp, U.alpha, U.omega)));
-        flag(sp, 9u, U.start + i);
-        flag(theta2, 11u, U.start + i);
-    }
 }
 
 @compute @workgroup_size(256)
