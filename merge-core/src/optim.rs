@@ -397,15 +397,29 @@ impl StepPlan {
         }
         let TensorState { theta, m, v, cached, tau } = state;
         let st = StateMut { theta, m, v, cached };
-        let mut plan = self.prepare(name, grad, &st.as_ref(), tau, scratch)?;
-        if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
-            *selection = Some(select_over(&t, name, core::iter::once(&*scratch))?);
+        let plan = self.per_tensor_plan(name, grad, &st.as_ref(), tau, scratch)?;
+        if self.needs_update_scratch() {
             plan.check_chunk_from_update(0, st.as_ref(), tau, scratch)?;
             plan.write_chunk_from_update(0, grad, st, tau, scratch)
         } else {
             plan.check_chunk(0, grad, st.as_ref(), tau)?;
             plan.write_chunk(0, grad, st, tau)
         }
+    }
+
+    /// [`StepPlan::prepare`], then for per-tensor OnTIES the tensor's own threshold.
+    fn per_tensor_plan<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<TensorStep<'n>, Error> {
+        let plan = self.prepare(name, grad, st, tau, scratch)?;
+        self.with_own_threshold(plan, scratch)
+    }
+
+    /// On an OnTIES merge step, sets the threshold of the tensor's own update
+    /// (`update`, which `prepare` filled); other plans are returned as they are.
+    fn with_own_threshold<'n>(&self, mut plan: TensorStep<'n>, update: &[f32]) -> Result<TensorStep<'n>, Error> {
+        if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
+            *selection = Some(select_over(&t, plan.name, core::iter::once(update))?);
+        }
+        Ok(plan)
     }
 
     /// Steps one whole tensor out of place in a single pass (plain AdamW and OnDARE
@@ -424,17 +438,46 @@ impl StepPlan {
         self.tensor(name, grad.len() as u64)?.write_chunk_into(0, grad, old, tau, new)
     }
 
-    /// Steps several tensors; the one entry that serves every merge and scope.
-    /// With OnTIES and global scope the jobs must come in bytewise ascending name
-    /// order, and no tensor is written unless every tensor passes; otherwise
-    /// each tensor is stepped as by [`StepPlan::step_tensor_with_scratch`].
+    /// Steps several tensors; the one entry that serves every merge and scope. No
+    /// tensor is written unless every tensor passes: every tensor is validated, in
+    /// the order given (each as [`StepPlan::step_tensor_with_scratch`] would), and
+    /// only then are they written. With OnTIES and global scope the jobs must come
+    /// in bytewise ascending name order and share one threshold.
+    ///
+    /// A tensor's plan is not kept between the two rounds (nothing is allocated),
+    /// so the writing round derives it again: free for AdamW and OnDARE, one more
+    /// radix select over the kept update for per-tensor OnTIES, and one more norms
+    /// pass for the OnDARE rescale. A single job runs in one round.
     pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {
         let t = match self.merge {
             MergeParams::Ties(t) if t.scope == Scope::Global && self.phase == Phase::Merge => t,
             _ => {
-                for job in jobs.iter_mut() {
+                if let [job] = jobs {
                     let state = TensorState { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut(), tau: job.tau };
-                    self.step_tensor_with_scratch(job.name, job.grad, state, job.scratch)?;
+                    return self.step_tensor_with_scratch(job.name, job.grad, state, job.scratch);
+                }
+                for job in jobs.iter_mut() {
+                    let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
+                    let plan = self.per_tensor_plan(job.name, job.grad, &st, job.tau, job.scratch)?;
+                    if self.needs_update_scratch() {
+                        plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
+                    } else {
+                        plan.check_chunk(0, job.grad, st, job.tau)?;
+                    }
+                }
+                for job in jobs.iter_mut() {
+                    let plan = if self.needs_update_scratch() {
+                        // The first round left this tensor's update in its scratch.
+                        self.with_own_threshold(self.tensor(job.name, job.grad.len() as u64)?, job.scratch)?
+                    } else {
+                        self.prepare(job.name, job.grad, &StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() }, job.tau, job.scratch)?
+                    };
+                    let st = StateMut { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut() };
+                    if self.needs_update_scratch() {
+                        plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
+                    } else {
+                        plan.write_chunk(0, job.grad, st, job.tau)?;
+                    }
                 }
                 return Ok(());
             }

@@ -689,3 +689,62 @@ fn steps_that_read_no_task_vector_accept_an_empty_one() {
     assert_eq!(err, Error::LengthMismatch { tensor: tensor_name("w"), what: "task vector", expected: n as u64, found: 0 });
     assert_eq!(st, st0);
 }
+
+/// Steps three tensors through `step_tensors` (names in bytewise order, each with
+/// its own scratch); `Err` leaves the states as the call left them.
+fn step_three(plan: &crate::optim::StepPlan, grads: &[Vec<f32>], states: &mut [State], taus: &[Vec<f32>], cached: bool) -> Result<(), Error> {
+    const NAMES: [&str; 3] = ["a.w", "b.w", "c.w"];
+    let mut scratches: Vec<Vec<f32>> = grads.iter().map(|g| vec![f32::NAN; g.len()]).collect();
+    let mut jobs: Vec<StepJob<'_>> = states
+        .iter_mut()
+        .zip(scratches.iter_mut())
+        .enumerate()
+        .map(|(i, (st, scratch))| StepJob {
+            name: NAMES[i],
+            grad: &grads[i],
+            theta: &mut st.theta,
+            m: &mut st.m,
+            v: &mut st.v,
+            cached: if cached { Some(&mut st.cached[..]) } else { None },
+            tau: Src::F32(&taus[i]),
+            scratch,
+        })
+        .collect();
+    plan.step_tensors(&mut jobs)
+}
+
+#[test]
+fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
+    let mut rng = Rng::new(12);
+    let sizes = [300usize, 17, 1000];
+    for cfg in configs() {
+        let mut opt = Optimizer::new(cfg).unwrap();
+        let cached = opt.needs_cached_delta();
+        let plan = opt.begin_step().unwrap();
+        let drawn: Vec<(Vec<f32>, State, Vec<f32>)> = sizes.iter().map(|&n| random_state(&mut rng, n)).collect();
+        let grads: Vec<Vec<f32>> = drawn.iter().map(|d| d.0.clone()).collect();
+        let states: Vec<State> = drawn.iter().map(|d| d.1.clone()).collect();
+        let taus: Vec<Vec<f32>> = drawn.iter().map(|d| d.2.clone()).collect();
+
+        let mut together = states.clone();
+        step_three(&plan, &grads, &mut together, &taus, cached).unwrap();
+        for (i, name) in ["a.w", "b.w", "c.w"].into_iter().enumerate() {
+            let mut alone = states[i].clone();
+            let mut scratch = vec![f32::NAN; sizes[i]];
+            let c = if cached { Some(&mut alone.cached[..]) } else { None };
+            plan.step_tensor_with_scratch(name, &grads[i], TensorState { theta: &mut alone.theta, m: &mut alone.m, v: &mut alone.v, cached: c, tau: Src::F32(&taus[i]) }, &mut scratch).unwrap();
+            assert!(together[i] == alone, "{cfg:?}: {name} differs from its step alone");
+        }
+
+        // The last tensor's squared gradient overflows (every input is finite):
+        // the first two, which pass, must not be written either.
+        let mut failing = states.clone();
+        let mut g = grads.clone();
+        g[2][999] = 3e20;
+        let before = failing.clone();
+        let err = step_three(&plan, &g, &mut failing, &taus, cached).unwrap_err();
+        assert_eq!(err, Error::NonFinite { tensor: tensor_name("c.w"), what: "updated exp_avg_sq", index: 999 }, "{cfg:?}");
+        let written: Vec<usize> = (0..3).filter(|&i| failing[i] != before[i]).collect();
+        assert!(written.is_empty(), "{cfg:?}: tensors {written:?} written by a failing step");
+    }
+}
