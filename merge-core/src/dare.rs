@@ -65,7 +65,7 @@ pub(crate) fn validate_p(p: f64) -> Result<f32, Error> {
 
 /// Validates `α` (shared with OnTIES) and returns `(RN(α), RN(1 − α))`.
 pub(crate) fn validate_alpha(alpha: f64) -> Result<(f32, f32), Error> {
-    if !(alpha >= 0.0 && alpha <= 1.0) {
+    if !(0.0..=1.0).contains(&alpha) {
         return Err(invalid("alpha", alpha, "0 <= alpha <= 1"));
     }
     Ok((crate::arith::flush(alpha as f32), crate::arith::flush((1.0 - alpha) as f32)))

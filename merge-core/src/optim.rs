@@ -160,7 +160,7 @@ impl Optimizer {
     /// The plan of step `k` (1-based), independent of the steps taken.
     pub fn plan(&self, k: u64) -> Result<StepPlan, Error> {
         let scalars = self.config.adam.scalars(k)?;
-        let phase = if k % u64::from(self.config.k) == 0 { Phase::Merge } else { Phase::Accumulate };
+        let phase = if k.is_multiple_of(u64::from(self.config.k)) { Phase::Merge } else { Phase::Accumulate };
         Ok(StepPlan { k, scalars, phase, seed: self.config.seed, merge: self.merge, need_cached: self.needs_cached_delta() })
     }
 
@@ -260,10 +260,8 @@ pub struct TaskVectorJob<'a> {
 fn check_name_order<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), Error> {
     let mut prev: Option<&str> = None;
     for name in names {
-        if let Some(p) = prev {
-            if p.as_bytes() >= name.as_bytes() {
-                return Err(Error::InvalidHyperparameter { name: "tensor order (global scope)", value: 0.0, expected: "tensors in strictly ascending bytewise name order" });
-            }
+        if let Some(p) = prev && p.as_bytes() >= name.as_bytes() {
+            return Err(Error::InvalidHyperparameter { name: "tensor order (global scope)", value: 0.0, expected: "tensors in strictly ascending bytewise name order" });
         }
         prev = Some(name);
     }

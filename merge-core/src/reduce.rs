@@ -64,7 +64,7 @@ impl TreeSum {
     pub fn push_slice(&mut self, xs: &[f32]) {
         let mut rest = xs;
         while !rest.is_empty() {
-            let aligned = self.count % BLOCK as u64 == 0;
+            let aligned = self.count.is_multiple_of(BLOCK as u64);
             if aligned && rest.len() >= BLOCK {
                 let (block, tail) = rest.split_at(BLOCK);
                 self.push_subtree(block_sum(block), BLOCK_LEVEL);

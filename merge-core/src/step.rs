@@ -330,10 +330,8 @@ impl TensorStep<'_> {
     /// `delta_out` (if given, same length as the chunk); writes nothing else.
     pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state, &tau)?;
-        if let Some(d) = delta_out.as_deref() {
-            if d.len() != grad.len() {
-                return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
-            }
+        if let Some(d) = delta_out.as_deref() && d.len() != grad.len() {
+            return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
         }
         self.run(Pass::Scan, offset, grad, &state, &tau, |start, out, n| {
             if let Some(norms) = norms.as_deref_mut() {
@@ -555,7 +553,7 @@ impl TensorStep<'_> {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
             let view = StateRef { theta: &state.theta[r.clone()], m: &state.m[r.clone()], v: &state.v[r.clone()], cached: state.cached.map(|c| &c[r.clone()]) };
-            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
+            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(tau, start, len), &mut bufs)?;
             sink(start, &bufs.out, len);
             start += len;
         }

@@ -63,7 +63,7 @@ fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
         delta[i] = m_(s.neg_step_size, d_(st.m[i], den));
         theta[i] = th;
     }
-    let merge_step = k % u64::from(cfg.k) == 0;
+    let merge_step = k.is_multiple_of(u64::from(cfg.k));
     if !merge_step {
         for i in 0..n {
             theta[i] = a(theta[i], delta[i]);
@@ -610,7 +610,7 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     };
     let (g, st0, tau) = random_state(&mut rng, n);
     let mut got = st0.clone();
-    run_front(&cfg, 1, "w", &[g.clone()], &mut got, &tau);
+    run_front(&cfg, 1, "w", std::slice::from_ref(&g), &mut got, &tau);
     let mut want = st0.clone();
     reference_step(&cfg, 1, "w", &g, &mut want, &tau);
     want.cached = st0.cached.clone();

@@ -234,7 +234,7 @@ fn half_bits(r: &mut Inputs, n: usize, bf16: bool) -> Vec<u16> {
             let x = r.next();
             if bf16 {
                 // Exponents 100..=140 (about 1e-8 .. 1e4), and some zeros/subnormals.
-                let e = if x % 17 == 0 { 0 } else { 100 + (x >> 8) as u16 % 41 };
+                let e = if x.is_multiple_of(17) { 0 } else { 100 + (x >> 8) as u16 % 41 };
                 ((x >> 40) as u16 & 0x8000) | e << 7 | ((x >> 20) as u16 & 0x7f)
             } else {
                 let e = (x >> 8) as u16 % 31;
@@ -662,7 +662,7 @@ fn ties_combine_cases(salt: u64) -> Vec<Case> {
     let mut d = vec![-1.0f32, 1.0, 0.0, -5.0, 5.0, -0.0, 1e-42, -1.0, 1.0, -1.4e-38, 3.0, -3.0, -0.25, 0.25, -1e30];
     for _ in 0..200 {
         tau.push(r.spread(110, 140));
-        d.push(if r.next() % 4 == 0 { -tau[tau.len() - 1] } else { r.spread(110, 140) });
+        d.push(if r.next().is_multiple_of(4) { -tau[tau.len() - 1] } else { r.spread(110, 140) });
     }
     for variant in ["reference", "paper"] {
         for (tag, alpha, omega) in [("half", 0.5f32, 0.5f32), ("skewed", 0.3, 0.7), ("paper_defaults", 1e-7, 0.9999999)] {

@@ -206,15 +206,13 @@ impl GpuMerger {
         if models.is_empty() || models.len() > GPU_MAX_MODELS {
             return Err(too_many(models.len()));
         }
-        if let Some(b) = base {
-            if b.len() != n {
-                return Err(GpuError::Core(merge_core::Error::LengthMismatch {
-                    tensor: tensor_name(name),
-                    what: "base weights",
-                    expected: n as u64,
-                    found: b.len() as u64,
-                }));
-            }
+        if let Some(b) = base && b.len() != n {
+            return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                tensor: tensor_name(name),
+                what: "base weights",
+                expected: n as u64,
+                found: b.len() as u64,
+            }));
         }
         Ok(())
     }

@@ -22,14 +22,12 @@ pub(crate) fn abort_requested(file_name: &str, step: u64) -> bool {
 pub(crate) fn write_synced(path: &Path, bytes: &[u8], abort_step: Option<u64>) -> Result<()> {
     let mut f = File::create(path).map_err(|e| TrainError::io("creating", path, e))?;
     let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if let Some(step) = abort_step {
-        if abort_requested(file_name, step) {
-            let half = bytes.len() / 2;
-            f.write_all(&bytes[..half]).map_err(|e| TrainError::io("writing", path, e))?;
-            f.sync_all().map_err(|e| TrainError::io("syncing", path, e))?;
-            eprintln!("HOST_ABORT_WRITING: aborting after {half} of {} bytes of {}", bytes.len(), path.display());
-            std::process::abort();
-        }
+    if let Some(step) = abort_step && abort_requested(file_name, step) {
+        let half = bytes.len() / 2;
+        f.write_all(&bytes[..half]).map_err(|e| TrainError::io("writing", path, e))?;
+        f.sync_all().map_err(|e| TrainError::io("syncing", path, e))?;
+        eprintln!("HOST_ABORT_WRITING: aborting after {half} of {} bytes of {}", bytes.len(), path.display());
+        std::process::abort();
     }
     f.write_all(bytes).map_err(|e| TrainError::io("writing", path, e))?;
     f.sync_all().map_err(|e| TrainError::io("syncing", path, e))

@@ -376,12 +376,10 @@ impl Optimizer {
 
     /// The optimizer state by kind, for checkpoints.
     pub fn export_state(&mut self) -> Result<BTreeMap<String, ParamSet>> {
-        if let Some(gpu) = self.gpu.as_mut() {
-            if gpu.mirror_step != self.step {
-                let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("reading GPU state: {e}")))?;
-                install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
-                gpu.mirror_step = self.step;
-            }
+        if let Some(gpu) = self.gpu.as_mut() && gpu.mirror_step != self.step {
+            let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("reading GPU state: {e}")))?;
+            install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
+            gpu.mirror_step = self.step;
         }
         let mut out = BTreeMap::new();
         out.insert(EXP_AVG.to_string(), self.m.clone());

@@ -245,31 +245,27 @@ pub fn train(
         bar.set_position(step);
         bar.set_message(format!("loss {:.4}", rec.loss));
 
-        if spec.eval_every > 0 && step % spec.eval_every == 0 {
-            if let Some(ev) = objective.evaluate(opt.params())? {
-                log.log(&ev.to_record(step, "eval"))?;
-            }
+        if spec.eval_every > 0 && step % spec.eval_every == 0 && let Some(ev) = objective.evaluate(opt.params())? {
+            log.log(&ev.to_record(step, "eval"))?;
         }
         let due = step == spec.steps || (spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0);
-        if due {
-            if let Some(root) = &spec.checkpoint_root {
-                let ckpt = Checkpoint {
-                    state: TrainerState {
-                        format: checkpoint::FORMAT,
-                        step,
-                        data_position: position,
-                        optim: opt.config().clone(),
-                        run: spec.run_config.clone(),
-                        weights_hash: String::new(),
-                    },
-                    params: opt.params().clone(),
-                    optim_state: opt.export_state()?,
-                };
-                let params = opt.params();
-                let writer = model_writer.map(|w| move |dir: &std::path::Path| w(params, dir));
-                checkpoint::write(root, &ckpt, writer.as_ref().map(|w| w as &dyn Fn(&std::path::Path) -> Result<()>))?;
-                checkpoint::prune(root, spec.keep_checkpoints)?;
-            }
+        if due && let Some(root) = &spec.checkpoint_root {
+            let ckpt = Checkpoint {
+                state: TrainerState {
+                    format: checkpoint::FORMAT,
+                    step,
+                    data_position: position,
+                    optim: opt.config().clone(),
+                    run: spec.run_config.clone(),
+                    weights_hash: String::new(),
+                },
+                params: opt.params().clone(),
+                optim_state: opt.export_state()?,
+            };
+            let params = opt.params();
+            let writer = model_writer.map(|w| move |dir: &std::path::Path| w(params, dir));
+            checkpoint::write(root, &ckpt, writer.as_ref().map(|w| w as &dyn Fn(&std::path::Path) -> Result<()>))?;
+            checkpoint::prune(root, spec.keep_checkpoints)?;
         }
     }
     bar.finish_and_clear();

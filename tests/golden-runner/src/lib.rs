@@ -20,6 +20,9 @@
 //! `no_std` with `alloc`, so that the same evaluator also runs on a Cortex-M
 //! (`tests/cortex-m`); the default `std` feature only forwards to merge-core.
 
+// merge-core's `Error` names its tensor inline.
+#![allow(clippy::result_large_err)]
+
 #![no_std]
 
 extern crate alloc;
