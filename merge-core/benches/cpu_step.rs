@@ -19,6 +19,10 @@
 //! a store to a line not in cache first reads the line (out of place moves 44 B
 //! for 32 B counted), which safe Rust cannot avoid.
 //!
+//! The arithmetic's own cost is split, over a tensor in L2, into the Threefry
+//! uniforms and the element arithmetic, the latter also timed without the flush
+//! rule (not SPEC arithmetic; it shows what the rule costs on this CPU).
+//!
 //! `-- WORD` runs only the cases whose name contains WORD. Each figure is the
 //! best of 3 spans of this thread's CPU time (`/proc/thread-self/schedstat`), each
 //! span repeating the operation for at least 0.4 s: the kernel updates that
@@ -27,12 +31,14 @@
 //! `cargo bench -p merge-core --bench cpu_step`; with
 //! `RUSTFLAGS="-C target-cpu=native"` for the vector width of the machine.
 
-use merge_core::dare::{DareConfig, DareVariant};
+use merge_core::dare::{DareConfig, DareParams, DareVariant};
 use merge_core::dtype::Src;
-use merge_core::hyper::AdamConfig;
+use merge_core::hyper::{AdamConfig, StepScalars};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState, TiesConfig};
+use merge_core::rng::{MaskKey, tensor_id};
 use merge_core::step::{StateMut, StateRef};
+use merge_core::{adam, arith, dare};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -140,6 +146,85 @@ fn pattern_limits(g: &[f32], tau: &[f32], init: &[f32], memcpy_gbs: f64) -> Patt
     PatternLimits { out_of_place, in_place, check_then_write }
 }
 
+/// OnDARE's in-cache cost split into its parts, per N elements: the Threefry
+/// uniforms, and the element arithmetic (reference variant, HF form) with the
+/// flush rule of SPEC.md §1.3 and, for comparison only, without it. The flush
+/// after every operation is what lets a GPU that flushes subnormals agree.
+fn arithmetic_parts(g: &[f32], tau: &[f32], init: &[f32], memcpy_gbs: f64) {
+    let n = IN_CACHE;
+    let (g, tau) = (&g[..n], &tau[..n]);
+    let (mut theta, mut m, mut v) = (init[..n].to_vec(), vec![0.0f32; n], vec![0.0f32; n]);
+    let s = AdamConfig { lr: 1e-4, weight_decay: 0.01, ..AdamConfig::default() }.scalars(10).unwrap();
+    let dp = DareConfig::default().params().unwrap();
+    let key = MaskKey::new(7, tensor_id("w"), 10);
+    let mut u = vec![0u32; n];
+    let uniforms = best(|| {
+        for _ in 0..N / n {
+            draw_uniforms(&key, &mut u);
+        }
+    });
+    let mut run = |kernel: fn(&StepScalars, &DareParams, &[f32], &[f32], &[u32], &mut [f32], &mut [f32], &mut [f32]) -> u32| {
+        best(|| {
+            for _ in 0..N / n {
+                black_box(kernel(&s, &dp, g, tau, &u, &mut theta, &mut m, &mut v));
+            }
+        })
+    };
+    let (flushed, plain) = (run(ondare_flushed), run(ondare_unflushed));
+    println!("parts of OnDARE's cost, {IN_CACHE} elements in L2 (x{}):", N / n);
+    report("  Threefry-2x32-20 uniforms", 32, uniforms, memcpy_gbs);
+    report("  element arithmetic, flush rule (SPEC)", 32, flushed, memcpy_gbs);
+    report("  element arithmetic, no flush (not SPEC)", 32, plain, memcpy_gbs);
+}
+
+/// One Threefry block per pair, the halves to even and odd elements.
+#[inline(never)]
+fn draw_uniforms(key: &MaskKey, u: &mut [u32]) {
+    for (p, pair) in u.chunks_exact_mut(2).enumerate() {
+        let [a, b] = key.pair(p as u32, 0);
+        pair[0] = a;
+        pair[1] = b;
+    }
+}
+
+/// The OnDARE reference element step in place, through merge-core's flushed operations.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn ondare_flushed(s: &StepScalars, dp: &DareParams, g: &[f32], tau: &[f32], u: &[u32], theta: &mut [f32], m: &mut [f32], v: &mut [f32]) -> u32 {
+    let n = g.len();
+    let (tau, u, theta, m, v) = (&tau[..n], &u[..n], &mut theta[..n], &mut m[..n], &mut v[..n]);
+    let mut bad = 0u32;
+    for j in 0..n {
+        let (m1, v1) = adam::moments(s, arith::flush(g[j]), arith::flush(m[j]), arith::flush(v[j]));
+        let d = adam::delta::<false>(s, m1, v1);
+        let sp = dare::sparsify(d, dp.keep.keeps(u[j]), dp.scale);
+        let th = adam::decay_after::<false>(s, dare::merge_reference(arith::flush(theta[j]), arith::flush(tau[j]), sp, dp.alpha, dp.one_minus_alpha));
+        bad |= u32::from(arith::is_non_finite(m1) | arith::is_non_finite(v1) | arith::is_non_finite(th));
+        (theta[j], m[j], v[j]) = (th, m1, v1);
+    }
+    bad
+}
+
+/// The same operations in plain binary32, no flush: not SPEC arithmetic.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn ondare_unflushed(s: &StepScalars, dp: &DareParams, g: &[f32], tau: &[f32], u: &[u32], theta: &mut [f32], m: &mut [f32], v: &mut [f32]) -> u32 {
+    let n = g.len();
+    let (tau, u, theta, m, v) = (&tau[..n], &u[..n], &mut theta[..n], &mut m[..n], &mut v[..n]);
+    let mut bad = 0u32;
+    for j in 0..n {
+        let m1 = s.beta1 * m[j] + s.one_minus_beta1 * g[j];
+        let v1 = s.beta2 * v[j] + s.one_minus_beta2 * (g[j] * g[j]);
+        let d = s.neg_step_size * (m1 / (v1.sqrt() + s.eps));
+        let sp = if dp.keep.keeps(u[j]) { d * dp.scale } else { 0.0 };
+        let th1 = (theta[j] + dp.alpha * tau[j]) + dp.one_minus_alpha * sp;
+        let th = th1 - s.decay_after * th1;
+        bad |= u32::from(arith::is_non_finite(m1) | arith::is_non_finite(v1) | arith::is_non_finite(th));
+        (theta[j], m[j], v[j]) = (th, m1, v1);
+    }
+    bad
+}
+
 fn report(what: &str, bytes_per_elem: usize, secs: f64, memcpy_gbs: f64) {
     let gbs = (bytes_per_elem * N) as f64 / secs / 1e9;
     println!("{what:<44} {:>8.2} ms  {gbs:>7.2} GB/s  {:>5.1}% of memcpy", secs * 1e3, 100.0 * gbs / memcpy_gbs);
@@ -162,6 +247,7 @@ fn main() {
     println!("{N} elements, one thread, {}", simd_level());
     println!("{:<44} {:>8.2} ms  {memcpy_gbs:>7.2} GB/s  (read + write)", "memcpy 64 MiB", memcpy * 1e3);
     let limits = pattern_limits(&g, &tau, &src, memcpy_gbs);
+    arithmetic_parts(&g, &tau, &src, memcpy_gbs);
 
     let adam = AdamConfig { lr: 1e-4, weight_decay: 0.01, ..AdamConfig::default() };
     let dare = |variant, rescale| Merge::Dare(DareConfig { variant, rescale, ..DareConfig::default() });
