@@ -163,7 +163,7 @@ fn arithmetic_parts(g: &[f32], tau: &[f32], init: &[f32], memcpy_gbs: f64) {
             draw_uniforms(&key, &mut u);
         }
     });
-    let mut run = |kernel: fn(&StepScalars, &DareParams, &[f32], &[f32], &[u32], &mut [f32], &mut [f32], &mut [f32]) -> u32| {
+    let mut run = |kernel: ElementKernel| {
         best(|| {
             for _ in 0..N / n {
                 black_box(kernel(&s, &dp, g, tau, &u, &mut theta, &mut m, &mut v));
@@ -176,6 +176,10 @@ fn arithmetic_parts(g: &[f32], tau: &[f32], init: &[f32], memcpy_gbs: f64) {
     report("  element arithmetic, flush rule (SPEC)", 32, flushed, memcpy_gbs);
     report("  element arithmetic, no flush (not SPEC)", 32, plain, memcpy_gbs);
 }
+
+/// An OnDARE element step over a tensor: scalars, DARE parameters, g, τ', the
+/// uniforms, then θ, m, v in place; returns the non-finite flag.
+type ElementKernel = fn(&StepScalars, &DareParams, &[f32], &[f32], &[u32], &mut [f32], &mut [f32], &mut [f32]) -> u32;
 
 /// One Threefry block per pair, the halves to even and odd elements.
 #[inline(never)]
