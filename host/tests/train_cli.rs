@@ -240,6 +240,31 @@ fn verify_prints_a_matching_table() {
     }
 }
 
+/// `auto` never runs the step on a software adapter unless it is named: lavapipe
+/// computes on the same cores as merge-core, only slower. Named, it is used.
+#[test]
+fn auto_backend_takes_a_software_adapter_only_by_name() {
+    let d = tmp("auto-software");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let out = d.join("run");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_host"));
+    c.args(align_args(bs, ss, out.to_str().unwrap(), "ondare", "auto", "2")).env_remove("MERGE_GPU_ADAPTER");
+    let o = c.output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    let on = err.lines().find(|l| l.starts_with("align: ") && l.contains(" optimizer on ")).unwrap_or_else(|| panic!("{err}"));
+    // `describe` writes the device type: "(Vulkan, Cpu, driver ...)".
+    assert!(!on.contains(", Cpu,"), "auto picked a software adapter: {on}");
+    if on.contains("optimizer on cpu") && err.contains("only a software adapter") {
+        // This machine has only lavapipe (as CI): named, auto takes it.
+        let named = d.join("named");
+        let o = host(&align_args(bs, ss, named.to_str().unwrap(), "ondare", "auto", "2"), &[("MERGE_GPU_ADAPTER", "llvmpipe")]);
+        assert!(o.status.success() && stderr(&o).contains("optimizer on gpu: llvmpipe"), "{}", stderr(&o));
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 #[test]
 fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
     let d = tmp("auto");

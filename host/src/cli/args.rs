@@ -9,7 +9,7 @@ use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope
 /// Where the optimizer step runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// A wgpu adapter if one works, else merge-core on the CPU (said once on stderr).
+    /// A hardware GPU if one works (a software adapter only when MERGE_GPU_ADAPTER names it), else merge-core on the CPU (said once on stderr).
     Auto,
     /// A wgpu adapter; fail if none works.
     Gpu,

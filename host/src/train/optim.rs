@@ -125,7 +125,8 @@ pub enum BackendRequest {
     /// A GPU adapter (`adapter`: a substring of its name / driver / backend, else
     /// gpu-shaders' own choice); fail if none works.
     Gpu { adapter: Option<String> },
-    /// A GPU if one works, else merge-core, said once on stderr.
+    /// A hardware GPU if one works (a software adapter only when named by
+    /// `MERGE_GPU_ADAPTER`), else merge-core, said once on stderr.
     Auto,
 }
 
@@ -221,8 +222,22 @@ impl Optimizer {
             BackendRequest::Gpu { adapter } => adapter.clone(),
             BackendRequest::Auto => None,
         };
+        // A software adapter (lavapipe) runs the kernels on the same CPU cores, far
+        // slower than merge-core: `auto` takes one only when it was asked for by name.
+        let named = adapter.is_some() || std::env::var(gpu_shaders::context::ADAPTER_ENV).is_ok_and(|v| !v.is_empty());
         let opened = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None })
             .map_err(|e| e.to_string())
+            .and_then(|ctx| {
+                let info = ctx.adapter_info();
+                if *backend == BackendRequest::Auto && !named && info.device_type == wgpu::DeviceType::Cpu {
+                    return Err(format!(
+                        "only a software adapter, {}, which is slower than merge-core on the same cores; \
+                         --backend gpu uses it anyway",
+                        gpu_shaders::context::describe(info)
+                    ));
+                }
+                Ok(ctx)
+            })
             .and_then(|ctx| {
                 let inits: Vec<TensorInit<'_>> = opt
                     .params
