@@ -247,6 +247,22 @@ const LAST_BUCKETS: usize = 1 << (KEY_BITS - 2 * DIGIT_BITS);
 const LANE_LEN: usize = BUCKETS;
 /// Keys from here up are Inf or NaN magnitudes (or not magnitude keys at all).
 const NON_FINITE_KEY: u32 = 0x7f80_0000;
+
+/// The keys of one block of at most [`BLOCK`] items, whose first index in the
+/// scope is `start`; a non-finite item is refused with the lowest such index.
+#[inline(always)]
+fn block_keys<T: Copy>(scope: &TensorName, start: u64, block: &[T], key: impl Fn(T) -> u32) -> Result<[u32; BLOCK], Error> {
+    let mut keys = [0u32; BLOCK];
+    for (k, &x) in keys.iter_mut().zip(block) {
+        *k = key(x);
+    }
+    let filled = &keys[..block.len()];
+    if filled.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
+        let at = filled.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
+        return Err(Error::NonFinite { tensor: scope.clone(), what: "top-k input", index: start + at as u64 });
+    }
+    Ok(keys)
+}
 /// Elements per candidate bit mask in filtered passes (bits of a `u32`).
 const BLOCK: usize = 32;
 
@@ -363,15 +379,8 @@ impl RadixSelect {
         for t in tensors {
             for (b, block) in t.chunks(BLOCK).enumerate() {
                 let start = offset + (b * BLOCK) as u64;
-                let mut keys = [0u32; BLOCK];
-                for (k, &x) in keys.iter_mut().zip(block) {
-                    *k = magnitude_key(x);
-                }
+                let keys = block_keys(&self.scope, start, block, magnitude_key)?;
                 let keys = &keys[..block.len()];
-                if keys.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
-                    let at = keys.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
-                    return Err(Error::NonFinite { tensor: self.scope.clone(), what: "top-k input", index: start + at as u64 });
-                }
                 let mut hits = keys
                     .iter()
                     .enumerate()
@@ -452,15 +461,8 @@ impl RadixSelect {
         self.pending += items.len() as u64;
         for (b, block) in items.chunks(BLOCK).enumerate() {
             let start = offset + (b * BLOCK) as u64;
-            let mut keys = [0u32; BLOCK];
-            for (k, &x) in keys.iter_mut().zip(block) {
-                *k = key(x);
-            }
+            let keys = block_keys(&self.scope, start, block, &key)?;
             let keys = &keys[..block.len()];
-            if keys.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
-                let at = keys.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
-                return Err(Error::NonFinite { tensor: self.scope.clone(), what: "top-k input", index: start + at as u64 });
-            }
             match pass {
                 Pass::Key { shift, bits, prefix: _ } if shift + bits == KEY_BITS => {
                     // First pass: every element is a candidate.
