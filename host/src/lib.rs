@@ -7,6 +7,7 @@ pub mod data;
 pub mod demo;
 pub mod hf;
 pub mod loss;
+pub mod merge;
 pub mod model;
 pub mod params;
 pub mod tokenizer;

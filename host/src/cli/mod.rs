@@ -46,6 +46,8 @@ pub enum Command {
     Align(AlignArgs),
     /// Loss (and preference metrics) of a model on a data set.
     Eval(EvalArgs),
+    /// mergekit-style offline merge of model folders (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp), streamed tensor by tensor, seeded, on merge-core or a cross-checked GPU.
+    Merge(crate::merge::MergeArgs),
     /// Golden vectors and a seeded training run on merge-core and on every GPU adapter.
     Verify(crate::verify::VerifyArgs),
     /// The paper's experiment in miniature on built-in data: pretrain, SFT, align with AdamW / OnDARE / OnTIES and offline interpolation; reward vs. tax table, CSV, JSON, SVG.
@@ -167,9 +169,26 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Sft(a) => sft(a).map(|()| ExitCode::SUCCESS),
         Command::Align(a) => align(a).map(|()| ExitCode::SUCCESS),
         Command::Eval(a) => eval(a).map(|()| ExitCode::SUCCESS),
+        Command::Merge(a) => merge(&a).map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => crate::verify::run(&a),
         Command::Demo(a) => crate::demo::cli::demo(&a).map(|()| ExitCode::SUCCESS),
     }
+}
+
+fn merge(args: &crate::merge::MergeArgs) -> Result<()> {
+    let r = crate::merge::run(args).map_err(|e| TrainError::msg(e.to_string()))?;
+    let checked = if r.cross_checked > 0 { format!(", {} cross-checked bit for bit on merge-core", r.cross_checked) } else { String::new() };
+    println!(
+        "merged {} tensors ({} elements) on {}{checked} in {:.1} s: {} ({} shard{})",
+        r.tensors,
+        r.elements,
+        r.backend,
+        r.seconds,
+        args.out_dir.display(),
+        r.shards,
+        if r.shards == 1 { "" } else { "s" }
+    );
+    Ok(())
 }
 
 fn parse_save_dtype(s: &str) -> Result<Dtype> {

@@ -130,6 +130,29 @@ pub enum BackendRequest {
     Auto,
 }
 
+/// Opens the adapter `request` asks for: `None` for `Cpu`; for `Auto`, an error
+/// when the only adapter is a software one that was not named, since lavapipe runs
+/// the kernels on the same CPU cores, far slower than merge-core. The optimizer and
+/// `merge` both choose their adapter here.
+pub fn open_gpu_context(request: &BackendRequest) -> std::result::Result<Option<GpuContext>, String> {
+    let adapter = match request {
+        BackendRequest::Cpu => return Ok(None),
+        BackendRequest::Gpu { adapter } => adapter.clone(),
+        BackendRequest::Auto => None,
+    };
+    let named = adapter.is_some() || std::env::var(gpu_shaders::context::ADAPTER_ENV).is_ok_and(|v| !v.is_empty());
+    let ctx = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None }).map_err(|e| e.to_string())?;
+    let info = ctx.adapter_info();
+    if *request == BackendRequest::Auto && !named && info.device_type == wgpu::DeviceType::Cpu {
+        return Err(format!(
+            "only a software adapter, {}, which is slower than merge-core on the same cores; \
+             --backend gpu uses it anyway",
+            gpu_shaders::context::describe(info)
+        ));
+    }
+    Ok(Some(ctx))
+}
+
 /// The GPU side: the resident optimizer and the cross-check cadence.
 struct GpuSide {
     opt: GpuOptimizer,
@@ -217,27 +240,11 @@ impl Optimizer {
         cross_check_every: u64,
     ) -> Result<Self> {
         let mut opt = Self::new(cfg, params, task)?;
-        let adapter = match backend {
-            BackendRequest::Cpu => return Ok(opt),
-            BackendRequest::Gpu { adapter } => adapter.clone(),
-            BackendRequest::Auto => None,
-        };
-        // A software adapter (lavapipe) runs the kernels on the same CPU cores, far
-        // slower than merge-core: `auto` takes one only when it was asked for by name.
-        let named = adapter.is_some() || std::env::var(gpu_shaders::context::ADAPTER_ENV).is_ok_and(|v| !v.is_empty());
-        let opened = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None })
-            .map_err(|e| e.to_string())
-            .and_then(|ctx| {
-                let info = ctx.adapter_info();
-                if *backend == BackendRequest::Auto && !named && info.device_type == wgpu::DeviceType::Cpu {
-                    return Err(format!(
-                        "only a software adapter, {}, which is slower than merge-core on the same cores; \
-                         --backend gpu uses it anyway",
-                        gpu_shaders::context::describe(info)
-                    ));
-                }
-                Ok(ctx)
-            })
+        if *backend == BackendRequest::Cpu {
+            return Ok(opt);
+        }
+        let opened = open_gpu_context(backend)
+            .map(|ctx| ctx.expect("only BackendRequest::Cpu opens no adapter"))
             .and_then(|ctx| {
                 let inits: Vec<TensorInit<'_>> = opt
                     .params
