@@ -93,7 +93,8 @@ def bench(label, shapes, kind, steps, **kw):
     if kind.startswith("torch"):
         for x, g in zip(params, grads):
             x.grad = g
-        opt = torch.optim.AdamW(params, lr=1e-6, fused=(kind == "torch-fused"), foreach=(kind == "torch-foreach"))
+        # weight_decay=0 as the port (and the official code) defaults; torch.optim.AdamW defaults to 0.01.
+        opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=(kind == "torch-fused"), foreach=(kind == "torch-foreach"))
         run = opt.step
     else:
         o = OfficialStep(params, taus, kind, **kw)
