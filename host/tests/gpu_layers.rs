@@ -292,41 +292,54 @@ fn swiglu_and_residual_match_cpu() {
     assert_eq!(gpu[4], acc, "an addition is correctly rounded in WGSL: it must be exact");
 }
 
-/// The CPU head: logits, log-softmax (sums in f64), the target's log-prob, the
-/// row's log-sum-exp, and the backward of `Σ coef · logp`.
-struct CpuHead {
-    logp: Vec<f32>,
-    lse: Vec<f32>,
-    dx: Vec<f32>,
-    dw: Vec<f32>,
+/// One LM-head problem: hidden rows `x`, head `w`, targets, per-row backward
+/// coefficients, and the gradients' starting values.
+struct HeadCase {
+    s: HeadShape,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    targets: Vec<u32>,
+    coef: Vec<f32>,
+    dx0: Vec<f32>,
+    dw0: Vec<f32>,
 }
 
-fn cpu_head(x: &[f32], w: &[f32], targets: &[u32], coef: &[f32], s: HeadShape, dx0: &[f32], dw0: &[f32]) -> CpuHead {
-    let mut logits = vec![0f32; s.rows * s.vocab];
-    layers::linear_forward(&mut logits, x, &layers::transpose(w, s.hidden, s.vocab), None, s.hidden, s.vocab, 1);
-    let mut probs = vec![0f32; s.vocab];
-    let mut dlogits = vec![0f32; s.rows * s.vocab];
-    let (mut logp, mut lse) = (Vec::new(), Vec::new());
-    for r in 0..s.rows {
-        let row = &logits[r * s.vocab..(r + 1) * s.vocab];
-        logp.push(layers::log_softmax_row(row, targets[r] as usize, &mut probs));
-        let mx = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-        lse.push((mx + row.iter().map(|&l| (l as f64 - mx).exp()).sum::<f64>().ln()) as f32);
-        layers::log_softmax_backward(&mut dlogits[r * s.vocab..(r + 1) * s.vocab], &probs, targets[r] as usize, coef[r]);
+/// `[logp, lse, dx, dw]`
+type HeadResult = [Vec<f32>; 4];
+
+impl HeadCase {
+    /// The CPU head: logits, log-softmax (sums in f64), the target's log-prob,
+    /// the row's log-sum-exp, and the backward of `Σ coef · logp`.
+    fn cpu(&self) -> HeadResult {
+        let s = self.s;
+        let mut logits = vec![0f32; s.rows * s.vocab];
+        layers::linear_forward(&mut logits, &self.x, &layers::transpose(&self.w, s.hidden, s.vocab), None, s.hidden, s.vocab, 1);
+        let mut probs = vec![0f32; s.vocab];
+        let mut dlogits = vec![0f32; s.rows * s.vocab];
+        let (mut logp, mut lse) = (Vec::new(), Vec::new());
+        for r in 0..s.rows {
+            let row = &logits[r * s.vocab..(r + 1) * s.vocab];
+            let target = self.targets[r] as usize;
+            logp.push(layers::log_softmax_row(row, target, &mut probs));
+            let mx = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+            lse.push((mx + row.iter().map(|&l| (l as f64 - mx).exp()).sum::<f64>().ln()) as f32);
+            layers::log_softmax_backward(&mut dlogits[r * s.vocab..(r + 1) * s.vocab], &probs, target, self.coef[r]);
+        }
+        let (mut dx, mut dw) = (self.dx0.clone(), self.dw0.clone());
+        layers::linear_backward(Some(&mut dx), &mut dw, &dlogits, &self.x, &self.w, s.hidden, s.vocab, 1);
+        [logp, lse, dx, dw]
     }
-    let (mut dx, mut dw) = (dx0.to_vec(), dw0.to_vec());
-    layers::linear_backward(Some(&mut dx), &mut dw, &dlogits, x, w, s.hidden, s.vocab, 1);
-    CpuHead { logp, lse, dx, dw }
-}
 
-fn gpu_head(ctx: &GpuContext, head: &LmHead, x: &[f32], w: &[f32], targets: &[u32], coef: &[f32], s: HeadShape, dx0: &[f32], dw0: &[f32]) -> Vec<Vec<f32>> {
-    let (gx, gw, gt, gc) = (up(ctx, x), up(ctx, w), up_u32(ctx, targets), up(ctx, coef));
-    let logp = GpuVec::zeros(ctx, "logp", s.rows).unwrap();
-    let lse = GpuVec::zeros(ctx, "lse", s.rows).unwrap();
-    let (gdx, gdw) = (up(ctx, dx0), up(ctx, dw0));
-    head.forward(&logp, &lse, &gx, &gw, &gt, s).unwrap();
-    head.backward(&gdx, &gdw, &gx, &gw, &gt, &lse, &gc, s).unwrap();
-    vec![read(ctx, &logp), read(ctx, &lse), read(ctx, &gdx), read(ctx, &gdw)]
+    fn gpu(&self, ctx: &GpuContext, head: &LmHead) -> Vec<Vec<f32>> {
+        let s = self.s;
+        let (x, w, targets, coef) = (up(ctx, &self.x), up(ctx, &self.w), up_u32(ctx, &self.targets), up(ctx, &self.coef));
+        let logp = GpuVec::zeros(ctx, "logp", s.rows).unwrap();
+        let lse = GpuVec::zeros(ctx, "lse", s.rows).unwrap();
+        let (dx, dw) = (up(ctx, &self.dx0), up(ctx, &self.dw0));
+        head.forward(&logp, &lse, &x, &w, &targets, s).unwrap();
+        head.backward(&dx, &dw, &x, &w, &targets, &lse, &coef, s).unwrap();
+        vec![read(ctx, &logp), read(ctx, &lse), read(ctx, &dx), read(ctx, &dw)]
+    }
 }
 
 #[test]
@@ -334,21 +347,24 @@ fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
     let ctx = ctx();
     let mut rng = Rng(9);
     let s = HeadShape { rows: 6, hidden: 24, vocab: 300 };
-    let x = rng.vec(s.rows * s.hidden, 1.0);
-    let w = rng.vec(s.vocab * s.hidden, 1.0);
-    // targets in the first, a middle and the last (partial) chunk of 64
-    let targets = [0u32, 70, 150, 299, 256, 63];
-    let coef = rng.vec(s.rows, 1.0);
-    let (dx0, dw0) = (rng.vec(x.len(), 1.0), rng.vec(w.len(), 0.01));
-    let cpu = cpu_head(&x, &w, &targets, &coef, s, &dx0, &dw0);
+    let case = HeadCase {
+        s,
+        x: rng.vec(s.rows * s.hidden, 1.0),
+        w: rng.vec(s.vocab * s.hidden, 1.0),
+        // targets in the first, a middle and the last (partial) chunk of 64
+        targets: vec![0, 70, 150, 299, 256, 63],
+        coef: rng.vec(s.rows, 1.0),
+        dx0: rng.vec(s.rows * s.hidden, 1.0),
+        dw0: rng.vec(s.vocab * s.hidden, 0.01),
+    };
+    let cpu = case.cpu();
     // 64: five passes, the last over 44 ids; 1024: the whole vocabulary in one
     for chunk in [64, 1024] {
         let head = LmHead::new(&ctx, chunk);
-        let gpu = deterministic("lm head", || gpu_head(&ctx, &head, &x, &w, &targets, &coef, s, &dx0, &dw0));
-        assert_close(&format!("head logp (chunk {chunk})"), &gpu[0], &cpu.logp, TOL);
-        assert_close(&format!("head lse (chunk {chunk})"), &gpu[1], &cpu.lse, TOL);
-        assert_close(&format!("head dx (chunk {chunk})"), &gpu[2], &cpu.dx, TOL);
-        assert_close(&format!("head dw (chunk {chunk})"), &gpu[3], &cpu.dw, TOL);
+        let gpu = deterministic("lm head", || case.gpu(&ctx, &head));
+        for (i, what) in ["logp", "lse", "dx", "dw"].iter().enumerate() {
+            assert_close(&format!("head {what} (chunk {chunk})"), &gpu[i], &cpu[i], TOL);
+        }
     }
 }
 
@@ -357,18 +373,22 @@ fn lm_head_handles_a_qwen2_sized_vocabulary() {
     let ctx = ctx();
     let mut rng = Rng(10);
     let s = HeadShape { rows: 3, hidden: 16, vocab: 151_936 };
-    let x = rng.vec(s.rows * s.hidden, 1.0);
-    let w = rng.vec(s.vocab * s.hidden, 1.0);
-    let targets = [5u32, 100_000, 151_935];
-    let coef = [0.5f32, -1.0, 0.25];
-    let (dx0, dw0) = (vec![0f32; x.len()], vec![0f32; w.len()]);
-    let cpu = cpu_head(&x, &w, &targets, &coef, s, &dx0, &dw0);
+    let case = HeadCase {
+        s,
+        x: rng.vec(s.rows * s.hidden, 1.0),
+        w: rng.vec(s.vocab * s.hidden, 1.0),
+        targets: vec![5, 100_000, 151_935],
+        coef: vec![0.5, -1.0, 0.25],
+        dx0: vec![0.0; s.rows * s.hidden],
+        dw0: vec![0.0; s.vocab * s.hidden],
+    };
+    let cpu = case.cpu();
     let head = LmHead::new(&ctx, 8192);
-    let gpu = deterministic("lm head, 152k vocabulary", || gpu_head(&ctx, &head, &x, &w, &targets, &coef, s, &dx0, &dw0));
-    assert_close("head logp", &gpu[0], &cpu.logp, TOL);
-    assert_close("head lse", &gpu[1], &cpu.lse, TOL);
-    assert_close("head dx", &gpu[2], &cpu.dx, LARGE_VOCAB_TOL);
-    assert_close("head dw", &gpu[3], &cpu.dw, TOL);
+    let gpu = deterministic("lm head, 152k vocabulary", || case.gpu(&ctx, &head));
+    assert_close("head logp", &gpu[0], &cpu[0], TOL);
+    assert_close("head lse", &gpu[1], &cpu[1], TOL);
+    assert_close("head dx", &gpu[2], &cpu[2], LARGE_VOCAB_TOL);
+    assert_close("head dw", &gpu[3], &cpu[3], TOL);
 }
 
 #[test]
@@ -401,4 +421,23 @@ fn preference_loss_gradients_match_cpu() {
         assert_close(&format!("{what} d_chosen"), &gpu[1], &cpu.d_chosen, TOL);
         assert_close(&format!("{what} d_rejected"), &gpu[2], &cpu.d_rejected, TOL);
     }
+}
+
+#[test]
+fn ids_outside_the_vocabulary_give_nan_not_a_wrong_number() {
+    let ctx = ctx();
+    let (vocab, cols) = (5, 4);
+    let table = up(&ctx, &vec![1.0; vocab * cols]);
+    let x = GpuVec::zeros(&ctx, "x", 2 * cols).unwrap();
+    Embedding::new(&ctx).forward(&x, &up_u32(&ctx, &[4, 5]), &table, cols).unwrap();
+    let x = read(&ctx, &x);
+    assert!(x[..cols].iter().all(|&v| v == 1.0) && x[cols..].iter().all(|v| v.is_nan()), "{x:?}");
+
+    let s = HeadShape { rows: 2, hidden: cols, vocab };
+    let (logp, lse) = (GpuVec::zeros(&ctx, "logp", 2).unwrap(), GpuVec::zeros(&ctx, "lse", 2).unwrap());
+    let hidden = up(&ctx, &[0.5; 8]);
+    LmHead::new(&ctx, 2).forward(&logp, &lse, &hidden, &table, &up_u32(&ctx, &[4, 5]), s).unwrap();
+    let logp = read(&ctx, &logp);
+    // five equal logits: log p = −ln 5 for the id in range
+    assert!((logp[0] + 5f32.ln()).abs() < 1e-6 && logp[1].is_nan(), "{logp:?}");
 }

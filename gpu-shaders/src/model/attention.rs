@@ -82,7 +82,6 @@ impl Attention {
 
     /// `out[t, h] = Σ_{j ≤ t} softmax_j(q[t,h]·k[j,g] / √d) v[j,g]`; `lse`
     /// (`[heads, tokens]`) keeps each row's log-sum-exp for the backward pass.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(&self, out: &GpuVec, lse: &GpuVec, q: &GpuVec, k: &GpuVec, v: &GpuVec, s: AttentionShape) -> Result<(), GpuError> {
         let p = s.check(q, k, v, out, lse)?;
         dispatch(&self.ctx, &self.forward, &p, &[(1, q), (2, k), (3, v), (4, out), (5, lse)], (s.tokens * s.heads) as u32)

@@ -25,9 +25,6 @@ struct HeadParams {
     pad: u32,
 }
 
-/// Must match `LOWEST` in `prelude.wgsl`: the running maximum's start.
-const LOWEST: f32 = -3.0e38;
-
 pub struct LmHead {
     ctx: GpuContext,
     linear: Linear,
@@ -60,6 +57,9 @@ impl LmHead {
     }
 
     fn check(&self, s: HeadShape, x: &GpuVec, w: &GpuVec, targets: &GpuVec, lse: &GpuVec) -> Result<(), GpuError> {
+        if s.rows == 0 || s.hidden == 0 || s.vocab == 0 {
+            return Err(GpuError::Invalid(format!("LM head: empty shape {s:?}")));
+        }
         expect_len("head input", x, s.rows * s.hidden)?;
         expect_len("head weight", w, s.vocab * s.hidden)?;
         expect_len("head targets", targets, s.rows)?;
@@ -84,16 +84,19 @@ impl LmHead {
         HeadParams { rows: s.rows as u32, cols: cols as u32, first: first as u32, pad: 0 }
     }
 
-    /// `logp[r] = log softmax(x[r] Wᵀ)[targets[r]]`; `lse[r]` the row's
-    /// log-sum-exp, which the backward pass needs.
-    #[allow(clippy::too_many_arguments)]
+    /// `logp[r] = log softmax(x[r] Wᵀ)[targets[r]]` (NaN for a target outside
+    /// the vocabulary); `lse[r]` the row's log-sum-exp, which the backward pass needs.
     pub fn forward(&self, logp: &GpuVec, lse: &GpuVec, x: &GpuVec, w: &GpuVec, targets: &GpuVec, s: HeadShape) -> Result<(), GpuError> {
         self.check(s, x, w, targets, lse)?;
         expect_len("head log-probabilities", logp, s.rows)?;
         let chunks = self.chunks(s);
         let logits = GpuVec::zeros(&self.ctx, "head logits chunk", s.rows * chunks[0].1)?;
-        let mut init = vec![LOWEST; s.rows];
-        init.resize(3 * s.rows, 0.0);
+        // per row: the running maximum starts below any logit (exp(start − max)
+        // is 0), the sum at 0, the target's logit at NaN so that a target outside
+        // the vocabulary gives a NaN log-prob instead of a wrong number
+        let mut init = vec![f32::MIN; s.rows];
+        init.resize(2 * s.rows, 0.0);
+        init.resize(3 * s.rows, f32::NAN);
         let stats = GpuVec::from_f32(&self.ctx, "head running stats", &init)?;
         for &chunk in &chunks {
             self.chunk_logits(&logits, x, w, s, chunk)?;
