@@ -384,7 +384,9 @@ fn lm_head_handles_a_qwen2_sized_vocabulary() {
     };
     let cpu = case.cpu();
     let head = LmHead::new(&ctx, 8192);
-    let gpu = deterministic("lm head, 152k vocabulary", || case.gpu(&ctx, &head));
+    // one run: the same kernels' run-twice check is the chunked test above, and
+    // a second pass here would double the slowest test on lavapipe (~5 s a pass)
+    let gpu = case.gpu(&ctx, &head);
     assert_close("head logp", &gpu[0], &cpu[0], TOL);
     assert_close("head lse", &gpu[1], &cpu[1], TOL);
     assert_close("head dx", &gpu[2], &cpu[2], LARGE_VOCAB_TOL);
