@@ -3,7 +3,7 @@
 //! softmax weights; the backward recomputes them.
 
 use super::{dispatch, expect_len, groups, kernel, GpuVec};
-use crate::context::{GpuContext, GpuError};
+use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
 
 /// Queries, keys and values all cover positions `0 .. tokens`. Query head `h`
@@ -27,9 +27,6 @@ struct AttnParams {
     pad: [u32; 3],
 }
 
-/// Lanes of one workgroup; a head's dimensions are spread over them.
-const WORKGROUP: usize = 256;
-
 pub struct Attention {
     ctx: GpuContext,
     forward: Kernel,
@@ -43,7 +40,8 @@ impl AttentionShape {
         if self.kv_heads == 0 || self.heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(GpuError::Invalid(format!("attention: {} key/value heads do not divide {} heads", self.kv_heads, self.heads)));
         }
-        if self.head_dim == 0 || self.head_dim > WORKGROUP {
+        // one lane of the row's workgroup per dimension
+        if self.head_dim == 0 || self.head_dim > WORKGROUP as usize {
             return Err(GpuError::Invalid(format!("attention: head_dim {} is outside 1..={WORKGROUP}", self.head_dim)));
         }
         Ok(AttnParams {
@@ -110,7 +108,7 @@ impl Attention {
         expect_len("attention value gradient", dv, v.len())?;
         let rows = s.tokens * s.heads;
         let delta = GpuVec::zeros(&self.ctx, "attention delta", rows)?;
-        dispatch(&self.ctx, &self.delta, &p, &[(4, out), (6, dout), (7, &delta)], groups(rows, 256))?;
+        dispatch(&self.ctx, &self.delta, &p, &[(4, out), (6, dout), (7, &delta)], groups(rows))?;
         let inputs = [(1, q), (2, k), (3, v), (5, lse), (6, dout), (7, &delta)];
         let mut query = inputs.to_vec();
         query.push((8, dq));

@@ -41,25 +41,25 @@ impl Elementwise {
     /// `h = silu(gate) ⊙ up`.
     pub fn swiglu_forward(&self, h: &GpuVec, gate: &GpuVec, up: &GpuVec) -> Result<(), GpuError> {
         let p = Self::params("swiglu operand", h.len(), &[gate, up])?;
-        dispatch(&self.ctx, &self.swiglu_forward, &p, &[(1, gate), (2, up), (4, h)], groups(h.len(), 256))
+        dispatch(&self.ctx, &self.swiglu_forward, &p, &[(1, gate), (2, up), (4, h)], groups(h.len()))
     }
 
     /// `dup = dh ⊙ silu(gate)`, `dgate = dh ⊙ up ⊙ σ(gate)(1 + gate(1 − σ(gate)))`; overwrites both.
     pub fn swiglu_backward(&self, dgate: &GpuVec, dup: &GpuVec, dh: &GpuVec, gate: &GpuVec, up: &GpuVec) -> Result<(), GpuError> {
         let p = Self::params("swiglu operand", dh.len(), &[dgate, dup, gate, up])?;
-        dispatch(&self.ctx, &self.swiglu_backward, &p, &[(1, gate), (2, up), (3, dh), (4, dgate), (5, dup)], groups(dh.len(), 256))
+        dispatch(&self.ctx, &self.swiglu_backward, &p, &[(1, gate), (2, up), (3, dh), (4, dgate), (5, dup)], groups(dh.len()))
     }
 
     /// `out = a + b` (a residual connection into a fresh array).
     pub fn add(&self, out: &GpuVec, a: &GpuVec, b: &GpuVec) -> Result<(), GpuError> {
         let p = Self::params("residual operand", out.len(), &[a, b])?;
-        dispatch(&self.ctx, &self.add, &p, &[(1, a), (2, b), (4, out)], groups(out.len(), 256))
+        dispatch(&self.ctx, &self.add, &p, &[(1, a), (2, b), (4, out)], groups(out.len()))
     }
 
     /// `acc += x` (a residual connection in place, or a gradient reaching a
     /// stream from its second consumer).
     pub fn add_assign(&self, acc: &GpuVec, x: &GpuVec) -> Result<(), GpuError> {
         let p = Self::params("residual operand", acc.len(), &[x])?;
-        dispatch(&self.ctx, &self.add_assign, &p, &[(1, x), (4, acc)], groups(acc.len(), 256))
+        dispatch(&self.ctx, &self.add_assign, &p, &[(1, x), (4, acc)], groups(acc.len()))
     }
 }

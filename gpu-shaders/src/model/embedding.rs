@@ -43,7 +43,7 @@ impl Embedding {
     pub fn forward(&self, x: &GpuVec, tokens: &GpuVec, table: &GpuVec, cols: usize) -> Result<(), GpuError> {
         let p = Self::params(tokens, table.len(), cols)?;
         expect_len("embedding output", x, tokens.len() * cols)?;
-        dispatch(&self.ctx, &self.forward, &p, &[(1, tokens), (2, table), (3, x)], groups(x.len(), 256))
+        dispatch(&self.ctx, &self.forward, &p, &[(1, tokens), (2, table), (3, x)], groups(x.len()))
     }
 
     /// `dtable[tokens[t], :] += dx[t, :]` for t in ascending order.
@@ -51,7 +51,7 @@ impl Embedding {
         let p = Self::params(tokens, dtable.len(), cols)?;
         expect_len("embedding output gradient", dx, tokens.len() * cols)?;
         let links = GpuVec::zeros(&self.ctx, "embedding links", 2 * tokens.len())?;
-        dispatch(&self.ctx, &self.links, &p, &[(1, tokens), (4, &links)], groups(tokens.len(), 256))?;
-        dispatch(&self.ctx, &self.backward, &p, &[(1, tokens), (4, &links), (5, dx), (6, dtable)], groups(dx.len(), 256))
+        dispatch(&self.ctx, &self.links, &p, &[(1, tokens), (4, &links)], groups(tokens.len()))?;
+        dispatch(&self.ctx, &self.backward, &p, &[(1, tokens), (4, &links), (5, dx), (6, dtable)], groups(dx.len()))
     }
 }

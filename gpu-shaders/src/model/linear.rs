@@ -125,7 +125,7 @@ impl Linear {
         if let Some(db) = db {
             expect_len("linear bias gradient", db, s.outputs)?;
             let p = MatmulParams { m: u32_of("rows", s.rows)?, n: u32_of("outputs", s.outputs)?, ..Default::default() };
-            dispatch(&self.ctx, &self.bias_grad, &p, &[(1, dy), (4, db)], groups(s.outputs, 256))?;
+            dispatch(&self.ctx, &self.bias_grad, &p, &[(1, dy), (4, db)], groups(s.outputs))?;
         }
         Ok(())
     }

@@ -104,7 +104,7 @@ impl LmHead {
             dispatch(&self.ctx, &self.stats, &p, &[(1, &logits), (2, targets), (3, &stats)], s.rows as u32)?;
         }
         let p = Self::params(s, (0, 0));
-        dispatch(&self.ctx, &self.finish, &p, &[(3, &stats), (4, logp), (5, lse)], groups(s.rows, 256))
+        dispatch(&self.ctx, &self.finish, &p, &[(3, &stats), (4, logp), (5, lse)], groups(s.rows))
     }
 
     /// Gradients of `Σ_r coef[r] · logp[r]`: `dx += d·W`, `dw += dᵀ·x` with
@@ -122,7 +122,7 @@ impl LmHead {
             let (first, cols) = chunk;
             self.chunk_logits(&logits, x, w, s, chunk)?;
             let p = Self::params(s, chunk);
-            dispatch(&self.ctx, &self.dlogits, &p, &[(1, &logits), (2, targets), (5, lse), (6, coef)], groups(s.rows * cols, 256))?;
+            dispatch(&self.ctx, &self.dlogits, &p, &[(1, &logits), (2, targets), (5, lse), (6, coef)], groups(s.rows * cols))?;
             self.linear.matmul(Product {
                 m: s.rows,
                 n: s.hidden,

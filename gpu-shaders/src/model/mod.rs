@@ -29,7 +29,7 @@ pub use loss::{PairLogps, PreferenceLoss, PreferenceLossKind};
 pub use rmsnorm::RmsNorm;
 pub use rope::Rope;
 
-use crate::context::{GpuContext, GpuError};
+use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
 
 /// Shared by every model kernel: the workgroup index and the fixed reduction trees.
@@ -86,11 +86,6 @@ impl GpuVec {
     pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_bytes(&self.buf, 4 * self.len as u64)?))
     }
-
-    pub fn read_u32(&self, ctx: &GpuContext) -> Result<Vec<u32>, GpuError> {
-        ctx.read_u32(&self.buf, self.len as u64)
-    }
-
 }
 
 fn check_buffer(ctx: &GpuContext, label: &str, len: usize) -> Result<(), GpuError> {
@@ -174,6 +169,7 @@ fn submit(ctx: &GpuContext, kernel: &Kernel, params: &[u8], resources: Vec<(u32,
     ctx.queue.submit([enc.finish()]);
 }
 
-fn groups(items: usize, per_group: u32) -> u32 {
-    items.div_ceil(per_group as usize) as u32
+/// Workgroups of [`WORKGROUP`] invocations for one invocation per item.
+fn groups(items: usize) -> u32 {
+    items.div_ceil(WORKGROUP as usize) as u32
 }

@@ -52,6 +52,6 @@ impl RmsNorm {
         expect_len("rmsnorm input gradient", dx, x.len())?;
         expect_len("rmsnorm weight gradient", dw, w.len())?;
         dispatch(&self.ctx, &self.backward_input, &p, &[(1, x), (2, w), (3, rstd), (5, dy), (6, dx)], p.rows)?;
-        dispatch(&self.ctx, &self.backward_weight, &p, &[(1, x), (3, rstd), (5, dy), (7, dw)], groups(w.len(), 256))
+        dispatch(&self.ctx, &self.backward_weight, &p, &[(1, x), (3, rstd), (5, dy), (7, dw)], groups(w.len()))
     }
 }

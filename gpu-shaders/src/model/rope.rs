@@ -52,6 +52,6 @@ impl Rope {
         let rows = self.cos.len() / self.half;
         expect_len("rope input", x, rows * heads * 2 * self.half)?;
         let p = RopeParams { rows: rows as u32, heads: heads as u32, half: self.half as u32, sign };
-        dispatch(&self.ctx, &self.kernel, &p, &[(1, &self.cos), (2, &self.sin), (3, x)], groups(x.len() / 2, 256))
+        dispatch(&self.ctx, &self.kernel, &p, &[(1, &self.cos), (2, &self.sin), (3, x)], groups(x.len() / 2))
     }
 }
