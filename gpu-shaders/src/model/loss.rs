@@ -22,7 +22,9 @@ struct LossParams {
     label_smoothing: f32,
 }
 
-/// Summed log-probabilities of each pair's completions, one value per pair.
+/// Summed log-probabilities of each pair's completions, one value per pair
+/// (for IPO, length-averaged ones, as `host::loss::DpoLoss::length_normalized`
+/// asks of its caller).
 pub struct PairLogps<'a> {
     pub policy_chosen: &'a GpuVec,
     pub policy_rejected: &'a GpuVec,
