@@ -14,7 +14,13 @@ pub(crate) struct Kernel {
 
 impl Kernel {
     pub(crate) fn new(ctx: &GpuContext, label: &str, src: &str, entry: &str) -> Kernel {
-        let source = format!("{COMMON_WGSL}\n{src}");
+        Kernel::with_prelude(ctx, label, COMMON_WGSL, src, entry)
+    }
+
+    /// As [`Kernel::new`] with another shared prelude: the model kernels do not
+    /// follow the merge path's arithmetic contract, so they share their own.
+    pub(crate) fn with_prelude(ctx: &GpuContext, label: &str, prelude: &str, src: &str, entry: &str) -> Kernel {
+        let source = format!("{prelude}\n{src}");
         let module = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(label),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -47,6 +53,11 @@ impl Kernel {
         let entries: Vec<wgpu::BindGroupEntry> =
             buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
         ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
+    }
+
+    /// A bind group from explicit entries, for bindings of part of a buffer.
+    pub(crate) fn bind_entries(&self, ctx: &GpuContext, entries: &[wgpu::BindGroupEntry]) -> wgpu::BindGroup {
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries })
     }
 
     /// Records a dispatch of `n_groups` workgroups (2-D when above the per-dimension limit).

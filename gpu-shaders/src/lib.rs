@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod context;
 mod kernel;
+pub mod model;
 pub mod offline;
 pub mod ops;
 pub mod optim;

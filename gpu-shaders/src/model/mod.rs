@@ -1,0 +1,175 @@
+//! The Llama decoder's layers on the GPU, each forward beside its backward, for a
+//! training step that stays resident on the device.
+//!
+//! These kernels are deterministic on one adapter (no float atomics; every
+//! reduction has an order fixed by the shapes alone, SPEC.md §9) but they are not
+//! the merge path: they use the hardware's `exp`, `log`, division and square
+//! root and let the compiler fuse, so two devices may differ in the last bits.
+//! They are tested against `host::model::layers` with tolerances.
+//!
+//! Every array is a [`GpuVec`]: row-major, one buffer, the layouts of the CPU
+//! layers (`[rows, cols]`, weights `[out, in]` as Hugging Face stores them).
+//! Backward calls accumulate (`+=`) into gradients, as the CPU layers do.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod linear;
+mod lm_head;
+mod loss;
+mod rmsnorm;
+mod rope;
+
+pub use attention::{Attention, AttentionShape};
+pub use elementwise::Elementwise;
+pub use embedding::Embedding;
+pub use linear::{Linear, LinearShape};
+pub use lm_head::{HeadShape, LmHead};
+pub use loss::{PairLogps, PreferenceLoss, PreferenceLossKind};
+pub use rmsnorm::RmsNorm;
+pub use rope::Rope;
+
+use crate::context::{GpuContext, GpuError, WORKGROUP};
+use crate::kernel::Kernel;
+
+/// Shared by every model kernel: the workgroup index and the fixed reduction trees.
+const PRELUDE_WGSL: &str = include_str!("prelude.wgsl");
+
+fn kernel(ctx: &GpuContext, label: &str, src: &str, entry: &str) -> Kernel {
+    Kernel::with_prelude(ctx, label, PRELUDE_WGSL, src, entry)
+}
+
+/// A flat array of 4-byte words (f32, or u32 token ids) in one device buffer.
+pub struct GpuVec {
+    buf: wgpu::Buffer,
+    len: usize,
+    label: String,
+}
+
+impl GpuVec {
+    pub fn from_f32(ctx: &GpuContext, label: &str, data: &[f32]) -> Result<GpuVec, GpuError> {
+        Self::from_words(ctx, label, bytemuck::cast_slice(data), data.len())
+    }
+
+    pub fn from_u32(ctx: &GpuContext, label: &str, data: &[u32]) -> Result<GpuVec, GpuError> {
+        Self::from_words(ctx, label, bytemuck::cast_slice(data), data.len())
+    }
+
+    pub fn zeros(ctx: &GpuContext, label: &str, len: usize) -> Result<GpuVec, GpuError> {
+        check_buffer(ctx, label, len)?;
+        Ok(GpuVec { buf: ctx.storage(label, 4 * len as u64), len, label: label.to_string() })
+    }
+
+    fn from_words(ctx: &GpuContext, label: &str, bytes: &[u8], len: usize) -> Result<GpuVec, GpuError> {
+        check_buffer(ctx, label, len)?;
+        Ok(GpuVec { buf: ctx.storage_init(label, bytes), len, label: label.to_string() })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Overwrites the array from the host.
+    pub fn write_f32(&self, ctx: &GpuContext, data: &[f32]) -> Result<(), GpuError> {
+        if data.len() != self.len {
+            return Err(GpuError::Invalid(format!("GpuVec::write_f32: {} values for an array of {}", data.len(), self.len)));
+        }
+        ctx.queue.write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Waits for the queued work and reads the array back.
+    pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
+        Ok(bytemuck::pod_collect_to_vec(&ctx.read_bytes(&self.buf, 4 * self.len as u64)?))
+    }
+}
+
+fn check_buffer(ctx: &GpuContext, label: &str, len: usize) -> Result<(), GpuError> {
+    let max = ctx.limits().max_buffer_size;
+    if 4 * len as u64 > max {
+        return Err(GpuError::Invalid(format!("`{label}`: {len} elements exceed the device's largest buffer ({max} bytes)")));
+    }
+    Ok(())
+}
+
+/// Elements `start .. start + len` of a [`GpuVec`], bound on their own so that a
+/// tensor larger than one storage binding (an LM head of 152k rows) can still be
+/// read chunk by chunk.
+#[derive(Clone, Copy)]
+struct Window<'a> {
+    vec: &'a GpuVec,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> Window<'a> {
+    fn rows(vec: &'a GpuVec, row0: usize, rows: usize, cols: usize) -> Window<'a> {
+        Window { vec, start: row0 * cols, len: rows * cols }
+    }
+
+    /// The binding and the element offset of `start` inside it: bindings must
+    /// begin at the device's offset alignment, so the window's start is rounded
+    /// down to it and the kernel adds the remainder.
+    fn binding(&self, ctx: &GpuContext) -> Result<(wgpu::BindingResource<'a>, u32), GpuError> {
+        let what = &self.vec.label;
+        let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment.max(4));
+        let first = 4 * self.start as u64;
+        let offset = first / align * align;
+        let size = (4 * (self.start + self.len) as u64 - offset).max(4);
+        check_binding(ctx, what, size)?;
+        if offset + size > self.vec.buf.size() {
+            return Err(GpuError::Invalid(format!("`{what}`: elements up to {} of an array of {}", self.start + self.len, self.vec.len)));
+        }
+        let binding = wgpu::BufferBinding { buffer: &self.vec.buf, offset, size: wgpu::BufferSize::new(size) };
+        Ok((wgpu::BindingResource::Buffer(binding), ((first - offset) / 4) as u32))
+    }
+}
+
+fn check_binding(ctx: &GpuContext, what: &str, bytes: u64) -> Result<(), GpuError> {
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    if bytes > max {
+        return Err(GpuError::Invalid(format!("`{what}`: {bytes} bytes exceed the device's largest storage binding ({max} bytes)")));
+    }
+    Ok(())
+}
+
+/// `vec` holds exactly `len` elements.
+fn expect_len(what: &str, vec: &GpuVec, len: usize) -> Result<(), GpuError> {
+    if vec.len != len {
+        return Err(GpuError::Invalid(format!("`{what}` has {} elements, the shape implies {len}", vec.len)));
+    }
+    Ok(())
+}
+
+/// One dispatch of `n_groups` workgroups with `params` as the uniform at binding 0
+/// and whole arrays at the given binding numbers.
+fn dispatch<P: bytemuck::Pod>(ctx: &GpuContext, kernel: &Kernel, params: &P, bindings: &[(u32, &GpuVec)], n_groups: u32) -> Result<(), GpuError> {
+    let mut resources = Vec::with_capacity(bindings.len());
+    for &(binding, v) in bindings {
+        check_binding(ctx, &v.label, v.buf.size())?;
+        resources.push((binding, v.buf.as_entire_binding()));
+    }
+    submit(ctx, kernel, bytemuck::bytes_of(params), resources, n_groups);
+    Ok(())
+}
+
+/// Records and submits one dispatch at once: the queue keeps submissions in
+/// order, so the next kernel sees this one's results.
+fn submit(ctx: &GpuContext, kernel: &Kernel, params: &[u8], resources: Vec<(u32, wgpu::BindingResource)>, n_groups: u32) {
+    let uniform = ctx.uniform_init("model params", params);
+    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+    entries.extend(resources.into_iter().map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource }));
+    let bind_group = kernel.bind_entries(ctx, &entries);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    kernel.dispatch(ctx, &mut enc, &bind_group, n_groups);
+    ctx.queue.submit([enc.finish()]);
+}
+
+/// Workgroups of [`WORKGROUP`] invocations for one invocation per item.
+fn groups(items: usize) -> u32 {
+    items.div_ceil(WORKGROUP as usize) as u32
+}
