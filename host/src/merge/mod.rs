@@ -365,6 +365,8 @@ fn validate_plan(name: &str, numel: usize, plan: &TensorPlan, inputs: &Inputs, s
 /// norms) are computed once, then contiguous pieces of the output are merged in
 /// parallel: merge-core's results do not depend on how a tensor is cut, so the
 /// bits do not depend on `threads`. Errors name the inputs with `inputs`' legend.
+// The closures pass on merge-core's `Error` as its functions return it.
+#[allow(clippy::result_large_err)]
 fn merge_on_cpu(
     name: &str,
     plan: &TensorPlan,
@@ -418,6 +420,7 @@ fn merge_on_cpu(
 /// Runs `merge(offset, piece)` over `threads` contiguous pieces of `out` at once.
 /// The error reported is the first piece's that failed, so the lowest failing
 /// index, as a single pass would report it.
+#[allow(clippy::result_large_err)]
 fn in_pieces(
     out: &mut Elements,
     threads: usize,
