@@ -125,6 +125,9 @@ pub enum BackendRequest {
     /// A GPU adapter (`adapter`: a substring of its name / driver / backend, else
     /// gpu-shaders' own choice); fail if none works.
     Gpu { adapter: Option<String> },
+    /// The adapter at this position of `gpu_shaders::context::enumerate_adapters`
+    /// (`verify` checks each adapter, and names can repeat); fail if it does not work.
+    GpuAt { index: usize },
     /// A hardware GPU if one works (a software adapter only when named by
     /// `MERGE_GPU_ADAPTER`), else merge-core, said once on stderr.
     Auto,
@@ -217,15 +220,16 @@ impl Optimizer {
         cross_check_every: u64,
     ) -> Result<Self> {
         let mut opt = Self::new(cfg, params, task)?;
-        let adapter = match backend {
+        let (adapter, adapter_index) = match backend {
             BackendRequest::Cpu => return Ok(opt),
-            BackendRequest::Gpu { adapter } => adapter.clone(),
-            BackendRequest::Auto => None,
+            BackendRequest::Gpu { adapter } => (adapter.clone(), None),
+            BackendRequest::GpuAt { index } => (None, Some(*index)),
+            BackendRequest::Auto => (None, None),
         };
         // A software adapter (lavapipe) runs the kernels on the same CPU cores, far
         // slower than merge-core: `auto` takes one only when it was asked for by name.
         let named = adapter.is_some() || std::env::var(gpu_shaders::context::ADAPTER_ENV).is_ok_and(|v| !v.is_empty());
-        let opened = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None })
+        let opened = GpuContext::new(&GpuOptions { adapter, adapter_index, max_chunk_bytes: None })
             .map_err(|e| e.to_string())
             .and_then(|ctx| {
                 let info = ctx.adapter_info();
