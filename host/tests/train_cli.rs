@@ -616,3 +616,18 @@ fn verify_fails_when_it_checked_less_than_asked() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// Two adapters of one name (lavapipe is `llvmpipe` on Vulkan and on GL) are both
+/// checked: verify opens adapters by position, not by name. Where wgpu finds no GL
+/// adapter (no Mesa EGL installed) only the Vulkan half can be seen.
+#[test]
+fn verify_checks_two_adapters_of_the_same_name() {
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let gpu_rows = |text: &str, backend: &str| text.lines().filter(|l| l.contains(&format!("({backend}, ")) && l.ends_with(" yes")).count();
+    let gl_only = host(&["verify", "--steps", "1", "--allow-no-gpu"], &[("WGPU_BACKEND", "gl")]);
+    assert!(gl_only.status.success(), "{}", stdout(&gl_only));
+    let o = host(&["verify", "--steps", "1"], &[("WGPU_BACKEND", "vulkan,gl")]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(gpu_rows(&stdout(&o), "Vulkan"), 3, "{}", stdout(&o));
+    assert_eq!(gpu_rows(&stdout(&o), "Gl"), gpu_rows(&stdout(&gl_only), "Gl"), "{}", stdout(&o));
+}
