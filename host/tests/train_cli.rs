@@ -379,6 +379,14 @@ fn oversized_flags_are_named_errors_before_any_allocation() {
         assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
         assert!(!out.join("metrics.jsonl").exists(), "{extra:?} started a run");
     }
+    // 550 billion parameters: refused before a single one is allocated.
+    let huge = [
+        "pretrain", "--hidden-size", "32768", "--intermediate-size", "65536", "--layers", "64", "--heads", "4", "--kv-heads", "1",
+        "--builtin", "60", "--backend", "cpu", "--out", out.to_str().unwrap(),
+    ];
+    let o = host(&huge, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("parameters need about") && stderr(&o).contains("MiB available"), "{}", stderr(&o));
     std::fs::remove_dir_all(&d).unwrap();
 }
 

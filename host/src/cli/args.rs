@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use crate::model::config::LlamaConfig;
 use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 
 /// Where the optimizer step runs.
@@ -181,6 +182,36 @@ impl LoopArgs {
     }
 }
 
+/// f32 copies of every parameter a training run holds at once: the model, its
+/// gradients and their accumulator, the optimizer's master weights, two moments,
+/// the task vector and the step-K cache.
+const TRAINING_COPIES: u64 = 8;
+
+/// Bytes this machine can still give a process (Linux's `MemAvailable`); `None`
+/// where that is not known, and then nothing is refused.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses a fresh model whose training state cannot fit in `available` bytes,
+/// before any of it is allocated (the size flags used to abort on allocation).
+pub fn check_training_memory(config: &LlamaConfig, available: Option<u64>) -> Result<(), String> {
+    let Some(available) = available else { return Ok(()) };
+    let needed = (config.num_params() as u64).saturating_mul(4 * TRAINING_COPIES);
+    if needed > available {
+        return Err(format!(
+            "the model's {} parameters need about {} MiB to train (--hidden-size, --intermediate-size, --layers); \
+             this machine has {} MiB available",
+            config.num_params(),
+            needed >> 20,
+            available >> 20
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +247,15 @@ mod tests {
         }
         assert_eq!(loop_args(8, 1, None, Some(3)).total_steps(60), Ok(23));
         assert_eq!(loop_args(60, 1, None, None).total_steps(60), Ok(1));
+    }
+
+    #[test]
+    fn a_model_that_cannot_train_in_memory_is_refused_with_both_sizes() {
+        let config = LlamaConfig::tiny(259, 64, 176, 2, 4, 2);
+        let needed = config.num_params() as u64 * 4 * TRAINING_COPIES;
+        check_training_memory(&config, Some(needed)).unwrap();
+        check_training_memory(&config, None).unwrap();
+        let err = check_training_memory(&config, Some(needed - 1)).unwrap_err();
+        assert!(err.contains(&format!("{} parameters", config.num_params())) && err.contains("MiB available"), "{err}");
     }
 }

@@ -316,6 +316,7 @@ fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
         None => LlamaConfig::tiny(vocab, a.hidden_size, a.intermediate_size, a.layers, a.heads, a.kv_heads),
     };
     config.validate().map_err(|e| TrainError::msg(format!("model architecture: {e}")))?;
+    args::check_training_memory(&config, args::available_memory()).map_err(TrainError::msg)?;
     Ok(config)
 }
 
