@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use super::data::DataArgs;
 use crate::model::config::LlamaConfig;
 use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 
@@ -180,6 +181,36 @@ impl LoopArgs {
         }
         Ok(steps)
     }
+}
+
+/// Refuses flags that would be accepted but do nothing, or that ask for what the
+/// task lacks.
+pub fn check_flag_combinations(task: &str, has_task_vector: bool, data: &DataArgs, lp: &LoopArgs, op: &OptimArgs) -> Result<(), String> {
+    if op.algorithm != Algorithm::Adamw && !has_task_vector {
+        let algorithm = op.algorithm.to_possible_value().expect("no variant is skipped").get_name().to_string();
+        return Err(if task == "align" {
+            format!("--optimizer {algorithm} merges the task vector SFT − base: give the pretrained model as --base")
+        } else {
+            format!("--optimizer {algorithm}: {task} has no task vector to merge (only align takes --base); use --optimizer adamw")
+        });
+    }
+    if op.warmup_steps > 0 && op.schedule != ScheduleKind::WarmupCosine {
+        return Err(format!(
+            "--warmup-steps = {} has no effect with --schedule {}: add --schedule warmup-cosine",
+            op.warmup_steps,
+            op.schedule.to_possible_value().expect("no variant is skipped").get_name()
+        ));
+    }
+    if lp.eval_every > 0 && data.eval_data.is_none() && data.builtin_eval == 0 {
+        return Err(format!(
+            "--eval-every = {}: there is no evaluation data; give --eval-data FILE (or --builtin-eval N)",
+            lp.eval_every
+        ));
+    }
+    if lp.resume_anyway && !lp.resume {
+        return Err("--resume-anyway: only means something with --resume".to_string());
+    }
+    Ok(())
 }
 
 /// f32 copies of every parameter a training run holds at once: the model, its

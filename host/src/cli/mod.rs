@@ -14,7 +14,7 @@ pub mod inputs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use merge_core::dtype::Dtype;
 
 use crate::hf;
@@ -24,10 +24,7 @@ use crate::model::llama::LlamaModel;
 use crate::params::ParamSet;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, LmObjective};
-use crate::train::checkpoint::InputHash;
-use crate::train::config::{Algorithm, ScheduleKind};
 use crate::train::optim::{BackendRequest, Optimizer};
-use crate::train::outdir::{self, OutDirLock};
 use crate::train::run::{self, LoopSpec, Objective, Start};
 use crate::train::{Result, TrainError};
 use args::{BackendChoice, LoopArgs, OptimArgs};
@@ -208,20 +205,20 @@ fn fit(
     merge_task: Option<(&ParamSet, &ParamSet)>,
     objective: &mut dyn Objective,
     data: &DataArgs,
-    models: Vec<InputHash>,
+    models: Vec<crate::train::checkpoint::InputHash>,
     lp: &LoopArgs,
     op: &OptimArgs,
     run_config: serde_json::Value,
     save_dtype: Dtype,
 ) -> Result<()> {
     let steps = lp.total_steps(objective.num_examples()).map_err(TrainError::msg)?;
-    check_flag_combinations(task, merge_task.is_some(), data, lp, op)?;
+    args::check_flag_combinations(task, merge_task.is_some(), data, lp, op).map_err(TrainError::msg)?;
     let mut inputs = models;
     inputs.extend(data.input_hashes()?);
     let input_paths: Vec<(&str, &Path)> = inputs.iter().map(|i| (i.flag.as_str(), i.path.as_path())).collect();
-    outdir::refuse_inputs_inside(&lp.out, &input_paths)?;
-    let _lock = OutDirLock::acquire(&lp.out)?;
-    let stale = outdir::remove_stale_temps(&lp.out)?;
+    crate::train::outdir::refuse_inputs_inside(&lp.out, &input_paths)?;
+    let _lock = crate::train::outdir::OutDirLock::acquire(&lp.out)?;
+    let stale = crate::train::outdir::remove_stale_temps(&lp.out)?;
     if !stale.is_empty() {
         let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
         eprintln!("{task}: removed temporary files left by a killed run: {}", names.join(", "));
@@ -272,35 +269,6 @@ fn fit(
         metrics_path.display(),
         crate::train::weights_hash(&final_params)
     );
-    Ok(())
-}
-
-/// Flags that would be accepted but do nothing, or ask for what the task lacks.
-fn check_flag_combinations(task: &str, has_task_vector: bool, data: &DataArgs, lp: &LoopArgs, op: &OptimArgs) -> Result<()> {
-    if op.algorithm != Algorithm::Adamw && !has_task_vector {
-        let algorithm = format!("{:?}", op.algorithm).to_lowercase();
-        return Err(TrainError::msg(if task == "align" {
-            format!("--optimizer {algorithm} merges the task vector SFT − base: give the pretrained model as --base")
-        } else {
-            format!("--optimizer {algorithm}: {task} has no task vector to merge (only align takes --base); use --optimizer adamw")
-        }));
-    }
-    if op.warmup_steps > 0 && op.schedule != ScheduleKind::WarmupCosine {
-        return Err(TrainError::msg(format!(
-            "--warmup-steps = {} has no effect with --schedule {}: add --schedule warmup-cosine",
-            op.warmup_steps,
-            op.schedule.to_possible_value().expect("no variant is skipped").get_name()
-        )));
-    }
-    if lp.eval_every > 0 && data.eval_data.is_none() && data.builtin_eval == 0 {
-        return Err(TrainError::msg(format!(
-            "--eval-every = {}: there is no evaluation data; give --eval-data FILE (or --builtin-eval N)",
-            lp.eval_every
-        )));
-    }
-    if lp.resume_anyway && !lp.resume {
-        return Err(TrainError::msg("--resume-anyway: only means something with --resume"));
-    }
     Ok(())
 }
 
