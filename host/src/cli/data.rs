@@ -141,7 +141,7 @@ pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> 
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| TrainError::io("reading", path, e))
+    jsonl::read_text(path).map_err(|e| TrainError::msg(e.to_string()))
 }
 
 /// Refuses an example longer than the model's context (`lens` in record order),

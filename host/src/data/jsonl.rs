@@ -99,7 +99,9 @@ impl At<'_> {
     }
 }
 
-fn read(path: &Path) -> Result<String, DataError> {
+/// A data file's text, for the `parse_*` functions (which also get the path, to
+/// name it in errors).
+pub fn read_text(path: &Path) -> Result<String, DataError> {
     fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
@@ -203,10 +205,6 @@ pub fn parse_preferences(path: &Path, text: &str) -> Result<Vec<Preference>, Dat
     })
 }
 
-pub fn read_preferences(path: &Path) -> Result<Vec<Preference>, DataError> {
-    parse_preferences(path, &read(path)?)
-}
-
 /// `{"text"}` or `{"prompt", "completion"}` records (strings or message lists).
 pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> {
     parse_lines(path, text, |at, obj| {
@@ -224,10 +222,6 @@ pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> 
             Err(at.err(None, "expected a `text` field, or `prompt` and `completion`"))
         }
     })
-}
-
-pub fn read_sft(path: &Path) -> Result<Vec<SftExample>, DataError> {
-    parse_sft(path, &read(path)?)
 }
 
 fn ids_field(at: &At, obj: &Map<String, Value>, name: &str, vocab_size: usize, allow_empty: bool) -> Result<Vec<u32>, DataError> {
@@ -266,10 +260,6 @@ pub fn parse_preference_ids(path: &Path, text: &str, vocab_size: usize) -> Resul
         )?;
         Ok(PreferenceIds { prompt, chosen, rejected })
     })
-}
-
-pub fn read_preference_ids(path: &Path, vocab_size: usize) -> Result<Vec<PreferenceIds>, DataError> {
-    parse_preference_ids(path, &read(path)?, vocab_size)
 }
 
 /// Byte-level tokenization: `BOS prompt` / `chosen EOS` / `rejected EOS`.
@@ -349,7 +339,7 @@ mod tests {
         }
         let e = parse_preferences(p(), "\n  \n").err().unwrap().to_string();
         assert!(e.contains("no records"), "{e}");
-        let e = read_preferences(Path::new("/nonexistent/prefs.jsonl")).err().unwrap().to_string();
+        let e = read_text(Path::new("/nonexistent/prefs.jsonl")).err().unwrap().to_string();
         assert!(e.contains("/nonexistent/prefs.jsonl"), "{e}");
     }
 
