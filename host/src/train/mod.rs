@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod objectives;
 pub mod optim;
 pub mod order;
+pub mod outdir;
 pub mod run;
 
 use std::fmt;
