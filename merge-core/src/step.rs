@@ -356,7 +356,7 @@ impl TensorStep<'_> {
     /// Adam arithmetic. Writes nothing.
     pub fn check_chunk_from_update(&self, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
-            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+            return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, update, &state, &tau)?;
         let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
@@ -422,7 +422,7 @@ impl TensorStep<'_> {
     /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`.
     pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
-            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+            return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         if update.len() != grad.len() {
@@ -580,7 +580,7 @@ impl TensorStep<'_> {
         }
         if ties {
             if pass != Pass::Scan && !matches!(self.merge, MergePlan::Ties { selection: Some(_), .. }) {
-                return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "the update's threshold, computed after the scan pass" });
+                return Err(Error::Misuse { what: "the update's threshold, computed after the scan pass" });
             }
             inp.first = index;
         }
