@@ -42,16 +42,7 @@ models:
 dtype: float32
 """
 
-DARE_TIES = """\
-merge_method: dare_ties
-base_model: base
-models:
-  - model: ft1
-    parameters: {weight: 0.6, density: 0.5}
-  - model: ft2
-    parameters: {weight: 0.4, density: 0.3}
-dtype: float32
-"""
+DARE_TIES = TIES.replace("merge_method: ties", "merge_method: dare_ties")
 
 
 def build(folder, rng, hidden, layers, mlp, vocab, base=None):
