@@ -141,6 +141,24 @@ impl StateMut<'_> {
     }
 }
 
+/// The values a step checks, in the order that decides which one an error names
+/// when several are non-finite at the lowest index (SPEC.md §5.6). The GPU's
+/// status words are numbered by this list.
+pub const NON_FINITE_VALUES: [&str; 12] = [
+    "gradient",
+    "parameter",
+    "exp_avg",
+    "exp_avg_sq",
+    "cached delta",
+    "task vector",
+    "updated exp_avg",
+    "updated exp_avg_sq",
+    "update",
+    "sparsified update",
+    "updated cached delta",
+    "updated parameter",
+];
+
 /// Kernels, picked once per chunk.
 const ACCUM: u8 = 0;
 const PLAIN: u8 = 1;
@@ -759,21 +777,22 @@ impl TensorStep<'_> {
     fn first_non_finite(&self, pass: Pass, index: u64, inp: &BlockIn, out: &BlockOut, state: &StateRef<'_>, grad: &[f32], tau: &Src<'_>) -> Error {
         let uses_tau = matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER);
         for j in 0..inp.n {
-            let checks = [
-                (grad[j], "gradient"),
-                (state.theta[j], "parameter"),
-                (state.m[j], "exp_avg"),
-                (state.v[j], "exp_avg_sq"),
-                (state.cached.map_or(0.0, |c| c[j]), "cached delta"),
-                (if uses_tau { tau.get(j) } else { 0.0 }, "task vector"),
-                (out.m[j], "updated exp_avg"),
-                (out.v[j], "updated exp_avg_sq"),
-                (out.d[j], "update"),
-                (out.sparse[j], "sparsified update"),
-                (out.cached[j], "updated cached delta"),
-                (if pass == Pass::Scan { 0.0 } else { out.theta[j] }, "updated parameter"),
+            // In the order of NON_FINITE_VALUES.
+            let values = [
+                grad[j],
+                state.theta[j],
+                state.m[j],
+                state.v[j],
+                state.cached.map_or(0.0, |c| c[j]),
+                if uses_tau { tau.get(j) } else { 0.0 },
+                out.m[j],
+                out.v[j],
+                out.d[j],
+                out.sparse[j],
+                out.cached[j],
+                if pass == Pass::Scan { 0.0 } else { out.theta[j] },
             ];
-            for (x, what) in checks {
+            for (x, what) in values.into_iter().zip(NON_FINITE_VALUES) {
                 if is_non_finite(x) {
                     return Error::NonFinite { tensor: tensor_name(self.name), what, index: index + j as u64 };
                 }
