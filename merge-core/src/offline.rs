@@ -136,6 +136,13 @@ pub fn interpolate(
     })
 }
 
+/// `x` if `keep`, else `+0`, without a branch: DARE's keep decisions and TIES'
+/// sign agreements are coin flips a branch predictor cannot learn.
+#[inline(always)]
+fn kept_or_zero(keep: bool, x: f32) -> f32 {
+    f32::from_bits(x.to_bits() & u32::from(keep).wrapping_neg())
+}
+
 /// How task vectors are sparsified before they are mixed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sparsify {
@@ -328,7 +335,7 @@ impl GtaPlan {
         match self.config.sparsify {
             Sparsify::None => tau,
             Sparsify::Magnitude => {
-                if p.threshold.keeps(magnitude_key(tau), self.scope_start + index) { tau } else { 0.0 }
+                kept_or_zero(p.threshold.keeps(magnitude_key(tau), self.scope_start + index), tau)
             }
             Sparsify::Random => {
                 // check_extent guarantees index < 2^32, so the block index is below
@@ -342,7 +349,7 @@ impl GtaPlan {
                     pair.set((block, w));
                     w
                 };
-                if p.keep.keeps(words[(index & 1) as usize]) { mul(tau, p.scale) } else { 0.0 }
+                kept_or_zero(p.keep.keeps(words[(index & 1) as usize]), mul(tau, p.scale))
             }
         }
     }
@@ -368,14 +375,15 @@ impl GtaPlan {
             let (mixed, divisor) = if self.config.consensus {
                 let sum = x[1..].iter().fold(x[0], |acc, &v| add(acc, v));
                 let positive = sum >= 0.0;
-                // Dropped terms add +0, which changes no flushed sum.
+                // Terms that disagree add +0, which changes no flushed sum; adding
+                // it rather than branching keeps the loop free of a branch on the
+                // random signs.
                 let mut mixed = 0.0f32;
                 let mut divisor = 0.0f32;
                 for (m, &v) in x.iter().enumerate() {
-                    if v != 0.0 && (v > 0.0) == positive {
-                        mixed = add(mixed, v);
-                        divisor = add(divisor, self.models[m].weight);
-                    }
+                    let agrees = v != 0.0 && (v > 0.0) == positive;
+                    mixed = add(mixed, kept_or_zero(agrees, v));
+                    divisor = add(divisor, kept_or_zero(agrees, self.models[m].weight));
                 }
                 (mixed, if divisor == 0.0 { 1.0 } else { divisor })
             } else {
