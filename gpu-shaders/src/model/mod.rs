@@ -19,6 +19,7 @@ mod lm_head;
 mod loss;
 mod rmsnorm;
 mod rope;
+mod sequence_sum;
 
 pub use attention::{Attention, AttentionShape};
 pub use elementwise::Elementwise;
@@ -28,6 +29,7 @@ pub use lm_head::{HeadShape, LmHead};
 pub use loss::{PairLogps, PreferenceLoss, PreferenceLossKind};
 pub use rmsnorm::RmsNorm;
 pub use rope::Rope;
+pub use sequence_sum::SequenceSum;
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
