@@ -38,10 +38,7 @@ impl fmt::Display for GpuError {
                     None => write!(f, "no usable GPU adapter")?,
                 }
                 if found.is_empty() {
-                    write!(
-                        f,
-                        "; none found at all: install mesa-vulkan-drivers libvulkan1 (software Vulkan)"
-                    )
+                    write!(f, "; none found at all: {}", no_adapter_hint())
                 } else {
                     write!(f, "; found:")?;
                     for a in found {
@@ -66,11 +63,42 @@ impl From<merge_core::Error> for GpuError {
     }
 }
 
+/// Why no adapter at all was found, as precisely as the environment tells: a
+/// `WGPU_BACKEND` that selects nothing, or a Vulkan driver list that points
+/// nowhere, before the generic advice to install a driver.
+fn no_adapter_hint() -> String {
+    if let Ok(v) = std::env::var("WGPU_BACKEND")
+        && wgpu::Backends::from_comma_list(&v).is_empty()
+    {
+        return format!("WGPU_BACKEND={v:?} selects no backend (vulkan, metal, dx12, gl); unset it or name one");
+    }
+    for var in ["VK_DRIVER_FILES", "VK_ICD_FILENAMES"] {
+        if let Ok(v) = std::env::var(var)
+            && let Some(missing) = std::env::split_paths(&v).find(|p| !p.exists())
+        {
+            return format!("{var} names {}, which does not exist; point it at an installed driver's JSON file or unset it", missing.display());
+        }
+    }
+    "install mesa-vulkan-drivers libvulkan1 (software Vulkan)".to_string()
+}
+
+/// Every adapter wgpu sees with the backends `WGPU_BACKEND` selects (the primary
+/// ones by default), in wgpu's order: the positions [`GpuOptions::adapter_index`]
+/// refers to.
+pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)))
+}
+
 /// How to open a device.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
     /// Overrides [`ADAPTER_ENV`] when set.
     pub adapter: Option<String>,
+    /// The adapter at this position of [`enumerate_adapters`], overriding any name:
+    /// two adapters can share a name (lavapipe on Vulkan and on GL are both
+    /// `llvmpipe`), a position cannot.
+    pub adapter_index: Option<usize>,
     /// Upper bound on the bytes of one chunk buffer. The device's own binding
     /// limit applies anyway; tests set this small to prove that results do not
     /// depend on the split.
@@ -126,17 +154,25 @@ impl GpuContext {
     /// Opens the best adapter (discrete, then integrated, then software), or the
     /// one named by `opts.adapter` / [`ADAPTER_ENV`], with the adapter's own limits.
     pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)));
-        let wanted = opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let adapters = enumerate_adapters();
+        let wanted = match opts.adapter_index {
+            Some(i) => Some(format!("#{i}")),
+            None => opts.adapter.clone().or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty())),
+        };
         let found: Vec<String> = adapters.iter().map(|a| describe(&a.get_info())).collect();
         let mut candidates: Vec<wgpu::Adapter> = adapters
             .into_iter()
-            .filter(|a| {
+            .enumerate()
+            .filter(|(i, a)| {
                 let info = a.get_info();
                 let compute = a.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS);
-                compute && wanted.as_deref().is_none_or(|w| matches(&info, w))
+                let picked = match opts.adapter_index {
+                    Some(at) => *i == at,
+                    None => wanted.as_deref().is_none_or(|w| matches(&info, w)),
+                };
+                compute && picked
             })
+            .map(|(_, a)| a)
             .collect();
         candidates.sort_by_key(|a| rank(&a.get_info()));
         let adapter = candidates.into_iter().next().ok_or(GpuError::NoAdapter { wanted, found })?;

@@ -128,6 +128,7 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         field: field.to_string(),
         reason,
     };
+    let text = crate::data::jsonl::strip_bom(text);
     let v: Value = serde_json::from_str(text).map_err(|e| err("(whole file)", format!("not valid JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| err("(whole file)", "not a JSON object".into()))?;
     let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
@@ -165,11 +166,28 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         Some(Value::Array(a)) if !a.is_empty() => Some(a[0].as_str().ok_or_else(|| err("architectures", format!("expected strings, found {}", a[0])))?),
         Some(v) => return Err(err("architectures", format!("expected a non-empty list, found {v}"))),
     };
-    let family = match (string("model_type")?, arch) {
-        (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => Family::Llama,
-        (Some("qwen2"), _) | (None, Some("Qwen2ForCausalLM")) => Family::Qwen2,
-        (Some(other), _) => return Err(err("model_type", format!("`{other}` is not supported (llama, qwen2)"))),
-        (None, Some(other)) => return Err(err("architectures", format!("`{other}` is not supported (LlamaForCausalLM, Qwen2ForCausalLM)"))),
+    let family = match string("model_type")? {
+        Some("llama") => Some(Family::Llama),
+        Some("qwen2") => Some(Family::Qwen2),
+        Some(other) => return Err(err("model_type", format!("`{other}` is not supported (llama, qwen2)"))),
+        None => None,
+    };
+    let arch_family = match arch {
+        Some("LlamaForCausalLM") => Some(Family::Llama),
+        Some("Qwen2ForCausalLM") => Some(Family::Qwen2),
+        // Another architecture under a supported model_type (Mistral's sliding
+        // window, say) would load as that type and be rewritten as it.
+        Some(other) => return Err(err("architectures", format!("`{other}` is not supported (LlamaForCausalLM, Qwen2ForCausalLM)"))),
+        None => None,
+    };
+    let family = match (family, arch_family) {
+        (Some(t), Some(a)) if t != a => {
+            return Err(err(
+                "architectures",
+                format!("`{}` does not match model_type `{}` (expected {})", a.architecture(), t.model_type(), t.architecture()),
+            ));
+        }
+        (Some(f), _) | (None, Some(f)) => f,
         (None, None) => return Err(err("model_type", "missing (and no `architectures` to infer it from)".into())),
     };
     if let Some(act) = string("hidden_act")?
@@ -240,7 +258,13 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         num_key_value_heads: uint("num_key_value_heads")?.unwrap_or(heads),
         head_dim: match uint("head_dim")? {
             Some(h) => h,
-            None if heads > 0 => hidden_size / heads,
+            None if heads > 0 && hidden_size % heads == 0 => hidden_size / heads,
+            None if heads > 0 => {
+                return Err(err(
+                    "num_attention_heads",
+                    format!("{heads} does not divide hidden_size = {hidden_size}, and there is no head_dim to say the head size"),
+                ));
+            }
             None => 0,
         },
         rms_norm_eps: float("rms_norm_eps")?.unwrap_or(1e-6) as f32,
@@ -478,7 +502,8 @@ pub fn read_sharded(index: &Path, config: &LlamaConfig) -> Result<ParamSet, HfEr
         reason,
     };
     let text = fs::read_to_string(index).map_err(io_err(index))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| err("(whole file)", format!("not valid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_str(crate::data::jsonl::strip_bom(&text)).map_err(|e| err("(whole file)", format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -745,6 +770,9 @@ mod tests {
             (r#""model_type":"llama""#, r#""model_type":"gpt2""#, "model_type"),
             (r#""torch_dtype":"bfloat16""#, r#""torch_dtype":"int8""#, "torch_dtype"),
             (r#""rms_norm_eps":1e-05"#, r#""rms_norm_eps":-1"#, "rms_norm_eps"),
+            (r#""LlamaForCausalLM""#, r#""MistralForCausalLM""#, "architectures"),
+            (r#""LlamaForCausalLM""#, r#""Qwen2ForCausalLM""#, "architectures"),
+            (r#""num_attention_heads":4"#, r#""num_attention_heads":3"#, "num_attention_heads"),
         ] {
             let text = base.replace(from, to);
             assert_ne!(text, base, "{from}");
@@ -753,6 +781,7 @@ mod tests {
         }
         let e = parse_config(p, "{ not json").err().unwrap().to_string();
         assert!(e.contains("m/config.json") && e.contains("JSON"), "{e}");
+        assert_eq!(parse_config(p, &format!("\u{feff}{base}")).unwrap(), parse_config(p, base).unwrap());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The byte-level tokenizer of the built-in data: ids 0..=255 are the UTF-8
 //! bytes, then three special tokens. Any text round-trips, and no vocabulary file
 //! is needed. To train on another tokenizer's output, bring token ids instead
-//! (`data::jsonl::read_preference_ids`).
+//! (`data::jsonl::parse_preference_ids`).
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteTokenizer;

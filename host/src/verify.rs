@@ -2,7 +2,9 @@
 //! golden vectors with merge-core, then trains a tiny model for a few seeded DPO
 //! steps with each optimizer on merge-core and on every wgpu adapter (GPU steps
 //! cross-checked against merge-core at every step), and compares the final
-//! weights' hashes. Exit status 1 on any mismatch or failure.
+//! weights' hashes. Exit status 1 on any mismatch or failure, and when it checked
+//! less than it was asked to: no golden file, or no GPU adapter (unless
+//! `--allow-no-gpu` or `--cpu-only` says that is expected).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +37,10 @@ pub struct VerifyArgs {
     /// Only the CPU run (no adapter is opened).
     #[arg(long)]
     pub cpu_only: bool,
+    /// Pass when no GPU adapter is found, having checked merge-core alone (without
+    /// it, finding no adapter fails: the GPU path would be unchecked).
+    #[arg(long)]
+    pub allow_no_gpu: bool,
 }
 
 /// One row of the result table.
@@ -51,9 +57,9 @@ pub struct Row {
 /// One golden file's result: (file name, cases, failures).
 pub type GoldenFile = (String, usize, Vec<String>);
 
-/// Every golden file of `dir`, checked. Missing directory: `None`.
-pub fn golden(dir: &std::path::Path) -> Result<Option<Vec<GoldenFile>>> {
-    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(None) };
+/// Every golden file (`*.json`) of `dir`, checked.
+pub fn golden(dir: &std::path::Path) -> Result<Vec<GoldenFile>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| TrainError::io("--golden: reading", dir, e))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -68,7 +74,7 @@ pub fn golden(dir: &std::path::Path) -> Result<Option<Vec<GoldenFile>>> {
             Err(e) => out.push((name, 0, vec![format!("unreadable: {e}")])),
         }
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// The tiny seeded setup the training runs share: base, SFT, preference pairs.
@@ -150,6 +156,8 @@ fn train_once(s: &Setup, algorithm: Algorithm, backend: &BackendRequest, args: &
         keep_checkpoints: 1,
         checkpoint_root: None,
         run_config: serde_json::Value::Null,
+        inputs: Vec::new(),
+        resume_anyway: false,
         progress: false,
     };
     let log_path = std::env::temp_dir().join(format!("host-verify-{}.jsonl", std::process::id()));
@@ -159,14 +167,10 @@ fn train_once(s: &Setup, algorithm: Algorithm, backend: &BackendRequest, args: &
     Ok((opt.backend_name(), weights_hash(&out?)))
 }
 
-/// The adapters wgpu lists, by name (gpu-shaders opens an adapter by name).
-pub fn adapter_names() -> Vec<String> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle().with_env());
-    let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
-    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
-    let mut names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-    names.dedup();
-    names
+/// Every adapter wgpu lists, described; verify opens each by its position, since
+/// names repeat (lavapipe is `llvmpipe` on Vulkan and on GL alike).
+pub fn adapters() -> Vec<String> {
+    gpu_shaders::context::enumerate_adapters().iter().map(|a| gpu_shaders::context::describe(&a.get_info())).collect()
 }
 
 /// Runs every check and returns the rows (CPU rows first, then per adapter).
@@ -189,19 +193,13 @@ pub fn training_rows(args: &VerifyArgs) -> Result<Vec<Row>> {
     if args.cpu_only {
         return Ok(rows);
     }
-    let mut seen = Vec::new();
-    for name in adapter_names() {
+    for (index, name) in adapters().into_iter().enumerate() {
         for (a, want) in algorithms.iter().zip(&reference) {
-            let backend = BackendRequest::Gpu { adapter: Some(name.clone()) };
-            let r = train_once(&s, *a, &backend, args);
+            let r = train_once(&s, *a, &BackendRequest::GpuAt { index }, args);
             let (where_, result) = match r {
                 Ok((w, h)) => (w, Ok(h)),
                 Err(e) => (format!("gpu: {name}"), Err(e.to_string())),
             };
-            if seen.contains(&(where_.clone(), *a)) {
-                continue;
-            }
-            seen.push((where_.clone(), *a));
             rows.push(Row {
                 adapter: where_.trim_start_matches("gpu: ").to_string(),
                 backend: "gpu".into(),
@@ -215,24 +213,23 @@ pub fn training_rows(args: &VerifyArgs) -> Result<Vec<Row>> {
 }
 
 pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
+    let files = golden(&args.golden)?;
+    if files.is_empty() {
+        return Err(TrainError::msg(format!("--golden {}: no golden vector files (*.json) in it", args.golden.display())));
+    }
     let mut ok = true;
-    match golden(&args.golden)? {
-        None => println!("golden vectors: {} not found, skipped", args.golden.display()),
-        Some(files) => {
-            for (name, cases, failures) in files {
-                if failures.is_empty() {
-                    println!("golden {name}: {cases} cases match");
-                } else {
-                    ok = false;
-                    if cases == 0 {
-                        println!("golden {name}: FAIL");
-                    } else {
-                        println!("golden {name}: {} of {cases} cases FAIL", failures.len());
-                    }
-                    for f in failures.iter().take(5) {
-                        println!("  {f}");
-                    }
-                }
+    for (name, cases, failures) in files {
+        if failures.is_empty() {
+            println!("golden {name}: {cases} cases match");
+        } else {
+            ok = false;
+            if cases == 0 {
+                println!("golden {name}: FAIL");
+            } else {
+                println!("golden {name}: {} of {cases} cases FAIL", failures.len());
+            }
+            for f in failures.iter().take(5) {
+                println!("  {f}");
             }
         }
     }
@@ -248,7 +245,13 @@ pub fn run(args: &VerifyArgs) -> Result<ExitCode> {
         ok &= r.matches;
     }
     if rows.iter().all(|r| r.backend == "cpu") && !args.cpu_only {
-        println!("(no wgpu adapter found: only merge-core was checked)");
+        let why = gpu_shaders::context::GpuError::NoAdapter { wanted: None, found: Vec::new() };
+        if args.allow_no_gpu {
+            println!("({why}: only merge-core was checked, as --allow-no-gpu allows)");
+        } else {
+            println!("FAIL: {why}: only merge-core was checked; pass --allow-no-gpu to accept that");
+            ok = false;
+        }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

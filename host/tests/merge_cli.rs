@@ -373,3 +373,62 @@ fn the_shipped_examples_merge_models_that_pretrain_makes() {
         host::hf::load_model(&dir.join(&out)).unwrap();
     }
 }
+
+/// Three one-layer models with one 300k-element tensor, large enough to be cut
+/// into pieces across threads; `nan_at` puts NaNs into the first fine-tune.
+fn big_models(dir: &Path, nan_at: &[usize]) {
+    let n = 600 * 500;
+    let config = "{\"architectures\": [\"LlamaForCausalLM\"], \"model_type\": \"llama\", \"num_hidden_layers\": 1}";
+    for (m, seed) in [("base", 1u64), ("ft1", 2), ("ft2", 3)] {
+        let to = dir.join(m);
+        std::fs::create_dir_all(&to).unwrap();
+        std::fs::write(to.join("config.json"), config).unwrap();
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut values: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+            })
+            .collect();
+        if m == "ft1" {
+            for &i in nan_at {
+                values[i] = f32::NAN;
+            }
+        }
+        let t = OutTensor { name: "model.layers.0.mlp.up_proj.weight".into(), dtype: Dtype::F32, shape: vec![600, 500] };
+        let mut w = ShardWriter::create(&to.join("model.safetensors"), &[t]).unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write("model.layers.0.mlp.up_proj.weight", &bytes).unwrap();
+        w.finish().unwrap();
+    }
+}
+
+#[test]
+fn the_thread_count_changes_no_bit_and_not_which_bad_element_is_named() {
+    let dir = tmp("threads");
+    big_models(&dir, &[]);
+    let configs = [
+        ("ties", "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 0.6, density: 0.3}\n  - model: ft2\n    parameters: {weight: 0.4, density: 0.5}\n"),
+        ("dare", "merge_method: dare_ties\nbase_model: base\nmodels:\n  - model: ft1\n    parameters: {weight: 0.6, density: 0.3}\n  - model: ft2\n    parameters: {weight: 0.4, density: 0.5}\n"),
+        ("linear", "merge_method: linear\nmodels:\n  - model: ft1\n    parameters: {weight: 0.6}\n  - model: ft2\n    parameters: {weight: 0.4}\nout_dtype: bfloat16\n"),
+        ("slerp", "merge_method: slerp\nbase_model: base\nmodels:\n  - model: ft1\nparameters:\n  t: 0.3\n"),
+    ];
+    for (name, yaml) in configs {
+        std::fs::write(dir.join(format!("{name}.yml")), yaml).unwrap();
+        let one = format!("{name}-1");
+        let four = format!("{name}-4");
+        ok(&host_in(&dir, &["merge", &format!("{name}.yml"), &one, "--backend", "cpu", "--threads", "1"]));
+        ok(&host_in(&dir, &["merge", &format!("{name}.yml"), &four, "--backend", "cpu", "--threads", "4"]));
+        assert_eq!(load(&dir.join(&one)), load(&dir.join(&four)), "{name}: 1 vs 4 threads");
+    }
+
+    let bad = tmp("threads-nan");
+    big_models(&bad, &[250_000, 100_000]);
+    std::fs::write(bad.join("m.yml"), configs[1].1).unwrap();
+    for threads in ["1", "4"] {
+        let msg = err(&host_in(&bad, &["merge", "m.yml", "out", "--backend", "cpu", "--threads", threads]));
+        assert!(msg.contains("non-finite model 0 weights at element 100000"), "--threads {threads}: {msg}");
+    }
+}

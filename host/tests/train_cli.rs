@@ -192,6 +192,9 @@ fn bad_inputs_are_named_and_nothing_written_is_lost() {
         (&["--loss", "squared"][..], "--loss"),
         (&["--batch-size", "0"][..], "--batch-size = 0"),
         (&["--resume"][..], "no checkpoint"),
+        (&["--schedule", "constant"][..], "--warmup-steps = 1 has no effect with --schedule constant"),
+        (&["--builtin-eval", "0"][..], "--eval-every = 2: there is no evaluation data"),
+        (&["--resume-anyway"][..], "--resume-anyway: only means something with --resume"),
     ] {
         let o = run(extra);
         assert!(!o.status.success(), "{extra:?} was accepted");
@@ -368,4 +371,292 @@ fn precomputed_reference_logps_match_the_reference_model() {
     let o = host(&["align", "--model", ss, "--data", torn.to_str().unwrap(), "--steps", "1", "--out", d.join("t").to_str().unwrap()], &[]);
     assert!(!o.status.success() && stderr(&o).contains("torn.jsonl:3"), "{}", stderr(&o));
     std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Sizes beyond what the data or 64 bits can hold are named errors, raised before
+/// anything is allocated (they used to panic, abort on allocation, exhaust memory,
+/// or wrap the step count and train 11 steps).
+#[test]
+fn oversized_flags_are_named_errors_before_any_allocation() {
+    let d = tmp("oversized");
+    let out = d.join("run");
+    let base = [
+        "pretrain", "--hidden-size", "32", "--intermediate-size", "64", "--layers", "1", "--heads", "2",
+        "--kv-heads", "1", "--backend", "cpu", "--out", out.to_str().unwrap(),
+    ];
+    for (extra, want) in [
+        (&["--builtin", "60", "--batch-size", "18446744073709551615"][..], "--batch-size = 18446744073709551615: larger than the 60 training examples"),
+        (&["--builtin", "60", "--batch-size", "1000000"][..], "expected at most 60"),
+        (&["--builtin", "60", "--batch-size", "4294967296", "--grad-accum", "4294967296"][..], "--batch-size = 4294967296"),
+        (&["--builtin", "60", "--batch-size", "8", "--steps", "18446744073709551615"][..], "overflows the data position"),
+        (&["--builtin", "1000000000000"][..], "--builtin = 1000000000000: expected at most 1000000"),
+        (&["--builtin", "60", "--builtin-eval", "1000000000000"][..], "--builtin-eval = 1000000000000: expected at most 1000000"),
+        (&["--builtin", "60", "--epochs", "307445734561825861"][..], "--epochs = 307445734561825861"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let o = host(&args, &[]);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
+        assert!(!out.join("metrics.jsonl").exists(), "{extra:?} started a run");
+    }
+    // 550 billion parameters: refused before a single one is allocated.
+    let huge = [
+        "pretrain", "--hidden-size", "32768", "--intermediate-size", "65536", "--layers", "64", "--heads", "4", "--kv-heads", "1",
+        "--builtin", "60", "--backend", "cpu", "--out", out.to_str().unwrap(),
+    ];
+    let o = host(&huge, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("parameters need about") && stderr(&o).contains("MiB available"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+fn align_on_data<'a>(base: &'a str, sft: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "align", "--model", sft, "--base", base, "--data", data, "--steps", "4", "--batch-size", "2", "--optimizer", "ondare",
+        "--p", "0.5", "--alpha", "0.1", "--lr", "1e-3", "--seed", "9", "--out", out, "--backend", "cpu", "--checkpoint-every", "2",
+    ]
+}
+
+fn write_prefs(path: &Path, n: usize) {
+    let text: String = (0..n).map(|i| format!("{{\"prompt\":\"{i}+1=\",\"chosen\":\"{}\",\"rejected\":\"no\"}}\n", i + 1)).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// `--out` holding the model, the base or the data would have the run write over
+/// its own input (the final model over `--model out/X/model`, say).
+#[test]
+fn an_out_that_holds_an_input_is_refused_and_the_input_kept() {
+    let d = tmp("out-holds-input");
+    let (b, s) = models(&d);
+    let x = d.join("x");
+    let (model, _) = hf::load_model(&s).unwrap();
+    hf::save_model(&x.join("model"), &model, Dtype::F32).unwrap();
+    let data = x.join("prefs.jsonl");
+    write_prefs(&data, 4);
+    let before = std::fs::read(x.join("model/model.safetensors")).unwrap();
+    let (bs, xs, ds) = (b.to_str().unwrap(), x.to_str().unwrap(), data.to_str().unwrap());
+    let inner = x.join("model").to_str().unwrap().to_string();
+    let other_data = d.join("prefs.jsonl");
+    write_prefs(&other_data, 4);
+    for (args, want) in [
+        (align_on_data(bs, &inner, ds, xs), "contains --model"),
+        (align_on_data(bs, s.to_str().unwrap(), ds, xs), "contains --data"),
+        (align_on_data(bs, s.to_str().unwrap(), other_data.to_str().unwrap(), d.to_str().unwrap()), "contains --model"),
+    ] {
+        let o = host(&args, &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(x.join("model/model.safetensors")).unwrap(), before);
+    assert!(!x.join("metrics.jsonl").exists() && !x.join("checkpoints").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// One run per `--out` at a time: a second is refused before it writes anything,
+/// so the first one's metrics keep every step; a lock left by a killed run is
+/// taken over, and said so.
+#[test]
+fn an_out_is_locked_for_the_life_of_a_run() {
+    let d = tmp("lock");
+    let (b, s) = models(&d);
+    let data = d.join("prefs.jsonl");
+    write_prefs(&data, 6);
+    let (bs, ss, ds) = (b.to_str().unwrap(), s.to_str().unwrap(), data.to_str().unwrap());
+
+    let held = d.join("held");
+    let lock = host::train::outdir::OutDirLock::acquire(&held).unwrap();
+    let o = host(&align_on_data(bs, ss, ds, held.to_str().unwrap()), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("in use by another run (pid {},", std::process::id())), "{}", stderr(&o));
+    assert!(!held.join("metrics.jsonl").exists());
+    drop(lock);
+
+    let stale = d.join("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join(".lock"), "4000000000\n").unwrap();
+    let o = host(&align_on_data(bs, ss, ds, stale.to_str().unwrap()), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("taking over the lock") && stderr(&o).contains("pid 4000000000"), "{}", stderr(&o));
+    assert!(!stale.join(".lock").exists(), "a finished run leaves its lock behind");
+
+    let both = d.join("both");
+    let args = align_on_data(bs, ss, ds, both.to_str().unwrap());
+    let spawn = || Command::new(env!("CARGO_BIN_EXE_host")).args(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let (first, second) = (spawn(), spawn());
+    let results = [first.wait_with_output().unwrap(), second.wait_with_output().unwrap()];
+    let ok: Vec<&Output> = results.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(ok.len(), 1, "{} | {}", stderr(&results[0]), stderr(&results[1]));
+    let refused = results.iter().find(|o| !o.status.success()).unwrap();
+    assert!(stderr(refused).contains("in use by another run") || stderr(refused).contains("--resume"), "{}", stderr(refused));
+    let recs = host::train::metrics::read(&both.join("metrics.jsonl")).unwrap();
+    assert_eq!(recs.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// The checkpoint records the content of the data and of every input model;
+/// `--resume` names what changed and refuses, unless `--resume-anyway`. Stale
+/// temporary files of the killed run are removed.
+#[test]
+fn resume_notices_changed_inputs_and_removes_stale_temporaries() {
+    let d = tmp("resume-inputs");
+    let (b, s) = models(&d);
+    let data = d.join("prefs.jsonl");
+    write_prefs(&data, 6);
+    let reference = d.join("ref");
+    let (sft_model, _) = hf::load_model(&s).unwrap();
+    hf::save_model(&reference, &sft_model, Dtype::F32).unwrap();
+    let out = d.join("run");
+    let (bs, ss, ds, os) = (b.to_str().unwrap(), s.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = align_on_data(bs, ss, ds, os);
+    args.extend(["--ref-model", reference.to_str().unwrap()]);
+    let o = host(&args, &[("HOST_ABORT_WRITING", "LATEST"), ("HOST_ABORT_AT_STEP", "4")]);
+    assert!(!o.status.success() && latest(&out) == "step-00000002", "{}", stderr(&o));
+    let resume: Vec<&str> = args.iter().copied().chain(["--resume"]).collect();
+
+    let original = std::fs::read(&data).unwrap();
+    std::fs::write(&data, String::from_utf8(original.clone()).unwrap().replace("\"3\"", "\"4\"")).unwrap();
+    let o = host(&resume, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("--data {ds}: content changed since the checkpoint")), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--resume-anyway"), "{}", stderr(&o));
+    std::fs::write(&data, &original).unwrap();
+
+    let (base_model, _) = hf::load_model(&b).unwrap();
+    hf::save_model(&reference, &base_model, Dtype::F32).unwrap();
+    let o = host(&resume, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--ref-model") && stderr(&o).contains("content changed"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("--data "), "the restored data is reported as changed: {}", stderr(&o));
+
+    let temps = [out.join("checkpoints/.LATEST.tmp-77777"), out.join("checkpoints/step-00000002/model/.model.safetensors.tmp-77777")];
+    for t in &temps {
+        std::fs::write(t, b"torn").unwrap();
+    }
+    let anyway: Vec<&str> = resume.iter().copied().chain(["--resume-anyway"]).collect();
+    let o = host(&anyway, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: --resume-anyway: --ref-model"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("removed temporary files left by a killed run"), "{}", stderr(&o));
+    for t in &temps {
+        assert!(!t.exists(), "{} survived the resume", t.display());
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Flips one bit of `tensor`'s first element in a safetensors file.
+fn flip_bit(file: &Path, tensor: &str, mask: u8) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = 8 + header_len + header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start + 3] ^= mask;
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// A damaged newest checkpoint (a flipped bit in a moment, a truncated file) is
+/// named, and the resume falls back to the older intact one, bit-exactly; a LATEST
+/// that names anything but a checkpoint is not followed.
+#[test]
+fn resume_falls_back_from_a_damaged_checkpoint_and_never_follows_a_bad_latest() {
+    let d = tmp("fallback");
+    let (b, s) = models(&d);
+    let data = d.join("prefs.jsonl");
+    write_prefs(&data, 6);
+    let out = d.join("run");
+    let args = align_on_data(b.to_str().unwrap(), s.to_str().unwrap(), data.to_str().unwrap(), out.to_str().unwrap());
+    let o = host(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = std::fs::read(out.join("model/model.safetensors")).unwrap();
+    let resume: Vec<&str> = args.iter().copied().chain(["--resume"]).collect();
+    let newest = out.join("checkpoints/step-00000004/optimizer.safetensors");
+    let tensor = "exp_avg_sq/model.norm.weight";
+
+    flip_bit(&newest, tensor, 0x40);
+    let o = host(&resume, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("checkpoint step-00000004 is damaged") && err.contains("optimizer state `exp_avg_sq`"), "{err}");
+    assert!(err.contains("older intact checkpoint step-00000002") && err.contains("resuming after step 2"), "{err}");
+    assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), want);
+
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let o = host(&resume, &[]);
+    assert!(o.status.success() && stderr(&o).contains("resuming after step 2"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), want);
+
+    std::fs::write(out.join("checkpoints/LATEST"), "../../../etc\n").unwrap();
+    let o = host(&resume, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("names `../../../etc`, which is not a checkpoint directory"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming after step 4"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Settings that used to be accepted without a word.
+#[test]
+fn silently_accepted_settings_are_named() {
+    let d = tmp("silent");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let long = d.join("long.jsonl");
+    let text = format!("{{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}}\n\n{{\"prompt\":\"{}\",\"chosen\":\"b\",\"rejected\":\"c\"}}\n", "x".repeat(2100));
+    std::fs::write(&long, text).unwrap();
+    let out = d.join("run");
+    let os = out.to_str().unwrap();
+    let pretrain = ["pretrain", "--builtin", "8", "--layers", "1", "--kv-heads", "1", "--backend", "cpu", "--out", os];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (pretrain.iter().copied().chain(["--hidden-size", "34", "--heads", "4"]).collect(), "--hidden-size = 34: not a multiple of --heads = 4"),
+        (pretrain.iter().copied().chain(["--optimizer", "ondare"]).collect(), "pretrain has no task vector to merge"),
+        (vec!["align", "--model", ss, "--builtin", "8", "--optimizer", "onties", "--backend", "cpu", "--out", os], "give the pretrained model as --base"),
+        (align_on_data(bs, ss, long.to_str().unwrap(), os), "long.jsonl:3: the example is"),
+    ];
+    for (args, want) in cases {
+        let o = host(&args, &[]);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{want}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("merging needs"), "{}", stderr(&o));
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `verify` fails when it checked less than it was asked to, and names why.
+#[test]
+fn verify_fails_when_it_checked_less_than_asked() {
+    let d = tmp("verify-less");
+    let missing = d.join("no-such-dir");
+    let o = host(&["verify", "--steps", "1", "--cpu-only", "--golden", missing.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no-such-dir"), "{}", stderr(&o));
+    let o = host(&["verify", "--steps", "1", "--cpu-only", "--golden", d.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no golden vector files"), "{}", stderr(&o));
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    for (env, hint) in [
+        (("WGPU_BACKEND", ""), "WGPU_BACKEND=\"\" selects no backend"),
+        (("VK_DRIVER_FILES", "/nonexistent/icd.json"), "VK_DRIVER_FILES names /nonexistent/icd.json"),
+    ] {
+        let o = host(&["verify", "--steps", "1"], &[env]);
+        assert_eq!(o.status.code(), Some(1), "{env:?}: {}", stdout(&o));
+        assert!(stdout(&o).contains(hint) && stdout(&o).contains("--allow-no-gpu"), "{env:?}: {}", stdout(&o));
+        let o = host(&["verify", "--steps", "1", "--allow-no-gpu"], &[env]);
+        assert!(o.status.success(), "{env:?}: {}", stdout(&o));
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Two adapters of one name (lavapipe is `llvmpipe` on Vulkan and on GL) are both
+/// checked: verify opens adapters by position, not by name. Where wgpu finds no GL
+/// adapter (no Mesa EGL installed) only the Vulkan half can be seen.
+#[test]
+fn verify_checks_two_adapters_of_the_same_name() {
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let gpu_rows = |text: &str, backend: &str| text.lines().filter(|l| l.contains(&format!("({backend}, ")) && l.ends_with(" yes")).count();
+    let gl_only = host(&["verify", "--steps", "1", "--allow-no-gpu"], &[("WGPU_BACKEND", "gl")]);
+    assert!(gl_only.status.success(), "{}", stdout(&gl_only));
+    let o = host(&["verify", "--steps", "1"], &[("WGPU_BACKEND", "vulkan,gl")]);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(gpu_rows(&stdout(&o), "Vulkan"), 3, "{}", stdout(&o));
+    assert_eq!(gpu_rows(&stdout(&o), "Gl"), gpu_rows(&stdout(&gl_only), "Gl"), "{}", stdout(&o));
 }

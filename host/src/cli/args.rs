@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 
+use super::data::DataArgs;
+use crate::model::config::LlamaConfig;
 use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 
 /// Where the optimizer step runs.
@@ -127,13 +129,22 @@ pub struct LoopArgs {
     /// Output directory: model/, checkpoints/, metrics.jsonl.
     #[arg(long)]
     pub out: PathBuf,
-    /// Continue from the newest checkpoint under --out.
+    /// Continue from the newest intact checkpoint under --out (refused when a data
+    /// file or an input model changed since it was written).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: continue even though a data file or input model changed since
+    /// the checkpoint (each change is named in a warning).
+    #[arg(long)]
+    pub resume_anyway: bool,
 }
 
 impl LoopArgs {
-    /// Total optimizer steps for `n` training examples; errors name the flag.
+    /// Total optimizer steps for `n` training examples; errors name the flag and
+    /// the limit. Checked before anything is allocated: a micro-batch holds at most
+    /// every example once (a larger one would only repeat examples, and its
+    /// activations grow without bound), and the run's data position
+    /// (`steps x --batch-size x --grad-accum`) must fit in 64 bits.
     pub fn total_steps(&self, n: usize) -> Result<u64, String> {
         if self.batch_size == 0 {
             return Err("--batch-size = 0: expected an integer >= 1".to_string());
@@ -141,15 +152,142 @@ impl LoopArgs {
         if self.grad_accum == 0 {
             return Err("--grad-accum = 0: expected an integer >= 1".to_string());
         }
-        match (self.steps, self.epochs) {
-            (Some(_), Some(_)) => Err("--steps and --epochs: give one, not both".to_string()),
-            (Some(0), _) => Err("--steps = 0: expected an integer >= 1".to_string()),
-            (Some(s), None) => Ok(s),
-            (None, Some(0)) => Err("--epochs = 0: expected an integer >= 1".to_string()),
-            (None, e) => {
-                let per_step = (self.batch_size * self.grad_accum) as u64;
-                Ok((e.unwrap_or(1) * n as u64).div_ceil(per_step).max(1))
-            }
+        if self.batch_size > n {
+            return Err(format!(
+                "--batch-size = {}: larger than the {n} training examples; expected at most {n}",
+                self.batch_size
+            ));
         }
+        let per_step = (self.batch_size as u64).checked_mul(self.grad_accum as u64).ok_or_else(|| {
+            format!("--batch-size {} x --grad-accum {}: more than 2^64 examples per step", self.batch_size, self.grad_accum)
+        })?;
+        let steps = match (self.steps, self.epochs) {
+            (Some(_), Some(_)) => return Err("--steps and --epochs: give one, not both".to_string()),
+            (Some(0), _) => return Err("--steps = 0: expected an integer >= 1".to_string()),
+            (Some(s), None) => s,
+            (None, Some(0)) => return Err("--epochs = 0: expected an integer >= 1".to_string()),
+            (None, e) => {
+                let epochs = e.unwrap_or(1);
+                let examples = epochs.checked_mul(n as u64).ok_or_else(|| {
+                    format!("--epochs = {epochs}: {epochs} x {n} examples overflows; expected at most {}", u64::MAX / n as u64)
+                })?;
+                examples.div_ceil(per_step).max(1)
+            }
+        };
+        if steps.checked_mul(per_step).is_none() {
+            return Err(format!(
+                "--steps = {steps}: {steps} steps x {per_step} examples per step overflows the data position; expected at most {}",
+                u64::MAX / per_step
+            ));
+        }
+        Ok(steps)
+    }
+}
+
+/// Refuses flags that would be accepted but do nothing, or that ask for what the
+/// task lacks.
+pub fn check_flag_combinations(task: &str, has_task_vector: bool, data: &DataArgs, lp: &LoopArgs, op: &OptimArgs) -> Result<(), String> {
+    if op.algorithm != Algorithm::Adamw && !has_task_vector {
+        let algorithm = op.algorithm.to_possible_value().expect("no variant is skipped").get_name().to_string();
+        return Err(if task == "align" {
+            format!("--optimizer {algorithm} merges the task vector SFT − base: give the pretrained model as --base")
+        } else {
+            format!("--optimizer {algorithm}: {task} has no task vector to merge (only align takes --base); use --optimizer adamw")
+        });
+    }
+    if op.warmup_steps > 0 && op.schedule != ScheduleKind::WarmupCosine {
+        return Err(format!(
+            "--warmup-steps = {} has no effect with --schedule {}: add --schedule warmup-cosine",
+            op.warmup_steps,
+            op.schedule.to_possible_value().expect("no variant is skipped").get_name()
+        ));
+    }
+    if lp.eval_every > 0 && data.eval_data.is_none() && data.builtin_eval == 0 {
+        return Err(format!(
+            "--eval-every = {}: there is no evaluation data; give --eval-data FILE (or --builtin-eval N)",
+            lp.eval_every
+        ));
+    }
+    if lp.resume_anyway && !lp.resume {
+        return Err("--resume-anyway: only means something with --resume".to_string());
+    }
+    Ok(())
+}
+
+/// f32 copies of every parameter a training run holds at once: the model, its
+/// gradients and their accumulator, the optimizer's master weights, two moments,
+/// the task vector and the step-K cache.
+const TRAINING_COPIES: u64 = 8;
+
+/// Bytes this machine can still give a process (Linux's `MemAvailable`); `None`
+/// where that is not known, and then nothing is refused.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses a fresh model whose training state cannot fit in `available` bytes,
+/// before any of it is allocated (the size flags used to abort on allocation).
+pub fn check_training_memory(config: &LlamaConfig, available: Option<u64>) -> Result<(), String> {
+    let Some(available) = available else { return Ok(()) };
+    let needed = (config.num_params() as u64).saturating_mul(4 * TRAINING_COPIES);
+    if needed > available {
+        return Err(format!(
+            "the model's {} parameters need about {} MiB to train (--hidden-size, --intermediate-size, --layers); \
+             this machine has {} MiB available",
+            config.num_params(),
+            needed >> 20,
+            available >> 20
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loop_args(batch_size: usize, grad_accum: usize, steps: Option<u64>, epochs: Option<u64>) -> LoopArgs {
+        LoopArgs {
+            steps,
+            epochs,
+            batch_size,
+            grad_accum,
+            seed: 0,
+            eval_every: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            out: PathBuf::from("out"),
+            resume: false,
+            resume_anyway: false,
+        }
+    }
+
+    #[test]
+    fn sizes_beyond_the_data_or_64_bits_name_the_flag_and_limit() {
+        let cases = [
+            (loop_args(usize::MAX, 1, Some(1), None), "--batch-size = 18446744073709551615: larger than the 60 training examples"),
+            (loop_args(1_000_000, 1, Some(1), None), "expected at most 60"),
+            (loop_args(60, usize::MAX, Some(1), None), "more than 2^64 examples per step"),
+            (loop_args(8, 1, None, Some(307_445_734_561_825_861)), "--epochs = 307445734561825861"),
+            (loop_args(8, 4, Some(u64::MAX / 8), None), "--steps = 2305843009213693951"),
+        ];
+        for (a, want) in cases {
+            let err = a.total_steps(60).unwrap_err();
+            assert!(err.contains(want), "{err} (wanted {want})");
+        }
+        assert_eq!(loop_args(8, 1, None, Some(3)).total_steps(60), Ok(23));
+        assert_eq!(loop_args(60, 1, None, None).total_steps(60), Ok(1));
+    }
+
+    #[test]
+    fn a_model_that_cannot_train_in_memory_is_refused_with_both_sizes() {
+        let config = LlamaConfig::tiny(259, 64, 176, 2, 4, 2);
+        let needed = config.num_params() as u64 * 4 * TRAINING_COPIES;
+        check_training_memory(&config, Some(needed)).unwrap();
+        check_training_memory(&config, None).unwrap();
+        let err = check_training_memory(&config, Some(needed - 1)).unwrap_err();
+        assert!(err.contains(&format!("{} parameters", config.num_params())) && err.contains("MiB available"), "{err}");
     }
 }

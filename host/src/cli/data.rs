@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::data::builtin::{Builtin, BuiltinConfig};
 use crate::data::jsonl;
+use crate::model::config::LlamaConfig;
 use crate::model::llama::Sequence;
 use crate::tokenizer::ByteTokenizer;
 use crate::train::objectives::PairSeqs;
@@ -41,7 +42,21 @@ impl DataArgs {
         })
     }
 
+    /// Content hashes of the data files (the built-in data is a function of its
+    /// recorded size and seed).
+    pub fn input_hashes(&self) -> Result<Vec<crate::train::checkpoint::InputHash>> {
+        let files = [("--data", &self.data), ("--eval-data", &self.eval_data)];
+        files.into_iter().filter_map(|(flag, p)| p.as_deref().map(|p| super::inputs::file_hash(flag, p))).collect()
+    }
+
     fn source(&self) -> Result<Source<'_>> {
+        for (flag, n) in [("--builtin", self.builtin.unwrap_or(0)), ("--builtin-eval", self.builtin_eval)] {
+            if n > MAX_BUILTIN_EXAMPLES {
+                return Err(TrainError::msg(format!(
+                    "{flag} = {n}: expected at most {MAX_BUILTIN_EXAMPLES} (the built-in examples are generated in memory)"
+                )));
+            }
+        }
         match (&self.data, self.builtin) {
             (Some(_), Some(_)) => Err(TrainError::msg("--data and --builtin: give one, not both")),
             (None, None) => Err(TrainError::msg("no training data: give --data FILE or --builtin N")),
@@ -51,6 +66,10 @@ impl DataArgs {
         }
     }
 }
+
+/// The most built-in examples of one kind a run may ask for: about 200 bytes each
+/// once tokenized, so the limit keeps the set near 200 MB.
+pub const MAX_BUILTIN_EXAMPLES: usize = 1_000_000;
 
 enum Source<'a> {
     File(&'a Path),
@@ -88,7 +107,7 @@ fn completion_seq(prompt: &str, completion: &str) -> Sequence {
 /// (token ids, checked against `vocab`).
 pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in jsonl::strip_bom(text).lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -122,33 +141,63 @@ pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> 
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| TrainError::io("reading", path, e))
+    jsonl::read_text(path).map_err(|e| TrainError::msg(e.to_string()))
+}
+
+/// Refuses an example longer than the model's context (`lens` in record order),
+/// naming its file and line; the model would only name its place in a batch.
+fn check_file_lengths(path: &Path, text: &str, lens: impl Iterator<Item = usize>, model: &LlamaConfig) -> Result<()> {
+    let max = model.max_position_embeddings;
+    match lens.zip(jsonl::record_lines(text)).find(|(len, _)| *len > max) {
+        Some((len, line)) => Err(TrainError::msg(format!(
+            "{}:{line}: the example is {len} tokens long, more than the model's max_position_embeddings {max}",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_builtin_lengths(lens: impl Iterator<Item = usize>, model: &LlamaConfig) -> Result<()> {
+    let max = model.max_position_embeddings;
+    match lens.enumerate().find(|(_, len)| *len > max) {
+        Some((i, len)) => Err(TrainError::msg(format!(
+            "built-in example {i} is {len} tokens long, more than the model's max_position_embeddings {max}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Pretraining sequences (train, eval).
-pub fn lm_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    let vocab = model.vocab_size;
+    let file = |p: &Path| -> Result<Vec<Sequence>> {
+        let text = read(p)?;
+        let seqs = parse_lm(p, &text, vocab)?;
+        check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
+        Ok(seqs)
+    };
     match a.source()? {
-        Source::File(p) => {
-            let train = parse_lm(p, &read(p)?, vocab)?;
-            let eval = a.eval_data.as_ref().map(|e| read(e).and_then(|t| parse_lm(e, &t, vocab))).transpose()?;
-            Ok((train, eval.unwrap_or_default()))
-        }
+        Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
         Source::Builtin(n) => {
             need_byte_vocab(vocab)?;
             let b = builtin(seed)?;
-            let train = b.pretrain_text(n).iter().map(|t| text_seq(t)).collect();
-            let eval = b.heldout_text(a.builtin_eval).iter().map(|t| text_seq(t)).collect();
+            let train: Vec<Sequence> = b.pretrain_text(n).iter().map(|t| text_seq(t)).collect();
+            let eval: Vec<Sequence> = b.heldout_text(a.builtin_eval).iter().map(|t| text_seq(t)).collect();
+            check_builtin_lengths(train.iter().chain(&eval).map(|s| s.tokens.len()), model)?;
             Ok((train, eval))
         }
     }
 }
 
 /// SFT sequences (train, eval): prompt then completion, the completion scored.
-pub fn sft_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
-    need_byte_vocab(vocab)?;
+pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    need_byte_vocab(model.vocab_size)?;
     let file = |p: &Path| -> Result<Vec<Sequence>> {
-        let ex = jsonl::read_sft(p).map_err(|e| TrainError::msg(e.to_string()))?;
-        Ok(ex.iter().map(|e| completion_seq(&e.prompt, &e.completion)).collect())
+        let text = read(p)?;
+        let ex = jsonl::parse_sft(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
+        let seqs: Vec<Sequence> = ex.iter().map(|e| completion_seq(&e.prompt, &e.completion)).collect();
+        check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
+        Ok(seqs)
     };
     match a.source()? {
         Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
@@ -156,6 +205,7 @@ pub fn sft_sequences(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Seque
             let b = builtin(seed)?;
             let all = b.sft(n + a.builtin_eval);
             let seqs: Vec<Sequence> = all.iter().map(|e| completion_seq(&e.prompt, &e.response)).collect();
+            check_builtin_lengths(seqs.iter().map(|s| s.tokens.len()), model)?;
             let (train, eval) = seqs.split_at(n);
             Ok((train.to_vec(), eval.to_vec()))
         }
@@ -168,7 +218,7 @@ pub fn reference_logps(path: &Path) -> Result<Option<Vec<(f32, f32)>>> {
     let text = read(path)?;
     let mut out = Vec::new();
     let mut lines = 0;
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in jsonl::strip_bom(&text).lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -193,19 +243,26 @@ fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> PairSeqs {
     PairSeqs { chosen: Sequence::completion(prompt, chosen), rejected: Sequence::completion(prompt, rejected) }
 }
 
+fn pair_len(p: &PairSeqs) -> usize {
+    p.chosen.tokens.len().max(p.rejected.tokens.len())
+}
+
 /// Preference pairs (train, eval).
-pub fn preference_pairs(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
+pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
     let tok = ByteTokenizer;
+    let vocab = model.vocab_size;
     let file = |p: &Path| -> Result<Vec<PairSeqs>> {
-        if a.token_ids {
-            let ids = jsonl::read_preference_ids(p, vocab).map_err(|e| TrainError::msg(e.to_string()))?;
-            Ok(ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect())
+        let text = read(p)?;
+        let ids = if a.token_ids {
+            jsonl::parse_preference_ids(p, &text, vocab).map_err(|e| TrainError::msg(e.to_string()))?
         } else {
             need_byte_vocab(vocab)?;
-            let prefs = jsonl::read_preferences(p).map_err(|e| TrainError::msg(e.to_string()))?;
-            let ids = jsonl::tokenize_preferences(&tok, &prefs);
-            Ok(ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect())
-        }
+            let prefs = jsonl::parse_preferences(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
+            jsonl::tokenize_preferences(&tok, &prefs)
+        };
+        let pairs: Vec<PairSeqs> = ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect();
+        check_file_lengths(p, &text, pairs.iter().map(pair_len), model)?;
+        Ok(pairs)
     };
     match a.source()? {
         Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
@@ -219,7 +276,9 @@ pub fn preference_pairs(a: &DataArgs, vocab: usize, seed: u64) -> Result<(Vec<Pa
                     })
                     .collect()
             };
-            Ok((conv(b.preferences(n)), conv(b.heldout_preferences(a.builtin_eval))))
+            let (train, eval) = (conv(b.preferences(n)), conv(b.heldout_preferences(a.builtin_eval)));
+            check_builtin_lengths(train.iter().chain(&eval).map(pair_len), model)?;
+            Ok((train, eval))
         }
     }
 }

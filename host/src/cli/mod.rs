@@ -9,6 +9,7 @@
 
 pub mod args;
 pub mod data;
+pub mod inputs;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -227,9 +228,11 @@ fn training_device(op: &OptimArgs) -> Result<Option<GpuContext>> {
     }
 }
 
-/// Shared driver of every training subcommand: builds the optimizer (on `gpu`
-/// when given, the device the objective's model runs on), resumes if asked,
-/// runs the loop with checkpoints, and writes the final model.
+/// Shared driver of every training subcommand: checks the flags against the data
+/// and the output directory, locks it, builds the optimizer (on `gpu` when
+/// given, the device the objective's model runs on), resumes if asked, runs the
+/// loop with checkpoints, and writes the final model. `models` are the content
+/// hashes of the input models, recorded so that `--resume` sees a change.
 #[allow(clippy::too_many_arguments)]
 fn fit(
     task: &str,
@@ -238,12 +241,25 @@ fn fit(
     merge_task: Option<(&ParamSet, &ParamSet)>,
     objective: &mut dyn Objective,
     gpu: Option<&GpuContext>,
+    data: &DataArgs,
+    models: Vec<crate::train::checkpoint::InputHash>,
     lp: &LoopArgs,
     op: &OptimArgs,
     run_config: serde_json::Value,
     save_dtype: Dtype,
 ) -> Result<()> {
     let steps = lp.total_steps(objective.num_examples()).map_err(TrainError::msg)?;
+    args::check_flag_combinations(task, merge_task.is_some(), data, lp, op).map_err(TrainError::msg)?;
+    let mut inputs = models;
+    inputs.extend(data.input_hashes()?);
+    let input_paths: Vec<(&str, &Path)> = inputs.iter().map(|i| (i.flag.as_str(), i.path.as_path())).collect();
+    crate::train::outdir::refuse_inputs_inside(&lp.out, &input_paths)?;
+    let _lock = crate::train::outdir::OutDirLock::acquire(&lp.out)?;
+    let stale = crate::train::outdir::remove_stale_temps(&lp.out)?;
+    if !stale.is_empty() {
+        let names: Vec<String> = stale.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("{task}: removed temporary files left by a killed run: {}", names.join(", "));
+    }
     let cfg = op.config(lp.seed, steps);
     let mut opt = match gpu {
         Some(ctx) => Optimizer::on_device(cfg, init, merge_task, ctx, op.cross_check_every)?,
@@ -260,6 +276,8 @@ fn fit(
         keep_checkpoints: lp.keep_checkpoints,
         checkpoint_root: Some(lp.out.join("checkpoints")),
         run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(save_dtype) }),
+        inputs,
+        resume_anyway: lp.resume_anyway,
         progress: true,
     };
     spec.validate()?;
@@ -297,28 +315,43 @@ fn fit(
 fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
     let config = match &a.model_config {
         Some(p) => hf::read_config(p).map_err(hf_err)?.config,
+        None if a.heads > 0 && !a.hidden_size.is_multiple_of(a.heads) => {
+            return Err(TrainError::msg(format!(
+                "--hidden-size = {}: not a multiple of --heads = {} (each head gets hidden-size / heads dimensions)",
+                a.hidden_size, a.heads
+            )));
+        }
         None => LlamaConfig::tiny(vocab, a.hidden_size, a.intermediate_size, a.layers, a.heads, a.kv_heads),
     };
     config.validate().map_err(|e| TrainError::msg(format!("model architecture: {e}")))?;
+    args::check_training_memory(&config, args::available_memory()).map_err(TrainError::msg)?;
     Ok(config)
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
+    let mut models = Vec::new();
     let model = match &a.init {
-        Some(dir) => load(dir, "--init")?,
+        Some(dir) => {
+            let m = load(dir, "--init")?;
+            models.push(inputs::model_hash("--init", dir, &m));
+            m
+        }
         None => {
+            if let Some(p) = &a.arch.model_config {
+                models.push(inputs::file_hash("--model-config", p)?);
+            }
             let config = arch_config(&a.arch, crate::tokenizer::ByteTokenizer::VOCAB_SIZE)?;
             LlamaModel::init(config, a.train.seed).map_err(|e| TrainError::msg(format!("model init: {e}")))?
         }
     };
-    let (train, eval) = data::lm_sequences(&a.data, model.config.vocab_size, a.train.seed)?;
+    let (train, eval) = data::lm_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "init": a.init });
-    fit("pretrain", &config, init, None, &mut obj, gpu.as_ref(), &a.train, &a.optim, settings, save_dtype)
+    fit("pretrain", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
 }
 
 fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gpu: Option<&GpuContext>, op: &OptimArgs) -> Result<LmObjective> {
@@ -332,13 +365,14 @@ fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gp
 fn sft(a: SftArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let model = load(&a.model, "--model")?;
-    let (train, eval) = data::sft_sequences(&a.data, model.config.vocab_size, a.train.seed)?;
+    let models = vec![inputs::model_hash("--model", &a.model, &model)];
+    let (train, eval) = data::sft_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "model": a.model });
-    fit("sft", &config, init, None, &mut obj, gpu.as_ref(), &a.train, &a.optim, settings, save_dtype)
+    fit("sft", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
 }
 
 fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
@@ -350,11 +384,13 @@ fn align(a: AlignArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let loss = dpo_loss(&a.loss, a.beta, a.label_smoothing)?;
     let policy = load(&a.model, "--model")?;
+    let mut models = vec![inputs::model_hash("--model", &a.model, &policy)];
     let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
-    if let Some(b) = &base {
+    if let (Some(b), Some(p)) = (&base, &a.base) {
         hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
+        models.push(inputs::model_hash("--base", p, b));
     }
-    let (train, eval) = data::preference_pairs(&a.data, policy.config.vocab_size, a.train.seed)?;
+    let (train, eval) = data::preference_pairs(&a.data, &policy.config, a.train.seed)?;
     let config = policy.config.clone();
     let sft_params = policy.params.clone();
     let precomputed = match &a.data.data {
@@ -386,7 +422,11 @@ fn align(a: AlignArgs) -> Result<()> {
         }
         None => {
             let reference = match &a.ref_model {
-                Some(p) => load(p, "--ref-model")?,
+                Some(p) => {
+                    let r = load(p, "--ref-model")?;
+                    models.push(inputs::model_hash("--ref-model", p, &r));
+                    r
+                }
                 None => load(&a.model, "--model")?,
             };
             hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params).map_err(hf_err)?;
@@ -401,17 +441,17 @@ fn align(a: AlignArgs) -> Result<()> {
         "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,
         "loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
     });
-    fit("align", &config, sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.train, &a.optim, settings, save_dtype)
+    fit("align", &config, sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load(&a.model, "--model")?;
-    let vocab = model.config.vocab_size;
+    let config = model.config.clone();
     let params = model.params.clone();
     let stats = match a.task.as_str() {
         "lm" | "sft" => {
             let (train, _) =
-                if a.task == "lm" { data::lm_sequences(&a.data, vocab, 0)? } else { data::sft_sequences(&a.data, vocab, 0)? };
+                if a.task == "lm" { data::lm_sequences(&a.data, &config, 0)? } else { data::sft_sequences(&a.data, &config, 0)? };
             LmObjective::new(model, Vec::new(), train)?.evaluate(&params)?
         }
         "preference" => {
@@ -420,7 +460,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 Some(p) => load(p, "--ref-model")?,
                 None => load(&a.model, "--model")?,
             };
-            let (pairs, _) = data::preference_pairs(&a.data, vocab, 0)?;
+            let (pairs, _) = data::preference_pairs(&a.data, &config, 0)?;
             DpoObjective::new(model, &reference, loss, Vec::new(), pairs)?.evaluate(&params)?
         }
         other => return Err(TrainError::msg(format!("--task = {other}: expected lm, sft or preference"))),

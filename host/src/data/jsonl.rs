@@ -99,17 +99,31 @@ impl At<'_> {
     }
 }
 
-fn read(path: &Path) -> Result<String, DataError> {
+/// A data file's text, for the `parse_*` functions (which also get the path, to
+/// name it in errors).
+pub fn read_text(path: &Path) -> Result<String, DataError> {
     fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })
 }
 
+/// The text without the UTF-8 byte order mark some editors put at the start of a
+/// file (JSON itself has no place for it).
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
+/// The 1-based line number of each record of a JSON Lines text: its non-blank
+/// lines, the ones every reader here parses, in order.
+pub fn record_lines(text: &str) -> Vec<usize> {
+    strip_bom(text).lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, _)| i + 1).collect()
+}
+
 /// Parses each non-blank line as a JSON object and hands it to `f`.
 fn parse_lines<T>(path: &Path, text: &str, f: impl Fn(&At, &Map<String, Value>) -> Result<T, DataError>) -> Result<Vec<T>, DataError> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in strip_bom(text).lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
@@ -128,6 +142,10 @@ fn field<'v>(at: &At, obj: &'v Map<String, Value>, name: &str) -> Result<&'v Val
     obj.get(name).ok_or_else(|| at.err(Some(name), "missing"))
 }
 
+/// The roles of TRL's conversational format; any other is most likely a typo that
+/// would silently become part of the prompt text.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
 /// How conversational messages become text for the byte-level tokenizer: each
 /// prompt message as `role: content\n`, then `assistant: ` to cue the answer;
 /// a completion is its messages' contents joined by newlines.
@@ -140,6 +158,12 @@ fn messages(at: &At, name: &str, v: &[Value], as_prompt: bool) -> Result<String,
                 .ok_or_else(|| at.err(Some(&format!("{name}[{k}].{key}")), "missing or not a string"))
         };
         let content = get("content")?;
+        if as_prompt || m.get("role").is_some() {
+            let role = get("role")?;
+            if !ROLES.contains(&role) {
+                return Err(at.err(Some(&format!("{name}[{k}].role")), format!("`{role}` is not a role ({})", ROLES.join(", "))));
+            }
+        }
         parts.push(if as_prompt {
             format!("{}: {content}\n", get("role")?)
         } else {
@@ -161,19 +185,24 @@ fn text_field(at: &At, obj: &Map<String, Value>, name: &str, as_prompt: bool, al
     Ok(s)
 }
 
-/// TRL preference records; `prompt` may be empty, `chosen`/`rejected` may not.
-pub fn parse_preferences(path: &Path, text: &str) -> Result<Vec<Preference>, DataError> {
-    parse_lines(path, text, |at, obj| {
-        Ok(Preference {
-            prompt: text_field(at, obj, "prompt", true, true)?,
-            chosen: text_field(at, obj, "chosen", false, false)?,
-            rejected: text_field(at, obj, "rejected", false, false)?,
-        })
-    })
+/// A pair whose two answers are the same states no preference (its DPO gradient
+/// is zero); it is almost always a data-preparation slip.
+fn distinct<T: PartialEq>(at: &At, chosen: T, rejected: T, field: &str) -> Result<(T, T), DataError> {
+    if chosen == rejected {
+        return Err(at.err(Some(field), "identical to the chosen answer: the pair states no preference"));
+    }
+    Ok((chosen, rejected))
 }
 
-pub fn read_preferences(path: &Path) -> Result<Vec<Preference>, DataError> {
-    parse_preferences(path, &read(path)?)
+/// TRL preference records; `prompt` may be empty, `chosen`/`rejected` may not, nor
+/// may they be equal.
+pub fn parse_preferences(path: &Path, text: &str) -> Result<Vec<Preference>, DataError> {
+    parse_lines(path, text, |at, obj| {
+        let prompt = text_field(at, obj, "prompt", true, true)?;
+        let (chosen, rejected) =
+            distinct(at, text_field(at, obj, "chosen", false, false)?, text_field(at, obj, "rejected", false, false)?, "rejected")?;
+        Ok(Preference { prompt, chosen, rejected })
+    })
 }
 
 /// `{"text"}` or `{"prompt", "completion"}` records (strings or message lists).
@@ -193,10 +222,6 @@ pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> 
             Err(at.err(None, "expected a `text` field, or `prompt` and `completion`"))
         }
     })
-}
-
-pub fn read_sft(path: &Path) -> Result<Vec<SftExample>, DataError> {
-    parse_sft(path, &read(path)?)
 }
 
 fn ids_field(at: &At, obj: &Map<String, Value>, name: &str, vocab_size: usize, allow_empty: bool) -> Result<Vec<u32>, DataError> {
@@ -226,16 +251,15 @@ fn ids_field(at: &At, obj: &Map<String, Value>, name: &str, vocab_size: usize, a
 /// The ids are used as given: add BOS/EOS in the file if the model expects them.
 pub fn parse_preference_ids(path: &Path, text: &str, vocab_size: usize) -> Result<Vec<PreferenceIds>, DataError> {
     parse_lines(path, text, |at, obj| {
-        Ok(PreferenceIds {
-            prompt: ids_field(at, obj, "prompt_ids", vocab_size, true)?,
-            chosen: ids_field(at, obj, "chosen_ids", vocab_size, false)?,
-            rejected: ids_field(at, obj, "rejected_ids", vocab_size, false)?,
-        })
+        let prompt = ids_field(at, obj, "prompt_ids", vocab_size, true)?;
+        let (chosen, rejected) = distinct(
+            at,
+            ids_field(at, obj, "chosen_ids", vocab_size, false)?,
+            ids_field(at, obj, "rejected_ids", vocab_size, false)?,
+            "rejected_ids",
+        )?;
+        Ok(PreferenceIds { prompt, chosen, rejected })
     })
-}
-
-pub fn read_preference_ids(path: &Path, vocab_size: usize) -> Result<Vec<PreferenceIds>, DataError> {
-    parse_preference_ids(path, &read(path)?, vocab_size)
 }
 
 /// Byte-level tokenization: `BOS prompt` / `chosen EOS` / `rejected EOS`.
@@ -303,13 +327,19 @@ mod tests {
                 ":1: field `prompt[0].content`",
             ),
         ];
+        let unknown_role = "{\"prompt\": [{\"role\": \"usr\", \"content\": \"Hi\"}], \"chosen\": \"b\", \"rejected\": \"c\"}";
+        let same = "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"b\"}";
+        let cases = cases.into_iter().chain([
+            (unknown_role, ":1: field `prompt[0].role`: `usr` is not a role"),
+            (same, ":2: field `rejected`: identical to the chosen answer"),
+        ]);
         for (text, want) in cases {
             let e = parse_preferences(p(), text).err().unwrap().to_string();
             assert!(e.starts_with("data/prefs.jsonl") && e.contains(want), "{e} (wanted {want})");
         }
         let e = parse_preferences(p(), "\n  \n").err().unwrap().to_string();
         assert!(e.contains("no records"), "{e}");
-        let e = read_preferences(Path::new("/nonexistent/prefs.jsonl")).err().unwrap().to_string();
+        let e = read_text(Path::new("/nonexistent/prefs.jsonl")).err().unwrap().to_string();
         assert!(e.contains("/nonexistent/prefs.jsonl"), "{e}");
     }
 
@@ -359,5 +389,21 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("`chosen_ids`: empty"), "{e}");
+        let e = parse_preference_ids(p(), "{\"prompt_ids\": [1], \"chosen_ids\": [3, 4], \"rejected_ids\": [3, 4]}", 10)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(":1: field `rejected_ids`: identical"), "{e}");
+    }
+
+    /// A byte order mark is not JSON, but editors write it; it used to be reported
+    /// as invalid JSON at column 1 of line 1.
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_skipped() {
+        let text = "\u{feff}{\"text\": \"a\"}\n\n{\"text\": \"b\"}\n";
+        assert_eq!(parse_sft(p(), text).unwrap().len(), 2);
+        assert_eq!(record_lines(text), vec![1, 3]);
+        let e = parse_sft(p(), "{\"text\": \"a\"}\n\u{feff}{\"text\": \"b\"}").err().unwrap().to_string();
+        assert!(e.contains(":2: not valid JSON"), "{e}");
     }
 }

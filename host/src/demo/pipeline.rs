@@ -363,6 +363,8 @@ impl Ctx<'_> {
             keep_checkpoints: 0,
             checkpoint_root: None,
             run_config: serde_json::Value::Null,
+            inputs: Vec::new(),
+            resume_anyway: false,
             progress: self.opts.progress,
         };
         let mut log = MetricsLog::create(&self.opts.out_dir.join("logs").join(format!("{name}.jsonl")))?;

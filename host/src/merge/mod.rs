@@ -26,7 +26,7 @@ use crate::cli::args::BackendChoice;
 use crate::hf::{CONFIG_FILE, dtype_name};
 use crate::train::optim::BackendRequest;
 use config::{MergeConfig, Method, TokenizerSource, Value};
-use stream::{ModelFiles, OutTensor, ShardWriter};
+use stream::{Elements, ModelFiles, OutTensor, ShardWriter};
 
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -43,6 +43,9 @@ pub struct MergeArgs {
     /// With a GPU: recompute every N-th tensor on merge-core and require identical bits (0: never).
     #[arg(long, default_value_t = 1)]
     pub cross_check_every: u64,
+    /// Threads merging each tensor's pieces on the CPU (default: every core); the bits do not depend on it.
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Largest shard file, as transformers writes them (e.g. 5GB, 500MB, 2GiB, or bytes).
     #[arg(long, default_value = "5GB")]
     pub max_shard_size: String,
@@ -357,72 +360,41 @@ fn validate_plan(name: &str, numel: usize, plan: &TensorPlan, inputs: &Inputs, s
     }
 }
 
-/// A tensor's elements in their stored dtype, decoded from little-endian bytes.
-enum Elements {
-    F32(Vec<f32>),
-    U16(Dtype, Vec<u16>),
-}
-
-impl Elements {
-    fn decode(dtype: Dtype, bytes: &[u8]) -> Elements {
-        match dtype {
-            Dtype::F32 => Elements::F32(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()),
-            d => Elements::U16(d, bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
-        }
-    }
-
-    fn zeros(dtype: Dtype, n: usize) -> Elements {
-        match dtype {
-            Dtype::F32 => Elements::F32(vec![0.0; n]),
-            d => Elements::U16(d, vec![0; n]),
-        }
-    }
-
-    fn src(&self) -> Src<'_> {
-        match self {
-            Elements::F32(v) => Src::F32(v),
-            Elements::U16(Dtype::Bf16, v) => Src::Bf16(v),
-            Elements::U16(_, v) => Src::F16(v),
-        }
-    }
-
-    fn dst(&mut self) -> Dst<'_> {
-        match self {
-            Elements::F32(v) => Dst::F32(v),
-            Elements::U16(Dtype::Bf16, v) => Dst::Bf16(v),
-            Elements::U16(_, v) => Dst::F16(v),
-        }
-    }
-
-    fn bits(&self, i: usize) -> u32 {
-        match self {
-            Elements::F32(v) => v[i].to_bits(),
-            Elements::U16(_, v) => u32::from(v[i]),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Elements::F32(v) => v.len(),
-            Elements::U16(_, v) => v.len(),
-        }
-    }
-
-    fn to_le_bytes(&self) -> Vec<u8> {
-        match self {
-            Elements::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            Elements::U16(_, v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
-    }
-}
-
-/// merge-core computing one whole tensor; `srcs[0]` is the base where the method
-/// has one. Errors name the inputs with `inputs`' legend.
-fn merge_on_cpu(name: &str, plan: &TensorPlan, seed: u64, inputs: &Inputs, srcs: &[Src<'_>], out: &mut Dst<'_>) -> Result<(), MergeError> {
+/// merge-core computing one whole tensor on `threads` threads; `srcs[0]` is the
+/// base where the method has one. The tensor-wide scalars (TIES thresholds, SLERP
+/// norms) are computed once, then contiguous pieces of the output are merged in
+/// parallel: merge-core's results do not depend on how a tensor is cut, so the
+/// bits do not depend on `threads`. Errors name the inputs with `inputs`' legend.
+// The closures pass on merge-core's `Error` as its functions return it.
+#[allow(clippy::result_large_err)]
+fn merge_on_cpu(
+    name: &str,
+    plan: &TensorPlan,
+    seed: u64,
+    inputs: &Inputs,
+    srcs: &[Src<'_>],
+    out: &mut Elements,
+    threads: usize,
+) -> Result<(), MergeError> {
     let core = |error| MergeError::Core { error: Box::new(error), inputs: inputs.legend() };
+    let piece = |offset: u64, len: usize| -> Vec<Src<'_>> { srcs.iter().map(|s| s.slice(offset as usize, len)).collect() };
     match plan {
-        TensorPlan::Linear { weights, normalize } => offline::linear(name, 0, srcs, weights, *normalize, out).map_err(core),
-        TensorPlan::Slerp { t } => offline::slerp(name, srcs[0], srcs[1], *t, out).map(drop).map_err(core),
+        TensorPlan::Linear { weights, normalize } => in_pieces(out, threads, |offset, dst| {
+            offline::linear(name, offset, &piece(offset, dst.len()), weights, *normalize, dst)
+        })
+        .map_err(core),
+        TensorPlan::Slerp { t } => {
+            let mut norms = offline::SlerpNorms::default();
+            norms.feed(name, 0, srcs[0], srcs[1]).map_err(core)?;
+            let mut dot = norms.finish(name).map_err(core)?;
+            dot.feed(name, 0, srcs[0], srcs[1]).map_err(core)?;
+            let scalars = dot.finish(name, *t).map_err(core)?;
+            in_pieces(out, threads, |offset, dst| {
+                let p = piece(offset, dst.len());
+                offline::slerp_apply(name, offset, p[0], p[1], &scalars, dst)
+            })
+            .map_err(core)
+        }
         TensorPlan::Gta { config, params } => {
             let (base, models) = (srcs[0], &srcs[1..]);
             let mut thresholds = Vec::new();
@@ -435,10 +407,37 @@ fn merge_on_cpu(name: &str, plan: &TensorPlan, seed: u64, inputs: &Inputs, srcs:
                     thresholds.push(t);
                 }
             }
-            let plan = GtaPlan::new(config, name, seed, params, &thresholds, 0).map_err(core)?;
-            plan.apply(name, 0, base, models, out).map_err(core)
+            let gta = GtaPlan::new(config, name, seed, params, &thresholds, 0).map_err(core)?;
+            in_pieces(out, threads, |offset, dst| {
+                let p = piece(offset, dst.len());
+                gta.apply(name, offset, p[0], &p[1..], dst)
+            })
+            .map_err(core)
         }
     }
+}
+
+/// Runs `merge(offset, piece)` over `threads` contiguous pieces of `out` at once.
+/// The error reported is the first piece's that failed, so the lowest failing
+/// index, as a single pass would report it.
+#[allow(clippy::result_large_err)]
+fn in_pieces(
+    out: &mut Elements,
+    threads: usize,
+    merge: impl Fn(u64, &mut Dst<'_>) -> Result<(), merge_core::Error> + Sync,
+) -> Result<(), merge_core::Error> {
+    // Pieces below 64k elements cost more to hand to a thread than to merge.
+    let chunk = out.len().div_ceil(threads.max(1)).max(1 << 16);
+    let mut pieces = out.dst_chunks(chunk);
+    if pieces.len() <= 1 {
+        return pieces.iter_mut().try_for_each(|(offset, dst)| merge(*offset, dst));
+    }
+    let merge = &merge;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = pieces.iter_mut().map(|(offset, dst)| s.spawn(move || merge(*offset, dst))).collect();
+        handles.into_iter().map(|h| h.join().expect("a merge thread panicked")).collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The GPU side: the merger and which tensors are recomputed on merge-core.
@@ -567,10 +566,15 @@ pub fn run(args: &MergeArgs) -> Result<MergeReport, MergeError> {
         )));
     }
 
+    let threads = match args.threads {
+        Some(0) => return Err(MergeError::Usage("--threads 0: at least one thread merges".into())),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     let staging = staging_dir(&args.out_dir);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| MergeError::io("creating", &staging, e))?;
-    let result = write_model(&cfg, &inputs, &plans, &outs, max_shard, gpu.as_ref(), args.seed, &staging)
+    let result = write_model(&cfg, &inputs, &plans, &outs, max_shard, gpu.as_ref(), args.seed, threads, &staging)
         .and_then(|report| publish(&staging, &args.out_dir).map(|()| report));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
@@ -610,6 +614,7 @@ fn write_model(
     max_shard: u64,
     gpu: Option<&GpuSide>,
     seed: u64,
+    threads: usize,
     staging: &Path,
 ) -> Result<(usize, usize), MergeError> {
     let shards = stream::plan_shards(outs, max_shard);
@@ -622,14 +627,8 @@ fn write_model(
         let mut writer = ShardWriter::create(&staging.join(file_name), shard)?;
         for t in shard {
             let plan = plan_of(&t.name);
-            let loaded = inputs
-                .files
-                .iter()
-                .map(|f| {
-                    let e = &f.tensors[&t.name];
-                    stream::read_tensor(e).map(|bytes| Elements::decode(e.dtype, &bytes))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let loaded =
+                inputs.files.iter().map(|f| Elements::read(&f.tensors[&t.name])).collect::<Result<Vec<_>, _>>()?;
             let srcs: Vec<Src> = loaded.iter().map(Elements::src).collect();
             let n = t.shape.iter().product();
             let mut out = Elements::zeros(t.dtype, n);
@@ -638,19 +637,18 @@ fn write_model(
                     g.merge(&t.name, plan, seed, &srcs, &mut out.dst()).map_err(MergeError::Gpu)?;
                     if g.cross_check_every > 0 && merged.is_multiple_of(g.cross_check_every) {
                         let mut check = Elements::zeros(t.dtype, n);
-                        merge_on_cpu(&t.name, plan, seed, inputs, &srcs, &mut check.dst())?;
+                        merge_on_cpu(&t.name, plan, seed, inputs, &srcs, &mut check, threads)?;
                         if let Some(i) = (0..n).find(|&i| out.bits(i) != check.bits(i)) {
                             return Err(MergeError::CrossCheck { tensor: t.name.clone(), index: i, gpu: out.bits(i), cpu: check.bits(i) });
                         }
                         cross_checked += 1;
                     }
                 }
-                None => merge_on_cpu(&t.name, plan, seed, inputs, &srcs, &mut out.dst())?,
+                None => merge_on_cpu(&t.name, plan, seed, inputs, &srcs, &mut out, threads)?,
             }
-            debug_assert_eq!(out.len(), n);
             drop(srcs);
             drop(loaded);
-            writer.write(&t.name, &out.to_le_bytes())?;
+            writer.write(&t.name, out.into_le().as_bytes())?;
             weight_map.insert(t.name.clone(), serde_json::Value::String(file_name.clone()));
             merged += 1;
         }

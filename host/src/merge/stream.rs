@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use merge_core::dtype::Dtype;
+use merge_core::dtype::{Dst, Dtype, Src};
 use serde_json::Value;
 
 use super::MergeError;
@@ -196,13 +196,117 @@ impl ModelFiles {
     }
 }
 
-/// One tensor's raw little-endian bytes.
-pub fn read_tensor(e: &TensorEntry) -> Result<Vec<u8>, MergeError> {
+/// Reads one tensor's little-endian bytes into `buf` (exactly `e.len` bytes).
+fn read_into(e: &TensorEntry, buf: &mut [u8]) -> Result<(), MergeError> {
     let mut f = File::open(&e.file).map_err(|err| MergeError::io("opening", &e.file, err))?;
     f.seek(SeekFrom::Start(e.start)).map_err(|err| MergeError::io("reading", &e.file, err))?;
+    f.read_exact(buf).map_err(|err| MergeError::io("reading", &e.file, err))
+}
+
+/// One tensor's raw little-endian bytes.
+pub fn read_tensor(e: &TensorEntry) -> Result<Vec<u8>, MergeError> {
     let mut buf = vec![0u8; e.len as usize];
-    f.read_exact(&mut buf).map_err(|err| MergeError::io("reading", &e.file, err))?;
+    read_into(e, &mut buf)?;
     Ok(buf)
+}
+
+/// A tensor's elements in their stored dtype: f32 values, or bf16/f16 bits.
+pub enum Elements {
+    F32(Vec<f32>),
+    U16(Dtype, Vec<u16>),
+}
+
+impl Elements {
+    /// Reads a tensor straight into its element buffer (no byte copy beside it).
+    pub fn read(e: &TensorEntry) -> Result<Elements, MergeError> {
+        let mut out = Elements::zeros(e.dtype, e.numel());
+        read_into(e, out.bytes_mut())?;
+        out.swap_le();
+        Ok(out)
+    }
+
+    pub fn zeros(dtype: Dtype, n: usize) -> Elements {
+        match dtype {
+            Dtype::F32 => Elements::F32(vec![0.0; n]),
+            d => Elements::U16(d, vec![0; n]),
+        }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Elements::F32(v) => bytemuck::cast_slice_mut(v),
+            Elements::U16(_, v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+
+    /// Between the file's little-endian order and the machine's (nothing to do on
+    /// little-endian machines).
+    fn swap_le(&mut self) {
+        if cfg!(target_endian = "big") {
+            match self {
+                Elements::F32(v) => v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes())),
+                Elements::U16(_, v) => v.iter_mut().for_each(|x| *x = x.swap_bytes()),
+            }
+        }
+    }
+
+    /// The little-endian bytes to write, converting in place.
+    pub fn into_le(mut self) -> Elements {
+        self.swap_le();
+        self
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Elements::F32(v) => bytemuck::cast_slice(v),
+            Elements::U16(_, v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    pub fn src(&self) -> Src<'_> {
+        match self {
+            Elements::F32(v) => Src::F32(v),
+            Elements::U16(Dtype::Bf16, v) => Src::Bf16(v),
+            Elements::U16(_, v) => Src::F16(v),
+        }
+    }
+
+    /// The output split into `chunk`-element pieces, each with its first index.
+    pub fn dst_chunks(&mut self, chunk: usize) -> Vec<(u64, Dst<'_>)> {
+        let offsets = |i: usize| (i * chunk) as u64;
+        match self {
+            Elements::F32(v) => v.chunks_mut(chunk).enumerate().map(|(i, c)| (offsets(i), Dst::F32(c))).collect(),
+            Elements::U16(Dtype::Bf16, v) => v.chunks_mut(chunk).enumerate().map(|(i, c)| (offsets(i), Dst::Bf16(c))).collect(),
+            Elements::U16(_, v) => v.chunks_mut(chunk).enumerate().map(|(i, c)| (offsets(i), Dst::F16(c))).collect(),
+        }
+    }
+
+    pub fn dst(&mut self) -> Dst<'_> {
+        match self {
+            Elements::F32(v) => Dst::F32(v),
+            Elements::U16(Dtype::Bf16, v) => Dst::Bf16(v),
+            Elements::U16(_, v) => Dst::F16(v),
+        }
+    }
+
+    /// Element `i`'s stored bits, for bit-for-bit comparisons.
+    pub fn bits(&self, i: usize) -> u32 {
+        match self {
+            Elements::F32(v) => v[i].to_bits(),
+            Elements::U16(_, v) => u32::from(v[i]),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Elements::F32(v) => v.len(),
+            Elements::U16(_, v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One output tensor as the writer lays it out.

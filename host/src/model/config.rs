@@ -28,6 +28,13 @@ impl Family {
     }
 }
 
+/// More layers than any published model by far; the bound keeps the list of
+/// expected tensors (built before any weight is compared) small.
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// Elements of one tensor: below 2^32, the GPU runtime's limit.
+pub const MAX_TENSOR_ELEMENTS: usize = (1 << 32) - 1;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
     pub family: Family,
@@ -154,6 +161,38 @@ impl LlamaConfig {
                 field: "rope_theta",
                 reason: format!("{} is not a finite number above 1", self.rope_theta),
             });
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(ConfigError {
+                field: "num_hidden_layers",
+                reason: format!("{} is more than {MAX_LAYERS}", self.num_hidden_layers),
+            });
+        }
+        // Every tensor's element count, and the total, must be computable; a tensor
+        // must also fit the GPU runtime and safetensors offsets comfortably.
+        let dims = [
+            ("num_attention_heads", self.num_attention_heads.checked_mul(self.head_dim)),
+            ("num_key_value_heads", self.num_key_value_heads.checked_mul(self.head_dim)),
+        ];
+        for (field, dim) in dims {
+            if dim.is_none() {
+                return Err(ConfigError { field, reason: format!("{field} x head_dim overflows") });
+            }
+        }
+        let (q, kv) = (self.q_dim(), self.kv_dim());
+        let tensors = [
+            ("vocab_size", self.vocab_size.checked_mul(self.hidden_size)),
+            ("num_attention_heads", q.checked_mul(self.hidden_size)),
+            ("num_key_value_heads", kv.checked_mul(self.hidden_size)),
+            ("intermediate_size", self.intermediate_size.checked_mul(self.hidden_size)),
+        ];
+        for (field, elements) in tensors {
+            if elements.is_none_or(|n| n > MAX_TENSOR_ELEMENTS) {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("makes a tensor of more than {MAX_TENSOR_ELEMENTS} elements (hidden_size {})", self.hidden_size),
+                });
+            }
         }
         if self.vocab_size > u32::MAX as usize {
             return Err(ConfigError {

@@ -4,7 +4,8 @@
 //! ```text
 //! LATEST                      one line: the name of the newest complete checkpoint
 //! step-00000010/
-//!     trainer_state.json      step, data position, optimizer config, run config, weight hash
+//!     trainer_state.json      step, data position, optimizer config, run config, the
+//!                             inputs' content hashes, hashes of weights and optimizer state
 //!     optimizer.safetensors   f32 master weights (`param/<name>`) and optimizer state
 //!                             (`<kind>/<name>`, e.g. `exp_avg/…`, `delta_c/…`, `tau_ref/…`)
 //!     model/                  the policy as a Hugging Face directory (for users; resume
@@ -13,6 +14,9 @@
 //! A checkpoint is written into `step-N.partial-<pid>`, every file fsynced, the
 //! directory renamed to `step-N`, and only then is `LATEST` replaced atomically. A
 //! kill before that last rename leaves `LATEST` naming the previous, intact checkpoint.
+//! Every tensor of `optimizer.safetensors` is covered by a hash in the state file,
+//! so a damaged checkpoint is recognized on loading and a resume falls back to an
+//! older one (`train::run::resume`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -28,7 +32,7 @@ use crate::params::{ParamSet, Tensor};
 
 /// Bumped whenever the on-disk layout changes, so that an old checkpoint is refused
 /// with a clear message instead of being misread.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
@@ -47,8 +51,21 @@ pub struct TrainerState {
     /// The task's settings (loss, beta, batch size, data source, ...), compared on
     /// resume field by field.
     pub run: serde_json::Value,
+    /// Content hashes of the run's inputs (data files, models), compared on resume.
+    pub inputs: Vec<InputHash>,
     /// `weights_hash` of the master weights, checked when loading.
     pub weights_hash: String,
+    /// `weights_hash` of each kind of optimizer state (moments, step-K cache, task
+    /// vector), checked when loading.
+    pub optim_state_hashes: BTreeMap<String, String>,
+}
+
+/// The content hash of one input of a run, named by the flag that gave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputHash {
+    pub flag: String,
+    pub path: PathBuf,
+    pub hash: String,
 }
 
 /// A checkpoint's full content.
@@ -65,6 +82,16 @@ pub struct Checkpoint {
 /// The checkpoint root's directory name for a step.
 pub fn dir_name(step: u64) -> String {
     format!("step-{step:08}")
+}
+
+/// The step of a checkpoint directory name, `None` for any other name (so `LATEST`
+/// can only ever name a directory inside the root).
+pub fn parse_dir_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("step-")?;
+    if digits.len() < 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&step| dir_name(step) == name)
 }
 
 fn f32_bytes(data: &[f32]) -> Vec<u8> {
@@ -140,6 +167,7 @@ pub fn write(
     let mut state = ckpt.state.clone();
     state.format = FORMAT;
     state.weights_hash = weights_hash(&ckpt.params);
+    state.optim_state_hashes = ckpt.optim_state.iter().map(|(kind, set)| (kind.clone(), weights_hash(set))).collect();
     let json = serde_json::to_vec_pretty(&state).expect("TrainerState serializes");
     write_synced(&partial.join(STATE_FILE), &json, Some(step))?;
     sync_dir(&partial)?;
@@ -185,7 +213,8 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-fn read_latest_name(root: &Path) -> Result<Option<String>> {
+/// The raw content of `LATEST` (not yet checked to name a checkpoint).
+pub fn read_latest_name(root: &Path) -> Result<Option<String>> {
     let p = root.join(LATEST);
     match fs::read_to_string(&p) {
         Ok(s) => Ok(Some(s.trim().to_string())),
@@ -194,9 +223,28 @@ fn read_latest_name(root: &Path) -> Result<Option<String>> {
     }
 }
 
-/// The directory `LATEST` points to, if any checkpoint was ever committed.
+/// The directory `LATEST` points to, if any checkpoint was ever committed. A
+/// `LATEST` that names anything but a checkpoint directory is an error.
 pub fn latest_dir(root: &Path) -> Result<Option<PathBuf>> {
-    Ok(read_latest_name(root)?.map(|n| root.join(n)))
+    match read_latest_name(root)? {
+        None => Ok(None),
+        Some(n) if parse_dir_name(&n).is_some() => Ok(Some(root.join(n))),
+        Some(n) => Err(TrainError::msg(format!("{}: names `{n}`, which is not a checkpoint directory", root.join(LATEST).display()))),
+    }
+}
+
+/// The names of the complete checkpoint directories under `root`, newest first.
+pub fn complete_names(root: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(root).map_err(|e| TrainError::io("listing", root, e))? {
+        let e = e.map_err(|e| TrainError::io("listing", root, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(step) = parse_dir_name(&name) {
+            names.push((step, name));
+        }
+    }
+    names.sort();
+    Ok(names.into_iter().rev().map(|(_, n)| n).collect())
 }
 
 /// Loads the checkpoint in `dir`, checking its format and the weight hash.
@@ -234,7 +282,27 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             state_path.display()
         )));
     }
-    let optim_state = by_kind.into_iter().map(|(k, v)| (k, ParamSet::new(v))).collect();
+    let optim_state: BTreeMap<String, ParamSet> = by_kind.into_iter().map(|(k, v)| (k, ParamSet::new(v))).collect();
+    let found: Vec<&String> = optim_state.keys().collect();
+    let recorded: Vec<&String> = state.optim_state_hashes.keys().collect();
+    if found != recorded {
+        return Err(TrainError::msg(format!(
+            "{}: optimizer state kinds {found:?} are not the {recorded:?} recorded in {}",
+            optim_path.display(),
+            state_path.display()
+        )));
+    }
+    for (kind, set) in &optim_state {
+        let hash = weights_hash(set);
+        if hash != state.optim_state_hashes[kind] {
+            return Err(TrainError::msg(format!(
+                "{}: optimizer state `{kind}` hash {hash} does not match {} recorded in {}",
+                optim_path.display(),
+                state.optim_state_hashes[kind],
+                state_path.display()
+            )));
+        }
+    }
     Ok(Checkpoint { state, params, optim_state })
 }
 
@@ -276,7 +344,9 @@ mod tests {
                     total_steps: 10,
                 },
                 run: serde_json::json!({"loss": "sigmoid"}),
+                inputs: vec![InputHash { flag: "--data".into(), path: "d.jsonl".into(), hash: "0123".into() }],
                 weights_hash: String::new(),
+                optim_state_hashes: BTreeMap::new(),
             },
             params,
             optim_state,
@@ -299,6 +369,7 @@ mod tests {
         let back = load(&dir).unwrap();
         let mut want = sample(4);
         want.state.weights_hash = weights_hash(&want.params);
+        want.state.optim_state_hashes.insert("exp_avg".into(), weights_hash(&want.optim_state["exp_avg"]));
         assert_eq!(back, want);
         prune(&root, 1).unwrap();
         assert!(!root.join("step-00000002").exists());
@@ -321,5 +392,37 @@ mod tests {
         let err = load(&dir).unwrap_err().to_string();
         assert!(err.contains("not a valid safetensors"), "{err}");
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A flipped sign or exponent bit in a moment changes no master weight, so
+    /// only the state's own hash can see it.
+    #[test]
+    fn flipped_bits_in_optimizer_state_are_refused_with_the_kind_named() {
+        let root = tmp("state-bits");
+        let mut ck = sample(1);
+        ck.optim_state.insert("exp_avg_sq".into(), ck.params.zeros_like());
+        let dir = write(&root, &ck, None).unwrap();
+        let p = dir.join(OPTIM_FILE);
+        let clean = fs::read(&p).unwrap();
+        let header_len = u64::from_le_bytes(clean[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&clean[8..8 + header_len]).unwrap();
+        let start = 8 + header_len + header["exp_avg_sq/a"]["data_offsets"][0].as_u64().unwrap() as usize;
+        for bit in [0x80u8, 0x40] {
+            let mut b = clean.clone();
+            b[start + 3] ^= bit;
+            fs::write(&p, &b).unwrap();
+            let err = load(&dir).unwrap_err().to_string();
+            assert!(err.contains("optimizer state `exp_avg_sq` hash"), "{err}");
+        }
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn only_checkpoint_names_parse() {
+        assert_eq!(parse_dir_name("step-00000012"), Some(12));
+        assert_eq!(parse_dir_name(&dir_name(123_456_789_012)), Some(123_456_789_012));
+        for bad in ["../../../etc", "step-12", "step-0000001x", "step-000000012", "step-00000012/..", ""] {
+            assert_eq!(parse_dir_name(bad), None, "{bad}");
+        }
     }
 }

@@ -9,6 +9,7 @@ pub mod model_check;
 pub mod objectives;
 pub mod optim;
 pub mod order;
+pub mod outdir;
 pub mod run;
 
 use std::fmt;

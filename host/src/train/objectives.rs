@@ -220,7 +220,8 @@ fn pref_sums(n: usize, m: &crate::loss::DpoMetrics) -> PrefSums {
     PrefSums {
         rewards_chosen: m.rewards_chosen * n,
         rewards_rejected: m.rewards_rejected * n,
-        correct: m.rewards_accuracies * n,
+        // An exact count again (the mean is count / n, correctly rounded).
+        correct: (m.rewards_accuracies * n).round(),
         logps_chosen: m.logps_chosen * n,
         logps_rejected: m.logps_rejected * n,
     }

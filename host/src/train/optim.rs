@@ -125,6 +125,9 @@ pub enum BackendRequest {
     /// A GPU adapter (`adapter`: a substring of its name / driver / backend, else
     /// gpu-shaders' own choice); fail if none works.
     Gpu { adapter: Option<String> },
+    /// The adapter at this position of `gpu_shaders::context::enumerate_adapters`
+    /// (`verify` checks each adapter, and names can repeat); fail if it does not work.
+    GpuAt { index: usize },
     /// A hardware GPU if one works (a software adapter only when named by
     /// `MERGE_GPU_ADAPTER`), else merge-core, said once on stderr.
     Auto,
@@ -135,13 +138,14 @@ pub enum BackendRequest {
 /// the kernels on the same CPU cores, far slower than merge-core. The optimizer and
 /// `merge` both choose their adapter here.
 pub fn open_gpu_context(request: &BackendRequest) -> std::result::Result<Option<GpuContext>, String> {
-    let adapter = match request {
+    let (adapter, adapter_index) = match request {
         BackendRequest::Cpu => return Ok(None),
-        BackendRequest::Gpu { adapter } => adapter.clone(),
-        BackendRequest::Auto => None,
+        BackendRequest::Gpu { adapter } => (adapter.clone(), None),
+        BackendRequest::GpuAt { index } => (None, Some(*index)),
+        BackendRequest::Auto => (None, None),
     };
     let named = adapter.is_some() || std::env::var(gpu_shaders::context::ADAPTER_ENV).is_ok_and(|v| !v.is_empty());
-    let ctx = GpuContext::new(&GpuOptions { adapter, max_chunk_bytes: None }).map_err(|e| e.to_string())?;
+    let ctx = GpuContext::new(&GpuOptions { adapter, adapter_index, max_chunk_bytes: None }).map_err(|e| e.to_string())?;
     let info = ctx.adapter_info();
     if *request == BackendRequest::Auto && !named && info.device_type == wgpu::DeviceType::Cpu {
         return Err(format!(

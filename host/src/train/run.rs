@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::checkpoint::{self, Checkpoint, TrainerState};
+use super::checkpoint::{self, Checkpoint, InputHash, TrainerState};
 use super::metrics::{MetricsLog, Record};
 use super::optim::Optimizer;
 use super::order::DataOrder;
@@ -103,6 +103,10 @@ pub struct LoopSpec {
     pub checkpoint_root: Option<PathBuf>,
     /// The task's settings, recorded in checkpoints and compared on resume.
     pub run_config: serde_json::Value,
+    /// Content hashes of the inputs, recorded in checkpoints and compared on resume.
+    pub inputs: Vec<InputHash>,
+    /// Resume even when an input's content changed since the checkpoint (warned).
+    pub resume_anyway: bool,
     /// Show a progress bar (it hides itself anyway when stderr is not a terminal).
     pub progress: bool,
 }
@@ -119,11 +123,35 @@ impl LoopSpec {
         if self.grad_accum == 0 {
             return bad("--grad-accum", &self.grad_accum, "an integer >= 1");
         }
+        let per_step = (self.batch_size as u64).checked_mul(self.grad_accum as u64);
+        if per_step.and_then(|p| p.checked_mul(self.steps)).is_none() {
+            return Err(TrainError::msg(format!(
+                "--steps {} x --batch-size {} x --grad-accum {}: the run's data position overflows 64 bits",
+                self.steps, self.batch_size, self.grad_accum
+            )));
+        }
         Ok(())
     }
 
+    /// Also refuses a micro-batch larger than the data: it would only repeat
+    /// examples, and its activations grow with it until memory runs out.
+    pub fn validate_for(&self, num_examples: usize) -> Result<()> {
+        self.validate()?;
+        if num_examples == 0 {
+            return Err(TrainError::msg("the training data has no examples"));
+        }
+        if self.batch_size > num_examples {
+            return Err(TrainError::msg(format!(
+                "--batch-size = {}: larger than the {num_examples} training examples; expected at most {num_examples}",
+                self.batch_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Never overflows once `validate` passed.
     fn examples_per_step(&self) -> u64 {
-        (self.batch_size * self.grad_accum) as u64
+        (self.batch_size as u64).saturating_mul(self.grad_accum as u64)
     }
 }
 
@@ -141,7 +169,7 @@ pub fn check_resume(state: &TrainerState, opt_cfg: &super::config::OptimConfig, 
     if state.run != spec.run_config {
         diffs.push(format!("run settings: saved {}, given {}", state.run, spec.run_config));
     }
-    if state.data_position != state.step * spec.examples_per_step() {
+    if Some(state.data_position) != state.step.checked_mul(spec.examples_per_step()) {
         diffs.push(format!(
             "data position {} is not step {} x {} examples per step (--batch-size x --grad-accum)",
             state.data_position,
@@ -152,11 +180,42 @@ pub fn check_resume(state: &TrainerState, opt_cfg: &super::config::OptimConfig, 
     if state.step > spec.steps {
         diffs.push(format!("checkpoint is at step {}, beyond --steps {}", state.step, spec.steps));
     }
+    let changed = changed_inputs(&state.inputs, &spec.inputs);
+    if spec.resume_anyway {
+        for c in &changed {
+            eprintln!("warning: --resume-anyway: {c}");
+        }
+    } else if !changed.is_empty() {
+        diffs.extend(changed);
+        diffs.push("(pass --resume-anyway to continue with the changed inputs)".into());
+    }
     if diffs.is_empty() {
         Ok(())
     } else {
         Err(TrainError::msg(format!("cannot resume: the checkpoint was written by a different run:\n  {}", diffs.join("\n  "))))
     }
+}
+
+/// One line per input whose content differs between the checkpoint and this run.
+fn changed_inputs(saved: &[InputHash], given: &[InputHash]) -> Vec<String> {
+    let mut out = Vec::new();
+    for g in given {
+        match saved.iter().find(|s| s.flag == g.flag) {
+            Some(s) if s.hash == g.hash => {}
+            Some(s) => out.push(format!(
+                "{} {}: content changed since the checkpoint (hash {}, now {})",
+                g.flag,
+                g.path.display(),
+                s.hash,
+                g.hash
+            )),
+            None => out.push(format!("{} {}: not an input of the checkpointed run", g.flag, g.path.display())),
+        }
+    }
+    for s in saved.iter().filter(|s| !given.iter().any(|g| g.flag == s.flag)) {
+        out.push(format!("{} {}: an input of the checkpointed run, not given now", s.flag, s.path.display()));
+    }
+    out
 }
 
 fn ms(t: Instant) -> f64 {
@@ -199,11 +258,8 @@ pub fn train(
     log: &mut MetricsLog,
     model_writer: Option<ModelWriter<'_>>,
 ) -> Result<ParamSet> {
-    spec.validate()?;
     let n = objective.num_examples();
-    if n == 0 {
-        return Err(TrainError::msg("the training data has no examples"));
-    }
+    spec.validate_for(n)?;
     let mut order = DataOrder::new(spec.data_seed, n);
     let mut position = start.data_position;
     let bar = if spec.progress { ProgressBar::new(spec.steps) } else { ProgressBar::hidden() };
@@ -270,7 +326,9 @@ pub fn train(
                     data_position: position,
                     optim: opt.config().clone(),
                     run: spec.run_config.clone(),
+                    inputs: spec.inputs.clone(),
                     weights_hash: String::new(),
+                    optim_state_hashes: Default::default(),
                 },
                 params: opt.params().clone(),
                 optim_state: opt.export_state()?,
@@ -285,21 +343,58 @@ pub fn train(
     Ok(opt.params().clone())
 }
 
-/// Loads the checkpoint `LATEST` names under `root`, checks it against this run, and
-/// restores the optimizer from it. Returns where to continue.
+/// Loads the checkpoint `LATEST` names under `root`, or, when that one is damaged,
+/// the newest older one that is intact (said on stderr); checks it against this
+/// run, and restores the optimizer from it. Returns where to continue.
 pub fn resume(root: &std::path::Path, opt: &mut Optimizer, spec: &LoopSpec) -> Result<Start> {
-    let dir = checkpoint::latest_dir(root)?
-        .ok_or_else(|| {
-            TrainError::msg(format!(
-                "--resume: no checkpoint under {} (no LATEST file): a run stopped before its first checkpoint \
-                 completed has nothing to resume; run the same command without --resume to start it again",
-                root.display()
-            ))
-        })?;
-    let ckpt = checkpoint::load(&dir)?;
+    let ckpt = load_newest_intact(root)?;
     check_resume(&ckpt.state, opt.config(), spec)?;
     opt.restore(ckpt.state.step, ckpt.params, ckpt.optim_state)?;
     Ok(Start { step: ckpt.state.step, data_position: ckpt.state.data_position })
+}
+
+/// The checkpoint to resume from: the committed one (`LATEST`), else the newest
+/// intact one committed before it. A `LATEST` that names no checkpoint directory
+/// (edited, or damaged) is not followed: then every complete checkpoint counts.
+fn load_newest_intact(root: &std::path::Path) -> Result<Checkpoint> {
+    let Some(latest) = checkpoint::read_latest_name(root)? else {
+        return Err(TrainError::msg(format!(
+            "--resume: no checkpoint under {} (no LATEST file): a run stopped before its first checkpoint \
+             completed has nothing to resume; run the same command without --resume to start it again",
+            root.display()
+        )));
+    };
+    let committed = checkpoint::parse_dir_name(&latest);
+    if committed.is_none() {
+        eprintln!(
+            "warning: {} names `{latest}`, which is not a checkpoint directory; ignoring it",
+            root.join("LATEST").display()
+        );
+    }
+    let candidates: Vec<String> = checkpoint::complete_names(root)?
+        .into_iter()
+        .filter(|n| committed.is_none_or(|c| checkpoint::parse_dir_name(n).is_some_and(|s| s <= c)))
+        .collect();
+    let mut damaged = Vec::new();
+    for name in candidates {
+        match checkpoint::load(&root.join(&name)) {
+            Ok(ckpt) => {
+                if !damaged.is_empty() {
+                    eprintln!("warning: resuming from the older intact checkpoint {name} instead");
+                }
+                return Ok(ckpt);
+            }
+            Err(e) => {
+                eprintln!("warning: checkpoint {name} is damaged: {e}");
+                damaged.push(format!("{name}: {e}"));
+            }
+        }
+    }
+    Err(TrainError::msg(format!(
+        "--resume: no intact checkpoint under {}{}",
+        root.display(),
+        damaged.iter().map(|d| format!("\n  {d}")).collect::<String>()
+    )))
 }
 
 #[cfg(test)]
@@ -388,6 +483,8 @@ mod tests {
             keep_checkpoints: 2,
             checkpoint_root: Some(root.join("checkpoints")),
             run_config: serde_json::json!({"task": "quadratic"}),
+            inputs: Vec::new(),
+            resume_anyway: false,
             progress: false,
         }
     }
