@@ -1,7 +1,8 @@
 //! Training with the model's forward and backward on a GPU (`--backend gpu`,
 //! lavapipe in CI): a DPO run cross-checked against the CPU model at every step,
 //! two identical runs giving the same bits, and a run killed during a checkpoint
-//! write then resumed ending bit-identical to an uninterrupted one.
+//! write then resumed ending bit-identical to an uninterrupted one; and the
+//! language-modelling objective (pretraining, SFT) cross-checked the same way.
 //!
 //! Runs on lavapipe in CI: no adapter is a failure, never a skip.
 
@@ -47,7 +48,7 @@ fn stderr(o: &Output) -> String {
 
 fn align_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
-        "align", "--model", model, "--builtin", "4", "--steps", "4", "--batch-size", "1", "--grad-accum", "2", "--optimizer",
+        "align", "--model", model, "--builtin", "4", "--builtin-eval", "2", "--eval-every", "2", "--steps", "4", "--batch-size", "1", "--grad-accum", "2", "--optimizer",
         "adamw", "--lr", "1e-2", "--seed", "4", "--out", out, "--backend", "gpu", "--cross-check-every", "1", "--checkpoint-every",
         "2",
     ]
@@ -55,6 +56,38 @@ fn align_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
 
 fn weights(out: &Path) -> Vec<u8> {
     std::fs::read(out.join("model/model.safetensors")).unwrap()
+}
+
+/// `train` lines and `eval` lines, every one saying it ran on the GPU, every
+/// training step cross-checked.
+fn check_metrics(out: &Path, train: usize, eval: usize) {
+    let records = host::train::metrics::read(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.iter().filter(|r| r.split == "train").count(), train);
+    assert_eq!(records.iter().filter(|r| r.split == "eval").count(), eval);
+    for r in &records {
+        let (model_device, optimizer_device) = (r.model_device.as_deref().unwrap(), r.optimizer_device.as_deref().unwrap());
+        assert!(model_device != "cpu" && model_device == optimizer_device, "step {}: {model_device} / {optimizer_device}", r.step);
+        if r.split == "train" {
+            assert!(r.cross_check_ms.unwrap() > 0.0, "step {} was not cross-checked", r.step);
+        }
+    }
+}
+
+#[test]
+fn pretrain_on_gpu_is_cross_checked() {
+    let d = tmp("pretrain");
+    let out = d.join("run");
+    let o = host(
+        &[
+            "pretrain", "--builtin", "4", "--builtin-eval", "2", "--eval-every", "2", "--steps", "2", "--batch-size", "2",
+            "--hidden-size", "32", "--intermediate-size", "64", "--layers", "1", "--heads", "4", "--kv-heads", "1", "--lr", "1e-2",
+            "--out", out.to_str().unwrap(), "--backend", "gpu", "--cross-check-every", "1",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    check_metrics(&out, 2, 1);
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]
@@ -66,13 +99,7 @@ fn align_on_gpu_is_cross_checked_reproducible_and_resumes_bit_identically() {
     let first = d.join("first");
     let o = host(&align_args(model, first.to_str().unwrap()), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let records = host::train::metrics::read(&first.join("metrics.jsonl")).unwrap();
-    assert_eq!(records.len(), 4);
-    for r in &records {
-        let (model_device, optimizer_device) = (r.model_device.as_deref().unwrap(), r.optimizer_device.as_deref().unwrap());
-        assert!(model_device != "cpu" && model_device == optimizer_device, "step {}: {model_device} / {optimizer_device}", r.step);
-        assert!(r.cross_check_ms.unwrap() > 0.0, "step {} was not cross-checked", r.step);
-    }
+    check_metrics(&first, 4, 2);
     assert_ne!(weights(&first), std::fs::read(Path::new(model).join("model.safetensors")).unwrap(), "training changed nothing");
 
     let second = d.join("second");

@@ -166,10 +166,6 @@ impl GpuLlama {
         })
     }
 
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
     /// Overwrites the device weights (after an optimizer step, a resume); `params`
     /// must have the model's layout.
     pub fn upload(&self, params: &ParamSet) -> Result<(), GpuModelError> {

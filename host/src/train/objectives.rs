@@ -119,7 +119,7 @@ impl Objective for LmObjective {
     fn gradient(&mut self, step: u64, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
         let seqs: Vec<Sequence> = examples.iter().map(|&i| self.train[i].clone()).collect();
         let tokens: usize = seqs.iter().map(Sequence::scored).sum();
-        // d(mean nll)/d logp_b: every sequence's summed log-prob counts once per scored token
+        // d(mean nll)/d logp_b = −1 / (scored tokens of the batch), the same for every sequence
         let coefs = |_: &[f32]| Ok(vec![-1.0 / tokens as f32; seqs.len()]);
         let mut cross_check_ms = 0.0;
         let (logps, grads) = match &self.gpu {
