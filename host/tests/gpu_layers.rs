@@ -220,6 +220,14 @@ fn rope_forward_and_backward_match_cpu() {
     layers::rope_backward(&mut bx, &tables, heads);
     assert_close("rope forward", &gpu[0], &fx, TOL);
     assert_close("rope backward", &gpu[1], &bx, TOL);
+
+    // tables for more positions than the array has rows: its rows take the first ones
+    let long = layers::Rope::new(head_dim, 10000.0, 0, 2 * t + 1);
+    let long = Rope::new(&ctx, long.half, &long.cos, &long.sin).unwrap();
+    let gx = up(&ctx, &x);
+    long.forward(&gx, heads).unwrap();
+    assert_eq!(read(&ctx, &gx).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gpu[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert!(rope.forward(&up(&ctx, &rng.vec((t + 1) * heads * head_dim, 1.0)), heads).is_err(), "more rows than positions");
 }
 
 fn check_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, seed: u64) {

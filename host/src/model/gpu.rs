@@ -20,7 +20,6 @@
 // that crate allows the lint for the same reason.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -88,9 +87,9 @@ pub struct GpuLlama {
     weights: Vec<GpuVec>,
     grads: Vec<GpuVec>,
     kernels: Kernels,
-    /// Rotation tables by sequence length: built once per length (they hold a
-    /// compiled kernel and two uploaded tables).
-    ropes: Mutex<HashMap<usize, Arc<Rope>>>,
+    /// Rotation tables for positions `0..n`, serving every sequence up to `n`
+    /// tokens; rebuilt, twice as long, when a longer one comes.
+    rope: Mutex<Option<Arc<Rope>>>,
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
@@ -162,7 +161,7 @@ impl GpuLlama {
                 head: LmHead::new(ctx, HEAD_VOCAB_CHUNK),
                 sum: SequenceSum::new(ctx),
             },
-            ropes: Mutex::new(HashMap::new()),
+            rope: Mutex::new(None),
         })
     }
 
@@ -205,15 +204,18 @@ impl GpuLlama {
         GpuVec::zeros(&self.ctx, label, len)
     }
 
+    /// Tables covering `len` positions (`len ≤ max_position_embeddings`, checked
+    /// with the sequences).
     fn rope(&self, len: usize) -> Result<Arc<Rope>, GpuError> {
-        let mut ropes = self.ropes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(r) = ropes.get(&len) {
+        let mut rope = self.rope.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(r) = rope.as_ref().filter(|r| r.positions() >= len) {
             return Ok(r.clone());
         }
-        let tables = layers::Rope::new(self.config.head_dim, self.config.rope_theta, 0, len);
-        let rope = Arc::new(Rope::new(&self.ctx, tables.half, &tables.cos, &tables.sin)?);
-        ropes.insert(len, rope.clone());
-        Ok(rope)
+        let positions = len.next_power_of_two().min(self.config.max_position_embeddings);
+        let tables = layers::Rope::new(self.config.head_dim, self.config.rope_theta, 0, positions);
+        let r = Arc::new(Rope::new(&self.ctx, tables.half, &tables.cos, &tables.sin)?);
+        *rope = Some(r.clone());
+        Ok(r)
     }
 
     fn attention_shape(&self, tokens: usize) -> AttentionShape {
