@@ -98,7 +98,7 @@ const LOSS_SCALE: f32 = 1.0 / 16.0;
 /// Two micro-batches into one gradient, as a training step does: a weighted
 /// sum of log-probs (the DPO path) and a cross-entropy (pretraining, SFT).
 fn gpu_step(gpu: &GpuLlama) -> GpuStep {
-    gpu.zero_grads().unwrap();
+    gpu.zero_grads();
     let fwd = gpu.forward(&batch()).unwrap();
     gpu.backward(&fwd, &COEFS).unwrap();
     let ce = gpu.cross_entropy_backward(&second_batch(), LOSS_SCALE).unwrap();

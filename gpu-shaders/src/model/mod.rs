@@ -84,6 +84,13 @@ impl GpuVec {
         Ok(())
     }
 
+    /// Sets every element to +0 on the device, without a host copy.
+    pub fn clear(&self, ctx: &GpuContext) {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.buf, 0, None);
+        ctx.queue.submit([enc.finish()]);
+    }
+
     /// Waits for the queued work and reads the array back.
     pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
         Ok(bytemuck::pod_collect_to_vec(&ctx.read_bytes(&self.buf, 4 * self.len as u64)?))

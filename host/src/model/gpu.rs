@@ -175,11 +175,10 @@ impl GpuLlama {
         Ok(())
     }
 
-    pub fn zero_grads(&self) -> Result<(), GpuModelError> {
-        for (g, (_, shape)) in self.grads.iter().zip(&self.layout) {
-            g.write_f32(&self.ctx, &vec![0.0; shape.iter().product()])?;
+    pub fn zero_grads(&self) {
+        for g in &self.grads {
+            g.clear(&self.ctx);
         }
-        Ok(())
     }
 
     /// The accumulated gradients, laid out and named like the model's parameters.
