@@ -400,13 +400,17 @@ impl GpuLlama {
 
     /// Per-sequence summed log-probabilities of the scored tokens, no gradients
     /// (the frozen reference model, evaluation).
-    /// Each sequence's activations are dropped as soon as it is scored, so a
-    /// whole data set can go through in one call.
+    ///
+    /// A whole data set can go through in one call: each sequence's activations
+    /// are freed once it is scored.
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, GpuModelError> {
         check_sequences(&self.config, seqs)?;
         let logps = self.zeros("sequence log-probs", seqs.len().max(1))?;
         for (slot, seq) in seqs.iter().enumerate() {
             self.forward_seq(seq, &logps, slot)?;
+            // the device frees a dropped buffer only once the work queued on it
+            // is done; without the wait, every sequence's would be held until the end
+            self.ctx.wait()?;
         }
         let mut logps = logps.read_f32(&self.ctx)?;
         logps.truncate(seqs.len());
