@@ -43,7 +43,11 @@ struct GpuPolicy {
 impl GpuPolicy {
     fn new(ctx: &GpuContext, policy: &LlamaModel, cross_check_every: u64) -> Result<Self> {
         let model = GpuLlama::new(ctx, policy).map_err(gpu_err("uploading the policy"))?;
-        Ok(Self { model, device: gpu_shaders::context::describe(ctx.adapter_info()), cross_check_every })
+        Ok(Self::with_model(ctx, model, cross_check_every))
+    }
+
+    fn with_model(ctx: &GpuContext, model: GpuLlama, cross_check_every: u64) -> Self {
+        Self { model, device: gpu_shaders::context::describe(ctx.adapter_info()), cross_check_every }
     }
 
     fn checks(&self, step: u64) -> bool {
@@ -267,7 +271,8 @@ impl DpoObjective {
     /// Like [`Self::new`] with the policy's forward and backward on `ctx` and
     /// every `cross_check_every`-th step (0: never) on the CPU model too,
     /// compared. The reference log-probs are computed on `ctx` as well, once,
-    /// by a second GPU model that is dropped afterwards.
+    /// by the same GPU model holding the reference's weights first (the two
+    /// share an architecture, so its kernels and buffers serve both).
     pub fn on_gpu(
         policy: LlamaModel,
         reference: &LlamaModel,
@@ -279,15 +284,15 @@ impl DpoObjective {
     ) -> Result<Self> {
         check_pairs(&train, &eval)?;
         let norm = loss.length_normalized();
-        let (train_ref, eval_ref) = {
-            let gpu = GpuLlama::new(ctx, reference).map_err(gpu_err("uploading the reference model"))?;
-            let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
-                let lp = gpu.sequence_logps(&pair_seqs(pairs)).map_err(gpu_err("reference model"))?;
-                Ok(pair_logps(pairs, &lp, norm))
-            };
-            (logps(&train)?, logps(&eval)?)
+        let gpu = GpuLlama::new(ctx, reference).map_err(gpu_err("uploading the reference model"))?;
+        let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
+            let lp = gpu.sequence_logps(&pair_seqs(pairs)).map_err(gpu_err("reference model"))?;
+            Ok(pair_logps(pairs, &lp, norm))
         };
-        let mut obj = Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?.policy_on_gpu(ctx, cross_check_every)?;
+        let (train_ref, eval_ref) = (logps(&train)?, logps(&eval)?);
+        gpu.upload(&policy.params).map_err(gpu_err("uploading the policy"))?;
+        let mut obj = Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?;
+        obj.gpu = Some(GpuPolicy::with_model(ctx, gpu, cross_check_every));
         if cross_check_every > 0 {
             let copy = LlamaModel::from_params(reference.config.clone(), reference.params.clone()).map_err(model_err("reference model"))?;
             obj.reference = Some(copy);
