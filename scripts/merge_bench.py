@@ -8,7 +8,7 @@ and two fine-tunes: hidden 768, 8 layers, MLP 2048, vocab 32000, untied head; 42
 MB each), then runs a TIES and a DARE-TIES merge of them with mergekit-yaml
 (mergekit 0.1.5, CPU, default options, --random-seed 1) and with `host merge
 --backend cpu`, alternating, and prints wall seconds and peak RSS (the child's
-own `ru_maxrss`, from wait4) for each, and the ratios. HOST_BINARY defaults to
+`ru_maxrss`, from GNU time, /usr/bin/time) for each, and the ratios. HOST_BINARY defaults to
 target/release/host; build it first (`cargo build --release -p host`). Needs numpy,
 safetensors and mergekit in the running Python:
 
@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +42,7 @@ models:
 dtype: float32
 """
 
-DARE_TIES = """\
-merge_method: dare_ties
-base_model: base
-models:
-  - model: ft1
-    parameters: {weight: 0.6, density: 0.5}
-  - model: ft2
-    parameters: {weight: 0.4, density: 0.3}
-dtype: float32
-"""
+DARE_TIES = TIES.replace("merge_method: ties", "merge_method: dare_ties")
 
 
 def build(folder, rng, hidden, layers, mlp, vocab, base=None):
@@ -85,15 +75,16 @@ def build(folder, rng, hidden, layers, mlp, vocab, base=None):
 
 
 def run(cmd, cwd):
-    """Wall seconds and peak RSS (MB) of one command, from wait4 on that child."""
-    start = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - start
-    err = p.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MB) of one command, measured by GNU time: its own
+    child's wait4 rusage. (wait4 on a child forked from this Python process would
+    count this process's pages, inherited at fork, into the child's peak.)"""
+    with tempfile.NamedTemporaryFile("r") as stats:
+        p = subprocess.run(["/usr/bin/time", "-o", stats.name, "-f", "%e %M"] + cmd, cwd=cwd, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.decode(errors='replace')[-3000:]}")
+        wall, kb = stats.read().split()[-2:]
+    return float(wall), int(kb) / 1024
 
 
 def main():

@@ -1,4 +1,4 @@
-//! Checks an adapter before trusting it (DESIGN.md §2: WGSL does not promise
+//! Checks an adapter before trusting it (SPEC.md §8: WGSL does not promise
 //! round-to-nearest-even, so the runtime measures it): every primitive of
 //! common.wgsl on edge and random operands, and a short OnDARE run, each compared
 //! bit for bit with merge-core on this CPU.

@@ -23,6 +23,10 @@ pub enum Error {
     NonFiniteReduction { tensor: TensorName, what: &'static str },
     /// An index or size the arithmetic cannot address (e.g. a tensor of 2^32 or more elements).
     OutOfRange { tensor: TensorName, what: &'static str, value: u64, limit: u64 },
+    /// The API used against its contract (an entry point for another merge method
+    /// or scope, tensors out of order, a pass run before the one it needs): a bug
+    /// in the caller, not a bad value. `what` says what was expected.
+    Misuse { what: &'static str },
 }
 
 /// Truncates `name` into a [`TensorName`].
@@ -57,6 +61,7 @@ impl fmt::Display for Error {
             Error::OutOfRange { tensor, what, value, limit } => {
                 write!(f, "tensor `{tensor}`: {what} = {value} exceeds the limit {limit}")
             }
+            Error::Misuse { what } => write!(f, "merge-core used against its contract: {what}"),
         }
     }
 }

@@ -9,6 +9,8 @@
 //! anything is written to `out`. Sums over models run in model order, left to
 //! right, starting from the first term; sums over elements are SPEC.md §3 tree sums.
 
+use core::cell::Cell;
+
 use crate::arith::{add, div, flush, is_non_finite, mul, sqrt, sub};
 use crate::dtype::{Dst, Src, write_all};
 use crate::error::{Error, tensor_name};
@@ -318,8 +320,10 @@ impl GtaPlan {
     }
 
     /// `τ'_i` of model `m` for element `index`: trimmed, dropped or kept.
+    /// `pair` remembers model `m`'s last Threefry block: elements `2k` and `2k + 1`
+    /// share one (SPEC.md §2.3), so each block is computed once, not per element.
     #[inline(always)]
-    fn sparsified(&self, m: usize, tau: f32, index: u64) -> f32 {
+    fn sparsified(&self, m: usize, tau: f32, index: u64, pair: &Cell<(u32, [u32; 2])>) -> f32 {
         let p = &self.models[m];
         match self.config.sparsify {
             Sparsify::None => tau,
@@ -327,9 +331,18 @@ impl GtaPlan {
                 if p.threshold.keeps(magnitude_key(tau), self.scope_start + index) { tau } else { 0.0 }
             }
             Sparsify::Random => {
-                // check_extent guarantees index < 2^32.
-                let u = self.mask_key.uniform(index as u32, stream::OFFLINE_BASE + m as u32);
-                if p.keep.keeps(u) { mul(tau, p.scale) } else { 0.0 }
+                // check_extent guarantees index < 2^32, so the block index is below
+                // 2^31 and never equals the cache's empty marker, u32::MAX.
+                let block = (index >> 1) as u32;
+                let (cached, words) = pair.get();
+                let words = if cached == block {
+                    words
+                } else {
+                    let w = self.mask_key.pair(block, stream::OFFLINE_BASE + m as u32);
+                    pair.set((block, w));
+                    w
+                };
+                if p.keep.keeps(words[(index & 1) as usize]) { mul(tau, p.scale) } else { 0.0 }
             }
         }
     }
@@ -342,13 +355,14 @@ impl GtaPlan {
             check_extent(name, offset, out.len())?;
         }
         let count = models.len();
+        let pairs: [Cell<(u32, [u32; 2])>; MAX_MODELS] = core::array::from_fn(|_| Cell::new((u32::MAX, [0; 2])));
         write_all(name, "merged weights", offset, out, |j| {
             let index = offset + j as u64;
             let b = load(name, "base weights", &base, j, index)?;
             let mut x = [0.0f32; MAX_MODELS];
             for m in 0..count {
                 let tau = sub(load(name, MODEL_NAMES[m], &models[m], j, index)?, b);
-                x[m] = mul(self.models[m].weight, self.sparsified(m, tau, index));
+                x[m] = mul(self.models[m].weight, self.sparsified(m, tau, index, &pairs[m]));
             }
             let x = &x[..count];
             let (mixed, divisor) = if self.config.consensus {

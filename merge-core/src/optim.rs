@@ -171,7 +171,7 @@ impl Optimizer {
         match self.merge {
             MergeParams::Dare(p) => dare::init_tau(&p, self.config.seed, name, base, sft, out),
             MergeParams::Ties(_) => Err(Error::LengthMismatch { tensor: tensor_name(name), what: "task-vector scratch (OnTIES: use init_task_vectors)", expected: out.len() as u64, found: 0 }),
-            MergeParams::None => Err(invalid("merge", 0.0, "a merge method (plain AdamW has no task vector)")),
+            MergeParams::None => Err(Error::Misuse { what: "a task vector needs a merge method (plain AdamW has none)" }),
         }
     }
 
@@ -261,7 +261,7 @@ fn check_name_order<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), Erro
     let mut prev: Option<&str> = None;
     for name in names {
         if let Some(p) = prev && p.as_bytes() >= name.as_bytes() {
-            return Err(Error::InvalidHyperparameter { name: "tensor order (global scope)", value: 0.0, expected: "tensors in strictly ascending bytewise name order" });
+            return Err(Error::Misuse { what: "global-scope tensors in strictly ascending bytewise name order" });
         }
         prev = Some(name);
     }
@@ -391,7 +391,7 @@ impl StepPlan {
     /// once: use [`StepPlan::step_tensors`].
     pub fn step_tensor_with_scratch(&self, name: &str, grad: &[f32], state: TensorState<'_>, scratch: &mut [f32]) -> Result<(), Error> {
         if matches!(self.merge, MergeParams::Ties(t) if t.scope == Scope::Global) && self.phase == Phase::Merge {
-            return Err(invalid("scope", 0.0, "per-tensor for step_tensor (global scope: use step_tensors)"));
+            return Err(Error::Misuse { what: "per-tensor scope for step_tensor (global scope: use step_tensors)" });
         }
         let TensorState { theta, m, v, cached, tau } = state;
         let st = StateMut { theta, m, v, cached };
@@ -428,7 +428,7 @@ impl StepPlan {
     /// pass of [`StepPlan::step_tensor`].
     pub fn step_tensor_into(&self, name: &str, grad: &[f32], old: StateRef<'_>, tau: Src<'_>, new: StateMut<'_>) -> Result<(), Error> {
         if self.needs_norms() || self.needs_update_scratch() {
-            return Err(invalid("merge", 0.0, "plain AdamW or OnDARE without rescale for the single-pass step (the others need step_tensor)"));
+            return Err(Error::Misuse { what: "plain AdamW or OnDARE without rescale for the single-pass step (the others need step_tensor)" });
         }
         if self.need_cached && old.cached.is_none() {
             return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
@@ -514,7 +514,7 @@ impl StepPlan {
     pub fn ties_selection(&self, scope: &str, updates: &[&[f32]]) -> Result<TiesSelection, Error> {
         match self.merge {
             MergeParams::Ties(t) => select_over(&t, scope, updates.iter().copied()),
-            _ => Err(invalid("merge", 0.0, "OnTIES (only OnTIES trims the update)")),
+            _ => Err(Error::Misuse { what: "an OnTIES optimizer (only OnTIES trims the update)" }),
         }
     }
 

@@ -141,6 +141,24 @@ impl StateMut<'_> {
     }
 }
 
+/// The values a step checks, in the order that decides which one an error names
+/// when several are non-finite at the lowest index (SPEC.md §5.6). The GPU's
+/// status words are numbered by this list.
+pub const NON_FINITE_VALUES: [&str; 12] = [
+    "gradient",
+    "parameter",
+    "exp_avg",
+    "exp_avg_sq",
+    "cached delta",
+    "task vector",
+    "updated exp_avg",
+    "updated exp_avg_sq",
+    "update",
+    "sparsified update",
+    "updated cached delta",
+    "updated parameter",
+];
+
 /// Kernels, picked once per chunk.
 const ACCUM: u8 = 0;
 const PLAIN: u8 = 1;
@@ -356,7 +374,7 @@ impl TensorStep<'_> {
     /// Adam arithmetic. Writes nothing.
     pub fn check_chunk_from_update(&self, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
-            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+            return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, update, &state, &tau)?;
         let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
@@ -422,7 +440,7 @@ impl TensorStep<'_> {
     /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`.
     pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
-            return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "an OnTIES plan with the update's threshold" });
+            return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         if update.len() != grad.len() {
@@ -580,7 +598,7 @@ impl TensorStep<'_> {
         }
         if ties {
             if pass != Pass::Scan && !matches!(self.merge, MergePlan::Ties { selection: Some(_), .. }) {
-                return Err(Error::InvalidHyperparameter { name: "OnTIES selection", value: 0.0, expected: "the update's threshold, computed after the scan pass" });
+                return Err(Error::Misuse { what: "the update's threshold, computed after the scan pass" });
             }
             inp.first = index;
         }
@@ -759,21 +777,22 @@ impl TensorStep<'_> {
     fn first_non_finite(&self, pass: Pass, index: u64, inp: &BlockIn, out: &BlockOut, state: &StateRef<'_>, grad: &[f32], tau: &Src<'_>) -> Error {
         let uses_tau = matches!(self.kind(), DARE_REF | DARE_PAPER | TIES | TIES_PAPER);
         for j in 0..inp.n {
-            let checks = [
-                (grad[j], "gradient"),
-                (state.theta[j], "parameter"),
-                (state.m[j], "exp_avg"),
-                (state.v[j], "exp_avg_sq"),
-                (state.cached.map_or(0.0, |c| c[j]), "cached delta"),
-                (if uses_tau { tau.get(j) } else { 0.0 }, "task vector"),
-                (out.m[j], "updated exp_avg"),
-                (out.v[j], "updated exp_avg_sq"),
-                (out.d[j], "update"),
-                (out.sparse[j], "sparsified update"),
-                (out.cached[j], "updated cached delta"),
-                (if pass == Pass::Scan { 0.0 } else { out.theta[j] }, "updated parameter"),
+            // In the order of NON_FINITE_VALUES.
+            let values = [
+                grad[j],
+                state.theta[j],
+                state.m[j],
+                state.v[j],
+                state.cached.map_or(0.0, |c| c[j]),
+                if uses_tau { tau.get(j) } else { 0.0 },
+                out.m[j],
+                out.v[j],
+                out.d[j],
+                out.sparse[j],
+                out.cached[j],
+                if pass == Pass::Scan { 0.0 } else { out.theta[j] },
             ];
-            for (x, what) in checks {
+            for (x, what) in values.into_iter().zip(NON_FINITE_VALUES) {
                 if is_non_finite(x) {
                     return Error::NonFinite { tensor: tensor_name(self.name), what, index: index + j as u64 };
                 }

@@ -41,7 +41,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         case 3u: { r = bitcast<u32>(div(a, b)); }
         case 4u: { r = bitcast<u32>(sqrt_cr(a)); }
         case 5u: { r = bitcast<u32>(a); }
-        // The contraction probe of DESIGN.md §2: a*b+b must stay two roundings.
+        // The contraction probe (SPEC.md §1.2, §8.2): a*b+b must stay two roundings.
         case 6u: { r = bitcast<u32>(add(mul(a, b), b)); }
         case 7u: {
             let w = threefry(P.k0, P.k1, A[i], B[i]);

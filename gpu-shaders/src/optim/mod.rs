@@ -15,21 +15,42 @@ use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
 use crate::tensor::{load_f32, GpuArray, Storage};
 
-/// What the status slots record, in merge-core's reporting order (`step.rs`).
-const WHAT: [&str; 12] = [
-    "gradient",
-    "parameter",
-    "exp_avg",
-    "exp_avg_sq",
-    "cached delta",
-    "task vector",
-    "updated exp_avg",
-    "updated exp_avg_sq",
-    "update",
-    "sparsified update",
-    "updated cached delta",
-    "updated parameter",
-];
+/// What the status slots record, in merge-core's reporting order.
+const WHAT: [&str; 12] = merge_core::step::NON_FINITE_VALUES;
+
+/// The element kernel a chunk runs (`U.kind` in step.wgsl).
+mod kind {
+    pub const PLAIN: u32 = 0;
+    pub const DARE_REF: u32 = 1;
+    pub const DARE_PAPER: u32 = 2;
+    pub const TIES: u32 = 3;
+}
+
+/// The passes of step.wgsl: `mode` of `step_main` for the first three, and the
+/// index of each pass's kernel in `GpuOptimizer::kernels`.
+mod pass {
+    pub const SCAN: usize = 0;
+    pub const CHECK: usize = 1;
+    pub const WRITE: usize = 2;
+    pub const HIST: usize = 3;
+    pub const GNORM: usize = 4;
+}
+
+/// step.wgsl's constants, from the Rust ones above so the two cannot drift.
+fn step_wgsl_constants() -> String {
+    format!(
+        "const HIST_ITEMS: u32 = {HIST_ITEMS}u;\n\
+         const PLAIN: u32 = {}u;\nconst DARE_REF: u32 = {}u;\nconst DARE_PAPER: u32 = {}u;\nconst TIES: u32 = {}u;\n\
+         const SCAN: u32 = {}u;\nconst CHECK: u32 = {}u;\nconst WRITE: u32 = {}u;\n",
+        kind::PLAIN,
+        kind::DARE_REF,
+        kind::DARE_PAPER,
+        kind::TIES,
+        pass::SCAN,
+        pass::CHECK,
+        pass::WRITE
+    )
+}
 /// Elements each invocation of the histogram pass counts (one workgroup clears
 /// and flushes 2048 shared counters per 16 × 256 elements).
 const HIST_ITEMS: u32 = 16;
@@ -232,7 +253,8 @@ impl GpuOptimizer {
                 return Err(GpuError::Invalid(format!("tensor `{}` is given twice", w[0].name)));
             }
         }
-        let step_src = format!("const HIST_ITEMS: u32 = {HIST_ITEMS}u;\n{}", include_str!("step.wgsl"));
+        let step_src = format!("{}{}", step_wgsl_constants(), include_str!("step.wgsl"));
+        // Indexed by the `pass` constants.
         let kernels = [
             Kernel::new(&ctx, "step scan", &step_src, "scan"),
             Kernel::new(&ctx, "step check", &step_src, "check"),
@@ -287,13 +309,18 @@ impl GpuOptimizer {
                 let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
                 let tb = tau.as_ref().map_or(&dummy_tau, |a| &a.chunks[ci].buf);
                 let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status, &nb_buf];
-                let hist_bg = kernels[3].bind_at(
+                let hist_bg = kernels[pass::HIST].bind_at(
                     &ctx,
                     &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (9, &hist)],
                 );
-                groups.push([kernels[0].bind(&ctx, &bufs), kernels[1].bind(&ctx, &bufs), kernels[2].bind(&ctx, &bufs), hist_bg]);
+                groups.push([
+                    kernels[pass::SCAN].bind(&ctx, &bufs),
+                    kernels[pass::CHECK].bind(&ctx, &bufs),
+                    kernels[pass::WRITE].bind(&ctx, &bufs),
+                    hist_bg,
+                ]);
                 if let Some(g) = &global_norms {
-                    let bg = kernels[4].bind_at(
+                    let bg = kernels[pass::GNORM].bind_at(
                         &ctx,
                         &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (8, &g.buf)],
                     );
@@ -437,7 +464,7 @@ impl GpuOptimizer {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.reset_status(&mut enc);
             for slot in &self.slots {
-                self.encode_pass(&mut enc, slot, 0);
+                self.encode_pass(&mut enc, slot, pass::SCAN);
                 for (_, _, gph, bg) in &slot.levels {
                     // Both halves (|D| and |D'|) of the previous level in one dispatch.
                     self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
@@ -462,7 +489,7 @@ impl GpuOptimizer {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.reset_status(&mut enc);
             for slot in &self.slots {
-                self.encode_pass(&mut enc, slot, 1);
+                self.encode_pass(&mut enc, slot, pass::CHECK);
             }
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
@@ -472,7 +499,7 @@ impl GpuOptimizer {
             self.reset_status(&mut enc);
         }
         for slot in &self.slots {
-            self.encode_pass(&mut enc, slot, 2);
+            self.encode_pass(&mut enc, slot, pass::WRITE);
         }
         self.ctx.queue.submit([enc.finish()]);
         if !self.validate {
@@ -498,7 +525,7 @@ impl GpuOptimizer {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.reset_status(&mut enc);
             for slot in &self.slots {
-                self.encode_pass(&mut enc, slot, 0);
+                self.encode_pass(&mut enc, slot, pass::SCAN);
             }
             self.ctx.queue.submit([enc.finish()]);
             self.check_status()?;
@@ -528,7 +555,7 @@ impl GpuOptimizer {
             enc.clear_buffer(&self.hist, 0, Some((sels.len() * BUCKETS * 4) as u64));
             for (ix, slot) in self.slots.iter().enumerate() {
                 if sels[sel_of(ix)].pass().is_some() {
-                    self.encode_pass(&mut enc, slot, 3);
+                    self.encode_pass(&mut enc, slot, pass::HIST);
                 }
             }
             self.ctx.queue.submit([enc.finish()]);
@@ -554,7 +581,7 @@ impl GpuOptimizer {
             for slot in &self.slots {
                 for ((bg, seg), ch) in slot.gnorm.iter().zip(&slot.theta.chunks) {
                     let groups = (u64::from(seg[0]) + ch.len).div_ceil(WORKGROUP as u64) as u32;
-                    self.kernels[4].dispatch(&self.ctx, &mut enc, bg, groups);
+                    self.kernels[pass::GNORM].dispatch(&self.ctx, &mut enc, bg, groups);
                 }
             }
             if let Some((_, _, bg)) = &g.boundary {
@@ -589,7 +616,7 @@ impl GpuOptimizer {
             self.write_uniforms(us);
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             for slot in &self.slots {
-                self.encode_pass(&mut enc, slot, 0);
+                self.encode_pass(&mut enc, slot, pass::SCAN);
                 for (_, _, gph, bg) in &slot.levels {
                     self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
                 }
@@ -619,7 +646,7 @@ impl GpuOptimizer {
     }
 
     fn encode_pass(&self, enc: &mut wgpu::CommandEncoder, slot: &Slot, pass: usize) {
-        let per_group = if pass == 3 { u64::from(HIST_ITEMS * WORKGROUP) } else { u64::from(WORKGROUP) };
+        let per_group = if pass == pass::HIST { u64::from(HIST_ITEMS * WORKGROUP) } else { u64::from(WORKGROUP) };
         for (ci, ch) in slot.theta.chunks.iter().enumerate() {
             let groups = ch.len.div_ceil(per_group) as u32;
             self.kernels[pass].dispatch(&self.ctx, enc, &slot.groups[ci][pass], groups);
@@ -801,11 +828,11 @@ fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot
     u.accumulate = u32::from(accumulate);
     if let MergePlan::Dare { params, key } = ts.merge {
         u.kind = if accumulate {
-            0
+            kind::PLAIN
         } else {
             match params.variant {
-                DareVariant::Reference => 1,
-                DareVariant::Paper => 2,
+                DareVariant::Reference => kind::DARE_REF,
+                DareVariant::Paper => kind::DARE_PAPER,
             }
         };
         u.k0 = key.0[0];
@@ -823,7 +850,7 @@ fn base_uniform(ts: &merge_core::step::TensorStep<'_>, slot_ix: u32, slot: &Slot
         u.clip = params.clip;
     }
     if let MergePlan::Ties { variant, alpha, one_minus_alpha, .. } = ts.merge {
-        u.kind = if accumulate { 0 } else { 3 };
+        u.kind = if accumulate { kind::PLAIN } else { kind::TIES };
         u.ties_variant = match variant {
             onties::Variant::Reference => 0,
             onties::Variant::Paper => 1,

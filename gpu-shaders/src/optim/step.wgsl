@@ -29,14 +29,8 @@ struct StepU {
     g_last_slot: u32, g_bl_base: u32, g_nslots: u32, pad1: u32,
 }
 
-const PLAIN: u32 = 0u;
-const DARE_REF: u32 = 1u;
-const DARE_PAPER: u32 = 2u;
-const TIES: u32 = 3u;
-
-const SCAN: u32 = 0u;
-const CHECK: u32 = 1u;
-const WRITE: u32 = 2u;
+// The kernel kinds (PLAIN, DARE_REF, DARE_PAPER, TIES), the pass modes (SCAN,
+// CHECK, WRITE) and HIST_ITEMS are prepended from the Rust constants in mod.rs.
 
 // Slots per tensor in STATUS, in merge-core's reporting order (step.rs first_non_finite).
 const NCODES: u32 = 16u;

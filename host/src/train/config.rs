@@ -13,7 +13,7 @@ pub enum Algorithm {
     Onties,
 }
 
-/// The two AdamW forms of DESIGN.md §3.
+/// The two AdamW forms of SPEC.md §5.1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AdamForm {
