@@ -7,7 +7,7 @@
 
 use gpu_shaders::model::{
     Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadShape, Linear, LinearShape, LmHead, PairLogps, PreferenceLoss,
-    PreferenceLossKind, RmsNorm, Rope,
+    PreferenceLossKind, RmsNorm, Rope, SequenceSum,
 };
 use gpu_shaders::{GpuContext, GpuOptions};
 use host::loss::{DpoLoss, LossKind};
@@ -220,6 +220,14 @@ fn rope_forward_and_backward_match_cpu() {
     layers::rope_backward(&mut bx, &tables, heads);
     assert_close("rope forward", &gpu[0], &fx, TOL);
     assert_close("rope backward", &gpu[1], &bx, TOL);
+
+    // tables for more positions than the array has rows: its rows take the first ones
+    let long = layers::Rope::new(head_dim, 10000.0, 0, 2 * t + 1);
+    let long = Rope::new(&ctx, long.half, &long.cos, &long.sin).unwrap();
+    let gx = up(&ctx, &x);
+    long.forward(&gx, heads).unwrap();
+    assert_eq!(read(&ctx, &gx).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gpu[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert!(rope.forward(&up(&ctx, &rng.vec((t + 1) * heads * head_dim, 1.0)), heads).is_err(), "more rows than positions");
 }
 
 fn check_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, seed: u64) {
@@ -391,6 +399,36 @@ fn lm_head_handles_a_qwen2_sized_vocabulary() {
     assert_close("head lse", &gpu[1], &cpu[1], TOL);
     assert_close("head dx", &gpu[2], &cpu[2], LARGE_VOCAB_TOL);
     assert_close("head dw", &gpu[3], &cpu[3], TOL);
+}
+
+#[test]
+fn sequence_sum_adds_the_scored_rows_into_their_slot() {
+    let ctx = ctx();
+    let sum = SequenceSum::new(&ctx);
+    let mut rng = Rng(12);
+    // 600 rows: every lane of the 256-wide workgroup sums two or three of them
+    let values = rng.vec(600, 8.0);
+    let mask: Vec<u32> = (0..values.len()).map(|_| u32::from(rng.below(3) != 0)).collect();
+    let mut with_nan = values.clone();
+    for (v, &m) in with_nan.iter_mut().zip(&mask) {
+        if m == 0 {
+            // an unscored row is skipped, never multiplied by 0
+            *v = f32::NAN;
+        }
+    }
+    let expected: f64 = values.iter().zip(&mask).filter(|&(_, &m)| m != 0).map(|(&v, _)| v as f64).sum();
+    let short = [1.5f32, -2.0, 4.0];
+    let gpu = deterministic("sequence sum", || {
+        let totals = up(&ctx, &[7.0, 7.0, 7.0]);
+        sum.sum(&totals, 1, &up(&ctx, &with_nan), &up_u32(&ctx, &mask)).unwrap();
+        sum.sum(&totals, 2, &up(&ctx, &short), &up_u32(&ctx, &[0, 1, 1])).unwrap();
+        vec![read(&ctx, &totals)]
+    });
+    let totals = &gpu[0];
+    assert_eq!(totals[0], 7.0, "a slot no sequence wrote changed");
+    assert_close("sequence sum", &totals[1..2], &[expected as f32], TOL);
+    assert_eq!(totals[2], 2.0, "three rows, the first unscored");
+    assert!(sum.sum(&up(&ctx, &[0.0]), 1, &up(&ctx, &short), &up_u32(&ctx, &[0, 1, 1])).is_err(), "slot outside the totals");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The trainer binary end to end: align runs with each optimizer on a GPU adapter
-//! (lavapipe in CI) with the merge-core cross-check on, resume bit-identity after
-//! a kill during a checkpoint write, and bad inputs named.
+//! (lavapipe in CI) with both cross-checks on (the optimizer's against merge-core,
+//! the model's against the CPU model), resume bit-identity after a kill during a
+//! checkpoint write, and bad inputs named.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -57,14 +58,20 @@ fn align_args<'a>(base: &'a str, sft: &'a str, out: &'a str, optimizer: &'a str,
     ]
 }
 
+/// Every step of a GPU run is cross-checked (`--cross-check-every 1`): the
+/// optimizer's bit for bit against merge-core, the model's forward and backward
+/// within tolerances against the CPU model, so a run that succeeds agreed at each
+/// step. The model's rounding differs from the CPU's, so the whole run is not the
+/// CPU run's bits; its losses stay within 1e-3 of them (measured on lavapipe: under 5e-7).
 #[test]
-fn align_with_each_optimizer_on_gpu_matches_cpu() {
+fn align_with_each_optimizer_on_gpu_passes_both_cross_checks_and_tracks_cpu() {
     let d = tmp("gpu");
     let (b, s) = models(&d);
     let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
     for optimizer in ["adamw", "ondare", "onties"] {
         for extra in [&[][..], &["--k", "2", "--rescale", "--scope", "global", "--variant", "paper"][..]] {
             let mut weights = Vec::new();
+            let mut losses = Vec::new();
             for backend in ["gpu", "cpu"] {
                 let out = d.join(format!("{optimizer}-{backend}-{}", extra.len()));
                 let mut args = align_args(b, s, out.to_str().unwrap(), optimizer, backend, "4");
@@ -83,9 +90,22 @@ fn align_with_each_optimizer_on_gpu_matches_cpu() {
                     assert!(first.get(key).is_some(), "{key} missing in {first}");
                 }
                 assert_eq!(metrics.lines().filter(|l| l.contains("\"split\":\"eval\"")).count(), 2);
+                let mut run_losses = Vec::new();
+                for line in metrics.lines() {
+                    let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+                    for key in ["model_device", "optimizer_device"] {
+                        let device = rec[key].as_str().unwrap_or_else(|| panic!("{key} missing in {rec}"));
+                        assert_eq!(device == "cpu", backend == "cpu", "{key}: {device}");
+                    }
+                    run_losses.push(rec["loss"].as_f64().unwrap());
+                }
+                losses.push(run_losses);
                 weights.push(std::fs::read(out.join("model/model.safetensors")).unwrap());
             }
-            assert_eq!(weights[0], weights[1], "{optimizer} {extra:?}: GPU and CPU runs differ");
+            assert_eq!(losses[0].len(), losses[1].len());
+            for (step, (g, c)) in losses[0].iter().zip(&losses[1]).enumerate() {
+                assert!((g - c).abs() <= 1e-3 * c.abs(), "{optimizer} {extra:?}: line {step}: GPU loss {g}, CPU loss {c}");
+            }
             let sft_bytes = std::fs::read(Path::new(s).join("model.safetensors")).unwrap();
             assert_ne!(weights[0], sft_bytes, "{optimizer}: training changed nothing");
         }
@@ -278,7 +298,8 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
     let o = host(&args, &[("MERGE_GPU_ADAPTER", "no-such-adapter")]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert_eq!(err.matches("running the optimizer on merge-core (CPU) alone").count(), 1, "{err}");
+    assert_eq!(err.matches("no usable GPU").count(), 1, "{err}");
+    assert!(err.contains("running the model on the CPU and the optimizer on merge-core (CPU) alone"), "{err}");
     assert!(err.contains("no-such-adapter") && err.contains("optimizer on cpu: merge-core"), "{err}");
     // The same adapter request with --backend gpu is an error, not a fallback.
     let gpu_out = d.join("run-gpu");

@@ -19,6 +19,7 @@ mod lm_head;
 mod loss;
 mod rmsnorm;
 mod rope;
+mod sequence_sum;
 
 pub use attention::{Attention, AttentionShape};
 pub use elementwise::Elementwise;
@@ -28,6 +29,7 @@ pub use lm_head::{HeadShape, LmHead};
 pub use loss::{PairLogps, PreferenceLoss, PreferenceLossKind};
 pub use rmsnorm::RmsNorm;
 pub use rope::Rope;
+pub use sequence_sum::SequenceSum;
 
 use crate::context::{GpuContext, GpuError, WORKGROUP};
 use crate::kernel::Kernel;
@@ -80,6 +82,13 @@ impl GpuVec {
         }
         ctx.queue.write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
         Ok(())
+    }
+
+    /// Sets every element to +0 on the device, without a host copy.
+    pub fn clear(&self, ctx: &GpuContext) {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(&self.buf, 0, None);
+        ctx.queue.submit([enc.finish()]);
     }
 
     /// Waits for the queued work and reads the array back.

@@ -1,6 +1,6 @@
 //! Rotary position embeddings in place, forward and backward (`rope.wgsl`).
 
-use super::{dispatch, expect_len, groups, kernel, GpuVec};
+use super::{dispatch, groups, kernel, GpuVec};
 use crate::context::{GpuContext, GpuError};
 use crate::kernel::Kernel;
 
@@ -13,9 +13,11 @@ struct RopeParams {
     sign: f32,
 }
 
-/// The rotation for one table of angles: `cos` and `sin` are `[rows, half]`,
-/// row `t` for the position of row `t` of the rotated arrays. The tables carry
-/// the rope variant (base frequency, scaling), so the kernel needs nothing else.
+/// The rotation for one table of angles: `cos` and `sin` are `[positions, half]`,
+/// row `t` for the position of row `t` of the rotated arrays, which may have
+/// fewer rows than the tables (one table serves every shorter sequence). The
+/// tables carry the rope variant (base frequency, scaling), so the kernel needs
+/// nothing else.
 pub struct Rope {
     ctx: GpuContext,
     kernel: Kernel,
@@ -38,7 +40,12 @@ impl Rope {
         })
     }
 
-    /// Rotates every head of `x` (`[rows, heads, 2·half]`) in place.
+    /// Positions the tables cover: the most rows an array may have.
+    pub fn positions(&self) -> usize {
+        self.cos.len() / self.half
+    }
+
+    /// Rotates every head of `x` (`[rows, heads, 2·half]`, `rows ≤ positions()`) in place.
     pub fn forward(&self, x: &GpuVec, heads: usize) -> Result<(), GpuError> {
         self.rotate(x, heads, 1.0)
     }
@@ -49,8 +56,16 @@ impl Rope {
     }
 
     fn rotate(&self, x: &GpuVec, heads: usize, sign: f32) -> Result<(), GpuError> {
-        let rows = self.cos.len() / self.half;
-        expect_len("rope input", x, rows * heads * 2 * self.half)?;
+        let width = heads * 2 * self.half;
+        if width == 0 || !x.len().is_multiple_of(width) || x.len() / width > self.positions() {
+            return Err(GpuError::Invalid(format!(
+                "rope input of {} elements is not rows of {heads} heads × {} for up to {} positions",
+                x.len(),
+                2 * self.half,
+                self.positions()
+            )));
+        }
+        let rows = x.len() / width;
         let p = RopeParams { rows: rows as u32, heads: heads as u32, half: self.half as u32, sign };
         dispatch(&self.ctx, &self.kernel, &p, &[(1, &self.cos), (2, &self.sin), (3, x)], groups(x.len() / 2))
     }

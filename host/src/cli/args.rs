@@ -65,10 +65,11 @@ pub struct OptimArgs {
     /// Linear warmup steps of `--schedule warmup-cosine`.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
-    /// Where the optimizer step runs.
+    /// Where the training step runs: the model's forward and backward and the optimizer step.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: BackendChoice,
-    /// With a GPU backend, recompute every N-th step with merge-core and compare bit for bit (0: never).
+    /// With a GPU backend, recompute every N-th step on the CPU: the optimizer step with merge-core, compared bit for bit,
+    /// and the model's forward and backward on the CPU model, compared within tolerances (0: never).
     #[arg(long, default_value_t = 1)]
     pub cross_check_every: u64,
 }

@@ -15,16 +15,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use gpu_shaders::GpuContext;
 use merge_core::dtype::Dtype;
 
 use crate::hf;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::LlamaModel;
+use crate::model::llama::{LlamaModel, Sequence};
 use crate::params::ParamSet;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, LmObjective};
-use crate::train::optim::{BackendRequest, Optimizer};
+use crate::train::optim::{self, BackendRequest, Optimizer};
 use crate::train::run::{self, LoopSpec, Objective, Start};
 use crate::train::{Result, TrainError};
 use args::{BackendChoice, LoopArgs, OptimArgs};
@@ -212,10 +213,26 @@ fn backend(o: &OptimArgs) -> BackendRequest {
     }
 }
 
+/// The device `--backend` asks for, opened once and shared by the model and the
+/// optimizer; `auto` without a usable hardware adapter runs both on the CPU and
+/// says so once.
+fn training_device(op: &OptimArgs) -> Result<Option<GpuContext>> {
+    let request = backend(op);
+    match optim::open_gpu_context(&request) {
+        Ok(ctx) => Ok(ctx),
+        Err(e) if request == BackendRequest::Auto => {
+            eprintln!("no usable GPU ({e}); running the model on the CPU and the optimizer on merge-core (CPU) alone");
+            Ok(None)
+        }
+        Err(e) => Err(TrainError::msg(format!("--backend gpu: {e}"))),
+    }
+}
+
 /// Shared driver of every training subcommand: checks the flags against the data
-/// and the output directory, locks it, builds the optimizer, resumes if asked,
-/// runs the loop with checkpoints, and writes the final model. `models` are the
-/// content hashes of the input models, recorded so that `--resume` sees a change.
+/// and the output directory, locks it, builds the optimizer (on `gpu` when
+/// given, the device the objective's model runs on), resumes if asked, runs the
+/// loop with checkpoints, and writes the final model. `models` are the content
+/// hashes of the input models, recorded so that `--resume` sees a change.
 #[allow(clippy::too_many_arguments)]
 fn fit(
     task: &str,
@@ -223,6 +240,7 @@ fn fit(
     init: ParamSet,
     merge_task: Option<(&ParamSet, &ParamSet)>,
     objective: &mut dyn Objective,
+    gpu: Option<&GpuContext>,
     data: &DataArgs,
     models: Vec<crate::train::checkpoint::InputHash>,
     lp: &LoopArgs,
@@ -243,8 +261,11 @@ fn fit(
         eprintln!("{task}: removed temporary files left by a killed run: {}", names.join(", "));
     }
     let cfg = op.config(lp.seed, steps);
-    let mut opt = Optimizer::with_backend(cfg, init, merge_task, &backend(op), op.cross_check_every)?;
-    eprintln!("{task}: {steps} steps, optimizer on {}", opt.backend_name());
+    let mut opt = match gpu {
+        Some(ctx) => Optimizer::on_device(cfg, init, merge_task, ctx, op.cross_check_every)?,
+        None => Optimizer::new(cfg, init, merge_task)?,
+    };
+    eprintln!("{task}: {steps} steps, model on {}, optimizer on {}", objective.model_device(), opt.backend_name());
     let spec = LoopSpec {
         steps,
         batch_size: lp.batch_size,
@@ -327,9 +348,18 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     let (train, eval) = data::lm_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
-    let mut obj = LmObjective::new(model, train, eval)?;
+    let gpu = training_device(&a.optim)?;
+    let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "init": a.init });
-    fit("pretrain", &config, init, None, &mut obj, &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("pretrain", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
+}
+
+fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gpu: Option<&GpuContext>, op: &OptimArgs) -> Result<LmObjective> {
+    let obj = LmObjective::new(model, train, eval)?;
+    match gpu {
+        Some(ctx) => obj.on_gpu(ctx, op.cross_check_every),
+        None => Ok(obj),
+    }
 }
 
 fn sft(a: SftArgs) -> Result<()> {
@@ -339,9 +369,10 @@ fn sft(a: SftArgs) -> Result<()> {
     let (train, eval) = data::sft_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
-    let mut obj = LmObjective::new(model, train, eval)?;
+    let gpu = training_device(&a.optim)?;
+    let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "model": a.model });
-    fit("sft", &config, init, None, &mut obj, &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("sft", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
 }
 
 fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
@@ -366,6 +397,8 @@ fn align(a: AlignArgs) -> Result<()> {
         Some(p) => data::reference_logps(p)?,
         None => None,
     };
+    let gpu = training_device(&a.optim)?;
+    let every = a.optim.cross_check_every;
     let mut obj = match precomputed {
         Some(train_ref) => {
             if a.ref_model.is_some() {
@@ -381,7 +414,11 @@ fn align(a: AlignArgs) -> Result<()> {
                 None => Vec::new(),
             };
             eprintln!("align: using the reference log-probs given in the data (no reference model)");
-            DpoObjective::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?
+            let obj = DpoObjective::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?;
+            match &gpu {
+                Some(ctx) => obj.policy_on_gpu(ctx, every)?,
+                None => obj,
+            }
         }
         None => {
             let reference = match &a.ref_model {
@@ -393,7 +430,10 @@ fn align(a: AlignArgs) -> Result<()> {
                 None => load(&a.model, "--model")?,
             };
             hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params).map_err(hf_err)?;
-            DpoObjective::new(policy, &reference, loss, train, eval)?
+            match &gpu {
+                Some(ctx) => DpoObjective::on_gpu(policy, &reference, loss, train, eval, ctx, every)?,
+                None => DpoObjective::new(policy, &reference, loss, train, eval)?,
+            }
         }
     };
     let merge_task = base.as_ref().map(|b| (&b.params, &sft_params));
@@ -401,7 +441,7 @@ fn align(a: AlignArgs) -> Result<()> {
         "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,
         "loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
     });
-    fit("align", &config, sft_params.clone(), merge_task, &mut obj, &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("align", &config, sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

@@ -116,29 +116,64 @@ impl Sequence {
     }
 }
 
-struct LayerIdx {
-    ln1: usize,
-    ln2: usize,
-    q: usize,
-    k: usize,
-    v: usize,
-    o: usize,
-    qb: Option<usize>,
-    kb: Option<usize>,
-    vb: Option<usize>,
-    ob: Option<usize>,
-    gate: usize,
-    up: usize,
-    down: usize,
+pub(super) struct LayerIdx {
+    pub(super) ln1: usize,
+    pub(super) ln2: usize,
+    pub(super) q: usize,
+    pub(super) k: usize,
+    pub(super) v: usize,
+    pub(super) o: usize,
+    pub(super) qb: Option<usize>,
+    pub(super) kb: Option<usize>,
+    pub(super) vb: Option<usize>,
+    pub(super) ob: Option<usize>,
+    pub(super) gate: usize,
+    pub(super) up: usize,
+    pub(super) down: usize,
 }
 
 /// Positions of each weight in the name-sorted [`ParamSet`], computed once.
-struct Index {
-    embed: usize,
-    norm: usize,
+pub(super) struct Index {
+    pub(super) embed: usize,
+    pub(super) norm: usize,
     /// Same as `embed` when the embeddings are tied.
-    head: usize,
-    layers: Vec<LayerIdx>,
+    pub(super) head: usize,
+    pub(super) layers: Vec<LayerIdx>,
+}
+
+impl Index {
+    /// Positions in `params`, whose layout [`check_layout`] has accepted.
+    pub(super) fn new(config: &LlamaConfig, params: &ParamSet) -> Index {
+        let pos = |name: &str| params.tensors.iter().position(|t| t.name == name).expect("layout checked above");
+        let opt = |name: String, present: bool| present.then(|| pos(&name));
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}.");
+                LayerIdx {
+                    ln1: pos(&format!("{p}input_layernorm.weight")),
+                    ln2: pos(&format!("{p}post_attention_layernorm.weight")),
+                    q: pos(&format!("{p}self_attn.q_proj.weight")),
+                    k: pos(&format!("{p}self_attn.k_proj.weight")),
+                    v: pos(&format!("{p}self_attn.v_proj.weight")),
+                    o: pos(&format!("{p}self_attn.o_proj.weight")),
+                    qb: opt(format!("{p}self_attn.q_proj.bias"), config.qkv_bias()),
+                    kb: opt(format!("{p}self_attn.k_proj.bias"), config.qkv_bias()),
+                    vb: opt(format!("{p}self_attn.v_proj.bias"), config.qkv_bias()),
+                    ob: opt(format!("{p}self_attn.o_proj.bias"), config.o_bias()),
+                    gate: pos(&format!("{p}mlp.gate_proj.weight")),
+                    up: pos(&format!("{p}mlp.up_proj.weight")),
+                    down: pos(&format!("{p}mlp.down_proj.weight")),
+                }
+            })
+            .collect();
+        let embed = pos("model.embed_tokens.weight");
+        Index {
+            embed,
+            norm: pos("model.norm.weight"),
+            head: if config.tie_word_embeddings { embed } else { pos("lm_head.weight") },
+            layers,
+        }
+    }
 }
 
 pub struct LlamaModel {
@@ -297,35 +332,7 @@ impl LlamaModel {
         config.validate()?;
         let params = ParamSet::new(params.tensors);
         check_layout(&config, &params)?;
-        let pos = |name: &str| params.tensors.iter().position(|t| t.name == name).expect("layout checked above");
-        let opt = |name: String, present: bool| present.then(|| pos(&name));
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let p = format!("model.layers.{l}.");
-                LayerIdx {
-                    ln1: pos(&format!("{p}input_layernorm.weight")),
-                    ln2: pos(&format!("{p}post_attention_layernorm.weight")),
-                    q: pos(&format!("{p}self_attn.q_proj.weight")),
-                    k: pos(&format!("{p}self_attn.k_proj.weight")),
-                    v: pos(&format!("{p}self_attn.v_proj.weight")),
-                    o: pos(&format!("{p}self_attn.o_proj.weight")),
-                    qb: opt(format!("{p}self_attn.q_proj.bias"), config.qkv_bias()),
-                    kb: opt(format!("{p}self_attn.k_proj.bias"), config.qkv_bias()),
-                    vb: opt(format!("{p}self_attn.v_proj.bias"), config.qkv_bias()),
-                    ob: opt(format!("{p}self_attn.o_proj.bias"), config.o_bias()),
-                    gate: pos(&format!("{p}mlp.gate_proj.weight")),
-                    up: pos(&format!("{p}mlp.up_proj.weight")),
-                    down: pos(&format!("{p}mlp.down_proj.weight")),
-                }
-            })
-            .collect();
-        let embed = pos("model.embed_tokens.weight");
-        let idx = Index {
-            embed,
-            norm: pos("model.norm.weight"),
-            head: if config.tie_word_embeddings { embed } else { pos("lm_head.weight") },
-            layers,
-        };
+        let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Self { config, params, idx, threads })
     }
@@ -372,46 +379,7 @@ impl LlamaModel {
     }
 
     fn check_sequences(&self, seqs: &[Sequence]) -> Result<(), ModelError> {
-        let vocab = self.config.vocab_size;
-        for (s, seq) in seqs.iter().enumerate() {
-            if seq.tokens.is_empty() {
-                return Err(ModelError::BadSequence {
-                    sequence: s,
-                    reason: "no tokens".into(),
-                });
-            }
-            if seq.tokens.len() > self.config.max_position_embeddings {
-                return Err(ModelError::BadSequence {
-                    sequence: s,
-                    reason: format!(
-                        "{} tokens exceed max_position_embeddings = {}",
-                        seq.tokens.len(),
-                        self.config.max_position_embeddings
-                    ),
-                });
-            }
-            if seq.mask.len() != seq.tokens.len() {
-                return Err(ModelError::BadSequence {
-                    sequence: s,
-                    reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()),
-                });
-            }
-            if seq.mask[0] {
-                return Err(ModelError::BadSequence {
-                    sequence: s,
-                    reason: "the first token cannot be scored: nothing predicts it".into(),
-                });
-            }
-            if let Some((p, &id)) = seq.tokens.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
-                return Err(ModelError::TokenOutOfRange {
-                    sequence: s,
-                    position: p,
-                    id,
-                    vocab_size: vocab,
-                });
-            }
-        }
-        Ok(())
+        check_sequences(&self.config, seqs)
     }
 
     fn check_grads(&self, grads: &ParamSet) -> Result<(), ModelError> {
@@ -889,6 +857,51 @@ fn sample(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
             *order.last().expect("vocabulary is non-empty") as u32
         }
     }
+}
+
+/// Every sequence non-empty, within the context, its mask as long as its tokens
+/// and its first token unscored, every id inside the vocabulary.
+pub(super) fn check_sequences(config: &LlamaConfig, seqs: &[Sequence]) -> Result<(), ModelError> {
+    let vocab = config.vocab_size;
+    for (s, seq) in seqs.iter().enumerate() {
+        if seq.tokens.is_empty() {
+            return Err(ModelError::BadSequence {
+                sequence: s,
+                reason: "no tokens".into(),
+            });
+        }
+        if seq.tokens.len() > config.max_position_embeddings {
+            return Err(ModelError::BadSequence {
+                sequence: s,
+                reason: format!(
+                    "{} tokens exceed max_position_embeddings = {}",
+                    seq.tokens.len(),
+                    config.max_position_embeddings
+                ),
+            });
+        }
+        if seq.mask.len() != seq.tokens.len() {
+            return Err(ModelError::BadSequence {
+                sequence: s,
+                reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()),
+            });
+        }
+        if seq.mask[0] {
+            return Err(ModelError::BadSequence {
+                sequence: s,
+                reason: "the first token cannot be scored: nothing predicts it".into(),
+            });
+        }
+        if let Some((p, &id)) = seq.tokens.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                sequence: s,
+                position: p,
+                id,
+                vocab_size: vocab,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every tensor the config implies, present with its shape, and no others.

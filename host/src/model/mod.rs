@@ -33,10 +33,12 @@
 //! ```
 
 pub mod config;
+pub mod gpu;
 pub mod layers;
 pub mod llama;
 
 pub use config::{ConfigError, Family, LlamaConfig};
+pub use gpu::{GpuForward, GpuLlama, GpuModelError};
 pub use llama::{CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
 
 #[cfg(test)]

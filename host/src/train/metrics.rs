@@ -39,9 +39,17 @@ pub struct Record {
     /// Optimizer step on the chosen backend, including the gradient upload.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub optimizer_ms: Option<f64>,
-    /// The merge-core recomputation and bit comparison (zero on unchecked steps).
+    /// The CPU recomputation and comparison of the step, the optimizer's (bit
+    /// for bit against merge-core) and the model's (within tolerances); zero on
+    /// unchecked steps.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cross_check_ms: Option<f64>,
+    /// Where the forward and backward ran: the GPU adapter's description, or `cpu`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub model_device: Option<String>,
+    /// Where the optimizer step ran: the GPU adapter's description, or `cpu`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub optimizer_device: Option<String>,
 }
 
 /// Appends records to a JSONL file, flushing each line so a killed run keeps every

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod fsx;
 pub mod metrics;
+pub mod model_check;
 pub mod objectives;
 pub mod optim;
 pub mod order;

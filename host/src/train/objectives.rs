@@ -1,10 +1,22 @@
 //! The trainer's objectives on the Llama model: next-token cross-entropy
 //! (pretraining, SFT) and the DPO family against a frozen reference.
+//!
+//! The policy's forward and backward run on the CPU model, or on a GPU
+//! ([`LmObjective::on_gpu`], [`DpoObjective::on_gpu`]): then the weights are
+//! uploaded at every gradient call, the gradients read back for the optimizer,
+//! and every N-th step recomputed on the CPU model from the same weights and
+//! batch and compared ([`model_check`](super::model_check)).
 
-use crate::loss::DpoLoss;
+use std::time::Instant;
+
+use gpu_shaders::GpuContext;
+
+use crate::loss::{BatchLoss, DpoLoss};
+use crate::model::gpu::{GpuLlama, GpuModelError};
 use crate::model::llama::{LlamaModel, Sequence};
 use crate::params::ParamSet;
 
+use super::model_check::{compare_gradients, compare_logps, compare_loss};
 use super::run::{Objective, PrefSums, Stats};
 use super::{Result, TrainError};
 
@@ -12,9 +24,52 @@ fn model_err(what: &str) -> impl Fn(crate::model::llama::ModelError) -> TrainErr
     move |e| TrainError::msg(format!("{what}: {e}"))
 }
 
+fn gpu_err(what: &str) -> impl Fn(GpuModelError) -> TrainError + '_ {
+    move |e| TrainError::msg(format!("{what} on the GPU: {e}"))
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// The policy on a GPU and when its steps are cross-checked.
+struct GpuPolicy {
+    model: GpuLlama,
+    device: String,
+    /// Recompute every N-th step on the CPU model (0: never).
+    cross_check_every: u64,
+}
+
+impl GpuPolicy {
+    fn new(ctx: &GpuContext, policy: &LlamaModel, cross_check_every: u64) -> Result<Self> {
+        let model = GpuLlama::new(ctx, policy).map_err(gpu_err("uploading the policy"))?;
+        Ok(Self::with_model(ctx, model, cross_check_every))
+    }
+
+    fn with_model(ctx: &GpuContext, model: GpuLlama, cross_check_every: u64) -> Self {
+        Self { model, device: gpu_shaders::context::describe(ctx.adapter_info()), cross_check_every }
+    }
+
+    fn checks(&self, step: u64) -> bool {
+        self.cross_check_every > 0 && step.is_multiple_of(self.cross_check_every)
+    }
+
+    /// The optimizer's current weights on the device, gradients cleared.
+    fn start(&self, params: &ParamSet) -> Result<()> {
+        self.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+        self.model.zero_grads();
+        Ok(())
+    }
+
+    fn read_grads(&self) -> Result<ParamSet> {
+        self.model.read_grads().map_err(gpu_err("reading the gradients"))
+    }
+}
+
 /// Mean next-token cross-entropy over the scored tokens of a batch.
 pub struct LmObjective {
     model: LlamaModel,
+    gpu: Option<GpuPolicy>,
     train: Vec<Sequence>,
     eval: Vec<Sequence>,
 }
@@ -28,8 +83,37 @@ impl LmObjective {
                 return Err(TrainError::msg(format!("{split} example {i} has no scored token (too short)")));
             }
         }
-        Ok(Self { model, train, eval })
+        Ok(Self { model, gpu: None, train, eval })
     }
+
+    /// Runs the forward and backward on `ctx`, and every `cross_check_every`-th
+    /// step (0: never) on the CPU model too, compared.
+    pub fn on_gpu(mut self, ctx: &GpuContext, cross_check_every: u64) -> Result<Self> {
+        self.gpu = Some(GpuPolicy::new(ctx, &self.model, cross_check_every)?);
+        Ok(self)
+    }
+}
+
+/// The CPU model's per-sequence log-probs and gradients of `Σ coefs[b]·logp_b`.
+fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet)> {
+    let fwd = model.forward(seqs).map_err(model_err("policy forward"))?;
+    let coefs = coefs(&fwd.logps)?;
+    let mut grads = model.zero_grads();
+    model.backward(&fwd, &coefs, &mut grads).map_err(model_err("policy backward"))?;
+    Ok((fwd.logps, grads))
+}
+
+/// The same on the GPU model, whose device weights must be current.
+fn gpu_backward(gpu: &GpuPolicy, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet)> {
+    let fwd = gpu.model.forward(seqs).map_err(gpu_err("policy forward"))?;
+    let c = coefs(&fwd.logps)?;
+    gpu.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
+    Ok((fwd.logps, gpu.read_grads()?))
+}
+
+/// Mean negative log-likelihood per scored token.
+fn mean_nll(logps: &[f32], tokens: usize) -> f64 {
+    logps.iter().map(|&l| -f64::from(l)).sum::<f64>() / tokens.max(1) as f64
 }
 
 impl Objective for LmObjective {
@@ -37,27 +121,56 @@ impl Objective for LmObjective {
         self.train.len()
     }
 
-    fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
-        self.model.params.clone_from(params);
+    fn gradient(&mut self, step: u64, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
         let seqs: Vec<Sequence> = examples.iter().map(|&i| self.train[i].clone()).collect();
         let tokens: usize = seqs.iter().map(Sequence::scored).sum();
-        let mut grads = self.model.zero_grads();
-        let ce = self
-            .model
-            .cross_entropy_backward(&seqs, 1.0 / tokens as f32, &mut grads)
-            .map_err(model_err("forward/backward"))?;
-        let mean = ce.nll_sum / ce.tokens.max(1) as f64;
-        Ok((grads, Stats { count: examples.len(), loss_sum: mean * examples.len() as f64, pref: None }))
+        // d(mean nll)/d logp_b = −1 / (scored tokens of the batch), the same for every sequence
+        let coefs = |_: &[f32]| Ok(vec![-1.0 / tokens as f32; seqs.len()]);
+        let mut cross_check_ms = 0.0;
+        let (logps, grads) = match &self.gpu {
+            None => {
+                self.model.params.clone_from(params);
+                cpu_backward(&self.model, &seqs, coefs)?
+            }
+            Some(gpu) => {
+                gpu.start(params)?;
+                let (logps, grads) = gpu_backward(gpu, &seqs, coefs)?;
+                if gpu.checks(step) {
+                    let t = Instant::now();
+                    self.model.params.clone_from(params);
+                    let (cpu_logps, cpu_grads) = cpu_backward(&self.model, &seqs, coefs)?;
+                    compare_logps(step, "policy", &logps, &cpu_logps)?;
+                    compare_loss(step, mean_nll(&logps, tokens), mean_nll(&cpu_logps, tokens))?;
+                    compare_gradients(step, &grads, &cpu_grads)?;
+                    cross_check_ms = ms_since(t);
+                }
+                (logps, grads)
+            }
+        };
+        let n = examples.len();
+        Ok((grads, Stats { count: n, loss_sum: mean_nll(&logps, tokens) * n as f64, pref: None, cross_check_ms }))
     }
 
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        self.model.params.clone_from(params);
-        let ce = self.model.cross_entropy(&self.eval).map_err(model_err("evaluation"))?;
+        let ce = match &self.gpu {
+            None => {
+                self.model.params.clone_from(params);
+                self.model.cross_entropy(&self.eval).map_err(model_err("evaluation"))?
+            }
+            Some(gpu) => {
+                gpu.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+                gpu.model.cross_entropy(&self.eval).map_err(gpu_err("evaluation"))?
+            }
+        };
         let mean = ce.nll_sum / ce.tokens.max(1) as f64;
-        Ok(Some(Stats { count: self.eval.len(), loss_sum: mean * self.eval.len() as f64, pref: None }))
+        Ok(Some(Stats { count: self.eval.len(), loss_sum: mean * self.eval.len() as f64, ..Default::default() }))
+    }
+
+    fn model_device(&self) -> String {
+        self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
     }
 }
 
@@ -74,6 +187,10 @@ pub struct PairSeqs {
 /// saves a forward pass per step).
 pub struct DpoObjective {
     policy: LlamaModel,
+    gpu: Option<GpuPolicy>,
+    /// The reference on the CPU, kept when GPU steps are cross-checked: a checked
+    /// step recomputes its batch's reference log-probs too.
+    reference: Option<LlamaModel>,
     loss: DpoLoss,
     train: Vec<PairSeqs>,
     train_ref: Vec<(f32, f32)>,
@@ -81,18 +198,26 @@ pub struct DpoObjective {
     eval_ref: Vec<(f32, f32)>,
 }
 
-/// Summed (or, for IPO, length-averaged) log-probs of each pair's completions.
-fn pair_logps(what: &str, model: &LlamaModel, pairs: &[PairSeqs], normalize: bool) -> Result<Vec<(f32, f32)>> {
-    let seqs: Vec<Sequence> = pairs.iter().flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect();
-    let lp = model.sequence_logps(&seqs).map_err(model_err(what))?;
-    Ok(pairs
+/// Each pair's chosen and rejected sequence, in that order.
+fn pair_seqs(pairs: &[PairSeqs]) -> Vec<Sequence> {
+    pairs.iter().flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect()
+}
+
+/// Summed (or, for IPO, length-averaged) log-probs of each pair's completions,
+/// from the summed log-probs `lp` of [`pair_seqs`].
+fn pair_logps(pairs: &[PairSeqs], lp: &[f32], normalize: bool) -> Vec<(f32, f32)> {
+    pairs
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let (c, r) = (lp[2 * i], lp[2 * i + 1]);
             if normalize { (c / p.chosen.scored() as f32, r / p.rejected.scored() as f32) } else { (c, r) }
         })
-        .collect())
+        .collect()
+}
+
+fn flat(pairs: &[(f32, f32)]) -> Vec<f32> {
+    pairs.iter().flat_map(|&(c, r)| [c, r]).collect()
 }
 
 fn pref_sums(n: usize, m: &crate::loss::DpoMetrics) -> PrefSums {
@@ -107,17 +232,72 @@ fn pref_sums(n: usize, m: &crate::loss::DpoMetrics) -> PrefSums {
     }
 }
 
+/// The loss of a batch of pairs (`seqs` as [`pair_seqs`] lays them out) from the
+/// policy's summed log-probs, and d loss / d logp of every sequence.
+fn dpo_batch(loss: &DpoLoss, seqs: &[Sequence], logps: &[f32], refs: &[(f32, f32)]) -> Result<(BatchLoss, Vec<f32>)> {
+    let norm = loss.length_normalized();
+    let scale = |j: usize| if norm { 1.0 / seqs[j].scored() as f32 } else { 1.0 };
+    let pairs = refs.len();
+    let pc: Vec<f32> = (0..pairs).map(|b| logps[2 * b] * scale(2 * b)).collect();
+    let pr: Vec<f32> = (0..pairs).map(|b| logps[2 * b + 1] * scale(2 * b + 1)).collect();
+    let rc: Vec<f32> = refs.iter().map(|r| r.0).collect();
+    let rr: Vec<f32> = refs.iter().map(|r| r.1).collect();
+    let bl = loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
+    let mut dlogps = Vec::with_capacity(seqs.len());
+    for b in 0..pairs {
+        dlogps.push(bl.d_chosen[b] * scale(2 * b));
+        dlogps.push(bl.d_rejected[b] * scale(2 * b + 1));
+    }
+    Ok((bl, dlogps))
+}
+
+/// The backward coefficients of [`dpo_batch`], for [`cpu_backward`] / [`gpu_backward`].
+fn dpo_coefs<'a>(loss: &'a DpoLoss, seqs: &'a [Sequence], refs: &'a [(f32, f32)]) -> impl Fn(&[f32]) -> Result<Vec<f32>> + 'a {
+    move |logps| Ok(dpo_batch(loss, seqs, logps, refs)?.1)
+}
+
 impl DpoObjective {
     pub fn new(policy: LlamaModel, reference: &LlamaModel, loss: DpoLoss, train: Vec<PairSeqs>, eval: Vec<PairSeqs>) -> Result<Self> {
-        for (split, pairs) in [("training", &train), ("evaluation", &eval)] {
-            if let Some(i) = pairs.iter().position(|p| p.chosen.scored() == 0 || p.rejected.scored() == 0) {
-                return Err(TrainError::msg(format!("{split} pair {i}: empty chosen or rejected completion")));
-            }
-        }
+        check_pairs(&train, &eval)?;
         let norm = loss.length_normalized();
-        let train_ref = pair_logps("reference model", reference, &train, norm)?;
-        let eval_ref = pair_logps("reference model", reference, &eval, norm)?;
+        let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
+            let lp = reference.sequence_logps(&pair_seqs(pairs)).map_err(model_err("reference model"))?;
+            Ok(pair_logps(pairs, &lp, norm))
+        };
+        let (train_ref, eval_ref) = (logps(&train)?, logps(&eval)?);
         Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)
+    }
+
+    /// Like [`Self::new`] with the policy's forward and backward on `ctx` and
+    /// every `cross_check_every`-th step (0: never) on the CPU model too,
+    /// compared. The reference log-probs are computed on `ctx` as well, once,
+    /// by the same GPU model holding the reference's weights first (the two
+    /// share an architecture, so its kernels and buffers serve both).
+    pub fn on_gpu(
+        policy: LlamaModel,
+        reference: &LlamaModel,
+        loss: DpoLoss,
+        train: Vec<PairSeqs>,
+        eval: Vec<PairSeqs>,
+        ctx: &GpuContext,
+        cross_check_every: u64,
+    ) -> Result<Self> {
+        check_pairs(&train, &eval)?;
+        let norm = loss.length_normalized();
+        let gpu = GpuLlama::new(ctx, reference).map_err(gpu_err("uploading the reference model"))?;
+        let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
+            let lp = gpu.sequence_logps(&pair_seqs(pairs)).map_err(gpu_err("reference model"))?;
+            Ok(pair_logps(pairs, &lp, norm))
+        };
+        let (train_ref, eval_ref) = (logps(&train)?, logps(&eval)?);
+        gpu.upload(&policy.params).map_err(gpu_err("uploading the policy"))?;
+        let mut obj = Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?;
+        obj.gpu = Some(GpuPolicy::with_model(ctx, gpu, cross_check_every));
+        if cross_check_every > 0 {
+            let copy = LlamaModel::from_params(reference.config.clone(), reference.params.clone()).map_err(model_err("reference model"))?;
+            obj.reference = Some(copy);
+        }
+        Ok(obj)
     }
 
     /// With reference log-probs given per pair (TRL's `ref_chosen_logps` /
@@ -131,19 +311,33 @@ impl DpoObjective {
         eval: Vec<PairSeqs>,
         eval_ref: Vec<(f32, f32)>,
     ) -> Result<Self> {
+        check_pairs(&train, &eval)?;
         for (split, pairs, refs) in [("training", &train, &train_ref), ("evaluation", &eval, &eval_ref)] {
             if pairs.len() != refs.len() {
                 return Err(TrainError::msg(format!("{split}: {} pairs but {} reference log-prob pairs", pairs.len(), refs.len())));
-            }
-            if let Some(i) = pairs.iter().position(|p| p.chosen.scored() == 0 || p.rejected.scored() == 0) {
-                return Err(TrainError::msg(format!("{split} pair {i}: empty chosen or rejected completion")));
             }
             if let Some(i) = refs.iter().position(|r| !r.0.is_finite() || !r.1.is_finite()) {
                 return Err(TrainError::msg(format!("{split} pair {i}: reference log-prob {:?} is not finite", refs[i])));
             }
         }
-        Ok(Self { policy, loss, train, train_ref, eval, eval_ref })
+        Ok(Self { policy, gpu: None, reference: None, loss, train, train_ref, eval, eval_ref })
     }
+
+    /// Moves the policy's forward and backward to `ctx` (the reference log-probs
+    /// stay as they are), checked every `cross_check_every`-th step (0: never).
+    pub fn policy_on_gpu(mut self, ctx: &GpuContext, cross_check_every: u64) -> Result<Self> {
+        self.gpu = Some(GpuPolicy::new(ctx, &self.policy, cross_check_every)?);
+        Ok(self)
+    }
+}
+
+fn check_pairs(train: &[PairSeqs], eval: &[PairSeqs]) -> Result<()> {
+    for (split, pairs) in [("training", train), ("evaluation", eval)] {
+        if let Some(i) = pairs.iter().position(|p| p.chosen.scored() == 0 || p.rejected.scored() == 0) {
+            return Err(TrainError::msg(format!("{split} pair {i}: empty chosen or rejected completion")));
+        }
+    }
+    Ok(())
 }
 
 impl Objective for DpoObjective {
@@ -151,41 +345,73 @@ impl Objective for DpoObjective {
         self.train.len()
     }
 
-    fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
-        self.policy.params.clone_from(params);
-        let seqs: Vec<Sequence> =
-            examples.iter().flat_map(|&i| [self.train[i].chosen.clone(), self.train[i].rejected.clone()]).collect();
-        let fwd = self.policy.forward(&seqs).map_err(model_err("policy forward"))?;
-        let norm = self.loss.length_normalized();
-        let scale = |j: usize| if norm { 1.0 / seqs[j].scored() as f32 } else { 1.0 };
-        let pc: Vec<f32> = (0..examples.len()).map(|b| fwd.logps[2 * b] * scale(2 * b)).collect();
-        let pr: Vec<f32> = (0..examples.len()).map(|b| fwd.logps[2 * b + 1] * scale(2 * b + 1)).collect();
-        let rc: Vec<f32> = examples.iter().map(|&i| self.train_ref[i].0).collect();
-        let rr: Vec<f32> = examples.iter().map(|&i| self.train_ref[i].1).collect();
-        let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
-        let mut dlogps = Vec::with_capacity(seqs.len());
-        for b in 0..examples.len() {
-            dlogps.push(bl.d_chosen[b] * scale(2 * b));
-            dlogps.push(bl.d_rejected[b] * scale(2 * b + 1));
-        }
-        let mut grads = self.policy.zero_grads();
-        self.policy.backward(&fwd, &dlogps, &mut grads).map_err(model_err("policy backward"))?;
+    fn gradient(&mut self, step: u64, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
+        let pairs: Vec<PairSeqs> = examples.iter().map(|&i| self.train[i].clone()).collect();
+        let seqs = pair_seqs(&pairs);
+        let refs: Vec<(f32, f32)> = examples.iter().map(|&i| self.train_ref[i]).collect();
+        let loss = &self.loss;
+        let mut cross_check_ms = 0.0;
+        let (logps, grads) = match &self.gpu {
+            None => {
+                self.policy.params.clone_from(params);
+                cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?
+            }
+            Some(gpu) => {
+                gpu.start(params)?;
+                let (logps, grads) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
+                if gpu.checks(step) {
+                    let t = Instant::now();
+                    let cpu_refs = match &self.reference {
+                        Some(reference) => {
+                            let lp = reference.sequence_logps(&seqs).map_err(model_err("reference model"))?;
+                            let cpu_refs = pair_logps(&pairs, &lp, loss.length_normalized());
+                            compare_logps(step, "reference", &flat(&refs), &flat(&cpu_refs))?;
+                            cpu_refs
+                        }
+                        None => refs.clone(),
+                    };
+                    self.policy.params.clone_from(params);
+                    let (cpu_logps, cpu_grads) = cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &cpu_refs))?;
+                    compare_logps(step, "policy", &logps, &cpu_logps)?;
+                    let (gpu_loss, cpu_loss) = (dpo_batch(loss, &seqs, &logps, &refs)?.0, dpo_batch(loss, &seqs, &cpu_logps, &cpu_refs)?.0);
+                    compare_loss(step, gpu_loss.loss, cpu_loss.loss)?;
+                    compare_gradients(step, &grads, &cpu_grads)?;
+                    cross_check_ms = ms_since(t);
+                }
+                (logps, grads)
+            }
+        };
+        let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)) }))
+        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_check_ms }))
     }
 
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        self.policy.params.clone_from(params);
-        let lp = pair_logps("policy evaluation", &self.policy, &self.eval, self.loss.length_normalized())?;
+        let seqs = pair_seqs(&self.eval);
+        let lp = match &self.gpu {
+            None => {
+                self.policy.params.clone_from(params);
+                self.policy.sequence_logps(&seqs).map_err(model_err("policy evaluation"))?
+            }
+            Some(gpu) => {
+                gpu.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+                gpu.model.sequence_logps(&seqs).map_err(gpu_err("policy evaluation"))?
+            }
+        };
+        let lp = pair_logps(&self.eval, &lp, self.loss.length_normalized());
         let pc: Vec<f32> = lp.iter().map(|x| x.0).collect();
         let pr: Vec<f32> = lp.iter().map(|x| x.1).collect();
         let rc: Vec<f32> = self.eval_ref.iter().map(|x| x.0).collect();
         let rr: Vec<f32> = self.eval_ref.iter().map(|x| x.1).collect();
         let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
         let n = self.eval.len();
-        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)) }))
+        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_check_ms: 0.0 }))
+    }
+
+    fn model_device(&self) -> String {
+        self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
     }
 }

@@ -249,29 +249,9 @@ impl Optimizer {
         }
         let opened = open_gpu_context(backend)
             .map(|ctx| ctx.expect("only BackendRequest::Cpu opens no adapter"))
-            .and_then(|ctx| {
-                let inits: Vec<TensorInit<'_>> = opt
-                    .params
-                    .tensors
-                    .iter()
-                    .map(|t| TensorInit {
-                        name: &t.name,
-                        theta: &t.data,
-                        task: task.map(|(b, s)| {
-                            let b = b.get(&t.name).expect("layout checked in new");
-                            let s = s.get(&t.name).expect("layout checked in new");
-                            (Src::F32(&b.data), Src::F32(&s.data))
-                        }),
-                        tau_dtype: Dtype::F32,
-                    })
-                    .collect();
-                GpuOptimizer::new(ctx, core_config(&opt.cfg).expect("validated in new"), &inits).map_err(|e| e.to_string())
-            });
+            .and_then(|ctx| opt.gpu_side(ctx, task, cross_check_every));
         match opened {
-            Ok(g) => {
-                let adapter = gpu_shaders::context::describe(g.adapter_info());
-                opt.gpu = Some(GpuSide { opt: g, adapter, every: cross_check_every, mirror_step: 0 });
-            }
+            Ok(g) => opt.gpu = Some(g),
             Err(e) if *backend == BackendRequest::Auto => {
                 eprintln!("no usable GPU ({e}); running the optimizer on merge-core (CPU) alone");
             }
@@ -280,11 +260,55 @@ impl Optimizer {
         Ok(opt)
     }
 
+    /// Like [`Optimizer::new`], then moves the state to `ctx`, a device already
+    /// opened by [`open_gpu_context`] (the trainer shares it with the model).
+    pub fn on_device(
+        cfg: OptimConfig,
+        params: ParamSet,
+        task: Option<(&ParamSet, &ParamSet)>,
+        ctx: &GpuContext,
+        cross_check_every: u64,
+    ) -> Result<Self> {
+        let mut opt = Self::new(cfg, params, task)?;
+        let gpu = opt.gpu_side(ctx.clone(), task, cross_check_every).map_err(|e| TrainError::msg(format!("GPU optimizer: {e}")))?;
+        opt.gpu = Some(gpu);
+        Ok(opt)
+    }
+
+    fn gpu_side(&self, ctx: GpuContext, task: Option<(&ParamSet, &ParamSet)>, cross_check_every: u64) -> std::result::Result<GpuSide, String> {
+        let inits: Vec<TensorInit<'_>> = self
+            .params
+            .tensors
+            .iter()
+            .map(|t| TensorInit {
+                name: &t.name,
+                theta: &t.data,
+                task: task.map(|(b, s)| {
+                    let b = b.get(&t.name).expect("layout checked in new");
+                    let s = s.get(&t.name).expect("layout checked in new");
+                    (Src::F32(&b.data), Src::F32(&s.data))
+                }),
+                tau_dtype: Dtype::F32,
+            })
+            .collect();
+        let g = GpuOptimizer::new(ctx, core_config(&self.cfg).expect("validated in new"), &inits).map_err(|e| e.to_string())?;
+        let adapter = gpu_shaders::context::describe(g.adapter_info());
+        Ok(GpuSide { opt: g, adapter, every: cross_check_every, mirror_step: 0 })
+    }
+
     /// Where the steps run, for logs and `verify`.
     pub fn backend_name(&self) -> String {
         match &self.gpu {
             Some(g) => format!("gpu: {}", g.adapter),
             None => "cpu: merge-core".to_string(),
+        }
+    }
+
+    /// The adapter the steps run on, or `cpu`: the metrics' `optimizer_device`.
+    pub fn device(&self) -> String {
+        match &self.gpu {
+            Some(g) => g.adapter.clone(),
+            None => "cpu".to_string(),
         }
     }
 

@@ -33,12 +33,15 @@ pub struct Stats {
     pub count: usize,
     pub loss_sum: f64,
     pub pref: Option<PrefSums>,
+    /// Time spent recomputing the batch on the CPU model and comparing.
+    pub cross_check_ms: f64,
 }
 
 impl Stats {
     pub fn merge(&mut self, o: &Stats) {
         self.count += o.count;
         self.loss_sum += o.loss_sum;
+        self.cross_check_ms += o.cross_check_ms;
         self.pref = match (self.pref, o.pref) {
             (Some(a), Some(b)) => Some(PrefSums {
                 rewards_chosen: a.rewards_chosen + b.rewards_chosen,
@@ -72,10 +75,14 @@ pub trait Objective {
     /// Number of training examples (one epoch).
     fn num_examples(&self) -> usize;
     /// Gradient of the mean loss over `examples` at `params` (same names and shapes
-    /// as `params`), and the batch's statistics.
-    fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)>;
+    /// as `params`), and the batch's statistics. `step` is the optimizer step the
+    /// gradient is for (a model on a GPU is cross-checked on some steps), and the
+    /// time of any such check goes in [`Stats::cross_check_ms`].
+    fn gradient(&mut self, step: u64, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)>;
     /// Statistics on held-out data, if the objective has any.
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>>;
+    /// Where the forward and backward run: the GPU adapter's description, or `cpu`.
+    fn model_device(&self) -> String;
 }
 
 /// Writes the policy as a model directory for a checkpoint (the HF writer).
@@ -264,6 +271,7 @@ pub fn train(
     bar.set_message("training");
     bar.set_position(start.step);
     let inv_accum = 1.0 / spec.grad_accum as f32;
+    let model_device = objective.model_device();
 
     for step in start.step + 1..=spec.steps {
         let t_model = Instant::now();
@@ -272,7 +280,7 @@ pub fn train(
         for _ in 0..spec.grad_accum {
             let examples = order.take(position, spec.batch_size);
             position += spec.batch_size as u64;
-            let (g, st) = objective.gradient(opt.params(), &examples)?;
+            let (g, st) = objective.gradient(step, opt.params(), &examples)?;
             stats.merge(&st);
             match grads.as_mut() {
                 None => grads = Some(g),
@@ -287,7 +295,7 @@ pub fn train(
                 }
             }
         }
-        let model_ms = ms(t_model);
+        let model_ms = ms(t_model) - stats.cross_check_ms;
         let gnorm = grad_norm(&grads);
         let report = opt.step(&grads)?;
 
@@ -296,13 +304,18 @@ pub fn train(
         rec.learning_rate = Some(f64::from(report.learning_rate));
         rec.model_ms = Some(model_ms);
         rec.optimizer_ms = Some(report.optimizer_ms);
-        rec.cross_check_ms = Some(report.cross_check_ms);
+        rec.cross_check_ms = Some(report.cross_check_ms + stats.cross_check_ms);
+        rec.model_device = Some(model_device.clone());
+        rec.optimizer_device = Some(opt.device());
         log.log(&rec)?;
         bar.set_position(step);
         bar.set_message(format!("loss {:.4}", rec.loss));
 
         if spec.eval_every > 0 && step % spec.eval_every == 0 && let Some(ev) = objective.evaluate(opt.params())? {
-            log.log(&ev.to_record(step, "eval"))?;
+            let mut rec = ev.to_record(step, "eval");
+            rec.model_device = Some(model_device.clone());
+            rec.optimizer_device = Some(opt.device());
+            log.log(&rec)?;
         }
         let due = step == spec.steps || (spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0);
         if due && let Some(root) = &spec.checkpoint_root {
@@ -403,7 +416,7 @@ mod tests {
             self.n
         }
 
-        fn gradient(&mut self, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
+        fn gradient(&mut self, _step: u64, params: &ParamSet, examples: &[usize]) -> Result<(ParamSet, Stats)> {
             let mut g = params.zeros_like();
             let mut loss = 0.0f64;
             for &e in examples {
@@ -416,12 +429,16 @@ mod tests {
                     }
                 }
             }
-            Ok((g, Stats { count: examples.len(), loss_sum: loss, pref: None }))
+            Ok((g, Stats { count: examples.len(), loss_sum: loss, ..Default::default() }))
         }
 
         fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
-            let (_, st) = self.gradient(params, &[0, 1])?;
+            let (_, st) = self.gradient(0, params, &[0, 1])?;
             Ok(Some(st))
+        }
+
+        fn model_device(&self) -> String {
+            "cpu".to_string()
         }
     }
 
