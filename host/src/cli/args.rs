@@ -19,6 +19,17 @@ pub enum BackendChoice {
     Cpu,
 }
 
+impl BackendChoice {
+    pub fn request(self) -> crate::train::optim::BackendRequest {
+        use crate::train::optim::BackendRequest;
+        match self {
+            BackendChoice::Auto => BackendRequest::Auto,
+            BackendChoice::Cpu => BackendRequest::Cpu,
+            BackendChoice::Gpu => BackendRequest::Gpu { adapter: None },
+        }
+    }
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct OptimArgs {
     /// Optimizer.

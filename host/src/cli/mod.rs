@@ -25,10 +25,10 @@ use crate::model::llama::{LlamaModel, Sequence};
 use crate::params::ParamSet;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, LmObjective};
-use crate::train::optim::{self, BackendRequest, Optimizer};
+use crate::train::optim::{self, Optimizer};
 use crate::train::run::{self, LoopSpec, Objective, Start};
 use crate::train::{Result, TrainError};
-use args::{BackendChoice, LoopArgs, OptimArgs};
+use args::{LoopArgs, OptimArgs};
 use data::DataArgs;
 
 #[derive(Parser, Debug)]
@@ -205,27 +205,12 @@ fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
     hf::load_model(dir).map(|(m, _)| m).map_err(|e| TrainError::msg(format!("{flag} {}: {e}", dir.display())))
 }
 
-fn backend(o: &OptimArgs) -> BackendRequest {
-    match o.backend {
-        BackendChoice::Auto => BackendRequest::Auto,
-        BackendChoice::Cpu => BackendRequest::Cpu,
-        BackendChoice::Gpu => BackendRequest::Gpu { adapter: None },
-    }
-}
-
 /// The device `--backend` asks for, opened once and shared by the model and the
 /// optimizer; `auto` without a usable hardware adapter runs both on the CPU and
 /// says so once.
 fn training_device(op: &OptimArgs) -> Result<Option<GpuContext>> {
-    let request = backend(op);
-    match optim::open_gpu_context(&request) {
-        Ok(ctx) => Ok(ctx),
-        Err(e) if request == BackendRequest::Auto => {
-            eprintln!("no usable GPU ({e}); running the model on the CPU and the optimizer on merge-core (CPU) alone");
-            Ok(None)
-        }
-        Err(e) => Err(TrainError::msg(format!("--backend gpu: {e}"))),
-    }
+    optim::open_device(&op.backend.request(), "running the model on the CPU and the optimizer on merge-core (CPU) alone")
+        .map_err(|e| TrainError::msg(format!("--backend gpu: {e}")))
 }
 
 /// Shared driver of every training subcommand: checks the flags against the data

@@ -24,7 +24,6 @@ use merge_core::topk::Threshold;
 
 use crate::cli::args::BackendChoice;
 use crate::hf::{CONFIG_FILE, dtype_name};
-use crate::train::optim::BackendRequest;
 use config::{MergeConfig, Method, TokenizerSource, Value};
 use stream::{Elements, ModelFiles, OutTensor, ShardWriter};
 
@@ -474,23 +473,11 @@ impl GpuSide {
 }
 
 fn open_gpu(args: &MergeArgs) -> Result<Option<GpuSide>, MergeError> {
-    let request = match args.backend {
-        BackendChoice::Cpu => BackendRequest::Cpu,
-        BackendChoice::Gpu => BackendRequest::Gpu { adapter: None },
-        BackendChoice::Auto => BackendRequest::Auto,
-    };
-    match crate::train::optim::open_gpu_context(&request) {
-        Ok(None) => Ok(None),
-        Ok(Some(ctx)) => {
-            let adapter = gpu_shaders::context::describe(ctx.adapter_info());
-            Ok(Some(GpuSide { merger: gpu_shaders::offline::GpuMerger::new(ctx), adapter, cross_check_every: args.cross_check_every }))
-        }
-        Err(e) if request == BackendRequest::Auto => {
-            eprintln!("no usable GPU ({e}); merging on merge-core (CPU)");
-            Ok(None)
-        }
-        Err(e) => Err(MergeError::Gpu(e)),
-    }
+    let ctx = crate::train::optim::open_device(&args.backend.request(), "merging on merge-core (CPU)").map_err(MergeError::Gpu)?;
+    Ok(ctx.map(|ctx| {
+        let adapter = gpu_shaders::context::describe(ctx.adapter_info());
+        GpuSide { merger: gpu_shaders::offline::GpuMerger::new(ctx), adapter, cross_check_every: args.cross_check_every }
+    }))
 }
 
 /// Refuses an output folder that holds anything, or that is or contains an input.
@@ -619,14 +606,14 @@ fn write_model(
 ) -> Result<(usize, usize), MergeError> {
     let shards = stream::plan_shards(outs, max_shard);
     let names = stream::shard_file_names(shards.len());
-    let plan_of = |name: &str| &plans[outs.iter().position(|t| t.name == name).expect("planned above")];
     let mut weight_map = serde_json::Map::new();
     let mut merged = 0u64;
     let mut cross_checked = 0usize;
     for (shard, file_name) in shards.iter().zip(&names) {
         let mut writer = ShardWriter::create(&staging.join(file_name), shard)?;
         for t in shard {
-            let plan = plan_of(&t.name);
+            // Shards hold the tensors in `outs` order, so `merged` indexes `plans`.
+            let plan = &plans[merged as usize];
             let loaded =
                 inputs.files.iter().map(|f| Elements::read(&f.tensors[&t.name])).collect::<Result<Vec<_>, _>>()?;
             let srcs: Vec<Src> = loaded.iter().map(Elements::src).collect();

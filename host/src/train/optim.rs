@@ -157,6 +157,19 @@ pub fn open_gpu_context(request: &BackendRequest) -> std::result::Result<Option<
     Ok(Some(ctx))
 }
 
+/// [`open_gpu_context`] with `auto`'s fallback: when no usable adapter opens,
+/// `Auto` gives `Ok(None)` after one line on stderr ending in `fallback` (what
+/// runs instead); an explicit request keeps its error.
+pub fn open_device(request: &BackendRequest, fallback: &str) -> std::result::Result<Option<GpuContext>, String> {
+    match open_gpu_context(request) {
+        Err(e) if *request == BackendRequest::Auto => {
+            eprintln!("no usable GPU ({e}); {fallback}");
+            Ok(None)
+        }
+        opened => opened,
+    }
+}
+
 /// The GPU side: the resident optimizer and the cross-check cadence.
 struct GpuSide {
     opt: GpuOptimizer,
