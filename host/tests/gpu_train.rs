@@ -7,19 +7,14 @@
 //! Runs on lavapipe in CI: no adapter is a failure, never a skip.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use host::hf;
 use host::model::{Family, LlamaConfig, LlamaModel};
 use host::tokenizer::ByteTokenizer;
 use merge_core::dtype::Dtype;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("host-gpu-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{host, stderr, tmp};
 
 /// A tiny Qwen2-style policy (q/k/v biases, grouped-query attention, tied
 /// embeddings) as a Hugging Face directory.
@@ -31,19 +26,6 @@ fn policy(dir: &Path) -> PathBuf {
     let p = dir.join("policy");
     hf::save_model(&p, &model, Dtype::F32).unwrap();
     p
-}
-
-fn host(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_host"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn align_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {

@@ -10,15 +10,11 @@ use std::process::{Command, Output};
 use host::merge::stream::{self, ModelFiles, OutTensor, ShardWriter};
 use merge_core::dtype::{Dtype, bf16_to_f32};
 
+mod common;
+use common::tmp;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/merge")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("host-merge-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn host_in(dir: &Path, args: &[&str]) -> Output {

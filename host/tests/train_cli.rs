@@ -12,12 +12,8 @@ use host::model::llama::LlamaModel;
 use host::tokenizer::ByteTokenizer;
 use merge_core::dtype::Dtype;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("host-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{host, stderr, tmp};
 
 /// A tiny base model and an SFT model near it, as Hugging Face directories.
 fn models(dir: &Path) -> (PathBuf, PathBuf) {
@@ -34,19 +30,6 @@ fn models(dir: &Path) -> (PathBuf, PathBuf) {
     hf::save_model(&b, &base, Dtype::F32).unwrap();
     hf::save_model(&s, &sft, Dtype::F32).unwrap();
     (b, s)
-}
-
-fn host(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_host"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn align_args<'a>(base: &'a str, sft: &'a str, out: &'a str, optimizer: &'a str, backend: &'a str, steps: &'a str) -> Vec<&'a str> {
