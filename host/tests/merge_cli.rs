@@ -428,3 +428,26 @@ fn the_thread_count_changes_no_bit_and_not_which_bad_element_is_named() {
         assert!(msg.contains("non-finite model 0 weights at element 100000"), "--threads {threads}: {msg}");
     }
 }
+
+#[test]
+fn a_gpu_merge_of_more_models_than_the_kernel_binds_is_refused_up_front() {
+    let dir = tmp("gpu-five");
+    let mut yaml = String::from("merge_method: linear\nmodels:\n");
+    for (i, m) in ["base", "ft1", "ft2", "ft3", "ft1"].iter().enumerate() {
+        let to = dir.join(format!("m{i}"));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixtures().join("models").join(m).join(f), to.join(f)).unwrap();
+        }
+        yaml.push_str(&format!("  - model: m{i}\n    parameters: {{weight: 0.2}}\n"));
+    }
+    std::fs::write(dir.join("five.yml"), &yaml).unwrap();
+    let msg = err(&host_in(&dir, &["merge", "five.yml", "out", "--backend", "gpu"]));
+    assert!(msg.contains("the GPU merge kernel takes at most 4 models; use --backend cpu"), "{msg}");
+    assert!(!dir.join("out").exists());
+    // Four models fit the kernel.
+    let four = yaml.rsplitn(2, "  - model: m4").last().unwrap().to_string();
+    std::fs::write(dir.join("four.yml"), four).unwrap();
+    let stdout = ok(&host_in(&dir, &["merge", "four.yml", "out4", "--backend", "gpu"]));
+    assert!(stdout.contains("cross-checked bit for bit"), "{stdout}");
+}

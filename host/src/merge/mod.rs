@@ -447,10 +447,15 @@ struct GpuSide {
 }
 
 impl GpuSide {
-    /// Whether this plan runs on the GPU (SLERP and merges of more models than
-    /// the kernel binds stay on merge-core).
+    /// Whether this plan runs on the GPU: SLERP, and merges of more models than the
+    /// kernel binds (linear's inputs are all models; task-vector methods bind
+    /// the base apart), stay on merge-core.
     fn takes(plan: &TensorPlan, inputs: usize) -> bool {
-        !matches!(plan, TensorPlan::Slerp { .. }) && inputs <= gpu_shaders::offline::GPU_MAX_MODELS + 1
+        match plan {
+            TensorPlan::Linear { .. } => inputs <= gpu_shaders::offline::GPU_MAX_MODELS,
+            TensorPlan::Gta { .. } => inputs <= gpu_shaders::offline::GPU_MAX_MODELS + 1,
+            TensorPlan::Slerp { .. } => false,
+        }
     }
 
     fn merge(&self, name: &str, plan: &TensorPlan, seed: u64, inputs: &[Src<'_>], out: &mut Dst<'_>) -> Result<(), String> {
@@ -544,7 +549,7 @@ pub fn run(args: &MergeArgs) -> Result<MergeReport, MergeError> {
     let gpu = open_gpu(args)?;
     if let Some(g) = &gpu
         && args.backend == BackendChoice::Gpu
-        && inputs.files.len() > gpu_shaders::offline::GPU_MAX_MODELS + 1
+        && plans.first().is_some_and(|p| !matches!(p, TensorPlan::Slerp { .. }) && !GpuSide::takes(p, inputs.files.len()))
     {
         return Err(MergeError::Gpu(format!(
             "{}: the GPU merge kernel takes at most {} models; use --backend cpu",
