@@ -283,12 +283,14 @@ fn plan_tensor(cfg: &MergeConfig, inputs: &Inputs, tensor: &str, t: f64) -> Resu
             Ok(TensorPlan::Slerp { t: t_param })
         }
         method => {
-            let (sparsify, consensus, default_normalize) = match method {
-                Method::TaskArithmetic => (Sparsify::None, false, false),
-                Method::Ties => (Sparsify::Magnitude, true, true),
-                Method::DareLinear => (Sparsify::Random, false, false),
-                _ => (Sparsify::Random, true, false),
+            // merge-core's presets carry mergekit's `normalize` defaults.
+            let preset = match method {
+                Method::TaskArithmetic => Gta::TASK_ARITHMETIC,
+                Method::Ties => Gta::TIES,
+                Method::DareLinear => Gta::DARE_LINEAR,
+                _ => Gta::DARE_TIES,
             };
+            let sparsify = preset.sparsify;
             // mergekit 0.1.5 rescales DARE's kept values to the task vector's L1
             // norm by default; merge-core multiplies by 1/density (the DARE paper's
             // rescale, equal in expectation). Neither `rescale` setting that asks
@@ -307,10 +309,9 @@ fn plan_tensor(cfg: &MergeConfig, inputs: &Inputs, tensor: &str, t: f64) -> Resu
                 )));
             }
             let config = Gta {
-                sparsify,
-                consensus,
-                normalize: flag(cfg, "normalize", tensor, t, default_normalize)?,
-                lambda: number(cfg, "lambda", None, tensor, t)?.unwrap_or(1.0),
+                normalize: flag(cfg, "normalize", tensor, t, preset.normalize)?,
+                lambda: number(cfg, "lambda", None, tensor, t)?.unwrap_or(preset.lambda),
+                ..preset
             };
             let mut params = Vec::new();
             for (f, e) in inputs.files.iter().zip(&inputs.entry).skip(1) {
