@@ -3,10 +3,11 @@
 //!
 //! The policy's forward and backward run on the CPU model, or on a GPU
 //! ([`LmObjective::on_gpu`], [`DpoObjective::on_gpu`]): then the weights are
-//! uploaded at every gradient call, the gradients read back for the optimizer,
+//! uploaded once per step, the gradients read back after every micro-batch,
 //! and every N-th step recomputed on the CPU model from the same weights and
 //! batch and compared ([`model_check`](super::model_check)).
 
+use std::cell::Cell;
 use std::time::Instant;
 
 use gpu_shaders::GpuContext;
@@ -38,6 +39,9 @@ struct GpuPolicy {
     device: String,
     /// Recompute every N-th step on the CPU model (0: never).
     cross_check_every: u64,
+    /// The step whose weights the device holds: the optimizer changes them only
+    /// between steps, so the micro-batches of one step upload them once.
+    weights_of_step: Cell<Option<u64>>,
 }
 
 impl GpuPolicy {
@@ -47,18 +51,27 @@ impl GpuPolicy {
     }
 
     fn with_model(ctx: &GpuContext, model: GpuLlama, cross_check_every: u64) -> Self {
-        Self { model, device: gpu_shaders::context::describe(ctx.adapter_info()), cross_check_every }
+        Self { model, device: gpu_shaders::context::describe(ctx.adapter_info()), cross_check_every, weights_of_step: Cell::new(None) }
     }
 
     fn checks(&self, step: u64) -> bool {
         self.cross_check_every > 0 && step.is_multiple_of(self.cross_check_every)
     }
 
-    /// The optimizer's current weights on the device, gradients cleared.
-    fn start(&self, params: &ParamSet) -> Result<()> {
-        self.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+    /// The optimizer's weights of `step` on the device, gradients cleared.
+    fn start(&self, step: u64, params: &ParamSet) -> Result<()> {
+        if self.weights_of_step.get() != Some(step) {
+            self.upload(params)?;
+            self.weights_of_step.set(Some(step));
+        }
         self.model.zero_grads();
         Ok(())
+    }
+
+    /// Weights from outside the step sequence (evaluation, the reference model).
+    fn upload(&self, params: &ParamSet) -> Result<()> {
+        self.weights_of_step.set(None);
+        self.model.upload(params).map_err(gpu_err("uploading the weights"))
     }
 
     fn read_grads(&self) -> Result<ParamSet> {
@@ -133,7 +146,7 @@ impl Objective for LmObjective {
                 cpu_backward(&self.model, &seqs, coefs)?
             }
             Some(gpu) => {
-                gpu.start(params)?;
+                gpu.start(step, params)?;
                 let (logps, grads) = gpu_backward(gpu, &seqs, coefs)?;
                 if gpu.checks(step) {
                     let t = Instant::now();
@@ -161,7 +174,7 @@ impl Objective for LmObjective {
                 self.model.cross_entropy(&self.eval).map_err(model_err("evaluation"))?
             }
             Some(gpu) => {
-                gpu.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+                gpu.upload(params)?;
                 gpu.model.cross_entropy(&self.eval).map_err(gpu_err("evaluation"))?
             }
         };
@@ -357,7 +370,7 @@ impl Objective for DpoObjective {
                 cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?
             }
             Some(gpu) => {
-                gpu.start(params)?;
+                gpu.start(step, params)?;
                 let (logps, grads) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
                 if gpu.checks(step) {
                     let t = Instant::now();
@@ -397,7 +410,7 @@ impl Objective for DpoObjective {
                 self.policy.sequence_logps(&seqs).map_err(model_err("policy evaluation"))?
             }
             Some(gpu) => {
-                gpu.model.upload(params).map_err(gpu_err("uploading the weights"))?;
+                gpu.upload(params)?;
                 gpu.model.sequence_logps(&seqs).map_err(gpu_err("policy evaluation"))?
             }
         };
