@@ -4,7 +4,8 @@
 // `Result<_, Error>` larger than clippy's default limit; a deliberate trade.
 #![allow(clippy::result_large_err)]
 
-// `std` only lends the vectorizable square root (see `arith::sqrt`).
+// `std` lends the vectorizable square root (see `arith::sqrt`) and threads
+// (`parallel`); the rest of the crate never allocates.
 #[cfg(feature = "std")]
 extern crate std;
 
@@ -17,6 +18,8 @@ pub mod hyper;
 pub mod offline;
 pub mod onties;
 pub mod optim;
+#[cfg(feature = "std")]
+pub mod parallel;
 pub mod reduce;
 pub mod rng;
 pub mod step;

@@ -370,6 +370,17 @@ impl StepPlan {
         matches!(self.merge, MergeParams::Ties(_)) && self.phase == Phase::Merge
     }
 
+    /// Whether tensors need a cached-delta slice (`Δ_c`, step-K with `k > 1`).
+    pub fn needs_cached_delta(&self) -> bool {
+        self.need_cached
+    }
+
+    /// Whether this step trims the update over all tensors at once (OnTIES with
+    /// global scope on a merge step).
+    pub fn trims_globally(&self) -> bool {
+        matches!(self.merge, MergeParams::Ties(t) if t.scope == Scope::Global) && self.phase == Phase::Merge
+    }
+
     /// The clip value the OnDARE rescale clamps to.
     pub fn clip(&self) -> f32 {
         match self.merge {
@@ -390,7 +401,7 @@ impl StepPlan {
     /// error nothing is written. OnTIES with global scope needs every tensor at
     /// once: use [`StepPlan::step_tensors`].
     pub fn step_tensor_with_scratch(&self, name: &str, grad: &[f32], state: TensorState<'_>, scratch: &mut [f32]) -> Result<(), Error> {
-        if matches!(self.merge, MergeParams::Ties(t) if t.scope == Scope::Global) && self.phase == Phase::Merge {
+        if self.trims_globally() {
             return Err(Error::Misuse { what: "per-tensor scope for step_tensor (global scope: use step_tensors)" });
         }
         let TensorState { theta, m, v, cached, tau } = state;

@@ -87,6 +87,28 @@ impl TreeSum {
         }
     }
 
+    /// Feeds everything `later` was fed, as if its leaves had followed these: its
+    /// complete subtrees go in from the largest down. Valid when the leaves so far
+    /// fill whole subtrees of `later`'s largest size (a chunk that starts at a
+    /// multiple of a power of two no smaller than itself), which is how chunks
+    /// summed on different threads join into the one tree; `false` (and nothing
+    /// changed) otherwise.
+    pub fn append(&mut self, later: &TreeSum) -> bool {
+        if later.count == 0 {
+            return true;
+        }
+        let top = 63 - later.count.leading_zeros();
+        if !self.count.is_multiple_of(1u64 << top) {
+            return false;
+        }
+        for l in (0..=top).rev() {
+            if later.count & (1u64 << l) != 0 {
+                self.push_subtree(later.partial[l as usize], l);
+            }
+        }
+        true
+    }
+
     /// The tree sum of everything fed (`+0` if nothing was).
     pub fn finish(&self) -> f32 {
         let mut acc: Option<f32> = None;
@@ -180,6 +202,33 @@ mod tests {
                 assert_eq!(t.len(), n as u64);
             }
         }
+    }
+
+    #[test]
+    fn chunks_summed_apart_append_to_the_same_tree() {
+        let mut rng = Rng::new(11);
+        let mut xs = [0.0f32; 1000];
+        for x in xs.iter_mut() {
+            *x = rng.wide_f32();
+        }
+        for chunk in [1usize, 2, 64, 128, 256] {
+            for n in [0usize, 1, 255, 256, 257, 1000] {
+                let mut joined = TreeSum::new();
+                for part in xs[..n].chunks(chunk) {
+                    let mut t = TreeSum::new();
+                    t.push_slice(part);
+                    assert!(joined.append(&t));
+                }
+                assert_eq!(joined.finish().to_bits(), tree_sum(&xs[..n]).to_bits(), "chunk={chunk} n={n}");
+                assert_eq!(joined.len(), n as u64);
+            }
+        }
+        // Three leaves, then a chunk of two: not aligned, refused and unchanged.
+        let (mut a, mut b) = (TreeSum::new(), TreeSum::new());
+        a.push_slice(&xs[..3]);
+        b.push_slice(&xs[3..5]);
+        assert!(!a.append(&b));
+        assert_eq!(a.len(), 3);
     }
 
     #[test]

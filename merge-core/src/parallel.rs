@@ -1,0 +1,600 @@
+//! Whole-tensor optimizer steps on several threads (feature `std`).
+//!
+//! The same passes as [`StepPlan::step_tensors`], cut into chunks of [`CHUNK`]
+//! elements that threads take in contiguous runs. A chunk's result depends only on
+//! its own elements and the step's plan (masks use global indices, SPEC.md §2),
+//! the chunks' L1 partial sums join in index order into the one fixed tree
+//! ([`TreeSum::append`], SPEC.md §3), and the OnTIES threshold is selected over
+//! the whole update, so the bits do not depend on the number of threads: they are
+//! those of [`StepPlan::step_tensors`].
+//!
+//! Parameters and gradients may be stored in bfloat16 or float16 (a model trained
+//! in 16 bits): each chunk is widened into thread-local binary32 buffers, stepped,
+//! and the new parameter rounded to its format (SPEC.md §7); a value that would
+//! overflow the format is refused in the validating pass, so nothing is written.
+//! The moments, the cached delta and the task vector's arithmetic stay binary32.
+
+use std::thread;
+use std::vec::Vec;
+
+use crate::dtype::{Dtype, Src, f32_to_bf16, f32_to_f16, store_error};
+use crate::error::{Error, tensor_name};
+use crate::optim::StepPlan;
+use crate::step::{MergePlan, Norms, StateMut, StateRef, TensorStep};
+
+/// Elements per chunk: a power of two (so chunk sums are whole subtrees of the L1
+/// tree) and a multiple of the step's block.
+pub const CHUNK: usize = 1 << 16;
+
+/// A parameter tensor, written in place in its own format.
+#[derive(Debug)]
+pub enum Param<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+    F16(&'a mut [u16]),
+}
+
+impl<'a> Param<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            Param::F32(s) => s.len(),
+            Param::Bf16(s) | Param::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Param::F32(_) => Dtype::F32,
+            Param::Bf16(_) => Dtype::Bf16,
+            Param::F16(_) => Dtype::F16,
+        }
+    }
+
+    fn as_src(&self) -> Src<'_> {
+        match self {
+            Param::F32(s) => Src::F32(s),
+            Param::Bf16(s) => Src::Bf16(s),
+            Param::F16(s) => Src::F16(s),
+        }
+    }
+
+    fn chunks(&mut self) -> Vec<Param<'_>> {
+        match self {
+            Param::F32(s) => s.chunks_mut(CHUNK).map(Param::F32).collect(),
+            Param::Bf16(s) => s.chunks_mut(CHUNK).map(Param::Bf16).collect(),
+            Param::F16(s) => s.chunks_mut(CHUNK).map(Param::F16).collect(),
+        }
+    }
+}
+
+/// One tensor of [`step_tensors`].
+#[derive(Debug)]
+pub struct ParallelJob<'a> {
+    pub name: &'a str,
+    pub grad: Src<'a>,
+    pub theta: Param<'a>,
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+    /// `Δ_c`, required when `k > 1`.
+    pub cached: Option<&'a mut [f32]>,
+    /// The stored task vector `τ'`; may be empty when the step does not read it
+    /// (plain AdamW, step-K's accumulating steps).
+    pub tau: Src<'a>,
+}
+
+/// Steps several tensors on up to `threads` threads, with the bits and the
+/// all-or-nothing contract of [`StepPlan::step_tensors`]: every tensor is
+/// validated before any is written. OnTIES needs room for the update: one
+/// binary32 buffer as large as the largest tensor (per-tensor scope) or as all of
+/// them (global scope), allocated for the step.
+pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize) -> Result<(), Error> {
+    let threads = threads.max(1);
+    let mut steps = Vec::with_capacity(jobs.len());
+    for job in jobs.iter() {
+        check_lengths(plan, job)?;
+        steps.push(plan.tensor(job.name, job.m.len() as u64)?);
+    }
+    if plan.needs_norms() {
+        let chunks = chunk_views(jobs);
+        let norms = run(threads, chunks, |c, buf| {
+            let mut norms = Norms::default();
+            let (grad, theta) = buf.widen(c.grad, c.theta);
+            steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), c.tau, Some(&mut norms), None)?;
+            Ok((c.job, norms))
+        })?;
+        let mut joined: Vec<Norms> = steps.iter().map(|_| Norms::default()).collect();
+        for (job, part) in norms {
+            let into = &mut joined[job];
+            if !(into.update.append(&part.update) && into.sparse.append(&part.sparse)) {
+                return Err(Error::Misuse { what: "chunk norms joined in index order" });
+            }
+        }
+        for (step, norms) in steps.iter_mut().zip(&joined) {
+            step.rescale = norms.rescale(step.name, plan.scalars().eps, plan.clip())?;
+        }
+    }
+    if plan.needs_update_scratch() {
+        select_ties(plan, jobs, &mut steps, threads)?;
+    }
+    // Validate everything, then write: a failing chunk anywhere writes nothing.
+    let steps = &steps;
+    run(threads, chunk_views(jobs), |c, buf| buf.check(&steps[c.job], &c))?;
+    run(threads, chunk_muts(jobs), |c, buf| buf.write(&steps[c.job], c))?;
+    Ok(())
+}
+
+fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
+    let n = job.m.len();
+    let mut lens = [("gradient", job.grad.len()), ("parameter", job.theta.len()), ("exp_avg_sq", job.v.len()), ("task vector", job.tau.len())];
+    if job.tau.is_empty() {
+        lens[3].1 = n; // the step's own check names it if it needs one
+    }
+    for (what, len) in lens {
+        if len != n {
+            return Err(Error::LengthMismatch { tensor: tensor_name(job.name), what, expected: n as u64, found: len as u64 });
+        }
+    }
+    match (&job.cached, plan.needs_cached_delta()) {
+        (Some(c), _) if c.len() != n => Err(Error::LengthMismatch { tensor: tensor_name(job.name), what: "cached delta", expected: n as u64, found: c.len() as u64 }),
+        (None, true) => Err(Error::LengthMismatch { tensor: tensor_name(job.name), what: "cached delta (required when k > 1)", expected: n as u64, found: 0 }),
+        _ => Ok(()),
+    }
+}
+
+/// The OnTIES selections: the update is scanned into a buffer in parallel, then
+/// trimmed over its scope (one tensor, or all of them in bytewise name order).
+fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize) -> Result<(), Error> {
+    let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
+    if plan.trims_globally() {
+        for pair in jobs.windows(2) {
+            if pair[0].name.as_bytes() >= pair[1].name.as_bytes() {
+                return Err(Error::Misuse { what: "global-scope tensors in strictly ascending bytewise name order" });
+            }
+        }
+        let mut update = std::vec![0.0f32; lens.iter().sum()];
+        scan_updates(jobs, steps, &mut update, None, threads)?;
+        let mut parts = Vec::with_capacity(jobs.len());
+        let mut rest = &update[..];
+        for &n in &lens {
+            let (head, tail) = rest.split_at(n);
+            parts.push(head);
+            rest = tail;
+        }
+        let selection = plan.ties_selection("all tensors (global scope)", &parts)?;
+        let mut offset = 0u64;
+        for (step, &n) in steps.iter_mut().zip(&lens) {
+            set_selection(step, selection, offset);
+            offset += n as u64;
+        }
+    } else {
+        let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
+        for (j, &n) in lens.iter().enumerate() {
+            scan_updates(jobs, steps, &mut update[..n], Some(j), threads)?;
+            let selection = plan.ties_selection(steps[j].name, &[&update[..n]])?;
+            set_selection(&mut steps[j], selection, 0);
+        }
+    }
+    Ok(())
+}
+
+fn set_selection(step: &mut TensorStep<'_>, sel: crate::step::TiesSelection, scope_offset: u64) {
+    if let MergePlan::Ties { selection, offset, .. } = &mut step.merge {
+        *selection = Some(sel);
+        *offset = scope_offset;
+    }
+}
+
+/// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`.
+fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize) -> Result<(), Error> {
+    let chunks: Vec<_> = chunk_views(jobs).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
+    let mut outs = Vec::with_capacity(chunks.len());
+    let mut rest = out;
+    for c in &chunks {
+        let (head, tail) = rest.split_at_mut(c.len);
+        outs.push(head);
+        rest = tail;
+    }
+    let items: Vec<_> = chunks.into_iter().zip(outs).collect();
+    run(threads, items, |(c, out), buf| {
+        let (grad, theta) = buf.widen(c.grad, c.theta);
+        steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), c.tau, None, Some(out))
+    })?;
+    Ok(())
+}
+
+/// One chunk of one tensor, read-only.
+struct ChunkView<'a> {
+    job: usize,
+    lo: usize,
+    len: usize,
+    grad: Src<'a>,
+    theta: Src<'a>,
+    m: &'a [f32],
+    v: &'a [f32],
+    cached: Option<&'a [f32]>,
+    tau: Src<'a>,
+}
+
+impl<'a> ChunkView<'a> {
+    fn state<'s>(&self, theta: &'s [f32]) -> StateRef<'s>
+    where
+        'a: 's,
+    {
+        StateRef { theta, m: self.m, v: self.v, cached: self.cached }
+    }
+}
+
+/// One chunk of one tensor, to be written.
+struct ChunkMut<'a> {
+    job: usize,
+    lo: usize,
+    grad: Src<'a>,
+    theta: Param<'a>,
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    cached: Option<&'a mut [f32]>,
+    tau: Src<'a>,
+}
+
+fn tau_chunk<'a>(tau: Src<'a>, lo: usize, len: usize) -> Src<'a> {
+    if tau.is_empty() { tau } else { tau.slice(lo, len) }
+}
+
+fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
+    let mut out = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        let n = job.m.len();
+        for lo in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - lo);
+            out.push(ChunkView {
+                job: j,
+                lo,
+                len,
+                grad: job.grad.slice(lo, len),
+                theta: job.theta.as_src().slice(lo, len),
+                m: &job.m[lo..lo + len],
+                v: &job.v[lo..lo + len],
+                cached: job.cached.as_deref().map(|c| &c[lo..lo + len]),
+                tau: tau_chunk(job.tau, lo, len),
+            });
+        }
+    }
+    out
+}
+
+fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>]) -> Vec<ChunkMut<'a>> {
+    let mut out = Vec::new();
+    for (j, job) in jobs.iter_mut().enumerate() {
+        let n = job.m.len();
+        let mut cached = job.cached.as_deref_mut().map(|c| c.chunks_mut(CHUNK));
+        let parts = job.theta.chunks().into_iter().zip(job.m.chunks_mut(CHUNK)).zip(job.v.chunks_mut(CHUNK));
+        for (c, ((theta, m), v)) in parts.enumerate() {
+            let lo = c * CHUNK;
+            let len = CHUNK.min(n - lo);
+            out.push(ChunkMut {
+                job: j,
+                lo,
+                grad: job.grad.slice(lo, len),
+                theta,
+                m,
+                v,
+                cached: cached.as_mut().and_then(|it| it.next()),
+                tau: tau_chunk(job.tau, lo, len),
+            });
+        }
+    }
+    out
+}
+
+/// Thread-local binary32 room for chunks stored in 16 bits.
+#[derive(Default)]
+struct Buffers {
+    grad: Vec<f32>,
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    cached: Vec<f32>,
+}
+
+/// `src` as binary32: itself when it is, else widened into `buf`.
+fn widened<'b>(src: Src<'b>, buf: &'b mut Vec<f32>) -> &'b [f32] {
+    match src {
+        Src::F32(s) => s,
+        _ => {
+            buf.resize(src.len(), 0.0);
+            src.load_into(0, buf);
+            buf
+        }
+    }
+}
+
+fn copied<'b>(src: &[f32], buf: &'b mut Vec<f32>) -> &'b mut [f32] {
+    buf.clear();
+    buf.extend_from_slice(src);
+    buf
+}
+
+impl Buffers {
+    fn widen<'b>(&'b mut self, grad: Src<'b>, theta: Src<'b>) -> (&'b [f32], &'b [f32]) {
+        (widened(grad, &mut self.grad), widened(theta, &mut self.theta))
+    }
+
+    fn check(&mut self, step: &TensorStep<'_>, c: &ChunkView<'_>) -> Result<(), Error> {
+        let Buffers { grad, theta, m, v, cached } = self;
+        let grad = widened(c.grad, grad);
+        let dtype = c.theta.dtype();
+        if dtype == Dtype::F32 {
+            let Src::F32(theta) = c.theta else { unreachable!() };
+            return step.check_chunk(c.lo as u64, grad, c.state(theta), c.tau);
+        }
+        // The new parameter must also fit its 16-bit format: step copies, then look.
+        let theta = {
+            theta.resize(c.len, 0.0);
+            c.theta.load_into(0, theta);
+            &mut theta[..]
+        };
+        let state = StateMut { theta, m: copied(c.m, m), v: copied(c.v, v), cached: c.cached.map(|s| copied(s, cached)) };
+        step.write_chunk(c.lo as u64, grad, state, c.tau)?;
+        for (i, &x) in theta.iter().enumerate() {
+            let fits = if dtype == Dtype::Bf16 { f32_to_bf16(x).map(|_| ()) } else { f32_to_f16(x).map(|_| ()) };
+            fits.map_err(|e| store_error(step.name, "updated parameter", (c.lo + i) as u64, e, dtype))?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
+        let ChunkMut { lo, grad, theta, m, v, cached, tau, .. } = c;
+        let Buffers { grad: grad_buf, theta: theta_buf, .. } = self;
+        let grad = widened(grad, grad_buf);
+        let offset = lo as u64;
+        let (out, dtype) = match theta {
+            Param::F32(theta) => return step.write_chunk(offset, grad, StateMut { theta, m, v, cached }, tau),
+            Param::Bf16(out) => (out, Dtype::Bf16),
+            Param::F16(out) => (out, Dtype::F16),
+        };
+        theta_buf.resize(out.len(), 0.0);
+        if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
+        step.write_chunk(offset, grad, StateMut { theta: theta_buf, m, v, cached }, tau)?;
+        // The validating pass rounded these same values, so none can fail here.
+        for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
+            let stored = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
+            *o = stored.map_err(|e| store_error(step.name, "updated parameter", offset + i as u64, e, dtype))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `work` over `items` on up to `threads` threads, each taking a contiguous
+/// run of about as many items (chunks are equal but for each tensor's last), and returns the results in item order. On failure
+/// the error of the lowest failing item is returned (each run stops at its first).
+fn run<T: Send, R: Send>(threads: usize, items: Vec<T>, work: impl Fn(T, &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+    let per = items.len().div_ceil(threads).max(1);
+    if threads == 1 || items.len() <= 1 {
+        let mut buf = Buffers::default();
+        return items.into_iter().map(|it| work(it, &mut buf)).collect();
+    }
+    let mut runs: Vec<Vec<T>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        runs.push(items.by_ref().take(per).collect());
+    }
+    let work = &work;
+    thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|run| {
+                s.spawn(move || {
+                    let mut buf = Buffers::default();
+                    run.into_iter().map(|it| work(it, &mut buf)).collect::<Result<Vec<R>, Error>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            match h.join() {
+                Ok(r) => out.extend(r?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dare::{DareConfig, DareVariant};
+    use crate::dtype::bf16_to_f32;
+    use crate::hyper::AdamConfig;
+    use crate::onties::Variant;
+    use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TiesConfig};
+    use crate::testutil::Rng;
+    use std::string::String;
+    use std::vec;
+
+    /// Sizes around the chunk boundary, with names out of insertion order.
+    const TENSORS: [(&str, usize); 4] = [("a.bias", 1), ("b.weight", CHUNK + 3), ("c.weight", 2 * CHUNK + 300), ("d.empty", 0)];
+
+    #[derive(Clone, PartialEq, Debug)]
+    struct State {
+        theta: Vec<f32>,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        cached: Vec<f32>,
+        tau: Vec<f32>,
+    }
+
+    fn states(seed: u64) -> Vec<State> {
+        let mut rng = Rng::new(seed);
+        TENSORS
+            .iter()
+            .map(|&(_, n)| {
+                let mut draw = |scale: f32| (0..n).map(|_| rng.unit_f32() * scale).collect::<Vec<f32>>();
+                State { theta: draw(0.5), m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n], tau: draw(1e-3) }
+            })
+            .collect()
+    }
+
+    fn grads(rng: &mut Rng) -> Vec<Vec<f32>> {
+        TENSORS.iter().map(|&(_, n)| (0..n).map(|_| rng.unit_f32() * 1e-2).collect()).collect()
+    }
+
+    fn configs() -> Vec<(String, OnlineConfig)> {
+        let adam = AdamConfig { lr: 1e-3, weight_decay: 0.01, ..AdamConfig::default() };
+        let dare = |variant, rescale| Merge::Dare(DareConfig { variant, p: 0.3, alpha: 0.1, rescale, clip: 1e-3 });
+        let ties = |variant, rescale, scope| Merge::Ties(TiesConfig { variant, p: 0.05, alpha: 0.1, rescale, scope });
+        let merges = [
+            ("adamw", Merge::None),
+            ("dare", dare(DareVariant::Reference, false)),
+            ("dare-rescale", dare(DareVariant::Reference, true)),
+            ("dare-paper-rescale", dare(DareVariant::Paper, true)),
+            ("ties", ties(Variant::Reference, false, Scope::PerTensor)),
+            ("ties-paper-rescale", ties(Variant::Paper, true, Scope::PerTensor)),
+            ("ties-global-rescale", ties(Variant::Reference, true, Scope::Global)),
+        ];
+        let mut out = Vec::new();
+        for (name, merge) in merges {
+            for k in [1, 2] {
+                out.push((std::format!("{name} k={k}"), OnlineConfig { adam, merge, k, seed: 5 }));
+            }
+        }
+        out
+    }
+
+    fn sequential_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32) -> Result<(), Error> {
+        let mut scratch: Vec<Vec<f32>> = g.iter().map(|x| vec![0.0; x.len()]).collect();
+        let mut jobs: Vec<StepJob<'_>> = st
+            .iter_mut()
+            .zip(g)
+            .zip(TENSORS)
+            .zip(scratch.iter_mut())
+            .map(|(((s, g), (name, _)), scratch)| StepJob {
+                name,
+                grad: g,
+                theta: &mut s.theta,
+                m: &mut s.m,
+                v: &mut s.v,
+                cached: (k > 1).then_some(&mut s.cached[..]),
+                tau: Src::F32(&s.tau),
+                scratch,
+            })
+            .collect();
+        plan.step_tensors(&mut jobs)
+    }
+
+    fn parallel_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize) -> Result<(), Error> {
+        let mut jobs: Vec<ParallelJob<'_>> = st
+            .iter_mut()
+            .zip(g)
+            .zip(TENSORS)
+            .map(|((s, g), (name, _))| ParallelJob {
+                name,
+                grad: Src::F32(g),
+                theta: Param::F32(&mut s.theta),
+                m: &mut s.m,
+                v: &mut s.v,
+                cached: (k > 1).then_some(&mut s.cached[..]),
+                tau: Src::F32(&s.tau),
+            })
+            .collect();
+        step_tensors(plan, &mut jobs, threads)
+    }
+
+    #[test]
+    fn every_thread_count_gives_the_bits_of_step_tensors() {
+        for (label, cfg) in configs() {
+            let mut opt = Optimizer::new(cfg).unwrap();
+            let mut want = states(1);
+            let mut got: Vec<Vec<State>> = [1, 2, 3, 7].iter().map(|_| states(1)).collect();
+            let mut rng = Rng::new(2);
+            for _ in 0..3 {
+                let plan = opt.begin_step().unwrap();
+                let g = grads(&mut rng);
+                sequential_step(&plan, &mut want, &g, cfg.k).unwrap();
+                for (st, threads) in got.iter_mut().zip([1, 2, 3, 7]) {
+                    parallel_step(&plan, st, &g, cfg.k, threads).unwrap();
+                    assert!(*st == want, "{label}, {threads} threads, step {}", plan.step());
+                }
+            }
+            assert!(want[2].theta != states(1)[2].theta, "{label}: the step changed nothing");
+        }
+    }
+
+    #[test]
+    fn a_bad_element_anywhere_writes_nothing_and_names_the_first() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l == "dare-rescale k=1").unwrap();
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        let mut g = grads(&mut Rng::new(3));
+        g[2][2 * CHUNK + 7] = f32::NAN;
+        g[2][CHUNK + 9] = f32::INFINITY;
+        let mut want = states(1);
+        let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
+        for threads in [1, 2, 4] {
+            let mut st = states(1);
+            let err = parallel_step(&plan, &mut st, &g, 1, threads).unwrap_err();
+            assert_eq!(err, want_err);
+            assert!(st == states(1), "{threads} threads wrote after an error");
+        }
+        assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
+    }
+
+    #[test]
+    fn bf16_parameters_step_as_their_binary32_widening_then_round() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l == "ties-global-rescale k=1").unwrap();
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        let g = grads(&mut Rng::new(4));
+        let base = states(1);
+        let bits: Vec<Vec<u16>> = base.iter().map(|s| s.theta.iter().map(|&x| f32_to_bf16(x).unwrap()).collect()).collect();
+        let g16: Vec<Vec<u16>> = g.iter().map(|x| x.iter().map(|&v| f32_to_bf16(v).unwrap()).collect()).collect();
+        // Expected: the binary32 step of the widened parameters and gradients, rounded.
+        let mut want = base.clone();
+        for (s, b) in want.iter_mut().zip(&bits) {
+            s.theta = b.iter().map(|&h| bf16_to_f32(h)).collect();
+        }
+        let g_wide: Vec<Vec<f32>> = g16.iter().map(|x| x.iter().map(|&h| bf16_to_f32(h)).collect()).collect();
+        sequential_step(&plan, &mut want, &g_wide, 1).unwrap();
+        for threads in [1, 3] {
+            let mut st = base.clone();
+            let mut theta = bits.clone();
+            let mut jobs: Vec<ParallelJob<'_>> = st
+                .iter_mut()
+                .zip(theta.iter_mut())
+                .zip(&g16)
+                .zip(TENSORS)
+                .map(|(((s, t), g), (name, _))| ParallelJob { name, grad: Src::Bf16(g), theta: Param::Bf16(t), m: &mut s.m, v: &mut s.v, cached: None, tau: Src::F32(&s.tau) })
+                .collect();
+            step_tensors(&plan, &mut jobs, threads).unwrap();
+            drop(jobs);
+            for ((t, w), s) in theta.iter().zip(&want).zip(&st) {
+                let rounded: Vec<u16> = w.theta.iter().map(|&x| f32_to_bf16(x).unwrap()).collect();
+                assert_eq!(*t, rounded);
+                assert_eq!(s.m, w.m);
+                assert_eq!(s.v, w.v);
+            }
+            assert!(theta[2] != bits[2], "the step changed nothing");
+        }
+    }
+
+    #[test]
+    fn a_parameter_that_would_overflow_bf16_is_refused_before_anything_is_written() {
+        // θ = bf16's largest finite value plus an update of about 1e36 stays finite
+        // in binary32 but rounds past bf16's range.
+        let cfg = OnlineConfig { adam: AdamConfig { lr: 1e36, ..AdamConfig::default() }, merge: Merge::None, k: 1, seed: 0 };
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        let n = CHUNK + 5;
+        let mut theta = vec![0x3f80u16; n];
+        theta[n - 1] = 0x7f7f;
+        let before = theta.clone();
+        let grad = vec![-1.0f32; n];
+        let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+        let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::Bf16(&mut theta), m: &mut m, v: &mut v, cached: None, tau: Src::F32(&[]) }];
+        let err = step_tensors(&plan, &mut jobs, 2).unwrap_err();
+        assert!(matches!(err, Error::StorageOverflow { index, dtype: Dtype::Bf16, .. } if index == (n - 1) as u64), "{err}");
+        assert_eq!(theta, before);
+        assert!(m.iter().all(|&x| x == 0.0));
+    }
+}
