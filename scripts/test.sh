@@ -6,7 +6,8 @@
 # command to run. Needed: the software Vulkan driver (GPU tests run on lavapipe when
 # there is no GPU), python3 with numpy (the independent oracle), node (the wasm32
 # run of the golden vectors), qemu-system-arm (their Cortex-M4F run), and the rustup
-# targets wasm32-unknown-unknown and thumbv7em-none-eabihf. Then: cargo test --workspace.
+# targets wasm32-unknown-unknown and thumbv7em-none-eabihf. Then: the Python package's
+# tests (pytest, in a virtual environment with torch and trl) and cargo test --workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -81,5 +82,18 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
     export XDG_RUNTIME_DIR
 fi
 
+# The Python package: built with maturin into a private virtual environment that
+# also holds torch and trl (python/requirements-test.txt), then its pytest suite.
+venv=target/python-venv
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { apt_install python3-venv && python3 -m venv "$venv"; } || {
+        echo "test.sh: cannot create a Python virtual environment: sudo apt-get install python3-venv" >&2; exit 1; }
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python
+python_status=0
+"$venv/bin/python" -m pytest -q python/tests || python_status=$?
+
 # --no-fail-fast: CI reports every failing test binary, not only the first.
 cargo test --workspace --no-fail-fast
+exit $python_status

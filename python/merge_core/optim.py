@@ -1,0 +1,270 @@
+"""The PyTorch optimizers: ``torch.optim.Optimizer`` subclasses over merge-core.
+
+Arguments follow the official ``ODAdamW`` / ``OTAdamW`` (QwenLM/online_merging_
+optimizers), with their defaults, plus ``seed``, ``variant``, ``adam_form``,
+``scope`` and ``threads``. What differs from the official code is listed in
+SPEC.md ("The Python optimizers"): the masks are keyed by (seed, parameter name,
+step, element index) instead of a global RNG, top-k is exact with a fixed tie
+rule, and every sum has a fixed order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._merge_core import Core, MergeCoreError
+
+__all__ = ["AdamW", "OnDAREAdamW", "OnTIESAdamW", "MergeCoreError"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _memory(t: torch.Tensor, name: str, what: str) -> tuple[int, int]:
+    """(address, dtype code) of a tensor merge-core may read or write in place."""
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"parameter `{name}`: {what} is on {t.device}; merge_core steps CPU tensors in place. "
+            "Train on the CPU, or step a CPU copy of the parameters (copy the gradients to it, "
+            "step, copy the parameters back) and pay two transfers of the model per step."
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"parameter `{name}`: {what} is not contiguous; merge_core needs dense row-major memory")
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"parameter `{name}`: {what} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+    return t.data_ptr(), code
+
+
+def _split_names(params, param_names, param_name_map):
+    """Parameter groups without names, and each group's list of names (or None)."""
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        if param_names is not None or param_name_map is not None:
+            raise ValueError("names given twice: pass named_parameters() or param_names/param_name_map, not both")
+        param_names = [n for n, _ in params]
+        params = [p for _, p in params]
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    groups = [dict(g, params=list(g["params"])) for g in groups]
+    names: list[Optional[list[str]]] = []
+    flat = iter(param_names) if param_names is not None else None
+    for gid, g in enumerate(groups):
+        if "param_names" in g:
+            names.append(list(g.pop("param_names")))
+        elif flat is not None:
+            names.append([next(flat) for _ in g["params"]])
+        elif param_name_map is not None:
+            names.append([param_name_map[(gid, pid)] for pid in range(len(g["params"]))])
+        else:
+            names.append(None)
+    return groups, names
+
+
+class _MergingOptimizer(Optimizer):
+    """Shared state handling; subclasses fix the merge method."""
+
+    _method = "adamw"
+
+    def __init__(self, params, *, lr, betas, eps, weight_decay, correct_bias, reserve_p, use_merge, alpha, rescale,
+                 clip_val, online_step, param_names, param_name_map, seed, variant, adam_form, scope, threads):
+        if not correct_bias:
+            raise ValueError(
+                "correct_bias=False is not supported: merge-core defines the bias-corrected Adam forms only "
+                "(adam_form='hf', the official code's default, or 'torch')"
+            )
+        groups, names = _split_names(params, param_names, param_name_map)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+        super().__init__(groups, defaults)
+        for gid, (group, group_names) in enumerate(zip(self.param_groups, names)):
+            if group_names is None:
+                if self._method != "adamw":
+                    raise ValueError(
+                        f"{type(self).__name__} keys its masks by parameter name: pass model.named_parameters(), "
+                        "param_names=[...] or param_name_map={(group, index): name}"
+                    )
+                group_names = [f"group{gid}.param{pid}" for pid in range(len(group["params"]))]
+            if len(group_names) != len(group["params"]):
+                raise ValueError(f"group {gid}: {len(group_names)} names for {len(group['params'])} parameters")
+            group["param_names"] = list(group_names)
+        all_names = [n for g in self.param_groups for n in g["param_names"]]
+        if len(set(all_names)) != len(all_names):
+            dup = next(n for n in all_names if all_names.count(n) > 1)
+            raise ValueError(f"parameter name `{dup}` appears twice: masks are keyed by name, names must be unique")
+        self.reserve_p, self.use_merge, self.alpha = reserve_p, use_merge, alpha
+        self.rescale, self.clip_val, self.online_step = rescale, clip_val, online_step
+        self.seed, self.variant, self.adam_form, self.scope = seed, variant, adam_form, scope
+        self.threads = threads
+        for group in self.param_groups:
+            self._core(group)  # refuse invalid hyperparameters now, not at the first step
+
+    def _core(self, group) -> Core:
+        b1, b2 = group["betas"]
+        return Core(
+            method=self._method, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+            weight_decay=group["weight_decay"], adam_form=self.adam_form, p=float(self.reserve_p),
+            alpha=float(self.alpha if self.use_merge else 0.0), rescale=bool(self.rescale),
+            clip=float(self.clip_val), variant=self.variant, scope=self.scope, k=int(self.online_step),
+            seed=int(self.seed),
+        )
+
+    def _named(self):
+        for group in self.param_groups:
+            yield from zip(group["params"], group["param_names"])
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+            if self.online_step != 1:
+                state["cached_delta"] = torch.zeros(p.shape, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def init_ref_param_diff(self, ref_model: torch.nn.Module, base_model: torch.nn.Module) -> None:
+        """Stores each parameter's task vector τ' from the reference (SFT) model and
+        the base model, as the official API does; parameters are matched by name."""
+        if self._method == "adamw":
+            raise RuntimeError("plain AdamW has no task vector")
+        ref, base = dict(ref_model.named_parameters()), dict(base_model.named_parameters())
+        for group in self.param_groups:
+            jobs, keep = [], []
+            for p, name in zip(group["params"], group["param_names"]):
+                for model, label in ((ref, "ref_model"), (base, "base_model")):
+                    if name not in model:
+                        raise KeyError(f"parameter `{name}` is not in {label}.named_parameters()")
+                    if model[name].shape != p.shape:
+                        raise ValueError(f"parameter `{name}`: {label} has shape {tuple(model[name].shape)}, the optimizer's has {tuple(p.shape)}")
+                b, s = base[name].detach().contiguous(), ref[name].detach().contiguous()
+                tau = torch.empty(p.shape, dtype=torch.float32)
+                jobs.append((name, p.numel(), _memory(b, name, "base weights"), _memory(s, name, "reference weights"), (tau.data_ptr(), 0)))
+                keep.append((p, tau, b, s))
+            if self.scope == "global":
+                order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].encode())
+                jobs, keep = [jobs[i] for i in order], [keep[i] for i in order]
+            self._core(group).init_task_vectors(jobs)
+            for p, tau, _, _ in keep:
+                self._state_of(p)["tau_ref"] = tau
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            by_step: dict[int, list] = {}
+            for p, name in zip(group["params"], group["param_names"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"parameter `{name}`: sparse gradients are not supported")
+                state = self._state_of(p)
+                if self._method != "adamw" and self.use_merge and "tau_ref" not in state:
+                    raise RuntimeError(
+                        f"parameter `{name}` has no task vector: call init_ref_param_diff(ref_model, base_model) "
+                        "before the first step (or pass use_merge=False)"
+                    )
+                by_step.setdefault(state["step"] + 1, []).append((p, name, state))
+            if self.scope == "global" and self._method == "ties" and len(by_step) > 1:
+                raise RuntimeError("global scope needs every parameter of the group at the same step")
+            threads = self.threads or torch.get_num_threads()
+            for k, items in by_step.items():
+                if self.scope == "global":
+                    items.sort(key=lambda it: it[1].encode())
+                tensors = []
+                for p, name, state in items:
+                    tau = state.get("tau_ref") if self.use_merge else None
+                    tensors.append((
+                        name, p.numel(), _memory(p.grad, name, "gradient"), _memory(p.data, name, "parameter"),
+                        state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+                        state["cached_delta"].data_ptr() if "cached_delta" in state else None,
+                        _memory(tau, name, "task vector") if tau is not None else None,
+                    ))
+                self._core(group).step(k, float(group["lr"]), tensors, threads)
+                for _, _, state in items:
+                    state["step"] = k
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the state stays float32: torch would cast it to each
+        parameter's dtype, and a bf16 model's moments would lose their bits."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+
+
+class OnDAREAdamW(_MergingOptimizer):
+    """OnDARE: AdamW whose update is DARE-sparsified (keep rate ``reserve_p``,
+    rescaled by 1/p) and merged with the reference task vector τ' at weight
+    ``alpha`` (when ``use_merge``); the L1 ``rescale`` with ``clip_val``; merging
+    every ``online_step`` steps. Masks are keyed by (``seed``, name, step, index).
+
+    ``variant``: ``"reference"`` (the official code) or ``"paper"``;
+    ``adam_form``: ``"hf"`` (the official code's) or ``"torch"``.
+    ``threads``: default ``torch.get_num_threads()``; the bits do not depend on it.
+    """
+
+    _method = "dare"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, no_deprecation_warning: bool = True,
+                 reserve_p: float = 1.0, param_name_map: Optional[dict] = None, use_merge: bool = False,
+                 alpha: float = 0.0, rescale: bool = False, clip_val: float = 1.0, online_step: int = 1, *,
+                 param_names: Optional[Sequence[str]] = None, seed: int = 0, variant: str = "reference",
+                 adam_form: str = "hf", threads: Optional[int] = None):
+        del no_deprecation_warning  # accepted for drop-in compatibility; nothing is deprecated here
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                         reserve_p=reserve_p, use_merge=use_merge, alpha=alpha, rescale=rescale, clip_val=clip_val,
+                         online_step=online_step, param_names=param_names, param_name_map=param_name_map, seed=seed,
+                         variant=variant, adam_form=adam_form, scope="tensor", threads=threads)
+
+
+class OnTIESAdamW(_MergingOptimizer):
+    """OnTIES: AdamW whose update keeps its ``reserve_p`` largest magnitudes (exact
+    top-k, lowest index first among ties) and is merged with τ' by sign election
+    at weight ``alpha`` (when ``use_merge``); optional L1 ``rescale``; merging every
+    ``online_step`` steps. ``scope``: ``"tensor"`` (the official code: each
+    parameter its own top-k) or ``"global"`` (one threshold over all parameters
+    of a group, in bytewise name order). ``variant``, ``adam_form``, ``threads``
+    as for :class:`OnDAREAdamW`.
+    """
+
+    _method = "ties"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, correct_bias: bool = True, no_deprecation_warning: bool = True,
+                 reserve_p: float = 1.0, param_name_map: Optional[dict] = None, use_merge: bool = False,
+                 alpha: float = 0.0, rescale: bool = False, online_step: int = 1, *,
+                 param_names: Optional[Sequence[str]] = None, seed: int = 0, variant: str = "reference",
+                 adam_form: str = "hf", scope: str = "tensor", threads: Optional[int] = None):
+        del no_deprecation_warning
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
+                         reserve_p=reserve_p, use_merge=use_merge, alpha=alpha, rescale=rescale, clip_val=1.0,
+                         online_step=online_step, param_names=param_names, param_name_map=param_name_map, seed=seed,
+                         variant=variant, adam_form=adam_form, scope=scope, threads=threads)
+
+
+class AdamW(_MergingOptimizer):
+    """Deterministic AdamW (``torch.optim.AdamW``'s defaults and form unless
+    ``adam_form="hf"``): the same bits on every run and thread count."""
+
+    _method = "adamw"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, param_names: Optional[Sequence[str]] = None,
+                 adam_form: str = "torch", threads: Optional[int] = None):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=True,
+                         reserve_p=1.0, use_merge=False, alpha=0.0, rescale=False, clip_val=1.0, online_step=1,
+                         param_names=param_names, param_name_map=None, seed=0, variant="reference",
+                         adam_form=adam_form, scope="tensor", threads=threads)
+
+

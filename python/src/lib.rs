@@ -1,0 +1,276 @@
+//! `merge_core._merge_core`: merge-core's optimizer step and task-vector init over
+//! the memory of CPU tensors, for the Python optimizers in `merge_core/optim.py`.
+//!
+//! Tensors cross as (address, dtype, length): the Python side takes them from
+//! live, contiguous CPU tensors (`data_ptr()`) and keeps those alive for the call,
+//! so nothing is copied. This module is private (`_merge_core`): its contract is
+//! that every address names `length` elements of `dtype` that nobody else touches
+//! during the call. It still refuses null or misaligned addresses and writable
+//! ranges that overlap another range, so a slip in the Python layer is an
+//! exception, not corrupted memory.
+
+use merge_core::dare::{DareConfig, DareVariant};
+use merge_core::dtype::{Dst, Src};
+use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
+use merge_core::onties;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TaskVectorJob, TiesConfig};
+use merge_core::parallel::{self, ParallelJob, Param};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+create_exception!(_merge_core, MergeCoreError, PyValueError, "A value merge-core refuses: the message names the tensor, the element index or the hyperparameter.");
+
+fn core_error(e: merge_core::Error) -> PyErr {
+    MergeCoreError::new_err(e.to_string())
+}
+
+/// Storage formats, numbered as `optim.py` numbers them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn from_code(code: u8) -> PyResult<Dtype> {
+        match code {
+            0 => Ok(Dtype::F32),
+            1 => Ok(Dtype::Bf16),
+            2 => Ok(Dtype::F16),
+            _ => Err(PyTypeError::new_err(format!("dtype code {code}: expected 0 (float32), 1 (bfloat16) or 2 (float16)"))),
+        }
+    }
+
+    fn size(self) -> usize {
+        if self == Dtype::F32 { 4 } else { 2 }
+    }
+}
+
+/// One memory range handed over for a call; all of a call's ranges are checked
+/// together before any slice is made.
+struct Range {
+    tensor: String,
+    what: &'static str,
+    addr: usize,
+    dtype: Dtype,
+    len: usize,
+    writable: bool,
+}
+
+impl Range {
+    fn bytes(&self) -> (usize, usize) {
+        (self.addr, self.addr + self.len * self.dtype.size())
+    }
+}
+
+fn check_ranges(ranges: &[Range]) -> PyResult<()> {
+    for r in ranges {
+        if r.len == 0 {
+            continue;
+        }
+        if r.addr == 0 || r.addr % r.dtype.size() != 0 {
+            return Err(PyValueError::new_err(format!("tensor `{}`: {} at address {:#x} is null or misaligned", r.tensor, r.what, r.addr)));
+        }
+        if r.addr.checked_add(r.len * r.dtype.size()).is_none() {
+            return Err(PyValueError::new_err(format!("tensor `{}`: {} of {} elements wraps the address space", r.tensor, r.what, r.len)));
+        }
+    }
+    let mut spans: Vec<&Range> = ranges.iter().filter(|r| r.len > 0).collect();
+    spans.sort_by_key(|r| r.addr);
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            if b.bytes().0 >= a.bytes().1 {
+                break;
+            }
+            if a.writable || b.writable {
+                return Err(PyValueError::new_err(format!(
+                    "tensor `{}`: {} overlaps {} of tensor `{}` and one of them is written; pass separate tensors",
+                    a.tensor, a.what, b.what, b.tensor
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+// SAFETY (for the four helpers below): `check_ranges` accepted the range
+// (non-null, aligned, no overlap with a writable range), and the caller's
+// contract (module docs) is that it names `len` live elements of this type,
+// untouched by anyone else until the call returns. Empty ranges never touch
+// their address.
+fn src<'a>(r: &Range) -> Src<'a> {
+    if r.len == 0 {
+        return Src::F32(&[]);
+    }
+    match r.dtype {
+        Dtype::F32 => Src::F32(unsafe { std::slice::from_raw_parts(r.addr as *const f32, r.len) }),
+        Dtype::Bf16 => Src::Bf16(unsafe { std::slice::from_raw_parts(r.addr as *const u16, r.len) }),
+        Dtype::F16 => Src::F16(unsafe { std::slice::from_raw_parts(r.addr as *const u16, r.len) }),
+    }
+}
+
+fn f32_mut<'a>(r: &Range) -> &'a mut [f32] {
+    debug_assert!(r.writable && r.dtype == Dtype::F32);
+    if r.len == 0 {
+        return &mut [];
+    }
+    unsafe { std::slice::from_raw_parts_mut(r.addr as *mut f32, r.len) }
+}
+
+fn dst<'a>(r: &Range) -> Dst<'a> {
+    match param_mut(r) {
+        Param::F32(s) => Dst::F32(s),
+        Param::Bf16(s) => Dst::Bf16(s),
+        Param::F16(s) => Dst::F16(s),
+    }
+}
+
+fn param_mut<'a>(r: &Range) -> Param<'a> {
+    if r.len == 0 {
+        return Param::F32(&mut []);
+    }
+    match r.dtype {
+        Dtype::F32 => Param::F32(f32_mut(r)),
+        Dtype::Bf16 => Param::Bf16(unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u16, r.len) }),
+        Dtype::F16 => Param::F16(unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u16, r.len) }),
+    }
+}
+
+/// A validated optimizer configuration. The step number and learning rate come
+/// with each call (they live in the Python optimizer's state and param groups;
+/// torch's schedulers set the rate). `warmup_cosine=(warmup, total)` applies
+/// merge-core's own schedule to that rate instead, as the golden vectors do.
+#[pyclass(frozen, module = "merge_core._merge_core")]
+struct Core {
+    config: OnlineConfig,
+}
+
+/// One tensor of `Core.step`: name, length, gradient (address, dtype), parameter
+/// (address, dtype), exp_avg, exp_avg_sq, cached delta (or None), task vector
+/// (address, dtype, or None).
+type StepTensor = (String, usize, (usize, u8), (usize, u8), usize, usize, Option<usize>, Option<(usize, u8)>);
+
+/// One tensor of `Core.init_task_vectors`: name, length, base (address, dtype),
+/// SFT (address, dtype), output τ' (address, dtype).
+type InitTensor = (String, usize, (usize, u8), (usize, u8), (usize, u8));
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (*, method, lr, beta1, beta2, eps, weight_decay, adam_form, p, alpha, rescale, clip, variant, scope, k, seed, warmup_cosine=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        method: &str,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        adam_form: &str,
+        p: f64,
+        alpha: f64,
+        rescale: bool,
+        clip: f64,
+        variant: &str,
+        scope: &str,
+        k: u32,
+        seed: u64,
+        warmup_cosine: Option<(u64, u64)>,
+    ) -> PyResult<Self> {
+        let form = match adam_form {
+            "hf" => AdamForm::HuggingFace,
+            "torch" => AdamForm::Torch,
+            _ => return Err(PyValueError::new_err(format!("adam_form {adam_form:?}: expected \"hf\" (the official code's) or \"torch\""))),
+        };
+        let paper = match variant {
+            "reference" => false,
+            "paper" => true,
+            _ => return Err(PyValueError::new_err(format!("variant {variant:?}: expected \"reference\" or \"paper\""))),
+        };
+        let scope = match scope {
+            "tensor" => Scope::PerTensor,
+            "global" => Scope::Global,
+            _ => return Err(PyValueError::new_err(format!("scope {scope:?}: expected \"tensor\" or \"global\""))),
+        };
+        let merge = match method {
+            "adamw" => Merge::None,
+            "dare" => Merge::Dare(DareConfig { variant: if paper { DareVariant::Paper } else { DareVariant::Reference }, p, alpha, rescale, clip }),
+            "ties" => Merge::Ties(TiesConfig { variant: if paper { onties::Variant::Paper } else { onties::Variant::Reference }, p, alpha, rescale, scope }),
+            _ => return Err(PyValueError::new_err(format!("method {method:?}: expected \"adamw\", \"dare\" or \"ties\""))),
+        };
+        let adam = AdamConfig { form, lr, beta1, beta2, eps, weight_decay, schedule: warmup_cosine.map_or(Schedule::Constant, |(warmup, total)| Schedule::WarmupCosine { warmup, total }) };
+        let config = OnlineConfig { adam, merge, k, seed };
+        Optimizer::new(config).map_err(core_error)?;
+        Ok(Core { config })
+    }
+
+    /// Steps every tensor in place as step `step` (1-based) with learning rate
+    /// `lr`, on `threads` threads; the bits do not depend on `threads`. Nothing is
+    /// written unless every tensor passes.
+    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize) -> PyResult<()> {
+        let config = OnlineConfig { adam: AdamConfig { lr, ..self.config.adam }, ..self.config };
+        let plan = Optimizer::new(config).and_then(|o| o.plan(step)).map_err(core_error)?;
+        let merging = !matches!(config.merge, Merge::None);
+        let mut ranges = Vec::with_capacity(tensors.len() * 6);
+        for (name, n, grad, theta, m, v, cached, tau) in &tensors {
+            let r = |what, addr, dtype, writable| -> PyResult<Range> { Ok(Range { tensor: name.clone(), what, addr, dtype: Dtype::from_code(dtype)?, len: *n, writable }) };
+            ranges.push(r("gradient", grad.0, grad.1, false)?);
+            ranges.push(r("parameter", theta.0, theta.1, true)?);
+            ranges.push(r("exp_avg", *m, 0, true)?);
+            ranges.push(r("exp_avg_sq", *v, 0, true)?);
+            if let Some(c) = cached {
+                ranges.push(r("cached delta", *c, 0, true)?);
+            }
+            if let Some(t) = tau {
+                ranges.push(r("task vector", t.0, t.1, false)?);
+            }
+        }
+        check_ranges(&ranges)?;
+        // Without a stored task vector (use_merge=False) the merge adds α ⊗ (+0).
+        let zeros: Vec<Vec<f32>> = tensors.iter().map(|t| if merging && t.7.is_none() { vec![0.0; t.1] } else { Vec::new() }).collect();
+        let mut jobs = Vec::with_capacity(tensors.len());
+        let mut it = ranges.iter();
+        for ((name, _, _, _, _, _, cached, tau), zero) in tensors.iter().zip(&zeros) {
+            let (grad, theta, m, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            let cached = cached.map(|_| f32_mut(it.next().unwrap()));
+            let tau = if tau.is_some() { src(it.next().unwrap()) } else { Src::F32(zero) };
+            jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
+        }
+        py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads)).map_err(core_error)
+    }
+
+    /// Computes each tensor's stored task vector `τ'` (float32) from its base and
+    /// SFT weights; OnTIES with global scope wants the tensors in bytewise name
+    /// order. Nothing is written unless every tensor passes.
+    fn init_task_vectors(&self, py: Python<'_>, tensors: Vec<InitTensor>) -> PyResult<()> {
+        let opt = Optimizer::new(self.config).map_err(core_error)?;
+        let mut ranges = Vec::with_capacity(tensors.len() * 3);
+        for (name, n, base, sft, out) in &tensors {
+            let r = |what, addr, dtype, writable| -> PyResult<Range> { Ok(Range { tensor: name.clone(), what, addr, dtype: Dtype::from_code(dtype)?, len: *n, writable }) };
+            ranges.push(r("base weights", base.0, base.1, false)?);
+            ranges.push(r("SFT weights", sft.0, sft.1, false)?);
+            ranges.push(r("task vector", out.0, out.1, true)?);
+        }
+        check_ranges(&ranges)?;
+        let ties = matches!(self.config.merge, Merge::Ties(_));
+        let mut scratch: Vec<Vec<f32>> = tensors.iter().map(|t| if ties { vec![0.0; t.1] } else { Vec::new() }).collect();
+        let mut jobs: Vec<TaskVectorJob<'_>> = tensors
+            .iter()
+            .zip(ranges.chunks(3))
+            .zip(scratch.iter_mut())
+            .map(|((t, r), scratch)| TaskVectorJob { name: &t.0, base: src(&r[0]), sft: src(&r[1]), out: dst(&r[2]), scratch })
+            .collect();
+        py.detach(|| opt.init_task_vectors(&mut jobs)).map_err(core_error)
+    }
+}
+
+#[pymodule]
+fn _merge_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add("MergeCoreError", m.py().get_type::<MergeCoreError>())?;
+    m.add("CHUNK", parallel::CHUNK)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,177 @@
+"""The torch.optim.Optimizer classes: determinism, checkpoints, 16-bit models,
+errors, and agreement with a port of the official step."""
+
+import copy
+import io
+import math
+
+import pytest
+
+import torch
+
+from merge_core import AdamW, MergeCoreError, OnDAREAdamW, OnTIESAdamW  # noqa: E402
+
+
+def model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    # 300 x 300 > one chunk (65536 elements), so threads split a tensor.
+    m = torch.nn.Sequential(torch.nn.Linear(16, 300), torch.nn.Tanh(), torch.nn.Linear(300, 300), torch.nn.Tanh(), torch.nn.Linear(300, 4))
+    return m.to(dtype)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+
+
+def train(m, opt, steps, start=0):
+    for s in range(start, start + steps):
+        x, y = batch(s)
+        opt.zero_grad()
+        loss = ((m(x.to(next(m.parameters()).dtype)).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def make(kind, m, threads=None, **kw):
+    base, sft = model(1, next(m.parameters()).dtype), model(2, next(m.parameters()).dtype)
+    if kind == "adamw":
+        return AdamW(m.named_parameters(), lr=1e-3, threads=threads, **kw)
+    cls = OnDAREAdamW if kind == "dare" else OnTIESAdamW
+    opt = cls(m.named_parameters(), lr=1e-3, reserve_p=0.3, use_merge=True, alpha=0.1, rescale=True, seed=7, threads=threads, **kw)
+    opt.init_ref_param_diff(sft, base)
+    return opt
+
+
+def bits(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x.view(torch.int16 if x.element_size() == 2 else torch.int32), y.view(torch.int16 if y.element_size() == 2 else torch.int32)) for x, y in zip(a, b))
+
+
+CONFIGS = [("adamw", {}), ("dare", {}), ("dare", {"variant": "paper", "online_step": 3}), ("ties", {}), ("ties", {"scope": "global"})]
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=[f"{k}-{kw}" for k, kw in CONFIGS])
+def test_every_thread_count_gives_the_same_bits(kind, kw):
+    results = []
+    for threads in (1, 2, 3):
+        m = model()
+        train(m, make(kind, m, threads, **kw), 4)
+        results.append(bits(m))
+    assert same(results[0], results[1]) and same(results[0], results[2])
+    assert not same(results[0], bits(model())), "the optimizer changed nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,kw", [("dare", {"online_step": 2}), ("ties", {})])
+def test_state_dict_round_trip_continues_bit_identically(kind, kw, dtype):
+    m = model(dtype=dtype)
+    opt = make(kind, m, **kw)
+    train(m, opt, 3)
+    saved_model, buf = copy.deepcopy(m.state_dict()), io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    train(m, opt, 3, start=3)
+    straight = bits(m)
+
+    resumed = model(5, dtype)
+    resumed.load_state_dict(saved_model)
+    opt2 = make(kind, resumed, **kw)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    for state in opt2.state.values():
+        assert state["exp_avg"].dtype == torch.float32
+    train(resumed, opt2, 3, start=3)
+    assert same(straight, bits(resumed))
+
+
+def test_bf16_parameters_stay_bf16_and_train():
+    m = model(dtype=torch.bfloat16)
+    opt = OnDAREAdamW(m.named_parameters(), lr=1e-2, reserve_p=0.5, seed=1)
+    x, y = batch(0)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ((m(x.bfloat16()).float() - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_a_nan_gradient_names_parameter_and_element_and_writes_nothing():
+    m = model()
+    opt = make("dare", m)
+    train(m, opt, 1)
+    before = bits(m)
+    state_before = copy.deepcopy(opt.state_dict())
+    x, y = batch(9)
+    opt.zero_grad()
+    ((m(x) - y) ** 2).mean().backward()
+    m[2].weight.grad[3, 7] = float("nan")
+    with pytest.raises(MergeCoreError, match=r"tensor `2.weight`: non-finite gradient at element 907"):
+        opt.step()
+    assert same(before, bits(m))
+    after = opt.state_dict()
+    for i, s in state_before["state"].items():
+        assert torch.equal(s["exp_avg"], after["state"][i]["exp_avg"])
+
+
+def test_refusals_say_what_to_do():
+    m = model()
+    with pytest.raises(ValueError, match="keys its masks by parameter name"):
+        OnDAREAdamW(m.parameters())
+    with pytest.raises(ValueError, match="correct_bias=False"):
+        OnDAREAdamW(m.named_parameters(), correct_bias=False)
+    with pytest.raises(MergeCoreError, match="reserve rate"):
+        OnDAREAdamW(m.named_parameters(), reserve_p=0.0)
+    with pytest.raises(RuntimeError, match="init_ref_param_diff"):
+        opt = OnTIESAdamW(m.named_parameters(), use_merge=True, alpha=0.1)
+        train(m, opt, 1)
+    meta = torch.nn.Linear(3, 3, device="meta")
+    opt = AdamW(meta.named_parameters())
+    for p in meta.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match="is on meta; merge_core steps CPU tensors in place"):
+        opt.step()
+
+
+def official_dare_step(p, g, m, v, t, lr, eps, b1, b2, keep, reserve_p):
+    """The official ODAdamW step (use_merge=False, no rescale), its mask given."""
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = v.sqrt().add_(eps)
+    step_size = lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    delta = (m / denom) * -step_size
+    delta = delta * keep / reserve_p  # F.dropout with the mask injected
+    p.add_(delta)
+
+
+def test_differences_from_the_official_step_are_rounding_only():
+    """OnDARE against a port of the official step with merge-core's own masks
+    injected (read off which elements moved): the rest differs only by the
+    roundings SPEC.md lists (order of operations, no FMA, the flush rule)."""
+    torch.manual_seed(3)
+    n, lr, eps, b1, b2, p_keep = 200_000, 1e-3, 1e-6, 0.9, 0.999, 0.3
+    theta = torch.randn(n) * 0.05
+    ours, port = theta.clone(), theta.clone()
+    m_port, v_port = torch.zeros(n), torch.zeros(n)
+    param = torch.nn.Parameter(ours)
+    opt = OnDAREAdamW([("w", param)], lr=lr, eps=eps, reserve_p=p_keep, seed=11)
+    worst = 0.0
+    for t in range(1, 6):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(t)) * 1e-2
+        before = param.detach().clone()
+        param.grad = g.clone()
+        opt.step()
+        keep = (param.detach() != before).float()
+        assert abs(keep.mean().item() - p_keep) < 0.01
+        official_dare_step(port, g, m_port, v_port, t, lr, eps, b1, b2, keep, p_keep)
+        update = (param.detach() - before).abs().max().item()
+        worst = max(worst, (param.detach() - port).abs().max().item() / update)
+    # Each step's update agrees to a few binary32 ulps of the update.
+    assert worst < 1e-5, worst
