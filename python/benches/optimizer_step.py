@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""CPU optimizer-step benchmark, all sides in one run on the same tensors and cores:
+merge_core's AdamW / OnDARE / OnTIES against torch.optim.AdamW (foreach, fused)
+and a port of the official ODAdamW / OTAdamW step (gpu-shaders/bench/official_torch.py).
+
+Each configuration is timed on 1 and 2 threads (torch.set_num_threads and the
+optimizer's threads=), interleaved, as the minimum over --repeat steps; memory is
+the optimizer state's bytes beyond AdamW's two moments, as a share of the
+parameter bytes.
+
+usage: python python/benches/optimizer_step.py [--sets 16m,16m-47,110m] [--repeat 5]
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "gpu-shaders" / "bench"))
+from official_torch import OfficialStep  # noqa: E402
+
+from merge_core import AdamW, OnDAREAdamW, OnTIESAdamW  # noqa: E402
+
+
+def llama_shapes(hidden, mlp, layers, vocab):
+    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden))]
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        shapes += [(pre + f"self_attn.{x}_proj.weight", (hidden, hidden)) for x in "qkvo"]
+        shapes += [(pre + f"mlp.{x}_proj.weight", (mlp, hidden)) for x in ("gate", "up")]
+        shapes += [(pre + "mlp.down_proj.weight", (hidden, mlp)), (pre + "input_layernorm.weight", (hidden,)),
+                   (pre + "post_attention_layernorm.weight", (hidden,))]
+    return shapes
+
+
+SETS = {
+    # 16M parameters as one tensor, and 17M as 47 model-shaped tensors.
+    "16m": [("w", (4096, 4096))],
+    "16m-47": llama_shapes(512, 1024, 5, 4096),
+    # The 110M Llama of the CPU training issue (hidden 768, 12 layers, vocab 32000).
+    "110m": llama_shapes(768, 2048, 12, 32000),
+}
+
+HYPER = dict(lr=1e-6, reserve_p=0.01, alpha=1e-7)
+
+
+def tensors(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _, s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    return params
+
+
+def ours(kind, shapes, threads):
+    params = tensors(shapes)
+    named = [(n, p) for (n, _), p in zip(shapes, params)]
+    if kind == "adamw":
+        opt = AdamW(named, lr=HYPER["lr"], weight_decay=0.0, adam_form="hf", threads=threads)
+    else:
+        cls = OnDAREAdamW if kind == "dare" else OnTIESAdamW
+        opt = cls(named, lr=HYPER["lr"], reserve_p=HYPER["reserve_p"], use_merge=True, alpha=HYPER["alpha"], seed=1, threads=threads)
+        for p in params:  # a task vector as init_ref_param_diff leaves it
+            opt._state_of(p)["tau_ref"] = torch.randn(p.shape) * 1e-3
+    return opt.step, params, opt
+
+
+def torch_adamw(fused, shapes):
+    params = tensors(shapes)
+    opt = torch.optim.AdamW(params, lr=HYPER["lr"], weight_decay=0.0, fused=fused, foreach=not fused)
+    return opt.step, params, opt
+
+
+def official(kind, shapes):
+    params = [p.data for p in tensors(shapes)]
+    grads = [torch.randn(p.shape) * 1e-3 for p in params]
+    taus = [torch.randn(p.shape) * 1e-3 for p in params]
+    o = OfficialStep(params, taus, kind, lr=HYPER["lr"], p=HYPER["reserve_p"], alpha=HYPER["alpha"])
+    return (lambda: o.step(grads)), params, o
+
+
+def extra_state_share(opt, params):
+    """Optimizer bytes beyond AdamW's exp_avg and exp_avg_sq, per parameter byte."""
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    if isinstance(opt, OfficialStep):
+        total = sum(t.numel() * t.element_size() for t in opt.m + opt.v + (opt.tau or []))
+    else:
+        total = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return (total - 2 * param_bytes) / param_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sets", default="16m,16m-47,110m")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    for name in args.sets.split(","):
+        shapes = SETS[name]
+        n = sum(torch.Size(s).numel() for _, s in shapes)
+        print(f"\n{name}: {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, minimum of {args.repeat} steps")
+        print(f"  {'optimizer':<34}{'1 thread':>12}{'2 threads':>12}   state beyond AdamW")
+        rows = [
+            ("torch AdamW foreach", lambda t: torch_adamw(False, shapes)),
+            ("torch AdamW fused", lambda t: torch_adamw(True, shapes)),
+            ("merge_core AdamW", lambda t: ours("adamw", shapes, t)),
+            ("official ODAdamW (port)", lambda t: official("dare", shapes)),
+            ("merge_core OnDAREAdamW", lambda t: ours("dare", shapes, t)),
+            ("official OTAdamW (port)", lambda t: official("ties", shapes)),
+            ("merge_core OnTIESAdamW", lambda t: ours("ties", shapes, t)),
+        ]
+        for label, make in rows:
+            times, share = [], None
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                run, params, opt = make(threads)
+                run()  # first step allocates the state
+                share = extra_state_share(opt, params)
+                best = float("inf")
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - t0)
+                times.append(best * 1e3)
+                del run, params, opt
+            print(f"  {label:<34}{times[0]:10.1f}ms{times[1]:10.1f}ms   {share * 100:+6.0f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()
