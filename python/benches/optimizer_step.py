@@ -39,7 +39,8 @@ SETS = {
     # 16M parameters as one tensor, and 17M as 47 model-shaped tensors.
     "16m": [("w", (4096, 4096))],
     "16m-47": llama_shapes(512, 1024, 5, 4096),
-    # The 110M Llama of the CPU training issue (hidden 768, 12 layers, vocab 32000).
+    # The 110M Llama of the CPU-training benchmark (hidden 768, 12 layers, vocab
+    # 32000), here with an untied lm_head: 134M.
     "110m": llama_shapes(768, 2048, 12, 32000),
 }
 
