@@ -87,6 +87,19 @@ impl TreeSum {
         }
     }
 
+    /// Feeds the sum of a complete subtree of `2^level` leaves computed elsewhere
+    /// (a block of consecutive leaves starting at a multiple of `2^level`, summed
+    /// with its own `TreeSum`): how shards of a tensor held by different
+    /// processes join into the one tree. `false` (and nothing changed) when the
+    /// leaves so far do not end at a multiple of `2^level`.
+    pub fn push_block(&mut self, sum: f32, level: u32) -> bool {
+        if level >= 64 || !self.count.is_multiple_of(1u64 << level) {
+            return false;
+        }
+        self.push_subtree(flush(sum), level);
+        true
+    }
+
     /// Feeds everything `later` was fed, as if its leaves had followed these: its
     /// complete subtrees go in from the largest down. Valid when the leaves so far
     /// fill whole subtrees of `later`'s largest size (a chunk that starts at a
@@ -229,6 +242,35 @@ mod tests {
         b.push_slice(&xs[3..5]);
         assert!(!a.append(&b));
         assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn aligned_blocks_summed_apart_push_into_the_same_tree() {
+        let mut rng = Rng::new(12);
+        let mut xs = [0.0f32; 1000];
+        for x in xs.iter_mut() {
+            *x = rng.wide_f32();
+        }
+        // Cut [0, n) at arbitrary points, then each piece into maximal aligned blocks.
+        for cuts in [[0usize, 1000, 1000], [0, 333, 1000], [0, 7, 513]] {
+            let mut joined = TreeSum::new();
+            let n = cuts[2];
+            let mut at = 0;
+            while at < n {
+                let end = if at < cuts[1] { cuts[1] } else { n };
+                let mut level = 0;
+                while at % (1 << (level + 1)) == 0 && at + (1 << (level + 1)) <= end {
+                    level += 1;
+                }
+                let block = tree_sum(&xs[at..at + (1 << level)]);
+                assert!(joined.push_block(block, level));
+                at += 1 << level;
+            }
+            assert_eq!(joined.finish().to_bits(), tree_sum(&xs[..n]).to_bits(), "{cuts:?}");
+        }
+        let mut three = TreeSum::new();
+        three.push_slice(&xs[..3]);
+        assert!(!three.push_block(1.0, 1));
     }
 
     #[test]

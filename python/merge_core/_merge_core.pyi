@@ -1,6 +1,6 @@
 """Types of the compiled core (merge-core over raw CPU tensor memory)."""
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 CHUNK: int
 __version__: str
@@ -42,5 +42,27 @@ class Core:
         """Steps each (name, length, grad, param, exp_avg address, exp_avg_sq address,
         cached-delta address or None, task vector or None) in place; nothing is
         written unless every tensor passes."""
+    def sharded_step(
+        self,
+        step: int,
+        lr: float,
+        tensors: Sequence[Tuple[str, int, int, int, int, int, int, int, Optional[int], Optional[int]]],
+    ) -> "ShardedStep":
+        """Starts a step over this process's ranges: (name, numel, offset, length,
+        grad, param, exp_avg, exp_avg_sq, cached delta or None, task vector or None),
+        float32 addresses."""
     def init_task_vectors(self, tensors: Sequence[Tuple[str, int, Memory, Memory, Memory]]) -> None:
         """Writes each (name, length, base, sft, out) task vector τ'."""
+
+class ShardedStep:
+    """A step over sharded tensors: norms and OnTIES histograms are exchanged by
+    the caller between these calls (merge_core.optim does it with torch.distributed)."""
+
+    def needs_norms(self) -> bool: ...
+    def norm_blocks(self) -> List[Tuple[int, int, int, int, int]]: ...
+    def set_norm_blocks(self, blocks: Sequence[Tuple[int, int, int, int, int]]) -> None: ...
+    def trims(self) -> bool: ...
+    def histograms(self) -> Optional[List[int]]: ...
+    def add_histograms(self, counts: Sequence[int]) -> None: ...
+    def check(self) -> Optional[str]: ...
+    def write(self) -> None: ...

@@ -68,7 +68,8 @@ class _MergingOptimizer(Optimizer):
     _method = "adamw"
 
     def __init__(self, params, *, lr, betas, eps, weight_decay, correct_bias, reserve_p, use_merge, alpha, rescale,
-                 clip_val, online_step, param_names, param_name_map, seed, variant, adam_form, scope, threads):
+                 clip_val, online_step, param_names, param_name_map, seed, variant, adam_form, scope, threads,
+                 shards=None, process_group=None):
         if not correct_bias:
             raise ValueError(
                 "correct_bias=False is not supported: merge-core defines the bias-corrected Adam forms only "
@@ -96,6 +97,8 @@ class _MergingOptimizer(Optimizer):
         self.rescale, self.clip_val, self.online_step = rescale, clip_val, online_step
         self.seed, self.variant, self.adam_form, self.scope = seed, variant, adam_form, scope
         self.threads = threads
+        self.shards = self._check_shards(shards)
+        self.process_group = process_group
         for group in self.param_groups:
             self._core(group)  # refuse invalid hyperparameters now, not at the first step
 
@@ -113,6 +116,23 @@ class _MergingOptimizer(Optimizer):
         for group in self.param_groups:
             yield from zip(group["params"], group["param_names"])
 
+    def _check_shards(self, shards):
+        """{name: (elements in the whole tensor, global index of this process's
+        first element)} for parameters that are one process's range of a sharded
+        tensor (flattened, row-major)."""
+        if shards is None:
+            return None
+        shards = {name: (int(full), int(offset)) for name, (full, offset) in shards.items()}
+        for p, name in self._named():
+            if name not in shards:
+                raise ValueError(f"parameter `{name}` has no entry in shards=: every parameter of a sharded optimizer needs one")
+            full, offset = shards[name]
+            if not 0 <= offset <= offset + p.numel() <= full:
+                raise ValueError(f"parameter `{name}`: range {offset}+{p.numel()} is outside its {full} elements")
+            if p.dtype != torch.float32:
+                raise TypeError(f"parameter `{name}`: sharded steps take float32 parameters, not {p.dtype}")
+        return shards
+
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
@@ -126,7 +146,8 @@ class _MergingOptimizer(Optimizer):
     @torch.no_grad()
     def init_ref_param_diff(self, ref_model: torch.nn.Module, base_model: torch.nn.Module) -> None:
         """Stores each parameter's task vector τ' from the reference (SFT) model and
-        the base model, as the official API does; parameters are matched by name."""
+        the base model, as the official API does; parameters are matched by name.
+        A sharded optimizer takes the whole models and keeps its ranges."""
         if self._method == "adamw":
             raise RuntimeError("plain AdamW has no task vector")
         ref, base = dict(ref_model.named_parameters()), dict(base_model.named_parameters())
@@ -136,17 +157,24 @@ class _MergingOptimizer(Optimizer):
                 for model, label in ((ref, "ref_model"), (base, "base_model")):
                     if name not in model:
                         raise KeyError(f"parameter `{name}` is not in {label}.named_parameters()")
-                    if model[name].shape != p.shape:
+                    if self.shards is None and model[name].shape != p.shape:
                         raise ValueError(f"parameter `{name}`: {label} has shape {tuple(model[name].shape)}, the optimizer's has {tuple(p.shape)}")
                 b, s = base[name].detach().contiguous(), ref[name].detach().contiguous()
-                tau = torch.empty(p.shape, dtype=torch.float32)
-                jobs.append((name, p.numel(), _memory(b, name, "base weights"), _memory(s, name, "reference weights"), (tau.data_ptr(), 0)))
+                tau = torch.empty(b.shape, dtype=torch.float32)
+                jobs.append((name, b.numel(), _memory(b, name, "base weights"), _memory(s, name, "reference weights"), (tau.data_ptr(), 0)))
                 keep.append((p, tau, b, s))
             if self.scope == "global":
                 order = sorted(range(len(jobs)), key=lambda i: jobs[i][0].encode())
                 jobs, keep = [jobs[i] for i in order], [keep[i] for i in order]
             self._core(group).init_task_vectors(jobs)
-            for p, tau, _, _ in keep:
+            for (p, tau, _, _), job in zip(keep, jobs):
+                if self.shards is not None:
+                    # τ' is computed on the whole tensor (its masks and top-k are
+                    # global); this process keeps its range.
+                    full, offset = self.shards[job[0]]
+                    if tau.numel() != full:
+                        raise ValueError(f"parameter `{job[0]}`: the models' tensor has {tau.numel()} elements, shards= says {full}")
+                    tau = tau.view(-1)[offset:offset + p.numel()].clone()
                 self._state_of(p)["tau_ref"] = tau
 
     @torch.no_grad()
@@ -172,6 +200,9 @@ class _MergingOptimizer(Optimizer):
             if self.scope == "global" and self._method == "ties" and len(by_step) > 1:
                 raise RuntimeError("global scope needs every parameter of the group at the same step")
             threads = self.threads or torch.get_num_threads()
+            if self.shards is not None:
+                self._sharded_step(group, by_step)
+                continue
             for k, items in by_step.items():
                 if self.scope == "global":
                     items.sort(key=lambda it: it[1].encode())
@@ -188,6 +219,66 @@ class _MergingOptimizer(Optimizer):
                 for _, _, state in items:
                     state["step"] = k
         return loss
+
+    def _sharded_step(self, group, by_step) -> None:
+        """One step of this process's ranges, with the exchanges that make it the
+        single-process step (see merge_core.distributed)."""
+        import torch.distributed as dist
+
+        pg = self.process_group
+        if len(by_step) != 1 or sum(len(v) for v in by_step.values()) != len(group["params"]):
+            raise RuntimeError("a sharded step needs a gradient for every parameter, all at the same step")
+        ((k, items),) = by_step.items()
+        if self.scope == "global":
+            items.sort(key=lambda it: it[1].encode())
+        tensors = []
+        for p, name, state in items:
+            full, offset = self.shards[name]
+            tau = state.get("tau_ref") if self.use_merge else None
+            tensors.append((name, full, offset, p.numel(), _memory(p.grad, name, "gradient")[0], _memory(p.data, name, "parameter")[0],
+                            state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+                            state["cached_delta"].data_ptr() if "cached_delta" in state else None,
+                            _memory(tau, name, "task vector")[0] if tau is not None else None))
+        step = self._core(group).sharded_step(k, float(group["lr"]), tensors)
+
+        def refuse_together(error):
+            # Every process learns whether any refused, so none waits in a
+            # collective that another left, and none writes.
+            refused = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+            dist.all_reduce(refused, group=pg)
+            if refused.item():
+                raise MergeCoreError(str(error) if error else f"another process refused step {k}; nothing was written on any process")
+
+        def local(fn):
+            try:
+                return fn(), None
+            except (MergeCoreError, ValueError) as e:
+                return None, e
+
+        def exchange_norms():
+            blocks, error = local(step.norm_blocks)
+            gathered = [None] * dist.get_world_size(pg)
+            dist.all_gather_object(gathered, (None if error is None else str(error), blocks), group=pg)
+            if error is not None or any(e is not None for e, _ in gathered):
+                raise MergeCoreError(str(error) if error else f"another process refused step {k}; nothing was written on any process")
+            step.set_norm_blocks([b for _, blocks in gathered for b in blocks])
+
+        if step.needs_norms():
+            exchange_norms()
+        if step.trims():
+            counts, error = local(step.histograms)
+            refuse_together(error)
+            while counts is not None:
+                total = torch.tensor(counts, dtype=torch.int64)
+                dist.all_reduce(total, group=pg)
+                step.add_histograms(total.tolist())
+                counts = step.histograms()
+            if step.needs_norms():
+                exchange_norms()
+        refuse_together(step.check())
+        step.write()
+        for _, _, state in items:
+            state["step"] = k
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but the state stays float32: torch would cast it to each
@@ -211,6 +302,9 @@ class OnDAREAdamW(_MergingOptimizer):
     ``variant``: ``"reference"`` (the official code) or ``"paper"``;
     ``adam_form``: ``"hf"`` (the official code's) or ``"torch"``.
     ``threads``: default ``torch.get_num_threads()``; the bits do not depend on it.
+    ``shards={name: (numel, offset)}`` and ``process_group``: the parameters are
+    this process's ranges of tensors sharded over torch.distributed, stepped with
+    the single-process bits (see :mod:`merge_core.distributed`).
     """
 
     _method = "dare"
@@ -220,12 +314,14 @@ class OnDAREAdamW(_MergingOptimizer):
                  reserve_p: float = 1.0, param_name_map: Optional[dict] = None, use_merge: bool = False,
                  alpha: float = 0.0, rescale: bool = False, clip_val: float = 1.0, online_step: int = 1, *,
                  param_names: Optional[Sequence[str]] = None, seed: int = 0, variant: str = "reference",
-                 adam_form: str = "hf", threads: Optional[int] = None):
+                 adam_form: str = "hf", threads: Optional[int] = None,
+                 shards: Optional[dict] = None, process_group=None):
         del no_deprecation_warning  # accepted for drop-in compatibility; nothing is deprecated here
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                          reserve_p=reserve_p, use_merge=use_merge, alpha=alpha, rescale=rescale, clip_val=clip_val,
                          online_step=online_step, param_names=param_names, param_name_map=param_name_map, seed=seed,
-                         variant=variant, adam_form=adam_form, scope="tensor", threads=threads)
+                         variant=variant, adam_form=adam_form, scope="tensor", threads=threads,
+                         shards=shards, process_group=process_group)
 
 
 class OnTIESAdamW(_MergingOptimizer):
@@ -234,8 +330,8 @@ class OnTIESAdamW(_MergingOptimizer):
     at weight ``alpha`` (when ``use_merge``); optional L1 ``rescale``; merging every
     ``online_step`` steps. ``scope``: ``"tensor"`` (the official code: each
     parameter its own top-k) or ``"global"`` (one threshold over all parameters
-    of a group, in bytewise name order). ``variant``, ``adam_form``, ``threads``
-    as for :class:`OnDAREAdamW`.
+    of a group, in bytewise name order). ``variant``, ``adam_form``, ``threads``,
+    ``shards`` and ``process_group`` as for :class:`OnDAREAdamW`.
     """
 
     _method = "ties"
@@ -245,12 +341,14 @@ class OnTIESAdamW(_MergingOptimizer):
                  reserve_p: float = 1.0, param_name_map: Optional[dict] = None, use_merge: bool = False,
                  alpha: float = 0.0, rescale: bool = False, online_step: int = 1, *,
                  param_names: Optional[Sequence[str]] = None, seed: int = 0, variant: str = "reference",
-                 adam_form: str = "hf", scope: str = "tensor", threads: Optional[int] = None):
+                 adam_form: str = "hf", scope: str = "tensor", threads: Optional[int] = None,
+                 shards: Optional[dict] = None, process_group=None):
         del no_deprecation_warning
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                          reserve_p=reserve_p, use_merge=use_merge, alpha=alpha, rescale=rescale, clip_val=1.0,
                          online_step=online_step, param_names=param_names, param_name_map=param_name_map, seed=seed,
-                         variant=variant, adam_form=adam_form, scope=scope, threads=threads)
+                         variant=variant, adam_form=adam_form, scope=scope, threads=threads,
+                         shards=shards, process_group=process_group)
 
 
 class AdamW(_MergingOptimizer):

@@ -19,9 +19,11 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod shard;
+
 create_exception!(_merge_core, MergeCoreError, PyValueError, "A value merge-core refuses: the message names the tensor, the element index or the hyperparameter.");
 
-fn core_error(e: merge_core::Error) -> PyErr {
+pub(crate) fn core_error(e: merge_core::Error) -> PyErr {
     MergeCoreError::new_err(e.to_string())
 }
 
@@ -50,7 +52,7 @@ impl Dtype {
 
 /// One memory range handed over for a call; all of a call's ranges are checked
 /// together before any slice is made.
-struct Range {
+pub(crate) struct Range {
     tensor: String,
     what: &'static str,
     addr: usize,
@@ -95,12 +97,12 @@ fn check_ranges(ranges: &[Range]) -> PyResult<()> {
     Ok(())
 }
 
-// SAFETY (for the four helpers below): `check_ranges` accepted the range
+// SAFETY (for the five helpers below): `check_ranges` accepted the range
 // (non-null, aligned, no overlap with a writable range), and the caller's
 // contract (module docs) is that it names `len` live elements of this type,
 // untouched by anyone else until the call returns. Empty ranges never touch
 // their address.
-fn src<'a>(r: &Range) -> Src<'a> {
+pub(crate) fn src<'a>(r: &Range) -> Src<'a> {
     if r.len == 0 {
         return Src::F32(&[]);
     }
@@ -111,7 +113,15 @@ fn src<'a>(r: &Range) -> Src<'a> {
     }
 }
 
-fn f32_mut<'a>(r: &Range) -> &'a mut [f32] {
+pub(crate) fn f32_ref<'a>(r: &Range) -> &'a [f32] {
+    debug_assert!(r.dtype == Dtype::F32);
+    if r.len == 0 {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(r.addr as *const f32, r.len) }
+}
+
+pub(crate) fn f32_mut<'a>(r: &Range) -> &'a mut [f32] {
     debug_assert!(r.writable && r.dtype == Dtype::F32);
     if r.len == 0 {
         return &mut [];
@@ -151,6 +161,9 @@ struct Core {
 /// (address, dtype), exp_avg, exp_avg_sq, cached delta (or None), task vector
 /// (address, dtype, or None).
 type StepTensor = (String, usize, (usize, u8), (usize, u8), usize, usize, Option<usize>, Option<(usize, u8)>);
+
+/// One range of `Core.sharded_step` (see there).
+type ShardTensor = (String, u64, u64, usize, usize, usize, usize, usize, Option<usize>, Option<usize>);
 
 /// One tensor of `Core.init_task_vectors`: name, length, base (address, dtype),
 /// SFT (address, dtype), output τ' (address, dtype).
@@ -241,6 +254,57 @@ impl Core {
         py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads)).map_err(core_error)
     }
 
+    /// Starts step `step` over this process's ranges of sharded float32 tensors:
+    /// (name, elements in the whole tensor, global index of the range's first
+    /// element, range length, gradient, parameter, exp_avg, exp_avg_sq, cached
+    /// delta or None, task vector or None), each a float32 address. Every process
+    /// passes every tensor (a range may be empty), in the same order: bytewise
+    /// name order for OnTIES with global scope.
+    fn sharded_step(&self, step: u64, lr: f64, tensors: Vec<ShardTensor>) -> PyResult<shard::ShardedStep> {
+        let config = OnlineConfig { adam: AdamConfig { lr, ..self.config.adam }, ..self.config };
+        let plan = Optimizer::new(config).and_then(|o| o.plan(step)).map_err(core_error)?;
+        let (ties, global) = match config.merge {
+            Merge::Ties(t) => (Some((t.p as f32, t.rescale)), t.scope == Scope::Global),
+            _ => (None, false),
+        };
+        if global {
+            for pair in tensors.windows(2) {
+                if pair[0].0.as_bytes() >= pair[1].0.as_bytes() {
+                    return Err(PyValueError::new_err("global scope: tensors must come in strictly ascending bytewise name order"));
+                }
+            }
+        }
+        let mut ranges = Vec::new();
+        let mut shards = Vec::with_capacity(tensors.len());
+        let mut scope_offset = 0u64;
+        for (name, full, offset, len, grad, theta, m, v, cached, tau) in tensors {
+            if offset.checked_add(len as u64).is_none_or(|end| end > full) {
+                return Err(PyValueError::new_err(format!("tensor `{name}`: range {offset}+{len} exceeds its {full} elements")));
+            }
+            let r = |what, addr, writable| Range { tensor: name.clone(), what, addr, dtype: Dtype::F32, len, writable };
+            let shard = shard::Shard {
+                grad: r("gradient", grad, false),
+                theta: r("parameter", theta, true),
+                m: r("exp_avg", m, true),
+                v: r("exp_avg_sq", v, true),
+                cached: cached.map(|c| r("cached delta", c, true)),
+                tau: tau.map(|t| r("task vector", t, false)),
+                scope_offset: if global { scope_offset } else { 0 },
+                name,
+                full,
+                offset,
+                len,
+            };
+            scope_offset += full;
+            for range in [&shard.grad, &shard.theta, &shard.m, &shard.v].into_iter().chain(shard.cached.as_ref()).chain(shard.tau.as_ref()) {
+                ranges.push(Range { tensor: range.tensor.clone(), what: range.what, addr: range.addr, dtype: range.dtype, len: range.len, writable: range.writable });
+            }
+            shards.push(shard);
+        }
+        check_ranges(&ranges)?;
+        Ok(shard::ShardedStep::new(plan, shards, ties, global))
+    }
+
     /// Computes each tensor's stored task vector `τ'` (float32) from its base and
     /// SFT weights; OnTIES with global scope wants the tensors in bytewise name
     /// order. Nothing is written unless every tensor passes.
@@ -269,6 +333,7 @@ impl Core {
 #[pymodule]
 fn _merge_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
+    m.add_class::<shard::ShardedStep>()?;
     m.add("MergeCoreError", m.py().get_type::<MergeCoreError>())?;
     m.add("CHUNK", parallel::CHUNK)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
