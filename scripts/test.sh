@@ -5,9 +5,11 @@
 # apt-get / rustup available, installs it; otherwise it stops and prints the exact
 # command to run. Needed: the software Vulkan driver (GPU tests run on lavapipe when
 # there is no GPU), python3 with numpy (the independent oracle), node (the wasm32
-# run of the golden vectors), qemu-system-arm (their Cortex-M4F run), and the rustup
-# targets wasm32-unknown-unknown and thumbv7em-none-eabihf. Then: the Python package's
-# tests (pytest, in a virtual environment with torch and trl) and cargo test --workspace.
+# run of the golden vectors), qemu-system-arm (their Cortex-M4F run), a C compiler
+# `cc` (the C ABI's golden run), and the rustup targets wasm32-unknown-unknown and
+# thumbv7em-none-eabihf. Then: the C program capi/examples/golden.c against the
+# static library, the Python package's tests (pytest, in a virtual environment with
+# torch and trl), and cargo test --workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,6 +54,9 @@ have_numpy || missing+=("numpy for python3: pip install numpy (Debian: sudo apt-
 have node || apt_install nodejs || true
 have node || missing+=("Node.js 18+: sudo apt-get install nodejs")
 
+have cc || apt_install gcc libc6-dev || true
+have cc || missing+=("a C compiler for the C ABI's golden run: sudo apt-get install gcc")
+
 have qemu-system-arm || apt_install qemu-system-arm || true
 have qemu-system-arm || missing+=("QEMU for the Cortex-M run of the golden vectors: sudo apt-get install qemu-system-arm")
 
@@ -82,6 +87,18 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ] || [ ! -d "$XDG_RUNTIME_DIR" ]; then
     export XDG_RUNTIME_DIR
 fi
 
+# The C ABI from C: the static library, then a C99 program linked against it that
+# reproduces the optimizer and offline golden files bit for bit. -lm -lpthread -ldl
+# are what Rust's standard library inside the static library needs from libc.
+cargo build -p merge-core-capi
+capi_out="${CARGO_TARGET_DIR:-target}/capi"
+mkdir -p "$capi_out"
+cc -std=c99 -pedantic -Wall -Wextra -Werror -O2 -Icapi/include capi/examples/golden.c \
+    "${CARGO_TARGET_DIR:-target}/debug/libmerge_core_c.a" -lm -lpthread -ldl -o "$capi_out/golden"
+# A difference is reported after the other tests have run too, as theirs are.
+c_abi=0
+"$capi_out/golden" capi/tests/golden/optimizer.txt capi/tests/golden/offline.txt || c_abi=$?
+
 # The Python package: built with maturin into a private virtual environment that
 # also holds torch and trl (python/requirements-test.txt), then its pytest suite.
 venv=target/python-venv
@@ -96,4 +113,11 @@ python_status=0
 
 # --no-fail-fast: CI reports every failing test binary, not only the first.
 cargo test --workspace --no-fail-fast
-exit $python_status
+if [ "$c_abi" != 0 ]; then
+    echo "test.sh: capi/examples/golden.c failed (exit $c_abi); its differences are printed above the other tests" >&2
+    exit "$c_abi"
+fi
+if [ "$python_status" != 0 ]; then
+    echo "test.sh: the Python tests failed (exit $python_status); see the pytest report above the Rust tests" >&2
+    exit "$python_status"
+fi
