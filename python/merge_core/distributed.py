@@ -1,9 +1,14 @@
 """The same bits on 1 process or N: sharded optimizer state with torch.distributed.
 
 Each process holds a contiguous range of every parameter's flattened elements
-(FSDP2's ``Shard(0)`` local shard, a ZeRO partition, or :func:`shard_range`'s even
-split) and gives the optimizer, for each parameter name, the tensor's element count
-and the range's first global index::
+and steps it. With FSDP2 (``fully_shard``) the parameters are DTensors sharded on
+dim 0 and the optimizer finds the ranges and the process group itself::
+
+    fully_shard(model)  # after fully_shard on each layer
+    opt = OnDAREAdamW(model.named_parameters(), ...)
+
+Otherwise (a ZeRO partition, :func:`shard_range`'s even split) give, for each
+parameter name, the tensor's element count and the range's first global index::
 
     opt = OnDAREAdamW(local_named_params, ..., shards={name: (numel, offset)})
 
@@ -26,6 +31,8 @@ import re
 
 import torch
 import torch.distributed as dist
+
+from .optim import _local
 
 __all__ = ["shard_range", "save", "load"]
 
@@ -58,7 +65,7 @@ def save(optimizer, directory, group=None) -> None:
         ranges[name] = {
             "numel": full,
             "offset": offset,
-            "length": p.numel(),
+            "length": _local(p).numel(),
             "step": state.get("step", 0),
             "state": {k: state[k].detach().clone() for k in _STATE_KEYS if k in state},
         }
@@ -85,6 +92,7 @@ def load(optimizer, directory) -> None:
     saved = [torch.load(f, weights_only=True) for f in files]
     for p, name in optimizer._named():
         full, offset = optimizer.shards[name]
+        length = _local(p).numel()
         pieces = [(s["ranges"][name], f) for s, f in zip(saved, files) if name in s["ranges"]]
         if not pieces:
             raise KeyError(f"parameter `{name}` is not in the checkpoint {directory}")
@@ -93,14 +101,14 @@ def load(optimizer, directory) -> None:
         for piece, f in pieces:
             if piece["numel"] != full:
                 raise ValueError(f"{f}: parameter `{name}` has {piece['numel']} elements there, {full} now")
-            lo, hi = max(offset, piece["offset"]), min(offset + p.numel(), piece["offset"] + piece["length"])
+            lo, hi = max(offset, piece["offset"]), min(offset + length, piece["offset"] + piece["length"])
             if lo >= hi:
                 continue
             covered += hi - lo
             state["step"] = piece["step"]
             for key, value in piece["state"].items():
                 if key not in state:
-                    state[key] = torch.zeros(p.shape, dtype=torch.float32)
+                    state[key] = torch.zeros(_local(p).shape, dtype=torch.float32)
                 state[key].view(-1)[lo - offset:hi - offset] = value.view(-1)[lo - piece["offset"]:hi - piece["offset"]]
-        if covered != p.numel():
-            raise ValueError(f"{directory}: parameter `{name}`: the saved ranges cover {covered} of this process's {p.numel()} elements")
+        if covered != length:
+            raise ValueError(f"{directory}: parameter `{name}`: the saved ranges cover {covered} of this process's {length} elements")

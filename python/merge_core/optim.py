@@ -38,6 +38,31 @@ def _memory(t: torch.Tensor, name: str, what: str) -> tuple[int, int]:
     return t.data_ptr(), code
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "placements") else t
+
+
+def _dtensor_shards(named) -> tuple[Optional[dict], object]:
+    """shards= and the process group for parameters that are DTensors sharded on
+    dim 0 of a 1-D mesh (FSDP2's fully_shard); (None, None) when there are none."""
+    shards, group = {}, None
+    for p, name in named:
+        if not hasattr(p, "placements"):
+            continue
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise ValueError(f"parameter `{name}`: placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh; "
+                             "merge_core steps Shard(0) on a 1-D mesh (FSDP2's fully_shard), or ranges given with shards=")
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        row = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 1
+        shards[name] = (p.numel(), (offset[0] if p.dim() else 0) * row)
+        group = p.device_mesh.get_group()
+    return (shards or None), group
+
+
 def _split_names(params, param_names, param_name_map):
     """Parameter groups without names, and each group's list of names (or None)."""
     params = list(params)
@@ -97,6 +122,9 @@ class _MergingOptimizer(Optimizer):
         self.rescale, self.clip_val, self.online_step = rescale, clip_val, online_step
         self.seed, self.variant, self.adam_form, self.scope = seed, variant, adam_form, scope
         self.threads = threads
+        if shards is None:
+            shards, mesh_group = _dtensor_shards(self._named())
+            process_group = process_group if process_group is not None else mesh_group
         self.shards = self._check_shards(shards)
         self.process_group = process_group
         for group in self.param_groups:
@@ -127,6 +155,7 @@ class _MergingOptimizer(Optimizer):
             if name not in shards:
                 raise ValueError(f"parameter `{name}` has no entry in shards=: every parameter of a sharded optimizer needs one")
             full, offset = shards[name]
+            p = _local(p)
             if not 0 <= offset <= offset + p.numel() <= full:
                 raise ValueError(f"parameter `{name}`: range {offset}+{p.numel()} is outside its {full} elements")
             if p.dtype != torch.float32:
@@ -136,11 +165,12 @@ class _MergingOptimizer(Optimizer):
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if "exp_avg" not in state:
+            shape = _local(p).shape
             state["step"] = 0
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32)
             if self.online_step != 1:
-                state["cached_delta"] = torch.zeros(p.shape, dtype=torch.float32)
+                state["cached_delta"] = torch.zeros(shape, dtype=torch.float32)
         return state
 
     @torch.no_grad()
@@ -174,7 +204,7 @@ class _MergingOptimizer(Optimizer):
                     full, offset = self.shards[job[0]]
                     if tau.numel() != full:
                         raise ValueError(f"parameter `{job[0]}`: the models' tensor has {tau.numel()} elements, shards= says {full}")
-                    tau = tau.view(-1)[offset:offset + p.numel()].clone()
+                    tau = tau.view(-1)[offset:offset + _local(p).numel()].clone()
                 self._state_of(p)["tau_ref"] = tau
 
     @torch.no_grad()
@@ -235,7 +265,8 @@ class _MergingOptimizer(Optimizer):
         for p, name, state in items:
             full, offset = self.shards[name]
             tau = state.get("tau_ref") if self.use_merge else None
-            tensors.append((name, full, offset, p.numel(), _memory(p.grad, name, "gradient")[0], _memory(p.data, name, "parameter")[0],
+            local = _local(p)
+            tensors.append((name, full, offset, local.numel(), _memory(_local(p.grad), name, "gradient")[0], _memory(local, name, "parameter")[0],
                             state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
                             state["cached_delta"].data_ptr() if "cached_delta" in state else None,
                             _memory(tau, name, "task vector")[0] if tau is not None else None))
