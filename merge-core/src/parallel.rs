@@ -71,6 +71,27 @@ impl<'a> Param<'a> {
     }
 }
 
+/// A stored task vector `τ'`.
+#[derive(Clone, Copy, Debug)]
+pub enum TaskVector<'a> {
+    /// Every element, in any storage format; empty when the step does not read it.
+    Dense(Src<'a>),
+    /// Only the elements whose bits are not those of `+0`: bit `i % 8` of
+    /// `stored[i / 8]` says element `i` is stored, and `values` holds the stored
+    /// ones in index order. OnDARE and OnTIES keep a fraction `p` of `τ`, so this
+    /// takes `n/8 + 4·p·n` bytes instead of `4·n`; the step sees the same values.
+    Packed { stored: &'a [u8], values: &'a [f32] },
+}
+
+impl TaskVector<'_> {
+    fn is_empty(&self) -> bool {
+        match self {
+            TaskVector::Dense(s) => s.is_empty(),
+            TaskVector::Packed { stored, .. } => stored.is_empty(),
+        }
+    }
+}
+
 /// One tensor of [`step_tensors`].
 #[derive(Debug)]
 pub struct ParallelJob<'a> {
@@ -83,7 +104,7 @@ pub struct ParallelJob<'a> {
     pub cached: Option<&'a mut [f32]>,
     /// The stored task vector `τ'`; may be empty when the step does not read it
     /// (plain AdamW, step-K's accumulating steps).
-    pub tau: Src<'a>,
+    pub tau: TaskVector<'a>,
 }
 
 /// Steps several tensors on up to `threads` threads, with the bits and the
@@ -102,8 +123,8 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         let chunks = chunk_views(jobs);
         let norms = run(threads, chunks, |c, buf| {
             let mut norms = Norms::default();
-            let (grad, theta) = buf.widen(c.grad, c.theta);
-            steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), c.tau, Some(&mut norms), None)?;
+            let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
+            steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), tau, Some(&mut norms), None)?;
             Ok((c.job, norms))
         })?;
         let mut joined: Vec<Norms> = steps.iter().map(|_| Norms::default()).collect();
@@ -129,14 +150,25 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 
 fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
     let n = job.m.len();
-    let mut lens = [("gradient", job.grad.len()), ("parameter", job.theta.len()), ("exp_avg_sq", job.v.len()), ("task vector", job.tau.len())];
-    if job.tau.is_empty() {
-        lens[3].1 = n; // the step's own check names it if it needs one
-    }
-    for (what, len) in lens {
+    let mismatch = |what, expected: usize, found: usize| Error::LengthMismatch { tensor: tensor_name(job.name), what, expected: expected as u64, found: found as u64 };
+    for (what, len) in [("gradient", job.grad.len()), ("parameter", job.theta.len()), ("exp_avg_sq", job.v.len())] {
         if len != n {
-            return Err(Error::LengthMismatch { tensor: tensor_name(job.name), what, expected: n as u64, found: len as u64 });
+            return Err(mismatch(what, n, len));
         }
+    }
+    // An empty task vector is named by the step's own check if the step reads one.
+    match job.tau {
+        TaskVector::Dense(t) if !t.is_empty() && t.len() != n => return Err(mismatch("task vector", n, t.len())),
+        TaskVector::Packed { stored, values } if !stored.is_empty() => {
+            if stored.len() != n.div_ceil(8) {
+                return Err(mismatch("packed task vector's stored-element bits (bytes)", n.div_ceil(8), stored.len()));
+            }
+            let set = stored.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            if set != values.len() || (n % 8 != 0 && stored[n / 8] >> (n % 8) != 0) {
+                return Err(mismatch("packed task vector's values", set, values.len()));
+            }
+        }
+        _ => {}
     }
     match (&job.cached, plan.needs_cached_delta()) {
         (Some(c), _) if c.len() != n => Err(Error::LengthMismatch { tensor: tensor_name(job.name), what: "cached delta", expected: n as u64, found: c.len() as u64 }),
@@ -200,8 +232,8 @@ fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f
     }
     let items: Vec<_> = chunks.into_iter().zip(outs).collect();
     run(threads, items, |(c, out), buf| {
-        let (grad, theta) = buf.widen(c.grad, c.theta);
-        steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), c.tau, None, Some(out))
+        let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
+        steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), tau, None, Some(out))
     })?;
     Ok(())
 }
@@ -216,7 +248,7 @@ struct ChunkView<'a> {
     m: &'a [f32],
     v: &'a [f32],
     cached: Option<&'a [f32]>,
-    tau: Src<'a>,
+    tau: TaskVector<'a>,
 }
 
 impl<'a> ChunkView<'a> {
@@ -237,18 +269,44 @@ struct ChunkMut<'a> {
     m: &'a mut [f32],
     v: &'a mut [f32],
     cached: Option<&'a mut [f32]>,
-    tau: Src<'a>,
+    tau: TaskVector<'a>,
 }
 
-fn tau_chunk<'a>(tau: Src<'a>, lo: usize, len: usize) -> Src<'a> {
-    if tau.is_empty() { tau } else { tau.slice(lo, len) }
+/// The chunk `lo .. lo + len` of a task vector; `first_value` is the number of
+/// stored values before `lo` (packed form).
+fn tau_chunk<'a>(tau: TaskVector<'a>, lo: usize, len: usize, first_value: usize) -> TaskVector<'a> {
+    if tau.is_empty() {
+        return tau;
+    }
+    match tau {
+        TaskVector::Dense(s) => TaskVector::Dense(s.slice(lo, len)),
+        TaskVector::Packed { stored, values } => {
+            let bytes = &stored[lo / 8..(lo + len).div_ceil(8)];
+            let count = bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            TaskVector::Packed { stored: bytes, values: &values[first_value..first_value + count] }
+        }
+    }
+}
+
+/// For each chunk start, the number of stored values before it (packed form).
+fn values_before_chunks(tau: TaskVector<'_>) -> Vec<usize> {
+    let mut out = Vec::new();
+    if let TaskVector::Packed { stored, .. } = tau {
+        let mut count = 0;
+        for bytes in stored.chunks(CHUNK / 8) {
+            out.push(count);
+            count += bytes.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+        }
+    }
+    out
 }
 
 fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
     let mut out = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let n = job.m.len();
-        for lo in (0..n).step_by(CHUNK) {
+        let before = values_before_chunks(job.tau);
+        for (c, lo) in (0..n).step_by(CHUNK).enumerate() {
             let len = CHUNK.min(n - lo);
             out.push(ChunkView {
                 job: j,
@@ -259,7 +317,7 @@ fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
                 m: &job.m[lo..lo + len],
                 v: &job.v[lo..lo + len],
                 cached: job.cached.as_deref().map(|c| &c[lo..lo + len]),
-                tau: tau_chunk(job.tau, lo, len),
+                tau: tau_chunk(job.tau, lo, len, before.get(c).copied().unwrap_or(0)),
             });
         }
     }
@@ -270,6 +328,7 @@ fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>]) -> Vec<ChunkMut<'a>> {
     let mut out = Vec::new();
     for (j, job) in jobs.iter_mut().enumerate() {
         let n = job.m.len();
+        let before = values_before_chunks(job.tau);
         let mut cached = job.cached.as_deref_mut().map(|c| c.chunks_mut(CHUNK));
         let parts = job.theta.chunks().into_iter().zip(job.m.chunks_mut(CHUNK)).zip(job.v.chunks_mut(CHUNK));
         for (c, ((theta, m), v)) in parts.enumerate() {
@@ -283,7 +342,7 @@ fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>]) -> Vec<ChunkMut<'a>> {
                 m,
                 v,
                 cached: cached.as_mut().and_then(|it| it.next()),
-                tau: tau_chunk(job.tau, lo, len),
+                tau: tau_chunk(job.tau, lo, len, before.get(c).copied().unwrap_or(0)),
             });
         }
     }
@@ -298,6 +357,27 @@ struct Buffers {
     m: Vec<f32>,
     v: Vec<f32>,
     cached: Vec<f32>,
+    tau: Vec<f32>,
+}
+
+/// `tau` as a source the step reads: itself, or unpacked into `buf`.
+fn unpacked<'b>(tau: TaskVector<'b>, len: usize, buf: &'b mut Vec<f32>) -> Src<'b> {
+    match tau {
+        TaskVector::Dense(s) => s,
+        TaskVector::Packed { stored, .. } if stored.is_empty() => Src::F32(&[]),
+        TaskVector::Packed { stored, values } => {
+            buf.clear();
+            buf.resize(len, 0.0);
+            let mut next = values.iter();
+            for (i, out) in buf.iter_mut().enumerate() {
+                if stored[i / 8] >> (i % 8) & 1 == 1 {
+                    // check_lengths matched the bits with the values.
+                    *out = *next.next().expect("one value per set bit");
+                }
+            }
+            Src::F32(buf)
+        }
+    }
 }
 
 /// `src` as binary32: itself when it is, else widened into `buf`.
@@ -319,17 +399,19 @@ fn copied<'b>(src: &[f32], buf: &'b mut Vec<f32>) -> &'b mut [f32] {
 }
 
 impl Buffers {
-    fn widen<'b>(&'b mut self, grad: Src<'b>, theta: Src<'b>) -> (&'b [f32], &'b [f32]) {
-        (widened(grad, &mut self.grad), widened(theta, &mut self.theta))
+    fn widen<'b>(&'b mut self, grad: Src<'b>, theta: Src<'b>, tau: TaskVector<'b>) -> (&'b [f32], &'b [f32], Src<'b>) {
+        let len = grad.len();
+        (widened(grad, &mut self.grad), widened(theta, &mut self.theta), unpacked(tau, len, &mut self.tau))
     }
 
     fn check(&mut self, step: &TensorStep<'_>, c: &ChunkView<'_>) -> Result<(), Error> {
-        let Buffers { grad, theta, m, v, cached } = self;
+        let Buffers { grad, theta, m, v, cached, tau } = self;
         let grad = widened(c.grad, grad);
+        let tau = unpacked(c.tau, c.len, tau);
         let dtype = c.theta.dtype();
         if dtype == Dtype::F32 {
             let Src::F32(theta) = c.theta else { unreachable!() };
-            return step.check_chunk(c.lo as u64, grad, c.state(theta), c.tau);
+            return step.check_chunk(c.lo as u64, grad, c.state(theta), tau);
         }
         // The new parameter must also fit its 16-bit format: step copies, then look.
         let theta = {
@@ -338,7 +420,7 @@ impl Buffers {
             &mut theta[..]
         };
         let state = StateMut { theta, m: copied(c.m, m), v: copied(c.v, v), cached: c.cached.map(|s| copied(s, cached)) };
-        step.write_chunk(c.lo as u64, grad, state, c.tau)?;
+        step.write_chunk(c.lo as u64, grad, state, tau)?;
         for (i, &x) in theta.iter().enumerate() {
             let fits = if dtype == Dtype::Bf16 { f32_to_bf16(x).map(|_| ()) } else { f32_to_f16(x).map(|_| ()) };
             fits.map_err(|e| store_error(step.name, "updated parameter", (c.lo + i) as u64, e, dtype))?;
@@ -348,8 +430,10 @@ impl Buffers {
 
     fn write(&mut self, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
         let ChunkMut { lo, grad, theta, m, v, cached, tau, .. } = c;
-        let Buffers { grad: grad_buf, theta: theta_buf, .. } = self;
+        let Buffers { grad: grad_buf, theta: theta_buf, tau: tau_buf, .. } = self;
+        let len = grad.len();
         let grad = widened(grad, grad_buf);
+        let tau = unpacked(tau, len, tau_buf);
         let offset = lo as u64;
         let (out, dtype) = match theta {
             Param::F32(theta) => return step.write_chunk(offset, grad, StateMut { theta, m, v, cached }, tau),
@@ -434,7 +518,9 @@ mod tests {
             .iter()
             .map(|&(_, n)| {
                 let mut draw = |scale: f32| (0..n).map(|_| rng.unit_f32() * scale).collect::<Vec<f32>>();
-                State { theta: draw(0.5), m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n], tau: draw(1e-3) }
+                // τ' is sparse, as DARE and TIES leave it, with some -0 kept as stored.
+                let tau = draw(1e-3).iter().enumerate().map(|(i, &x)| match i % 5 { 0 => x, 1 => -0.0, _ => 0.0 }).collect();
+                State { theta: draw(0.5), m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n], tau }
             })
             .collect()
     }
@@ -486,19 +572,34 @@ mod tests {
         plan.step_tensors(&mut jobs)
     }
 
-    fn parallel_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize) -> Result<(), Error> {
+    /// `τ'` without its `+0` entries: the stored-element bits and the values.
+    fn pack(tau: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        let mut stored = vec![0u8; tau.len().div_ceil(8)];
+        let mut values = Vec::new();
+        for (i, &x) in tau.iter().enumerate() {
+            if x.to_bits() != 0 {
+                stored[i / 8] |= 1 << (i % 8);
+                values.push(x);
+            }
+        }
+        (stored, values)
+    }
+
+    fn parallel_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool) -> Result<(), Error> {
+        let packs: Vec<(Vec<u8>, Vec<f32>)> = st.iter().map(|s| pack(&s.tau)).collect();
         let mut jobs: Vec<ParallelJob<'_>> = st
             .iter_mut()
             .zip(g)
             .zip(TENSORS)
-            .map(|((s, g), (name, _))| ParallelJob {
+            .zip(&packs)
+            .map(|(((s, g), (name, _)), (stored, values))| ParallelJob {
                 name,
                 grad: Src::F32(g),
                 theta: Param::F32(&mut s.theta),
                 m: &mut s.m,
                 v: &mut s.v,
                 cached: (k > 1).then_some(&mut s.cached[..]),
-                tau: Src::F32(&s.tau),
+                tau: if packed { TaskVector::Packed { stored, values } } else { TaskVector::Dense(Src::F32(&s.tau)) },
             })
             .collect();
         step_tensors(plan, &mut jobs, threads)
@@ -516,7 +617,8 @@ mod tests {
                 let g = grads(&mut rng);
                 sequential_step(&plan, &mut want, &g, cfg.k).unwrap();
                 for (st, threads) in got.iter_mut().zip([1, 2, 3, 7]) {
-                    parallel_step(&plan, st, &g, cfg.k, threads).unwrap();
+                    // Odd thread counts read τ' packed: the same bits.
+                    parallel_step(&plan, st, &g, cfg.k, threads, threads % 2 == 1).unwrap();
                     assert!(*st == want, "{label}, {threads} threads, step {}", plan.step());
                 }
             }
@@ -535,11 +637,29 @@ mod tests {
         let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
         for threads in [1, 2, 4] {
             let mut st = states(1);
-            let err = parallel_step(&plan, &mut st, &g, 1, threads).unwrap_err();
+            let err = parallel_step(&plan, &mut st, &g, 1, threads, threads == 2).unwrap_err();
             assert_eq!(err, want_err);
             assert!(st == states(1), "{threads} threads wrote after an error");
         }
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
+    }
+
+    #[test]
+    fn packed_task_vectors_whose_bits_and_values_disagree_are_refused() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l == "dare k=1").unwrap();
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        let n = 20;
+        let (grad, mut theta, mut m, mut v) = (vec![0.1f32; n], vec![1.0f32; n], vec![0.0f32; n], vec![0.0f32; n]);
+        for (stored, values, what) in [
+            (vec![0b101u8, 0, 0], vec![1.0f32], "packed task vector's values"),
+            (vec![1u8, 0], vec![1.0f32], "packed task vector's stored-element bits (bytes)"),
+            (vec![0u8, 0, 0b1_0000], vec![1.0f32], "packed task vector's values"),
+        ] {
+            let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::F32(&mut theta), m: &mut m, v: &mut v, cached: None, tau: TaskVector::Packed { stored: &stored, values: &values } }];
+            let err = step_tensors(&plan, &mut jobs, 2).unwrap_err();
+            assert!(matches!(err, Error::LengthMismatch { what: w, .. } if w == what), "{err}");
+        }
+        assert!(theta.iter().all(|&x| x == 1.0));
     }
 
     #[test]
@@ -565,7 +685,7 @@ mod tests {
                 .zip(theta.iter_mut())
                 .zip(&g16)
                 .zip(TENSORS)
-                .map(|(((s, t), g), (name, _))| ParallelJob { name, grad: Src::Bf16(g), theta: Param::Bf16(t), m: &mut s.m, v: &mut s.v, cached: None, tau: Src::F32(&s.tau) })
+                .map(|(((s, t), g), (name, _))| ParallelJob { name, grad: Src::Bf16(g), theta: Param::Bf16(t), m: &mut s.m, v: &mut s.v, cached: None, tau: TaskVector::Dense(Src::F32(&s.tau)) })
                 .collect();
             step_tensors(&plan, &mut jobs, threads).unwrap();
             drop(jobs);
@@ -591,7 +711,7 @@ mod tests {
         let before = theta.clone();
         let grad = vec![-1.0f32; n];
         let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
-        let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::Bf16(&mut theta), m: &mut m, v: &mut v, cached: None, tau: Src::F32(&[]) }];
+        let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::Bf16(&mut theta), m: &mut m, v: &mut v, cached: None, tau: TaskVector::Dense(Src::F32(&[])) }];
         let err = step_tensors(&plan, &mut jobs, 2).unwrap_err();
         assert!(matches!(err, Error::StorageOverflow { index, dtype: Dtype::Bf16, .. } if index == (n - 1) as u64), "{err}");
         assert_eq!(theta, before);

@@ -22,6 +22,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "gpu-shader
 from official_torch import OfficialStep  # noqa: E402
 
 from merge_core import AdamW, OnDAREAdamW, OnTIESAdamW  # noqa: E402
+from merge_core.optim import _pack_bits  # noqa: E402
 
 
 def llama_shapes(hidden, mlp, layers, vocab):
@@ -63,8 +64,13 @@ def ours(kind, shapes, threads):
     else:
         cls = OnDAREAdamW if kind == "dare" else OnTIESAdamW
         opt = cls(named, lr=HYPER["lr"], reserve_p=HYPER["reserve_p"], use_merge=True, alpha=HYPER["alpha"], seed=1, threads=threads)
-        for p in params:  # a task vector as init_ref_param_diff leaves it
-            opt._state_of(p)["tau_ref"] = torch.randn(p.shape) * 1e-3
+        g = torch.Generator().manual_seed(2)
+        for p in params:  # a task vector as init_ref_param_diff leaves it: reserve_p of it stored, packed
+            tau = (torch.randn(p.shape, generator=g) * 1e-3).view(-1)
+            tau[torch.rand(tau.shape, generator=g) >= HYPER["reserve_p"]] = 0.0
+            stored = tau.view(torch.int32) != 0
+            state = opt._state_of(p)
+            state["tau_ref_stored"], state["tau_ref_values"] = _pack_bits(stored), tau[stored].clone()
     return opt.step, params, opt
 
 

@@ -63,6 +63,22 @@ def _dtensor_shards(named) -> tuple[Optional[dict], object]:
     return (shards or None), group
 
 
+# τ' is kept packed (its +0 entries left out, one bit per element saying which
+# are stored) unless more than this share of it is stored: DARE and TIES keep a
+# fraction reserve_p, so at the paper's 0.01 the packed form costs about 4% of the
+# parameter bytes instead of 100%.
+_PACK_BELOW = 0.85
+
+
+def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Bit i % 8 of byte i // 8 set where flags[i] is."""
+    n = flags.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
+    padded[:n] = flags.to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
 def _split_names(params, param_names, param_name_map):
     """Parameter groups without names, and each group's list of names (or None)."""
     params = list(params)
@@ -173,6 +189,21 @@ class _MergingOptimizer(Optimizer):
                 state["cached_delta"] = torch.zeros(shape, dtype=torch.float32)
         return state
 
+    def _task_vector(self, state: dict, name: str):
+        """τ' as the core takes it: (address, dtype), packed (bits, values, count), or None."""
+        if not self.use_merge:
+            return None
+        if "tau_ref_stored" in state:
+            stored, values = state["tau_ref_stored"], state["tau_ref_values"]
+            for t, what in ((stored, "task vector's stored-element bits"), (values, "task vector's values")):
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(f"parameter `{name}`: {what} must be a contiguous CPU tensor")
+            if stored.dtype != torch.uint8 or values.dtype != torch.float32:
+                raise TypeError(f"parameter `{name}`: a packed task vector is uint8 bits and float32 values")
+            return (stored.data_ptr(), values.data_ptr(), values.numel())
+        tau = state.get("tau_ref")
+        return None if tau is None else _memory(tau, name, "task vector")
+
     @torch.no_grad()
     def init_ref_param_diff(self, ref_model: torch.nn.Module, base_model: torch.nn.Module) -> None:
         """Stores each parameter's task vector τ' from the reference (SFT) model and
@@ -198,14 +229,22 @@ class _MergingOptimizer(Optimizer):
                 jobs, keep = [jobs[i] for i in order], [keep[i] for i in order]
             self._core(group).init_task_vectors(jobs)
             for (p, tau, _, _), job in zip(keep, jobs):
+                state = self._state_of(p)
+                for key in ("tau_ref", "tau_ref_stored", "tau_ref_values"):
+                    state.pop(key, None)
                 if self.shards is not None:
                     # τ' is computed on the whole tensor (its masks and top-k are
-                    # global); this process keeps its range.
+                    # global); this process keeps its range, densely.
                     full, offset = self.shards[job[0]]
                     if tau.numel() != full:
                         raise ValueError(f"parameter `{job[0]}`: the models' tensor has {tau.numel()} elements, shards= says {full}")
-                    tau = tau.view(-1)[offset:offset + _local(p).numel()].clone()
-                self._state_of(p)["tau_ref"] = tau
+                    state["tau_ref"] = tau.view(-1)[offset:offset + _local(p).numel()].clone()
+                    continue
+                stored = tau.view(-1).view(torch.int32) != 0
+                if stored.sum().item() < _PACK_BELOW * tau.numel():
+                    state["tau_ref_stored"], state["tau_ref_values"] = _pack_bits(stored), tau.view(-1)[stored].clone()
+                else:
+                    state["tau_ref"] = tau
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -221,7 +260,7 @@ class _MergingOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"parameter `{name}`: sparse gradients are not supported")
                 state = self._state_of(p)
-                if self._method != "adamw" and self.use_merge and "tau_ref" not in state:
+                if self._method != "adamw" and self.use_merge and "tau_ref" not in state and "tau_ref_stored" not in state:
                     raise RuntimeError(
                         f"parameter `{name}` has no task vector: call init_ref_param_diff(ref_model, base_model) "
                         "before the first step (or pass use_merge=False)"
@@ -238,12 +277,11 @@ class _MergingOptimizer(Optimizer):
                     items.sort(key=lambda it: it[1].encode())
                 tensors = []
                 for p, name, state in items:
-                    tau = state.get("tau_ref") if self.use_merge else None
                     tensors.append((
                         name, p.numel(), _memory(p.grad, name, "gradient"), _memory(p.data, name, "parameter"),
                         state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
                         state["cached_delta"].data_ptr() if "cached_delta" in state else None,
-                        _memory(tau, name, "task vector") if tau is not None else None,
+                        self._task_vector(state, name),
                     ))
                 self._core(group).step(k, float(group["lr"]), tensors, threads)
                 for _, _, state in items:
@@ -312,16 +350,17 @@ class _MergingOptimizer(Optimizer):
             state["step"] = k
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the state stays float32: torch would cast it to each
-        parameter's dtype, and a bf16 model's moments would lose their bits."""
+        """As torch's, but the state keeps its dtypes (float32, and the packed task
+        vector's uint8 bits): torch would cast it to each parameter's dtype, and a
+        bf16 model's moments would lose their bits."""
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(ids, params):
             for key, value in saved.get(i, {}).items():
-                if torch.is_tensor(value) and value.is_floating_point():
-                    self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.detach().to(device="cpu", copy=True).contiguous()
 
 
 class OnDAREAdamW(_MergingOptimizer):

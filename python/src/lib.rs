@@ -14,7 +14,7 @@ use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TaskVectorJob, TiesConfig};
-use merge_core::parallel::{self, ParallelJob, Param};
+use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -33,6 +33,8 @@ enum Dtype {
     F32,
     Bf16,
     F16,
+    /// The stored-element bits of a packed task vector.
+    Bits,
 }
 
 impl Dtype {
@@ -46,7 +48,11 @@ impl Dtype {
     }
 
     fn size(self) -> usize {
-        if self == Dtype::F32 { 4 } else { 2 }
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::Bits => 1,
+        }
     }
 }
 
@@ -97,7 +103,7 @@ fn check_ranges(ranges: &[Range]) -> PyResult<()> {
     Ok(())
 }
 
-// SAFETY (for the five helpers below): `check_ranges` accepted the range
+// SAFETY (for the six helpers below): `check_ranges` accepted the range
 // (non-null, aligned, no overlap with a writable range), and the caller's
 // contract (module docs) is that it names `len` live elements of this type,
 // untouched by anyone else until the call returns. Empty ranges never touch
@@ -110,7 +116,15 @@ pub(crate) fn src<'a>(r: &Range) -> Src<'a> {
         Dtype::F32 => Src::F32(unsafe { std::slice::from_raw_parts(r.addr as *const f32, r.len) }),
         Dtype::Bf16 => Src::Bf16(unsafe { std::slice::from_raw_parts(r.addr as *const u16, r.len) }),
         Dtype::F16 => Src::F16(unsafe { std::slice::from_raw_parts(r.addr as *const u16, r.len) }),
+        Dtype::Bits => unreachable!("stored-element bits are read with `bytes`"),
     }
+}
+
+fn bytes<'a>(r: &Range) -> &'a [u8] {
+    if r.len == 0 {
+        return &[];
+    }
+    unsafe { std::slice::from_raw_parts(r.addr as *const u8, r.len) }
 }
 
 pub(crate) fn f32_ref<'a>(r: &Range) -> &'a [f32] {
@@ -145,6 +159,7 @@ fn param_mut<'a>(r: &Range) -> Param<'a> {
         Dtype::F32 => Param::F32(f32_mut(r)),
         Dtype::Bf16 => Param::Bf16(unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u16, r.len) }),
         Dtype::F16 => Param::F16(unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u16, r.len) }),
+        Dtype::Bits => unreachable!("stored-element bits are never written"),
     }
 }
 
@@ -159,8 +174,16 @@ struct Core {
 
 /// One tensor of `Core.step`: name, length, gradient (address, dtype), parameter
 /// (address, dtype), exp_avg, exp_avg_sq, cached delta (or None), task vector
-/// (address, dtype, or None).
-type StepTensor = (String, usize, (usize, u8), (usize, u8), usize, usize, Option<usize>, Option<(usize, u8)>);
+/// (or None).
+type StepTensor = (String, usize, (usize, u8), (usize, u8), usize, usize, Option<usize>, Option<TauArg>);
+
+/// A task vector: dense (address, dtype), or packed (address of the
+/// stored-element bits, address of the float32 values, number of values).
+#[derive(FromPyObject)]
+enum TauArg {
+    Dense((usize, u8)),
+    Packed((usize, usize, usize)),
+}
 
 /// One range of `Core.sharded_step` (see there).
 type ShardTensor = (String, u64, u64, usize, usize, usize, usize, usize, Option<usize>, Option<usize>);
@@ -236,8 +259,13 @@ impl Core {
             if let Some(c) = cached {
                 ranges.push(r("cached delta", *c, 0, true)?);
             }
-            if let Some(t) = tau {
-                ranges.push(r("task vector", t.0, t.1, false)?);
+            match tau {
+                Some(TauArg::Dense((addr, dtype))) => ranges.push(r("task vector", *addr, *dtype, false)?),
+                Some(TauArg::Packed((stored, values, count))) => {
+                    ranges.push(Range { tensor: name.clone(), what: "task vector's stored-element bits", addr: *stored, dtype: Dtype::Bits, len: n.div_ceil(8), writable: false });
+                    ranges.push(Range { tensor: name.clone(), what: "task vector's values", addr: *values, dtype: Dtype::F32, len: *count, writable: false });
+                }
+                None => {}
             }
         }
         check_ranges(&ranges)?;
@@ -248,7 +276,11 @@ impl Core {
         for ((name, _, _, _, _, _, cached, tau), zero) in tensors.iter().zip(&zeros) {
             let (grad, theta, m, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
             let cached = cached.map(|_| f32_mut(it.next().unwrap()));
-            let tau = if tau.is_some() { src(it.next().unwrap()) } else { Src::F32(zero) };
+            let tau = match tau {
+                Some(TauArg::Dense(_)) => TaskVector::Dense(src(it.next().unwrap())),
+                Some(TauArg::Packed(_)) => TaskVector::Packed { stored: bytes(it.next().unwrap()), values: f32_ref(it.next().unwrap()) },
+                None => TaskVector::Dense(Src::F32(zero)),
+            };
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
         py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads)).map_err(core_error)

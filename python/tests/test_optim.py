@@ -175,3 +175,25 @@ def test_differences_from_the_official_step_are_rounding_only():
         worst = max(worst, (param.detach() - port).abs().max().item() / update)
     # Each step's update agrees to a few binary32 ulps of the update.
     assert worst < 1e-5, worst
+
+
+def state_bytes_beyond_adamw(opt, m):
+    params = sum(p.numel() * p.element_size() for p in m.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    return (state - 2 * 4 * sum(p.numel() for p in m.parameters())) / params
+
+
+@pytest.mark.parametrize("cls", [OnDAREAdamW, OnTIESAdamW])
+def test_the_paper_settings_cost_under_a_tenth_of_the_parameters_beyond_adamw(cls, monkeypatch):
+    results = {}
+    for pack_below in (0.85, 0.0):  # 0.0: τ' kept dense, for comparison
+        monkeypatch.setattr("merge_core.optim._PACK_BELOW", pack_below)
+        m = model()
+        opt = cls(m.named_parameters(), lr=1e-3, reserve_p=0.01, use_merge=True, alpha=0.1, seed=3)
+        opt.init_ref_param_diff(model(2), model(1))
+        train(m, opt, 3)
+        results[pack_below] = (bits(m), state_bytes_beyond_adamw(opt, m))
+    (packed, packed_share), (dense, dense_share) = results[0.85], results[0.0]
+    assert same(packed, dense), "the packed task vector changed the step"
+    assert packed_share < 0.10, packed_share
+    assert dense_share == pytest.approx(1.0)
