@@ -643,3 +643,27 @@ fn verify_checks_two_adapters_of_the_same_name() {
     assert_eq!(gpu_rows(&stdout(&o), "Vulkan"), 3, "{}", stdout(&o));
     assert_eq!(gpu_rows(&stdout(&o), "Gl"), gpu_rows(&stdout(&gl_only), "Gl"), "{}", stdout(&o));
 }
+
+#[test]
+fn the_thread_count_never_changes_the_weights() {
+    let d = tmp("threads");
+    let (b, s) = models(&d);
+    let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
+    for optimizer in ["onties", "ondare"] {
+        let mut weights = Vec::new();
+        for threads in ["1", "3"] {
+            let out = d.join(format!("{optimizer}-{threads}"));
+            let extra = ["--threads", threads, "--rescale"];
+            let args: Vec<&str> = align_args(b, s, out.to_str().unwrap(), optimizer, "cpu", "3").into_iter().chain(extra).collect();
+            let o = host(&args, &[]);
+            assert!(o.status.success(), "{optimizer}, {threads} threads: {}", stderr(&o));
+            weights.push(std::fs::read(out.join("model/model.safetensors")).unwrap());
+        }
+        assert!(weights[0] == weights[1], "{optimizer}: 1 and 3 threads differ");
+    }
+    let out = d.join("zero");
+    let args: Vec<&str> = align_args(b, s, out.to_str().unwrap(), "ondare", "cpu", "3").into_iter().chain(["--threads", "0"]).collect();
+    let o = host(&args, &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--threads = 0: expected an integer >= 1"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -164,7 +164,7 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
                 return Err(mismatch("packed task vector's stored-element bits (bytes)", n.div_ceil(8), stored.len()));
             }
             let set = stored.iter().map(|b| b.count_ones() as usize).sum::<usize>();
-            if set != values.len() || (n % 8 != 0 && stored[n / 8] >> (n % 8) != 0) {
+            if set != values.len() || (!n.is_multiple_of(8) && stored[n / 8] >> (n % 8) != 0) {
                 return Err(mismatch("packed task vector's values", set, values.len()));
             }
         }
@@ -364,7 +364,7 @@ struct Buffers {
 fn unpacked<'b>(tau: TaskVector<'b>, len: usize, buf: &'b mut Vec<f32>) -> Src<'b> {
     match tau {
         TaskVector::Dense(s) => s,
-        TaskVector::Packed { stored, .. } if stored.is_empty() => Src::F32(&[]),
+        TaskVector::Packed { stored: [], .. } => Src::F32(&[]),
         TaskVector::Packed { stored, values } => {
             buf.clear();
             buf.resize(len, 0.0);

@@ -148,9 +148,22 @@ pub struct LoopArgs {
     /// the checkpoint (each change is named in a warning).
     #[arg(long)]
     pub resume_anyway: bool,
+    /// Threads for the model's forward and backward passes and the optimizer step
+    /// (default: all cores). The results do not depend on it, bit for bit.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl LoopArgs {
+    /// `--threads`, or every core.
+    pub fn threads(&self) -> Result<usize, String> {
+        match self.threads {
+            Some(0) => Err("--threads = 0: expected an integer >= 1".to_string()),
+            Some(n) => Ok(n),
+            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    }
+
     /// Total optimizer steps for `n` training examples; errors name the flag and
     /// the limit. Checked before anything is allocated: a micro-batch holds at most
     /// every example once (a larger one would only repeat examples, and its
@@ -272,6 +285,7 @@ mod tests {
             out: PathBuf::from("out"),
             resume: false,
             resume_anyway: false,
+            threads: None,
         }
     }
 

@@ -250,6 +250,7 @@ fn fit(
         Some(ctx) => Optimizer::on_device(cfg, init, merge_task, ctx, op.cross_check_every)?,
         None => Optimizer::new(cfg, init, merge_task)?,
     };
+    opt.set_threads(lp.threads().map_err(TrainError::msg)?);
     eprintln!("{task}: {steps} steps, model on {}, optimizer on {}", objective.model_device(), opt.backend_name());
     let spec = LoopSpec {
         steps,
@@ -330,6 +331,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
             LlamaModel::init(config, a.train.seed).map_err(|e| TrainError::msg(format!("model init: {e}")))?
         }
     };
+    let mut model = model;
+    model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let (train, eval) = data::lm_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
@@ -349,7 +352,8 @@ fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gp
 
 fn sft(a: SftArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
-    let model = load(&a.model, "--model")?;
+    let mut model = load(&a.model, "--model")?;
+    model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let models = vec![inputs::model_hash("--model", &a.model, &model)];
     let (train, eval) = data::sft_sequences(&a.data, &model.config, a.train.seed)?;
     let config = model.config.clone();
@@ -368,7 +372,9 @@ fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
 fn align(a: AlignArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let loss = dpo_loss(&a.loss, a.beta, a.label_smoothing)?;
-    let policy = load(&a.model, "--model")?;
+    let threads = a.train.threads().map_err(TrainError::msg)?;
+    let mut policy = load(&a.model, "--model")?;
+    policy.set_threads(threads);
     let mut models = vec![inputs::model_hash("--model", &a.model, &policy)];
     let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
     if let (Some(b), Some(p)) = (&base, &a.base) {
@@ -406,7 +412,7 @@ fn align(a: AlignArgs) -> Result<()> {
             }
         }
         None => {
-            let reference = match &a.ref_model {
+            let mut reference = match &a.ref_model {
                 Some(p) => {
                     let r = load(p, "--ref-model")?;
                     models.push(inputs::model_hash("--ref-model", p, &r));
@@ -414,6 +420,7 @@ fn align(a: AlignArgs) -> Result<()> {
                 }
                 None => load(&a.model, "--model")?,
             };
+            reference.set_threads(threads);
             hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params).map_err(hf_err)?;
             match &gpu {
                 Some(ctx) => DpoObjective::on_gpu(policy, &reference, loss, train, eval, ctx, every)?,

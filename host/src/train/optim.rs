@@ -11,8 +11,9 @@ use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm as CoreAdamForm, Schedule};
 use merge_core::dtype::Dtype;
 use merge_core::onties::Variant as TiesVariant;
+use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
 use merge_core::optim::{
-    Merge, OnlineConfig, Optimizer as CoreOptimizer, Scope as CoreScope, StepJob, TaskVectorJob, TiesConfig,
+    Merge, OnlineConfig, Optimizer as CoreOptimizer, Scope as CoreScope, TaskVectorJob, TiesConfig,
 };
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
 use gpu_shaders::{GpuContext, GpuOptions};
@@ -191,8 +192,8 @@ pub struct Optimizer {
     v: ParamSet,
     cached: Option<ParamSet>,
     tau: Option<ParamSet>,
-    /// Room for the per-step update (OnTIES trims it as a whole before merging).
-    scratch: Option<ParamSet>,
+    /// Threads of the CPU step (the bits do not depend on it).
+    threads: usize,
     gpu: Option<GpuSide>,
 }
 
@@ -202,8 +203,7 @@ impl Optimizer {
     pub fn new(cfg: OptimConfig, params: ParamSet, task: Option<(&ParamSet, &ParamSet)>) -> Result<Self> {
         cfg.validate()?;
         let core = CoreOptimizer::new(core_config(&cfg)?)?;
-        // OnTIES's per-step update scratch; it also holds τ before trimming below (every
-        // step overwrites it whole, as it does the previous step's update).
+        // OnTIES holds τ before trimming it.
         let mut scratch = (cfg.algorithm == Algorithm::Onties).then(|| params.zeros_like());
         let tau = match (cfg.algorithm, task) {
             (Algorithm::Adamw, _) => None,
@@ -243,7 +243,9 @@ impl Optimizer {
             }
         };
         let cached = core.needs_cached_delta().then(|| params.zeros_like());
-        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, scratch, core, step: 0, params, cfg, gpu: None })
+        drop(scratch);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, threads, core, step: 0, params, cfg, gpu: None })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -400,27 +402,27 @@ impl Optimizer {
             Some(c) => c.tensors.iter_mut().map(|t| Some(t.data.as_mut_slice())).collect(),
             None => (0..n).map(|_| None).collect(),
         };
-        let mut scratch: Vec<&mut [f32]> = match self.scratch.as_mut() {
-            Some(s) => s.tensors.iter_mut().map(|t| t.data.as_mut_slice()).collect(),
-            None => (0..n).map(|_| <&mut [f32]>::default()).collect(),
-        };
         let mut jobs = Vec::with_capacity(n);
         let state = self.params.tensors.iter_mut().zip(self.m.tensors.iter_mut()).zip(self.v.tensors.iter_mut());
-        for (i, ((g, ((theta, m), v)), (c, s))) in grads.tensors.iter().zip(state).zip(cached.drain(..).zip(scratch.drain(..))).enumerate() {
+        for (i, ((g, ((theta, m), v)), c)) in grads.tensors.iter().zip(state).zip(cached.drain(..)).enumerate() {
             // Plain AdamW has no τ': merge-core accepts an empty one.
             let tau = self.tau.as_ref().map_or(&[][..], |t| t.tensors[i].data.as_slice());
-            jobs.push(StepJob {
+            jobs.push(ParallelJob {
                 name: &g.name,
-                grad: &g.data,
-                theta: &mut theta.data,
+                grad: Src::F32(&g.data),
+                theta: Param::F32(&mut theta.data),
                 m: &mut m.data,
                 v: &mut v.data,
                 cached: c,
-                tau: Src::F32(tau),
-                scratch: s,
+                tau: TaskVector::Dense(Src::F32(tau)),
             });
         }
-        plan.step_tensors(&mut jobs).map_err(|e| TrainError::msg(format!("step {k}: {e}")))
+        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|e| TrainError::msg(format!("step {k}: {e}")))
+    }
+
+    /// Threads of the CPU step (default: all cores); the bits do not depend on it.
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
     }
 
     /// The kinds [`Optimizer::export_state`] writes, in its (sorted) order, without
