@@ -44,6 +44,14 @@ pub struct Record {
     /// unchecked steps.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cross_check_ms: Option<f64>,
+    /// Whether this step's optimizer update was recomputed by merge-core and
+    /// matched bit for bit (GPU runs, every `--cross-check-every` steps).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub optimizer_checked: Option<bool>,
+    /// Whether this step's forward and backward were recomputed by the CPU model
+    /// and matched within tolerances (GPU model runs).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub model_checked: Option<bool>,
     /// Where the forward and backward ran: the GPU adapter's description, or `cpu`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub model_device: Option<String>,

@@ -140,6 +140,7 @@ impl Objective for LmObjective {
         // d(mean nll)/d logp_b = −1 / (scored tokens of the batch), the same for every sequence
         let coefs = |_: &[f32]| Ok(vec![-1.0 / tokens as f32; seqs.len()]);
         let mut cross_check_ms = 0.0;
+        let mut cross_checked = false;
         let (logps, grads) = match &self.gpu {
             None => {
                 self.model.params.clone_from(params);
@@ -156,12 +157,13 @@ impl Objective for LmObjective {
                     compare_loss(step, mean_nll(&logps, tokens), mean_nll(&cpu_logps, tokens))?;
                     compare_gradients(step, &grads, &cpu_grads)?;
                     cross_check_ms = ms_since(t);
+                    cross_checked = true;
                 }
                 (logps, grads)
             }
         };
         let n = examples.len();
-        Ok((grads, Stats { count: n, loss_sum: mean_nll(&logps, tokens) * n as f64, pref: None, cross_check_ms }))
+        Ok((grads, Stats { count: n, loss_sum: mean_nll(&logps, tokens) * n as f64, pref: None, cross_checked, cross_check_ms }))
     }
 
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
@@ -364,6 +366,7 @@ impl Objective for DpoObjective {
         let refs: Vec<(f32, f32)> = examples.iter().map(|&i| self.train_ref[i]).collect();
         let loss = &self.loss;
         let mut cross_check_ms = 0.0;
+        let mut cross_checked = false;
         let (logps, grads) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
@@ -390,13 +393,14 @@ impl Objective for DpoObjective {
                     compare_loss(step, gpu_loss.loss, cpu_loss.loss)?;
                     compare_gradients(step, &grads, &cpu_grads)?;
                     cross_check_ms = ms_since(t);
+                    cross_checked = true;
                 }
                 (logps, grads)
             }
         };
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_check_ms }))
+        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_checked, cross_check_ms }))
     }
 
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
@@ -421,7 +425,7 @@ impl Objective for DpoObjective {
         let rr: Vec<f32> = self.eval_ref.iter().map(|x| x.1).collect();
         let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
         let n = self.eval.len();
-        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_check_ms: 0.0 }))
+        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_checked: false, cross_check_ms: 0.0 }))
     }
 
     fn model_device(&self) -> String {

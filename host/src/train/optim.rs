@@ -33,6 +33,8 @@ pub const TAU: &str = "tau_ref";
 pub struct StepReport {
     pub learning_rate: f32,
     pub optimizer_ms: f64,
+    /// Whether merge-core recomputed this GPU step and matched it bit for bit.
+    pub cross_checked: bool,
     pub cross_check_ms: f64,
 }
 
@@ -352,7 +354,8 @@ impl Optimizer {
             let t = Instant::now();
             self.cpu_step(k, grads)?;
             self.step = k;
-            return Ok(StepReport { learning_rate: lr, optimizer_ms: t.elapsed().as_secs_f64() * 1e3, cross_check_ms: 0.0 });
+            let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
+            return Ok(StepReport { learning_rate: lr, optimizer_ms, cross_checked: false, cross_check_ms: 0.0 });
         };
         let check = gpu.every > 0 && k.is_multiple_of(gpu.every);
         let mut cross_check_ms = 0.0;
@@ -390,7 +393,7 @@ impl Optimizer {
             }
         }
         self.step = k;
-        Ok(StepReport { learning_rate: lr, optimizer_ms, cross_check_ms })
+        Ok(StepReport { learning_rate: lr, optimizer_ms, cross_checked: check, cross_check_ms })
     }
 
     /// Step `k` on the CPU state (the whole run on the CPU backend; the reference

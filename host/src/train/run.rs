@@ -33,6 +33,8 @@ pub struct Stats {
     pub count: usize,
     pub loss_sum: f64,
     pub pref: Option<PrefSums>,
+    /// Whether the batch was recomputed on the CPU model and compared.
+    pub cross_checked: bool,
     /// Time spent recomputing the batch on the CPU model and comparing.
     pub cross_check_ms: f64,
 }
@@ -42,6 +44,7 @@ impl Stats {
         self.count += o.count;
         self.loss_sum += o.loss_sum;
         self.cross_check_ms += o.cross_check_ms;
+        self.cross_checked |= o.cross_checked;
         self.pref = match (self.pref, o.pref) {
             (Some(a), Some(b)) => Some(PrefSums {
                 rewards_chosen: a.rewards_chosen + b.rewards_chosen,
@@ -305,6 +308,8 @@ pub fn train(
         rec.model_ms = Some(model_ms);
         rec.optimizer_ms = Some(report.optimizer_ms);
         rec.cross_check_ms = Some(report.cross_check_ms + stats.cross_check_ms);
+        rec.optimizer_checked = Some(report.cross_checked);
+        rec.model_checked = Some(stats.cross_checked);
         rec.model_device = Some(model_device.clone());
         rec.optimizer_device = Some(opt.device());
         log.log(&rec)?;
@@ -661,7 +666,7 @@ mod tests {
                 let got = train(&s, &mut Quadratic { n: 10 }, &mut opt, start, &mut log, None).unwrap();
                 assert_eq!(crate::train::weights_hash(&got), crate::train::weights_hash(&want), "{algorithm:?} every {every}");
                 let recs = metrics::read(&b.join("m.jsonl")).unwrap();
-                let checked: Vec<bool> = recs.iter().filter(|r| r.split == "train").map(|r| r.cross_check_ms.unwrap() > 0.0).collect();
+                let checked: Vec<bool> = recs.iter().filter(|r| r.split == "train").map(|r| r.optimizer_checked.unwrap()).collect();
                 assert_eq!(checked.len(), 8);
                 if every == 2 {
                     assert!(!checked[0] && checked[1], "{checked:?}");
