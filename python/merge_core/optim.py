@@ -310,10 +310,13 @@ class _MergingOptimizer(Optimizer):
                             _memory(tau, name, "task vector")[0] if tau is not None else None))
         step = self._core(group).sharded_step(k, float(group["lr"]), tensors)
 
+        # NCCL reduces only CUDA tensors (FSDP2 with CPU offload still has an NCCL group).
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+
         def refuse_together(error):
             # Every process learns whether any refused, so none waits in a
             # collective that another left, and none writes.
-            refused = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+            refused = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
             dist.all_reduce(refused, group=pg)
             if refused.item():
                 raise MergeCoreError(str(error) if error else f"another process refused step {k}; nothing was written on any process")
@@ -338,7 +341,7 @@ class _MergingOptimizer(Optimizer):
             counts, error = local(step.histograms)
             refuse_together(error)
             while counts is not None:
-                total = torch.tensor(counts, dtype=torch.int64)
+                total = torch.tensor(counts, dtype=torch.int64, device=device)
                 dist.all_reduce(total, group=pg)
                 step.add_histograms(total.tolist())
                 counts = step.histograms()
