@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::ctx;
-use golden_runner::{evaluate, Array, Case, Outcome};
+use golden_runner::{compare, evaluate, Array, Case, Outcome};
 use gpu_shaders::offline::GpuMerger;
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
 use gpu_shaders::GpuError;
@@ -157,6 +157,11 @@ fn optimizer_golden_vectors_on_the_gpu() {
         }
         checked += 1;
         let cpu = evaluate(&case).unwrap();
+        // The GPU is compared with merge-core's recomputation (below), and that with
+        // the stored bits, so a stored bit flipped or a regenerated file fails here too.
+        if let Err(d) = compare(&c["expected"], &cpu) {
+            failures.push(format!("{}: merge-core differs from the stored bits: {}", case.name, d.trim_end()));
+        }
         match (cpu, gpu_run(&ctx, &case)) {
             (Outcome::Outputs(want), Ok(got)) => {
                 for (key, arr) in &want {
@@ -295,7 +300,11 @@ fn offline_golden_vectors_on_the_gpu() {
             continue;
         }
         checked += 1;
-        match (evaluate(&case).unwrap(), gpu_offline(&merger, &case)) {
+        let cpu = evaluate(&case).unwrap();
+        if let Err(d) = compare(&c["expected"], &cpu) {
+            failures.push(format!("{}: merge-core differs from the stored bits: {}", case.name, d.trim_end()));
+        }
+        match (cpu, gpu_offline(&merger, &case)) {
             (Outcome::Outputs(want), Ok(got)) => {
                 for (key, w) in &want {
                     if got.get(key) != Some(w) {

@@ -289,9 +289,10 @@ pub fn outcome_to_json(o: &Outcome) -> Value {
     }
 }
 
-/// Compares a computed outcome with the stored one; `Err` describes the first
-/// difference of each output (index, expected and computed bits, count).
-fn compare(expected: &Value, got: &Outcome) -> Result<(), String> {
+/// Compares a computed outcome with the stored one (a case's `expected`); `Err`
+/// describes the first difference of each output (index, expected and computed
+/// bits, count).
+pub fn compare(expected: &Value, got: &Outcome) -> Result<(), String> {
     let got_json = outcome_to_json(got);
     if let (Some(want), Some(have)) = (expected.get("outputs").and_then(Value::as_object), got_json.get("outputs").and_then(Value::as_object)) {
         let mut report = String::new();
