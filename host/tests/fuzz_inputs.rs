@@ -101,11 +101,19 @@ fn jsonl_readers_never_panic() {
     let p = Path::new("fuzz.jsonl");
     let prefs = vec![
         br#"{"prompt": "2+2=", "chosen": "4", "rejected": "5"}
-{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": "Go."}
+{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go."}]}
+{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "rejected": [{"role": "user", "content": "Hi"}]}
 "#
         .to_vec(),
     ];
-    let sft = vec![b"{\"text\": \"once\"}\n\n{\"prompt\": \"Q: 1+1\", \"completion\": \" 2\"}\n".to_vec()];
+    let sft = vec![
+        br#"{"text": "once"}
+
+{"prompt": "Q: 1+1", "completion": " 2"}
+{"messages": [{"role": "user", "content": "Hi"}]}
+"#
+        .to_vec(),
+    ];
     let ids = vec![b"{\"prompt_ids\": [1, 5], \"chosen_ids\": [7, 2], \"rejected_ids\": [9]}\n{\"input_ids\": [3, 4, 5]}\n".to_vec()];
     let lm = vec![b"{\"text\": \"ab\"}\n{\"input_ids\": [1, 2, 3]}\n".to_vec()];
     let n = fuzz("preferences", &prefs, |b| {
@@ -115,7 +123,7 @@ fn jsonl_readers_never_panic() {
     }) + fuzz("preference-ids", &ids, |b| {
         let _ = jsonl::parse_preference_ids(p, &text(b), 300);
     }) + fuzz("lm", &lm, |b| {
-        let _ = host::cli::data::parse_lm(p, &text(b), 300);
+        let _ = host::cli::data::parse_lm(p, &text(b), host::data::encode::TextTokenizer::Bytes, 300);
         let _ = jsonl::record_lines(&text(b));
     });
     assert!(n >= 4 * env_u64("HOST_FUZZ_ITERS", DEFAULT_ITERS));
