@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use host::hf;
 use host::model::config::LlamaConfig;
+use host::model::llama::LlamaModel;
 use merge_core::dtype::Dtype;
 
 mod common;
@@ -153,5 +154,13 @@ fn bad_tokenizers_templates_and_records_are_named_and_nothing_is_written() {
     refused(&mistral, &format!("{good}\n"), &["tokenizer_config.json: `chat_template`: a list of templates without one named `default` (found: tool_use)"]);
     std::fs::write(&config_path, "{\"eos_token\": \"</s>\",\n\"chat_template\": 3,}").unwrap();
     refused(&mistral, &format!("{good}\n"), &["tokenizer_config.json: not valid JSON", "line 2"]);
+
+    // A model whose embedding has fewer rows than the tokenizer has ids.
+    let small = d.join("small");
+    hf::save_model(&small, &LlamaModel::init(LlamaConfig::tiny(300, 32, 64, 1, 2, 1), 1).unwrap(), Dtype::F32).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("qwen2").join(file), small.join(file)).unwrap();
+    }
+    refused(&small, &format!("{good}\n"), &["the model's vocab_size 300 is smaller than its tokenizer's 400"]);
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -96,18 +96,15 @@ impl PretrainedTokenizer {
         Ok(Some(PretrainedTokenizer { tokenizer, special_tokens, chat_template, chat_template_path }))
     }
 
-    /// The size of the vocabulary, added tokens included: every id it produces is below it.
+    /// One more than the largest token id, added tokens included: every id it
+    /// produces is below it (a count of the tokens would not be, were ids skipped).
     pub fn vocab_size(&self) -> usize {
-        self.tokenizer.get_vocab_size(true)
+        self.tokenizer.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1)
     }
 
     /// The text of the special token named like the template variable (`eos_token`).
     pub fn special_token(&self, name: &str) -> Option<&str> {
         self.special_tokens.iter().find(|(n, _)| *n == name).map(|(_, t)| t.as_str())
-    }
-
-    pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
     }
 
     /// `tokenizer(text)`: with the special tokens the post-processor adds (BOS for
