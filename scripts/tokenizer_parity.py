@@ -26,7 +26,8 @@ The chat templates are the published strings, copied exactly:
   llama3  meta-llama/Meta-Llama-3-8B-Instruct, tokenizer_config.json `chat_template`
           (the revision with `add_generation_prompt`)
   qwen2   Qwen/Qwen2-7B-Instruct, tokenizer_config.json `chat_template`
-  mistral mistralai/Mistral-7B-Instruct-v0.1, tokenizer_config.json `chat_template`
+  mistral mistralai/Mistral-7B-Instruct-v0.2, tokenizer_config.json `chat_template` (the same
+          string as Mixtral-8x7B-Instruct-v0.1's; Mistral-7B-Instruct-v0.1's adds ' ' after eos_token)
 They are also quoted verbatim in many public code bases, which is where these
 copies were checked. Each family's special tokens and BOS/EOS settings follow its
 published tokenizer_config.json; tokenizer_class is PreTrainedTokenizerFast for all
@@ -72,7 +73,7 @@ FAMILIES = {
     "llama3": (LLAMA3_TEMPLATE, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, "bos"),
     # Qwen2: no BOS at all, no post-processor.
     "qwen2": (QWEN2_TEMPLATE, {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, None),
-    # Mistral v0.1: add_bos_token as published, which transformers 5 drops when tokenizer.json exists
+    # Mistral v0.2: add_bos_token as published, which transformers 5 drops when tokenizer.json exists
     # (so tokenizer(text) adds no BOS here); AddedToken objects for the tokens.
     "mistral": (
         MISTRAL_TEMPLATE,
