@@ -16,8 +16,11 @@ use crate::train::{Result, TrainError};
 
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Training data, JSONL: `{"text"}` or `{"input_ids"}` (pretrain), `{"prompt","completion"}`
-    /// (sft), TRL `{"prompt","chosen","rejected"}` or with --token-ids `{"prompt_ids","chosen_ids","rejected_ids"}` (align).
+    /// Training data, JSONL: `{"text"}` or `{"input_ids"}` (pretrain), `{"prompt","completion"}` or
+    /// `{"messages"}` (sft), TRL `{"prompt","chosen","rejected"}` (strings or conversations; without
+    /// `prompt`, conversations sharing their first messages) or with --token-ids
+    /// `{"prompt_ids","chosen_ids","rejected_ids"}` (align). Text goes through the model folder's
+    /// tokenizer.json and chat template when it has them, else the byte tokenizer.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data in the same format, for --eval-every.
