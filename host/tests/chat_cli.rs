@@ -66,6 +66,16 @@ fn align_and_sft_run_on_trl_conversations_with_the_models_chat_template() {
     assert!(o.status.success(), "{}", stderr(&o));
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().filter(|l| l.contains("\"rewards/margins\"")).count() >= 2, "{metrics}");
+    assert!(!stderr(&o).contains("tokenizer_class"), "{}", stderr(&o));
+
+    // A model-specific tokenizer_class: transformers 5 may rebuild that tokenizer, so the run says so.
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["tokenizer_class"] = "Qwen2Tokenizer".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let o = align(&model, &data, &d.join("aligned-noted"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer_class Qwen2Tokenizer: transformers 5 may rebuild"), "{}", stderr(&o));
 
     let sft_data = d.join("sft.jsonl");
     std::fs::write(

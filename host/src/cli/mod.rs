@@ -211,8 +211,11 @@ fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
 /// hashes of its files (a changed tokenizer changes the data a resumed run sees).
 fn load_tokenizer(dir: &Path, flag: &str, hashes: &mut Vec<crate::train::checkpoint::InputHash>) -> Result<Option<PretrainedTokenizer>> {
     let tokenizer = PretrainedTokenizer::load(dir).map_err(|e| TrainError::msg(format!("{flag}: {e}")))?;
-    if tokenizer.is_some() {
+    if let Some(t) = &tokenizer {
         hashes.extend(inputs::tokenizer_hashes(flag, dir)?);
+        if let Some(caveat) = t.class_caveat() {
+            eprintln!("note: {flag} {}: {caveat}", dir.display());
+        }
     }
     Ok(tokenizer)
 }

@@ -48,7 +48,15 @@ pub struct PretrainedTokenizer {
     chat_template: Option<ChatTemplate>,
     /// Where the chat template came from, to name it in errors.
     chat_template_path: PathBuf,
+    /// `tokenizer_class` of `tokenizer_config.json`.
+    class: Option<String>,
 }
+
+/// The classes with which transformers 5 takes `tokenizer.json` as it is. Others
+/// (`Qwen2Tokenizer`, `LlamaTokenizer`, ...) may rebuild its normalizer or
+/// pre-tokenizer from the class's own defaults: with `Qwen2Tokenizer` on the
+/// fixture tokenizer, `tokenizer(text)` gives other ids than the file alone.
+const AS_IS_CLASSES: [&str; 2] = ["PreTrainedTokenizerFast", "TokenizersBackend"];
 
 impl PretrainedTokenizer {
     /// The tokenizer of a model folder, or `None` when it has no `tokenizer.json`
@@ -93,13 +101,26 @@ impl PretrainedTokenizer {
         let chat_template = source
             .map(|s| ChatTemplate::new(&s).map_err(|reason| err(&chat_template_path, reason)))
             .transpose()?;
-        Ok(Some(PretrainedTokenizer { tokenizer, special_tokens, chat_template, chat_template_path }))
+        let class = config.get("tokenizer_class").and_then(Value::as_str).map(str::to_string);
+        Ok(Some(PretrainedTokenizer { tokenizer, special_tokens, chat_template, chat_template_path, class }))
     }
 
     /// One more than the largest token id, added tokens included: every id it
     /// produces is below it (a count of the tokens would not be, were ids skipped).
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab(true).values().max().map_or(0, |&id| id as usize + 1)
+    }
+
+    /// A `tokenizer_class` with which transformers may not take `tokenizer.json` as
+    /// it is, while this reads the file alone: the ids may differ, and the user
+    /// should know.
+    pub fn class_caveat(&self) -> Option<String> {
+        let class = self.class.as_deref().filter(|c| !AS_IS_CLASSES.contains(c))?;
+        Some(format!(
+            "tokenizer_config.json names tokenizer_class {class}: transformers 5 may rebuild parts of that tokenizer \
+             from the class's defaults; host uses tokenizer.json as it is (set tokenizer_class to \
+             PreTrainedTokenizerFast to make transformers do the same)"
+        ))
     }
 
     /// The text of the special token named like the template variable (`eos_token`).
