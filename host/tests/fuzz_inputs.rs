@@ -1,6 +1,6 @@
 //! Seeded random fuzzing of every reader of user files: the JSON Lines readers,
-//! config.json, and the safetensors path (header, tensors, layout check against a
-//! config). Each input is a mutation of a valid one; every reader must return
+//! config.json, the safetensors path (header, tensors, layout check against a
+//! config), and chat templates and records through a model's own tokenizer. Each input is a mutation of a valid one; every reader must return
 //! `Ok` or a named error, never panic. The test panics (and so fails) on the first
 //! reader panic, printing the seed and input to reproduce it.
 //!
@@ -10,11 +10,14 @@
 use std::path::Path;
 
 use host::data::builtin::SplitMix64;
+use host::data::encode::TextTokenizer;
 use host::data::jsonl;
 use host::hf;
 use host::model::config::LlamaConfig;
 use host::model::llama::LlamaModel;
 use host::params::{ParamSet, Tensor};
+use host::tokenizer::PretrainedTokenizer;
+use host::tokenizer::chat::ChatTemplate;
 use merge_core::dtype::Dtype;
 
 const DEFAULT_ITERS: u64 = 100_000;
@@ -101,11 +104,19 @@ fn jsonl_readers_never_panic() {
     let p = Path::new("fuzz.jsonl");
     let prefs = vec![
         br#"{"prompt": "2+2=", "chosen": "4", "rejected": "5"}
-{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": "Go."}
+{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go."}]}
+{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "rejected": [{"role": "user", "content": "Hi"}]}
 "#
         .to_vec(),
     ];
-    let sft = vec![b"{\"text\": \"once\"}\n\n{\"prompt\": \"Q: 1+1\", \"completion\": \" 2\"}\n".to_vec()];
+    let sft = vec![
+        br#"{"text": "once"}
+
+{"prompt": "Q: 1+1", "completion": " 2"}
+{"messages": [{"role": "user", "content": "Hi"}]}
+"#
+        .to_vec(),
+    ];
     let ids = vec![b"{\"prompt_ids\": [1, 5], \"chosen_ids\": [7, 2], \"rejected_ids\": [9]}\n{\"input_ids\": [3, 4, 5]}\n".to_vec()];
     let lm = vec![b"{\"text\": \"ab\"}\n{\"input_ids\": [1, 2, 3]}\n".to_vec()];
     let n = fuzz("preferences", &prefs, |b| {
@@ -115,7 +126,7 @@ fn jsonl_readers_never_panic() {
     }) + fuzz("preference-ids", &ids, |b| {
         let _ = jsonl::parse_preference_ids(p, &text(b), 300);
     }) + fuzz("lm", &lm, |b| {
-        let _ = host::cli::data::parse_lm(p, &text(b), 300);
+        let _ = host::cli::data::parse_lm(p, &text(b), TextTokenizer::Bytes, 300);
         let _ = jsonl::record_lines(&text(b));
     });
     assert!(n >= 4 * env_u64("HOST_FUZZ_ITERS", DEFAULT_ITERS));
@@ -176,5 +187,54 @@ fn safetensors_path_never_panics() {
             let _ = ParamSet::new(params.tensors).numel();
         }
         let _ = host::train::checkpoint::from_safetensors(p, b);
+    });
+}
+
+/// The published chat templates (mutated: a model folder's own template is a user
+/// file too) rendered on a conversation, and preference and SFT records tokenized
+/// with a model's tokenizer and template: a named error or a result, never a panic.
+#[test]
+fn chat_templates_and_records_through_a_model_tokenizer_never_panic() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers");
+    let templates: Vec<Vec<u8>> = ["llama3", "qwen2", "mistral"]
+        .iter()
+        .map(|family| {
+            let config = std::fs::read_to_string(fixtures.join(family).join("tokenizer_config.json")).unwrap();
+            let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+            config["chat_template"].as_str().unwrap().as_bytes().to_vec()
+        })
+        .collect();
+    let conversation = serde_json::json!([
+        {"role": "system", "content": ""}, {"role": "user", "content": "Q: 2+3"}, {"role": "assistant", "content": " 5 "}
+    ]);
+    let messages = conversation.as_array().unwrap();
+    let specials = [("bos_token", "<s>"), ("eos_token", "</s>")];
+    let tokenizer = PretrainedTokenizer::load(&fixtures.join("qwen2")).unwrap().unwrap();
+    let records = vec![
+        br#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go."}]}
+{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "rejected": [{"role": "user", "content": "Hi"}]}
+{"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+"#
+        .to_vec(),
+        br#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}
+{"text": "once"}
+"#
+        .to_vec(),
+    ];
+    let p = Path::new("fuzz.jsonl");
+    let tok = TextTokenizer::Pretrained(&tokenizer);
+    fuzz("chat template", &templates, |b| {
+        if let Ok(template) = ChatTemplate::new(&text(b)) {
+            let _ = template.render(messages, true, &specials);
+        }
+    });
+    fuzz("records through a model tokenizer", &records, |b| {
+        for pref in jsonl::parse_preferences(p, &text(b)).unwrap_or_default() {
+            let _ = tok.preference(&pref);
+        }
+        for example in jsonl::parse_sft(p, &text(b)).unwrap_or_default() {
+            let _ = tok.sft(&example);
+        }
     });
 }

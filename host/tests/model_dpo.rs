@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use host::data::jsonl::{parse_preferences, parse_sft, tokenize_preferences};
+use host::data::encode::TextTokenizer;
+use host::data::jsonl::{parse_preferences, parse_sft};
 use host::loss::{DpoLoss, LossKind};
 use host::model::{LlamaConfig, LlamaModel, Sequence, SplitMix64};
 use host::params::ParamSet;
@@ -22,8 +23,9 @@ fn config() -> LlamaConfig {
 
 fn pairs() -> (Vec<Sequence>, Vec<Sequence>) {
     let prefs = parse_preferences(Path::new("inline.jsonl"), PREFS).unwrap();
-    let ids = tokenize_preferences(&ByteTokenizer, &prefs);
-    ids.iter()
+    prefs
+        .iter()
+        .map(|p| TextTokenizer::Bytes.preference(p).unwrap())
         .map(|p| (Sequence::completion(&p.prompt, &p.chosen), Sequence::completion(&p.prompt, &p.rejected)))
         .unzip()
 }
@@ -135,12 +137,8 @@ fn dpo_steps_raise_the_margin() {
 #[test]
 fn sft_steps_lower_the_cross_entropy() {
     let text = "{\"text\": \"abcabcabcabc\"}\n{\"prompt\": \"Q: \", \"completion\": \"abc\"}\n";
-    let tok = ByteTokenizer;
-    let seqs: Vec<Sequence> = parse_sft(Path::new("inline.jsonl"), text)
-        .unwrap()
-        .iter()
-        .map(|e| Sequence::completion(&tok.encode_prompt(&e.prompt), &tok.encode_completion(&e.completion)))
-        .collect();
+    let seqs: Vec<Sequence> =
+        parse_sft(Path::new("inline.jsonl"), text).unwrap().iter().map(|e| TextTokenizer::Bytes.sft(e).unwrap()).collect();
     let mut model = LlamaModel::init(config(), 6).unwrap();
     let tokens: usize = seqs.iter().map(Sequence::scored).sum();
     let before = model.cross_entropy(&seqs).unwrap();

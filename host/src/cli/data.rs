@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::data::builtin::{Builtin, BuiltinConfig};
+use crate::data::encode::TextTokenizer;
 use crate::data::jsonl;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Sequence;
@@ -15,8 +16,11 @@ use crate::train::{Result, TrainError};
 
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Training data, JSONL: `{"text"}` or `{"input_ids"}` (pretrain), `{"prompt","completion"}`
-    /// (sft), TRL `{"prompt","chosen","rejected"}` or with --token-ids `{"prompt_ids","chosen_ids","rejected_ids"}` (align).
+    /// Training data, JSONL: `{"text"}` or `{"input_ids"}` (pretrain), `{"prompt","completion"}` or
+    /// `{"messages"}` (sft), TRL `{"prompt","chosen","rejected"}` (strings or conversations; without
+    /// `prompt`, conversations sharing their first messages) or with --token-ids
+    /// `{"prompt_ids","chosen_ids","rejected_ids"}` (align). Text goes through the model folder's
+    /// tokenizer.json and chat template when it has them, else the byte tokenizer.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Held-out data in the same format, for --eval-every.
@@ -80,22 +84,24 @@ fn builtin(seed: u64) -> Result<Builtin> {
     Builtin::new(BuiltinConfig::default(), seed).map_err(TrainError::msg)
 }
 
-/// Text data goes through the byte tokenizer, whose ids must exist in the model.
-fn need_byte_vocab(vocab: usize) -> Result<()> {
-    if vocab < ByteTokenizer::VOCAB_SIZE {
-        return Err(TrainError::msg(format!(
+/// Text data goes through `tok`, whose ids must exist in the model.
+fn need_vocab(tok: TextTokenizer, vocab: usize) -> Result<()> {
+    match tok {
+        TextTokenizer::Bytes if vocab < ByteTokenizer::VOCAB_SIZE => Err(TrainError::msg(format!(
             "the model's vocab_size {vocab} is smaller than the byte tokenizer's {}: bring token ids instead",
             ByteTokenizer::VOCAB_SIZE
-        )));
+        ))),
+        TextTokenizer::Pretrained(t) if vocab < t.vocab_size() => Err(TrainError::msg(format!(
+            "the model's vocab_size {vocab} is smaller than its tokenizer's {} (tokenizer.json, added tokens included)",
+            t.vocab_size()
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
+/// Built-in data is made for the byte tokenizer.
 fn text_seq(text: &str) -> Sequence {
-    let tok = ByteTokenizer;
-    let mut ids = tok.encode_prompt("");
-    ids.extend(tok.encode_completion(text));
-    Sequence::full(ids)
+    TextTokenizer::Bytes.text(text).expect("the byte tokenizer encodes any text")
 }
 
 fn completion_seq(prompt: &str, completion: &str) -> Sequence {
@@ -103,9 +109,9 @@ fn completion_seq(prompt: &str, completion: &str) -> Sequence {
     Sequence::completion(&tok.encode_prompt(prompt), &tok.encode_completion(completion))
 }
 
-/// Plain-text JSONL: each line an object with `text` (a string) or `input_ids`
-/// (token ids, checked against `vocab`).
-pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> {
+/// Plain-text JSONL: each line an object with `text` (a string, tokenized by
+/// `tok`) or `input_ids` (token ids, checked against `vocab`).
+pub fn parse_lm(path: &Path, text: &str, tok: TextTokenizer, vocab: usize) -> Result<Vec<Sequence>> {
     let mut out = Vec::new();
     for (i, line) in jsonl::strip_bom(text).lines().enumerate() {
         if line.trim().is_empty() {
@@ -115,8 +121,8 @@ pub fn parse_lm(path: &Path, text: &str, vocab: usize) -> Result<Vec<Sequence>> 
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
         if let Some(t) = v.get("text") {
             let t = t.as_str().ok_or_else(|| at("field `text`: not a string".into()))?;
-            need_byte_vocab(vocab)?;
-            out.push(text_seq(t));
+            need_vocab(tok, vocab)?;
+            out.push(tok.text(t).map_err(at)?);
         } else if let Some(ids) = v.get("input_ids") {
             let arr = ids.as_array().ok_or_else(|| at("field `input_ids`: not a list".into()))?;
             let mut seq = Vec::with_capacity(arr.len());
@@ -167,19 +173,28 @@ fn check_builtin_lengths(lens: impl Iterator<Item = usize>, model: &LlamaConfig)
     }
 }
 
-/// Pretraining sequences (train, eval).
-pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+/// Tokenizes each record with `f`, an error naming the record's file and line.
+fn encode_records<R, T>(path: &Path, text: &str, records: &[R], f: impl Fn(&R) -> std::result::Result<T, String>) -> Result<Vec<T>> {
+    records
+        .iter()
+        .zip(jsonl::record_lines(text))
+        .map(|(r, line)| f(r).map_err(|e| TrainError::msg(format!("{}:{line}: {e}", path.display()))))
+        .collect()
+}
+
+/// Pretraining sequences (train, eval); `tok` for `{"text"}` files.
+pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
     let vocab = model.vocab_size;
     let file = |p: &Path| -> Result<Vec<Sequence>> {
         let text = read(p)?;
-        let seqs = parse_lm(p, &text, vocab)?;
+        let seqs = parse_lm(p, &text, tok, vocab)?;
         check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
         Ok(seqs)
     };
     match a.source()? {
         Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
         Source::Builtin(n) => {
-            need_byte_vocab(vocab)?;
+            need_vocab(TextTokenizer::Bytes, vocab)?;
             let b = builtin(seed)?;
             let train: Vec<Sequence> = b.pretrain_text(n).iter().map(|t| text_seq(t)).collect();
             let eval: Vec<Sequence> = b.heldout_text(a.builtin_eval).iter().map(|t| text_seq(t)).collect();
@@ -189,19 +204,21 @@ pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec
     }
 }
 
-/// SFT sequences (train, eval): prompt then completion, the completion scored.
-pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
-    need_byte_vocab(model.vocab_size)?;
+/// SFT sequences (train, eval): prompt then completion, the completion scored;
+/// `tok` for files.
+pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
     let file = |p: &Path| -> Result<Vec<Sequence>> {
+        need_vocab(tok, model.vocab_size)?;
         let text = read(p)?;
         let ex = jsonl::parse_sft(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
-        let seqs: Vec<Sequence> = ex.iter().map(|e| completion_seq(&e.prompt, &e.completion)).collect();
+        let seqs = encode_records(p, &text, &ex, |e| tok.sft(e))?;
         check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
         Ok(seqs)
     };
     match a.source()? {
         Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
         Source::Builtin(n) => {
+            need_vocab(TextTokenizer::Bytes, model.vocab_size)?;
             let b = builtin(seed)?;
             let all = b.sft(n + a.builtin_eval);
             let seqs: Vec<Sequence> = all.iter().map(|e| completion_seq(&e.prompt, &e.response)).collect();
@@ -247,18 +264,17 @@ fn pair_len(p: &PairSeqs) -> usize {
     p.chosen.tokens.len().max(p.rejected.tokens.len())
 }
 
-/// Preference pairs (train, eval).
-pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
-    let tok = ByteTokenizer;
+/// Preference pairs (train, eval); `tok` for text files.
+pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
     let vocab = model.vocab_size;
     let file = |p: &Path| -> Result<Vec<PairSeqs>> {
         let text = read(p)?;
         let ids = if a.token_ids {
             jsonl::parse_preference_ids(p, &text, vocab).map_err(|e| TrainError::msg(e.to_string()))?
         } else {
-            need_byte_vocab(vocab)?;
+            need_vocab(tok, vocab)?;
             let prefs = jsonl::parse_preferences(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
-            jsonl::tokenize_preferences(&tok, &prefs)
+            encode_records(p, &text, &prefs, |x| tok.preference(x))?
         };
         let pairs: Vec<PairSeqs> = ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect();
         check_file_lengths(p, &text, pairs.iter().map(pair_len), model)?;
@@ -267,7 +283,8 @@ pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, seed: u64) -> Result<
     match a.source()? {
         Source::File(p) => Ok((file(p)?, a.eval_data.as_deref().map(file).transpose()?.unwrap_or_default())),
         Source::Builtin(n) => {
-            need_byte_vocab(vocab)?;
+            need_vocab(TextTokenizer::Bytes, vocab)?;
+            let tok = ByteTokenizer;
             let b = builtin(seed)?;
             let conv = |v: Vec<crate::data::builtin::PreferencePair>| -> Vec<PairSeqs> {
                 v.iter()
@@ -290,7 +307,7 @@ mod tests {
     #[test]
     fn lm_jsonl_errors_name_file_line_and_field() {
         let p = Path::new("corpus.jsonl");
-        let ok = parse_lm(p, "{\"text\":\"ab\"}\n\n{\"input_ids\":[1,2,3]}\n", 300).unwrap();
+        let ok = parse_lm(p, "{\"text\":\"ab\"}\n\n{\"input_ids\":[1,2,3]}\n", TextTokenizer::Bytes, 300).unwrap();
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[0].tokens, vec![ByteTokenizer::BOS, 97, 98, ByteTokenizer::EOS]);
         for (text, want) in [
@@ -300,10 +317,10 @@ mod tests {
             ("{\"other\":1}", "corpus.jsonl:1: expected a field"),
             ("", "corpus.jsonl: no records"),
         ] {
-            let err = parse_lm(p, text, 300).unwrap_err().to_string();
+            let err = parse_lm(p, text, TextTokenizer::Bytes, 300).unwrap_err().to_string();
             assert!(err.starts_with(want), "{err}");
         }
-        let err = parse_lm(p, "{\"text\":\"a\"}", 100).unwrap_err().to_string();
+        let err = parse_lm(p, "{\"text\":\"a\"}", TextTokenizer::Bytes, 100).unwrap_err().to_string();
         assert!(err.contains("vocab_size 100"), "{err}");
     }
 }

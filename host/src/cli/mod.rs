@@ -18,11 +18,13 @@ use clap::{Args, Parser, Subcommand};
 use gpu_shaders::GpuContext;
 use merge_core::dtype::Dtype;
 
+use crate::data::encode::TextTokenizer;
 use crate::hf;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{LlamaModel, Sequence};
 use crate::params::ParamSet;
+use crate::tokenizer::PretrainedTokenizer;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, LmObjective};
 use crate::train::optim::{self, Optimizer};
@@ -205,6 +207,23 @@ fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
     hf::load_model(dir).map(|(m, _)| m).map_err(|e| TrainError::msg(format!("{flag} {}: {e}", dir.display())))
 }
 
+/// The model folder's own tokenizer, if it has a `tokenizer.json`, and the content
+/// hashes of its files (a changed tokenizer changes the data a resumed run sees).
+fn load_tokenizer(dir: &Path, flag: &str, hashes: &mut Vec<crate::train::checkpoint::InputHash>) -> Result<Option<PretrainedTokenizer>> {
+    let tokenizer = PretrainedTokenizer::load(dir).map_err(|e| TrainError::msg(format!("{flag}: {e}")))?;
+    if let Some(t) = &tokenizer {
+        hashes.extend(inputs::tokenizer_hashes(flag, dir)?);
+        if let Some(caveat) = t.class_caveat() {
+            eprintln!("note: {flag} {}: {caveat}", dir.display());
+        }
+    }
+    Ok(tokenizer)
+}
+
+fn text_tokenizer(t: &Option<PretrainedTokenizer>) -> TextTokenizer<'_> {
+    t.as_ref().map_or(TextTokenizer::Bytes, TextTokenizer::Pretrained)
+}
+
 /// The device `--backend` asks for, opened once and shared by the model and the
 /// optimizer; `auto` without a usable hardware adapter runs both on the CPU and
 /// says so once.
@@ -317,10 +336,12 @@ fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
 fn pretrain(a: PretrainArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let mut models = Vec::new();
+    let mut tokenizer = None;
     let model = match &a.init {
         Some(dir) => {
             let m = load(dir, "--init")?;
             models.push(inputs::model_hash("--init", dir, &m));
+            tokenizer = load_tokenizer(dir, "--init", &mut models)?;
             m
         }
         None => {
@@ -333,7 +354,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     };
     let mut model = model;
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
-    let (train, eval) = data::lm_sequences(&a.data, &model.config, a.train.seed)?;
+    let (train, eval) = data::lm_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
@@ -354,8 +375,9 @@ fn sft(a: SftArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let mut model = load(&a.model, "--model")?;
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
-    let models = vec![inputs::model_hash("--model", &a.model, &model)];
-    let (train, eval) = data::sft_sequences(&a.data, &model.config, a.train.seed)?;
+    let mut models = vec![inputs::model_hash("--model", &a.model, &model)];
+    let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
+    let (train, eval) = data::sft_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let config = model.config.clone();
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
@@ -381,7 +403,8 @@ fn align(a: AlignArgs) -> Result<()> {
         hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
         models.push(inputs::model_hash("--base", p, b));
     }
-    let (train, eval) = data::preference_pairs(&a.data, &policy.config, a.train.seed)?;
+    let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
+    let (train, eval) = data::preference_pairs(&a.data, &policy.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let config = policy.config.clone();
     let sft_params = policy.params.clone();
     let precomputed = match &a.data.data {
@@ -438,12 +461,14 @@ fn align(a: AlignArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load(&a.model, "--model")?;
+    let tokenizer = load_tokenizer(&a.model, "--model", &mut Vec::new())?;
+    let tok = text_tokenizer(&tokenizer);
     let config = model.config.clone();
     let params = model.params.clone();
     let stats = match a.task.as_str() {
         "lm" | "sft" => {
             let (train, _) =
-                if a.task == "lm" { data::lm_sequences(&a.data, &config, 0)? } else { data::sft_sequences(&a.data, &config, 0)? };
+                if a.task == "lm" { data::lm_sequences(&a.data, &config, tok, 0)? } else { data::sft_sequences(&a.data, &config, tok, 0)? };
             LmObjective::new(model, Vec::new(), train)?.evaluate(&params)?
         }
         "preference" => {
@@ -452,7 +477,7 @@ fn eval(a: EvalArgs) -> Result<()> {
                 Some(p) => load(p, "--ref-model")?,
                 None => load(&a.model, "--model")?,
             };
-            let (pairs, _) = data::preference_pairs(&a.data, &config, 0)?;
+            let (pairs, _) = data::preference_pairs(&a.data, &config, tok, 0)?;
             DpoObjective::new(model, &reference, loss, Vec::new(), pairs)?.evaluate(&params)?
         }
         other => return Err(TrainError::msg(format!("--task = {other}: expected lm, sft or preference"))),

@@ -1,17 +1,16 @@
 //! JSON Lines datasets: TRL's preference format (`prompt`, `chosen`, `rejected`
 //! as strings, or in TRL's conversational form as lists of `{"role", "content"}`
-//! messages), SFT/plain text (`{"text"}` or `{"prompt", "completion"}`), and
-//! token-id preferences (`prompt_ids`, `chosen_ids`, `rejected_ids`) for data
-//! tokenized elsewhere. Blank lines are skipped; every error names the file, the
-//! 1-based line and the field.
+//! messages, where the prompt may be left implicit), SFT/plain text (`{"text"}`,
+//! `{"prompt", "completion"}` or a `{"messages"}` conversation), and token-id
+//! preferences (`prompt_ids`, `chosen_ids`, `rejected_ids`) for data tokenized
+//! elsewhere. Blank lines are skipped; every error names the file, the 1-based
+//! line and the field. `data::encode` turns the records into token ids.
 
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
-
-use crate::tokenizer::ByteTokenizer;
 
 #[derive(Debug)]
 pub enum DataError {
@@ -60,11 +59,39 @@ impl std::error::Error for DataError {
     }
 }
 
+/// A text field as the record gives it: a string, or a conversation (TRL's
+/// conversational form), each message an object with a known `role` and a string
+/// `content` (other keys are kept for the chat template).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Content {
+    Text(String),
+    Conversation(Vec<Value>),
+}
+
+impl Content {
+    /// The text the byte-level tokenizer sees: a string as it is; a prompt
+    /// conversation as `role: content` lines then `assistant: ` to cue the answer;
+    /// an answer conversation as its contents joined by newlines.
+    pub fn byte_text(&self, as_prompt: bool) -> String {
+        match self {
+            Content::Text(s) => s.clone(),
+            Content::Conversation(messages) => {
+                let text = |m: &Value, key: &str| m[key].as_str().expect("checked when parsed").to_string();
+                if as_prompt {
+                    messages.iter().map(|m| format!("{}: {}\n", text(m, "role"), text(m, "content"))).collect::<String>() + "assistant: "
+                } else {
+                    messages.iter().map(|m| text(m, "content")).collect::<Vec<_>>().join("\n")
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Preference {
-    pub prompt: String,
-    pub chosen: String,
-    pub rejected: String,
+    pub prompt: Content,
+    pub chosen: Content,
+    pub rejected: Content,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,12 +101,15 @@ pub struct PreferenceIds {
     pub rejected: Vec<u32>,
 }
 
-/// One SFT example; plain `{"text"}` lines have an empty prompt (every token
-/// after the first is trained on).
+/// One SFT record.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SftExample {
-    pub prompt: String,
-    pub completion: String,
+pub enum SftExample {
+    /// `{"text"}`: every token after the first is trained on.
+    Text(String),
+    /// `{"prompt", "completion"}`: only the completion is trained on.
+    PromptCompletion { prompt: Content, completion: Content },
+    /// `{"messages"}`: a whole conversation, rendered by the model's chat template.
+    Messages(Vec<Value>),
 }
 
 /// Where a record came from, for error messages.
@@ -146,43 +176,55 @@ fn field<'v>(at: &At, obj: &'v Map<String, Value>, name: &str) -> Result<&'v Val
 /// would silently become part of the prompt text.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-/// How conversational messages become text for the byte-level tokenizer: each
-/// prompt message as `role: content\n`, then `assistant: ` to cue the answer;
-/// a completion is its messages' contents joined by newlines.
-fn messages(at: &At, name: &str, v: &[Value], as_prompt: bool) -> Result<String, DataError> {
-    let mut parts = Vec::with_capacity(v.len());
+/// A conversation: each message an object with a known `role` and a string `content`.
+fn conversation(at: &At, name: &str, v: &[Value]) -> Result<Vec<Value>, DataError> {
     for (k, m) in v.iter().enumerate() {
         let get = |key: &str| {
             m.get(key)
                 .and_then(Value::as_str)
                 .ok_or_else(|| at.err(Some(&format!("{name}[{k}].{key}")), "missing or not a string"))
         };
-        let content = get("content")?;
-        if as_prompt || m.get("role").is_some() {
-            let role = get("role")?;
-            if !ROLES.contains(&role) {
-                return Err(at.err(Some(&format!("{name}[{k}].role")), format!("`{role}` is not a role ({})", ROLES.join(", "))));
-            }
+        get("content")?;
+        let role = get("role")?;
+        if !ROLES.contains(&role) {
+            return Err(at.err(Some(&format!("{name}[{k}].role")), format!("`{role}` is not a role ({})", ROLES.join(", "))));
         }
-        parts.push(if as_prompt {
-            format!("{}: {content}\n", get("role")?)
-        } else {
-            content.to_string()
-        });
     }
-    Ok(if as_prompt { parts.concat() + "assistant: " } else { parts.join("\n") })
+    Ok(v.to_vec())
 }
 
-fn text_field(at: &At, obj: &Map<String, Value>, name: &str, as_prompt: bool, allow_empty: bool) -> Result<String, DataError> {
-    let s = match field(at, obj, name)? {
-        Value::String(s) => s.clone(),
-        Value::Array(a) => messages(at, name, a, as_prompt)?,
+fn content_field(at: &At, obj: &Map<String, Value>, name: &str, allow_empty: bool) -> Result<Content, DataError> {
+    let content = match field(at, obj, name)? {
+        Value::String(s) => Content::Text(s.clone()),
+        Value::Array(a) => Content::Conversation(conversation(at, name, a)?),
         other => return Err(at.err(Some(name), format!("expected a string or a list of messages, found {other}"))),
     };
-    if s.is_empty() && !allow_empty {
+    let empty = match &content {
+        Content::Text(s) => s.is_empty(),
+        Content::Conversation(m) => m.is_empty(),
+    };
+    if empty && !allow_empty {
         return Err(at.err(Some(name), "empty"));
     }
-    Ok(s)
+    Ok(content)
+}
+
+/// TRL reads a record as conversational or as strings, never a mix: a string
+/// where the other fields are conversations (or the reverse) is refused, naming it.
+fn same_form(at: &At, fields: &[(&str, &Content)]) -> Result<(), DataError> {
+    let (first_name, first) = fields[0];
+    for &(name, content) in &fields[1..] {
+        match (first, content) {
+            (Content::Text(_), Content::Conversation(_)) => {
+                return Err(at.err(Some(name), format!("a list of messages where a string is expected (`{first_name}` is a string)")));
+            }
+            (Content::Conversation(_), Content::Text(_)) => {
+                return Err(at.err(Some(name), format!("a string where a list of messages is expected (`{first_name}` is a conversation)")));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A pair whose two answers are the same states no preference (its DPO gradient
@@ -194,32 +236,59 @@ fn distinct<T: PartialEq>(at: &At, chosen: T, rejected: T, field: &str) -> Resul
     Ok((chosen, rejected))
 }
 
+/// TRL's `extract_prompt` for a record without `prompt`: the prompt is the
+/// messages `chosen` and `rejected` share up to the first that differs. When one
+/// conversation is a prefix of the other, TRL's loop ends on its last index, so
+/// the shared messages but the last make the prompt; that is kept.
+fn implicit_prompt(chosen: &[Value], rejected: &[Value]) -> usize {
+    let shortest = chosen.len().min(rejected.len());
+    (0..shortest).find(|&i| chosen[i] != rejected[i]).unwrap_or(shortest.saturating_sub(1))
+}
+
 /// TRL preference records; `prompt` may be empty, `chosen`/`rejected` may not, nor
-/// may they be equal.
+/// may they be equal. Without `prompt`, conversational `chosen`/`rejected` carry it
+/// as their shared first messages.
 pub fn parse_preferences(path: &Path, text: &str) -> Result<Vec<Preference>, DataError> {
     parse_lines(path, text, |at, obj| {
-        let prompt = text_field(at, obj, "prompt", true, true)?;
-        let (chosen, rejected) =
-            distinct(at, text_field(at, obj, "chosen", false, false)?, text_field(at, obj, "rejected", false, false)?, "rejected")?;
+        let chosen = content_field(at, obj, "chosen", false)?;
+        let rejected = content_field(at, obj, "rejected", false)?;
+        if let (false, Content::Conversation(c), Content::Conversation(r)) = (obj.contains_key("prompt"), &chosen, &rejected) {
+            let (c, r) = distinct(at, c, r, "rejected")?;
+            let shared = implicit_prompt(c, r);
+            return Ok(Preference {
+                prompt: Content::Conversation(c[..shared].to_vec()),
+                chosen: Content::Conversation(c[shared..].to_vec()),
+                rejected: Content::Conversation(r[shared..].to_vec()),
+            });
+        }
+        let prompt = content_field(at, obj, "prompt", true)?;
+        same_form(at, &[("prompt", &prompt), ("chosen", &chosen), ("rejected", &rejected)])?;
+        let (chosen, rejected) = distinct(at, chosen, rejected, "rejected")?;
         Ok(Preference { prompt, chosen, rejected })
     })
 }
 
-/// `{"text"}` or `{"prompt", "completion"}` records (strings or message lists).
+/// `{"text"}`, `{"prompt", "completion"}` (strings or conversations) or
+/// `{"messages"}` records.
 pub fn parse_sft(path: &Path, text: &str) -> Result<Vec<SftExample>, DataError> {
     parse_lines(path, text, |at, obj| {
         if obj.contains_key("text") {
-            Ok(SftExample {
-                prompt: String::new(),
-                completion: text_field(at, obj, "text", false, false)?,
-            })
+            match content_field(at, obj, "text", false)? {
+                Content::Text(t) => Ok(SftExample::Text(t)),
+                Content::Conversation(_) => Err(at.err(Some("text"), "a list of messages where a string is expected (a conversation goes in `messages`)")),
+            }
+        } else if obj.contains_key("messages") {
+            match content_field(at, obj, "messages", false)? {
+                Content::Conversation(m) => Ok(SftExample::Messages(m)),
+                Content::Text(_) => Err(at.err(Some("messages"), "a string where a list of messages is expected")),
+            }
         } else if obj.contains_key("completion") {
-            Ok(SftExample {
-                prompt: text_field(at, obj, "prompt", true, true)?,
-                completion: text_field(at, obj, "completion", false, false)?,
-            })
+            let prompt = content_field(at, obj, "prompt", true)?;
+            let completion = content_field(at, obj, "completion", false)?;
+            same_form(at, &[("prompt", &prompt), ("completion", &completion)])?;
+            Ok(SftExample::PromptCompletion { prompt, completion })
         } else {
-            Err(at.err(None, "expected a `text` field, or `prompt` and `completion`"))
+            Err(at.err(None, "expected a `text` field, `prompt` and `completion`, or `messages`"))
         }
     })
 }
@@ -262,18 +331,6 @@ pub fn parse_preference_ids(path: &Path, text: &str, vocab_size: usize) -> Resul
     })
 }
 
-/// Byte-level tokenization: `BOS prompt` / `chosen EOS` / `rejected EOS`.
-pub fn tokenize_preferences(tok: &ByteTokenizer, prefs: &[Preference]) -> Vec<PreferenceIds> {
-    prefs
-        .iter()
-        .map(|p| PreferenceIds {
-            prompt: tok.encode_prompt(&p.prompt),
-            chosen: tok.encode_completion(&p.chosen),
-            rejected: tok.encode_completion(&p.rejected),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,19 +350,57 @@ mod tests {
         );
         let r = parse_preferences(p(), text).unwrap();
         assert_eq!(r.len(), 2);
+        let text = |s: &str| Content::Text(s.into());
         assert_eq!(
             r[0],
             Preference {
-                prompt: "2+2=".into(),
-                chosen: "4".into(),
-                rejected: "5".into()
+                prompt: text("2+2="),
+                chosen: text("4"),
+                rejected: text("5")
             }
         );
-        assert_eq!(r[1].prompt, "system: Be brief.\nuser: Hi\nassistant: ");
-        assert_eq!((r[1].chosen.as_str(), r[1].rejected.as_str()), ("Hello.", "Go away."));
-        let ids = tokenize_preferences(&ByteTokenizer, &r[..1]);
-        assert_eq!(ids[0].prompt, vec![ByteTokenizer::BOS, 50, 43, 50, 61]);
-        assert_eq!(ids[0].chosen, vec![52, ByteTokenizer::EOS]);
+        assert_eq!(r[1].prompt.byte_text(true), "system: Be brief.\nuser: Hi\nassistant: ");
+        assert_eq!((r[1].chosen.byte_text(false), r[1].rejected.byte_text(false)), ("Hello.".into(), "Go away.".into()));
+    }
+
+    /// TRL's `extract_prompt`: the shared first messages are the prompt, also
+    /// when one conversation continues the other (then all shared but the last).
+    #[test]
+    fn an_implicit_prompt_is_the_shared_start_of_the_conversations() {
+        let m = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+        let line = |chosen: &[Value], rejected: &[Value]| serde_json::json!({"chosen": chosen, "rejected": rejected}).to_string();
+        let (sys, q, a, b) = (m("system", "S"), m("user", "Q"), m("assistant", "A"), m("assistant", "B"));
+        let r = parse_preferences(p(), &line(&[sys.clone(), q.clone(), a.clone()], &[sys.clone(), q.clone(), b.clone()])).unwrap();
+        assert_eq!(r[0].prompt, Content::Conversation(vec![sys.clone(), q.clone()]));
+        assert_eq!((&r[0].chosen, &r[0].rejected), (&Content::Conversation(vec![a.clone()]), &Content::Conversation(vec![b.clone()])));
+        let q2 = m("user", "Q2");
+        let r = parse_preferences(p(), &line(&[q.clone(), a.clone()], &[q.clone(), a.clone(), q2.clone(), b.clone()])).unwrap();
+        assert_eq!(r[0].prompt, Content::Conversation(vec![q.clone()]));
+        assert_eq!(r[0].chosen, Content::Conversation(vec![a.clone()]));
+        assert_eq!(r[0].rejected, Content::Conversation(vec![a, q2, b]));
+        let e = parse_preferences(p(), &line(std::slice::from_ref(&q), std::slice::from_ref(&q))).err().unwrap().to_string();
+        assert!(e.contains(":1: field `rejected`: identical"), "{e}");
+        let e = parse_preferences(p(), "{\"chosen\": \"a\", \"rejected\": \"b\"}").err().unwrap().to_string();
+        assert!(e.contains(":1: field `prompt`: missing"), "{e}");
+    }
+
+    #[test]
+    fn strings_and_conversations_do_not_mix_in_a_record() {
+        let conv = r#"[{"role": "user", "content": "Hi"}]"#;
+        let cases = [
+            (format!(r#"{{"prompt": {conv}, "chosen": "a", "rejected": {conv}}}"#), "field `chosen`: a string where a list of messages is expected"),
+            (format!(r#"{{"prompt": "p", "chosen": "a", "rejected": {conv}}}"#), "field `rejected`: a list of messages where a string is expected"),
+        ];
+        for (text, want) in cases {
+            let e = parse_preferences(p(), &text).err().unwrap().to_string();
+            assert!(e.contains(want), "{e} (wanted {want})");
+        }
+        let e = parse_sft(p(), &format!(r#"{{"prompt": "p", "completion": {conv}}}"#)).err().unwrap().to_string();
+        assert!(e.contains(":1: field `completion`: a list of messages where a string is expected"), "{e}");
+        let e = parse_sft(p(), r#"{"messages": "hello"}"#).err().unwrap().to_string();
+        assert!(e.contains(":1: field `messages`: a string where a list of messages is expected"), "{e}");
+        let e = parse_sft(p(), &format!(r#"{{"text": {conv}}}"#)).err().unwrap().to_string();
+        assert!(e.contains(":1: field `text`: a list of messages where a string is expected"), "{e}");
     }
 
     #[test]
@@ -346,20 +441,22 @@ mod tests {
     #[test]
     fn sft_forms() {
         let text = "{\"text\": \"once upon a time\"}\n{\"prompt\": \"Q: 1+1\", \"completion\": \" 2\"}\n";
-        let r = parse_sft(p(), text).unwrap();
+        let text = format!("{text}{}\n", r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}"#);
+        let r = parse_sft(p(), &text).unwrap();
+        assert_eq!(r[0], SftExample::Text("once upon a time".into()));
         assert_eq!(
-            r[0],
-            SftExample {
-                prompt: String::new(),
-                completion: "once upon a time".into()
+            r[1],
+            SftExample::PromptCompletion {
+                prompt: Content::Text("Q: 1+1".into()),
+                completion: Content::Text(" 2".into())
             }
         );
         assert_eq!(
-            r[1],
-            SftExample {
-                prompt: "Q: 1+1".into(),
-                completion: " 2".into()
-            }
+            r[2],
+            SftExample::Messages(vec![
+                serde_json::json!({"role": "user", "content": "Hi"}),
+                serde_json::json!({"role": "assistant", "content": "Yo"})
+            ])
         );
         let e = parse_sft(p(), "{\"text\": \"a\"}\n{\"prompt\": \"x\"}").err().unwrap().to_string();
         assert!(e.contains(":2:") && e.contains("`text`"), "{e}");

@@ -1,4 +1,5 @@
 //! Training and evaluation data.
 
 pub mod builtin;
+pub mod encode;
 pub mod jsonl;

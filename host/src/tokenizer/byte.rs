@@ -1,7 +1,6 @@
-//! The byte-level tokenizer of the built-in data: ids 0..=255 are the UTF-8
-//! bytes, then three special tokens. Any text round-trips, and no vocabulary file
-//! is needed. To train on another tokenizer's output, bring token ids instead
-//! (`data::jsonl::parse_preference_ids`).
+//! The byte-level tokenizer of the built-in data and of model folders without a
+//! `tokenizer.json`: ids 0..=255 are the UTF-8 bytes, then three special tokens.
+//! Any text round-trips, and no vocabulary file is needed.
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteTokenizer;

@@ -1,0 +1,176 @@
+//! `align` and `sft` on a model folder with its own tokenizer and chat template:
+//! a tiny model written by `pretrain`, the Qwen2 fixture tokenizer of
+//! tests/fixtures/tokenizers (whose token ids tests/tokenizer_parity.rs checks
+//! against transformers) and TRL conversational data; and each bad input named by
+//! file and line with nothing written.
+
+use std::path::{Path, PathBuf};
+
+use host::hf;
+use host::model::config::LlamaConfig;
+use host::model::llama::LlamaModel;
+use merge_core::dtype::Dtype;
+
+mod common;
+use common::{host, stderr, tmp};
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizers").join(family)
+}
+
+/// `host pretrain` on the built-in data with a vocabulary as large as the fixture
+/// tokenizer's, then the tokenizer files copied in: the README's example folder.
+fn model_with_tokenizer(dir: &Path, family: &str) -> PathBuf {
+    let config = dir.join("config.json");
+    hf::write_config(&config, &LlamaConfig::tiny(400, 32, 64, 1, 2, 1), Dtype::F32).unwrap();
+    let out = dir.join("pretrained");
+    let o = host(
+        &[
+            "pretrain", "--model-config", config.to_str().unwrap(), "--builtin", "16", "--steps", "2", "--batch-size", "4",
+            "--backend", "cpu", "--out", out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let model = out.join("model");
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture(family).join(file), model.join(file)).unwrap();
+    }
+    model
+}
+
+const CONVERSATIONAL: &str = r#"{"prompt": [{"role": "user", "content": "Q: 2+3"}], "chosen": [{"role": "assistant", "content": "Sure, 5!"}], "rejected": [{"role": "assistant", "content": "5"}]}
+{"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "Q: 23+45"}], "chosen": [{"role": "assistant", "content": "Sure, 68!"}], "rejected": [{"role": "assistant", "content": "68"}]}
+{"chosen": [{"role": "user", "content": "Q: 1+1"}, {"role": "assistant", "content": "Sure, 2!"}], "rejected": [{"role": "user", "content": "Q: 1+1"}, {"role": "assistant", "content": "2"}]}
+{"prompt": [{"role": "user", "content": "日本語 🎉?"}], "chosen": [{"role": "assistant", "content": "Sure, はい!"}], "rejected": [{"role": "assistant", "content": "はい"}]}
+"#;
+
+fn align(model: &Path, data: &Path, out: &Path) -> std::process::Output {
+    host(
+        &[
+            "align", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--steps", "2", "--batch-size", "2",
+            "--lr", "1e-3", "--backend", "cpu", "--out", out.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn align_and_sft_run_on_trl_conversations_with_the_models_chat_template() {
+    let d = tmp("chat-align");
+    let model = model_with_tokenizer(&d, "qwen2");
+    let data = d.join("trl_conversational.jsonl");
+    std::fs::write(&data, CONVERSATIONAL).unwrap();
+    let out = d.join("aligned");
+    let o = align(&model, &data, &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().filter(|l| l.contains("\"rewards/margins\"")).count() >= 2, "{metrics}");
+    assert!(!stderr(&o).contains("tokenizer_class"), "{}", stderr(&o));
+
+    // A model-specific tokenizer_class: transformers 5 may rebuild that tokenizer, so the run says so.
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["tokenizer_class"] = "Qwen2Tokenizer".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let o = align(&model, &data, &d.join("aligned-noted"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokenizer_class Qwen2Tokenizer: transformers 5 may rebuild"), "{}", stderr(&o));
+
+    let sft_data = d.join("sft.jsonl");
+    std::fs::write(
+        &sft_data,
+        concat!(
+            r#"{"messages": [{"role": "user", "content": "Q: 2+3"}, {"role": "assistant", "content": "5"}]}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "Q: 1+1"}], "completion": [{"role": "assistant", "content": "2"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let sft_out = d.join("sft");
+    let o = host(
+        &[
+            "sft", "--model", model.to_str().unwrap(), "--data", sft_data.to_str().unwrap(), "--steps", "1", "--batch-size", "2",
+            "--backend", "cpu", "--out", sft_out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Each refusal names the file (and the line, where there is one) and leaves no
+/// output folder behind.
+#[test]
+fn bad_tokenizers_templates_and_records_are_named_and_nothing_is_written() {
+    let d = tmp("chat-bad");
+    let qwen = model_with_tokenizer(&d, "qwen2");
+    let data = d.join("prefs.jsonl");
+    let mut case = 0;
+    let mut refused = |model: &Path, records: &str, want: &[&str]| {
+        std::fs::write(&data, records).unwrap();
+        case += 1;
+        let out = d.join(format!("out{case}"));
+        let o = align(model, &data, &out);
+        assert!(!o.status.success(), "accepted: {records}");
+        for w in want {
+            assert!(stderr(&o).contains(w), "wanted {w:?} in: {}", stderr(&o));
+        }
+        assert!(!out.exists(), "{} was written", out.display());
+    };
+    let good = CONVERSATIONAL.lines().next().unwrap();
+    let role = r#"{"prompt": [{"role": "usr", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
+    refused(&qwen, &format!("{good}\n{role}\n"), &["prefs.jsonl:2: field `prompt[0].role`: `usr` is not a role"]);
+    let mixed = r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}"#;
+    refused(&qwen, &format!("{good}\n\n{mixed}\n"), &["prefs.jsonl:3: field `chosen`: a string where a list of messages is expected"]);
+    refused(&qwen, &format!("{good}\n{{\"prompt\": [\n"), &["prefs.jsonl:2: not valid JSON"]);
+
+    // Mistral's template refuses a system message: the record's line and the template's words.
+    let mistral = d.join("mistral");
+    std::fs::create_dir_all(&mistral).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(qwen.join(file), mistral.join(file)).unwrap();
+    }
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("mistral").join(file), mistral.join(file)).unwrap();
+    }
+    let system = CONVERSATIONAL.lines().nth(1).unwrap();
+    refused(&mistral, &format!("{good}\n{system}\n"), &["prefs.jsonl:2: ", "raised", "Conversation roles must alternate"]);
+
+    // A chat_template.jinja beside tokenizer_config.json is the one used, as in transformers.
+    std::fs::write(mistral.join("chat_template.jinja"), "{{ raise_exception('from the .jinja file') }}").unwrap();
+    refused(&mistral, &format!("{good}\n"), &["prefs.jsonl:1: ", "chat_template.jinja", "from the .jinja file"]);
+    std::fs::write(mistral.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }\n").unwrap();
+    refused(&mistral, &format!("{good}\n"), &["chat_template.jinja: chat template (template line 1)"]);
+    std::fs::remove_file(mistral.join("chat_template.jinja")).unwrap();
+
+    // A broken tokenizer.json names the file and where the JSON breaks.
+    let text = std::fs::read_to_string(mistral.join("tokenizer.json")).unwrap();
+    std::fs::write(mistral.join("tokenizer.json"), &text[..text.len() / 2]).unwrap();
+    refused(&mistral, &format!("{good}\n"), &["tokenizer.json: not a tokenizer the `tokenizers` library reads", "line"]);
+    std::fs::write(mistral.join("tokenizer.json"), text).unwrap();
+
+    // A special token the vocabulary lacks, and a list of templates with no default.
+    let config_path = mistral.join("tokenizer_config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["eos_token"] = "<|nope|>".into();
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    refused(&mistral, &format!("{good}\n"), &["tokenizer_config.json: `eos_token` `<|nope|>` is not a token of tokenizer.json"]);
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["chat_template"] = serde_json::json!([{"name": "tool_use", "template": "x"}]);
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    refused(&mistral, &format!("{good}\n"), &["tokenizer_config.json: `chat_template`: a list of templates without one named `default` (found: tool_use)"]);
+    std::fs::write(&config_path, "{\"eos_token\": \"</s>\",\n\"chat_template\": 3,}").unwrap();
+    refused(&mistral, &format!("{good}\n"), &["tokenizer_config.json: not valid JSON", "line 2"]);
+
+    // A model whose embedding has fewer rows than the tokenizer has ids.
+    let small = d.join("small");
+    hf::save_model(&small, &LlamaModel::init(LlamaConfig::tiny(300, 32, 64, 1, 2, 1), 1).unwrap(), Dtype::F32).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("qwen2").join(file), small.join(file)).unwrap();
+    }
+    refused(&small, &format!("{good}\n"), &["the model's vocab_size 300 is smaller than its tokenizer's 400"]);
+    std::fs::remove_dir_all(&d).unwrap();
+}
