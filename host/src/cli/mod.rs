@@ -337,7 +337,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let mut models = Vec::new();
     let mut tokenizer = None;
-    let model = match &a.init {
+    let mut model = match &a.init {
         Some(dir) => {
             let m = load(dir, "--init")?;
             models.push(inputs::model_hash("--init", dir, &m));
@@ -352,7 +352,6 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
             LlamaModel::init(config, a.train.seed).map_err(|e| TrainError::msg(format!("model init: {e}")))?
         }
     };
-    let mut model = model;
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let (train, eval) = data::lm_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let config = model.config.clone();
