@@ -368,11 +368,14 @@ fn unpacked<'b>(tau: TaskVector<'b>, len: usize, buf: &'b mut Vec<f32>) -> Src<'
         TaskVector::Packed { stored, values } => {
             buf.clear();
             buf.resize(len, 0.0);
+            // Most bytes are 0 (a fraction p is stored): visit only the set bits.
+            // check_lengths matched the bits with the values and cleared the tail.
             let mut next = values.iter();
-            for (i, out) in buf.iter_mut().enumerate() {
-                if stored[i / 8] >> (i % 8) & 1 == 1 {
-                    // check_lengths matched the bits with the values.
-                    *out = *next.next().expect("one value per set bit");
+            for (b, &byte) in stored.iter().enumerate() {
+                let mut bits = byte;
+                while bits != 0 {
+                    buf[b * 8 + bits.trailing_zeros() as usize] = *next.next().expect("one value per set bit");
+                    bits &= bits - 1;
                 }
             }
             Src::F32(buf)
