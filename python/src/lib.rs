@@ -9,6 +9,10 @@
 //! ranges that overlap another range, so a slip in the Python layer is an
 //! exception, not corrupted memory.
 
+// merge-core's errors name their tensor inline (no allocator), so they are large;
+// the same trade merge-core makes.
+#![allow(clippy::result_large_err)]
+
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};

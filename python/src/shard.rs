@@ -24,6 +24,10 @@ use pyo3::prelude::*;
 
 use crate::{Range, core_error, f32_mut, f32_ref, src};
 
+/// One norm block as exchanged: (scope, first index in the scope, level, the two
+/// L1 sums as bits).
+type NormBlock = (usize, u64, u32, u32, u32);
+
 /// One process's range of one tensor.
 pub(crate) struct Shard {
     pub name: String,
@@ -149,7 +153,7 @@ impl ShardedStep {
     /// This process's norm blocks: `(scope, start, level, ‖·‖₁ bits, ‖·‖₁ bits)`
     /// with `start` the block's first index in its scope; for OnDARE the update
     /// and the sparsified update, for OnTIES the update and the trimmed update.
-    fn norm_blocks(&self) -> PyResult<Vec<(usize, u64, u32, u32, u32)>> {
+    fn norm_blocks(&self) -> PyResult<Vec<NormBlock>> {
         let mut out = Vec::new();
         for (t, s) in self.shards.iter().enumerate() {
             let step = self.tensor_step(t).map_err(core_error)?;
@@ -169,7 +173,7 @@ impl ShardedStep {
                     let mut norms = Norms::default();
                     let st = Self::state(s);
                     let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: st.cached.map(|c| &c[lo..hi]) };
-                    step.scan_chunk(s.offset + lo as u64, &f32_src(&s.grad)[lo..hi], view, self.tau(s).slice(lo, hi - lo), Some(&mut norms), None).map_err(core_error)?;
+                    step.scan_chunk(s.offset + lo as u64, &f32_ref(&s.grad)[lo..hi], view, self.tau(s).slice(lo, hi - lo), Some(&mut norms), None).map_err(core_error)?;
                     (norms.update.finish(), norms.sparse.finish())
                 };
                 out.push((self.scope_of(t), start, level, a.to_bits(), b.to_bits()));
@@ -180,7 +184,7 @@ impl ShardedStep {
 
     /// Every process's norm blocks (any order): joined per scope in index order,
     /// then the rescale they call for.
-    fn set_norm_blocks(&mut self, mut blocks: Vec<(usize, u64, u32, u32, u32)>) -> PyResult<()> {
+    fn set_norm_blocks(&mut self, mut blocks: Vec<NormBlock>) -> PyResult<()> {
         blocks.sort_by_key(|b| (b.0, b.1));
         let mut sums: Vec<(TreeSum, TreeSum)> = (0..self.scopes()).map(|_| (TreeSum::new(), TreeSum::new())).collect();
         for &(scope, start, level, a, b) in &blocks {
@@ -231,7 +235,7 @@ impl ShardedStep {
             for (t, s) in self.shards.iter().enumerate() {
                 let mut update = vec![0.0f32; s.len];
                 let step = self.tensor_step(t).map_err(core_error)?;
-                step.scan_chunk(s.offset, f32_src(&s.grad), Self::state(s), self.tau(s), None, Some(&mut update)).map_err(core_error)?;
+                step.scan_chunk(s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s), None, Some(&mut update)).map_err(core_error)?;
                 updates.push(update);
             }
             self.updates = updates;
@@ -293,7 +297,7 @@ impl ShardedStep {
     fn check(&self) -> Option<String> {
         let run = || -> Result<(), merge_core::Error> {
             for (t, s) in self.shards.iter().enumerate() {
-                self.tensor_step(t)?.check_chunk(s.offset, f32_src(&s.grad), Self::state(s), self.tau(s))?;
+                self.tensor_step(t)?.check_chunk(s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s))?;
             }
             Ok(())
         };
@@ -304,12 +308,8 @@ impl ShardedStep {
     fn write(&self) -> PyResult<()> {
         for (t, s) in self.shards.iter().enumerate() {
             let state = StateMut { theta: f32_mut(&s.theta), m: f32_mut(&s.m), v: f32_mut(&s.v), cached: s.cached.as_ref().map(f32_mut) };
-            self.tensor_step(t).and_then(|step| step.write_chunk(s.offset, f32_src(&s.grad), state, self.tau(s))).map_err(core_error)?;
+            self.tensor_step(t).and_then(|step| step.write_chunk(s.offset, f32_ref(&s.grad), state, self.tau(s))).map_err(core_error)?;
         }
         Ok(())
     }
-}
-
-fn f32_src<'a>(r: &Range) -> &'a [f32] {
-    f32_ref(r)
 }
