@@ -8,10 +8,24 @@
 # run of the golden vectors), qemu-system-arm (their Cortex-M4F run), a C compiler
 # `cc` (the C ABI's golden run), and the rustup targets wasm32-unknown-unknown and
 # thumbv7em-none-eabihf. Then: the C program capi/examples/golden.c against the
-# static library, the Python package's tests (pytest, in a virtual environment with
-# torch and trl), and cargo test --workspace.
+# static library, the Python package's tests (pytest, in a virtual environment),
+# and cargo test --workspace.
+#
+# --with-torch also installs torch, trl and transformers into that environment
+# (python/requirements-torch.txt: about 6 GB of CUDA wheels from PyPI) and runs the
+# Python tests that need them: the optimizer classes, TRL's DPOTrainer and
+# torch.distributed. Without it they are listed as not run, never skipped silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+with_torch=false
+for arg in "$@"; do
+    case "$arg" in
+        --with-torch) with_torch=true ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "test.sh: unknown argument $arg (known: --with-torch)" >&2; exit 2 ;;
+    esac
+done
 
 targets=(wasm32-unknown-unknown thumbv7em-none-eabihf)
 is_root=false; [ "$(id -u)" = 0 ] && is_root=true
@@ -99,20 +113,27 @@ cc -std=c99 -pedantic -Wall -Wextra -Werror -O2 -Icapi/include capi/examples/gol
 c_abi=0
 "$capi_out/golden" capi/tests/golden/optimizer.txt capi/tests/golden/offline.txt || c_abi=$?
 
-# The Python package: built with maturin into a private virtual environment that
-# also holds torch and trl (python/requirements-test.txt), then its pytest suite.
+# The Python package: built with maturin into a private virtual environment, then
+# its pytest suite (the torch-free part unless --with-torch; conftest.py says which).
 venv=target/python-venv
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" || { apt_install python3-venv && python3 -m venv "$venv"; } || {
         echo "test.sh: cannot create a Python virtual environment: sudo apt-get install python3-venv" >&2; exit 1; }
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+if $with_torch; then
+    # --no-cache-dir: the CUDA wheels would otherwise sit on disk twice.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir -r python/requirements-torch.txt
+    export MERGE_CORE_REQUIRE_TORCH=1
+else
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r python/requirements-test.txt
+fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python
 python_status=0
 "$venv/bin/python" -m pytest -q python/tests || python_status=$?
 
 # --no-fail-fast: CI reports every failing test binary, not only the first.
 cargo test --workspace --no-fail-fast
+$with_torch || echo "test.sh: not run: python/tests/test_optim.py, test_trl.py and test_distributed.py need torch (about 6 GB); scripts/test.sh --with-torch runs them too"
 if [ "$c_abi" != 0 ]; then
     echo "test.sh: capi/examples/golden.c failed (exit $c_abi); its differences are printed above the other tests" >&2
     exit "$c_abi"
