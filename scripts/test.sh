@@ -14,7 +14,8 @@
 # --with-torch also installs torch, trl and transformers into that environment
 # (python/requirements-torch.txt: about 6 GB of CUDA wheels from PyPI) and runs the
 # Python tests that need them: the optimizer classes, TRL's DPOTrainer and
-# torch.distributed. Without it they are listed as not run, never skipped silently.
+# torch.distributed, transformers loading host's output folders. Without it they
+# are listed as not run, never skipped silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -133,7 +134,7 @@ python_status=0
 
 # --no-fail-fast: CI reports every failing test binary, not only the first.
 cargo test --workspace --no-fail-fast
-$with_torch || echo "test.sh: not run: python/tests/test_optim.py, test_trl.py and test_distributed.py need torch (about 6 GB); scripts/test.sh --with-torch runs them too"
+$with_torch || echo "test.sh: not run: python/tests/test_optim.py, test_trl.py, test_distributed.py and test_model_folder.py need torch (about 6 GB); scripts/test.sh --with-torch runs them too"
 if [ "$c_abi" != 0 ]; then
     echo "test.sh: capi/examples/golden.c failed (exit $c_abi); its differences are printed above the other tests" >&2
     exit "$c_abi"

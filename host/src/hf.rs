@@ -402,8 +402,13 @@ pub fn parse_weights(path: &Path, bytes: &[u8]) -> Result<ParamSet, HfError> {
 /// Values that overflow the dtype, or are not finite, are an error naming the
 /// tensor and element rather than a silent Inf in the file.
 pub fn encode_weights(path: &Path, params: &ParamSet, dtype: Dtype) -> Result<Vec<u8>, HfError> {
-    let mut encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(params.tensors.len());
-    for t in &params.tensors {
+    encode_tensors(path, &params.tensors.iter().collect::<Vec<_>>(), dtype)
+}
+
+/// The same for some of a set's tensors (one shard of a model).
+pub fn encode_tensors(path: &Path, tensors: &[&Tensor], dtype: Dtype) -> Result<Vec<u8>, HfError> {
+    let mut encoded: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for t in tensors {
         let mut bytes = Vec::with_capacity(t.data.len() * dtype.size_bytes());
         for (i, &x) in t.data.iter().enumerate() {
             let bad = |e: StoreError| tensor_err(path, &t.name, format!("element {i} = {x} cannot be stored as {}: {e:?}", dtype_name(dtype)));

@@ -9,6 +9,7 @@ pub mod hf;
 pub mod loss;
 pub mod merge;
 pub mod model;
+pub mod model_folder;
 pub mod params;
 pub mod tokenizer;
 pub mod train;

@@ -174,3 +174,64 @@ fn bad_tokenizers_templates_and_records_are_named_and_nothing_is_written() {
     refused(&small, &format!("{good}\n"), &["the model's vocab_size 300 is smaller than its tokenizer's 400"]);
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// What `align` writes is a complete model folder: the source's config.json with
+/// every field kept (a list-valued `eos_token_id`, fields this trainer does not
+/// read), its tokenizer and generation files byte for byte, the source's dtype
+/// by default, and shards with an index above `--max-shard-size`.
+#[test]
+fn the_written_model_folder_keeps_the_source_folder() {
+    let d = tmp("chat-folder");
+    let model = model_with_tokenizer(&d, "qwen2");
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["eos_token_id"] = serde_json::json!([2, 5]);
+    config["pad_token_id"] = 0.into();
+    config["sliding_window"] = serde_json::Value::Null;
+    config["initializer_range"] = 0.02.into();
+    config["torch_dtype"] = "bfloat16".into();
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let generation = "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": [2, 5],\n  \"temperature\": 0.7\n}\n";
+    std::fs::write(model.join("generation_config.json"), generation).unwrap();
+    std::fs::write(model.join("chat_template.jinja"), "{{ messages }}").unwrap();
+    let data = d.join("trl_conversational.jsonl");
+    std::fs::write(&data, CONVERSATIONAL).unwrap();
+
+    let out = d.join("aligned");
+    let mut args = vec![
+        "align", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--steps", "2", "--batch-size", "2",
+        "--lr", "1e-3", "--backend", "cpu", "--out", out.to_str().unwrap(), "--max-shard-size", "20KB",
+    ];
+    let o = host(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = out.join("model");
+    let read = |dir: &Path, f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(f).display()));
+    let written_config: serde_json::Value = serde_json::from_slice(&read(&written, "config.json")).unwrap();
+    assert_eq!(written_config, config, "config.json changed although only the dtype could have");
+    for f in ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        assert_eq!(read(&written, f), read(&model, f), "{f} was not copied byte for byte");
+    }
+    assert!(!written.join("model.safetensors").exists());
+    let index: serde_json::Value = serde_json::from_slice(&read(&written, "model.safetensors.index.json")).unwrap();
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+    assert!(shards.len() > 1 && shards.iter().all(|s| written.join(s).is_file()), "{shards:?}");
+    let (reloaded, dtype) = hf::load_model(&written).unwrap();
+    assert_eq!(dtype, Dtype::Bf16);
+    let bf16 = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+    assert!(reloaded.params.tensors.iter().all(|t| t.data.iter().all(|&x| bf16(x) == x)), "weights are not bf16 values");
+
+    // --save-dtype overrides the source's; under the limit the weights are one file.
+    let out2 = d.join("aligned-f32");
+    let out2_str = out2.to_str().unwrap().to_string();
+    let value_of = |args: &[&str], flag: &str| args.iter().position(|a| *a == flag).unwrap() + 1;
+    let (i, j) = (value_of(&args, "--out"), value_of(&args, "--max-shard-size"));
+    args[i] = &out2_str;
+    args[j] = "50GB";
+    args.extend(["--save-dtype", "f32"]);
+    let o = host(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written_config: serde_json::Value = serde_json::from_slice(&read(&out2.join("model"), "config.json")).unwrap();
+    assert_eq!(written_config["torch_dtype"], "float32");
+    assert!(out2.join("model/model.safetensors").is_file() && !out2.join("model/model.safetensors.index.json").exists());
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -161,7 +161,7 @@ fn reshard_reversed(from: &Path, to: &Path, max_bytes: u64) {
     let outs: Vec<OutTensor> =
         files.tensors.iter().rev().map(|(n, e)| OutTensor { name: n.clone(), dtype: e.dtype, shape: e.shape.clone() }).collect();
     let shards = stream::plan_shards(&outs, max_bytes);
-    let names = stream::shard_file_names(shards.len());
+    let names = host::model_folder::shard_file_names(shards.len());
     assert!(shards.len() > 1);
     let mut map = serde_json::Map::new();
     for (shard, file) in shards.iter().zip(&names) {

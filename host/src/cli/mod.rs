@@ -23,6 +23,7 @@ use crate::hf;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{LlamaModel, Sequence};
+use crate::model_folder::FolderSpec;
 use crate::params::ParamSet;
 use crate::tokenizer::PretrainedTokenizer;
 use crate::train::metrics::MetricsLog;
@@ -58,6 +59,34 @@ pub enum Command {
     Demo(crate::demo::cli::DemoArgs),
 }
 
+/// How the trained model folder is written (`model/` and each checkpoint's).
+#[derive(Args, Debug, Clone)]
+pub struct SaveArgs {
+    /// dtype of the written weights: f32, bf16 or f16 (default: the input model's,
+    /// f32 for a model trained from scratch).
+    #[arg(long)]
+    pub save_dtype: Option<String>,
+    /// Largest weight file; larger models are sharded with model.safetensors.index.json,
+    /// as transformers' save_pretrained does (e.g. 5GB, 500MB, 2GiB, or bytes).
+    #[arg(long, default_value = crate::model_folder::DEFAULT_MAX_SHARD_SIZE)]
+    pub max_shard_size: String,
+}
+
+impl SaveArgs {
+    /// The folder spec for a model loaded from `source` (stored as `source_dtype`),
+    /// or trained from scratch.
+    fn spec(&self, config: &LlamaConfig, source: Option<(&Path, Dtype)>) -> Result<FolderSpec> {
+        let dtype = match &self.save_dtype {
+            Some(s) => hf::parse_dtype(s).ok_or_else(|| TrainError::msg(format!("--save-dtype = {s}: expected f32, bf16 or f16")))?,
+            None => source.map_or(Dtype::F32, |(_, d)| d),
+        };
+        let max_shard_bytes = crate::model_folder::parse_size(&self.max_shard_size).ok_or_else(|| {
+            TrainError::msg(format!("--max-shard-size = {}: expected a size such as 5GB, 500MB, 2GiB or a byte count", self.max_shard_size))
+        })?;
+        Ok(FolderSpec { source: source.map(|(p, _)| p.to_path_buf()), config: config.clone(), dtype, max_shard_bytes })
+    }
+}
+
 /// Model architecture for a model trained from scratch.
 #[derive(Args, Debug, Clone)]
 pub struct ArchArgs {
@@ -89,9 +118,8 @@ pub struct PretrainArgs {
     pub train: LoopArgs,
     #[command(flatten)]
     pub optim: OptimArgs,
-    /// dtype of the written model.safetensors.
-    #[arg(long, default_value = "f32")]
-    pub save_dtype: String,
+    #[command(flatten)]
+    pub save: SaveArgs,
 }
 
 #[derive(Args, Debug)]
@@ -105,8 +133,8 @@ pub struct SftArgs {
     pub train: LoopArgs,
     #[command(flatten)]
     pub optim: OptimArgs,
-    #[arg(long, default_value = "f32")]
-    pub save_dtype: String,
+    #[command(flatten)]
+    pub save: SaveArgs,
 }
 
 #[derive(Args, Debug)]
@@ -133,8 +161,8 @@ pub struct AlignArgs {
     pub train: LoopArgs,
     #[command(flatten)]
     pub optim: OptimArgs,
-    #[arg(long, default_value = "f32")]
-    pub save_dtype: String,
+    #[command(flatten)]
+    pub save: SaveArgs,
 }
 
 #[derive(Args, Debug)]
@@ -195,16 +223,17 @@ fn merge(args: &crate::merge::MergeArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_save_dtype(s: &str) -> Result<Dtype> {
-    hf::parse_dtype(s).ok_or_else(|| TrainError::msg(format!("--save-dtype = {s}: expected f32, bf16 or f16")))
-}
-
 fn hf_err(e: hf::HfError) -> TrainError {
     TrainError::msg(e.to_string())
 }
 
 fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
-    hf::load_model(dir).map(|(m, _)| m).map_err(|e| TrainError::msg(format!("{flag} {}: {e}", dir.display())))
+    load_with_dtype(dir, flag).map(|(m, _)| m)
+}
+
+/// The model and the dtype its config.json declares (what the output keeps by default).
+fn load_with_dtype(dir: &Path, flag: &str) -> Result<(LlamaModel, Dtype)> {
+    hf::load_model(dir).map_err(|e| TrainError::msg(format!("{flag} {}: {e}", dir.display())))
 }
 
 /// The model folder's own tokenizer, if it has a `tokenizer.json`, and the content
@@ -240,7 +269,6 @@ fn training_device(op: &OptimArgs) -> Result<Option<GpuContext>> {
 #[allow(clippy::too_many_arguments)]
 fn fit(
     task: &str,
-    config: &LlamaConfig,
     init: ParamSet,
     merge_task: Option<(&ParamSet, &ParamSet)>,
     objective: &mut dyn Objective,
@@ -250,7 +278,7 @@ fn fit(
     lp: &LoopArgs,
     op: &OptimArgs,
     run_config: serde_json::Value,
-    save_dtype: Dtype,
+    output: FolderSpec,
 ) -> Result<()> {
     let steps = lp.total_steps(objective.num_examples()).map_err(TrainError::msg)?;
     args::check_flag_combinations(task, merge_task.is_some(), data, lp, op).map_err(TrainError::msg)?;
@@ -280,7 +308,7 @@ fn fit(
         checkpoint_every: lp.checkpoint_every,
         keep_checkpoints: lp.keep_checkpoints,
         checkpoint_root: Some(lp.out.join("checkpoints")),
-        run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(save_dtype) }),
+        run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(output.dtype) }),
         inputs,
         resume_anyway: lp.resume_anyway,
         progress: true,
@@ -300,10 +328,7 @@ fn fit(
         }
         (Start { step: 0, data_position: 0 }, MetricsLog::create(&metrics_path)?)
     };
-    let writer = |p: &ParamSet, dir: &Path| -> Result<()> {
-        hf::write_weights(&dir.join("model.safetensors"), p, save_dtype).map_err(hf_err)?;
-        hf::write_config(&dir.join("config.json"), config, save_dtype).map_err(hf_err)
-    };
+    let writer = |p: &ParamSet, dir: &Path| -> Result<()> { output.write(p, dir).map_err(hf_err) };
     let final_params = run::train(&spec, objective, &mut opt, start, &mut log, Some(&writer))?;
     let model_dir = lp.out.join("model");
     std::fs::create_dir_all(&model_dir).map_err(|e| TrainError::io("creating", &model_dir, e))?;
@@ -334,14 +359,15 @@ fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
 }
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
-    let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let mut models = Vec::new();
     let mut tokenizer = None;
+    let mut source = None;
     let mut model = match &a.init {
         Some(dir) => {
-            let m = load(dir, "--init")?;
+            let (m, dtype) = load_with_dtype(dir, "--init")?;
             models.push(inputs::model_hash("--init", dir, &m));
             tokenizer = load_tokenizer(dir, "--init", &mut models)?;
+            source = Some((dir.as_path(), dtype));
             m
         }
         None => {
@@ -354,12 +380,12 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     };
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let (train, eval) = data::lm_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
-    let config = model.config.clone();
+    let output = a.save.spec(&model.config, source)?;
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "init": a.init });
-    fit("pretrain", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("pretrain", init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gpu: Option<&GpuContext>, op: &OptimArgs) -> Result<LmObjective> {
@@ -371,18 +397,17 @@ fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gp
 }
 
 fn sft(a: SftArgs) -> Result<()> {
-    let save_dtype = parse_save_dtype(&a.save_dtype)?;
-    let mut model = load(&a.model, "--model")?;
+    let (mut model, source_dtype) = load_with_dtype(&a.model, "--model")?;
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let mut models = vec![inputs::model_hash("--model", &a.model, &model)];
     let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
     let (train, eval) = data::sft_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
-    let config = model.config.clone();
+    let output = a.save.spec(&model.config, Some((&a.model, source_dtype)))?;
     let init = model.params.clone();
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "model": a.model });
-    fit("sft", &config, init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("sft", init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
@@ -391,10 +416,10 @@ fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
 }
 
 fn align(a: AlignArgs) -> Result<()> {
-    let save_dtype = parse_save_dtype(&a.save_dtype)?;
     let loss = dpo_loss(&a.loss, a.beta, a.label_smoothing)?;
     let threads = a.train.threads().map_err(TrainError::msg)?;
-    let mut policy = load(&a.model, "--model")?;
+    let (mut policy, source_dtype) = load_with_dtype(&a.model, "--model")?;
+    let output = a.save.spec(&policy.config, Some((&a.model, source_dtype)))?;
     policy.set_threads(threads);
     let mut models = vec![inputs::model_hash("--model", &a.model, &policy)];
     let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
@@ -404,7 +429,6 @@ fn align(a: AlignArgs) -> Result<()> {
     }
     let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
     let (train, eval) = data::preference_pairs(&a.data, &policy.config, text_tokenizer(&tokenizer), a.train.seed)?;
-    let config = policy.config.clone();
     let sft_params = policy.params.clone();
     let precomputed = match &a.data.data {
         Some(p) => data::reference_logps(p)?,
@@ -455,7 +479,7 @@ fn align(a: AlignArgs) -> Result<()> {
         "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,
         "loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
     });
-    fit("align", &config, sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, save_dtype)
+    fit("align", sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

@@ -23,7 +23,8 @@ use merge_core::offline::{self, Gta, GtaPlan, ModelParams, Sparsify};
 use merge_core::topk::Threshold;
 
 use crate::cli::args::BackendChoice;
-use crate::hf::{CONFIG_FILE, dtype_name};
+use crate::hf::CONFIG_FILE;
+use crate::model_folder::{CARRIED_FILES, parse_size, with_dtype};
 use config::{MergeConfig, Method, TokenizerSource, Value};
 use stream::{Elements, ModelFiles, OutTensor, ShardWriter};
 
@@ -98,39 +99,6 @@ impl fmt::Display for MergeError {
 }
 
 impl std::error::Error for MergeError {}
-
-/// Files of the tokenizer source copied beside the merged weights, when present.
-const MODEL_FOLDER_FILES: [&str; 10] = [
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-];
-
-/// `5GB` (10⁹), `500MB`, `2GiB` (2³⁰), `100KB` or plain bytes, as transformers parses it.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "KIB" => 1 << 10,
-        "MIB" => 1 << 20,
-        "GIB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult).filter(|&b| b > 0)
-}
 
 /// The role each model folder plays in the arithmetic.
 struct Inputs {
@@ -611,7 +579,7 @@ fn write_model(
     staging: &Path,
 ) -> Result<(usize, usize), MergeError> {
     let shards = stream::plan_shards(outs, max_shard);
-    let names = stream::shard_file_names(shards.len());
+    let names = crate::model_folder::shard_file_names(shards.len());
     let mut weight_map = serde_json::Map::new();
     let mut merged = 0u64;
     let mut cross_checked = 0usize;
@@ -667,16 +635,13 @@ fn copy_model_files(cfg: &MergeConfig, inputs: &Inputs, outs: &[OutTensor], stag
     let mut json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| MergeError::Safetensors { file: config_path.clone(), reason: format!("not JSON: {e}") })?;
     let first = outs[0].dtype;
-    if outs.iter().all(|t| t.dtype == first)
-        && let Some(obj) = json.as_object_mut()
-    {
-        let key = if obj.contains_key("dtype") && !obj.contains_key("torch_dtype") { "dtype" } else { "torch_dtype" };
-        obj.insert(key.into(), serde_json::Value::String(dtype_name(first).into()));
+    if outs.iter().all(|t| t.dtype == first) {
+        json = with_dtype(json, first);
     }
     let out_config = staging.join(CONFIG_FILE);
     std::fs::write(&out_config, serde_json::to_string_pretty(&json).expect("JSON serializes") + "\n")
         .map_err(|e| MergeError::io("writing", &out_config, e))?;
-    for file in MODEL_FOLDER_FILES {
+    for file in CARRIED_FILES {
         let from = source.join(file);
         if from.is_file() {
             std::fs::copy(&from, staging.join(file)).map_err(|e| MergeError::io("copying", &from, e))?;

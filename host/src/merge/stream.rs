@@ -21,7 +21,7 @@ use crate::hf::{CONFIG_FILE, WEIGHTS_FILE};
 /// safetensors caps its JSON header at 100 MB; so do we, before allocating it.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub use crate::hf::INDEX_FILE;
 
 /// Where one tensor's bytes are.
 #[derive(Clone, Debug, PartialEq)]
@@ -323,30 +323,14 @@ impl OutTensor {
     }
 }
 
-/// Tensors split into shards of at most `max_shard_bytes` each (a tensor larger
-/// than that gets a shard of its own), in the given order, as transformers does.
+/// Tensors split into shards of at most `max_shard_bytes` each
+/// ([`model_folder::plan_shards`](crate::model_folder::plan_shards)'s rule).
 pub fn plan_shards(tensors: &[OutTensor], max_shard_bytes: u64) -> Vec<Vec<OutTensor>> {
-    let mut shards: Vec<Vec<OutTensor>> = Vec::new();
-    let mut size = 0u64;
-    for t in tensors {
-        let b = t.bytes();
-        if shards.is_empty() || (size + b > max_shard_bytes && size > 0) {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        shards.last_mut().expect("pushed above").push(t.clone());
-        size += b;
-    }
-    shards
-}
-
-/// File names transformers gives shards: `model.safetensors` for one, else
-/// `model-00001-of-0000N.safetensors`.
-pub fn shard_file_names(count: usize) -> Vec<String> {
-    if count == 1 {
-        return vec![WEIGHTS_FILE.to_string()];
-    }
-    (1..=count).map(|i| format!("model-{i:05}-of-{count:05}.safetensors")).collect()
+    let sizes: Vec<u64> = tensors.iter().map(OutTensor::bytes).collect();
+    crate::model_folder::plan_shards(&sizes, max_shard_bytes)
+        .into_iter()
+        .map(|shard| shard.into_iter().map(|i| tensors[i].clone()).collect())
+        .collect()
 }
 
 /// Writes one shard: the header up front, then each tensor's bytes in order
