@@ -415,6 +415,49 @@ fn write_prefs(path: &Path, n: usize) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Long examples are cut as TRL cuts them (--max-length, --truncation-mode,
+/// --max-prompt-length); only one that truncation cannot fit is refused, named by
+/// its line, with nothing written.
+#[test]
+fn long_examples_are_truncated_and_only_unfittable_ones_refused() {
+    let d = tmp("truncation");
+    let (b, s) = models(&d);
+    let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());
+    let data = d.join("prefs.jsonl");
+    let long_prompt = "9".repeat(40);
+    let mut text: String = (0..4).map(|i| format!("{{\"prompt\":\"{i}+1=\",\"chosen\":\"{}\",\"rejected\":\"no\"}}\n", i + 1)).collect();
+    text.push_str(&format!("{{\"prompt\":\"{long_prompt}\",\"chosen\":\"yes\",\"rejected\":\"no\"}}\n"));
+    std::fs::write(&data, &text).unwrap();
+    let ds = data.to_str().unwrap();
+    let run = |tag: &str, extra: &[&str]| {
+        let out = d.join(tag);
+        let mut args = align_on_data(bs, ss, ds, out.to_str().unwrap());
+        args.extend_from_slice(extra);
+        (host(&args, &[]), out)
+    };
+
+    let (o, out) = run("keep-start", &["--max-length", "20"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("prefs.jsonl:5: chosen: the prompt alone is 41 tokens"), "{}", stderr(&o));
+    assert!(!out.exists(), "a refused run wrote {}", out.display());
+    for (tag, extra) in [("keep-end", &["--max-length", "20", "--truncation-mode", "keep_end"][..]), ("prompt-cut", &["--max-length", "20", "--max-prompt-length", "8"][..])] {
+        let (o, out) = run(tag, extra);
+        assert!(o.status.success(), "{tag}: {}", stderr(&o));
+        assert!(out.join("model/model.safetensors").is_file());
+    }
+
+    // Longer than the model's context even untruncated: the message says what to lower.
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(s.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = 32.into();
+    std::fs::write(s.join("config.json"), config.to_string()).unwrap();
+    let (o, _) = run("context", &["--max-length", "none"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("prefs.jsonl:5: the example is 45 tokens long after truncation, more than the model's max_position_embeddings 32: lower --max-length"), "{}", stderr(&o));
+    let (o, _) = run("bad-mode", &["--truncation-mode", "middle"]);
+    assert!(stderr(&o).contains("--truncation-mode `middle`: expected keep_start or keep_end"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
 /// `--out` holding the model, the base or the data would have the run write over
 /// its own input (the final model over `--model out/X/model`, say).
 #[test]

@@ -8,6 +8,7 @@ use clap::Args;
 use crate::data::builtin::{Builtin, BuiltinConfig};
 use crate::data::encode::TextTokenizer;
 use crate::data::jsonl;
+use crate::data::truncate::Truncation;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Sequence;
 use crate::tokenizer::ByteTokenizer;
@@ -35,6 +36,16 @@ pub struct DataArgs {
     /// Held-out examples of the built-in data for evaluation.
     #[arg(long, default_value_t = 0)]
     pub builtin_eval: usize,
+    /// Longest tokenized sequence (`prompt ++ completion`), as TRL's `max_length`;
+    /// longer ones are cut as --truncation-mode says. `none`: no truncation.
+    #[arg(long, default_value = "1024")]
+    pub max_length: String,
+    /// Keep only the prompt's last N tokens before --max-length applies (TRL before 1.0).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
+    /// keep_start (TRL's default: the end is cut) or keep_end (the start is cut).
+    #[arg(long, default_value = "keep_start")]
+    pub truncation_mode: String,
 }
 
 impl DataArgs {
@@ -43,7 +54,24 @@ impl DataArgs {
         serde_json::json!({
             "data": self.data, "eval_data": self.eval_data, "token_ids": self.token_ids,
             "builtin": self.builtin, "builtin_eval": self.builtin_eval,
+            "max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "truncation_mode": self.truncation_mode,
         })
+    }
+
+    /// The truncation the flags ask for.
+    pub fn truncation(&self) -> Result<Truncation> {
+        let max_length = match self.max_length.as_str() {
+            "none" => None,
+            s => match s.parse::<usize>() {
+                Ok(n) if n >= 2 => Some(n),
+                _ => return Err(TrainError::msg(format!("--max-length = {s}: expected an integer >= 2, or none"))),
+            },
+        };
+        if self.max_prompt_length == Some(0) {
+            return Err(TrainError::msg("--max-prompt-length = 0: expected an integer >= 1".to_string()));
+        }
+        let mode = self.truncation_mode.parse().map_err(|e| TrainError::msg(format!("--truncation-mode {e}")))?;
+        Ok(Truncation { max_length, max_prompt_length: self.max_prompt_length, mode })
     }
 
     /// Content hashes of the data files (the built-in data is a function of its
@@ -150,13 +178,15 @@ fn read(path: &Path) -> Result<String> {
     jsonl::read_text(path).map_err(|e| TrainError::msg(e.to_string()))
 }
 
-/// Refuses an example longer than the model's context (`lens` in record order),
-/// naming its file and line; the model would only name its place in a batch.
+/// Refuses an example longer than the model's context after truncation (`lens` in
+/// record order), naming its file and line; the model would only name its place
+/// in a batch.
 fn check_file_lengths(path: &Path, text: &str, lens: impl Iterator<Item = usize>, model: &LlamaConfig) -> Result<()> {
     let max = model.max_position_embeddings;
     match lens.zip(jsonl::record_lines(text)).find(|(len, _)| *len > max) {
         Some((len, line)) => Err(TrainError::msg(format!(
-            "{}:{line}: the example is {len} tokens long, more than the model's max_position_embeddings {max}",
+            "{}:{line}: the example is {len} tokens long after truncation, more than the model's \
+             max_position_embeddings {max}: lower --max-length to {max} or less",
             path.display()
         ))),
         None => Ok(()),
@@ -167,10 +197,24 @@ fn check_builtin_lengths(lens: impl Iterator<Item = usize>, model: &LlamaConfig)
     let max = model.max_position_embeddings;
     match lens.enumerate().find(|(_, len)| *len > max) {
         Some((i, len)) => Err(TrainError::msg(format!(
-            "built-in example {i} is {len} tokens long, more than the model's max_position_embeddings {max}"
+            "built-in example {i} is {len} tokens long after truncation, more than the model's \
+             max_position_embeddings {max}: lower --max-length to {max} or less"
         ))),
         None => Ok(()),
     }
+}
+
+/// `f` over each item with its record's line, an error naming file and line.
+fn per_record<R, T>(path: &Path, text: &str, items: Vec<R>, f: impl Fn(R) -> std::result::Result<T, String>) -> Result<Vec<T>> {
+    items
+        .into_iter()
+        .zip(jsonl::record_lines(text))
+        .map(|(r, line)| f(r).map_err(|e| TrainError::msg(format!("{}:{line}: {e}", path.display()))))
+        .collect()
+}
+
+fn per_builtin<R, T>(items: Vec<R>, f: impl Fn(R) -> std::result::Result<T, String>) -> Result<Vec<T>> {
+    items.into_iter().enumerate().map(|(i, r)| f(r).map_err(|e| TrainError::msg(format!("built-in example {i}: {e}")))).collect()
 }
 
 /// Tokenizes each record with `f`, an error naming the record's file and line.
@@ -185,9 +229,13 @@ fn encode_records<R, T>(path: &Path, text: &str, records: &[R], f: impl Fn(&R) -
 /// Pretraining sequences (train, eval); `tok` for `{"text"}` files.
 pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
     let vocab = model.vocab_size;
+    let cut = a.truncation()?;
+    if cut.max_prompt_length.is_some() {
+        return Err(TrainError::msg("--max-prompt-length: pretraining text has no prompt to shorten".to_string()));
+    }
     let file = |p: &Path| -> Result<Vec<Sequence>> {
         let text = read(p)?;
-        let seqs = parse_lm(p, &text, tok, vocab)?;
+        let seqs: Vec<Sequence> = parse_lm(p, &text, tok, vocab)?.into_iter().map(|s| cut.full(s)).collect();
         check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
         Ok(seqs)
     };
@@ -196,8 +244,8 @@ pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed:
         Source::Builtin(n) => {
             need_vocab(TextTokenizer::Bytes, vocab)?;
             let b = builtin(seed)?;
-            let train: Vec<Sequence> = b.pretrain_text(n).iter().map(|t| text_seq(t)).collect();
-            let eval: Vec<Sequence> = b.heldout_text(a.builtin_eval).iter().map(|t| text_seq(t)).collect();
+            let train: Vec<Sequence> = b.pretrain_text(n).iter().map(|t| cut.full(text_seq(t))).collect();
+            let eval: Vec<Sequence> = b.heldout_text(a.builtin_eval).iter().map(|t| cut.full(text_seq(t))).collect();
             check_builtin_lengths(train.iter().chain(&eval).map(|s| s.tokens.len()), model)?;
             Ok((train, eval))
         }
@@ -207,11 +255,12 @@ pub fn lm_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed:
 /// SFT sequences (train, eval): prompt then completion, the completion scored;
 /// `tok` for files.
 pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<Sequence>, Vec<Sequence>)> {
+    let cut = a.truncation()?;
     let file = |p: &Path| -> Result<Vec<Sequence>> {
         need_vocab(tok, model.vocab_size)?;
         let text = read(p)?;
         let ex = jsonl::parse_sft(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
-        let seqs = encode_records(p, &text, &ex, |e| tok.sft(e))?;
+        let seqs = per_record(p, &text, encode_records(p, &text, &ex, |e| tok.sft(e))?, |s| cut.sft(s))?;
         check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
         Ok(seqs)
     };
@@ -221,7 +270,7 @@ pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed
             need_vocab(TextTokenizer::Bytes, model.vocab_size)?;
             let b = builtin(seed)?;
             let all = b.sft(n + a.builtin_eval);
-            let seqs: Vec<Sequence> = all.iter().map(|e| completion_seq(&e.prompt, &e.response)).collect();
+            let seqs = per_builtin(all.iter().map(|e| completion_seq(&e.prompt, &e.response)).collect(), |s| cut.sft(s))?;
             check_builtin_lengths(seqs.iter().map(|s| s.tokens.len()), model)?;
             let (train, eval) = seqs.split_at(n);
             Ok((train.to_vec(), eval.to_vec()))
@@ -256,8 +305,11 @@ pub fn reference_logps(path: &Path) -> Result<Option<Vec<(f32, f32)>>> {
     })
 }
 
-fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> PairSeqs {
-    PairSeqs { chosen: Sequence::completion(prompt, chosen), rejected: Sequence::completion(prompt, rejected) }
+/// A preference pair as TRL's collator builds it: each side truncated on its own.
+fn pair(cut: &Truncation, prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> std::result::Result<PairSeqs, String> {
+    let chosen = cut.completion(prompt, chosen).map_err(|e| format!("chosen: {e}"))?;
+    let rejected = cut.completion(prompt, rejected).map_err(|e| format!("rejected: {e}"))?;
+    Ok(PairSeqs { chosen, rejected })
 }
 
 fn pair_len(p: &PairSeqs) -> usize {
@@ -267,6 +319,7 @@ fn pair_len(p: &PairSeqs) -> usize {
 /// Preference pairs (train, eval); `tok` for text files.
 pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed: u64) -> Result<(Vec<PairSeqs>, Vec<PairSeqs>)> {
     let vocab = model.vocab_size;
+    let cut = a.truncation()?;
     let file = |p: &Path| -> Result<Vec<PairSeqs>> {
         let text = read(p)?;
         let ids = if a.token_ids {
@@ -276,7 +329,7 @@ pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, s
             let prefs = jsonl::parse_preferences(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
             encode_records(p, &text, &prefs, |x| tok.preference(x))?
         };
-        let pairs: Vec<PairSeqs> = ids.iter().map(|x| pair(&x.prompt, &x.chosen, &x.rejected)).collect();
+        let pairs = per_record(p, &text, ids, |x| pair(&cut, &x.prompt, &x.chosen, &x.rejected))?;
         check_file_lengths(p, &text, pairs.iter().map(pair_len), model)?;
         Ok(pairs)
     };
@@ -286,14 +339,12 @@ pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, s
             need_vocab(TextTokenizer::Bytes, vocab)?;
             let tok = ByteTokenizer;
             let b = builtin(seed)?;
-            let conv = |v: Vec<crate::data::builtin::PreferencePair>| -> Vec<PairSeqs> {
-                v.iter()
-                    .map(|p| {
-                        pair(&tok.encode_prompt(&p.prompt), &tok.encode_completion(&p.chosen), &tok.encode_completion(&p.rejected))
-                    })
-                    .collect()
+            let conv = |v: Vec<crate::data::builtin::PreferencePair>| -> Result<Vec<PairSeqs>> {
+                per_builtin(v, |p| {
+                    pair(&cut, &tok.encode_prompt(&p.prompt), &tok.encode_completion(&p.chosen), &tok.encode_completion(&p.rejected))
+                })
             };
-            let (train, eval) = (conv(b.preferences(n)), conv(b.heldout_preferences(a.builtin_eval)));
+            let (train, eval) = (conv(b.preferences(n))?, conv(b.heldout_preferences(a.builtin_eval))?);
             check_builtin_lengths(train.iter().chain(&eval).map(pair_len), model)?;
             Ok((train, eval))
         }

@@ -3,3 +3,4 @@
 pub mod builtin;
 pub mod encode;
 pub mod jsonl;
+pub mod truncate;
