@@ -280,3 +280,54 @@ fn unvalidated_failure_poisons_until_load_state() {
     gpu.step(&[("w", &g)]).unwrap();
     assert_eq!(gpu.steps(), 2);
 }
+
+/// The resident step's plumbing: gradients copied in on the device give the same
+/// bits as uploaded ones, parameters copied out are the optimizer's, and Σ g²
+/// agrees with an f64 sum to f32 rounding. Small chunks make every tensor span
+/// several chunk buffers, so the copies' offsets are exercised.
+#[test]
+fn device_side_gradients_and_parameters_match_the_uploaded_path() {
+    use gpu_shaders::model::GpuVec;
+    let dare = DareConfig { variant: DareVariant::Reference, p: 0.5, alpha: 0.01, rescale: true, clip: 1.0 };
+    let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.01), merge: Merge::Dare(dare), k: 1, seed: 5 };
+    let opts = GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() };
+    let mut rng = Rng(17);
+    let names = ["a.weight", "b.bias", "c.weight"];
+    let sizes = [3000usize, 7, 5000];
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();
+    let sft: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|x| x + 0.01).collect()).collect();
+    let init: Vec<TensorInit> = (0..3)
+        .map(|i| TensorInit { name: names[i], theta: &sft[i], task: Some((Src::F32(&base[i]), Src::F32(&sft[i]))), tau_dtype: Dtype::F32 })
+        .collect();
+    let ctx = common::ctx_with(&opts);
+    let mut uploaded = GpuOptimizer::new(ctx.clone(), config.clone(), &init).unwrap();
+    let mut copied = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
+    for _ in 0..2 {
+        let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();
+        let named: Vec<(&str, &[f32])> = names.iter().zip(&grads).map(|(n, g)| (*n, g.as_slice())).collect();
+        uploaded.step(&named).unwrap();
+        let on_device: Vec<GpuVec> = grads.iter().map(|g| GpuVec::from_f32(&ctx, "model grad", g).unwrap()).collect();
+        // Given in another order than the optimizer's: they are matched by name.
+        let sources: Vec<(&str, &wgpu::Buffer)> = names.iter().zip(&on_device).rev().map(|(n, v)| (*n, v.buffer())).collect();
+        copied.copy_grads_from(&sources).unwrap();
+        let sums = copied.grad_sum_squares().unwrap();
+        for (g, s) in grads.iter().zip(&sums) {
+            let exact: f64 = g.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            assert!((s - exact).abs() <= 1e-6 * exact, "Σg² {s} vs {exact}");
+        }
+        copied.step_uploaded().unwrap();
+    }
+    let (a, b) = (uploaded.read_params().unwrap(), copied.read_params().unwrap());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        common::assert_bits(name, &bits(y), &bits(x), |i| format!("element {i}"));
+    }
+    let targets: Vec<GpuVec> = sizes.iter().map(|&n| GpuVec::zeros(&ctx, "model weight", n).unwrap()).collect();
+    let named: Vec<(&str, &wgpu::Buffer)> = names.iter().zip(&targets).map(|(n, v)| (*n, v.buffer())).collect();
+    copied.copy_params_to(&named).unwrap();
+    for ((_, want), t) in b.iter().zip(&targets) {
+        assert_eq!(&t.read_f32(&ctx).unwrap(), want);
+    }
+    let err = copied.copy_params_to(&named[..2]).unwrap_err().to_string();
+    assert!(err.contains("no parameter buffer for tensor `c.weight`"), "{err}");
+}

@@ -29,9 +29,13 @@ fn policy(dir: &Path) -> PathBuf {
 }
 
 fn align_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
+    align_args_with(model, out, "2", "1")
+}
+
+fn align_args_with<'a>(model: &'a str, out: &'a str, grad_accum: &'a str, cross_check_every: &'a str) -> Vec<&'a str> {
     vec![
-        "align", "--model", model, "--builtin", "4", "--builtin-eval", "2", "--eval-every", "2", "--steps", "4", "--batch-size", "1", "--grad-accum", "2", "--optimizer",
-        "adamw", "--lr", "1e-2", "--seed", "4", "--out", out, "--backend", "gpu", "--cross-check-every", "1", "--checkpoint-every",
+        "align", "--model", model, "--builtin", "4", "--builtin-eval", "2", "--eval-every", "2", "--steps", "4", "--batch-size", "1", "--grad-accum", grad_accum, "--optimizer",
+        "adamw", "--lr", "1e-2", "--seed", "4", "--out", out, "--backend", "gpu", "--cross-check-every", cross_check_every, "--checkpoint-every",
         "2",
     ]
 }
@@ -100,5 +104,66 @@ fn align_on_gpu_is_cross_checked_reproducible_and_resumes_bit_identically() {
     let o = host(&resume, &[]);
     assert!(o.status.success() && stderr(&o).contains("resuming after step 2"), "{}", stderr(&o));
     assert_eq!(weights(&killed), weights(&first), "the resumed GPU run differs from the uninterrupted one");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// Steps that are not cross-checked keep the gradients and weights on the device
+/// (the optimizer copies them there; only the grad norm and the loss come back).
+/// With one micro-batch per step that is the same arithmetic as the read-back
+/// path, so an all-resident run gives the all-checked run's bits; with two, the
+/// device adds the micro-batches in another order than the host, so the run is
+/// reproducible and resumes bit-identically but only tracks the checked run.
+#[test]
+fn resident_steps_keep_gradients_on_the_device_and_stay_reproducible() {
+    let d = tmp("resident");
+    let model = policy(&d);
+    let model = model.to_str().unwrap();
+    let run = |tag: &str, accum: &str, every: &str, env: &[(&str, &str)], resume: bool| {
+        let out = d.join(tag);
+        let mut args = align_args_with(model, out.to_str().unwrap(), accum, every);
+        if resume {
+            args.push("--resume");
+        }
+        (host(&args, env), out)
+    };
+    let records = |out: &Path| host::train::metrics::read(&out.join("metrics.jsonl")).unwrap();
+
+    let (o, checked) = run("checked", "1", "1", &[], false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (o, resident) = run("resident", "1", "0", &[], false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(weights(&resident), weights(&checked), "resident steps changed the arithmetic");
+    for (r, c) in records(&resident).iter().zip(&records(&checked)).filter(|(r, _)| r.split == "train") {
+        assert_eq!((r.optimizer_checked, r.model_checked, r.resident), (Some(false), Some(false), Some(true)), "step {}", r.step);
+        assert_eq!(c.resident, Some(false), "step {}: a checked step reads the gradients back", c.step);
+        assert_eq!(r.loss.to_bits(), c.loss.to_bits(), "step {} loss", r.step);
+        let (gr, gc) = (r.grad_norm.unwrap(), c.grad_norm.unwrap());
+        assert!((gr - gc).abs() <= 1e-5 * gc, "step {}: grad_norm {gr} on the device, {gc} on the host", r.step);
+    }
+
+    // Two micro-batches, every third step checked: steps 1, 2 and 4 resident.
+    let (o, mixed) = run("mixed", "2", "3", &[], false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let flags: Vec<(Option<bool>, Option<bool>)> =
+        records(&mixed).iter().filter(|r| r.split == "train").map(|r| (r.optimizer_checked, r.resident)).collect();
+    let (unchecked, checked) = ((Some(false), Some(true)), (Some(true), Some(false)));
+    assert_eq!(flags, [unchecked, unchecked, checked, unchecked]);
+    let (o, again) = run("mixed-again", "2", "3", &[], false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(weights(&again), weights(&mixed), "two identical resident runs differ");
+    let abort = [("HOST_ABORT_WRITING", "optimizer.safetensors"), ("HOST_ABORT_AT_STEP", "4")];
+    let (o, _) = run("mixed-killed", "2", "3", &abort, false);
+    assert!(!o.status.success() && stderr(&o).contains("HOST_ABORT_WRITING"), "{}", stderr(&o));
+    let (o, killed) = run("mixed-killed", "2", "3", &[], true);
+    assert!(o.status.success() && stderr(&o).contains("resuming after step 2"), "{}", stderr(&o));
+    assert_eq!(weights(&killed), weights(&mixed), "the resumed resident run differs from the uninterrupted one");
+
+    let (o, all_checked) = run("accum-checked", "2", "1", &[], false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (hf::load_model(&mixed.join("model")).unwrap().0, hf::load_model(&all_checked.join("model")).unwrap().0);
+    for (x, y) in a.params.tensors.iter().zip(&b.params.tensors) {
+        let diff = x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "{}: the resident run is {diff} from the checked one", x.name);
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -71,6 +71,12 @@ impl GpuVec {
         self.len
     }
 
+    /// The device buffer, for device-side copies between owners (a model's
+    /// gradients into the optimizer, its parameters back).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buf
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

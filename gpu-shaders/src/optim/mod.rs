@@ -19,6 +19,10 @@ use crate::tensor::{load_f32, GpuArray, Storage};
 const WHAT: [&str; 12] = merge_core::step::NON_FINITE_VALUES;
 
 /// The element kernel a chunk runs (`U.kind` in step.wgsl).
+mod resident;
+
+pub use resident::NamedBuffer;
+
 mod kind {
     pub const PLAIN: u32 = 0;
     pub const DARE_REF: u32 = 1;
@@ -231,6 +235,8 @@ pub struct GpuOptimizer {
     status_clear: wgpu::Buffer,
     validate: bool,
     poisoned: Option<String>,
+    /// `sumsq.wgsl`: the gradient's Σ g² for a resident step's metric.
+    sumsq: Kernel,
 }
 
 impl GpuOptimizer {
@@ -348,6 +354,7 @@ impl GpuOptimizer {
             });
             scope_offset += n;
         }
+        let sumsq = resident::sumsq_kernel(&ctx);
         Ok(GpuOptimizer {
             ctx,
             cpu,
@@ -363,6 +370,7 @@ impl GpuOptimizer {
             status_clear,
             validate: true,
             poisoned: None,
+            sumsq,
         })
     }
 

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use gpu_shaders::model::{
     Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadShape, Linear, LinearShape, LmHead, RmsNorm, Rope, SequenceSum,
 };
+use gpu_shaders::optim::NamedBuffer;
 use gpu_shaders::{GpuContext, GpuError};
 
 use super::config::LlamaConfig;
@@ -179,6 +180,16 @@ impl GpuLlama {
         for g in &self.grads {
             g.clear(&self.ctx);
         }
+    }
+
+    /// The gradient buffers by tensor name, for the optimizer to copy on the device.
+    pub fn grad_buffers(&self) -> Vec<NamedBuffer<'_>> {
+        self.layout.iter().zip(&self.grads).map(|((name, _), g)| (name.as_str(), g.buffer())).collect()
+    }
+
+    /// The weight buffers by tensor name, for the optimizer to write on the device.
+    pub fn weight_buffers(&self) -> Vec<NamedBuffer<'_>> {
+        self.layout.iter().zip(&self.weights).map(|((name, _), w)| (name.as_str(), w.buffer())).collect()
     }
 
     /// The accumulated gradients, laid out and named like the model's parameters.

@@ -58,6 +58,10 @@ pub struct Record {
     /// Where the optimizer step ran: the GPU adapter's description, or `cpu`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub optimizer_device: Option<String>,
+    /// Whether the step's gradients and weights stayed on the GPU (an unchecked
+    /// step with model and optimizer there): only scalars came back.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resident: Option<bool>,
 }
 
 /// Appends records to a JSONL file, flushing each line so a killed run keeps every

@@ -77,6 +77,37 @@ impl GpuPolicy {
     fn read_grads(&self) -> Result<ParamSet> {
         self.model.read_grads().map_err(gpu_err("reading the gradients"))
     }
+
+    /// The model, when `step`'s gradient may stay on the device (not cross-checked).
+    fn resident(&self, step: u64) -> Option<&GpuLlama> {
+        (!self.checks(step)).then_some(&self.model)
+    }
+
+    /// Ready to add a micro-batch of `step` into the device gradients: the weights
+    /// of `step` on the device (uploaded from `params` unless they are there
+    /// already), the gradients cleared when `first`.
+    fn begin_accumulate(&self, step: u64, params: Option<&ParamSet>, first: bool) -> Result<()> {
+        if self.weights_of_step.get() != Some(step) {
+            let params = params.ok_or_else(|| {
+                TrainError::msg(format!("step {step}: the GPU holds another step's weights and none were given (a bug)"))
+            })?;
+            self.upload(params)?;
+            self.weights_of_step.set(Some(step));
+        }
+        if first {
+            self.model.zero_grads();
+        }
+        Ok(())
+    }
+
+    /// Forward, coefficients from the log-probs, backward added into the device
+    /// gradients; the log-probs come back.
+    fn accumulate(&self, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<Vec<f32>> {
+        let fwd = self.model.forward(seqs).map_err(gpu_err("policy forward"))?;
+        let c = coefs(&fwd.logps)?;
+        self.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
+        Ok(fwd.logps)
+    }
 }
 
 /// Mean next-token cross-entropy over the scored tokens of a batch.
@@ -186,6 +217,26 @@ impl Objective for LmObjective {
 
     fn model_device(&self) -> String {
         self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
+    }
+
+    fn resident_model(&self, step: u64) -> Option<&GpuLlama> {
+        self.gpu.as_ref()?.resident(step)
+    }
+
+    fn accumulate_on_device(&mut self, step: u64, params: Option<&ParamSet>, examples: &[usize], scale: f32, first: bool) -> Result<Stats> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| TrainError::msg(format!("step {step}: the model is not on a GPU")))?;
+        gpu.begin_accumulate(step, params, first)?;
+        let seqs: Vec<Sequence> = examples.iter().map(|&i| self.train[i].clone()).collect();
+        let tokens: usize = seqs.iter().map(Sequence::scored).sum();
+        let logps = gpu.accumulate(&seqs, |_: &[f32]| Ok(vec![-scale / tokens as f32; seqs.len()]))?;
+        let n = examples.len();
+        Ok(Stats { count: n, loss_sum: mean_nll(&logps, tokens) * n as f64, ..Default::default() })
+    }
+
+    fn device_weights_are(&self, step: u64) {
+        if let Some(gpu) = &self.gpu {
+            gpu.weights_of_step.set(Some(step));
+        }
     }
 }
 
@@ -430,5 +481,31 @@ impl Objective for DpoObjective {
 
     fn model_device(&self) -> String {
         self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
+    }
+
+    fn resident_model(&self, step: u64) -> Option<&GpuLlama> {
+        self.gpu.as_ref()?.resident(step)
+    }
+
+    fn accumulate_on_device(&mut self, step: u64, params: Option<&ParamSet>, examples: &[usize], scale: f32, first: bool) -> Result<Stats> {
+        let gpu = self.gpu.as_ref().ok_or_else(|| TrainError::msg(format!("step {step}: the policy is not on a GPU")))?;
+        gpu.begin_accumulate(step, params, first)?;
+        let pairs: Vec<PairSeqs> = examples.iter().map(|&i| self.train[i].clone()).collect();
+        let seqs = pair_seqs(&pairs);
+        let refs: Vec<(f32, f32)> = examples.iter().map(|&i| self.train_ref[i]).collect();
+        let loss = &self.loss;
+        let coefs = |logps: &[f32]| -> Result<Vec<f32>> {
+            Ok(dpo_batch(loss, &seqs, logps, &refs)?.1.into_iter().map(|c| c * scale).collect())
+        };
+        let logps = gpu.accumulate(&seqs, coefs)?;
+        let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
+        let n = examples.len();
+        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), ..Default::default() })
+    }
+
+    fn device_weights_are(&self, step: u64) {
+        if let Some(gpu) = &self.gpu {
+            gpu.weights_of_step.set(Some(step));
+        }
     }
 }

@@ -20,6 +20,7 @@ use gpu_shaders::{GpuContext, GpuOptions};
 
 use super::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
 use super::{Result, TrainError};
+use crate::model::GpuLlama;
 use crate::params::ParamSet;
 
 /// State kinds as stored in checkpoints (PyTorch's names where it has them).
@@ -197,6 +198,8 @@ pub struct Optimizer {
     /// Threads of the CPU step (the bits do not depend on it).
     threads: usize,
     gpu: Option<GpuSide>,
+    /// `params` lag the GPU's weights: resident steps ran since the last read.
+    params_stale: bool,
 }
 
 impl Optimizer {
@@ -247,7 +250,19 @@ impl Optimizer {
         let cached = core.needs_cached_delta().then(|| params.zeros_like());
         drop(scratch);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { m: params.zeros_like(), v: params.zeros_like(), cached, tau, threads, core, step: 0, params, cfg, gpu: None })
+        Ok(Self {
+            m: params.zeros_like(),
+            v: params.zeros_like(),
+            cached,
+            tau,
+            threads,
+            core,
+            step: 0,
+            params,
+            cfg,
+            gpu: None,
+            params_stale: false,
+        })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -338,9 +353,57 @@ impl Optimizer {
         self.step
     }
 
-    /// The current master weights.
+    /// The current master weights. After resident steps they are on the GPU only:
+    /// call [`Optimizer::sync_params`] first.
     pub fn params(&self) -> &ParamSet {
+        assert!(!self.params_stale, "Optimizer::params after resident steps without sync_params");
         &self.params
+    }
+
+    /// The master weights if the host copy is current (no resident step since).
+    pub fn fresh_params(&self) -> Option<&ParamSet> {
+        (!self.params_stale).then_some(&self.params)
+    }
+
+    /// Reads the GPU's weights back after resident steps (nothing to do otherwise).
+    pub fn sync_params(&mut self) -> Result<()> {
+        if !self.params_stale {
+            return Ok(());
+        }
+        let gpu = self.gpu.as_ref().expect("only a GPU optimizer takes resident steps");
+        let read = gpu.opt.read_params().map_err(|e| TrainError::msg(format!("after step {}: reading GPU weights: {e}", self.step)))?;
+        for (t, (name, data)) in self.params.tensors.iter_mut().zip(read) {
+            debug_assert_eq!(t.name, name);
+            t.data = data;
+        }
+        self.params_stale = false;
+        Ok(())
+    }
+
+    /// Whether step `steps() + 1` may run resident: on a GPU and not cross-checked.
+    pub fn can_step_resident(&self) -> bool {
+        self.gpu.as_ref().is_some_and(|g| g.every == 0 || !(self.step + 1).is_multiple_of(g.every))
+    }
+
+    /// Runs step `steps() + 1` from the gradient `model` holds on the same device:
+    /// the gradients are copied in and the new weights copied back on the device,
+    /// and only the gradient's norm (for the metrics) comes back. A non-finite
+    /// gradient is refused as [`Optimizer::step`] refuses it (the GPU step's
+    /// validating pass), with nothing written.
+    pub fn step_resident(&mut self, model: &GpuLlama) -> Result<(StepReport, f64)> {
+        let k = self.step + 1;
+        let lr = self.core.plan(k)?.scalars().lr;
+        let gpu = self.gpu.as_mut().expect("can_step_resident said so");
+        let on = |e: gpu_shaders::GpuError| TrainError::msg(format!("step {k} on {}: {e}", gpu.adapter));
+        let t = Instant::now();
+        gpu.opt.copy_grads_from(&model.grad_buffers()).map_err(on)?;
+        let gnorm = gpu.opt.grad_sum_squares().map_err(on)?.iter().sum::<f64>().sqrt();
+        gpu.opt.step_uploaded().map_err(on)?;
+        gpu.opt.copy_params_to(&model.weight_buffers()).map_err(on)?;
+        let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.step = k;
+        self.params_stale = true;
+        Ok((StepReport { learning_rate: lr, optimizer_ms, cross_checked: false, cross_check_ms: 0.0 }, gnorm))
     }
 
     /// Runs step `steps() + 1`. Gradients are checked for all tensors up front, so a
@@ -492,6 +555,7 @@ impl Optimizer {
             }
         }
         self.params = params;
+        self.params_stale = false;
         self.step = step;
         if let Some(gpu) = self.gpu.as_mut() {
             let named: Vec<(&str, &[f32])> = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();

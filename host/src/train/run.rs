@@ -13,6 +13,7 @@ use super::metrics::{MetricsLog, Record};
 use super::optim::Optimizer;
 use super::order::DataOrder;
 use super::{Result, TrainError};
+use crate::model::GpuLlama;
 use crate::params::ParamSet;
 
 /// Sums over examples of the preference statistics TRL logs (divided by the count
@@ -86,6 +87,22 @@ pub trait Objective {
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>>;
     /// Where the forward and backward run: the GPU adapter's description, or `cpu`.
     fn model_device(&self) -> String;
+    /// The GPU model whose gradients can stay on the device for `step`: `Some`
+    /// when the model runs on a GPU and `step` is not cross-checked. The loop then
+    /// calls [`Objective::accumulate_on_device`] instead of `gradient`, and the
+    /// optimizer takes the gradients from this model's buffers and writes the
+    /// stepped weights back into them ([`Objective::device_weights_are`]).
+    fn resident_model(&self, _step: u64) -> Option<&GpuLlama> {
+        None
+    }
+    /// Adds `scale` × the gradient of the mean loss over `examples` into the
+    /// resident model's gradients (cleared first when `first`). `params` are the
+    /// weights of `step`, needed only when the device does not hold them already.
+    fn accumulate_on_device(&mut self, step: u64, _params: Option<&ParamSet>, _examples: &[usize], _scale: f32, _first: bool) -> Result<Stats> {
+        Err(TrainError::msg(format!("step {step}: this objective's model is not on a GPU")))
+    }
+    /// The optimizer wrote the weights of `step` into the resident model.
+    fn device_weights_are(&self, _step: u64) {}
 }
 
 /// Writes the policy as a model directory for a checkpoint (the HF writer).
@@ -278,29 +295,46 @@ pub fn train(
 
     for step in start.step + 1..=spec.steps {
         let t_model = Instant::now();
-        let mut grads: Option<ParamSet> = None;
         let mut stats = Stats::default();
-        for _ in 0..spec.grad_accum {
-            let examples = order.take(position, spec.batch_size);
-            position += spec.batch_size as u64;
-            let (g, st) = objective.gradient(step, opt.params(), &examples)?;
-            stats.merge(&st);
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => add_into(acc, &g)?,
+        let resident = opt.can_step_resident() && objective.resident_model(step).is_some();
+        let (gnorm, report, model_ms) = if resident {
+            // Gradients stay on the device: each micro-batch adds its share
+            // (scaled by 1/grad_accum through the loss coefficients), the optimizer
+            // copies them in and its weights back out; only scalars come back.
+            for i in 0..spec.grad_accum {
+                let examples = order.take(position, spec.batch_size);
+                position += spec.batch_size as u64;
+                stats.merge(&objective.accumulate_on_device(step, opt.fresh_params(), &examples, inv_accum, i == 0)?);
             }
-        }
-        let mut grads = grads.expect("grad_accum >= 1");
-        if spec.grad_accum > 1 {
-            for t in &mut grads.tensors {
-                for x in &mut t.data {
-                    *x *= inv_accum;
+            let model_ms = ms(t_model);
+            let model = objective.resident_model(step).expect("checked above");
+            let (report, gnorm) = opt.step_resident(model)?;
+            objective.device_weights_are(step + 1);
+            (gnorm, report, model_ms)
+        } else {
+            opt.sync_params()?;
+            let mut grads: Option<ParamSet> = None;
+            for _ in 0..spec.grad_accum {
+                let examples = order.take(position, spec.batch_size);
+                position += spec.batch_size as u64;
+                let (g, st) = objective.gradient(step, opt.params(), &examples)?;
+                stats.merge(&st);
+                match grads.as_mut() {
+                    None => grads = Some(g),
+                    Some(acc) => add_into(acc, &g)?,
                 }
             }
-        }
-        let model_ms = ms(t_model) - stats.cross_check_ms;
-        let gnorm = grad_norm(&grads);
-        let report = opt.step(&grads)?;
+            let mut grads = grads.expect("grad_accum >= 1");
+            if spec.grad_accum > 1 {
+                for t in &mut grads.tensors {
+                    for x in &mut t.data {
+                        *x *= inv_accum;
+                    }
+                }
+            }
+            let model_ms = ms(t_model) - stats.cross_check_ms;
+            (grad_norm(&grads), opt.step(&grads)?, model_ms)
+        };
 
         let mut rec = stats.to_record(step, "train");
         rec.grad_norm = Some(gnorm);
@@ -312,17 +346,22 @@ pub fn train(
         rec.model_checked = Some(stats.cross_checked);
         rec.model_device = Some(model_device.clone());
         rec.optimizer_device = Some(opt.device());
+        rec.resident = Some(resident);
         log.log(&rec)?;
         bar.set_position(step);
         bar.set_message(format!("loss {:.4}", rec.loss));
 
-        if spec.eval_every > 0 && step % spec.eval_every == 0 && let Some(ev) = objective.evaluate(opt.params())? {
+        let eval_due = spec.eval_every > 0 && step % spec.eval_every == 0;
+        let due = step == spec.steps || (spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0);
+        if eval_due || (due && spec.checkpoint_root.is_some()) {
+            opt.sync_params()?;
+        }
+        if eval_due && let Some(ev) = objective.evaluate(opt.params())? {
             let mut rec = ev.to_record(step, "eval");
             rec.model_device = Some(model_device.clone());
             rec.optimizer_device = Some(opt.device());
             log.log(&rec)?;
         }
-        let due = step == spec.steps || (spec.checkpoint_every > 0 && step % spec.checkpoint_every == 0);
         if due && let Some(root) = &spec.checkpoint_root {
             let ckpt = Checkpoint {
                 state: TrainerState {
@@ -345,6 +384,7 @@ pub fn train(
         }
     }
     bar.finish_and_clear();
+    opt.sync_params()?;
     Ok(opt.params().clone())
 }
 
