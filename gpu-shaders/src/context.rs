@@ -27,6 +27,8 @@ pub enum GpuError {
     Invalid(String),
     /// An earlier step failed part-way on the GPU; the state must be reloaded.
     Poisoned(String),
+    /// The device could not allocate a buffer (`what`, `bytes` long).
+    OutOfMemory { what: String, bytes: u64 },
 }
 
 impl fmt::Display for GpuError {
@@ -51,6 +53,12 @@ impl fmt::Display for GpuError {
             GpuError::Core(e) => write!(f, "{e}"),
             GpuError::Invalid(m) => write!(f, "{m}"),
             GpuError::Poisoned(m) => write!(f, "optimizer state is no longer valid: {m}"),
+            GpuError::OutOfMemory { what, bytes } => write!(
+                f,
+                "out of GPU memory allocating `{what}` ({:.1} MiB): lower --batch-size or --max-length, train a smaller \
+                 model, or use --backend cpu",
+                *bytes as f64 / (1u64 << 20) as f64
+            ),
         }
     }
 }
@@ -236,6 +244,26 @@ impl GpuContext {
     pub fn groups(&self, n_groups: u32) -> (u32, u32) {
         let max = self.limits.max_compute_workgroups_per_dimension.max(1);
         if n_groups <= max { (n_groups.max(1), 1) } else { (max, n_groups.div_ceil(max)) }
+    }
+
+    /// [`Self::storage`], or [`GpuError::OutOfMemory`] naming the buffer when the
+    /// device cannot hold it (instead of wgpu's uncaptured-error panic).
+    pub(crate) fn try_storage(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+        self.out_of_memory_as_error(label, bytes, || self.storage(label, bytes))
+    }
+
+    /// [`Self::storage_init`] with the same out-of-memory error.
+    pub(crate) fn try_storage_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
+        self.out_of_memory_as_error(label, data.len() as u64, || self.storage_init(label, data))
+    }
+
+    fn out_of_memory_as_error(&self, label: &str, bytes: u64, make: impl FnOnce() -> wgpu::Buffer) -> Result<wgpu::Buffer, GpuError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buf = make();
+        match pollster::block_on(scope.pop()) {
+            None => Ok(buf),
+            Some(_) => Err(GpuError::OutOfMemory { what: label.to_string(), bytes }),
+        }
     }
 
     pub(crate) fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {

@@ -59,12 +59,12 @@ impl GpuVec {
 
     pub fn zeros(ctx: &GpuContext, label: &str, len: usize) -> Result<GpuVec, GpuError> {
         check_buffer(ctx, label, len)?;
-        Ok(GpuVec { buf: ctx.storage(label, 4 * len as u64), len, label: label.to_string() })
+        Ok(GpuVec { buf: ctx.try_storage(label, 4 * len as u64)?, len, label: label.to_string() })
     }
 
     fn from_words(ctx: &GpuContext, label: &str, bytes: &[u8], len: usize) -> Result<GpuVec, GpuError> {
         check_buffer(ctx, label, len)?;
-        Ok(GpuVec { buf: ctx.storage_init(label, bytes), len, label: label.to_string() })
+        Ok(GpuVec { buf: ctx.try_storage_init(label, bytes)?, len, label: label.to_string() })
     }
 
     pub fn len(&self) -> usize {
