@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds what device.sh runs on a machine without cargo (the device tool's GPU
-# machines have none) and gathers it in devbin/ (git-ignored): gpu-bench and the
-# cross-check test binaries, stripped (profile `device`), under the device tool's
+# machines have none) and gathers it in devbin/ (git-ignored): gpu-bench, the
+# cross-check test binaries and `host` (for the training bench), stripped (profile
+# `device`), under the device tool's
 # 64 MiB carry limit. Only the executables this build produced are copied (cargo
 # names them in its JSON messages), never an older hash left in target/.
 # Then, on the device, with `devbin` and the Vulkan loader's `.gl` carried (see the
@@ -11,10 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf devbin
 mkdir -p devbin/deps
-cargo build --profile device -p gpu-shaders --tests --bins --message-format=json-render-diagnostics \
+{
+    cargo build --profile device -p gpu-shaders --tests --bins --message-format=json-render-diagnostics
+    cargo build --profile device -p host --bin host --message-format=json-render-diagnostics
+} \
     | python3 -c '
 import json, shutil, sys, os
-wanted = {"primitives", "optimizer", "onties", "topk", "offline", "golden", "gpu-bench"}
+wanted = {"primitives", "optimizer", "onties", "topk", "offline", "golden", "gpu-bench", "host"}
 copied = []
 for line in sys.stdin:
     msg = json.loads(line)
@@ -23,7 +27,12 @@ for line in sys.stdin:
     name = msg["target"]["name"]
     if name not in wanted:
         continue
-    dest = "devbin/gpu-bench" if name == "gpu-bench" else "devbin/deps/" + name
+    if name in ("gpu-bench", "host"):
+        if msg["target"]["kind"] != ["bin"]:
+            continue
+        dest = "devbin/" + name
+    else:
+        dest = "devbin/deps/" + name
     shutil.copy2(msg["executable"], dest)
     copied.append(name)
 missing = wanted - set(copied)

@@ -3,8 +3,10 @@
 #   device.sh tests   the cross-check suite on the NVIDIA adapter (bit-identical to merge-core)
 #   device.sh bench   gpu-bench: copy, OnDARE, OnTIES at 16M, 64M and the Qwen1.5-1.8B shapes
 #   device.sh torch   the PyTorch port of the official ODAdamW/OTAdamW on the same GPU
-#   device.sh all     the three in order, each under its own time limit (STAGE_LIMIT_S,
-#                     default 170 s), inside one 10-minute device command
+#   device.sh train   a DPO training step at SmolLM2-135M shapes (sequence 512, 4 pairs):
+#                     `host bench` on the GPU, then PyTorch eager float32 on the same GPU
+#   device.sh all     the four in order, each under its own time limit (STAGE_LIMIT_S,
+#                     default 140 s), inside one 10-minute device command
 # Everything each stage prints goes to stdout and, unprocessed, to
 # $OUT/device-<stage>.txt ($OUT or /tmp), so a failing test's reason (the adapter
 # error, the first differing index and values) is kept. The exit status is
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/../.."
 stage="${1:-all}"
 out_dir="${OUT:-/tmp}"
 bin_dir="${BIN_DIR:-devbin}"
-limit="${STAGE_LIMIT_S:-170}"
+limit="${STAGE_LIMIT_S:-140}"
 export MERGE_GPU_ADAPTER="${MERGE_GPU_ADAPTER:-nvidia}"
 export GOLDEN_DIR="${GOLDEN_DIR:-$PWD/tests/golden}"
 export PYTHONUNBUFFERED=1
@@ -87,6 +89,18 @@ torch() {
     python3 gpu-shaders/bench/official_torch.py --sizes 16,64 --qwen --steps 10
 }
 
+train() {
+    echo "== (d) DPO training step, SmolLM2-135M shapes: host (GPU, resident steps), then PyTorch"
+    local shape=(--shape smollm2-135m --seq 512 --pairs 4 --steps 3)
+    if have_cargo; then
+        cargo run --release -p host -- bench --paths gpu "${shape[@]}"
+    else
+        need_bin "$bin_dir/host"
+        "$bin_dir/host" bench --paths gpu "${shape[@]}"
+    fi
+    python3 host/benches/dpo_step_torch.py "${shape[@]}" --device cuda
+}
+
 # Runs one stage under the time limit, its whole output kept in $out_dir.
 run_stage() {
     local name=$1 log="$out_dir/device-$1.txt" status=0
@@ -99,9 +113,9 @@ run_stage() {
 
 failed=()
 case "$stage" in
-    tests | bench | torch) run_stage "$stage" || failed+=("$stage") ;;
-    all) for s in tests bench torch; do run_stage "$s" || failed+=("$s"); done ;;
-    *) echo "usage: device.sh tests|bench|torch|all" >&2; exit 2 ;;
+    tests | bench | torch | train) run_stage "$stage" || failed+=("$stage") ;;
+    all) for s in tests bench torch train; do run_stage "$s" || failed+=("$s"); done ;;
+    *) echo "usage: device.sh tests|bench|torch|train|all" >&2; exit 2 ;;
 esac
 if [ ${#failed[@]} -gt 0 ]; then
     echo "== failed stages: ${failed[*]}"

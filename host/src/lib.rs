@@ -2,6 +2,7 @@
 //! passes, DPO-family losses, and online merging optimizers run on the GPU and
 //! cross-checked against merge-core.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod demo;

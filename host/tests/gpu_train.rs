@@ -167,3 +167,20 @@ fn resident_steps_keep_gradients_on_the_device_and_stay_reproducible() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `host bench` (a benchmark, not a timed test): both paths run the real
+/// training loop on the tiny shape and print a positive rate; a bad shape is named.
+#[test]
+fn bench_runs_both_paths_and_prints_their_rates() {
+    let o = host(&["bench", "--shape", "tiny", "--seq", "16", "--pairs", "1", "--steps", "1", "--paths", "both"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    for path in ["cpu", "gpu"] {
+        let line = out.lines().find(|l| l.starts_with(&format!("{path} "))).unwrap_or_else(|| panic!("no {path} line: {out}"));
+        let rate: f64 = line.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!(rate > 0.0, "{line}");
+    }
+    assert!(out.contains("32 tokens per step"), "{out}");
+    let o = host(&["bench", "--shape", "no-such.json", "--paths", "cpu"], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--shape: "), "{}", stderr(&o));
+}

@@ -1,4 +1,4 @@
-//! The `host` command line: `pretrain`, `sft`, `align`, `eval`, `verify`.
+//! The `host` command line: `pretrain`, `sft`, `align`, `eval`, `merge`, `verify`, `bench`, `demo`.
 //!
 //! Every training subcommand writes into `--out`: `model/` (Hugging Face layout),
 //! `metrics.jsonl` (TRL names) and `checkpoints/` (see `train::checkpoint`);
@@ -55,6 +55,8 @@ pub enum Command {
     Merge(crate::merge::MergeArgs),
     /// Golden vectors and a seeded training run on merge-core and on every GPU adapter.
     Verify(crate::verify::VerifyArgs),
+    /// Tokens per second of a DPO training step on the CPU model and on the GPU (one model shape and batch, one run).
+    Bench(crate::bench::BenchArgs),
     /// The paper's experiment in miniature on built-in data: pretrain, SFT, align with AdamW / OnDARE / OnTIES and offline interpolation; reward vs. tax table, CSV, JSON, SVG.
     Demo(crate::demo::cli::DemoArgs),
 }
@@ -204,6 +206,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Merge(a) => merge(&a).map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => crate::verify::run(&a),
         Command::Demo(a) => crate::demo::cli::demo(&a).map(|()| ExitCode::SUCCESS),
+        Command::Bench(a) => crate::bench::bench(&a).map(|()| ExitCode::SUCCESS),
     }
 }
 

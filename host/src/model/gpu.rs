@@ -182,6 +182,22 @@ impl GpuLlama {
         }
     }
 
+    /// Device bytes the forward keeps per sequence of `tokens` tokens until the
+    /// backward (a [`SeqTape`] with one [`LayerTape`] per block), so a batch of
+    /// sequences holds the sum over its sequences. Excludes the backward's
+    /// transient buffers (one block's activation gradients at a time) and the
+    /// LM head's one vocabulary chunk of logits.
+    pub fn tape_bytes(config: &LlamaConfig, tokens: usize) -> u64 {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let (q, kv) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+        // x_in, n1, x_mid, n2 [T, H]; q and attn [T, heads·d]; k, v [T, kv·d];
+        // gate, up, h [T, I]; rstd1, rstd2 [T]; attn_lse [T, heads]
+        let per_layer = 4 * h + 2 * q + 2 * kv + 3 * i + 2 + config.num_attention_heads;
+        // tokens, targets, rstdf, head_lse [T]; x_final, nf [T, H]
+        let per_sequence = config.num_hidden_layers * per_layer + 4 + 2 * h;
+        4 * (tokens * per_sequence) as u64
+    }
+
     /// The gradient buffers by tensor name, for the optimizer to copy on the device.
     pub fn grad_buffers(&self) -> Vec<NamedBuffer<'_>> {
         self.layout.iter().zip(&self.grads).map(|((name, _), g)| (name.as_str(), g.buffer())).collect()

@@ -1,0 +1,227 @@
+//! `host bench`: tokens per second of a DPO training step, on the CPU model and
+//! on the GPU, for one model shape and batch, in one run.
+//!
+//! A step is what `align` runs per optimizer step with the reference log-probs
+//! computed once up front (as TRL's `precompute_ref_log_probs`): the policy's
+//! forward and backward over `2 · pairs` sequences of `seq` tokens (prompt a
+//! quarter, completion the rest), the DPO sigmoid loss, and the optimizer step.
+//! GPU steps are resident (`--cross-check-every 0`: gradients and weights stay
+//! on the device). The first step is a warm-up and not counted; the figure is
+//! the median of the others. `host/benches/dpo_step_torch.py` runs the same step
+//! in PyTorch (transformers' `LlamaForCausalLM`, float32, eager attention) for
+//! comparison on the same machine.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser};
+
+use crate::cli::args::OptimArgs;
+use crate::loss::{DpoLoss, LossKind};
+use crate::model::config::LlamaConfig;
+use crate::model::llama::{LlamaModel, Sequence};
+use crate::train::metrics::MetricsLog;
+use crate::train::objectives::{DpoObjective, PairSeqs};
+use crate::train::optim::{self, Optimizer};
+use crate::train::run::{self, LoopSpec, Objective, Start};
+use crate::train::{Result, TrainError};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Model shape: `smollm2-135m` (hidden 576, 30 layers, 9 heads, 3 KV heads,
+    /// MLP 1536, vocab 49152, tied), `tiny` (hidden 64, 2 layers, vocab 259), or a
+    /// Hugging Face config.json.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub shape: String,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Preference pairs per step (two sequences each).
+    #[arg(long, default_value_t = 4)]
+    pub pairs: usize,
+    /// Timed steps, after one warm-up step (0: print the memory plan only).
+    #[arg(long, default_value_t = 3)]
+    pub steps: u64,
+    /// Paths to time: cpu, gpu or both.
+    #[arg(long, default_value = "both")]
+    pub paths: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// The model shapes the bench names.
+pub fn shape(name: &str) -> Result<LlamaConfig> {
+    let config = match name {
+        "smollm2-135m" => {
+            let mut c = LlamaConfig::tiny(49152, 576, 1536, 30, 9, 3);
+            c.tie_word_embeddings = true;
+            c.rope_theta = 100_000.0;
+            c.max_position_embeddings = 8192;
+            c
+        }
+        "tiny" => LlamaConfig::tiny(crate::tokenizer::ByteTokenizer::VOCAB_SIZE, 64, 176, 2, 4, 2),
+        path => crate::hf::read_config(std::path::Path::new(path)).map_err(|e| TrainError::msg(format!("--shape: {e}")))?.config,
+    };
+    config.validate().map_err(|e| TrainError::msg(format!("--shape {name}: {e}")))?;
+    Ok(config)
+}
+
+/// `pairs` preference pairs of random tokens, each sequence `seq` long.
+fn random_pairs(vocab: usize, seq: usize, pairs: usize) -> Vec<PairSeqs> {
+    let mut state = 0x5eed_u64;
+    let mut token = || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % vocab as u64) as u32
+    };
+    let prompt_len = (seq / 4).max(1);
+    (0..pairs)
+        .map(|_| {
+            let prompt: Vec<u32> = (0..prompt_len).map(|_| token()).collect();
+            let chosen: Vec<u32> = (prompt_len..seq).map(|_| token()).collect();
+            let rejected: Vec<u32> = (prompt_len..seq).map(|_| token()).collect();
+            PairSeqs { chosen: Sequence::completion(&prompt, &chosen), rejected: Sequence::completion(&prompt, &rejected) }
+        })
+        .collect()
+}
+
+#[derive(Parser)]
+struct OptimDefaults {
+    #[command(flatten)]
+    optim: OptimArgs,
+}
+
+/// One path's figures.
+pub struct PathTiming {
+    pub path: String,
+    pub device: String,
+    pub step_ms: f64,
+    pub model_ms: f64,
+    pub optimizer_ms: f64,
+}
+
+pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
+    let config = shape(&a.shape)?;
+    if a.seq < 2 || a.seq > config.max_position_embeddings || a.pairs == 0 || a.steps == 0 {
+        return Err(TrainError::msg(format!(
+            "--seq {} (2..={}), --pairs {} and --steps {} (>= 1 each)",
+            a.seq, config.max_position_embeddings, a.pairs, a.steps
+        )));
+    }
+    let paths: &[&str] = match a.paths.as_str() {
+        "both" => &["cpu", "gpu"],
+        "cpu" => &["cpu"],
+        "gpu" => &["gpu"],
+        other => return Err(TrainError::msg(format!("--paths {other}: expected cpu, gpu or both"))),
+    };
+    crate::cli::args::check_training_memory(&config, crate::cli::args::available_memory()).map_err(TrainError::msg)?;
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut out = Vec::new();
+    for &path in paths {
+        let mut policy = LlamaModel::init(config.clone(), 1).map_err(|e| TrainError::msg(format!("model init: {e}")))?;
+        policy.set_threads(threads);
+        let reference = LlamaModel::from_params(config.clone(), policy.params.clone()).map_err(|e| TrainError::msg(e.to_string()))?;
+        let train = random_pairs(config.vocab_size, a.seq, a.pairs);
+        let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0).map_err(|e| TrainError::msg(e.to_string()))?;
+        let total = a.steps + 1;
+        let defaults = OptimDefaults::parse_from(["bench", "--lr", "1e-5"]);
+        let cfg = defaults.optim.config(1, total);
+        let init = policy.params.clone();
+        let (mut objective, mut opt): (Box<dyn Objective>, Optimizer) = if path == "gpu" {
+            let ctx = optim::open_device(&crate::cli::args::BackendChoice::Gpu.request(), "")
+                .map_err(|e| TrainError::msg(format!("--paths gpu: {e}")))?
+                .ok_or_else(|| TrainError::msg("--paths gpu: no GPU adapter".to_string()))?;
+            let obj = DpoObjective::on_gpu(policy, &reference, loss, train, Vec::new(), &ctx, 0)?;
+            (Box::new(obj), Optimizer::on_device(cfg, init, None, &ctx, 0)?)
+        } else {
+            let obj = DpoObjective::new(policy, &reference, loss, train, Vec::new())?;
+            let mut opt = Optimizer::new(cfg, init, None)?;
+            opt.set_threads(threads);
+            (Box::new(obj), opt)
+        };
+        drop(reference);
+        let spec = LoopSpec {
+            steps: total,
+            batch_size: a.pairs,
+            grad_accum: 1,
+            data_seed: 1,
+            eval_every: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 1,
+            checkpoint_root: None,
+            run_config: serde_json::Value::Null,
+            inputs: Vec::new(),
+            resume_anyway: false,
+            progress: false,
+        };
+        let log_path: PathBuf = std::env::temp_dir().join(format!("host-bench-{}-{path}.jsonl", std::process::id()));
+        let mut log = MetricsLog::create(&log_path)?;
+        run::train(&spec, objective.as_mut(), &mut opt, Start { step: 0, data_position: 0 }, &mut log, None)?;
+        let records = crate::train::metrics::read(&log_path)?;
+        let _ = std::fs::remove_file(&log_path);
+        let timed: Vec<_> = records.iter().filter(|r| r.split == "train" && r.step > 1).collect();
+        let median = |f: &dyn Fn(&crate::train::metrics::Record) -> f64| {
+            let mut v: Vec<f64> = timed.iter().map(|r| f(r)).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let model_ms = median(&|r| r.model_ms.unwrap_or(0.0));
+        let optimizer_ms = median(&|r| r.optimizer_ms.unwrap_or(0.0));
+        let step_ms = median(&|r| r.model_ms.unwrap_or(0.0) + r.optimizer_ms.unwrap_or(0.0));
+        out.push(PathTiming { path: path.to_string(), device: objective.model_device(), step_ms, model_ms, optimizer_ms });
+    }
+    Ok(out)
+}
+
+/// Device bytes a GPU DPO step holds, by owner: the model's weights and
+/// gradients, the optimizer's parameters, moments and gradient copy (AdamW; the
+/// merging optimizers add their task vector), and the forward's activations for
+/// the micro-batch (`2 · pairs` sequences of `seq` tokens).
+pub fn device_memory(config: &LlamaConfig, seq: usize, pairs: usize) -> [(&'static str, u64); 3] {
+    let n = config.num_params() as u64;
+    [
+        ("model weights + gradients", 8 * n),
+        ("optimizer (parameters, m, v, gradient)", 16 * n),
+        ("activations kept for the backward", 2 * pairs as u64 * crate::model::GpuLlama::tape_bytes(config, seq)),
+    ]
+}
+
+/// Runs the bench and prints one line per path (`--steps 0`: the memory plan only).
+pub fn bench(a: &BenchArgs) -> Result<()> {
+    let config = shape(&a.shape)?;
+    let tokens = 2 * a.pairs * a.seq;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let plan = device_memory(&config, a.seq, a.pairs);
+    let total: u64 = plan.iter().map(|p| p.1).sum();
+    println!("GPU memory of the step (computed from the shapes; plus the backward's transients and one LM-head chunk):");
+    for (what, bytes) in plan {
+        println!("  {what:<40} {:>9.0} MiB", mib(bytes));
+    }
+    println!("  {:<40} {:>9.0} MiB", "total", mib(total));
+    if a.steps == 0 {
+        return Ok(());
+    }
+    println!(
+        "DPO step, {} ({} parameters), {} pairs x 2 sequences x {} tokens = {tokens} tokens per step; median of {} steps after 1 warm-up",
+        a.shape,
+        config.num_params(),
+        a.pairs,
+        a.seq,
+        a.steps
+    );
+    println!("{:<5} {:>10} {:>10} {:>12} {:>12}  device", "path", "step ms", "model ms", "optimizer ms", "tokens/s");
+    for t in run(a)? {
+        println!(
+            "{:<5} {:>10.1} {:>10.1} {:>12.1} {:>12.1}  {}",
+            t.path,
+            t.step_ms,
+            t.model_ms,
+            t.optimizer_ms,
+            tokens as f64 / (t.step_ms / 1e3),
+            t.device
+        );
+    }
+    Ok(())
+}
