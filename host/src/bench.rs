@@ -142,20 +142,7 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
             (Box::new(obj), opt)
         };
         drop(reference);
-        let spec = LoopSpec {
-            steps: total,
-            batch_size: a.pairs,
-            grad_accum: 1,
-            data_seed: 1,
-            eval_every: 0,
-            checkpoint_every: 0,
-            keep_checkpoints: 1,
-            checkpoint_root: None,
-            run_config: serde_json::Value::Null,
-            inputs: Vec::new(),
-            resume_anyway: false,
-            progress: false,
-        };
+        let spec = LoopSpec::quiet(total, a.pairs, 1, 1);
         let log_path: PathBuf = std::env::temp_dir().join(format!("host-bench-{}-{path}.jsonl", std::process::id()));
         let mut log = MetricsLog::create(&log_path)?;
         run::train(&spec, objective.as_mut(), &mut opt, Start { step: 0, data_position: 0 }, &mut log, None)?;

@@ -11,7 +11,7 @@ use merge_core::dtype::{Dtype, StoreError, bf16_to_f32, f16_to_f32, f32_to_bf16,
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde_json::{Map, Value, json};
 
-use crate::model::{Family, LlamaConfig, LlamaModel, ModelError, check_layout};
+use crate::model::{Family, LlamaConfig, LlamaModel, ModelError, RopeScaling, check_layout};
 use crate::params::{ParamSet, Tensor};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -121,6 +121,31 @@ pub fn read_config(path: &Path) -> Result<HfConfig, HfError> {
     parse_config(path, &text)
 }
 
+/// The scaling a `rope_parameters` / `rope_scaling` object names; a type this
+/// model does not implement is refused naming the field.
+fn rope_scaling(obj: &Map<String, Value>, field: &str, err: &dyn Fn(&str, String) -> HfError) -> Result<RopeScaling, HfError> {
+    let kind = obj.get("rope_type").or_else(|| obj.get("type"));
+    let number = |k: &str| -> Result<f64, HfError> {
+        obj.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| err(&format!("{field}.{k}"), format!("expected a number, found {}", obj.get(k).map_or("nothing".into(), Value::to_string))))
+    };
+    match kind.and_then(Value::as_str) {
+        None | Some("default") => Ok(RopeScaling::None),
+        Some("linear") => Ok(RopeScaling::Linear { factor: number("factor")? }),
+        Some("llama3") => Ok(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: number("original_max_position_embeddings")?,
+        }),
+        Some(other) => Err(err(
+            &format!("{field}.rope_type"),
+            format!("`{other}` is not supported (default, linear and llama3 are; dynamic, yarn and longrope are not)"),
+        )),
+    }
+}
+
 /// Parses config.json text; `path` only labels errors.
 pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
     let err = |field: &str, reason: String| HfError::Config {
@@ -201,20 +226,16 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
     if boolean("use_sliding_window", false)? {
         return Err(err("use_sliding_window", "sliding-window attention is not supported".into()));
     }
-    if let Some(rs) = present("rope_scaling") {
-        let kind = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str);
-        if kind != Some("default") {
-            return Err(err("rope_scaling", format!("{rs} is not supported (only unscaled rotary positions)")));
-        }
-    }
-    // transformers ≥ 4.56 moved the base into `rope_parameters`
+    // transformers ≥ 4.56 moved the base and the scaling into `rope_parameters`;
+    // older configs have `rope_theta` and an optional `rope_scaling`
+    let rope_scaling = match (present("rope_parameters"), present("rope_scaling")) {
+        (Some(Value::Object(rp)), _) => rope_scaling(rp, "rope_parameters", &err)?,
+        (_, Some(Value::Object(rs))) => rope_scaling(rs, "rope_scaling", &err)?,
+        (_, Some(v)) => return Err(err("rope_scaling", format!("expected an object, found {v}"))),
+        (_, None) => RopeScaling::None,
+    };
     let rope_theta = match present("rope_parameters") {
         Some(Value::Object(rp)) => {
-            if let Some(kind) = rp.get("rope_type")
-                && kind.as_str() != Some("default")
-            {
-                return Err(err("rope_parameters.rope_type", format!("{kind} is not supported (only \"default\")")));
-            }
             match rp.get("rope_theta") {
                 Some(t) => Some(
                     t.as_f64()
@@ -269,6 +290,7 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         },
         rms_norm_eps: float("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         rope_theta: rope_theta.unwrap_or(10000.0),
+        rope_scaling,
         tie_word_embeddings: boolean("tie_word_embeddings", false)?,
         max_position_embeddings: uint("max_position_embeddings")?.unwrap_or(match family {
             Family::Llama => 2048,
@@ -299,6 +321,19 @@ pub fn config_json(config: &LlamaConfig, dtype: Dtype) -> String {
     m.insert("hidden_act".into(), json!("silu"));
     m.insert("rms_norm_eps".into(), json!(eps));
     m.insert("rope_theta".into(), json!(config.rope_theta));
+    match config.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            m.insert("rope_scaling".into(), json!({ "rope_type": "linear", "factor": factor }));
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            m.insert(
+                "rope_scaling".into(),
+                json!({ "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                        "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings }),
+            );
+        }
+    }
     m.insert("max_position_embeddings".into(), json!(config.max_position_embeddings));
     m.insert("tie_word_embeddings".into(), json!(config.tie_word_embeddings));
     if config.family == Family::Llama {
@@ -759,6 +794,27 @@ mod tests {
             .replace(r#""torch_dtype":"bfloat16","#, "");
         let c = parse_config(p, &top).unwrap();
         assert_eq!((c.config.rope_theta, c.dtype), (1000.0, Dtype::F16));
+
+        // Llama 3.1/3.2's scaling, in the new and the old form, and linear; each written form reads back.
+        let llama3 = r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#;
+        let c = parse_config(p, &base.replace(r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#, llama3)).unwrap();
+        let want = RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
+        assert_eq!((c.config.rope_scaling, c.config.rope_theta), (want, 500000.0));
+        assert_eq!(parse_config(p, &config_json(&c.config, c.dtype)).unwrap(), c);
+        let linear = r#""rope_theta":1000.0,"rope_scaling":{"type":"linear","factor":2.0}"#;
+        let c = parse_config(p, &base.replace(r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#, linear)).unwrap();
+        assert_eq!(c.config.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(parse_config(p, &config_json(&c.config, c.dtype)).unwrap(), c);
+        for (scaling, field) in [
+            (r#""rope_scaling":{"rope_type":"dynamic","factor":2.0}"#, "rope_scaling.rope_type"),
+            (r#""rope_scaling":{"rope_type":"linear"}"#, "rope_scaling.factor"),
+            (r#""rope_scaling":{"rope_type":"linear","factor":-1}"#, "rope_scaling.factor"),
+            (r#""rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":1,"original_max_position_embeddings":64}"#, "rope_scaling.high_freq_factor"),
+        ] {
+            let text = base.replace(r#""rope_parameters":{"rope_theta":500000.0,"rope_type":"default"}"#, scaling);
+            let e = parse_config(p, &text).unwrap_err().to_string();
+            assert!(e.contains(field), "{scaling}: {e}");
+        }
 
         let qwen = r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":32,"hidden_size":16,"intermediate_size":40,
             "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"use_sliding_window":false}"#;

@@ -146,20 +146,7 @@ fn train_once(s: &Setup, algorithm: Algorithm, backend: &BackendRequest, args: &
     let reference = LlamaModel::from_params(s.config.clone(), s.sft.clone()).map_err(err)?;
     let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0).map_err(|e| TrainError::msg(e.to_string()))?;
     let mut obj = DpoObjective::new(policy, &reference, loss, s.pairs.clone(), Vec::new())?;
-    let spec = LoopSpec {
-        steps: args.steps,
-        batch_size: 2,
-        grad_accum: 2,
-        data_seed: args.seed,
-        eval_every: 0,
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        checkpoint_root: None,
-        run_config: serde_json::Value::Null,
-        inputs: Vec::new(),
-        resume_anyway: false,
-        progress: false,
-    };
+    let spec = LoopSpec::quiet(args.steps, 2, 2, args.seed);
     let log_path = std::env::temp_dir().join(format!("host-verify-{}.jsonl", std::process::id()));
     let mut log = MetricsLog::create(&log_path)?;
     let out = train(&spec, &mut obj, &mut opt, Start { step: 0, data_position: 0 }, &mut log, None);

@@ -205,7 +205,7 @@ fn rope_forward_and_backward_match_cpu() {
     let ctx = ctx();
     let mut rng = Rng(4);
     let (t, heads, head_dim) = (9, 3, 8);
-    let tables = layers::Rope::new(head_dim, 10000.0, 0, t);
+    let tables = layers::Rope::new(head_dim, 10000.0, host::model::RopeScaling::None, 0, t);
     let rope = Rope::new(&ctx, tables.half, &tables.cos, &tables.sin).unwrap();
     let x = rng.vec(t * heads * head_dim, 1.0);
     let dx = rng.vec(x.len(), 1.0);
@@ -222,7 +222,7 @@ fn rope_forward_and_backward_match_cpu() {
     assert_close("rope backward", &gpu[1], &bx, TOL);
 
     // tables for more positions than the array has rows: its rows take the first ones
-    let long = layers::Rope::new(head_dim, 10000.0, 0, 2 * t + 1);
+    let long = layers::Rope::new(head_dim, 10000.0, host::model::RopeScaling::None, 0, 2 * t + 1);
     let long = Rope::new(&ctx, long.half, &long.cos, &long.sin).unwrap();
     let gx = up(&ctx, &x);
     long.forward(&gx, heads).unwrap();

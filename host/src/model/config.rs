@@ -47,12 +47,88 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled for long contexts (transformers'
+    /// `rope_type`).
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     /// Llama only (Qwen2 ignores it: its q/k/v biases are unconditional).
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+}
+
+/// The rotary-frequency scalings transformers names `default`, `linear` and
+/// `llama3` (`modeling_rope_utils`): each maps the unscaled inverse frequency
+/// `θ^(−2i/d)` of pair `i` to the one the model rotates by.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (every inverse frequency divided by it).
+    Linear { factor: f64 },
+    /// Llama 3.1: wavelengths above `original_max_position_embeddings /
+    /// low_freq_factor` divided by `factor`, below `… / high_freq_factor` kept,
+    /// and smoothly interpolated between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+impl RopeScaling {
+    /// transformers' `rope_type` name.
+    pub fn rope_type(&self) -> &'static str {
+        match self {
+            RopeScaling::None => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+
+    /// The scaled inverse frequency of an unscaled one.
+    pub fn inv_freq(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::None => inv_freq,
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < old / high_freq_factor {
+                    inv_freq
+                } else if wavelen > old / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: String| Err(ConfigError { field, reason });
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        match *self {
+            RopeScaling::None => Ok(()),
+            RopeScaling::Linear { factor } if !positive(factor) => bad("rope_scaling.factor", format!("{factor} is not a positive finite number")),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                for (field, v) in [
+                    ("rope_scaling.factor", factor),
+                    ("rope_scaling.low_freq_factor", low_freq_factor),
+                    ("rope_scaling.high_freq_factor", high_freq_factor),
+                    ("rope_scaling.original_max_position_embeddings", original_max_position_embeddings),
+                ] {
+                    if !positive(v) {
+                        return bad(field, format!("{v} is not a positive finite number"));
+                    }
+                }
+                if low_freq_factor >= high_freq_factor {
+                    return bad(
+                        "rope_scaling.high_freq_factor",
+                        format!("{high_freq_factor} is not above low_freq_factor {low_freq_factor}"),
+                    );
+                }
+                Ok(())
+            }
+            RopeScaling::Linear { .. } => Ok(()),
+        }
+    }
 }
 
 /// A hyperparameter that cannot describe a working model.
@@ -84,6 +160,7 @@ impl LlamaConfig {
             head_dim: hidden_size.checked_div(heads).unwrap_or(0),
             rms_norm_eps: 1e-5,
             rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
             tie_word_embeddings: false,
             max_position_embeddings: 2048,
             attention_bias: false,
@@ -162,6 +239,7 @@ impl LlamaConfig {
                 reason: format!("{} is not a finite number above 1", self.rope_theta),
             });
         }
+        self.rope_scaling.validate()?;
         if self.num_hidden_layers > MAX_LAYERS {
             return Err(ConfigError {
                 field: "num_hidden_layers",

@@ -238,7 +238,7 @@ impl GpuLlama {
             return Ok(r.clone());
         }
         let positions = len.next_power_of_two().min(self.config.max_position_embeddings);
-        let tables = layers::Rope::new(self.config.head_dim, self.config.rope_theta, 0, positions);
+        let tables = layers::Rope::new(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling, 0, positions);
         let r = Arc::new(Rope::new(&self.ctx, tables.half, &tables.cos, &tables.sin)?);
         *rope = Some(r.clone());
         Ok(r)

@@ -5,6 +5,8 @@
 //! Backward functions *accumulate* (`+=`) into parameter gradients and into input
 //! gradients, so a residual stream's two consumers can write to the same buffer.
 
+use super::config::RopeScaling;
+
 /// Dot product with eight independent partial sums: the fixed lane structure lets
 /// the compiler vectorize without reassociating, and gives every row the same
 /// rounding whichever loop computes it.
@@ -226,14 +228,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for positions `pos0 .. pos0 + len`.
-    pub fn new(head_dim: usize, theta: f64, pos0: usize, len: usize) -> Self {
+    /// Tables for positions `pos0 .. pos0 + len`, frequencies scaled by `scaling`.
+    pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling, pos0: usize, len: usize) -> Self {
         let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half).map(|i| scaling.inv_freq(1.0 / theta.powf((2 * i) as f64 / head_dim as f64))).collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in pos0..pos0 + len {
-            for i in 0..half {
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            for &inv_freq in &inv_freq {
                 let a = p as f64 * inv_freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);

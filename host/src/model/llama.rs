@@ -545,7 +545,7 @@ impl LlamaModel {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = seq.tokens.len();
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, 0, t);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0, t);
         let mut x = vec![0f32; t * c];
         layers::embedding_forward(&mut x, &seq.tokens, self.w(self.idx.embed), c);
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
@@ -599,7 +599,7 @@ impl LlamaModel {
         let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let t = tape.tokens.len();
         let mut g = self.zero_grads();
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, 0, t);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0, t);
 
         let r = tape.rows.len();
         let mut dlogits = vec![0f32; r * vocab];
@@ -723,7 +723,7 @@ impl LlamaModel {
         let c = cfg.hidden_size;
         let t = tokens.len();
         let pos0 = cache.len;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, pos0, t);
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, pos0, t);
         let mut x = vec![0f32; t * c];
         layers::embedding_forward(&mut x, tokens, self.w(self.idx.embed), c);
         for l in 0..cfg.num_hidden_layers {

@@ -37,7 +37,7 @@ pub mod gpu;
 pub mod layers;
 pub mod llama;
 
-pub use config::{ConfigError, Family, LlamaConfig};
+pub use config::{ConfigError, Family, LlamaConfig, RopeScaling};
 pub use gpu::{GpuForward, GpuLlama, GpuModelError};
 pub use llama::{CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
 

@@ -137,7 +137,7 @@ fn rmsnorm_gradients() {
 #[test]
 fn rope_gradients_and_convention() {
     let (t, heads, hd) = (5, 3, 8);
-    let rope = Rope::new(hd, 10000.0, 0, t);
+    let rope = Rope::new(hd, 10000.0, RopeScaling::None, 0, t);
     let mut rng = SplitMix64::new(5);
     let x = rand_vec(&mut rng, t * heads * hd, 1.0);
     let r = rand_vec(&mut rng, x.len(), 1.0);

@@ -132,6 +132,25 @@ pub struct LoopSpec {
 }
 
 impl LoopSpec {
+    /// A run with no evaluation, no checkpoints, no recorded settings and no
+    /// progress bar: the in-process runs of `verify` and `bench`.
+    pub fn quiet(steps: u64, batch_size: usize, grad_accum: usize, data_seed: u64) -> Self {
+        LoopSpec {
+            steps,
+            batch_size,
+            grad_accum,
+            data_seed,
+            eval_every: 0,
+            checkpoint_every: 0,
+            keep_checkpoints: 1,
+            checkpoint_root: None,
+            run_config: serde_json::Value::Null,
+            inputs: Vec::new(),
+            resume_anyway: false,
+            progress: false,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |flag: &str, v: &dyn std::fmt::Display, want: &str| Err(TrainError::msg(format!("{flag} = {v}: expected {want}")));
         if self.steps == 0 {

@@ -1,5 +1,6 @@
 """An independent float64 transcription of transformers' LlamaForCausalLM and
-Qwen2ForCausalLM forward passes (RMSNorm, rotate_half rotary embeddings,
+Qwen2ForCausalLM forward passes (RMSNorm, rotate_half rotary embeddings with
+the default, linear or llama3 frequencies,
 repeat_kv grouped-query attention, SwiGLU, tied or untied head), in NumPy.
 
 Usage: llama_forward.py DIR...; each DIR holds config.json, model.safetensors
@@ -25,9 +26,22 @@ def lin(x, T, name):
     if name + ".bias" in T: y = y + T[name + ".bias"]
     return y
 def rms(x, w, eps): return w * (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps))
-def rope(x, theta):
+def scaled(inv, cfg):
+    """transformers' modeling_rope_utils: the `linear` and `llama3` rope types."""
+    rs = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default": return inv
+    if kind == "linear": return inv / rs["factor"]
+    assert kind == "llama3", kind
+    f, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv
+    out = np.where(wavelen > old / lo, inv / f, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return np.where(medium, (1 - smooth) * out / f + smooth * out, out)
+def rope(x, theta, cfg):
     t, hh, d = x.shape
-    inv = 1.0 / (theta ** (np.arange(0, d, 2) / d))
+    inv = scaled(1.0 / (theta ** (np.arange(0, d, 2) / d)), cfg)
     f = np.outer(np.arange(t), inv); emb = np.concatenate([f, f], -1)
     cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
     rot = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
@@ -39,8 +53,8 @@ def forward(cfg, T, toks):
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         h = rms(x, T[p + "input_layernorm.weight"], eps)
-        q = rope(lin(h, T, p + "self_attn.q_proj").reshape(n, H, D), theta)
-        k = rope(lin(h, T, p + "self_attn.k_proj").reshape(n, KV, D), theta)
+        q = rope(lin(h, T, p + "self_attn.q_proj").reshape(n, H, D), theta, cfg)
+        k = rope(lin(h, T, p + "self_attn.k_proj").reshape(n, KV, D), theta, cfg)
         v = lin(h, T, p + "self_attn.v_proj").reshape(n, KV, D)
         k = np.repeat(k, H // KV, axis=1); v = np.repeat(v, H // KV, axis=1)
         s = np.einsum("thd,shd->hts", q, k) / np.sqrt(D)
@@ -61,6 +75,7 @@ for d in sys.argv[1:]:
     got = np.array(out["logits"]).reshape(ref.shape)
     diff, scale = np.abs(got - ref).max(), np.abs(ref).max()
     biases = sorted({k.split(".")[-2] for k in T if k.endswith("bias")})
-    print(f"{d}: {cfg['architectures'][0]}, biases {biases}: max |diff| {diff:.3e}, max |logit| {scale:.3e}")
+    rs = cfg.get("rope_scaling") or {}
+    print(f"{d}: {cfg['architectures'][0]}, biases {biases}, rope {rs.get('rope_type', 'default')}: max |diff| {diff:.3e}, max |logit| {scale:.3e}")
     if not diff <= 1e-5 * scale:
         sys.exit(f"{d}: logits differ from the reference by {diff:.3e}")
