@@ -40,7 +40,7 @@ def sequence_logps(model, ids, mask):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="smollm2-135m", help=f"{', '.join(sorted(SHAPES))}, or a config.json (as host bench takes)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
@@ -57,7 +57,11 @@ def main():
         torch.use_deterministic_algorithms(True)
     dev = torch.device(a.device)
     torch.manual_seed(1)
-    config = LlamaConfig(**SHAPES[a.shape], rms_norm_eps=1e-5, attn_implementation="eager")
+    if a.shape in SHAPES:
+        config = LlamaConfig(**SHAPES[a.shape], rms_norm_eps=1e-5, attn_implementation="eager")
+    else:
+        config = LlamaConfig.from_json_file(a.shape)
+        config._attn_implementation = "eager"
     policy = LlamaForCausalLM(config).to(dev, torch.float32)
     reference = LlamaForCausalLM(config).to(dev, torch.float32)
     reference.load_state_dict(policy.state_dict())
