@@ -31,6 +31,10 @@ pub struct Record {
     pub logps_rejected: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grad_norm: Option<f64>,
+    /// TRL's `num_tokens`: tokens (prompt and completion, chosen and rejected) the
+    /// model has trained on so far, this step's included.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub num_tokens: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub learning_rate: Option<f64>,
     /// Forward + backward time of the step (all micro-batches).

@@ -219,6 +219,10 @@ impl Objective for LmObjective {
         self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
     }
 
+    fn example_tokens(&self, example: usize) -> usize {
+        self.train[example].tokens.len()
+    }
+
     fn resident_model(&self, step: u64) -> Option<&GpuLlama> {
         self.gpu.as_ref()?.resident(step)
     }
@@ -481,6 +485,11 @@ impl Objective for DpoObjective {
 
     fn model_device(&self) -> String {
         self.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| g.device.clone())
+    }
+
+    fn example_tokens(&self, example: usize) -> usize {
+        let pair = &self.train[example];
+        pair.chosen.tokens.len() + pair.rejected.tokens.len()
     }
 
     fn resident_model(&self, step: u64) -> Option<&GpuLlama> {

@@ -87,6 +87,8 @@ pub trait Objective {
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>>;
     /// Where the forward and backward run: the GPU adapter's description, or `cpu`.
     fn model_device(&self) -> String;
+    /// Tokens training example `example` feeds the model (both sequences of a pair).
+    fn example_tokens(&self, example: usize) -> usize;
     /// The GPU model whose gradients can stay on the device for `step`: `Some`
     /// when the model runs on a GPU and `step` is not cross-checked. The loop then
     /// calls [`Objective::accumulate_on_device`] instead of `gradient`, and the
@@ -311,6 +313,10 @@ pub fn train(
     bar.set_position(start.step);
     let inv_accum = 1.0 / spec.grad_accum as f32;
     let model_device = objective.model_device();
+    // TRL's num_tokens counts from the start of the run, so a resumed run replays
+    // the data order up to where it stopped.
+    let tokens_of = |objective: &dyn Objective, examples: &[usize]| examples.iter().map(|&i| objective.example_tokens(i) as u64).sum::<u64>();
+    let mut num_tokens = tokens_of(&*objective, &DataOrder::new(spec.data_seed, n).take(0, start.data_position as usize));
 
     for step in start.step + 1..=spec.steps {
         let t_model = Instant::now();
@@ -323,6 +329,7 @@ pub fn train(
             for i in 0..spec.grad_accum {
                 let examples = order.take(position, spec.batch_size);
                 position += spec.batch_size as u64;
+                num_tokens += tokens_of(&*objective, &examples);
                 stats.merge(&objective.accumulate_on_device(step, opt.fresh_params(), &examples, inv_accum, i == 0)?);
             }
             let model_ms = ms(t_model);
@@ -336,6 +343,7 @@ pub fn train(
             for _ in 0..spec.grad_accum {
                 let examples = order.take(position, spec.batch_size);
                 position += spec.batch_size as u64;
+                num_tokens += tokens_of(&*objective, &examples);
                 let (g, st) = objective.gradient(step, opt.params(), &examples)?;
                 stats.merge(&st);
                 match grads.as_mut() {
@@ -357,6 +365,7 @@ pub fn train(
 
         let mut rec = stats.to_record(step, "train");
         rec.grad_norm = Some(gnorm);
+        rec.num_tokens = Some(num_tokens);
         rec.learning_rate = Some(f64::from(report.learning_rate));
         rec.model_ms = Some(model_ms);
         rec.optimizer_ms = Some(report.optimizer_ms);
@@ -504,6 +513,10 @@ mod tests {
         fn model_device(&self) -> String {
             "cpu".to_string()
         }
+
+        fn example_tokens(&self, example: usize) -> usize {
+            example + 1
+        }
     }
 
     fn params() -> ParamSet {
@@ -609,9 +622,16 @@ mod tests {
         let resumed = train(&s, &mut Quadratic { n: 10 }, &mut opt, start, &mut log, None).unwrap();
         assert_eq!(crate::train::weights_hash(&resumed), crate::train::weights_hash(&whole), "{algorithm:?} k={k}");
         assert_ne!(crate::train::weights_hash(&whole), crate::train::weights_hash(&optimizer(&c).params().clone()));
-        let la: Vec<_> = metrics::read(&a.join("m.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split, r.loss.to_bits())).collect();
-        let lb: Vec<_> = metrics::read(&b.join("m.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split, r.loss.to_bits())).collect();
+        let logged = |dir: &std::path::Path| -> Vec<_> {
+            metrics::read(&dir.join("m.jsonl")).unwrap().into_iter().map(|r| (r.step, r.split, r.loss.to_bits(), r.num_tokens)).collect()
+        };
+        let (la, lb) = (logged(&a), logged(&b));
         assert_eq!(la, lb);
+        // num_tokens counts every example fed so far (Quadratic's example e has e + 1 tokens)
+        let eighth = la.iter().find(|r| r.0 == 8 && r.1 == "train").unwrap();
+        let mut order = DataOrder::new(spec(&a, 8).data_seed, 10);
+        let fed: u64 = order.take(0, 8 * spec(&a, 8).batch_size * spec(&a, 8).grad_accum).iter().map(|&e| e as u64 + 1).sum();
+        assert_eq!(eighth.3, Some(fed));
         std::fs::remove_dir_all(&a).unwrap();
         std::fs::remove_dir_all(&b).unwrap();
     }
