@@ -309,6 +309,23 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
         assert!(rec[key].is_number(), "{key}: {rec}");
     }
     assert_ne!(rec["rewards/margins"].as_f64().unwrap(), 0.0, "aligned model vs SFT reference: {rec}");
+    assert_eq!(rec["model_device"], "cpu", "{rec}");
+
+    // The same evaluation with both models' forward passes on the GPU agrees to rounding.
+    let o = host(
+        &[
+            "eval", "--model", out.join("model").to_str().unwrap(), "--ref-model", ss, "--builtin", "6", "--task", "preference",
+            "--backend", "gpu",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let on_gpu: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_ne!(on_gpu["model_device"], "cpu", "{on_gpu}");
+    for key in ["loss", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        let (g, c) = (on_gpu[key].as_f64().unwrap(), rec[key].as_f64().unwrap());
+        assert!((g - c).abs() <= 1e-4 * c.abs().max(1.0), "{key}: GPU {g}, CPU {c}");
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -183,6 +183,9 @@ pub struct EvalArgs {
     pub beta: f64,
     #[command(flatten)]
     pub data: DataArgs,
+    /// Where the forward passes run (the policy's and the reference's), as for training.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: args::BackendChoice,
 }
 
 /// Parses the command line, runs it, and turns errors into a message and exit code 1.
@@ -491,11 +494,17 @@ fn eval(a: EvalArgs) -> Result<()> {
     let tok = text_tokenizer(&tokenizer);
     let config = model.config.clone();
     let params = model.params.clone();
-    let stats = match a.task.as_str() {
+    let gpu = optim::open_device(&a.backend.request(), "evaluating on the CPU")
+        .map_err(|e| TrainError::msg(format!("--backend gpu: {e}")))?;
+    let mut objective: Box<dyn Objective> = match a.task.as_str() {
         "lm" | "sft" => {
-            let (train, _) =
+            let (seqs, _) =
                 if a.task == "lm" { data::lm_sequences(&a.data, &config, tok, 0)? } else { data::sft_sequences(&a.data, &config, tok, 0)? };
-            LmObjective::new(model, Vec::new(), train)?.evaluate(&params)?
+            let obj = LmObjective::new(model, Vec::new(), seqs)?;
+            Box::new(match &gpu {
+                Some(ctx) => obj.on_gpu(ctx, 0)?,
+                None => obj,
+            })
         }
         "preference" => {
             let loss = dpo_loss(&a.loss, a.beta, 0.0)?;
@@ -504,11 +513,16 @@ fn eval(a: EvalArgs) -> Result<()> {
                 None => load(&a.model, "--model")?,
             };
             let (pairs, _) = data::preference_pairs(&a.data, &config, tok, 0)?;
-            DpoObjective::new(model, &reference, loss, Vec::new(), pairs)?.evaluate(&params)?
+            Box::new(match &gpu {
+                Some(ctx) => DpoObjective::on_gpu(model, &reference, loss, Vec::new(), pairs, ctx, 0)?,
+                None => DpoObjective::new(model, &reference, loss, Vec::new(), pairs)?,
+            })
         }
         other => return Err(TrainError::msg(format!("--task = {other}: expected lm, sft or preference"))),
     };
-    let rec = stats.ok_or_else(|| TrainError::msg("no evaluation data"))?.to_record(0, "eval");
+    let stats = objective.evaluate(&params)?;
+    let mut rec = stats.ok_or_else(|| TrainError::msg("no evaluation data"))?.to_record(0, "eval");
+    rec.model_device = Some(objective.model_device());
     println!("{}", serde_json::to_string(&rec).expect("Record serializes"));
     Ok(())
 }
