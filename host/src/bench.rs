@@ -68,14 +68,8 @@ pub fn shape(name: &str) -> Result<LlamaConfig> {
 
 /// `pairs` preference pairs of random tokens, each sequence `seq` long.
 fn random_pairs(vocab: usize, seq: usize, pairs: usize) -> Vec<PairSeqs> {
-    let mut state = 0x5eed_u64;
-    let mut token = || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) % vocab as u64) as u32
-    };
+    let mut rng = crate::model::SplitMix64::new(0x5eed);
+    let mut token = || rng.below(vocab as u64) as u32;
     let prompt_len = (seq / 4).max(1);
     (0..pairs)
         .map(|_| {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod demo;
+pub mod hash;
 pub mod hf;
 pub mod loss;
 pub mod merge;

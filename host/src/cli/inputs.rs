@@ -10,21 +10,16 @@ use crate::tokenizer::pretrained::{CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TO
 use crate::train::checkpoint::InputHash;
 use crate::train::{Result, TrainError, weights_hash};
 
-/// FNV-1a-64 of a byte string (the same function `weights_hash` uses).
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 /// The hash of a file's bytes.
 pub fn file_hash(flag: &str, path: &Path) -> Result<InputHash> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io("reading", path, e))?;
-    Ok(InputHash { flag: flag.into(), path: path.to_path_buf(), hash: format!("{:016x}", fnv(&bytes)) })
+    Ok(InputHash { flag: flag.into(), path: path.to_path_buf(), hash: format!("{:016x}", crate::hash::fnv1a64(&bytes)) })
 }
 
 /// The hash of a loaded model: its tensors (as f32, so a bf16 and an f32 file of
 /// the same values agree) and its architecture.
 pub fn model_hash(flag: &str, dir: &Path, model: &LlamaModel) -> InputHash {
-    let config = fnv(hf::config_json(&model.config, merge_core::dtype::Dtype::F32).as_bytes());
+    let config = crate::hash::fnv1a64(hf::config_json(&model.config, merge_core::dtype::Dtype::F32).as_bytes());
     InputHash { flag: flag.into(), path: dir.to_path_buf(), hash: format!("{}-{config:016x}", weights_hash(&model.params)) }
 }
 

@@ -249,15 +249,6 @@ pub struct GenerateOptions {
 // initialization and sampling, never for merge masks.
 pub use crate::data::builtin::SplitMix64;
 
-fn fnv1a64(s: &str) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01B3);
-    }
-    h
-}
-
 /// Runs `f(0..n)` on up to `threads` workers and returns results in index order.
 fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     if threads <= 1 || n <= 1 {
@@ -317,7 +308,7 @@ impl LlamaModel {
                     } else {
                         0.02
                     };
-                    let mut rng = SplitMix64::new(seed ^ fnv1a64(&name));
+                    let mut rng = SplitMix64::new(seed ^ crate::hash::fnv1a64(name.as_bytes()));
                     (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
                 };
                 Tensor { name, shape, data }

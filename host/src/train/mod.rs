@@ -57,24 +57,18 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 /// a fingerprint to compare weights across runs, backends and machines (not a
 /// defence against deliberate tampering).
 pub fn weights_hash(params: &ParamSet) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = crate::hash::Fnv1a64::default();
     for t in &params.tensors {
-        eat(t.name.as_bytes());
-        eat(&[0]);
+        h.eat(t.name.as_bytes());
+        h.eat(&[0]);
         for &d in &t.shape {
-            eat(&(d as u64).to_le_bytes());
+            h.eat(&(d as u64).to_le_bytes());
         }
         for x in &t.data {
-            eat(&x.to_bits().to_le_bytes());
+            h.eat(&x.to_bits().to_le_bytes());
         }
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]
