@@ -40,16 +40,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| TrainError::io("syncing directory", dir, e))
 }
 
-/// Replaces `path` with `bytes` atomically: temp file in the same directory, fsync,
-/// rename, fsync of the directory.
+/// Replaces `path` with `bytes` atomically ([`crate::hf::atomic_write`]: temp file
+/// in the same directory, fsync, rename, fsync of the directory), creating the
+/// directory first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| TrainError::io("creating directory", dir, e))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes, None)?;
-    fs::rename(&tmp, path).map_err(|e| TrainError::io("renaming into place", path, e))?;
-    sync_dir(dir)
+    crate::hf::atomic_write(path, bytes).map_err(|e| TrainError::msg(e.to_string()))
 }
 
 #[cfg(test)]

@@ -158,7 +158,7 @@ pub fn remove_stale_temps(out: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
-/// The names `fsx::write_atomic` and `hf::atomic_write` give their temporary files.
+/// The names `hf::atomic_write` (also behind `fsx::write_atomic`) gives its temporary files.
 fn is_atomic_write_temp(name: &str) -> bool {
     name.starts_with('.')
         && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
