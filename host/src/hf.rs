@@ -194,15 +194,19 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
     let family = match string("model_type")? {
         Some("llama") => Some(Family::Llama),
         Some("qwen2") => Some(Family::Qwen2),
-        Some(other) => return Err(err("model_type", format!("`{other}` is not supported (llama, qwen2)"))),
+        Some("mistral") => Some(Family::Mistral),
+        Some(other) => return Err(err("model_type", format!("`{other}` is not supported (llama, qwen2, mistral)"))),
         None => None,
     };
     let arch_family = match arch {
         Some("LlamaForCausalLM") => Some(Family::Llama),
         Some("Qwen2ForCausalLM") => Some(Family::Qwen2),
-        // Another architecture under a supported model_type (Mistral's sliding
-        // window, say) would load as that type and be rewritten as it.
-        Some(other) => return Err(err("architectures", format!("`{other}` is not supported (LlamaForCausalLM, Qwen2ForCausalLM)"))),
+        Some("MistralForCausalLM") => Some(Family::Mistral),
+        // Another architecture under a supported model_type would load as that
+        // type and be rewritten as it.
+        Some(other) => {
+            return Err(err("architectures", format!("`{other}` is not supported (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)")));
+        }
         None => None,
     };
     let family = match (family, arch_family) {
@@ -225,6 +229,17 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
     }
     if boolean("use_sliding_window", false)? {
         return Err(err("use_sliding_window", "sliding-window attention is not supported".into()));
+    }
+    // Mistral's window binds only when a sequence can be longer than it.
+    if family == Family::Mistral
+        && let Some(window) = uint("sliding_window")?
+        && let max = uint("max_position_embeddings")?.unwrap_or(32768)
+        && window < max
+    {
+        return Err(err(
+            "sliding_window",
+            format!("{window} is below max_position_embeddings = {max}: sliding-window attention is not supported (null, or at least the context, is)"),
+        ));
     }
     // transformers ≥ 4.56 moved the base and the scaling into `rope_parameters`;
     // older configs have `rope_theta` and an optional `rope_scaling`
@@ -294,6 +309,7 @@ pub fn parse_config(path: &Path, text: &str) -> Result<HfConfig, HfError> {
         tie_word_embeddings: boolean("tie_word_embeddings", false)?,
         max_position_embeddings: uint("max_position_embeddings")?.unwrap_or(match family {
             Family::Llama => 2048,
+            Family::Mistral => 32768,
             Family::Qwen2 => 32768,
         }),
         attention_bias: boolean("attention_bias", false)?,
@@ -336,9 +352,15 @@ pub fn config_json(config: &LlamaConfig, dtype: Dtype) -> String {
     }
     m.insert("max_position_embeddings".into(), json!(config.max_position_embeddings));
     m.insert("tie_word_embeddings".into(), json!(config.tie_word_embeddings));
-    if config.family == Family::Llama {
-        m.insert("attention_bias".into(), json!(config.attention_bias));
-        m.insert("mlp_bias".into(), json!(false));
+    match config.family {
+        Family::Llama => {
+            m.insert("attention_bias".into(), json!(config.attention_bias));
+            m.insert("mlp_bias".into(), json!(false));
+        }
+        Family::Mistral => {
+            m.insert("sliding_window".into(), Value::Null);
+        }
+        Family::Qwen2 => {}
     }
     m.insert("bos_token_id".into(), json!(config.bos_token_id));
     m.insert("eos_token_id".into(), json!(config.eos_token_id));
@@ -815,6 +837,17 @@ mod tests {
             let e = parse_config(p, &text).unwrap_err().to_string();
             assert!(e.contains(field), "{scaling}: {e}");
         }
+
+        // Mistral loads when its window cannot bind, and is refused naming the field when it can.
+        let mistral = r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":32,"hidden_size":16,"intermediate_size":40,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"max_position_embeddings":64,"sliding_window":null}"#;
+        let c = parse_config(p, mistral).unwrap();
+        assert_eq!(c.config.family, Family::Mistral);
+        assert!(!c.config.qkv_bias() && !c.config.o_bias());
+        assert_eq!(parse_config(p, &config_json(&c.config, c.dtype)).unwrap(), c);
+        assert!(parse_config(p, &mistral.replace(r#""sliding_window":null"#, r#""sliding_window":64"#)).is_ok());
+        let e = parse_config(p, &mistral.replace(r#""sliding_window":null"#, r#""sliding_window":32"#)).unwrap_err().to_string();
+        assert!(e.contains("sliding_window") && e.contains("32 is below max_position_embeddings = 64"), "{e}");
 
         let qwen = r#"{"architectures":["Qwen2ForCausalLM"],"vocab_size":32,"hidden_size":16,"intermediate_size":40,
             "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"use_sliding_window":false}"#;

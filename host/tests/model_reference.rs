@@ -28,13 +28,14 @@ fn forward_matches_transformers_reference() {
     // Llama with all four attention biases, untied head, GQA; Qwen2 with q/k/v
     // biases, tied head, and a head_dim that is not hidden/heads; then Llama 3.1's
     // rope scaling (its three frequency bands all present at head_dim 8, θ 5000
-    // and an original context of 64) and linear scaling
+    // and an original context of 64) and linear scaling; Mistral (no biases)
     let llama3 = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 64.0 };
     for (name, family, tied, bias, heads, kv_heads, head_dim, scaling) in [
         ("llama", Family::Llama, false, true, 4, 2, 6, RopeScaling::None),
         ("qwen2", Family::Qwen2, true, false, 6, 2, 8, RopeScaling::None),
         ("llama3-rope", Family::Llama, true, false, 4, 2, 8, llama3),
         ("linear-rope", Family::Llama, false, false, 4, 1, 8, RopeScaling::Linear { factor: 3.0 }),
+        ("mistral", Family::Mistral, false, false, 4, 2, 6, RopeScaling::None),
     ] {
         let mut c = LlamaConfig::tiny(37, 24, 40, 3, heads, kv_heads);
         c.family = family;
@@ -63,6 +64,6 @@ fn forward_matches_transformers_reference() {
     let out = Command::new("python3").arg(&script).args(&dirs).output().expect("python3 runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.lines().filter(|l| l.contains("max |diff|")).count(), 4, "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("max |diff|")).count(), 5, "{text}");
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -10,6 +10,9 @@ use std::fmt;
 pub enum Family {
     Llama,
     Qwen2,
+    /// Mistral without a binding sliding window: the Llama computation without
+    /// attention biases, under Mistral's names.
+    Mistral,
 }
 
 impl Family {
@@ -17,6 +20,7 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Mistral => "mistral",
         }
     }
 
@@ -24,6 +28,7 @@ impl Family {
         match self {
             Family::Llama => "LlamaForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
         }
     }
 }
@@ -174,6 +179,7 @@ impl LlamaConfig {
         match self.family {
             Family::Llama => self.attention_bias,
             Family::Qwen2 => true,
+            Family::Mistral => false,
         }
     }
 
@@ -181,7 +187,7 @@ impl LlamaConfig {
     pub fn o_bias(&self) -> bool {
         match self.family {
             Family::Llama => self.attention_bias,
-            Family::Qwen2 => false,
+            Family::Qwen2 | Family::Mistral => false,
         }
     }
 
