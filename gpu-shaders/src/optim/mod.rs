@@ -247,7 +247,18 @@ impl GpuOptimizer {
             Merge::Ties(t) => Some(TiesParams::from_config(t)),
             _ => None,
         };
-        Self::build(ctx, config, ties, tensors)
+        // Every buffer is allocated here, once: one out-of-memory scope around them
+        // all turns a device that cannot hold the state into a named error.
+        let elements: u64 = tensors.iter().map(|t| t.theta.len() as u64).sum();
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let built = Self::build(ctx, config, ties, tensors);
+        match pollster::block_on(scope.pop()) {
+            None => built,
+            Some(_) => Err(GpuError::OutOfMemory {
+                what: format!("the optimizer's parameters, moments and gradients ({} tensors)", tensors.len()),
+                bytes: 16 * elements,
+            }),
+        }
     }
 
     fn build(ctx: GpuContext, config: OnlineConfig, ties: Option<TiesParams>, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
