@@ -4,7 +4,7 @@
 //! `train_mid`, `linear_threads`. Throughput is also given per CPU second, so a
 //! figure can be judged on a machine shared with other jobs.
 
-use host::model::layers;
+use host::model::{layers, simd};
 use host::model::{GenerateOptions, LlamaConfig, LlamaModel, Sampling, Sequence, SplitMix64};
 
 fn rand_vec(rng: &mut SplitMix64, n: usize, scale: f64) -> Vec<f32> {
@@ -91,32 +91,47 @@ fn cpu_seconds() -> f64 {
     if f.len() > 13 { (f[11] + f[12]) / 100.0 } else { 0.0 }
 }
 
-/// Single-thread GFLOP/s of the linear layer at the demo model's sizes.
+/// Single-thread GFLOP/s of the linear layer at every vector level the CPU has
+/// (the bits are the same at each), at the demo model's sizes and at two layers
+/// and the LM head of the `llama-7m` and `llama-110m` bench shapes.
 fn bench_linear() {
-    let (t, ic, oc) = (128, 128, 352);
-    let mut rng = SplitMix64::new(1);
-    let x = rand_vec(&mut rng, t * ic, 1.0);
-    let w = rand_vec(&mut rng, oc * ic, 1.0);
-    let dy = rand_vec(&mut rng, t * oc, 1.0);
-    let mut y = vec![0f32; t * oc];
-    let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
-    let reps = 200;
-    let flops = 2.0 * (t * ic * oc) as f64 * reps as f64;
-    let c0 = cpu_seconds();
-    let wt = layers::transpose(&w, ic, oc);
-    for _ in 0..reps {
-        layers::linear_forward(&mut y, &x, &wt, None, ic, oc, 1);
+    let shapes = [
+        ("demo mlp up", 128, 128, 352),
+        ("7m mlp up", 256, 256, 704),
+        ("7m head", 192, 256, 8192),
+        ("110m mlp down", 256, 2048, 768),
+        ("110m head", 96, 768, 32000),
+    ];
+    for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+        simd::set_limit(level);
+        for (name, t, ic, oc) in shapes {
+            let mut rng = SplitMix64::new(1);
+            let x = rand_vec(&mut rng, t * ic, 1.0);
+            let w = rand_vec(&mut rng, oc * ic, 1.0);
+            let dy = rand_vec(&mut rng, t * oc, 1.0);
+            let mut y = vec![0f32; t * oc];
+            let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
+            let reps = (1e10 / (2.0 * (t * ic * oc) as f64)).ceil() as usize;
+            let flops = 2.0 * (t * ic * oc) as f64 * reps as f64;
+            let wt = layers::transpose(&w, ic, oc);
+            let c0 = cpu_seconds();
+            for _ in 0..reps {
+                layers::linear_forward(&mut y, &x, &wt, None, ic, oc, 1);
+            }
+            let c1 = cpu_seconds();
+            for _ in 0..reps {
+                layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc, 1);
+            }
+            let c2 = cpu_seconds();
+            println!(
+                "{:<8} {name:<14} [{t}x{ic}]·[{ic}x{oc}]: forward {:.1} GFLOP/s, backward {:.1} GFLOP/s (per CPU second)",
+                level.name(),
+                flops / (c1 - c0) / 1e9,
+                2.0 * flops / (c2 - c1) / 1e9
+            );
+        }
     }
-    let c1 = cpu_seconds();
-    for _ in 0..reps {
-        layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc, 1);
-    }
-    let c2 = cpu_seconds();
-    println!(
-        "linear forward {:.2} GFLOP/s, backward {:.2} GFLOP/s (per CPU second)",
-        flops / (c1 - c0) / 1e9,
-        2.0 * flops / (c2 - c1) / 1e9
-    );
+    simd::set_limit(simd::Level::Avx512);
 }
 
 /// A ~58M-parameter Llama shape (32k vocabulary) to see how the CPU path scales.

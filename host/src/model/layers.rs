@@ -6,11 +6,12 @@
 //! gradients, so a residual stream's two consumers can write to the same buffer.
 
 use super::config::RopeScaling;
+use super::simd::{self, Level};
 
 /// Dot product with eight independent partial sums: the fixed lane structure lets
 /// the compiler vectorize without reassociating, and gives every row the same
 /// rounding whichever loop computes it.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
@@ -29,7 +30,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a * x`
-#[inline]
+#[inline(always)]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     debug_assert_eq!(y.len(), x.len());
     for (yi, xi) in y.iter_mut().zip(x) {
@@ -94,6 +95,12 @@ const PARALLEL_MIN_MACS: usize = 1 << 20;
 /// every element is still summed in the same order, so the split changes nothing
 /// but the time.
 fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+    accumulate_rows_at(simd::active(), out, n, src, n_src, threads, a)
+}
+
+/// [`accumulate_rows`] with the vector level given (the tests run every level).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
     let rows = out.len() / n;
     // at least 64 columns each, so every thread still has whole vectors to work on
     let parts = if rows * n * n_src >= PARALLEL_MIN_MACS {
@@ -102,7 +109,7 @@ fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads
         1
     };
     if parts == 1 {
-        accumulate_segments(out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
+        accumulate_segments(level, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
         return;
     }
     let width = n.div_ceil(parts);
@@ -115,7 +122,7 @@ fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads
     let a = &a;
     std::thread::scope(|s| {
         for (p, segs) in split.into_iter().enumerate() {
-            s.spawn(move || accumulate_segments(segs, p * width, src, n, n_src, a));
+            s.spawn(move || accumulate_segments(level, segs, p * width, src, n, n_src, a));
         }
     });
 }
@@ -128,9 +135,69 @@ fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads
 /// four, so each group of four source rows is loaded from cache once per block
 /// rather than once per output row: at 512-wide layers the sources no longer fit
 /// in L2, and without the blocking the loop waits on memory.
-fn accumulate_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn accumulate_segments(level: Level, mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    // SAFETY: a copy runs only on a CPU that has its instructions.
+    match level.min(simd::detected()) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { accumulate_segments_avx512(segs, c0, src, n, n_src, a) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { accumulate_segments_avx2(segs, c0, src, n, n_src, a) },
+        _ => stream_segments(&mut segs, 0, c0, src, n, n_src, a),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    accumulate_segments_body::<32>(segs, c0, src, n, n_src, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    accumulate_segments_body::<16>(segs, c0, src, n, n_src, a)
+}
+
+
+/// Output columns go in tiles of `W` (two vector registers per row at each
+/// level), four rows at a time: the tile's sums stay in registers through the
+/// whole `k` loop, so each loaded source vector serves four rows and no partial
+/// sum goes back to memory. Tiles run column-major, so the `[n_src, W]` panel of
+/// `src` that a tile reads is still in cache for the next four rows. Columns
+/// that do not fill a tile take the row-streaming loop of [`axpy4`]. Every
+/// element gets the same operations in both, in the same order.
+#[inline(always)]
+fn accumulate_segments_body<const W: usize>(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
-    let stile = |k: usize| &src[k * n + c0..k * n + c0 + len];
+    let tiled = len / W * W;
+    let full_blocks = segs.len() / 4 * 4;
+    let mut panel = vec![[0f32; W]; n_src];
+    for col in (0..tiled).step_by(W) {
+        for (k, p) in panel.iter_mut().enumerate() {
+            p.copy_from_slice(&src[k * n + c0 + col..k * n + c0 + col + W]);
+        }
+        let (blocks, rest) = segs.split_at_mut(full_blocks);
+        for (b, block) in blocks.chunks_exact_mut(4).enumerate() {
+            tile::<W, 4>(block, 4 * b, col, &panel, a);
+        }
+        for (j, row) in rest.iter_mut().enumerate() {
+            tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, &panel, a);
+        }
+    }
+    if tiled < len {
+        stream_segments(&mut segs, tiled, c0, src, n, n_src, a);
+    }
+}
+
+/// Columns `from ..` of `segs` (source columns `c0 + from ..`), source rows four
+/// at a time through [`axpy4`] in ascending `k`, output rows in blocks of four so
+/// each group of source rows is loaded once per block. The baseline level's
+/// whole product: with 128-bit vectors the broadcasts of a register tile cost
+/// more than the loads this saves (measured with the `linear` bench).
+#[inline(always)]
+fn stream_segments(segs: &mut [&mut [f32]], from: usize, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    let Some(len) = segs.first().map(|s| s.len()) else { return };
+    let stile = |k: usize| &src[k * n + c0 + from..k * n + c0 + len];
     for (b, block) in segs.chunks_mut(4).enumerate() {
         let r0 = 4 * b;
         let mut k = 0;
@@ -138,15 +205,52 @@ fn accumulate_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usi
             let s = [stile(k), stile(k + 1), stile(k + 2), stile(k + 3)];
             for (j, seg) in block.iter_mut().enumerate() {
                 let r = r0 + j;
-                axpy4(seg, [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
+                axpy4(&mut seg[from..], [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
             }
             k += 4;
         }
         for k in k..n_src {
             for (j, seg) in block.iter_mut().enumerate() {
-                axpy(seg, a(r0 + j, k), stile(k));
+                axpy(&mut seg[from..], a(r0 + j, k), stile(k));
             }
         }
+    }
+}
+
+/// Columns `col .. col + W` of the `M` output rows `block` (rows `r0 ..` of the
+/// product), given those columns of `src` packed as `panel[k]`: the [`axpy4`] /
+/// [`axpy`] sums, held in registers.
+#[inline(always)]
+fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
+    let mut acc = [[0f32; W]; M];
+    for (y, row) in acc.iter_mut().zip(block.iter()) {
+        y.copy_from_slice(&row[col..col + W]);
+    }
+    let n_src = panel.len();
+    let x = |k: usize| &panel[k];
+    let mut k = 0;
+    while k + 4 <= n_src {
+        let (x0, x1, x2, x3) = (x(k), x(k + 1), x(k + 2), x(k + 3));
+        for (j, y) in acc.iter_mut().enumerate() {
+            let r = r0 + j;
+            let (a0, a1, a2, a3) = (a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3));
+            for i in 0..W {
+                y[i] += (a0 * x0[i] + a1 * x1[i]) + (a2 * x2[i] + a3 * x3[i]);
+            }
+        }
+        k += 4;
+    }
+    for k in k..n_src {
+        let xk = x(k);
+        for (j, y) in acc.iter_mut().enumerate() {
+            let ak = a(r0 + j, k);
+            for i in 0..W {
+                y[i] += ak * xk[i];
+            }
+        }
+    }
+    for (y, row) in acc.iter().zip(block.iter_mut()) {
+        row[col..col + W].copy_from_slice(y);
     }
 }
 
@@ -158,7 +262,7 @@ pub fn bias_backward(db: &mut [f32], dy: &[f32]) {
 }
 
 /// `y += ((a0 x0 + a1 x1) + (a2 x2 + a3 x3))`
-#[inline]
+#[inline(always)]
 fn axpy4(y: &mut [f32], a: [f32; 4], x: [&[f32]; 4]) {
     let n = y.len();
     let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
@@ -302,7 +406,37 @@ impl AttnShape {
 
 /// `out[t, h] = Σ_{j ≤ pos0+t} softmax_j(q[t,h]·k[j,g] / √d) v[j,g]`.
 /// If `probs` is given (`[heads, tq, tk]`), the softmax weights are saved there.
-pub fn attention_forward(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_at(simd::active(), out, probs, q, k, v, s)
+}
+
+/// [`attention_forward`] with the vector level given (the tests run every level).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_forward_at(level: Level, out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    // SAFETY: a copy runs only on a CPU that has its instructions.
+    match level.min(simd::detected()) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { attention_forward_avx512(out, probs, q, k, v, s) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { attention_forward_avx2(out, probs, q, k, v, s) },
+        _ => attention_forward_body(out, probs, q, k, v, s),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn attention_forward_avx512(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_body(out, probs, q, k, v, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn attention_forward_avx2(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_body(out, probs, q, k, v, s)
+}
+
+#[inline(always)]
+fn attention_forward_body(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -343,6 +477,39 @@ pub fn attention_forward(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f3
 /// `dv += pᵀ dout`, `ds = p ⊙ (dp − Σ p dp)`, `dq += ds k / √d`, `dk += dsᵀ q / √d`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_at(simd::active(), dq, dk, dv, dout, probs, q, k, v, s)
+}
+
+/// [`attention_backward`] with the vector level given (the tests run every level).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention_backward_at(level: Level, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    // SAFETY: a copy runs only on a CPU that has its instructions.
+    match level.min(simd::detected()) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { attention_backward_avx512(dq, dk, dv, dout, probs, q, k, v, s) },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { attention_backward_avx2(dq, dk, dv, dout, probs, q, k, v, s) },
+        _ => attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_avx512(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_avx2(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_body(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     debug_assert_eq!(s.pos0, 0);
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;

@@ -36,6 +36,7 @@ pub mod config;
 pub mod gpu;
 pub mod layers;
 pub mod llama;
+pub mod simd;
 
 pub use config::{ConfigError, Family, LlamaConfig, RopeScaling};
 pub use gpu::{GpuForward, GpuLlama, GpuModelError};
