@@ -9,6 +9,7 @@
 //! summation order, so results are the same bits whatever the number of threads.
 
 use std::fmt;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::config::{ConfigError, LlamaConfig};
@@ -181,6 +182,10 @@ pub struct LlamaModel {
     pub params: ParamSet,
     idx: Index,
     threads: usize,
+    /// [`HEAD_KEPT_MAX`], lowered by the tests to take the recomputing path.
+    pub(super) head_kept_max: usize,
+    /// Zeroed gradient sets that [`Self::backward`] reuses, one per thread.
+    grad_scratch: Mutex<Vec<ParamSet>>,
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
@@ -210,7 +215,22 @@ struct SeqTape {
     rstdf: Vec<f32>,
     /// Positions whose next token is scored, and that next token.
     rows: Vec<(usize, u32)>,
+    /// The LM head's input rows and softmax, when small enough to keep
+    /// ([`HEAD_KEPT_MAX`]); otherwise the backward pass recomputes them, with
+    /// identical results.
+    head: Option<HeadTape>,
 }
+
+struct HeadTape {
+    hsel: Vec<f32>,
+    probs: Vec<f32>,
+}
+
+/// The most `rows · vocab` softmax values a sequence's tape keeps (256 MiB):
+/// below it the backward pass reuses the forward's probabilities, above it (long
+/// sequences with 150k-token vocabularies) it recomputes the head rather than
+/// hold gigabytes.
+const HEAD_KEPT_MAX: usize = 1 << 26;
 
 /// The result of [`LlamaModel::forward`]: per-sequence summed log-probabilities
 /// of the scored tokens, and the tape that [`LlamaModel::backward`] needs.
@@ -285,6 +305,40 @@ fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> 
     slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
 }
 
+/// `grads += parts[0]; grads += parts[1]; …` element by element in that order,
+/// leaving every part zero. Threads take disjoint ranges of each tensor, so the
+/// bits do not depend on their number.
+fn add_and_zero(grads: &mut ParamSet, parts: &mut [std::sync::MutexGuard<'_, ParamSet>], threads: usize) {
+    const CHUNK: usize = 1 << 16;
+    let mut jobs: Vec<(&mut [f32], Vec<&mut [f32]>)> = Vec::new();
+    let mut part_tensors: Vec<_> = parts.iter_mut().map(|p| p.tensors.iter_mut()).collect();
+    for gt in grads.tensors.iter_mut() {
+        let mut part_chunks: Vec<_> = part_tensors
+            .iter_mut()
+            .map(|it| it.next().expect("gradient sets share a layout").data.chunks_mut(CHUNK))
+            .collect();
+        for g in gt.data.chunks_mut(CHUNK) {
+            jobs.push((g, part_chunks.iter_mut().map(|c| c.next().expect("same length")).collect()));
+        }
+    }
+    let run = |(g, ps): &mut (&mut [f32], Vec<&mut [f32]>)| {
+        for p in ps.iter_mut() {
+            layers::axpy(g, 1.0, p);
+            p.fill(0.0);
+        }
+    };
+    if threads <= 1 {
+        jobs.iter_mut().for_each(run);
+        return;
+    }
+    let per = jobs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for share in jobs.chunks_mut(per.max(1)) {
+            s.spawn(move || share.iter_mut().for_each(run));
+        }
+    });
+}
+
 impl LlamaModel {
     /// A freshly initialized model: linear and embedding weights N(0, 0.02²), the
     /// two projections that write into the residual stream (o, down) scaled by
@@ -325,7 +379,7 @@ impl LlamaModel {
         check_layout(&config, &params)?;
         let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { config, params, idx, threads })
+        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()) })
     }
 
     /// Worker threads for batch work. Results do not depend on it.
@@ -342,8 +396,9 @@ impl LlamaModel {
         self.params.zeros_like()
     }
 
-    /// The shared state of a call that runs `sequences` sequences in parallel.
-    fn pass(&self, sequences: usize) -> Pass {
+    /// The shared state of a call that runs `sequences` sequences in parallel,
+    /// none longer than `max_len` tokens (0: the call keeps its own positions).
+    fn pass(&self, sequences: usize, max_len: usize) -> Pass {
         let untied_embed = (!self.config.tie_word_embeddings).then_some(self.idx.embed);
         let wt = self
             .params
@@ -359,9 +414,11 @@ impl LlamaModel {
                 }
             })
             .collect();
+        let cfg = &self.config;
         Pass {
             wt,
             par: (self.threads / sequences.max(1)).max(1),
+            rope: Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0, max_len),
         }
     }
 
@@ -532,16 +589,17 @@ impl LlamaModel {
 
     // ------------------------------------------------------------ whole sequence
 
-    fn forward_seq(&self, pass: &Pass, seq: &Sequence) -> (f32, SeqTape) {
+    /// The sequence's summed log-probability and its tape; `keep_tape` is false
+    /// when the caller drops the tape (no gradient follows).
+    fn forward_seq(&self, pass: &Pass, seq: &Sequence, keep_tape: bool) -> (f32, SeqTape) {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = seq.tokens.len();
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0, t);
         let mut x = vec![0f32; t * c];
         layers::embedding_forward(&mut x, &seq.tokens, self.w(self.idx.embed), c);
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let (a, x_out) = self.block_forward(pass, l, x, 0, &rope, None);
+            let (a, x_out) = self.block_forward(pass, l, x, 0, &pass.rope, None);
             acts.push(a);
             x = x_out;
         }
@@ -551,7 +609,8 @@ impl LlamaModel {
 
         let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
         let mut logp = 0f64;
-        self.head_rows(pass, &nf, &rows, |_, lp, _| logp += lp as f64);
+        let keep = keep_tape && rows.len() * cfg.vocab_size <= self.head_kept_max;
+        let head = self.head_rows(pass, &nf, &rows, keep, |_, lp, _| logp += lp as f64);
         let tape = SeqTape {
             tokens: seq.tokens.clone(),
             layers: acts,
@@ -559,16 +618,16 @@ impl LlamaModel {
             nf,
             rstdf,
             rows,
+            head: keep.then_some(head),
         };
         (logp as f32, tape)
     }
 
     /// Runs the LM head on the rows of `nf` whose next token is scored (the others
     /// never need logits) and calls `f(row, log p(target), softmax)` for each.
-    /// The backward pass calls it again rather than keeping `[rows, vocab]`
-    /// probabilities on the tape: for real vocabularies that would dominate memory,
-    /// and recomputing is one head matmul with identical results.
-    fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], mut f: impl FnMut(usize, f32, &[f32])) -> Vec<f32> {
+    /// Returns the head's input rows and, with `keep`, the `[rows, vocab]`
+    /// probabilities (else that buffer holds logits).
+    fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], keep: bool, mut f: impl FnMut(usize, f32, &[f32])) -> HeadTape {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut hsel = Vec::with_capacity(rows.len() * c);
         for &(p, _) in rows {
@@ -578,31 +637,46 @@ impl LlamaModel {
         layers::linear_forward(&mut logits, &hsel, pass.wt(self.idx.head), None, c, vocab, pass.par);
         let mut probs = vec![0f32; vocab];
         for (r, &(_, tgt)) in rows.iter().enumerate() {
-            let lp = layers::log_softmax_row(&logits[r * vocab..(r + 1) * vocab], tgt as usize, &mut probs);
+            let row = &mut logits[r * vocab..(r + 1) * vocab];
+            let lp = layers::log_softmax_row(row, tgt as usize, &mut probs);
             f(r, lp, &probs);
+            if keep {
+                row.copy_from_slice(&probs);
+            }
         }
-        hsel
+        HeadTape { hsel, probs: logits }
     }
 
-    /// Gradients of `coef · logp(seq)` into a fresh set.
-    fn backward_seq(&self, pass: &Pass, tape: &SeqTape, coef: f32) -> ParamSet {
+    /// Gradients of `coef · logp(seq)` into `g`, which holds zeros.
+    fn backward_seq(&self, pass: &Pass, tape: &SeqTape, coef: f32, g: &mut ParamSet) {
         let cfg = &self.config;
         let (c, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let t = tape.tokens.len();
-        let mut g = self.zero_grads();
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, 0, t);
 
         let r = tape.rows.len();
         let mut dlogits = vec![0f32; r * vocab];
-        let hsel = self.head_rows(pass, &tape.nf, &tape.rows, |i, _, probs| {
+        let mut head_backward = |i: usize, probs: &[f32]| {
             layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], probs, tape.rows[i].1 as usize, coef)
-        });
+        };
+        let recomputed;
+        let hsel = match &tape.head {
+            Some(head) => {
+                for (i, probs) in head.probs.chunks_exact(vocab).enumerate() {
+                    head_backward(i, probs);
+                }
+                &head.hsel
+            }
+            None => {
+                recomputed = self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, probs| head_backward(i, probs));
+                &recomputed.hsel
+            }
+        };
         let mut dhsel = vec![0f32; r * c];
         layers::linear_backward(
             Some(&mut dhsel),
             &mut g.tensors[self.idx.head].data,
             &dlogits,
-            &hsel,
+            hsel,
             self.w(self.idx.head),
             c,
             vocab,
@@ -623,10 +697,9 @@ impl LlamaModel {
             c,
         );
         for l in (0..cfg.num_hidden_layers).rev() {
-            dx = self.block_backward(pass, l, &tape.layers[l], &rope, dx, &mut g);
+            dx = self.block_backward(pass, l, &tape.layers[l], &pass.rope, dx, g);
         }
         layers::embedding_backward(&mut g.tensors[self.idx.embed].data, &dx, &tape.tokens, c);
-        g
     }
 
     // ------------------------------------------------------------ batch API
@@ -635,8 +708,8 @@ impl LlamaModel {
     /// tokens, with the activations kept for [`Self::backward`].
     pub fn forward(&self, seqs: &[Sequence]) -> Result<Forward, ModelError> {
         self.check_sequences(seqs)?;
-        let pass = self.pass(seqs.len());
-        let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i]));
+        let pass = self.pass(seqs.len(), seqs.iter().map(|q| q.tokens.len()).max().unwrap_or(0));
+        let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i], true));
         let scored = seqs.iter().map(Sequence::scored).collect();
         let (logps, tapes) = out.into_iter().unzip();
         Ok(Forward { logps, scored, tapes })
@@ -659,21 +732,28 @@ impl LlamaModel {
             });
         }
         let n = fwd.tapes.len();
-        let pass = self.pass(n);
-        let wave = self.threads.max(1);
+        let pass = self.pass(n, fwd.tapes.iter().map(|t| t.tokens.len()).max().unwrap_or(0));
+        let wave = self.threads.max(1).min(n);
+        // Zeroed per-sequence gradient sets, kept between calls: fresh ones would
+        // cost a page fault per 4 KiB and a TLB shootdown when freed.
+        let mut scratch = std::mem::take(&mut *self.grad_scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        scratch.truncate(wave);
+        while scratch.len() < wave {
+            scratch.push(self.zero_grads());
+        }
+        let slots: Vec<Mutex<ParamSet>> = scratch.into_iter().map(Mutex::new).collect();
         let mut start = 0;
         while start < n {
             let end = (start + wave).min(n);
-            let parts = par_map(self.threads, end - start, |i| {
-                self.backward_seq(&pass, &fwd.tapes[start + i], dlogps[start + i])
+            par_map(self.threads, end - start, |i| {
+                let mut g = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+                self.backward_seq(&pass, &fwd.tapes[start + i], dlogps[start + i], &mut g)
             });
-            for part in parts {
-                for (gt, pt) in grads.tensors.iter_mut().zip(&part.tensors) {
-                    layers::axpy(&mut gt.data, 1.0, &pt.data);
-                }
-            }
+            let mut parts: Vec<_> = slots[..end - start].iter().map(|m| m.lock().unwrap_or_else(|e| e.into_inner())).collect();
+            add_and_zero(grads, &mut parts, self.threads);
             start = end;
         }
+        *self.grad_scratch.lock().unwrap_or_else(|e| e.into_inner()) = slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
         Ok(())
     }
 
@@ -681,8 +761,8 @@ impl LlamaModel {
     /// (the frozen reference model, evaluation).
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, ModelError> {
         self.check_sequences(seqs)?;
-        let pass = self.pass(seqs.len());
-        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i]).0))
+        let pass = self.pass(seqs.len(), seqs.iter().map(|q| q.tokens.len()).max().unwrap_or(0));
+        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i], false).0))
     }
 
     /// Next-token cross-entropy over the scored tokens; accumulates
@@ -741,7 +821,7 @@ impl LlamaModel {
             mask: vec![false; tokens.len()],
         }])?;
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let pass = self.pass(1);
+        let pass = self.pass(1, 0);
         let nf = self.infer(&pass, &mut self.new_cache(), tokens);
         let mut logits = vec![0f32; tokens.len() * vocab];
         layers::linear_forward(&mut logits, &nf, pass.wt(self.idx.head), None, c, vocab, pass.par);
@@ -773,7 +853,7 @@ impl LlamaModel {
             })
             .collect();
         self.check_sequences(&seqs)?;
-        let pass = self.pass(prompts.len());
+        let pass = self.pass(prompts.len(), 0);
         Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&pass, &prompts[i], opts, i as u64)))
     }
 
@@ -806,6 +886,9 @@ impl LlamaModel {
 struct Pass {
     wt: Vec<Vec<f32>>,
     par: usize,
+    /// Rotations for positions `0 .. max_len` (a position's values do not depend
+    /// on the table's length, so every sequence reads its prefix).
+    rope: Rope,
 }
 
 impl Pass {
