@@ -113,10 +113,9 @@ fn bench_linear() {
             let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
             let reps = (1e10 / (2.0 * (t * ic * oc) as f64)).ceil() as usize;
             let flops = 2.0 * (t * ic * oc) as f64 * reps as f64;
-            let wt = layers::transpose(&w, ic, oc);
             let c0 = cpu_seconds();
             for _ in 0..reps {
-                layers::linear_forward(&mut y, &x, &wt, None, ic, oc, 1);
+                layers::linear_forward(&mut y, &x, layers::Weight::Hf(&w), None, ic, oc, 1);
             }
             let c1 = cpu_seconds();
             for _ in 0..reps {
@@ -177,7 +176,7 @@ fn bench_linear_threads() {
     for threads in [1, 2, 1, 2] {
         let (start, cpu0) = (std::time::Instant::now(), cpu_seconds());
         for _ in 0..10 {
-            layers::linear_forward(&mut y, &x, &wt, None, ic, oc, threads);
+            layers::linear_forward(&mut y, &x, layers::Weight::Transposed(&wt), None, ic, oc, threads);
         }
         let (dt, cpu) = (start.elapsed().as_secs_f64() / 10.0, (cpu_seconds() - cpu0) / 10.0);
         println!(

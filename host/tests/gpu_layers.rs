@@ -131,7 +131,7 @@ fn linear_forward_and_backward_match_cpu() {
             vec![read(&ctx, &gy), read(&ctx, &gdx), read(&ctx, &gdw), read(&ctx, &gdb)]
         });
         let mut y = vec![0f32; s.rows * s.outputs];
-        layers::linear_forward(&mut y, &x, &layers::transpose(&w, s.inputs, s.outputs), bias.then_some(&b[..]), s.inputs, s.outputs, 1);
+        layers::linear_forward(&mut y, &x, layers::Weight::Hf(&w), bias.then_some(&b[..]), s.inputs, s.outputs, 1);
         let (mut dx, mut dw, mut db) = (dx0.clone(), dw0.clone(), db0.clone());
         layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, s.inputs, s.outputs, 1);
         if bias {
@@ -248,10 +248,10 @@ fn check_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, s
     });
     let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, pos0: 0, tq: s.tokens };
     let mut out = vec![0f32; qd];
-    let mut probs = vec![0f32; s.heads * s.tokens * s.tokens];
-    layers::attention_forward(&mut out, Some(&mut probs), &q, &k, &v, shape);
+    let mut saved = layers::AttnSaved::probs(shape);
+    layers::attention_forward(&mut out, Some(&mut saved), &q, &k, &v, shape);
     let (mut dq, mut dk, mut dv) = (dq0.clone(), dk0.clone(), dv0.clone());
-    layers::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, shape);
+    layers::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &saved, &q, &k, &v, shape);
     assert_close(&format!("{what} out"), &gpu[0], &out, TOL);
     assert_close(&format!("{what} dq"), &gpu[1], &dq, TOL);
     assert_close(&format!("{what} dk"), &gpu[2], &dk, TOL);
@@ -321,7 +321,7 @@ impl HeadCase {
     fn cpu(&self) -> HeadResult {
         let s = self.s;
         let mut logits = vec![0f32; s.rows * s.vocab];
-        layers::linear_forward(&mut logits, &self.x, &layers::transpose(&self.w, s.hidden, s.vocab), None, s.hidden, s.vocab, 1);
+        layers::linear_forward(&mut logits, &self.x, layers::Weight::Hf(&self.w), None, s.hidden, s.vocab, 1);
         let mut probs = vec![0f32; s.vocab];
         let mut dlogits = vec![0f32; s.rows * s.vocab];
         let (mut logp, mut lse) = (Vec::new(), Vec::new());

@@ -53,24 +53,34 @@ pub fn transpose(w: &[f32], ic: usize, oc: usize) -> Vec<f32> {
     wt
 }
 
-/// `y[t, o] = b[o] + Σ_i x[t, i] w[o, i]`, given `wt` = [`transpose`]`(w)`.
+/// A weight matrix as [`linear_forward`] reads it.
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    /// `[out, in]`, Hugging Face layout: the parameter itself.
+    Hf(&'a [f32]),
+    /// `[in, out]`, from [`transpose`]: what the baseline level's loop reads.
+    Transposed(&'a [f32]),
+}
+
+/// `y[t, o] = b[o] + Σ_i x[t, i] w[o, i]`.
 ///
-/// Output rows are built by `axpy4` over contiguous rows of `wᵀ`: that
-/// vectorizes without horizontal sums, about twice the speed of row-by-row dot
-/// products (measured with `bench_linear`). Every output element is summed in
-/// the same order whatever the number of rows or `threads`, so a KV-cache step
+/// Every output element is summed in the same order whatever the number of
+/// rows, `threads`, the vector level or the weight's layout, so a KV-cache step
 /// and a full forward agree bit for bit.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, ic: usize, oc: usize, threads: usize) {
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: Weight<'_>, b: Option<&[f32]>, ic: usize, oc: usize, threads: usize) {
     debug_assert_eq!(y.len(), x.len() / ic * oc);
-    debug_assert_eq!(wt.len(), oc * ic);
     for yr in y.chunks_exact_mut(oc) {
         match b {
             Some(b) => yr.copy_from_slice(b),
             None => yr.fill(0.0),
         }
     }
-    accumulate_rows(y, oc, wt, ic, threads, |t, i| x[t * ic + i]);
+    let src = match w {
+        Weight::Hf(w) => Src::Cols(w),
+        Weight::Transposed(wt) => Src::Rows(wt),
+    };
+    accumulate_rows(y, oc, src, ic, threads, |t, i| x[t * ic + i]);
 }
 
 /// Gradients of [`linear_forward`]'s input and weight: `dx += dy w`, `dw += dyᵀ x`
@@ -80,27 +90,46 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], wt: &[f32], b: Option<&[f32]>, i
 pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize, threads: usize) {
     let rows = x.len() / ic;
     if let Some(dx) = dx {
-        accumulate_rows(dx, ic, w, oc, threads, |t, o| dy[t * oc + o]);
+        accumulate_rows(dx, ic, Src::Rows(w), oc, threads, |t, o| dy[t * oc + o]);
     }
-    accumulate_rows(dw, ic, x, rows, threads, |o, t| dy[t * oc + o]);
+    accumulate_rows(dw, ic, Src::Rows(x), rows, threads, |o, t| dy[t * oc + o]);
 }
 
 /// Below this many multiply-adds a product is not worth waking a second thread.
 const PARALLEL_MIN_MACS: usize = 1 << 20;
 
-/// `out[r, :] += Σ_k a(r, k) · src[k, :]` for every row `r` of `out`, rows of
+/// Where the `src` operand of [`accumulate_rows`] keeps element `(k, c)`.
+#[derive(Clone, Copy)]
+pub(super) enum Src<'a> {
+    /// `[n_src, n]`, row-major: at `k · n + c`.
+    Rows(&'a [f32]),
+    /// `[n, n_src]`, a matrix read as its transpose: at `c · n_src + k`.
+    Cols(&'a [f32]),
+}
+
+/// `out[r, c] += Σ_k a(r, k) · src(k, c)` for every row `r` of `out`, rows of
 /// length `n`, `k < n_src`.
 ///
 /// With `threads > 1` and enough work, the columns are split among threads;
 /// every element is still summed in the same order, so the split changes nothing
 /// but the time.
-fn accumulate_rows(out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+fn accumulate_rows(out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
     accumulate_rows_at(simd::active(), out, n, src, n_src, threads, a)
 }
 
 /// [`accumulate_rows`] with the vector level given (the tests run every level).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: &[f32], n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+    let level = level.min(simd::detected());
+    let transposed;
+    let src = match src {
+        // the baseline loop streams rows of the source
+        Src::Cols(m) if level == Level::Baseline => {
+            transposed = transpose(m, n_src, n);
+            Src::Rows(&transposed)
+        }
+        src => src,
+    };
     let rows = out.len() / n;
     // at least 64 columns each, so every thread still has whole vectors to work on
     let parts = if rows * n * n_src >= PARALLEL_MIN_MACS {
@@ -128,103 +157,88 @@ pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: &
 }
 
 /// The work of [`accumulate_rows`] on `segs[r]` = columns `c0 .. c0 + len` of
-/// output row `r`.
-///
-/// Sources go four at a time through [`axpy4`] in ascending `k` (the summation
-/// order, hence the rounding, of every element), and output rows go in blocks of
-/// four, so each group of four source rows is loaded from cache once per block
-/// rather than once per output row: at 512-wide layers the sources no longer fit
-/// in L2, and without the blocking the loop waits on memory.
-fn accumulate_segments(level: Level, mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+/// output row `r`, at `level` (at most what the CPU has; a `Cols` source only
+/// above the baseline).
+fn accumulate_segments(level: Level, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
     // SAFETY: a copy runs only on a CPU that has its instructions.
-    match level.min(simd::detected()) {
+    match (level, src) {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { accumulate_segments_avx512(segs, c0, src, n, n_src, a) },
+        (Level::Avx512, _) => unsafe { accumulate_segments_avx512(segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { accumulate_segments_avx2(segs, c0, src, n, n_src, a) },
-        _ => stream_segments(&mut segs, 0, c0, src, n, n_src, a),
+        (Level::Avx2, _) => unsafe { accumulate_segments_avx2(segs, c0, src, n, n_src, a) },
+        (_, Src::Rows(m)) => stream_segments(segs, c0, m, n, n_src, a),
+        (_, Src::Cols(_)) => unreachable!("accumulate_rows_at transposes a Cols source for the baseline"),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    accumulate_segments_body::<32>(segs, c0, src, n, n_src, a)
+fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    tiled_segments::<32>(segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    accumulate_segments_body::<16>(segs, c0, src, n, n_src, a)
+fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    tiled_segments::<16>(segs, c0, src, n, n_src, a)
 }
-
 
 /// Output columns go in tiles of `W` (two vector registers per row at each
 /// level), four rows at a time: the tile's sums stay in registers through the
 /// whole `k` loop, so each loaded source vector serves four rows and no partial
-/// sum goes back to memory. Tiles run column-major, so the `[n_src, W]` panel of
-/// `src` that a tile reads is still in cache for the next four rows. Columns
-/// that do not fill a tile take the row-streaming loop of [`axpy4`]. Every
-/// element gets the same operations in both, in the same order.
+/// sum goes back to memory. Each tile's `[n_src, W]` source columns are first
+/// packed contiguously (from either layout, so weights need no transposed
+/// copy), and every row block reuses them from cache. The last tile of a
+/// segment may be narrower; its unused lanes compute on zeros and are dropped.
 #[inline(always)]
-fn accumulate_segments_body<const W: usize>(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn tiled_segments<const W: usize>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
-    let tiled = len / W * W;
     let full_blocks = segs.len() / 4 * 4;
     let mut panel = vec![[0f32; W]; n_src];
-    for col in (0..tiled).step_by(W) {
-        for (k, p) in panel.iter_mut().enumerate() {
-            p.copy_from_slice(&src[k * n + c0 + col..k * n + c0 + col + W]);
-        }
+    for col in (0..len).step_by(W) {
+        let width = W.min(len - col);
+        pack_panel(&mut panel, src, c0 + col, width, n, n_src);
         let (blocks, rest) = segs.split_at_mut(full_blocks);
         for (b, block) in blocks.chunks_exact_mut(4).enumerate() {
-            tile::<W, 4>(block, 4 * b, col, &panel, a);
+            tile::<W, 4>(block, 4 * b, col, width, &panel, a);
         }
         for (j, row) in rest.iter_mut().enumerate() {
-            tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, &panel, a);
+            tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
         }
-    }
-    if tiled < len {
-        stream_segments(&mut segs, tiled, c0, src, n, n_src, a);
     }
 }
 
-/// Columns `from ..` of `segs` (source columns `c0 + from ..`), source rows four
-/// at a time through [`axpy4`] in ascending `k`, output rows in blocks of four so
-/// each group of source rows is loaded once per block. The baseline level's
-/// whole product: with 128-bit vectors the broadcasts of a register tile cost
-/// more than the loads this saves (measured with the `linear` bench).
+/// `panel[k][i] = src(k, c + i)` for `i < width`, zeros beyond.
 #[inline(always)]
-fn stream_segments(segs: &mut [&mut [f32]], from: usize, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    let Some(len) = segs.first().map(|s| s.len()) else { return };
-    let stile = |k: usize| &src[k * n + c0 + from..k * n + c0 + len];
-    for (b, block) in segs.chunks_mut(4).enumerate() {
-        let r0 = 4 * b;
-        let mut k = 0;
-        while k + 4 <= n_src {
-            let s = [stile(k), stile(k + 1), stile(k + 2), stile(k + 3)];
-            for (j, seg) in block.iter_mut().enumerate() {
-                let r = r0 + j;
-                axpy4(&mut seg[from..], [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
+fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, width: usize, n: usize, n_src: usize) {
+    if width < W {
+        panel.iter_mut().for_each(|p| p.fill(0.0));
+    }
+    match src {
+        Src::Rows(m) => {
+            for (k, p) in panel.iter_mut().enumerate() {
+                p[..width].copy_from_slice(&m[k * n + c..k * n + c + width]);
             }
-            k += 4;
         }
-        for k in k..n_src {
-            for (j, seg) in block.iter_mut().enumerate() {
-                axpy(&mut seg[from..], a(r0 + j, k), stile(k));
+        Src::Cols(m) => {
+            for i in 0..width {
+                let column = &m[(c + i) * n_src..(c + i + 1) * n_src];
+                for (p, &v) in panel.iter_mut().zip(column) {
+                    p[i] = v;
+                }
             }
         }
     }
 }
 
-/// Columns `col .. col + W` of the `M` output rows `block` (rows `r0 ..` of the
-/// product), given those columns of `src` packed as `panel[k]`: the [`axpy4`] /
-/// [`axpy`] sums, held in registers.
+/// Columns `col .. col + width` of the `M` output rows `block` (rows `r0 ..` of
+/// the product), given those columns of `src` packed as `panel[k]`: the
+/// [`axpy4`] / [`axpy`] sums, held in registers.
 #[inline(always)]
-fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
+fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
     let mut acc = [[0f32; W]; M];
     for (y, row) in acc.iter_mut().zip(block.iter()) {
-        y.copy_from_slice(&row[col..col + W]);
+        y[..width].copy_from_slice(&row[col..col + width]);
     }
     let n_src = panel.len();
     let x = |k: usize| &panel[k];
@@ -250,7 +264,33 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
         }
     }
     for (y, row) in acc.iter().zip(block.iter_mut()) {
-        row[col..col + W].copy_from_slice(y);
+        row[col..col + width].copy_from_slice(&y[..width]);
+    }
+}
+
+/// The baseline level's product: source rows four at a time through [`axpy4`]
+/// in ascending `k`, output rows in blocks of four so each group of source rows
+/// is loaded once per block. With 128-bit vectors the broadcasts of a register
+/// tile cost more than the loads it saves (measured with the `linear` bench).
+fn stream_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    let Some(len) = segs.first().map(|s| s.len()) else { return };
+    let stile = |k: usize| &src[k * n + c0..k * n + c0 + len];
+    for (b, block) in segs.chunks_mut(4).enumerate() {
+        let r0 = 4 * b;
+        let mut k = 0;
+        while k + 4 <= n_src {
+            let s = [stile(k), stile(k + 1), stile(k + 2), stile(k + 3)];
+            for (j, seg) in block.iter_mut().enumerate() {
+                let r = r0 + j;
+                axpy4(seg, [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
+            }
+            k += 4;
+        }
+        for k in k..n_src {
+            for (j, seg) in block.iter_mut().enumerate() {
+                axpy(seg, a(r0 + j, k), stile(k));
+            }
+        }
     }
 }
 
@@ -404,39 +444,61 @@ impl AttnShape {
     }
 }
 
+/// What [`attention_forward`] keeps for [`attention_backward`].
+pub enum AttnSaved {
+    /// The softmax weights, `[heads, tq, tk]`.
+    Probs(Vec<f32>),
+    /// Per `(head, query)` row, at `h · tq + t`: the row's largest score and
+    /// `1 / Σ exp(score − largest)`. The backward recomputes the row's weights
+    /// with the forward's operations on the forward's values, so the result is
+    /// the same bits from `O(heads · T)` memory instead of `O(heads · T²)`, for
+    /// one more `q·k` per weight.
+    RowStats { max: Vec<f32>, inv_sum: Vec<f32> },
+}
+
+impl AttnSaved {
+    pub fn probs(s: AttnShape) -> Self {
+        AttnSaved::Probs(vec![0f32; s.heads * s.tq * s.tk()])
+    }
+
+    pub fn row_stats(s: AttnShape) -> Self {
+        AttnSaved::RowStats { max: vec![0f32; s.heads * s.tq], inv_sum: vec![0f32; s.heads * s.tq] }
+    }
+}
+
 /// `out[t, h] = Σ_{j ≤ pos0+t} softmax_j(q[t,h]·k[j,g] / √d) v[j,g]`.
-/// If `probs` is given (`[heads, tq, tk]`), the softmax weights are saved there.
-pub fn attention_forward(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_forward_at(simd::active(), out, probs, q, k, v, s)
+/// With `saved`, what the backward needs is kept there ([`AttnSaved`]).
+pub fn attention_forward(out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_at(simd::active(), out, saved, q, k, v, s)
 }
 
 /// [`attention_forward`] with the vector level given (the tests run every level).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attention_forward_at(level: Level, out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub(super) fn attention_forward_at(level: Level, out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     // SAFETY: a copy runs only on a CPU that has its instructions.
     match level.min(simd::detected()) {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { attention_forward_avx512(out, probs, q, k, v, s) },
+        Level::Avx512 => unsafe { attention_forward_avx512(out, saved, q, k, v, s) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { attention_forward_avx2(out, probs, q, k, v, s) },
-        _ => attention_forward_body(out, probs, q, k, v, s),
+        Level::Avx2 => unsafe { attention_forward_avx2(out, saved, q, k, v, s) },
+        _ => attention_forward_body(out, saved, q, k, v, s),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn attention_forward_avx512(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_forward_body(out, probs, q, k, v, s)
+fn attention_forward_avx512(out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_body(out, saved, q, k, v, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn attention_forward_avx2(out: &mut [f32], probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_forward_body(out, probs, q, k, v, s)
+fn attention_forward_avx2(out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_forward_body(out, saved, q, k, v, s)
 }
 
 #[inline(always)]
-fn attention_forward_body(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+fn attention_forward_body(out: &mut [f32], mut saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -464,10 +526,17 @@ fn attention_forward_body(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f
                 w[j] *= inv;
                 axpy(o, w[j], &v[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]);
             }
-            if let Some(p) = probs.as_deref_mut() {
-                let row = &mut p[(h * s.tq + t) * tk..(h * s.tq + t + 1) * tk];
-                row[..visible].copy_from_slice(&w[..visible]);
-                row[visible..].fill(0.0);
+            match saved.as_deref_mut() {
+                Some(AttnSaved::Probs(p)) => {
+                    let row = &mut p[(h * s.tq + t) * tk..(h * s.tq + t + 1) * tk];
+                    row[..visible].copy_from_slice(&w[..visible]);
+                    row[visible..].fill(0.0);
+                }
+                Some(AttnSaved::RowStats { max, inv_sum }) => {
+                    max[h * s.tq + t] = mx;
+                    inv_sum[h * s.tq + t] = inv;
+                }
+                None => {}
             }
         }
     }
@@ -476,50 +545,63 @@ fn attention_forward_body(out: &mut [f32], mut probs: Option<&mut [f32]>, q: &[f
 /// Backward of [`attention_forward`] with `pos0 = 0` (training never uses a cache):
 /// `dv += pᵀ dout`, `ds = p ⊙ (dp − Σ p dp)`, `dq += ds k / √d`, `dk += dsᵀ q / √d`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_backward_at(simd::active(), dq, dk, dv, dout, probs, q, k, v, s)
+pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_at(simd::active(), dq, dk, dv, dout, saved, q, k, v, s)
 }
 
 /// [`attention_backward`] with the vector level given (the tests run every level).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attention_backward_at(level: Level, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+pub(super) fn attention_backward_at(level: Level, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     // SAFETY: a copy runs only on a CPU that has its instructions.
     match level.min(simd::detected()) {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { attention_backward_avx512(dq, dk, dv, dout, probs, q, k, v, s) },
+        Level::Avx512 => unsafe { attention_backward_avx512(dq, dk, dv, dout, saved, q, k, v, s) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { attention_backward_avx2(dq, dk, dv, dout, probs, q, k, v, s) },
-        _ => attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s),
+        Level::Avx2 => unsafe { attention_backward_avx2(dq, dk, dv, dout, saved, q, k, v, s) },
+        _ => attention_backward_body(dq, dk, dv, dout, saved, q, k, v, s),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_avx512(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s)
+fn attention_backward_avx512(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_body(dq, dk, dv, dout, saved, q, k, v, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_avx2(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_backward_body(dq, dk, dv, dout, probs, q, k, v, s)
+fn attention_backward_avx2(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_backward_body(dq, dk, dv, dout, saved, q, k, v, s)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_body(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], probs: &[f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+fn attention_backward_body(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     debug_assert_eq!(s.pos0, 0);
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut dp = vec![0f32; tk];
+    let mut recomputed = vec![0f32; tk];
     for t in 0..s.tq {
         let visible = t + 1;
         for h in 0..nh {
             let g = h / group;
-            let p = &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible];
+            let qi = (t * nh + h) * hd;
+            let p: &[f32] = match saved {
+                AttnSaved::Probs(probs) => &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible],
+                AttnSaved::RowStats { max, inv_sum } => {
+                    // the forward's operations on the forward's values: the same bits
+                    let (mx, inv) = (max[h * s.tq + t], inv_sum[h * s.tq + t]);
+                    for (j, pj) in recomputed[..visible].iter_mut().enumerate() {
+                        let sc = dot(&q[qi..qi + hd], &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
+                        *pj = (sc - mx).exp() * inv;
+                    }
+                    &recomputed[..visible]
+                }
+            };
             let dor = &dout[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             let mut pdp = 0f32;
             for j in 0..visible {
@@ -528,7 +610,6 @@ fn attention_backward_body(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout:
                 pdp += p[j] * dp[j];
                 axpy(&mut dv[vj..vj + hd], p[j], dor);
             }
-            let qi = (t * nh + h) * hd;
             for j in 0..visible {
                 let ds = p[j] * (dp[j] - pdp) * scale;
                 if ds != 0.0 {

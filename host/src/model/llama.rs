@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::config::{ConfigError, LlamaConfig};
-use super::layers::{self, AttnShape, Rope};
+use super::layers::{self, AttnSaved, AttnShape, Rope, Weight};
+use super::simd;
 use crate::params::{ParamSet, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,8 +183,10 @@ pub struct LlamaModel {
     pub params: ParamSet,
     idx: Index,
     threads: usize,
-    /// [`HEAD_KEPT_MAX`], lowered by the tests to take the recomputing path.
+    /// [`HEAD_KEPT_MAX`] and [`ATTN_PROBS_KEPT_MAX`], lowered by the tests to
+    /// take the recomputing paths.
     pub(super) head_kept_max: usize,
+    pub(super) attn_probs_kept_max: usize,
     /// Zeroed gradient sets that [`Self::backward`] reuses, one per thread.
     grad_scratch: Mutex<Vec<ParamSet>>,
 }
@@ -197,7 +200,7 @@ struct LayerActs {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    probs: Vec<f32>,
+    attn: AttnSaved,
     ctx: Vec<f32>,
     x_mid: Vec<f32>,
     n2: Vec<f32>,
@@ -231,6 +234,12 @@ struct HeadTape {
 /// sequences with 150k-token vocabularies) it recomputes the head rather than
 /// hold gigabytes.
 const HEAD_KEPT_MAX: usize = 1 << 26;
+
+/// The most `heads · T²` attention weights a layer's tape keeps (16 MiB):
+/// above it (long sequences) the tape keeps two numbers per `(head, query)` row
+/// and the backward recomputes the weights, with identical results
+/// ([`AttnSaved::RowStats`]).
+const ATTN_PROBS_KEPT_MAX: usize = 1 << 22;
 
 /// The result of [`LlamaModel::forward`]: per-sequence summed log-probabilities
 /// of the scored tokens, and the tape that [`LlamaModel::backward`] needs.
@@ -379,7 +388,7 @@ impl LlamaModel {
         check_layout(&config, &params)?;
         let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()) })
+        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()) })
     }
 
     /// Worker threads for batch work. Results do not depend on it.
@@ -400,6 +409,8 @@ impl LlamaModel {
     /// none longer than `max_len` tokens (0: the call keeps its own positions).
     fn pass(&self, sequences: usize, max_len: usize) -> Pass {
         let untied_embed = (!self.config.tie_word_embeddings).then_some(self.idx.embed);
+        // Above the baseline the products read weights in their own layout.
+        let transpose = simd::active() == simd::Level::Baseline;
         let wt = self
             .params
             .tensors
@@ -407,7 +418,7 @@ impl LlamaModel {
             .enumerate()
             // the embedding table is only read by rows, unless it is also the head
             .map(|(i, t)| {
-                if t.shape.len() == 2 && Some(i) != untied_embed {
+                if transpose && t.shape.len() == 2 && Some(i) != untied_embed {
                     layers::transpose(&t.data, t.shape[1], t.shape[0])
                 } else {
                     Vec::new()
@@ -424,6 +435,15 @@ impl LlamaModel {
 
     fn w(&self, i: usize) -> &[f32] {
         &self.params.tensors[i].data
+    }
+
+    /// Matrix `i` for [`layers::linear_forward`]: the pass's transposed copy
+    /// when it made one, else the parameter itself.
+    fn weight<'a>(&'a self, pass: &'a Pass, i: usize) -> Weight<'a> {
+        match pass.wt[i].is_empty() {
+            true => Weight::Hf(self.w(i)),
+            false => Weight::Transposed(&pass.wt[i]),
+        }
     }
 
     fn check_sequences(&self, seqs: &[Sequence]) -> Result<(), ModelError> {
@@ -471,9 +491,9 @@ impl LlamaModel {
         let mut q = vec![0f32; t * qd];
         let mut k = vec![0f32; t * kvd];
         let mut v = vec![0f32; t * kvd];
-        layers::linear_forward(&mut q, &n1, pass.wt(li.q), bias(li.qb), c, qd, pass.par);
-        layers::linear_forward(&mut k, &n1, pass.wt(li.k), bias(li.kb), c, kvd, pass.par);
-        layers::linear_forward(&mut v, &n1, pass.wt(li.v), bias(li.vb), c, kvd, pass.par);
+        layers::linear_forward(&mut q, &n1, self.weight(pass, li.q), bias(li.qb), c, qd, pass.par);
+        layers::linear_forward(&mut k, &n1, self.weight(pass, li.k), bias(li.kb), c, kvd, pass.par);
+        layers::linear_forward(&mut v, &n1, self.weight(pass, li.v), bias(li.vb), c, kvd, pass.par);
         layers::rope_forward(&mut q, rope, cfg.num_attention_heads);
         layers::rope_forward(&mut k, rope, cfg.num_key_value_heads);
         let shape = AttnShape {
@@ -484,20 +504,25 @@ impl LlamaModel {
             tq: t,
         };
         let mut ctx = vec![0f32; t * qd];
-        let mut probs = Vec::new();
-        match cache {
+        let attn = match cache {
             Some(kv) => {
                 kv.k.extend_from_slice(&k);
                 kv.v.extend_from_slice(&v);
                 layers::attention_forward(&mut ctx, None, &q, &kv.k, &kv.v, shape);
+                AttnSaved::Probs(Vec::new())
             }
             None => {
-                probs = vec![0f32; cfg.num_attention_heads * t * t];
-                layers::attention_forward(&mut ctx, Some(&mut probs), &q, &k, &v, shape);
+                let mut saved = if cfg.num_attention_heads * t * t <= self.attn_probs_kept_max {
+                    AttnSaved::probs(shape)
+                } else {
+                    AttnSaved::row_stats(shape)
+                };
+                layers::attention_forward(&mut ctx, Some(&mut saved), &q, &k, &v, shape);
+                saved
             }
-        }
+        };
         let mut x_mid = vec![0f32; t * c];
-        layers::linear_forward(&mut x_mid, &ctx, pass.wt(li.o), bias(li.ob), qd, c, pass.par);
+        layers::linear_forward(&mut x_mid, &ctx, self.weight(pass, li.o), bias(li.ob), qd, c, pass.par);
         for (m, x) in x_mid.iter_mut().zip(&x_in) {
             *m += x;
         }
@@ -508,12 +533,12 @@ impl LlamaModel {
         layers::rmsnorm_forward(&mut n2, &mut rstd2, &x_mid, self.w(li.ln2), cfg.rms_norm_eps, c);
         let mut gate = vec![0f32; t * im];
         let mut up = vec![0f32; t * im];
-        layers::linear_forward(&mut gate, &n2, pass.wt(li.gate), None, c, im, pass.par);
-        layers::linear_forward(&mut up, &n2, pass.wt(li.up), None, c, im, pass.par);
+        layers::linear_forward(&mut gate, &n2, self.weight(pass, li.gate), None, c, im, pass.par);
+        layers::linear_forward(&mut up, &n2, self.weight(pass, li.up), None, c, im, pass.par);
         let mut h = vec![0f32; t * im];
         layers::swiglu_forward(&mut h, &gate, &up);
         let mut x_out = vec![0f32; t * c];
-        layers::linear_forward(&mut x_out, &h, pass.wt(li.down), None, im, c, pass.par);
+        layers::linear_forward(&mut x_out, &h, self.weight(pass, li.down), None, im, c, pass.par);
         for (o, m) in x_out.iter_mut().zip(&x_mid) {
             *o += m;
         }
@@ -524,7 +549,7 @@ impl LlamaModel {
             q,
             k,
             v,
-            probs,
+            attn,
             ctx,
             x_mid,
             n2,
@@ -572,7 +597,7 @@ impl LlamaModel {
             pos0: 0,
             tq: t,
         };
-        layers::attention_backward(&mut dq, &mut dk, &mut dv, &dctx, &a.probs, &a.q, &a.k, &a.v, shape);
+        layers::attention_backward(&mut dq, &mut dk, &mut dv, &dctx, &a.attn, &a.q, &a.k, &a.v, shape);
         layers::rope_backward(&mut dq, rope, cfg.num_attention_heads);
         layers::rope_backward(&mut dk, rope, cfg.num_key_value_heads);
         let mut dn1 = vec![0f32; t * c];
@@ -600,7 +625,9 @@ impl LlamaModel {
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let (a, x_out) = self.block_forward(pass, l, x, 0, &pass.rope, None);
-            acts.push(a);
+            if keep_tape {
+                acts.push(a);
+            }
             x = x_out;
         }
         let mut nf = vec![0f32; t * c];
@@ -634,7 +661,7 @@ impl LlamaModel {
             hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
         }
         let mut logits = vec![0f32; rows.len() * vocab];
-        layers::linear_forward(&mut logits, &hsel, pass.wt(self.idx.head), None, c, vocab, pass.par);
+        layers::linear_forward(&mut logits, &hsel, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
         let mut probs = vec![0f32; vocab];
         for (r, &(_, tgt)) in rows.iter().enumerate() {
             let row = &mut logits[r * vocab..(r + 1) * vocab];
@@ -824,7 +851,7 @@ impl LlamaModel {
         let pass = self.pass(1, 0);
         let nf = self.infer(&pass, &mut self.new_cache(), tokens);
         let mut logits = vec![0f32; tokens.len() * vocab];
-        layers::linear_forward(&mut logits, &nf, pass.wt(self.idx.head), None, c, vocab, pass.par);
+        layers::linear_forward(&mut logits, &nf, self.weight(&pass, self.idx.head), None, c, vocab, pass.par);
         Ok(logits)
     }
 
@@ -866,7 +893,7 @@ impl LlamaModel {
         let mut logits = vec![0f32; vocab];
         while out.len() < opts.max_new_tokens && cache.len < self.config.max_position_embeddings {
             let last = &nf[nf.len() - c..];
-            layers::linear_forward(&mut logits, last, pass.wt(self.idx.head), None, c, vocab, pass.par);
+            layers::linear_forward(&mut logits, last, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
             let tok = sample(&logits, opts.sampling, &mut rng);
             if Some(tok) == opts.stop_token {
                 break;
@@ -878,9 +905,10 @@ impl LlamaModel {
     }
 }
 
-/// What one batch call shares among its workers: the matrices in `[in, out]`
-/// layout ([`layers::transpose`], indexed like the [`ParamSet`]; built per call,
-/// never cached on the model, so never stale after the parameters change), and
+/// What one batch call shares among its workers: at the baseline vector level,
+/// the matrices in `[in, out]` layout ([`layers::transpose`], indexed like the
+/// [`ParamSet`]; built per call, never cached on the model, so never stale after
+/// the parameters change; empty above the baseline), and
 /// how many threads each sequence's matrix products may use (the threads that
 /// running sequences side by side leaves idle).
 struct Pass {
@@ -891,11 +919,6 @@ struct Pass {
     rope: Rope,
 }
 
-impl Pass {
-    fn wt(&self, i: usize) -> &[f32] {
-        &self.wt[i]
-    }
-}
 
 struct KvLayer {
     k: Vec<f32>,

@@ -66,7 +66,7 @@ fn linear_gradients() {
     let r = rand_vec(&mut rng, t * oc, 1.0);
     let run = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = vec![0f32; t * oc];
-        layers::linear_forward(&mut y, x, &layers::transpose(w, ic, oc), Some(b), ic, oc, 1);
+        layers::linear_forward(&mut y, x, layers::Weight::Hf(w), Some(b), ic, oc, 1);
         functional(&r, &y)
     };
     let (mut dx, mut dw, mut db) = (vec![0f32; t * ic], vec![0f32; oc * ic], vec![0f32; oc]);
@@ -86,10 +86,10 @@ fn linear_forward_rows_agree_across_blocking() {
     let x = rand_vec(&mut rng, 7 * ic, 1.0);
     let w = rand_vec(&mut rng, oc * ic, 1.0);
     let mut all = vec![0f32; 7 * oc];
-    layers::linear_forward(&mut all, &x, &layers::transpose(&w, ic, oc), None, ic, oc, 1);
+    layers::linear_forward(&mut all, &x, layers::Weight::Hf(&w), None, ic, oc, 1);
     for t in 0..7 {
         let mut one = vec![0f32; oc];
-        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], &layers::transpose(&w, ic, oc), None, ic, oc, 1);
+        layers::linear_forward(&mut one, &x[t * ic..(t + 1) * ic], layers::Weight::Hf(&w), None, ic, oc, 1);
         assert_eq!(one, all[t * oc..(t + 1) * oc], "row {t}");
     }
 }
@@ -102,18 +102,22 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
     let mut rng = SplitMix64::new(3);
     let src: Vec<f32> = (0..n * n_src).map(|i| (rng.next_normal() * if i % 7 == 0 { 1e3 } else { 1e-2 }) as f32).collect();
     let coef = rand_vec(&mut rng, rows * n_src, 1.0);
-    let run = |level: simd::Level, threads: usize| {
+    // the same operand stored as [n, n_src] (how weights are kept) and read as its transpose
+    let src_t = layers::transpose(&src, n, n_src);
+    let run = |level: simd::Level, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, &mut out, n, &src, n_src, threads, |r, k| coef[r * n_src + k]);
+        layers::accumulate_rows_at(level, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
         out
     };
-    let reference = run(simd::Level::Baseline, 1);
+    let reference = run(simd::Level::Baseline, 1, layers::Src::Rows(&src));
     let levels: Vec<_> = simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()).collect();
     for &level in &levels {
         for threads in [1, 2, 3] {
-            let out = run(level, threads);
-            let same = out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{} with {threads} threads differs from the baseline", level.name());
+            for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
+                let out = run(level, threads, src);
+                let same = out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} with {threads} threads from {layout} differs from the baseline", level.name());
+            }
         }
     }
     // what the test covered, in the test log: on a CPU without AVX-512 only the
@@ -122,7 +126,7 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
 }
 
 #[test]
-fn attention_gives_the_same_bits_at_every_vector_level() {
+fn attention_gives_the_same_bits_at_every_vector_level_and_from_either_tape() {
     let s = AttnShape { heads: 4, kv_heads: 2, head_dim: 40, pos0: 0, tq: 9 };
     let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let mut rng = SplitMix64::new(4);
@@ -130,19 +134,22 @@ fn attention_gives_the_same_bits_at_every_vector_level() {
     let k = rand_vec(&mut rng, s.tq * kvd, 1.0);
     let v = rand_vec(&mut rng, s.tq * kvd, 1.0);
     let dout = rand_vec(&mut rng, s.tq * qd, 1.0);
-    let run = |level: simd::Level| {
+    // Both tapes: the kept weights, and the row statistics the backward
+    // recomputes them from, which must give the same bits.
+    let run = |level: simd::Level, mut saved: layers::AttnSaved| {
         let mut out = vec![0f32; s.tq * qd];
-        let mut probs = vec![0f32; s.heads * s.tq * s.tq];
-        layers::attention_forward_at(level, &mut out, Some(&mut probs), &q, &k, &v, s);
+        layers::attention_forward_at(level, &mut out, Some(&mut saved), &q, &k, &v, s);
         let (mut dq, mut dk, mut dv) = (vec![0f32; s.tq * qd], vec![0f32; s.tq * kvd], vec![0f32; s.tq * kvd]);
-        layers::attention_backward_at(level, &mut dq, &mut dk, &mut dv, &dout, &probs, &q, &k, &v, s);
-        [out, probs, dq, dk, dv].map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+        layers::attention_backward_at(level, &mut dq, &mut dk, &mut dv, &dout, &saved, &q, &k, &v, s);
+        [out, dq, dk, dv].map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
     };
-    let reference = run(simd::Level::Baseline);
+    let reference = run(simd::Level::Baseline, layers::AttnSaved::probs(s));
     for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
-        let got = run(level);
-        for (name, (a, b)) in ["out", "probs", "dq", "dk", "dv"].iter().zip(got.iter().zip(&reference)) {
-            assert!(a == b, "{name} at {} differs from the baseline", level.name());
+        for (tape, saved) in [("probabilities", layers::AttnSaved::probs(s)), ("row statistics", layers::AttnSaved::row_stats(s))] {
+            let got = run(level, saved);
+            for (name, (a, b)) in ["out", "dq", "dk", "dv"].iter().zip(got.iter().zip(&reference)) {
+                assert!(a == b, "{name} at {} from {tape} differs from the baseline", level.name());
+            }
         }
     }
 }
@@ -234,10 +241,10 @@ fn attention_case(heads: usize, kv_heads: usize) {
         functional(&r, &out)
     };
     let mut out = vec![0f32; t * heads * hd];
-    let mut probs = vec![0f32; heads * t * t];
-    layers::attention_forward(&mut out, Some(&mut probs), &q, &k, &v, s);
+    let mut saved = layers::AttnSaved::probs(s);
+    layers::attention_forward(&mut out, Some(&mut saved), &q, &k, &v, s);
     let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
-    layers::attention_backward(&mut dq, &mut dk, &mut dv, &r, &probs, &q, &k, &v, s);
+    layers::attention_backward(&mut dq, &mut dk, &mut dv, &r, &saved, &q, &k, &v, s);
     let tag = format!("attention {heads}/{kv_heads}");
     check_grad(&format!("{tag} dq"), &q, &dq, 1e-2, 2e-3, &|x| run(x, &k, &v));
     check_grad(&format!("{tag} dk"), &k, &dk, 1e-2, 2e-3, &|x| run(&q, x, &v));
@@ -395,7 +402,7 @@ fn model_gradients_llama_attention_bias() {
 }
 
 #[test]
-fn kept_and_recomputed_head_give_the_same_gradients() {
+fn kept_and_recomputed_head_and_attention_give_the_same_gradients() {
     let mut model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 5).unwrap();
     let seqs = batch();
     let grads = |model: &LlamaModel| {
@@ -409,6 +416,10 @@ fn kept_and_recomputed_head_give_the_same_gradients() {
     let recomputed = grads(&model);
     assert_eq!(kept.0, recomputed.0);
     assert_eq!(kept.1, recomputed.1, "the recomputed LM head changed a gradient");
+    model.attn_probs_kept_max = 0;
+    let recomputed = grads(&model);
+    assert_eq!(kept.0, recomputed.0);
+    assert_eq!(kept.1, recomputed.1, "attention weights recomputed from row statistics changed a gradient");
 }
 
 #[test]
@@ -609,7 +620,7 @@ fn linear_products_ignore_thread_count() {
     let wt = layers::transpose(&w, ic, oc);
     let run = |threads: usize| {
         let mut y = vec![0f32; t * oc];
-        layers::linear_forward(&mut y, &x, &wt, Some(&b), ic, oc, threads);
+        layers::linear_forward(&mut y, &x, layers::Weight::Transposed(&wt), Some(&b), ic, oc, threads);
         let (mut dx, mut dw) = (vec![0f32; t * ic], vec![0f32; oc * ic]);
         layers::linear_backward(Some(&mut dx), &mut dw, &dy, &x, &w, ic, oc, threads);
         (y, dx, dw)
