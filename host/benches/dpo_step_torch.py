@@ -2,8 +2,9 @@
 float32 with eager attention and TF32 off, the same shapes, the same batch
 (2 x pairs sequences of `seq` tokens, prompt a quarter), reference log-probs
 computed once up front, the sigmoid loss (beta 0.1) and torch.optim.AdamW.
-Prints the median step time after one warm-up step, tokens per second and,
-on CUDA, the peak memory of the step.
+Prints the median step time after one warm-up step, tokens per second, the
+process's peak resident memory and, on CUDA, the peak device memory of the step.
+`host bench --torch PYTHON` runs it beside its own step and prints the ratios.
 
     python host/benches/dpo_step_torch.py --shape smollm2-135m --seq 512 --pairs 4 --device cuda
     python host/benches/dpo_step_torch.py --shape tiny --seq 64 --pairs 2 --device cpu
@@ -15,6 +16,7 @@ repeats its own bits run to run.
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -109,6 +111,8 @@ def main():
     line = f"torch  step ms {step_s * 1e3:.1f}  tokens/s {tokens / step_s:.1f}"
     if dev.type == "cuda":
         line += f"  peak memory {torch.cuda.max_memory_allocated(dev) / 2**20:.0f} MiB"
+    # the whole process's peak (Linux reports KiB), as `host bench` reports its own
+    line += f"  peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     print(line, flush=True)
 
 

@@ -19,6 +19,7 @@ use crate::cli::args::OptimArgs;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{LlamaModel, Sequence};
+use crate::model::simd;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, PairSeqs};
 use crate::train::optim::{self, Optimizer};
@@ -47,6 +48,15 @@ pub struct BenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Widest vector instructions the CPU model may use: baseline, avx2 or
+    /// avx512 (default: what the CPU has). Every level gives the same bits.
+    #[arg(long)]
+    pub cpu_level: Option<String>,
+    /// Also run `host/benches/dpo_step_torch.py` with this Python (torch and
+    /// transformers installed) on the CPU, same shape, batch and threads, and
+    /// print the ratio of step times and of peak memory.
+    #[arg(long, value_name = "PYTHON")]
+    pub torch: Option<PathBuf>,
 }
 
 /// The model shapes the bench names.
@@ -192,8 +202,14 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         a.seq,
         a.steps
     );
+    if let Some(level) = &a.cpu_level {
+        let level = simd::Level::parse(level).ok_or_else(|| TrainError::msg(format!("--cpu-level {level}: expected baseline, avx2 or avx512")))?;
+        simd::set_limit(level);
+    }
+    println!("CPU model kernels: {} (this CPU has {})", simd::active().name(), simd::detected().name());
     println!("{:<5} {:>10} {:>10} {:>12} {:>12}  device", "path", "step ms", "model ms", "optimizer ms", "tokens/s");
-    for t in run(a)? {
+    let timings = run(a)?;
+    for t in &timings {
         println!(
             "{:<5} {:>10.1} {:>10.1} {:>12.1} {:>12.1}  {}",
             t.path,
@@ -204,5 +220,64 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
             t.device
         );
     }
+    // The whole process's peak: both models, the data, the optimizer and the
+    // step's transients (the GPU path's host side too, when it ran).
+    let peak = peak_rss_mib();
+    if let Some(peak) = peak {
+        println!("peak resident memory of this process: {peak:.0} MiB");
+    }
+    if let Some(python) = &a.torch {
+        let torch = run_torch(python, a)?;
+        println!("{}", torch.banner);
+        println!("torch {:>10.1} {:>10} {:>12} {:>12.1}  cpu; peak resident memory {:.0} MiB", torch.step_ms, "", "", tokens as f64 / (torch.step_ms / 1e3), torch.peak_mib);
+        if let Some(cpu) = timings.iter().find(|t| t.path == "cpu") {
+            print!("host cpu / torch: step time {:.2}x", cpu.step_ms / torch.step_ms);
+            match peak {
+                Some(peak) if a.paths == "cpu" => println!(", peak memory {:.2}x", peak / torch.peak_mib),
+                _ => println!(),
+            }
+        }
+    }
     Ok(())
+}
+
+/// `VmHWM` of this process, in MiB (Linux; `None` elsewhere).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+struct TorchTiming {
+    banner: String,
+    step_ms: f64,
+    peak_mib: f64,
+}
+
+/// Runs the PyTorch side of the comparison in its own process (its peak memory
+/// is then its own) and reads its two result lines.
+fn run_torch(python: &std::path::Path, a: &BenchArgs) -> Result<TorchTiming> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/dpo_step_torch.py");
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["--shape", &a.shape, "--device", "cpu"])
+        .args(["--seq", &a.seq.to_string(), "--pairs", &a.pairs.to_string(), "--steps", &a.steps.to_string(), "--threads", &threads.to_string()])
+        .output()
+        .map_err(|e| TrainError::msg(format!("--torch {}: {e}", python.display())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(TrainError::msg(format!("--torch: {script} failed ({}):\n{}{}", out.status, stdout, String::from_utf8_lossy(&out.stderr))));
+    }
+    let field = |key: &str| -> Option<f64> {
+        let line = stdout.lines().find(|l| l.starts_with("torch "))?;
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    let (Some(step_ms), Some(peak_mib)) = (field("step ms"), field("peak resident memory")) else {
+        return Err(TrainError::msg(format!("--torch: no `torch  step ms .. peak resident memory ..` line from {script}:\n{stdout}")));
+    };
+    let banner = stdout.lines().find(|l| l.starts_with("PyTorch")).unwrap_or("PyTorch").to_string();
+    Ok(TorchTiming { banner, step_ms, peak_mib })
 }
