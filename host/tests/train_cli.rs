@@ -72,6 +72,10 @@ fn align_with_each_optimizer_on_gpu_passes_both_cross_checks_and_tracks_cpu() {
                 ] {
                     assert!(first.get(key).is_some(), "{key} missing in {first}");
                 }
+                // TRL's logit metrics come from the CPU model's head
+                for key in ["logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"] {
+                    assert_eq!(first.get(key).is_some(), backend == "cpu", "{key} with --backend {backend}: {first}");
+                }
                 assert_eq!(metrics.lines().filter(|l| l.contains("\"split\":\"eval\"")).count(), 2);
                 let mut run_losses = Vec::new();
                 for line in metrics.lines() {
@@ -305,9 +309,14 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let rec: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
-    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"] {
+    for key in [
+        "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+        "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy",
+    ] {
         assert!(rec[key].is_number(), "{key}: {rec}");
     }
+    let entropy = rec["entropy"].as_f64().unwrap();
+    assert!(entropy > 0.0 && entropy < (259f64).ln(), "entropy {entropy} outside (0, ln vocab)");
     assert_ne!(rec["rewards/margins"].as_f64().unwrap(), 0.0, "aligned model vs SFT reference: {rec}");
     assert_eq!(rec["model_device"], "cpu", "{rec}");
 

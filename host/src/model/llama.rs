@@ -242,11 +242,59 @@ const HEAD_KEPT_MAX: usize = 1 << 26;
 const ATTN_PROBS_KEPT_MAX: usize = 1 << 22;
 
 /// The result of [`LlamaModel::forward`]: per-sequence summed log-probabilities
-/// of the scored tokens, and the tape that [`LlamaModel::backward`] needs.
+/// of the scored tokens, what TRL logs about their logits, and the tape that
+/// [`LlamaModel::backward`] needs.
 pub struct Forward {
     pub logps: Vec<f32>,
     pub scored: Vec<usize>,
+    pub head: Vec<HeadStats>,
     tapes: Vec<SeqTape>,
+}
+
+/// What TRL's `DPOTrainer` logs about the LM head, summed over one sequence's
+/// scored tokens (TRL divides by token counts): the logits' mean over the
+/// vocabulary (`logits/chosen`, `logits/rejected`), the softmax's entropy in
+/// nats (`entropy`), and whether the largest logit, the first on ties as
+/// `torch.argmax`, is the target (`mean_token_accuracy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HeadStats {
+    pub tokens: usize,
+    pub mean_logit_sum: f64,
+    pub entropy_sum: f64,
+    pub argmax_hits: usize,
+}
+
+impl std::ops::Add for HeadStats {
+    type Output = HeadStats;
+
+    fn add(self, o: HeadStats) -> HeadStats {
+        HeadStats {
+            tokens: self.tokens + o.tokens,
+            mean_logit_sum: self.mean_logit_sum + o.mean_logit_sum,
+            entropy_sum: self.entropy_sum + o.entropy_sum,
+            argmax_hits: self.argmax_hits + o.argmax_hits,
+        }
+    }
+}
+
+impl HeadStats {
+    /// Adds one scored token: its logits, softmax and `log p(target)`.
+    fn add_token(&mut self, logits: &[f32], probs: &[f32], target: usize, logp: f32) {
+        let (mut sum, mut p_dot_l, mut best) = (0f64, 0f64, 0);
+        for (v, (&l, &p)) in logits.iter().zip(probs).enumerate() {
+            sum += l as f64;
+            p_dot_l += p as f64 * l as f64;
+            if l > logits[best] {
+                best = v;
+            }
+        }
+        // −Σ p log p = lse − Σ p·l, with lse = logit(target) − log p(target)
+        let lse = logits[target] as f64 - logp as f64;
+        self.tokens += 1;
+        self.mean_logit_sum += sum / logits.len() as f64;
+        self.entropy_sum += lse - p_dot_l;
+        self.argmax_hits += usize::from(best == target);
+    }
 }
 
 /// Summed next-token negative log-likelihood over the scored tokens of a batch.
@@ -614,9 +662,9 @@ impl LlamaModel {
 
     // ------------------------------------------------------------ whole sequence
 
-    /// The sequence's summed log-probability and its tape; `keep_tape` is false
+    /// The sequence's summed log-probability, its head statistics and its tape; `keep_tape` is false
     /// when the caller drops the tape (no gradient follows).
-    fn forward_seq(&self, pass: &Pass, seq: &Sequence, keep_tape: bool) -> (f32, SeqTape) {
+    fn forward_seq(&self, pass: &Pass, seq: &Sequence, keep_tape: bool) -> (f32, HeadStats, SeqTape) {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = seq.tokens.len();
@@ -637,7 +685,11 @@ impl LlamaModel {
         let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
         let mut logp = 0f64;
         let keep = keep_tape && rows.len() * cfg.vocab_size <= self.head_kept_max;
-        let head = self.head_rows(pass, &nf, &rows, keep, |_, lp, _| logp += lp as f64);
+        let mut stats = HeadStats::default();
+        let head = self.head_rows(pass, &nf, &rows, keep, |r, logits, lp, probs| {
+            logp += lp as f64;
+            stats.add_token(logits, probs, rows[r].1 as usize, lp);
+        });
         let tape = SeqTape {
             tokens: seq.tokens.clone(),
             layers: acts,
@@ -647,14 +699,14 @@ impl LlamaModel {
             rows,
             head: keep.then_some(head),
         };
-        (logp as f32, tape)
+        (logp as f32, stats, tape)
     }
 
     /// Runs the LM head on the rows of `nf` whose next token is scored (the others
-    /// never need logits) and calls `f(row, log p(target), softmax)` for each.
+    /// never need logits) and calls `f(row, logits, log p(target), softmax)` for each.
     /// Returns the head's input rows and, with `keep`, the `[rows, vocab]`
     /// probabilities (else that buffer holds logits).
-    fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], keep: bool, mut f: impl FnMut(usize, f32, &[f32])) -> HeadTape {
+    fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], keep: bool, mut f: impl FnMut(usize, &[f32], f32, &[f32])) -> HeadTape {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut hsel = Vec::with_capacity(rows.len() * c);
         for &(p, _) in rows {
@@ -666,7 +718,7 @@ impl LlamaModel {
         for (r, &(_, tgt)) in rows.iter().enumerate() {
             let row = &mut logits[r * vocab..(r + 1) * vocab];
             let lp = layers::log_softmax_row(row, tgt as usize, &mut probs);
-            f(r, lp, &probs);
+            f(r, row, lp, &probs);
             if keep {
                 row.copy_from_slice(&probs);
             }
@@ -694,7 +746,7 @@ impl LlamaModel {
                 &head.hsel
             }
             None => {
-                recomputed = self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, probs| head_backward(i, probs));
+                recomputed = self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, _, probs| head_backward(i, probs));
                 &recomputed.hsel
             }
         };
@@ -738,8 +790,13 @@ impl LlamaModel {
         let pass = self.pass(seqs.len(), seqs.iter().map(|q| q.tokens.len()).max().unwrap_or(0));
         let out = par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i], true));
         let scored = seqs.iter().map(Sequence::scored).collect();
-        let (logps, tapes) = out.into_iter().unzip();
-        Ok(Forward { logps, scored, tapes })
+        let (mut logps, mut head, mut tapes) = (Vec::new(), Vec::new(), Vec::new());
+        for (lp, h, tape) in out {
+            logps.push(lp);
+            head.push(h);
+            tapes.push(tape);
+        }
+        Ok(Forward { logps, scored, head, tapes })
     }
 
     /// Accumulates `Σ_b dlogps[b] · ∂logp_b/∂θ` into `grads` (`+=`, so micro-batches
@@ -787,9 +844,17 @@ impl LlamaModel {
     /// Per-sequence summed log-probabilities of the scored tokens, no tape kept
     /// (the frozen reference model, evaluation).
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, ModelError> {
+        Ok(self.sequence_logps_and_head(seqs)?.into_iter().map(|(lp, _)| lp).collect())
+    }
+
+    /// [`Self::sequence_logps`] with each sequence's [`HeadStats`].
+    pub fn sequence_logps_and_head(&self, seqs: &[Sequence]) -> Result<Vec<(f32, HeadStats)>, ModelError> {
         self.check_sequences(seqs)?;
         let pass = self.pass(seqs.len(), seqs.iter().map(|q| q.tokens.len()).max().unwrap_or(0));
-        Ok(par_map(self.threads, seqs.len(), |i| self.forward_seq(&pass, &seqs[i], false).0))
+        Ok(par_map(self.threads, seqs.len(), |i| {
+            let (lp, head, _) = self.forward_seq(&pass, &seqs[i], false);
+            (lp, head)
+        }))
     }
 
     /// Next-token cross-entropy over the scored tokens; accumulates

@@ -40,7 +40,7 @@ pub mod simd;
 
 pub use config::{ConfigError, Family, LlamaConfig, RopeScaling};
 pub use gpu::{GpuForward, GpuLlama, GpuModelError};
-pub use llama::{CrossEntropy, Forward, GenerateOptions, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
+pub use llama::{CrossEntropy, Forward, GenerateOptions, HeadStats, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
 
 #[cfg(test)]
 mod tests;

@@ -423,6 +423,43 @@ fn kept_and_recomputed_head_and_attention_give_the_same_gradients() {
 }
 
 #[test]
+fn head_stats_match_an_f64_recomputation_from_the_logits() {
+    let mut model = LlamaModel::init(tiny(Family::Llama, false, false, 4, 2), 9).unwrap();
+    // larger weights, so the softmax is far from uniform and argmax hits happen
+    for t in &mut model.params.tensors {
+        t.data.iter_mut().for_each(|x| *x *= 30.0);
+    }
+    let seqs = batch();
+    let fwd = model.forward(&seqs).unwrap();
+    let by_logps = model.sequence_logps_and_head(&seqs).unwrap();
+    let vocab = model.config.vocab_size;
+    let mut hits = 0;
+    for (b, seq) in seqs.iter().enumerate() {
+        let logits = model.logits(&seq.tokens).unwrap();
+        let mut want = HeadStats::default();
+        for p in (1..seq.tokens.len()).filter(|&p| seq.mask[p]) {
+            let row: Vec<f64> = logits[(p - 1) * vocab..p * vocab].iter().map(|&l| l as f64).collect();
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|l| (l - m).exp()).sum();
+            let entropy: f64 = row.iter().map(|l| (l - m).exp() / z).filter(|&q| q > 0.0).map(|q| -q * q.ln()).sum();
+            let first_max = row.iter().position(|&l| l == m).unwrap();
+            want.tokens += 1;
+            want.mean_logit_sum += row.iter().sum::<f64>() / vocab as f64;
+            want.entropy_sum += entropy;
+            want.argmax_hits += usize::from(first_max == seq.tokens[p] as usize);
+        }
+        for got in [fwd.head[b], by_logps[b].1] {
+            assert_eq!((got.tokens, got.argmax_hits), (want.tokens, want.argmax_hits), "sequence {b}");
+            let close = |a: f64, w: f64| (a - w).abs() <= 1e-5 * w.abs().max(1.0);
+            assert!(close(got.mean_logit_sum, want.mean_logit_sum), "sequence {b}: mean logits {got:?} vs {want:?}");
+            assert!(close(got.entropy_sum, want.entropy_sum), "sequence {b}: entropy {got:?} vs {want:?}");
+        }
+        hits += want.argmax_hits;
+    }
+    assert!(hits > 0 && hits < seqs.iter().map(Sequence::scored).sum(), "the case should have both hits and misses ({hits})");
+}
+
+#[test]
 fn backward_accumulates_and_ignores_thread_count() {
     let mut model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 3).unwrap();
     let seqs = batch();

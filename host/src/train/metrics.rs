@@ -29,6 +29,20 @@ pub struct Record {
     pub logps_chosen: Option<f64>,
     #[serde(rename = "logps/rejected", skip_serializing_if = "Option::is_none", default)]
     pub logps_rejected: Option<f64>,
+    /// TRL's `logits/chosen` and `logits/rejected`: the logits' mean over the
+    /// vocabulary, averaged over the completion tokens; `entropy`: the
+    /// softmax's entropy (nats) averaged over chosen and rejected completion
+    /// tokens; `mean_token_accuracy`: the share of chosen completion tokens whose
+    /// largest logit is the target. CPU model only (the GPU model does not
+    /// bring logits back).
+    #[serde(rename = "logits/chosen", skip_serializing_if = "Option::is_none", default)]
+    pub logits_chosen: Option<f64>,
+    #[serde(rename = "logits/rejected", skip_serializing_if = "Option::is_none", default)]
+    pub logits_rejected: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entropy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mean_token_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub grad_norm: Option<f64>,
     /// TRL's `num_tokens`: tokens (prompt and completion, chosen and rejected) the

@@ -14,7 +14,7 @@ use gpu_shaders::GpuContext;
 
 use crate::loss::{BatchLoss, DpoLoss};
 use crate::model::gpu::{GpuLlama, GpuModelError};
-use crate::model::llama::{LlamaModel, Sequence};
+use crate::model::llama::{HeadStats, LlamaModel, Sequence};
 use crate::params::ParamSet;
 
 use super::model_check::{compare_gradients, compare_logps, compare_loss};
@@ -139,12 +139,12 @@ impl LmObjective {
 }
 
 /// The CPU model's per-sequence log-probs and gradients of `Σ coefs[b]·logp_b`.
-fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet)> {
+fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
     let fwd = model.forward(seqs).map_err(model_err("policy forward"))?;
     let coefs = coefs(&fwd.logps)?;
     let mut grads = model.zero_grads();
     model.backward(&fwd, &coefs, &mut grads).map_err(model_err("policy backward"))?;
-    Ok((fwd.logps, grads))
+    Ok((fwd.logps, grads, fwd.head))
 }
 
 /// The same on the GPU model, whose device weights must be current.
@@ -175,7 +175,8 @@ impl Objective for LmObjective {
         let (logps, grads) = match &self.gpu {
             None => {
                 self.model.params.clone_from(params);
-                cpu_backward(&self.model, &seqs, coefs)?
+                let (logps, grads, _) = cpu_backward(&self.model, &seqs, coefs)?;
+                (logps, grads)
             }
             Some(gpu) => {
                 gpu.start(step, params)?;
@@ -183,7 +184,7 @@ impl Objective for LmObjective {
                 if gpu.checks(step) {
                     let t = Instant::now();
                     self.model.params.clone_from(params);
-                    let (cpu_logps, cpu_grads) = cpu_backward(&self.model, &seqs, coefs)?;
+                    let (cpu_logps, cpu_grads, _) = cpu_backward(&self.model, &seqs, coefs)?;
                     compare_logps(step, "policy", &logps, &cpu_logps)?;
                     compare_loss(step, mean_nll(&logps, tokens), mean_nll(&cpu_logps, tokens))?;
                     compare_gradients(step, &grads, &cpu_grads)?;
@@ -290,9 +291,16 @@ fn flat(pairs: &[(f32, f32)]) -> Vec<f32> {
     pairs.iter().flat_map(|&(c, r)| [c, r]).collect()
 }
 
-fn pref_sums(n: usize, m: &crate::loss::DpoMetrics) -> PrefSums {
+/// TRL's preference sums of `n` pairs; `head` is the LM head's statistics of
+/// [`pair_seqs`]' sequences when the model computed them.
+fn pref_sums(n: usize, m: &crate::loss::DpoMetrics, head: Option<&[HeadStats]>) -> PrefSums {
+    let head = head.map(|h| {
+        let sum = |parity: usize| h.iter().skip(parity).step_by(2).fold(HeadStats::default(), |a, &b| a + b);
+        (sum(0), sum(1))
+    });
     let n = n as f64;
     PrefSums {
+        head,
         rewards_chosen: m.rewards_chosen * n,
         rewards_rejected: m.rewards_rejected * n,
         // An exact count again (the mean is count / n, correctly rounded).
@@ -422,10 +430,13 @@ impl Objective for DpoObjective {
         let loss = &self.loss;
         let mut cross_check_ms = 0.0;
         let mut cross_checked = false;
+        let mut head = None;
         let (logps, grads) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
-                cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?
+                let (logps, grads, stats) = cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?;
+                head = Some(stats);
+                (logps, grads)
             }
             Some(gpu) => {
                 gpu.start(step, params)?;
@@ -442,7 +453,7 @@ impl Objective for DpoObjective {
                         None => refs.clone(),
                     };
                     self.policy.params.clone_from(params);
-                    let (cpu_logps, cpu_grads) = cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &cpu_refs))?;
+                    let (cpu_logps, cpu_grads, _) = cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &cpu_refs))?;
                     compare_logps(step, "policy", &logps, &cpu_logps)?;
                     let (gpu_loss, cpu_loss) = (dpo_batch(loss, &seqs, &logps, &refs)?.0, dpo_batch(loss, &seqs, &cpu_logps, &cpu_refs)?.0);
                     compare_loss(step, gpu_loss.loss, cpu_loss.loss)?;
@@ -455,7 +466,8 @@ impl Objective for DpoObjective {
         };
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_checked, cross_check_ms }))
+        let pref = pref_sums(n, &bl.metrics, head.as_deref());
+        Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref), cross_checked, cross_check_ms }))
     }
 
     fn evaluate(&mut self, params: &ParamSet) -> Result<Option<Stats>> {
@@ -463,14 +475,16 @@ impl Objective for DpoObjective {
             return Ok(None);
         }
         let seqs = pair_seqs(&self.eval);
-        let lp = match &self.gpu {
+        let (lp, head) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
-                self.policy.sequence_logps(&seqs).map_err(model_err("policy evaluation"))?
+                let out = self.policy.sequence_logps_and_head(&seqs).map_err(model_err("policy evaluation"))?;
+                let (lp, head): (Vec<f32>, Vec<HeadStats>) = out.into_iter().unzip();
+                (lp, Some(head))
             }
             Some(gpu) => {
                 gpu.upload(params)?;
-                gpu.model.sequence_logps(&seqs).map_err(gpu_err("policy evaluation"))?
+                (gpu.model.sequence_logps(&seqs).map_err(gpu_err("policy evaluation"))?, None)
             }
         };
         let lp = pair_logps(&self.eval, &lp, self.loss.length_normalized());
@@ -480,7 +494,8 @@ impl Objective for DpoObjective {
         let rr: Vec<f32> = self.eval_ref.iter().map(|x| x.1).collect();
         let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
         let n = self.eval.len();
-        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), cross_checked: false, cross_check_ms: 0.0 }))
+        let pref = pref_sums(n, &bl.metrics, head.as_deref());
+        Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref), cross_checked: false, cross_check_ms: 0.0 }))
     }
 
     fn model_device(&self) -> String {
@@ -509,7 +524,7 @@ impl Objective for DpoObjective {
         let logps = gpu.accumulate(&seqs, coefs)?;
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics)), ..Default::default() })
+        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics, None)), ..Default::default() })
     }
 
     fn device_weights_are(&self, step: u64) {

@@ -13,7 +13,7 @@ use super::metrics::{MetricsLog, Record};
 use super::optim::Optimizer;
 use super::order::DataOrder;
 use super::{Result, TrainError};
-use crate::model::GpuLlama;
+use crate::model::{GpuLlama, HeadStats};
 use crate::params::ParamSet;
 
 /// Sums over examples of the preference statistics TRL logs (divided by the count
@@ -26,6 +26,9 @@ pub struct PrefSums {
     pub correct: f64,
     pub logps_chosen: f64,
     pub logps_rejected: f64,
+    /// The LM head's statistics of the chosen and of the rejected completions,
+    /// when the model computed them (the CPU model does).
+    pub head: Option<(HeadStats, HeadStats)>,
 }
 
 /// Statistics of a batch: sums over its `count` examples.
@@ -53,6 +56,10 @@ impl Stats {
                 correct: a.correct + b.correct,
                 logps_chosen: a.logps_chosen + b.logps_chosen,
                 logps_rejected: a.logps_rejected + b.logps_rejected,
+                head: match (a.head, b.head) {
+                    (Some((ac, ar)), Some((bc, br))) => Some((ac + bc, ar + br)),
+                    _ => None,
+                },
             }),
             (a, b) => a.or(b),
         };
@@ -69,6 +76,14 @@ impl Stats {
             r.rewards_margins = Some((p.rewards_chosen - p.rewards_rejected) / n);
             r.logps_chosen = Some(p.logps_chosen / n);
             r.logps_rejected = Some(p.logps_rejected / n);
+            // TRL's token-weighted means (0 without tokens, as TRL)
+            if let Some((c, rj)) = p.head {
+                let per = |sum: f64, tokens: usize| if tokens > 0 { sum / tokens as f64 } else { 0.0 };
+                r.logits_chosen = Some(per(c.mean_logit_sum, c.tokens));
+                r.logits_rejected = Some(per(rj.mean_logit_sum, rj.tokens));
+                r.entropy = Some(per(c.entropy_sum + rj.entropy_sum, c.tokens + rj.tokens));
+                r.mean_token_accuracy = Some(per(c.argmax_hits as f64, c.tokens));
+            }
         }
         r
     }
