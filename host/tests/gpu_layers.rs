@@ -6,7 +6,7 @@
 //! Runs on lavapipe in CI: no adapter is a failure, never a skip.
 
 use gpu_shaders::model::{
-    Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadShape, Linear, LinearShape, LmHead, PairLogps, PreferenceLoss,
+    Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadMetrics, HeadShape, Linear, LinearShape, LmHead, PairLogps, PreferenceLoss,
     PreferenceLossKind, RmsNorm, Rope, SequenceSum,
 };
 use gpu_shaders::{GpuContext, GpuOptions};
@@ -312,8 +312,8 @@ struct HeadCase {
     dw0: Vec<f32>,
 }
 
-/// `[logp, lse, dx, dw]`
-type HeadResult = [Vec<f32>; 4];
+/// `[logp, lse, dx, dw, mean logit, entropy, argmax hit]`
+type HeadResult = [Vec<f32>; 7];
 
 impl HeadCase {
     /// The CPU head: logits, log-softmax (sums in f64), the target's log-prob,
@@ -325,17 +325,32 @@ impl HeadCase {
         let mut probs = vec![0f32; s.vocab];
         let mut dlogits = vec![0f32; s.rows * s.vocab];
         let (mut logp, mut lse) = (Vec::new(), Vec::new());
+        let (mut mean, mut entropy, mut hit) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..s.rows {
             let row = &logits[r * s.vocab..(r + 1) * s.vocab];
             let target = self.targets[r] as usize;
             logp.push(layers::log_softmax_row(row, target, &mut probs));
             let mx = row.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-            lse.push((mx + row.iter().map(|&l| (l as f64 - mx).exp()).sum::<f64>().ln()) as f32);
+            let z: f64 = row.iter().map(|&l| (l as f64 - mx).exp()).sum();
+            lse.push((mx + z.ln()) as f32);
             layers::log_softmax_backward(&mut dlogits[r * s.vocab..(r + 1) * s.vocab], &probs, target, self.coef[r]);
+            mean.push((row.iter().map(|&l| l as f64).sum::<f64>() / s.vocab as f64) as f32);
+            let p = |l: f32| (l as f64 - mx).exp() / z;
+            entropy.push(row.iter().map(|&l| p(l)).filter(|&q| q > 0.0).map(|q| -q * q.ln()).sum::<f64>() as f32);
+            hit.push(if row.iter().position(|&l| l as f64 == mx) == Some(target) { 1.0 } else { 0.0 });
         }
         let (mut dx, mut dw) = (self.dx0.clone(), self.dw0.clone());
         layers::linear_backward(Some(&mut dx), &mut dw, &dlogits, &self.x, &self.w, s.hidden, s.vocab, 1);
-        [logp, lse, dx, dw]
+        [logp, lse, dx, dw, mean, entropy, hit]
+    }
+
+    /// The row's first largest logit (as the CPU computes the logits).
+    fn argmax(&self, r: usize) -> u32 {
+        let s = self.s;
+        let mut logits = vec![0f32; s.vocab];
+        layers::linear_forward(&mut logits, &self.x[r * s.hidden..(r + 1) * s.hidden], layers::Weight::Hf(&self.w), None, s.hidden, s.vocab, 1);
+        let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        logits.iter().position(|&l| l == mx).unwrap() as u32
     }
 
     fn gpu(&self, ctx: &GpuContext, head: &LmHead) -> Vec<Vec<f32>> {
@@ -344,9 +359,10 @@ impl HeadCase {
         let logp = GpuVec::zeros(ctx, "logp", s.rows).unwrap();
         let lse = GpuVec::zeros(ctx, "lse", s.rows).unwrap();
         let (dx, dw) = (up(ctx, &self.dx0), up(ctx, &self.dw0));
-        head.forward(&logp, &lse, &x, &w, &targets, s).unwrap();
+        let m = HeadMetrics::zeros(ctx, s.rows).unwrap();
+        head.forward(&logp, &lse, &m, &x, &w, &targets, s).unwrap();
         head.backward(&dx, &dw, &x, &w, &targets, &lse, &coef, s).unwrap();
-        vec![read(ctx, &logp), read(ctx, &lse), read(ctx, &dx), read(ctx, &dw)]
+        vec![read(ctx, &logp), read(ctx, &lse), read(ctx, &dx), read(ctx, &dw), read(ctx, &m.mean_logit), read(ctx, &m.entropy), read(ctx, &m.argmax_hit)]
     }
 }
 
@@ -355,7 +371,7 @@ fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
     let ctx = ctx();
     let mut rng = Rng(9);
     let s = HeadShape { rows: 6, hidden: 24, vocab: 300 };
-    let case = HeadCase {
+    let mut case = HeadCase {
         s,
         x: rng.vec(s.rows * s.hidden, 1.0),
         w: rng.vec(s.vocab * s.hidden, 1.0),
@@ -365,14 +381,20 @@ fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
         dx0: rng.vec(s.rows * s.hidden, 1.0),
         dw0: rng.vec(s.vocab * s.hidden, 0.01),
     };
+    // two rows score their largest logit, so the argmax hit is seen both ways
+    for r in [1, 4] {
+        case.targets[r] = case.argmax(r);
+    }
     let cpu = case.cpu();
+    assert_eq!(cpu[6], [0.0, 1.0, 0.0, 0.0, 1.0, 0.0], "targets {:?}", case.targets);
     // 64: five passes, the last over 44 ids; 1024: the whole vocabulary in one
     for chunk in [64, 1024] {
         let head = LmHead::new(&ctx, chunk);
         let gpu = deterministic("lm head", || case.gpu(&ctx, &head));
-        for (i, what) in ["logp", "lse", "dx", "dw"].iter().enumerate() {
+        for (i, what) in ["logp", "lse", "dx", "dw", "mean logit", "entropy"].iter().enumerate() {
             assert_close(&format!("head {what} (chunk {chunk})"), &gpu[i], &cpu[i], TOL);
         }
+        assert_eq!(gpu[6], cpu[6], "head argmax hits (chunk {chunk})");
     }
 }
 
@@ -476,7 +498,8 @@ fn ids_outside_the_vocabulary_give_nan_not_a_wrong_number() {
     let s = HeadShape { rows: 2, hidden: cols, vocab };
     let (logp, lse) = (GpuVec::zeros(&ctx, "logp", 2).unwrap(), GpuVec::zeros(&ctx, "lse", 2).unwrap());
     let hidden = up(&ctx, &[0.5; 8]);
-    LmHead::new(&ctx, 2).forward(&logp, &lse, &hidden, &table, &up_u32(&ctx, &[4, 5]), s).unwrap();
+    let m = HeadMetrics::zeros(&ctx, 2).unwrap();
+    LmHead::new(&ctx, 2).forward(&logp, &lse, &m, &hidden, &table, &up_u32(&ctx, &[4, 5]), s).unwrap();
     let logp = read(&ctx, &logp);
     // five equal logits: log p = −ln 5 for the id in range
     assert!((logp[0] + 5f32.ln()).abs() < 1e-6 && logp[1].is_nan(), "{logp:?}");

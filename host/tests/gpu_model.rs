@@ -7,7 +7,7 @@
 //! Runs on lavapipe in CI: no adapter is a failure, never a skip.
 
 use gpu_shaders::{GpuContext, GpuOptions};
-use host::model::{Family, GpuLlama, LlamaConfig, LlamaModel, Sequence, SplitMix64};
+use host::model::{Family, GpuLlama, HeadStats, LlamaConfig, LlamaModel, Sequence, SplitMix64};
 use host::params::ParamSet;
 
 /// Relative L2 error (`‖gpu − cpu‖ / ‖cpu‖`) allowed per gradient tensor.
@@ -88,6 +88,7 @@ fn rel(gpu: f64, cpu: f64) -> f64 {
 
 struct GpuStep {
     logps: Vec<f32>,
+    head: Vec<HeadStats>,
     nll_sum: f64,
     grads: ParamSet,
 }
@@ -102,7 +103,7 @@ fn gpu_step(gpu: &GpuLlama) -> GpuStep {
     let fwd = gpu.forward(&batch()).unwrap();
     gpu.backward(&fwd, &COEFS).unwrap();
     let ce = gpu.cross_entropy_backward(&second_batch(), LOSS_SCALE).unwrap();
-    GpuStep { logps: fwd.logps, nll_sum: ce.nll_sum, grads: gpu.read_grads().unwrap() }
+    GpuStep { logps: fwd.logps, head: fwd.head, nll_sum: ce.nll_sum, grads: gpu.read_grads().unwrap() }
 }
 
 fn case(ctx: &GpuContext, cfg: LlamaConfig, what: &str) {
@@ -123,6 +124,14 @@ fn case(ctx: &GpuContext, cfg: LlamaConfig, what: &str) {
     for (i, (&g, &c)) in step.logps.iter().zip(&fwd.logps).enumerate() {
         let err = rel(g as f64, c as f64);
         assert!(err <= LOGP_TOL, "{what}: log-prob of sequence {i}: gpu {g}, cpu {c}, relative error {err:e} > {LOGP_TOL:e}");
+    }
+    // what TRL logs about the head: token counts and argmax hits exactly, the
+    // sums of mean logits and entropies to the log-prob tolerance
+    for (i, (g, c)) in step.head.iter().zip(&fwd.head).enumerate() {
+        assert_eq!((g.tokens, g.argmax_hits), (c.tokens, c.argmax_hits), "{what}: head statistics of sequence {i}");
+        for (name, gv, cv) in [("mean logits", g.mean_logit_sum, c.mean_logit_sum), ("entropy", g.entropy_sum, c.entropy_sum)] {
+            assert!((gv - cv).abs() <= LOGP_TOL * cv.abs().max(1.0), "{what}: {name} of sequence {i}: gpu {gv}, cpu {cv}");
+        }
     }
     let err = rel(step.nll_sum, ce.nll_sum);
     assert!(err <= LOGP_TOL, "{what}: loss: gpu {}, cpu {}, relative error {err:e} > {LOGP_TOL:e}", step.nll_sum, ce.nll_sum);

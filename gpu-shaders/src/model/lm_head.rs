@@ -22,7 +22,27 @@ struct HeadParams {
     rows: u32,
     cols: u32,
     first: u32,
-    pad: u32,
+    vocab: u32,
+}
+
+/// What TRL's trainers log about the head, per row: the logits' mean over the
+/// vocabulary, the softmax's entropy (nats), and 1.0 when the first largest
+/// logit is the row's target (else 0.0). Metrics only: nothing the gradient
+/// uses, and outside the bit-exact contract like the rest of the model.
+pub struct HeadMetrics {
+    pub mean_logit: GpuVec,
+    pub entropy: GpuVec,
+    pub argmax_hit: GpuVec,
+}
+
+impl HeadMetrics {
+    pub fn zeros(ctx: &GpuContext, rows: usize) -> Result<HeadMetrics, GpuError> {
+        Ok(HeadMetrics {
+            mean_logit: GpuVec::zeros(ctx, "head mean logits", rows)?,
+            entropy: GpuVec::zeros(ctx, "head entropies", rows)?,
+            argmax_hit: GpuVec::zeros(ctx, "head argmax hits", rows)?,
+        })
+    }
 }
 
 pub struct LmHead {
@@ -81,14 +101,19 @@ impl LmHead {
     }
 
     fn params(s: HeadShape, (first, cols): (usize, usize)) -> HeadParams {
-        HeadParams { rows: s.rows as u32, cols: cols as u32, first: first as u32, pad: 0 }
+        HeadParams { rows: s.rows as u32, cols: cols as u32, first: first as u32, vocab: s.vocab as u32 }
     }
 
     /// `logp[r] = log softmax(x[r] Wᵀ)[targets[r]]` (NaN for a target outside
-    /// the vocabulary); `lse[r]` the row's log-sum-exp, which the backward pass needs.
-    pub fn forward(&self, logp: &GpuVec, lse: &GpuVec, x: &GpuVec, w: &GpuVec, targets: &GpuVec, s: HeadShape) -> Result<(), GpuError> {
+    /// the vocabulary); `lse[r]` the row's log-sum-exp, which the backward pass
+    /// needs; and per row what TRL logs ([`HeadMetrics`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, logp: &GpuVec, lse: &GpuVec, metrics: &HeadMetrics, x: &GpuVec, w: &GpuVec, targets: &GpuVec, s: HeadShape) -> Result<(), GpuError> {
         self.check(s, x, w, targets, lse)?;
         expect_len("head log-probabilities", logp, s.rows)?;
+        for (what, v) in [("head mean logits", &metrics.mean_logit), ("head entropies", &metrics.entropy), ("head argmax hits", &metrics.argmax_hit)] {
+            expect_len(what, v, s.rows)?;
+        }
         let chunks = self.chunks(s);
         let logits = GpuVec::zeros(&self.ctx, "head logits chunk", s.rows * chunks[0].1)?;
         // per row: the running maximum starts below any logit (exp(start − max)
@@ -97,6 +122,8 @@ impl LmHead {
         let mut init = vec![f32::MIN; s.rows];
         init.resize(2 * s.rows, 0.0);
         init.resize(3 * s.rows, f32::NAN);
+        // Σ logits, Σ exp(l − max)·l and the argmax id start at 0
+        init.resize(6 * s.rows, 0.0);
         let stats = GpuVec::from_f32(&self.ctx, "head running stats", &init)?;
         for &chunk in &chunks {
             self.chunk_logits(&logits, x, w, s, chunk)?;
@@ -104,7 +131,9 @@ impl LmHead {
             dispatch(&self.ctx, &self.stats, &p, &[(1, &logits), (2, targets), (3, &stats)], s.rows as u32)?;
         }
         let p = Self::params(s, (0, 0));
-        dispatch(&self.ctx, &self.finish, &p, &[(3, &stats), (4, logp), (5, lse)], groups(s.rows))
+        let m = metrics;
+        let buffers = [(2, targets), (3, &stats), (4, logp), (5, lse), (7, &m.mean_logit), (8, &m.entropy), (9, &m.argmax_hit)];
+        dispatch(&self.ctx, &self.finish, &p, &buffers, groups(s.rows))
     }
 
     /// Gradients of `Σ_r coef[r] · logp[r]`: `dx += d·W`, `dw += dᵀ·x` with

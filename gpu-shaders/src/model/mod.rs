@@ -25,7 +25,7 @@ pub use attention::{Attention, AttentionShape};
 pub use elementwise::Elementwise;
 pub use embedding::Embedding;
 pub use linear::{Linear, LinearShape};
-pub use lm_head::{HeadShape, LmHead};
+pub use lm_head::{HeadMetrics, HeadShape, LmHead};
 pub use loss::{PairLogps, PreferenceLoss, PreferenceLossKind};
 pub use rmsnorm::RmsNorm;
 pub use rope::Rope;

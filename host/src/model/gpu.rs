@@ -24,14 +24,14 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use gpu_shaders::model::{
-    Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadShape, Linear, LinearShape, LmHead, RmsNorm, Rope, SequenceSum,
+    Attention, AttentionShape, Elementwise, Embedding, GpuVec, HeadMetrics, HeadShape, Linear, LinearShape, LmHead, RmsNorm, Rope, SequenceSum,
 };
 use gpu_shaders::optim::NamedBuffer;
 use gpu_shaders::{GpuContext, GpuError};
 
 use super::config::LlamaConfig;
 use super::layers;
-use super::llama::{CrossEntropy, Index, LlamaModel, ModelError, Sequence, check_sequences};
+use super::llama::{CrossEntropy, HeadStats, Index, LlamaModel, ModelError, Sequence, check_sequences};
 use crate::params::{ParamSet, Tensor};
 
 /// Vocabulary rows the LM head scores per pass: bounds its `[tokens, chunk]`
@@ -133,7 +133,35 @@ struct SeqTape {
 pub struct GpuForward {
     pub logps: Vec<f32>,
     pub scored: Vec<usize>,
+    /// What TRL logs about the head, per sequence (sums in f32 on the device).
+    pub head: Vec<HeadStats>,
     tapes: Vec<SeqTape>,
+}
+
+/// Per-sequence totals on the device for a batch of `n`: log-probabilities at
+/// slots `0..n`, then the head's mean-logit, entropy and argmax-hit sums at
+/// `n..2n`, `2n..3n`, `3n..4n`, so one read brings all back.
+struct SeqTotals {
+    n: usize,
+    buffer: GpuVec,
+}
+
+impl SeqTotals {
+    fn read(&self, ctx: &GpuContext, seqs: &[Sequence]) -> Result<(Vec<f32>, Vec<HeadStats>), GpuError> {
+        let v = self.buffer.read_f32(ctx)?;
+        let n = self.n;
+        let head = seqs
+            .iter()
+            .enumerate()
+            .map(|(b, seq)| HeadStats {
+                tokens: seq.scored(),
+                mean_logit_sum: v[n + b] as f64,
+                entropy_sum: v[2 * n + b] as f64,
+                argmax_hits: v[3 * n + b].round() as usize,
+            })
+            .collect();
+        Ok((v[..n].to_vec(), head))
+    }
 }
 
 impl GpuLlama {
@@ -342,8 +370,13 @@ impl GpuLlama {
 
     // ------------------------------------------------------------ whole sequence
 
-    /// The forward of one sequence; its summed log-probability goes to `logps[slot]`.
-    fn forward_seq(&self, seq: &Sequence, logps: &GpuVec, slot: usize) -> Result<SeqTape, GpuError> {
+    fn totals(&self, n: usize) -> Result<SeqTotals, GpuError> {
+        Ok(SeqTotals { n, buffer: self.zeros("sequence totals", 4 * n.max(1))? })
+    }
+
+    /// The forward of one sequence; its summed log-probability and head
+    /// statistics go to its `slot` of `totals`.
+    fn forward_seq(&self, seq: &Sequence, totals: &SeqTotals, slot: usize) -> Result<SeqTape, GpuError> {
         let cfg = &self.config;
         let k = &self.kernels;
         let (c, t) = (cfg.hidden_size, seq.tokens.len());
@@ -366,10 +399,15 @@ impl GpuLlama {
         let targets = GpuVec::from_u32(&self.ctx, "targets", &targets)?;
         let row_logp = self.zeros("row log-probs", t)?;
         let head_lse = self.zeros("head log-sum-exp", t)?;
+        let metrics = HeadMetrics::zeros(&self.ctx, t)?;
         let shape = HeadShape { rows: t, hidden: c, vocab: cfg.vocab_size };
-        k.head.forward(&row_logp, &head_lse, &nf, &self.weights[self.idx.head], &targets, shape)?;
+        k.head.forward(&row_logp, &head_lse, &metrics, &nf, &self.weights[self.idx.head], &targets, shape)?;
         let mask: Vec<u32> = scored_rows.iter().map(|&s| u32::from(s)).collect();
-        k.sum.sum(logps, slot, &row_logp, &GpuVec::from_u32(&self.ctx, "scored rows", &mask)?)?;
+        let mask = GpuVec::from_u32(&self.ctx, "scored rows", &mask)?;
+        let n = totals.n;
+        for (i, rows) in [&row_logp, &metrics.mean_logit, &metrics.entropy, &metrics.argmax_hit].into_iter().enumerate() {
+            k.sum.sum(&totals.buffer, i * n + slot, rows, &mask)?;
+        }
         Ok(SeqTape { tokens, targets, scored_rows, rope, layers, x_final: x, nf, rstdf, head_lse })
     }
 
@@ -398,14 +436,13 @@ impl GpuLlama {
     /// tokens, with the activations kept on the device for [`Self::backward`].
     pub fn forward(&self, seqs: &[Sequence]) -> Result<GpuForward, GpuModelError> {
         check_sequences(&self.config, seqs)?;
-        let logps = self.zeros("sequence log-probs", seqs.len().max(1))?;
+        let totals = self.totals(seqs.len())?;
         let mut tapes = Vec::with_capacity(seqs.len());
         for (slot, seq) in seqs.iter().enumerate() {
-            tapes.push(self.forward_seq(seq, &logps, slot)?);
+            tapes.push(self.forward_seq(seq, &totals, slot)?);
         }
-        let mut logps = logps.read_f32(&self.ctx)?;
-        logps.truncate(seqs.len());
-        Ok(GpuForward { logps, scored: seqs.iter().map(Sequence::scored).collect(), tapes })
+        let (logps, head) = totals.read(&self.ctx, seqs)?;
+        Ok(GpuForward { logps, scored: seqs.iter().map(Sequence::scored).collect(), head, tapes })
     }
 
     /// Accumulates `Σ_b dlogps[b] · ∂logp_b/∂θ` into the device gradients,
@@ -431,17 +468,20 @@ impl GpuLlama {
     /// A whole data set can go through in one call: each sequence's activations
     /// are freed once it is scored.
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, GpuModelError> {
+        Ok(self.sequence_logps_and_head(seqs)?.0)
+    }
+
+    /// [`Self::sequence_logps`] with each sequence's [`HeadStats`].
+    pub fn sequence_logps_and_head(&self, seqs: &[Sequence]) -> Result<(Vec<f32>, Vec<HeadStats>), GpuModelError> {
         check_sequences(&self.config, seqs)?;
-        let logps = self.zeros("sequence log-probs", seqs.len().max(1))?;
+        let totals = self.totals(seqs.len())?;
         for (slot, seq) in seqs.iter().enumerate() {
-            self.forward_seq(seq, &logps, slot)?;
+            self.forward_seq(seq, &totals, slot)?;
             // the device frees a dropped buffer only once the work queued on it
             // is done; without the wait, every sequence's would be held until the end
             self.ctx.wait()?;
         }
-        let mut logps = logps.read_f32(&self.ctx)?;
-        logps.truncate(seqs.len());
-        Ok(logps)
+        Ok(totals.read(&self.ctx, seqs)?)
     }
 
     /// Next-token cross-entropy over the scored tokens; accumulates

@@ -33,8 +33,7 @@ pub struct Record {
     /// vocabulary, averaged over the completion tokens; `entropy`: the
     /// softmax's entropy (nats) averaged over chosen and rejected completion
     /// tokens; `mean_token_accuracy`: the share of chosen completion tokens whose
-    /// largest logit is the target. CPU model only (the GPU model does not
-    /// bring logits back).
+    /// largest logit is the target.
     #[serde(rename = "logits/chosen", skip_serializing_if = "Option::is_none", default)]
     pub logits_chosen: Option<f64>,
     #[serde(rename = "logits/rejected", skip_serializing_if = "Option::is_none", default)]

@@ -102,11 +102,11 @@ impl GpuPolicy {
 
     /// Forward, coefficients from the log-probs, backward added into the device
     /// gradients; the log-probs come back.
-    fn accumulate(&self, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<Vec<f32>> {
+    fn accumulate(&self, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, Vec<HeadStats>)> {
         let fwd = self.model.forward(seqs).map_err(gpu_err("policy forward"))?;
         let c = coefs(&fwd.logps)?;
         self.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
-        Ok(fwd.logps)
+        Ok((fwd.logps, fwd.head))
     }
 }
 
@@ -148,11 +148,11 @@ fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) ->
 }
 
 /// The same on the GPU model, whose device weights must be current.
-fn gpu_backward(gpu: &GpuPolicy, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet)> {
+fn gpu_backward(gpu: &GpuPolicy, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
     let fwd = gpu.model.forward(seqs).map_err(gpu_err("policy forward"))?;
     let c = coefs(&fwd.logps)?;
     gpu.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
-    Ok((fwd.logps, gpu.read_grads()?))
+    Ok((fwd.logps, gpu.read_grads()?, fwd.head))
 }
 
 /// Mean negative log-likelihood per scored token.
@@ -180,7 +180,7 @@ impl Objective for LmObjective {
             }
             Some(gpu) => {
                 gpu.start(step, params)?;
-                let (logps, grads) = gpu_backward(gpu, &seqs, coefs)?;
+                let (logps, grads, _) = gpu_backward(gpu, &seqs, coefs)?;
                 if gpu.checks(step) {
                     let t = Instant::now();
                     self.model.params.clone_from(params);
@@ -233,7 +233,7 @@ impl Objective for LmObjective {
         gpu.begin_accumulate(step, params, first)?;
         let seqs: Vec<Sequence> = examples.iter().map(|&i| self.train[i].clone()).collect();
         let tokens: usize = seqs.iter().map(Sequence::scored).sum();
-        let logps = gpu.accumulate(&seqs, |_: &[f32]| Ok(vec![-scale / tokens as f32; seqs.len()]))?;
+        let (logps, _) = gpu.accumulate(&seqs, |_: &[f32]| Ok(vec![-scale / tokens as f32; seqs.len()]))?;
         let n = examples.len();
         Ok(Stats { count: n, loss_sum: mean_nll(&logps, tokens) * n as f64, ..Default::default() })
     }
@@ -440,7 +440,8 @@ impl Objective for DpoObjective {
             }
             Some(gpu) => {
                 gpu.start(step, params)?;
-                let (logps, grads) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
+                let (logps, grads, stats) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
+                head = Some(stats);
                 if gpu.checks(step) {
                     let t = Instant::now();
                     let cpu_refs = match &self.reference {
@@ -484,7 +485,8 @@ impl Objective for DpoObjective {
             }
             Some(gpu) => {
                 gpu.upload(params)?;
-                (gpu.model.sequence_logps(&seqs).map_err(gpu_err("policy evaluation"))?, None)
+                let (lp, head) = gpu.model.sequence_logps_and_head(&seqs).map_err(gpu_err("policy evaluation"))?;
+                (lp, Some(head))
             }
         };
         let lp = pair_logps(&self.eval, &lp, self.loss.length_normalized());
@@ -521,10 +523,10 @@ impl Objective for DpoObjective {
         let coefs = |logps: &[f32]| -> Result<Vec<f32>> {
             Ok(dpo_batch(loss, &seqs, logps, &refs)?.1.into_iter().map(|c| c * scale).collect())
         };
-        let logps = gpu.accumulate(&seqs, coefs)?;
+        let (logps, head) = gpu.accumulate(&seqs, coefs)?;
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics, None)), ..Default::default() })
+        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics, Some(&head))), ..Default::default() })
     }
 
     fn device_weights_are(&self, step: u64) {

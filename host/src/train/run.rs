@@ -26,8 +26,7 @@ pub struct PrefSums {
     pub correct: f64,
     pub logps_chosen: f64,
     pub logps_rejected: f64,
-    /// The LM head's statistics of the chosen and of the rejected completions,
-    /// when the model computed them (the CPU model does).
+    /// The LM head's statistics of the chosen and of the rejected completions.
     pub head: Option<(HeadStats, HeadStats)>,
 }
 
