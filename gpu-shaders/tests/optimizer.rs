@@ -300,7 +300,7 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
         .map(|i| TensorInit { name: names[i], theta: &sft[i], task: Some((Src::F32(&base[i]), Src::F32(&sft[i]))), tau_dtype: Dtype::F32 })
         .collect();
     let ctx = common::ctx_with(&opts);
-    let mut uploaded = GpuOptimizer::new(ctx.clone(), config.clone(), &init).unwrap();
+    let mut uploaded = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
     let mut copied = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
     for _ in 0..2 {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();

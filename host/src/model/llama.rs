@@ -844,17 +844,19 @@ impl LlamaModel {
     /// Per-sequence summed log-probabilities of the scored tokens, no tape kept
     /// (the frozen reference model, evaluation).
     pub fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>, ModelError> {
-        Ok(self.sequence_logps_and_head(seqs)?.into_iter().map(|(lp, _)| lp).collect())
+        Ok(self.sequence_logps_and_head(seqs)?.0)
     }
 
     /// [`Self::sequence_logps`] with each sequence's [`HeadStats`].
-    pub fn sequence_logps_and_head(&self, seqs: &[Sequence]) -> Result<Vec<(f32, HeadStats)>, ModelError> {
+    pub fn sequence_logps_and_head(&self, seqs: &[Sequence]) -> Result<(Vec<f32>, Vec<HeadStats>), ModelError> {
         self.check_sequences(seqs)?;
         let pass = self.pass(seqs.len(), seqs.iter().map(|q| q.tokens.len()).max().unwrap_or(0));
         Ok(par_map(self.threads, seqs.len(), |i| {
             let (lp, head, _) = self.forward_seq(&pass, &seqs[i], false);
             (lp, head)
-        }))
+        })
+        .into_iter()
+        .unzip())
     }
 
     /// Next-token cross-entropy over the scored tokens; accumulates

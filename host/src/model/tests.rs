@@ -448,7 +448,7 @@ fn head_stats_match_an_f64_recomputation_from_the_logits() {
             want.entropy_sum += entropy;
             want.argmax_hits += usize::from(first_max == seq.tokens[p] as usize);
         }
-        for got in [fwd.head[b], by_logps[b].1] {
+        for got in [fwd.head[b], by_logps.1[b]] {
             assert_eq!((got.tokens, got.argmax_hits), (want.tokens, want.argmax_hits), "sequence {b}");
             let close = |a: f64, w: f64| (a - w).abs() <= 1e-5 * w.abs().max(1.0);
             assert!(close(got.mean_logit_sum, want.mean_logit_sum), "sequence {b}: mean logits {got:?} vs {want:?}");

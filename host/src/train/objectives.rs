@@ -292,12 +292,10 @@ fn flat(pairs: &[(f32, f32)]) -> Vec<f32> {
 }
 
 /// TRL's preference sums of `n` pairs; `head` is the LM head's statistics of
-/// [`pair_seqs`]' sequences when the model computed them.
-fn pref_sums(n: usize, m: &crate::loss::DpoMetrics, head: Option<&[HeadStats]>) -> PrefSums {
-    let head = head.map(|h| {
-        let sum = |parity: usize| h.iter().skip(parity).step_by(2).fold(HeadStats::default(), |a, &b| a + b);
-        (sum(0), sum(1))
-    });
+/// [`pair_seqs`]' sequences.
+fn pref_sums(n: usize, m: &crate::loss::DpoMetrics, head: &[HeadStats]) -> PrefSums {
+    let sum = |parity: usize| head.iter().skip(parity).step_by(2).fold(HeadStats::default(), |a, &b| a + b);
+    let head = (sum(0), sum(1));
     let n = n as f64;
     PrefSums {
         head,
@@ -430,18 +428,14 @@ impl Objective for DpoObjective {
         let loss = &self.loss;
         let mut cross_check_ms = 0.0;
         let mut cross_checked = false;
-        let mut head = None;
-        let (logps, grads) = match &self.gpu {
+        let (logps, grads, head) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
-                let (logps, grads, stats) = cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?;
-                head = Some(stats);
-                (logps, grads)
+                cpu_backward(&self.policy, &seqs, dpo_coefs(loss, &seqs, &refs))?
             }
             Some(gpu) => {
                 gpu.start(step, params)?;
-                let (logps, grads, stats) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
-                head = Some(stats);
+                let (logps, grads, head) = gpu_backward(gpu, &seqs, dpo_coefs(loss, &seqs, &refs))?;
                 if gpu.checks(step) {
                     let t = Instant::now();
                     let cpu_refs = match &self.reference {
@@ -462,12 +456,12 @@ impl Objective for DpoObjective {
                     cross_check_ms = ms_since(t);
                     cross_checked = true;
                 }
-                (logps, grads)
+                (logps, grads, head)
             }
         };
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        let pref = pref_sums(n, &bl.metrics, head.as_deref());
+        let pref = pref_sums(n, &bl.metrics, &head);
         Ok((grads, Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref), cross_checked, cross_check_ms }))
     }
 
@@ -479,14 +473,12 @@ impl Objective for DpoObjective {
         let (lp, head) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
-                let out = self.policy.sequence_logps_and_head(&seqs).map_err(model_err("policy evaluation"))?;
-                let (lp, head): (Vec<f32>, Vec<HeadStats>) = out.into_iter().unzip();
-                (lp, Some(head))
+                self.policy.sequence_logps_and_head(&seqs).map_err(model_err("policy evaluation"))?
             }
             Some(gpu) => {
                 gpu.upload(params)?;
                 let (lp, head) = gpu.model.sequence_logps_and_head(&seqs).map_err(gpu_err("policy evaluation"))?;
-                (lp, Some(head))
+                (lp, head)
             }
         };
         let lp = pair_logps(&self.eval, &lp, self.loss.length_normalized());
@@ -496,7 +488,7 @@ impl Objective for DpoObjective {
         let rr: Vec<f32> = self.eval_ref.iter().map(|x| x.1).collect();
         let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
         let n = self.eval.len();
-        let pref = pref_sums(n, &bl.metrics, head.as_deref());
+        let pref = pref_sums(n, &bl.metrics, &head);
         Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref), cross_checked: false, cross_check_ms: 0.0 }))
     }
 
@@ -526,7 +518,7 @@ impl Objective for DpoObjective {
         let (logps, head) = gpu.accumulate(&seqs, coefs)?;
         let (bl, _) = dpo_batch(loss, &seqs, &logps, &refs)?;
         let n = examples.len();
-        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics, Some(&head))), ..Default::default() })
+        Ok(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref_sums(n, &bl.metrics, &head)), ..Default::default() })
     }
 
     fn device_weights_are(&self, step: u64) {

@@ -27,7 +27,7 @@ pub struct PrefSums {
     pub logps_chosen: f64,
     pub logps_rejected: f64,
     /// The LM head's statistics of the chosen and of the rejected completions.
-    pub head: Option<(HeadStats, HeadStats)>,
+    pub head: (HeadStats, HeadStats),
 }
 
 /// Statistics of a batch: sums over its `count` examples.
@@ -55,10 +55,7 @@ impl Stats {
                 correct: a.correct + b.correct,
                 logps_chosen: a.logps_chosen + b.logps_chosen,
                 logps_rejected: a.logps_rejected + b.logps_rejected,
-                head: match (a.head, b.head) {
-                    (Some((ac, ar)), Some((bc, br))) => Some((ac + bc, ar + br)),
-                    _ => None,
-                },
+                head: (a.head.0 + b.head.0, a.head.1 + b.head.1),
             }),
             (a, b) => a.or(b),
         };
@@ -76,13 +73,12 @@ impl Stats {
             r.logps_chosen = Some(p.logps_chosen / n);
             r.logps_rejected = Some(p.logps_rejected / n);
             // TRL's token-weighted means (0 without tokens, as TRL)
-            if let Some((c, rj)) = p.head {
-                let per = |sum: f64, tokens: usize| if tokens > 0 { sum / tokens as f64 } else { 0.0 };
-                r.logits_chosen = Some(per(c.mean_logit_sum, c.tokens));
-                r.logits_rejected = Some(per(rj.mean_logit_sum, rj.tokens));
-                r.entropy = Some(per(c.entropy_sum + rj.entropy_sum, c.tokens + rj.tokens));
-                r.mean_token_accuracy = Some(per(c.argmax_hits as f64, c.tokens));
-            }
+            let (c, rj) = p.head;
+            let per = |sum: f64, tokens: usize| if tokens > 0 { sum / tokens as f64 } else { 0.0 };
+            r.logits_chosen = Some(per(c.mean_logit_sum, c.tokens));
+            r.logits_rejected = Some(per(rj.mean_logit_sum, rj.tokens));
+            r.entropy = Some(per(c.entropy_sum + rj.entropy_sum, c.tokens + rj.tokens));
+            r.mean_token_accuracy = Some(per(c.argmax_hits as f64, c.tokens));
         }
         r
     }
