@@ -143,6 +143,21 @@ fn bad_tokenizers_templates_and_records_are_named_and_nothing_is_written() {
     refused(&mistral, &format!("{good}\n"), &["prefs.jsonl:1: ", "chat_template.jinja", "from the .jinja file"]);
     std::fs::write(mistral.join("chat_template.jinja"), "{% for m in messages %}{{ m.content }\n").unwrap();
     refused(&mistral, &format!("{good}\n"), &["chat_template.jinja: chat template (template line 1)"]);
+    // strftime_now (the clock, in transformers) exists only with a pinned --chat-date
+    let dated = "{{ strftime_now('%d %b %Y') }}{% for m in messages %}{{ m.content }}{% endfor %}";
+    std::fs::write(mistral.join("chat_template.jinja"), dated).unwrap();
+    refused(&mistral, &format!("{good}\n"), &["prefs.jsonl:1: ", "strftime_now", "--chat-date YYYY-MM-DD"]);
+    std::fs::write(&data, format!("{good}\n")).unwrap();
+    let run = |date: &str, out: &Path| {
+        let mut args = vec!["align", "--model", mistral.to_str().unwrap(), "--data", data.to_str().unwrap(), "--steps", "1"];
+        args.extend(["--batch-size", "1", "--backend", "cpu", "--chat-date", date, "--out", out.to_str().unwrap()]);
+        host(&args, &[])
+    };
+    let o = run("2024-02-30", &d.join("bad-date"));
+    assert!(!o.status.success() && stderr(&o).contains("--chat-date \"2024-02-30\": no such day"), "{}", stderr(&o));
+    assert!(!d.join("bad-date").exists());
+    let o = run("2024-07-26", &d.join("dated"));
+    assert!(o.status.success(), "{}", stderr(&o));
     std::fs::remove_file(mistral.join("chat_template.jinja")).unwrap();
 
     // A broken tokenizer.json names the file and where the JSON breaks.

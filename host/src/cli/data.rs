@@ -12,6 +12,7 @@ use crate::data::truncate::Truncation;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::Sequence;
 use crate::tokenizer::ByteTokenizer;
+use crate::tokenizer::chat::ChatDate;
 use crate::train::objectives::PairSeqs;
 use crate::train::{Result, TrainError};
 
@@ -46,16 +47,32 @@ pub struct DataArgs {
     /// keep_start (TRL's default: the end is cut) or keep_end (the start is cut).
     #[arg(long, default_value = "keep_start")]
     pub truncation_mode: String,
+    /// The date (YYYY-MM-DD) a chat template's `strftime_now` renders, which
+    /// transformers takes from the clock. Without it `strftime_now` is undefined,
+    /// so a run's tokens never depend on the day it runs or resumes: Llama 3.1/3.2
+    /// templates then use their own fallback date.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    pub chat_date: Option<String>,
 }
 
 impl DataArgs {
     /// The data settings as recorded in checkpoints (resume must see the same data).
     pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut settings = serde_json::json!({
             "data": self.data, "eval_data": self.eval_data, "token_ids": self.token_ids,
             "builtin": self.builtin, "builtin_eval": self.builtin_eval,
             "max_length": self.max_length, "max_prompt_length": self.max_prompt_length, "truncation_mode": self.truncation_mode,
-        })
+        });
+        // only when given, so checkpoints written before the flag existed still resume
+        if let Some(date) = &self.chat_date {
+            settings["chat_date"] = date.as_str().into();
+        }
+        settings
+    }
+
+    /// `--chat-date`, parsed.
+    pub fn chat_date(&self) -> Result<Option<ChatDate>> {
+        self.chat_date.as_deref().map(|d| ChatDate::parse(d).map_err(|e| TrainError::msg(format!("--chat-date {e}")))).transpose()
     }
 
     /// The truncation the flags ask for.

@@ -244,8 +244,11 @@ fn load_with_dtype(dir: &Path, flag: &str) -> Result<(LlamaModel, Dtype)> {
 
 /// The model folder's own tokenizer, if it has a `tokenizer.json`, and the content
 /// hashes of its files (a changed tokenizer changes the data a resumed run sees).
-fn load_tokenizer(dir: &Path, flag: &str, hashes: &mut Vec<crate::train::checkpoint::InputHash>) -> Result<Option<PretrainedTokenizer>> {
-    let tokenizer = PretrainedTokenizer::load(dir).map_err(|e| TrainError::msg(format!("{flag}: {e}")))?;
+fn load_tokenizer(dir: &Path, flag: &str, data: &DataArgs, hashes: &mut Vec<crate::train::checkpoint::InputHash>) -> Result<Option<PretrainedTokenizer>> {
+    let mut tokenizer = PretrainedTokenizer::load(dir).map_err(|e| TrainError::msg(format!("{flag}: {e}")))?;
+    if let (Some(t), Some(date)) = (&mut tokenizer, data.chat_date()?) {
+        t.set_chat_date(date);
+    }
     if let Some(t) = &tokenizer {
         hashes.extend(inputs::tokenizer_hashes(flag, dir)?);
         if let Some(caveat) = t.class_caveat() {
@@ -372,7 +375,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         Some(dir) => {
             let (m, dtype) = load_with_dtype(dir, "--init")?;
             models.push(inputs::model_hash("--init", dir, &m));
-            tokenizer = load_tokenizer(dir, "--init", &mut models)?;
+            tokenizer = load_tokenizer(dir, "--init", &a.data, &mut models)?;
             source = Some((dir.as_path(), dtype));
             m
         }
@@ -406,7 +409,7 @@ fn sft(a: SftArgs) -> Result<()> {
     let (mut model, source_dtype) = load_with_dtype(&a.model, "--model")?;
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
     let mut models = vec![inputs::model_hash("--model", &a.model, &model)];
-    let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
+    let tokenizer = load_tokenizer(&a.model, "--model", &a.data, &mut models)?;
     let (train, eval) = data::sft_sequences(&a.data, &model.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let output = a.save.spec(&model.config, Some((&a.model, source_dtype)))?;
     let init = model.params.clone();
@@ -433,7 +436,7 @@ fn align(a: AlignArgs) -> Result<()> {
         hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
         models.push(inputs::model_hash("--base", p, b));
     }
-    let tokenizer = load_tokenizer(&a.model, "--model", &mut models)?;
+    let tokenizer = load_tokenizer(&a.model, "--model", &a.data, &mut models)?;
     let (train, eval) = data::preference_pairs(&a.data, &policy.config, text_tokenizer(&tokenizer), a.train.seed)?;
     let sft_params = policy.params.clone();
     let precomputed = match &a.data.data {
@@ -490,7 +493,7 @@ fn align(a: AlignArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = load(&a.model, "--model")?;
-    let tokenizer = load_tokenizer(&a.model, "--model", &mut Vec::new())?;
+    let tokenizer = load_tokenizer(&a.model, "--model", &a.data, &mut Vec::new())?;
     let tok = text_tokenizer(&tokenizer);
     let config = model.config.clone();
     let params = model.params.clone();

@@ -4,6 +4,13 @@
 //! (`.strip()`, `.startswith()`, ...) through minijinja-contrib's `pycompat`, and
 //! the template variables `messages`, `add_generation_prompt` and the tokenizer's
 //! special tokens (`bos_token`, `eos_token`, ...).
+//!
+//! `strftime_now(format)`, which transformers defines as today's date, is only
+//! defined here once a date is pinned ([`ChatTemplate::set_date`], the CLI's
+//! `--chat-date`): a run's tokens must not depend on the day it runs or
+//! resumes. Without it, templates that test `strftime_now is defined` (Llama
+//! 3.1 / 3.2) take their own fallback date, and templates that call it
+//! unconditionally stop with an error that names the flag.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +25,100 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// One compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+}
+
+/// A calendar date (proleptic Gregorian), what `strftime_now` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChatDate {
+    year: i32,
+    month: u32,
+    day: u32,
+}
+
+const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+
+impl ChatDate {
+    /// `YYYY-MM-DD`, a real day.
+    pub fn parse(s: &str) -> Result<ChatDate, String> {
+        let bad = || format!("{s:?}: expected a date as YYYY-MM-DD");
+        let mut parts = s.split('-');
+        let (Some(y), Some(m), Some(d), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return Err(bad()) };
+        if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+            return Err(bad());
+        }
+        let (year, month, day) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?, d.parse().map_err(|_| bad())?);
+        if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+            return Err(format!("{s:?}: no such day"));
+        }
+        Ok(ChatDate { year, month, day })
+    }
+
+    /// Days since 1970-01-01 (H. Hinnant's `days_from_civil`).
+    fn days(self) -> i64 {
+        let y = i64::from(self.year) - i64::from(self.month <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let m = i64::from(self.month);
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(self.day) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// Python's `strftime` at midnight of this day, for the directives that a
+    /// date determines (`%Y %y %m %d %e %j %b %B %h %a %A %u %w %F %D %-d %-m %%`);
+    /// any other directive is an error naming it.
+    pub fn strftime(self, format: &str) -> Result<String, String> {
+        let weekday = (self.days() + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+        let day_of_year = (self.days() - ChatDate { year: self.year, month: 1, day: 1 }.days() + 1) as u32;
+        let mut out = String::new();
+        let mut chars = format.chars();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+                continue;
+            }
+            let mut directive = chars.next().ok_or("a lone % at the end of the format")?;
+            let unpadded = directive == '-';
+            if unpadded {
+                directive = chars.next().ok_or("a lone %- at the end of the format")?;
+            }
+            let number = |n: u32, width: usize| if unpadded { n.to_string() } else { format!("{n:0width$}") };
+            let text = match (directive, unpadded) {
+                ('Y', false) => self.year.to_string(),
+                ('y', false) => format!("{:02}", self.year.rem_euclid(100)),
+                ('m', _) => number(self.month, 2),
+                ('d', _) => number(self.day, 2),
+                ('e', false) => format!("{:>2}", self.day),
+                ('j', _) => number(day_of_year, 3),
+                ('b' | 'h', false) => MONTHS[self.month as usize - 1][..3].to_string(),
+                ('B', false) => MONTHS[self.month as usize - 1].to_string(),
+                ('a', false) => WEEKDAYS[weekday][..3].to_string(),
+                ('A', false) => WEEKDAYS[weekday].to_string(),
+                ('u', false) => (weekday + 1).to_string(),
+                ('w', false) => ((weekday + 1) % 7).to_string(),
+                ('F', false) => format!("{}-{:02}-{:02}", self.year, self.month, self.day),
+                ('D', false) => format!("{:02}/{:02}/{:02}", self.month, self.day, self.year.rem_euclid(100)),
+                ('%', false) => "%".to_string(),
+                (other, _) => {
+                    let minus = if unpadded { "-" } else { "" };
+                    return Err(format!("strftime_now: %{minus}{other} is not a date directive (the pinned date has no time of day)"));
+                }
+            };
+            out.push_str(&text);
+        }
+        Ok(out)
+    }
+}
+
+fn days_in_month(year: i32, month: u32) -> u32 {
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -43,6 +144,13 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
+    /// Defines `strftime_now` as `date` formatted (transformers: today's date).
+    pub fn set_date(&mut self, date: ChatDate) {
+        self.env.add_function("strftime_now", move |format: String| -> Result<Value, Error> {
+            date.strftime(&format).map(Value::from).map_err(|e| Error::new(ErrorKind::InvalidOperation, e))
+        });
+    }
+
     /// The text of `messages` (each a JSON object with at least `role` and
     /// `content`), with the assistant header after them when `add_generation_prompt`.
     /// `special_tokens` are the template variables such as `("bos_token", "<s>")`.
@@ -64,7 +172,16 @@ fn describe(e: Error) -> String {
             let message = e.detail().unwrap_or_default().trim_start_matches(RAISED);
             format!("the chat template raised an exception{place}: {message}")
         }
-        _ => format!("chat template{place}: {}", e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string())),
+        _ => {
+            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
+            let hint = match e.kind() {
+                ErrorKind::UnknownFunction if detail.contains("strftime_now") || e.to_string().contains("strftime_now") => {
+                    " (strftime_now is today's date in transformers; pass --chat-date YYYY-MM-DD to pin the date the template renders)"
+                }
+                _ => "",
+            };
+            format!("chat template{place}: {detail}{hint}")
+        }
     }
 }
 
@@ -140,6 +257,37 @@ mod tests {
     fn render(source: &str, messages: Json, add_generation_prompt: bool) -> Result<String, String> {
         let messages = messages.as_array().unwrap().clone();
         ChatTemplate::new(source)?.render(&messages, add_generation_prompt, &[("bos_token", "<s>"), ("eos_token", "</s>")])
+    }
+
+    /// Llama 3.1's system header, as its published template computes the date.
+    const LLAMA31_DATE: &str = "{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = strftime_now(\"%d %b %Y\") %}{%- else %}{%- set date_string = \"26 Jul 2024\" %}{%- endif %}{%- endif %}Today Date: {{ date_string }}";
+
+    #[test]
+    fn strftime_now_is_the_pinned_date_or_undefined() {
+        let messages = [json!({"role": "user", "content": "a"})];
+        let mut t = ChatTemplate::new(LLAMA31_DATE).unwrap();
+        // unpinned: the template's own fallback, never the day the run happens on
+        assert_eq!(t.render(&messages, false, &[]).unwrap(), "Today Date: 26 Jul 2024");
+        t.set_date(ChatDate::parse("2026-03-05").unwrap());
+        assert_eq!(t.render(&messages, false, &[]).unwrap(), "Today Date: 05 Mar 2026");
+
+        let unguarded = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap();
+        let err = unguarded.render(&messages, false, &[]).unwrap_err();
+        assert!(err.contains("strftime_now") && err.contains("--chat-date"), "{err}");
+    }
+
+    #[test]
+    fn dates_format_as_python_strftime_does() {
+        // Python: datetime.date(2024, 7, 26).strftime(...), and 2000-02-29, 1999-12-31
+        let d = ChatDate::parse("2024-07-26").unwrap();
+        assert_eq!(d.strftime("%d %b %Y|%B %-d, %Y|%A %a %u %w|%j|%y %m %e|%F %D %%").unwrap(), "26 Jul 2024|July 26, 2024|Friday Fri 5 5|208|24 07 26|2024-07-26 07/26/24 %");
+        assert_eq!(ChatDate::parse("2000-02-29").unwrap().strftime("%A %j %-m").unwrap(), "Tuesday 060 2");
+        assert_eq!(ChatDate::parse("1999-12-31").unwrap().strftime("%a %j %U").unwrap_err(), "strftime_now: %U is not a date directive (the pinned date has no time of day)");
+        assert_eq!(ChatDate::parse("2023-01-01").unwrap().strftime("%A %w %u").unwrap(), "Sunday 0 7");
+        for bad in ["2023-02-29", "2024-13-01", "2024-00-10", "24-01-01", "2024-1-01", "2024-01-01x", "today"] {
+            assert!(ChatDate::parse(bad).is_err(), "{bad}");
+        }
+        assert!(d.strftime("%H:%M").unwrap_err().contains("%H"));
     }
 
     #[test]

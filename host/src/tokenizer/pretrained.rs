@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
-use super::chat::ChatTemplate;
+use super::chat::{ChatDate, ChatTemplate};
 
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
@@ -133,6 +133,14 @@ impl PretrainedTokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
         let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| format!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Pins the date the chat template's `strftime_now` renders (see
+    /// [`ChatTemplate::set_date`]); without a template there is nothing to pin.
+    pub fn set_chat_date(&mut self, date: ChatDate) {
+        if let Some(t) = &mut self.chat_template {
+            t.set_date(date);
+        }
     }
 
     /// `apply_chat_template(messages, add_generation_prompt=..., tokenize=False)`.
