@@ -140,7 +140,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(describe)?;
+        env.add_template_owned(TEMPLATE_NAME, without_generation_tags(source)).map_err(describe)?;
         Ok(ChatTemplate { env })
     }
 
@@ -161,6 +161,41 @@ impl ChatTemplate {
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
         template.render(&context).map_err(describe)
     }
+}
+
+/// `source` with transformers' `{% generation %}` … `{% endgeneration %}` block
+/// (it marks the assistant's text for `return_assistant_tokens_mask` and renders
+/// its body unchanged) written as `{% if true %}` … `{% endif %}`: the same
+/// output, including the whitespace control of `{%-`/`-%}` and `trim_blocks`,
+/// from a tag minijinja knows. The masks themselves are not produced.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let open_ctl = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
+        let body = &inner[open_ctl.len()..];
+        let close_ctl = body.strip_suffix(['-', '+']).map_or("", |_| &body[body.len() - 1..]);
+        let word = body[..body.len() - close_ctl.len()].trim();
+        let replacement = match word {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => out.push_str(&format!("{{%{open_ctl} {r} {close_ctl}%}}")),
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The error with the template line it happened on, and for `raise_exception` the
@@ -274,6 +309,19 @@ mod tests {
         let unguarded = ChatTemplate::new("{{ strftime_now('%Y') }}").unwrap();
         let err = unguarded.render(&messages, false, &[]).unwrap_err();
         assert!(err.contains("strftime_now") && err.contains("--chat-date"), "{err}");
+    }
+
+    #[test]
+    fn generation_blocks_render_their_body() {
+        // the shape of SmolLM3/Qwen3-style templates that mark assistant turns
+        let marked = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\n  <a>{{ m.content }}</a>\n{%- endgeneration %}\n{% else %}<u>{{ m.content }}</u>{% endif %}{% endfor %}";
+        let plain = "{% for m in messages %}{% if m.role == 'assistant' %}{%- if true -%}\n  <a>{{ m.content }}</a>\n{%- endif %}\n{% else %}<u>{{ m.content }}</u>{% endif %}{% endfor %}";
+        let messages = json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]);
+        let out = render(marked, messages.clone(), false).unwrap();
+        assert_eq!(out, render(plain, messages, false).unwrap());
+        assert_eq!(out, "<u>q</u><a>r</a>");
+        // other tags, and text that only looks like one, pass through
+        assert_eq!(without_generation_tags("{%+ generation +%}x{%endgeneration%}{{ '{%' }}"), "{%+ if true +%}x{% endif %}{{ '{%' }}");
     }
 
     #[test]
