@@ -174,7 +174,8 @@ fn without_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // the closing `%}` after the opening `{%` (`{%}` does not close itself)
+        let Some(end) = tag[2..].find("%}").map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -322,6 +323,9 @@ mod tests {
         assert_eq!(out, "<u>q</u><a>r</a>");
         // other tags, and text that only looks like one, pass through
         assert_eq!(without_generation_tags("{%+ generation +%}x{%endgeneration%}{{ '{%' }}"), "{%+ if true +%}x{% endif %}{{ '{%' }}");
+        // found by the fuzz test: a `{%}` whose `%}` overlaps its own opening
+        assert_eq!(without_generation_tags("{%}{% endfor %}"), "{%}{% endfor %}");
+        assert_eq!(without_generation_tags("{%-%}{%"), "{%-%}{%");
     }
 
     #[test]
