@@ -59,6 +59,11 @@ pub struct BenchArgs {
     pub torch: Option<PathBuf>,
 }
 
+/// `--threads`, or every core (the same default as the training commands).
+fn threads(a: &BenchArgs) -> usize {
+    a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The model shapes the bench names.
 pub fn shape(name: &str) -> Result<LlamaConfig> {
     let config = match name {
@@ -121,7 +126,7 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
         other => return Err(TrainError::msg(format!("--paths {other}: expected cpu, gpu or both"))),
     };
     crate::cli::args::check_training_memory(&config, crate::cli::args::available_memory()).map_err(TrainError::msg)?;
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads(a);
     let mut out = Vec::new();
     for &path in paths {
         let mut policy = LlamaModel::init(config.clone(), 1).map_err(|e| TrainError::msg(format!("model init: {e}")))?;
@@ -259,7 +264,7 @@ struct TorchTiming {
 /// is then its own) and reads its two result lines.
 fn run_torch(python: &std::path::Path, a: &BenchArgs) -> Result<TorchTiming> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/dpo_step_torch.py");
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads(a);
     let out = std::process::Command::new(python)
         .arg(script)
         .args(["--shape", &a.shape, "--device", "cpu"])

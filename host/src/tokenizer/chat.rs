@@ -211,7 +211,7 @@ fn describe(e: Error) -> String {
         _ => {
             let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
             let hint = match e.kind() {
-                ErrorKind::UnknownFunction if detail.contains("strftime_now") || e.to_string().contains("strftime_now") => {
+                ErrorKind::UnknownFunction if e.to_string().contains("strftime_now") => {
                     " (strftime_now is today's date in transformers; pass --chat-date YYYY-MM-DD to pin the date the template renders)"
                 }
                 _ => "",
