@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use serde_json::{Map, Value, json};
 
 use crate::model::{Family, LlamaConfig, LlamaModel, ModelError, RopeScaling, check_layout};
-use crate::params::{ParamSet, Tensor};
+use crate::params::{LayoutDifference, ParamSet, Tensor};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -42,13 +42,7 @@ pub enum HfError {
         reason: String,
     },
     /// Two models that must share a layout (base, SFT, policy) do not.
-    LayoutMismatch {
-        a: String,
-        b: String,
-        tensor: String,
-        a_shape: Option<Vec<usize>>,
-        b_shape: Option<Vec<usize>>,
-    },
+    LayoutMismatch { a: String, b: String, difference: LayoutDifference },
 }
 
 impl fmt::Display for HfError {
@@ -58,16 +52,7 @@ impl fmt::Display for HfError {
             HfError::Config { path, field, reason } => write!(f, "{}: field `{field}`: {reason}", path.display()),
             HfError::Safetensors { path, reason } => write!(f, "{}: not a valid safetensors file: {reason}", path.display()),
             HfError::Tensor { path, tensor, reason } => write!(f, "{}: tensor `{tensor}`: {reason}", path.display()),
-            HfError::LayoutMismatch {
-                a,
-                b,
-                tensor,
-                a_shape,
-                b_shape,
-            } => {
-                let show = |s: &Option<Vec<usize>>| s.as_ref().map_or("absent".to_string(), |s| format!("{s:?}"));
-                write!(f, "tensor `{tensor}`: {a} has {}, {b} has {}", show(a_shape), show(b_shape))
-            }
+            HfError::LayoutMismatch { a, b, difference } => f.write_str(&difference.describe(a, b)),
         }
     }
 }
@@ -615,24 +600,10 @@ pub fn save_model(dir: &Path, model: &LlamaModel, dtype: Dtype) -> Result<(), Hf
 /// Base, SFT and policy must have the same tensor names and shapes for a merge to
 /// mean anything; the error names the first tensor that differs and both shapes.
 pub fn check_same_layout(a_label: &str, a: &ParamSet, b_label: &str, b: &ParamSet) -> Result<(), HfError> {
-    let mismatch = |tensor: &str, a_shape: Option<Vec<usize>>, b_shape: Option<Vec<usize>>| HfError::LayoutMismatch {
-        a: a_label.to_string(),
-        b: b_label.to_string(),
-        tensor: tensor.to_string(),
-        a_shape,
-        b_shape,
-    };
-    for t in &a.tensors {
-        match b.get(&t.name) {
-            None => return Err(mismatch(&t.name, Some(t.shape.clone()), None)),
-            Some(u) if u.shape != t.shape => return Err(mismatch(&t.name, Some(t.shape.clone()), Some(u.shape.clone()))),
-            Some(_) => {}
-        }
+    match a.layout_difference(b) {
+        None => Ok(()),
+        Some(difference) => Err(HfError::LayoutMismatch { a: a_label.to_string(), b: b_label.to_string(), difference }),
     }
-    if let Some(u) = b.tensors.iter().find(|u| a.get(&u.name).is_none()) {
-        return Err(mismatch(&u.name, None, Some(u.shape.clone())));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -886,12 +857,12 @@ mod tests {
         b.get_mut("model.norm.weight").unwrap().shape = vec![2, 4];
         let e = check_same_layout("base", &a, "sft", &b).err().unwrap().to_string();
         assert!(
-            e.contains("model.norm.weight") && e.contains("base has [8]") && e.contains("sft has [2, 4]"),
+            e.contains("tensor `model.norm.weight` has shape [8] in base but [2, 4] in sft"),
             "{e}"
         );
         let tied = LlamaModel::init(small(true, Family::Llama), 1).unwrap().params;
         let e = check_same_layout("policy", &tied, "sft", &a).err().unwrap().to_string();
-        assert!(e.contains("lm_head.weight") && e.contains("policy has absent"), "{e}");
+        assert!(e.contains("tensor `lm_head.weight` (shape [13, 8]) is in sft but not in policy"), "{e}");
     }
 
     #[test]

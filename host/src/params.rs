@@ -47,4 +47,135 @@ impl ParamSet {
     pub fn numel(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
     }
+
+    /// The first way `other` differs from this set in names, shapes or order (see
+    /// [`layout_difference`]); element counts that disagree with a shape count as
+    /// a shape difference.
+    pub fn layout_difference(&self, other: &ParamSet) -> Option<LayoutDifference> {
+        layout_difference(self.layout(), other.layout())
+    }
+
+    /// `(name, shape)` of every tensor, with the shape `[len]` for a tensor whose
+    /// data does not hold `shape`'s product (so that no check misses it).
+    pub fn layout(&self) -> impl Iterator<Item = (&str, Vec<usize>)> {
+        self.tensors.iter().map(|t| {
+            let shape = if t.shape.iter().product::<usize>() == t.data.len() { t.shape.clone() } else { vec![t.data.len()] };
+            (t.name.as_str(), shape)
+        })
+    }
+}
+
+/// The first difference between two tensor layouts, in bytewise name order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayoutDifference {
+    /// The first layout has `tensor`, the second does not.
+    Missing { tensor: String, shape: Vec<usize> },
+    /// The second layout has `tensor`, the first does not.
+    Extra { tensor: String, shape: Vec<usize> },
+    /// Both have `tensor`, with different shapes (`ours` is the first layout's).
+    Shape { tensor: String, ours: Vec<usize>, theirs: Vec<usize> },
+    /// The same tensors and shapes, but tensor `position` of the second layout
+    /// is `theirs` where the first has `ours`: consumers that pair tensors by
+    /// position (the optimizer, the models' gradients) need one order.
+    Order { position: usize, ours: String, theirs: String },
+}
+
+impl LayoutDifference {
+    /// The difference in words, naming both sides (`ours` and `theirs`, e.g. "the
+    /// policy" and "the gradient").
+    pub fn describe(&self, ours: &str, theirs: &str) -> String {
+        match self {
+            LayoutDifference::Missing { tensor, shape } => format!("tensor `{tensor}` (shape {shape:?}) is in {ours} but missing from {theirs}"),
+            LayoutDifference::Extra { tensor, shape } => format!("tensor `{tensor}` (shape {shape:?}) is in {theirs} but not in {ours}"),
+            LayoutDifference::Shape { tensor, ours: a, theirs: b } => format!("tensor `{tensor}` has shape {a:?} in {ours} but {b:?} in {theirs}"),
+            LayoutDifference::Order { position, ours: a, theirs: b } => {
+                format!("tensor {position} is `{a}` in {ours} but `{b}` in {theirs} (tensors must come in bytewise name order)")
+            }
+        }
+    }
+
+    /// The tensor the difference is about.
+    pub fn tensor(&self) -> &str {
+        match self {
+            LayoutDifference::Missing { tensor, .. } | LayoutDifference::Extra { tensor, .. } | LayoutDifference::Shape { tensor, .. } => tensor,
+            LayoutDifference::Order { theirs, .. } => theirs,
+        }
+    }
+}
+
+/// Compares two layouts given as `(name, shape)` in any order: the first tensor in
+/// bytewise name order that is missing, extra or of another shape; then, if the
+/// sets agree, the first position where the two orders differ. The one layout
+/// check behind the optimizer's, the model's, the loader's and `merge`'s errors.
+pub fn layout_difference<'a, S: AsRef<[usize]>>(
+    ours: impl IntoIterator<Item = (&'a str, S)>,
+    theirs: impl IntoIterator<Item = (&'a str, S)>,
+) -> Option<LayoutDifference> {
+    let ours: Vec<(&str, S)> = ours.into_iter().collect();
+    let theirs: Vec<(&str, S)> = theirs.into_iter().collect();
+    let sorted = |v: &[(&'a str, S)]| {
+        let mut ix: Vec<usize> = (0..v.len()).collect();
+        ix.sort_by(|&a, &b| v[a].0.as_bytes().cmp(v[b].0.as_bytes()));
+        ix
+    };
+    let (a, b) = (sorted(&ours), sorted(&theirs));
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let x = a.get(i).map(|&k| &ours[k]);
+        let y = b.get(j).map(|&k| &theirs[k]);
+        match (x, y) {
+            (Some((n, s)), Some((m, t))) if n == m => {
+                if s.as_ref() != t.as_ref() {
+                    return Some(LayoutDifference::Shape { tensor: n.to_string(), ours: s.as_ref().to_vec(), theirs: t.as_ref().to_vec() });
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some((n, s)), Some((m, _))) if n.as_bytes() < m.as_bytes() => {
+                return Some(LayoutDifference::Missing { tensor: n.to_string(), shape: s.as_ref().to_vec() });
+            }
+            (Some((n, s)), None) => return Some(LayoutDifference::Missing { tensor: n.to_string(), shape: s.as_ref().to_vec() }),
+            (_, Some((m, t))) => return Some(LayoutDifference::Extra { tensor: m.to_string(), shape: t.as_ref().to_vec() }),
+            (None, None) => unreachable!("the loop runs while one side has tensors"),
+        }
+    }
+    let position = ours.iter().zip(&theirs).position(|(x, y)| x.0 != y.0)?;
+    Some(LayoutDifference::Order { position, ours: ours[position].0.to_string(), theirs: theirs[position].0.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(names: &[(&str, &[usize])]) -> Vec<(&'static str, Vec<usize>)> {
+        names.iter().map(|(n, s)| (String::leak(n.to_string()) as &str, s.to_vec())).collect()
+    }
+
+    #[test]
+    fn layout_difference_finds_the_first_difference_in_name_order() {
+        let a = set(&[("a", &[2]), ("b", &[3]), ("c", &[4])]);
+        assert_eq!(layout_difference(a.clone(), a.clone()), None);
+        let missing = set(&[("a", &[2]), ("c", &[4])]);
+        assert_eq!(layout_difference(a.clone(), missing.clone()), Some(LayoutDifference::Missing { tensor: "b".into(), shape: vec![3] }));
+        assert_eq!(layout_difference(missing, a.clone()), Some(LayoutDifference::Extra { tensor: "b".into(), shape: vec![3] }));
+        let extra_last = set(&[("a", &[2]), ("b", &[3]), ("c", &[4]), ("d", &[1])]);
+        assert_eq!(layout_difference(a.clone(), extra_last), Some(LayoutDifference::Extra { tensor: "d".into(), shape: vec![1] }));
+        let reshaped = set(&[("a", &[2]), ("b", &[1, 3]), ("c", &[4])]);
+        assert_eq!(layout_difference(a.clone(), reshaped), Some(LayoutDifference::Shape { tensor: "b".into(), ours: vec![3], theirs: vec![1, 3] }));
+        // Bytewise: "B" (0x42) sorts before "a" (0x61).
+        let upper = set(&[("B", &[1]), ("a", &[2]), ("b", &[3]), ("c", &[4])]);
+        assert_eq!(layout_difference(a.clone(), upper), Some(LayoutDifference::Extra { tensor: "B".into(), shape: vec![1] }));
+        let shuffled = set(&[("b", &[3]), ("a", &[2]), ("c", &[4])]);
+        let d = layout_difference(a, shuffled).unwrap();
+        assert_eq!(d, LayoutDifference::Order { position: 0, ours: "a".into(), theirs: "b".into() });
+        assert!(d.describe("the policy", "the gradient").contains("tensor 0 is `a` in the policy but `b` in the gradient"), "{}", d.describe("p", "g"));
+    }
+
+    #[test]
+    fn a_tensor_whose_data_disagrees_with_its_shape_is_a_shape_difference() {
+        let good = ParamSet::new(vec![Tensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 4] }]);
+        let short = ParamSet::new(vec![Tensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 3] }]);
+        assert_eq!(good.layout_difference(&short), Some(LayoutDifference::Shape { tensor: "w".into(), ours: vec![2, 2], theirs: vec![3] }));
+        assert_eq!(good.layout_difference(&good.zeros_like()), None);
+    }
 }

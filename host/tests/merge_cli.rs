@@ -304,7 +304,7 @@ fn bad_inputs_are_named_and_leave_the_output_folder_alone() {
         "shape",
         TIES,
         |d| patch_tensor(&d.join("models/ft1/model.safetensors"), "model.norm.weight", |h, _| h["shape"] = serde_json::json!([4, 4])),
-        "tensor `model.norm.weight`: shape [16] in models/base but [4, 4] in models/ft1",
+        "tensor `model.norm.weight` has shape [16] in models/base but [4, 4] in models/ft1",
     );
     refused(
         "missing-tensor",
@@ -322,7 +322,7 @@ fn bad_inputs_are_named_and_leave_the_output_folder_alone() {
             out.extend_from_slice(&raw[8 + n..]);
             std::fs::write(&p, out).unwrap();
         },
-        "tensor `model.norm.weight`: present in models/base but missing from models/ft1",
+        "tensor `model.norm.weight` (shape [16]) is in models/base but missing from models/ft1",
     );
     refused(
         "int-dtype",

@@ -24,6 +24,7 @@ use merge_core::topk::Threshold;
 
 use crate::cli::args::BackendChoice;
 use crate::hf::CONFIG_FILE;
+use crate::params::LayoutDifference;
 use crate::model_folder::{CARRIED_FILES, parse_size, with_dtype};
 use config::{MergeConfig, Method, TokenizerSource, Value};
 use stream::{Elements, ModelFiles, OutTensor, ShardWriter};
@@ -62,7 +63,7 @@ pub enum MergeError {
     Safetensors { file: PathBuf, reason: String },
     Tensor { file: PathBuf, tensor: String, reason: String },
     /// Models that must agree on a tensor do not.
-    Mismatch { tensor: String, reason: String },
+    Mismatch { reference: String, other: String, difference: LayoutDifference },
     /// merge-core refused a value or hyperparameter; `inputs` says which model is
     /// "model i" in its message.
     Core { error: Box<merge_core::Error>, inputs: String },
@@ -86,7 +87,7 @@ impl fmt::Display for MergeError {
             MergeError::Model { dir, reason } => write!(f, "model {}: {reason}", dir.display()),
             MergeError::Safetensors { file, reason } => write!(f, "{}: {reason}", file.display()),
             MergeError::Tensor { file, tensor, reason } => write!(f, "{}: tensor `{tensor}`: {reason}", file.display()),
-            MergeError::Mismatch { tensor, reason } => write!(f, "tensor `{tensor}`: {reason}"),
+            MergeError::Mismatch { reference, other, difference } => f.write_str(&difference.describe(reference, other)),
             MergeError::Core { error, inputs } => write!(f, "{error} ({inputs})"),
             MergeError::Gpu(e) => write!(f, "--backend gpu: {e}"),
             MergeError::CrossCheck { tensor, index, gpu, cpu } => write!(
@@ -153,35 +154,13 @@ impl Inputs {
     /// Every model holds exactly the reference model's tensors with its shapes.
     fn check_layout(&self) -> Result<(), MergeError> {
         let reference = &self.files[0];
+        fn layout(f: &ModelFiles) -> impl Iterator<Item = (&str, Vec<usize>)> {
+            f.tensors.iter().map(|(name, e)| (name.as_str(), e.shape.clone()))
+        }
         for other in &self.files[1..] {
-            for (name, e) in &reference.tensors {
-                match other.tensors.get(name) {
-                    None => {
-                        return Err(MergeError::Mismatch {
-                            tensor: name.clone(),
-                            reason: format!("present in {} but missing from {}", reference.dir.display(), other.dir.display()),
-                        });
-                    }
-                    Some(o) if o.shape != e.shape => {
-                        return Err(MergeError::Mismatch {
-                            tensor: name.clone(),
-                            reason: format!(
-                                "shape {:?} in {} but {:?} in {}",
-                                e.shape,
-                                reference.dir.display(),
-                                o.shape,
-                                other.dir.display()
-                            ),
-                        });
-                    }
-                    Some(_) => {}
-                }
-            }
-            if let Some(extra) = other.tensors.keys().find(|n| !reference.tensors.contains_key(*n)) {
-                return Err(MergeError::Mismatch {
-                    tensor: extra.clone(),
-                    reason: format!("present in {} but missing from {}", other.dir.display(), reference.dir.display()),
-                });
+            if let Some(difference) = crate::params::layout_difference(layout(reference), layout(other)) {
+                let (reference, other) = (reference.dir.display().to_string(), other.dir.display().to_string());
+                return Err(MergeError::Mismatch { reference, other, difference });
             }
         }
         Ok(())

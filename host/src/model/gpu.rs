@@ -197,7 +197,7 @@ impl GpuLlama {
     /// Overwrites the device weights (after an optimizer step, a resume); `params`
     /// must have the model's layout.
     pub fn upload(&self, params: &ParamSet) -> Result<(), GpuModelError> {
-        self.check_layout("weights", params)?;
+        self.check_layout("the weights", params)?;
         for (w, t) in self.weights.iter().zip(&params.tensors) {
             w.write_f32(&self.ctx, &t.data)?;
         }
@@ -246,12 +246,11 @@ impl GpuLlama {
     }
 
     fn check_layout(&self, what: &str, params: &ParamSet) -> Result<(), ModelError> {
-        let same = params.tensors.len() == self.layout.len()
-            && params.tensors.iter().zip(&self.layout).all(|(t, (name, shape))| &t.name == name && &t.shape == shape);
-        if same {
-            return Ok(());
+        let ours = self.layout.iter().map(|(name, shape)| (name.as_str(), shape.clone()));
+        match crate::params::layout_difference(ours, params.layout()) {
+            None => Ok(()),
+            Some(d) => Err(ModelError::BadArgument { argument: "params", reason: d.describe("the GPU model", what) }),
         }
-        Err(ModelError::BadArgument { argument: "params", reason: format!("{what} do not have the GPU model's tensors and shapes") })
     }
 
     fn zeros(&self, label: &str, len: usize) -> Result<GpuVec, GpuError> {

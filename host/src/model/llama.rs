@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::config::{ConfigError, LlamaConfig};
 use super::layers::{self, AttnSaved, AttnShape, Rope, Weight};
 use super::simd;
-use crate::params::{ParamSet, Tensor};
+use crate::params::{LayoutDifference, ParamSet, Tensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelError {
@@ -1068,32 +1068,16 @@ pub(super) fn check_sequences(config: &LlamaConfig, seqs: &[Sequence]) -> Result
     Ok(())
 }
 
-/// Every tensor the config implies, present with its shape, and no others.
+/// Every tensor the config implies, present with its shape, and no others, in
+/// canonical (bytewise name) order.
 pub fn check_layout(config: &LlamaConfig, params: &ParamSet) -> Result<(), ModelError> {
-    let expected = config.param_shapes();
-    for (name, shape) in &expected {
-        match params.get(name) {
-            None => {
-                return Err(ModelError::MissingTensor {
-                    tensor: name.clone(),
-                    expected: shape.clone(),
-                });
-            }
-            Some(t) if &t.shape != shape || t.data.len() != shape.iter().product::<usize>() => {
-                return Err(ModelError::ShapeMismatch {
-                    tensor: name.clone(),
-                    expected: shape.clone(),
-                    found: t.shape.clone(),
-                });
-            }
-            Some(_) => {}
-        }
+    let mut expected = config.param_shapes();
+    expected.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    match crate::params::layout_difference(expected.iter().map(|(n, s)| (n.as_str(), s.clone())), params.layout()) {
+        None => Ok(()),
+        Some(LayoutDifference::Missing { tensor, shape }) => Err(ModelError::MissingTensor { tensor, expected: shape }),
+        Some(LayoutDifference::Extra { tensor, shape }) => Err(ModelError::ExtraTensor { tensor, shape }),
+        Some(LayoutDifference::Shape { tensor, ours, theirs }) => Err(ModelError::ShapeMismatch { tensor, expected: ours, found: theirs }),
+        Some(d @ LayoutDifference::Order { .. }) => Err(ModelError::BadArgument { argument: "params", reason: d.describe("the config's layout", "the parameters") }),
     }
-    if let Some(extra) = params.tensors.iter().find(|t| !expected.iter().any(|(n, _)| n == &t.name)) {
-        return Err(ModelError::ExtraTensor {
-            tensor: extra.name.clone(),
-            shape: extra.shape.clone(),
-        });
-    }
-    Ok(())
 }

@@ -2,6 +2,10 @@
 //! flag). It is serialized into every checkpoint so that `--resume` can refuse a run
 //! whose hyperparameters differ from the ones the saved state was produced with.
 
+use merge_core::dare::{DareConfig, DareVariant};
+use merge_core::hyper::{AdamConfig, AdamForm as CoreAdamForm, Schedule};
+use merge_core::onties::Variant as TiesVariant;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer as CoreOptimizer, Scope as CoreScope, TiesConfig};
 use serde::{Deserialize, Serialize};
 
 /// Which optimizer drives the update.
@@ -94,39 +98,83 @@ fn check(ok: bool, flag: &'static str, value: impl std::fmt::Display, expected: 
     if ok { Ok(()) } else { Err(BadFlag { flag, value: value.to_string(), expected }) }
 }
 
+/// The CLI flag of each hyperparameter merge-core validates, by merge-core's name.
+const FLAGS: [(&str, &str); 11] = [
+    ("lr", "--lr"),
+    ("beta1", "--beta1"),
+    ("beta2", "--beta2"),
+    ("eps", "--eps"),
+    ("weight_decay", "--weight-decay"),
+    ("total_steps", "--steps"),
+    ("warmup_steps", "--warmup-steps"),
+    ("p (reserve rate)", "--p"),
+    ("alpha", "--alpha"),
+    ("clip", "--clip"),
+    ("k (merge every k steps)", "--k"),
+];
+
 impl OptimConfig {
-    /// Range checks on every field; the error names the CLI flag. Comparisons are
-    /// written so that NaN fails them.
+    /// The merge-core configuration these flags describe (the host's enums mirror
+    /// merge-core's only to carry clap and serde, which the `no_std` core has not).
+    pub fn to_core(&self) -> OnlineConfig {
+        let adam = AdamConfig {
+            form: match self.adam_form {
+                AdamForm::Torch => CoreAdamForm::Torch,
+                AdamForm::Hf => CoreAdamForm::HuggingFace,
+            },
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            schedule: match self.schedule {
+                ScheduleKind::Constant => Schedule::Constant,
+                ScheduleKind::WarmupCosine => Schedule::WarmupCosine { warmup: self.warmup_steps, total: self.total_steps },
+            },
+        };
+        let merge = match self.algorithm {
+            Algorithm::Adamw => Merge::None,
+            Algorithm::Ondare => Merge::Dare(DareConfig {
+                variant: match self.variant {
+                    Variant::Reference => DareVariant::Reference,
+                    Variant::Paper => DareVariant::Paper,
+                },
+                p: self.p,
+                alpha: self.alpha,
+                rescale: self.rescale,
+                clip: self.clip,
+            }),
+            Algorithm::Onties => Merge::Ties(TiesConfig {
+                variant: match self.variant {
+                    Variant::Reference => TiesVariant::Reference,
+                    Variant::Paper => TiesVariant::Paper,
+                },
+                p: self.p,
+                alpha: self.alpha,
+                rescale: self.rescale,
+                scope: match self.scope {
+                    Scope::PerTensor => CoreScope::PerTensor,
+                    Scope::Global => CoreScope::Global,
+                },
+            }),
+        };
+        OnlineConfig { adam, merge, k: self.k, seed: self.seed }
+    }
+
+    /// Checks the hyperparameters where they are defined, in merge-core (so the CLI
+    /// accepts exactly what the core does: e.g. `--lr 0`, and `--p` only where the
+    /// algorithm uses it), and names the flag in the error. The one rule of the
+    /// run itself: at least one step.
     pub fn validate(&self) -> Result<(), BadFlag> {
-        check(self.lr.is_finite() && self.lr > 0.0, "--lr", self.lr, "a finite number > 0")?;
-        check(self.beta1 >= 0.0 && self.beta1 < 1.0, "--beta1", self.beta1, "a number in [0, 1)")?;
-        check(self.beta2 >= 0.0 && self.beta2 < 1.0, "--beta2", self.beta2, "a number in [0, 1)")?;
-        check(
-            self.eps > 0.0 && (self.eps as f32).is_normal(),
-            "--eps",
-            self.eps,
-            "a number > 0 that is a normal binary32 value",
-        )?;
-        check(
-            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "--weight-decay",
-            self.weight_decay,
-            "a finite number >= 0",
-        )?;
-        check(self.p > 0.0 && self.p <= 1.0, "--p", self.p, "a number in (0, 1]")?;
-        check(self.alpha >= 0.0 && self.alpha <= 1.0, "--alpha", self.alpha, "a number in [0, 1]")?;
-        check(self.k >= 1, "--k", self.k, "an integer >= 1")?;
-        check(self.clip.is_finite() && self.clip > 0.0, "--clip", self.clip, "a finite number > 0")?;
         check(self.total_steps >= 1, "--steps", self.total_steps, "an integer >= 1")?;
-        if self.schedule == ScheduleKind::WarmupCosine {
-            check(
-                self.warmup_steps <= self.total_steps,
-                "--warmup-steps",
-                self.warmup_steps,
-                "at most --steps",
-            )?;
+        match CoreOptimizer::new(self.to_core()) {
+            Ok(_) => Ok(()),
+            Err(merge_core::Error::InvalidHyperparameter { name, value, expected }) => {
+                let flag = FLAGS.iter().find(|(core, _)| *core == name).map_or(name, |(_, flag)| *flag);
+                Err(BadFlag { flag, value: value.to_string(), expected })
+            }
+            Err(e) => unreachable!("merge-core's optimizer constructor reports only hyperparameters, got: {e}"),
         }
-        Ok(())
     }
 
     /// Names of the fields that differ between `self` and `saved`, for the
@@ -181,8 +229,9 @@ mod tests {
     fn each_bad_value_names_its_flag() {
         type Case = (fn(&mut OptimConfig), &'static str);
         let cases: Vec<Case> = vec![
-            (|c| c.lr = 0.0, "--lr"),
+            (|c| c.lr = -1e-3, "--lr"),
             (|c| c.lr = f64::NAN, "--lr"),
+            (|c| c.total_steps = 0, "--steps"),
             (|c| c.beta1 = 1.0, "--beta1"),
             (|c| c.beta2 = -0.1, "--beta2"),
             (|c| c.eps = 0.0, "--eps"),
@@ -194,6 +243,7 @@ mod tests {
             (|c| c.alpha = f64::NAN, "--alpha"),
             (|c| c.k = 0, "--k"),
             (|c| c.clip = f64::INFINITY, "--clip"),
+            (|c| c.clip = 0.0, "--clip"),
             (|c| c.warmup_steps = 11, "--warmup-steps"),
         ];
         for (mutate, flag) in cases {
@@ -202,6 +252,19 @@ mod tests {
             let err = c.validate().unwrap_err();
             assert_eq!(err.flag, flag, "{err}");
         }
+    }
+
+    #[test]
+    fn the_cli_accepts_what_merge_core_accepts() {
+        let mut c = sample();
+        c.lr = 0.0;
+        c.validate().unwrap();
+        // Plain AdamW has no reserve rate, merge weight or clip to check.
+        c.algorithm = Algorithm::Adamw;
+        (c.p, c.alpha, c.clip) = (5.0, -1.0, 0.0);
+        c.validate().unwrap();
+        c.algorithm = Algorithm::Onties;
+        assert_eq!(c.validate().unwrap_err().flag, "--p");
     }
 
     #[test]

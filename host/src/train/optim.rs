@@ -6,22 +6,16 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use merge_core::dare::{DareConfig, DareVariant};
-use merge_core::dtype::{Dst, Src};
-use merge_core::hyper::{AdamConfig, AdamForm as CoreAdamForm, Schedule};
-use merge_core::dtype::Dtype;
-use merge_core::onties::Variant as TiesVariant;
+use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::optim::{Optimizer as CoreOptimizer, TaskVectorJob};
 use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
-use merge_core::optim::{
-    Merge, OnlineConfig, Optimizer as CoreOptimizer, Scope as CoreScope, TaskVectorJob, TiesConfig,
-};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
 use gpu_shaders::{GpuContext, GpuOptions};
 
-use super::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};
+use super::config::{Algorithm, OptimConfig};
 use super::{Result, TrainError};
 use crate::model::GpuLlama;
-use crate::params::ParamSet;
+use crate::params::{ParamSet, Tensor};
 
 /// State kinds as stored in checkpoints (PyTorch's names where it has them).
 pub const EXP_AVG: &str = "exp_avg";
@@ -39,71 +33,14 @@ pub struct StepReport {
     pub cross_check_ms: f64,
 }
 
-/// The merge-core configuration of `cfg`.
-pub fn core_config(cfg: &OptimConfig) -> Result<OnlineConfig> {
-    let adam = AdamConfig {
-        form: match cfg.adam_form {
-            AdamForm::Torch => CoreAdamForm::Torch,
-            AdamForm::Hf => CoreAdamForm::HuggingFace,
-        },
-        lr: cfg.lr,
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: cfg.eps,
-        weight_decay: cfg.weight_decay,
-        schedule: match cfg.schedule {
-            ScheduleKind::Constant => Schedule::Constant,
-            ScheduleKind::WarmupCosine => Schedule::WarmupCosine { warmup: cfg.warmup_steps, total: cfg.total_steps },
-        },
-    };
-    let merge = match cfg.algorithm {
-        Algorithm::Adamw => Merge::None,
-        Algorithm::Ondare => Merge::Dare(DareConfig {
-            variant: match cfg.variant {
-                Variant::Reference => DareVariant::Reference,
-                Variant::Paper => DareVariant::Paper,
-            },
-            p: cfg.p,
-            alpha: cfg.alpha,
-            rescale: cfg.rescale,
-            clip: cfg.clip,
-        }),
-        Algorithm::Onties => Merge::Ties(TiesConfig {
-            variant: match cfg.variant {
-                Variant::Reference => TiesVariant::Reference,
-                Variant::Paper => TiesVariant::Paper,
-            },
-            p: cfg.p,
-            alpha: cfg.alpha,
-            rescale: cfg.rescale,
-            scope: match cfg.scope {
-                Scope::PerTensor => CoreScope::PerTensor,
-                Scope::Global => CoreScope::Global,
-            },
-        }),
-    };
-    Ok(OnlineConfig { adam, merge, k: cfg.k, seed: cfg.seed })
-}
-
-/// Checks that `other` has exactly the names and shapes of `params`; `what` names the
-/// other set in the error (e.g. "gradient", "base model").
+/// Checks that `other` has exactly the names, shapes and order of `params` (the
+/// optimizer pairs tensors by position); `what` names the other set in the error
+/// (e.g. "the step 3 gradient", "the base model").
 pub fn check_layout(params: &ParamSet, other: &ParamSet, what: &str) -> Result<()> {
-    for t in &params.tensors {
-        match other.get(&t.name) {
-            None => return Err(TrainError::msg(format!("{what}: tensor `{}` is missing", t.name))),
-            Some(o) if o.shape != t.shape || o.data.len() != t.data.len() => {
-                return Err(TrainError::msg(format!(
-                    "{what}: tensor `{}` has shape {:?}, the policy has {:?}",
-                    t.name, o.shape, t.shape
-                )));
-            }
-            Some(_) => {}
-        }
+    match params.layout_difference(other) {
+        None => Ok(()),
+        Some(d) => Err(TrainError::msg(d.describe("the policy", what))),
     }
-    if let Some(extra) = other.tensors.iter().find(|o| params.get(&o.name).is_none()) {
-        return Err(TrainError::msg(format!("{what}: tensor `{}` is not a parameter of the policy", extra.name)));
-    }
-    Ok(())
 }
 
 /// Lowest non-finite element of any gradient tensor, checked before any tensor is
@@ -180,21 +117,37 @@ struct GpuSide {
     adapter: String,
     /// Recompute every N-th step with merge-core (0: never).
     every: u64,
-    /// The step whose state the CPU mirror (`m`, `v`, `cached`) holds; the GPU's is
-    /// authoritative, the mirror is refreshed before a cross-checked step.
-    mirror_step: u64,
+    /// Whether the host's moments and `Δ_c` are the GPU's: the GPU's state is
+    /// authoritative, the host copy is refreshed before a cross-checked step and a
+    /// checkpoint.
+    host_state_current: bool,
+}
+
+/// One tensor's optimizer state, owned in one place (the shape of candle's
+/// `VarAdamW`): the Adam moments, the step-K cache and the stored task vector.
+/// Its weights are the tensor of the same position in [`Optimizer::params`], a
+/// `ParamSet` because the model and checkpoints take the weights as one set; the
+/// layout checks hold both in one order.
+#[derive(Clone, Debug, PartialEq)]
+struct TensorState {
+    name: String,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// `Δ_c` (step-K with `k > 1`).
+    cached: Option<Vec<f32>>,
+    /// `τ'` (merging optimizers).
+    tau: Option<Vec<f32>>,
 }
 
 /// The optimizer and the state it owns.
 pub struct Optimizer {
     cfg: OptimConfig,
     core: CoreOptimizer,
+    /// Steps completed: the one step counter (the GPU's and merge-core's plans
+    /// are made for `step + 1`).
     step: u64,
     params: ParamSet,
-    m: ParamSet,
-    v: ParamSet,
-    cached: Option<ParamSet>,
-    tau: Option<ParamSet>,
+    state: Vec<TensorState>,
     /// Threads of the CPU step (the bits do not depend on it).
     threads: usize,
     gpu: Option<GpuSide>,
@@ -207,10 +160,8 @@ impl Optimizer {
     /// gives the base and SFT weights (same layout as `params`).
     pub fn new(cfg: OptimConfig, params: ParamSet, task: Option<(&ParamSet, &ParamSet)>) -> Result<Self> {
         cfg.validate()?;
-        let core = CoreOptimizer::new(core_config(&cfg)?)?;
-        // OnTIES holds τ before trimming it.
-        let mut scratch = (cfg.algorithm == Algorithm::Onties).then(|| params.zeros_like());
-        let tau = match (cfg.algorithm, task) {
+        let core = CoreOptimizer::new(cfg.to_core())?;
+        let taus = match (cfg.algorithm, task) {
             (Algorithm::Adamw, _) => None,
             (_, None) => {
                 return Err(TrainError::msg(format!(
@@ -219,50 +170,25 @@ impl Optimizer {
                 )));
             }
             (_, Some((base, sft))) => {
-                check_layout(&params, base, "base model")?;
-                check_layout(&params, sft, "SFT model")?;
-                let mut tau = params.zeros_like();
-                // OnTIES needs room for τ before trimming; OnDARE none.
-                let mut scratch_slices: Vec<&mut [f32]> =
-                    scratch.iter_mut().flat_map(|s| s.tensors.iter_mut()).map(|t| t.data.as_mut_slice()).collect();
-                scratch_slices.resize_with(tau.tensors.len(), Default::default);
-                let mut jobs: Vec<TaskVectorJob<'_>> = tau
-                    .tensors
-                    .iter_mut()
-                    .zip(scratch_slices)
-                    .map(|(t, scratch)| {
-                        let b = base.get(&t.name).expect("layout checked");
-                        let s = sft.get(&t.name).expect("layout checked");
-                        TaskVectorJob {
-                            name: &t.name,
-                            base: Src::F32(&b.data),
-                            sft: Src::F32(&s.data),
-                            out: Dst::F32(&mut t.data),
-                            scratch,
-                        }
-                    })
-                    .collect();
-                core.init_task_vectors(&mut jobs)?;
-                drop(jobs);
-                Some(tau)
+                check_layout(&params, base, "the base model")?;
+                check_layout(&params, sft, "the SFT model")?;
+                Some(task_vectors(&core, &params, base, sft)?)
             }
         };
-        let cached = core.needs_cached_delta().then(|| params.zeros_like());
-        drop(scratch);
+        let mut taus = taus.map(Vec::into_iter);
+        let state = params
+            .tensors
+            .iter()
+            .map(|t| TensorState {
+                name: t.name.clone(),
+                m: vec![0.0; t.data.len()],
+                v: vec![0.0; t.data.len()],
+                cached: core.needs_cached_delta().then(|| vec![0.0; t.data.len()]),
+                tau: taus.as_mut().map(|taus| taus.next().expect("one task vector per tensor")),
+            })
+            .collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self {
-            m: params.zeros_like(),
-            v: params.zeros_like(),
-            cached,
-            tau,
-            threads,
-            core,
-            step: 0,
-            params,
-            cfg,
-            gpu: None,
-            params_stale: false,
-        })
+        Ok(Self { state, threads, core, step: 0, params, cfg, gpu: None, params_stale: false })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -323,9 +249,9 @@ impl Optimizer {
                 tau_dtype: Dtype::F32,
             })
             .collect();
-        let g = GpuOptimizer::new(ctx, core_config(&self.cfg).expect("validated in new"), &inits).map_err(|e| e.to_string())?;
+        let g = GpuOptimizer::new(ctx, self.cfg.to_core(), &inits).map_err(|e| e.to_string())?;
         let adapter = gpu_shaders::context::describe(g.adapter_info());
-        Ok(GpuSide { opt: g, adapter, every: cross_check_every, mirror_step: 0 })
+        Ok(GpuSide { opt: g, adapter, every: cross_check_every, host_state_current: true })
     }
 
     /// Where the steps run, for logs and `verify`.
@@ -400,6 +326,7 @@ impl Optimizer {
         let gnorm = gpu.opt.grad_sum_squares().map_err(on)?.iter().sum::<f64>().sqrt();
         gpu.opt.step_uploaded().map_err(on)?;
         gpu.opt.copy_params_to(&model.weight_buffers()).map_err(on)?;
+        gpu.host_state_current = false;
         let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         self.step = k;
         self.params_stale = true;
@@ -410,7 +337,7 @@ impl Optimizer {
     /// non-finite gradient leaves every tensor unchanged and the step uncounted.
     pub fn step(&mut self, grads: &ParamSet) -> Result<StepReport> {
         let k = self.step + 1;
-        check_layout(&self.params, grads, &format!("step {k}: gradient"))?;
+        check_layout(&self.params, grads, &format!("the step {k} gradient"))?;
         check_gradients(k, grads)?;
         let lr = self.core.plan(k)?.scalars().lr;
         let Some(gpu) = self.gpu.as_mut() else {
@@ -422,17 +349,18 @@ impl Optimizer {
         };
         let check = gpu.every > 0 && k.is_multiple_of(gpu.every);
         let mut cross_check_ms = 0.0;
-        if check && gpu.mirror_step != self.step {
-            // The mirror's moments are stale (unchecked steps ran on the GPU only).
+        if check && !gpu.host_state_current {
+            // The host's moments are stale (unchecked steps ran on the GPU only).
             let t = Instant::now();
             let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
-            install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
-            gpu.mirror_step = self.step;
+            install_state(&mut self.state, state)?;
+            gpu.host_state_current = true;
             cross_check_ms += t.elapsed().as_secs_f64() * 1e3;
         }
         let t = Instant::now();
         let named: Vec<(&str, &[f32])> = grads.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
         gpu.opt.step(&named).map_err(|e| TrainError::msg(format!("step {k} on {}: {e}", gpu.adapter)))?;
+        gpu.host_state_current = false;
         let gpu_params = gpu.opt.read_params().map_err(|e| TrainError::msg(format!("step {k}: reading GPU weights: {e}")))?;
         let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         if check {
@@ -440,14 +368,14 @@ impl Optimizer {
             let gpu_state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
             let adapter = gpu.adapter.clone();
             self.cpu_step(k, grads)?;
-            compare(k, &adapter, "parameter", &self.params, gpu_params.iter().map(|(n, d)| (n.as_str(), d.as_slice())))?;
-            compare(k, &adapter, EXP_AVG, &self.m, gpu_state.iter().map(|s| (s.name.as_str(), s.m.as_slice())))?;
-            compare(k, &adapter, EXP_AVG_SQ, &self.v, gpu_state.iter().map(|s| (s.name.as_str(), s.v.as_slice())))?;
-            if let Some(c) = &self.cached {
-                let rows = gpu_state.iter().map(|s| (s.name.as_str(), s.cached.as_deref().unwrap_or(&[])));
-                compare(k, &adapter, DELTA_C, c, rows)?;
-            }
-            self.gpu.as_mut().expect("gpu").mirror_step = k;
+            let params = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice()));
+            compare(k, &adapter, "parameter", params, gpu_params.iter().map(|(n, d)| (n.as_str(), d.as_slice())))?;
+            let host = |kind: fn(&TensorState) -> Option<&[f32]>| self.state.iter().filter_map(move |s| Some((s.name.as_str(), kind(s)?)));
+            let device = |kind: fn(&TensorStateData) -> Option<&[f32]>| gpu_state.iter().filter_map(move |s| Some((s.name.as_str(), kind(s)?)));
+            compare(k, &adapter, EXP_AVG, host(|s| Some(&s.m)), device(|s| Some(&s.m)))?;
+            compare(k, &adapter, EXP_AVG_SQ, host(|s| Some(&s.v)), device(|s| Some(&s.v)))?;
+            compare(k, &adapter, DELTA_C, host(|s| s.cached.as_deref()), device(|s| s.cached.as_deref()))?;
+            self.gpu.as_mut().expect("gpu").host_state_current = true;
             cross_check_ms += t.elapsed().as_secs_f64() * 1e3;
         } else {
             for (t, (name, data)) in self.params.tensors.iter_mut().zip(gpu_params) {
@@ -463,24 +391,19 @@ impl Optimizer {
     /// recomputation on a cross-checked GPU step).
     fn cpu_step(&mut self, k: u64, grads: &ParamSet) -> Result<()> {
         let plan = self.core.plan(k)?;
-        let n = grads.tensors.len();
-        let mut cached: Vec<Option<&mut [f32]>> = match self.cached.as_mut() {
-            Some(c) => c.tensors.iter_mut().map(|t| Some(t.data.as_mut_slice())).collect(),
-            None => (0..n).map(|_| None).collect(),
-        };
-        let mut jobs = Vec::with_capacity(n);
-        let state = self.params.tensors.iter_mut().zip(self.m.tensors.iter_mut()).zip(self.v.tensors.iter_mut());
-        for (i, ((g, ((theta, m), v)), c)) in grads.tensors.iter().zip(state).zip(cached.drain(..)).enumerate() {
-            // Plain AdamW has no τ': merge-core accepts an empty one.
-            let tau = self.tau.as_ref().map_or(&[][..], |t| t.tensors[i].data.as_slice());
+        let mut jobs = Vec::with_capacity(self.state.len());
+        for ((g, theta), st) in grads.tensors.iter().zip(self.params.tensors.iter_mut()).zip(self.state.iter_mut()) {
+            // The layout check put the three in one order.
+            debug_assert!(g.name == theta.name && theta.name == st.name);
             jobs.push(ParallelJob {
-                name: &g.name,
+                name: &st.name,
                 grad: Src::F32(&g.data),
                 theta: Param::F32(&mut theta.data),
-                m: &mut m.data,
-                v: &mut v.data,
-                cached: c,
-                tau: TaskVector::Dense(Src::F32(tau)),
+                m: &mut st.m,
+                v: &mut st.v,
+                cached: st.cached.as_deref_mut(),
+                // Plain AdamW has no τ': merge-core accepts an empty one.
+                tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
         parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|e| TrainError::msg(format!("step {k}: {e}")))
@@ -494,65 +417,82 @@ impl Optimizer {
     /// The kinds [`Optimizer::export_state`] writes, in its (sorted) order, without
     /// copying the state or reading it back from a GPU.
     fn state_kinds(&self) -> Vec<&'static str> {
+        let first = self.state.first();
         let mut kinds = vec![EXP_AVG, EXP_AVG_SQ];
-        if self.cached.is_some() {
+        if self.core.needs_cached_delta() {
             kinds.push(DELTA_C);
         }
-        if self.tau.is_some() {
+        if self.cfg.algorithm != Algorithm::Adamw {
             kinds.push(TAU);
         }
+        debug_assert!(first.is_none_or(|s| s.cached.is_some() == kinds.contains(&DELTA_C) && s.tau.is_some() == kinds.contains(&TAU)));
         kinds.sort_unstable();
         kinds
     }
 
     /// The optimizer state by kind, for checkpoints.
     pub fn export_state(&mut self) -> Result<BTreeMap<String, ParamSet>> {
-        if let Some(gpu) = self.gpu.as_mut() && gpu.mirror_step != self.step {
+        if let Some(gpu) = self.gpu.as_mut() && !gpu.host_state_current {
             let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("reading GPU state: {e}")))?;
-            install_state(&mut self.m, &mut self.v, self.cached.as_mut(), state)?;
-            gpu.mirror_step = self.step;
+            install_state(&mut self.state, state)?;
+            gpu.host_state_current = true;
         }
         let mut out = BTreeMap::new();
-        out.insert(EXP_AVG.to_string(), self.m.clone());
-        out.insert(EXP_AVG_SQ.to_string(), self.v.clone());
-        if let Some(c) = &self.cached {
-            out.insert(DELTA_C.to_string(), c.clone());
-        }
-        if let Some(t) = &self.tau {
-            out.insert(TAU.to_string(), t.clone());
+        for kind in self.state_kinds() {
+            let tensors = self
+                .params
+                .tensors
+                .iter()
+                .zip(&self.state)
+                .map(|(p, s)| {
+                    let data = match kind {
+                        EXP_AVG => &s.m,
+                        EXP_AVG_SQ => &s.v,
+                        DELTA_C => s.cached.as_ref().expect("state_kinds lists Δ_c when held"),
+                        _ => s.tau.as_ref().expect("state_kinds lists τ' when held"),
+                    };
+                    Tensor { name: p.name.clone(), shape: p.shape.clone(), data: data.clone() }
+                })
+                .collect();
+            out.insert(kind.to_string(), ParamSet::new(tensors));
         }
         Ok(out)
     }
 
     /// Replaces weights and state with a checkpoint's, after checking that the saved
     /// state has exactly the kinds and layouts this configuration uses.
-    pub fn restore(&mut self, step: u64, params: ParamSet, mut state: BTreeMap<String, ParamSet>) -> Result<()> {
-        check_layout(&self.params, &params, "checkpoint weights")?;
+    pub fn restore(&mut self, step: u64, params: ParamSet, mut saved: BTreeMap<String, ParamSet>) -> Result<()> {
+        check_layout(&self.params, &params, "the checkpoint's weights")?;
         let want = self.state_kinds();
-        let have: Vec<&str> = state.keys().map(String::as_str).collect();
+        let have: Vec<&str> = saved.keys().map(String::as_str).collect();
         if want != have {
             return Err(TrainError::msg(format!(
                 "checkpoint optimizer state has kinds {have:?}, this optimizer configuration uses {want:?}"
             )));
         }
-        for (kind, set) in &state {
-            check_layout(&self.params, set, &format!("checkpoint optimizer state `{kind}`"))?;
+        for (kind, set) in &saved {
+            check_layout(&self.params, set, &format!("the checkpoint's optimizer state `{kind}`"))?;
         }
-        let mut take = |k: &str| state.remove(k).expect("kinds checked");
-        self.m = take(EXP_AVG);
-        self.v = take(EXP_AVG_SQ);
-        self.cached = self.cached.is_some().then(|| take(DELTA_C));
-        if let Some(tau) = &self.tau {
+        if let Some(taus) = saved.remove(TAU) {
             // τ' was just recomputed from the base and SFT models given now; the saved
             // one must be the same bits, or those models are not the ones the
             // checkpointed run merged with.
-            let saved = take(TAU);
-            if let Some((name, i)) = first_difference(tau, &saved) {
-                return Err(TrainError::msg(format!(
-                    "checkpoint task vector differs from the one computed from the given base and SFT models \
-                     (tensor `{name}`, element {i}): resume with the same --base and SFT model"
-                )));
+            for (s, t) in self.state.iter().zip(&taus.tensors) {
+                if let Some(i) = first_difference(s.tau.as_deref().unwrap_or(&[]), &t.data) {
+                    return Err(TrainError::msg(format!(
+                        "checkpoint task vector differs from the one computed from the given base and SFT models \
+                         (tensor `{}`, element {i}): resume with the same --base and SFT model",
+                        s.name
+                    )));
+                }
             }
+        }
+        let mut take = |kind: &str| saved.remove(kind).map(|set| set.tensors.into_iter().map(|t| t.data));
+        let (mut m, mut v, mut cached) = (take(EXP_AVG).expect("kinds checked"), take(EXP_AVG_SQ).expect("kinds checked"), take(DELTA_C));
+        for s in &mut self.state {
+            s.m = m.next().expect("layout checked");
+            s.v = v.next().expect("layout checked");
+            s.cached = cached.as_mut().map(|c| c.next().expect("layout checked"));
         }
         self.params = params;
         self.params_stale = false;
@@ -560,91 +500,102 @@ impl Optimizer {
         if let Some(gpu) = self.gpu.as_mut() {
             let named: Vec<(&str, &[f32])> = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
             let state: Vec<TensorStateData> = self
-                .m
-                .tensors
+                .state
                 .iter()
-                .enumerate()
-                .map(|(i, t)| TensorStateData {
-                    name: t.name.clone(),
-                    m: t.data.clone(),
-                    v: self.v.tensors[i].data.clone(),
-                    cached: self.cached.as_ref().map(|c| c.tensors[i].data.clone()),
-                })
+                .map(|s| TensorStateData { name: s.name.clone(), m: s.m.clone(), v: s.v.clone(), cached: s.cached.clone() })
                 .collect();
             gpu.opt.load_state(step, &named, &state).map_err(|e| TrainError::msg(format!("loading checkpoint onto the GPU: {e}")))?;
-            gpu.mirror_step = step;
+            gpu.host_state_current = true;
         }
         Ok(())
     }
 }
 
-/// Copies GPU-read moments (and Δ_c) into the CPU mirror.
-fn install_state(m: &mut ParamSet, v: &mut ParamSet, mut cached: Option<&mut ParamSet>, state: Vec<TensorStateData>) -> Result<()> {
-    if state.len() != m.tensors.len() {
-        return Err(TrainError::msg(format!("GPU returned state for {} tensors, expected {}", state.len(), m.tensors.len())));
+/// The stored task vector `τ'` of every tensor of `params`, in its order, by
+/// merge-core (OnTIES trims over a scope, so every tensor goes in one call).
+fn task_vectors(core: &CoreOptimizer, params: &ParamSet, base: &ParamSet, sft: &ParamSet) -> Result<Vec<Vec<f32>>> {
+    let mut taus: Vec<Vec<f32>> = params.tensors.iter().map(|t| vec![0.0; t.data.len()]).collect();
+    // OnTIES holds τ before trimming it; OnDARE needs no room.
+    let ties = matches!(core.config().merge, merge_core::optim::Merge::Ties(_));
+    let mut scratch: Vec<Vec<f32>> = params.tensors.iter().map(|t| if ties { vec![0.0; t.data.len()] } else { Vec::new() }).collect();
+    let mut jobs: Vec<TaskVectorJob<'_>> = params
+        .tensors
+        .iter()
+        .zip(base.tensors.iter().zip(&sft.tensors))
+        .zip(taus.iter_mut().zip(scratch.iter_mut()))
+        .map(|((t, (b, s)), (tau, scratch))| TaskVectorJob {
+            name: &t.name,
+            base: Src::F32(&b.data),
+            sft: Src::F32(&s.data),
+            out: Dst::F32(tau),
+            scratch,
+        })
+        .collect();
+    core.init_task_vectors(&mut jobs)?;
+    drop(jobs);
+    Ok(taus)
+}
+
+/// Copies GPU-read moments (and Δ_c) into the host's state.
+fn install_state(state: &mut [TensorState], read: Vec<TensorStateData>) -> Result<()> {
+    if read.len() != state.len() {
+        return Err(TrainError::msg(format!("GPU returned state for {} tensors, expected {}", read.len(), state.len())));
     }
-    for (i, s) in state.into_iter().enumerate() {
-        if s.name != m.tensors[i].name {
-            return Err(TrainError::msg(format!("GPU state order: got `{}`, expected `{}`", s.name, m.tensors[i].name)));
+    for (s, r) in state.iter_mut().zip(read) {
+        if s.name != r.name {
+            return Err(TrainError::msg(format!("GPU state order: got `{}`, expected `{}`", r.name, s.name)));
         }
-        m.tensors[i].data = s.m;
-        v.tensors[i].data = s.v;
-        if let (Some(c), Some(d)) = (cached.as_deref_mut(), s.cached) {
-            c.tensors[i].data = d;
-        }
+        s.m = r.m;
+        s.v = r.v;
+        s.cached = r.cached.or(s.cached.take());
     }
     Ok(())
 }
 
-/// Bitwise comparison of the CPU result with the GPU's; the error names the step,
-/// adapter, state kind, tensor, first differing index and both values' bits.
-fn compare<'a>(
+/// Bitwise comparison of the CPU result with the GPU's, both as `(name, values)`
+/// in tensor order; the error names the step, adapter, state kind, tensor, first
+/// differing index and both values' bits.
+fn compare<'a, 'b>(
     k: u64,
     adapter: &str,
     what: &str,
-    cpu: &ParamSet,
-    gpu: impl Iterator<Item = (&'a str, &'a [f32])>,
+    cpu: impl Iterator<Item = (&'a str, &'a [f32])>,
+    gpu: impl Iterator<Item = (&'b str, &'b [f32])>,
 ) -> Result<()> {
-    let mut seen = 0;
-    for (t, (name, data)) in cpu.tensors.iter().zip(gpu) {
-        seen += 1;
-        if t.name != name || t.data.len() != data.len() {
-            return Err(TrainError::msg(format!(
-                "cross-check at step {k}: GPU {what} tensor `{name}` ({} elements) does not line up with CPU tensor `{}` ({} elements)",
-                data.len(),
-                t.name,
-                t.data.len()
-            )));
-        }
-        if let Some(i) = t.data.iter().zip(data).position(|(a, b)| a.to_bits() != b.to_bits()) {
-            return Err(TrainError::msg(format!(
-                "cross-check FAILED at step {k} on {adapter}: {what} of tensor `{}` differs first at element {i}: \
-                 merge-core 0x{:08x} ({:e}), GPU 0x{:08x} ({:e})",
-                t.name,
-                t.data[i].to_bits(),
-                t.data[i],
-                data[i].to_bits(),
-                data[i]
-            )));
-        }
+    let (cpu, gpu): (Vec<_>, Vec<_>) = (cpu.collect(), gpu.collect());
+    if cpu.len() != gpu.len() {
+        return Err(TrainError::msg(format!("cross-check at step {k}: GPU returned {} {what} tensors, expected {}", gpu.len(), cpu.len())));
     }
-    if seen != cpu.tensors.len() {
-        return Err(TrainError::msg(format!("cross-check at step {k}: GPU returned {seen} {what} tensors, expected {}", cpu.tensors.len())));
+    for ((name, ours), (theirs_name, theirs)) in cpu.into_iter().zip(gpu) {
+        if name != theirs_name || ours.len() != theirs.len() {
+            return Err(TrainError::msg(format!(
+                "cross-check at step {k}: GPU {what} tensor `{theirs_name}` ({} elements) does not line up with CPU tensor `{name}` ({} elements)",
+                theirs.len(),
+                ours.len()
+            )));
+        }
+        if let Some(i) = first_difference(ours, theirs) {
+            return Err(TrainError::msg(format!(
+                "cross-check FAILED at step {k} on {adapter}: {what} of tensor `{name}` differs first at element {i}: \
+                 merge-core 0x{:08x} ({:e}), GPU 0x{:08x} ({:e})",
+                ours[i].to_bits(),
+                ours[i],
+                theirs[i].to_bits(),
+                theirs[i]
+            )));
+        }
     }
     Ok(())
 }
 
-/// The first tensor name and element index where two same-layout sets differ in bits.
-pub fn first_difference(a: &ParamSet, b: &ParamSet) -> Option<(String, usize)> {
-    a.tensors.iter().zip(&b.tensors).find_map(|(x, y)| {
-        x.data.iter().zip(&y.data).position(|(p, q)| p.to_bits() != q.to_bits()).map(|i| (x.name.clone(), i))
-    })
+/// The first index where two slices differ in bits (or the shorter one's length).
+fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
+    a.iter().zip(b).position(|(p, q)| p.to_bits() != q.to_bits()).or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::params::Tensor;
 
     #[test]
     fn cross_check_mismatch_names_step_adapter_tensor_index_and_bits() {
@@ -653,15 +604,19 @@ mod tests {
             Tensor { name: "b".into(), shape: vec![3], data: vec![0.5, 0.25, -1.0] },
         ]);
         let same: Vec<(String, Vec<f32>)> = cpu.tensors.iter().map(|t| (t.name.clone(), t.data.clone())).collect();
-        compare(3, "lavapipe", "parameter", &cpu, same.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap();
+        fn rows(set: &[(String, Vec<f32>)]) -> Vec<(&str, &[f32])> {
+            set.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect()
+        }
+        let cpu_rows = || cpu.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice()));
+        compare(3, "lavapipe", "parameter", cpu_rows(), rows(&same).into_iter()).unwrap();
         let mut off = same.clone();
         off[1].1[2] = f32::from_bits((-1.0f32).to_bits() + 1);
-        let err = compare(3, "lavapipe", EXP_AVG, &cpu, off.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap_err().to_string();
+        let err = compare(3, "lavapipe", EXP_AVG, cpu_rows(), rows(&off).into_iter()).unwrap_err().to_string();
         for want in ["step 3", "lavapipe", "exp_avg", "tensor `b`", "element 2", "0xbf800000", "0xbf800001"] {
             assert!(err.contains(want), "{want} missing: {err}");
         }
         let short = &same[..1];
-        let err = compare(1, "x", "parameter", &cpu, short.iter().map(|(n, d)| (n.as_str(), d.as_slice()))).unwrap_err().to_string();
+        let err = compare(1, "x", "parameter", cpu_rows(), rows(short).into_iter()).unwrap_err().to_string();
         assert!(err.contains("returned 1 parameter tensors, expected 2"), "{err}");
     }
 }
