@@ -129,11 +129,11 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
     let threads = threads(a);
     let mut out = Vec::new();
     for &path in paths {
-        let mut policy = LlamaModel::init(config.clone(), 1).map_err(|e| TrainError::msg(format!("model init: {e}")))?;
+        let mut policy = LlamaModel::init(config.clone(), 1).map_err(TrainError::arch("model init"))?;
         policy.set_threads(threads);
-        let reference = LlamaModel::from_params(config.clone(), policy.params.clone()).map_err(|e| TrainError::msg(e.to_string()))?;
+        let reference = LlamaModel::from_params(config.clone(), policy.params.clone()).map_err(TrainError::arch("the reference model"))?;
         let train = random_pairs(config.vocab_size, a.seq, a.pairs);
-        let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0).map_err(|e| TrainError::msg(e.to_string()))?;
+        let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0)?;
         let total = a.steps + 1;
         let defaults = OptimDefaults::parse_from(["bench", "--lr", "1e-5"]);
         let cfg = defaults.optim.config(1, total);

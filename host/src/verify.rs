@@ -87,11 +87,11 @@ struct Setup {
 
 fn setup(seed: u64) -> Result<Setup> {
     let config = LlamaConfig::tiny(ByteTokenizer::VOCAB_SIZE, 32, 64, 1, 2, 1);
-    let err = |e: crate::model::llama::ModelError| TrainError::msg(format!("verify model: {e}"));
-    let base = LlamaModel::init(config.clone(), seed).map_err(err)?.params;
+    let err = TrainError::arch("verify model");
+    let base = LlamaModel::init(config.clone(), seed).map_err(&err)?.params;
     // An SFT model close to the base, so the task vector looks like a real one.
     let mut sft = base.clone();
-    let other = LlamaModel::init(config.clone(), seed ^ 0x5f7).map_err(err)?.params;
+    let other = LlamaModel::init(config.clone(), seed ^ 0x5f7).map_err(&err)?.params;
     for (s, o) in sft.tensors.iter_mut().zip(&other.tensors) {
         for (x, y) in s.data.iter_mut().zip(&o.data) {
             *x += 0.1 * *y;
@@ -141,10 +141,10 @@ fn train_once(s: &Setup, algorithm: Algorithm, backend: &BackendRequest, args: &
     let cfg = optim_config(algorithm, args.seed, args.steps);
     let task = (algorithm != Algorithm::Adamw).then_some((&s.base, &s.sft));
     let mut opt = Optimizer::with_backend(cfg, s.sft.clone(), task, backend, 1)?;
-    let err = |e: crate::model::llama::ModelError| TrainError::msg(format!("verify model: {e}"));
-    let policy = LlamaModel::from_params(s.config.clone(), s.sft.clone()).map_err(err)?;
-    let reference = LlamaModel::from_params(s.config.clone(), s.sft.clone()).map_err(err)?;
-    let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0).map_err(|e| TrainError::msg(e.to_string()))?;
+    let err = TrainError::arch("verify model");
+    let policy = LlamaModel::from_params(s.config.clone(), s.sft.clone()).map_err(&err)?;
+    let reference = LlamaModel::from_params(s.config.clone(), s.sft.clone()).map_err(&err)?;
+    let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0)?;
     let mut obj = DpoObjective::new(policy, &reference, loss, s.pairs.clone(), Vec::new())?;
     let spec = LoopSpec::quiet(args.steps, 2, 2, args.seed);
     let log_path = std::env::temp_dir().join(format!("host-verify-{}.jsonl", std::process::id()));

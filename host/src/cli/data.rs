@@ -192,7 +192,7 @@ pub fn parse_lm(path: &Path, text: &str, tok: TextTokenizer, vocab: usize) -> Re
 }
 
 fn read(path: &Path) -> Result<String> {
-    jsonl::read_text(path).map_err(|e| TrainError::msg(e.to_string()))
+    Ok(jsonl::read_text(path)?)
 }
 
 /// Refuses an example longer than the model's context after truncation (`lens` in
@@ -276,7 +276,7 @@ pub fn sft_sequences(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, seed
     let file = |p: &Path| -> Result<Vec<Sequence>> {
         need_vocab(tok, model.vocab_size)?;
         let text = read(p)?;
-        let ex = jsonl::parse_sft(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
+        let ex = jsonl::parse_sft(p, &text)?;
         let seqs = per_record(p, &text, encode_records(p, &text, &ex, |e| tok.sft(e))?, |s| cut.sft(s))?;
         check_file_lengths(p, &text, seqs.iter().map(|s| s.tokens.len()), model)?;
         Ok(seqs)
@@ -340,10 +340,10 @@ pub fn preference_pairs(a: &DataArgs, model: &LlamaConfig, tok: TextTokenizer, s
     let file = |p: &Path| -> Result<Vec<PairSeqs>> {
         let text = read(p)?;
         let ids = if a.token_ids {
-            jsonl::parse_preference_ids(p, &text, vocab).map_err(|e| TrainError::msg(e.to_string()))?
+            jsonl::parse_preference_ids(p, &text, vocab)?
         } else {
             need_vocab(tok, vocab)?;
-            let prefs = jsonl::parse_preferences(p, &text).map_err(|e| TrainError::msg(e.to_string()))?;
+            let prefs = jsonl::parse_preferences(p, &text)?;
             encode_records(p, &text, &prefs, |x| tok.preference(x))?
         };
         let pairs = per_record(p, &text, ids, |x| pair(&cut, &x.prompt, &x.chosen, &x.rejected))?;

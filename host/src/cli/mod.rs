@@ -214,7 +214,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
 }
 
 fn merge(args: &crate::merge::MergeArgs) -> Result<()> {
-    let r = crate::merge::run(args).map_err(|e| TrainError::msg(e.to_string()))?;
+    let r = crate::merge::run(args)?;
     let checked = if r.cross_checked > 0 { format!(", {} cross-checked bit for bit on merge-core", r.cross_checked) } else { String::new() };
     println!(
         "merged {} tensors ({} elements) on {}{checked} in {:.1} s: {} ({} shard{})",
@@ -227,10 +227,6 @@ fn merge(args: &crate::merge::MergeArgs) -> Result<()> {
         if r.shards == 1 { "" } else { "s" }
     );
     Ok(())
-}
-
-fn hf_err(e: hf::HfError) -> TrainError {
-    TrainError::msg(e.to_string())
 }
 
 fn load(dir: &Path, flag: &str) -> Result<LlamaModel> {
@@ -337,7 +333,7 @@ fn fit(
         }
         (Start { step: 0, data_position: 0 }, MetricsLog::create(&metrics_path)?)
     };
-    let writer = |p: &ParamSet, dir: &Path| -> Result<()> { output.write(p, dir).map_err(hf_err) };
+    let writer = |p: &ParamSet, dir: &Path| -> Result<()> { Ok(output.write(p, dir)?) };
     let final_params = run::train(&spec, objective, &mut opt, start, &mut log, Some(&writer))?;
     let model_dir = lp.out.join("model");
     std::fs::create_dir_all(&model_dir).map_err(|e| TrainError::io("creating", &model_dir, e))?;
@@ -353,7 +349,7 @@ fn fit(
 
 fn arch_config(a: &ArchArgs, vocab: usize) -> Result<LlamaConfig> {
     let config = match &a.model_config {
-        Some(p) => hf::read_config(p).map_err(hf_err)?.config,
+        Some(p) => hf::read_config(p)?.config,
         None if a.heads > 0 && !a.hidden_size.is_multiple_of(a.heads) => {
             return Err(TrainError::msg(format!(
                 "--hidden-size = {}: not a multiple of --heads = {} (each head gets hidden-size / heads dimensions)",
@@ -384,7 +380,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
                 models.push(inputs::file_hash("--model-config", p)?);
             }
             let config = arch_config(&a.arch, crate::tokenizer::ByteTokenizer::VOCAB_SIZE)?;
-            LlamaModel::init(config, a.train.seed).map_err(|e| TrainError::msg(format!("model init: {e}")))?
+            LlamaModel::init(config, a.train.seed).map_err(TrainError::arch("model init"))?
         }
     };
     model.set_threads(a.train.threads().map_err(TrainError::msg)?);
@@ -433,7 +429,7 @@ fn align(a: AlignArgs) -> Result<()> {
     let mut models = vec![inputs::model_hash("--model", &a.model, &policy)];
     let base = a.base.as_ref().map(|p| load(p, "--base")).transpose()?;
     if let (Some(b), Some(p)) = (&base, &a.base) {
-        hf::check_same_layout("--model", &policy.params, "--base", &b.params).map_err(hf_err)?;
+        hf::check_same_layout("--model", &policy.params, "--base", &b.params)?;
         models.push(inputs::model_hash("--base", p, b));
     }
     let tokenizer = load_tokenizer(&a.model, "--model", &a.data, &mut models)?;
@@ -476,7 +472,7 @@ fn align(a: AlignArgs) -> Result<()> {
                 None => load(&a.model, "--model")?,
             };
             reference.set_threads(threads);
-            hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params).map_err(hf_err)?;
+            hf::check_same_layout("--model", &sft_params, "--ref-model", &reference.params)?;
             match &gpu {
                 Some(ctx) => DpoObjective::on_gpu(policy, &reference, loss, train, eval, ctx, every)?,
                 None => DpoObjective::new(policy, &reference, loss, train, eval)?,

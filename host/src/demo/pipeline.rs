@@ -219,7 +219,7 @@ impl DemoConfig {
 }
 
 fn model_err(e: crate::model::llama::ModelError) -> TrainError {
-    TrainError::msg(e.to_string())
+    TrainError::arch("the demo's model")(e)
 }
 
 fn model_at(cfg: &LlamaConfig, params: &ParamSet, threads: usize) -> Result<LlamaModel> {

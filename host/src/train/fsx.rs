@@ -46,7 +46,10 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| TrainError::io("creating directory", dir, e))?;
-    crate::hf::atomic_write(path, bytes).map_err(|e| TrainError::msg(e.to_string()))
+    crate::hf::atomic_write(path, bytes).map_err(|e| match e {
+        crate::hf::HfError::Io { path, source } => TrainError::io("writing", &path, source),
+        other => TrainError::Model(other),
+    })
 }
 
 #[cfg(test)]

@@ -12,42 +12,95 @@ pub mod order;
 pub mod outdir;
 pub mod run;
 
-use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::params::ParamSet;
+use crate::params::{LayoutDifference, ParamSet};
 
-/// A training failure, with the file / tensor / flag it concerns already in the text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainError(pub String);
+/// A failure of training, evaluation or the CLI around them. The kinds a caller
+/// may act on are variants with their fields; the rest is `Other`, whose text
+/// already names the file, line, tensor or flag it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A flag the user got wrong (merge-core's validation, named by the flag).
+    #[error(transparent)]
+    Flag(#[from] config::BadFlag),
+    /// merge-core refused its inputs (the tensor and element are in the error).
+    #[error(transparent)]
+    Core(#[from] merge_core::Error),
+    /// A model folder or safetensors file could not be read or written.
+    #[error(transparent)]
+    Model(#[from] crate::hf::HfError),
+    /// A data file (JSONL) is unreadable or malformed (the line is in the error).
+    #[error(transparent)]
+    Data(#[from] crate::data::jsonl::DataError),
+    /// The loss refused its hyperparameters or inputs.
+    #[error(transparent)]
+    Loss(#[from] crate::loss::LossError),
+    /// `merge` refused its configuration or models.
+    #[error(transparent)]
+    Merge(#[from] crate::merge::MergeError),
+    /// The model refused its inputs or weights; `context` says which model or pass.
+    #[error("{context}: {source}")]
+    Arch { context: String, source: crate::model::llama::ModelError },
+    /// merge-core refused optimizer step `step` (the tensor and element are in
+    /// `source`); nothing was updated.
+    #[error("step {step}: {source}")]
+    Step { step: u64, source: merge_core::Error },
+    /// The GPU optimizer failed; `context` says doing what.
+    #[error("{context}: {source}")]
+    Device { context: String, source: gpu_shaders::GpuError },
+    /// The GPU model failed or refused its inputs; `context` says doing what.
+    #[error("{context} on the GPU: {source}")]
+    Gpu { context: String, source: crate::model::GpuModelError },
+    /// Reading or writing `path` failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io { action: String, path: PathBuf, source: std::io::Error },
+    /// A set of tensors (gradient, base or SFT model, checkpoint) does not have the
+    /// policy's layout.
+    #[error("{}", difference.describe("the policy", what))]
+    Layout { what: String, difference: LayoutDifference },
+    /// A gradient element is NaN or infinite; nothing was updated.
+    #[error("step {step}: gradient of tensor `{tensor}` is non-finite at element {index} (bits 0x{bits:08x}); nothing was updated")]
+    NonFiniteGradient { step: u64, tensor: String, index: usize, bits: u32 },
+    /// The GPU optimizer's result differs from merge-core's recomputation.
+    #[error(
+        "cross-check FAILED at step {step} on {adapter}: {what} of tensor `{tensor}` differs first at element {index}: \
+         merge-core 0x{cpu:08x} ({:e}), GPU 0x{gpu:08x} ({:e})",
+        f32::from_bits(*cpu),
+        f32::from_bits(*gpu)
+    )]
+    CrossCheck { step: u64, adapter: String, what: String, tensor: String, index: usize, cpu: u32, gpu: u32 },
+    /// The GPU model's forward or backward disagrees with the CPU model's beyond
+    /// the stated tolerance.
+    #[error("step {step}: the GPU model disagrees with the CPU model: {what}: error {error:.3e} exceeds the tolerance {tolerance:.0e}")]
+    ModelMismatch { step: u64, what: String, error: f64, tolerance: f64 },
+    /// Everything else, in words.
+    #[error("{0}")]
+    Other(String),
+}
 
 impl TrainError {
     pub fn msg(s: impl Into<String>) -> Self {
-        Self(s.into())
+        Self::Other(s.into())
     }
 
-    pub fn io(action: &str, path: &Path, e: std::io::Error) -> Self {
-        Self(format!("{action} {}: {e}", path.display()))
+    pub fn io(action: &str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { action: action.to_string(), path: path.to_path_buf(), source }
     }
-}
 
-impl fmt::Display for TrainError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+    /// For `map_err`: the model's error, doing `context`.
+    pub fn arch(context: &str) -> impl Fn(crate::model::llama::ModelError) -> Self + '_ {
+        move |source| Self::Arch { context: context.to_string(), source }
     }
-}
 
-impl std::error::Error for TrainError {}
-
-impl From<config::BadFlag> for TrainError {
-    fn from(e: config::BadFlag) -> Self {
-        Self(e.to_string())
+    /// For `map_err`: the GPU optimizer's error, doing `context`.
+    pub fn device(context: String) -> impl Fn(gpu_shaders::GpuError) -> Self {
+        move |source| Self::Device { context: context.clone(), source }
     }
-}
 
-impl From<merge_core::Error> for TrainError {
-    fn from(e: merge_core::Error) -> Self {
-        Self(e.to_string())
+    /// For `map_err`: the GPU model's error, doing `context`.
+    pub fn gpu(context: &str) -> impl Fn(crate::model::GpuModelError) -> Self + '_ {
+        move |source| Self::Gpu { context: context.to_string(), source }
     }
 }
 

@@ -43,9 +43,7 @@ fn relative_l2(gpu: &[f32], cpu: &[f32]) -> f64 {
 }
 
 fn mismatch(step: u64, what: &str, error: f64, tolerance: f64) -> TrainError {
-    TrainError::msg(format!(
-        "step {step}: the GPU model disagrees with the CPU model: {what}: error {error:.3e} exceeds the tolerance {tolerance:.0e}"
-    ))
+    TrainError::ModelMismatch { step, what: what.to_string(), error, tolerance }
 }
 
 /// The loss of the batch.

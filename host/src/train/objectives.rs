@@ -13,7 +13,7 @@ use std::time::Instant;
 use gpu_shaders::GpuContext;
 
 use crate::loss::{BatchLoss, DpoLoss};
-use crate::model::gpu::{GpuLlama, GpuModelError};
+use crate::model::gpu::GpuLlama;
 use crate::model::llama::{HeadStats, LlamaModel, Sequence};
 use crate::params::ParamSet;
 
@@ -21,13 +21,6 @@ use super::model_check::{compare_gradients, compare_logps, compare_loss};
 use super::run::{Objective, PrefSums, Stats};
 use super::{Result, TrainError};
 
-fn model_err(what: &str) -> impl Fn(crate::model::llama::ModelError) -> TrainError + '_ {
-    move |e| TrainError::msg(format!("{what}: {e}"))
-}
-
-fn gpu_err(what: &str) -> impl Fn(GpuModelError) -> TrainError + '_ {
-    move |e| TrainError::msg(format!("{what} on the GPU: {e}"))
-}
 
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
@@ -46,7 +39,7 @@ struct GpuPolicy {
 
 impl GpuPolicy {
     fn new(ctx: &GpuContext, policy: &LlamaModel, cross_check_every: u64) -> Result<Self> {
-        let model = GpuLlama::new(ctx, policy).map_err(gpu_err("uploading the policy"))?;
+        let model = GpuLlama::new(ctx, policy).map_err(TrainError::gpu("uploading the policy"))?;
         Ok(Self::with_model(ctx, model, cross_check_every))
     }
 
@@ -71,11 +64,11 @@ impl GpuPolicy {
     /// Weights from outside the step sequence (evaluation, the reference model).
     fn upload(&self, params: &ParamSet) -> Result<()> {
         self.weights_of_step.set(None);
-        self.model.upload(params).map_err(gpu_err("uploading the weights"))
+        self.model.upload(params).map_err(TrainError::gpu("uploading the weights"))
     }
 
     fn read_grads(&self) -> Result<ParamSet> {
-        self.model.read_grads().map_err(gpu_err("reading the gradients"))
+        self.model.read_grads().map_err(TrainError::gpu("reading the gradients"))
     }
 
     /// The model, when `step`'s gradient may stay on the device (not cross-checked).
@@ -103,9 +96,9 @@ impl GpuPolicy {
     /// Forward, coefficients from the log-probs, backward added into the device
     /// gradients; the log-probs come back.
     fn accumulate(&self, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, Vec<HeadStats>)> {
-        let fwd = self.model.forward(seqs).map_err(gpu_err("policy forward"))?;
+        let fwd = self.model.forward(seqs).map_err(TrainError::gpu("policy forward"))?;
         let c = coefs(&fwd.logps)?;
-        self.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
+        self.model.backward(&fwd, &c).map_err(TrainError::gpu("policy backward"))?;
         Ok((fwd.logps, fwd.head))
     }
 }
@@ -140,18 +133,18 @@ impl LmObjective {
 
 /// The CPU model's per-sequence log-probs and gradients of `Σ coefs[b]·logp_b`.
 fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
-    let fwd = model.forward(seqs).map_err(model_err("policy forward"))?;
+    let fwd = model.forward(seqs).map_err(TrainError::arch("policy forward"))?;
     let coefs = coefs(&fwd.logps)?;
     let mut grads = model.zero_grads();
-    model.backward(&fwd, &coefs, &mut grads).map_err(model_err("policy backward"))?;
+    model.backward(&fwd, &coefs, &mut grads).map_err(TrainError::arch("policy backward"))?;
     Ok((fwd.logps, grads, fwd.head))
 }
 
 /// The same on the GPU model, whose device weights must be current.
 fn gpu_backward(gpu: &GpuPolicy, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
-    let fwd = gpu.model.forward(seqs).map_err(gpu_err("policy forward"))?;
+    let fwd = gpu.model.forward(seqs).map_err(TrainError::gpu("policy forward"))?;
     let c = coefs(&fwd.logps)?;
-    gpu.model.backward(&fwd, &c).map_err(gpu_err("policy backward"))?;
+    gpu.model.backward(&fwd, &c).map_err(TrainError::gpu("policy backward"))?;
     Ok((fwd.logps, gpu.read_grads()?, fwd.head))
 }
 
@@ -205,11 +198,11 @@ impl Objective for LmObjective {
         let ce = match &self.gpu {
             None => {
                 self.model.params.clone_from(params);
-                self.model.cross_entropy(&self.eval).map_err(model_err("evaluation"))?
+                self.model.cross_entropy(&self.eval).map_err(TrainError::arch("evaluation"))?
             }
             Some(gpu) => {
                 gpu.upload(params)?;
-                gpu.model.cross_entropy(&self.eval).map_err(gpu_err("evaluation"))?
+                gpu.model.cross_entropy(&self.eval).map_err(TrainError::gpu("evaluation"))?
             }
         };
         let mean = ce.nll_sum / ce.tokens.max(1) as f64;
@@ -318,7 +311,7 @@ fn dpo_batch(loss: &DpoLoss, seqs: &[Sequence], logps: &[f32], refs: &[(f32, f32
     let pr: Vec<f32> = (0..pairs).map(|b| logps[2 * b + 1] * scale(2 * b + 1)).collect();
     let rc: Vec<f32> = refs.iter().map(|r| r.0).collect();
     let rr: Vec<f32> = refs.iter().map(|r| r.1).collect();
-    let bl = loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
+    let bl = loss.batch(&pc, &pr, &rc, &rr)?;
     let mut dlogps = Vec::with_capacity(seqs.len());
     for b in 0..pairs {
         dlogps.push(bl.d_chosen[b] * scale(2 * b));
@@ -337,7 +330,7 @@ impl DpoObjective {
         check_pairs(&train, &eval)?;
         let norm = loss.length_normalized();
         let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
-            let lp = reference.sequence_logps(&pair_seqs(pairs)).map_err(model_err("reference model"))?;
+            let lp = reference.sequence_logps(&pair_seqs(pairs)).map_err(TrainError::arch("reference model"))?;
             Ok(pair_logps(pairs, &lp, norm))
         };
         let (train_ref, eval_ref) = (logps(&train)?, logps(&eval)?);
@@ -360,17 +353,17 @@ impl DpoObjective {
     ) -> Result<Self> {
         check_pairs(&train, &eval)?;
         let norm = loss.length_normalized();
-        let gpu = GpuLlama::new(ctx, reference).map_err(gpu_err("uploading the reference model"))?;
+        let gpu = GpuLlama::new(ctx, reference).map_err(TrainError::gpu("uploading the reference model"))?;
         let logps = |pairs: &[PairSeqs]| -> Result<Vec<(f32, f32)>> {
-            let lp = gpu.sequence_logps(&pair_seqs(pairs)).map_err(gpu_err("reference model"))?;
+            let lp = gpu.sequence_logps(&pair_seqs(pairs)).map_err(TrainError::gpu("reference model"))?;
             Ok(pair_logps(pairs, &lp, norm))
         };
         let (train_ref, eval_ref) = (logps(&train)?, logps(&eval)?);
-        gpu.upload(&policy.params).map_err(gpu_err("uploading the policy"))?;
+        gpu.upload(&policy.params).map_err(TrainError::gpu("uploading the policy"))?;
         let mut obj = Self::with_reference_logps(policy, loss, train, train_ref, eval, eval_ref)?;
         obj.gpu = Some(GpuPolicy::with_model(ctx, gpu, cross_check_every));
         if cross_check_every > 0 {
-            let copy = LlamaModel::from_params(reference.config.clone(), reference.params.clone()).map_err(model_err("reference model"))?;
+            let copy = LlamaModel::from_params(reference.config.clone(), reference.params.clone()).map_err(TrainError::arch("reference model"))?;
             obj.reference = Some(copy);
         }
         Ok(obj)
@@ -440,7 +433,7 @@ impl Objective for DpoObjective {
                     let t = Instant::now();
                     let cpu_refs = match &self.reference {
                         Some(reference) => {
-                            let lp = reference.sequence_logps(&seqs).map_err(model_err("reference model"))?;
+                            let lp = reference.sequence_logps(&seqs).map_err(TrainError::arch("reference model"))?;
                             let cpu_refs = pair_logps(&pairs, &lp, loss.length_normalized());
                             compare_logps(step, "reference", &flat(&refs), &flat(&cpu_refs))?;
                             cpu_refs
@@ -473,11 +466,11 @@ impl Objective for DpoObjective {
         let (lp, head) = match &self.gpu {
             None => {
                 self.policy.params.clone_from(params);
-                self.policy.sequence_logps_and_head(&seqs).map_err(model_err("policy evaluation"))?
+                self.policy.sequence_logps_and_head(&seqs).map_err(TrainError::arch("policy evaluation"))?
             }
             Some(gpu) => {
                 gpu.upload(params)?;
-                let (lp, head) = gpu.model.sequence_logps_and_head(&seqs).map_err(gpu_err("policy evaluation"))?;
+                let (lp, head) = gpu.model.sequence_logps_and_head(&seqs).map_err(TrainError::gpu("policy evaluation"))?;
                 (lp, head)
             }
         };
@@ -486,7 +479,7 @@ impl Objective for DpoObjective {
         let pr: Vec<f32> = lp.iter().map(|x| x.1).collect();
         let rc: Vec<f32> = self.eval_ref.iter().map(|x| x.0).collect();
         let rr: Vec<f32> = self.eval_ref.iter().map(|x| x.1).collect();
-        let bl = self.loss.batch(&pc, &pr, &rc, &rr).map_err(|e| TrainError::msg(e.to_string()))?;
+        let bl = self.loss.batch(&pc, &pr, &rc, &rr)?;
         let n = self.eval.len();
         let pref = pref_sums(n, &bl.metrics, &head);
         Ok(Some(Stats { count: n, loss_sum: bl.loss * n as f64, pref: Some(pref), cross_checked: false, cross_check_ms: 0.0 }))

@@ -39,7 +39,7 @@ pub struct StepReport {
 pub fn check_layout(params: &ParamSet, other: &ParamSet, what: &str) -> Result<()> {
     match params.layout_difference(other) {
         None => Ok(()),
-        Some(d) => Err(TrainError::msg(d.describe("the policy", what))),
+        Some(difference) => Err(TrainError::Layout { what: what.to_string(), difference }),
     }
 }
 
@@ -47,12 +47,8 @@ pub fn check_layout(params: &ParamSet, other: &ParamSet, what: &str) -> Result<(
 /// stepped so that a bad gradient leaves the whole model unchanged.
 pub fn check_gradients(step: u64, grads: &ParamSet) -> Result<()> {
     for t in &grads.tensors {
-        if let Some(i) = t.data.iter().position(|x| merge_core::arith::is_non_finite(*x)) {
-            return Err(TrainError::msg(format!(
-                "step {step}: gradient of tensor `{}` is non-finite at element {i} (bits 0x{:08x}); nothing was updated",
-                t.name,
-                t.data[i].to_bits()
-            )));
+        if let Some(index) = t.data.iter().position(|x| merge_core::arith::is_non_finite(*x)) {
+            return Err(TrainError::NonFiniteGradient { step, tensor: t.name.clone(), index, bits: t.data[index].to_bits() });
         }
     }
     Ok(())
@@ -297,7 +293,7 @@ impl Optimizer {
             return Ok(());
         }
         let gpu = self.gpu.as_ref().expect("only a GPU optimizer takes resident steps");
-        let read = gpu.opt.read_params().map_err(|e| TrainError::msg(format!("after step {}: reading GPU weights: {e}", self.step)))?;
+        let read = gpu.opt.read_params().map_err(TrainError::device(format!("after step {}: reading GPU weights", self.step)))?;
         for (t, (name, data)) in self.params.tensors.iter_mut().zip(read) {
             debug_assert_eq!(t.name, name);
             t.data = data;
@@ -320,12 +316,12 @@ impl Optimizer {
         let k = self.step + 1;
         let lr = self.core.plan(k)?.scalars().lr;
         let gpu = self.gpu.as_mut().expect("can_step_resident said so");
-        let on = |e: gpu_shaders::GpuError| TrainError::msg(format!("step {k} on {}: {e}", gpu.adapter));
+        let on = TrainError::device(format!("step {k} on {}", gpu.adapter));
         let t = Instant::now();
-        gpu.opt.copy_grads_from(&model.grad_buffers()).map_err(on)?;
-        let gnorm = gpu.opt.grad_sum_squares().map_err(on)?.iter().sum::<f64>().sqrt();
-        gpu.opt.step_uploaded().map_err(on)?;
-        gpu.opt.copy_params_to(&model.weight_buffers()).map_err(on)?;
+        gpu.opt.copy_grads_from(&model.grad_buffers()).map_err(&on)?;
+        let gnorm = gpu.opt.grad_sum_squares().map_err(&on)?.iter().sum::<f64>().sqrt();
+        gpu.opt.step_uploaded().map_err(&on)?;
+        gpu.opt.copy_params_to(&model.weight_buffers()).map_err(&on)?;
         gpu.host_state_current = false;
         let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         self.step = k;
@@ -352,20 +348,20 @@ impl Optimizer {
         if check && !gpu.host_state_current {
             // The host's moments are stale (unchecked steps ran on the GPU only).
             let t = Instant::now();
-            let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
+            let state = gpu.opt.read_state().map_err(TrainError::device(format!("step {k}: reading GPU state")))?;
             install_state(&mut self.state, state)?;
             gpu.host_state_current = true;
             cross_check_ms += t.elapsed().as_secs_f64() * 1e3;
         }
         let t = Instant::now();
         let named: Vec<(&str, &[f32])> = grads.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
-        gpu.opt.step(&named).map_err(|e| TrainError::msg(format!("step {k} on {}: {e}", gpu.adapter)))?;
+        gpu.opt.step(&named).map_err(TrainError::device(format!("step {k} on {}", gpu.adapter)))?;
         gpu.host_state_current = false;
-        let gpu_params = gpu.opt.read_params().map_err(|e| TrainError::msg(format!("step {k}: reading GPU weights: {e}")))?;
+        let gpu_params = gpu.opt.read_params().map_err(TrainError::device(format!("step {k}: reading GPU weights")))?;
         let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
         if check {
             let t = Instant::now();
-            let gpu_state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("step {k}: reading GPU state: {e}")))?;
+            let gpu_state = gpu.opt.read_state().map_err(TrainError::device(format!("step {k}: reading GPU state")))?;
             let adapter = gpu.adapter.clone();
             self.cpu_step(k, grads)?;
             let params = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice()));
@@ -406,7 +402,7 @@ impl Optimizer {
                 tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
-        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|e| TrainError::msg(format!("step {k}: {e}")))
+        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|source| TrainError::Step { step: k, source })
     }
 
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.
@@ -433,7 +429,7 @@ impl Optimizer {
     /// The optimizer state by kind, for checkpoints.
     pub fn export_state(&mut self) -> Result<BTreeMap<String, ParamSet>> {
         if let Some(gpu) = self.gpu.as_mut() && !gpu.host_state_current {
-            let state = gpu.opt.read_state().map_err(|e| TrainError::msg(format!("reading GPU state: {e}")))?;
+            let state = gpu.opt.read_state().map_err(TrainError::device("reading GPU state".into()))?;
             install_state(&mut self.state, state)?;
             gpu.host_state_current = true;
         }
@@ -504,7 +500,7 @@ impl Optimizer {
                 .iter()
                 .map(|s| TensorStateData { name: s.name.clone(), m: s.m.clone(), v: s.v.clone(), cached: s.cached.clone() })
                 .collect();
-            gpu.opt.load_state(step, &named, &state).map_err(|e| TrainError::msg(format!("loading checkpoint onto the GPU: {e}")))?;
+            gpu.opt.load_state(step, &named, &state).map_err(TrainError::device("loading checkpoint onto the GPU".into()))?;
             gpu.host_state_current = true;
         }
         Ok(())
@@ -574,15 +570,16 @@ fn compare<'a, 'b>(
                 ours.len()
             )));
         }
-        if let Some(i) = first_difference(ours, theirs) {
-            return Err(TrainError::msg(format!(
-                "cross-check FAILED at step {k} on {adapter}: {what} of tensor `{name}` differs first at element {i}: \
-                 merge-core 0x{:08x} ({:e}), GPU 0x{:08x} ({:e})",
-                ours[i].to_bits(),
-                ours[i],
-                theirs[i].to_bits(),
-                theirs[i]
-            )));
+        if let Some(index) = first_difference(ours, theirs) {
+            return Err(TrainError::CrossCheck {
+                step: k,
+                adapter: adapter.to_string(),
+                what: what.to_string(),
+                tensor: name.to_string(),
+                index,
+                cpu: ours[index].to_bits(),
+                gpu: theirs[index].to_bits(),
+            });
         }
     }
     Ok(())
