@@ -18,7 +18,7 @@ use clap::{Args, Parser};
 use crate::cli::args::OptimArgs;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{LlamaModel, Sequence};
+use crate::model::{LlamaModel, Sequence};
 use crate::model::simd;
 use crate::train::metrics::MetricsLog;
 use crate::train::objectives::{DpoObjective, PairSeqs};

@@ -14,7 +14,7 @@ use clap::Args;
 use crate::data::builtin::{Builtin, BuiltinConfig};
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{LlamaModel, Sequence};
+use crate::model::{LlamaModel, Sequence};
 use crate::params::ParamSet;
 use crate::tokenizer::ByteTokenizer;
 use crate::train::config::{AdamForm, Algorithm, OptimConfig, ScheduleKind, Scope, Variant};

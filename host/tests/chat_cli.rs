@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use host::hf;
 use host::model::config::LlamaConfig;
-use host::model::llama::LlamaModel;
+use host::model::LlamaModel;
 use merge_core::dtype::Dtype;
 
 mod common;

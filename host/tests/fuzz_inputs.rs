@@ -14,7 +14,7 @@ use host::data::encode::TextTokenizer;
 use host::data::jsonl;
 use host::hf;
 use host::model::config::LlamaConfig;
-use host::model::llama::LlamaModel;
+use host::model::LlamaModel;
 use host::params::{ParamSet, Tensor};
 use host::tokenizer::PretrainedTokenizer;
 use host::tokenizer::chat::ChatTemplate;

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use host::hf;
 use host::model::config::LlamaConfig;
-use host::model::llama::LlamaModel;
+use host::model::LlamaModel;
 use host::tokenizer::ByteTokenizer;
 use merge_core::dtype::Dtype;
 
@@ -343,7 +343,7 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
 /// to one that computes them from `--model`.
 #[test]
 fn precomputed_reference_logps_match_the_reference_model() {
-    use host::model::llama::Sequence;
+    use host::model::Sequence;
     let d = tmp("reflogps");
     let (b, s) = models(&d);
     let (bs, ss) = (b.to_str().unwrap(), s.to_str().unwrap());

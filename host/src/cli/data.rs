@@ -10,7 +10,7 @@ use crate::data::encode::TextTokenizer;
 use crate::data::jsonl;
 use crate::data::truncate::Truncation;
 use crate::model::config::LlamaConfig;
-use crate::model::llama::Sequence;
+use crate::model::Sequence;
 use crate::tokenizer::ByteTokenizer;
 use crate::tokenizer::chat::ChatDate;
 use crate::train::objectives::PairSeqs;

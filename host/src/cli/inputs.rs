@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::hf;
-use crate::model::llama::LlamaModel;
+use crate::model::LlamaModel;
 use crate::tokenizer::pretrained::{CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::train::checkpoint::InputHash;
 use crate::train::{Result, TrainError, weights_hash};

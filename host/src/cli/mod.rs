@@ -22,7 +22,7 @@ use crate::data::encode::TextTokenizer;
 use crate::hf;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{LlamaModel, Sequence};
+use crate::model::{LlamaModel, Sequence};
 use crate::model_folder::FolderSpec;
 use crate::params::ParamSet;
 use crate::tokenizer::PretrainedTokenizer;

@@ -7,7 +7,7 @@
 //! tokenizes to after the longest prefix the two share.
 
 use super::jsonl::{Content, Preference, PreferenceIds, SftExample};
-use crate::model::llama::Sequence;
+use crate::model::Sequence;
 use crate::tokenizer::{ByteTokenizer, PretrainedTokenizer};
 
 /// The tokenizer text data goes through.

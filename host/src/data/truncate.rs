@@ -8,7 +8,7 @@
 //! `max_length`; here it is refused and named, since dropping data changes what a
 //! run trains on without saying so.
 
-use crate::model::llama::Sequence;
+use crate::model::Sequence;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TruncationMode {

@@ -11,7 +11,7 @@ use super::plot::{Plot, Series};
 use super::report::{FailedRun, Kind, Report, Row};
 use crate::data::builtin::{Builtin, BuiltinConfig, END, PreferencePair, Problem};
 use crate::model::config::LlamaConfig;
-use crate::model::llama::{GenerateOptions, LlamaModel, Sampling, Sequence};
+use crate::model::{GenerateOptions, LlamaModel, Sampling, Sequence};
 use crate::loss::{DpoLoss, LossKind};
 use crate::params::{ParamSet, Tensor};
 use crate::tokenizer::ByteTokenizer;
@@ -218,7 +218,7 @@ impl DemoConfig {
     }
 }
 
-fn model_err(e: crate::model::llama::ModelError) -> TrainError {
+fn model_err(e: crate::model::ModelError) -> TrainError {
     TrainError::arch("the demo's model")(e)
 }
 

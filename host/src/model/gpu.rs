@@ -31,7 +31,9 @@ use gpu_shaders::{GpuContext, GpuError};
 
 use super::config::LlamaConfig;
 use super::layers;
-use super::llama::{CrossEntropy, HeadStats, Index, LlamaModel, ModelError, Sequence, check_sequences};
+use super::error::ModelError;
+use super::llama::{CrossEntropy, HeadStats, Index, LlamaModel};
+use super::sequence::{Sequence, check_sequences};
 use crate::params::{ParamSet, Tensor};
 
 /// Vocabulary rows the LM head scores per pass: bounds its `[tokens, chunk]`

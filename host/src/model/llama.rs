@@ -8,115 +8,16 @@
 //! products split their columns among the idle threads. Neither changes any
 //! summation order, so results are the same bits whatever the number of threads.
 
-use std::fmt;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::config::{ConfigError, LlamaConfig};
+use super::config::LlamaConfig;
+use super::error::ModelError;
+use super::generate::KvLayer;
 use super::layers::{self, AttnSaved, AttnShape, Rope, Weight};
+use super::sequence::{Sequence, check_sequences};
 use super::simd;
+use super::threads::{add_and_zero, par_map};
 use crate::params::{LayoutDifference, ParamSet, Tensor};
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelError {
-    Config(ConfigError),
-    /// A tensor the config requires is absent.
-    MissingTensor {
-        tensor: String,
-        expected: Vec<usize>,
-    },
-    /// A tensor the config does not know about.
-    ExtraTensor {
-        tensor: String,
-        shape: Vec<usize>,
-    },
-    ShapeMismatch {
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    /// A gradient set whose layout is not the model's.
-    GradientLayout {
-        reason: String,
-    },
-    TokenOutOfRange {
-        sequence: usize,
-        position: usize,
-        id: u32,
-        vocab_size: usize,
-    },
-    BadSequence {
-        sequence: usize,
-        reason: String,
-    },
-    BadArgument {
-        argument: &'static str,
-        reason: String,
-    },
-}
-
-impl fmt::Display for ModelError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ModelError::Config(e) => write!(f, "{e}"),
-            ModelError::MissingTensor { tensor, expected } => write!(f, "tensor `{tensor}` (shape {expected:?}) is missing"),
-            ModelError::ExtraTensor { tensor, shape } => write!(f, "tensor `{tensor}` (shape {shape:?}) is not part of this architecture"),
-            ModelError::ShapeMismatch { tensor, expected, found } => write!(f, "tensor `{tensor}` has shape {found:?}, the config implies {expected:?}"),
-            ModelError::GradientLayout { reason } => write!(f, "gradient set does not match the model: {reason}"),
-            ModelError::TokenOutOfRange {
-                sequence,
-                position,
-                id,
-                vocab_size,
-            } => {
-                write!(
-                    f,
-                    "sequence {sequence}, position {position}: token id {id} is outside the vocabulary (vocab_size {vocab_size})"
-                )
-            }
-            ModelError::BadSequence { sequence, reason } => write!(f, "sequence {sequence}: {reason}"),
-            ModelError::BadArgument { argument, reason } => write!(f, "`{argument}`: {reason}"),
-        }
-    }
-}
-
-impl std::error::Error for ModelError {}
-
-impl From<ConfigError> for ModelError {
-    fn from(e: ConfigError) -> Self {
-        ModelError::Config(e)
-    }
-}
-
-/// A token sequence and which of its tokens are scored. `mask[t]` says token `t`
-/// is a target, predicted from positions `..t`; `mask[0]` must be false since
-/// nothing predicts the first token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sequence {
-    pub tokens: Vec<u32>,
-    pub mask: Vec<bool>,
-}
-
-impl Sequence {
-    /// Every token after the first is scored (pretraining).
-    pub fn full(tokens: Vec<u32>) -> Self {
-        let mask = (0..tokens.len()).map(|t| t > 0).collect();
-        Self { tokens, mask }
-    }
-
-    /// `prompt ++ completion`, only the completion scored (SFT, DPO). An empty
-    /// prompt scores the completion from its second token.
-    pub fn completion(prompt: &[u32], completion: &[u32]) -> Self {
-        let mut tokens = prompt.to_vec();
-        tokens.extend_from_slice(completion);
-        let mask = (0..tokens.len()).map(|t| t >= prompt.len() && t > 0).collect();
-        Self { tokens, mask }
-    }
-
-    pub fn scored(&self) -> usize {
-        self.mask.iter().filter(|&&m| m).count()
-    }
-}
 
 pub(super) struct LayerIdx {
     pub(super) ln1: usize,
@@ -181,8 +82,8 @@ impl Index {
 pub struct LlamaModel {
     pub config: LlamaConfig,
     pub params: ParamSet,
-    idx: Index,
-    threads: usize,
+    pub(super) idx: Index,
+    pub(super) threads: usize,
     /// [`HEAD_KEPT_MAX`] and [`ATTN_PROBS_KEPT_MAX`], lowered by the tests to
     /// take the recomputing paths.
     pub(super) head_kept_max: usize,
@@ -192,7 +93,7 @@ pub struct LlamaModel {
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
-struct LayerActs {
+pub(super) struct LayerActs {
     x_in: Vec<f32>,
     n1: Vec<f32>,
     rstd1: Vec<f32>,
@@ -304,97 +205,9 @@ pub struct CrossEntropy {
     pub tokens: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampling {
-    /// Highest logit; ties go to the lowest token id.
-    Greedy,
-    /// Softmax of `logits / temperature`, restricted to the `top_k` highest
-    /// logits (`0` = all), sampled with the seeded generator.
-    Temperature { temperature: f32, top_k: usize },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GenerateOptions {
-    pub max_new_tokens: usize,
-    pub sampling: Sampling,
-    /// Generation ends after this token; it is not included in the output.
-    pub stop_token: Option<u32>,
-    pub seed: u64,
-}
-
 // SplitMix64: small, seedable, and the same stream on every platform; used for
 // initialization and sampling, never for merge masks.
 pub use crate::data::builtin::SplitMix64;
-
-/// Runs `f(0..n)` on up to `threads` workers and returns results in index order.
-fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    if threads <= 1 || n <= 1 {
-        return (0..n).map(f).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.min(n))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            break out;
-                        }
-                        out.push((i, f(i)));
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            match w.join() {
-                Ok(out) => {
-                    for (i, t) in out {
-                        slots[i] = Some(t);
-                    }
-                }
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-    });
-    slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
-}
-
-/// `grads += parts[0]; grads += parts[1]; …` element by element in that order,
-/// leaving every part zero. Threads take disjoint ranges of each tensor, so the
-/// bits do not depend on their number.
-fn add_and_zero(grads: &mut ParamSet, parts: &mut [std::sync::MutexGuard<'_, ParamSet>], threads: usize) {
-    const CHUNK: usize = 1 << 16;
-    let mut jobs: Vec<(&mut [f32], Vec<&mut [f32]>)> = Vec::new();
-    let mut part_tensors: Vec<_> = parts.iter_mut().map(|p| p.tensors.iter_mut()).collect();
-    for gt in grads.tensors.iter_mut() {
-        let mut part_chunks: Vec<_> = part_tensors
-            .iter_mut()
-            .map(|it| it.next().expect("gradient sets share a layout").data.chunks_mut(CHUNK))
-            .collect();
-        for g in gt.data.chunks_mut(CHUNK) {
-            jobs.push((g, part_chunks.iter_mut().map(|c| c.next().expect("same length")).collect()));
-        }
-    }
-    let run = |(g, ps): &mut (&mut [f32], Vec<&mut [f32]>)| {
-        for p in ps.iter_mut() {
-            layers::axpy(g, 1.0, p);
-            p.fill(0.0);
-        }
-    };
-    if threads <= 1 {
-        jobs.iter_mut().for_each(run);
-        return;
-    }
-    let per = jobs.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for share in jobs.chunks_mut(per.max(1)) {
-            s.spawn(move || share.iter_mut().for_each(run));
-        }
-    });
-}
 
 impl LlamaModel {
     /// A freshly initialized model: linear and embedding weights N(0, 0.02²), the
@@ -455,7 +268,7 @@ impl LlamaModel {
 
     /// The shared state of a call that runs `sequences` sequences in parallel,
     /// none longer than `max_len` tokens (0: the call keeps its own positions).
-    fn pass(&self, sequences: usize, max_len: usize) -> Pass {
+    pub(super) fn pass(&self, sequences: usize, max_len: usize) -> Pass {
         let untied_embed = (!self.config.tie_word_embeddings).then_some(self.idx.embed);
         // Above the baseline the products read weights in their own layout.
         let transpose = simd::active() == simd::Level::Baseline;
@@ -481,20 +294,20 @@ impl LlamaModel {
         }
     }
 
-    fn w(&self, i: usize) -> &[f32] {
+    pub(super) fn w(&self, i: usize) -> &[f32] {
         &self.params.tensors[i].data
     }
 
     /// Matrix `i` for [`layers::linear_forward`]: the pass's transposed copy
     /// when it made one, else the parameter itself.
-    fn weight<'a>(&'a self, pass: &'a Pass, i: usize) -> Weight<'a> {
+    pub(super) fn weight<'a>(&'a self, pass: &'a Pass, i: usize) -> Weight<'a> {
         match pass.wt[i].is_empty() {
             true => Weight::Hf(self.w(i)),
             false => Weight::Transposed(&pass.wt[i]),
         }
     }
 
-    fn check_sequences(&self, seqs: &[Sequence]) -> Result<(), ModelError> {
+    pub(super) fn check_sequences(&self, seqs: &[Sequence]) -> Result<(), ModelError> {
         check_sequences(&self.config, seqs)
     }
 
@@ -525,7 +338,7 @@ impl LlamaModel {
     /// One decoder block on `t` rows at positions `pos0..pos0+t`. With a cache,
     /// the new keys/values are appended to it and attention reads the whole cache;
     /// without, keys/values are just these rows (training).
-    fn block_forward(&self, pass: &Pass, l: usize, x_in: Vec<f32>, pos0: usize, rope: &Rope, cache: Option<&mut KvLayer>) -> (LayerActs, Vec<f32>) {
+    pub(super) fn block_forward(&self, pass: &Pass, l: usize, x_in: Vec<f32>, pos0: usize, rope: &Rope, cache: Option<&mut KvLayer>) -> (LayerActs, Vec<f32>) {
         let cfg = &self.config;
         let li = &self.idx.layers[l];
         let (c, im, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
@@ -881,95 +694,6 @@ impl LlamaModel {
         })
     }
 
-    // ------------------------------------------------------------ inference
-
-    fn infer(&self, pass: &Pass, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
-        let cfg = &self.config;
-        let c = cfg.hidden_size;
-        let t = tokens.len();
-        let pos0 = cache.len;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, pos0, t);
-        let mut x = vec![0f32; t * c];
-        layers::embedding_forward(&mut x, tokens, self.w(self.idx.embed), c);
-        for l in 0..cfg.num_hidden_layers {
-            x = self.block_forward(pass, l, x, pos0, &rope, Some(&mut cache.layers[l])).1;
-        }
-        cache.len += t;
-        let mut nf = vec![0f32; t * c];
-        let mut rstd = vec![0f32; t];
-        layers::rmsnorm_forward(&mut nf, &mut rstd, &x, self.w(self.idx.norm), cfg.rms_norm_eps, c);
-        nf
-    }
-
-    fn new_cache(&self) -> KvCache {
-        KvCache {
-            len: 0,
-            layers: (0..self.config.num_hidden_layers).map(|_| KvLayer { k: Vec::new(), v: Vec::new() }).collect(),
-        }
-    }
-
-    /// Logits `[tokens.len(), vocab_size]` at every position.
-    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        self.check_sequences(&[Sequence {
-            tokens: tokens.to_vec(),
-            mask: vec![false; tokens.len()],
-        }])?;
-        let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let pass = self.pass(1, 0);
-        let nf = self.infer(&pass, &mut self.new_cache(), tokens);
-        let mut logits = vec![0f32; tokens.len() * vocab];
-        layers::linear_forward(&mut logits, &nf, self.weight(&pass, self.idx.head), None, c, vocab, pass.par);
-        Ok(logits)
-    }
-
-    /// Continues `prompt` (non-empty) with a KV cache; returns the new tokens only.
-    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>, ModelError> {
-        Ok(self.generate_batch(&[prompt.to_vec()], opts)?.pop().expect("one prompt in, one completion out"))
-    }
-
-    /// [`Self::generate`] for many prompts in parallel. Prompt `i` samples with
-    /// its own generator seeded from `(opts.seed, i)`, so results do not depend on
-    /// thread count or scheduling.
-    pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, ModelError> {
-        if let Sampling::Temperature { temperature, .. } = opts.sampling
-            && !(temperature.is_finite() && temperature > 0.0)
-        {
-            return Err(ModelError::BadArgument {
-                argument: "temperature",
-                reason: format!("{temperature} is not a positive finite number"),
-            });
-        }
-        let seqs: Vec<Sequence> = prompts
-            .iter()
-            .map(|p| Sequence {
-                tokens: p.clone(),
-                mask: vec![false; p.len()],
-            })
-            .collect();
-        self.check_sequences(&seqs)?;
-        let pass = self.pass(prompts.len(), 0);
-        Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&pass, &prompts[i], opts, i as u64)))
-    }
-
-    fn generate_one(&self, pass: &Pass, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
-        let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut rng = SplitMix64::new(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let mut cache = self.new_cache();
-        let mut out = Vec::new();
-        let mut nf = self.infer(pass, &mut cache, prompt);
-        let mut logits = vec![0f32; vocab];
-        while out.len() < opts.max_new_tokens && cache.len < self.config.max_position_embeddings {
-            let last = &nf[nf.len() - c..];
-            layers::linear_forward(&mut logits, last, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
-            let tok = sample(&logits, opts.sampling, &mut rng);
-            if Some(tok) == opts.stop_token {
-                break;
-            }
-            out.push(tok);
-            nf = self.infer(pass, &mut cache, &[tok]);
-        }
-        out
-    }
 }
 
 /// What one batch call shares among its workers: at the baseline vector level,
@@ -978,95 +702,14 @@ impl LlamaModel {
 /// the parameters change; empty above the baseline), and
 /// how many threads each sequence's matrix products may use (the threads that
 /// running sequences side by side leaves idle).
-struct Pass {
+pub(super) struct Pass {
     wt: Vec<Vec<f32>>,
-    par: usize,
+    pub(super) par: usize,
     /// Rotations for positions `0 .. max_len` (a position's values do not depend
     /// on the table's length, so every sequence reads its prefix).
     rope: Rope,
 }
 
-
-struct KvLayer {
-    k: Vec<f32>,
-    v: Vec<f32>,
-}
-
-struct KvCache {
-    len: usize,
-    layers: Vec<KvLayer>,
-}
-
-fn sample(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
-    let argmax = || logits.iter().enumerate().fold(0, |best, (i, &l)| if l > logits[best] { i } else { best });
-    match sampling {
-        Sampling::Greedy => argmax() as u32,
-        Sampling::Temperature { temperature, top_k } => {
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            if top_k > 0 && top_k < logits.len() {
-                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-                order.truncate(top_k);
-            }
-            let mx = logits[argmax()] as f64;
-            let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - mx) / temperature as f64).exp()).collect();
-            let total: f64 = weights.iter().sum();
-            let mut u = rng.unit() * total;
-            for (&i, &w) in order.iter().zip(&weights) {
-                if u < w {
-                    return i as u32;
-                }
-                u -= w;
-            }
-            // rounding left `u` a hair above the last weight
-            *order.last().expect("vocabulary is non-empty") as u32
-        }
-    }
-}
-
-/// Every sequence non-empty, within the context, its mask as long as its tokens
-/// and its first token unscored, every id inside the vocabulary.
-pub(super) fn check_sequences(config: &LlamaConfig, seqs: &[Sequence]) -> Result<(), ModelError> {
-    let vocab = config.vocab_size;
-    for (s, seq) in seqs.iter().enumerate() {
-        if seq.tokens.is_empty() {
-            return Err(ModelError::BadSequence {
-                sequence: s,
-                reason: "no tokens".into(),
-            });
-        }
-        if seq.tokens.len() > config.max_position_embeddings {
-            return Err(ModelError::BadSequence {
-                sequence: s,
-                reason: format!(
-                    "{} tokens exceed max_position_embeddings = {}",
-                    seq.tokens.len(),
-                    config.max_position_embeddings
-                ),
-            });
-        }
-        if seq.mask.len() != seq.tokens.len() {
-            return Err(ModelError::BadSequence {
-                sequence: s,
-                reason: format!("mask has {} entries for {} tokens", seq.mask.len(), seq.tokens.len()),
-            });
-        }
-        if seq.mask[0] {
-            return Err(ModelError::BadSequence {
-                sequence: s,
-                reason: "the first token cannot be scored: nothing predicts it".into(),
-            });
-        }
-        if let Some((p, &id)) = seq.tokens.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
-            return Err(ModelError::TokenOutOfRange {
-                sequence: s,
-                position: p,
-                id,
-                vocab_size: vocab,
-            });
-        }
-    }
-    Ok(())
-}
 
 /// Every tensor the config implies, present with its shape, and no others, in
 /// canonical (bytewise name) order.

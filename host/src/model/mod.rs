@@ -33,14 +33,21 @@
 //! ```
 
 pub mod config;
+pub mod error;
+pub mod generate;
 pub mod gpu;
 pub mod layers;
 pub mod llama;
+pub mod sequence;
 pub mod simd;
+mod threads;
 
 pub use config::{ConfigError, Family, LlamaConfig, RopeScaling};
 pub use gpu::{GpuForward, GpuLlama, GpuModelError};
-pub use llama::{CrossEntropy, Forward, GenerateOptions, HeadStats, LlamaModel, ModelError, Sampling, Sequence, SplitMix64, check_layout};
+pub use error::ModelError;
+pub use generate::{GenerateOptions, Sampling};
+pub use llama::{CrossEntropy, Forward, HeadStats, LlamaModel, SplitMix64, check_layout};
+pub use sequence::Sequence;
 
 #[cfg(test)]
 mod tests;

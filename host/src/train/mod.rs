@@ -41,7 +41,7 @@ pub enum TrainError {
     Merge(#[from] crate::merge::MergeError),
     /// The model refused its inputs or weights; `context` says which model or pass.
     #[error("{context}: {source}")]
-    Arch { context: String, source: crate::model::llama::ModelError },
+    Arch { context: String, source: crate::model::ModelError },
     /// merge-core refused optimizer step `step` (the tensor and element are in
     /// `source`); nothing was updated.
     #[error("step {step}: {source}")]
@@ -89,7 +89,7 @@ impl TrainError {
     }
 
     /// For `map_err`: the model's error, doing `context`.
-    pub fn arch(context: &str) -> impl Fn(crate::model::llama::ModelError) -> Self + '_ {
+    pub fn arch(context: &str) -> impl Fn(crate::model::ModelError) -> Self + '_ {
         move |source| Self::Arch { context: context.to_string(), source }
     }
 

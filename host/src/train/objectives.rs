@@ -14,7 +14,7 @@ use gpu_shaders::GpuContext;
 
 use crate::loss::{BatchLoss, DpoLoss};
 use crate::model::gpu::GpuLlama;
-use crate::model::llama::{HeadStats, LlamaModel, Sequence};
+use crate::model::{HeadStats, LlamaModel, Sequence};
 use crate::params::ParamSet;
 
 use super::model_check::{compare_gradients, compare_logps, compare_loss};

@@ -1,0 +1,78 @@
+//! The model's parallel loops: whole sequences on worker threads with results in
+//! sequence order, and per-thread gradients added in a fixed order, so the bits
+//! do not depend on the number of threads.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::layers;
+use crate::params::ParamSet;
+
+/// Runs `f(0..n)` on up to `threads` workers and returns results in index order.
+pub(super) fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    if threads <= 1 || n <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break out;
+                        }
+                        out.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            match w.join() {
+                Ok(out) => {
+                    for (i, t) in out {
+                        slots[i] = Some(t);
+                    }
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+    });
+    slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
+}
+
+/// `grads += parts[0]; grads += parts[1]; …` element by element in that order,
+/// leaving every part zero. Threads take disjoint ranges of each tensor, so the
+/// bits do not depend on their number.
+pub(super) fn add_and_zero(grads: &mut ParamSet, parts: &mut [std::sync::MutexGuard<'_, ParamSet>], threads: usize) {
+    const CHUNK: usize = 1 << 16;
+    let mut jobs: Vec<(&mut [f32], Vec<&mut [f32]>)> = Vec::new();
+    let mut part_tensors: Vec<_> = parts.iter_mut().map(|p| p.tensors.iter_mut()).collect();
+    for gt in grads.tensors.iter_mut() {
+        let mut part_chunks: Vec<_> = part_tensors
+            .iter_mut()
+            .map(|it| it.next().expect("gradient sets share a layout").data.chunks_mut(CHUNK))
+            .collect();
+        for g in gt.data.chunks_mut(CHUNK) {
+            jobs.push((g, part_chunks.iter_mut().map(|c| c.next().expect("same length")).collect()));
+        }
+    }
+    let run = |(g, ps): &mut (&mut [f32], Vec<&mut [f32]>)| {
+        for p in ps.iter_mut() {
+            layers::axpy(g, 1.0, p);
+            p.fill(0.0);
+        }
+    };
+    if threads <= 1 {
+        jobs.iter_mut().for_each(run);
+        return;
+    }
+    let per = jobs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for share in jobs.chunks_mut(per.max(1)) {
+            s.spawn(move || share.iter_mut().for_each(run));
+        }
+    });
+}
