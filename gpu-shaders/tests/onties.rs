@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ctx_with, Rng};
+use common::{ctx_with, SplitMix64};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit};
 use gpu_shaders::GpuOptions;
 use merge_core::dtype::{Dst, Dtype, Src};
@@ -26,9 +26,9 @@ struct T {
 fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], steps: u64, chunk: Option<u64>) {
     let adam = AdamConfig { form, lr: 1e-3, weight_decay: 0.01, ..AdamConfig::default() };
     let config = OnlineConfig { adam, merge: Merge::Ties(tc), k: kk, seed: 9 };
-    let mut rng = Rng(0x7135 ^ sizes.len() as u64);
+    let mut rng = SplitMix64::new(0x7135 ^ sizes.len() as u64);
     let names: Vec<String> = (0..sizes.len()).map(|i| format!("m.{}", (5 * i) % 7)).collect();
-    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.f32_scaled(0.5)).collect()).collect();
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(0.5)).collect()).collect();
     // Quantised task vectors: many ties among |τ|.
     let sft: Vec<Vec<f32>> =
         base.iter().map(|b| b.iter().map(|&x| x + (rng.below(9) as f32 - 4.0) * 0.0078125).collect()).collect();
@@ -74,7 +74,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
     for step in 1..=steps {
         let grads: Vec<Vec<f32>> = ts
             .iter()
-            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize).is_multiple_of(3) { 0.0 } else { rng.f32_scaled(1e-2) }).collect())
+            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize).is_multiple_of(3) { 0.0 } else { rng.uniform_f32(1e-2) }).collect())
             .collect();
         let plan = cpu.begin_step().unwrap();
         {

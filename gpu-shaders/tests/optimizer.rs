@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ctx, ctx_with, Rng};
+use common::{ctx, ctx_with, SplitMix64, TestInputs};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit};
 use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
@@ -33,7 +33,7 @@ impl CpuTensor {
     }
 }
 
-fn grad(rng: &mut Rng, n: usize) -> Vec<f32> {
+fn grad(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| match i % 97 {
             0 => 0.0,
@@ -41,18 +41,18 @@ fn grad(rng: &mut Rng, n: usize) -> Vec<f32> {
             2 => f32::from_bits(0x0000_1234), // subnormal: flushed
             3 => rng.f32_exp(-40, -30),
             4 => rng.f32_exp(5, 12),
-            _ => rng.f32_scaled(1e-2),
+            _ => rng.uniform_f32(1e-2),
         })
         .collect()
 }
 
 /// Runs `steps` steps on CPU and GPU and compares every array after each.
 fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, opts: &GpuOptions) {
-    let mut rng = Rng(config.seed ^ 0x5eed);
+    let mut rng = SplitMix64::new(config.seed ^ 0x5eed);
     let names: Vec<String> = sizes.iter().enumerate().map(|(i, _)| format!("layer.{}.w{}", (7 * i) % 10, i)).collect();
-    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.f32_scaled(0.5)).collect()).collect();
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(0.5)).collect()).collect();
     let sft: Vec<Vec<f32>> =
-        base.iter().map(|b| b.iter().map(|&x| x + rng.f32_scaled(2e-2)).collect()).collect();
+        base.iter().map(|b| b.iter().map(|&x| x + rng.uniform_f32(2e-2)).collect()).collect();
     let merging = !matches!(config.merge, Merge::None);
     let inits: Vec<TensorInit> = (0..sizes.len())
         .map(|i| TensorInit {
@@ -291,7 +291,7 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
     let dare = DareConfig { variant: DareVariant::Reference, p: 0.5, alpha: 0.01, rescale: true, clip: 1.0 };
     let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.01), merge: Merge::Dare(dare), k: 1, seed: 5 };
     let opts = GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() };
-    let mut rng = Rng(17);
+    let mut rng = SplitMix64::new(17);
     let names = ["a.weight", "b.bias", "c.weight"];
     let sizes = [3000usize, 7, 5000];
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();

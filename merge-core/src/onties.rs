@@ -81,7 +81,8 @@ pub fn rescale_factor(l1_full: f32, l1_kept: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::arith::sub;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
+    use crate::testutil::wide_f32;
 
     const R: Variant = Variant::Reference;
     const P: Variant = Variant::Paper;
@@ -147,9 +148,9 @@ mod tests {
     fn alpha_zero_and_p_one_reduce_the_paper_variant_to_the_update() {
         // With p = 1 nothing is trimmed (τ' = τ, Δ' = Δ); with α = 0 the paper
         // variant's update is Δ bit for bit, so OnTIES-paper reduces to AdamW.
-        let mut rng = Rng::new(11);
+        let mut rng = SplitMix64::new(11);
         for _ in 0..100_000 {
-            let (tau, delta) = (rng.wide_f32(), rng.wide_f32());
+            let (tau, delta) = (wide_f32(&mut rng), wide_f32(&mut rng));
             assert_eq!(both(P, tau, delta, 0.0).to_bits(), delta.to_bits());
             // The reference still elects on τ + Δ, so it only keeps Δ where Δ agrees
             // with that sign: it does NOT reduce to AdamW (the official code does the same).

@@ -14,7 +14,8 @@ use crate::step::MergePlan;
 use crate::topk::magnitude_key;
 use crate::rng::{Keep, MaskKey, tensor_id};
 use crate::step::{Norms, Phase, StateMut, StateRef};
-use crate::testutil::Rng;
+use crate::rng::SplitMix64;
+use crate::testutil::wide_f32;
 use std::vec;
 use std::vec::Vec;
 
@@ -140,10 +141,10 @@ fn naive_top_k(parts: &[&[f32]], p: f32) -> Vec<bool> {
     kept
 }
 
-fn random_state(rng: &mut Rng, n: usize) -> (Vec<f32>, State, Vec<f32>) {
-    let g: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-2).collect();
-    let theta: Vec<f32> = (0..n).map(|_| rng.unit_f32()).collect();
-    let tau: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-3).collect();
+fn random_state(rng: &mut SplitMix64, n: usize) -> (Vec<f32>, State, Vec<f32>) {
+    let g: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0) * 1e-2).collect();
+    let theta: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0)).collect();
+    let tau: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0) * 1e-3).collect();
     (g, State { theta, m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n] }, tau)
 }
 
@@ -186,11 +187,11 @@ fn configs() -> Vec<OnlineConfig> {
 
 #[test]
 fn the_front_matches_the_formulas_for_every_configuration() {
-    let mut rng = Rng::new(1);
+    let mut rng = SplitMix64::new(1);
     let n = 1000;
     for cfg in configs() {
         let (_, st0, tau) = random_state(&mut rng, n);
-        let grads: Vec<Vec<f32>> = (0..7).map(|_| (0..n).map(|_| rng.unit_f32() * 1e-2).collect()).collect();
+        let grads: Vec<Vec<f32>> = (0..7).map(|_| (0..n).map(|_| rng.uniform_f32(1.0) * 1e-2).collect()).collect();
         let mut got = st0.clone();
         run_front(&cfg, 7, "model.layers.3.w", &grads, &mut got, &tau);
         let mut want = st0.clone();
@@ -215,13 +216,13 @@ fn bits(xs: &[f32]) -> Vec<u32> {
 
 #[test]
 fn p_one_alpha_zero_is_adamw_bit_for_bit() {
-    let mut rng = Rng::new(2);
+    let mut rng = SplitMix64::new(2);
     let n = 777;
     for form in [AdamForm::HuggingFace, AdamForm::Torch] {
         let adam = AdamConfig { form, lr: 3e-3, weight_decay: 0.1, ..AdamConfig::default() };
         let plain = OnlineConfig { adam, merge: Merge::None, k: 1, seed: 9 };
         let (_, st0, tau) = random_state(&mut rng, n);
-        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| rng.wide_f32()).collect()).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| wide_f32(&mut rng)).collect()).collect();
         let mut want = st0.clone();
         run_front(&plain, 4, "t", &grads, &mut want, &tau);
         for variant in [DareVariant::Reference, DareVariant::Paper] {
@@ -242,7 +243,7 @@ fn p_one_alpha_zero_is_adamw_bit_for_bit() {
 
 #[test]
 fn k_equal_one_with_a_cached_slice_is_online_merging() {
-    let mut rng = Rng::new(3);
+    let mut rng = SplitMix64::new(3);
     let n = 300;
     let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, alpha: 0.1, rescale: true, ..DareConfig::default() }), ..OnlineConfig::default() };
     let (g, st0, tau) = random_state(&mut rng, n);
@@ -261,12 +262,12 @@ fn step_k_rolls_back_to_the_direct_formula() {
     // K = 3, lr constant, no decay, p = 1, α = 0: two plain steps, then the third
     // rolls both back and applies Δ3 ⊕ (Δ1 ⊕ Δ2). The Adam deltas come from the
     // moments of a plain run.
-    let mut rng = Rng::new(4);
+    let mut rng = SplitMix64::new(4);
     let n = 64;
     let adam = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
     let cfg = OnlineConfig { adam, merge: Merge::Dare(DareConfig { p: 1.0, alpha: 0.0, ..DareConfig::default() }), k: 3, seed: 0 };
     let (_, st0, tau) = random_state(&mut rng, n);
-    let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.unit_f32()).collect()).collect();
+    let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.uniform_f32(1.0)).collect()).collect();
     let mut got = st0.clone();
     run_front(&cfg, 3, "w", &grads, &mut got, &tau);
     // Direct: the Adam deltas of the three steps from the moments alone.
@@ -350,7 +351,7 @@ fn step_in_chunks(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
 
 #[test]
 fn chunking_at_random_cut_points_changes_no_bit() {
-    let mut rng = Rng::new(5);
+    let mut rng = SplitMix64::new(5);
     let n = 2049;
     for cfg in configs() {
         let (g, st0, tau) = random_state(&mut rng, n);
@@ -398,7 +399,7 @@ fn masks_keep_about_p_and_depend_on_step_and_name() {
 
 #[test]
 fn non_finite_inputs_and_outputs_name_the_lowest_index_and_write_nothing() {
-    let mut rng = Rng::new(6);
+    let mut rng = SplitMix64::new(6);
     let n = 500;
     let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, ..DareConfig::default() }), ..OnlineConfig::default() };
     let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
@@ -468,7 +469,7 @@ fn bad_configurations_are_named() {
 
 #[test]
 fn global_ties_trims_the_concatenation_in_name_order() {
-    let mut rng = Rng::new(8);
+    let mut rng = SplitMix64::new(8);
     let names = ["a.bias", "a.weight", "b.weight"];
     let sizes = [7usize, 300, 129];
     for variant in [onties::Variant::Reference, onties::Variant::Paper] {
@@ -525,10 +526,10 @@ fn global_ties_trims_the_concatenation_in_name_order() {
 
 #[test]
 fn ties_task_vectors_per_tensor_and_global() {
-    let mut rng = Rng::new(9);
+    let mut rng = SplitMix64::new(9);
     let sizes = [50usize, 200];
-    let bases: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.unit_f32()).collect()).collect();
-    let sfts: Vec<Vec<f32>> = bases.iter().map(|b| b.iter().map(|&x| x + rng.unit_f32() * [1e-3, 1e-1][b.len() / 200]).collect()).collect();
+    let bases: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(1.0)).collect()).collect();
+    let sfts: Vec<Vec<f32>> = bases.iter().map(|b| b.iter().map(|&x| x + rng.uniform_f32(1.0) * [1e-3, 1e-1][b.len() / 200]).collect()).collect();
     for scope in [Scope::PerTensor, Scope::Global] {
         let cfg = OnlineConfig { merge: Merge::Ties(TiesConfig { p: 0.1, scope, rescale: true, ..TiesConfig::default() }), ..OnlineConfig::default() };
         let opt = Optimizer::new(cfg).unwrap();
@@ -561,7 +562,7 @@ fn ties_task_vectors_per_tensor_and_global() {
 
 #[test]
 fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_input() {
-    let mut rng = Rng::new(10);
+    let mut rng = SplitMix64::new(10);
     let n = 999;
     for merge in [Merge::None, Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() }), Merge::Dare(DareConfig { variant: DareVariant::Paper, p: 0.4, alpha: 0.1, ..DareConfig::default() })] {
         for k in [1u32, 2] {
@@ -601,7 +602,7 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     // s = RN(1/p) = 1e30 and |D| ≈ lr = 1e10: every kept D ⊗ s overflows, but
     // with p = 1e-30 the threshold is 0 and nothing is kept, so the step is fine;
     // the check pass must fall back to the real masks rather than refuse.
-    let mut rng = Rng::new(11);
+    let mut rng = SplitMix64::new(11);
     let n = 600;
     let cfg = OnlineConfig {
         adam: AdamConfig { lr: 1e10, ..AdamConfig::default() },
@@ -629,7 +630,7 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
 
 #[test]
 fn ties_validates_the_new_parameter_before_writing() {
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let n = 700;
     let ties = TiesConfig { p: 0.1, alpha: 1.0, ..TiesConfig::default() };
     let cfg = OnlineConfig { merge: Merge::Ties(ties), ..OnlineConfig::default() };
@@ -662,7 +663,7 @@ fn ties_validates_the_new_parameter_before_writing() {
 fn steps_that_read_no_task_vector_accept_an_empty_one() {
     // Plain AdamW, and step-K's accumulating steps, never read τ': a host without
     // SFT/base models passes an empty one. A merging step still refuses it by name.
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let n = 700;
     let (g, st0, tau) = random_state(&mut rng, n);
     let dare = Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() });
@@ -715,7 +716,7 @@ fn step_three(plan: &crate::optim::StepPlan, grads: &[Vec<f32>], states: &mut [S
 
 #[test]
 fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let sizes = [300usize, 17, 1000];
     for cfg in configs() {
         let mut opt = Optimizer::new(cfg).unwrap();
