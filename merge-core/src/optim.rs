@@ -24,11 +24,10 @@ use crate::dare::{self, DareConfig, DareParams, validate_alpha, validate_p};
 use crate::dtype::{Dst, Src, store_error};
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, StepScalars, invalid};
-use crate::onties;
-use crate::reduce::TreeSum;
+use crate::onties::{self, TiesSelection};
 use crate::rng::{MaskKey, check_extent, tensor_id};
-use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep, TiesSelection};
-use crate::topk::{self, Threshold};
+use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep};
+use crate::topk;
 
 /// What is merged into each update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -218,14 +217,14 @@ impl Optimizer {
         // Selections: one per tensor, or one over the whole sequence.
         let mut global = None;
         if t.scope == Scope::Global {
-            global = Some(select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?);
+            global = Some(onties::select(t.p, t.rescale, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?);
         }
         for pass in [false, true] {
             let mut offset = 0u64;
             for job in jobs.iter_mut() {
                 let sel = match global {
                     Some(g) => g,
-                    None => select_over(&t, job.name, core::iter::once(&*job.scratch))?,
+                    None => onties::select(t.p, t.rescale, job.name, core::iter::once(&*job.scratch))?,
                 };
                 let local = if t.scope == Scope::Global { offset } else { 0 };
                 for i in 0..job.scratch.len() {
@@ -266,47 +265,6 @@ fn check_name_order<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), Erro
         prev = Some(name);
     }
     Ok(())
-}
-
-/// The threshold of `⌈p·n⌉` over the concatenated values, and the rescale factor.
-fn select_over<'a>(t: &TiesParams, scope: &str, values: impl Iterator<Item = &'a [f32]> + Clone) -> Result<TiesSelection, Error> {
-    let n: u64 = values.clone().map(|v| v.len() as u64).sum();
-    let k = topk::keep_count("p (reserve rate)", t.p, n)?;
-    let threshold = if n == 0 {
-        Threshold::NOTHING
-    } else if k == n {
-        Threshold::all(n)
-    } else {
-        // After the first pass the candidates usually fit here, and the remaining
-        // passes run over them instead of over every update.
-        let mut candidates = [topk::Candidate::default(); 2048];
-        topk::RadixSelect::new(scope, n, k)?.finish_in_memory(values.clone(), &mut candidates)?
-    };
-    let factor = if t.rescale {
-        let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());
-        let mut offset = 0u64;
-        let mut chunk = [0.0f32; 256];
-        for v in values.clone() {
-            full.push_abs_slice(v);
-            for (c, part) in v.chunks(256).enumerate() {
-                for (j, &x) in part.iter().enumerate() {
-                    chunk[j] = onties::trim(x, offset + (c * 256 + j) as u64, &threshold);
-                }
-                kept.push_abs_slice(&chunk[..part.len()]);
-            }
-            offset += v.len() as u64;
-        }
-        let (full, kept) = (full.finish(), kept.finish());
-        for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
-            if is_non_finite(x) {
-                return Err(Error::NonFiniteReduction { tensor: tensor_name(scope), what });
-            }
-        }
-        onties::rescale_factor(full, kept)
-    } else {
-        1.0
-    };
-    Ok(TiesSelection { threshold, factor })
 }
 
 /// One step of the optimizer, for every tensor.
@@ -426,7 +384,7 @@ impl StepPlan {
     /// (`update`, which `prepare` filled); other plans are returned as they are.
     fn with_own_threshold<'n>(&self, mut plan: TensorStep<'n>, update: &[f32]) -> Result<TensorStep<'n>, Error> {
         if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
-            *selection = Some(select_over(&t, plan.name, core::iter::once(update))?);
+            *selection = Some(onties::select(t.p, t.rescale, plan.name, core::iter::once(update))?);
         }
         Ok(plan)
     }
@@ -496,7 +454,7 @@ impl StepPlan {
             let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
             self.prepare(job.name, job.grad, &st, job.tau, job.scratch)?;
         }
-        let selection = select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
+        let selection = onties::select(t.p, t.rescale, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
         for write in [false, true] {
             let mut offset = 0u64;
             for job in jobs.iter_mut() {
@@ -524,7 +482,7 @@ impl StepPlan {
     /// tensor plan's `MergePlan::Ties` with the tensor's offset in the scope.
     pub fn ties_selection(&self, scope: &str, updates: &[&[f32]]) -> Result<TiesSelection, Error> {
         match self.merge {
-            MergeParams::Ties(t) => select_over(&t, scope, updates.iter().copied()),
+            MergeParams::Ties(t) => onties::select(t.p, t.rescale, scope, updates.iter().copied()),
             _ => Err(Error::Misuse { what: "an OnTIES optimizer (only OnTIES trims the update)" }),
         }
     }

@@ -213,7 +213,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
     Ok(())
 }
 
-fn set_selection(step: &mut TensorStep<'_>, sel: crate::step::TiesSelection, scope_offset: u64) {
+fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, scope_offset: u64) {
     if let MergePlan::Ties { selection, offset, .. } = &mut step.merge {
         *selection = Some(sel);
         *offset = scope_offset;
