@@ -7,7 +7,8 @@ use merge_core::arith;
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob};
+use merge_core::step::StateMut;
 use merge_core::rng::{tensor_id, threefry2x32_20, MaskKey, SplitMix64};
 
 use crate::context::{describe, GpuContext, GpuError, GpuOptions};
@@ -168,8 +169,8 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| val(&mut mix, 0.02)).collect()).collect();
         let plan = cpu.begin_step()?;
         for i in 0..2 {
-            let st = TensorState { theta: &mut theta[i], m: &mut m[i], v: &mut v[i], cached: None, tau: Src::F32(&tau[i]) };
-            plan.step_tensor(names[i], &grads[i], st)?;
+            let state = StateMut { theta: &mut theta[i], m: &mut m[i], v: &mut v[i], cached: None };
+            plan.step_tensors(&mut [StepJob { name: names[i], grad: &grads[i], state, tau: Src::F32(&tau[i]), scratch: &mut [] }])?;
         }
         gpu.step(&[(names[0], &grads[0]), (names[1], &grads[1])])?;
     }

@@ -11,6 +11,7 @@ use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
 use merge_core::onties::Variant;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TiesConfig};
+use merge_core::step::StateMut;
 
 struct T {
     name: String,
@@ -84,10 +85,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
                 .map(|(t, g)| StepJob {
                     name: &t.name,
                     grad: g,
-                    theta: &mut t.theta,
-                    m: &mut t.m,
-                    v: &mut t.v,
-                    cached: t.c.as_deref_mut(),
+                    state: StateMut { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.c.as_deref_mut() },
                     tau: match dtype {
                         Dtype::F32 => Src::F32(&t.tau32),
                         Dtype::Bf16 => Src::Bf16(&t.tau16),
@@ -198,10 +196,7 @@ fn same_refusal(tc: TiesConfig, form: AdamForm, sft: [&[f32]; 2], grads: [&[f32]
         .map(|(i, ((theta, (m, v)), scratch))| StepJob {
             name: names[i],
             grad: grads[i],
-            theta,
-            m,
-            v,
-            cached: None,
+            state: StateMut { theta, m, v, cached: None },
             tau: Src::F32(&taus[i]),
             scratch,
         })

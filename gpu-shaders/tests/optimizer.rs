@@ -10,7 +10,8 @@ use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TensorState, TiesConfig};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TiesConfig};
+use merge_core::step::StateMut;
 
 struct CpuTensor {
     name: String,
@@ -102,12 +103,8 @@ fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, 
                 Dtype::Bf16 => Src::Bf16(&tau16),
                 Dtype::F16 => Src::F16(&tau16),
             };
-            plan.step_tensor(
-                &t.name,
-                g,
-                TensorState { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.cached.as_deref_mut(), tau },
-            )
-            .unwrap();
+            let state = StateMut { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.cached.as_deref_mut() };
+            plan.step_tensors(&mut [StepJob { name: &t.name, grad: g, state, tau, scratch: &mut [] }]).unwrap();
             t.tau32 = tau32;
             t.tau16 = tau16;
         }
@@ -241,9 +238,8 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
     let (mut t, mut m, mut v) = (b.clone(), vec![0.0; 600], vec![0.0; 600]);
     // merge-core slices the task vector even for plain AdamW, so give it one.
     let unused_tau = vec![0.0f32; 600];
-    let cpu_err = plan
-        .step_tensor("b", &gb, TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&unused_tau) })
-        .unwrap_err();
+    let state = StateMut { theta: &mut t, m: &mut m, v: &mut v, cached: None };
+    let cpu_err = plan.step_tensors(&mut [StepJob { name: "b", grad: &gb, state, tau: Src::F32(&unused_tau), scratch: &mut [] }]).unwrap_err();
     assert_eq!(GpuError::Core(cpu_err).to_string(), err.to_string());
     // A gradient that overflows g² is an output error, caught before writing too.
     gb[555] = 1e30;

@@ -564,10 +564,7 @@ mod tests {
             .map(|(((s, g), (name, _)), scratch)| StepJob {
                 name,
                 grad: g,
-                theta: &mut s.theta,
-                m: &mut s.m,
-                v: &mut s.v,
-                cached: (k > 1).then_some(&mut s.cached[..]),
+                state: StateMut { theta: &mut s.theta, m: &mut s.m, v: &mut s.v, cached: (k > 1).then_some(&mut s.cached[..]) },
                 tau: Src::F32(&s.tau),
                 scratch,
             })

@@ -138,6 +138,11 @@ impl StateMut<'_> {
     pub fn as_ref(&self) -> StateRef<'_> {
         StateRef { theta: self.theta, m: self.m, v: self.v, cached: self.cached.as_deref() }
     }
+
+    /// The same slices, borrowed again for a shorter time.
+    pub fn reborrow(&mut self) -> StateMut<'_> {
+        StateMut { theta: &mut *self.theta, m: &mut *self.m, v: &mut *self.v, cached: self.cached.as_deref_mut() }
+    }
 }
 
 /// The values a step checks, in the order that decides which one an error names
@@ -509,7 +514,7 @@ impl TensorStep<'_> {
     /// stored, so an error leaves the failing block and everything after it
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
     /// that a failing tensor is not written at all (as
-    /// `optim::StepPlan::step_tensor` does), or use [`TensorStep::write_chunk_into`].
+    /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
     pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         let StateMut { theta, m, v, mut cached } = state;

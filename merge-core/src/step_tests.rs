@@ -8,7 +8,7 @@ use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, AdamForm, Schedule, StepScalars};
 use crate::onties;
-use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TensorState, TiesConfig};
+use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TiesConfig};
 use crate::dtype::Dst;
 use crate::step::MergePlan;
 use crate::topk::magnitude_key;
@@ -148,6 +148,17 @@ fn random_state(rng: &mut SplitMix64, n: usize) -> (Vec<f32>, State, Vec<f32>) {
     (g, State { theta, m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n] }, tau)
 }
 
+/// One tensor through the optimizer front: a one-element `step_tensors`.
+trait StepOne {
+    fn step_one(&self, name: &str, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<(), Error>;
+}
+
+impl StepOne for StepPlan {
+    fn step_one(&self, name: &str, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<(), Error> {
+        self.step_tensors(&mut [StepJob { name, grad, state, tau, scratch }])
+    }
+}
+
 /// Runs `steps` steps through the optimizer front, whole tensors.
 fn run_front(cfg: &OnlineConfig, steps: u64, name: &str, grads: &[Vec<f32>], st: &mut State, tau: &[f32]) {
     let mut opt = Optimizer::new(*cfg).unwrap();
@@ -155,7 +166,7 @@ fn run_front(cfg: &OnlineConfig, steps: u64, name: &str, grads: &[Vec<f32>], st:
         let plan = opt.begin_step().unwrap();
         let cached = if opt.needs_cached_delta() { Some(&mut st.cached[..]) } else { None };
         let mut scratch = vec![f32::NAN; tau.len()];
-        plan.step_tensor_with_scratch(name, &grads[k as usize], TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }, &mut scratch).unwrap();
+        plan.step_one(name, &grads[k as usize], StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached }, Src::F32(tau), &mut scratch).unwrap();
     }
 }
 
@@ -250,9 +261,9 @@ fn k_equal_one_with_a_cached_slice_is_online_merging() {
     let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
     assert_eq!(plan.phase(), Phase::Merge);
     let mut online = st0.clone();
-    plan.step_tensor("w", &g, TensorState { theta: &mut online.theta, m: &mut online.m, v: &mut online.v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("w", &g, StateMut { theta: &mut online.theta, m: &mut online.m, v: &mut online.v, cached: None }, Src::F32(&tau), &mut []).unwrap();
     let mut with_cache = st0.clone();
-    plan.step_tensor("w", &g, TensorState { theta: &mut with_cache.theta, m: &mut with_cache.m, v: &mut with_cache.v, cached: Some(&mut with_cache.cached), tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("w", &g, StateMut { theta: &mut with_cache.theta, m: &mut with_cache.m, v: &mut with_cache.v, cached: Some(&mut with_cache.cached) }, Src::F32(&tau), &mut []).unwrap();
     assert_eq!(bits(&online.theta), bits(&with_cache.theta));
     assert_eq!(with_cache.cached, vec![0.0; n]);
 }
@@ -384,7 +395,7 @@ fn masks_keep_about_p_and_depend_on_step_and_name() {
     let moved = |name: &str, k: u64| -> Vec<bool> {
         let mut st = State { theta: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], cached: vec![] };
         Optimizer::new(cfg).unwrap().plan(k).unwrap()
-            .step_tensor(name, &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) })
+            .step_one(name, &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut [])
             .unwrap();
         st.theta.iter().map(|&t| t != 0.0).collect()
     };
@@ -422,7 +433,7 @@ fn non_finite_inputs_and_outputs_name_the_lowest_index_and_write_nothing() {
             g[n - 1] = f32::NAN;
         }
         let before = st.clone();
-        let err = plan.step_tensor("blk.0", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+        let err = plan.step_one("blk.0", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
         assert_eq!(err, Error::NonFinite { tensor: tensor_name("blk.0"), what, index: at as u64 });
         assert_eq!(st, before, "nothing written");
     }
@@ -439,10 +450,10 @@ fn edge_values_stay_finite_flushed_and_positive_zero() {
     let mut v = [0.0f32; 8];
     let tau = [-0.0, sub, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-38];
     // f32::MAX squared overflows v: refused at index 6.
-    let err = plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    let err = plan.step_one("e", &g, StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
     assert!(matches!(err, Error::NonFinite { index: 6, what: "updated exp_avg_sq", .. }), "{err:?}");
     let g = [0.0, -0.0, sub, -sub, 1e-30, -1e18, 1e18, f32::MIN_POSITIVE];
-    plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("e", &g, StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None }, Src::F32(&tau), &mut []).unwrap();
     for x in theta.iter().chain(&m).chain(&v) {
         assert!(x.is_finite());
         assert!(x.to_bits() == 0 || x.to_bits() & 0x7f80_0000 != 0, "no subnormal or -0: {:#x}", x.to_bits());
@@ -461,9 +472,9 @@ fn bad_configurations_are_named() {
     let opt = Optimizer::new(OnlineConfig { k: 2, ..OnlineConfig::default() }).unwrap();
     let plan = opt.plan(1).unwrap();
     let (mut t, mut m, mut v) = ([0.0f32; 3], [0.0f32; 3], [0.0f32; 3]);
-    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    let e = plan.step_one("w", &[0.0; 3], StateMut { theta: &mut t, m: &mut m, v: &mut v, cached: None }, Src::F32(&[0.0; 3]), &mut []).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "cached delta (required when k > 1)", .. }));
-    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]), tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    let e = plan.step_one("w", &[0.0; 3], StateMut { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]) }, Src::F32(&[0.0; 3]), &mut []).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "exp_avg", expected: 3, found: 2, .. }));
 }
 
@@ -487,7 +498,7 @@ fn global_ties_trims_the_concatenation_in_name_order() {
             {
                 let plan = opt.plan(1).unwrap();
                 let mut jobs: Vec<StepJob<'_>> = states.iter_mut().zip(scratches.iter_mut()).zip(names).map(|(((g, st, tau), scr), name)| StepJob {
-                    name, grad: g, theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(tau), scratch: scr,
+                    name, grad: g, state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, tau: Src::F32(tau), scratch: scr,
                 }).collect();
                 plan.step_tensors(&mut jobs).unwrap();
                 // Out of order: refused.
@@ -561,7 +572,7 @@ fn ties_task_vectors_per_tensor_and_global() {
 }
 
 #[test]
-fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_input() {
+fn the_single_pass_out_of_place_chunk_equals_the_in_place_step_and_spares_the_input() {
     let mut rng = SplitMix64::new(10);
     let n = 999;
     for merge in [Merge::None, Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() }), Merge::Dare(DareConfig { variant: DareVariant::Paper, p: 0.4, alpha: 0.1, ..DareConfig::default() })] {
@@ -573,11 +584,11 @@ fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_inp
                 let plan = opt.plan(step).unwrap();
                 let mut inplace = st0.clone();
                 let cached = (k > 1).then(|| &mut inplace.cached[..]);
-                plan.step_tensor("w", &g, TensorState { theta: &mut inplace.theta, m: &mut inplace.m, v: &mut inplace.v, cached, tau: Src::F32(&tau) }).unwrap();
+                plan.step_one("w", &g, StateMut { theta: &mut inplace.theta, m: &mut inplace.m, v: &mut inplace.v, cached }, Src::F32(&tau), &mut []).unwrap();
                 let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
                 let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
                 let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
-                plan.step_tensor_into("w", &g, old, Src::F32(&tau), new).unwrap();
+                plan.tensor("w", n as u64).unwrap().write_chunk_into(0, &g, old, Src::F32(&tau), new).unwrap();
                 if k == 1 {
                     out.cached = inplace.cached.clone();
                 }
@@ -591,8 +602,8 @@ fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_inp
     g[700] = f32::INFINITY;
     g[900] = f32::NAN;
     let mut out = st0.clone();
-    let err = opt.plan(1).unwrap()
-        .step_tensor_into("w", &g, StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: None }, Src::F32(&tau), StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: None })
+    let err = opt.plan(1).unwrap().tensor("w", n as u64).unwrap()
+        .write_chunk_into(0, &g, StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: None }, Src::F32(&tau), StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: None })
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "gradient", index: 700 });
 }
@@ -623,7 +634,7 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     let key = MaskKey::new(0, tensor_id("w"), 1);
     let first_kept = (0..n as u32).find(|&i| key.uniform(i, 0) < (1u32 << 31)).unwrap();
     let mut st = st0.clone();
-    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    let err = plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "sparsified update", index: u64::from(first_kept) });
     assert_eq!(st, st0);
 }
@@ -644,7 +655,7 @@ fn ties_validates_the_new_parameter_before_writing() {
     let mut st = st0.clone();
     let mut scratch = vec![0.0f32; n];
     let err = plan
-        .step_tensor_with_scratch("t", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .step_one("t", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut scratch)
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "updated parameter", index: 600 });
     assert_eq!(st, st0);
@@ -653,7 +664,7 @@ fn ties_validates_the_new_parameter_before_writing() {
     let mut g2 = g.clone();
     g2[690] = f32::NAN;
     let err = plan
-        .step_tensor_with_scratch("t", &g2, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .step_one("t", &g2, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut scratch)
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "gradient", index: 690 });
     assert_eq!(st, st0);
@@ -672,11 +683,11 @@ fn steps_that_read_no_task_vector_accept_an_empty_one() {
         let run = |tau: &[f32]| {
             let mut st = st0.clone();
             let cached = (k > 1).then(|| &mut st.cached[..]);
-            plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }).unwrap();
+            plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached }, Src::F32(tau), &mut []).unwrap();
             let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
             let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
             let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
-            plan.step_tensor_into("w", &g, old, Src::F32(tau), new).unwrap();
+            plan.tensor("w", n as u64).unwrap().write_chunk_into(0, &g, old, Src::F32(tau), new).unwrap();
             (st, out)
         };
         let (full_inplace, full_into) = run(&tau);
@@ -686,7 +697,7 @@ fn steps_that_read_no_task_vector_accept_an_empty_one() {
     }
     let plan = Optimizer::new(OnlineConfig { merge: dare, ..OnlineConfig::default() }).unwrap().plan(1).unwrap();
     let mut st = st0.clone();
-    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&[]) }).unwrap_err();
+    let err = plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&[]), &mut []).unwrap_err();
     assert_eq!(err, Error::LengthMismatch { tensor: tensor_name("w"), what: "task vector", expected: n as u64, found: 0 });
     assert_eq!(st, st0);
 }
@@ -703,10 +714,7 @@ fn step_three(plan: &crate::optim::StepPlan, grads: &[Vec<f32>], states: &mut [S
         .map(|(i, (st, scratch))| StepJob {
             name: NAMES[i],
             grad: &grads[i],
-            theta: &mut st.theta,
-            m: &mut st.m,
-            v: &mut st.v,
-            cached: if cached { Some(&mut st.cached[..]) } else { None },
+            state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: if cached { Some(&mut st.cached[..]) } else { None } },
             tau: Src::F32(&taus[i]),
             scratch,
         })
@@ -733,7 +741,7 @@ fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
             let mut alone = states[i].clone();
             let mut scratch = vec![f32::NAN; sizes[i]];
             let c = if cached { Some(&mut alone.cached[..]) } else { None };
-            plan.step_tensor_with_scratch(name, &grads[i], TensorState { theta: &mut alone.theta, m: &mut alone.m, v: &mut alone.v, cached: c, tau: Src::F32(&taus[i]) }, &mut scratch).unwrap();
+            plan.step_one(name, &grads[i], StateMut { theta: &mut alone.theta, m: &mut alone.m, v: &mut alone.v, cached: c }, Src::F32(&taus[i]), &mut scratch).unwrap();
             assert!(together[i] == alone, "{cfg:?}: {name} differs from its step alone");
         }
 
@@ -749,3 +757,4 @@ fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
         assert!(written.is_empty(), "{cfg:?}: tensors {written:?} written by a failing step");
     }
 }
+
