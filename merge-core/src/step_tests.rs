@@ -6,13 +6,14 @@ use crate::arith::flush as fl;
 use crate::dare::{DareConfig, DareVariant};
 use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
-use crate::hyper::{AdamConfig, AdamForm, Schedule, StepScalars};
+use crate::hyper::{AdamConfig, AdamForm, Schedule};
 use crate::onties;
+use crate::reference;
 use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TiesConfig};
 use crate::dtype::Dst;
 use crate::step::MergePlan;
 use crate::topk::magnitude_key;
-use crate::rng::{Keep, MaskKey, tensor_id};
+use crate::rng::{MaskKey, tensor_id};
 use crate::step::{Norms, Phase, StateMut, StateRef};
 use crate::rng::SplitMix64;
 use crate::testutil::wide_f32;
@@ -46,84 +47,18 @@ fn l1(xs: &[f32]) -> f32 {
     level[0]
 }
 
-/// One step of SPEC.md §5 for a whole tensor, written straight from the formulas.
+/// One step of one tensor (per-tensor scope) through the plain reference of
+/// SPEC.md §5, `crate::reference`; the cached delta is always given.
 fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut State, tau: &[f32]) {
-    let s: StepScalars = cfg.adam.scalars(k).unwrap();
-    let torch = cfg.adam.form == AdamForm::Torch;
-    let n = g.len();
-    let mut delta = vec![0.0f32; n];
-    let mut theta = vec![0.0f32; n];
-    for i in 0..n {
-        let gi = fl(g[i]);
-        let mut th = fl(st.theta[i]);
-        if torch { th = m_(th, s.decay_before); }
-        st.m[i] = a(m_(s.beta1, fl(st.m[i])), m_(s.one_minus_beta1, gi));
-        st.v[i] = a(m_(s.beta2, fl(st.v[i])), m_(s.one_minus_beta2, m_(gi, gi)));
-        let root = fl(libm::sqrtf(st.v[i]));
-        let den = if torch { a(d_(root, s.bc2_sqrt), s.eps) } else { a(root, s.eps) };
-        delta[i] = m_(s.neg_step_size, d_(st.m[i], den));
-        theta[i] = th;
-    }
-    let merge_step = k.is_multiple_of(u64::from(cfg.k));
-    if !merge_step {
-        for i in 0..n {
-            theta[i] = a(theta[i], delta[i]);
-            st.cached[i] = a(st.cached[i], delta[i]);
-        }
+    let ties = if matches!(cfg.merge, Merge::Ties(_)) && k.is_multiple_of(u64::from(cfg.k)) {
+        let mut d = vec![0.0f32; g.len()];
+        reference::update(cfg, k, g, StateRef { theta: &st.theta, m: &st.m, v: &st.v, cached: Some(&st.cached) }, &mut d).unwrap();
+        Some((reference::ties_selection(cfg, &[&d]).unwrap(), 0))
     } else {
-        for i in 0..n {
-            theta[i] = s_(theta[i], st.cached[i]);
-            delta[i] = a(delta[i], st.cached[i]);
-            st.cached[i] = 0.0;
-        }
-        match cfg.merge {
-            Merge::None => for i in 0..n { theta[i] = a(theta[i], delta[i]); },
-            Merge::Ties(t) => {
-                let kept = naive_top_k(&[&delta], t.p as f32);
-                let mut sel: Vec<f32> = (0..n).map(|i| if kept[i] { fl(delta[i]) } else { 0.0 }).collect();
-                if t.rescale {
-                    let (full, part) = (l1(&delta), l1(&sel));
-                    if full >= 1e-8f32 && part > 0.0 {
-                        let r = d_(full, part);
-                        for x in sel.iter_mut() { *x = m_(*x, r); }
-                    }
-                }
-                let (al, om) = (fl(t.alpha as f32), fl((1.0 - t.alpha) as f32));
-                for i in 0..n {
-                    theta[i] = a(theta[i], onties::combine(t.variant, tau[i], sel[i], al, om));
-                }
-            }
-            Merge::Dare(d) => {
-                let p32 = d.p as f32;
-                let keep = Keep::new(p32).unwrap();
-                let key = MaskKey::new(cfg.seed, tensor_id(name), k as u32);
-                let reference = d.variant == DareVariant::Reference;
-                let scale = if reference { (1.0 / f64::from(p32)) as f32 } else { 1.0 };
-                let mut sp: Vec<f32> = (0..n).map(|i| if keep.keeps(key.uniform(i as u32, 0)) { m_(delta[i], scale) } else { 0.0 }).collect();
-                if d.rescale {
-                    let org = l1(&delta);
-                    let new = l1(&sp);
-                    if org >= 1e-8f32 {
-                        let r = d_(org, a(new, s.eps));
-                        let c = d.clip as f32;
-                        for x in sp.iter_mut() { *x = m_(*x, r).clamp(-c, c); }
-                    }
-                }
-                let (al, om) = (fl(d.alpha as f32), fl((1.0 - d.alpha) as f32));
-                for i in 0..n {
-                    theta[i] = if reference {
-                        a(a(theta[i], m_(al, tau[i])), m_(om, sp[i]))
-                    } else {
-                        let t = if keep.keeps(key.uniform(i as u32, 1)) { fl(tau[i]) } else { 0.0 };
-                        a(theta[i], a(m_(al, t), m_(om, sp[i])))
-                    };
-                }
-            }
-        }
-    }
-    for i in 0..n {
-        st.theta[i] = if torch { theta[i] } else { s_(theta[i], m_(s.decay_after, theta[i])) };
-    }
+        None
+    };
+    let state = StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: Some(&mut st.cached) };
+    reference::step(cfg, k, name, g, state, tau, ties).unwrap();
 }
 
 /// Which elements of the concatenation keep: the `⌈p·n⌉` largest keys, ties to
@@ -758,3 +693,125 @@ fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
     }
 }
 
+/// Every configuration the block kernels serve: both forms; plain AdamW, OnDARE
+/// and OnTIES in both variants with and without the rescale, OnTIES per tensor
+/// and global; online merging and step-K.
+fn all_configurations() -> Vec<OnlineConfig> {
+    let mut out = Vec::new();
+    for form in [AdamForm::HuggingFace, AdamForm::Torch] {
+        let adam = AdamConfig { form, lr: 2e-3, weight_decay: 0.05, schedule: Schedule::WarmupCosine { warmup: 2, total: 8 }, ..AdamConfig::default() };
+        let mut merges = vec![Merge::None];
+        for variant in [DareVariant::Reference, DareVariant::Paper] {
+            for rescale in [false, true] {
+                merges.push(Merge::Dare(DareConfig { variant, p: 0.3, alpha: 0.25, rescale, clip: 2e-3 }));
+            }
+        }
+        for variant in [onties::Variant::Reference, onties::Variant::Paper] {
+            for rescale in [false, true] {
+                for scope in [Scope::PerTensor, Scope::Global] {
+                    merges.push(Merge::Ties(TiesConfig { variant, p: 0.3, alpha: 0.25, rescale, scope }));
+                }
+            }
+        }
+        for merge in merges {
+            for k in [1, 3] {
+                out.push(OnlineConfig { adam, merge, k, seed: 0x5eed_0bad_cafe });
+            }
+        }
+    }
+    out
+}
+
+/// A value of magnitude about `scale`, or now and then a zero of either sign or
+/// a subnormal (which every load flushes).
+fn input(rng: &mut SplitMix64, scale: f32) -> f32 {
+    match rng.below(16) {
+        0 => f32::from_bits(rng.next_u32() & 0x807f_ffff),
+        1 => -0.0,
+        2 => 0.0,
+        _ => rng.uniform_f32(scale),
+    }
+}
+
+#[test]
+fn the_block_kernels_match_the_plain_reference_bit_for_bit() {
+    let mut rng = SplitMix64::new(0x0efe_4e11);
+    // Three tensors in bytewise name order (a global scope's sequence), none a
+    // multiple of the block.
+    let names = ["blk.0.a", "blk.0.b", "blk.1.a"];
+    let lens = [1usize, 257, 700];
+    for cfg in all_configurations() {
+        let mut kernel: Vec<State> = lens
+            .iter()
+            .map(|&n| State {
+                theta: (0..n).map(|_| input(&mut rng, 1.0)).collect(),
+                m: (0..n).map(|_| input(&mut rng, 1e-3)).collect(),
+                // The second moment is never negative.
+                v: (0..n).map(|_| fl(input(&mut rng, 1e-5)).abs()).collect(),
+                cached: (0..n).map(|_| if cfg.k > 1 { input(&mut rng, 1e-3) } else { 0.0 }).collect(),
+            })
+            .collect();
+        let taus: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| input(&mut rng, 1e-3)).collect()).collect();
+        let mut reference = kernel.clone();
+        let opt = Optimizer::new(cfg).unwrap();
+        for k in 1..=4u64 {
+            let grads: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| input(&mut rng, 1e-2)).collect()).collect();
+            let plan = opt.plan(k).unwrap();
+            // The reference's OnTIES selections, from its own updates `D`. Where
+            // `τ'` is set to `−D` the sum `τ' ⊕ D'` cancels to `+0`: the election's
+            // tie (`≥ 0` elects `+1`) is met on every merge step.
+            let mut taus = taus.clone();
+            let mut selections = vec![None; lens.len()];
+            if let (Merge::Ties(t), Phase::Merge) = (cfg.merge, plan.phase()) {
+                let updates: Vec<Vec<f32>> = reference
+                    .iter()
+                    .zip(&grads)
+                    .map(|(st, g)| {
+                        let mut d = vec![0.0f32; g.len()];
+                        let state = StateRef { theta: &st.theta, m: &st.m, v: &st.v, cached: (cfg.k > 1).then_some(&st.cached[..]) };
+                        reference::update(&cfg, k, g, state, &mut d).unwrap();
+                        d
+                    })
+                    .collect();
+                let mut offset = 0u64;
+                for (i, d) in updates.iter().enumerate() {
+                    selections[i] = Some(if t.scope == Scope::Global {
+                        let all: Vec<&[f32]> = updates.iter().map(|u| &u[..]).collect();
+                        (reference::ties_selection(&cfg, &all).unwrap(), offset)
+                    } else {
+                        (reference::ties_selection(&cfg, &[d]).unwrap(), 0)
+                    });
+                    offset += d.len() as u64;
+                    for j in (3..d.len()).step_by(7) {
+                        taus[i][j] = -d[j];
+                    }
+                }
+            }
+            let mut scratch: Vec<Vec<f32>> = lens.iter().map(|&n| vec![f32::NAN; n]).collect();
+            let mut jobs: Vec<StepJob<'_>> = kernel
+                .iter_mut()
+                .zip(&mut scratch)
+                .enumerate()
+                .map(|(i, (st, scratch))| StepJob {
+                    name: names[i],
+                    grad: &grads[i],
+                    state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: (cfg.k > 1).then_some(&mut st.cached[..]) },
+                    tau: Src::F32(&taus[i]),
+                    scratch,
+                })
+                .collect();
+            plan.step_tensors(&mut jobs).unwrap();
+            for (i, st) in reference.iter_mut().enumerate() {
+                let state = StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: (cfg.k > 1).then_some(&mut st.cached[..]) };
+                reference::step(&cfg, k, names[i], &grads[i], state, &taus[i], selections[i]).unwrap();
+            }
+            for (i, (got, want)) in kernel.iter().zip(&reference).enumerate() {
+                for (value, got, want) in [("theta", &got.theta, &want.theta), ("m", &got.m, &want.m), ("v", &got.v, &want.v), ("cached delta", &got.cached, &want.cached)] {
+                    if let Some(j) = (0..got.len()).find(|&j| got[j].to_bits() != want[j].to_bits()) {
+                        panic!("{value}[{j}]: kernel {:e}, reference {:e}; {cfg:?} step {k} tensor {}", got[j], want[j], names[i]);
+                    }
+                }
+            }
+        }
+    }
+}
