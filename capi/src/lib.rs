@@ -34,8 +34,8 @@ use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::offline::{self, Gta, GtaPlan, ModelParams, Sparsify};
 use merge_core::onties;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TensorState, TiesConfig};
-use merge_core::step::Phase;
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TiesConfig};
+use merge_core::step::{Phase, StateMut};
 use merge_core::{Error, topk::Threshold};
 
 use buffers::{Buffers, Input, InputSrc, Label, Output, OutputDst};
@@ -531,10 +531,7 @@ impl StepBuffers {
             Ok(StepJob {
                 name: self.name.utf8(self.name_label)?,
                 grad: self.grad.slice(),
-                theta: self.theta.slice(),
-                m: self.m.slice(),
-                v: self.v.slice(),
-                cached: self.cached.map(|c| c.slice()),
+                state: StateMut { theta: self.theta.slice(), m: self.m.slice(), v: self.v.slice(), cached: self.cached.map(|c| c.slice()) },
                 tau: self.tau.src(),
                 scratch: self.scratch.slice(),
             })
@@ -583,10 +580,13 @@ pub unsafe extern "C" fn mc_step_tensor(
         // SAFETY: every buffer was claimed and found disjoint; validity for the
         // duration of the call is the caller's contract.
         let job = unsafe { claim.job()? };
-        let state = TensorState { theta: job.theta, m: job.m, v: job.v, cached: job.cached, tau: job.tau };
-        // Not `step_tensors` with one job: that would take a global OnTIES scope
-        // over this tensor alone, where merge-core's single-tensor step refuses it.
-        Ok(plan(&config, step)?.step_tensor_with_scratch(job.name, job.grad, state, job.scratch)?)
+        let plan = plan(&config, step)?;
+        // `step_tensors` with this one job would trim it as a whole global OnTIES
+        // scope; a single tensor is refused that scope instead.
+        if plan.trims_globally() {
+            return Err(Error::Misuse { what: "per-tensor scope for mc_step_tensor (global scope: use mc_step_tensors)" }.into());
+        }
+        Ok(plan.step_tensors(&mut [job])?)
     };
     // SAFETY: `msg` and `msg_cap` are this function's contract.
     unsafe { run(msg, msg_cap, body) }

@@ -8,7 +8,8 @@ use std::ptr::{null, null_mut};
 use merge_core::dare::DareConfig;
 use merge_core::dtype::{Dst, Src};
 use merge_core::offline::Gta;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob};
+use merge_core::step::StateMut;
 use merge_core_c::*;
 
 const NAME: &str = "model.layers.0.mlp.up_proj.weight";
@@ -92,8 +93,8 @@ fn a_step_depends_on_its_number_not_on_the_calls_before_it() {
     let mut got = Tensor::new(300);
     for k in 1..=3 {
         let plan = opt.begin_step().unwrap();
-        let state = TensorState { theta: &mut want.theta, m: &mut want.m, v: &mut want.v, cached: None, tau: Src::F32(&want.tau) };
-        plan.step_tensor(NAME, &want.grad, state).unwrap();
+        let state = StateMut { theta: &mut want.theta, m: &mut want.m, v: &mut want.v, cached: None };
+        plan.step_tensors(&mut [StepJob { name: NAME, grad: &want.grad, state, tau: Src::F32(&want.tau), scratch: &mut [] }]).unwrap();
         assert_eq!(got.step(&c, k), (MC_OK, String::new()));
     }
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -104,8 +105,9 @@ fn a_step_depends_on_its_number_not_on_the_calls_before_it() {
     let mut first = Tensor::new(300);
     assert_eq!(first.step(&c, 3).0, MC_OK);
     let mut want = Tensor::new(300);
-    let state = TensorState { theta: &mut want.theta, m: &mut want.m, v: &mut want.v, cached: None, tau: Src::F32(&want.tau) };
-    Optimizer::new(config).unwrap().plan(3).unwrap().step_tensor(NAME, &want.grad, state).unwrap();
+    let state = StateMut { theta: &mut want.theta, m: &mut want.m, v: &mut want.v, cached: None };
+    let job = StepJob { name: NAME, grad: &want.grad, state, tau: Src::F32(&want.tau), scratch: &mut [] };
+    Optimizer::new(config).unwrap().plan(3).unwrap().step_tensors(&mut [job]).unwrap();
     assert_eq!(bits(&first.theta), bits(&want.theta));
     let mut one = Tensor::new(300);
     assert_eq!(one.step(&c, 1).0, MC_OK);

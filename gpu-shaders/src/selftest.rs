@@ -7,8 +7,9 @@ use merge_core::arith;
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
-use merge_core::rng::{tensor_id, threefry2x32_20, MaskKey};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob};
+use merge_core::step::StateMut;
+use merge_core::rng::{tensor_id, threefry2x32_20, MaskKey, SplitMix64};
 
 use crate::context::{describe, GpuContext, GpuError, GpuOptions};
 use crate::ops::{Op, Ops, RngParams};
@@ -49,22 +50,12 @@ impl std::fmt::Display for SelfTestReport {
     }
 }
 
-/// SplitMix64 inputs: fixed, so a report is reproducible.
-struct Mix(u64);
-impl Mix {
-    fn next(&mut self) -> u32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 32) as u32
-    }
-    /// Random sign and significand, exponent within 2^±spread (full range when spread ≥ 127).
-    fn f32_bits(&mut self, spread: u32) -> u32 {
-        let r = self.next();
-        let e = if spread >= 127 { r >> 24 } else { 127 - spread + (r >> 8) % (2 * spread) };
-        (e << 23) | (self.next() & 0x807f_ffff)
-    }
+/// Random sign and significand, exponent within 2^±spread (full range when spread ≥ 127),
+/// from the fixed SplitMix64 inputs, so a report is reproducible.
+fn f32_bits(mix: &mut SplitMix64, spread: u32) -> u32 {
+    let r = mix.next_u32();
+    let e = if spread >= 127 { r >> 24 } else { 127 - spread + (r >> 8) % (2 * spread) };
+    (e << 23) | (mix.next_u32() & 0x807f_ffff)
 }
 
 const EDGES: [u32; 16] = [
@@ -87,7 +78,7 @@ pub fn self_test(opts: &GpuOptions) -> Result<SelfTestReport, GpuError> {
     let ctx = GpuContext::new(opts)?;
     let adapter = describe(ctx.adapter_info());
     let ops = Ops::new(&ctx);
-    let mut mix = Mix(0x5e1f_7e57);
+    let mut mix = SplitMix64::new(0x5e1f_7e57);
     let mut a = Vec::new();
     let mut b = Vec::new();
     for &x in &EDGES {
@@ -98,8 +89,8 @@ pub fn self_test(opts: &GpuOptions) -> Result<SelfTestReport, GpuError> {
     }
     for i in 0..1 << 16 {
         let spread = if i % 2 == 0 { 20 } else { 127 };
-        a.push(mix.f32_bits(spread));
-        b.push(mix.f32_bits(spread));
+        a.push(f32_bits(&mut mix, spread));
+        b.push(f32_bits(&mut mix, spread));
     }
     let fl = |x: u32| arith::flush(f32::from_bits(x));
     let mut checks = Vec::new();
@@ -136,8 +127,8 @@ pub fn self_test(opts: &GpuOptions) -> Result<SelfTestReport, GpuError> {
 
     let key = MaskKey::new(0xfeed_beef_0123_4567, tensor_id("self.test"), 9);
     let params = RngParams { k0: key.0[0], k1: key.0[1], ..Default::default() };
-    let c0: Vec<u32> = (0..4096).map(|_| mix.next()).collect();
-    let c1: Vec<u32> = (0..4096).map(|_| mix.next()).collect();
+    let c0: Vec<u32> = (0..4096).map(|_| mix.next_u32()).collect();
+    let c1: Vec<u32> = (0..4096).map(|_| mix.next_u32()).collect();
     let gpu = ops.eval(&ctx, Op::Threefry, &c0, &c1, params)?;
     let cpu: Vec<u32> = c0.iter().zip(&c1).flat_map(|(&x, &y)| threefry2x32_20(key.0, [x, y])).collect();
     checks.push(compare("threefry-2x32-20", &gpu, &cpu, |i| format!("ctr ({:#x}, {:#x})", c0[i / 2], c1[i / 2])));
@@ -156,10 +147,10 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
     let dare = DareConfig { variant: DareVariant::Reference, p: 0.1, alpha: 1e-3, rescale: true, clip: 1e-3 };
     let adam = AdamConfig { form: AdamForm::Torch, lr: 1e-3, weight_decay: 0.01, ..AdamConfig::default() };
     let config = OnlineConfig { adam, merge: Merge::Dare(dare), k: 1, seed: 42 };
-    let mut mix = Mix(77);
+    let mut mix = SplitMix64::new(77);
     let sizes = [257usize, 1000];
     let names = ["a.weight", "b.weight"];
-    let val = |m: &mut Mix, s: f32| ((m.next() >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * s;
+    let val = |m: &mut SplitMix64, s: f32| ((m.next_u32() >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * s;
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| val(&mut mix, 1.0)).collect()).collect();
     let sft: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|&x| x + val(&mut mix, 0.01)).collect()).collect();
     let inits: Vec<TensorInit> = (0..2)
@@ -178,8 +169,8 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| val(&mut mix, 0.02)).collect()).collect();
         let plan = cpu.begin_step()?;
         for i in 0..2 {
-            let st = TensorState { theta: &mut theta[i], m: &mut m[i], v: &mut v[i], cached: None, tau: Src::F32(&tau[i]) };
-            plan.step_tensor(names[i], &grads[i], st)?;
+            let state = StateMut { theta: &mut theta[i], m: &mut m[i], v: &mut v[i], cached: None };
+            plan.step_tensors(&mut [StepJob { name: names[i], grad: &grads[i], state, tau: Src::F32(&tau[i]), scratch: &mut [] }])?;
         }
         gpu.step(&[(names[0], &grads[0]), (names[1], &grads[1])])?;
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ctx_with, Rng};
+use common::{ctx_with, SplitMix64};
 use gpu_shaders::offline::GpuMerger;
 use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dtype::{f32_to_bf16, f32_to_f16, Dst, Src};
@@ -17,10 +17,10 @@ fn merger(chunk: Option<u64>) -> GpuMerger {
 fn gta_linear_interpolate_match_merge_core() {
     for (n, chunk) in [(1usize, None), (257, Some(1024u64)), (65537, Some(4096))] {
         let m = merger(chunk);
-        let mut rng = Rng(n as u64);
-        let base: Vec<f32> = (0..n).map(|_| rng.f32_scaled(0.5)).collect();
+        let mut rng = SplitMix64::new(n as u64);
+        let base: Vec<f32> = (0..n).map(|_| rng.uniform_f32(0.5)).collect();
         let models32: Vec<Vec<f32>> =
-            (0..4).map(|_| base.iter().map(|&b| b + (rng.below(7) as f32 - 3.0) * 1e-3 + rng.f32_scaled(1e-4)).collect()).collect();
+            (0..4).map(|_| base.iter().map(|&b| b + (rng.below(7) as f32 - 3.0) * 1e-3 + rng.uniform_f32(1e-4)).collect()).collect();
         let m16: Vec<u16> = models32[1].iter().map(|&x| f32_to_bf16(x).unwrap()).collect();
         let m16h: Vec<u16> = models32[2].iter().map(|&x| f32_to_f16(x).unwrap()).collect();
         let models = [Src::F32(&models32[0]), Src::Bf16(&m16), Src::F16(&m16h), Src::F32(&models32[3])];

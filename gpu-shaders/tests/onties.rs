@@ -4,13 +4,14 @@
 
 mod common;
 
-use common::{ctx_with, Rng};
+use common::{ctx_with, SplitMix64};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit};
 use gpu_shaders::GpuOptions;
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
 use merge_core::onties::Variant;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TiesConfig};
+use merge_core::step::StateMut;
 
 struct T {
     name: String,
@@ -26,9 +27,9 @@ struct T {
 fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], steps: u64, chunk: Option<u64>) {
     let adam = AdamConfig { form, lr: 1e-3, weight_decay: 0.01, ..AdamConfig::default() };
     let config = OnlineConfig { adam, merge: Merge::Ties(tc), k: kk, seed: 9 };
-    let mut rng = Rng(0x7135 ^ sizes.len() as u64);
+    let mut rng = SplitMix64::new(0x7135 ^ sizes.len() as u64);
     let names: Vec<String> = (0..sizes.len()).map(|i| format!("m.{}", (5 * i) % 7)).collect();
-    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.f32_scaled(0.5)).collect()).collect();
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(0.5)).collect()).collect();
     // Quantised task vectors: many ties among |τ|.
     let sft: Vec<Vec<f32>> =
         base.iter().map(|b| b.iter().map(|&x| x + (rng.below(9) as f32 - 4.0) * 0.0078125).collect()).collect();
@@ -74,7 +75,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
     for step in 1..=steps {
         let grads: Vec<Vec<f32>> = ts
             .iter()
-            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize).is_multiple_of(3) { 0.0 } else { rng.f32_scaled(1e-2) }).collect())
+            .map(|t| (0..t.theta.len()).map(|i| if (i + step as usize).is_multiple_of(3) { 0.0 } else { rng.uniform_f32(1e-2) }).collect())
             .collect();
         let plan = cpu.begin_step().unwrap();
         {
@@ -84,10 +85,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
                 .map(|(t, g)| StepJob {
                     name: &t.name,
                     grad: g,
-                    theta: &mut t.theta,
-                    m: &mut t.m,
-                    v: &mut t.v,
-                    cached: t.c.as_deref_mut(),
+                    state: StateMut { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.c.as_deref_mut() },
                     tau: match dtype {
                         Dtype::F32 => Src::F32(&t.tau32),
                         Dtype::Bf16 => Src::Bf16(&t.tau16),
@@ -198,10 +196,7 @@ fn same_refusal(tc: TiesConfig, form: AdamForm, sft: [&[f32]; 2], grads: [&[f32]
         .map(|(i, ((theta, (m, v)), scratch))| StepJob {
             name: names[i],
             grad: grads[i],
-            theta,
-            m,
-            v,
-            cached: None,
+            state: StateMut { theta, m, v, cached: None },
             tau: Src::F32(&taus[i]),
             scratch,
         })

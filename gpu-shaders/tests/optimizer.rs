@@ -4,13 +4,14 @@
 
 mod common;
 
-use common::{ctx, ctx_with, Rng};
+use common::{ctx, ctx_with, SplitMix64, TestInputs};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit};
 use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TensorState, TiesConfig};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TiesConfig};
+use merge_core::step::StateMut;
 
 struct CpuTensor {
     name: String,
@@ -33,7 +34,7 @@ impl CpuTensor {
     }
 }
 
-fn grad(rng: &mut Rng, n: usize) -> Vec<f32> {
+fn grad(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| match i % 97 {
             0 => 0.0,
@@ -41,18 +42,18 @@ fn grad(rng: &mut Rng, n: usize) -> Vec<f32> {
             2 => f32::from_bits(0x0000_1234), // subnormal: flushed
             3 => rng.f32_exp(-40, -30),
             4 => rng.f32_exp(5, 12),
-            _ => rng.f32_scaled(1e-2),
+            _ => rng.uniform_f32(1e-2),
         })
         .collect()
 }
 
 /// Runs `steps` steps on CPU and GPU and compares every array after each.
 fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, opts: &GpuOptions) {
-    let mut rng = Rng(config.seed ^ 0x5eed);
+    let mut rng = SplitMix64::new(config.seed ^ 0x5eed);
     let names: Vec<String> = sizes.iter().enumerate().map(|(i, _)| format!("layer.{}.w{}", (7 * i) % 10, i)).collect();
-    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.f32_scaled(0.5)).collect()).collect();
+    let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(0.5)).collect()).collect();
     let sft: Vec<Vec<f32>> =
-        base.iter().map(|b| b.iter().map(|&x| x + rng.f32_scaled(2e-2)).collect()).collect();
+        base.iter().map(|b| b.iter().map(|&x| x + rng.uniform_f32(2e-2)).collect()).collect();
     let merging = !matches!(config.merge, Merge::None);
     let inits: Vec<TensorInit> = (0..sizes.len())
         .map(|i| TensorInit {
@@ -102,12 +103,8 @@ fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, 
                 Dtype::Bf16 => Src::Bf16(&tau16),
                 Dtype::F16 => Src::F16(&tau16),
             };
-            plan.step_tensor(
-                &t.name,
-                g,
-                TensorState { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.cached.as_deref_mut(), tau },
-            )
-            .unwrap();
+            let state = StateMut { theta: &mut t.theta, m: &mut t.m, v: &mut t.v, cached: t.cached.as_deref_mut() };
+            plan.step_tensors(&mut [StepJob { name: &t.name, grad: g, state, tau, scratch: &mut [] }]).unwrap();
             t.tau32 = tau32;
             t.tau16 = tau16;
         }
@@ -241,9 +238,8 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
     let (mut t, mut m, mut v) = (b.clone(), vec![0.0; 600], vec![0.0; 600]);
     // merge-core slices the task vector even for plain AdamW, so give it one.
     let unused_tau = vec![0.0f32; 600];
-    let cpu_err = plan
-        .step_tensor("b", &gb, TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&unused_tau) })
-        .unwrap_err();
+    let state = StateMut { theta: &mut t, m: &mut m, v: &mut v, cached: None };
+    let cpu_err = plan.step_tensors(&mut [StepJob { name: "b", grad: &gb, state, tau: Src::F32(&unused_tau), scratch: &mut [] }]).unwrap_err();
     assert_eq!(GpuError::Core(cpu_err).to_string(), err.to_string());
     // A gradient that overflows g² is an output error, caught before writing too.
     gb[555] = 1e30;
@@ -291,7 +287,7 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
     let dare = DareConfig { variant: DareVariant::Reference, p: 0.5, alpha: 0.01, rescale: true, clip: 1.0 };
     let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.01), merge: Merge::Dare(dare), k: 1, seed: 5 };
     let opts = GpuOptions { max_chunk_bytes: Some(4096), ..Default::default() };
-    let mut rng = Rng(17);
+    let mut rng = SplitMix64::new(17);
     let names = ["a.weight", "b.bias", "c.weight"];
     let sizes = [3000usize, 7, 5000];
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_bits, ctx, Rng};
+use common::{assert_bits, ctx, SplitMix64, TestInputs};
 use gpu_shaders::ops::{Op, Ops, RngParams};
 use merge_core::arith;
 
@@ -40,7 +40,7 @@ fn edges() -> Vec<u32> {
 fn add_sub_mul_and_no_contraction() {
     let ctx = ctx();
     let ops = Ops::new(&ctx);
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     let n = 1 << 20;
     let mut a = Vec::with_capacity(n);
     let mut b = Vec::with_capacity(n);
@@ -72,7 +72,7 @@ fn add_sub_mul_and_no_contraction() {
 fn division_is_correctly_rounded() {
     let ctx = ctx();
     let ops = Ops::new(&ctx);
-    let mut rng = Rng(2);
+    let mut rng = SplitMix64::new(2);
     let mut a = Vec::new();
     let mut b = Vec::new();
     for i in 0..(1 << 21) {
@@ -125,7 +125,7 @@ fn square_root_is_correctly_rounded_exhaustively() {
     let ctx = ctx();
     let ops = Ops::new(&ctx);
     let step = 1u32 << 22;
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64::new(3);
     for parity in 0..2u32 {
         for start in (0..(1u32 << 23)).step_by(step as usize) {
             let a: Vec<u32> = (start..start + step)
@@ -158,7 +158,7 @@ fn square_root_is_correctly_rounded_exhaustively() {
 fn division_and_square_root_with_perturbed_estimates() {
     let ctx = ctx();
     let ops = Ops::new(&ctx);
-    let mut rng = Rng(8);
+    let mut rng = SplitMix64::new(8);
     let mut a: Vec<u32> = (0..1 << 16).map(|_| rng.f32_exp(-30, 30).to_bits()).collect();
     let mut b: Vec<u32> = (0..1 << 16).map(|_| rng.f32_exp(-30, 30).to_bits()).collect();
     // Significands at the ends of [1, 2), where the estimate can cross a binade.
@@ -185,7 +185,7 @@ fn division_and_square_root_with_perturbed_estimates() {
 fn flush_rule() {
     let ctx = ctx();
     let ops = Ops::new(&ctx);
-    let mut rng = Rng(4);
+    let mut rng = SplitMix64::new(4);
     let mut a: Vec<u32> = (0..65536).map(|_| rng.next_u32() & 0x80ff_ffff).collect(); // many subnormals
     a.extend(edges());
     let gpu = ops.eval(&ctx, Op::Flush, &a, &[], RngParams::default()).unwrap();
@@ -224,7 +224,7 @@ fn sixteen_bit_conversions_match_merge_core() {
     let want: Vec<u32> = all.iter().map(|&h| dtype::f16_to_f32(h as u16).to_bits()).collect();
     assert_bits("f16->f32", &gpu, &want, |i| format!("{:#06x}", all[i]));
 
-    let mut rng = Rng(5);
+    let mut rng = SplitMix64::new(5);
     let mut x: Vec<u32> = (0..1 << 20).map(|_| rng.next_u32()).collect();
     // Values whose dropped bits are exactly half: the ties of round-to-nearest-even,
     // including those that round up into the binary16 overflow.
@@ -243,7 +243,7 @@ fn threefry_and_keep_decisions_match_merge_core() {
     use merge_core::rng::{threefry2x32_20, tensor_id, Keep, MaskKey};
     let ctx = ctx();
     let ops = Ops::new(&ctx);
-    let mut rng = Rng(6);
+    let mut rng = SplitMix64::new(6);
     let key = MaskKey::new(0x0123_4567_89ab_cdef, tensor_id("model.layers.0.mlp.up_proj.weight"), 42);
     let c0: Vec<u32> = (0..1 << 16).map(|i| if i < 256 { i } else { rng.next_u32() }).collect();
     let c1: Vec<u32> = (0..1 << 16).map(|i| if i < 256 { 0 } else { rng.next_u32() }).collect();

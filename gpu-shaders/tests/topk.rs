@@ -3,13 +3,13 @@
 
 mod common;
 
-use common::{ctx_with, Rng};
+use common::{ctx_with, SplitMix64, TestInputs};
 use gpu_shaders::tensor::GpuArray;
 use gpu_shaders::topk::GpuTopK;
 use gpu_shaders::GpuOptions;
 use merge_core::topk::{keep_count, select};
 
-fn data(rng: &mut Rng, n: usize, tie_heavy: bool) -> Vec<f32> {
+fn data(rng: &mut SplitMix64, n: usize, tie_heavy: bool) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if tie_heavy {
@@ -23,7 +23,7 @@ fn data(rng: &mut Rng, n: usize, tie_heavy: bool) -> Vec<f32> {
             } else if i % 13 == 0 {
                 rng.f32_exp(-30, 30)
             } else {
-                rng.f32_scaled(1.0)
+                rng.uniform_f32(1.0)
             }
         })
         .collect()
@@ -34,7 +34,7 @@ fn thresholds_match_merge_core_per_tensor_and_global() {
     for chunk in [None, Some(1024u64)] {
         let ctx = ctx_with(&GpuOptions { max_chunk_bytes: chunk, ..Default::default() });
         let topk = GpuTopK::new(&ctx);
-        let mut rng = Rng(17);
+        let mut rng = SplitMix64::new(17);
         let sizes = [1usize, 255, 257, 3000, 65537];
         for tie_heavy in [false, true] {
             let host: Vec<Vec<f32>> = sizes.iter().map(|&n| data(&mut rng, n, tie_heavy)).collect();

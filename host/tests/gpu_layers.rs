@@ -12,6 +12,7 @@ use gpu_shaders::model::{
 use gpu_shaders::{GpuContext, GpuOptions};
 use host::loss::{DpoLoss, LossKind};
 use host::model::layers::{self, AttnShape};
+use merge_core::rng::SplitMix64;
 
 /// Relative L2 error (`‖gpu − cpu‖ / ‖cpu‖`) allowed per output tensor.
 ///
@@ -39,31 +40,9 @@ fn ctx() -> GpuContext {
     }
 }
 
-/// SplitMix64 test inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (−scale, scale).
-    fn uniform(&mut self, scale: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (2.0 * u - 1.0) * scale
-    }
-
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(scale)).collect()
-    }
-
-    fn below(&mut self, n: u32) -> u32 {
-        (self.next_u64() % u64::from(n)) as u32
-    }
+/// `n` test inputs uniform in `[−scale, scale)`.
+fn uniform_vec(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.uniform_f32(scale)).collect()
 }
 
 fn up(ctx: &GpuContext, data: &[f32]) -> GpuVec {
@@ -111,15 +90,15 @@ fn deterministic(what: &str, run: impl Fn() -> Vec<Vec<f32>>) -> Vec<Vec<f32>> {
 fn linear_forward_and_backward_match_cpu() {
     let ctx = ctx();
     let linear = Linear::new(&ctx);
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     // sizes off the 16-wide tiles, so partial tiles are exercised in every dimension
     let s = LinearShape { rows: 19, inputs: 37, outputs: 45 };
-    let x = rng.vec(s.rows * s.inputs, 1.0);
-    let w = rng.vec(s.outputs * s.inputs, 0.5);
-    let b = rng.vec(s.outputs, 0.5);
-    let dy = rng.vec(s.rows * s.outputs, 1.0);
+    let x = uniform_vec(&mut rng, s.rows * s.inputs, 1.0);
+    let w = uniform_vec(&mut rng, s.outputs * s.inputs, 0.5);
+    let b = uniform_vec(&mut rng, s.outputs, 0.5);
+    let dy = uniform_vec(&mut rng, s.rows * s.outputs, 1.0);
     // gradients start non-zero: the backward must accumulate, not overwrite
-    let (dx0, dw0, db0) = (rng.vec(x.len(), 1.0), rng.vec(w.len(), 1.0), rng.vec(b.len(), 1.0));
+    let (dx0, dw0, db0) = (uniform_vec(&mut rng, x.len(), 1.0), uniform_vec(&mut rng, w.len(), 1.0), uniform_vec(&mut rng, b.len(), 1.0));
 
     for bias in [true, false] {
         let gpu = deterministic("linear", || {
@@ -148,13 +127,13 @@ fn linear_forward_and_backward_match_cpu() {
 fn rmsnorm_forward_and_backward_match_cpu() {
     let ctx = ctx();
     let norm = RmsNorm::new(&ctx);
-    let mut rng = Rng(2);
+    let mut rng = SplitMix64::new(2);
     // 300 columns: more than one lane stride of the 256-lane row sums
     let (rows, cols, eps) = (7, 300, 1e-5);
-    let x = rng.vec(rows * cols, 2.0);
-    let w: Vec<f32> = rng.vec(cols, 0.5).iter().map(|v| 1.0 + v).collect();
-    let dy = rng.vec(rows * cols, 1.0);
-    let (dx0, dw0) = (rng.vec(x.len(), 1.0), rng.vec(cols, 1.0));
+    let x = uniform_vec(&mut rng, rows * cols, 2.0);
+    let w: Vec<f32> = uniform_vec(&mut rng, cols, 0.5).iter().map(|v| 1.0 + v).collect();
+    let dy = uniform_vec(&mut rng, rows * cols, 1.0);
+    let (dx0, dw0) = (uniform_vec(&mut rng, x.len(), 1.0), uniform_vec(&mut rng, cols, 1.0));
     let gpu = deterministic("rmsnorm", || {
         let (gx, gw, gdy) = (up(&ctx, &x), up(&ctx, &w), up(&ctx, &dy));
         let gy = GpuVec::zeros(&ctx, "y", x.len()).unwrap();
@@ -178,13 +157,13 @@ fn rmsnorm_forward_and_backward_match_cpu() {
 fn embedding_gather_and_scatter_add_match_cpu() {
     let ctx = ctx();
     let embedding = Embedding::new(&ctx);
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64::new(3);
     // 25 tokens over 11 ids: most ids repeat, some appear once, some never
     let (vocab, cols) = (11, 20);
-    let tokens: Vec<u32> = (0..25).map(|_| rng.below(8) + 3).collect();
-    let table = rng.vec(vocab * cols, 1.0);
-    let dx = rng.vec(tokens.len() * cols, 1.0);
-    let dtable0 = rng.vec(table.len(), 1.0);
+    let tokens: Vec<u32> = (0..25).map(|_| rng.below(8) as u32 + 3).collect();
+    let table = uniform_vec(&mut rng, vocab * cols, 1.0);
+    let dx = uniform_vec(&mut rng, tokens.len() * cols, 1.0);
+    let dtable0 = uniform_vec(&mut rng, table.len(), 1.0);
     let gpu = deterministic("embedding", || {
         let (gt, gtab, gdx, gdtab) = (up_u32(&ctx, &tokens), up(&ctx, &table), up(&ctx, &dx), up(&ctx, &dtable0));
         let gx = GpuVec::zeros(&ctx, "x", tokens.len() * cols).unwrap();
@@ -203,12 +182,12 @@ fn embedding_gather_and_scatter_add_match_cpu() {
 #[test]
 fn rope_forward_and_backward_match_cpu() {
     let ctx = ctx();
-    let mut rng = Rng(4);
+    let mut rng = SplitMix64::new(4);
     let (t, heads, head_dim) = (9, 3, 8);
     let tables = layers::Rope::new(head_dim, 10000.0, host::model::RopeScaling::None, 0, t);
     let rope = Rope::new(&ctx, tables.half, &tables.cos, &tables.sin).unwrap();
-    let x = rng.vec(t * heads * head_dim, 1.0);
-    let dx = rng.vec(x.len(), 1.0);
+    let x = uniform_vec(&mut rng, t * heads * head_dim, 1.0);
+    let dx = uniform_vec(&mut rng, x.len(), 1.0);
     let gpu = deterministic("rope", || {
         let (gx, gdx) = (up(&ctx, &x), up(&ctx, &dx));
         rope.forward(&gx, heads).unwrap();
@@ -227,15 +206,15 @@ fn rope_forward_and_backward_match_cpu() {
     let gx = up(&ctx, &x);
     long.forward(&gx, heads).unwrap();
     assert_eq!(read(&ctx, &gx).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gpu[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-    assert!(rope.forward(&up(&ctx, &rng.vec((t + 1) * heads * head_dim, 1.0)), heads).is_err(), "more rows than positions");
+    assert!(rope.forward(&up(&ctx, &uniform_vec(&mut rng, (t + 1) * heads * head_dim, 1.0)), heads).is_err(), "more rows than positions");
 }
 
 fn check_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let (qd, kvd) = (s.tokens * s.heads * s.head_dim, s.tokens * s.kv_heads * s.head_dim);
-    let (q, k, v) = (rng.vec(qd, 1.0), rng.vec(kvd, 1.0), rng.vec(kvd, 1.0));
-    let dout = rng.vec(qd, 1.0);
-    let (dq0, dk0, dv0) = (rng.vec(qd, 1.0), rng.vec(kvd, 1.0), rng.vec(kvd, 1.0));
+    let (q, k, v) = (uniform_vec(&mut rng, qd, 1.0), uniform_vec(&mut rng, kvd, 1.0), uniform_vec(&mut rng, kvd, 1.0));
+    let dout = uniform_vec(&mut rng, qd, 1.0);
+    let (dq0, dk0, dv0) = (uniform_vec(&mut rng, qd, 1.0), uniform_vec(&mut rng, kvd, 1.0), uniform_vec(&mut rng, kvd, 1.0));
     let what = format!("attention {s:?}");
     let gpu = deterministic(&what, || {
         let (gq, gk, gv, gdout) = (up(ctx, &q), up(ctx, &k), up(ctx, &v), up(ctx, &dout));
@@ -273,9 +252,9 @@ fn attention_forward_and_backward_match_cpu() {
 fn swiglu_and_residual_match_cpu() {
     let ctx = ctx();
     let elementwise = Elementwise::new(&ctx);
-    let mut rng = Rng(8);
+    let mut rng = SplitMix64::new(8);
     let n = 1000;
-    let (gate, upv, dh) = (rng.vec(n, 4.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+    let (gate, upv, dh) = (uniform_vec(&mut rng, n, 4.0), uniform_vec(&mut rng, n, 1.0), uniform_vec(&mut rng, n, 1.0));
     let gpu = deterministic("swiglu and residual", || {
         let (gg, gu, gdh) = (up(&ctx, &gate), up(&ctx, &upv), up(&ctx, &dh));
         let h = GpuVec::zeros(&ctx, "h", n).unwrap();
@@ -369,17 +348,17 @@ impl HeadCase {
 #[test]
 fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
     let ctx = ctx();
-    let mut rng = Rng(9);
+    let mut rng = SplitMix64::new(9);
     let s = HeadShape { rows: 6, hidden: 24, vocab: 300 };
     let mut case = HeadCase {
         s,
-        x: rng.vec(s.rows * s.hidden, 1.0),
-        w: rng.vec(s.vocab * s.hidden, 1.0),
+        x: uniform_vec(&mut rng, s.rows * s.hidden, 1.0),
+        w: uniform_vec(&mut rng, s.vocab * s.hidden, 1.0),
         // targets in the first, a middle and the last (partial) chunk of 64
         targets: vec![0, 70, 150, 299, 256, 63],
-        coef: rng.vec(s.rows, 1.0),
-        dx0: rng.vec(s.rows * s.hidden, 1.0),
-        dw0: rng.vec(s.vocab * s.hidden, 0.01),
+        coef: uniform_vec(&mut rng, s.rows, 1.0),
+        dx0: uniform_vec(&mut rng, s.rows * s.hidden, 1.0),
+        dw0: uniform_vec(&mut rng, s.vocab * s.hidden, 0.01),
     };
     // two rows score their largest logit, so the argmax hit is seen both ways
     for r in [1, 4] {
@@ -401,12 +380,12 @@ fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
 #[test]
 fn lm_head_handles_a_qwen2_sized_vocabulary() {
     let ctx = ctx();
-    let mut rng = Rng(10);
+    let mut rng = SplitMix64::new(10);
     let s = HeadShape { rows: 3, hidden: 16, vocab: 151_936 };
     let case = HeadCase {
         s,
-        x: rng.vec(s.rows * s.hidden, 1.0),
-        w: rng.vec(s.vocab * s.hidden, 1.0),
+        x: uniform_vec(&mut rng, s.rows * s.hidden, 1.0),
+        w: uniform_vec(&mut rng, s.vocab * s.hidden, 1.0),
         targets: vec![5, 100_000, 151_935],
         coef: vec![0.5, -1.0, 0.25],
         dx0: vec![0.0; s.rows * s.hidden],
@@ -427,9 +406,9 @@ fn lm_head_handles_a_qwen2_sized_vocabulary() {
 fn sequence_sum_adds_the_scored_rows_into_their_slot() {
     let ctx = ctx();
     let sum = SequenceSum::new(&ctx);
-    let mut rng = Rng(12);
+    let mut rng = SplitMix64::new(12);
     // 600 rows: every lane of the 256-wide workgroup sums two or three of them
-    let values = rng.vec(600, 8.0);
+    let values = uniform_vec(&mut rng, 600, 8.0);
     let mask: Vec<u32> = (0..values.len()).map(|_| u32::from(rng.below(3) != 0)).collect();
     let mut with_nan = values.clone();
     for (v, &m) in with_nan.iter_mut().zip(&mask) {
@@ -456,9 +435,9 @@ fn sequence_sum_adds_the_scored_rows_into_their_slot() {
 #[test]
 fn preference_loss_gradients_match_cpu() {
     let ctx = ctx();
-    let mut rng = Rng(11);
+    let mut rng = SplitMix64::new(11);
     let pairs = 9;
-    let logps = |rng: &mut Rng| -> Vec<f32> { (0..pairs).map(|_| -40.0 + rng.uniform(30.0)).collect() };
+    let logps = |rng: &mut SplitMix64| -> Vec<f32> { (0..pairs).map(|_| -40.0 + rng.uniform_f32(30.0)).collect() };
     let (pc, pr, rc, rr) = (logps(&mut rng), logps(&mut rng), logps(&mut rng), logps(&mut rng));
     let cases = [
         (PreferenceLossKind::Sigmoid, LossKind::Sigmoid, 0.1, 0.0),

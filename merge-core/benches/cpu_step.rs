@@ -4,9 +4,10 @@
 //!
 //! Bytes moved per element, counted once per step whatever the passes: AdamW
 //! reads θ, m, v, g and writes θ, m, v (28 B); OnDARE and OnTIES also read τ'
-//! (32 B). A memcpy of B bytes moves 2·B. "in place, validated" is
-//! `step_tensor` (a validating pass, then the writing pass; OnTIES and the L1
-//! rescale add their pass over the update); "one pass" is `step_tensor_into`.
+//! (32 B). A memcpy of B bytes moves 2·B. "in place, validated" is a one-tensor
+//! `step_tensors` (a validating pass, then the writing pass; OnTIES and the L1
+//! rescale add their pass over the update); "one pass" is the chunk API's
+//! out-of-place `TensorStep::write_chunk_into` over the whole tensor.
 //! Where the in-place step is check + write only, a second line gives the rate at
 //! the bytes both passes really move (the inputs are read twice: 44 B for AdamW,
 //! 52 B for OnDARE).
@@ -35,7 +36,7 @@ use merge_core::dare::{DareConfig, DareParams, DareVariant};
 use merge_core::dtype::Src;
 use merge_core::hyper::{AdamConfig, StepScalars};
 use merge_core::onties;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState, TiesConfig};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob, TiesConfig};
 use merge_core::rng::{MaskKey, tensor_id};
 use merge_core::step::{StateMut, StateRef};
 use merge_core::{adam, arith, dare};
@@ -280,8 +281,8 @@ fn main() {
         let opt = Optimizer::new(OnlineConfig { adam, merge, k: 1, seed: 7 }).unwrap();
         let plan = opt.plan(10).unwrap();
         let in_place = best(|| {
-            let state = TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) };
-            plan.step_tensor_with_scratch(name, &g, state, &mut scratch).unwrap();
+            let state = StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None };
+            plan.step_tensors(&mut [StepJob { name, grad: &g, state, tau: Src::F32(&tau), scratch: &mut scratch }]).unwrap();
         });
         report(&format!("{what}: in place, validated"), bytes, in_place, memcpy_gbs);
         match merge {
@@ -302,7 +303,7 @@ fn main() {
             let one_pass = best(|| {
                 let old = StateRef { theta: &theta, m: &m, v: &v, cached: None };
                 let new = StateMut { theta: &mut theta2, m: &mut m2, v: &mut v2, cached: None };
-                plan.step_tensor_into(name, &g, old, Src::F32(&tau), new).unwrap();
+                plan.tensor(name, N as u64).unwrap().write_chunk_into(0, &g, old, Src::F32(&tau), new).unwrap();
             });
             report(&format!("{what}: one pass, out of place"), bytes, one_pass, memcpy_gbs);
             if dare_like {
@@ -319,7 +320,7 @@ fn main() {
                         let r = 0..IN_CACHE;
                         let old = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: None };
                         let new = StateMut { theta: &mut theta2[r.clone()], m: &mut m2[r.clone()], v: &mut v2[r.clone()], cached: None };
-                        plan.step_tensor_into(name, &g[r.clone()], old, Src::F32(&tau[r]), new).unwrap();
+                        plan.tensor(name, IN_CACHE as u64).unwrap().write_chunk_into(0, &g[r.clone()], old, Src::F32(&tau[r]), new).unwrap();
                     }
                 });
                 report(&format!("{what}: one pass, {IN_CACHE} in L2 (x{})", N / IN_CACHE), bytes, cached, memcpy_gbs);

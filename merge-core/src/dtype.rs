@@ -268,7 +268,7 @@ pub(crate) fn write_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
     use half::{bf16, f16};
 
     #[test]
@@ -339,7 +339,7 @@ mod tests {
         for x in edges {
             check_against_half(x);
         }
-        let mut rng = Rng::new(11);
+        let mut rng = SplitMix64::new(11);
         for _ in 0..2_000_000 {
             check_against_half(f32::from_bits(rng.next_u32()));
         }

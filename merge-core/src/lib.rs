@@ -21,6 +21,7 @@ pub mod optim;
 #[cfg(feature = "std")]
 pub mod parallel;
 pub mod reduce;
+pub mod reference;
 pub mod rng;
 pub mod step;
 pub mod topk;

@@ -523,19 +523,19 @@ pub fn slerp(name: &str, a: Src<'_>, b: Src<'_>, t: f64, out: &mut Dst<'_>) -> R
 mod tests {
     extern crate std;
     use super::*;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
     use std::vec::Vec;
 
     fn f(xs: &[f32]) -> Src<'_> {
         Src::F32(xs)
     }
 
-    fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
-        (0..n).map(|_| rng.unit_f32()).collect()
+    fn random(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.uniform_f32(1.0)).collect()
     }
 
     /// Runs `merge` over random chunk boundaries and returns the concatenated output.
-    fn chunked(rng: &mut Rng, n: usize, merge: impl Fn(usize, usize, &mut [f32])) -> Vec<f32> {
+    fn chunked(rng: &mut SplitMix64, n: usize, merge: impl Fn(usize, usize, &mut [f32])) -> Vec<f32> {
         let mut out = std::vec![0.0f32; n];
         let mut start = 0;
         while start < n {
@@ -563,7 +563,7 @@ mod tests {
         linear("w", 0, &[f(&a), f(&b)], &[1.0, 1.0], false, &mut Dst::F32(&mut out)).unwrap();
         assert_eq!(out, [4.0, 0.0, 4.0]);
         // Weight 1 on one model returns it bit for bit.
-        let mut rng = Rng::new(21);
+        let mut rng = SplitMix64::new(21);
         let x = random(&mut rng, 500);
         let mut y = std::vec![0.0f32; 500];
         linear("w", 0, &[f(&x)], &[1.0], true, &mut Dst::F32(&mut y)).unwrap();
@@ -657,7 +657,7 @@ mod tests {
 
     #[test]
     fn dare_with_density_one_is_task_arithmetic_and_ties() {
-        let mut rng = Rng::new(22);
+        let mut rng = SplitMix64::new(22);
         let base = random(&mut rng, 777);
         let m0 = random(&mut rng, 777);
         let m1 = random(&mut rng, 777);
@@ -696,7 +696,7 @@ mod tests {
 
     #[test]
     fn every_merge_is_chunk_invariant() {
-        let mut rng = Rng::new(23);
+        let mut rng = SplitMix64::new(23);
         let n = 1000;
         let base = random(&mut rng, n);
         let ms: Vec<Vec<f32>> = (0..3).map(|_| random(&mut rng, n)).collect();
@@ -757,7 +757,7 @@ mod tests {
         slerp("w", f(&a2), f(&b), 0.5, &mut Dst::F32(&mut out)).unwrap();
         assert_eq!(out, [mul(h, 4.0), h]);
         // t = 0 and t = 1 return the end points.
-        let mut rng = Rng::new(24);
+        let mut rng = SplitMix64::new(24);
         let x = random(&mut rng, 300);
         let y = random(&mut rng, 300);
         let mut o = std::vec![0.0f32; 300];

@@ -1,11 +1,16 @@
 //! OnTIES (SPEC.md §5.3): the element-wise merge of the trimmed task vector `τ'`
 //! and the trimmed optimizer update `Δ'`, in the official code's `reference`
-//! variant and the paper's `paper` variant. Trimming itself is [`crate::topk`];
-//! the optimizer front runs the selection and calls [`combine`] per element.
+//! variant and the paper's `paper` variant: the selection over a scope
+//! ([`select`], the threshold from [`crate::topk`] and the rescale factor), and the
+//! element formula every block kernel runs ([`merge_element`], with [`combine`]).
 
-use crate::arith::{add, div, flush, mul};
+use crate::adam;
+use crate::arith::{add, div, flush, is_non_finite, mul, sub};
+use crate::error::{Error, tensor_name};
+use crate::hyper::StepScalars;
+use crate::reduce::TreeSum;
 use crate::step::RESCALE_MIN_NORM;
-use crate::topk::{Threshold, magnitude_key};
+use crate::topk::{self, LocalThreshold, Threshold, magnitude_key};
 
 /// Which OnTIES to run; SPEC.md §5.3 has both side by side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +21,85 @@ pub enum Variant {
     /// The paper's equations: weighted terms `a = α ⊗ τ'`, `b = (1−α) ⊗ Δ'`; their
     /// sum when the signs agree, otherwise the larger magnitude alone.
     Paper,
+}
+
+/// The trimming of one scope's values (a step's update, or the task vectors) by
+/// `TopP` (SPEC.md §5.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TiesSelection {
+    pub threshold: Threshold,
+    /// `ρ(x, x')`, or 1 without the rescale.
+    pub factor: f32,
+}
+
+/// The selection of `⌈p·n⌉` elements over the concatenated `values` (one tensor,
+/// or every tensor of a global scope in bytewise name order), and with `rescale`
+/// the factor `ρ` of the kept values; `scope` names the scope in errors.
+pub fn select<'a>(p: f32, rescale: bool, scope: &str, values: impl Iterator<Item = &'a [f32]> + Clone) -> Result<TiesSelection, Error> {
+    let n: u64 = values.clone().map(|v| v.len() as u64).sum();
+    let k = topk::keep_count("p (reserve rate)", p, n)?;
+    let threshold = if n == 0 {
+        Threshold::NOTHING
+    } else if k == n {
+        Threshold::all(n)
+    } else {
+        // After the first pass the candidates usually fit here, and the remaining
+        // passes run over them instead of over every update.
+        let mut candidates = [topk::Candidate::default(); 2048];
+        topk::RadixSelect::new(scope, n, k)?.finish_in_memory(values.clone(), &mut candidates)?
+    };
+    let factor = if rescale {
+        let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());
+        let mut offset = 0u64;
+        let mut chunk = [0.0f32; 256];
+        for v in values.clone() {
+            full.push_abs_slice(v);
+            for (c, part) in v.chunks(256).enumerate() {
+                for (j, &x) in part.iter().enumerate() {
+                    chunk[j] = trim(x, offset + (c * 256 + j) as u64, &threshold);
+                }
+                kept.push_abs_slice(&chunk[..part.len()]);
+            }
+            offset += v.len() as u64;
+        }
+        let (full, kept) = (full.finish(), kept.finish());
+        for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
+            if is_non_finite(x) {
+                return Err(Error::NonFiniteReduction { tensor: tensor_name(scope), what });
+            }
+        }
+        rescale_factor(full, kept)
+    } else {
+        1.0
+    };
+    Ok(TiesSelection { threshold, factor })
+}
+
+/// What [`merge_element`] needs besides the element: `α₃₂`, `ω = 1 ⊖ α`, the
+/// selection's factor `ρ(D, D')` and its threshold seen from the element's block.
+#[derive(Clone, Copy, Debug)]
+pub struct ElementMerge {
+    pub alpha: f32,
+    pub one_minus_alpha: f32,
+    pub factor: f32,
+    pub local: LocalThreshold,
+}
+
+/// One element of an OnTIES merge step, the formula every block kernel runs
+/// (SPEC.md §5.3, with the rollback of §5.4 and the decay of §5.5). From the
+/// stored `θ`, `Δ_c` (read only when `CACHED`), the update `D` after the rollback
+/// and `τ'`, with `j` the element's position in its block, returns `(D', θ')`:
+/// `θ₀ = decay_before(F(θ)) ⊖ F(Δ_c)`; `D' = F(D) ⊗ ρ` if the threshold keeps
+/// `j`, else `+0`; `θ' = decay_after(θ₀ ⊕ combine(τ', D'))`. `PAPER` picks the
+/// variant at compile time, so the loops that call it vectorize.
+#[inline(always)]
+pub fn merge_element<const TORCH: bool, const CACHED: bool, const PAPER: bool>(s: &StepScalars, e: &ElementMerge, j: u32, theta: f32, cached: f32, d: f32, tau: f32) -> (f32, f32) {
+    let variant = if PAPER { Variant::Paper } else { Variant::Reference };
+    let theta = adam::decay_before::<TORCH>(s, flush(theta));
+    let theta0 = if CACHED { sub(theta, flush(cached)) } else { theta };
+    let d = flush(d);
+    let sparse = if e.local.keeps(magnitude_key(d), j) { mul(d, e.factor) } else { 0.0 };
+    (sparse, adam::decay_after::<TORCH>(s, add(theta0, combine(variant, tau, sparse, e.alpha, e.one_minus_alpha))))
 }
 
 /// `τ'_i` or `Δ'_i`: the value if the threshold keeps element `index`, else `+0`.
@@ -81,7 +165,8 @@ pub fn rescale_factor(l1_full: f32, l1_kept: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::arith::sub;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
+    use crate::testutil::wide_f32;
 
     const R: Variant = Variant::Reference;
     const P: Variant = Variant::Paper;
@@ -147,9 +232,9 @@ mod tests {
     fn alpha_zero_and_p_one_reduce_the_paper_variant_to_the_update() {
         // With p = 1 nothing is trimmed (τ' = τ, Δ' = Δ); with α = 0 the paper
         // variant's update is Δ bit for bit, so OnTIES-paper reduces to AdamW.
-        let mut rng = Rng::new(11);
+        let mut rng = SplitMix64::new(11);
         for _ in 0..100_000 {
-            let (tau, delta) = (rng.wide_f32(), rng.wide_f32());
+            let (tau, delta) = (wide_f32(&mut rng), wide_f32(&mut rng));
             assert_eq!(both(P, tau, delta, 0.0).to_bits(), delta.to_bits());
             // The reference still elects on τ + Δ, so it only keeps Δ where Δ agrees
             // with that sign: it does NOT reduce to AdamW (the official code does the same).

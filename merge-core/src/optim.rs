@@ -1,10 +1,11 @@
-//! The optimizer front for hosts: one configuration, one plan per step, and a
-//! whole-tensor `step_tensor` that validates the whole tensor before writing it.
+//! The optimizer front for hosts: one configuration, one plan per step, and
+//! `step_tensors`, which validates every tensor before writing any.
 //!
 //! ```
 //! use merge_core::dare::DareConfig;
 //! use merge_core::dtype::{Dst, Src};
-//! use merge_core::optim::{Merge, OnlineConfig, Optimizer, TensorState};
+//! use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob};
+//! use merge_core::step::StateMut;
 //!
 //! // OnDARE with the paper's defaults (p = 0.01, α = 1e-7), HF-form AdamW, lr 1e-6.
 //! let mut opt = Optimizer::new(OnlineConfig { merge: Merge::Dare(DareConfig::default()), seed: 42, ..OnlineConfig::default() })?;
@@ -14,7 +15,8 @@
 //! let (mut theta, mut m, mut v) = (sft, [0.0f32; 3], [0.0f32; 3]);
 //! let grad = [0.1f32, -0.2, 0.3];
 //! let plan = opt.begin_step()?; // step 1: scalars, masks' keys
-//! plan.step_tensor("layer.w", &grad, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) })?;
+//! let state = StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None };
+//! plan.step_tensors(&mut [StepJob { name: "layer.w", grad: &grad, state, tau: Src::F32(&tau), scratch: &mut [] }])?;
 //! assert!(theta.iter().zip(&sft).any(|(a, b)| a != b));
 //! # Ok::<(), merge_core::Error>(())
 //! ```
@@ -24,11 +26,10 @@ use crate::dare::{self, DareConfig, DareParams, validate_alpha, validate_p};
 use crate::dtype::{Dst, Src, store_error};
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, StepScalars, invalid};
-use crate::onties;
-use crate::reduce::TreeSum;
+use crate::onties::{self, TiesSelection};
 use crate::rng::{MaskKey, check_extent, tensor_id};
-use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep, TiesSelection};
-use crate::topk::{self, Threshold};
+use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep};
+use crate::topk;
 
 /// What is merged into each update.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -218,14 +219,14 @@ impl Optimizer {
         // Selections: one per tensor, or one over the whole sequence.
         let mut global = None;
         if t.scope == Scope::Global {
-            global = Some(select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?);
+            global = Some(onties::select(t.p, t.rescale, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?);
         }
         for pass in [false, true] {
             let mut offset = 0u64;
             for job in jobs.iter_mut() {
                 let sel = match global {
                     Some(g) => g,
-                    None => select_over(&t, job.name, core::iter::once(&*job.scratch))?,
+                    None => onties::select(t.p, t.rescale, job.name, core::iter::once(&*job.scratch))?,
                 };
                 let local = if t.scope == Scope::Global { offset } else { 0 };
                 for i in 0..job.scratch.len() {
@@ -268,47 +269,6 @@ fn check_name_order<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), Erro
     Ok(())
 }
 
-/// The threshold of `⌈p·n⌉` over the concatenated values, and the rescale factor.
-fn select_over<'a>(t: &TiesParams, scope: &str, values: impl Iterator<Item = &'a [f32]> + Clone) -> Result<TiesSelection, Error> {
-    let n: u64 = values.clone().map(|v| v.len() as u64).sum();
-    let k = topk::keep_count("p (reserve rate)", t.p, n)?;
-    let threshold = if n == 0 {
-        Threshold::NOTHING
-    } else if k == n {
-        Threshold::all(n)
-    } else {
-        // After the first pass the candidates usually fit here, and the remaining
-        // passes run over them instead of over every update.
-        let mut candidates = [topk::Candidate::default(); 2048];
-        topk::RadixSelect::new(scope, n, k)?.finish_in_memory(values.clone(), &mut candidates)?
-    };
-    let factor = if t.rescale {
-        let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());
-        let mut offset = 0u64;
-        let mut chunk = [0.0f32; 256];
-        for v in values.clone() {
-            full.push_abs_slice(v);
-            for (c, part) in v.chunks(256).enumerate() {
-                for (j, &x) in part.iter().enumerate() {
-                    chunk[j] = onties::trim(x, offset + (c * 256 + j) as u64, &threshold);
-                }
-                kept.push_abs_slice(&chunk[..part.len()]);
-            }
-            offset += v.len() as u64;
-        }
-        let (full, kept) = (full.finish(), kept.finish());
-        for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
-            if is_non_finite(x) {
-                return Err(Error::NonFiniteReduction { tensor: tensor_name(scope), what });
-            }
-        }
-        onties::rescale_factor(full, kept)
-    } else {
-        1.0
-    };
-    Ok(TiesSelection { threshold, factor })
-}
-
 /// One step of the optimizer, for every tensor.
 #[derive(Clone, Copy, Debug)]
 pub struct StepPlan {
@@ -318,18 +278,6 @@ pub struct StepPlan {
     seed: u64,
     merge: MergeParams,
     need_cached: bool,
-}
-
-/// One tensor's slices for a whole-tensor step.
-#[derive(Debug)]
-pub struct TensorState<'a> {
-    pub theta: &'a mut [f32],
-    pub m: &'a mut [f32],
-    pub v: &'a mut [f32],
-    /// `Δ_c`, required when `k > 1`.
-    pub cached: Option<&'a mut [f32]>,
-    /// The stored task vector `τ'` (unused by plain AdamW).
-    pub tau: Src<'a>,
 }
 
 impl StepPlan {
@@ -389,30 +337,89 @@ impl StepPlan {
         }
     }
 
-    /// Steps one whole tensor in place (plain AdamW and OnDARE; OnTIES needs
-    /// [`StepPlan::step_tensor_with_scratch`]). On error nothing is written.
-    pub fn step_tensor(&self, name: &str, grad: &[f32], state: TensorState<'_>) -> Result<(), Error> {
-        self.step_tensor_with_scratch(name, grad, state, &mut [])
+    /// Steps several tensors in place; the one entry that serves every merge and
+    /// scope (a single tensor is a one-element slice). No tensor is written unless
+    /// every tensor passes: every tensor is validated, in the order given, both
+    /// stages of a tensor before the next (SPEC.md §5.6), and only then are they
+    /// written. With OnTIES and global scope the jobs must come in bytewise
+    /// ascending name order and share one threshold; on its merge steps every
+    /// job's `scratch` holds its update (same length as the tensor).
+    ///
+    /// A tensor's plan is not kept between the two rounds (nothing is allocated),
+    /// so the writing round derives it again: free for AdamW and OnDARE, one more
+    /// radix select over the kept update for per-tensor OnTIES, and one more norms
+    /// pass for the OnDARE rescale. A single job runs in one round.
+    ///
+    /// [`crate::parallel::step_tensors`] is the same entry on several threads (with
+    /// 16-bit parameters and packed task vectors); the chunk passes of
+    /// [`TensorStep`] serve callers that drive the passes themselves.
+    pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {
+        let t = match self.merge {
+            MergeParams::Ties(t) if self.trims_globally() => t,
+            _ => {
+                if let [job] = jobs {
+                    return self.step_one(job);
+                }
+                for job in jobs.iter_mut() {
+                    let st = job.state.as_ref();
+                    let plan = self.per_tensor_plan(job.name, job.grad, &st, job.tau, job.scratch)?;
+                    if self.needs_update_scratch() {
+                        plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
+                    } else {
+                        plan.check_chunk(0, job.grad, st, job.tau)?;
+                    }
+                }
+                for job in jobs.iter_mut() {
+                    let plan = if self.needs_update_scratch() {
+                        // The first round left this tensor's update in its scratch.
+                        self.with_own_threshold(self.tensor(job.name, job.grad.len() as u64)?, job.scratch)?
+                    } else {
+                        self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?
+                    };
+                    let st = job.state.reborrow();
+                    if self.needs_update_scratch() {
+                        plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
+                    } else {
+                        plan.write_chunk(0, job.grad, st, job.tau)?;
+                    }
+                }
+                return Ok(());
+            }
+        };
+        check_name_order(jobs.iter().map(|j| j.name))?;
+        for job in jobs.iter_mut() {
+            self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?;
+        }
+        let selection = onties::select(t.p, t.rescale, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
+        for write in [false, true] {
+            let mut offset = 0u64;
+            for job in jobs.iter_mut() {
+                let mut plan = self.tensor(job.name, job.grad.len() as u64)?;
+                if let MergePlan::Ties { selection: s, offset: o, .. } = &mut plan.merge {
+                    *s = Some(selection);
+                    *o = offset;
+                }
+                if write {
+                    plan.write_chunk_from_update(0, job.grad, job.state.reborrow(), job.tau, job.scratch)?;
+                } else {
+                    plan.check_chunk_from_update(0, job.state.as_ref(), job.tau, job.scratch)?;
+                }
+                offset += job.grad.len() as u64;
+            }
+        }
+        Ok(())
     }
 
-    /// Steps one whole tensor in place: the norms or update pass where the merge
-    /// needs one, then a validating pass, then the writing pass. `scratch` holds the
-    /// update for OnTIES (same length as the tensor; may be empty otherwise). On
-    /// error nothing is written. OnTIES with global scope needs every tensor at
-    /// once: use [`StepPlan::step_tensors`].
-    pub fn step_tensor_with_scratch(&self, name: &str, grad: &[f32], state: TensorState<'_>, scratch: &mut [f32]) -> Result<(), Error> {
-        if self.trims_globally() {
-            return Err(Error::Misuse { what: "per-tensor scope for step_tensor (global scope: use step_tensors)" });
-        }
-        let TensorState { theta, m, v, cached, tau } = state;
-        let st = StateMut { theta, m, v, cached };
-        let plan = self.per_tensor_plan(name, grad, &st.as_ref(), tau, scratch)?;
+    /// One tensor (per-tensor scope): the norms or update pass where the merge
+    /// needs one, then the validating pass, then the writing pass.
+    fn step_one(&self, job: &mut StepJob<'_>) -> Result<(), Error> {
+        let plan = self.per_tensor_plan(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?;
         if self.needs_update_scratch() {
-            plan.check_chunk_from_update(0, st.as_ref(), tau, scratch)?;
-            plan.write_chunk_from_update(0, grad, st, tau, scratch)
+            plan.check_chunk_from_update(0, job.state.as_ref(), job.tau, job.scratch)?;
+            plan.write_chunk_from_update(0, job.grad, job.state.reborrow(), job.tau, job.scratch)
         } else {
-            plan.check_chunk(0, grad, st.as_ref(), tau)?;
-            plan.write_chunk(0, grad, st, tau)
+            plan.check_chunk(0, job.grad, job.state.as_ref(), job.tau)?;
+            plan.write_chunk(0, job.grad, job.state.reborrow(), job.tau)
         }
     }
 
@@ -426,96 +433,9 @@ impl StepPlan {
     /// (`update`, which `prepare` filled); other plans are returned as they are.
     fn with_own_threshold<'n>(&self, mut plan: TensorStep<'n>, update: &[f32]) -> Result<TensorStep<'n>, Error> {
         if let (true, MergeParams::Ties(t), MergePlan::Ties { selection, .. }) = (self.needs_update_scratch(), self.merge, &mut plan.merge) {
-            *selection = Some(select_over(&t, plan.name, core::iter::once(update))?);
+            *selection = Some(onties::select(t.p, t.rescale, plan.name, core::iter::once(update))?);
         }
         Ok(plan)
-    }
-
-    /// Steps one whole tensor out of place in a single pass (plain AdamW and OnDARE
-    /// without the rescale; the others need a pass over the whole update first):
-    /// reads `old`, writes the new state into `new`. On error `old` is untouched,
-    /// so a caller that adopts `new` only on success never sees a failed step,
-    /// at the cost of one pass instead of the validating pass plus the writing
-    /// pass of [`StepPlan::step_tensor`].
-    pub fn step_tensor_into(&self, name: &str, grad: &[f32], old: StateRef<'_>, tau: Src<'_>, new: StateMut<'_>) -> Result<(), Error> {
-        if self.needs_norms() || self.needs_update_scratch() {
-            return Err(Error::Misuse { what: "plain AdamW or OnDARE without rescale for the single-pass step (the others need step_tensor)" });
-        }
-        if self.need_cached && old.cached.is_none() {
-            return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
-        }
-        self.tensor(name, grad.len() as u64)?.write_chunk_into(0, grad, old, tau, new)
-    }
-
-    /// Steps several tensors; the one entry that serves every merge and scope. No
-    /// tensor is written unless every tensor passes: every tensor is validated, in
-    /// the order given (each as [`StepPlan::step_tensor_with_scratch`] would), and
-    /// only then are they written. With OnTIES and global scope the jobs must come
-    /// in bytewise ascending name order and share one threshold.
-    ///
-    /// A tensor's plan is not kept between the two rounds (nothing is allocated),
-    /// so the writing round derives it again: free for AdamW and OnDARE, one more
-    /// radix select over the kept update for per-tensor OnTIES, and one more norms
-    /// pass for the OnDARE rescale. A single job runs in one round.
-    pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {
-        let t = match self.merge {
-            MergeParams::Ties(t) if t.scope == Scope::Global && self.phase == Phase::Merge => t,
-            _ => {
-                if let [job] = jobs {
-                    let state = TensorState { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut(), tau: job.tau };
-                    return self.step_tensor_with_scratch(job.name, job.grad, state, job.scratch);
-                }
-                for job in jobs.iter_mut() {
-                    let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
-                    let plan = self.per_tensor_plan(job.name, job.grad, &st, job.tau, job.scratch)?;
-                    if self.needs_update_scratch() {
-                        plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
-                    } else {
-                        plan.check_chunk(0, job.grad, st, job.tau)?;
-                    }
-                }
-                for job in jobs.iter_mut() {
-                    let plan = if self.needs_update_scratch() {
-                        // The first round left this tensor's update in its scratch.
-                        self.with_own_threshold(self.tensor(job.name, job.grad.len() as u64)?, job.scratch)?
-                    } else {
-                        self.prepare(job.name, job.grad, &StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() }, job.tau, job.scratch)?
-                    };
-                    let st = StateMut { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut() };
-                    if self.needs_update_scratch() {
-                        plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
-                    } else {
-                        plan.write_chunk(0, job.grad, st, job.tau)?;
-                    }
-                }
-                return Ok(());
-            }
-        };
-        check_name_order(jobs.iter().map(|j| j.name))?;
-        for job in jobs.iter_mut() {
-            let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
-            self.prepare(job.name, job.grad, &st, job.tau, job.scratch)?;
-        }
-        let selection = select_over(&t, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
-        for write in [false, true] {
-            let mut offset = 0u64;
-            for job in jobs.iter_mut() {
-                let mut plan = self.tensor(job.name, job.grad.len() as u64)?;
-                if let MergePlan::Ties { selection: s, offset: o, .. } = &mut plan.merge {
-                    *s = Some(selection);
-                    *o = offset;
-                }
-                if write {
-                    let st = StateMut { theta: &mut *job.theta, m: &mut *job.m, v: &mut *job.v, cached: job.cached.as_deref_mut() };
-                    plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
-                } else {
-                    let st = StateRef { theta: job.theta, m: job.m, v: job.v, cached: job.cached.as_deref() };
-                    plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
-                }
-                offset += job.grad.len() as u64;
-            }
-        }
-        Ok(())
     }
 
     /// The OnTIES selection of this step's updates over one scope: one tensor's
@@ -524,7 +444,7 @@ impl StepPlan {
     /// tensor plan's `MergePlan::Ties` with the tensor's offset in the scope.
     pub fn ties_selection(&self, scope: &str, updates: &[&[f32]]) -> Result<TiesSelection, Error> {
         match self.merge {
-            MergeParams::Ties(t) => select_over(&t, scope, updates.iter().copied()),
+            MergeParams::Ties(t) => onties::select(t.p, t.rescale, scope, updates.iter().copied()),
             _ => Err(Error::Misuse { what: "an OnTIES optimizer (only OnTIES trims the update)" }),
         }
     }
@@ -556,10 +476,10 @@ impl StepPlan {
 pub struct StepJob<'a> {
     pub name: &'a str,
     pub grad: &'a [f32],
-    pub theta: &'a mut [f32],
-    pub m: &'a mut [f32],
-    pub v: &'a mut [f32],
-    pub cached: Option<&'a mut [f32]>,
+    /// `θ`, `m`, `v` and `Δ_c` (required when `k > 1`), updated in place.
+    pub state: StateMut<'a>,
+    /// The stored task vector `τ'` (unused by plain AdamW and by step-K's
+    /// accumulating steps, which accept an empty one).
     pub tau: Src<'a>,
     /// Room for the update (OnTIES merge steps; may be empty otherwise).
     pub scratch: &'a mut [f32],

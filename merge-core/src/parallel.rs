@@ -213,7 +213,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
     Ok(())
 }
 
-fn set_selection(step: &mut TensorStep<'_>, sel: crate::step::TiesSelection, scope_offset: u64) {
+fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, scope_offset: u64) {
     if let MergePlan::Ties { selection, offset, .. } = &mut step.merge {
         *selection = Some(sel);
         *offset = scope_offset;
@@ -499,7 +499,7 @@ mod tests {
     use crate::hyper::AdamConfig;
     use crate::onties::Variant;
     use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TiesConfig};
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
     use std::string::String;
     use std::vec;
 
@@ -516,11 +516,11 @@ mod tests {
     }
 
     fn states(seed: u64) -> Vec<State> {
-        let mut rng = Rng::new(seed);
+        let mut rng = SplitMix64::new(seed);
         TENSORS
             .iter()
             .map(|&(_, n)| {
-                let mut draw = |scale: f32| (0..n).map(|_| rng.unit_f32() * scale).collect::<Vec<f32>>();
+                let mut draw = |scale: f32| (0..n).map(|_| rng.uniform_f32(1.0) * scale).collect::<Vec<f32>>();
                 // τ' is sparse, as DARE and TIES leave it, with some -0 kept as stored.
                 let tau = draw(1e-3).iter().enumerate().map(|(i, &x)| match i % 5 { 0 => x, 1 => -0.0, _ => 0.0 }).collect();
                 State { theta: draw(0.5), m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n], tau }
@@ -528,8 +528,8 @@ mod tests {
             .collect()
     }
 
-    fn grads(rng: &mut Rng) -> Vec<Vec<f32>> {
-        TENSORS.iter().map(|&(_, n)| (0..n).map(|_| rng.unit_f32() * 1e-2).collect()).collect()
+    fn grads(rng: &mut SplitMix64) -> Vec<Vec<f32>> {
+        TENSORS.iter().map(|&(_, n)| (0..n).map(|_| rng.uniform_f32(1.0) * 1e-2).collect()).collect()
     }
 
     fn configs() -> Vec<(String, OnlineConfig)> {
@@ -564,10 +564,7 @@ mod tests {
             .map(|(((s, g), (name, _)), scratch)| StepJob {
                 name,
                 grad: g,
-                theta: &mut s.theta,
-                m: &mut s.m,
-                v: &mut s.v,
-                cached: (k > 1).then_some(&mut s.cached[..]),
+                state: StateMut { theta: &mut s.theta, m: &mut s.m, v: &mut s.v, cached: (k > 1).then_some(&mut s.cached[..]) },
                 tau: Src::F32(&s.tau),
                 scratch,
             })
@@ -614,7 +611,7 @@ mod tests {
             let mut opt = Optimizer::new(cfg).unwrap();
             let mut want = states(1);
             let mut got: Vec<Vec<State>> = [1, 2, 3, 7].iter().map(|_| states(1)).collect();
-            let mut rng = Rng::new(2);
+            let mut rng = SplitMix64::new(2);
             for _ in 0..3 {
                 let plan = opt.begin_step().unwrap();
                 let g = grads(&mut rng);
@@ -633,7 +630,7 @@ mod tests {
     fn a_bad_element_anywhere_writes_nothing_and_names_the_first() {
         let (_, cfg) = configs().into_iter().find(|(l, _)| l == "dare-rescale k=1").unwrap();
         let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
-        let mut g = grads(&mut Rng::new(3));
+        let mut g = grads(&mut SplitMix64::new(3));
         g[2][2 * CHUNK + 7] = f32::NAN;
         g[2][CHUNK + 9] = f32::INFINITY;
         let mut want = states(1);
@@ -669,7 +666,7 @@ mod tests {
     fn bf16_parameters_step_as_their_binary32_widening_then_round() {
         let (_, cfg) = configs().into_iter().find(|(l, _)| l == "ties-global-rescale k=1").unwrap();
         let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
-        let g = grads(&mut Rng::new(4));
+        let g = grads(&mut SplitMix64::new(4));
         let base = states(1);
         let bits: Vec<Vec<u16>> = base.iter().map(|s| s.theta.iter().map(|&x| f32_to_bf16(x).unwrap()).collect()).collect();
         let g16: Vec<Vec<u16>> = g.iter().map(|x| x.iter().map(|&v| f32_to_bf16(v).unwrap()).collect()).collect();

@@ -171,7 +171,8 @@ pub fn l1_norm(xs: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
+    use crate::testutil::wide_f32;
 
     /// The definition, literally: pad to a power of two, reduce level by level.
     fn tree_sum_by_definition(xs: &[f32]) -> f32 {
@@ -194,10 +195,10 @@ mod tests {
 
     #[test]
     fn streaming_equals_the_definition_for_every_length_and_cut() {
-        let mut rng = Rng::new(7);
+        let mut rng = SplitMix64::new(7);
         let mut xs = [0.0f32; 1000];
         for x in xs.iter_mut() {
-            *x = rng.wide_f32();
+            *x = wide_f32(&mut rng);
         }
         for n in [0usize, 1, 2, 3, 63, 64, 65, 127, 128, 129, 300, 1000] {
             let want = tree_sum_by_definition(&xs[..n]);
@@ -219,10 +220,10 @@ mod tests {
 
     #[test]
     fn chunks_summed_apart_append_to_the_same_tree() {
-        let mut rng = Rng::new(11);
+        let mut rng = SplitMix64::new(11);
         let mut xs = [0.0f32; 1000];
         for x in xs.iter_mut() {
-            *x = rng.wide_f32();
+            *x = wide_f32(&mut rng);
         }
         for chunk in [1usize, 2, 64, 128, 256] {
             for n in [0usize, 1, 255, 256, 257, 1000] {
@@ -246,10 +247,10 @@ mod tests {
 
     #[test]
     fn aligned_blocks_summed_apart_push_into_the_same_tree() {
-        let mut rng = Rng::new(12);
+        let mut rng = SplitMix64::new(12);
         let mut xs = [0.0f32; 1000];
         for x in xs.iter_mut() {
-            *x = rng.wide_f32();
+            *x = wide_f32(&mut rng);
         }
         // Cut [0, n) at arbitrary points, then each piece into maximal aligned blocks.
         for cuts in [[0usize, 1000, 1000], [0, 333, 1000], [0, 7, 513]] {

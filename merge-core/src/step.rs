@@ -20,9 +20,9 @@ use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamForm, StepScalars};
 use crate::reduce::TreeSum;
-use crate::onties;
+use crate::onties::{self, ElementMerge, TiesSelection};
 use crate::rng::{MaskKey, check_extent, stream};
-use crate::topk::{Threshold, magnitude_key};
+use crate::topk::Threshold;
 
 /// Elements per block.
 pub const BLOCK: usize = 256;
@@ -40,7 +40,7 @@ pub enum MergePlan {
     Ties { variant: onties::Variant, alpha: f32, one_minus_alpha: f32, selection: Option<TiesSelection>, offset: u64 },
 }
 
-/// What the OnTIES check from the scanned update needs.
+/// What the OnTIES passes from the scanned update need.
 struct TiesCheck {
     alpha: f32,
     one_minus_alpha: f32,
@@ -48,12 +48,11 @@ struct TiesCheck {
     scope_offset: u64,
 }
 
-/// The trimming of one step's update over a scope (SPEC.md §5.3).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TiesSelection {
-    pub threshold: Threshold,
-    /// `ρ(D, D')`, or 1 without the rescale.
-    pub factor: f32,
+impl TiesCheck {
+    /// The element formula's constants for the block at `start` of a chunk at `offset`.
+    fn element(&self, offset: u64) -> ElementMerge {
+        ElementMerge { alpha: self.alpha, one_minus_alpha: self.one_minus_alpha, factor: self.sel.factor, local: self.sel.threshold.local(self.scope_offset + offset) }
+    }
 }
 
 /// Step-K phase (SPEC.md §5.4).
@@ -138,6 +137,11 @@ pub struct StateMut<'a> {
 impl StateMut<'_> {
     pub fn as_ref(&self) -> StateRef<'_> {
         StateRef { theta: self.theta, m: self.m, v: self.v, cached: self.cached.as_deref() }
+    }
+
+    /// The same slices, borrowed again for a shorter time.
+    pub fn reborrow(&mut self) -> StateMut<'_> {
+        StateMut { theta: &mut *self.theta, m: &mut *self.m, v: &mut *self.v, cached: self.cached.as_deref_mut() }
     }
 }
 
@@ -400,7 +404,7 @@ impl TensorStep<'_> {
         while start < n {
             let len = BLOCK.min(n - start);
             tau.load_into(start, &mut tau_buf[..len]);
-            let local = t.sel.threshold.local(t.scope_offset + offset + start as u64);
+            let e = t.element(offset + start as u64);
             let theta = &state.theta[start..start + len];
             let d = &update[start..start + len];
             let c = match state.cached {
@@ -409,12 +413,7 @@ impl TensorStep<'_> {
             };
             let mut bad = 0u32;
             for j in 0..len {
-                let th = adam::decay_before::<TORCH>(&self.scalars, crate::arith::flush(theta[j]));
-                let th0 = if CACHED { sub(th, crate::arith::flush(c[j])) } else { th };
-                let dj = crate::arith::flush(d[j]);
-                let s = if local.keeps(magnitude_key(dj), j as u32) { mul(dj, t.sel.factor) } else { 0.0 };
-                let th1 = add(th0, onties::combine(if PAPER { onties::Variant::Paper } else { onties::Variant::Reference }, tau_buf[j], s, t.alpha, t.one_minus_alpha));
-                let th2 = adam::decay_after::<TORCH>(&self.scalars, th1);
+                let (s, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(&self.scalars, &e, j as u32, theta[j], c[j], d[j], tau_buf[j]);
                 sp[j] = s;
                 theta2[j] = th2;
                 bad |= nf(s) | nf(th2);
@@ -462,7 +461,6 @@ impl TensorStep<'_> {
 
     #[allow(clippy::too_many_arguments)]
     fn write_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
-        let variant = if PAPER { onties::Variant::Paper } else { onties::Variant::Reference };
         let s = &self.scalars;
         let StateMut { theta, m, v, mut cached } = state;
         let n = update.len();
@@ -474,7 +472,7 @@ impl TensorStep<'_> {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
             tau.load_into(start, &mut tau_buf[..len]);
-            let local = t.sel.threshold.local(t.scope_offset + offset + start as u64);
+            let e = t.element(offset + start as u64);
             let (g, th, mm, vv, d) = (&grad[r.clone()], &theta[r.clone()], &m[r.clone()], &v[r.clone()], &update[r.clone()]);
             let c = match cached.as_deref() {
                 Some(c) if CACHED => &c[r.clone()],
@@ -483,16 +481,12 @@ impl TensorStep<'_> {
             let mut bad = 0u32;
             for j in 0..len {
                 let (m1, v1) = adam::moments(s, flush(g[j]), flush(mm[j]), flush(vv[j]));
-                let th0 = adam::decay_before::<TORCH>(s, flush(th[j]));
-                let th0 = if CACHED { sub(th0, flush(c[j])) } else { th0 };
-                let dj = flush(d[j]);
-                let spj = if local.keeps(magnitude_key(dj), j as u32) { mul(dj, t.sel.factor) } else { 0.0 };
-                let th2 = adam::decay_after::<TORCH>(s, add(th0, onties::combine(variant, tau_buf[j], spj, t.alpha, t.one_minus_alpha)));
+                let (spj, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(s, &e, j as u32, th[j], c[j], d[j], tau_buf[j]);
                 m1s[j] = m1;
                 v1s[j] = v1;
                 sp[j] = spj;
                 theta2[j] = th2;
-                bad |= nf(m1) | nf(v1) | nf(dj) | nf(spj) | nf(th2);
+                bad |= nf(m1) | nf(v1) | nf(d[j]) | nf(spj) | nf(th2);
             }
             if bad != 0 {
                 for j in 0..len {
@@ -520,7 +514,7 @@ impl TensorStep<'_> {
     /// stored, so an error leaves the failing block and everything after it
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
     /// that a failing tensor is not written at all (as
-    /// `optim::StepPlan::step_tensor` does), or use [`TensorStep::write_chunk_into`].
+    /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
     pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         let StateMut { theta, m, v, mut cached } = state;
@@ -675,12 +669,12 @@ impl TensorStep<'_> {
             Rescale::Off => (1.0, 0.0, false),
             Rescale::Apply { factor, clip } => (factor, clip, true),
         };
-        let (t_alpha, t_omega, t_sel, t_local) = match self.merge {
+        let ties = match self.merge {
             MergePlan::Ties { alpha, one_minus_alpha, selection, offset, .. } => {
                 let sel = selection.unwrap_or(TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 });
-                (alpha, one_minus_alpha, sel, sel.threshold.local(offset + inp.first))
+                ElementMerge { alpha, one_minus_alpha, factor: sel.factor, local: sel.threshold.local(offset + inp.first) }
             }
-            _ => (0.0, 1.0, TiesSelection { threshold: Threshold::NOTHING, factor: 1.0 }, Threshold::NOTHING.local(0)),
+            _ => ElementMerge { alpha: 0.0, one_minus_alpha: 1.0, factor: 1.0, local: Threshold::NOTHING.local(0) },
         };
         // Two simple loops rather than one long one: the Adam loop is the same for
         // every kernel, and short loop bodies vectorize reliably.
@@ -736,11 +730,14 @@ impl TensorStep<'_> {
                     cached1 = if worst != 0 { f32::NAN } else { 0.0 };
                     (both, sp)
                 }
-                TIES | TIES_PAPER => {
-                    let tv = if KIND == TIES_PAPER { onties::Variant::Paper } else { onties::Variant::Reference };
-                    let kept = t_local.keeps(magnitude_key(d), j as u32);
-                    let sp = if kept { mul(d, t_sel.factor) } else { 0.0 };
-                    (add(theta0, onties::combine(tv, tau_j, sp, t_alpha, t_omega)), sp)
+                // The whole element, both decays included (the new θ, not θ₁).
+                TIES => {
+                    let (sp, theta2) = onties::merge_element::<TORCH, CACHED, false>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
+                    (theta2, sp)
+                }
+                TIES_PAPER => {
+                    let (sp, theta2) = onties::merge_element::<TORCH, CACHED, true>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
+                    (theta2, sp)
                 }
                 _ => {
                     let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), 1.0);
@@ -749,7 +746,7 @@ impl TensorStep<'_> {
                     (dare::merge_paper(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
             };
-            let theta2 = adam::decay_after::<TORCH>(s, theta1);
+            let theta2 = if KIND == TIES || KIND == TIES_PAPER { theta1 } else { adam::decay_after::<TORCH>(s, theta1) };
             out.theta[j] = theta2;
             out.cached[j] = cached1;
             out.d[j] = d;

@@ -6,15 +6,17 @@ use crate::arith::flush as fl;
 use crate::dare::{DareConfig, DareVariant};
 use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
-use crate::hyper::{AdamConfig, AdamForm, Schedule, StepScalars};
+use crate::hyper::{AdamConfig, AdamForm, Schedule};
 use crate::onties;
-use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TensorState, TiesConfig};
+use crate::reference;
+use crate::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TiesConfig};
 use crate::dtype::Dst;
 use crate::step::MergePlan;
 use crate::topk::magnitude_key;
-use crate::rng::{Keep, MaskKey, tensor_id};
+use crate::rng::{MaskKey, tensor_id};
 use crate::step::{Norms, Phase, StateMut, StateRef};
-use crate::testutil::Rng;
+use crate::rng::SplitMix64;
+use crate::testutil::wide_f32;
 use std::vec;
 use std::vec::Vec;
 
@@ -45,84 +47,18 @@ fn l1(xs: &[f32]) -> f32 {
     level[0]
 }
 
-/// One step of SPEC.md §5 for a whole tensor, written straight from the formulas.
+/// One step of one tensor (per-tensor scope) through the plain reference of
+/// SPEC.md §5, `crate::reference`; the cached delta is always given.
 fn reference_step(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut State, tau: &[f32]) {
-    let s: StepScalars = cfg.adam.scalars(k).unwrap();
-    let torch = cfg.adam.form == AdamForm::Torch;
-    let n = g.len();
-    let mut delta = vec![0.0f32; n];
-    let mut theta = vec![0.0f32; n];
-    for i in 0..n {
-        let gi = fl(g[i]);
-        let mut th = fl(st.theta[i]);
-        if torch { th = m_(th, s.decay_before); }
-        st.m[i] = a(m_(s.beta1, fl(st.m[i])), m_(s.one_minus_beta1, gi));
-        st.v[i] = a(m_(s.beta2, fl(st.v[i])), m_(s.one_minus_beta2, m_(gi, gi)));
-        let root = fl(libm::sqrtf(st.v[i]));
-        let den = if torch { a(d_(root, s.bc2_sqrt), s.eps) } else { a(root, s.eps) };
-        delta[i] = m_(s.neg_step_size, d_(st.m[i], den));
-        theta[i] = th;
-    }
-    let merge_step = k.is_multiple_of(u64::from(cfg.k));
-    if !merge_step {
-        for i in 0..n {
-            theta[i] = a(theta[i], delta[i]);
-            st.cached[i] = a(st.cached[i], delta[i]);
-        }
+    let ties = if matches!(cfg.merge, Merge::Ties(_)) && k.is_multiple_of(u64::from(cfg.k)) {
+        let mut d = vec![0.0f32; g.len()];
+        reference::update(cfg, k, g, StateRef { theta: &st.theta, m: &st.m, v: &st.v, cached: Some(&st.cached) }, &mut d).unwrap();
+        Some((reference::ties_selection(cfg, &[&d]).unwrap(), 0))
     } else {
-        for i in 0..n {
-            theta[i] = s_(theta[i], st.cached[i]);
-            delta[i] = a(delta[i], st.cached[i]);
-            st.cached[i] = 0.0;
-        }
-        match cfg.merge {
-            Merge::None => for i in 0..n { theta[i] = a(theta[i], delta[i]); },
-            Merge::Ties(t) => {
-                let kept = naive_top_k(&[&delta], t.p as f32);
-                let mut sel: Vec<f32> = (0..n).map(|i| if kept[i] { fl(delta[i]) } else { 0.0 }).collect();
-                if t.rescale {
-                    let (full, part) = (l1(&delta), l1(&sel));
-                    if full >= 1e-8f32 && part > 0.0 {
-                        let r = d_(full, part);
-                        for x in sel.iter_mut() { *x = m_(*x, r); }
-                    }
-                }
-                let (al, om) = (fl(t.alpha as f32), fl((1.0 - t.alpha) as f32));
-                for i in 0..n {
-                    theta[i] = a(theta[i], onties::combine(t.variant, tau[i], sel[i], al, om));
-                }
-            }
-            Merge::Dare(d) => {
-                let p32 = d.p as f32;
-                let keep = Keep::new(p32).unwrap();
-                let key = MaskKey::new(cfg.seed, tensor_id(name), k as u32);
-                let reference = d.variant == DareVariant::Reference;
-                let scale = if reference { (1.0 / f64::from(p32)) as f32 } else { 1.0 };
-                let mut sp: Vec<f32> = (0..n).map(|i| if keep.keeps(key.uniform(i as u32, 0)) { m_(delta[i], scale) } else { 0.0 }).collect();
-                if d.rescale {
-                    let org = l1(&delta);
-                    let new = l1(&sp);
-                    if org >= 1e-8f32 {
-                        let r = d_(org, a(new, s.eps));
-                        let c = d.clip as f32;
-                        for x in sp.iter_mut() { *x = m_(*x, r).clamp(-c, c); }
-                    }
-                }
-                let (al, om) = (fl(d.alpha as f32), fl((1.0 - d.alpha) as f32));
-                for i in 0..n {
-                    theta[i] = if reference {
-                        a(a(theta[i], m_(al, tau[i])), m_(om, sp[i]))
-                    } else {
-                        let t = if keep.keeps(key.uniform(i as u32, 1)) { fl(tau[i]) } else { 0.0 };
-                        a(theta[i], a(m_(al, t), m_(om, sp[i])))
-                    };
-                }
-            }
-        }
-    }
-    for i in 0..n {
-        st.theta[i] = if torch { theta[i] } else { s_(theta[i], m_(s.decay_after, theta[i])) };
-    }
+        None
+    };
+    let state = StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: Some(&mut st.cached) };
+    reference::step(cfg, k, name, g, state, tau, ties).unwrap();
 }
 
 /// Which elements of the concatenation keep: the `⌈p·n⌉` largest keys, ties to
@@ -140,11 +76,22 @@ fn naive_top_k(parts: &[&[f32]], p: f32) -> Vec<bool> {
     kept
 }
 
-fn random_state(rng: &mut Rng, n: usize) -> (Vec<f32>, State, Vec<f32>) {
-    let g: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-2).collect();
-    let theta: Vec<f32> = (0..n).map(|_| rng.unit_f32()).collect();
-    let tau: Vec<f32> = (0..n).map(|_| rng.unit_f32() * 1e-3).collect();
+fn random_state(rng: &mut SplitMix64, n: usize) -> (Vec<f32>, State, Vec<f32>) {
+    let g: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0) * 1e-2).collect();
+    let theta: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0)).collect();
+    let tau: Vec<f32> = (0..n).map(|_| rng.uniform_f32(1.0) * 1e-3).collect();
     (g, State { theta, m: vec![0.0; n], v: vec![0.0; n], cached: vec![0.0; n] }, tau)
+}
+
+/// One tensor through the optimizer front: a one-element `step_tensors`.
+trait StepOne {
+    fn step_one(&self, name: &str, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<(), Error>;
+}
+
+impl StepOne for StepPlan {
+    fn step_one(&self, name: &str, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<(), Error> {
+        self.step_tensors(&mut [StepJob { name, grad, state, tau, scratch }])
+    }
 }
 
 /// Runs `steps` steps through the optimizer front, whole tensors.
@@ -154,7 +101,7 @@ fn run_front(cfg: &OnlineConfig, steps: u64, name: &str, grads: &[Vec<f32>], st:
         let plan = opt.begin_step().unwrap();
         let cached = if opt.needs_cached_delta() { Some(&mut st.cached[..]) } else { None };
         let mut scratch = vec![f32::NAN; tau.len()];
-        plan.step_tensor_with_scratch(name, &grads[k as usize], TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }, &mut scratch).unwrap();
+        plan.step_one(name, &grads[k as usize], StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached }, Src::F32(tau), &mut scratch).unwrap();
     }
 }
 
@@ -186,11 +133,11 @@ fn configs() -> Vec<OnlineConfig> {
 
 #[test]
 fn the_front_matches_the_formulas_for_every_configuration() {
-    let mut rng = Rng::new(1);
+    let mut rng = SplitMix64::new(1);
     let n = 1000;
     for cfg in configs() {
         let (_, st0, tau) = random_state(&mut rng, n);
-        let grads: Vec<Vec<f32>> = (0..7).map(|_| (0..n).map(|_| rng.unit_f32() * 1e-2).collect()).collect();
+        let grads: Vec<Vec<f32>> = (0..7).map(|_| (0..n).map(|_| rng.uniform_f32(1.0) * 1e-2).collect()).collect();
         let mut got = st0.clone();
         run_front(&cfg, 7, "model.layers.3.w", &grads, &mut got, &tau);
         let mut want = st0.clone();
@@ -215,13 +162,13 @@ fn bits(xs: &[f32]) -> Vec<u32> {
 
 #[test]
 fn p_one_alpha_zero_is_adamw_bit_for_bit() {
-    let mut rng = Rng::new(2);
+    let mut rng = SplitMix64::new(2);
     let n = 777;
     for form in [AdamForm::HuggingFace, AdamForm::Torch] {
         let adam = AdamConfig { form, lr: 3e-3, weight_decay: 0.1, ..AdamConfig::default() };
         let plain = OnlineConfig { adam, merge: Merge::None, k: 1, seed: 9 };
         let (_, st0, tau) = random_state(&mut rng, n);
-        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| rng.wide_f32()).collect()).collect();
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| (0..n).map(|_| wide_f32(&mut rng)).collect()).collect();
         let mut want = st0.clone();
         run_front(&plain, 4, "t", &grads, &mut want, &tau);
         for variant in [DareVariant::Reference, DareVariant::Paper] {
@@ -242,16 +189,16 @@ fn p_one_alpha_zero_is_adamw_bit_for_bit() {
 
 #[test]
 fn k_equal_one_with_a_cached_slice_is_online_merging() {
-    let mut rng = Rng::new(3);
+    let mut rng = SplitMix64::new(3);
     let n = 300;
     let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, alpha: 0.1, rescale: true, ..DareConfig::default() }), ..OnlineConfig::default() };
     let (g, st0, tau) = random_state(&mut rng, n);
     let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
     assert_eq!(plan.phase(), Phase::Merge);
     let mut online = st0.clone();
-    plan.step_tensor("w", &g, TensorState { theta: &mut online.theta, m: &mut online.m, v: &mut online.v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("w", &g, StateMut { theta: &mut online.theta, m: &mut online.m, v: &mut online.v, cached: None }, Src::F32(&tau), &mut []).unwrap();
     let mut with_cache = st0.clone();
-    plan.step_tensor("w", &g, TensorState { theta: &mut with_cache.theta, m: &mut with_cache.m, v: &mut with_cache.v, cached: Some(&mut with_cache.cached), tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("w", &g, StateMut { theta: &mut with_cache.theta, m: &mut with_cache.m, v: &mut with_cache.v, cached: Some(&mut with_cache.cached) }, Src::F32(&tau), &mut []).unwrap();
     assert_eq!(bits(&online.theta), bits(&with_cache.theta));
     assert_eq!(with_cache.cached, vec![0.0; n]);
 }
@@ -261,12 +208,12 @@ fn step_k_rolls_back_to_the_direct_formula() {
     // K = 3, lr constant, no decay, p = 1, α = 0: two plain steps, then the third
     // rolls both back and applies Δ3 ⊕ (Δ1 ⊕ Δ2). The Adam deltas come from the
     // moments of a plain run.
-    let mut rng = Rng::new(4);
+    let mut rng = SplitMix64::new(4);
     let n = 64;
     let adam = AdamConfig { lr: 1e-2, ..AdamConfig::default() };
     let cfg = OnlineConfig { adam, merge: Merge::Dare(DareConfig { p: 1.0, alpha: 0.0, ..DareConfig::default() }), k: 3, seed: 0 };
     let (_, st0, tau) = random_state(&mut rng, n);
-    let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.unit_f32()).collect()).collect();
+    let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rng.uniform_f32(1.0)).collect()).collect();
     let mut got = st0.clone();
     run_front(&cfg, 3, "w", &grads, &mut got, &tau);
     // Direct: the Adam deltas of the three steps from the moments alone.
@@ -350,7 +297,7 @@ fn step_in_chunks(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
 
 #[test]
 fn chunking_at_random_cut_points_changes_no_bit() {
-    let mut rng = Rng::new(5);
+    let mut rng = SplitMix64::new(5);
     let n = 2049;
     for cfg in configs() {
         let (g, st0, tau) = random_state(&mut rng, n);
@@ -383,7 +330,7 @@ fn masks_keep_about_p_and_depend_on_step_and_name() {
     let moved = |name: &str, k: u64| -> Vec<bool> {
         let mut st = State { theta: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], cached: vec![] };
         Optimizer::new(cfg).unwrap().plan(k).unwrap()
-            .step_tensor(name, &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) })
+            .step_one(name, &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut [])
             .unwrap();
         st.theta.iter().map(|&t| t != 0.0).collect()
     };
@@ -398,7 +345,7 @@ fn masks_keep_about_p_and_depend_on_step_and_name() {
 
 #[test]
 fn non_finite_inputs_and_outputs_name_the_lowest_index_and_write_nothing() {
-    let mut rng = Rng::new(6);
+    let mut rng = SplitMix64::new(6);
     let n = 500;
     let cfg = OnlineConfig { merge: Merge::Dare(DareConfig { p: 0.5, ..DareConfig::default() }), ..OnlineConfig::default() };
     let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
@@ -421,7 +368,7 @@ fn non_finite_inputs_and_outputs_name_the_lowest_index_and_write_nothing() {
             g[n - 1] = f32::NAN;
         }
         let before = st.clone();
-        let err = plan.step_tensor("blk.0", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+        let err = plan.step_one("blk.0", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
         assert_eq!(err, Error::NonFinite { tensor: tensor_name("blk.0"), what, index: at as u64 });
         assert_eq!(st, before, "nothing written");
     }
@@ -438,10 +385,10 @@ fn edge_values_stay_finite_flushed_and_positive_zero() {
     let mut v = [0.0f32; 8];
     let tau = [-0.0, sub, 0.0, 0.0, 0.0, 0.0, 0.0, 1e-38];
     // f32::MAX squared overflows v: refused at index 6.
-    let err = plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    let err = plan.step_one("e", &g, StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
     assert!(matches!(err, Error::NonFinite { index: 6, what: "updated exp_avg_sq", .. }), "{err:?}");
     let g = [0.0, -0.0, sub, -sub, 1e-30, -1e18, 1e18, f32::MIN_POSITIVE];
-    plan.step_tensor("e", &g, TensorState { theta: &mut theta, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&tau) }).unwrap();
+    plan.step_one("e", &g, StateMut { theta: &mut theta, m: &mut m, v: &mut v, cached: None }, Src::F32(&tau), &mut []).unwrap();
     for x in theta.iter().chain(&m).chain(&v) {
         assert!(x.is_finite());
         assert!(x.to_bits() == 0 || x.to_bits() & 0x7f80_0000 != 0, "no subnormal or -0: {:#x}", x.to_bits());
@@ -460,15 +407,15 @@ fn bad_configurations_are_named() {
     let opt = Optimizer::new(OnlineConfig { k: 2, ..OnlineConfig::default() }).unwrap();
     let plan = opt.plan(1).unwrap();
     let (mut t, mut m, mut v) = ([0.0f32; 3], [0.0f32; 3], [0.0f32; 3]);
-    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m, v: &mut v, cached: None, tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    let e = plan.step_one("w", &[0.0; 3], StateMut { theta: &mut t, m: &mut m, v: &mut v, cached: None }, Src::F32(&[0.0; 3]), &mut []).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "cached delta (required when k > 1)", .. }));
-    let e = plan.step_tensor("w", &[0.0; 3], TensorState { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]), tau: Src::F32(&[0.0; 3]) }).unwrap_err();
+    let e = plan.step_one("w", &[0.0; 3], StateMut { theta: &mut t, m: &mut m[..2], v: &mut v, cached: Some(&mut [0.0; 3]) }, Src::F32(&[0.0; 3]), &mut []).unwrap_err();
     assert!(matches!(e, Error::LengthMismatch { what: "exp_avg", expected: 3, found: 2, .. }));
 }
 
 #[test]
 fn global_ties_trims_the_concatenation_in_name_order() {
-    let mut rng = Rng::new(8);
+    let mut rng = SplitMix64::new(8);
     let names = ["a.bias", "a.weight", "b.weight"];
     let sizes = [7usize, 300, 129];
     for variant in [onties::Variant::Reference, onties::Variant::Paper] {
@@ -486,7 +433,7 @@ fn global_ties_trims_the_concatenation_in_name_order() {
             {
                 let plan = opt.plan(1).unwrap();
                 let mut jobs: Vec<StepJob<'_>> = states.iter_mut().zip(scratches.iter_mut()).zip(names).map(|(((g, st, tau), scr), name)| StepJob {
-                    name, grad: g, theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(tau), scratch: scr,
+                    name, grad: g, state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, tau: Src::F32(tau), scratch: scr,
                 }).collect();
                 plan.step_tensors(&mut jobs).unwrap();
                 // Out of order: refused.
@@ -525,10 +472,10 @@ fn global_ties_trims_the_concatenation_in_name_order() {
 
 #[test]
 fn ties_task_vectors_per_tensor_and_global() {
-    let mut rng = Rng::new(9);
+    let mut rng = SplitMix64::new(9);
     let sizes = [50usize, 200];
-    let bases: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.unit_f32()).collect()).collect();
-    let sfts: Vec<Vec<f32>> = bases.iter().map(|b| b.iter().map(|&x| x + rng.unit_f32() * [1e-3, 1e-1][b.len() / 200]).collect()).collect();
+    let bases: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| rng.uniform_f32(1.0)).collect()).collect();
+    let sfts: Vec<Vec<f32>> = bases.iter().map(|b| b.iter().map(|&x| x + rng.uniform_f32(1.0) * [1e-3, 1e-1][b.len() / 200]).collect()).collect();
     for scope in [Scope::PerTensor, Scope::Global] {
         let cfg = OnlineConfig { merge: Merge::Ties(TiesConfig { p: 0.1, scope, rescale: true, ..TiesConfig::default() }), ..OnlineConfig::default() };
         let opt = Optimizer::new(cfg).unwrap();
@@ -560,8 +507,8 @@ fn ties_task_vectors_per_tensor_and_global() {
 }
 
 #[test]
-fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_input() {
-    let mut rng = Rng::new(10);
+fn the_single_pass_out_of_place_chunk_equals_the_in_place_step_and_spares_the_input() {
+    let mut rng = SplitMix64::new(10);
     let n = 999;
     for merge in [Merge::None, Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() }), Merge::Dare(DareConfig { variant: DareVariant::Paper, p: 0.4, alpha: 0.1, ..DareConfig::default() })] {
         for k in [1u32, 2] {
@@ -572,11 +519,11 @@ fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_inp
                 let plan = opt.plan(step).unwrap();
                 let mut inplace = st0.clone();
                 let cached = (k > 1).then(|| &mut inplace.cached[..]);
-                plan.step_tensor("w", &g, TensorState { theta: &mut inplace.theta, m: &mut inplace.m, v: &mut inplace.v, cached, tau: Src::F32(&tau) }).unwrap();
+                plan.step_one("w", &g, StateMut { theta: &mut inplace.theta, m: &mut inplace.m, v: &mut inplace.v, cached }, Src::F32(&tau), &mut []).unwrap();
                 let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
                 let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
                 let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
-                plan.step_tensor_into("w", &g, old, Src::F32(&tau), new).unwrap();
+                plan.tensor("w", n as u64).unwrap().write_chunk_into(0, &g, old, Src::F32(&tau), new).unwrap();
                 if k == 1 {
                     out.cached = inplace.cached.clone();
                 }
@@ -590,8 +537,8 @@ fn the_single_pass_out_of_place_step_equals_the_in_place_step_and_spares_the_inp
     g[700] = f32::INFINITY;
     g[900] = f32::NAN;
     let mut out = st0.clone();
-    let err = opt.plan(1).unwrap()
-        .step_tensor_into("w", &g, StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: None }, Src::F32(&tau), StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: None })
+    let err = opt.plan(1).unwrap().tensor("w", n as u64).unwrap()
+        .write_chunk_into(0, &g, StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: None }, Src::F32(&tau), StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: None })
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "gradient", index: 700 });
 }
@@ -601,7 +548,7 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     // s = RN(1/p) = 1e30 and |D| ≈ lr = 1e10: every kept D ⊗ s overflows, but
     // with p = 1e-30 the threshold is 0 and nothing is kept, so the step is fine;
     // the check pass must fall back to the real masks rather than refuse.
-    let mut rng = Rng::new(11);
+    let mut rng = SplitMix64::new(11);
     let n = 600;
     let cfg = OnlineConfig {
         adam: AdamConfig { lr: 1e10, ..AdamConfig::default() },
@@ -622,14 +569,14 @@ fn a_dropped_element_whose_kept_value_would_overflow_is_no_error() {
     let key = MaskKey::new(0, tensor_id("w"), 1);
     let first_kept = (0..n as u32).find(|&i| key.uniform(i, 0) < (1u32 << 31)).unwrap();
     let mut st = st0.clone();
-    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }).unwrap_err();
+    let err = plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut []).unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("w"), what: "sparsified update", index: u64::from(first_kept) });
     assert_eq!(st, st0);
 }
 
 #[test]
 fn ties_validates_the_new_parameter_before_writing() {
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let n = 700;
     let ties = TiesConfig { p: 0.1, alpha: 1.0, ..TiesConfig::default() };
     let cfg = OnlineConfig { merge: Merge::Ties(ties), ..OnlineConfig::default() };
@@ -643,7 +590,7 @@ fn ties_validates_the_new_parameter_before_writing() {
     let mut st = st0.clone();
     let mut scratch = vec![0.0f32; n];
     let err = plan
-        .step_tensor_with_scratch("t", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .step_one("t", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut scratch)
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "updated parameter", index: 600 });
     assert_eq!(st, st0);
@@ -652,7 +599,7 @@ fn ties_validates_the_new_parameter_before_writing() {
     let mut g2 = g.clone();
     g2[690] = f32::NAN;
     let err = plan
-        .step_tensor_with_scratch("t", &g2, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&tau) }, &mut scratch)
+        .step_one("t", &g2, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&tau), &mut scratch)
         .unwrap_err();
     assert_eq!(err, Error::NonFinite { tensor: tensor_name("t"), what: "gradient", index: 690 });
     assert_eq!(st, st0);
@@ -662,7 +609,7 @@ fn ties_validates_the_new_parameter_before_writing() {
 fn steps_that_read_no_task_vector_accept_an_empty_one() {
     // Plain AdamW, and step-K's accumulating steps, never read τ': a host without
     // SFT/base models passes an empty one. A merging step still refuses it by name.
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let n = 700;
     let (g, st0, tau) = random_state(&mut rng, n);
     let dare = Merge::Dare(DareConfig { p: 0.4, alpha: 0.1, ..DareConfig::default() });
@@ -671,11 +618,11 @@ fn steps_that_read_no_task_vector_accept_an_empty_one() {
         let run = |tau: &[f32]| {
             let mut st = st0.clone();
             let cached = (k > 1).then(|| &mut st.cached[..]);
-            plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached, tau: Src::F32(tau) }).unwrap();
+            plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached }, Src::F32(tau), &mut []).unwrap();
             let mut out = State { theta: vec![f32::NAN; n], m: vec![f32::NAN; n], v: vec![f32::NAN; n], cached: vec![f32::NAN; n] };
             let old = StateRef { theta: &st0.theta, m: &st0.m, v: &st0.v, cached: (k > 1).then(|| &st0.cached[..]) };
             let new = StateMut { theta: &mut out.theta, m: &mut out.m, v: &mut out.v, cached: (k > 1).then(|| &mut out.cached[..]) };
-            plan.step_tensor_into("w", &g, old, Src::F32(tau), new).unwrap();
+            plan.tensor("w", n as u64).unwrap().write_chunk_into(0, &g, old, Src::F32(tau), new).unwrap();
             (st, out)
         };
         let (full_inplace, full_into) = run(&tau);
@@ -685,7 +632,7 @@ fn steps_that_read_no_task_vector_accept_an_empty_one() {
     }
     let plan = Optimizer::new(OnlineConfig { merge: dare, ..OnlineConfig::default() }).unwrap().plan(1).unwrap();
     let mut st = st0.clone();
-    let err = plan.step_tensor("w", &g, TensorState { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None, tau: Src::F32(&[]) }).unwrap_err();
+    let err = plan.step_one("w", &g, StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: None }, Src::F32(&[]), &mut []).unwrap_err();
     assert_eq!(err, Error::LengthMismatch { tensor: tensor_name("w"), what: "task vector", expected: n as u64, found: 0 });
     assert_eq!(st, st0);
 }
@@ -702,10 +649,7 @@ fn step_three(plan: &crate::optim::StepPlan, grads: &[Vec<f32>], states: &mut [S
         .map(|(i, (st, scratch))| StepJob {
             name: NAMES[i],
             grad: &grads[i],
-            theta: &mut st.theta,
-            m: &mut st.m,
-            v: &mut st.v,
-            cached: if cached { Some(&mut st.cached[..]) } else { None },
+            state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: if cached { Some(&mut st.cached[..]) } else { None } },
             tau: Src::F32(&taus[i]),
             scratch,
         })
@@ -715,7 +659,7 @@ fn step_three(plan: &crate::optim::StepPlan, grads: &[Vec<f32>], states: &mut [S
 
 #[test]
 fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
-    let mut rng = Rng::new(12);
+    let mut rng = SplitMix64::new(12);
     let sizes = [300usize, 17, 1000];
     for cfg in configs() {
         let mut opt = Optimizer::new(cfg).unwrap();
@@ -732,7 +676,7 @@ fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
             let mut alone = states[i].clone();
             let mut scratch = vec![f32::NAN; sizes[i]];
             let c = if cached { Some(&mut alone.cached[..]) } else { None };
-            plan.step_tensor_with_scratch(name, &grads[i], TensorState { theta: &mut alone.theta, m: &mut alone.m, v: &mut alone.v, cached: c, tau: Src::F32(&taus[i]) }, &mut scratch).unwrap();
+            plan.step_one(name, &grads[i], StateMut { theta: &mut alone.theta, m: &mut alone.m, v: &mut alone.v, cached: c }, Src::F32(&taus[i]), &mut scratch).unwrap();
             assert!(together[i] == alone, "{cfg:?}: {name} differs from its step alone");
         }
 
@@ -746,5 +690,128 @@ fn several_tensors_step_as_each_alone_and_a_late_failure_writes_none() {
         assert_eq!(err, Error::NonFinite { tensor: tensor_name("c.w"), what: "updated exp_avg_sq", index: 999 }, "{cfg:?}");
         let written: Vec<usize> = (0..3).filter(|&i| failing[i] != before[i]).collect();
         assert!(written.is_empty(), "{cfg:?}: tensors {written:?} written by a failing step");
+    }
+}
+
+/// Every configuration the block kernels serve: both forms; plain AdamW, OnDARE
+/// and OnTIES in both variants with and without the rescale, OnTIES per tensor
+/// and global; online merging and step-K.
+fn all_configurations() -> Vec<OnlineConfig> {
+    let mut out = Vec::new();
+    for form in [AdamForm::HuggingFace, AdamForm::Torch] {
+        let adam = AdamConfig { form, lr: 2e-3, weight_decay: 0.05, schedule: Schedule::WarmupCosine { warmup: 2, total: 8 }, ..AdamConfig::default() };
+        let mut merges = vec![Merge::None];
+        for variant in [DareVariant::Reference, DareVariant::Paper] {
+            for rescale in [false, true] {
+                merges.push(Merge::Dare(DareConfig { variant, p: 0.3, alpha: 0.25, rescale, clip: 2e-3 }));
+            }
+        }
+        for variant in [onties::Variant::Reference, onties::Variant::Paper] {
+            for rescale in [false, true] {
+                for scope in [Scope::PerTensor, Scope::Global] {
+                    merges.push(Merge::Ties(TiesConfig { variant, p: 0.3, alpha: 0.25, rescale, scope }));
+                }
+            }
+        }
+        for merge in merges {
+            for k in [1, 3] {
+                out.push(OnlineConfig { adam, merge, k, seed: 0x5eed_0bad_cafe });
+            }
+        }
+    }
+    out
+}
+
+/// A value of magnitude about `scale`, or now and then a zero of either sign or
+/// a subnormal (which every load flushes).
+fn input(rng: &mut SplitMix64, scale: f32) -> f32 {
+    match rng.below(16) {
+        0 => f32::from_bits(rng.next_u32() & 0x807f_ffff),
+        1 => -0.0,
+        2 => 0.0,
+        _ => rng.uniform_f32(scale),
+    }
+}
+
+#[test]
+fn the_block_kernels_match_the_plain_reference_bit_for_bit() {
+    let mut rng = SplitMix64::new(0x0efe_4e11);
+    // Three tensors in bytewise name order (a global scope's sequence), none a
+    // multiple of the block.
+    let names = ["blk.0.a", "blk.0.b", "blk.1.a"];
+    let lens = [1usize, 257, 700];
+    for cfg in all_configurations() {
+        let mut kernel: Vec<State> = lens
+            .iter()
+            .map(|&n| State {
+                theta: (0..n).map(|_| input(&mut rng, 1.0)).collect(),
+                m: (0..n).map(|_| input(&mut rng, 1e-3)).collect(),
+                // The second moment is never negative.
+                v: (0..n).map(|_| fl(input(&mut rng, 1e-5)).abs()).collect(),
+                cached: (0..n).map(|_| if cfg.k > 1 { input(&mut rng, 1e-3) } else { 0.0 }).collect(),
+            })
+            .collect();
+        let taus: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| input(&mut rng, 1e-3)).collect()).collect();
+        let mut reference = kernel.clone();
+        let opt = Optimizer::new(cfg).unwrap();
+        for k in 1..=4u64 {
+            let grads: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| input(&mut rng, 1e-2)).collect()).collect();
+            let plan = opt.plan(k).unwrap();
+            // The reference's OnTIES selections, from its own updates `D`. Where
+            // `τ'` is set to `−D` the sum `τ' ⊕ D'` cancels to `+0`: the election's
+            // tie (`≥ 0` elects `+1`) is met on every merge step.
+            let mut taus = taus.clone();
+            let mut selections = vec![None; lens.len()];
+            if let (Merge::Ties(t), Phase::Merge) = (cfg.merge, plan.phase()) {
+                let updates: Vec<Vec<f32>> = reference
+                    .iter()
+                    .zip(&grads)
+                    .map(|(st, g)| {
+                        let mut d = vec![0.0f32; g.len()];
+                        let state = StateRef { theta: &st.theta, m: &st.m, v: &st.v, cached: (cfg.k > 1).then_some(&st.cached[..]) };
+                        reference::update(&cfg, k, g, state, &mut d).unwrap();
+                        d
+                    })
+                    .collect();
+                let mut offset = 0u64;
+                for (i, d) in updates.iter().enumerate() {
+                    selections[i] = Some(if t.scope == Scope::Global {
+                        let all: Vec<&[f32]> = updates.iter().map(|u| &u[..]).collect();
+                        (reference::ties_selection(&cfg, &all).unwrap(), offset)
+                    } else {
+                        (reference::ties_selection(&cfg, &[d]).unwrap(), 0)
+                    });
+                    offset += d.len() as u64;
+                    for j in (3..d.len()).step_by(7) {
+                        taus[i][j] = -d[j];
+                    }
+                }
+            }
+            let mut scratch: Vec<Vec<f32>> = lens.iter().map(|&n| vec![f32::NAN; n]).collect();
+            let mut jobs: Vec<StepJob<'_>> = kernel
+                .iter_mut()
+                .zip(&mut scratch)
+                .enumerate()
+                .map(|(i, (st, scratch))| StepJob {
+                    name: names[i],
+                    grad: &grads[i],
+                    state: StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: (cfg.k > 1).then_some(&mut st.cached[..]) },
+                    tau: Src::F32(&taus[i]),
+                    scratch,
+                })
+                .collect();
+            plan.step_tensors(&mut jobs).unwrap();
+            for (i, st) in reference.iter_mut().enumerate() {
+                let state = StateMut { theta: &mut st.theta, m: &mut st.m, v: &mut st.v, cached: (cfg.k > 1).then_some(&mut st.cached[..]) };
+                reference::step(&cfg, k, names[i], &grads[i], state, &taus[i], selections[i]).unwrap();
+            }
+            for (i, (got, want)) in kernel.iter().zip(&reference).enumerate() {
+                for (value, got, want) in [("theta", &got.theta, &want.theta), ("m", &got.m, &want.m), ("v", &got.v, &want.v), ("cached delta", &got.cached, &want.cached)] {
+                    if let Some(j) = (0..got.len()).find(|&j| got[j].to_bits() != want[j].to_bits()) {
+                        panic!("{value}[{j}]: kernel {:e}, reference {:e}; {cfg:?} step {k} tensor {}", got[j], want[j], names[i]);
+                    }
+                }
+            }
+        }
     }
 }

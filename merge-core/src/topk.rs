@@ -659,11 +659,11 @@ pub fn select_with_scratch(scope: &str, tensors: &[&[f32]], k: u64, scratch: &mu
 mod tests {
     extern crate std;
     use super::*;
-    use crate::testutil::Rng;
+    use crate::rng::SplitMix64;
     use std::vec::Vec;
 
     /// Uniform below `n` (test inputs only; the modulo bias is irrelevant here).
-    fn below(rng: &mut Rng, n: u64) -> u64 {
+    fn below(rng: &mut SplitMix64, n: u64) -> u64 {
         rng.next_u64() % n
     }
 
@@ -700,7 +700,7 @@ mod tests {
 
     /// Values with many ties: a tiny set (with both zeros and a subnormal, which
     /// flushes to the same key as zero), bf16-rounded values, or plain random.
-    fn values_of(rng: &mut Rng, n: usize, kind: u64) -> Vec<f32> {
+    fn values_of(rng: &mut SplitMix64, n: usize, kind: u64) -> Vec<f32> {
         const TINY: [f32; 8] = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 1.0e-40, 3.5];
         (0..n)
             .map(|_| match kind {
@@ -717,7 +717,7 @@ mod tests {
     }
 
     /// Runs the select with random chunking and a random chunk order per pass.
-    fn chunked(rng: &mut Rng, values: &[f32], k: u64) -> Threshold {
+    fn chunked(rng: &mut SplitMix64, values: &[f32], k: u64) -> Threshold {
         let n = values.len();
         let mut sel = RadixSelect::new("t", n as u64, k).unwrap();
         while sel.pass().is_some() {
@@ -752,7 +752,7 @@ mod tests {
 
     #[test]
     fn every_k_on_small_inputs_matches_the_oracle() {
-        let mut rng = Rng::new(1);
+        let mut rng = SplitMix64::new(1);
         for n in 1..=40usize {
             for kind in 0..5 {
                 let values = values_of(&mut rng, n, kind);
@@ -768,7 +768,7 @@ mod tests {
 
     #[test]
     fn large_inputs_with_many_ties_match_the_oracle() {
-        let mut rng = Rng::new(2);
+        let mut rng = SplitMix64::new(2);
         for round in 0..30 {
             let n = 1 + below(&mut rng, 6000) as usize;
             let values = values_of(&mut rng, n, round % 5);
@@ -805,7 +805,7 @@ mod tests {
 
     #[test]
     fn global_scope_over_several_tensors_is_one_concatenated_sequence() {
-        let mut rng = Rng::new(3);
+        let mut rng = SplitMix64::new(3);
         for _ in 0..20 {
             let parts: Vec<Vec<f32>> = (0..1 + below(&mut rng, 5))
                 .map(|i| {
@@ -829,7 +829,7 @@ mod tests {
     fn histograms_from_elsewhere_give_the_same_threshold() {
         // What the GPU runtime does: compute each pass's histogram with Pass::bucket
         // and hand it in as u32 counts.
-        let mut rng = Rng::new(4);
+        let mut rng = SplitMix64::new(4);
         let values = values_of(&mut rng, 3000, 3);
         let mut sel = RadixSelect::new("t", 3000, 700).unwrap();
         while let Some(pass) = sel.pass() {
@@ -847,7 +847,7 @@ mod tests {
 
     #[test]
     fn histograms_with_tie_ends_skip_the_index_passes() {
-        let mut rng = Rng::new(8);
+        let mut rng = SplitMix64::new(8);
         for kind in 0..5 {
             let values = values_of(&mut rng, 3000, kind);
             for k in [1u64, 17, 1500, 3000] {
@@ -885,7 +885,7 @@ mod tests {
     #[test]
     fn index_ranges_hold_every_candidate() {
         // Every candidate of every pass lies inside the pass's index range.
-        let mut rng = Rng::new(9);
+        let mut rng = SplitMix64::new(9);
         for _ in 0..30 {
             let n = 1 + below(&mut rng, 20_000) as usize;
             let values = values_of(&mut rng, n, 3);
@@ -932,7 +932,7 @@ mod tests {
 
     #[test]
     fn local_thresholds_decide_like_global_ones() {
-        let mut rng = Rng::new(6);
+        let mut rng = SplitMix64::new(6);
         for _ in 0..2000 {
             let t = Threshold { key: below(&mut rng, 8) as u32, cutoff: below(&mut rng, 300) };
             let offset = below(&mut rng, 300);
@@ -968,7 +968,7 @@ mod tests {
     fn a_first_pass_fused_by_the_caller_then_finished_in_memory() {
         // What the optimizer does: feed pass 1 while computing the values, finish it,
         // then let the select run the rest over the stored values.
-        let mut rng = Rng::new(7);
+        let mut rng = SplitMix64::new(7);
         let values = values_of(&mut rng, 5000, 1);
         let mut sel = RadixSelect::new("t", 5000, 321).unwrap();
         for (c, chunk) in values.chunks(64).enumerate() {
@@ -1016,7 +1016,7 @@ mod tests {
         assert_eq!(keep_count("p", 0.01, 100).unwrap(), 1);
         assert_eq!(keep_count("p", f32::MIN_POSITIVE, u64::MAX).unwrap(), 1);
         assert_eq!(keep_count("p", 1.0, u64::MAX).unwrap(), u64::MAX);
-        let mut rng = Rng::new(5);
+        let mut rng = SplitMix64::new(5);
         for _ in 0..100_000 {
             // Products below 2^53 are exact in binary64: an independent oracle.
             let p = f32::from_bits(0x0080_0000 + below(&mut rng, 0x3f80_0000 - 0x0080_0000 + 1) as u32);

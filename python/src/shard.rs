@@ -14,10 +14,10 @@
 //! 3. the verdict: every process validates its range ([`ShardedStep::check`]) and
 //!    writes only once all processes passed ([`ShardedStep::write`]).
 
-use merge_core::onties;
+use merge_core::onties::{self, TiesSelection};
 use merge_core::optim::StepPlan;
 use merge_core::reduce::TreeSum;
-use merge_core::step::{MergePlan, Norms, Rescale, StateMut, StateRef, TensorStep, TiesSelection};
+use merge_core::step::{MergePlan, Norms, Rescale, StateMut, StateRef, TensorStep};
 use merge_core::topk::{self, RadixSelect};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -1,33 +1,11 @@
-//! The golden cases: inputs built here (edge values plus a seeded splitmix64 spread
-//! over the whole binary32 range), expected outputs filled in by merge-core when a
+//! The golden cases: inputs built here (edge values plus a seeded spread over the
+//! whole binary32 range from merge-core's SplitMix64), expected outputs filled in by merge-core when a
 //! file is written. `salt = 0` gives the committed files; other salts give fresh
 //! inputs of the same shapes, on which the oracle must agree with merge-core too.
 
 use golden_runner::{Array, Case, f32_param, f64_param};
 use merge_core::dtype::{bf16_to_f32, f16_to_f32};
-
-/// splitmix64: a fixed, documented input generator so regenerating gives the same inputs.
-struct Inputs(u64);
-
-impl Inputs {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A finite binary32 with random sign, significand and a biased exponent in
-    /// `[lo, hi]` (0 gives subnormals and zeros, 254 the largest binade).
-    fn spread(&mut self, lo: u32, hi: u32) -> f32 {
-        let r = self.next();
-        let exp = lo + (r as u32 % (hi - lo + 1));
-        let sig = (r >> 32) as u32 & 0x007f_ffff;
-        let sign = ((r >> 63) as u32) << 31;
-        f32::from_bits(sign | exp << 23 | sig)
-    }
-}
+use merge_core::rng::SplitMix64;
 
 /// Values every element-wise path must meet: zeros of both signs, subnormals at
 /// both ends, the normal boundary, ones, huge and tiny magnitudes.
@@ -47,7 +25,7 @@ fn edges() -> Vec<f32> {
 
 fn arith_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut rng = Inputs(1 ^ salt);
+    let mut rng = SplitMix64::new(1 ^ salt);
     // Every pair of edge values, then random operands across all exponents.
     let e = edges();
     let (mut ea, mut eb) = (Vec::new(), Vec::new());
@@ -63,8 +41,8 @@ fn arith_cases(salt: u64) -> Vec<Case> {
     let half = f32::from_bits(0x1f00_0000); // 2^-63
     ea.extend([half, half, -half]);
     eb.extend([f32::from_bits(0x1eff_ffff), f32::from_bits(0x1eff_fffe), f32::from_bits(0x1eff_ffff)]);
-    let ra: Vec<f32> = (0..512).map(|_| rng.spread(0, 254)).collect();
-    let rb: Vec<f32> = (0..512).map(|_| rng.spread(0, 254)).collect();
+    let ra: Vec<f32> = (0..512).map(|_| rng.spread_f32(0, 254)).collect();
+    let rb: Vec<f32> = (0..512).map(|_| rng.spread_f32(0, 254)).collect();
     for f in ["add", "sub", "mul", "div"] {
         for (tag, a, b) in [("edges", &ea, &eb), ("spread", &ra, &rb)] {
             // Division by zero never happens in the merge path (SPEC.md §1.5), and
@@ -83,7 +61,7 @@ fn arith_cases(salt: u64) -> Vec<Case> {
     }
     // sqrt of negative values is NaN (platform-specific bits) and never happens.
     let mut sq: Vec<f32> = e.iter().map(|x| x.abs()).collect();
-    sq.extend((0..512).map(|_| rng.spread(0, 254).abs()));
+    sq.extend((0..512).map(|_| rng.spread_f32(0, 254).abs()));
     let mut c = Case::new("sqrt", "arith");
     c.params.insert("fn".into(), "sqrt".into());
     c.inputs.insert("a".into(), Array::F32(sq));
@@ -91,7 +69,7 @@ fn arith_cases(salt: u64) -> Vec<Case> {
     let mut c = Case::new("flush", "arith");
     c.params.insert("fn".into(), "flush".into());
     let mut fl = e.clone();
-    fl.extend((0..256).map(|_| rng.spread(0, 2)));
+    fl.extend((0..256).map(|_| rng.spread_f32(0, 2)));
     c.inputs.insert("a".into(), Array::F32(fl));
     cases.push(c);
     cases
@@ -115,11 +93,11 @@ fn rng_cases(salt: u64) -> Vec<Case> {
         c.inputs.insert("c1".into(), Array::U32(vec![ctr[1]]));
         cases.push(c);
     }
-    let mut r = Inputs(2 ^ salt);
+    let mut r = SplitMix64::new(2 ^ salt);
     let mut c = Case::new("threefry_spread", "threefry");
-    c.inputs.insert("key".into(), Array::U32(vec![r.next() as u32, r.next() as u32]));
-    c.inputs.insert("c0".into(), Array::U32((0..256).map(|_| r.next() as u32).collect()));
-    c.inputs.insert("c1".into(), Array::U32((0..256).map(|_| r.next() as u32).collect()));
+    c.inputs.insert("key".into(), Array::U32(vec![r.next_u64() as u32, r.next_u64() as u32]));
+    c.inputs.insert("c0".into(), Array::U32((0..256).map(|_| r.next_u64() as u32).collect()));
+    c.inputs.insert("c1".into(), Array::U32((0..256).map(|_| r.next_u64() as u32).collect()));
     cases.push(c);
 
     // Keep probabilities: everything, the paper's 0.01 and 5e-4, one half, the
@@ -161,12 +139,12 @@ fn rng_cases(salt: u64) -> Vec<Case> {
 
 fn tree_sum_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(3 ^ salt);
+    let mut r = SplitMix64::new(3 ^ salt);
     // Sizes around powers of two (the tree's padding) and one spanning several
     // 256-element blocks; values from all binades that cannot overflow a sum.
     for n in [0usize, 1, 2, 3, 5, 255, 256, 257, 1000, 4097] {
         let mut c = Case::new(&format!("tree_sum_n{n}"), "tree_sum");
-        c.inputs.insert("x".into(), Array::F32((0..n).map(|_| r.spread(0, 200)).collect()));
+        c.inputs.insert("x".into(), Array::F32((0..n).map(|_| r.spread_f32(0, 200)).collect()));
         cases.push(c);
     }
     // Order matters: 2^24 + 1 + 1 + 1 sums to 2^24 + 2 in the tree, 2^24 left to right.
@@ -185,7 +163,7 @@ fn tree_sum_cases(salt: u64) -> Vec<Case> {
 
 fn topk_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(4 ^ salt);
+    let mut r = SplitMix64::new(4 ^ salt);
     let one = |name: &str, x: Vec<f32>, p: f32| {
         let mut c = Case::new(name, "topk");
         c.params.insert("p".into(), f32_param(p));
@@ -204,12 +182,12 @@ fn topk_cases(salt: u64) -> Vec<Case> {
     }
     // ⌈p·n⌉ exactly on the binary32 p: 0.1f32 is slightly above 1/10, so 2 of 10.
     cases.push(one("topk_exact_ceiling", (1..=10).map(|i| i as f32).collect(), 0.1));
-    let spread: Vec<f32> = (0..1500).map(|_| r.spread(0, 254)).collect();
+    let spread: Vec<f32> = (0..1500).map(|_| r.spread_f32(0, 254)).collect();
     for (tag, p) in [("p0.01", 0.01f32), ("p5e-4", 5e-4), ("p0.3", 0.3), ("ptiny", 1e-30)] {
         cases.push(one(&format!("topk_spread_{tag}"), spread.clone(), p));
     }
     // Quantized magnitudes: many ties at the threshold, spread over the indices.
-    let coarse: Vec<f32> = (0..2000).map(|_| (r.next() % 16) as f32 * if r.next() & 1 == 0 { 1.0 } else { -1.0 }).collect();
+    let coarse: Vec<f32> = (0..2000).map(|_| (r.next_u64() % 16) as f32 * if r.next_u64() & 1 == 0 { 1.0 } else { -1.0 }).collect();
     cases.push(one("topk_coarse_p0.3", coarse, 0.3));
     // Global scope: three tensors trimmed together, concatenated in bytewise name
     // order ("B" < "a" < "a.b"), not insertion order.
@@ -217,7 +195,7 @@ fn topk_cases(salt: u64) -> Vec<Case> {
     c.params.insert("p".into(), f32_param(0.2));
     c.params.insert("scope".into(), "global".into());
     for name in ["a.b", "B", "a"] {
-        c.inputs.insert(name.into(), Array::F32((0..97).map(|_| (r.next() % 8) as f32 - 3.5).collect()));
+        c.inputs.insert(name.into(), Array::F32((0..97).map(|_| (r.next_u64() % 8) as f32 - 3.5).collect()));
     }
     cases.push(c);
     // Rejected keep fractions.
@@ -228,10 +206,10 @@ fn topk_cases(salt: u64) -> Vec<Case> {
 }
 
 /// Random bf16 / f16 bit patterns: every sign, subnormals included, no Inf or NaN.
-fn half_bits(r: &mut Inputs, n: usize, bf16: bool) -> Vec<u16> {
+fn half_bits(r: &mut SplitMix64, n: usize, bf16: bool) -> Vec<u16> {
     (0..n)
         .map(|_| {
-            let x = r.next();
+            let x = r.next_u64();
             if bf16 {
                 // Exponents 100..=140 (about 1e-8 .. 1e4), and some zeros/subnormals.
                 let e = if x.is_multiple_of(17) { 0 } else { 100 + (x >> 8) as u16 % 41 };
@@ -252,9 +230,9 @@ struct Fixture {
     grads: Vec<Vec<f32>>,
 }
 
-fn fixture(r: &mut Inputs, n: usize, steps: usize) -> Fixture {
-    let base: Vec<f32> = (0..n).map(|_| r.spread(110, 128)).collect();
-    let mut sft: Vec<f32> = base.iter().map(|&b| b + r.spread(100, 122)).collect();
+fn fixture(r: &mut SplitMix64, n: usize, steps: usize) -> Fixture {
+    let base: Vec<f32> = (0..n).map(|_| r.spread_f32(110, 128)).collect();
+    let mut sft: Vec<f32> = base.iter().map(|&b| b + r.spread_f32(100, 122)).collect();
     // Edge deltas: zero, the sign of zero, subnormal differences, equal weights.
     let edge_sft = [0.0f32, -0.0, 1e-45, 0.0, 1e-39, -1e-39];
     for (i, &e) in edge_sft.iter().enumerate().take(n) {
@@ -262,7 +240,7 @@ fn fixture(r: &mut Inputs, n: usize, steps: usize) -> Fixture {
     }
     let grads = (0..steps)
         .map(|_| {
-            let mut g: Vec<f32> = (0..n).map(|_| r.spread(100, 135)).collect();
+            let mut g: Vec<f32> = (0..n).map(|_| r.spread_f32(100, 135)).collect();
             // Gradient edges whose squares stay finite: ±0, subnormals, the smallest
             // normal, tiny and large magnitudes, ties in magnitude.
             let edge_g = [0.0f32, -0.0, 1e-45, -1e-40, f32::MIN_POSITIVE, 1e-20, 1.0, -1.0, 16_777_216.0, 1e-3];
@@ -345,7 +323,7 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
         // Narrow weights: drawn directly as bit patterns (subnormals included).
         other => {
             let bf = other == "bf16";
-            let mut r = Inputs(seed ^ 0x55);
+            let mut r = SplitMix64::new(seed ^ 0x55);
             let b = half_bits(&mut r, fx.base.len(), bf);
             let s = half_bits(&mut r, fx.base.len(), bf);
             if bf { (Array::Bf16(b), Array::Bf16(s)) } else { (Array::F16(b), Array::F16(s)) }
@@ -372,7 +350,7 @@ fn optimizer_case(o: &Opt, fx: &Fixture, base_dtype: &str, seed: u64) -> Case {
 
 fn optimizer_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(5 ^ salt);
+    let mut r = SplitMix64::new(5 ^ salt);
     let fx = fixture(&mut r, 100, 4);
     let long = fixture(&mut r, 65, 8);
     let cos = ("warmup_cosine", 2, 6);
@@ -478,7 +456,7 @@ fn optimizer_cases(salt: u64) -> Vec<Case> {
 
 fn dtype_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(6 ^ salt);
+    let mut r = SplitMix64::new(6 ^ salt);
     // Rounding boundaries of both formats: exact halves (ties to even), just above
     // and below, the largest finite values, the binary16 subnormal range.
     let mut x: Vec<f32> = edges()[..11].to_vec();
@@ -486,7 +464,7 @@ fn dtype_cases(salt: u64) -> Vec<Case> {
         [0x3f80_8000u32, 0x3f81_8000, 0x3f80_8001, 0x3f80_7fff, 0x7f7f_7fff, 0x3f80_1000, 0x3f80_3000, 0x3f80_1001, 0x477f_efff, 0x477f_e000, 0x3380_0000, 0x3300_0001, 0x3300_0000, 0x387f_c000, 0x3880_0000, 0xb3c0_0000]
             .map(f32::from_bits),
     );
-    x.extend((0..400).map(|_| r.spread(90, 160)));
+    x.extend((0..400).map(|_| r.spread_f32(90, 160)));
     let store = |name: &str, dt: &str, x: Vec<f32>| {
         let mut c = Case::new(name, "store");
         c.tensor = Some("embed_tokens.weight".into());
@@ -519,14 +497,14 @@ fn dtype_cases(salt: u64) -> Vec<Case> {
 
 fn offline_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(7 ^ salt);
+    let mut r = SplitMix64::new(7 ^ salt);
     let n = 160;
-    let base: Vec<f32> = (0..n).map(|_| r.spread(115, 128)).collect();
+    let base: Vec<f32> = (0..n).map(|_| r.spread_f32(115, 128)).collect();
     // Three fine-tuned models: base plus deltas of mixed signs; edge deltas at the
     // front (no change, sign-of-zero and subnormal differences, ties).
     let models: Vec<Vec<f32>> = (0..3)
         .map(|m| {
-            let mut x: Vec<f32> = base.iter().map(|&b| b + r.spread(105, 124)).collect();
+            let mut x: Vec<f32> = base.iter().map(|&b| b + r.spread_f32(105, 124)).collect();
             x[0] = base[0];
             x[1] = -0.0;
             x[2] = 1e-40;
@@ -611,11 +589,11 @@ fn offline_cases(salt: u64) -> Vec<Case> {
     c.params.insert("weights".into(), f64s(&[0.6, 0.4]));
     c.params.insert("densities".into(), f64s(&[0.25, 0.1]));
     for (j, len) in [37usize, 64, 19].into_iter().enumerate() {
-        let base: Vec<f32> = (0..len).map(|_| r.spread(115, 128)).collect();
+        let base: Vec<f32> = (0..len).map(|_| r.spread_f32(115, 128)).collect();
         for i in 0..2 {
             // Tensor j's deltas scaled by 4^j so the global threshold keeps unevenly.
             let scale = (1 << (2 * j)) as f32;
-            let m: Vec<f32> = base.iter().map(|&b| b + scale * r.spread(105, 118)).collect();
+            let m: Vec<f32> = base.iter().map(|&b| b + scale * r.spread_f32(105, 118)).collect();
             c.inputs.insert(format!("t{j}/model.{i}"), Array::F32(m));
         }
         c.inputs.insert(format!("t{j}/base"), Array::F32(base));
@@ -654,15 +632,15 @@ fn offline_cases(salt: u64) -> Vec<Case> {
 
 fn ties_combine_cases(salt: u64) -> Vec<Case> {
     let mut cases = Vec::new();
-    let mut r = Inputs(8 ^ salt);
+    let mut r = SplitMix64::new(8 ^ salt);
     // Pairs (τ', D'): exact cancellation (elects +1), one or both zero, subnormals
     // (flushed: no sign), sums that flush to zero, equal weighted magnitudes of
     // opposite signs (paper: the positive one), then random pairs.
     let mut tau = vec![1.0f32, -1.0, 0.0, 0.0, -0.0, 2.0, -2.0, 1e-40, -1e-40, 1.5e-38, -3.0, 3.0, 0.25, -0.25, 1e30];
     let mut d = vec![-1.0f32, 1.0, 0.0, -5.0, 5.0, -0.0, 1e-42, -1.0, 1.0, -1.4e-38, 3.0, -3.0, -0.25, 0.25, -1e30];
     for _ in 0..200 {
-        tau.push(r.spread(110, 140));
-        d.push(if r.next().is_multiple_of(4) { -tau[tau.len() - 1] } else { r.spread(110, 140) });
+        tau.push(r.spread_f32(110, 140));
+        d.push(if r.next_u64().is_multiple_of(4) { -tau[tau.len() - 1] } else { r.spread_f32(110, 140) });
     }
     for variant in ["reference", "paper"] {
         for (tag, alpha, omega) in [("half", 0.5f32, 0.5f32), ("skewed", 0.3, 0.7), ("paper_defaults", 1e-7, 0.9999999)] {

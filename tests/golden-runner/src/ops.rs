@@ -10,6 +10,7 @@ use merge_core::dtype::{self, Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, TaskVectorJob, TiesConfig};
+use merge_core::step::StateMut;
 use merge_core::offline::{self, Gta, ModelParams, Sparsify};
 use merge_core::{arith, reduce, rng, topk};
 
@@ -340,10 +341,7 @@ fn optimizer_op(case: &Case) -> Result<Outcome, String> {
             .map(|r| StepJob {
                 name: &r.name,
                 grad: &r.grads[step],
-                theta: &mut r.theta,
-                m: &mut r.m,
-                v: &mut r.v,
-                cached: r.cached.as_deref_mut(),
+                state: StateMut { theta: &mut r.theta, m: &mut r.m, v: &mut r.v, cached: r.cached.as_deref_mut() },
                 tau: tau_src(tau_dtype, &r.tau32, &r.tau16),
                 scratch: &mut r.scratch,
             })
