@@ -5,7 +5,7 @@
 
 use merge_core::arith;
 use merge_core::dare::{DareConfig, DareVariant};
-use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, StepJob};
 use merge_core::step::StateMut;
@@ -153,10 +153,6 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
     let val = |m: &mut SplitMix64, s: f32| ((m.next_u32() >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * s;
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| val(&mut mix, 1.0)).collect()).collect();
     let sft: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|&x| x + val(&mut mix, 0.01)).collect()).collect();
-    let inits: Vec<TensorInit> = (0..2)
-        .map(|i| TensorInit { name: names[i], theta: &sft[i], task: Some((Src::F32(&base[i]), Src::F32(&sft[i]))), tau_dtype: Dtype::F32 })
-        .collect();
-    let mut gpu = GpuOptimizer::new(GpuContext::new(opts)?, config, &inits)?;
     let mut cpu = Optimizer::new(config)?;
     let mut theta = sft.clone();
     let mut m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
@@ -165,6 +161,9 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
     for i in 0..2 {
         cpu.init_task_vector(names[i], Src::F32(&base[i]), Src::F32(&sft[i]), &mut Dst::F32(&mut tau[i]))?;
     }
+    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: &sft[i], tau: Some(Src::F32(&tau[i])) }).collect();
+    let mut gpu = GpuOptimizer::new(GpuContext::new(opts)?, config, &inits)?;
+    drop(inits);
     for _ in 0..4 {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| (0..n).map(|_| val(&mut mix, 0.02)).collect()).collect();
         let plan = cpu.begin_step()?;

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use common::ctx;
 use golden_runner::{compare, evaluate, Array, Case, Outcome};
 use gpu_shaders::offline::GpuMerger;
-use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TaskInput, TensorInit, TensorStateData, task_vectors};
 use gpu_shaders::GpuError;
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
@@ -91,14 +91,24 @@ fn gpu_run(ctx: &gpu_shaders::GpuContext, case: &Case) -> Result<BTreeMap<String
         _ => Dtype::F32,
     };
     let merging = !matches!(config.merge, Merge::None);
+    let taus: Vec<Option<StoredTau>> = if merging {
+        let inputs: Vec<TaskInput> = names
+            .iter()
+            .map(|(name, p)| TaskInput {
+                name,
+                base: src(case.input(&format!("{p}base")).unwrap()),
+                sft: src(case.input(&format!("{p}sft")).unwrap()),
+                dtype: tau_dtype,
+            })
+            .collect();
+        task_vectors(config, &inputs)?.into_iter().map(Some).collect()
+    } else {
+        names.iter().map(|_| None).collect()
+    };
     let inits: Vec<TensorInit> = names
         .iter()
-        .map(|(name, p)| TensorInit {
-            name,
-            theta: case.f32s(&format!("{p}theta")).unwrap(),
-            task: merging.then(|| (src(case.input(&format!("{p}base")).unwrap()), src(case.input(&format!("{p}sft")).unwrap()))),
-            tau_dtype,
-        })
+        .zip(&taus)
+        .map(|((name, p), tau)| TensorInit { name, theta: case.f32s(&format!("{p}theta")).unwrap(), tau: tau.as_ref().map(StoredTau::src) })
         .collect();
     let mut gpu = GpuOptimizer::new(ctx.clone(), config, &inits)?;
     // The case starts from given moments (and a zero Δ_c).

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ctx_with, SplitMix64};
-use gpu_shaders::optim::{GpuOptimizer, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit};
 use gpu_shaders::GpuOptions;
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
@@ -33,9 +33,10 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
     // Quantised task vectors: many ties among |τ|.
     let sft: Vec<Vec<f32>> =
         base.iter().map(|b| b.iter().map(|&x| x + (rng.below(9) as f32 - 4.0) * 0.0078125).collect()).collect();
-    let inits: Vec<TensorInit> = (0..sizes.len())
-        .map(|i| TensorInit { name: &names[i], theta: &sft[i], task: Some((Src::F32(&base[i]), Src::F32(&sft[i]))), tau_dtype: dtype })
-        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let taus = common::taus(config, &name_refs, &common::f32_srcs(&base), &common::f32_srcs(&sft), dtype);
+    let inits: Vec<TensorInit> =
+        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: chunk, ..Default::default() }), config, &inits).unwrap();
 
     let mut cpu = Optimizer::new(config).unwrap();
@@ -163,9 +164,8 @@ fn same_refusal(tc: TiesConfig, form: AdamForm, sft: [&[f32]; 2], grads: [&[f32]
     let config = OnlineConfig { adam, merge: Merge::Ties(tc), k: 1, seed: 3 };
     let names = ["a", "b"];
     let base: Vec<Vec<f32>> = sft.iter().map(|s| s.iter().map(|x| x / 1.5).collect()).collect();
-    let inits: Vec<TensorInit> = (0..2)
-        .map(|i| TensorInit { name: names[i], theta: sft[i], task: Some((Src::F32(&base[i]), Src::F32(sft[i]))), tau_dtype: Dtype::F32 })
-        .collect();
+    let taus = common::taus(config, &names, &[Src::F32(&base[0]), Src::F32(&base[1])], &[Src::F32(sft[0]), Src::F32(sft[1])], Dtype::F32);
+    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
     let before = gpu.read_params().unwrap();
     let gpu_err = gpu.step(&[("a", grads[0]), ("b", grads[1])]).unwrap_err().to_string();

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ctx, ctx_with, SplitMix64, TestInputs};
-use gpu_shaders::optim::{GpuOptimizer, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit};
 use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
@@ -55,14 +55,10 @@ fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, 
     let sft: Vec<Vec<f32>> =
         base.iter().map(|b| b.iter().map(|&x| x + rng.uniform_f32(2e-2)).collect()).collect();
     let merging = !matches!(config.merge, Merge::None);
-    let inits: Vec<TensorInit> = (0..sizes.len())
-        .map(|i| TensorInit {
-            name: &names[i],
-            theta: &sft[i],
-            task: merging.then(|| (Src::F32(&base[i]), Src::F32(&sft[i]))),
-            tau_dtype: dtype,
-        })
-        .collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let taus = common::taus(config, &name_refs, &common::f32_srcs(&base), &common::f32_srcs(&sft), dtype);
+    let inits: Vec<TensorInit> =
+        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(opts), config, &inits).unwrap();
 
     let mut cpu = Optimizer::new(config).unwrap();
@@ -200,7 +196,8 @@ fn optimizer_memory_beyond_adamw_within_ten_percent() {
     let ties = |scope| TiesConfig { p: 0.01, rescale: true, scope, ..TiesConfig::default() };
     for merge in [Merge::Dare(dare), Merge::Ties(ties(Scope::PerTensor)), Merge::Ties(ties(Scope::Global))] {
         let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge, k: 1, seed: 5 };
-        let init = TensorInit { name: "w", theta: &theta, task: Some((Src::F32(&base), Src::F32(&theta))), tau_dtype: Dtype::Bf16 };
+        let taus = common::taus(config, &["w"], &[Src::F32(&base)], &[Src::F32(&theta)], Dtype::Bf16);
+        let init = TensorInit { name: "w", theta: &theta, tau: taus[0].as_ref().map(StoredTau::src) };
         let gpu = GpuOptimizer::new(ctx(), config, &[init]).unwrap();
         let extra = gpu.device_bytes() as f64 - 16.0 * n as f64;
         assert!(extra <= 0.1 * 4.0 * n as f64, "{merge:?}: {extra} bytes beyond AdamW for {n} parameters");
@@ -214,8 +211,8 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
     let a = vec![0.5f32; 300];
     let b = vec![0.25f32; 600];
     let inits = [
-        TensorInit { name: "b", theta: &b, task: None, tau_dtype: Dtype::F32 },
-        TensorInit { name: "a", theta: &a, task: None, tau_dtype: Dtype::F32 },
+        TensorInit { name: "b", theta: &b, tau: None },
+        TensorInit { name: "a", theta: &a, tau: None },
     ];
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
     let ga = vec![0.1f32; 300];
@@ -258,7 +255,7 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
 fn unvalidated_failure_poisons_until_load_state() {
     let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::None, k: 1, seed: 1 };
     let theta = vec![0.5f32; 700];
-    let init = TensorInit { name: "w", theta: &theta, task: None, tau_dtype: Dtype::F32 };
+    let init = TensorInit { name: "w", theta: &theta, tau: None };
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &[init]).unwrap();
     gpu.set_validation(false);
     let mut g = vec![0.1f32; 700];
@@ -292,9 +289,8 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
     let sizes = [3000usize, 7, 5000];
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();
     let sft: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|x| x + 0.01).collect()).collect();
-    let init: Vec<TensorInit> = (0..3)
-        .map(|i| TensorInit { name: names[i], theta: &sft[i], task: Some((Src::F32(&base[i]), Src::F32(&sft[i]))), tau_dtype: Dtype::F32 })
-        .collect();
+    let taus = common::taus(config, &names, &common::f32_srcs(&base), &common::f32_srcs(&sft), Dtype::F32);
+    let init: Vec<TensorInit> = (0..3).map(|i| TensorInit { name: names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let ctx = common::ctx_with(&opts);
     let mut uploaded = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
     let mut copied = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
@@ -326,4 +322,23 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
     }
     let err = copied.copy_params_to(&named[..2]).unwrap_err().to_string();
     assert!(err.contains("no parameter buffer for tensor `c.weight`"), "{err}");
+}
+
+/// τ' comes from the caller, computed once: a merging optimizer without one, plain
+/// AdamW with one, or one of the wrong length is refused naming the tensor.
+#[test]
+fn task_vectors_are_required_exactly_when_merging() {
+    let theta = vec![0.5f32; 300];
+    let tau = vec![0.0f32; 300];
+    let dare = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::Dare(DareConfig::default()), k: 1, seed: 1 };
+    let plain = OnlineConfig { merge: Merge::None, ..dare };
+    let refusal = |config, tau: Option<&[f32]>| match GpuOptimizer::new(ctx(), config, &[TensorInit { name: "w", theta: &theta, tau: tau.map(Src::F32) }]) {
+        Ok(_) => panic!("accepted {tau:?} with {config:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(refusal(dare, None).contains("tensor `w`: merging needs its task vector"), "{}", refusal(dare, None));
+    assert!(refusal(plain, Some(&tau)).contains("tensor `w`: plain AdamW takes no task vector"));
+    let short = refusal(dare, Some(&tau[..299]));
+    assert!(short.contains("`w`") && short.contains("task vector") && short.contains("299"), "{short}");
+    GpuOptimizer::new(ctx(), dare, &[TensorInit { name: "w", theta: &theta, tau: Some(Src::F32(&tau)) }]).unwrap();
 }

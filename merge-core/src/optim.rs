@@ -71,14 +71,19 @@ impl Default for TiesConfig {
     }
 }
 
+/// OnTIES hyperparameters after validation, as the arithmetic uses them (SPEC.md
+/// §5.3): a GPU or other runtime reads them here instead of deriving them again.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct TiesParams {
-    variant: onties::Variant,
-    p: f32,
-    alpha: f32,
-    one_minus_alpha: f32,
-    rescale: bool,
-    scope: Scope,
+pub struct TiesParams {
+    pub variant: onties::Variant,
+    /// `p₃₂ = RN(p)`, not flushed (SPEC.md §1.6); `⌈p₃₂·n⌉` is the keep count.
+    pub p: f32,
+    /// `α₃₂ = F(RN(α))`.
+    pub alpha: f32,
+    /// `F(RN(1 − α))`.
+    pub one_minus_alpha: f32,
+    pub rescale: bool,
+    pub scope: Scope,
 }
 
 impl TiesConfig {
@@ -144,6 +149,21 @@ impl Optimizer {
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Sets the steps taken: a caller that plans step `k` with [`Optimizer::plan`]
+    /// records it here once the step has succeeded, and a resumed run records its
+    /// checkpoint's count. The count is the caller's one step counter.
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
+    /// OnTIES's validated hyperparameters (`None` for the other merges).
+    pub fn ties(&self) -> Option<&TiesParams> {
+        match &self.merge {
+            MergeParams::Ties(t) => Some(t),
+            _ => None,
+        }
     }
 
     /// Whether tensors need a cached-delta slice (`Δ_c`, step-K with `k > 1`).

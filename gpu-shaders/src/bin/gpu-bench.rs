@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use gpu_shaders::optim::{GpuOptimizer, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, TaskInput, TensorInit, task_vectors};
 use gpu_shaders::{bench, GpuContext, GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dtype, Src};
@@ -85,17 +85,17 @@ fn opt_step(shapes: &[usize], method: Method, reps: u32) -> Result<(f64, f64, St
         }
     };
     let config = OnlineConfig { adam: AdamConfig::default(), merge, k: 1, seed: 1 };
-    let inits: Vec<TensorInit> = (0..shapes.len())
-        .map(|i| TensorInit {
-            name: &names[i],
-            theta: &thetas[i],
-            task: Some((Src::F32(&bases[i]), Src::F32(&thetas[i]))),
-            tau_dtype: Dtype::Bf16,
-        })
+    let inputs: Vec<TaskInput> = (0..shapes.len())
+        .map(|i| TaskInput { name: &names[i], base: Src::F32(&bases[i]), sft: Src::F32(&thetas[i]), dtype: Dtype::Bf16 })
         .collect();
+    let taus = task_vectors(config, &inputs)?;
+    drop(inputs);
+    drop(bases);
+    let inits: Vec<TensorInit> =
+        (0..shapes.len()).map(|i| TensorInit { name: &names[i], theta: &thetas[i], tau: Some(taus[i].src()) }).collect();
     let mut opt = GpuOptimizer::new(ctx, config, &inits)?;
     drop(inits);
-    drop(bases);
+    drop(taus);
     let grads: Vec<Vec<f32>> = shapes.iter().map(|&n| (0..n).map(|i| ((i % 777) as f32 - 388.0) * 1e-4).collect()).collect();
     let named: Vec<(&str, &[f32])> = names.iter().zip(&grads).map(|(n, g)| (n.as_str(), g.as_slice())).collect();
     opt.upload_grads(&named)?;

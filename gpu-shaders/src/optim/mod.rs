@@ -2,10 +2,10 @@
 //! state resident on the device. Only gradients go up each step; parameters and
 //! state come back only when asked (checkpoints, cross-checks).
 
-use merge_core::dtype::{Dtype, Src};
+use merge_core::dtype::Src;
 use merge_core::error::tensor_name;
 use merge_core::onties;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TiesConfig};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope};
 use merge_core::step::{Norms, Phase, Rescale};
 use merge_core::topk::{BUCKETS, RadixSelect, Threshold, keep_count};
 
@@ -23,50 +23,32 @@ pub use resident::NamedBuffer;
 pub use state::TensorStateData;
 
 use buffers::{GlobalNorms, Slot, global_norms, tree_levels};
-use task_vector::{dare_task_vectors, ties_task_vectors};
+pub use task_vector::{StoredTau, TaskInput, task_vectors};
 use uniform::{HIST_ITEMS, NCODES, StepU, base_uniform, pass, step_wgsl_constants};
 
 /// What the status slots record, in merge-core's reporting order.
 const WHAT: [&str; 12] = merge_core::step::NON_FINITE_VALUES;
-
-/// OnTIES as the GPU needs it (alpha and 1 − α come from merge-core's plan).
-#[derive(Clone, Copy, Debug)]
-struct TiesParams {
-    /// Kept fraction in binary32, as merge-core validates and uses it.
-    p: f32,
-    rescale: bool,
-    global: bool,
-}
-
-impl TiesParams {
-    fn from_config(t: &TiesConfig) -> Self {
-        let global = t.scope == Scope::Global;
-        TiesParams { p: t.p as f32, rescale: t.rescale, global }
-    }
-}
 
 /// One tensor handed to [`GpuOptimizer::new`].
 pub struct TensorInit<'a> {
     pub name: &'a str,
     /// Initial parameters (the SFT weights at the start of alignment).
     pub theta: &'a [f32],
-    /// Base and SFT weights for the task vector; required when merging.
-    pub task: Option<(Src<'a>, Src<'a>)>,
-    /// Storage format of the task vector `τ'` on the device.
-    pub tau_dtype: Dtype,
+    /// The stored task vector `τ'` in its storage dtype, computed once by
+    /// merge-core (the trainer's own, or [`task_vectors`]); required when merging,
+    /// absent for plain AdamW.
+    pub tau: Option<Src<'a>>,
 }
 
 /// AdamW / OnDARE with step-K, on the GPU, bit-identical to merge-core.
 pub struct GpuOptimizer {
     ctx: GpuContext,
     cpu: Optimizer,
-    steps: u64,
     slots: Vec<Slot>,
     kernels: [Kernel; 5],
     reduce: Kernel,
     boundary: Kernel,
     global_norms: Option<GlobalNorms>,
-    ties: Option<TiesParams>,
     /// Radix-select histograms, 2048 counters per select.
     hist: wgpu::Buffer,
     status: wgpu::Buffer,
@@ -82,15 +64,11 @@ impl GpuOptimizer {
     /// Uploads parameters and task vectors, zero moments. Tensors are kept in
     /// bytewise name order (the order the CPU front and global scopes use).
     pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
-        let ties = match &config.merge {
-            Merge::Ties(t) => Some(TiesParams::from_config(t)),
-            _ => None,
-        };
         // Every buffer is allocated here, once: one out-of-memory scope around them
         // all turns a device that cannot hold the state into a named error.
         let elements: u64 = tensors.iter().map(|t| t.theta.len() as u64).sum();
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let built = Self::build(ctx, config, ties, tensors);
+        let built = Self::build(ctx, config, tensors);
         match pollster::block_on(scope.pop()) {
             None => built,
             Some(_) => Err(GpuError::OutOfMemory {
@@ -100,8 +78,10 @@ impl GpuOptimizer {
         }
     }
 
-    fn build(ctx: GpuContext, config: OnlineConfig, ties: Option<TiesParams>, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
+    fn build(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
         let cpu = Optimizer::new(config)?;
+        let ties = cpu.ties().copied();
+        let global = ties.is_some_and(|t| t.scope == Scope::Global);
         let mut order: Vec<&TensorInit> = tensors.iter().collect();
         order.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
         for w in order.windows(2) {
@@ -120,19 +100,29 @@ impl GpuOptimizer {
         ];
         let boundary = Kernel::new(&ctx, "shared blocks", include_str!("boundary.wgsl"), "boundary");
         let reduce = Kernel::new(&ctx, "tree level", include_str!("reduce.wgsl"), "level");
-        let merging = !matches!(config.merge, Merge::None) || ties.is_some();
-        let host_taus = match ties {
-            Some(_) => Some(ties_task_vectors(&cpu, &order)?),
-            None if merging => Some(dare_task_vectors(&cpu, &order)?),
-            None => None,
-        };
+        let merging = !matches!(config.merge, Merge::None);
+        for t in &order {
+            match (merging, &t.tau) {
+                (true, None) => return Err(GpuError::Invalid(format!("tensor `{}`: merging needs its task vector τ'", t.name))),
+                (false, Some(_)) => return Err(GpuError::Invalid(format!("tensor `{}`: plain AdamW takes no task vector", t.name))),
+                (true, Some(tau)) if tau.len() != t.theta.len() => {
+                    return Err(GpuError::Core(merge_core::Error::LengthMismatch {
+                        tensor: tensor_name(t.name),
+                        what: "task vector",
+                        expected: t.theta.len() as u64,
+                        found: tau.len() as u64,
+                    }));
+                }
+                _ => {}
+            }
+        }
         let selects = match ties {
-            Some(tp) if !tp.global => order.len().max(1),
+            Some(_) if !global => order.len().max(1),
             _ => 1,
         };
         let hist = ctx.storage("radix histograms", (selects * BUCKETS * 4) as u64);
         let (global_norms, segments) = match ties {
-            Some(tp) if tp.global && tp.rescale => {
+            Some(tp) if global && tp.rescale => {
                 let (g, seg) = global_norms(&ctx, &reduce, &boundary, &order)?;
                 (Some(g), seg)
             }
@@ -148,7 +138,7 @@ impl GpuOptimizer {
         for (ix, t) in order.iter().enumerate() {
             let n = t.theta.len() as u64;
             merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
-            let tau = host_taus.as_ref().map(|taus| taus[ix].upload(&ctx));
+            let tau = t.tau.map(|tau| task_vector::upload(&ctx, tau));
             let cached = cpu.needs_cached_delta().then(|| GpuArray::zeros(&ctx, "cached delta", Storage::F32, n));
             let theta = GpuArray::from_f32(&ctx, "theta", t.theta);
             let m = GpuArray::zeros(&ctx, "exp_avg", Storage::F32, n);
@@ -199,7 +189,7 @@ impl GpuOptimizer {
                 levels,
                 uniforms,
                 groups,
-                offset: if ties.is_some_and(|t| t.global) { scope_offset } else { 0 },
+                offset: if global { scope_offset } else { 0 },
                 gnorm,
             });
             scope_offset += n;
@@ -208,13 +198,11 @@ impl GpuOptimizer {
         Ok(GpuOptimizer {
             ctx,
             cpu,
-            steps: 0,
             slots,
             kernels,
             reduce,
             boundary,
             global_norms,
-            ties,
             hist,
             status,
             status_clear,
@@ -242,7 +230,7 @@ impl GpuOptimizer {
 
     /// Steps taken.
     pub fn steps(&self) -> u64 {
-        self.steps
+        self.cpu.steps()
     }
 
     /// Tensor names in the optimizer's (bytewise) order.
@@ -307,14 +295,14 @@ impl GpuOptimizer {
         if let Some(why) = &self.poisoned {
             return Err(GpuError::Poisoned(why.clone()));
         }
-        let k = self.steps + 1;
+        let k = self.cpu.steps() + 1;
         let plan = self.cpu.plan(k)?;
         let mut us: Vec<StepU> = Vec::with_capacity(self.slots.len());
         for (ix, slot) in self.slots.iter().enumerate() {
             let ts = plan.tensor(&slot.name, slot.n)?;
             us.push(base_uniform(&ts, ix as u32, slot));
         }
-        if self.ties.is_some() && plan.phase() == Phase::Merge {
+        if self.cpu.ties().is_some() && plan.phase() == Phase::Merge {
             self.ties_selection(&mut us)?;
         }
         if plan.needs_norms() {
@@ -368,7 +356,7 @@ impl GpuOptimizer {
         } else {
             self.ctx.wait()?;
         }
-        self.steps = k;
+        self.cpu.set_steps(k);
         Ok(())
     }
 
@@ -376,7 +364,8 @@ impl GpuOptimizer {
     /// per tensor or globally, then (with the rescale) the norms of D and D'.
     /// Leaves the threshold and factor in `us`.
     fn ties_selection(&self, us: &mut [StepU]) -> Result<(), GpuError> {
-        let Some(tp) = self.ties else { return Ok(()) };
+        let Some(tp) = self.cpu.ties().copied() else { return Ok(()) };
+        let global = tp.scope == Scope::Global;
         if self.validate {
             // Refuse non-finite values before selecting on them (writes nothing).
             self.write_uniforms(us);
@@ -390,7 +379,7 @@ impl GpuOptimizer {
         }
 
         let mut sels = Vec::new();
-        if tp.global {
+        if global {
             let n: u64 = self.slots.iter().map(|s| s.n).sum();
             if n >= 1 << 32 {
                 return Err(GpuError::Invalid(format!("OnTIES global scope of {n} elements: the GPU histograms count in u32")));
@@ -401,7 +390,7 @@ impl GpuOptimizer {
                 sels.push(RadixSelect::new(&s.name, s.n, keep_count("p (reserve rate)", tp.p, s.n)?)?);
             }
         }
-        let sel_of = |ix: usize| if tp.global { 0 } else { ix };
+        let sel_of = |ix: usize| if global { 0 } else { ix };
         while sels.iter().any(|s| s.pass().is_some()) {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             for (ix, u) in us.iter_mut().enumerate() {

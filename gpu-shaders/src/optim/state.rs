@@ -74,7 +74,7 @@ impl GpuOptimizer {
                 }
             }
         }
-        self.steps = steps;
+        self.cpu.set_steps(steps);
         self.poisoned = None;
         self.ctx.wait()
     }

@@ -1,95 +1,88 @@
-//! The stored task vectors `τ'`, computed by merge-core on the host and uploaded
-//! in their storage dtype, dense or as their non-zero entries.
+//! The stored task vectors `τ'`: computed once by merge-core, on the host, and
+//! handed to [`GpuOptimizer::new`](super::GpuOptimizer::new), which uploads each
+//! in its storage dtype, dense or as its non-zero entries.
 
 use merge_core::dtype::{Dst, Dtype, Src};
-use merge_core::optim::{Optimizer, TaskVectorJob};
+use merge_core::optim::{OnlineConfig, Optimizer, TaskVectorJob};
 
-use super::TensorInit;
 use crate::context::{GpuContext, GpuError};
 use crate::tensor::{GpuArray, Storage, load_f32};
 
 /// The task vector as the kernels read it: dense in its dtype, or (when smaller,
 /// as for the sparse τ' of OnDARE-reference and OnTIES) only its non-zero entries.
-/// `values` are the stored values read back as binary32 and flushed.
-fn dense_or_compact(ctx: &GpuContext, values: &[f32], dense: impl FnOnce() -> GpuArray) -> GpuArray {
-    let d = dense();
-    if GpuArray::compact_bytes(ctx, values) < d.device_bytes() { GpuArray::compact(ctx, "task vector", values) } else { d }
-}
-
-/// OnDARE task vectors `τ'` of every tensor, by merge-core, on all CPU cores
-/// (they are independent per tensor); the first failing tensor in name order
-/// gives the error, as a sequential loop would.
-pub(super) fn dare_task_vectors(cpu: &Optimizer, order: &[&TensorInit<'_>]) -> Result<Vec<HostTau>, GpuError> {
-    let one = |t: &TensorInit<'_>| -> Result<HostTau, GpuError> {
-        let (base, sft) =
-            t.task.ok_or_else(|| GpuError::Invalid(format!("tensor `{}`: merging needs its base and SFT weights", t.name)))?;
-        let n = t.theta.len();
-        Ok(match t.tau_dtype {
-            Dtype::F32 => {
-                let mut out = vec![0f32; n];
-                cpu.init_task_vector(t.name, base, sft, &mut Dst::F32(&mut out))?;
-                HostTau::F32(out)
-            }
-            d => {
-                let mut out = vec![0u16; n];
-                let mut dst = if d == Dtype::Bf16 { Dst::Bf16(&mut out) } else { Dst::F16(&mut out) };
-                cpu.init_task_vector(t.name, base, sft, &mut dst)?;
-                HostTau::Half(d, out)
-            }
-        })
+pub(super) fn upload(ctx: &GpuContext, tau: Src<'_>) -> GpuArray {
+    // The compact form holds the stored values read back as binary32 and flushed.
+    let values = load_f32(&tau);
+    let dense = match tau {
+        Src::F32(v) => GpuArray::from_f32(ctx, "task vector", v),
+        Src::Bf16(bits) | Src::F16(bits) => GpuArray::from_u16(ctx, "task vector", Storage::from(tau.dtype()), bits),
     };
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-    let per = order.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let one = &one;
-        let handles: Vec<_> =
-            order.chunks(per).map(|part| s.spawn(move || part.iter().map(|t| one(t)).collect::<Vec<_>>())).collect();
-        // A panic in a worker is a bug; re-raise it here.
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    })
+    if GpuArray::compact_bytes(ctx, &values) < dense.device_bytes() { GpuArray::compact(ctx, "task vector", &values) } else { dense }
 }
 
-/// A task vector computed on the host, in its storage dtype.
-pub(super) enum HostTau {
+/// A stored task vector `τ'` in its storage dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoredTau {
     F32(Vec<f32>),
-    Half(Dtype, Vec<u16>),
+    Bf16(Vec<u16>),
+    F16(Vec<u16>),
 }
 
-impl HostTau {
-    pub(super) fn upload(&self, ctx: &GpuContext) -> GpuArray {
+impl StoredTau {
+    fn zeros(dtype: Dtype, n: usize) -> Self {
+        match dtype {
+            Dtype::F32 => StoredTau::F32(vec![0.0; n]),
+            Dtype::Bf16 => StoredTau::Bf16(vec![0; n]),
+            Dtype::F16 => StoredTau::F16(vec![0; n]),
+        }
+    }
+
+    /// The values as [`TensorInit::tau`](super::TensorInit::tau) takes them.
+    pub fn src(&self) -> Src<'_> {
         match self {
-            HostTau::F32(v) => dense_or_compact(ctx, v, || GpuArray::from_f32(ctx, "task vector", v)),
-            HostTau::Half(d, bits) => {
-                let src = if *d == Dtype::F16 { Src::F16(bits) } else { Src::Bf16(bits) };
-                let values = load_f32(&src);
-                dense_or_compact(ctx, &values, || GpuArray::from_u16(ctx, "task vector", Storage::from(*d), bits))
-            }
+            StoredTau::F32(v) => Src::F32(v),
+            StoredTau::Bf16(v) => Src::Bf16(v),
+            StoredTau::F16(v) => Src::F16(v),
+        }
+    }
+
+    fn dst(&mut self) -> Dst<'_> {
+        match self {
+            StoredTau::F32(v) => Dst::F32(v),
+            StoredTau::Bf16(v) => Dst::Bf16(v),
+            StoredTau::F16(v) => Dst::F16(v),
         }
     }
 }
 
-/// OnTIES task vectors `τ'` of every tensor (name order), by merge-core itself:
-/// trimmed per tensor or globally, rescaled when asked, stored in each dtype.
-pub(super) fn ties_task_vectors(cpu: &Optimizer, order: &[&TensorInit<'_>]) -> Result<Vec<HostTau>, GpuError> {
-    let mut outs: Vec<HostTau> = order
-        .iter()
-        .map(|t| match t.tau_dtype {
-            Dtype::F32 => HostTau::F32(vec![0.0; t.theta.len()]),
-            d => HostTau::Half(d, vec![0; t.theta.len()]),
-        })
-        .collect();
-    let mut scratch: Vec<Vec<f32>> = order.iter().map(|t| vec![0.0; t.theta.len()]).collect();
-    let mut jobs = Vec::with_capacity(order.len());
-    for ((t, out), sc) in order.iter().zip(outs.iter_mut()).zip(scratch.iter_mut()) {
-        let (base, sft) = t
-            .task
-            .ok_or_else(|| GpuError::Invalid(format!("tensor `{}`: OnTIES needs its base and SFT weights", t.name)))?;
-        let out = match out {
-            HostTau::F32(v) => Dst::F32(v),
-            HostTau::Half(Dtype::F16, v) => Dst::F16(v),
-            HostTau::Half(_, v) => Dst::Bf16(v),
-        };
-        jobs.push(TaskVectorJob { name: t.name, base, sft, out, scratch: sc });
+/// One tensor's inputs to [`task_vectors`].
+#[derive(Clone, Copy, Debug)]
+pub struct TaskInput<'a> {
+    pub name: &'a str,
+    pub base: Src<'a>,
+    pub sft: Src<'a>,
+    /// The storage dtype of `τ'`.
+    pub dtype: Dtype,
+}
+
+/// `τ'` of every tensor, by merge-core's `init_task_vectors` (every tensor in
+/// one call, as OnTIES's global scope needs), in the order given: for callers of
+/// [`GpuOptimizer`](super::GpuOptimizer) that do not compute their own. Every
+/// tensor is validated before any is written.
+pub fn task_vectors(config: OnlineConfig, inputs: &[TaskInput<'_>]) -> Result<Vec<StoredTau>, GpuError> {
+    let cpu = Optimizer::new(config)?;
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by(|&a, &b| inputs[a].name.as_bytes().cmp(inputs[b].name.as_bytes()));
+    let mut outs: Vec<StoredTau> = inputs.iter().map(|t| StoredTau::zeros(t.dtype, t.sft.len())).collect();
+    // OnTIES holds τ before trimming it; OnDARE needs no room.
+    let ties = cpu.ties().is_some();
+    let mut scratch: Vec<Vec<f32>> = inputs.iter().map(|t| if ties { vec![0.0; t.sft.len()] } else { Vec::new() }).collect();
+    let mut slots: Vec<Option<(&mut StoredTau, &mut Vec<f32>)>> = outs.iter_mut().zip(scratch.iter_mut()).map(Some).collect();
+    let mut jobs = Vec::with_capacity(inputs.len());
+    for &i in &order {
+        let (out, scratch) = slots[i].take().expect("each index once");
+        let t = &inputs[i];
+        jobs.push(TaskVectorJob { name: t.name, base: t.base, sft: t.sft, out: out.dst(), scratch });
     }
     cpu.init_task_vectors(&mut jobs)?;
     drop(jobs);

@@ -20,6 +20,25 @@ pub fn ctx() -> GpuContext {
 
 pub use merge_core::rng::SplitMix64;
 
+use gpu_shaders::optim::{StoredTau, TaskInput, task_vectors};
+use merge_core::dtype::{Dtype, Src};
+use merge_core::optim::{Merge, OnlineConfig};
+
+/// Each tensor's values as merge-core's binary32 source.
+pub fn f32_srcs(tensors: &[Vec<f32>]) -> Vec<Src<'_>> {
+    tensors.iter().map(|t| Src::F32(t)).collect()
+}
+
+/// `τ'` of each tensor as `config` merges them (none for plain AdamW), computed
+/// once by merge-core as the trainer does, stored as `dtype`.
+pub fn taus(config: OnlineConfig, names: &[&str], base: &[Src<'_>], sft: &[Src<'_>], dtype: Dtype) -> Vec<Option<StoredTau>> {
+    if matches!(config.merge, Merge::None) {
+        return names.iter().map(|_| None).collect();
+    }
+    let inputs: Vec<TaskInput> = (0..names.len()).map(|i| TaskInput { name: names[i], base: base[i], sft: sft[i], dtype }).collect();
+    task_vectors(config, &inputs).unwrap().into_iter().map(Some).collect()
+}
+
 /// Test-input distributions over the workspace's one SplitMix64.
 pub trait TestInputs {
     /// A finite f32 with a random sign, random significand and an exponent in

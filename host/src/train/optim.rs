@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use merge_core::dtype::{Dst, Dtype, Src};
+use merge_core::dtype::{Dst, Src};
 use merge_core::optim::{Optimizer as CoreOptimizer, TaskVectorJob};
 use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
@@ -138,10 +138,9 @@ struct TensorState {
 /// The optimizer and the state it owns.
 pub struct Optimizer {
     cfg: OptimConfig,
+    /// The validated configuration and the steps completed (the one step
+    /// counter of the run; the GPU optimizer's follows it).
     core: CoreOptimizer,
-    /// Steps completed: the one step counter (the GPU's and merge-core's plans
-    /// are made for `step + 1`).
-    step: u64,
     params: ParamSet,
     state: Vec<TensorState>,
     /// Threads of the CPU step (the bits do not depend on it).
@@ -184,7 +183,7 @@ impl Optimizer {
             })
             .collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { state, threads, core, step: 0, params, cfg, gpu: None, params_stale: false })
+        Ok(Self { state, threads, core, params, cfg, gpu: None, params_stale: false })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -203,7 +202,7 @@ impl Optimizer {
         }
         let opened = open_gpu_context(backend)
             .map(|ctx| ctx.expect("only BackendRequest::Cpu opens no adapter"))
-            .and_then(|ctx| opt.gpu_side(ctx, task, cross_check_every));
+            .and_then(|ctx| opt.gpu_side(ctx, cross_check_every));
         match opened {
             Ok(g) => opt.gpu = Some(g),
             Err(e) if *backend == BackendRequest::Auto => {
@@ -224,26 +223,20 @@ impl Optimizer {
         cross_check_every: u64,
     ) -> Result<Self> {
         let mut opt = Self::new(cfg, params, task)?;
-        let gpu = opt.gpu_side(ctx.clone(), task, cross_check_every).map_err(|e| TrainError::msg(format!("GPU optimizer: {e}")))?;
+        let gpu = opt.gpu_side(ctx.clone(), cross_check_every).map_err(|e| TrainError::msg(format!("GPU optimizer: {e}")))?;
         opt.gpu = Some(gpu);
         Ok(opt)
     }
 
-    fn gpu_side(&self, ctx: GpuContext, task: Option<(&ParamSet, &ParamSet)>, cross_check_every: u64) -> std::result::Result<GpuSide, String> {
+    /// The GPU optimizer over this optimizer's weights and its task vectors (τ' is
+    /// computed once, in `new`, and handed over).
+    fn gpu_side(&self, ctx: GpuContext, cross_check_every: u64) -> std::result::Result<GpuSide, String> {
         let inits: Vec<TensorInit<'_>> = self
             .params
             .tensors
             .iter()
-            .map(|t| TensorInit {
-                name: &t.name,
-                theta: &t.data,
-                task: task.map(|(b, s)| {
-                    let b = b.get(&t.name).expect("layout checked in new");
-                    let s = s.get(&t.name).expect("layout checked in new");
-                    (Src::F32(&b.data), Src::F32(&s.data))
-                }),
-                tau_dtype: Dtype::F32,
-            })
+            .zip(&self.state)
+            .map(|(t, s)| TensorInit { name: &t.name, theta: &t.data, tau: s.tau.as_deref().map(Src::F32) })
             .collect();
         let g = GpuOptimizer::new(ctx, self.cfg.to_core(), &inits).map_err(|e| e.to_string())?;
         let adapter = gpu_shaders::context::describe(g.adapter_info());
@@ -272,7 +265,7 @@ impl Optimizer {
 
     /// Steps completed.
     pub fn steps(&self) -> u64 {
-        self.step
+        self.core.steps()
     }
 
     /// The current master weights. After resident steps they are on the GPU only:
@@ -293,7 +286,7 @@ impl Optimizer {
             return Ok(());
         }
         let gpu = self.gpu.as_ref().expect("only a GPU optimizer takes resident steps");
-        let read = gpu.opt.read_params().map_err(TrainError::device(format!("after step {}: reading GPU weights", self.step)))?;
+        let read = gpu.opt.read_params().map_err(TrainError::device(format!("after step {}: reading GPU weights", self.core.steps())))?;
         for (t, (name, data)) in self.params.tensors.iter_mut().zip(read) {
             debug_assert_eq!(t.name, name);
             t.data = data;
@@ -304,7 +297,7 @@ impl Optimizer {
 
     /// Whether step `steps() + 1` may run resident: on a GPU and not cross-checked.
     pub fn can_step_resident(&self) -> bool {
-        self.gpu.as_ref().is_some_and(|g| g.every == 0 || !(self.step + 1).is_multiple_of(g.every))
+        self.gpu.as_ref().is_some_and(|g| g.every == 0 || !(self.core.steps() + 1).is_multiple_of(g.every))
     }
 
     /// Runs step `steps() + 1` from the gradient `model` holds on the same device:
@@ -313,7 +306,7 @@ impl Optimizer {
     /// gradient is refused as [`Optimizer::step`] refuses it (the GPU step's
     /// validating pass), with nothing written.
     pub fn step_resident(&mut self, model: &GpuLlama) -> Result<(StepReport, f64)> {
-        let k = self.step + 1;
+        let k = self.core.steps() + 1;
         let lr = self.core.plan(k)?.scalars().lr;
         let gpu = self.gpu.as_mut().expect("can_step_resident said so");
         let on = TrainError::device(format!("step {k} on {}", gpu.adapter));
@@ -324,7 +317,7 @@ impl Optimizer {
         gpu.opt.copy_params_to(&model.weight_buffers()).map_err(&on)?;
         gpu.host_state_current = false;
         let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
-        self.step = k;
+        self.core.set_steps(k);
         self.params_stale = true;
         Ok((StepReport { learning_rate: lr, optimizer_ms, cross_checked: false, cross_check_ms: 0.0 }, gnorm))
     }
@@ -332,14 +325,14 @@ impl Optimizer {
     /// Runs step `steps() + 1`. Gradients are checked for all tensors up front, so a
     /// non-finite gradient leaves every tensor unchanged and the step uncounted.
     pub fn step(&mut self, grads: &ParamSet) -> Result<StepReport> {
-        let k = self.step + 1;
+        let k = self.core.steps() + 1;
         check_layout(&self.params, grads, &format!("the step {k} gradient"))?;
         check_gradients(k, grads)?;
         let lr = self.core.plan(k)?.scalars().lr;
         let Some(gpu) = self.gpu.as_mut() else {
             let t = Instant::now();
             self.cpu_step(k, grads)?;
-            self.step = k;
+            self.core.set_steps(k);
             let optimizer_ms = t.elapsed().as_secs_f64() * 1e3;
             return Ok(StepReport { learning_rate: lr, optimizer_ms, cross_checked: false, cross_check_ms: 0.0 });
         };
@@ -379,7 +372,7 @@ impl Optimizer {
                 t.data = data;
             }
         }
-        self.step = k;
+        self.core.set_steps(k);
         Ok(StepReport { learning_rate: lr, optimizer_ms, cross_checked: check, cross_check_ms })
     }
 
@@ -492,7 +485,7 @@ impl Optimizer {
         }
         self.params = params;
         self.params_stale = false;
-        self.step = step;
+        self.core.set_steps(step);
         if let Some(gpu) = self.gpu.as_mut() {
             let named: Vec<(&str, &[f32])> = self.params.tensors.iter().map(|t| (t.name.as_str(), t.data.as_slice())).collect();
             let state: Vec<TensorStateData> = self
@@ -512,7 +505,7 @@ impl Optimizer {
 fn task_vectors(core: &CoreOptimizer, params: &ParamSet, base: &ParamSet, sft: &ParamSet) -> Result<Vec<Vec<f32>>> {
     let mut taus: Vec<Vec<f32>> = params.tensors.iter().map(|t| vec![0.0; t.data.len()]).collect();
     // OnTIES holds τ before trimming it; OnDARE needs no room.
-    let ties = matches!(core.config().merge, merge_core::optim::Merge::Ties(_));
+    let ties = core.ties().is_some();
     let mut scratch: Vec<Vec<f32>> = params.tensors.iter().map(|t| if ties { vec![0.0; t.data.len()] } else { Vec::new() }).collect();
     let mut jobs: Vec<TaskVectorJob<'_>> = params
         .tensors
