@@ -47,8 +47,9 @@ pub struct DareParams {
     pub keep: Keep,
     /// Reference: `s = RN(1/p)` (multiplied, as `F.dropout` does); paper: 1.
     pub scale: f32,
+    /// `α₃₂ = F(RN(α))`.
     pub alpha: f32,
-    /// `RN(1 − α)`.
+    /// `F(RN(1 − α))`, `1 − α` taken in binary64.
     pub one_minus_alpha: f32,
     pub clip: f32,
     pub rescale: bool,
@@ -63,7 +64,8 @@ pub(crate) fn validate_p(p: f64) -> Result<f32, Error> {
     Ok(p32)
 }
 
-/// Validates `α` (shared with OnTIES) and returns `(RN(α), RN(1 − α))`.
+/// Validates `α` (shared with OnTIES) and returns `(F(RN(α)), F(RN(1 − α)))`,
+/// `1 − α` taken in binary64 (SPEC.md §5.3).
 pub(crate) fn validate_alpha(alpha: f64) -> Result<(f32, f32), Error> {
     if !(0.0..=1.0).contains(&alpha) {
         return Err(invalid("alpha", alpha, "0 <= alpha <= 1"));
@@ -83,7 +85,7 @@ impl DareConfig {
             DareVariant::Reference => {
                 let s = (1.0 / f64::from(p32)) as f32;
                 if !s.is_finite() {
-                    return Err(invalid("p (reserve rate)", self.p, "1/p finite in binary32 (p >= 2^-128)"));
+                    return Err(invalid("p (reserve rate)", self.p, "1/p finite in binary32 (p > 2^-128)"));
                 }
                 s
             }

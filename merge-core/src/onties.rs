@@ -75,7 +75,7 @@ pub fn select<'a>(p: f32, rescale: bool, scope: &str, values: impl Iterator<Item
     Ok(TiesSelection { threshold, factor })
 }
 
-/// What [`merge_element`] needs besides the element: `α₃₂`, `ω = 1 ⊖ α`, the
+/// What [`merge_element`] needs besides the element: `α₃₂`, `ω = F(RN(1 − α))`, the
 /// selection's factor `ρ(D, D')` and its threshold seen from the element's block.
 #[derive(Clone, Copy, Debug)]
 pub struct ElementMerge {
@@ -111,7 +111,7 @@ pub fn trim(x: f32, index: u64, threshold: &Threshold) -> f32 {
 
 /// The per-element update `u` (then `θ ← θ ⊕ u`, then weight decay) from the
 /// already-trimmed values, `+0` meaning "not kept". `one_minus_alpha` is
-/// `1 ⊖ α`, computed once per step by the caller.
+/// `F(RN(1 − α))` with `1 − α` in binary64, computed once at validation.
 ///
 /// `reference`: `s = +1` iff `τ' ⊕ Δ' ≥ 0` (so a sum that cancels to zero, or
 /// flushes to zero, elects `+1`); `u = (α ⊗ τ')·[sign τ' = s] ⊕ ((1−α) ⊗ Δ')·[sign Δ' = s]`
