@@ -126,13 +126,24 @@ pub fn interpolate(
         return Err(invalid("interpolation weight", weight, "0 <= w <= 1"));
     }
     let w = flush(weight as f32);
-    check_len(name, "SFT weights", out.len(), &sft)?;
-    check_len(name, "RLHF weights", out.len(), &rlhf)?;
+    write_pair(name, offset, ("SFT weights", sft), ("RLHF weights", rlhf), out, |s, r| add(s, mul(w, sub(r, s))))
+}
+
+/// `out[j] = f(a[j], b[j])` over two inputs of `out`'s length, each labelled for
+/// its errors: validated and written as [`write_all`] does.
+fn write_pair(
+    name: &str,
+    offset: u64,
+    (what_a, a): (&'static str, Src<'_>),
+    (what_b, b): (&'static str, Src<'_>),
+    out: &mut Dst<'_>,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<(), Error> {
+    check_len(name, what_a, out.len(), &a)?;
+    check_len(name, what_b, out.len(), &b)?;
     write_all(name, "merged weights", offset, out, |j| {
         let index = offset + j as u64;
-        let s = load(name, "SFT weights", &sft, j, index)?;
-        let r = load(name, "RLHF weights", &rlhf, j, index)?;
-        Ok(add(s, mul(w, sub(r, s))))
+        Ok(f(load(name, what_a, &a, j, index)?, load(name, what_b, &b, j, index)?))
     })
 }
 
@@ -498,14 +509,7 @@ impl SlerpDot {
 
 /// SLERP pass 3: `θ = s0 ⊗ a ⊕ s1 ⊗ b` on the original (unnormalized) tensors.
 pub fn slerp_apply(name: &str, offset: u64, a: Src<'_>, b: Src<'_>, s: &SlerpScalars, out: &mut Dst<'_>) -> Result<(), Error> {
-    check_len(name, "first model's weights", out.len(), &a)?;
-    check_len(name, "second model's weights", out.len(), &b)?;
-    write_all(name, "merged weights", offset, out, |j| {
-        let index = offset + j as u64;
-        let x = load(name, "first model's weights", &a, j, index)?;
-        let y = load(name, "second model's weights", &b, j, index)?;
-        Ok(add(mul(s.s0, x), mul(s.s1, y)))
-    })
+    write_pair(name, offset, ("first model's weights", a), ("second model's weights", b), out, |x, y| add(mul(s.s0, x), mul(s.s1, y)))
 }
 
 /// SLERP of a whole in-memory tensor: the three passes in one call.

@@ -266,6 +266,12 @@ fn block_keys<T: Copy>(scope: &TensorName, start: u64, block: &[T], key: impl Fn
 /// Elements per candidate bit mask in filtered passes (bits of a `u32`).
 const BLOCK: usize = 32;
 
+/// Bit `j` set where `keys[j]` has `prefix` above bit `high`: a vectorizable scan
+/// that turns a block into the mask of its candidates (at most [`BLOCK`] keys).
+fn prefix_hits(keys: &[u32], high: u32, prefix: u32) -> u32 {
+    keys.iter().enumerate().fold(0u32, |m, (j, &k)| m | (u32::from(k >> high == prefix) << j))
+}
+
 impl RadixSelect {
     /// A select of the `k` largest among `n` elements. `scope` names the tensor (or
     /// the global scope) in errors. `k` must be in `[1, n]`, or 0 when `n = 0`.
@@ -381,10 +387,7 @@ impl RadixSelect {
                 let start = offset + (b * BLOCK) as u64;
                 let keys = block_keys(&self.scope, start, block, magnitude_key)?;
                 let keys = &keys[..block.len()];
-                let mut hits = keys
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |m, (j, &k)| m | (u32::from(k >> high == prefix) << j));
+                let mut hits = prefix_hits(keys, high, prefix);
                 while hits != 0 {
                     let j = hits.trailing_zeros() as usize;
                     hits &= hits - 1;
@@ -477,10 +480,7 @@ impl RadixSelect {
                     // and only those are counted.
                     let mask = digit_mask(bits);
                     let high = shift + bits;
-                    let mut hits = keys
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |m, (j, &k)| m | (u32::from(k >> high == prefix) << j));
+                    let mut hits = prefix_hits(keys, high, prefix);
                     while hits != 0 {
                         let j = hits.trailing_zeros() as usize;
                         hits &= hits - 1;
