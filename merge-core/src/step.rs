@@ -134,9 +134,22 @@ pub struct StateMut<'a> {
     pub cached: Option<&'a mut [f32]>,
 }
 
+impl<'a> StateRef<'a> {
+    /// Elements `r` of every slice (one block of a chunk).
+    fn range(&self, r: core::ops::Range<usize>) -> StateRef<'a> {
+        StateRef { theta: &self.theta[r.clone()], m: &self.m[r.clone()], v: &self.v[r.clone()], cached: self.cached.map(|c| &c[r]) }
+    }
+}
+
 impl StateMut<'_> {
     pub fn as_ref(&self) -> StateRef<'_> {
         StateRef { theta: self.theta, m: self.m, v: self.v, cached: self.cached.as_deref() }
+    }
+
+    /// Elements `r` of every slice, to store one block into.
+    fn range(&mut self, r: core::ops::Range<usize>) -> StateMut<'_> {
+        let cached = self.cached.as_deref_mut().map(|c| &mut c[r.clone()]);
+        StateMut { theta: &mut self.theta[r.clone()], m: &mut self.m[r.clone()], v: &mut self.v[r], cached }
     }
 
     /// The same slices, borrowed again for a shorter time.
@@ -517,18 +530,15 @@ impl TensorStep<'_> {
     /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
     pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
-        let StateMut { theta, m, v, mut cached } = state;
+        let mut state = state;
         let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            {
-                let view = StateRef { theta: &theta[r.clone()], m: &m[r.clone()], v: &v[r.clone()], cached: cached.as_deref().map(|c| &c[r.clone()]) };
-                self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(&tau, start, len), &mut bufs)?;
-            }
-            bufs.out.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
+            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
+            bufs.out.store(state.range(r));
             start += len;
         }
         Ok(())
@@ -550,11 +560,8 @@ impl TensorStep<'_> {
         if out_ref.cached.map(|c| c.len()) != input.cached.map(|c| c.len()) {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
         }
-        let StateMut { theta, m, v, mut cached } = output;
-        self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| {
-            let r = start..start + len;
-            out.store(StateMut { theta: &mut theta[r.clone()], m: &mut m[r.clone()], v: &mut v[r.clone()], cached: cached.as_deref_mut().map(|c| &mut c[r.clone()]) });
-        })
+        let mut output = output;
+        self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
     }
 
     fn run(&self, pass: Pass, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
@@ -564,8 +571,7 @@ impl TensorStep<'_> {
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            let view = StateRef { theta: &state.theta[r.clone()], m: &state.m[r.clone()], v: &state.v[r.clone()], cached: state.cached.map(|c| &c[r.clone()]) };
-            self.block(pass, offset + start as u64, &grad[r.clone()], &view, &self.tau_block(tau, start, len), &mut bufs)?;
+            self.block(pass, offset + start as u64, &grad[r.clone()], &state.range(r.clone()), &self.tau_block(tau, start, len), &mut bufs)?;
             sink(start, &bufs.out, len);
             start += len;
         }
