@@ -1,6 +1,7 @@
 //! Adapter selection, device creation, buffers, chunked dispatch and readback.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
 
@@ -152,10 +153,34 @@ fn matches(info: &wgpu::AdapterInfo, wanted: &str) -> bool {
 #[derive(Clone)]
 pub struct GpuContext {
     pub(crate) device: wgpu::Device,
-    pub(crate) queue: wgpu::Queue,
+    /// Private: every submission and queue write goes through [`GpuContext::submit`]
+    /// and [`GpuContext::write_buffer`], which first submit the recorded dispatches,
+    /// so that nothing overtakes them.
+    queue: wgpu::Queue,
+    /// Dispatches recorded by [`GpuContext::record`] and not yet submitted (shared
+    /// by the clones of a context, which share its queue).
+    pending: Arc<Mutex<Pending>>,
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     max_chunk_bytes: u64,
+}
+
+/// Dispatches per queue submission: large enough that submission overhead
+/// vanishes against the kernels, small enough that the device starts on a long
+/// forward pass while the host is still recording it.
+const RECORD_BATCH: u32 = 64;
+
+#[derive(Default)]
+struct Pending {
+    enc: Option<wgpu::CommandEncoder>,
+    recorded: u32,
+}
+
+impl Pending {
+    fn take(&mut self) -> Option<wgpu::CommandEncoder> {
+        self.recorded = 0;
+        self.enc.take()
+    }
 }
 
 impl GpuContext {
@@ -208,7 +233,7 @@ impl GpuContext {
                 "max_chunk_bytes must be at least {unit} bytes (one 256-element block of 4-byte words)"
             )));
         }
-        Ok(GpuContext { device, queue, info, limits, max_chunk_bytes })
+        Ok(GpuContext { device, queue, pending: Arc::default(), info, limits, max_chunk_bytes })
     }
 
     /// The adapter in use.
@@ -299,6 +324,43 @@ impl GpuContext {
         })
     }
 
+    /// Records work into the shared command encoder instead of submitting it on
+    /// its own: one queue submission per [`RECORD_BATCH`] dispatches instead of
+    /// one each, in the same order, so the results do not change. Submitted by the
+    /// next [`GpuContext::submit`], [`GpuContext::write_buffer`], readback or wait.
+    pub(crate) fn record(&self, f: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(pending.enc.get_or_insert_with(|| self.device.create_command_encoder(&Default::default())));
+        pending.recorded += 1;
+        if pending.recorded >= RECORD_BATCH {
+            let enc = pending.take();
+            drop(pending);
+            self.queue.submit(enc.map(|e| e.finish()));
+        }
+    }
+
+    /// Submits the recorded dispatches, if any.
+    pub(crate) fn flush(&self) {
+        let enc = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(enc) = enc {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Submits `enc` after everything recorded before it.
+    pub(crate) fn submit(&self, enc: wgpu::CommandEncoder) {
+        self.flush();
+        self.queue.submit([enc.finish()]);
+    }
+
+    /// Writes `data` into `buf` at `offset` after everything recorded or submitted
+    /// before (a queue write runs ahead of the next submission, so the recorded
+    /// dispatches go first).
+    pub(crate) fn write_buffer(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
+        self.flush();
+        self.queue.write_buffer(buf, offset, data);
+    }
+
     /// Copies `bytes` bytes of `buf` back to the host (waits for the queue).
     pub(crate) fn read_bytes(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
         let size = bytes.max(4).next_multiple_of(4);
@@ -310,7 +372,7 @@ impl GpuContext {
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
-        self.queue.submit([enc.finish()]);
+        self.submit(enc);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -331,8 +393,9 @@ impl GpuContext {
         Ok(bytemuck::pod_collect_to_vec(&self.read_bytes(buf, n * 4)?))
     }
 
-    /// Blocks until all submitted work has finished.
+    /// Blocks until all recorded and submitted work has finished.
     pub fn wait(&self) -> Result<(), GpuError> {
+        self.flush();
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())

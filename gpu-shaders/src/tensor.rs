@@ -145,7 +145,7 @@ impl GpuArray {
     pub fn write_f32(&self, ctx: &GpuContext, data: &[f32]) {
         for c in &self.chunks {
             let s = &data[c.start as usize..(c.start + c.len) as usize];
-            ctx.queue.write_buffer(&c.buf, 0, bytemuck::cast_slice(s));
+            ctx.write_buffer(&c.buf, 0, bytemuck::cast_slice(s));
         }
     }
 

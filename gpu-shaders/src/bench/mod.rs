@@ -23,7 +23,7 @@ pub fn time_copy(ctx: &GpuContext, n: u64, reps: u32) -> Result<f64, GpuError> {
         for (bg, len, _) in &groups {
             kernel.dispatch(ctx, &mut enc, bg, len.div_ceil(WORKGROUP as u64) as u32);
         }
-        ctx.queue.submit([enc.finish()]);
+        ctx.submit(enc);
         ctx.wait()
     };
     run()?;

@@ -2,7 +2,7 @@
 //! their backward products, as one tiled matrix product (`linear.wgsl`) that
 //! reads its operands through strides.
 
-use super::{check_binding, dispatch, expect_len, groups, kernel, submit, GpuVec, Window};
+use super::{check_binding, dispatch, expect_len, groups, kernel, record, GpuVec, Window};
 use crate::context::{GpuContext, GpuError};
 use crate::kernel::Kernel;
 
@@ -136,7 +136,7 @@ impl Linear {
         expect_len("linear output", y, s.rows * s.outputs)
     }
 
-    /// Records and submits one tiled product.
+    /// Records one tiled product.
     pub(super) fn matmul(&self, p: Product<'_>) -> Result<(), GpuError> {
         let ctx = &self.ctx;
         let (a, a_off) = p.a.window.binding(ctx)?;
@@ -167,7 +167,7 @@ impl Linear {
             c_sm: u32_of("columns", p.n)?,
         };
         let tiles = p.m.div_ceil(TILE) * p.n.div_ceil(TILE);
-        submit(ctx, &self.matmul, bytemuck::bytes_of(&params), vec![(1, a), (2, b), (3, bias), (4, c)], u32_of("tiles", tiles)?);
+        record(ctx, &self.matmul, bytemuck::bytes_of(&params), vec![(1, a), (2, b), (3, bias), (4, c)], u32_of("tiles", tiles)?);
         Ok(())
     }
 }

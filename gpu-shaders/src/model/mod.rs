@@ -86,15 +86,13 @@ impl GpuVec {
         if data.len() != self.len {
             return Err(GpuError::Invalid(format!("GpuVec::write_f32: {} values for an array of {}", data.len(), self.len)));
         }
-        ctx.queue.write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
+        ctx.write_buffer(&self.buf, 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
     /// Sets every element to +0 on the device, without a host copy.
     pub fn clear(&self, ctx: &GpuContext) {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.clear_buffer(&self.buf, 0, None);
-        ctx.queue.submit([enc.finish()]);
+        ctx.record(|enc| enc.clear_buffer(&self.buf, 0, None));
     }
 
     /// Waits for the queued work and reads the array back.
@@ -168,20 +166,19 @@ fn dispatch<P: bytemuck::Pod>(ctx: &GpuContext, kernel: &Kernel, params: &P, bin
         check_binding(ctx, &v.label, v.buf.size())?;
         resources.push((binding, v.buf.as_entire_binding()));
     }
-    submit(ctx, kernel, bytemuck::bytes_of(params), resources, n_groups);
+    record(ctx, kernel, bytemuck::bytes_of(params), resources, n_groups);
     Ok(())
 }
 
-/// Records and submits one dispatch at once: the queue keeps submissions in
-/// order, so the next kernel sees this one's results.
-fn submit(ctx: &GpuContext, kernel: &Kernel, params: &[u8], resources: Vec<(u32, wgpu::BindingResource)>, n_groups: u32) {
+/// Records one dispatch behind the ones before it (each its own compute pass,
+/// so the next kernel sees this one's results), submitted in batches by the
+/// context.
+fn record(ctx: &GpuContext, kernel: &Kernel, params: &[u8], resources: Vec<(u32, wgpu::BindingResource)>, n_groups: u32) {
     let uniform = ctx.uniform_init("model params", params);
     let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
     entries.extend(resources.into_iter().map(|(binding, resource)| wgpu::BindGroupEntry { binding, resource }));
     let bind_group = kernel.bind_entries(ctx, &entries);
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    kernel.dispatch(ctx, &mut enc, &bind_group, n_groups);
-    ctx.queue.submit([enc.finish()]);
+    ctx.record(|enc| kernel.dispatch(ctx, enc, &bind_group, n_groups));
 }
 
 /// Workgroups of [`WORKGROUP`] invocations for one invocation per item.

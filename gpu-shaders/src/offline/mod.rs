@@ -234,7 +234,7 @@ impl GpuMerger {
         u.cfg2[3] = dev_models.iter().enumerate().fold(0, |acc, (m, a)| acc | (code(a) << (2 * m)));
         let result = GpuArray::zeros(ctx, "merged", Storage::F32, n as u64);
         let status = ctx.storage("merge status", 8 * 4);
-        ctx.queue.write_buffer(&status, 0, bytemuck::cast_slice(&[u32::MAX; 8]));
+        ctx.write_buffer(&status, 0, bytemuck::cast_slice(&[u32::MAX; 8]));
         let dummy = ctx.storage("no input", 4);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let mut keep = Vec::new();
@@ -249,7 +249,7 @@ impl GpuMerger {
             self.kernel.dispatch(ctx, &mut enc, &bg, ch.len.div_ceil(WORKGROUP as u64) as u32);
             keep.push(ub);
         }
-        ctx.queue.submit([enc.finish()]);
+        ctx.submit(enc);
         let st = ctx.read_u32(&status, 8)?;
         let values = result.read_f32(ctx)?;
         // The first element that fails, in merge-core's order.

@@ -78,7 +78,7 @@ impl Ops {
         let bg = self.kernel.bind(ctx, &[&u, &ba, &bb, &out]);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         self.kernel.dispatch(ctx, &mut enc, &bg, (n as u32).div_ceil(WORKGROUP));
-        ctx.queue.submit([enc.finish()]);
+        ctx.submit(enc);
         ctx.read_u32(&out, outs as u64)
     }
 }

@@ -316,7 +316,7 @@ impl GpuOptimizer {
                     self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
                 }
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             self.check_status()?;
             for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
                 let (org, new) = self.norms(slot)?;
@@ -337,7 +337,7 @@ impl GpuOptimizer {
             for slot in &self.slots {
                 self.encode_pass(&mut enc, slot, pass::CHECK);
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             self.check_status()?;
         }
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
@@ -347,7 +347,7 @@ impl GpuOptimizer {
         for slot in &self.slots {
             self.encode_pass(&mut enc, slot, pass::WRITE);
         }
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit(enc);
         if !self.validate {
             if let Err(e) = self.check_status() {
                 self.poisoned = Some(format!("step {k} failed after writing: {e}"));
@@ -374,7 +374,7 @@ impl GpuOptimizer {
             for slot in &self.slots {
                 self.encode_pass(&mut enc, slot, pass::SCAN);
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             self.check_status()?;
         }
 
@@ -405,7 +405,7 @@ impl GpuOptimizer {
                     self.encode_pass(&mut enc, slot, pass::HIST);
                 }
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             let counts = self.ctx.read_u32(&self.hist, (sels.len() * BUCKETS) as u64)?;
             for (j, sel) in sels.iter_mut().enumerate() {
                 if let Some(p) = sel.pass() {
@@ -437,7 +437,7 @@ impl GpuOptimizer {
             for (_, _, gph, bg) in &g.levels {
                 self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             let (full, kept) = if g.nb_total == 0 {
                 (0.0, 0.0)
             } else {
@@ -468,7 +468,7 @@ impl GpuOptimizer {
                     self.reduce.dispatch(&self.ctx, &mut enc, bg, 2 * gph);
                 }
             }
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit(enc);
             for (slot, u) in self.slots.iter().zip(us.iter_mut()) {
                 let (full, kept) = self.norms(slot)?;
                 for (x, what) in [(full, "L1 norm before trimming"), (kept, "L1 norm after trimming")] {
@@ -514,7 +514,7 @@ impl GpuOptimizer {
                     cu.g_bl_base = g.bl_base;
                     cu.g_nslots = g.nslots;
                 }
-                self.ctx.queue.write_buffer(&slot.uniforms[ci], 0, bytemuck::bytes_of(&cu));
+                self.ctx.write_buffer(&slot.uniforms[ci], 0, bytemuck::bytes_of(&cu));
             }
         }
     }

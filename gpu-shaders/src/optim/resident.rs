@@ -29,7 +29,7 @@ impl GpuOptimizer {
                 enc.copy_buffer_to_buffer(src, 4 * c.start, &c.buf, 0, 4 * c.len);
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit(enc);
         Ok(())
     }
 
@@ -43,7 +43,7 @@ impl GpuOptimizer {
                 enc.copy_buffer_to_buffer(&c.buf, 0, dst, 4 * c.start, 4 * c.len);
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit(enc);
         Ok(())
     }
 
@@ -67,7 +67,7 @@ impl GpuOptimizer {
                 out0 += b;
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit(enc);
         let sums: Vec<f32> = bytemuck::pod_collect_to_vec(&self.ctx.read_bytes(&out, 4 * total)?);
         let mut at = 0usize;
         Ok(blocks

@@ -88,13 +88,13 @@ impl GpuTopK {
                 Pass::Index { key, shift, bits, prefix } => (1, shift, bits, key, prefix),
             };
             let p = [mode, shift, bits, key, prefix as u32, (prefix >> 32) as u32, 0, 0];
-            ctx.queue.write_buffer(&pass_u, 0, bytemuck::cast_slice(&p));
+            ctx.write_buffer(&pass_u, 0, bytemuck::cast_slice(&p));
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             enc.clear_buffer(&hist, 0, None);
             for (bg, groups) in &binds {
                 self.kernel.dispatch(ctx, &mut enc, bg, *groups);
             }
-            ctx.queue.submit([enc.finish()]);
+            ctx.submit(enc);
             if first {
                 // Every element is read in the first pass: refuse non-finite input there,
                 // naming the lowest index (the base before the model at equal index).

@@ -460,6 +460,11 @@ impl GpuLlama {
         for (tape, &coef) in fwd.tapes.iter().zip(dlogps) {
             self.backward_seq(tape, coef)?;
         }
+        // The dispatches are recorded and submitted in batches; waiting here ends
+        // the backward's work inside this call, so the caller's model time covers
+        // it and a device failure is this call's error. The optimizer, the next
+        // user of the gradients, would wait for them anyway.
+        self.ctx.wait()?;
         Ok(())
     }
 
