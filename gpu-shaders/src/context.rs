@@ -363,6 +363,12 @@ impl GpuContext {
 
     /// Copies `bytes` bytes of `buf` back to the host (waits for the queue).
     pub(crate) fn read_bytes(&self, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, GpuError> {
+        self.read_bytes_at(buf, 0, bytes)
+    }
+
+    /// Copies `bytes` bytes of `buf` from byte `offset` (a multiple of 4) back to
+    /// the host (waits for the queue).
+    pub(crate) fn read_bytes_at(&self, buf: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u8>, GpuError> {
         let size = bytes.max(4).next_multiple_of(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
@@ -371,7 +377,7 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+        enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
         self.submit(enc);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();

@@ -47,12 +47,12 @@ impl Kernel {
         ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
     }
 
-    /// A bind group with explicit `(binding, buffer)` pairs, for entry points that
-    /// use only some of their module's bindings.
-    pub(crate) fn bind_at(&self, ctx: &GpuContext, buffers: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+    /// A bind group with explicit `(binding, resource)` pairs, for bindings of part
+    /// of a buffer.
+    pub(crate) fn bind_resources(&self, ctx: &GpuContext, resources: &[(u32, wgpu::BindingResource<'_>)]) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
-        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &self.layout, entries: &entries })
+            resources.iter().map(|(i, r)| wgpu::BindGroupEntry { binding: *i, resource: r.clone() }).collect();
+        self.bind_entries(ctx, &entries)
     }
 
     /// A bind group from explicit entries, for bindings of part of a buffer.

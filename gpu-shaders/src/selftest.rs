@@ -13,7 +13,7 @@ use merge_core::rng::{tensor_id, threefry2x32_20, MaskKey, SplitMix64};
 
 use crate::context::{describe, GpuContext, GpuError, GpuOptions};
 use crate::ops::{Op, Ops, RngParams};
-use crate::optim::{GpuOptimizer, TensorInit};
+use crate::optim::{GpuOptimizer, TensorInit, Weights};
 
 /// One check: how many cases, how many differed, the first difference.
 #[derive(Clone, Debug)]
@@ -161,7 +161,7 @@ fn optimizer_check(opts: &GpuOptions) -> Result<CheckResult, GpuError> {
     for i in 0..2 {
         cpu.init_task_vector(names[i], Src::F32(&base[i]), Src::F32(&sft[i]), &mut Dst::F32(&mut tau[i]))?;
     }
-    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: &sft[i], tau: Some(Src::F32(&tau[i])) }).collect();
+    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: Weights::Host(&sft[i]), tau: Some(Src::F32(&tau[i])) }).collect();
     let mut gpu = GpuOptimizer::new(GpuContext::new(opts)?, config, &inits)?;
     drop(inits);
     for _ in 0..4 {

@@ -61,6 +61,25 @@ pub struct Chunk {
     pub start: u64,
     pub len: u64,
     pub buf: wgpu::Buffer,
+    /// Where the chunk begins in `buf`, in bytes: 0 for an array that owns its
+    /// buffers, `4 · start` for a view of another owner's buffer.
+    pub offset: u64,
+    /// A view's bytes in `buf` (`None`: the whole buffer is the chunk's).
+    view_bytes: Option<u64>,
+}
+
+impl Chunk {
+    /// The chunk's bytes as a binding.
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        match self.view_bytes {
+            None => self.buf.as_entire_binding(),
+            Some(bytes) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &self.buf,
+                offset: self.offset,
+                size: wgpu::BufferSize::new(bytes.max(4)),
+            }),
+        }
+    }
 }
 
 /// One array of one tensor on the GPU.
@@ -68,17 +87,41 @@ pub struct GpuArray {
     pub storage: Storage,
     pub n: u64,
     pub chunks: Vec<Chunk>,
+    /// Whether the buffers are this array's (not a view of another owner's).
+    owned: bool,
 }
 
 impl GpuArray {
+    /// A view of `n` f32 elements of another owner's `buf` (a model's weights or
+    /// gradients), split at the same element boundaries as an owned array: the
+    /// optimizer then steps the model's own tensors, with no copies between them.
+    /// `buf` must hold the elements; every chunk begins at a multiple of 256
+    /// elements, which meets the binding offset alignment of every device wgpu runs.
+    pub fn view_f32(ctx: &GpuContext, label: &str, buf: &wgpu::Buffer, n: u64) -> Result<GpuArray, GpuError> {
+        if buf.size() < 4 * n {
+            return Err(GpuError::Invalid(format!("`{label}`: a buffer of {} bytes cannot hold {n} f32 elements", buf.size())));
+        }
+        let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment);
+        let chunks = ctx
+            .chunks(n)
+            .into_iter()
+            .map(|(start, len)| {
+                let offset = 4 * start;
+                debug_assert!(offset.is_multiple_of(align.max(1)), "chunks start at multiples of 256 elements");
+                Chunk { start, len, buf: buf.clone(), offset, view_bytes: Some(4 * len) }
+            })
+            .collect();
+        Ok(GpuArray { storage: Storage::F32, n, chunks, owned: false })
+    }
+
     /// Zero-filled.
     pub fn zeros(ctx: &GpuContext, label: &str, storage: Storage, n: u64) -> GpuArray {
         let chunks = ctx
             .chunks(n)
             .into_iter()
-            .map(|(start, len)| Chunk { start, len, buf: ctx.storage(label, storage.bytes(len)) })
+            .map(|(start, len)| Chunk { start, len, buf: ctx.storage(label, storage.bytes(len)), offset: 0, view_bytes: None })
             .collect();
-        GpuArray { storage, n, chunks }
+        GpuArray { storage, n, chunks, owned: true }
     }
 
     pub fn from_f32(ctx: &GpuContext, label: &str, data: &[f32]) -> GpuArray {
@@ -100,9 +143,11 @@ impl GpuArray {
                 start,
                 len,
                 buf: ctx.storage_init(label, bytemuck::cast_slice(&data[start as usize..(start + len) as usize])),
+                offset: 0,
+                view_bytes: None,
             })
             .collect();
-        GpuArray { storage, n, chunks }
+        GpuArray { storage, n, chunks, owned: true }
     }
 
     /// The compact layout of `values` (already flushed: no -0.0) with the same
@@ -128,10 +173,10 @@ impl GpuArray {
                 }
                 offsets.push((entries.len() / 2) as u32);
                 offsets.extend(entries);
-                Chunk { start, len, buf: ctx.storage_init(label, bytemuck::cast_slice(&offsets)) }
+                Chunk { start, len, buf: ctx.storage_init(label, bytemuck::cast_slice(&offsets)), offset: 0, view_bytes: None }
             })
             .collect();
-        GpuArray { storage: Storage::Compact, n, chunks }
+        GpuArray { storage: Storage::Compact, n, chunks, owned: true }
     }
 
     /// Bytes the compact layout of `values` would take.
@@ -145,7 +190,7 @@ impl GpuArray {
     pub fn write_f32(&self, ctx: &GpuContext, data: &[f32]) {
         for c in &self.chunks {
             let s = &data[c.start as usize..(c.start + c.len) as usize];
-            ctx.write_buffer(&c.buf, 0, bytemuck::cast_slice(s));
+            ctx.write_buffer(&c.buf, c.offset, bytemuck::cast_slice(s));
         }
     }
 
@@ -153,14 +198,14 @@ impl GpuArray {
     pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
         let mut out = Vec::with_capacity(self.n as usize);
         for c in &self.chunks {
-            let bytes = ctx.read_bytes(&c.buf, 4 * c.len)?;
+            let bytes = ctx.read_bytes_at(&c.buf, c.offset, 4 * c.len)?;
             out.extend(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes));
         }
         Ok(out)
     }
 
-    /// Bytes held on the device.
+    /// Bytes this array holds on the device (0 for a view: its owner holds them).
     pub fn device_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.buf.size()).sum()
+        if self.owned { self.chunks.iter().map(|c| c.buf.size()).sum() } else { 0 }
     }
 }

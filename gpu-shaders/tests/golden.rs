@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use common::ctx;
 use golden_runner::{compare, evaluate, Array, Case, Outcome};
 use gpu_shaders::offline::GpuMerger;
-use gpu_shaders::optim::{GpuOptimizer, StoredTau, TaskInput, TensorInit, TensorStateData, task_vectors};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TaskInput, TensorInit, TensorStateData, Weights, task_vectors};
 use gpu_shaders::GpuError;
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
@@ -108,7 +108,7 @@ fn gpu_run(ctx: &gpu_shaders::GpuContext, case: &Case) -> Result<BTreeMap<String
     let inits: Vec<TensorInit> = names
         .iter()
         .zip(&taus)
-        .map(|((name, p), tau)| TensorInit { name, theta: case.f32s(&format!("{p}theta")).unwrap(), tau: tau.as_ref().map(StoredTau::src) })
+        .map(|((name, p), tau)| TensorInit { name, theta: Weights::Host(case.f32s(&format!("{p}theta")).unwrap()), tau: tau.as_ref().map(StoredTau::src) })
         .collect();
     let mut gpu = GpuOptimizer::new(ctx.clone(), config, &inits)?;
     // The case starts from given moments (and a zero Δ_c).

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ctx_with, SplitMix64};
-use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit, Weights};
 use gpu_shaders::GpuOptions;
 use merge_core::dtype::{Dst, Dtype, Src};
 use merge_core::hyper::{AdamConfig, AdamForm};
@@ -36,7 +36,7 @@ fn run(tc: TiesConfig, form: AdamForm, kk: u32, dtype: Dtype, sizes: &[usize], s
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let taus = common::taus(config, &name_refs, &common::f32_srcs(&base), &common::f32_srcs(&sft), dtype);
     let inits: Vec<TensorInit> =
-        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
+        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: Weights::Host(&sft[i]), tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: chunk, ..Default::default() }), config, &inits).unwrap();
 
     let mut cpu = Optimizer::new(config).unwrap();
@@ -165,7 +165,7 @@ fn same_refusal(tc: TiesConfig, form: AdamForm, sft: [&[f32]; 2], grads: [&[f32]
     let names = ["a", "b"];
     let base: Vec<Vec<f32>> = sft.iter().map(|s| s.iter().map(|x| x / 1.5).collect()).collect();
     let taus = common::taus(config, &names, &[Src::F32(&base[0]), Src::F32(&base[1])], &[Src::F32(sft[0]), Src::F32(sft[1])], Dtype::F32);
-    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
+    let inits: Vec<TensorInit> = (0..2).map(|i| TensorInit { name: names[i], theta: Weights::Host(sft[i]), tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
     let before = gpu.read_params().unwrap();
     let gpu_err = gpu.step(&[("a", grads[0]), ("b", grads[1])]).unwrap_err().to_string();

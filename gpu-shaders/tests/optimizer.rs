@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ctx, ctx_with, SplitMix64, TestInputs};
-use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit};
+use gpu_shaders::optim::{GpuOptimizer, StoredTau, TensorInit, Weights};
 use gpu_shaders::{GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dst, Dtype, Src};
@@ -58,7 +58,7 @@ fn cross_check(config: OnlineConfig, sizes: &[usize], dtype: Dtype, steps: u64, 
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let taus = common::taus(config, &name_refs, &common::f32_srcs(&base), &common::f32_srcs(&sft), dtype);
     let inits: Vec<TensorInit> =
-        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
+        (0..sizes.len()).map(|i| TensorInit { name: &names[i], theta: Weights::Host(&sft[i]), tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let mut gpu = GpuOptimizer::new(ctx_with(opts), config, &inits).unwrap();
 
     let mut cpu = Optimizer::new(config).unwrap();
@@ -197,7 +197,7 @@ fn optimizer_memory_beyond_adamw_within_ten_percent() {
     for merge in [Merge::Dare(dare), Merge::Ties(ties(Scope::PerTensor)), Merge::Ties(ties(Scope::Global))] {
         let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge, k: 1, seed: 5 };
         let taus = common::taus(config, &["w"], &[Src::F32(&base)], &[Src::F32(&theta)], Dtype::Bf16);
-        let init = TensorInit { name: "w", theta: &theta, tau: taus[0].as_ref().map(StoredTau::src) };
+        let init = TensorInit { name: "w", theta: Weights::Host(&theta), tau: taus[0].as_ref().map(StoredTau::src) };
         let gpu = GpuOptimizer::new(ctx(), config, &[init]).unwrap();
         let extra = gpu.device_bytes() as f64 - 16.0 * n as f64;
         assert!(extra <= 0.1 * 4.0 * n as f64, "{merge:?}: {extra} bytes beyond AdamW for {n} parameters");
@@ -211,8 +211,8 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
     let a = vec![0.5f32; 300];
     let b = vec![0.25f32; 600];
     let inits = [
-        TensorInit { name: "b", theta: &b, tau: None },
-        TensorInit { name: "a", theta: &a, tau: None },
+        TensorInit { name: "b", theta: Weights::Host(&b), tau: None },
+        TensorInit { name: "a", theta: Weights::Host(&a), tau: None },
     ];
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &inits).unwrap();
     let ga = vec![0.1f32; 300];
@@ -255,7 +255,7 @@ fn non_finite_gradient_is_named_and_nothing_is_written() {
 fn unvalidated_failure_poisons_until_load_state() {
     let config = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::None, k: 1, seed: 1 };
     let theta = vec![0.5f32; 700];
-    let init = TensorInit { name: "w", theta: &theta, tau: None };
+    let init = TensorInit { name: "w", theta: Weights::Host(&theta), tau: None };
     let mut gpu = GpuOptimizer::new(ctx_with(&GpuOptions { max_chunk_bytes: Some(1024), ..Default::default() }), config, &[init]).unwrap();
     gpu.set_validation(false);
     let mut g = vec![0.1f32; 700];
@@ -275,7 +275,8 @@ fn unvalidated_failure_poisons_until_load_state() {
 }
 
 /// The resident step's plumbing: gradients copied in on the device give the same
-/// bits as uploaded ones, parameters copied out are the optimizer's, and Σ g²
+/// bits as uploaded ones, and so do a model's own buffers stepped in place
+/// ([`Weights::Shared`]); parameters copied out are the optimizer's, and Σ g²
 /// agrees with an f64 sum to f32 rounding. Small chunks make every tensor span
 /// several chunk buffers, so the copies' offsets are exercised.
 #[test]
@@ -290,14 +291,31 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
     let base: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();
     let sft: Vec<Vec<f32>> = base.iter().map(|b| b.iter().map(|x| x + 0.01).collect()).collect();
     let taus = common::taus(config, &names, &common::f32_srcs(&base), &common::f32_srcs(&sft), Dtype::F32);
-    let init: Vec<TensorInit> = (0..3).map(|i| TensorInit { name: names[i], theta: &sft[i], tau: taus[i].as_ref().map(StoredTau::src) }).collect();
+    let init: Vec<TensorInit> = (0..3).map(|i| TensorInit { name: names[i], theta: Weights::Host(&sft[i]), tau: taus[i].as_ref().map(StoredTau::src) }).collect();
     let ctx = common::ctx_with(&opts);
     let mut uploaded = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
     let mut copied = GpuOptimizer::new(ctx.clone(), config, &init).unwrap();
+    // A third steps a "model's" own weight and gradient buffers in place.
+    let model_weights: Vec<GpuVec> = sft.iter().map(|w| GpuVec::from_f32(&ctx, "model weight", w).unwrap()).collect();
+    let model_grads: Vec<GpuVec> = sizes.iter().map(|&n| GpuVec::zeros(&ctx, "model grad", n).unwrap()).collect();
+    let shared_init: Vec<TensorInit> = (0..3)
+        .map(|i| TensorInit {
+            name: names[i],
+            theta: Weights::Shared { weights: model_weights[i].buffer(), grads: model_grads[i].buffer(), len: sizes[i] },
+            tau: taus[i].as_ref().map(StoredTau::src),
+        })
+        .collect();
+    let mut shared = GpuOptimizer::new(ctx.clone(), config, &shared_init).unwrap();
+    drop(shared_init);
     for _ in 0..2 {
         let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| grad(&mut rng, n)).collect();
         let named: Vec<(&str, &[f32])> = names.iter().zip(&grads).map(|(n, g)| (*n, g.as_slice())).collect();
         uploaded.step(&named).unwrap();
+        for (v, g) in model_grads.iter().zip(&grads) {
+            v.write_f32(&ctx, g).unwrap();
+        }
+        assert_eq!(shared.grad_sum_squares().unwrap(), uploaded.grad_sum_squares().unwrap());
+        shared.step_uploaded().unwrap();
         let on_device: Vec<GpuVec> = grads.iter().map(|g| GpuVec::from_f32(&ctx, "model grad", g).unwrap()).collect();
         // Given in another order than the optimizer's: they are matched by name.
         let sources: Vec<(&str, &wgpu::Buffer)> = names.iter().zip(&on_device).rev().map(|(n, v)| (*n, v.buffer())).collect();
@@ -310,10 +328,18 @@ fn device_side_gradients_and_parameters_match_the_uploaded_path() {
         copied.step_uploaded().unwrap();
     }
     let (a, b) = (uploaded.read_params().unwrap(), copied.read_params().unwrap());
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
     for ((name, x), (_, y)) in a.iter().zip(&b) {
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
         common::assert_bits(name, &bits(y), &bits(x), |i| format!("element {i}"));
     }
+    // The shared optimizer stepped the model's buffers themselves.
+    for (((name, x), (_, y)), w) in a.iter().zip(&shared.read_params().unwrap()).zip(&model_weights) {
+        common::assert_bits(name, &bits(y), &bits(x), |i| format!("element {i}"));
+        common::assert_bits(name, &bits(&w.read_f32(&ctx).unwrap()), &bits(x), |i| format!("model's element {i}"));
+    }
+    let (owned_bytes, shared_bytes) = (uploaded.device_bytes(), shared.device_bytes());
+    let weights_and_grads: u64 = sizes.iter().map(|&n| 8 * n as u64).sum();
+    assert!(owned_bytes >= shared_bytes + weights_and_grads, "{owned_bytes} vs {shared_bytes}: shared weights are not held twice");
     let targets: Vec<GpuVec> = sizes.iter().map(|&n| GpuVec::zeros(&ctx, "model weight", n).unwrap()).collect();
     let named: Vec<(&str, &wgpu::Buffer)> = names.iter().zip(&targets).map(|(n, v)| (*n, v.buffer())).collect();
     copied.copy_params_to(&named).unwrap();
@@ -332,7 +358,7 @@ fn task_vectors_are_required_exactly_when_merging() {
     let tau = vec![0.0f32; 300];
     let dare = OnlineConfig { adam: adam(AdamForm::HuggingFace, 0.0), merge: Merge::Dare(DareConfig::default()), k: 1, seed: 1 };
     let plain = OnlineConfig { merge: Merge::None, ..dare };
-    let refusal = |config, tau: Option<&[f32]>| match GpuOptimizer::new(ctx(), config, &[TensorInit { name: "w", theta: &theta, tau: tau.map(Src::F32) }]) {
+    let refusal = |config, tau: Option<&[f32]>| match GpuOptimizer::new(ctx(), config, &[TensorInit { name: "w", theta: Weights::Host(&theta), tau: tau.map(Src::F32) }]) {
         Ok(_) => panic!("accepted {tau:?} with {config:?}"),
         Err(e) => e.to_string(),
     };
@@ -340,5 +366,5 @@ fn task_vectors_are_required_exactly_when_merging() {
     assert!(refusal(plain, Some(&tau)).contains("tensor `w`: plain AdamW takes no task vector"));
     let short = refusal(dare, Some(&tau[..299]));
     assert!(short.contains("`w`") && short.contains("task vector") && short.contains("299"), "{short}");
-    GpuOptimizer::new(ctx(), dare, &[TensorInit { name: "w", theta: &theta, tau: Some(Src::F32(&tau)) }]).unwrap();
+    GpuOptimizer::new(ctx(), dare, &[TensorInit { name: "w", theta: Weights::Host(&theta), tau: Some(Src::F32(&tau)) }]).unwrap();
 }

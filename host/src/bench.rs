@@ -143,7 +143,8 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
                 .map_err(|e| TrainError::msg(format!("--paths gpu: {e}")))?
                 .ok_or_else(|| TrainError::msg("--paths gpu: no GPU adapter".to_string()))?;
             let obj = DpoObjective::on_gpu(policy, &reference, loss, train, Vec::new(), &ctx, 0)?;
-            (Box::new(obj), Optimizer::on_device(cfg, init, None, &ctx, 0)?)
+            let opt = Optimizer::sharing(cfg, init, None, obj.gpu_model().expect("on_gpu puts the policy there"), 0)?;
+            (Box::new(obj), opt)
         } else {
             let obj = DpoObjective::new(policy, &reference, loss, train, Vec::new())?;
             let mut opt = Optimizer::new(cfg, init, None)?;
@@ -172,14 +173,14 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
 }
 
 /// Device bytes a GPU DPO step holds, by owner: the model's weights and
-/// gradients, the optimizer's parameters, moments and gradient copy (AdamW; the
-/// merging optimizers add their task vector), and the forward's activations for
-/// the micro-batch (`2 · pairs` sequences of `seq` tokens).
+/// gradients (which the optimizer steps in place), the optimizer's moments
+/// (AdamW; the merging optimizers add their task vector), and the forward's
+/// activations for the micro-batch (`2 · pairs` sequences of `seq` tokens).
 pub fn device_memory(config: &LlamaConfig, seq: usize, pairs: usize) -> [(&'static str, u64); 3] {
     let n = config.num_params() as u64;
     [
         ("model weights + gradients", 8 * n),
-        ("optimizer (parameters, m, v, gradient)", 16 * n),
+        ("optimizer moments m, v", 8 * n),
         ("activations kept for the backward", 2 * pairs as u64 * crate::model::GpuLlama::tape_bytes(config, seq)),
     ]
 }

@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use gpu_shaders::optim::{GpuOptimizer, TaskInput, TensorInit, task_vectors};
+use gpu_shaders::optim::{GpuOptimizer, TaskInput, TensorInit, Weights, task_vectors};
 use gpu_shaders::{bench, GpuContext, GpuError, GpuOptions};
 use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Dtype, Src};
@@ -92,7 +92,7 @@ fn opt_step(shapes: &[usize], method: Method, reps: u32) -> Result<(f64, f64, St
     drop(inputs);
     drop(bases);
     let inits: Vec<TensorInit> =
-        (0..shapes.len()).map(|i| TensorInit { name: &names[i], theta: &thetas[i], tau: Some(taus[i].src()) }).collect();
+        (0..shapes.len()).map(|i| TensorInit { name: &names[i], theta: Weights::Host(&thetas[i]), tau: Some(taus[i].src()) }).collect();
     let mut opt = GpuOptimizer::new(ctx, config, &inits)?;
     drop(inits);
     drop(taus);

@@ -8,6 +8,8 @@ use crate::tensor::{GpuArray, Storage};
 
 pub(super) struct Slot {
     pub(super) name: String,
+    /// `theta` and `grad` are views of another owner's buffers ([`super::Weights::Shared`]).
+    pub(super) shared: bool,
     pub(super) n: u64,
     pub(super) theta: GpuArray,
     pub(super) m: GpuArray,

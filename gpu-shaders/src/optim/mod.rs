@@ -29,11 +29,37 @@ use uniform::{HIST_ITEMS, NCODES, StepU, base_uniform, pass, step_wgsl_constants
 /// What the status slots record, in merge-core's reporting order.
 const WHAT: [&str; 12] = merge_core::step::NON_FINITE_VALUES;
 
+/// Where a tensor's weights and gradients live.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    /// The initial weights on the host, uploaded into the optimizer's own
+    /// buffers; gradients go up with [`GpuOptimizer::step`] or are copied in.
+    Host(&'a [f32]),
+    /// Another owner's device buffers, `len` f32 elements each (a model's weights
+    /// and gradients on the same device): the optimizer reads the gradients and
+    /// steps the weights where they are, so nothing is copied between the two and
+    /// the device holds one copy of each.
+    Shared { weights: &'a wgpu::Buffer, grads: &'a wgpu::Buffer, len: usize },
+}
+
+impl Weights<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::Host(w) => w.len(),
+            Weights::Shared { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// One tensor handed to [`GpuOptimizer::new`].
 pub struct TensorInit<'a> {
     pub name: &'a str,
-    /// Initial parameters (the SFT weights at the start of alignment).
-    pub theta: &'a [f32],
+    /// The initial parameters (the SFT weights at the start of alignment).
+    pub theta: Weights<'a>,
     /// The stored task vector `τ'` in its storage dtype, computed once by
     /// merge-core (the trainer's own, or [`task_vectors`]); required when merging,
     /// absent for plain AdamW.
@@ -66,14 +92,16 @@ impl GpuOptimizer {
     pub fn new(ctx: GpuContext, config: OnlineConfig, tensors: &[TensorInit<'_>]) -> Result<Self, GpuError> {
         // Every buffer is allocated here, once: one out-of-memory scope around them
         // all turns a device that cannot hold the state into a named error.
-        let elements: u64 = tensors.iter().map(|t| t.theta.len() as u64).sum();
+        // Four f32 arrays per element, or two (m, v) when the weights and
+        // gradients are shared.
+        let bytes: u64 = tensors.iter().map(|t| t.theta.len() as u64 * if matches!(t.theta, Weights::Shared { .. }) { 8 } else { 16 }).sum();
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let built = Self::build(ctx, config, tensors);
         match pollster::block_on(scope.pop()) {
             None => built,
             Some(_) => Err(GpuError::OutOfMemory {
                 what: format!("the optimizer's parameters, moments and gradients ({} tensors)", tensors.len()),
-                bytes: 16 * elements,
+                bytes,
             }),
         }
     }
@@ -140,10 +168,14 @@ impl GpuOptimizer {
             merge_core::rng::check_extent(t.name, 0, t.theta.len())?;
             let tau = t.tau.map(|tau| task_vector::upload(&ctx, tau));
             let cached = cpu.needs_cached_delta().then(|| GpuArray::zeros(&ctx, "cached delta", Storage::F32, n));
-            let theta = GpuArray::from_f32(&ctx, "theta", t.theta);
+            let (theta, grad) = match t.theta {
+                Weights::Host(w) => (GpuArray::from_f32(&ctx, "theta", w), GpuArray::zeros(&ctx, "grad", Storage::F32, n)),
+                Weights::Shared { weights, grads, .. } => {
+                    (GpuArray::view_f32(&ctx, t.name, weights, n)?, GpuArray::view_f32(&ctx, t.name, grads, n)?)
+                }
+            };
             let m = GpuArray::zeros(&ctx, "exp_avg", Storage::F32, n);
             let v = GpuArray::zeros(&ctx, "exp_avg_sq", Storage::F32, n);
-            let grad = GpuArray::zeros(&ctx, "grad", Storage::F32, n);
             let nb = n.div_ceil(WORKGROUP as u64) as u32;
             let nb_buf = ctx.storage("block sums", 8 * nb.max(1) as u64);
             let levels = tree_levels(&ctx, &reduce, &nb_buf, nb);
@@ -152,30 +184,39 @@ impl GpuOptimizer {
             let mut gnorm = Vec::new();
             for (ci, ch) in theta.chunks.iter().enumerate() {
                 let u = ctx.uniform_init("step", bytemuck::bytes_of(&StepU::default()));
-                let c = cached.as_ref().map_or(&dummy_c, |a| &a.chunks[ci].buf);
-                let tb = tau.as_ref().map_or(&dummy_tau, |a| &a.chunks[ci].buf);
-                let bufs = [&u, &grad.chunks[ci].buf, &ch.buf, &m.chunks[ci].buf, &v.chunks[ci].buf, c, tb, &status, &nb_buf];
-                let hist_bg = kernels[pass::HIST].bind_at(
-                    &ctx,
-                    &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (9, &hist)],
-                );
+                let whole = wgpu::Buffer::as_entire_binding;
+                let c = cached.as_ref().map_or(whole(&dummy_c), |a| a.chunks[ci].binding());
+                let tb = tau.as_ref().map_or(whole(&dummy_tau), |a| a.chunks[ci].binding());
+                let (g, th) = (grad.chunks[ci].binding(), ch.binding());
+                let (mm, vv) = (m.chunks[ci].binding(), v.chunks[ci].binding());
+                let all = [
+                    (0, whole(&u)),
+                    (1, g.clone()),
+                    (2, th),
+                    (3, mm.clone()),
+                    (4, vv.clone()),
+                    (5, c.clone()),
+                    (6, tb),
+                    (7, whole(&status)),
+                    (8, whole(&nb_buf)),
+                ];
+                let hist_bg = kernels[pass::HIST]
+                    .bind_resources(&ctx, &[(0, whole(&u)), (1, g.clone()), (3, mm.clone()), (4, vv.clone()), (5, c.clone()), (9, whole(&hist))]);
                 groups.push([
-                    kernels[pass::SCAN].bind(&ctx, &bufs),
-                    kernels[pass::CHECK].bind(&ctx, &bufs),
-                    kernels[pass::WRITE].bind(&ctx, &bufs),
+                    kernels[pass::SCAN].bind_resources(&ctx, &all),
+                    kernels[pass::CHECK].bind_resources(&ctx, &all),
+                    kernels[pass::WRITE].bind_resources(&ctx, &all),
                     hist_bg,
                 ]);
-                if let Some(g) = &global_norms {
-                    let bg = kernels[pass::GNORM].bind_at(
-                        &ctx,
-                        &[(0, &u), (1, &grad.chunks[ci].buf), (3, &m.chunks[ci].buf), (4, &v.chunks[ci].buf), (5, c), (8, &g.buf)],
-                    );
+                if let Some(gn) = &global_norms {
+                    let bg = kernels[pass::GNORM].bind_resources(&ctx, &[(0, whole(&u)), (1, g), (3, mm), (4, vv), (5, c), (8, whole(&gn.buf))]);
                     gnorm.push((bg, segments[ix][ci]));
                 }
                 uniforms.push(u);
             }
             slots.push(Slot {
                 name: t.name.to_string(),
+                shared: matches!(t.theta, Weights::Shared { .. }),
                 n,
                 theta,
                 m,

@@ -1,7 +1,9 @@
 //! A step whose gradients and weights never leave the device: gradients copied
 //! in from another owner's buffers (a model's backward on the same device),
-//! parameters copied back out to them, and the gradient's Σ g² reduced on the
-//! device so that only a few numbers come back (`sumsq.wgsl`).
+//! parameters copied back out to them (both unneeded for tensors built over
+//! [`Weights::Shared`](super::Weights::Shared), which are skipped), and the
+//! gradient's Σ g² reduced on the device so that only a few numbers come back
+//! (`sumsq.wgsl`).
 
 use super::GpuOptimizer;
 use crate::context::GpuError;
@@ -24,9 +26,9 @@ impl GpuOptimizer {
     pub fn copy_grads_from(&mut self, sources: &[NamedBuffer<'_>]) -> Result<(), GpuError> {
         let by_slot = self.match_buffers(sources, "gradient")?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        for (slot, src) in self.slots.iter().zip(by_slot) {
+        for (slot, src) in self.slots.iter().zip(by_slot).filter(|(slot, _)| !slot.shared) {
             for c in &slot.grad.chunks {
-                enc.copy_buffer_to_buffer(src, 4 * c.start, &c.buf, 0, 4 * c.len);
+                enc.copy_buffer_to_buffer(src, 4 * c.start, &c.buf, c.offset, 4 * c.len);
             }
         }
         self.ctx.submit(enc);
@@ -38,9 +40,9 @@ impl GpuOptimizer {
     pub fn copy_params_to(&self, targets: &[NamedBuffer<'_>]) -> Result<(), GpuError> {
         let by_slot = self.match_buffers(targets, "parameter")?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-        for (slot, dst) in self.slots.iter().zip(by_slot) {
+        for (slot, dst) in self.slots.iter().zip(by_slot).filter(|(slot, _)| !slot.shared) {
             for c in &slot.theta.chunks {
-                enc.copy_buffer_to_buffer(&c.buf, 0, dst, 4 * c.start, 4 * c.len);
+                enc.copy_buffer_to_buffer(&c.buf, c.offset, dst, 4 * c.start, 4 * c.len);
             }
         }
         self.ctx.submit(enc);
@@ -62,7 +64,7 @@ impl GpuOptimizer {
             for (c, &b) in slot.grad.chunks.iter().zip(nb) {
                 let params: [u32; 4] = [c.len as u32, out0 as u32, 0, 0];
                 let u = self.ctx.uniform_init("sumsq", bytemuck::cast_slice(&params));
-                let bg = self.sumsq.bind(&self.ctx, &[&u, &c.buf, &out]);
+                let bg = self.sumsq.bind_resources(&self.ctx, &[(0, u.as_entire_binding()), (1, c.binding()), (2, out.as_entire_binding())]);
                 self.sumsq.dispatch(&self.ctx, &mut enc, &bg, b as u32);
                 out0 += b;
             }

@@ -267,8 +267,8 @@ fn training_device(op: &OptimArgs) -> Result<Option<GpuContext>> {
 }
 
 /// Shared driver of every training subcommand: checks the flags against the data
-/// and the output directory, locks it, builds the optimizer (on `gpu` when
-/// given, the device the objective's model runs on), resumes if asked, runs the
+/// and the output directory, locks it, builds the optimizer (stepping the
+/// model's own buffers when the objective's model is on a GPU), resumes if asked, runs the
 /// loop with checkpoints, and writes the final model. `models` are the content
 /// hashes of the input models, recorded so that `--resume` sees a change.
 #[allow(clippy::too_many_arguments)]
@@ -277,7 +277,6 @@ fn fit(
     init: ParamSet,
     merge_task: Option<(&ParamSet, &ParamSet)>,
     objective: &mut dyn Objective,
-    gpu: Option<&GpuContext>,
     data: &DataArgs,
     models: Vec<crate::train::checkpoint::InputHash>,
     lp: &LoopArgs,
@@ -298,8 +297,8 @@ fn fit(
         eprintln!("{task}: removed temporary files left by a killed run: {}", names.join(", "));
     }
     let cfg = op.config(lp.seed, steps);
-    let mut opt = match gpu {
-        Some(ctx) => Optimizer::on_device(cfg, init, merge_task, ctx, op.cross_check_every)?,
+    let mut opt = match objective.gpu_model() {
+        Some(model) => Optimizer::sharing(cfg, init, merge_task, model, op.cross_check_every)?,
         None => Optimizer::new(cfg, init, merge_task)?,
     };
     opt.set_threads(lp.threads().map_err(TrainError::msg)?);
@@ -390,7 +389,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "init": a.init });
-    fit("pretrain", init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
+    fit("pretrain", init, None, &mut obj, &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn lm_objective(model: LlamaModel, train: Vec<Sequence>, eval: Vec<Sequence>, gpu: Option<&GpuContext>, op: &OptimArgs) -> Result<LmObjective> {
@@ -412,7 +411,7 @@ fn sft(a: SftArgs) -> Result<()> {
     let gpu = training_device(&a.optim)?;
     let mut obj = lm_objective(model, train, eval, gpu.as_ref(), &a.optim)?;
     let settings = serde_json::json!({ "data": a.data.describe(), "model": a.model });
-    fit("sft", init, None, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
+    fit("sft", init, None, &mut obj, &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn dpo_loss(kind: &str, beta: f64, label_smoothing: f64) -> Result<DpoLoss> {
@@ -484,7 +483,7 @@ fn align(a: AlignArgs) -> Result<()> {
         "data": a.data.describe(), "model": a.model, "base": a.base, "ref_model": a.ref_model,
         "loss": a.loss, "beta": a.beta, "label_smoothing": a.label_smoothing,
     });
-    fit("align", sft_params.clone(), merge_task, &mut obj, gpu.as_ref(), &a.data, models, &a.train, &a.optim, settings, output)
+    fit("align", sft_params.clone(), merge_task, &mut obj, &a.data, models, &a.train, &a.optim, settings, output)
 }
 
 fn eval(a: EvalArgs) -> Result<()> {

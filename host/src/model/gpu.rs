@@ -228,6 +228,17 @@ impl GpuLlama {
         4 * (tokens * per_sequence) as u64
     }
 
+    /// The device this model lives on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Each tensor's name, weight buffer, gradient buffer and element count, in
+    /// the model's order: for an optimizer that steps them in place.
+    pub fn tensor_buffers(&self) -> Vec<(&str, &wgpu::Buffer, &wgpu::Buffer, usize)> {
+        self.layout.iter().zip(self.weights.iter().zip(&self.grads)).map(|((name, _), (w, g))| (name.as_str(), w.buffer(), g.buffer(), w.len())).collect()
+    }
+
     /// The gradient buffers by tensor name, for the optimizer to copy on the device.
     pub fn grad_buffers(&self) -> Vec<NamedBuffer<'_>> {
         self.layout.iter().zip(&self.grads).map(|((name, _), g)| (name.as_str(), g.buffer())).collect()

@@ -221,6 +221,10 @@ impl Objective for LmObjective {
         self.gpu.as_ref()?.resident(step)
     }
 
+    fn gpu_model(&self) -> Option<&GpuLlama> {
+        self.gpu.as_ref().map(|g| &g.model)
+    }
+
     fn accumulate_on_device(&mut self, step: u64, params: Option<&ParamSet>, examples: &[usize], scale: f32, first: bool) -> Result<Stats> {
         let gpu = self.gpu.as_ref().ok_or_else(|| TrainError::msg(format!("step {step}: the model is not on a GPU")))?;
         gpu.begin_accumulate(step, params, first)?;
@@ -496,6 +500,10 @@ impl Objective for DpoObjective {
 
     fn resident_model(&self, step: u64) -> Option<&GpuLlama> {
         self.gpu.as_ref()?.resident(step)
+    }
+
+    fn gpu_model(&self) -> Option<&GpuLlama> {
+        self.gpu.as_ref().map(|g| &g.model)
     }
 
     fn accumulate_on_device(&mut self, step: u64, params: Option<&ParamSet>, examples: &[usize], scale: f32, first: bool) -> Result<Stats> {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use merge_core::dtype::{Dst, Src};
 use merge_core::optim::{Optimizer as CoreOptimizer, TaskVectorJob};
 use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
-use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData};
+use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData, Weights};
 use gpu_shaders::{GpuContext, GpuOptions};
 
 use super::config::{Algorithm, OptimConfig};
@@ -213,31 +213,47 @@ impl Optimizer {
         Ok(opt)
     }
 
-    /// Like [`Optimizer::new`], then moves the state to `ctx`, a device already
-    /// opened by [`open_gpu_context`] (the trainer shares it with the model).
-    pub fn on_device(
+    /// Like [`Optimizer::new`], then steps `model`'s own weight and gradient
+    /// buffers on its device: the model's backward leaves the gradients where the
+    /// optimizer reads them and the optimizer writes the weights where the next
+    /// forward reads them, with no copies and no second copy of either on the
+    /// device. `params` are uploaded into the model first.
+    pub fn sharing(
         cfg: OptimConfig,
         params: ParamSet,
         task: Option<(&ParamSet, &ParamSet)>,
-        ctx: &GpuContext,
+        model: &GpuLlama,
         cross_check_every: u64,
     ) -> Result<Self> {
         let mut opt = Self::new(cfg, params, task)?;
-        let gpu = opt.gpu_side(ctx.clone(), cross_check_every).map_err(|e| TrainError::msg(format!("GPU optimizer: {e}")))?;
-        opt.gpu = Some(gpu);
+        model.upload(&opt.params).map_err(TrainError::gpu("uploading the optimizer's starting weights"))?;
+        let gpu = opt.gpu_side_over(model.context().clone(), Some(model), cross_check_every);
+        opt.gpu = Some(gpu.map_err(|e| TrainError::msg(format!("GPU optimizer: {e}")))?);
         Ok(opt)
     }
 
     /// The GPU optimizer over this optimizer's weights and its task vectors (τ' is
     /// computed once, in `new`, and handed over).
     fn gpu_side(&self, ctx: GpuContext, cross_check_every: u64) -> std::result::Result<GpuSide, String> {
-        let inits: Vec<TensorInit<'_>> = self
-            .params
-            .tensors
-            .iter()
-            .zip(&self.state)
-            .map(|(t, s)| TensorInit { name: &t.name, theta: &t.data, tau: s.tau.as_deref().map(Src::F32) })
-            .collect();
+        self.gpu_side_over(ctx, None, cross_check_every)
+    }
+
+    /// [`Optimizer::gpu_side`], with the weights and gradients in `model`'s
+    /// buffers when given (every tensor of the policy; checked by name and size).
+    fn gpu_side_over(&self, ctx: GpuContext, model: Option<&GpuLlama>, cross_check_every: u64) -> std::result::Result<GpuSide, String> {
+        let buffers: Option<BTreeMap<&str, (&wgpu::Buffer, &wgpu::Buffer, usize)>> =
+            model.map(|m| m.tensor_buffers().into_iter().map(|(name, w, g, len)| (name, (w, g, len))).collect());
+        let mut inits: Vec<TensorInit<'_>> = Vec::with_capacity(self.state.len());
+        for (t, s) in self.params.tensors.iter().zip(&self.state) {
+            let theta = match &buffers {
+                None => Weights::Host(&t.data),
+                Some(b) => match b.get(t.name.as_str()) {
+                    Some(&(weights, grads, len)) if len == t.data.len() => Weights::Shared { weights, grads, len },
+                    _ => return Err(format!("the GPU model has no tensor `{}` of {} elements to share", t.name, t.data.len())),
+                },
+            };
+            inits.push(TensorInit { name: &t.name, theta, tau: s.tau.as_deref().map(Src::F32) });
+        }
         let g = GpuOptimizer::new(ctx, self.cfg.to_core(), &inits).map_err(|e| e.to_string())?;
         let adapter = gpu_shaders::context::describe(g.adapter_info());
         Ok(GpuSide { opt: g, adapter, every: cross_check_every, host_state_current: true })

@@ -107,6 +107,11 @@ pub trait Objective {
     fn resident_model(&self, _step: u64) -> Option<&GpuLlama> {
         None
     }
+    /// The model on the GPU, if it is there: the optimizer then steps its buffers
+    /// in place ([`crate::train::optim::Optimizer::sharing`]).
+    fn gpu_model(&self) -> Option<&GpuLlama> {
+        None
+    }
     /// Adds `scale` × the gradient of the mean loss over `examples` into the
     /// resident model's gradients (cleared first when `first`). `params` are the
     /// weights of `step`, needed only when the device does not hold them already.
