@@ -48,7 +48,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| TrainError::io("creating directory", dir, e))?;
     crate::hf::atomic_write(path, bytes).map_err(|e| match e {
         crate::hf::HfError::Io { path, source } => TrainError::io("writing", &path, source),
-        other => TrainError::Model(other),
+        other => TrainError::from(other),
     })
 }
 

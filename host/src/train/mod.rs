@@ -25,11 +25,12 @@ pub enum TrainError {
     #[error(transparent)]
     Flag(#[from] config::BadFlag),
     /// merge-core refused its inputs (the tensor and element are in the error).
+    /// The large payloads are boxed, so that a `Result` stays small.
     #[error(transparent)]
-    Core(#[from] merge_core::Error),
+    Core(Box<merge_core::Error>),
     /// A model folder or safetensors file could not be read or written.
     #[error(transparent)]
-    Model(#[from] crate::hf::HfError),
+    Model(Box<crate::hf::HfError>),
     /// A data file (JSONL) is unreadable or malformed (the line is in the error).
     #[error(transparent)]
     Data(#[from] crate::data::jsonl::DataError),
@@ -38,20 +39,20 @@ pub enum TrainError {
     Loss(#[from] crate::loss::LossError),
     /// `merge` refused its configuration or models.
     #[error(transparent)]
-    Merge(#[from] crate::merge::MergeError),
+    Merge(Box<crate::merge::MergeError>),
     /// The model refused its inputs or weights; `context` says which model or pass.
     #[error("{context}: {source}")]
     Arch { context: String, source: crate::model::ModelError },
     /// merge-core refused optimizer step `step` (the tensor and element are in
     /// `source`); nothing was updated.
     #[error("step {step}: {source}")]
-    Step { step: u64, source: merge_core::Error },
+    Step { step: u64, source: Box<merge_core::Error> },
     /// The GPU optimizer failed; `context` says doing what.
     #[error("{context}: {source}")]
-    Device { context: String, source: gpu_shaders::GpuError },
+    Device { context: String, source: Box<gpu_shaders::GpuError> },
     /// The GPU model failed or refused its inputs; `context` says doing what.
     #[error("{context} on the GPU: {source}")]
-    Gpu { context: String, source: crate::model::GpuModelError },
+    Gpu { context: String, source: Box<crate::model::GpuModelError> },
     /// Reading or writing `path` failed.
     #[error("{action} {}: {source}", path.display())]
     Io { action: String, path: PathBuf, source: std::io::Error },
@@ -95,12 +96,30 @@ impl TrainError {
 
     /// For `map_err`: the GPU optimizer's error, doing `context`.
     pub fn device(context: String) -> impl Fn(gpu_shaders::GpuError) -> Self {
-        move |source| Self::Device { context: context.clone(), source }
+        move |source| Self::Device { context: context.clone(), source: Box::new(source) }
     }
 
     /// For `map_err`: the GPU model's error, doing `context`.
     pub fn gpu(context: &str) -> impl Fn(crate::model::GpuModelError) -> Self + '_ {
-        move |source| Self::Gpu { context: context.to_string(), source }
+        move |source| Self::Gpu { context: context.to_string(), source: Box::new(source) }
+    }
+}
+
+impl From<merge_core::Error> for TrainError {
+    fn from(e: merge_core::Error) -> Self {
+        Self::Core(Box::new(e))
+    }
+}
+
+impl From<crate::hf::HfError> for TrainError {
+    fn from(e: crate::hf::HfError) -> Self {
+        Self::Model(Box::new(e))
+    }
+}
+
+impl From<crate::merge::MergeError> for TrainError {
+    fn from(e: crate::merge::MergeError) -> Self {
+        Self::Merge(Box::new(e))
     }
 }
 

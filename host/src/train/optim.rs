@@ -411,7 +411,7 @@ impl Optimizer {
                 tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
-        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|source| TrainError::Step { step: k, source })
+        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
     }
 
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.
