@@ -528,9 +528,8 @@ impl TensorStep<'_> {
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
     /// that a failing tensor is not written at all (as
     /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
-    pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+    pub fn write_chunk(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
-        let mut state = state;
         let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
@@ -548,7 +547,7 @@ impl TensorStep<'_> {
     /// state to `output` (separate buffers, e.g. ping-pong). On error `input` is
     /// untouched, so a caller that swaps buffers only on success never sees a
     /// partly updated tensor, with one pass instead of check + write.
-    pub fn write_chunk_into(&self, offset: u64, grad: &[f32], input: StateRef<'_>, tau: Src<'_>, output: StateMut<'_>) -> Result<(), Error> {
+    pub fn write_chunk_into(&self, offset: u64, grad: &[f32], input: StateRef<'_>, tau: Src<'_>, mut output: StateMut<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &input, &tau)?;
         let out_ref = output.as_ref();
         let lens = [("new parameter", out_ref.theta.len()), ("new exp_avg", out_ref.m.len()), ("new exp_avg_sq", out_ref.v.len())];
@@ -560,7 +559,6 @@ impl TensorStep<'_> {
         if out_ref.cached.map(|c| c.len()) != input.cached.map(|c| c.len()) {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
         }
-        let mut output = output;
         self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
     }
 

@@ -317,8 +317,10 @@ impl Optimizer {
     }
 
     /// Runs step `steps() + 1` from the gradient `model` holds on the same device:
-    /// the gradients are copied in and the new weights copied back on the device,
-    /// and only the gradient's norm (for the metrics) comes back. A non-finite
+    /// the optimizer reads the gradients and writes the weights in the model's
+    /// own buffers when it was built over them ([`Optimizer::sharing`]), and
+    /// copies them on the device otherwise; only the gradient's norm (for the
+    /// metrics) comes back. A non-finite
     /// gradient is refused as [`Optimizer::step`] refuses it (the GPU step's
     /// validating pass), with nothing written.
     pub fn step_resident(&mut self, model: &GpuLlama) -> Result<(StepReport, f64)> {
@@ -594,9 +596,9 @@ fn compare<'a, 'b>(
     Ok(())
 }
 
-/// The first index where two slices differ in bits (or the shorter one's length).
+/// The first index where two same-length slices differ in bits.
 fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
-    a.iter().zip(b).position(|(p, q)| p.to_bits() != q.to_bits()).or((a.len() != b.len()).then(|| a.len().min(b.len())))
+    a.iter().zip(b).position(|(p, q)| p.to_bits() != q.to_bits())
 }
 
 #[cfg(test)]
