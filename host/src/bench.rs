@@ -48,8 +48,9 @@ pub struct BenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Widest vector instructions the CPU model may use: baseline, avx2 or
-    /// avx512 (default: what the CPU has). Every level gives the same bits.
+    /// Widest vector instructions the CPU model and optimizer step may use:
+    /// baseline, avx2 or avx512 (default: what the CPU has). Every level gives
+    /// the same bits.
     #[arg(long)]
     pub cpu_level: Option<String>,
     /// Also run `host/benches/dpo_step_torch.py` with this Python (torch and
@@ -212,7 +213,7 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         let level = simd::Level::parse(level).ok_or_else(|| TrainError::msg(format!("--cpu-level {level}: expected baseline, avx2 or avx512")))?;
         simd::set_limit(level);
     }
-    println!("CPU model kernels: {} (this CPU has {})", simd::active().name(), simd::detected().name());
+    println!("CPU kernels (model and optimizer step): {} (this CPU has {})", simd::active().name(), simd::detected().name());
     println!("{:<5} {:>10} {:>10} {:>12} {:>12}  device", "path", "step ms", "model ms", "optimizer ms", "tokens/s");
     let timings = run(a)?;
     for t in &timings {

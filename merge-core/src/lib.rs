@@ -15,6 +15,7 @@ pub mod dare;
 pub mod dtype;
 pub mod error;
 pub mod hyper;
+pub mod isa;
 pub mod offline;
 pub mod onties;
 pub mod optim;

@@ -36,6 +36,25 @@ pub struct TiesSelection {
 /// or every tensor of a global scope in bytewise name order), and with `rescale`
 /// the factor `ρ` of the kept values; `scope` names the scope in errors.
 pub fn select<'a>(p: f32, rescale: bool, scope: &str, values: impl Iterator<Item = &'a [f32]> + Clone) -> Result<TiesSelection, Error> {
+    select_after(p, rescale, scope, values, |_| Ok(()))
+}
+
+/// Candidates the select keeps in memory: once a pass has at most this many, one
+/// scan gathers them and the remaining passes run over that list only.
+pub const GATHERED: usize = 2048;
+
+/// [`select`], where `early_passes` may run the radix select's first passes
+/// (each reads every value until at most [`GATHERED`] candidates remain) before
+/// the rest runs here: for each pass, feed every element once, then
+/// [`topk::RadixSelect::finish_pass`] (e.g. on several threads, joined with
+/// [`topk::RadixSelect::absorb`]). Doing nothing leaves them to the select.
+pub fn select_after<'a>(
+    p: f32,
+    rescale: bool,
+    scope: &str,
+    values: impl Iterator<Item = &'a [f32]> + Clone,
+    early_passes: impl FnOnce(&mut topk::RadixSelect) -> Result<(), Error>,
+) -> Result<TiesSelection, Error> {
     let n: u64 = values.clone().map(|v| v.len() as u64).sum();
     let k = topk::keep_count("p (reserve rate)", p, n)?;
     let threshold = if n == 0 {
@@ -45,8 +64,10 @@ pub fn select<'a>(p: f32, rescale: bool, scope: &str, values: impl Iterator<Item
     } else {
         // After the first pass the candidates usually fit here, and the remaining
         // passes run over them instead of over every update.
-        let mut candidates = [topk::Candidate::default(); 2048];
-        topk::RadixSelect::new(scope, n, k)?.finish_in_memory(values.clone(), &mut candidates)?
+        let mut candidates = [topk::Candidate::default(); GATHERED];
+        let mut radix = topk::RadixSelect::new(scope, n, k)?;
+        early_passes(&mut radix)?;
+        radix.finish_in_memory(values.clone(), &mut candidates)?
     };
     let factor = if rescale {
         let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());

@@ -463,8 +463,14 @@ impl StepPlan {
     /// callers that run the chunk passes themselves; set the result into the
     /// tensor plan's `MergePlan::Ties` with the tensor's offset in the scope.
     pub fn ties_selection(&self, scope: &str, updates: &[&[f32]]) -> Result<TiesSelection, Error> {
+        self.ties_selection_after(scope, updates, |_| Ok(()))
+    }
+
+    /// [`StepPlan::ties_selection`] with the radix select's first passes run by
+    /// `early_passes`, as [`onties::select_after`] says.
+    pub fn ties_selection_after(&self, scope: &str, updates: &[&[f32]], early_passes: impl FnOnce(&mut crate::topk::RadixSelect) -> Result<(), Error>) -> Result<TiesSelection, Error> {
         match self.merge {
-            MergeParams::Ties(t) => onties::select(t.p, t.rescale, scope, updates.iter().copied()),
+            MergeParams::Ties(t) => onties::select_after(t.p, t.rescale, scope, updates.iter().copied(), early_passes),
             _ => Err(Error::Misuse { what: "an OnTIES optimizer (only OnTIES trims the update)" }),
         }
     }

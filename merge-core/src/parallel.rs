@@ -13,6 +13,10 @@
 //! and the new parameter rounded to its format (SPEC.md §7); a value that would
 //! overflow the format is refused in the validating pass, so nothing is written.
 //! The moments, the cached delta and the task vector's arithmetic stay binary32.
+//!
+//! The threads run the chunk passes through a [`ChunkPasses`]: [`Portable`] (the
+//! build's own vector width), or the `merge-simd` crate's, which picks the
+//! widest copy of [`crate::isa`] the CPU has; the bits are the same.
 
 use std::thread;
 use std::vec::Vec;
@@ -21,10 +25,41 @@ use crate::dtype::{Dtype, Src, f32_to_bf16, f32_to_f16, store_error};
 use crate::error::{Error, tensor_name};
 use crate::optim::StepPlan;
 use crate::step::{MergePlan, Norms, StateMut, StateRef, TensorStep};
+use crate::onties::GATHERED;
+use crate::topk::{Pass, RadixSelect};
 
 /// Elements per chunk: a power of two (so chunk sums are whole subtrees of the L1
 /// tree) and a multiple of the step's block.
 pub const CHUNK: usize = 1 << 16;
+
+/// The three chunk passes of [`TensorStep`], as the threads call them.
+pub trait ChunkPasses: Sync {
+    /// [`TensorStep::scan_chunk`].
+    #[allow(clippy::too_many_arguments)]
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error>;
+    /// [`TensorStep::check_chunk`].
+    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
+    /// [`TensorStep::write_chunk`].
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error>;
+}
+
+/// The passes as this build compiles them (SSE2 in a default x86-64 build).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Portable;
+
+impl ChunkPasses for Portable {
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+        step.scan_chunk(offset, grad, state, tau, norms, delta_out)
+    }
+
+    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
+        step.check_chunk(offset, grad, state, tau)
+    }
+
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+        step.write_chunk(offset, grad, state, tau)
+    }
+}
 
 /// A parameter tensor, written in place in its own format.
 #[derive(Debug)]
@@ -111,8 +146,8 @@ pub struct ParallelJob<'a> {
 /// all-or-nothing contract of [`StepPlan::step_tensors`]: every tensor is
 /// validated before any is written. OnTIES needs room for the update: one
 /// binary32 buffer as large as the largest tensor (per-tensor scope) or as all of
-/// them (global scope), allocated for the step.
-pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize) -> Result<(), Error> {
+/// them (global scope), allocated for the step. `passes` runs the chunks.
+pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
     let threads = threads.max(1);
     let mut steps = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
@@ -124,7 +159,7 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         let norms = run(threads, chunks, |c, buf| {
             let mut norms = Norms::default();
             let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
-            steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), tau, Some(&mut norms), None)?;
+            passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, Some(&mut norms), None)?;
             Ok((c.job, norms))
         })?;
         let mut joined: Vec<Norms> = steps.iter().map(|_| Norms::default()).collect();
@@ -139,12 +174,12 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         }
     }
     if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &mut steps, threads)?;
+        select_ties(plan, jobs, &mut steps, threads, passes)?;
     }
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
-    run(threads, chunk_views(jobs), |c, buf| buf.check(&steps[c.job], &c))?;
-    run(threads, chunk_muts(jobs), |c, buf| buf.write(&steps[c.job], c))?;
+    run(threads, chunk_views(jobs), |c, buf| buf.check(passes, &steps[c.job], &c))?;
+    run(threads, chunk_muts(jobs), |c, buf| buf.write(passes, &steps[c.job], c))?;
     Ok(())
 }
 
@@ -179,7 +214,7 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
-fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize) -> Result<(), Error> {
+fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
     if plan.trims_globally() {
         for pair in jobs.windows(2) {
@@ -188,7 +223,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             }
         }
         let mut update = std::vec![0.0f32; lens.iter().sum()];
-        scan_updates(jobs, steps, &mut update, None, threads)?;
+        scan_updates(jobs, steps, &mut update, None, threads, passes)?;
         let mut parts = Vec::with_capacity(jobs.len());
         let mut rest = &update[..];
         for &n in &lens {
@@ -196,7 +231,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             parts.push(head);
             rest = tail;
         }
-        let selection = plan.ties_selection("all tensors (global scope)", &parts)?;
+        let selection = plan.ties_selection_after("all tensors (global scope)", &parts, |radix| early_radix_passes(radix, &parts, threads))?;
         let mut offset = 0u64;
         for (step, &n) in steps.iter_mut().zip(&lens) {
             set_selection(step, selection, offset);
@@ -205,10 +240,58 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
     } else {
         let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
         for (j, &n) in lens.iter().enumerate() {
-            scan_updates(jobs, steps, &mut update[..n], Some(j), threads)?;
-            let selection = plan.ties_selection(steps[j].name, &[&update[..n]])?;
+            scan_updates(jobs, steps, &mut update[..n], Some(j), threads, passes)?;
+            let part = [&update[..n]];
+            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads))?;
             set_selection(&mut steps[j], selection, 0);
         }
+    }
+    Ok(())
+}
+
+/// The radix select's key passes that read every element of the scope (`parts`,
+/// in scope order), until few enough candidates remain for the select to gather
+/// them, on up to `threads` threads: each thread feeds a copy of the select its
+/// own contiguous run of chunks, and the copies' counts are added (integers, so
+/// the threshold is the one-thread select's).
+fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize) -> Result<(), Error> {
+    let mut chunks: Vec<(u64, &[f32])> = Vec::new();
+    let mut offset = 0u64;
+    for part in parts {
+        for (c, values) in part.chunks(CHUNK).enumerate() {
+            chunks.push((offset + (c * CHUNK) as u64, values));
+        }
+        offset += part.len() as u64;
+    }
+    let per = chunks.len().div_ceil(threads.max(1)).max(1);
+    let mut first = true;
+    while let Some(Pass::Key { .. }) = radix.pass() {
+        if !first && radix.candidates() <= GATHERED as u64 {
+            break;
+        }
+        first = false;
+        let copies: Vec<Result<RadixSelect, Error>> = thread::scope(|s| {
+            let handles: Vec<_> = chunks
+                .chunks(per)
+                .map(|run| {
+                    let mut copy = radix.clone();
+                    s.spawn(move || {
+                        for &(offset, values) in run {
+                            copy.feed_values(offset, values)?;
+                        }
+                        Ok(copy)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        });
+        // The error of the lowest run: each run stops at its first bad value.
+        let mut fed = radix.clone();
+        for copy in copies {
+            fed.absorb(&copy?)?;
+        }
+        *radix = fed;
+        radix.finish_pass()?;
     }
     Ok(())
 }
@@ -221,7 +304,7 @@ fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, s
 }
 
 /// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`.
-fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize) -> Result<(), Error> {
+fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
     let chunks: Vec<_> = chunk_views(jobs).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
     let mut outs = Vec::with_capacity(chunks.len());
     let mut rest = out;
@@ -233,7 +316,7 @@ fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f
     let items: Vec<_> = chunks.into_iter().zip(outs).collect();
     run(threads, items, |(c, out), buf| {
         let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
-        steps[c.job].scan_chunk(c.lo as u64, grad, c.state(theta), tau, None, Some(out))
+        passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(out))
     })?;
     Ok(())
 }
@@ -407,14 +490,14 @@ impl Buffers {
         (widened(grad, &mut self.grad), widened(theta, &mut self.theta), unpacked(tau, len, &mut self.tau))
     }
 
-    fn check(&mut self, step: &TensorStep<'_>, c: &ChunkView<'_>) -> Result<(), Error> {
+    fn check(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>) -> Result<(), Error> {
         let Buffers { grad, theta, m, v, cached, tau } = self;
         let grad = widened(c.grad, grad);
         let tau = unpacked(c.tau, c.len, tau);
         let dtype = c.theta.dtype();
         if dtype == Dtype::F32 {
             let Src::F32(theta) = c.theta else { unreachable!() };
-            return step.check_chunk(c.lo as u64, grad, c.state(theta), tau);
+            return passes.check_chunk(step, c.lo as u64, grad, c.state(theta), tau);
         }
         // The new parameter must also fit its 16-bit format: step copies, then look.
         let theta = {
@@ -423,7 +506,7 @@ impl Buffers {
             &mut theta[..]
         };
         let state = StateMut { theta, m: copied(c.m, m), v: copied(c.v, v), cached: c.cached.map(|s| copied(s, cached)) };
-        step.write_chunk(c.lo as u64, grad, state, tau)?;
+        passes.write_chunk(step, c.lo as u64, grad, state, tau)?;
         for (i, &x) in theta.iter().enumerate() {
             let fits = if dtype == Dtype::Bf16 { f32_to_bf16(x).map(|_| ()) } else { f32_to_f16(x).map(|_| ()) };
             fits.map_err(|e| store_error(step.name, "updated parameter", (c.lo + i) as u64, e, dtype))?;
@@ -431,7 +514,7 @@ impl Buffers {
         Ok(())
     }
 
-    fn write(&mut self, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
+    fn write(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
         let ChunkMut { lo, grad, theta, m, v, cached, tau, .. } = c;
         let Buffers { grad: grad_buf, theta: theta_buf, tau: tau_buf, .. } = self;
         let len = grad.len();
@@ -439,13 +522,13 @@ impl Buffers {
         let tau = unpacked(tau, len, tau_buf);
         let offset = lo as u64;
         let (out, dtype) = match theta {
-            Param::F32(theta) => return step.write_chunk(offset, grad, StateMut { theta, m, v, cached }, tau),
+            Param::F32(theta) => return passes.write_chunk(step, offset, grad, StateMut { theta, m, v, cached }, tau),
             Param::Bf16(out) => (out, Dtype::Bf16),
             Param::F16(out) => (out, Dtype::F16),
         };
         theta_buf.resize(out.len(), 0.0);
         if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
-        step.write_chunk(offset, grad, StateMut { theta: theta_buf, m, v, cached }, tau)?;
+        passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m, v, cached }, tau)?;
         // The validating pass rounded these same values, so none can fail here.
         for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
             let stored = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
@@ -602,7 +685,7 @@ mod tests {
                 tau: if packed { TaskVector::Packed { stored, values } } else { TaskVector::Dense(Src::F32(&s.tau)) },
             })
             .collect();
-        step_tensors(plan, &mut jobs, threads)
+        step_tensors(plan, &mut jobs, threads, &Portable)
     }
 
     #[test]
@@ -656,7 +739,7 @@ mod tests {
             (vec![0u8, 0, 0b1_0000], vec![1.0f32], "packed task vector's values"),
         ] {
             let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::F32(&mut theta), m: &mut m, v: &mut v, cached: None, tau: TaskVector::Packed { stored: &stored, values: &values } }];
-            let err = step_tensors(&plan, &mut jobs, 2).unwrap_err();
+            let err = step_tensors(&plan, &mut jobs, 2, &Portable).unwrap_err();
             assert!(matches!(err, Error::LengthMismatch { what: w, .. } if w == what), "{err}");
         }
         assert!(theta.iter().all(|&x| x == 1.0));
@@ -687,7 +770,7 @@ mod tests {
                 .zip(TENSORS)
                 .map(|(((s, t), g), (name, _))| ParallelJob { name, grad: Src::Bf16(g), theta: Param::Bf16(t), m: &mut s.m, v: &mut s.v, cached: None, tau: TaskVector::Dense(Src::F32(&s.tau)) })
                 .collect();
-            step_tensors(&plan, &mut jobs, threads).unwrap();
+            step_tensors(&plan, &mut jobs, threads, &Portable).unwrap();
             drop(jobs);
             for ((t, w), s) in theta.iter().zip(&want).zip(&st) {
                 let rounded: Vec<u16> = w.theta.iter().map(|&x| f32_to_bf16(x).unwrap()).collect();
@@ -712,7 +795,7 @@ mod tests {
         let grad = vec![-1.0f32; n];
         let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
         let mut jobs = [ParallelJob { name: "w", grad: Src::F32(&grad), theta: Param::Bf16(&mut theta), m: &mut m, v: &mut v, cached: None, tau: TaskVector::Dense(Src::F32(&[])) }];
-        let err = step_tensors(&plan, &mut jobs, 2).unwrap_err();
+        let err = step_tensors(&plan, &mut jobs, 2, &Portable).unwrap_err();
         assert!(matches!(err, Error::StorageOverflow { index, dtype: Dtype::Bf16, .. } if index == (n - 1) as u64), "{err}");
         assert_eq!(theta, before);
         assert!(m.iter().all(|&x| x == 0.0));

@@ -12,6 +12,10 @@
 //! stores; the slow path that names the lowest offending index runs only when a
 //! block fails. Masks use the element's index in the full tensor, so the cut
 //! points never change a bit.
+//!
+//! Everything from the chunk passes down to the element arithmetic is
+//! `#[inline(always)]`: [`crate::isa`] compiles the passes again with wider vector
+//! instructions enabled, and only code inlined into those copies gets them.
 
 use crate::adam;
 use crate::arith::{add, flush, is_non_finite, mul, sub};
@@ -363,6 +367,7 @@ impl TensorStep<'_> {
 
     /// Pass 1: streams `‖D‖₁` and `‖D'‖₁` into `norms` (if given) and `D` into
     /// `delta_out` (if given, same length as the chunk); writes nothing else.
+    #[inline(always)]
     pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state, &tau)?;
         if let Some(d) = delta_out.as_deref() && d.len() != grad.len() {
@@ -380,6 +385,7 @@ impl TensorStep<'_> {
     }
 
     /// Pass 2: computes every output of the chunk and validates it; writes nothing.
+    #[inline(always)]
     pub fn check_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state, &tau)?;
         self.run(Pass::Check, offset, grad, &state, &tau, |_, _, _| {})
@@ -528,6 +534,7 @@ impl TensorStep<'_> {
     /// untouched; run [`TensorStep::check_chunk`] over the whole tensor first so
     /// that a failing tensor is not written at all (as
     /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
+    #[inline(always)]
     pub fn write_chunk(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
         let mut bufs = Buffers::new();
@@ -562,6 +569,7 @@ impl TensorStep<'_> {
         self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
     }
 
+    #[inline(always)]
     fn run(&self, pass: Pass, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
         let mut bufs = Buffers::new();
         let n = grad.len();
@@ -577,7 +585,7 @@ impl TensorStep<'_> {
     }
 
     /// Loads, computes and validates one block into `bufs.out`.
-    #[inline]
+    #[inline(always)]
     fn block(&self, pass: Pass, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
         let Buffers { inp, out } = bufs;
         let n = grad.len();
@@ -600,22 +608,9 @@ impl TensorStep<'_> {
             }
             inp.first = index;
         }
-        let torch = self.scalars.form == AdamForm::Torch;
-        let run = |kind: u8, inp: &BlockIn, out: &mut BlockOut| {
-            let tau_in: &[f32] = match tau {
-                Src::F32(t) if uses_tau => t,
-                _ => &inp.tau[..n],
-            };
-            match (torch, state.cached.is_some()) {
-            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, tau_in, inp, out),
-            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, tau_in, inp, out),
-            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, tau_in, inp, out),
-            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, tau_in, inp, out),
-            }
-        };
         if dare && pass == Pass::Check {
             let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
-            if !run(all, inp, out) {
+            if !self.kernel(all, pass, grad, state, tau, inp, out) {
                 return Ok(());
             }
         }
@@ -627,11 +622,29 @@ impl TensorStep<'_> {
                 uniforms(&key, stream::TAU_PAPER, index, n, &mut inp.u1);
             }
         }
-        let bad = run(kind, inp, out);
+        let bad = self.kernel(kind, pass, grad, state, tau, inp, out);
         if bad {
             return Err(self.first_non_finite(pass, index, inp, out, state, grad, tau));
         }
         Ok(())
+    }
+
+    /// Runs the block's kernel `kind` over `inp` into `out`; whether any value is non-finite.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn kernel(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
+        let n = inp.n;
+        let uses_tau = matches!(kind, DARE_REF | DARE_PAPER | DARE_REF_ALL | DARE_PAPER_ALL | TIES | TIES_PAPER);
+        let tau_in: &[f32] = match tau {
+            Src::F32(t) if uses_tau => t,
+            _ => &inp.tau[..n],
+        };
+        match (self.scalars.form == AdamForm::Torch, state.cached.is_some()) {
+            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, tau_in, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, tau_in, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, tau_in, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, tau_in, inp, out),
+        }
     }
 
     #[inline(always)]

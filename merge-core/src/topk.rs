@@ -346,6 +346,29 @@ impl RadixSelect {
         self.count(offset, values, magnitude_key)
     }
 
+    /// Adds the counts of `part`: a copy of this select taken at the start of the
+    /// current pass and fed other elements than this one (one copy per thread,
+    /// each over its own chunks). The pass then finishes as if this select had
+    /// been fed all of them: counts are integers, so the order parts are added in
+    /// changes nothing.
+    pub fn absorb(&mut self, part: &RadixSelect) -> Result<(), Error> {
+        if part.n != self.n || part.pass != self.pass || part.candidates != self.candidates || part.rank != self.rank {
+            return Err(Error::Misuse { what: "a top-k part copied from this select in its current pass" });
+        }
+        if self.pass.is_none() {
+            return Ok(());
+        }
+        self.flush_lanes();
+        for (b, h) in self.hist.iter_mut().enumerate() {
+            *h += part.hist[b] + part.lanes.iter().map(|lane| u64::from(lane[b])).sum::<u64>();
+        }
+        for (t, &e) in self.tie_end.iter_mut().zip(&part.tie_end) {
+            *t = (*t).max(e);
+        }
+        self.tie_end_valid &= part.tie_end_valid;
+        Ok(())
+    }
+
     /// Feeds elements by explicit index (e.g. candidates gathered in an earlier
     /// pass): any set that holds every candidate of the current pass exactly once.
     pub fn feed_candidates(&mut self, candidates: &[Candidate]) -> Result<(), Error> {
@@ -928,6 +951,43 @@ mod tests {
         assert!(matches!(RadixSelect::new("w", 4, 0), Err(Error::OutOfRange { .. })));
         let mut sel = RadixSelect::new("w", 4, 2).unwrap();
         assert!(matches!(sel.add_histogram(&[0; 7]), Err(Error::LengthMismatch { .. })));
+    }
+
+    /// A first pass split over copies and joined with `absorb` gives the oracle's
+    /// threshold, with ties (many equal magnitudes) and without; a part copied in
+    /// another pass is refused.
+    #[test]
+    fn a_first_pass_split_over_absorbed_copies_gives_the_same_threshold() {
+        let mut rng = SplitMix64::new(9);
+        for round in 0..40 {
+            let n = 1 + below(&mut rng, 5000) as usize;
+            let distinct = if round % 2 == 0 { 7 } else { 1 << 20 };
+            let values: Vec<f32> = (0..n).map(|_| below(&mut rng, distinct) as f32 * 0.25 - 1.0).collect();
+            let k = 1 + below(&mut rng, n as u64) as usize;
+            let mut whole = RadixSelect::new("w", n as u64, k as u64).unwrap();
+            let mut parts = Vec::new();
+            let mut at = 0;
+            while at < n {
+                let len = (1 + below(&mut rng, 1500) as usize).min(n - at);
+                let mut part = whole.clone();
+                part.feed_values(at as u64, &values[at..at + len]).unwrap();
+                parts.push(part);
+                at += len;
+            }
+            // Absorbed in reverse: the order does not matter.
+            for part in parts.iter().rev() {
+                whole.absorb(part).unwrap();
+            }
+            whole.finish_pass().unwrap();
+            let mut candidates = [Candidate::default(); 64];
+            let got = whole.finish_in_memory(core::iter::once(&values[..]), &mut candidates).unwrap();
+            assert_eq!(got, oracle(&values, k).1, "round {round}, n {n}, k {k}");
+        }
+        let mut sel = RadixSelect::new("w", 4, 2).unwrap();
+        let stale = sel.clone();
+        sel.feed_values(0, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+        sel.finish_pass().unwrap();
+        assert!(matches!(sel.absorb(&stale), Err(Error::Misuse { .. })));
     }
 
     #[test]

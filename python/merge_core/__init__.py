@@ -10,9 +10,9 @@ tensor memory) does not, so importing this package never imports torch until an
 optimizer class is asked for.
 """
 
-from ._merge_core import CHUNK, MergeCoreError, __version__
+from ._merge_core import CHUNK, CPU_LEVEL, MergeCoreError, __version__
 
-__all__ = ["AdamW", "OnDAREAdamW", "OnTIESAdamW", "MergeCoreError", "CHUNK", "__version__"]
+__all__ = ["AdamW", "OnDAREAdamW", "OnTIESAdamW", "MergeCoreError", "CHUNK", "CPU_LEVEL", "__version__"]
 
 
 def __getattr__(name):

@@ -3,6 +3,9 @@
 from typing import List, Optional, Sequence, Tuple
 
 CHUNK: int
+# The vector instructions the step runs with on this CPU: "baseline", "avx2" or
+# "avx512" (found at import; every level gives the same bits).
+CPU_LEVEL: str
 __version__: str
 
 class MergeCoreError(ValueError):

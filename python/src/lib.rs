@@ -19,6 +19,7 @@ use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TaskVectorJob, TiesConfig};
 use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
+use merge_simd::Cpu;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -287,7 +288,7 @@ impl Core {
             };
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
-        py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads)).map_err(core_error)
+        py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads, &Cpu::detect())).map_err(core_error)
     }
 
     /// Starts step `step` over this process's ranges of sharded float32 tensors:
@@ -372,6 +373,7 @@ fn _merge_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shard::ShardedStep>()?;
     m.add("MergeCoreError", m.py().get_type::<MergeCoreError>())?;
     m.add("CHUNK", parallel::CHUNK)?;
+    m.add("CPU_LEVEL", Cpu::detect().level().name())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

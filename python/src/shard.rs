@@ -16,9 +16,11 @@
 
 use merge_core::onties::{self, TiesSelection};
 use merge_core::optim::StepPlan;
+use merge_core::parallel::ChunkPasses;
 use merge_core::reduce::TreeSum;
 use merge_core::step::{MergePlan, Norms, Rescale, StateMut, StateRef, TensorStep};
 use merge_core::topk::{self, RadixSelect};
+use merge_simd::Cpu;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -173,7 +175,7 @@ impl ShardedStep {
                     let mut norms = Norms::default();
                     let st = Self::state(s);
                     let view = StateRef { theta: &st.theta[lo..hi], m: &st.m[lo..hi], v: &st.v[lo..hi], cached: st.cached.map(|c| &c[lo..hi]) };
-                    step.scan_chunk(s.offset + lo as u64, &f32_ref(&s.grad)[lo..hi], view, self.tau(s).slice(lo, hi - lo), Some(&mut norms), None).map_err(core_error)?;
+                    Cpu::detect().scan_chunk(&step, s.offset + lo as u64, &f32_ref(&s.grad)[lo..hi], view, self.tau(s).slice(lo, hi - lo), Some(&mut norms), None).map_err(core_error)?;
                     (norms.update.finish(), norms.sparse.finish())
                 };
                 out.push((self.scope_of(t), start, level, a.to_bits(), b.to_bits()));
@@ -235,7 +237,7 @@ impl ShardedStep {
             for (t, s) in self.shards.iter().enumerate() {
                 let mut update = vec![0.0f32; s.len];
                 let step = self.tensor_step(t).map_err(core_error)?;
-                step.scan_chunk(s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s), None, Some(&mut update)).map_err(core_error)?;
+                Cpu::detect().scan_chunk(&step, s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s), None, Some(&mut update)).map_err(core_error)?;
                 updates.push(update);
             }
             self.updates = updates;
@@ -297,7 +299,7 @@ impl ShardedStep {
     fn check(&self) -> Option<String> {
         let run = || -> Result<(), merge_core::Error> {
             for (t, s) in self.shards.iter().enumerate() {
-                self.tensor_step(t)?.check_chunk(s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s))?;
+                Cpu::detect().check_chunk(&self.tensor_step(t)?, s.offset, f32_ref(&s.grad), Self::state(s), self.tau(s))?;
             }
             Ok(())
         };
@@ -308,7 +310,7 @@ impl ShardedStep {
     fn write(&self) -> PyResult<()> {
         for (t, s) in self.shards.iter().enumerate() {
             let state = StateMut { theta: f32_mut(&s.theta), m: f32_mut(&s.m), v: f32_mut(&s.v), cached: s.cached.as_ref().map(f32_mut) };
-            self.tensor_step(t).and_then(|step| step.write_chunk(s.offset, f32_ref(&s.grad), state, self.tau(s))).map_err(core_error)?;
+            self.tensor_step(t).and_then(|step| Cpu::detect().write_chunk(&step, s.offset, f32_ref(&s.grad), state, self.tau(s))).map_err(core_error)?;
         }
         Ok(())
     }

@@ -11,49 +11,16 @@
 //! an FMA unless asked (`mul_add`), so a wider register only handles more
 //! elements per instruction. The model's tests run every level on the same
 //! inputs and compare bits. On aarch64, NEON is part of the baseline and the one
-//! copy already uses it.
+//! copy already uses it. The levels are merge-simd's, which runs the optimizer
+//! step the same way; [`set_limit`] caps both.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// A set of vector instructions, narrowest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    /// What the build targets: SSE2 on x86-64, NEON on aarch64.
-    Baseline = 0,
-    /// x86-64 with AVX2 (256-bit vectors).
-    Avx2 = 1,
-    /// x86-64 with AVX-512F (512-bit vectors).
-    Avx512 = 2,
-}
-
-impl Level {
-    pub const ALL: [Level; 3] = [Level::Baseline, Level::Avx2, Level::Avx512];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Level::Baseline => "baseline",
-            Level::Avx2 => "avx2",
-            Level::Avx512 => "avx512",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Level> {
-        Level::ALL.into_iter().find(|l| l.name() == s)
-    }
-}
+pub use merge_simd::Level;
 
 /// The widest level this CPU supports.
 pub fn detected() -> Level {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Level::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Level::Avx2;
-        }
-    }
-    Level::Baseline
+    Level::detected()
 }
 
 static LIMIT: AtomicU8 = AtomicU8::new(Level::Avx512 as u8);

@@ -14,7 +14,7 @@ use gpu_shaders::{GpuContext, GpuOptions};
 
 use super::config::{Algorithm, OptimConfig};
 use super::{Result, TrainError};
-use crate::model::GpuLlama;
+use crate::model::{GpuLlama, simd};
 use crate::params::{ParamSet, Tensor};
 
 /// State kinds as stored in checkpoints (PyTorch's names where it has them).
@@ -413,7 +413,7 @@ impl Optimizer {
                 tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
-        parallel::step_tensors(&plan, &mut jobs, self.threads).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
+        parallel::step_tensors(&plan, &mut jobs, self.threads, &merge_simd::Cpu::at_most(simd::active())).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
     }
 
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.

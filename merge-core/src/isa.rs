@@ -1,0 +1,59 @@
+//! The chunk passes of [`TensorStep`] compiled again for wider x86-64 vector
+//! instructions, with the same bits.
+//!
+//! A default x86-64 build may only use 128-bit SSE2. The functions here are the
+//! same passes with AVX2 or AVX-512F enabled, so the compiler handles 8 or 16
+//! elements per instruction. No bit changes: every operation is IEEE binary32
+//! (correctly rounded `+ − × ÷ √`, the flush rule on the bits), in the order
+//! the code writes, and Rust never fuses a multiply and an add into an FMA, so a
+//! wider register only holds more elements. Tests in the `merge-simd` crate run
+//! every pass at every level the CPU has and compare the bits with the
+//! portable build.
+//!
+//! They are safe functions, but Rust lets only code compiled with the same
+//! features call them without `unsafe`, and this crate has none: a caller
+//! checks that the CPU has the features and then calls them (`merge-simd` does
+//! that, and implements [`crate::parallel::ChunkPasses`] with them).
+
+macro_rules! passes_for {
+    ($level:ident, $features:literal, $what:literal) => {
+        #[doc = concat!("The chunk passes with ", $what, " enabled; call only on a CPU that has it.")]
+        pub mod $level {
+            use crate::Error;
+            use crate::dtype::Src;
+            use crate::step::{Norms, StateMut, StateRef, TensorStep};
+
+            /// [`TensorStep::scan_chunk`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn scan_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+                step.scan_chunk(offset, grad, state, tau, norms, delta_out)
+            }
+
+            /// [`TensorStep::check_chunk`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn check_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
+                step.check_chunk(offset, grad, state, tau)
+            }
+
+            /// [`TensorStep::write_chunk`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn write_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+                step.write_chunk(offset, grad, state, tau)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+passes_for!(avx2, "avx2", "AVX2 (256-bit vectors)");
+#[cfg(target_arch = "x86_64")]
+passes_for!(avx512, "avx512f", "AVX-512F (512-bit vectors)");
