@@ -1,4 +1,4 @@
-//! The chunk passes of [`TensorStep`] compiled again for wider x86-64 vector
+//! The chunk passes of [`TensorStep`] (those `crate::parallel` runs) compiled again for wider x86-64 vector
 //! instructions, with the same bits.
 //!
 //! A default x86-64 build may only use 128-bit SSE2. The functions here are the
@@ -48,6 +48,24 @@ macro_rules! passes_for {
             #[target_feature(enable = $features)]
             pub fn write_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
                 step.write_chunk(offset, grad, state, tau)
+            }
+
+            /// [`TensorStep::check_chunk_from_update`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn check_chunk_from_update(step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+                step.check_chunk_from_update(offset, state, tau, update)
+            }
+
+            /// [`TensorStep::write_chunk_from_update`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn write_chunk_from_update(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+                step.write_chunk_from_update(offset, grad, state, tau, update)
             }
         }
     };

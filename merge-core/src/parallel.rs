@@ -26,7 +26,7 @@ use crate::error::{Error, tensor_name};
 use crate::optim::StepPlan;
 use crate::step::{MergePlan, Norms, StateMut, StateRef, TensorStep};
 use crate::onties::GATHERED;
-use crate::topk::{Pass, RadixSelect};
+use crate::topk::{Candidate, Pass, RadixSelect, magnitude_key};
 
 /// Elements per chunk: a power of two (so chunk sums are whole subtrees of the L1
 /// tree) and a multiple of the step's block.
@@ -41,6 +41,11 @@ pub trait ChunkPasses: Sync {
     fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
     /// [`TensorStep::write_chunk`].
     fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error>;
+    /// [`TensorStep::check_chunk_from_update`].
+    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
+    /// [`TensorStep::write_chunk_from_update`].
+    #[allow(clippy::too_many_arguments)]
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
 }
 
 /// The passes as this build compiles them (SSE2 in a default x86-64 build).
@@ -58,6 +63,14 @@ impl ChunkPasses for Portable {
 
     fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         step.write_chunk(offset, grad, state, tau)
+    }
+
+    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        step.check_chunk_from_update(offset, state, tau, update)
+    }
+
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        step.write_chunk_from_update(offset, grad, state, tau, update)
     }
 }
 
@@ -173,13 +186,63 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
             step.rescale = norms.rescale(step.name, plan.scalars().eps, plan.clip())?;
         }
     }
-    if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &mut steps, threads, passes)?;
-    }
+    // OnTIES validates binary32 tensors from the scanned update (no Adam
+    // arithmetic) as soon as their threshold is known; global scope keeps the
+    // whole update, so its writes read it too.
+    let (checked, global_update) = if plan.needs_update_scratch() {
+        select_ties(plan, jobs, &mut steps, threads, passes)?
+    } else {
+        (std::vec![false; jobs.len()], None)
+    };
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
-    run(threads, chunk_views(jobs), |c, buf| buf.check(passes, &steps[c.job], &c))?;
-    run(threads, chunk_muts(jobs), |c, buf| buf.write(passes, &steps[c.job], c))?;
+    let unchecked = chunk_views(jobs).into_iter().filter(|c| !checked[c.job]).collect();
+    run(threads, unchecked, |c, buf| buf.check(passes, &steps[c.job], &c))?;
+    match global_update {
+        Some(update) => {
+            let starts = job_starts(jobs);
+            run(threads, chunk_muts(jobs), |c, buf| {
+                if matches!(c.theta, Param::F32(_)) {
+                    let at = starts[c.job] + c.lo;
+                    let len = c.grad.len();
+                    buf.write_from_update(passes, &steps[c.job], c, &update[at..at + len])
+                } else {
+                    buf.write(passes, &steps[c.job], c)
+                }
+            })?;
+        }
+        None => {
+            run(threads, chunk_muts(jobs), |c, buf| buf.write(passes, &steps[c.job], c))?;
+        }
+    }
+    Ok(())
+}
+
+/// Each job's first index in the concatenation of all jobs (global scope's order).
+fn job_starts(jobs: &[ParallelJob<'_>]) -> Vec<usize> {
+    jobs.iter()
+        .scan(0, |at, job| {
+            let start = *at;
+            *at += job.m.len();
+            Some(start)
+        })
+        .collect()
+}
+
+/// Validates the chunks of the binary32 jobs `which` selects from their scanned
+/// update (`update`, indexed from `starts[job]`), on up to `threads` threads;
+/// marks them in `checked`.
+#[allow(clippy::too_many_arguments)]
+fn check_from_update(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
+    let chosen = |j: usize| which(j) && matches!(jobs[j].theta, Param::F32(_));
+    let chunks: Vec<_> = chunk_views(jobs).into_iter().filter(|c| chosen(c.job)).collect();
+    run(threads, chunks, |c, buf| {
+        let at = starts[c.job] + c.lo;
+        buf.check_from_update(passes, &steps[c.job], &c, &update[at..at + c.len])
+    })?;
+    for (j, done) in checked.iter_mut().enumerate() {
+        *done |= chosen(j);
+    }
     Ok(())
 }
 
@@ -214,8 +277,11 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
-fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+/// Returns which jobs it validated, and for global scope the whole update.
+#[allow(clippy::type_complexity)]
+fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(Vec<bool>, Option<Vec<f32>>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
+    let mut checked = std::vec![false; jobs.len()];
     if plan.trims_globally() {
         for pair in jobs.windows(2) {
             if pair[0].name.as_bytes() >= pair[1].name.as_bytes() {
@@ -237,23 +303,30 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             set_selection(step, selection, offset);
             offset += n as u64;
         }
+        check_from_update(jobs, steps, &update, &job_starts(jobs), |_| true, threads, passes, &mut checked)?;
+        Ok((checked, Some(update)))
     } else {
         let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
+        let starts = std::vec![0; jobs.len()];
         for (j, &n) in lens.iter().enumerate() {
             scan_updates(jobs, steps, &mut update[..n], Some(j), threads, passes)?;
             let part = [&update[..n]];
             let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads))?;
             set_selection(&mut steps[j], selection, 0);
+            check_from_update(jobs, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
         }
+        Ok((checked, None))
     }
-    Ok(())
 }
 
-/// The radix select's key passes that read every element of the scope (`parts`,
-/// in scope order), until few enough candidates remain for the select to gather
-/// them, on up to `threads` threads: each thread feeds a copy of the select its
-/// own contiguous run of chunks, and the copies' counts are added (integers, so
-/// the threshold is the one-thread select's).
+/// The radix select over the scope `parts` (in scope order) on up to `threads`
+/// threads, as far as it reads every element. A pass over everything gives each
+/// thread a copy of the select to feed its own contiguous run of chunks, and adds
+/// the copies' counts (integers, so the threshold is the one-thread select's).
+/// Once the candidates are few (at most one per 16 elements: 1 byte per element
+/// stored), the threads gather them instead, in index order, and the remaining
+/// passes run over that list only; a scope whose candidates stay many (large
+/// ties) keeps scanning everything until the select can gather them itself.
 fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize) -> Result<(), Error> {
     let mut chunks: Vec<(u64, &[f32])> = Vec::new();
     let mut offset = 0u64;
@@ -264,36 +337,63 @@ fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize)
         offset += part.len() as u64;
     }
     let per = chunks.len().div_ceil(threads.max(1)).max(1);
+    let runs: Vec<&[(u64, &[f32])]> = chunks.chunks(per).collect();
     let mut first = true;
-    while let Some(Pass::Key { .. }) = radix.pass() {
-        if !first && radix.candidates() <= GATHERED as u64 {
+    while let Some(pass @ Pass::Key { .. }) = radix.pass() {
+        let left = radix.candidates();
+        if !first && left <= GATHERED as u64 {
             break;
         }
+        if !first && left <= offset / 16 {
+            let lists = on_threads(&runs, |run| Ok(gather_candidates(pass, run)))?;
+            let candidates: Vec<Candidate> = lists.into_iter().flatten().collect();
+            while radix.pass().is_some() {
+                radix.feed_candidates(&candidates)?;
+                radix.finish_pass()?;
+            }
+            return Ok(());
+        }
         first = false;
-        let copies: Vec<Result<RadixSelect, Error>> = thread::scope(|s| {
-            let handles: Vec<_> = chunks
-                .chunks(per)
-                .map(|run| {
-                    let mut copy = radix.clone();
-                    s.spawn(move || {
-                        for &(offset, values) in run {
-                            copy.feed_values(offset, values)?;
-                        }
-                        Ok(copy)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-        });
-        // The error of the lowest run: each run stops at its first bad value.
+        let copies = on_threads(&runs, |run| {
+            let mut copy = radix.clone();
+            for &(offset, values) in run {
+                copy.feed_values(offset, values)?;
+            }
+            Ok(copy)
+        })?;
         let mut fed = radix.clone();
-        for copy in copies {
-            fed.absorb(&copy?)?;
+        for copy in &copies {
+            fed.absorb(copy)?;
         }
         *radix = fed;
         radix.finish_pass()?;
     }
     Ok(())
+}
+
+/// `work` over each run on its own thread; the results in run order, or the
+/// error of the lowest failing run.
+fn on_threads<'r, T: Sync, R: Send>(runs: &[&'r [T]], work: impl Fn(&'r [T]) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+    let work = &work;
+    thread::scope(|s| {
+        let handles: Vec<_> = runs.iter().map(|&run| s.spawn(move || work(run))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
+}
+
+/// The candidates of key pass `pass` among the chunks `run`, in index order.
+fn gather_candidates(pass: Pass, run: &[(u64, &[f32])]) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for &(offset, values) in run {
+        for (j, &x) in values.iter().enumerate() {
+            let key = magnitude_key(x);
+            let index = offset + j as u64;
+            if pass.bucket(key, index).is_some() {
+                out.push(Candidate { index, key });
+            }
+        }
+    }
+    out
 }
 
 fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, scope_offset: u64) {
@@ -514,6 +614,25 @@ impl Buffers {
         Ok(())
     }
 
+    /// A binary32 chunk's check from its scanned update.
+    fn check_from_update(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>, update: &[f32]) -> Result<(), Error> {
+        let Src::F32(theta) = c.theta else { return Err(Error::Misuse { what: "a binary32 parameter for the check from the update" }) };
+        let tau = unpacked(c.tau, c.len, &mut self.tau);
+        passes.check_chunk_from_update(step, c.lo as u64, c.state(theta), tau, update)
+    }
+
+    /// A binary32 chunk's write from its scanned update.
+    fn write_from_update(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, update: &[f32]) -> Result<(), Error> {
+        let ChunkMut { lo, grad, theta: Param::F32(theta), m, v, cached, tau, .. } = c else {
+            return Err(Error::Misuse { what: "a binary32 parameter for the write from the update" });
+        };
+        let Buffers { grad: grad_buf, tau: tau_buf, .. } = self;
+        let len = grad.len();
+        let grad = widened(grad, grad_buf);
+        let tau = unpacked(tau, len, tau_buf);
+        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m, v, cached }, tau, update)
+    }
+
     fn write(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
         let ChunkMut { lo, grad, theta, m, v, cached, tau, .. } = c;
         let Buffers { grad: grad_buf, theta: theta_buf, tau: tau_buf, .. } = self;
@@ -725,6 +844,54 @@ mod tests {
             assert!(st == states(1), "{threads} threads wrote after an error");
         }
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
+    }
+
+    /// OnTIES validates binary32 tensors from the scanned update: a new parameter
+    /// that overflows (found only after the threshold) is named as the
+    /// one-thread step names it, per tensor and global, and nothing is written.
+    #[test]
+    fn an_onties_parameter_that_overflows_is_named_alike_and_writes_nothing() {
+        for label in ["ties k=1", "ties-global-rescale k=1", "ties-paper-rescale k=1"] {
+            let (_, cfg) = configs().into_iter().find(|(l, _)| l == label).unwrap();
+            let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+            let g = grads(&mut SplitMix64::new(3));
+            let mut start = states(1);
+            for (t, at) in [(1, 5), (2, CHUNK + 11)] {
+                start[t].theta[at] = f32::MAX;
+                start[t].tau[at] = f32::MAX;
+            }
+            let mut want = start.clone();
+            let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
+            assert!(matches!(want_err, Error::NonFinite { what: "updated parameter", .. }), "{label}: {want_err}");
+            for threads in [1, 2, 3] {
+                let mut st = start.clone();
+                let err = parallel_step(&plan, &mut st, &g, 1, threads, threads == 2).unwrap_err();
+                assert_eq!(err, want_err, "{label}, {threads} threads");
+                assert!(st == start, "{label}: {threads} threads wrote after an error");
+            }
+        }
+    }
+
+    /// Updates of mostly one magnitude (equal gradients from a zero state) keep
+    /// the radix select's candidates many: the threads scan every element in
+    /// each key pass and the select breaks the ties by index, with the bits of
+    /// the one-thread step; a few larger gradients give the gathered path too.
+    #[test]
+    fn onties_over_tied_updates_gives_the_bits_of_step_tensors() {
+        for label in ["ties k=1", "ties-global-rescale k=1"] {
+            let (_, cfg) = configs().into_iter().find(|(l, _)| l == label).unwrap();
+            for spread in [0usize, 97] {
+                let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+                let g: Vec<Vec<f32>> = TENSORS.iter().map(|&(_, n)| (0..n).map(|i| if spread > 0 && i % spread == 0 { 2e-2 } else { 1e-2 }).collect()).collect();
+                let mut want = states(1);
+                sequential_step(&plan, &mut want, &g, 1).unwrap();
+                for threads in [1, 2, 3] {
+                    let mut st = states(1);
+                    parallel_step(&plan, &mut st, &g, 1, threads, threads == 3).unwrap();
+                    assert!(st == want, "{label}, spread {spread}, {threads} threads");
+                }
+            }
+        }
     }
 
     #[test]

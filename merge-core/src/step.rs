@@ -395,6 +395,7 @@ impl TensorStep<'_> {
     /// chunk of `D`): the scan has validated the inputs, `m'`, `v'` and `D`, so
     /// only the trimmed update and the new parameter remain, and they need no
     /// Adam arithmetic. Writes nothing.
+    #[inline(always)]
     pub fn check_chunk_from_update(&self, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
             return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
@@ -415,6 +416,7 @@ impl TensorStep<'_> {
         }
     }
 
+    #[inline(always)]
     fn check_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let n = update.len();
         let (mut tau_buf, mut sp, mut theta2) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
@@ -456,6 +458,7 @@ impl TensorStep<'_> {
     /// products and a sum each), `D` is read instead of recomputed, which saves the
     /// square root and the division. Stores in place, each block validated first as
     /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`.
+    #[inline(always)]
     pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
             return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
@@ -479,6 +482,7 @@ impl TensorStep<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn write_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let s = &self.scalars;
         let StateMut { theta, m, v, mut cached } = state;

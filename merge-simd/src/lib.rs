@@ -115,4 +115,24 @@ impl ChunkPasses for Cpu {
             _ => Portable.write_chunk(step, offset, grad, state, tau),
         }
     }
+
+    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::check_chunk_from_update(step, offset, state, tau, update) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::check_chunk_from_update(step, offset, state, tau, update) },
+            _ => Portable.check_chunk_from_update(step, offset, state, tau, update),
+        }
+    }
+
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::write_chunk_from_update(step, offset, grad, state, tau, update) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk_from_update(step, offset, grad, state, tau, update) },
+            _ => Portable.write_chunk_from_update(step, offset, grad, state, tau, update),
+        }
+    }
 }
