@@ -493,8 +493,16 @@ impl RadixSelect {
                 Pass::Key { shift, bits, prefix: _ } if shift + bits == KEY_BITS => {
                     // First pass: every element is a candidate.
                     let mask = digit_mask(bits);
-                    for (j, &k) in keys.iter().enumerate() {
-                        self.lanes[j % LANES][((k >> shift) & mask) as usize] += 1;
+                    let [l0, l1, l2, l3] = &mut self.lanes;
+                    let (quads, rest) = keys.as_chunks::<LANES>();
+                    for q in quads {
+                        l0[((q[0] >> shift) & mask) as usize] += 1;
+                        l1[((q[1] >> shift) & mask) as usize] += 1;
+                        l2[((q[2] >> shift) & mask) as usize] += 1;
+                        l3[((q[3] >> shift) & mask) as usize] += 1;
+                    }
+                    for &k in rest {
+                        l0[((k >> shift) & mask) as usize] += 1;
                     }
                 }
                 Pass::Key { shift, bits, prefix } => {
