@@ -17,6 +17,9 @@
 //!   other buffer of the call (refused as an invalid argument).
 //! - Names are UTF-8 given as pointer and length (no NUL needed).
 //! - No global state: calls on different buffers may run on different threads.
+//! - The optimizer step runs, on the calling thread, the widest copy of its
+//!   passes the CPU has (AVX-512F, AVX2 or the build's own; `merge-simd`), with
+//!   the same bits at each.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs, clippy::undocumented_unsafe_blocks)]
@@ -37,6 +40,7 @@ use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TaskVectorJob, TiesConfig};
 use merge_core::step::{Phase, StateMut};
 use merge_core::{Error, topk::Threshold};
+use merge_simd::Cpu;
 
 use buffers::{Buffers, Input, InputSrc, Label, Output, OutputDst};
 use status::{Failure, run};
@@ -586,7 +590,7 @@ pub unsafe extern "C" fn mc_step_tensor(
         if plan.trims_globally() {
             return Err(Error::Misuse { what: "per-tensor scope for mc_step_tensor (global scope: use mc_step_tensors)" }.into());
         }
-        Ok(plan.step_tensors(&mut [job])?)
+        Ok(plan.step_tensors_with(&mut [job], &Cpu::detect())?)
     };
     // SAFETY: `msg` and `msg_cap` are this function's contract.
     unsafe { run(msg, msg_cap, body) }
@@ -616,7 +620,7 @@ pub unsafe extern "C" fn mc_step_tensors(config: *const McOnlineConfig, step: u6
         // SAFETY: every buffer was claimed and found disjoint; validity for the
         // duration of the call is the caller's contract.
         let mut jobs = claims.into_iter().map(|c| unsafe { c.job() }).collect::<Result<Vec<_>, _>>()?;
-        Ok(plan(&config, step)?.step_tensors(&mut jobs)?)
+        Ok(plan(&config, step)?.step_tensors_with(&mut jobs, &Cpu::detect())?)
     };
     // SAFETY: `msg` and `msg_cap` are this function's contract.
     unsafe { run(msg, msg_cap, body) }

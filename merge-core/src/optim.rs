@@ -28,7 +28,7 @@ use crate::error::{Error, tensor_name};
 use crate::hyper::{AdamConfig, StepScalars, invalid};
 use crate::onties::{self, TiesSelection};
 use crate::rng::{MaskKey, check_extent, tensor_id};
-use crate::step::{MergePlan, Norms, Phase, Rescale, StateMut, StateRef, TensorStep};
+use crate::step::{ChunkPasses, MergePlan, Norms, Phase, Portable, Rescale, StateMut, StateRef, TensorStep};
 use crate::topk;
 
 /// What is merged into each update.
@@ -374,19 +374,25 @@ impl StepPlan {
     /// 16-bit parameters and packed task vectors); the chunk passes of
     /// [`TensorStep`] serve callers that drive the passes themselves.
     pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {
+        self.step_tensors_with(jobs, &Portable)
+    }
+
+    /// [`StepPlan::step_tensors`] with its chunk passes run by `passes` (e.g.
+    /// the `merge-simd` crate's widest copy for this CPU); the bits are the same.
+    pub fn step_tensors_with(&self, jobs: &mut [StepJob<'_>], passes: &dyn ChunkPasses) -> Result<(), Error> {
         let t = match self.merge {
             MergeParams::Ties(t) if self.trims_globally() => t,
             _ => {
                 if let [job] = jobs {
-                    return self.step_one(job);
+                    return self.step_one(job, passes);
                 }
                 for job in jobs.iter_mut() {
                     let st = job.state.as_ref();
-                    let plan = self.per_tensor_plan(job.name, job.grad, &st, job.tau, job.scratch)?;
+                    let plan = self.per_tensor_plan(job.name, job.grad, &st, job.tau, job.scratch, passes)?;
                     if self.needs_update_scratch() {
-                        plan.check_chunk_from_update(0, st, job.tau, job.scratch)?;
+                        passes.check_chunk_from_update(&plan, 0, st, job.tau, job.scratch)?;
                     } else {
-                        plan.check_chunk(0, job.grad, st, job.tau)?;
+                        passes.check_chunk(&plan, 0, job.grad, st, job.tau)?;
                     }
                 }
                 for job in jobs.iter_mut() {
@@ -394,13 +400,13 @@ impl StepPlan {
                         // The first round left this tensor's update in its scratch.
                         self.with_own_threshold(self.tensor(job.name, job.grad.len() as u64)?, job.scratch)?
                     } else {
-                        self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?
+                        self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch, passes)?
                     };
                     let st = job.state.reborrow();
                     if self.needs_update_scratch() {
-                        plan.write_chunk_from_update(0, job.grad, st, job.tau, job.scratch)?;
+                        passes.write_chunk_from_update(&plan, 0, job.grad, st, job.tau, job.scratch)?;
                     } else {
-                        plan.write_chunk(0, job.grad, st, job.tau)?;
+                        passes.write_chunk(&plan, 0, job.grad, st, job.tau)?;
                     }
                 }
                 return Ok(());
@@ -408,7 +414,7 @@ impl StepPlan {
         };
         check_name_order(jobs.iter().map(|j| j.name))?;
         for job in jobs.iter_mut() {
-            self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?;
+            self.prepare(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch, passes)?;
         }
         let selection = onties::select(t.p, t.rescale, "all tensors (global scope)", jobs.iter().map(|j| &*j.scratch))?;
         for write in [false, true] {
@@ -420,9 +426,9 @@ impl StepPlan {
                     *o = offset;
                 }
                 if write {
-                    plan.write_chunk_from_update(0, job.grad, job.state.reborrow(), job.tau, job.scratch)?;
+                    passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch)?;
                 } else {
-                    plan.check_chunk_from_update(0, job.state.as_ref(), job.tau, job.scratch)?;
+                    passes.check_chunk_from_update(&plan, 0, job.state.as_ref(), job.tau, job.scratch)?;
                 }
                 offset += job.grad.len() as u64;
             }
@@ -432,20 +438,20 @@ impl StepPlan {
 
     /// One tensor (per-tensor scope): the norms or update pass where the merge
     /// needs one, then the validating pass, then the writing pass.
-    fn step_one(&self, job: &mut StepJob<'_>) -> Result<(), Error> {
-        let plan = self.per_tensor_plan(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch)?;
+    fn step_one(&self, job: &mut StepJob<'_>, passes: &dyn ChunkPasses) -> Result<(), Error> {
+        let plan = self.per_tensor_plan(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch, passes)?;
         if self.needs_update_scratch() {
-            plan.check_chunk_from_update(0, job.state.as_ref(), job.tau, job.scratch)?;
-            plan.write_chunk_from_update(0, job.grad, job.state.reborrow(), job.tau, job.scratch)
+            passes.check_chunk_from_update(&plan, 0, job.state.as_ref(), job.tau, job.scratch)?;
+            passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch)
         } else {
-            plan.check_chunk(0, job.grad, job.state.as_ref(), job.tau)?;
-            plan.write_chunk(0, job.grad, job.state.reborrow(), job.tau)
+            passes.check_chunk(&plan, 0, job.grad, job.state.as_ref(), job.tau)?;
+            passes.write_chunk(&plan, 0, job.grad, job.state.reborrow(), job.tau)
         }
     }
 
     /// [`StepPlan::prepare`], then for per-tensor OnTIES the tensor's own threshold.
-    fn per_tensor_plan<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<TensorStep<'n>, Error> {
-        let plan = self.prepare(name, grad, st, tau, scratch)?;
+    fn per_tensor_plan<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32], passes: &dyn ChunkPasses) -> Result<TensorStep<'n>, Error> {
+        let plan = self.prepare(name, grad, st, tau, scratch, passes)?;
         self.with_own_threshold(plan, scratch)
     }
 
@@ -477,21 +483,21 @@ impl StepPlan {
 
     /// The tensor's plan after the passes it needs before checking: the OnDARE
     /// norms (rescale), or the OnTIES update written into `scratch`.
-    fn prepare<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32]) -> Result<TensorStep<'n>, Error> {
+    fn prepare<'n>(&self, name: &'n str, grad: &[f32], st: &StateRef<'_>, tau: Src<'_>, scratch: &mut [f32], passes: &dyn ChunkPasses) -> Result<TensorStep<'n>, Error> {
         if self.need_cached && st.cached.is_none() {
             return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "cached delta (required when k > 1)", expected: grad.len() as u64, found: 0 });
         }
         let mut plan = self.tensor(name, grad.len() as u64)?;
         if self.needs_norms() {
             let mut norms = Norms::default();
-            plan.scan_chunk(0, grad, *st, tau, Some(&mut norms), None)?;
+            passes.scan_chunk(&plan, 0, grad, *st, tau, Some(&mut norms), None)?;
             plan.rescale = norms.rescale(name, self.scalars.eps, self.clip())?;
         }
         if self.needs_update_scratch() {
             if scratch.len() != grad.len() {
                 return Err(Error::LengthMismatch { tensor: tensor_name(name), what: "update scratch (OnTIES)", expected: grad.len() as u64, found: scratch.len() as u64 });
             }
-            plan.scan_chunk(0, grad, *st, tau, None, Some(scratch))?;
+            passes.scan_chunk(&plan, 0, grad, *st, tau, None, Some(scratch))?;
         }
         Ok(plan)
     }

@@ -14,9 +14,10 @@
 //! overflow the format is refused in the validating pass, so nothing is written.
 //! The moments, the cached delta and the task vector's arithmetic stay binary32.
 //!
-//! The threads run the chunk passes through a [`ChunkPasses`]: [`Portable`] (the
-//! build's own vector width), or the `merge-simd` crate's, which picks the
-//! widest copy of [`crate::isa`] the CPU has; the bits are the same.
+//! The threads run the chunk passes through a [`ChunkPasses`]:
+//! [`crate::step::Portable`] (the build's own vector width), or the `merge-simd`
+//! crate's, which picks the widest copy of [`crate::isa`] the CPU has; the bits
+//! are the same.
 
 use std::thread;
 use std::vec::Vec;
@@ -24,55 +25,15 @@ use std::vec::Vec;
 use crate::dtype::{Dtype, Src, f32_to_bf16, f32_to_f16, store_error};
 use crate::error::{Error, tensor_name};
 use crate::optim::StepPlan;
-use crate::step::{MergePlan, Norms, StateMut, StateRef, TensorStep};
+use crate::step::{ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep};
+#[cfg(test)]
+use crate::step::Portable;
 use crate::onties::GATHERED;
 use crate::topk::{Candidate, Pass, RadixSelect, magnitude_key};
 
 /// Elements per chunk: a power of two (so chunk sums are whole subtrees of the L1
 /// tree) and a multiple of the step's block.
 pub const CHUNK: usize = 1 << 16;
-
-/// The three chunk passes of [`TensorStep`], as the threads call them.
-pub trait ChunkPasses: Sync {
-    /// [`TensorStep::scan_chunk`].
-    #[allow(clippy::too_many_arguments)]
-    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error>;
-    /// [`TensorStep::check_chunk`].
-    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
-    /// [`TensorStep::write_chunk`].
-    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error>;
-    /// [`TensorStep::check_chunk_from_update`].
-    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
-    /// [`TensorStep::write_chunk_from_update`].
-    #[allow(clippy::too_many_arguments)]
-    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
-}
-
-/// The passes as this build compiles them (SSE2 in a default x86-64 build).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Portable;
-
-impl ChunkPasses for Portable {
-    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
-        step.scan_chunk(offset, grad, state, tau, norms, delta_out)
-    }
-
-    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
-        step.check_chunk(offset, grad, state, tau)
-    }
-
-    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
-        step.write_chunk(offset, grad, state, tau)
-    }
-
-    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
-        step.check_chunk_from_update(offset, state, tau, update)
-    }
-
-    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
-        step.write_chunk_from_update(offset, grad, state, tau, update)
-    }
-}
 
 /// A parameter tensor, written in place in its own format.
 #[derive(Debug)]

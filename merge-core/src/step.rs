@@ -59,6 +59,51 @@ impl TiesCheck {
     }
 }
 
+/// The chunk passes of [`TensorStep`] as the whole-tensor entries call them
+/// ([`crate::optim::StepPlan::step_tensors_with`], `crate::parallel`): [`Portable`],
+/// or the same passes compiled for wider vectors ([`crate::isa`], chosen by the
+/// `merge-simd` crate), with the same bits.
+pub trait ChunkPasses: Sync {
+    /// [`TensorStep::scan_chunk`].
+    #[allow(clippy::too_many_arguments)]
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error>;
+    /// [`TensorStep::check_chunk`].
+    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
+    /// [`TensorStep::write_chunk`].
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error>;
+    /// [`TensorStep::check_chunk_from_update`].
+    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
+    /// [`TensorStep::write_chunk_from_update`].
+    #[allow(clippy::too_many_arguments)]
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
+}
+
+/// The passes as this build compiles them (SSE2 in a default x86-64 build).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Portable;
+
+impl ChunkPasses for Portable {
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+        step.scan_chunk(offset, grad, state, tau, norms, delta_out)
+    }
+
+    fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
+        step.check_chunk(offset, grad, state, tau)
+    }
+
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+        step.write_chunk(offset, grad, state, tau)
+    }
+
+    fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        step.check_chunk_from_update(offset, state, tau, update)
+    }
+
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+        step.write_chunk_from_update(offset, grad, state, tau, update)
+    }
+}
+
 /// Step-K phase (SPEC.md §5.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {

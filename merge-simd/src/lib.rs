@@ -3,17 +3,18 @@
 //! merge-core is `no_std` and free of `unsafe`, so it cannot look at the CPU
 //! or call its [`merge_core::isa`] copies of the chunk passes (compiled with
 //! AVX2 or AVX-512F enabled) from code compiled without them. This crate does
-//! both: [`Cpu`] is a [`ChunkPasses`] for [`merge_core::parallel::step_tensors`]
-//! that runs the widest copy the CPU supports, found at run time, so a binary
-//! built for baseline x86-64 (SSE2 only) still uses the CPU's full vector
-//! width. The bits are the portable build's at every level (merge-core's isa
-//! module says why; this crate's tests compare them). On other architectures
-//! there is one level, the build's own (NEON on aarch64).
+//! both: [`Cpu`] is a [`ChunkPasses`] that runs the widest copy the CPU
+//! supports, found at run time, for [`merge_core::parallel::step_tensors`] (on
+//! threads) and [`merge_core::optim::StepPlan::step_tensors_with`] (on the
+//! caller's thread). So a binary built for baseline x86-64 (SSE2 only) still
+//! uses the CPU's full vector width. The bits are the portable build's at every
+//! level (merge-core's isa module says why; this crate's tests compare them).
+//! On other architectures there is one level, the build's own (NEON on
+//! aarch64).
 
 use merge_core::Error;
 use merge_core::dtype::Src;
-use merge_core::parallel::{ChunkPasses, Portable};
-use merge_core::step::{Norms, StateMut, StateRef, TensorStep};
+use merge_core::step::{ChunkPasses, Norms, Portable, StateMut, StateRef, TensorStep};
 
 /// A set of vector instructions, narrowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

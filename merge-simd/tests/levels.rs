@@ -2,7 +2,8 @@
 //! of the step (AdamW in both forms, step-K's accumulating and merging steps,
 //! OnDARE and OnTIES in both variants, the L1 rescale, global scope), binary32
 //! and bfloat16 parameters, dense and packed task vectors, on 1 and 2 threads;
-//! and a non-finite value is named the same and writes nothing.
+//! and a non-finite value is named the same and writes nothing. The one-thread
+//! entry `StepPlan::step_tensors_with` is compared the same way.
 
 #![allow(clippy::result_large_err)] // merge-core's errors name their tensor inline, as merge-core allows
 
@@ -10,8 +11,9 @@ use merge_core::dare::{DareConfig, DareVariant};
 use merge_core::dtype::{Src, f32_to_bf16};
 use merge_core::hyper::{AdamConfig, AdamForm};
 use merge_core::onties::Variant;
-use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepPlan, TiesConfig};
-use merge_core::parallel::{CHUNK, ChunkPasses, ParallelJob, Param, Portable, TaskVector, step_tensors};
+use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, StepJob, StepPlan, TiesConfig};
+use merge_core::parallel::{CHUNK, ParallelJob, Param, TaskVector, step_tensors};
+use merge_core::step::{ChunkPasses, Portable, StateMut};
 use merge_core::rng::SplitMix64;
 use merge_simd::{Cpu, Level};
 
@@ -148,6 +150,45 @@ fn every_level_gives_the_portable_bits() {
             }
             let moved = if run.bf16 { want[2].bf16 != states()[2].bf16 } else { bits(&want[2].theta) != bits(&states()[2].theta) };
             assert!(moved, "{label}: the step changed nothing");
+        }
+    }
+}
+
+/// `StepPlan::step_tensors_with` on the caller's thread: every level gives the
+/// bits of `step_tensors` (the portable passes).
+#[test]
+fn the_one_thread_entry_gives_the_portable_bits_at_every_level() {
+    let one = |plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, passes: &dyn ChunkPasses| {
+        let mut scratch: Vec<Vec<f32>> = g.iter().map(|x| vec![0.0; x.len()]).collect();
+        let mut jobs: Vec<StepJob<'_>> = st
+            .iter_mut()
+            .zip(g)
+            .zip(TENSORS)
+            .zip(scratch.iter_mut())
+            .map(|(((s, g), (name, _)), scratch)| StepJob {
+                name,
+                grad: g,
+                state: StateMut { theta: &mut s.theta, m: &mut s.m, v: &mut s.v, cached: (k > 1).then_some(&mut s.cached[..]) },
+                tau: Src::F32(&s.tau),
+                scratch,
+            })
+            .collect();
+        plan.step_tensors_with(&mut jobs, passes).unwrap();
+    };
+    for (label, cfg) in configs() {
+        let mut opt = Optimizer::new(cfg).unwrap();
+        let mut want = states();
+        let mut got: Vec<Vec<State>> = levels().iter().map(|_| states()).collect();
+        let mut rng = SplitMix64::new(4);
+        for _ in 0..2 {
+            let plan = opt.begin_step().unwrap();
+            let g: Vec<Vec<f32>> = TENSORS.iter().map(|&(_, n)| draw(&mut rng, n, 1e-2)).collect();
+            one(&plan, &mut want, &g, cfg.k, &Portable);
+            for (st, cpu) in got.iter_mut().zip(levels()) {
+                one(&plan, st, &g, cfg.k, &cpu);
+                let same = st.iter().zip(&want).all(|(a, b)| bits(&a.theta) == bits(&b.theta) && bits(&a.m) == bits(&b.m) && bits(&a.v) == bits(&b.v) && bits(&a.cached) == bits(&b.cached));
+                assert!(same, "{label}: {} differs from the portable passes at step {}", cpu.level().name(), plan.step());
+            }
         }
     }
 }

@@ -16,9 +16,8 @@
 
 use merge_core::onties::{self, TiesSelection};
 use merge_core::optim::StepPlan;
-use merge_core::parallel::ChunkPasses;
 use merge_core::reduce::TreeSum;
-use merge_core::step::{MergePlan, Norms, Rescale, StateMut, StateRef, TensorStep};
+use merge_core::step::{ChunkPasses, MergePlan, Norms, Rescale, StateMut, StateRef, TensorStep};
 use merge_core::topk::{self, RadixSelect};
 use merge_simd::Cpu;
 use pyo3::exceptions::PyValueError;
