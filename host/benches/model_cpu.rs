@@ -1,7 +1,7 @@
 //! CPU throughput of the model's layers and training step, printed, not
 //! asserted: `cargo bench -p host --bench model_cpu [-- NAME...]` runs the named
 //! benchmarks (all without names): `train_tokens_per_second`, `linear`,
-//! `train_mid`, `linear_threads`. Throughput is also given per CPU second, so a
+//! `attention`, `train_mid`, `linear_threads`. Throughput is also given per CPU second, so a
 //! figure can be judged on a machine shared with other jobs.
 
 use host::model::{layers, simd};
@@ -12,8 +12,13 @@ fn rand_vec(rng: &mut SplitMix64, n: usize, scale: f64) -> Vec<f32> {
 }
 
 fn main() {
-    let benches: [(&str, fn()); 4] =
-        [("train_tokens_per_second", bench_train_tokens_per_second), ("linear", bench_linear), ("train_mid", bench_train_mid), ("linear_threads", bench_linear_threads)];
+    let benches: [(&str, fn()); 5] = [
+        ("train_tokens_per_second", bench_train_tokens_per_second),
+        ("linear", bench_linear),
+        ("attention", bench_attention),
+        ("train_mid", bench_train_mid),
+        ("linear_threads", bench_linear_threads),
+    ];
     // cargo bench passes --bench; anything else is a name to run.
     let names: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     for (name, run) in benches {
@@ -127,6 +132,45 @@ fn bench_linear() {
                 level.name(),
                 flops / (c1 - c0) / 1e9,
                 2.0 * flops / (c2 - c1) / 1e9
+            );
+        }
+    }
+    simd::set_limit(simd::Level::Avx512);
+}
+
+/// One layer's causal attention, forward (keeping the weights) and backward, at
+/// the 110M shape's heads (12 of 64) and two sequence lengths, per vector level.
+/// A query at position `t` sees `t + 1` keys: `hd · T(T+1)/2` multiply-adds for
+/// the scores and as many for the weighted values; the backward has twice that.
+fn bench_attention() {
+    for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+        simd::set_limit(level);
+        for t in [256, 512] {
+            let s = layers::AttnShape { heads: 12, kv_heads: 12, head_dim: 64, pos0: 0, tq: t };
+            let d = s.heads * s.head_dim;
+            let mut rng = SplitMix64::new(1);
+            let (q, k, v, dout) = (rand_vec(&mut rng, t * d, 1.0), rand_vec(&mut rng, t * d, 1.0), rand_vec(&mut rng, t * d, 1.0), rand_vec(&mut rng, t * d, 1.0));
+            let mut out = vec![0f32; t * d];
+            let (mut dq, mut dk, mut dv) = (vec![0f32; t * d], vec![0f32; t * d], vec![0f32; t * d]);
+            let macs = (s.heads * s.head_dim * t * (t + 1)) as f64;
+            let reps = (4e9 / (2.0 * macs)).ceil() as usize;
+            let mut saved = layers::AttnSaved::probs(s);
+            let c0 = cpu_seconds();
+            for _ in 0..reps {
+                layers::attention_forward(&mut out, Some(&mut saved), &q, &k, &v, s);
+            }
+            let c1 = cpu_seconds();
+            for _ in 0..reps {
+                layers::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &saved, &q, &k, &v, s);
+            }
+            let c2 = cpu_seconds();
+            println!(
+                "{:<8} 12 heads x 64, T {t:<4}: forward {:.1} ms ({:.1} GFLOP/s), backward {:.1} ms ({:.1} GFLOP/s) (per CPU second)",
+                level.name(),
+                (c1 - c0) / reps as f64 * 1e3,
+                2.0 * macs * reps as f64 / (c1 - c0) / 1e9,
+                (c2 - c1) / reps as f64 * 1e3,
+                4.0 * macs * reps as f64 / (c2 - c1) / 1e9
             );
         }
     }
