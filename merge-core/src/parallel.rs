@@ -836,7 +836,9 @@ mod tests {
     /// Updates of mostly one magnitude (equal gradients from a zero state) keep
     /// the radix select's candidates many: the threads scan every element in
     /// each key pass and the select breaks the ties by index, with the bits of
-    /// the one-thread step; a few larger gradients give the gathered path too.
+    /// the one-thread step, also when a few larger updates are kept outright.
+    /// (Spread-out updates, which take the gathered path, are in
+    /// `every_thread_count_gives_the_bits_of_step_tensors`.)
     #[test]
     fn onties_over_tied_updates_gives_the_bits_of_step_tensors() {
         for label in ["ties k=1", "ties-global-rescale k=1"] {
@@ -851,6 +853,32 @@ mod tests {
                     parallel_step(&plan, &mut st, &g, 1, threads, threads == 3).unwrap();
                     assert!(st == want, "{label}, spread {spread}, {threads} threads");
                 }
+            }
+        }
+    }
+
+    /// Updates spread over eight octaves leave a few thousand candidates after the
+    /// radix select's first pass: the threads gather them and the remaining
+    /// passes run over that list, with the bits of the one-thread step.
+    #[test]
+    fn onties_over_spread_updates_gathers_candidates_with_the_same_bits() {
+        for label in ["ties k=1", "ties-global-rescale k=1"] {
+            let (_, cfg) = configs().into_iter().find(|(l, _)| l == label).unwrap();
+            let plan = Optimizer::new(cfg).unwrap().plan(3).unwrap();
+            let mut rng = SplitMix64::new(8);
+            let mut start = states(1);
+            for st in &mut start {
+                // `D` follows `m` when `v` is the same everywhere
+                st.m = st.m.iter().map(|_| 1e-3 * libm::exp2f(-4.0 * (rng.uniform_f32(1.0) + 0.5))).collect();
+                st.v = st.v.iter().map(|_| 1e-6).collect();
+            }
+            let g: Vec<Vec<f32>> = TENSORS.iter().map(|&(_, n)| vec![0.0; n]).collect();
+            let mut want = start.clone();
+            sequential_step(&plan, &mut want, &g, 1).unwrap();
+            for threads in [1, 2, 3] {
+                let mut st = start.clone();
+                parallel_step(&plan, &mut st, &g, 1, threads, threads == 2).unwrap();
+                assert!(st == want, "{label}, {threads} threads");
             }
         }
     }
