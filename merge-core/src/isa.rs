@@ -1,5 +1,5 @@
-//! The chunk passes of [`TensorStep`] (those `crate::parallel` runs) compiled again for wider x86-64 vector
-//! instructions, with the same bits.
+//! The chunk passes of [`TensorStep`] that the whole-tensor entries run,
+//! compiled again for wider x86-64 vector instructions, with the same bits.
 //!
 //! A default x86-64 build may only use 128-bit SSE2. The functions here are the
 //! same passes with AVX2 or AVX-512F enabled, so the compiler handles 8 or 16
@@ -13,7 +13,7 @@
 //! They are safe functions, but Rust lets only code compiled with the same
 //! features call them without `unsafe`, and this crate has none: a caller
 //! checks that the CPU has the features and then calls them (`merge-simd` does
-//! that, and implements [`crate::parallel::ChunkPasses`] with them).
+//! that, and implements [`crate::step::ChunkPasses`] with them).
 
 macro_rules! passes_for {
     ($level:ident, $features:literal, $what:literal) => {
