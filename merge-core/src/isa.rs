@@ -1,4 +1,4 @@
-//! The chunk passes of [`TensorStep`] that the whole-tensor entries run,
+//! The chunk passes of [`crate::step::TensorStep`] that the whole-tensor entries run,
 //! compiled again for wider x86-64 vector instructions, with the same bits.
 //!
 //! A default x86-64 build may only use 128-bit SSE2. The functions here are the

@@ -370,7 +370,7 @@ impl StepPlan {
     /// radix select over the kept update for per-tensor OnTIES, and one more norms
     /// pass for the OnDARE rescale. A single job runs in one round.
     ///
-    /// [`crate::parallel::step_tensors`] is the same entry on several threads (with
+    /// `crate::parallel::step_tensors` (feature `std`) is the same entry on several threads (with
     /// 16-bit parameters and packed task vectors); the chunk passes of
     /// [`TensorStep`] serve callers that drive the passes themselves.
     pub fn step_tensors(&self, jobs: &mut [StepJob<'_>]) -> Result<(), Error> {

@@ -4,7 +4,7 @@
 //! elements that threads take in contiguous runs. A chunk's result depends only on
 //! its own elements and the step's plan (masks use global indices, SPEC.md §2),
 //! the chunks' L1 partial sums join in index order into the one fixed tree
-//! ([`TreeSum::append`], SPEC.md §3), and the OnTIES threshold is selected over
+//! ([`crate::reduce::TreeSum::append`], SPEC.md §3), and the OnTIES threshold is selected over
 //! the whole update, so the bits do not depend on the number of threads: they are
 //! those of [`StepPlan::step_tensors`].
 //!
