@@ -207,6 +207,18 @@ fn rope_forward_and_backward_match_cpu() {
     long.forward(&gx, heads).unwrap();
     assert_eq!(read(&ctx, &gx).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), gpu[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     assert!(rope.forward(&up(&ctx, &uniform_vec(&mut rng, (t + 1) * heads * head_dim, 1.0)), heads).is_err(), "more rows than positions");
+
+    // generation: rows at positions 5.. take the tables' rows 5.., as the CPU's
+    // tables built from position 5 give them
+    let (first, rows) = (5, 3);
+    let at = layers::Rope::new(head_dim, 10000.0, host::model::RopeScaling::None, first, rows);
+    let xs = &x[..rows * heads * head_dim];
+    let gx = up(&ctx, xs);
+    long.forward_at(&gx, heads, first).unwrap();
+    let mut fx = xs.to_vec();
+    layers::rope_forward(&mut fx, &at, heads);
+    assert_close("rope forward at position 5", &read(&ctx, &gx), &fx, TOL);
+    assert!(long.forward_at(&up(&ctx, xs), heads, long.positions() - rows + 1).is_err(), "rows past the tables' last position");
 }
 
 fn check_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, seed: u64) {
@@ -246,6 +258,62 @@ fn attention_forward_and_backward_match_cpu() {
     check_attention(&ctx, &attention, AttentionShape { tokens: 13, heads: 4, kv_heads: 2, head_dim: 8 }, 5);
     check_attention(&ctx, &attention, AttentionShape { tokens: 11, heads: 2, kv_heads: 2, head_dim: 16 }, 6);
     check_attention(&ctx, &attention, AttentionShape { tokens: 300, heads: 2, kv_heads: 1, head_dim: 8 }, 7);
+}
+
+/// Generation's attention: `tq` new queries at positions `past..` against a
+/// cache (with spare rows) holding every position's keys and values, against the
+/// CPU attention given the same `pos0`.
+fn check_cached_attention(ctx: &GpuContext, attention: &Attention, s: AttentionShape, past: usize, spare: usize, seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    let (qd, kvd) = (s.tokens * s.heads * s.head_dim, (past + s.tokens) * s.kv_heads * s.head_dim);
+    let (q, k, v) = (uniform_vec(&mut rng, qd, 1.0), uniform_vec(&mut rng, kvd, 1.0), uniform_vec(&mut rng, kvd, 1.0));
+    // spare rows hold garbage that must never be read
+    let with_spare = |x: &[f32]| [x, &vec![f32::NAN; spare * s.kv_heads * s.head_dim]].concat();
+    let what = format!("cached attention {s:?} after {past}");
+    let gpu = deterministic(&what, || {
+        let out = GpuVec::zeros(ctx, "out", qd).unwrap();
+        let lse = GpuVec::zeros(ctx, "lse", s.heads * s.tokens).unwrap();
+        attention.forward_cached(&out, &lse, &up(ctx, &q), &up(ctx, &with_spare(&k)), &up(ctx, &with_spare(&v)), past, s).unwrap();
+        vec![read(ctx, &out)]
+    });
+    let shape = AttnShape { heads: s.heads, kv_heads: s.kv_heads, head_dim: s.head_dim, pos0: past, tq: s.tokens };
+    let mut out = vec![0f32; qd];
+    layers::attention_forward(&mut out, None, &q, &k, &v, shape);
+    assert_close(&what, &gpu[0], &out, TOL);
+}
+
+#[test]
+fn cached_attention_matches_cpu_and_is_the_training_forward_without_a_cache() {
+    let ctx = ctx();
+    let attention = Attention::new(&ctx);
+    // one new token after a prompt, a block of new tokens, and a history longer
+    // than one 256-key block; grouped and plain heads
+    check_cached_attention(&ctx, &attention, AttentionShape { tokens: 1, heads: 4, kv_heads: 2, head_dim: 8 }, 12, 7, 21);
+    check_cached_attention(&ctx, &attention, AttentionShape { tokens: 5, heads: 2, kv_heads: 2, head_dim: 16 }, 6, 0, 22);
+    check_cached_attention(&ctx, &attention, AttentionShape { tokens: 2, heads: 2, kv_heads: 1, head_dim: 8 }, 299, 3, 23);
+
+    // past = 0 with exact sizes is the training forward, bit for bit
+    let s = AttentionShape { tokens: 9, heads: 4, kv_heads: 2, head_dim: 8 };
+    let mut rng = SplitMix64::new(24);
+    let (q, k, v) = (uniform_vec(&mut rng, 9 * 4 * 8, 1.0), uniform_vec(&mut rng, 9 * 2 * 8, 1.0), uniform_vec(&mut rng, 9 * 2 * 8, 1.0));
+    let run = |cached: bool| {
+        let out = GpuVec::zeros(&ctx, "out", q.len()).unwrap();
+        let lse = GpuVec::zeros(&ctx, "lse", 4 * 9).unwrap();
+        let (gq, gk, gv) = (up(&ctx, &q), up(&ctx, &k), up(&ctx, &v));
+        if cached {
+            attention.forward_cached(&out, &lse, &gq, &gk, &gv, 0, s).unwrap();
+        } else {
+            attention.forward(&out, &lse, &gq, &gk, &gv, s).unwrap();
+        }
+        [read(&ctx, &out), read(&ctx, &lse)].concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(run(true), run(false));
+
+    // a cache shorter than the positions it must cover is refused
+    let short = up(&ctx, &k[..8 * 2 * 8]);
+    let (out, lse) = (GpuVec::zeros(&ctx, "out", 4 * 8).unwrap(), GpuVec::zeros(&ctx, "lse", 4).unwrap());
+    let one = AttentionShape { tokens: 1, ..s };
+    assert!(attention.forward_cached(&out, &lse, &up(&ctx, &q[..32]), &short, &short, 8, one).is_err());
 }
 
 #[test]
@@ -374,6 +442,32 @@ fn lm_head_log_softmax_matches_cpu_whatever_the_vocab_chunk() {
             assert_close(&format!("head {what} (chunk {chunk})"), &gpu[i], &cpu[i], TOL);
         }
         assert_eq!(gpu[6], cpu[6], "head argmax hits (chunk {chunk})");
+    }
+}
+
+#[test]
+fn lm_head_logits_row_matches_cpu_whatever_the_vocab_chunk() {
+    let ctx = ctx();
+    let mut rng = SplitMix64::new(11);
+    let (rows, hidden, vocab) = (3, 24, 300);
+    let x = uniform_vec(&mut rng, rows * hidden, 1.0);
+    let w = uniform_vec(&mut rng, vocab * hidden, 1.0);
+    let (gx, gw) = (up(&ctx, &x), up(&ctx, &w));
+    for chunk in [64, 1024] {
+        let head = LmHead::new(&ctx, chunk);
+        // rows 2 and 0 of x into rows 0 and 1 of the output; row 2 keeps its values
+        let out = up(&ctx, &vec![7.0; 3 * vocab]);
+        head.logits_row(&out, 0, &gx, 2, &gw, hidden, vocab).unwrap();
+        head.logits_row(&out, 1, &gx, 0, &gw, hidden, vocab).unwrap();
+        let got = read(&ctx, &out);
+        for (out_row, x_row) in [(0, 2), (1, 0)] {
+            let mut cpu = vec![0f32; vocab];
+            layers::linear_forward(&mut cpu, &x[x_row * hidden..(x_row + 1) * hidden], layers::Weight::Hf(&w), None, hidden, vocab, 1);
+            assert_close(&format!("logits row {x_row} (chunk {chunk})"), &got[out_row * vocab..(out_row + 1) * vocab], &cpu, TOL);
+        }
+        assert!(got[2 * vocab..].iter().all(|&v| v == 7.0), "a row not asked for was written");
+        assert!(head.logits_row(&out, 3, &gx, 0, &gw, hidden, vocab).is_err(), "output row out of range");
+        assert!(head.logits_row(&out, 0, &gx, 3, &gw, hidden, vocab).is_err(), "input row out of range");
     }
 }
 

@@ -1,6 +1,7 @@
-//! Causal grouped-query attention for training, forward and backward
-//! (`attention.wgsl`). The forward saves one log-sum-exp per row instead of the
-//! softmax weights; the backward recomputes them.
+//! Causal grouped-query attention, forward and backward (`attention.wgsl`). The
+//! forward saves one log-sum-exp per row instead of the softmax weights; the
+//! backward recomputes them. [`Attention::forward_cached`] serves generation:
+//! new queries against a key/value cache that also holds earlier positions.
 
 use super::{dispatch, expect_len, groups, kernel, GpuVec};
 use crate::context::{GpuContext, GpuError, WORKGROUP};
@@ -24,7 +25,8 @@ struct AttnParams {
     kv_heads: u32,
     head_dim: u32,
     scale: f32,
-    pad: [u32; 3],
+    past: u32,
+    pad: [u32; 2],
 }
 
 pub struct Attention {
@@ -50,7 +52,8 @@ impl AttentionShape {
             kv_heads: self.kv_heads as u32,
             head_dim: self.head_dim as u32,
             scale: 1.0 / (self.head_dim as f32).sqrt(),
-            pad: [0; 3],
+            past: 0,
+            pad: [0; 2],
         })
     }
 
@@ -81,7 +84,35 @@ impl Attention {
     /// `out[t, h] = Σ_{j ≤ t} softmax_j(q[t,h]·k[j,g] / √d) v[j,g]`; `lse`
     /// (`[heads, tokens]`) keeps each row's log-sum-exp for the backward pass.
     pub fn forward(&self, out: &GpuVec, lse: &GpuVec, q: &GpuVec, k: &GpuVec, v: &GpuVec, s: AttentionShape) -> Result<(), GpuError> {
-        let p = s.check(q, k, v, out, lse)?;
+        s.check(q, k, v, out, lse)?;
+        self.forward_cached(out, lse, q, k, v, 0, s)
+    }
+
+    /// The forward for `s.tokens` queries at positions `past ..`: `k` and `v`
+    /// are a cache of at least `past + s.tokens` rows whose rows `past ..` hold
+    /// these positions' keys and values; query row `t` sees cache rows
+    /// `0 ..= past + t`. Rows beyond are never read, so a cache sized for the
+    /// whole generation serves every step. With `past = 0` and exact sizes this
+    /// is [`Self::forward`], bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached(&self, out: &GpuVec, lse: &GpuVec, q: &GpuVec, k: &GpuVec, v: &GpuVec, past: usize, s: AttentionShape) -> Result<(), GpuError> {
+        let mut p = s.params()?;
+        let (qd, kvd) = (s.tokens * s.heads * s.head_dim, (past + s.tokens) * s.kv_heads * s.head_dim);
+        expect_len("attention queries", q, qd)?;
+        expect_len("attention output", out, qd)?;
+        expect_len("attention log-sum-exp", lse, s.heads * s.tokens)?;
+        for (what, cache) in [("attention key cache", k), ("attention value cache", v)] {
+            if cache.len() < kvd || !cache.len().is_multiple_of(s.kv_heads * s.head_dim) {
+                return Err(GpuError::Invalid(format!(
+                    "`{what}` has {} elements: not rows of {} × {} covering {} positions",
+                    cache.len(),
+                    s.kv_heads,
+                    s.head_dim,
+                    past + s.tokens
+                )));
+            }
+        }
+        p.past = u32::try_from(past).map_err(|_| GpuError::Invalid(format!("attention: {past} cached positions do not fit 32 bits")))?;
         dispatch(&self.ctx, &self.forward, &p, &[(1, q), (2, k), (3, v), (4, out), (5, lse)], (s.tokens * s.heads) as u32)
     }
 

@@ -1,6 +1,9 @@
-// Causal grouped-query attention for training (queries and keys are the same T
-// positions). Query head h reads key/value head g = h / (heads / kv_heads).
-// Layouts: q, out [T, heads, d]; k, v [T, kv_heads, d]; lse [heads, T].
+// Causal grouped-query attention. Query row t sits at position past + t and sees
+// keys 0 ..= past + t: for training past = 0 and queries and keys are the same T
+// positions; for generation k and v are a cache whose first `past` rows hold the
+// earlier positions (only the forward takes past > 0). Query head h reads
+// key/value head g = h / (heads / kv_heads).
+// Layouts: q, out [T, heads, d]; k, v [past + T (or more), kv_heads, d]; lse [heads, T].
 //
 // No [heads, T, T] array exists: the forward keeps each row's log-sum-exp, and
 // the backward recomputes p = exp(s − lse) where it needs it, so memory stays
@@ -23,7 +26,7 @@ struct AttnParams {
     kv_heads: u32,
     head_dim: u32,
     scale: f32,
-    pad0: u32,
+    past: u32,
     pad1: u32,
     pad2: u32,
 }
@@ -64,7 +67,7 @@ fn dout_dot_v(qo: u32, vo: u32) -> f32 {
     return s;
 }
 
-// out[t, h] = Σ_{j ≤ t} softmax_j(q·k_j / √d) v_j; lse[h, t] = log Σ_j exp(q·k_j / √d).
+// out[t, h] = Σ_{j ≤ past + t} softmax_j(q·k_j / √d) v_j; lse[h, t] = log Σ_j exp(q·k_j / √d).
 @compute @workgroup_size(WG)
 fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                      @builtin(local_invocation_index) lid: u32) {
@@ -76,7 +79,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let h = row % P.heads;
     let g = h / (P.heads / P.kv_heads);
     let qo = row * P.head_dim;
-    let visible = t + 1u;
+    let visible = P.past + t + 1u;
     var mx = LOWEST;
     for (var j = lid; j < visible; j = j + WG) {
         mx = max(mx, score(qo, kv_offset(j, g)));

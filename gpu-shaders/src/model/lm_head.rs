@@ -87,17 +87,46 @@ impl LmHead {
     }
 
     /// logits of one chunk into `logits`: `x W[first .. first + cols]ᵀ`.
-    fn chunk_logits(&self, logits: &GpuVec, x: &GpuVec, w: &GpuVec, s: HeadShape, (first, cols): (usize, usize)) -> Result<(), GpuError> {
+    fn chunk_logits(&self, logits: &GpuVec, x: &GpuVec, w: &GpuVec, s: HeadShape, chunk: (usize, usize)) -> Result<(), GpuError> {
+        let (x, out) = (Window::rows(x, 0, s.rows, s.hidden), Window::rows(logits, 0, s.rows, chunk.1));
+        self.chunk_product(out, x, s.rows, w, s.hidden, chunk)
+    }
+
+    /// `out = x W[first .. first + cols]ᵀ` for the `rows` rows of `x`, `out`
+    /// row-major `[rows, cols]`.
+    fn chunk_product(&self, out: Window<'_>, x: Window<'_>, rows: usize, w: &GpuVec, hidden: usize, (first, cols): (usize, usize)) -> Result<(), GpuError> {
         self.linear.matmul(Product {
-            m: s.rows,
+            m: rows,
             n: cols,
-            k: s.hidden,
-            a: Strided { window: Window::rows(x, 0, s.rows, s.hidden), stride_r: s.hidden, stride_s: 1 },
-            b: Strided { window: Window::rows(w, first, cols, s.hidden), stride_r: 1, stride_s: s.hidden },
-            c: Window::rows(logits, 0, s.rows, cols),
+            k: hidden,
+            a: Strided { window: x, stride_r: hidden, stride_s: 1 },
+            b: Strided { window: Window::rows(w, first, cols, hidden), stride_r: 1, stride_s: hidden },
+            c: out,
             bias: None,
             accumulate: false,
         })
+    }
+
+    /// The whole vocabulary's logits of one row, for sampling:
+    /// `out[out_row] = x[x_row] Wᵀ`, with `x [.., hidden]`, `w [vocab, hidden]`
+    /// and `out [.., vocab]` (that row overwritten). Computed chunk by chunk as
+    /// the forward's are, so a vocabulary larger than one binding still works;
+    /// only the one row of `vocab` logits is materialised.
+    pub fn logits_row(&self, out: &GpuVec, out_row: usize, x: &GpuVec, x_row: usize, w: &GpuVec, hidden: usize, vocab: usize) -> Result<(), GpuError> {
+        if hidden == 0 || vocab == 0 {
+            return Err(GpuError::Invalid(format!("LM head: empty shape (hidden {hidden}, vocab {vocab})")));
+        }
+        expect_len("head weight", w, vocab * hidden)?;
+        for (what, v, row, width) in [("head input", x, x_row, hidden), ("logits", out, out_row, vocab)] {
+            if !v.len().is_multiple_of(width) || row >= v.len() / width {
+                return Err(GpuError::Invalid(format!("`{what}` of {} elements has no row {row} of {width}", v.len())));
+            }
+        }
+        for chunk in self.chunks(HeadShape { rows: 1, hidden, vocab }) {
+            let target = Window { vec: out, start: out_row * vocab + chunk.0, len: chunk.1 };
+            self.chunk_product(target, Window::rows(x, x_row, 1, hidden), 1, w, hidden, chunk)?;
+        }
+        Ok(())
     }
 
     fn params(s: HeadShape, (first, cols): (usize, usize)) -> HeadParams {

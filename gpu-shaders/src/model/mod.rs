@@ -95,9 +95,33 @@ impl GpuVec {
         ctx.record(|enc| enc.clear_buffer(&self.buf, 0, None));
     }
 
+    /// Copies all of `src` into elements `at .. at + src.len()` on the device,
+    /// behind the work recorded before (a new position's keys into a cache).
+    pub fn copy_from(&self, ctx: &GpuContext, at: usize, src: &GpuVec) -> Result<(), GpuError> {
+        if at + src.len > self.len {
+            let (to, from) = (&self.label, &src.label);
+            return Err(GpuError::Invalid(format!("copying {} elements of `{from}` to element {at} of `{to}`, which has {}", src.len, self.len)));
+        }
+        if !src.is_empty() {
+            ctx.record(|enc| enc.copy_buffer_to_buffer(&src.buf, 0, &self.buf, 4 * at as u64, 4 * src.len as u64));
+        }
+        Ok(())
+    }
+
     /// Waits for the queued work and reads the array back.
     pub fn read_f32(&self, ctx: &GpuContext) -> Result<Vec<f32>, GpuError> {
-        Ok(bytemuck::pod_collect_to_vec(&ctx.read_bytes(&self.buf, 4 * self.len as u64)?))
+        self.read_f32_prefix(ctx, self.len)
+    }
+
+    /// Waits for the queued work and reads elements `0 .. len` back.
+    pub fn read_f32_prefix(&self, ctx: &GpuContext, len: usize) -> Result<Vec<f32>, GpuError> {
+        if len > self.len {
+            return Err(GpuError::Invalid(format!("reading {len} elements of `{}`, which has {}", self.label, self.len)));
+        }
+        let mut values: Vec<f32> = bytemuck::pod_collect_to_vec(&ctx.read_bytes(&self.buf, 4 * len as u64)?);
+        // the readback rounds an empty read up to one word
+        values.truncate(len);
+        Ok(values)
     }
 }
 

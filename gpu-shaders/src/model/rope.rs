@@ -11,6 +11,8 @@ struct RopeParams {
     heads: u32,
     half: u32,
     sign: f32,
+    first: u32,
+    pad: [u32; 3],
 }
 
 /// The rotation for one table of angles: `cos` and `sin` are `[positions, half]`,
@@ -47,26 +49,32 @@ impl Rope {
 
     /// Rotates every head of `x` (`[rows, heads, 2·half]`, `rows ≤ positions()`) in place.
     pub fn forward(&self, x: &GpuVec, heads: usize) -> Result<(), GpuError> {
-        self.rotate(x, heads, 1.0)
+        self.rotate(x, heads, 0, 1.0)
+    }
+
+    /// [`Self::forward`] for rows at positions `first ..` (generation's new
+    /// tokens after a cached prefix): row `t` takes the tables' row `first + t`.
+    pub fn forward_at(&self, x: &GpuVec, heads: usize, first: usize) -> Result<(), GpuError> {
+        self.rotate(x, heads, first, 1.0)
     }
 
     /// The inverse rotation of a gradient, in place.
     pub fn backward(&self, dx: &GpuVec, heads: usize) -> Result<(), GpuError> {
-        self.rotate(dx, heads, -1.0)
+        self.rotate(dx, heads, 0, -1.0)
     }
 
-    fn rotate(&self, x: &GpuVec, heads: usize, sign: f32) -> Result<(), GpuError> {
+    fn rotate(&self, x: &GpuVec, heads: usize, first: usize, sign: f32) -> Result<(), GpuError> {
         let width = heads * 2 * self.half;
-        if width == 0 || !x.len().is_multiple_of(width) || x.len() / width > self.positions() {
+        if width == 0 || !x.len().is_multiple_of(width) || first + x.len() / width > self.positions() {
             return Err(GpuError::Invalid(format!(
-                "rope input of {} elements is not rows of {heads} heads × {} for up to {} positions",
+                "rope input of {} elements is not rows of {heads} heads × {} for positions {first}.. up to {}",
                 x.len(),
                 2 * self.half,
                 self.positions()
             )));
         }
         let rows = x.len() / width;
-        let p = RopeParams { rows: rows as u32, heads: heads as u32, half: self.half as u32, sign };
+        let p = RopeParams { rows: rows as u32, heads: heads as u32, half: self.half as u32, sign, first: first as u32, pad: [0; 3] };
         dispatch(&self.ctx, &self.kernel, &p, &[(1, &self.cos), (2, &self.sin), (3, x)], groups(x.len() / 2))
     }
 }

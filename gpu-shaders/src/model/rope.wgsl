@@ -12,6 +12,11 @@ struct RopeParams {
     half: u32,
     // +1 forward, −1 backward
     sign: f32,
+    // the position of row 0 (generation after a cached prefix; 0 in training)
+    first: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: RopeParams;
@@ -28,7 +33,7 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let j = i % P.half;
     let head = i / P.half; // t · heads + h
-    let t = head / P.heads;
+    let t = P.first + head / P.heads;
     let c = COS[t * P.half + j];
     let s = P.sign * SIN[t * P.half + j];
     let at = head * 2u * P.half + j;
