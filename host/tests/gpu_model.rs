@@ -7,7 +7,7 @@
 //! Runs on lavapipe in CI: no adapter is a failure, never a skip.
 
 use gpu_shaders::{GpuContext, GpuOptions};
-use host::model::{Family, GpuLlama, HeadStats, LlamaConfig, LlamaModel, Sequence, SplitMix64};
+use host::model::{Family, GenerateOptions, GpuLlama, HeadStats, LlamaConfig, LlamaModel, Sampling, Sequence, SplitMix64};
 use host::params::ParamSet;
 
 /// Relative L2 error (`‖gpu − cpu‖ / ‖cpu‖`) allowed per gradient tensor.
@@ -177,4 +177,61 @@ fn gpu_model_refuses_what_the_cpu_model_refuses() {
     assert!(gpu.backward(&fwd, &[1.0]).is_err(), "one coefficient for three sequences");
     let other = LlamaModel::init(tiny(Family::Llama, true, false, 2, 2), 5).unwrap();
     assert!(gpu.upload(&other.params).is_err(), "tied weights into an untied model");
+}
+
+/// Generation on the device against the CPU model's: the same tokens for greedy
+/// and for seeded sampling, the same stops (a stop token, the token budget, the
+/// context's end), and identical tokens run to run.
+fn generation_case(ctx: &GpuContext, mut cfg: LlamaConfig, prompts: &[Vec<u32>], what: &str) {
+    // a short context, so that the longer prompts run into its end
+    cfg.max_position_embeddings = 12;
+    let init = LlamaModel::init(cfg.clone(), 3).unwrap();
+    let model = LlamaModel::from_params(cfg, perturbed(&init.params)).unwrap();
+    let gpu = GpuLlama::new(ctx, &model).unwrap();
+    let greedy = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_token: None, seed: 5 };
+    let sampled = GenerateOptions { sampling: Sampling::Temperature { temperature: 1.3, top_k: 6 }, max_new_tokens: 8, ..greedy };
+    for (how, opts) in [("greedy", greedy), ("sampled", sampled)] {
+        let cpu = model.generate_batch(prompts, &opts).unwrap();
+        let on_gpu = gpu.generate_batch(prompts, &opts).unwrap();
+        assert_eq!(on_gpu, cpu, "{what}, {how}: GPU and CPU tokens differ");
+        assert_eq!(gpu.generate_batch(prompts, &opts).unwrap(), on_gpu, "{what}, {how}: two GPU runs differ");
+        // the context's end stops a long prompt early, the budget the others
+        for (p, out) in prompts.iter().zip(&on_gpu) {
+            assert_eq!(out.len(), opts.max_new_tokens.min(12 - p.len()), "{what}, {how}: prompt {p:?} gave {out:?}");
+        }
+        // stopping on each prompt's own second token: it ends after one token
+        // (unless the first was the same token), where the CPU model ends
+        let stop = GenerateOptions { stop_token: Some(cpu[0][1]), ..opts };
+        let stopped = gpu.generate_batch(prompts, &stop).unwrap();
+        assert_eq!(stopped, model.generate_batch(prompts, &stop).unwrap(), "{what}, {how}: with a stop token");
+        assert!(stopped[0].len() < cpu[0].len(), "{what}, {how}: the stop token did not stop prompt 0");
+    }
+    let none = GenerateOptions { max_new_tokens: 0, ..greedy };
+    assert!(gpu.generate_batch(prompts, &none).unwrap().iter().all(Vec::is_empty));
+}
+
+#[test]
+fn gpu_generation_gives_the_cpu_models_tokens() {
+    let ctx = ctx();
+    let prompts = vec![vec![1, 5, 2], vec![7], vec![3, 3, 1, 0, 4, 9, 9, 2, 6], vec![10, 0, 2, 2, 8, 1, 6, 4, 3, 7, 5, 9]];
+    generation_case(&ctx, tiny(Family::Llama, false, false, 4, 2), &prompts, "llama untied gqa");
+    generation_case(&ctx, tiny(Family::Qwen2, true, false, 2, 1), &prompts, "qwen2 tied qkv bias");
+    // more prompts than one generation group: per-prompt seeds continue across groups
+    let many: Vec<Vec<u32>> = (0..70u32).map(|i| vec![i % 11, (i * 7 + 3) % 11]).collect();
+    generation_case(&ctx, tiny(Family::Llama, true, true, 4, 1), &many, "llama attention_bias, 70 prompts");
+}
+
+#[test]
+fn gpu_generation_refuses_what_the_cpu_model_refuses() {
+    let ctx = ctx();
+    let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
+    let gpu = GpuLlama::new(&ctx, &model).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 3, sampling: Sampling::Temperature { temperature: 0.0, top_k: 0 }, stop_token: None, seed: 1 };
+    let err = |r: Result<Vec<Vec<u32>>, String>| r.err().expect("refused");
+    let cpu = |p: &[Vec<u32>], o| err(model.generate_batch(p, o).map_err(|e| e.to_string()));
+    let dev = |p: &[Vec<u32>], o| err(gpu.generate_batch(p, o).map_err(|e| e.to_string()));
+    assert_eq!(dev(&[vec![1]], &opts), cpu(&[vec![1]], &opts), "temperature 0");
+    let greedy = GenerateOptions { sampling: Sampling::Greedy, ..opts };
+    assert_eq!(dev(&[vec![1, 11]], &greedy), cpu(&[vec![1, 11]], &greedy), "a token outside the vocabulary");
+    assert_eq!(dev(&[vec![]], &greedy), cpu(&[vec![]], &greedy), "an empty prompt");
 }

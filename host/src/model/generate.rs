@@ -3,8 +3,9 @@
 
 use super::error::ModelError;
 use super::layers::{self, Rope};
+use super::config::LlamaConfig;
 use super::llama::{LlamaModel, Pass, SplitMix64};
-use super::sequence::Sequence;
+use super::sequence::{Sequence, check_sequences};
 use super::threads::par_map;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,44 +75,92 @@ impl LlamaModel {
     /// its own generator seeded from `(opts.seed, i)`, so results do not depend on
     /// thread count or scheduling.
     pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, ModelError> {
-        if let Sampling::Temperature { temperature, .. } = opts.sampling
-            && !(temperature.is_finite() && temperature > 0.0)
-        {
-            return Err(ModelError::BadArgument {
-                argument: "temperature",
-                reason: format!("{temperature} is not a positive finite number"),
-            });
-        }
-        let seqs: Vec<Sequence> = prompts
-            .iter()
-            .map(|p| Sequence {
-                tokens: p.clone(),
-                mask: vec![false; p.len()],
-            })
-            .collect();
-        self.check_sequences(&seqs)?;
+        check_generation(&self.config, prompts, opts)?;
         let pass = self.pass(prompts.len(), 0);
         Ok(par_map(self.threads, prompts.len(), |i| self.generate_one(&pass, &prompts[i], opts, i as u64)))
     }
 
     fn generate_one(&self, pass: &Pass, prompt: &[u32], opts: &GenerateOptions, index: u64) -> Vec<u32> {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut rng = SplitMix64::new(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let mut completion = Completion::new(opts, index, prompt.len(), self.config.max_position_embeddings);
         let mut cache = self.new_cache();
-        let mut out = Vec::new();
-        let mut nf = self.infer(pass, &mut cache, prompt);
         let mut logits = vec![0f32; vocab];
-        while out.len() < opts.max_new_tokens && cache.len < self.config.max_position_embeddings {
-            let last = &nf[nf.len() - c..];
-            layers::linear_forward(&mut logits, last, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
-            let tok = sample(&logits, opts.sampling, &mut rng);
-            if Some(tok) == opts.stop_token {
-                break;
+        let mut feed = prompt.to_vec();
+        while !completion.done {
+            let nf = self.infer(pass, &mut cache, &feed);
+            layers::linear_forward(&mut logits, &nf[nf.len() - c..], self.weight(pass, self.idx.head), None, c, vocab, pass.par);
+            match completion.next(&logits, cache.len) {
+                Some(tok) => feed = vec![tok],
+                None => break,
             }
-            out.push(tok);
-            nf = self.infer(pass, &mut cache, &[tok]);
         }
-        out
+        completion.out
+    }
+}
+
+/// What every backend checks before generating: a sampling temperature that
+/// is a positive finite number, and prompts the model accepts.
+pub(crate) fn check_generation(config: &LlamaConfig, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<(), ModelError> {
+    if let Sampling::Temperature { temperature, .. } = opts.sampling
+        && !(temperature.is_finite() && temperature > 0.0)
+    {
+        return Err(ModelError::BadArgument {
+            argument: "temperature",
+            reason: format!("{temperature} is not a positive finite number"),
+        });
+    }
+    let seqs: Vec<Sequence> = prompts
+        .iter()
+        .map(|p| Sequence {
+            tokens: p.clone(),
+            mask: vec![false; p.len()],
+        })
+        .collect();
+    check_sequences(config, &seqs)
+}
+
+/// One prompt's generation as a sequence of decisions, shared by the CPU and
+/// GPU models so that both stop, sample and seed identically: after each
+/// forward, [`Completion::next`] takes the last position's logits and says
+/// which token to feed next, if any.
+pub(crate) struct Completion {
+    rng: SplitMix64,
+    sampling: Sampling,
+    stop_token: Option<u32>,
+    max_new_tokens: usize,
+    max_positions: usize,
+    pub(crate) out: Vec<u32>,
+    /// Nothing more to sample (also true from the start when the budget is
+    /// zero or the prompt fills the context).
+    pub(crate) done: bool,
+}
+
+impl Completion {
+    /// Prompt `index` of a batch samples with its own generator, seeded from
+    /// `(opts.seed, index)`.
+    pub(crate) fn new(opts: &GenerateOptions, index: u64, prompt_len: usize, max_positions: usize) -> Completion {
+        Completion {
+            rng: SplitMix64::new(opts.seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03)),
+            sampling: opts.sampling,
+            stop_token: opts.stop_token,
+            max_new_tokens: opts.max_new_tokens,
+            max_positions,
+            out: Vec::new(),
+            done: opts.max_new_tokens == 0 || prompt_len >= max_positions,
+        }
+    }
+
+    /// Chooses the token after the `cached` positions whose last logits these
+    /// are; returns it when it must be fed back (another token will follow).
+    pub(crate) fn next(&mut self, logits: &[f32], cached: usize) -> Option<u32> {
+        let tok = sample(logits, self.sampling, &mut self.rng);
+        if Some(tok) == self.stop_token {
+            self.done = true;
+            return None;
+        }
+        self.out.push(tok);
+        self.done = self.out.len() >= self.max_new_tokens || cached + 1 >= self.max_positions;
+        (!self.done).then_some(tok)
     }
 }
 

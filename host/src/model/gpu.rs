@@ -32,6 +32,7 @@ use gpu_shaders::{GpuContext, GpuError};
 use super::config::LlamaConfig;
 use super::layers;
 use super::error::ModelError;
+use super::generate::{check_generation, Completion, GenerateOptions};
 use super::llama::{CrossEntropy, HeadStats, Index, LlamaModel};
 use super::sequence::{Sequence, check_sequences};
 use crate::params::{ParamSet, Tensor};
@@ -94,6 +95,26 @@ pub struct GpuLlama {
     /// tokens; rebuilt, twice as long, when a longer one comes.
     rope: Mutex<Option<Arc<Rope>>>,
 }
+
+/// One layer's rotated keys and values of a generation's positions
+/// `0..capacity` on the device, `[capacity, kv_heads, head_dim]` each.
+struct GpuKvLayer {
+    k: GpuVec,
+    v: GpuVec,
+}
+
+struct GpuKvCache {
+    /// Positions filled so far.
+    len: usize,
+    capacity: usize,
+    layers: Vec<GpuKvLayer>,
+}
+
+/// Device memory the key/value caches of one group of prompts may take: the
+/// prompts generate together, a group at a time.
+const GENERATION_CACHE_BYTES: u64 = 256 << 20;
+/// At most this many prompts generate together (one logits row each comes back per step).
+const MAX_GENERATION_GROUP: usize = 64;
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
 struct LayerTape {
@@ -291,8 +312,10 @@ impl GpuLlama {
 
     // ------------------------------------------------------------ one block
 
-    /// One decoder block on the `t` rows of `x_in` (positions `0..t`).
-    fn block_forward(&self, l: usize, x_in: GpuVec, rope: &Rope) -> Result<(LayerTape, GpuVec), GpuError> {
+    /// One decoder block on the `t` rows of `x_in`: positions `0..t` in
+    /// training; with a `cache` holding `past` earlier positions, positions
+    /// `past..past + t`, whose keys and values it appends to the cache.
+    fn block_forward(&self, l: usize, x_in: GpuVec, rope: &Rope, cache: Option<(&GpuKvLayer, usize)>) -> Result<(LayerTape, GpuVec), GpuError> {
         let cfg = &self.config;
         let li = &self.idx.layers[l];
         let k = &self.kernels;
@@ -312,11 +335,19 @@ impl GpuLlama {
         k.linear.forward(&q, &n1, w(li.q), bias(li.qb), shape(c, qd))?;
         k.linear.forward(&kk, &n1, w(li.k), bias(li.kb), shape(c, kvd))?;
         k.linear.forward(&v, &n1, w(li.v), bias(li.vb), shape(c, kvd))?;
-        rope.forward(&q, cfg.num_attention_heads)?;
-        rope.forward(&kk, cfg.num_key_value_heads)?;
+        let past = cache.map_or(0, |(_, past)| past);
+        rope.forward_at(&q, cfg.num_attention_heads, past)?;
+        rope.forward_at(&kk, cfg.num_key_value_heads, past)?;
         let attn = self.zeros("attention output", t * qd)?;
         let attn_lse = self.zeros("attention log-sum-exp", cfg.num_attention_heads * t)?;
-        k.attention.forward(&attn, &attn_lse, &q, &kk, &v, self.attention_shape(t))?;
+        match cache {
+            None => k.attention.forward(&attn, &attn_lse, &q, &kk, &v, self.attention_shape(t))?,
+            Some((layer, past)) => {
+                layer.k.copy_from(&self.ctx, past * kvd, &kk)?;
+                layer.v.copy_from(&self.ctx, past * kvd, &v)?;
+                k.attention.forward_cached(&attn, &attn_lse, &q, &layer.k, &layer.v, past, self.attention_shape(t))?;
+            }
+        }
         let x_mid = self.zeros("x_mid", t * c)?;
         k.linear.forward(&x_mid, &attn, w(li.o), bias(li.ob), shape(qd, c))?;
         k.elementwise.add_assign(&x_mid, &x_in)?;
@@ -398,7 +429,7 @@ impl GpuLlama {
         k.embedding.forward(&x, &tokens, &self.weights[self.idx.embed], c)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let (tape, x_out) = self.block_forward(l, x, &rope)?;
+            let (tape, x_out) = self.block_forward(l, x, &rope, None)?;
             layers.push(tape);
             x = x_out;
         }
@@ -440,6 +471,104 @@ impl GpuLlama {
             dx = self.block_backward(l, &tape.layers[l], &tape.rope, dx)?;
         }
         k.embedding.backward(&self.grads[self.idx.embed], &dx, &tape.tokens, c)
+    }
+
+    // ------------------------------------------------------------ generation
+
+    /// Runs `tokens` through the model after the `cache.len` cached positions,
+    /// appending their keys and values; returns the final norm of every row.
+    fn infer(&self, cache: &mut GpuKvCache, tokens: &[u32], rope: &Rope) -> Result<GpuVec, GpuError> {
+        let cfg = &self.config;
+        let k = &self.kernels;
+        let (c, t) = (cfg.hidden_size, tokens.len());
+        let ids = GpuVec::from_u32(&self.ctx, "tokens", tokens)?;
+        let mut x = self.zeros("embeddings", t * c)?;
+        k.embedding.forward(&x, &ids, &self.weights[self.idx.embed], c)?;
+        for (l, layer) in cache.layers.iter().enumerate() {
+            x = self.block_forward(l, x, rope, Some((layer, cache.len)))?.1;
+        }
+        cache.len += t;
+        let nf = self.zeros("final norm", t * c)?;
+        let rstdf = self.zeros("final rstd", t)?;
+        k.norm.forward(&nf, &rstdf, &x, &self.weights[self.idx.norm], cfg.rms_norm_eps)?;
+        Ok(nf)
+    }
+
+    /// [`LlamaModel::generate_batch`] on the device, with the same tokens up to
+    /// rounding: the same checks, stopping rule, sampler and per-prompt seeds
+    /// ([`Completion`]), each prompt with its own key/value cache on the
+    /// device. Prompts advance together a token at a time; per step the
+    /// next-token logits of the prompts still going (a row of `vocab` each)
+    /// come back for the host's sampler, and only the chosen token ids go up. Greedy
+    /// decoding agrees with the CPU model unless two logits are within the
+    /// kernels' rounding of each other.
+    pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, GpuModelError> {
+        check_generation(&self.config, prompts, opts)?;
+        let mut outs = Vec::with_capacity(prompts.len());
+        let per_prompt = self.cache_bytes(prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_new_tokens);
+        let group = (GENERATION_CACHE_BYTES / per_prompt.max(1)).clamp(1, MAX_GENERATION_GROUP as u64) as usize;
+        for (g, chunk) in prompts.chunks(group).enumerate() {
+            outs.extend(self.generate_group(chunk, opts, g * group)?);
+        }
+        Ok(outs)
+    }
+
+    /// Device bytes of one prompt's key/value cache for `positions` positions.
+    fn cache_bytes(&self, positions: usize) -> u64 {
+        let cfg = &self.config;
+        let positions = positions.min(cfg.max_position_embeddings);
+        (2 * cfg.num_hidden_layers * positions * cfg.kv_dim() * 4) as u64
+    }
+
+    /// Generates for `prompts`, the batch's prompts `first..`.
+    fn generate_group(&self, prompts: &[Vec<u32>], opts: &GenerateOptions, first: usize) -> Result<Vec<Vec<u32>>, GpuError> {
+        let cfg = &self.config;
+        let (c, vocab, max_pos) = (cfg.hidden_size, cfg.vocab_size, cfg.max_position_embeddings);
+        let mut states = Vec::with_capacity(prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            let completion = Completion::new(opts, (first + i) as u64, prompt.len(), max_pos);
+            let capacity = (prompt.len() + opts.max_new_tokens).min(max_pos);
+            let cache = if completion.done { None } else { Some(self.new_cache(capacity)?) };
+            states.push((completion, cache, prompt.clone()));
+        }
+        let longest = states.iter().filter_map(|(_, cache, _)| cache.as_ref().map(|c| c.capacity)).max().unwrap_or(0);
+        if longest == 0 {
+            return Ok(states.into_iter().map(|(completion, ..)| completion.out).collect());
+        }
+        let rope = self.rope(longest)?;
+        let logits = self.zeros("next-token logits", prompts.len() * vocab)?;
+        let head = &self.weights[self.idx.head];
+        loop {
+            let mut live = Vec::new();
+            for (i, (completion, cache, feed)) in states.iter_mut().enumerate() {
+                if let (false, Some(cache)) = (completion.done, cache.as_mut()) {
+                    let nf = self.infer(cache, feed, &rope)?;
+                    // the prompts still going take the first rows, so only those come back
+                    self.kernels.head.logits_row(&logits, live.len(), &nf, feed.len() - 1, head, c, vocab)?;
+                    live.push(i);
+                }
+            }
+            if live.is_empty() {
+                break;
+            }
+            let rows = logits.read_f32_prefix(&self.ctx, live.len() * vocab)?;
+            for (row, i) in live.into_iter().enumerate() {
+                let (completion, cache, feed) = &mut states[i];
+                let cached = cache.as_ref().map_or(0, |c| c.len);
+                if let Some(tok) = completion.next(&rows[row * vocab..(row + 1) * vocab], cached) {
+                    *feed = vec![tok];
+                }
+            }
+        }
+        Ok(states.into_iter().map(|(completion, ..)| completion.out).collect())
+    }
+
+    fn new_cache(&self, capacity: usize) -> Result<GpuKvCache, GpuError> {
+        let kvd = self.config.kv_dim();
+        let layers = (0..self.config.num_hidden_layers)
+            .map(|_| Ok(GpuKvLayer { k: self.zeros("key cache", capacity * kvd)?, v: self.zeros("value cache", capacity * kvd)? }))
+            .collect::<Result<_, GpuError>>()?;
+        Ok(GpuKvCache { len: 0, capacity, layers })
     }
 
     // ------------------------------------------------------------ batch API
