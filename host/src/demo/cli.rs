@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::pipeline::{default_out_dir, run, DemoConfig, RunOptions};
-use crate::train::Result;
+use crate::cli::args::BackendChoice;
+use crate::train::optim::open_device;
+use crate::train::{Result, TrainError};
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -27,6 +29,9 @@ pub struct DemoArgs {
     /// No progress bars or stage messages (the table is still printed).
     #[arg(long)]
     pub no_progress: bool,
+    /// Where the models train, generate and are scored: cpu (the README's table, the same bits on every machine), gpu (a wgpu adapter, software ones included; results agree with the CPU's to rounding), or auto (a hardware GPU if one works, else the CPU).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendChoice,
 }
 
 /// Runs the demo, prints the table, and names the output directory last.
@@ -39,9 +44,14 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         cfg.threads = t.max(1);
     }
     let out_dir = args.out.clone().unwrap_or_else(|| default_out_dir(&cfg));
-    let report = run(&cfg, &RunOptions { out_dir: out_dir.clone(), progress: !args.no_progress })?;
+    let gpu = open_device(&args.backend.request(), "the demo runs on the CPU").map_err(|e| TrainError::msg(format!("--backend: {e}")))?;
+    let device = gpu.as_ref().map(|g| gpu_shaders::context::describe(g.adapter_info()));
+    let report = run(&cfg, &RunOptions { out_dir: out_dir.clone(), progress: !args.no_progress, gpu })?;
     println!("{}", report.table());
-    println!("total time {:.1} s ({} preset, {} threads)", report.total_seconds, cfg.preset, cfg.threads);
+    match device {
+        None => println!("total time {:.1} s ({} preset, {} threads)", report.total_seconds, cfg.preset, cfg.threads),
+        Some(d) => println!("total time {:.1} s ({} preset, on {d})", report.total_seconds, cfg.preset),
+    }
     println!(
         "outputs: {} (results.txt, results.csv, results.json, reward_vs_capability_tax.svg, margin_vs_perplexity_tax.svg, logs/)",
         out_dir.display()

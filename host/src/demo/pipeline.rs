@@ -11,7 +11,7 @@ use super::plot::{Plot, Series};
 use super::report::{FailedRun, Kind, Report, Row};
 use crate::data::builtin::{Builtin, BuiltinConfig, END, PreferencePair, Problem};
 use crate::model::config::LlamaConfig;
-use crate::model::{GenerateOptions, LlamaModel, Sampling, Sequence};
+use crate::model::{CrossEntropy, GenerateOptions, GpuLlama, LlamaModel, Sampling, Sequence};
 use crate::loss::{DpoLoss, LossKind};
 use crate::params::{ParamSet, Tensor};
 use crate::tokenizer::ByteTokenizer;
@@ -21,6 +21,7 @@ use crate::train::optim::Optimizer;
 use crate::train::objectives::{DpoObjective, LmObjective, PairSeqs};
 use crate::train::run::{LoopSpec, Objective, Start, train};
 use crate::train::{Result, TrainError};
+use gpu_shaders::GpuContext;
 
 const TOK: ByteTokenizer = ByteTokenizer;
 
@@ -249,8 +250,8 @@ fn flat(pairs: impl Iterator<Item = PairSeqs>) -> Vec<Sequence> {
     pairs.flat_map(|p| [p.chosen, p.rejected]).collect()
 }
 
-fn with_reference(model: &LlamaModel, seqs: Vec<PairSeqs>) -> Result<Vec<RefPair>> {
-    let lp = model.sequence_logps(&flat(seqs.iter().cloned())).map_err(model_err)?;
+fn with_reference(model: &Scorer, seqs: Vec<PairSeqs>) -> Result<Vec<RefPair>> {
+    let lp = model.sequence_logps(&flat(seqs.iter().cloned()))?;
     Ok(seqs.into_iter().enumerate().map(|(i, seqs)| RefPair { seqs, ref_chosen: lp[2 * i], ref_rejected: lp[2 * i + 1] }).collect())
 }
 
@@ -280,9 +281,39 @@ fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
     b
 }
 
-fn measure(model: &LlamaModel, sets: &EvalSets, beta: f64, seed: u64, label: &str, show: bool) -> Result<Measured> {
+/// The model [`measure`] scores: a CPU model, or the demo's one GPU model
+/// holding the weights to measure.
+enum Scorer<'a> {
+    Cpu(LlamaModel),
+    Gpu(&'a GpuLlama),
+}
+
+impl Scorer<'_> {
+    fn sequence_logps(&self, seqs: &[Sequence]) -> Result<Vec<f32>> {
+        match self {
+            Scorer::Cpu(m) => m.sequence_logps(seqs).map_err(model_err),
+            Scorer::Gpu(g) => g.sequence_logps(seqs).map_err(TrainError::gpu("evaluation")),
+        }
+    }
+
+    fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>> {
+        match self {
+            Scorer::Cpu(m) => m.generate_batch(prompts, opts).map_err(model_err),
+            Scorer::Gpu(g) => g.generate_batch(prompts, opts).map_err(TrainError::gpu("generation")),
+        }
+    }
+
+    fn cross_entropy(&self, seqs: &[Sequence]) -> Result<CrossEntropy> {
+        match self {
+            Scorer::Cpu(m) => m.cross_entropy(seqs).map_err(model_err),
+            Scorer::Gpu(g) => g.cross_entropy(seqs).map_err(TrainError::gpu("evaluation")),
+        }
+    }
+}
+
+fn measure(model: &Scorer, sets: &EvalSets, beta: f64, seed: u64, label: &str, show: bool) -> Result<Measured> {
     let b = bar(4, &format!("eval {label}"), show);
-    let lp = model.sequence_logps(&flat(sets.pairs.iter().map(|p| p.seqs.clone()))).map_err(model_err)?;
+    let lp = model.sequence_logps(&flat(sets.pairs.iter().map(|p| p.seqs.clone())))?;
     let (mut correct, mut margin) = (0usize, 0.0);
     for (i, p) in sets.pairs.iter().enumerate() {
         let rc = beta * (lp[2 * i] as f64 - p.ref_chosen as f64);
@@ -295,16 +326,16 @@ fn measure(model: &LlamaModel, sets: &EvalSets, beta: f64, seed: u64, label: &st
 
     let greedy = GenerateOptions { max_new_tokens: 12, sampling: Sampling::Greedy, stop_token: Some(END as u32), seed };
     let prompts: Vec<Vec<u32>> = sets.problems.iter().map(|(_, t)| t.clone()).collect();
-    let outs = model.generate_batch(&prompts, &greedy).map_err(model_err)?;
+    let outs = model.generate_batch(&prompts, &greedy)?;
     let right = sets.problems.iter().zip(&outs).filter(|((p, _), o)| judge::is_correct(p, &decode(o))).count();
     b.inc(1);
 
     let sampled = GenerateOptions { sampling: Sampling::Temperature { temperature: 1.0, top_k: 0 }, ..greedy };
-    let outs = model.generate_batch(&sets.judge_prompts, &sampled).map_err(model_err)?;
+    let outs = model.generate_batch(&sets.judge_prompts, &sampled)?;
     let judged: f64 = outs.iter().map(|o| judge::judge(&decode(o))).sum();
     b.inc(1);
 
-    let ce = model.cross_entropy(&sets.text).map_err(model_err)?;
+    let ce = model.cross_entropy(&sets.text)?;
     b.finish_and_clear();
     Ok(Measured {
         pref_accuracy: correct as f64 / npairs,
@@ -336,12 +367,18 @@ fn row(name: String, kind: Kind, optimizer: &str, m: &Measured, train_seconds: f
 pub struct RunOptions {
     pub out_dir: PathBuf,
     pub progress: bool,
+    /// Where the models train, generate and are scored: `None` for the CPU
+    /// (the README's table, the same bits on every machine), else this GPU,
+    /// whose model kernels agree with the CPU's to rounding only.
+    pub gpu: Option<GpuContext>,
 }
 
 struct Ctx<'a> {
     cfg: &'a DemoConfig,
     model_cfg: LlamaConfig,
     opts: &'a RunOptions,
+    /// On a GPU, the one device model every evaluation uploads its weights into.
+    scorer: Option<GpuLlama>,
 }
 
 impl Ctx<'_> {
@@ -351,8 +388,41 @@ impl Ctx<'_> {
         }
     }
 
+    /// The CPU model at `params`, with the demo's threads.
+    fn model(&self, params: &ParamSet) -> Result<LlamaModel> {
+        model_at(&self.model_cfg, params, self.cfg.threads)
+    }
+
+    /// The model that measures `params`: on the CPU, or the GPU's scorer holding them.
+    fn scorer(&self, params: &ParamSet) -> Result<Scorer<'_>> {
+        match &self.scorer {
+            None => Ok(Scorer::Cpu(self.model(params)?)),
+            Some(gpu) => {
+                gpu.upload(params).map_err(TrainError::gpu("uploading the weights to measure"))?;
+                Ok(Scorer::Gpu(gpu))
+            }
+        }
+    }
+
+    fn measure(&self, params: &ParamSet, sets: &EvalSets, label: &str) -> Result<Measured> {
+        measure(&self.scorer(params)?, sets, self.cfg.beta, self.cfg.seed ^ 0xE7A1, label, self.opts.progress)
+    }
+
+    /// A language-model objective on the run's device.
+    fn lm_objective(&self, params: &ParamSet, seqs: Vec<Sequence>) -> Result<LmObjective> {
+        let obj = LmObjective::new(self.model(params)?, seqs, Vec::new())?;
+        match &self.opts.gpu {
+            None => Ok(obj),
+            Some(ctx) => obj.on_gpu(ctx, 0),
+        }
+    }
+
     fn run_phase(&self, name: &str, objective: &mut dyn Objective, oc: OptimConfig, init: ParamSet, task: Option<(&ParamSet, &ParamSet)>, phase: &Phase) -> Result<ParamSet> {
-        let mut opt = Optimizer::new(oc, init, task)?;
+        // on a GPU the optimizer steps the model's own weights in place
+        let mut opt = match objective.gpu_model() {
+            Some(model) => Optimizer::sharing(oc, init, task, model, 0)?,
+            None => Optimizer::new(oc, init, task)?,
+        };
         let spec = LoopSpec {
             steps: phase.steps,
             batch_size: phase.batch_size,
@@ -406,58 +476,66 @@ fn algorithm(name: &str) -> Result<Algorithm> {
 pub fn run(cfg: &DemoConfig, opts: &RunOptions) -> Result<Report> {
     let t_all = Instant::now();
     std::fs::create_dir_all(opts.out_dir.join("logs")).map_err(|e| TrainError::io("creating", &opts.out_dir, e))?;
-    let ctx = Ctx { cfg, model_cfg: cfg.model_config(), opts };
+    let model_cfg = cfg.model_config();
+    let base0 = LlamaModel::init(model_cfg.clone(), cfg.seed).map_err(model_err)?;
+    let scorer = match &opts.gpu {
+        None => None,
+        Some(gpu) => Some(GpuLlama::new(gpu, &base0).map_err(TrainError::gpu("the evaluation model"))?),
+    };
+    let device = opts.gpu.as_ref().map_or_else(|| "cpu".to_string(), |g| gpu_shaders::context::describe(g.adapter_info()));
+    let ctx = Ctx { cfg, model_cfg, opts, scorer };
     let data = Builtin::new(
         BuiltinConfig { digits: cfg.digits, chosen_answer_error: cfg.chosen_answer_error, ..BuiltinConfig::default() },
         cfg.seed,
     )
     .map_err(TrainError::msg)?;
 
-    let threads = cfg.threads;
-    let base0 = LlamaModel::init(ctx.model_cfg.clone(), cfg.seed).map_err(model_err)?;
-    ctx.say(&format!(
-        "demo ({}): {} parameters, {} threads, merge-core optimizer on the CPU",
-        cfg.preset,
-        base0.params.numel(),
-        threads
-    ));
+    let where_ = match &opts.gpu {
+        None => format!("{} threads, merge-core optimizer on the CPU", cfg.threads),
+        Some(_) => format!("model and optimizer on {device}"),
+    };
+    ctx.say(&format!("demo ({}): {} parameters, {where_}", cfg.preset, base0.params.numel()));
 
     ctx.say("[1/4] pretraining the base model on addition facts and toy sentences");
     let t = Instant::now();
     let pretrain_seqs = data.pretrain_text(cfg.pretrain_lines).iter().map(|l| Sequence::full(with_start(l))).collect();
-    let mut lm = LmObjective::new(model_at(&ctx.model_cfg, &base0.params, threads)?, pretrain_seqs, Vec::new())?;
+    let mut lm = ctx.lm_objective(&base0.params, pretrain_seqs)?;
     let base = ctx.run_phase("pretrain", &mut lm, cfg.optim(Algorithm::Adamw, &cfg.pretrain, 1.0, 0.0), base0.params, None, &cfg.pretrain)?;
+    drop(lm);
     let pretrain_s = t.elapsed().as_secs_f64();
 
     ctx.say("[2/4] SFT into the assistant format");
     let t = Instant::now();
     let sft_seqs = data.sft(cfg.sft_examples).iter().map(|e| Sequence::completion(&with_start(&e.prompt), &encode(&e.response))).collect();
-    let mut sft_obj = LmObjective::new(model_at(&ctx.model_cfg, &base, threads)?, sft_seqs, Vec::new())?;
+    let mut sft_obj = ctx.lm_objective(&base, sft_seqs)?;
     let sft = ctx.run_phase("sft", &mut sft_obj, cfg.optim(Algorithm::Adamw, &cfg.sft, 1.0, 0.0), base.clone(), None, &cfg.sft)?;
+    drop(sft_obj);
     let sft_s = t.elapsed().as_secs_f64();
-    let sft_model = model_at(&ctx.model_cfg, &sft, threads)?;
 
     let heldout_pairs = data.heldout_preferences(cfg.eval_pairs);
     let sets = EvalSets {
-        pairs: with_reference(&sft_model, pair_seqs(&heldout_pairs))?,
+        pairs: with_reference(&ctx.scorer(&sft)?, pair_seqs(&heldout_pairs))?,
         problems: data.capability_problems(cfg.eval_problems).into_iter().map(|p| (p, with_start(&p.prompt()))).collect(),
         judge_prompts: heldout_pairs.iter().take(cfg.eval_judge_prompts).map(|p| with_start(&p.prompt)).collect(),
         text: data.heldout_text(cfg.eval_text_lines).iter().map(|l| Sequence::full(with_start(l))).collect(),
     };
-    let eval_seed = cfg.seed ^ 0xE7A1;
     let mut rows = Vec::new();
-    let base_m = measure(&model_at(&ctx.model_cfg, &base, threads)?, &sets, cfg.beta, eval_seed, "base", opts.progress)?;
-    let m = measure(&sft_model, &sets, cfg.beta, eval_seed, "sft", opts.progress)?;
+    let base_m = ctx.measure(&base, &sets, "base")?;
+    let m = ctx.measure(&sft, &sets, "sft")?;
     rows.push(row("sft".into(), Kind::Sft, "sft", &m, pretrain_s + sft_s));
 
     ctx.say("[3/4] aligning with DPO: AdamW, then each merging setting (same seed, data and steps)");
     let loss = DpoLoss::new(LossKind::Sigmoid, cfg.beta, 0.0).map_err(|e| TrainError::msg(format!("demo: {e}")))?;
     let train_pairs = pair_seqs(&data.preferences(cfg.preference_pairs));
-    let mut dpo = DpoObjective::new(model_at(&ctx.model_cfg, &sft, threads)?, &sft_model, loss, train_pairs, Vec::new())?;
+    let sft_model = ctx.model(&sft)?;
+    let mut dpo = match &opts.gpu {
+        None => DpoObjective::new(ctx.model(&sft)?, &sft_model, loss, train_pairs, Vec::new())?,
+        Some(gpu) => DpoObjective::on_gpu(ctx.model(&sft)?, &sft_model, loss, train_pairs, Vec::new(), gpu, 0)?,
+    };
     let t = Instant::now();
     let adamw = ctx.run_phase("align-adamw", &mut dpo, cfg.optim(Algorithm::Adamw, &cfg.align, 1.0, 0.0), sft.clone(), None, &cfg.align)?;
     let adamw_s = t.elapsed().as_secs_f64();
-    let m = measure(&model_at(&ctx.model_cfg, &adamw, threads)?, &sets, cfg.beta, eval_seed, "adamw", opts.progress)?;
+    let m = ctx.measure(&adamw, &sets, "adamw")?;
     rows.push(row("adamw".into(), Kind::Online, "adamw", &m, adamw_s));
 
     let mut failed = Vec::new();
@@ -483,7 +561,7 @@ pub fn run(cfg: &DemoConfig, opts: &RunOptions) -> Result<Report> {
             }
         };
         let secs = t.elapsed().as_secs_f64();
-        let m = measure(&model_at(&ctx.model_cfg, &params, threads)?, &sets, cfg.beta, eval_seed, &name, opts.progress)?;
+        let m = ctx.measure(&params, &sets, &name)?;
         let mut r = row(name, Kind::Online, &s.algorithm, &m, secs);
         r.p = Some(s.p);
         r.alpha = Some(s.alpha);
@@ -493,7 +571,7 @@ pub fn run(cfg: &DemoConfig, opts: &RunOptions) -> Result<Report> {
     ctx.say("[4/4] offline interpolation of the AdamW model back toward SFT");
     for &w in &cfg.interpolation_weights {
         let params = interpolate(&sft, &adamw, w)?;
-        let m = measure(&model_at(&ctx.model_cfg, &params, threads)?, &sets, cfg.beta, eval_seed, &format!("interp w={w}"), opts.progress)?;
+        let m = ctx.measure(&params, &sets, &format!("interp w={w}"))?;
         let mut r = row(format!("adamw+interp w={w}"), Kind::Offline, "adamw", &m, 0.0);
         r.weight = Some(w);
         rows.push(r);
@@ -501,6 +579,7 @@ pub fn run(cfg: &DemoConfig, opts: &RunOptions) -> Result<Report> {
 
     let settings = serde_json::json!({
         "demo": cfg,
+        "device": device,
         "parameters": sft.numel(),
         "base_model": { "capability": base_m.capability, "perplexity": base_m.perplexity, "judge": base_m.judge },
     });
