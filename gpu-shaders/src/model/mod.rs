@@ -1,5 +1,7 @@
 //! The Llama decoder's layers on the GPU, each forward beside its backward, for a
-//! training step that stays resident on the device.
+//! training step that stays resident on the device, and the forward pieces
+//! generation adds (attention over a key/value cache, rope from a position, one
+//! row of full-vocabulary logits).
 //!
 //! These kernels are deterministic on one adapter (no float atomics; every
 //! reduction has an order fixed by the shapes alone, SPEC.md §9) but they are not

@@ -1,6 +1,6 @@
-//! The decoder's training forward and backward on a GPU: the same layers as
-//! [`LlamaModel`](super::LlamaModel), in the same order, composed from the
-//! kernels of `gpu_shaders::model`.
+//! The decoder's training forward and backward, and generation, on a GPU: the
+//! same layers as [`LlamaModel`](super::LlamaModel), in the same order,
+//! composed from the kernels of `gpu_shaders::model`.
 //!
 //! Weights are uploaded once and overwritten in place after each optimizer step
 //! ([`GpuLlama::upload`]); gradients live on the device and accumulate (`+=`)
