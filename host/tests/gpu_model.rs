@@ -227,7 +227,7 @@ fn gpu_generation_refuses_what_the_cpu_model_refuses() {
     let model = LlamaModel::init(tiny(Family::Llama, false, false, 2, 2), 5).unwrap();
     let gpu = GpuLlama::new(&ctx, &model).unwrap();
     let opts = GenerateOptions { max_new_tokens: 3, sampling: Sampling::Temperature { temperature: 0.0, top_k: 0 }, stop_token: None, seed: 1 };
-    let err = |r: Result<Vec<Vec<u32>>, String>| r.err().expect("refused");
+    let err = |r: Result<Vec<Vec<u32>>, String>| r.expect_err("refused");
     let cpu = |p: &[Vec<u32>], o| err(model.generate_batch(p, o).map_err(|e| e.to_string()));
     let dev = |p: &[Vec<u32>], o| err(gpu.generate_batch(p, o).map_err(|e| e.to_string()));
     assert_eq!(dev(&[vec![1]], &opts), cpu(&[vec![1]], &opts), "temperature 0");

@@ -112,6 +112,7 @@ impl LmHead {
     /// and `out [.., vocab]` (that row overwritten). Computed chunk by chunk as
     /// the forward's are, so a vocabulary larger than one binding still works;
     /// only the one row of `vocab` logits is materialised.
+    #[allow(clippy::too_many_arguments)]
     pub fn logits_row(&self, out: &GpuVec, out_row: usize, x: &GpuVec, x_row: usize, w: &GpuVec, hidden: usize, vocab: usize) -> Result<(), GpuError> {
         if hidden == 0 || vocab == 0 {
             return Err(GpuError::Invalid(format!("LM head: empty shape (hidden {hidden}, vocab {vocab})")));

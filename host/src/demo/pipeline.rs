@@ -284,7 +284,7 @@ fn bar(len: u64, msg: &str, show: bool) -> ProgressBar {
 /// The model [`measure`] scores: a CPU model, or the demo's one GPU model
 /// holding the weights to measure.
 enum Scorer<'a> {
-    Cpu(LlamaModel),
+    Cpu(Box<LlamaModel>),
     Gpu(&'a GpuLlama),
 }
 
@@ -396,7 +396,7 @@ impl Ctx<'_> {
     /// The model that measures `params`: on the CPU, or the GPU's scorer holding them.
     fn scorer(&self, params: &ParamSet) -> Result<Scorer<'_>> {
         match &self.scorer {
-            None => Ok(Scorer::Cpu(self.model(params)?)),
+            None => Ok(Scorer::Cpu(Box::new(self.model(params)?))),
             Some(gpu) => {
                 gpu.upload(params).map_err(TrainError::gpu("uploading the weights to measure"))?;
                 Ok(Scorer::Gpu(gpu))
