@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The real-GPU run, from the repository root, in one command:
-#   device.sh tests   the cross-check suite on the NVIDIA adapter (bit-identical to merge-core)
+#   device.sh tests   the cross-check suite on the NVIDIA adapter: the optimizer and merge kernels
+#                     bit-identical to merge-core, the model kernels, the GPU model and its
+#                     generation against the CPU model
 #   device.sh bench   gpu-bench: copy, OnDARE, OnTIES at 16M, 64M and the Qwen1.5-1.8B shapes
 #   device.sh torch   the PyTorch port of the official ODAdamW/OTAdamW on the same GPU
 #   device.sh train   a DPO training step at SmolLM2-135M shapes (sequence 512, 4 pairs):
@@ -14,8 +16,8 @@
 #
 # With cargo on the machine, the stages build and run from source. Without it (the
 # device tool's machines): run gpu-shaders/bench/build-device-bins.sh here, carry
-# devbin/ and .gl/ (the Vulkan loader's .debs, see the device tool's README); this
-# script unpacks the loader when the machine has none and points Vulkan at the
+# devbin.tar.xz and .gl/ (the Vulkan loader's .debs, see the device tool's README);
+# this script unpacks both when the machine lacks them and points Vulkan at the
 # NVIDIA driver. BIN_DIR (default devbin) and GOLDEN_DIR (default tests/golden)
 # can be overridden.
 set -euo pipefail
@@ -52,6 +54,11 @@ fi
 
 have_cargo() { command -v cargo >/dev/null; }
 
+if ! have_cargo && [ ! -d "$bin_dir" ] && [ -f devbin.tar.xz ]; then
+    # python's tarfile: the machine may lack xz
+    python3 -c 'import tarfile; tarfile.open("devbin.tar.xz").extractall()'
+fi
+
 need_bin() {
     if [ ! -x "$1" ]; then
         echo "device.sh: $1 is missing: run gpu-shaders/bench/build-device-bins.sh and carry $bin_dir, or set BIN_DIR" >&2
@@ -63,9 +70,10 @@ tests() {
     echo "== (a) cross-check suite"
     if have_cargo; then
         cargo test --release -p gpu-shaders
+        cargo test --release -p host --test gpu_layers --test gpu_model
     else
         local status=0 t
-        for t in primitives optimizer onties topk offline golden; do
+        for t in primitives optimizer onties topk offline golden gpu_layers gpu_model; do
             need_bin "$bin_dir/deps/$t" || { status=1; continue; }
             echo "-- $t"
             "$bin_dir/deps/$t" || status=1
