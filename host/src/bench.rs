@@ -50,9 +50,11 @@ pub struct BenchArgs {
     pub threads: Option<usize>,
     /// Widest vector instructions the CPU model and optimizer step may use:
     /// baseline, avx2 or avx512 (default: what the CPU has). Every level gives
-    /// the same bits.
+    /// the same bits (in fused math, every level that has FMA).
     #[arg(long)]
     pub cpu_level: Option<String>,
+    #[command(flatten)]
+    pub math: crate::cli::args::MathArgs,
     /// Also run `host/benches/dpo_step_torch.py` with this Python (torch and
     /// transformers installed) on the CPU, same shape, batch and threads, and
     /// print the ratio of step times and of peak memory.
@@ -213,7 +215,8 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
         let level = simd::Level::parse(level).ok_or_else(|| TrainError::msg(format!("--cpu-level {level}: expected baseline, avx2 or avx512")))?;
         simd::set_limit(level);
     }
-    println!("CPU kernels (model and optimizer step): {} (this CPU has {})", simd::active().name(), simd::detected().name());
+    let math = a.math.apply();
+    println!("CPU kernels (model and optimizer step): {} (this CPU has {}), {} math", simd::active().name(), simd::detected().name(), math.name());
     println!("{:<5} {:>10} {:>10} {:>12} {:>12}  device", "path", "step ms", "model ms", "optimizer ms", "tokens/s");
     let timings = run(a)?;
     for t in &timings {

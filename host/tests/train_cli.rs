@@ -745,3 +745,32 @@ fn the_thread_count_never_changes_the_weights() {
     assert!(!o.status.success() && stderr(&o).contains("--threads = 0: expected an integer >= 1"), "{}", stderr(&o));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn the_math_mode_is_recorded_and_a_resume_may_not_switch_it() {
+    let d = tmp("math");
+    let (b, s) = models(&d);
+    let (b, s) = (b.to_str().unwrap(), s.to_str().unwrap());
+    // what this CPU does with fused math: FMA where it has it, else the portable products
+    let fuses = host::model::simd::fuses_at(host::model::simd::detected());
+    let mut weights = Vec::new();
+    for (mode, extra) in [("fused", &[][..]), ("portable", &["--portable-math"][..])] {
+        let out = d.join(mode);
+        let args: Vec<&str> = align_args(b, s, out.to_str().unwrap(), "ondare", "cpu", "2").into_iter().chain(extra.iter().copied()).collect();
+        let o = host(&args, &[]);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let used = if fuses && mode == "fused" { "fused" } else { "portable" };
+        assert!(stderr(&o).contains(&format!("model on cpu ({used} math)")), "{mode}: {}", stderr(&o));
+        weights.push(std::fs::read(out.join("model/model.safetensors")).unwrap());
+    }
+    // fused products round differently (on a CPU without FMA they are the portable ones)
+    assert_eq!(weights[0] != weights[1], fuses, "fused and portable weights");
+    if fuses {
+        let out = d.join("fused");
+        let args: Vec<&str> = align_args(b, s, out.to_str().unwrap(), "ondare", "cpu", "2").into_iter().chain(["--resume", "--portable-math"]).collect();
+        let o = host(&args, &[]);
+        assert!(!o.status.success() && stderr(&o).contains(r#""math":"fused""#), "{}", stderr(&o));
+        assert_eq!(std::fs::read(out.join("model/model.safetensors")).unwrap(), weights[0], "the refused resume changed the model");
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

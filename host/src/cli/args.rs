@@ -152,6 +152,26 @@ pub struct LoopArgs {
     /// (default: all cores). The results do not depend on it, bit for bit.
     #[arg(long)]
     pub threads: Option<usize>,
+    #[command(flatten)]
+    pub math: MathArgs,
+}
+
+/// The CPU model's rounding, shared by every command that runs the model.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct MathArgs {
+    /// Round the CPU model's matrix products the same way on every machine (each multiply and add on its own, in a fixed tree) instead of fusing each multiply-add where the CPU has FMA, which is about twice as fast but gives bits that depend on whether the CPU has FMA (never on threads or vector width). The optimizer step is the same either way.
+    #[arg(long)]
+    pub portable_math: bool,
+}
+
+impl MathArgs {
+    /// Sets the process's rounding (before any model runs) and returns what the
+    /// products will actually use on this CPU.
+    pub fn apply(self) -> crate::model::simd::Math {
+        use crate::model::simd::{self, Math};
+        simd::set_math(if self.portable_math { Math::Portable } else { Math::Fused });
+        simd::effective_math()
+    }
 }
 
 impl LoopArgs {
@@ -286,6 +306,7 @@ mod tests {
             resume: false,
             resume_anyway: false,
             threads: None,
+            math: MathArgs { portable_math: false },
         }
     }
 

@@ -22,7 +22,7 @@ use crate::data::encode::TextTokenizer;
 use crate::hf;
 use crate::loss::{DpoLoss, LossKind};
 use crate::model::config::LlamaConfig;
-use crate::model::{LlamaModel, Sequence};
+use crate::model::{LlamaModel, Sequence, simd};
 use crate::model_folder::FolderSpec;
 use crate::params::ParamSet;
 use crate::tokenizer::PretrainedTokenizer;
@@ -186,6 +186,8 @@ pub struct EvalArgs {
     /// Where the forward passes run (the policy's and the reference's), as for training.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: args::BackendChoice,
+    #[command(flatten)]
+    pub math: args::MathArgs,
 }
 
 /// Parses the command line, runs it, and turns errors into a message and exit code 1.
@@ -201,6 +203,17 @@ pub fn main() -> ExitCode {
 }
 
 pub fn run(command: Command) -> Result<ExitCode> {
+    // the CPU model's rounding is set before any model runs (a reference
+    // model's log-probs are computed while the objective is built)
+    match &command {
+        Command::Pretrain(a) => a.train.math.apply(),
+        Command::Sft(a) => a.train.math.apply(),
+        Command::Align(a) => a.train.math.apply(),
+        Command::Eval(a) => a.math.apply(),
+        // the demo's table is the same on every machine
+        Command::Demo(_) => args::MathArgs { portable_math: true }.apply(),
+        Command::Merge(_) | Command::Verify(_) | Command::Bench(_) => simd::effective_math(),
+    };
     match command {
         Command::Pretrain(a) => pretrain(a).map(|()| ExitCode::SUCCESS),
         Command::Sft(a) => sft(a).map(|()| ExitCode::SUCCESS),
@@ -297,12 +310,14 @@ fn fit(
         eprintln!("{task}: removed temporary files left by a killed run: {}", names.join(", "));
     }
     let cfg = op.config(lp.seed, steps);
+    let math = simd::effective_math();
     let mut opt = match objective.gpu_model() {
         Some(model) => Optimizer::sharing(cfg, init, merge_task, model, op.cross_check_every)?,
         None => Optimizer::new(cfg, init, merge_task)?,
     };
     opt.set_threads(lp.threads().map_err(TrainError::msg)?);
-    eprintln!("{task}: {steps} steps, model on {}, optimizer on {}", objective.model_device(), opt.backend_name());
+    let model_math = if objective.gpu_model().is_some() { String::new() } else { format!(" ({} math)", math.name()) };
+    eprintln!("{task}: {steps} steps, model on {}{model_math}, optimizer on {}", objective.model_device(), opt.backend_name());
     let spec = LoopSpec {
         steps,
         batch_size: lp.batch_size,
@@ -312,7 +327,8 @@ fn fit(
         checkpoint_every: lp.checkpoint_every,
         keep_checkpoints: lp.keep_checkpoints,
         checkpoint_root: Some(lp.out.join("checkpoints")),
-        run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(output.dtype) }),
+        // the CPU model's rounding is part of what a resumed run must repeat
+        run_config: serde_json::json!({ "task": task, "settings": run_config, "save_dtype": hf::dtype_name(output.dtype), "math": math.name() }),
         inputs,
         resume_anyway: lp.resume_anyway,
         progress: true,

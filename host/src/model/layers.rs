@@ -6,7 +6,7 @@
 //! gradients, so a residual stream's two consumers can write to the same buffer.
 
 use super::config::RopeScaling;
-use super::simd::{self, Level};
+use super::simd::{self, Level, Math};
 
 /// Dot product with eight independent partial sums: the fixed lane structure lets
 /// the compiler vectorize without reassociating, and gives every row the same
@@ -114,13 +114,15 @@ pub(super) enum Src<'a> {
 /// every element is still summed in the same order, so the split changes nothing
 /// but the time.
 fn accumulate_rows(out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
-    accumulate_rows_at(simd::active(), out, n, src, n_src, threads, a)
+    accumulate_rows_at(simd::active(), simd::math(), out, n, src, n_src, threads, a)
 }
 
-/// [`accumulate_rows`] with the vector level given (the tests run every level).
+/// [`accumulate_rows`] with the vector level and the rounding given (the tests
+/// run every level in both).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
     let level = level.min(simd::detected());
+    let fused = math == Math::Fused && simd::fuses_at(level);
     let transposed;
     let src = match src {
         // the baseline loop streams rows of the source
@@ -138,7 +140,7 @@ pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: S
         1
     };
     if parts == 1 {
-        accumulate_segments(level, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
+        accumulate_segments(level, fused, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
         return;
     }
     let width = n.div_ceil(parts);
@@ -151,19 +153,25 @@ pub(super) fn accumulate_rows_at(level: Level, out: &mut [f32], n: usize, src: S
     let a = &a;
     std::thread::scope(|s| {
         for (p, segs) in split.into_iter().enumerate() {
-            s.spawn(move || accumulate_segments(level, segs, p * width, src, n, n_src, a));
+            s.spawn(move || accumulate_segments(level, fused, segs, p * width, src, n, n_src, a));
         }
     });
 }
 
 /// The work of [`accumulate_rows`] on `segs[r]` = columns `c0 .. c0 + len` of
 /// output row `r`, at `level` (at most what the CPU has; a `Cols` source only
-/// above the baseline).
-fn accumulate_segments(level: Level, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    // SAFETY: a copy runs only on a CPU that has its instructions.
+/// above the baseline), `fused` only where [`simd::fuses_at`] the level.
+#[allow(clippy::too_many_arguments)]
+fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    // SAFETY: a copy runs only on a CPU that has its instructions (FMA checked
+    // by `simd::fuses_at` for the fused copies).
     match (level, src) {
         #[cfg(target_arch = "x86_64")]
+        (Level::Avx512, _) if fused => unsafe { fused_segments_avx512(segs, c0, src, n, n_src, a) },
+        #[cfg(target_arch = "x86_64")]
         (Level::Avx512, _) => unsafe { accumulate_segments_avx512(segs, c0, src, n, n_src, a) },
+        #[cfg(target_arch = "x86_64")]
+        (Level::Avx2, _) if fused => unsafe { fused_segments_avx2(segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2, _) => unsafe { accumulate_segments_avx2(segs, c0, src, n, n_src, a) },
         (_, Src::Rows(m)) => stream_segments(segs, c0, m, n, n_src, a),
@@ -174,13 +182,25 @@ fn accumulate_segments(level: Level, segs: Vec<&mut [f32]>, c0: usize, src: Src<
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    tiled_segments::<32>(segs, c0, src, n, n_src, a)
+    tiled_segments::<32, false>(segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
-    tiled_segments::<16>(segs, c0, src, n, n_src, a)
+    tiled_segments::<16, false>(segs, c0, src, n, n_src, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fused_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    tiled_segments::<32, true>(segs, c0, src, n, n_src, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fused_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+    tiled_segments::<16, true>(segs, c0, src, n, n_src, a)
 }
 
 /// Output columns go in tiles of `W` (two vector registers per row at each
@@ -190,8 +210,9 @@ fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: u
 /// packed contiguously (from either layout, so weights need no transposed
 /// copy), and every row block reuses them from cache. The last tile of a
 /// segment may be narrower; its unused lanes compute on zeros and are dropped.
+/// `FUSED` runs [`fused_tile`] instead of [`tile`]: same layout, one FMA per term.
 #[inline(always)]
-fn tiled_segments<const W: usize>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn tiled_segments<const W: usize, const FUSED: bool>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
     let full_blocks = segs.len() / 4 * 4;
     let mut panel = vec![[0f32; W]; n_src];
@@ -200,10 +221,18 @@ fn tiled_segments<const W: usize>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src
         pack_panel(&mut panel, src, c0 + col, width, n, n_src);
         let (blocks, rest) = segs.split_at_mut(full_blocks);
         for (b, block) in blocks.chunks_exact_mut(4).enumerate() {
-            tile::<W, 4>(block, 4 * b, col, width, &panel, a);
+            if FUSED {
+                fused_tile::<W, 4>(block, 4 * b, col, width, &panel, a);
+            } else {
+                tile::<W, 4>(block, 4 * b, col, width, &panel, a);
+            }
         }
         for (j, row) in rest.iter_mut().enumerate() {
-            tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
+            if FUSED {
+                fused_tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
+            } else {
+                tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
+            }
         }
     }
 }
@@ -265,6 +294,57 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
     }
     for (y, row) in acc.iter().zip(block.iter_mut()) {
         row[col..col + width].copy_from_slice(&y[..width]);
+    }
+}
+
+/// [`tile`] with each term fused into its sum: `y ← fma(a(r, k), x_k, y)` for
+/// `k` ascending, one rounding per term. The accumulators are vector registers
+/// named by intrinsics, since the compiler keeps [`tile`]'s arrays in registers
+/// but spills the same arrays updated through `mul_add`. `W` = 32 is the
+/// AVX-512F copy, 16 the AVX2 + FMA one; each is only inlined into the
+/// `fused_segments_*` function of its level.
+#[inline(always)]
+fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::*;
+        macro_rules! fused {
+            ($vec:ty, $half:expr, $zero:ident, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
+                let mut acc: [[$vec; 2]; M] = [[$zero(); 2]; M];
+                let mut lanes = [0f32; W];
+                for (y, row) in acc.iter_mut().zip(block.iter()) {
+                    lanes[..width].copy_from_slice(&row[col..col + width]);
+                    *y = [$load(lanes.as_ptr()), $load(lanes.as_ptr().add($half))];
+                }
+                for (k, x) in panel.iter().enumerate() {
+                    let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
+                    for (j, y) in acc.iter_mut().enumerate() {
+                        let aj = $splat(a(r0 + j, k));
+                        *y = [$fmadd(aj, x0, y[0]), $fmadd(aj, x1, y[1])];
+                    }
+                }
+                for (y, row) in acc.iter().zip(block.iter_mut()) {
+                    $store(lanes.as_mut_ptr(), y[0]);
+                    $store(lanes.as_mut_ptr().add($half), y[1]);
+                    row[col..col + width].copy_from_slice(&lanes[..width]);
+                }
+            }};
+        }
+        // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
+        // (W = 16) inline this, with the features these intrinsics need; every
+        // load and store touches W = 2 · half floats of `lanes` or a panel row.
+        unsafe {
+            match W {
+                32 => fused!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
+                16 => fused!(__m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps),
+                _ => unreachable!("fused tiles are 16 or 32 columns"),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (block, r0, col, width, panel, a);
+        unreachable!("fused products run on x86-64 only (simd::fuses_at)");
     }
 }
 

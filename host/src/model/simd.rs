@@ -13,8 +13,15 @@
 //! inputs and compare bits. On aarch64, NEON is part of the baseline and the one
 //! copy already uses it. The levels are merge-simd's, which runs the optimizer
 //! step the same way; [`set_limit`] caps both.
+//!
+//! [`Math::Fused`] is the one exception, and opt-out rather than silent: the
+//! matrix products fuse each multiply with its add where the CPU has FMA, about
+//! twice as fast, giving bits that depend on whether the CPU has FMA (never on
+//! the vector width or the thread count). [`Math::Portable`] keeps the
+//! machine-independent bits; the library defaults to it, the training commands
+//! to `Fused` unless `--portable-math` (SPEC §10).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 pub use merge_simd::Level;
 
@@ -35,4 +42,57 @@ pub fn set_limit(level: Level) {
 pub fn active() -> Level {
     let limit = Level::ALL[LIMIT.load(Ordering::Relaxed) as usize];
     detected().min(limit)
+}
+
+/// How the CPU model's matrix products round (SPEC §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Math {
+    /// Every product and sum rounded on its own, in a fixed tree of four
+    /// terms: the same bits on every machine.
+    Portable,
+    /// `y ← fma(a, x, y)` for each term, `k` ascending, where the CPU has FMA
+    /// (x86-64 with AVX2 and FMA, or AVX-512F); elsewhere [`Math::Portable`].
+    Fused,
+}
+
+impl Math {
+    pub fn name(self) -> &'static str {
+        match self {
+            Math::Portable => "portable",
+            Math::Fused => "fused",
+        }
+    }
+}
+
+static FUSED: AtomicBool = AtomicBool::new(false);
+
+/// Sets the products' rounding for the rest of the process (a command's
+/// `--portable-math`, before any model runs).
+pub fn set_math(math: Math) {
+    FUSED.store(math == Math::Fused, Ordering::Relaxed);
+}
+
+/// The rounding asked for with [`set_math`] ([`Math::Portable`] until then).
+pub fn math() -> Math {
+    if FUSED.load(Ordering::Relaxed) { Math::Fused } else { Math::Portable }
+}
+
+/// Whether the products fuse at `level` when [`Math::Fused`] is asked for: the
+/// level has a fused kernel (AVX2 or AVX-512F) and the CPU has FMA.
+pub fn fuses_at(level: Level) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        level >= Level::Avx2 && level <= detected() && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = level;
+        false
+    }
+}
+
+/// The rounding the products actually use at the [`active`] level: what
+/// records and messages should name.
+pub fn effective_math() -> Math {
+    if math() == Math::Fused && fuses_at(active()) { Math::Fused } else { Math::Portable }
 }

@@ -106,7 +106,7 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
     let src_t = layers::transpose(&src, n, n_src);
     let run = |level: simd::Level, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
+        layers::accumulate_rows_at(level, simd::Math::Portable, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
         out
     };
     let reference = run(simd::Level::Baseline, 1, layers::Src::Rows(&src));
@@ -123,6 +123,48 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
     // what the test covered, in the test log: on a CPU without AVX-512 only the
     // narrower copies can run here
     println!("compared levels: {:?}", levels);
+}
+
+#[test]
+fn fused_products_are_one_fma_per_term_at_every_fused_level() {
+    let (rows, n, n_src) = (7, 4 * 64 + 37, 600);
+    let mut rng = SplitMix64::new(4);
+    let src: Vec<f32> = (0..n * n_src).map(|i| (rng.next_normal() * if i % 7 == 0 { 1e3 } else { 1e-2 }) as f32).collect();
+    let coef = rand_vec(&mut rng, rows * n_src, 1.0);
+    let src_t = layers::transpose(&src, n, n_src);
+    let run = |level: simd::Level, math: simd::Math, threads: usize, src: layers::Src<'_>| {
+        let mut out = vec![0.5f32; rows * n];
+        layers::accumulate_rows_at(level, math, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
+        out
+    };
+    // the definition, element by element: y ← fma(a, x, y) for k ascending
+    let mut expected = vec![0.5f32; rows * n];
+    for r in 0..rows {
+        for c in 0..n {
+            let y = &mut expected[r * n + c];
+            for k in 0..n_src {
+                *y = coef[r * n_src + k].mul_add(src[k * n + c], *y);
+            }
+        }
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let portable = run(simd::Level::Baseline, simd::Math::Portable, 1, layers::Src::Rows(&src));
+    assert_ne!(bits(&portable), bits(&expected), "the inputs should tell fused from portable rounding");
+    let mut fused_levels = Vec::new();
+    for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+        // a level without a fused kernel (or a CPU without FMA) keeps the portable bits
+        let want = if simd::fuses_at(level) { &expected } else { &portable };
+        for threads in [1, 2, 3] {
+            for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
+                let out = run(level, simd::Math::Fused, threads, src);
+                assert!(bits(&out) == bits(want), "{} fused with {threads} threads from {layout}", level.name());
+            }
+        }
+        if simd::fuses_at(level) {
+            fused_levels.push(level);
+        }
+    }
+    println!("fused levels compared with the fma definition: {fused_levels:?}");
 }
 
 #[test]
