@@ -97,8 +97,9 @@ fn cpu_seconds() -> f64 {
 }
 
 /// Single-thread GFLOP/s of the linear layer at every vector level the CPU has
-/// (the bits are the same at each), at the demo model's sizes and at two layers
-/// and the LM head of the `llama-7m` and `llama-110m` bench shapes.
+/// (the bits are the same at each), in portable math and, at the levels that
+/// fuse, in fused math, at the demo model's sizes and at two layers and the LM
+/// head of the `llama-7m` and `llama-110m` bench shapes.
 fn bench_linear() {
     let shapes = [
         ("demo mlp up", 128, 128, 352),
@@ -107,8 +108,11 @@ fn bench_linear() {
         ("110m mlp down", 256, 2048, 768),
         ("110m head", 96, 768, 32000),
     ];
-    for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+    let levels = simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected());
+    let runs = levels.flat_map(|l| [(l, simd::Math::Portable), (l, simd::Math::Fused)]).filter(|&(l, m)| m == simd::Math::Portable || simd::fuses_at(l));
+    for (level, math) in runs {
         simd::set_limit(level);
+        simd::set_math(math);
         for (name, t, ic, oc) in shapes {
             let mut rng = SplitMix64::new(1);
             let x = rand_vec(&mut rng, t * ic, 1.0);
@@ -128,14 +132,16 @@ fn bench_linear() {
             }
             let c2 = cpu_seconds();
             println!(
-                "{:<8} {name:<14} [{t}x{ic}]·[{ic}x{oc}]: forward {:.1} GFLOP/s, backward {:.1} GFLOP/s (per CPU second)",
+                "{:<8} {:<8} {name:<14} [{t}x{ic}]·[{ic}x{oc}]: forward {:.1} GFLOP/s, backward {:.1} GFLOP/s (per CPU second)",
                 level.name(),
+                math.name(),
                 flops / (c1 - c0) / 1e9,
                 2.0 * flops / (c2 - c1) / 1e9
             );
         }
     }
     simd::set_limit(simd::Level::Avx512);
+    simd::set_math(simd::Math::Portable);
 }
 
 /// One layer's causal attention, forward (keeping the weights) and backward, at
