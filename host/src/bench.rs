@@ -49,8 +49,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Widest vector instructions the CPU model and optimizer step may use:
-    /// baseline, avx2 or avx512 (default: what the CPU has). Every level gives
-    /// the same bits (in fused math, every level that has FMA).
+    /// baseline, avx2 or avx512 (default: what the CPU has). In portable math
+    /// every level gives the same bits; in fused math avx2 and avx512 do, and
+    /// the baseline runs the portable products.
     #[arg(long)]
     pub cpu_level: Option<String>,
     #[command(flatten)]

@@ -159,7 +159,7 @@ pub struct LoopArgs {
 /// The CPU model's rounding, shared by every command that runs the model.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct MathArgs {
-    /// Round the CPU model's matrix products the same way on every machine (each multiply and add on its own, in a fixed tree) instead of fusing each multiply-add where the CPU has FMA, which is about twice as fast but gives bits that depend on whether the CPU has FMA (never on threads or vector width). The optimizer step is the same either way.
+    /// Round the CPU model's matrix products the same way on every machine (each multiply and add on its own, in a fixed tree) instead of fusing each multiply-add where the CPU has FMA, whose products run up to twice as fast but give bits that depend on whether the CPU has FMA (never on threads or vector width). The optimizer step is the same either way.
     #[arg(long)]
     pub portable_math: bool,
 }
