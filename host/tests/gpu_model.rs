@@ -235,3 +235,18 @@ fn gpu_generation_refuses_what_the_cpu_model_refuses() {
     assert_eq!(dev(&[vec![1, 11]], &greedy), cpu(&[vec![1, 11]], &greedy), "a token outside the vocabulary");
     assert_eq!(dev(&[vec![]], &greedy), cpu(&[vec![]], &greedy), "an empty prompt");
 }
+
+#[test]
+fn gpu_generation_with_an_unbounded_budget_stops_at_the_context_end() {
+    let ctx = ctx();
+    let mut cfg = tiny(Family::Llama, false, false, 4, 2);
+    cfg.max_position_embeddings = 9;
+    let init = LlamaModel::init(cfg.clone(), 3).unwrap();
+    let model = LlamaModel::from_params(cfg, perturbed(&init.params)).unwrap();
+    let gpu = GpuLlama::new(&ctx, &model).unwrap();
+    let prompts = vec![vec![1, 5, 2], vec![7]];
+    let opts = GenerateOptions { max_new_tokens: usize::MAX, sampling: Sampling::Greedy, stop_token: None, seed: 5 };
+    let out = gpu.generate_batch(&prompts, &opts).unwrap();
+    assert_eq!(out, model.generate_batch(&prompts, &opts).unwrap());
+    assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), [6, 8], "each prompt fills the context");
+}

@@ -505,7 +505,7 @@ impl GpuLlama {
     pub fn generate_batch(&self, prompts: &[Vec<u32>], opts: &GenerateOptions) -> Result<Vec<Vec<u32>>, GpuModelError> {
         check_generation(&self.config, prompts, opts)?;
         let mut outs = Vec::with_capacity(prompts.len());
-        let per_prompt = self.cache_bytes(prompts.iter().map(Vec::len).max().unwrap_or(0) + opts.max_new_tokens);
+        let per_prompt = self.cache_bytes(prompts.iter().map(Vec::len).max().unwrap_or(0).saturating_add(opts.max_new_tokens));
         let group = (GENERATION_CACHE_BYTES / per_prompt.max(1)).clamp(1, MAX_GENERATION_GROUP as u64) as usize;
         for (g, chunk) in prompts.chunks(group).enumerate() {
             outs.extend(self.generate_group(chunk, opts, g * group)?);
@@ -527,7 +527,7 @@ impl GpuLlama {
         let mut states = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.iter().enumerate() {
             let completion = Completion::new(opts, (first + i) as u64, prompt.len(), max_pos);
-            let capacity = (prompt.len() + opts.max_new_tokens).min(max_pos);
+            let capacity = prompt.len().saturating_add(opts.max_new_tokens).min(max_pos);
             let cache = if completion.done { None } else { Some(self.new_cache(capacity)?) };
             states.push((completion, cache, prompt.clone()));
         }
@@ -546,6 +546,11 @@ impl GpuLlama {
                     // the prompts still going take the first rows, so only those come back
                     self.kernels.head.logits_row(&logits, live.len(), &nf, feed.len() - 1, head, c, vocab)?;
                     live.push(i);
+                    if feed.len() > 1 {
+                        // a prompt's activations are freed only once its work is done:
+                        // without the wait, every prompt's would be held until the readback
+                        self.ctx.wait()?;
+                    }
                 }
             }
             if live.is_empty() {
