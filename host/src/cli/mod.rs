@@ -205,15 +205,20 @@ pub fn main() -> ExitCode {
 pub fn run(command: Command) -> Result<ExitCode> {
     // the CPU model's rounding is set before any model runs (a reference
     // model's log-probs are computed while the objective is built)
-    match &command {
-        Command::Pretrain(a) => a.train.math.apply(),
-        Command::Sft(a) => a.train.math.apply(),
-        Command::Align(a) => a.train.math.apply(),
-        Command::Eval(a) => a.math.apply(),
+    let math = match &command {
+        Command::Pretrain(a) => Some(a.train.math),
+        Command::Sft(a) => Some(a.train.math),
+        Command::Align(a) => Some(a.train.math),
+        Command::Eval(a) => Some(a.math),
         // the demo's table is the same on every machine
-        Command::Demo(_) => args::MathArgs { portable_math: true }.apply(),
-        Command::Merge(_) | Command::Verify(_) | Command::Bench(_) => simd::effective_math(),
+        Command::Demo(_) => Some(args::MathArgs { portable_math: true }),
+        // `bench` sets its own; `merge` runs no model, and `verify` compares
+        // optimizer backends on the library default (portable)
+        Command::Merge(_) | Command::Verify(_) | Command::Bench(_) => None,
     };
+    if let Some(math) = math {
+        math.apply();
+    }
     match command {
         Command::Pretrain(a) => pretrain(a).map(|()| ExitCode::SUCCESS),
         Command::Sft(a) => sft(a).map(|()| ExitCode::SUCCESS),
