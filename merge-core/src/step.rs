@@ -418,7 +418,7 @@ impl TensorStep<'_> {
         if let Some(d) = delta_out.as_deref() && d.len() != grad.len() {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
         }
-        self.run(Pass::Scan, offset, grad, &state, &tau, |start, out, n| {
+        self.run(Pass::Scan, None, offset, grad, &state, &tau, |start, out, n| {
             if let Some(norms) = norms.as_deref_mut() {
                 norms.update.push_abs_slice(&out.d[..n]);
                 norms.sparse.push_abs_slice(&out.sparse[..n]);
@@ -433,7 +433,8 @@ impl TensorStep<'_> {
     #[inline(always)]
     pub fn check_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state, &tau)?;
-        self.run(Pass::Check, offset, grad, &state, &tau, |_, _, _| {})
+        let limit = crate::finite::input_limit(self, false);
+        self.run(Pass::Check, limit, offset, grad, &state, &tau, |_, _, _| {})
     }
 
     /// Pass 2 of OnTIES, from the update the scan pass left in `update` (the same
@@ -464,6 +465,7 @@ impl TensorStep<'_> {
     #[inline(always)]
     fn check_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         let n = update.len();
+        let limit = crate::finite::input_limit(self, true);
         let (mut tau_buf, mut sp, mut theta2) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
         let zeros = [0.0f32; BLOCK];
         let mut start = 0;
@@ -477,6 +479,12 @@ impl TensorStep<'_> {
                 Some(c) if CACHED => &c[start..start + len],
                 _ => &zeros[..len],
             };
+            if let Some(limit) = limit
+                && [theta, d, c, &tau_buf[..len]].into_iter().all(|x| crate::finite::magnitudes_within(limit, x))
+            {
+                start += len;
+                continue;
+            }
             let mut bad = 0u32;
             for j in 0..len {
                 let (s, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(&self.scalars, &e, j as u32, theta[j], c[j], d[j], tau_buf[j]);
@@ -592,7 +600,7 @@ impl TensorStep<'_> {
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            self.block(Pass::Write, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
+            self.block(Pass::Write, None, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
             bufs.out.store(state.range(r));
             start += len;
         }
@@ -615,27 +623,31 @@ impl TensorStep<'_> {
         if out_ref.cached.map(|c| c.len()) != input.cached.map(|c| c.len()) {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
         }
-        self.run(Pass::Write, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
+        self.run(Pass::Write, None, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
     }
 
     #[inline(always)]
-    fn run(&self, pass: Pass, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(&self, pass: Pass, limit: Option<u32>, offset: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, mut sink: impl FnMut(usize, &BlockOut, usize)) -> Result<(), Error> {
         let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            self.block(pass, offset + start as u64, &grad[r.clone()], &state.range(r.clone()), &self.tau_block(tau, start, len), &mut bufs)?;
+            self.block(pass, limit, offset + start as u64, &grad[r.clone()], &state.range(r.clone()), &self.tau_block(tau, start, len), &mut bufs)?;
             sink(start, &bufs.out, len);
             start += len;
         }
         Ok(())
     }
 
-    /// Loads, computes and validates one block into `bufs.out`.
+    /// Loads, computes and validates one block into `bufs.out`. With a `limit`
+    /// (the check pass), a block whose inputs all lie within it is known to pass
+    /// (`crate::finite`) and is not computed.
     #[inline(always)]
-    fn block(&self, pass: Pass, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
+    #[allow(clippy::too_many_arguments)]
+    fn block(&self, pass: Pass, limit: Option<u32>, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
         let Buffers { inp, out } = bufs;
         let n = grad.len();
         inp.n = n;
@@ -656,6 +668,15 @@ impl TensorStep<'_> {
                 return Err(Error::Misuse { what: "the update's threshold, computed after the scan pass" });
             }
             inp.first = index;
+        }
+        if let Some(limit) = limit {
+            let tau_in: &[f32] = match tau {
+                Src::F32(t) => t,
+                _ => &inp.tau[..n],
+            };
+            if inputs_within(limit, grad, state, uses_tau.then_some(tau_in)) {
+                return Ok(());
+            }
         }
         if dare && pass == Pass::Check {
             let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
@@ -875,6 +896,19 @@ const DARE_NEUTRAL: DareParams = DareParams {
     clip: 1.0,
     rescale: false,
 };
+
+/// Whether a block's inputs all lie within `limit` (`crate::finite`): `g`, `θ`,
+/// `m`, `Δ_c` and `τ'` in magnitude, `v` also not negative.
+#[inline(always)]
+fn inputs_within(limit: u32, grad: &[f32], state: &StateRef<'_>, tau: Option<&[f32]>) -> bool {
+    use crate::finite::{magnitudes_within, non_negative_within};
+    magnitudes_within(limit, grad)
+        && magnitudes_within(limit, state.theta)
+        && magnitudes_within(limit, state.m)
+        && non_negative_within(limit, state.v)
+        && state.cached.is_none_or(|c| magnitudes_within(limit, c))
+        && tau.is_none_or(|t| magnitudes_within(limit, t))
+}
 
 #[inline(always)]
 fn nf(x: f32) -> u32 {
