@@ -35,7 +35,7 @@ const LIMIT: f64 = 8.507_059_173_023_462e37;
 /// `None` when no such bound exists for these scalars (the check pass then
 /// computes every block). `update_is_input`: the OnTIES check from the scanned
 /// update, where `D` is read (already validated) rather than computed.
-pub fn input_limit(step: &TensorStep<'_>, update_is_input: bool) -> Option<u32> {
+pub(crate) fn input_limit(step: &TensorStep<'_>, update_is_input: bool) -> Option<u32> {
     let s = &step.scalars;
     let torch = s.form == crate::hyper::AdamForm::Torch;
     let scalars = [s.beta1, s.beta2, s.one_minus_beta1, s.one_minus_beta2, s.eps, s.neg_step_size, s.bc2_sqrt, s.decay_before, s.decay_after];
@@ -110,14 +110,14 @@ fn worst_value(step: &TensorStep<'_>, b: f64, update_is_input: bool) -> Option<f
 /// Whether every value of `xs` is at most the limit in magnitude (non-finite
 /// values never are: their magnitude bits exceed any finite limit).
 #[inline(always)]
-pub fn magnitudes_within(limit: u32, xs: &[f32]) -> bool {
+pub(crate) fn magnitudes_within(limit: u32, xs: &[f32]) -> bool {
     xs.iter().fold(0u32, |w, x| w.max(x.to_bits() & ABS)) <= limit
 }
 
 /// Whether every value of `xs` is `+0`-signed or positive and at most the limit
 /// (the second moment: a negative `v` could make `v'` negative).
 #[inline(always)]
-pub fn non_negative_within(limit: u32, xs: &[f32]) -> bool {
+pub(crate) fn non_negative_within(limit: u32, xs: &[f32]) -> bool {
     xs.iter().fold(0u32, |w, x| w.max(x.to_bits())) <= limit
 }
 
@@ -137,11 +137,15 @@ mod tests {
 
     extern crate std;
 
+    /// A configuration, the step number, and an OnDARE rescale (factor, clip) or
+    /// an OnTIES selection factor.
+    type Case = (OnlineConfig, u64, Option<(f32, f32)>);
+
     /// Steps over a wide range of scalars: tiny and huge learning rates, `ε`
     /// down to the smallest normal, large weight decay, `α` up to 1, `p` down to 2^-100
     /// (a reference scale of 2^100), rescale factors and clips, both forms,
     /// online merging and step-K's two phases.
-    fn steps(rng: &mut SplitMix64) -> Vec<(OnlineConfig, u64, Option<(f32, f32)>)> {
+    fn steps(rng: &mut SplitMix64) -> Vec<Case> {
         let mut out = Vec::new();
         for _ in 0..400 {
             let form = rng.pick(&[AdamForm::HuggingFace, AdamForm::Torch]);

@@ -14,7 +14,7 @@ pub mod arith;
 pub mod dare;
 pub mod dtype;
 pub mod error;
-pub mod finite;
+mod finite;
 pub mod hyper;
 pub mod isa;
 pub mod offline;
