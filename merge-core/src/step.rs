@@ -4,7 +4,9 @@
 //! A step runs up to three passes over the tensor, each in chunks cut anywhere:
 //! 1. `scan` (only with the L1 rescale, or to fill a scratch `Δ` for OnTIES):
 //!    feeds `‖Δ‖₁` and `‖Δ'‖₁` and validates everything but the new parameter;
-//! 2. `check`: computes every output and validates it, writes nothing;
+//! 2. `check`: computes every output and validates it, writes nothing (a block
+//!    whose inputs lie under `crate::finite`'s bound is known to pass and is
+//!    not computed);
 //! 3. `write`: computes again and stores.
 //!
 //! Every pass works in blocks of [`BLOCK`] elements: loads into local arrays,
