@@ -47,8 +47,19 @@ pub(crate) fn input_limit(step: &TensorStep<'_>, update_is_input: bool) -> Optio
     if flush(s.eps) <= 0.0 || s.beta2 < 0.0 || s.one_minus_beta2 < 0.0 || (torch && flush(s.bc2_sqrt) <= 0.0) {
         return None;
     }
-    // From the largest exponent down: the bound grows with `B`.
-    (-126i32..=127).rev().find(|&e| worst_value(step, libm::ldexp(1.0, e), update_is_input).is_some_and(|w| w <= LIMIT)).map(|e| ((e + 127) as u32) << 23)
+    // The bound grows with `B`, so the largest exponent that keeps it under the
+    // limit is found by bisection (the check pass asks once per chunk).
+    let fits = |e: i32| worst_value(step, libm::ldexp(1.0, e), update_is_input).is_some_and(|w| w <= LIMIT);
+    let (mut lo, mut hi) = (-126i32, 127i32);
+    if !fits(lo) {
+        return None;
+    }
+    // fits(lo) holds throughout; the answer is in lo ..= hi.
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    Some(((lo + 127) as u32) << 23)
 }
 
 /// An upper bound on the magnitude of every value (intermediate or checked) of

@@ -94,18 +94,27 @@ fn linear_forward_rows_agree_across_blocking() {
     }
 }
 
-#[test]
-fn matrix_products_give_the_same_bits_at_every_vector_level() {
-    // Widths that leave tails at every vector size, enough work to split across
-    // threads, and values of mixed magnitude so that reassociation would show.
-    // 1.2M multiply-adds: above the threading threshold; the inner dimension
-    // ends in a partial group of four
-    let (rows, n, n_src) = (7, 4 * 64 + 37, 603);
-    let mut rng = SplitMix64::new(3);
+/// (rows, n, n_src) of the product tests: widths that leave tails at every
+/// vector size, and 1.2M multiply-adds, above the threading threshold; the inner
+/// dimension ends in a partial group of four.
+const PRODUCT_SHAPE: (usize, usize, usize) = (7, 4 * 64 + 37, 603);
+
+/// The product tests' source (values of mixed magnitude, so that reassociation
+/// would show), the same operand stored as [n, n_src] (how weights are kept) and
+/// read as its transpose, and the coefficients.
+fn product_operands(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (rows, n, n_src) = PRODUCT_SHAPE;
+    let mut rng = SplitMix64::new(seed);
     let src: Vec<f32> = (0..n * n_src).map(|i| (rng.next_normal() * if i % 7 == 0 { 1e3 } else { 1e-2 }) as f32).collect();
     let coef = rand_vec(&mut rng, rows * n_src, 1.0);
-    // the same operand stored as [n, n_src] (how weights are kept) and read as its transpose
     let src_t = layers::transpose(&src, n, n_src);
+    (src, src_t, coef)
+}
+
+#[test]
+fn matrix_products_give_the_same_bits_at_every_vector_level() {
+    let (rows, n, n_src) = PRODUCT_SHAPE;
+    let (src, src_t, coef) = product_operands(3);
     let run = |level: simd::Level, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
         layers::accumulate_rows_at(level, simd::Math::Portable, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
@@ -129,11 +138,8 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
 
 #[test]
 fn fused_products_are_one_fma_per_term_at_every_fused_level() {
-    let (rows, n, n_src) = (7, 4 * 64 + 37, 603);
-    let mut rng = SplitMix64::new(4);
-    let src: Vec<f32> = (0..n * n_src).map(|i| (rng.next_normal() * if i % 7 == 0 { 1e3 } else { 1e-2 }) as f32).collect();
-    let coef = rand_vec(&mut rng, rows * n_src, 1.0);
-    let src_t = layers::transpose(&src, n, n_src);
+    let (rows, n, n_src) = PRODUCT_SHAPE;
+    let (src, src_t, coef) = product_operands(4);
     let run = |level: simd::Level, math: simd::Math, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
         layers::accumulate_rows_at(level, math, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
