@@ -120,7 +120,7 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: Weight<'_>, b: Option<&[f32]>
         Weight::Hf(w) => Src::Cols(w),
         Weight::Transposed(wt) => Src::Rows(wt),
     };
-    accumulate_rows(y, oc, src, ic, threads, |t, i| x[t * ic + i]);
+    accumulate_rows(y, oc, src, ic, threads, Coefs::rows(x, ic));
 }
 
 /// Gradients of [`linear_forward`]'s input and weight: `dx += dy w`, `dw += dyᵀ x`
@@ -130,13 +130,16 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: Weight<'_>, b: Option<&[f32]>
 pub fn linear_backward(dx: Option<&mut [f32]>, dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], ic: usize, oc: usize, threads: usize) {
     let rows = x.len() / ic;
     if let Some(dx) = dx {
-        accumulate_rows(dx, ic, Src::Rows(w), oc, threads, |t, o| dy[t * oc + o]);
+        accumulate_rows(dx, ic, Src::Rows(w), oc, threads, Coefs::rows(dy, oc));
     }
-    accumulate_rows(dw, ic, Src::Rows(x), rows, threads, |o, t| dy[t * oc + o]);
+    accumulate_rows(dw, ic, Src::Rows(x), rows, threads, Coefs::cols(dy, oc));
 }
 
 /// Below this many multiply-adds a product is not worth waking a second thread.
 const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// Rows per fused register tile: `2 · TALL` vector accumulators.
+const TALL: usize = 8;
 
 /// Where the `src` operand of [`accumulate_rows`] keeps element `(k, c)`.
 #[derive(Clone, Copy)]
@@ -147,20 +150,47 @@ pub(super) enum Src<'a> {
     Cols(&'a [f32]),
 }
 
+/// The other operand of [`accumulate_rows`]: `a(r, k)` at `r · row_stride + k ·
+/// k_stride`, so a row-major matrix and a transposed read of one are the same
+/// kind of value and the register tiles can address it without a call per term.
+#[derive(Clone, Copy)]
+pub(super) struct Coefs<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    k_stride: usize,
+}
+
+impl<'a> Coefs<'a> {
+    /// `[rows, n_src]`, row-major: `a(r, k)` at `r · n_src + k`.
+    pub(super) fn rows(data: &'a [f32], n_src: usize) -> Self {
+        Self { data, row_stride: n_src, k_stride: 1 }
+    }
+
+    /// `[n_src, rows]` read as its transpose: `a(r, k)` at `k · rows + r`.
+    pub(super) fn cols(data: &'a [f32], rows: usize) -> Self {
+        Self { data, row_stride: 1, k_stride: rows }
+    }
+
+    #[inline(always)]
+    fn at(&self, r: usize, k: usize) -> f32 {
+        self.data[r * self.row_stride + k * self.k_stride]
+    }
+}
+
 /// `out[r, c] += Σ_k a(r, k) · src(k, c)` for every row `r` of `out`, rows of
 /// length `n`, `k < n_src`.
 ///
 /// With `threads > 1` and enough work, the columns are split among threads;
 /// every element is still summed in the same order, so the split changes nothing
 /// but the time.
-fn accumulate_rows(out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+fn accumulate_rows(out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: Coefs<'_>) {
     accumulate_rows_at(simd::active(), simd::math(), out, n, src, n_src, threads, a)
 }
 
 /// [`accumulate_rows`] with the vector level and the rounding given (the tests
 /// run every level in both).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: impl Fn(usize, usize) -> f32 + Sync) {
+pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: Coefs<'_>) {
     let level = level.min(simd::detected());
     let fused = math == Math::Fused && simd::fuses_at(level);
     let transposed;
@@ -180,7 +210,7 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
         1
     };
     if parts == 1 {
-        accumulate_segments(level, fused, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, &a);
+        accumulate_segments(level, fused, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, a);
         return;
     }
     let width = n.div_ceil(parts);
@@ -190,7 +220,6 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
             split[p].push(seg);
         }
     }
-    let a = &a;
     std::thread::scope(|s| {
         for (p, segs) in split.into_iter().enumerate() {
             s.spawn(move || accumulate_segments(level, fused, segs, p * width, src, n, n_src, a));
@@ -202,7 +231,7 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
 /// output row `r`, at `level` (at most what the CPU has; a `Cols` source only
 /// above the baseline), `fused` only where [`simd::fuses_at`] the level.
 #[allow(clippy::too_many_arguments)]
-fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     // SAFETY: a copy runs only on a CPU that has its instructions (FMA checked
     // by `simd::fuses_at` for the fused copies).
     match (level, src) {
@@ -221,57 +250,64 @@ fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usi
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     tiled_segments::<32, false>(segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     tiled_segments::<16, false>(segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn fused_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn fused_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     tiled_segments::<32, true>(segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn fused_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn fused_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     tiled_segments::<16, true>(segs, c0, src, n, n_src, a)
 }
 
 /// Output columns go in tiles of `W` (two vector registers per row at each
-/// level), four rows at a time: the tile's sums stay in registers through the
-/// whole `k` loop, so each loaded source vector serves four rows and no partial
+/// level), four rows at a time ([`TALL`] in fused math, whose tile needs no
+/// temporaries): the tile's sums stay in registers through the whole `k` loop,
+/// so each loaded source vector serves every row of the block and no partial
 /// sum goes back to memory. Each tile's `[n_src, W]` source columns are first
 /// packed contiguously (from either layout, so weights need no transposed
 /// copy), and every row block reuses them from cache. The last tile of a
 /// segment may be narrower; its unused lanes compute on zeros and are dropped.
 /// `FUSED` runs [`fused_tile`] instead of [`tile`]: same layout, one FMA per term.
 #[inline(always)]
-fn tiled_segments<const W: usize, const FUSED: bool>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn tiled_segments<const W: usize, const FUSED: bool>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
-    let full_blocks = segs.len() / 4 * 4;
+    let rows = segs.len();
+    let tall_rows = if FUSED { rows / TALL * TALL } else { 0 };
+    let quad_rows = tall_rows + (rows - tall_rows) / 4 * 4;
     let mut panel = vec![[0f32; W]; n_src];
     for col in (0..len).step_by(W) {
         let width = W.min(len - col);
         pack_panel(&mut panel, src, c0 + col, width, n, n_src);
-        let (blocks, rest) = segs.split_at_mut(full_blocks);
-        for (b, block) in blocks.chunks_exact_mut(4).enumerate() {
+        let (tall, rest) = segs.split_at_mut(tall_rows);
+        let (quads, singles) = rest.split_at_mut(quad_rows - tall_rows);
+        for (b, block) in tall.chunks_exact_mut(TALL).enumerate() {
+            fused_tile::<W, TALL>(block, TALL * b, col, width, &panel, a);
+        }
+        for (b, block) in quads.chunks_exact_mut(4).enumerate() {
             if FUSED {
-                fused_tile::<W, 4>(block, 4 * b, col, width, &panel, a);
+                fused_tile::<W, 4>(block, tall_rows + 4 * b, col, width, &panel, a);
             } else {
-                tile::<W, 4>(block, 4 * b, col, width, &panel, a);
+                tile::<W, 4>(block, tall_rows + 4 * b, col, width, &panel, a);
             }
         }
-        for (j, row) in rest.iter_mut().enumerate() {
+        for (j, row) in singles.iter_mut().enumerate() {
             if FUSED {
-                fused_tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
+                fused_tile::<W, 1>(std::slice::from_mut(row), quad_rows + j, col, width, &panel, a);
             } else {
-                tile::<W, 1>(std::slice::from_mut(row), full_blocks + j, col, width, &panel, a);
+                tile::<W, 1>(std::slice::from_mut(row), quad_rows + j, col, width, &panel, a);
             }
         }
     }
@@ -304,7 +340,7 @@ fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, wi
 /// the product), given those columns of `src` packed as `panel[k]`: the
 /// [`axpy4`] / [`axpy`] sums, held in registers.
 #[inline(always)]
-fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
+fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
     let mut acc = [[0f32; W]; M];
     for (y, row) in acc.iter_mut().zip(block.iter()) {
         y[..width].copy_from_slice(&row[col..col + width]);
@@ -316,7 +352,7 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
         let (x0, x1, x2, x3) = (x(k), x(k + 1), x(k + 2), x(k + 3));
         for (j, y) in acc.iter_mut().enumerate() {
             let r = r0 + j;
-            let (a0, a1, a2, a3) = (a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3));
+            let (a0, a1, a2, a3) = (a.at(r, k), a.at(r, k + 1), a.at(r, k + 2), a.at(r, k + 3));
             for i in 0..W {
                 y[i] += (a0 * x0[i] + a1 * x1[i]) + (a2 * x2[i] + a3 * x3[i]);
             }
@@ -326,7 +362,7 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
     for k in k..n_src {
         let xk = x(k);
         for (j, y) in acc.iter_mut().enumerate() {
-            let ak = a(r0 + j, k);
+            let ak = a.at(r0 + j, k);
             for i in 0..W {
                 y[i] += ak * xk[i];
             }
@@ -344,13 +380,18 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
 /// AVX-512F copy, 16 the AVX2 + FMA one; each is only inlined into the
 /// `fused_segments_*` function of its level.
 #[inline(always)]
-fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: &impl Fn(usize, usize) -> f32) {
+fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::*;
         macro_rules! fused {
             ($vec:ty, $half:expr, $zero:ident, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
                 let mut acc: [[$vec; 2]; M] = [[$zero(); 2]; M];
+                // one bounds check for the block: the index grows with r and k
+                if let Some(k_last) = panel.len().checked_sub(1) {
+                    assert!((r0 + M - 1) * a.row_stride + k_last * a.k_stride < a.data.len());
+                }
+                let coefs = a.data.as_ptr();
                 let mut lanes = [0f32; W];
                 for (y, row) in acc.iter_mut().zip(block.iter()) {
                     lanes[..width].copy_from_slice(&row[col..col + width]);
@@ -359,7 +400,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
                 for (k, x) in panel.iter().enumerate() {
                     let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
                     for (j, y) in acc.iter_mut().enumerate() {
-                        let aj = $splat(a(r0 + j, k));
+                        let aj = $splat(*coefs.add((r0 + j) * a.row_stride + k * a.k_stride));
                         *y = [$fmadd(aj, x0, y[0]), $fmadd(aj, x1, y[1])];
                     }
                 }
@@ -372,7 +413,8 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
         }
         // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
         // (W = 16) inline this, with the features these intrinsics need; every
-        // load and store touches W = 2 · half floats of `lanes` or a panel row.
+        // load and store touches W = 2 · half floats of `lanes` or a panel row,
+        // and every coefficient read is within the bound asserted above.
         unsafe {
             match W {
                 32 => fused!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
@@ -392,7 +434,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
 /// in ascending `k`, output rows in blocks of four so each group of source rows
 /// is loaded once per block. With 128-bit vectors the broadcasts of a register
 /// tile cost more than the loads it saves (measured with the `linear` bench).
-fn stream_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: &impl Fn(usize, usize) -> f32) {
+fn stream_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, n_src: usize, a: Coefs<'_>) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
     let stile = |k: usize| &src[k * n + c0..k * n + c0 + len];
     for (b, block) in segs.chunks_mut(4).enumerate() {
@@ -402,13 +444,13 @@ fn stream_segments(mut segs: Vec<&mut [f32]>, c0: usize, src: &[f32], n: usize, 
             let s = [stile(k), stile(k + 1), stile(k + 2), stile(k + 3)];
             for (j, seg) in block.iter_mut().enumerate() {
                 let r = r0 + j;
-                axpy4(seg, [a(r, k), a(r, k + 1), a(r, k + 2), a(r, k + 3)], s);
+                axpy4(seg, [a.at(r, k), a.at(r, k + 1), a.at(r, k + 2), a.at(r, k + 3)], s);
             }
             k += 4;
         }
         for k in k..n_src {
             for (j, seg) in block.iter_mut().enumerate() {
-                axpy(seg, a(r0 + j, k), stile(k));
+                axpy(seg, a.at(r0 + j, k), stile(k));
             }
         }
     }

@@ -95,9 +95,10 @@ fn linear_forward_rows_agree_across_blocking() {
 }
 
 /// (rows, n, n_src) of the product tests: widths that leave tails at every
-/// vector size, and 1.2M multiply-adds, above the threading threshold; the inner
-/// dimension ends in a partial group of four.
-const PRODUCT_SHAPE: (usize, usize, usize) = (7, 4 * 64 + 37, 603);
+/// vector size, and 2.3M multiply-adds, above the threading threshold; 13 rows
+/// fill a tall fused tile, a tile of four and a single row; the inner dimension
+/// ends in a partial group of four.
+const PRODUCT_SHAPE: (usize, usize, usize) = (13, 4 * 64 + 37, 603);
 
 /// The product tests' source (values of mixed magnitude, so that reassociation
 /// would show), the same operand stored as [n, n_src] (how weights are kept) and
@@ -117,7 +118,7 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
     let (src, src_t, coef) = product_operands(3);
     let run = |level: simd::Level, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, simd::Math::Portable, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
+        layers::accumulate_rows_at(level, simd::Math::Portable, &mut out, n, src, n_src, threads, layers::Coefs::rows(&coef, n_src));
         out
     };
     let reference = run(simd::Level::Baseline, 1, layers::Src::Rows(&src));
@@ -140,11 +141,14 @@ fn matrix_products_give_the_same_bits_at_every_vector_level() {
 fn fused_products_are_one_fma_per_term_at_every_fused_level() {
     let (rows, n, n_src) = PRODUCT_SHAPE;
     let (src, src_t, coef) = product_operands(4);
-    let run = |level: simd::Level, math: simd::Math, threads: usize, src: layers::Src<'_>| {
+    // the coefficients also as [n_src, rows], read transposed (as a weight's gradient reads dy)
+    let coef_t = layers::transpose(&coef, n_src, rows);
+    let run_with = |level: simd::Level, math: simd::Math, threads: usize, src: layers::Src<'_>, coefs: layers::Coefs<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, math, &mut out, n, src, n_src, threads, |r, k| coef[r * n_src + k]);
+        layers::accumulate_rows_at(level, math, &mut out, n, src, n_src, threads, coefs);
         out
     };
+    let run = |level, math, threads, src| run_with(level, math, threads, src, layers::Coefs::rows(&coef, n_src));
     // the definition, element by element: y ← fma(a, x, y) for k ascending
     let mut expected = vec![0.5f32; rows * n];
     for r in 0..rows {
@@ -166,6 +170,8 @@ fn fused_products_are_one_fma_per_term_at_every_fused_level() {
             for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
                 let out = run(level, simd::Math::Fused, threads, src);
                 assert!(bits(&out) == bits(want), "{} fused with {threads} threads from {layout}", level.name());
+                let out = run_with(level, simd::Math::Fused, threads, src, layers::Coefs::cols(&coef_t, rows));
+                assert!(bits(&out) == bits(want), "{} fused with {threads} threads from {layout}, coefficients transposed", level.name());
             }
         }
         if simd::fuses_at(level) {
