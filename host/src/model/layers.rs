@@ -392,10 +392,18 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
                     assert!((r0 + M - 1) * a.row_stride + k_last * a.k_stride < a.data.len());
                 }
                 let coefs = a.data.as_ptr();
+                // a full tile is loaded and stored in place; a narrower one
+                // through `lanes` (a copy of a length only known at run time is
+                // a library call, which per row costs as much as the tile's k loop)
                 let mut lanes = [0f32; W];
                 for (y, row) in acc.iter_mut().zip(block.iter()) {
-                    lanes[..width].copy_from_slice(&row[col..col + width]);
-                    *y = [$load(lanes.as_ptr()), $load(lanes.as_ptr().add($half))];
+                    let from = if width == W {
+                        row[col..col + W].as_ptr()
+                    } else {
+                        lanes[..width].copy_from_slice(&row[col..col + width]);
+                        lanes.as_ptr()
+                    };
+                    *y = [$load(from), $load(from.add($half))];
                 }
                 for (k, x) in panel.iter().enumerate() {
                     let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
@@ -405,15 +413,22 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
                     }
                 }
                 for (y, row) in acc.iter().zip(block.iter_mut()) {
-                    $store(lanes.as_mut_ptr(), y[0]);
-                    $store(lanes.as_mut_ptr().add($half), y[1]);
-                    row[col..col + width].copy_from_slice(&lanes[..width]);
+                    if width == W {
+                        let to = row[col..col + W].as_mut_ptr();
+                        $store(to, y[0]);
+                        $store(to.add($half), y[1]);
+                    } else {
+                        $store(lanes.as_mut_ptr(), y[0]);
+                        $store(lanes.as_mut_ptr().add($half), y[1]);
+                        row[col..col + width].copy_from_slice(&lanes[..width]);
+                    }
                 }
             }};
         }
         // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
         // (W = 16) inline this, with the features these intrinsics need; every
-        // load and store touches W = 2 · half floats of `lanes` or a panel row,
+        // load and store touches W = 2 · half floats of `lanes`, a panel row or
+        // a full tile's W columns of an output row (sliced, so bounds-checked),
         // and every coefficient read is within the bound asserted above.
         unsafe {
             match W {
