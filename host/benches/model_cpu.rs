@@ -106,14 +106,16 @@ fn thread_cpu_seconds() -> f64 {
 
 /// Single-thread GFLOP/s of the linear layer at every vector level the CPU has
 /// (the bits are the same at each), in portable math and, at the levels that
-/// fuse, in fused math, at the demo model's sizes and at two layers and the LM
-/// head of the `llama-7m` and `llama-110m` bench shapes.
+/// fuse, in fused math, at the demo model's sizes and at layers and the LM head
+/// of the `llama-7m` and `llama-110m` bench shapes (the MLP's up product at the
+/// bench's 512 tokens).
 fn bench_linear() {
     let shapes = [
         ("demo mlp up", 128, 128, 352),
         ("7m mlp up", 256, 256, 704),
         ("7m head", 192, 256, 8192),
         ("110m mlp down", 256, 2048, 768),
+        ("110m mlp up", 512, 768, 2048),
         ("110m head", 96, 768, 32000),
     ];
     let levels = simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected());
