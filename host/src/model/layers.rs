@@ -175,6 +175,39 @@ impl<'a> Coefs<'a> {
     fn at(&self, r: usize, k: usize) -> f32 {
         self.data[r * self.row_stride + k * self.k_stride]
     }
+
+    /// Rows `r0 .. r0 + rows`, `k < n_src`, checked once here so that a
+    /// register tile reads them without a bounds check per term.
+    #[inline(always)]
+    fn block(&self, r0: usize, rows: usize, n_src: usize) -> CoefBlock<'a> {
+        if rows > 0 && n_src > 0 {
+            assert!((r0 + rows - 1) * self.row_stride + (n_src - 1) * self.k_stride < self.data.len());
+        }
+        let start = if rows > 0 && n_src > 0 { r0 * self.row_stride } else { 0 };
+        CoefBlock { data: &self.data[start..], row_stride: self.row_stride, k_stride: self.k_stride, rows, n_src }
+    }
+}
+
+/// A block of [`Coefs`] whose extent [`Coefs::block`] has checked.
+#[derive(Clone, Copy)]
+struct CoefBlock<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    k_stride: usize,
+    rows: usize,
+    n_src: usize,
+}
+
+impl CoefBlock<'_> {
+    /// `a(r0 + j, k)`.
+    #[inline(always)]
+    fn at(&self, j: usize, k: usize) -> f32 {
+        debug_assert!(j < self.rows && k < self.n_src);
+        // SAFETY: `Coefs::block` checked that the largest index of the block,
+        // at (rows − 1, n_src − 1), is inside `data`, and the index grows with
+        // `j` and `k`.
+        unsafe { *self.data.get_unchecked(j * self.row_stride + k * self.k_stride) }
+    }
 }
 
 /// `out[r, c] += Σ_k a(r, k) · src(k, c)` for every row `r` of `out`, rows of
@@ -346,13 +379,13 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
         y[..width].copy_from_slice(&row[col..col + width]);
     }
     let n_src = panel.len();
+    let a = a.block(r0, M, n_src);
     let x = |k: usize| &panel[k];
     let mut k = 0;
     while k + 4 <= n_src {
         let (x0, x1, x2, x3) = (x(k), x(k + 1), x(k + 2), x(k + 3));
         for (j, y) in acc.iter_mut().enumerate() {
-            let r = r0 + j;
-            let (a0, a1, a2, a3) = (a.at(r, k), a.at(r, k + 1), a.at(r, k + 2), a.at(r, k + 3));
+            let (a0, a1, a2, a3) = (a.at(j, k), a.at(j, k + 1), a.at(j, k + 2), a.at(j, k + 3));
             for i in 0..W {
                 y[i] += (a0 * x0[i] + a1 * x1[i]) + (a2 * x2[i] + a3 * x3[i]);
             }
@@ -362,7 +395,7 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
     for k in k..n_src {
         let xk = x(k);
         for (j, y) in acc.iter_mut().enumerate() {
-            let ak = a.at(r0 + j, k);
+            let ak = a.at(j, k);
             for i in 0..W {
                 y[i] += ak * xk[i];
             }
@@ -387,11 +420,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
         macro_rules! fused {
             ($vec:ty, $half:expr, $zero:ident, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
                 let mut acc: [[$vec; 2]; M] = [[$zero(); 2]; M];
-                // one bounds check for the block: the index grows with r and k
-                if let Some(k_last) = panel.len().checked_sub(1) {
-                    assert!((r0 + M - 1) * a.row_stride + k_last * a.k_stride < a.data.len());
-                }
-                let coefs = a.data.as_ptr();
+                let a = a.block(r0, M, panel.len());
                 // a full tile is loaded and stored in place; a narrower one
                 // through `lanes` (a copy of a length only known at run time is
                 // a library call, which per row costs as much as the tile's k loop)
@@ -408,7 +437,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
                 for (k, x) in panel.iter().enumerate() {
                     let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
                     for (j, y) in acc.iter_mut().enumerate() {
-                        let aj = $splat(*coefs.add((r0 + j) * a.row_stride + k * a.k_stride));
+                        let aj = $splat(a.at(j, k));
                         *y = [$fmadd(aj, x0, y[0]), $fmadd(aj, x1, y[1])];
                     }
                 }
@@ -428,8 +457,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
         // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
         // (W = 16) inline this, with the features these intrinsics need; every
         // load and store touches W = 2 · half floats of `lanes`, a panel row or
-        // a full tile's W columns of an output row (sliced, so bounds-checked),
-        // and every coefficient read is within the bound asserted above.
+        // a full tile's W columns of an output row (sliced, so bounds-checked).
         unsafe {
             match W {
                 32 => fused!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
