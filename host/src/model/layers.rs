@@ -708,10 +708,12 @@ fn attention_forward_body<const WIDE: bool>(out: &mut [f32], mut saved: Option<&
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut w = vec![0f32; tk];
-    for t in 0..s.tq {
-        let visible = s.pos0 + t + 1;
-        for h in 0..nh {
-            let g = h / group;
+    // head by head, so that one head's keys and values stay in cache across
+    // its queries (position by position, every head's would pass through it)
+    for h in 0..nh {
+        let g = h / group;
+        for t in 0..s.tq {
+            let visible = s.pos0 + t + 1;
             let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             let mut mx = f32::NEG_INFINITY;
             for j in 0..visible {
@@ -790,37 +792,42 @@ fn attention_backward_body<const WIDE: bool>(dq: &mut [f32], dk: &mut [f32], dv:
     let scale = 1.0 / (hd as f32).sqrt();
     let mut dp = vec![0f32; tk];
     let mut recomputed = vec![0f32; tk];
-    for t in 0..s.tq {
-        let visible = t + 1;
-        for h in 0..nh {
-            let g = h / group;
-            let qi = (t * nh + h) * hd;
-            let p: &[f32] = match saved {
-                AttnSaved::Probs(probs) => &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible],
-                AttnSaved::RowStats { max, inv_sum } => {
-                    // the forward's operations on the forward's values: the same bits
-                    let (mx, inv) = (max[h * s.tq + t], inv_sum[h * s.tq + t]);
-                    for (j, pj) in recomputed[..visible].iter_mut().enumerate() {
-                        let sc = dot_at::<WIDE>(&q[qi..qi + hd], &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
-                        *pj = (sc - mx).exp() * inv;
+    // key/value head by key/value head, so that its keys, values and their
+    // gradients stay in cache across the queries; within it position by
+    // position, then head by head: the order in which `dk` and `dv` have
+    // always summed their terms
+    for g in 0..nkv {
+        for t in 0..s.tq {
+            let visible = t + 1;
+            for h in g * group..(g + 1) * group {
+                let qi = (t * nh + h) * hd;
+                let p: &[f32] = match saved {
+                    AttnSaved::Probs(probs) => &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible],
+                    AttnSaved::RowStats { max, inv_sum } => {
+                        // the forward's operations on the forward's values: the same bits
+                        let (mx, inv) = (max[h * s.tq + t], inv_sum[h * s.tq + t]);
+                        for (j, pj) in recomputed[..visible].iter_mut().enumerate() {
+                            let sc = dot_at::<WIDE>(&q[qi..qi + hd], &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
+                            *pj = (sc - mx).exp() * inv;
+                        }
+                        &recomputed[..visible]
                     }
-                    &recomputed[..visible]
+                };
+                let dor = &dout[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                let mut pdp = 0f32;
+                for j in 0..visible {
+                    let vj = (j * nkv + g) * hd;
+                    dp[j] = dot_at::<WIDE>(dor, &v[vj..vj + hd]);
+                    pdp += p[j] * dp[j];
+                    axpy(&mut dv[vj..vj + hd], p[j], dor);
                 }
-            };
-            let dor = &dout[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-            let mut pdp = 0f32;
-            for j in 0..visible {
-                let vj = (j * nkv + g) * hd;
-                dp[j] = dot_at::<WIDE>(dor, &v[vj..vj + hd]);
-                pdp += p[j] * dp[j];
-                axpy(&mut dv[vj..vj + hd], p[j], dor);
-            }
-            for j in 0..visible {
-                let ds = p[j] * (dp[j] - pdp) * scale;
-                if ds != 0.0 {
-                    let kj = (j * nkv + g) * hd;
-                    axpy(&mut dq[qi..qi + hd], ds, &k[kj..kj + hd]);
-                    axpy(&mut dk[kj..kj + hd], ds, &q[qi..qi + hd]);
+                for j in 0..visible {
+                    let ds = p[j] * (dp[j] - pdp) * scale;
+                    if ds != 0.0 {
+                        let kj = (j * nkv + g) * hd;
+                        axpy(&mut dq[qi..qi + hd], ds, &k[kj..kj + hd]);
+                        axpy(&mut dk[kj..kj + hd], ds, &q[qi..qi + hd]);
+                    }
                 }
             }
         }
