@@ -181,7 +181,8 @@ impl<'a> Coefs<'a> {
     #[inline(always)]
     fn block(&self, r0: usize, rows: usize, n_src: usize) -> CoefBlock<'a> {
         if rows > 0 && n_src > 0 {
-            assert!((r0 + rows - 1) * self.row_stride + (n_src - 1) * self.k_stride < self.data.len());
+            let last = (r0 + rows - 1).checked_mul(self.row_stride).zip((n_src - 1).checked_mul(self.k_stride)).and_then(|(r, k)| r.checked_add(k));
+            assert!(last.is_some_and(|i| i < self.data.len()), "a coefficient block beyond its matrix");
         }
         let start = if rows > 0 && n_src > 0 { r0 * self.row_stride } else { 0 };
         CoefBlock { data: &self.data[start..], row_stride: self.row_stride, k_stride: self.k_stride, rows, n_src }
@@ -200,12 +201,15 @@ struct CoefBlock<'a> {
 
 impl CoefBlock<'_> {
     /// `a(r0 + j, k)`.
+    ///
+    /// # Safety
+    /// `j < rows` and `k < n_src` of the block.
     #[inline(always)]
-    fn at(&self, j: usize, k: usize) -> f32 {
+    unsafe fn at(&self, j: usize, k: usize) -> f32 {
         debug_assert!(j < self.rows && k < self.n_src);
-        // SAFETY: `Coefs::block` checked that the largest index of the block,
-        // at (rows − 1, n_src − 1), is inside `data`, and the index grows with
-        // `j` and `k`.
+        // SAFETY: `Coefs::block` checked that the block's largest index, at
+        // (rows − 1, n_src − 1), is inside `data` without overflow, and the
+        // index grows with `j` and `k`, which the caller keeps below those.
         unsafe { *self.data.get_unchecked(j * self.row_stride + k * self.k_stride) }
     }
 }
@@ -385,7 +389,8 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
     while k + 4 <= n_src {
         let (x0, x1, x2, x3) = (x(k), x(k + 1), x(k + 2), x(k + 3));
         for (j, y) in acc.iter_mut().enumerate() {
-            let (a0, a1, a2, a3) = (a.at(j, k), a.at(j, k + 1), a.at(j, k + 2), a.at(j, k + 3));
+            // SAFETY: j < M and k + 3 < n_src, the block's extent.
+            let (a0, a1, a2, a3) = unsafe { (a.at(j, k), a.at(j, k + 1), a.at(j, k + 2), a.at(j, k + 3)) };
             for i in 0..W {
                 y[i] += (a0 * x0[i] + a1 * x1[i]) + (a2 * x2[i] + a3 * x3[i]);
             }
@@ -395,7 +400,8 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
     for k in k..n_src {
         let xk = x(k);
         for (j, y) in acc.iter_mut().enumerate() {
-            let ak = a.at(j, k);
+            // SAFETY: j < M and k < n_src, the block's extent.
+            let ak = unsafe { a.at(j, k) };
             for i in 0..W {
                 y[i] += ak * xk[i];
             }
@@ -457,7 +463,9 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
         // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
         // (W = 16) inline this, with the features these intrinsics need; every
         // load and store touches W = 2 · half floats of `lanes`, a panel row or
-        // a full tile's W columns of an output row (sliced, so bounds-checked).
+        // a full tile's W columns of an output row (sliced, so bounds-checked);
+        // every coefficient read is at j < M, k < panel.len(), the extent
+        // `a.block` checked.
         unsafe {
             match W {
                 32 => fused!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
