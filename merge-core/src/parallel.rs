@@ -445,9 +445,20 @@ fn chunk_value_ranges(tau: TaskVector<'_>) -> Vec<core::ops::Range<usize>> {
 /// The number of set bits, counted a 64-bit word at a time (a byte at a time
 /// cost a few milliseconds per 16M-element step without the `popcnt` instruction).
 fn set_bits(bytes: &[u8]) -> usize {
-    let words = bytes.chunks_exact(8);
-    let tail = words.remainder().iter().map(|b| b.count_ones() as usize).sum::<usize>();
-    words.map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")).count_ones() as usize).sum::<usize>() + tail
+    words(bytes).map(|w| w.count_ones() as usize).sum()
+}
+
+/// `bytes` as little-endian 64-bit words, the last one padded with zero bits:
+/// bit `i` of word `w` is element `64 w + i`.
+fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    let full = bytes.chunks_exact(8);
+    let tail = full.remainder();
+    let last = (!tail.is_empty()).then(|| {
+        let mut padded = [0u8; 8];
+        padded[..tail.len()].copy_from_slice(tail);
+        u64::from_le_bytes(padded)
+    });
+    full.map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes"))).chain(last)
 }
 
 fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
@@ -537,10 +548,7 @@ fn unpacked<'b>(tau: TaskVector<'b>, len: usize, buf: &'b mut Unpacked) -> Src<'
             // Most words are 0 (a fraction p is stored): visit only the set bits.
             // check_lengths matched the bits with the values and cleared the tail.
             let mut next = values.iter();
-            for (w, word) in stored.chunks(8).enumerate() {
-                let mut bytes = [0u8; 8];
-                bytes[..word.len()].copy_from_slice(word);
-                let mut bits = u64::from_le_bytes(bytes);
+            for (w, mut bits) in words(stored).enumerate() {
                 while bits != 0 {
                     let i = w * 64 + bits.trailing_zeros() as usize;
                     out[i] = *next.next().expect("one value per set bit");
