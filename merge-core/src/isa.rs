@@ -1,4 +1,6 @@
 //! The chunk passes of [`crate::step::TensorStep`] that the whole-tensor entries run,
+//! and the OnTIES radix select's counting and gathering
+//! ([`crate::topk::RadixSelect::feed_values`], [`crate::topk::RadixSelect::gather_candidates`]),
 //! compiled again for wider x86-64 vector instructions, with the same bits.
 //!
 //! A default x86-64 build may only use 128-bit SSE2. The functions here are the
@@ -22,6 +24,7 @@ macro_rules! passes_for {
             use crate::Error;
             use crate::dtype::Src;
             use crate::step::{Norms, StateMut, StateRef, TensorStep};
+            use crate::topk::{Candidate, RadixSelect};
 
             /// [`TensorStep::scan_chunk`].
             ///
@@ -66,6 +69,24 @@ macro_rules! passes_for {
             #[target_feature(enable = $features)]
             pub fn write_chunk_from_update(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
                 step.write_chunk_from_update(offset, grad, state, tau, update)
+            }
+
+            /// [`RadixSelect::feed_values`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn radix_feed(radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error> {
+                radix.feed_values(offset, values)
+            }
+
+            /// [`RadixSelect::gather_candidates`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn radix_gather(radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+                radix.gather_candidates(offset, values, out)
             }
         }
     };

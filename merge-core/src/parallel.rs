@@ -29,7 +29,7 @@ use crate::step::{ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep}
 #[cfg(test)]
 use crate::step::Portable;
 use crate::onties::GATHERED;
-use crate::topk::{Candidate, Pass, RadixSelect, magnitude_key};
+use crate::topk::{Candidate, Pass, RadixSelect};
 
 /// Elements per chunk: a power of two (so chunk sums are whole subtrees of the L1
 /// tree) and a multiple of the step's block.
@@ -258,7 +258,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             parts.push(head);
             rest = tail;
         }
-        let selection = plan.ties_selection_after("all tensors (global scope)", &parts, |radix| early_radix_passes(radix, &parts, threads))?;
+        let selection = plan.ties_selection_after("all tensors (global scope)", &parts, |radix| early_radix_passes(radix, &parts, threads, passes))?;
         let mut offset = 0u64;
         for (step, &n) in steps.iter_mut().zip(&lens) {
             set_selection(step, selection, offset);
@@ -272,7 +272,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
         for (j, &n) in lens.iter().enumerate() {
             scan_updates(jobs, steps, &mut update[..n], Some(j), threads, passes)?;
             let part = [&update[..n]];
-            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads))?;
+            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads, passes))?;
             set_selection(&mut steps[j], selection, 0);
             check_from_update(jobs, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
         }
@@ -288,7 +288,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
 /// stored), the threads gather them instead, in index order, and the remaining
 /// passes run over that list only; a scope whose candidates stay many (large
 /// ties) keeps scanning everything until the select can gather them itself.
-fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize) -> Result<(), Error> {
+fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
     let mut chunks: Vec<(u64, &[f32])> = Vec::new();
     let mut offset = 0u64;
     for part in parts {
@@ -300,13 +300,13 @@ fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize)
     let per = chunks.len().div_ceil(threads.max(1)).max(1);
     let runs: Vec<&[(u64, &[f32])]> = chunks.chunks(per).collect();
     let mut first = true;
-    while let Some(pass @ Pass::Key { .. }) = radix.pass() {
+    while let Some(Pass::Key { .. }) = radix.pass() {
         let left = radix.candidates();
         if !first && left <= GATHERED as u64 {
             break;
         }
         if !first && left <= offset / 16 {
-            let lists = on_threads(&runs, |run| Ok(gather_candidates(pass, run)))?;
+            let lists = on_threads(&runs, |run| gather_candidates(radix, run, passes))?;
             let candidates: Vec<Candidate> = lists.into_iter().flatten().collect();
             while radix.pass().is_some() {
                 radix.feed_candidates(&candidates)?;
@@ -318,7 +318,7 @@ fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize)
         let copies = on_threads(&runs, |run| {
             let mut copy = radix.clone();
             for &(offset, values) in run {
-                copy.feed_values(offset, values)?;
+                passes.radix_feed(&mut copy, offset, values)?;
             }
             Ok(copy)
         })?;
@@ -342,19 +342,17 @@ fn on_threads<'r, T: Sync, R: Send>(runs: &[&'r [T]], work: impl Fn(&'r [T]) -> 
     })
 }
 
-/// The candidates of key pass `pass` among the chunks `run`, in index order.
-fn gather_candidates(pass: Pass, run: &[(u64, &[f32])]) -> Vec<Candidate> {
+/// The candidates of the select's current pass among the chunks `run`, in index order.
+fn gather_candidates(radix: &RadixSelect, run: &[(u64, &[f32])], passes: &dyn ChunkPasses) -> Result<Vec<Candidate>, Error> {
     let mut out = Vec::new();
+    let mut found = std::vec![Candidate::default(); CHUNK];
     for &(offset, values) in run {
-        for (j, &x) in values.iter().enumerate() {
-            let key = magnitude_key(x);
-            let index = offset + j as u64;
-            if pass.bucket(key, index).is_some() {
-                out.push(Candidate { index, key });
-            }
+        match passes.radix_gather(radix, offset, values, &mut found)? {
+            Some(n) => out.extend_from_slice(&found[..n]),
+            None => return Err(Error::Misuse { what: "room for a chunk's top-k candidates" }),
         }
     }
-    out
+    Ok(out)
 }
 
 fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, scope_offset: u64) {

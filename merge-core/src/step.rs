@@ -28,7 +28,7 @@ use crate::hyper::{AdamForm, StepScalars};
 use crate::reduce::TreeSum;
 use crate::onties::{self, ElementMerge, TiesSelection};
 use crate::rng::{MaskKey, check_extent, stream};
-use crate::topk::Threshold;
+use crate::topk::{Candidate, RadixSelect, Threshold};
 
 /// Elements per block.
 pub const BLOCK: usize = 256;
@@ -78,6 +78,10 @@ pub trait ChunkPasses: Sync {
     /// [`TensorStep::write_chunk_from_update`].
     #[allow(clippy::too_many_arguments)]
     fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
+    /// [`RadixSelect::feed_values`] (the OnTIES select's passes over the update).
+    fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error>;
+    /// [`RadixSelect::gather_candidates`].
+    fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
 }
 
 /// The passes as this build compiles them (SSE2 in a default x86-64 build).
@@ -103,6 +107,14 @@ impl ChunkPasses for Portable {
 
     fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         step.write_chunk_from_update(offset, grad, state, tau, update)
+    }
+
+    fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error> {
+        radix.feed_values(offset, values)
+    }
+
+    fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        radix.gather_candidates(offset, values, out)
     }
 }
 

@@ -15,6 +15,7 @@
 use merge_core::Error;
 use merge_core::dtype::Src;
 use merge_core::step::{ChunkPasses, Norms, Portable, StateMut, StateRef, TensorStep};
+use merge_core::topk::{Candidate, RadixSelect};
 
 /// A set of vector instructions, narrowest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -134,6 +135,26 @@ impl ChunkPasses for Cpu {
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk_from_update(step, offset, grad, state, tau, update) },
             _ => Portable.write_chunk_from_update(step, offset, grad, state, tau, update),
+        }
+    }
+
+    fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error> {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::radix_feed(radix, offset, values) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::radix_feed(radix, offset, values) },
+            _ => Portable.radix_feed(radix, offset, values),
+        }
+    }
+
+    fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::radix_gather(radix, offset, values, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::radix_gather(radix, offset, values, out) },
+            _ => Portable.radix_gather(radix, offset, values, out),
         }
     }
 }
