@@ -128,8 +128,10 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         check_lengths(plan, job)?;
         steps.push(plan.tensor(job.name, job.m.len() as u64)?);
     }
+    // Counted once per step: every pass cuts the tensors into the same chunks.
+    let ranges: Vec<_> = jobs.iter().map(|job| chunk_value_ranges(job.tau)).collect();
     if plan.needs_norms() {
-        let chunks = chunk_views(jobs);
+        let chunks = chunk_views(jobs, &ranges);
         let norms = run(threads, chunks, |c, buf| {
             let mut norms = Norms::default();
             let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
@@ -151,18 +153,18 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
     // arithmetic) as soon as their threshold is known; global scope keeps the
     // whole update, so its writes read it too.
     let (checked, global_update) = if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &mut steps, threads, passes)?
+        select_ties(plan, jobs, &ranges, &mut steps, threads, passes)?
     } else {
         (std::vec![false; jobs.len()], None)
     };
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
-    let unchecked = chunk_views(jobs).into_iter().filter(|c| !checked[c.job]).collect();
+    let unchecked = chunk_views(jobs, &ranges).into_iter().filter(|c| !checked[c.job]).collect();
     run(threads, unchecked, |c, buf| buf.check(passes, &steps[c.job], &c))?;
     match global_update {
         Some(update) => {
             let starts = job_starts(jobs);
-            run(threads, chunk_muts(jobs), |c, buf| {
+            run(threads, chunk_muts(jobs, &ranges), |c, buf| {
                 if matches!(c.theta, Param::F32(_)) {
                     let at = starts[c.job] + c.lo;
                     let len = c.grad.len();
@@ -173,7 +175,7 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
             })?;
         }
         None => {
-            run(threads, chunk_muts(jobs), |c, buf| buf.write(passes, &steps[c.job], c))?;
+            run(threads, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c))?;
         }
     }
     Ok(())
@@ -194,9 +196,9 @@ fn job_starts(jobs: &[ParallelJob<'_>]) -> Vec<usize> {
 /// update (`update`, indexed from `starts[job]`), on up to `threads` threads;
 /// marks them in `checked`.
 #[allow(clippy::too_many_arguments)]
-fn check_from_update(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
+fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
     let chosen = |j: usize| which(j) && matches!(jobs[j].theta, Param::F32(_));
-    let chunks: Vec<_> = chunk_views(jobs).into_iter().filter(|c| chosen(c.job)).collect();
+    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| chosen(c.job)).collect();
     run(threads, chunks, |c, buf| {
         let at = starts[c.job] + c.lo;
         buf.check_from_update(passes, &steps[c.job], &c, &update[at..at + c.len])
@@ -222,7 +224,7 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
             if stored.len() != n.div_ceil(8) {
                 return Err(mismatch("packed task vector's stored-element bits (bytes)", n.div_ceil(8), stored.len()));
             }
-            let set = stored.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            let set = set_bits(stored);
             if set != values.len() || (!n.is_multiple_of(8) && stored[n / 8] >> (n % 8) != 0) {
                 return Err(mismatch("packed task vector's values", set, values.len()));
             }
@@ -240,7 +242,7 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
 /// Returns which jobs it validated, and for global scope the whole update.
 #[allow(clippy::type_complexity)]
-fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(Vec<bool>, Option<Vec<f32>>), Error> {
+fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(Vec<bool>, Option<Vec<f32>>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
     let mut checked = std::vec![false; jobs.len()];
     if plan.trims_globally() {
@@ -250,7 +252,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             }
         }
         let mut update = std::vec![0.0f32; lens.iter().sum()];
-        scan_updates(jobs, steps, &mut update, None, threads, passes)?;
+        scan_updates(jobs, ranges, steps, &mut update, None, threads, passes)?;
         let mut parts = Vec::with_capacity(jobs.len());
         let mut rest = &update[..];
         for &n in &lens {
@@ -264,17 +266,17 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], steps: &mut [Tenso
             set_selection(step, selection, offset);
             offset += n as u64;
         }
-        check_from_update(jobs, steps, &update, &job_starts(jobs), |_| true, threads, passes, &mut checked)?;
+        check_from_update(jobs, ranges, steps, &update, &job_starts(jobs), |_| true, threads, passes, &mut checked)?;
         Ok((checked, Some(update)))
     } else {
         let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
         let starts = std::vec![0; jobs.len()];
         for (j, &n) in lens.iter().enumerate() {
-            scan_updates(jobs, steps, &mut update[..n], Some(j), threads, passes)?;
+            scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), threads, passes)?;
             let part = [&update[..n]];
             let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads, passes))?;
             set_selection(&mut steps[j], selection, 0);
-            check_from_update(jobs, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
+            check_from_update(jobs, ranges, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
         }
         Ok((checked, None))
     }
@@ -363,8 +365,8 @@ fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, s
 }
 
 /// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`.
-fn scan_updates(jobs: &[ParallelJob<'_>], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
-    let chunks: Vec<_> = chunk_views(jobs).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
+fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
     let mut outs = Vec::with_capacity(chunks.len());
     let mut rest = out;
     for c in &chunks {
@@ -426,8 +428,12 @@ fn tau_chunk<'a>(tau: TaskVector<'a>, lo: usize, len: usize, values: core::ops::
     }
 }
 
-/// The range of stored values of each chunk (packed form; empty otherwise).
-fn chunk_value_ranges(tau: TaskVector<'_>) -> Vec<core::ops::Range<usize>> {
+/// The range of stored values of each chunk of one task vector (packed form;
+/// empty otherwise).
+type ValueRanges = Vec<core::ops::Range<usize>>;
+
+/// The [`ValueRanges`] of `tau`.
+fn chunk_value_ranges(tau: TaskVector<'_>) -> ValueRanges {
     let mut out = Vec::new();
     if let TaskVector::Packed { stored, .. } = tau {
         let mut count = 0;
@@ -459,11 +465,11 @@ fn words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     full.map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes"))).chain(last)
 }
 
-fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
+/// The jobs cut into chunks; `ranges` holds each job's [`ValueRanges`].
+fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>], ranges: &[ValueRanges]) -> Vec<ChunkView<'a>> {
     let mut out = Vec::new();
-    for (j, job) in jobs.iter().enumerate() {
+    for ((j, job), ranges) in jobs.iter().enumerate().zip(ranges) {
         let n = job.m.len();
-        let ranges = chunk_value_ranges(job.tau);
         for (c, lo) in (0..n).step_by(CHUNK).enumerate() {
             let len = CHUNK.min(n - lo);
             out.push(ChunkView {
@@ -482,11 +488,11 @@ fn chunk_views<'a>(jobs: &'a [ParallelJob<'_>]) -> Vec<ChunkView<'a>> {
     out
 }
 
-fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>]) -> Vec<ChunkMut<'a>> {
+/// [`chunk_views`], to be written.
+fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>], ranges: &[ValueRanges]) -> Vec<ChunkMut<'a>> {
     let mut out = Vec::new();
-    for (j, job) in jobs.iter_mut().enumerate() {
+    for ((j, job), ranges) in jobs.iter_mut().enumerate().zip(ranges) {
         let n = job.m.len();
-        let ranges = chunk_value_ranges(job.tau);
         let mut cached = job.cached.as_deref_mut().map(|c| c.chunks_mut(CHUNK));
         let parts = job.theta.chunks().into_iter().zip(job.m.chunks_mut(CHUNK)).zip(job.v.chunks_mut(CHUNK));
         for (c, ((theta, m), v)) in parts.enumerate() {
