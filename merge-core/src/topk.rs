@@ -248,20 +248,21 @@ const LANE_LEN: usize = BUCKETS;
 /// Keys from here up are Inf or NaN magnitudes (or not magnitude keys at all).
 const NON_FINITE_KEY: u32 = 0x7f80_0000;
 
-/// The keys of one block of at most [`BLOCK`] items, whose first index in the
-/// scope is `start`; a non-finite item is refused with the lowest such index.
+/// Fills `keys` with the keys of one block of at most [`BLOCK`] items, whose
+/// first index in the scope is `start`, and returns the filled part; a
+/// non-finite item is refused with the lowest such index. The keys are written
+/// in place: returning the array by value copied it twice per block.
 #[inline(always)]
-fn block_keys<T: Copy>(scope: &TensorName, start: u64, block: &[T], key: impl Fn(T) -> u32) -> Result<[u32; BLOCK], Error> {
-    let mut keys = [0u32; BLOCK];
-    for (k, &x) in keys.iter_mut().zip(block) {
+fn block_keys<'k, T: Copy>(scope: &TensorName, start: u64, block: &[T], key: impl Fn(T) -> u32, keys: &'k mut [u32; BLOCK]) -> Result<&'k [u32], Error> {
+    let filled = &mut keys[..block.len()];
+    for (k, &x) in filled.iter_mut().zip(block) {
         *k = key(x);
     }
-    let filled = &keys[..block.len()];
     if filled.iter().fold(0u32, |m, &k| m.max(k)) >= NON_FINITE_KEY {
         let at = filled.iter().position(|&k| k >= NON_FINITE_KEY).unwrap_or(0);
         return Err(Error::NonFinite { tensor: scope.clone(), what: "top-k input", index: start + at as u64 });
     }
-    Ok(keys)
+    Ok(filled)
 }
 
 /// Elements per block of the counting loops (bits of the `u64` candidate mask).
@@ -433,10 +434,10 @@ impl RadixSelect {
         self.check_range(offset, values.len())?;
         let index_pass = matches!(pass, Pass::Index { .. });
         let mut len = 0usize;
+        let mut key_buf = [0u32; BLOCK];
         for (b, block) in values.chunks(BLOCK).enumerate() {
             let start = offset + (b * BLOCK) as u64;
-            let keys = block_keys(&self.scope, start, block, magnitude_key)?;
-            let keys = &keys[..block.len()];
+            let keys = block_keys(&self.scope, start, block, magnitude_key, &mut key_buf)?;
             if hit_count(&pass, keys) == 0 {
                 continue;
             }
@@ -539,10 +540,10 @@ impl RadixSelect {
         // store per element keeps each bucket's last one, with no wait on the
         // previous value; they join `tie_end` (by maximum) at the end.
         let mut ends = [0u64; LAST_BUCKETS];
+        let mut key_buf = [0u32; BLOCK];
         for (b, block) in items.chunks(BLOCK).enumerate() {
             let start = offset + (b * BLOCK) as u64;
-            let keys = block_keys(&self.scope, start, block, &key)?;
-            let keys = &keys[..block.len()];
+            let keys = block_keys(&self.scope, start, block, &key, &mut key_buf)?;
             match pass {
                 // The first pass: every element is a candidate.
                 Pass::Key { shift, bits, .. } if shift + bits == KEY_BITS => self.count_dense(start, keys, shift, digit_mask(bits), &mut ends),
