@@ -8,7 +8,15 @@ optimizer's threads=), interleaved, as the minimum over --repeat steps; memory i
 the optimizer state's bytes beyond AdamW's two moments, as a share of the
 parameter bytes.
 
-usage: python python/benches/optimizer_step.py [--sets 16m,16m-47,110m] [--repeat 5]
+--grads fixed (the default) steps every time with the same gradient, so from the
+second step on Adam's update is nearly one magnitude (m/sqrt(v) is about the
+gradient's sign): the OnTIES select's worst case, every key pass counting almost
+every element. --grads drawn gives each timed step a gradient drawn afresh (two
+sets alternate, drawn before any timing), as training does: the update's
+magnitudes spread, and the select's later passes see few candidates. The
+other optimizers' costs do not depend on the values.
+
+usage: python python/benches/optimizer_step.py [--sets 16m,16m-47,110m] [--repeat 5] [--grads fixed|drawn]
 """
 
 import argparse
@@ -81,11 +89,10 @@ def torch_adamw(fused, shapes):
 
 
 def official(kind, shapes):
-    params = [p.data for p in tensors(shapes)]
-    grads = [torch.randn(p.shape) * 1e-3 for p in params]
+    params = tensors(shapes)
     taus = [torch.randn(p.shape) * 1e-3 for p in params]
-    o = OfficialStep(params, taus, kind, lr=HYPER["lr"], p=HYPER["reserve_p"], alpha=HYPER["alpha"])
-    return (lambda: o.step(grads)), params, o
+    o = OfficialStep([p.data for p in params], taus, kind, lr=HYPER["lr"], p=HYPER["reserve_p"], alpha=HYPER["alpha"])
+    return (lambda: o.step([p.grad for p in params])), params, o
 
 
 def extra_state_share(opt, params):
@@ -102,11 +109,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sets", default="16m,16m-47,110m")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--grads", choices=("fixed", "drawn"), default="fixed")
     args = ap.parse_args()
     for name in args.sets.split(","):
         shapes = SETS[name]
         n = sum(torch.Size(s).numel() for _, s in shapes)
-        print(f"\n{name}: {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, minimum of {args.repeat} steps")
+        drawn = None
+        if args.grads == "drawn":
+            g = torch.Generator().manual_seed(3)
+            drawn = [[torch.randn(s, generator=g) * 1e-3 for _, s in shapes] for _ in range(2)]
+        print(f"\n{name}: {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, minimum of {args.repeat} steps, "
+              f"{'a gradient drawn per step' if drawn else 'the same gradient every step'}")
         print(f"  {'optimizer':<34}{'1 thread':>12}{'2 threads':>12}   state beyond AdamW")
         rows = [
             ("torch AdamW foreach", lambda t: torch_adamw(False, shapes)),
@@ -125,7 +138,10 @@ def main():
                 run()  # first step allocates the state
                 share = extra_state_share(opt, params)
                 best = float("inf")
-                for _ in range(args.repeat):
+                for i in range(args.repeat):
+                    if drawn is not None:
+                        for p, grad in zip(params, drawn[i % 2]):
+                            p.grad = grad
                     t0 = time.perf_counter()
                     run()
                     best = min(best, time.perf_counter() - t0)
