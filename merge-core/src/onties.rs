@@ -43,6 +43,19 @@ pub fn select<'a>(p: f32, rescale: bool, scope: &str, values: impl Iterator<Item
 /// scan gathers them and the remaining passes run over that list only.
 pub const GATHERED: usize = 2048;
 
+/// The radix select [`select_after`] runs over a scope of `n` elements, in its
+/// first pass, or `None` when it runs none (an empty scope keeps nothing; a keep
+/// count of `n` keeps everything). A caller that counts the first pass itself
+/// (fused with computing the values, in copies of this select) adds its counts
+/// in `early_passes` with [`topk::RadixSelect::absorb`].
+pub fn start_select(p: f32, scope: &str, n: u64) -> Result<Option<topk::RadixSelect>, Error> {
+    let k = topk::keep_count("p (reserve rate)", p, n)?;
+    if n == 0 || k == n {
+        return Ok(None);
+    }
+    topk::RadixSelect::new(scope, n, k).map(Some)
+}
+
 /// [`select`], where `early_passes` may run the radix select's first passes
 /// (each reads every value until at most [`GATHERED`] candidates remain) before
 /// the rest runs here: for each pass, feed every element once, then
@@ -56,18 +69,16 @@ pub fn select_after<'a>(
     early_passes: impl FnOnce(&mut topk::RadixSelect) -> Result<(), Error>,
 ) -> Result<TiesSelection, Error> {
     let n: u64 = values.clone().map(|v| v.len() as u64).sum();
-    let k = topk::keep_count("p (reserve rate)", p, n)?;
-    let threshold = if n == 0 {
-        Threshold::NOTHING
-    } else if k == n {
-        Threshold::all(n)
-    } else {
-        // After the first pass the candidates usually fit here, and the remaining
-        // passes run over them instead of over every update.
-        let mut candidates = [topk::Candidate::default(); GATHERED];
-        let mut radix = topk::RadixSelect::new(scope, n, k)?;
-        early_passes(&mut radix)?;
-        radix.finish_in_memory(values.clone(), &mut candidates)?
+    let threshold = match start_select(p, scope, n)? {
+        Some(mut radix) => {
+            // After the first pass the candidates usually fit here, and the remaining
+            // passes run over them instead of over every update.
+            let mut candidates = [topk::Candidate::default(); GATHERED];
+            early_passes(&mut radix)?;
+            radix.finish_in_memory(values.clone(), &mut candidates)?
+        }
+        None if n == 0 => Threshold::NOTHING,
+        None => Threshold::all(n),
     };
     let factor = if rescale {
         let (mut full, mut kept) = (TreeSum::new(), TreeSum::new());

@@ -472,6 +472,15 @@ impl StepPlan {
         self.ties_selection_after(scope, updates, |_| Ok(()))
     }
 
+    /// The radix select [`StepPlan::ties_selection_after`] starts from over a
+    /// scope of `n` elements ([`onties::start_select`]); `None` when it runs none.
+    pub fn ties_start_select(&self, scope: &str, n: u64) -> Result<Option<crate::topk::RadixSelect>, Error> {
+        match self.merge {
+            MergeParams::Ties(t) => onties::start_select(t.p, scope, n),
+            _ => Err(Error::Misuse { what: "an OnTIES optimizer (only OnTIES trims the update)" }),
+        }
+    }
+
     /// [`StepPlan::ties_selection`] with the radix select's first passes run by
     /// `early_passes`, as [`onties::select_after`] says.
     pub fn ties_selection_after(&self, scope: &str, updates: &[&[f32]], early_passes: impl FnOnce(&mut crate::topk::RadixSelect) -> Result<(), Error>) -> Result<TiesSelection, Error> {

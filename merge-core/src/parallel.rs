@@ -251,8 +251,10 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
                 return Err(Error::Misuse { what: "global-scope tensors in strictly ascending bytewise name order" });
             }
         }
+        const SCOPE: &str = "all tensors (global scope)";
         let mut update = std::vec![0.0f32; lens.iter().sum()];
-        scan_updates(jobs, ranges, steps, &mut update, None, threads, passes)?;
+        let first = plan.ties_start_select(SCOPE, update.len() as u64)?;
+        let counted = scan_updates(jobs, ranges, steps, &mut update, None, first.as_ref(), threads, passes)?;
         let mut parts = Vec::with_capacity(jobs.len());
         let mut rest = &update[..];
         for &n in &lens {
@@ -260,7 +262,7 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
             parts.push(head);
             rest = tail;
         }
-        let selection = plan.ties_selection_after("all tensors (global scope)", &parts, |radix| early_radix_passes(radix, &parts, threads, passes))?;
+        let selection = plan.ties_selection_after(SCOPE, &parts, |radix| later_radix_passes(radix, &counted, &parts, threads, passes))?;
         let mut offset = 0u64;
         for (step, &n) in steps.iter_mut().zip(&lens) {
             set_selection(step, selection, offset);
@@ -272,9 +274,10 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
         let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
         let starts = std::vec![0; jobs.len()];
         for (j, &n) in lens.iter().enumerate() {
-            scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), threads, passes)?;
+            let first = plan.ties_start_select(steps[j].name, n as u64)?;
+            let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), threads, passes)?;
             let part = [&update[..n]];
-            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| early_radix_passes(radix, &part, threads, passes))?;
+            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| later_radix_passes(radix, &counted, &part, threads, passes))?;
             set_selection(&mut steps[j], selection, 0);
             check_from_update(jobs, ranges, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
         }
@@ -283,14 +286,21 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
 }
 
 /// The radix select over the scope `parts` (in scope order) on up to `threads`
-/// threads, as far as it reads every element. A pass over everything gives each
-/// thread a copy of the select to feed its own contiguous run of chunks, and adds
-/// the copies' counts (integers, so the threshold is the one-thread select's).
-/// Once the candidates are few (at most one per 16 elements: 1 byte per element
-/// stored), the threads gather them instead, in index order, and the remaining
-/// passes run over that list only; a scope whose candidates stay many (large
-/// ties) keeps scanning everything until the select can gather them itself.
-fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+/// threads, as far as it reads every element. Its first pass was counted while
+/// the update was computed, into `counted` (copies of the select, added here).
+/// A later pass over everything gives each thread a copy of the select to feed
+/// its own contiguous run of chunks, and adds the copies' counts (integers, so
+/// the threshold is the one-thread select's). Once the candidates are few (at
+/// most one per 16 elements: 1 byte per element stored), the threads gather
+/// them instead, in index order, and the remaining passes run over that list
+/// only; a scope whose candidates stay many (large ties) keeps scanning
+/// everything. A scope of one chunk whose candidates fit the select's own room
+/// ([`GATHERED`]) is left to the select.
+fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &[&[f32]], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+    for copy in counted {
+        radix.absorb(copy)?;
+    }
+    radix.finish_pass()?;
     let mut chunks: Vec<(u64, &[f32])> = Vec::new();
     let mut offset = 0u64;
     for part in parts {
@@ -301,13 +311,13 @@ fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize,
     }
     let per = chunks.len().div_ceil(threads.max(1)).max(1);
     let runs: Vec<&[(u64, &[f32])]> = chunks.chunks(per).collect();
-    let mut first = true;
     while let Some(Pass::Key { .. }) = radix.pass() {
         let left = radix.candidates();
-        if !first && left <= GATHERED as u64 {
+        // A scope of one chunk is finished by the select itself, on this thread.
+        if offset <= CHUNK as u64 && left <= GATHERED as u64 {
             break;
         }
-        if !first && left <= offset / 16 {
+        if left <= offset / 16 {
             let lists = on_threads(&runs, |run| gather_candidates(radix, run, passes))?;
             let candidates: Vec<Candidate> = lists.into_iter().flatten().collect();
             while radix.pass().is_some() {
@@ -316,7 +326,6 @@ fn early_radix_passes(radix: &mut RadixSelect, parts: &[&[f32]], threads: usize,
             }
             return Ok(());
         }
-        first = false;
         let copies = on_threads(&runs, |run| {
             let mut copy = radix.clone();
             for &(offset, values) in run {
@@ -365,21 +374,30 @@ fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, s
 }
 
 /// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`.
-fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+/// With `first`, a radix select in its first pass over that scope, each thread
+/// also counts the chunks it wrote into a copy of it while they are in cache;
+/// the copies are returned, for [`RadixSelect::absorb`].
+#[allow(clippy::too_many_arguments)]
+fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, first: Option<&RadixSelect>, threads: usize, passes: &dyn ChunkPasses) -> Result<Vec<RadixSelect>, Error> {
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
-    let mut outs = Vec::with_capacity(chunks.len());
-    let mut rest = out;
-    for c in &chunks {
-        let (head, tail) = rest.split_at_mut(c.len);
-        outs.push(head);
+    let mut items = Vec::with_capacity(chunks.len());
+    let (mut rest, mut at) = (out, 0u64);
+    for c in chunks {
+        let len = c.len;
+        let (head, tail) = rest.split_at_mut(len);
+        items.push((c, head, at));
+        at += len as u64;
         rest = tail;
     }
-    let items: Vec<_> = chunks.into_iter().zip(outs).collect();
-    run(threads, items, |(c, out), buf| {
+    let (_, copies) = run_with(threads, items, || first.cloned(), |(c, out, at), buf, copy| {
         let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
-        passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(out))
+        passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(&mut *out))?;
+        match copy {
+            Some(copy) => passes.radix_feed(copy, at, out),
+            None => Ok(()),
+        }
     })?;
-    Ok(())
+    Ok(copies.into_iter().flatten().collect())
 }
 
 /// One chunk of one tensor, read-only.
@@ -660,35 +678,47 @@ impl Buffers {
 /// run of about as many items (chunks are equal but for each tensor's last), and returns the results in item order. On failure
 /// the error of the lowest failing item is returned (each run stops at its first).
 fn run<T: Send, R: Send>(threads: usize, items: Vec<T>, work: impl Fn(T, &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+    run_with(threads, items, || (), |it, buf, _| work(it, buf)).map(|(out, _)| out)
+}
+
+/// [`run`] where each worker also has a state of its own, made by `init` and
+/// returned after the results, one per worker in run order.
+fn run_with<T: Send, R: Send, S: Send>(threads: usize, items: Vec<T>, init: impl Fn() -> S + Sync, work: impl Fn(T, &mut Buffers, &mut S) -> Result<R, Error> + Sync) -> Result<(Vec<R>, Vec<S>), Error> {
     let per = items.len().div_ceil(threads).max(1);
     if threads == 1 || items.len() <= 1 {
-        let mut buf = Buffers::default();
-        return items.into_iter().map(|it| work(it, &mut buf)).collect();
+        let (mut buf, mut state) = (Buffers::default(), init());
+        let out = items.into_iter().map(|it| work(it, &mut buf, &mut state)).collect::<Result<Vec<R>, Error>>()?;
+        return Ok((out, std::vec![state]));
     }
     let mut runs: Vec<Vec<T>> = Vec::new();
     let mut items = items.into_iter().peekable();
     while items.peek().is_some() {
         runs.push(items.by_ref().take(per).collect());
     }
-    let work = &work;
+    let (work, init) = (&work, &init);
     thread::scope(|s| {
         let handles: Vec<_> = runs
             .into_iter()
             .map(|run| {
                 s.spawn(move || {
-                    let mut buf = Buffers::default();
-                    run.into_iter().map(|it| work(it, &mut buf)).collect::<Result<Vec<R>, Error>>()
+                    let (mut buf, mut state) = (Buffers::default(), init());
+                    let out = run.into_iter().map(|it| work(it, &mut buf, &mut state)).collect::<Result<Vec<R>, Error>>();
+                    out.map(|out| (out, state))
                 })
             })
             .collect();
-        let mut out = Vec::new();
+        let (mut out, mut states) = (Vec::new(), Vec::new());
         for h in handles {
             match h.join() {
-                Ok(r) => out.extend(r?),
+                Ok(r) => {
+                    let (part, state) = r?;
+                    out.extend(part);
+                    states.push(state);
+                }
                 Err(panic) => std::panic::resume_unwind(panic),
             }
         }
-        Ok(out)
+        Ok((out, states))
     })
 }
 
