@@ -288,6 +288,18 @@ fn hit_count(pass: &Pass, keys: &[u32]) -> usize {
     keys.iter().fold(0u32, |n, &k| n + u32::from(k >> high == want)) as usize
 }
 
+/// The positions of the set bits of `mask`, ascending.
+#[inline(always)]
+fn positions(mut mask: u64) -> impl Iterator<Item = usize> {
+    core::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            j
+        })
+    })
+}
+
 /// Bit `j` set where `keys[j]` (at most [`BLOCK`] keys) passes [`hit_test`].
 /// Built as two 32-bit halves: a default x86-64 build has no 64-bit shifts per
 /// vector lane, and the halves measured faster there and the same with AVX2 and
@@ -441,10 +453,7 @@ impl RadixSelect {
             if hit_count(&pass, keys) == 0 {
                 continue;
             }
-            let mut hits = candidate_hits(&pass, keys);
-            while hits != 0 {
-                let j = hits.trailing_zeros() as usize;
-                hits &= hits - 1;
+            for j in positions(candidate_hits(&pass, keys)) {
                 let index = start + j as u64;
                 if index_pass && pass.bucket(keys[j], index).is_none() {
                     continue;
@@ -557,10 +566,7 @@ impl RadixSelect {
                         continue;
                     }
                     let mask = digit_mask(bits);
-                    let mut hits = candidate_hits(&pass, keys);
-                    while hits != 0 {
-                        let j = hits.trailing_zeros() as usize;
-                        hits &= hits - 1;
+                    for j in positions(candidate_hits(&pass, keys)) {
                         let d = ((keys[j] >> shift) & mask) as usize;
                         self.lanes[j % LANES][d] += 1;
                         if shift == 0 {
@@ -572,10 +578,7 @@ impl RadixSelect {
                     if hit_count(&pass, keys) == 0 {
                         continue;
                     }
-                    let mut hits = candidate_hits(&pass, keys);
-                    while hits != 0 {
-                        let j = hits.trailing_zeros() as usize;
-                        hits &= hits - 1;
+                    for j in positions(candidate_hits(&pass, keys)) {
                         if let Some(bucket) = pass.bucket(keys[j], start + j as u64) {
                             self.lanes[0][bucket] += 1;
                         }
