@@ -694,57 +694,70 @@ pub(super) fn attention_forward_at(level: Level, out: &mut [f32], saved: Option<
         Level::Avx512 => unsafe { attention_forward_avx512(out, saved, q, k, v, s) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { attention_forward_avx2(out, saved, q, k, v, s) },
-        _ => attention_forward_body::<false>(out, saved, q, k, v, s),
+        _ => attention_forward_body::<false, 1>(out, saved, q, k, v, s),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn attention_forward_avx512(out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_forward_body::<true>(out, saved, q, k, v, s)
+    attention_forward_body::<true, 16>(out, saved, q, k, v, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn attention_forward_avx2(out: &mut [f32], saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_forward_body::<true>(out, saved, q, k, v, s)
+    attention_forward_body::<true, 8>(out, saved, q, k, v, s)
 }
 
+/// The forward, in the order SPEC §10 fixes. `KB > 1` (the vector levels)
+/// scores the keys `KB` at a time ([`dots_blocked`]) and holds the output row
+/// in registers across the keys ([`add_weighted_rows`]): the same operations on
+/// each value in the same order as the baseline's loops, so the same bits.
 #[inline(always)]
-fn attention_forward_body<const WIDE: bool>(out: &mut [f32], mut saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+fn attention_forward_body<const WIDE: bool, const KB: usize>(out: &mut [f32], mut saved: Option<&mut AttnSaved>, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
+    let blocked = KB > 1 && s.tq >= KB;
+    // a cache step (one query) would transpose every key to read it once
+    let kt = if blocked { key_panels::<KB>(k, nkv, hd, tk) } else { Vec::new() };
+    let panel_len = tk / KB.max(1) * KB * hd;
     let mut w = vec![0f32; tk];
     // head by head, so that one head's keys and values stay in cache across
     // its queries (position by position, every head's would pass through it)
     for h in 0..nh {
         let g = h / group;
+        let starts = head_row_starts(tk, nkv, g, hd);
         for t in 0..s.tq {
             let visible = s.pos0 + t + 1;
             let qv = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+            let scores = &mut w[..visible];
+            let done = if blocked { dots_blocked::<KB>(scores, qv, &kt[g * panel_len..(g + 1) * panel_len]) } else { 0 };
+            for (j, sc) in scores.iter_mut().enumerate().skip(done) {
+                *sc = dot_at::<WIDE>(qv, &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]);
+            }
             let mut mx = f32::NEG_INFINITY;
-            for j in 0..visible {
-                let sc = dot_at::<WIDE>(qv, &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
-                w[j] = sc;
-                mx = mx.max(sc);
+            for sc in scores.iter_mut() {
+                *sc *= scale;
+                mx = mx.max(*sc);
             }
             let mut sum = 0f32;
-            for wj in &mut w[..visible] {
+            for wj in scores.iter_mut() {
                 *wj = (*wj - mx).exp();
                 sum += *wj;
             }
             let inv = 1.0 / sum;
+            for wj in scores.iter_mut() {
+                *wj *= inv;
+            }
             let o = &mut out[(t * nh + h) * hd..(t * nh + h + 1) * hd];
             o.fill(0.0);
-            for j in 0..visible {
-                w[j] *= inv;
-                axpy(o, w[j], &v[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]);
-            }
+            add_weighted_rows::<KB, false>(o, scores, v, &starts[..visible]);
             match saved.as_deref_mut() {
                 Some(AttnSaved::Probs(p)) => {
                     let row = &mut p[(h * s.tq + t) * tk..(h * s.tq + t + 1) * tk];
-                    row[..visible].copy_from_slice(&w[..visible]);
+                    row[..visible].copy_from_slice(scores);
                     row[visible..].fill(0.0);
                 }
                 Some(AttnSaved::RowStats { max, inv_sum }) => {
@@ -756,6 +769,180 @@ fn attention_forward_body<const WIDE: bool>(out: &mut [f32], mut saved: Option<&
         }
     }
 }
+
+/// `x` (`[positions, heads, hd]`, keys or values) as panels for
+/// [`dots_blocked`]: per head, per whole block of `KB` positions, `[hd, KB]`,
+/// so a block's dimension `i` is one vector and a block is read in order.
+fn key_panels<const KB: usize>(x: &[f32], heads: usize, hd: usize, positions: usize) -> Vec<f32> {
+    let blocks = positions / KB;
+    let mut out = vec![0f32; heads * blocks * hd * KB];
+    for (j, row) in x.chunks_exact(heads * hd).take(blocks * KB).enumerate() {
+        for (g, head) in row.chunks_exact(hd).enumerate() {
+            let panel = ((g * blocks + j / KB) * hd) * KB + j % KB;
+            for (i, &val) in head.iter().enumerate() {
+                out[panel + i * KB] = val;
+            }
+        }
+    }
+    out
+}
+
+/// `dots[j] = dot(a, x_j)` for the rows `x_j` of the whole blocks in `panels`
+/// (one head's, from [`key_panels`]) that `dots` covers, at the vector level
+/// `LANES` names (16: AVX-512F, 8: AVX2; anything else computes none); returns
+/// how many it computed.
+#[inline(always)]
+fn dots_blocked<const LANES: usize>(dots: &mut [f32], a: &[f32], panels: &[f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only the AVX-512F copies pass 16 and only the AVX2 copies pass 8,
+    // and a copy runs only on a CPU that has its instructions.
+    unsafe {
+        if LANES == 16 {
+            return avx512_attention::dots_blocked(dots, a, panels);
+        }
+        if LANES == 8 {
+            return avx2_attention::dots_blocked(dots, a, panels);
+        }
+    }
+    let _ = (dots, a, panels);
+    0
+}
+
+/// `o ← o + w_j x_j` for ascending `j` ([`axpy`]'s operations and order), row
+/// `x_j` being `rows[starts[j]..][..o.len()]`; `SKIP_ZERO` leaves out the terms
+/// whose weight is zero. At the vector levels (`LANES` as in [`dots_blocked`])
+/// `o` stays in registers across the rows.
+#[inline(always)]
+fn add_weighted_rows<const LANES: usize, const SKIP_ZERO: bool>(o: &mut [f32], w: &[f32], rows: &[f32], starts: &[usize]) {
+    debug_assert_eq!(w.len(), starts.len());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as in `dots_blocked`.
+    unsafe {
+        if LANES == 16 {
+            return avx512_attention::add_weighted_rows::<SKIP_ZERO>(o, w, rows, starts);
+        }
+        if LANES == 8 {
+            return avx2_attention::add_weighted_rows::<SKIP_ZERO>(o, w, rows, starts);
+        }
+    }
+    let hd = o.len();
+    for (&wj, &at) in w.iter().zip(starts) {
+        if !(SKIP_ZERO && wj == 0.0) {
+            axpy(o, wj, &rows[at..at + hd]);
+        }
+    }
+}
+
+/// Where each position's row of key/value head `g` starts in `[positions,
+/// kv_heads, hd]` keys or values.
+fn head_row_starts(positions: usize, kv_heads: usize, g: usize, hd: usize) -> Vec<usize> {
+    (0..positions).map(|j| (j * kv_heads + g) * hd).collect()
+}
+
+/// Attention's blocked loops for one vector instruction set, whose vectors hold
+/// `LANES` binary32 values: in [`dots_blocked`] a vector is `LANES` keys and
+/// [`dot`]'s eight running sums are eight vectors, so each lane runs `dot`'s
+/// chain; in [`add_weighted_rows`] a vector is `LANES` dimensions of the output
+/// row, which stays in registers across the rows. Separate multiplies and adds,
+/// as everywhere in the model outside the fused products.
+#[cfg(target_arch = "x86_64")]
+macro_rules! attention_kernels {
+    ($module:ident, $feature:literal, $lanes:literal, $zero:ident, $splat:ident, $load:ident, $store:ident, $add:ident, $mul:ident) => {
+        mod $module {
+            use core::arch::x86_64::*;
+
+            const LANES: usize = $lanes;
+
+            #[target_feature(enable = $feature)]
+            pub(super) fn dots_blocked(dots: &mut [f32], a: &[f32], panels: &[f32]) -> usize {
+                let hd = a.len();
+                let whole = hd / 8 * 8;
+                let panel = hd * LANES;
+                if panel == 0 {
+                    return 0;
+                }
+                let n = (dots.len() / LANES).min(panels.len() / panel) * LANES;
+                let mut sums = [0f32; LANES];
+                for (block, x) in panels[..n * hd].chunks_exact(panel).enumerate() {
+                    // SAFETY: dimension i < hd reads x[i · LANES..][..LANES],
+                    // inside the panel of hd · LANES values.
+                    unsafe {
+                        let mut acc = [$zero(); 8];
+                        for (c, a8) in a[..whole].chunks_exact(8).enumerate() {
+                            for (l, (sum, &y)) in acc.iter_mut().zip(a8).enumerate() {
+                                let v = $load(x.as_ptr().add((8 * c + l) * LANES));
+                                *sum = $add(*sum, $mul($splat(y), v));
+                            }
+                        }
+                        let tree = $add($add($add(acc[0], acc[4]), $add(acc[1], acc[5])), $add($add(acc[2], acc[6]), $add(acc[3], acc[7])));
+                        $store(sums.as_mut_ptr(), tree);
+                    }
+                    for (lane, (dot, &s)) in dots[block * LANES..(block + 1) * LANES].iter_mut().zip(&sums).enumerate() {
+                        let mut d = s;
+                        for (i, &y) in a.iter().enumerate().skip(whole) {
+                            d += y * x[i * LANES + lane];
+                        }
+                        *dot = d;
+                    }
+                }
+                n
+            }
+
+            #[target_feature(enable = $feature)]
+            pub(super) fn add_weighted_rows<const SKIP_ZERO: bool>(o: &mut [f32], w: &[f32], rows: &[f32], starts: &[usize]) {
+                let hd = o.len();
+                let w = &w[..starts.len()];
+                assert!(starts.iter().all(|&at| at + hd <= rows.len()), "weighted rows out of range");
+                let mut d = 0;
+                // SAFETY: every row's dimensions d .. d + width <= hd lie inside
+                // rows (asserted), and o's inside o.
+                unsafe {
+                    while d + 4 * LANES <= hd {
+                        let at = o.as_mut_ptr().add(d);
+                        let mut acc = [$load(at), $load(at.add(LANES)), $load(at.add(2 * LANES)), $load(at.add(3 * LANES))];
+                        for (&wj, &start) in w.iter().zip(starts) {
+                            if SKIP_ZERO && wj == 0.0 {
+                                continue;
+                            }
+                            let x = $splat(wj);
+                            let row = rows.as_ptr().add(start + d);
+                            for (r, sum) in acc.iter_mut().enumerate() {
+                                *sum = $add(*sum, $mul(x, $load(row.add(r * LANES))));
+                            }
+                        }
+                        for (r, sum) in acc.into_iter().enumerate() {
+                            $store(at.add(r * LANES), sum);
+                        }
+                        d += 4 * LANES;
+                    }
+                    while d + LANES <= hd {
+                        let at = o.as_mut_ptr().add(d);
+                        let mut sum = $load(at);
+                        for (&wj, &start) in w.iter().zip(starts) {
+                            if !(SKIP_ZERO && wj == 0.0) {
+                                sum = $add(sum, $mul($splat(wj), $load(rows.as_ptr().add(start + d))));
+                            }
+                        }
+                        $store(at, sum);
+                        d += LANES;
+                    }
+                }
+                for (i, y) in o.iter_mut().enumerate().skip(d) {
+                    for (&wj, &start) in w.iter().zip(starts) {
+                        if !(SKIP_ZERO && wj == 0.0) {
+                            *y += wj * rows[start + i];
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+attention_kernels!(avx512_attention, "avx512f", 16, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps);
+#[cfg(target_arch = "x86_64")]
+attention_kernels!(avx2_attention, "avx2", 8, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps);
 
 /// Backward of [`attention_forward`] with `pos0 = 0` (training never uses a cache):
 /// `dv += pᵀ dout`, `ds = p ⊙ (dp − Σ p dp)`, `dq += ds k / √d`, `dk += dsᵀ q / √d`.
@@ -773,7 +960,7 @@ pub(super) fn attention_backward_at(level: Level, dq: &mut [f32], dk: &mut [f32]
         Level::Avx512 => unsafe { attention_backward_avx512(dq, dk, dv, dout, saved, q, k, v, s) },
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { attention_backward_avx2(dq, dk, dv, dout, saved, q, k, v, s) },
-        _ => attention_backward_body::<false>(dq, dk, dv, dout, saved, q, k, v, s),
+        _ => attention_backward_body::<false, 1>(dq, dk, dv, dout, saved, q, k, v, s),
     }
 }
 
@@ -781,62 +968,96 @@ pub(super) fn attention_backward_at(level: Level, dq: &mut [f32], dk: &mut [f32]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_avx512(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_backward_body::<true>(dq, dk, dv, dout, saved, q, k, v, s)
+    attention_backward_body::<true, 16>(dq, dk, dv, dout, saved, q, k, v, s)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_avx2(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    attention_backward_body::<true>(dq, dk, dv, dout, saved, q, k, v, s)
+    attention_backward_body::<true, 8>(dq, dk, dv, dout, saved, q, k, v, s)
 }
 
+/// Query rows per tile of the backward.
+const BACKWARD_TILE: usize = 32;
+
+/// The backward, in tiles of [`BACKWARD_TILE`] query positions (times the
+/// group's heads). For each tile: every row's weights `p`, `dp = dout·v_j`,
+/// `ds` and its `dq` (held in registers across the keys), with `p` and `ds`
+/// kept by key; then for each key, `dv_j` and `dk_j` take the tile's terms in
+/// the tile's row order, held in registers. Each `dv_j`, `dk_j` thus sums its
+/// terms in the untiled order (position, then head, ascending): the same bits,
+/// with the keys' gradients read and written once per tile instead of once per
+/// query row. `KB > 1` blocks the dot products as the forward does.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attention_backward_body<const WIDE: bool>(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+fn attention_backward_body<const WIDE: bool, const KB: usize>(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], saved: &AttnSaved, q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
     debug_assert_eq!(s.pos0, 0);
     let (nh, nkv, hd, tk) = (s.heads, s.kv_heads, s.head_dim, s.tk());
     let group = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut dp = vec![0f32; tk];
-    let mut recomputed = vec![0f32; tk];
+    let blocked = KB > 1 && s.tq >= KB;
+    let kt = if blocked && matches!(saved, AttnSaved::RowStats { .. }) { key_panels::<KB>(k, nkv, hd, tk) } else { Vec::new() };
+    let vt = if blocked { key_panels::<KB>(v, nkv, hd, tk) } else { Vec::new() };
+    let panel_len = tk / KB.max(1) * KB * hd;
+    let tile = BACKWARD_TILE * group;
+    // by key j: the tile's rows' p and ds at `j · tile + row`
+    let mut p_by_key = vec![0f32; tk * tile];
+    let mut ds_by_key = vec![0f32; tk * tile];
+    let mut row_p = vec![0f32; tk];
+    let mut row_ds = vec![0f32; tk];
     // key/value head by key/value head, so that its keys, values and their
-    // gradients stay in cache across the queries; within it position by
-    // position, then head by head: the order in which `dk` and `dv` have
-    // always summed their terms
+    // gradients stay in cache across the queries
     for g in 0..nkv {
-        for t in 0..s.tq {
-            let visible = t + 1;
-            for h in g * group..(g + 1) * group {
-                let qi = (t * nh + h) * hd;
+        let heads = g * panel_len..(g + 1) * panel_len;
+        let kv_starts = head_row_starts(tk, nkv, g, hd);
+        for t0 in (0..s.tq).step_by(BACKWARD_TILE) {
+            let t1 = (t0 + BACKWARD_TILE).min(s.tq);
+            // the tile's rows (position, then head) and where they start in q and dout
+            let q_starts: Vec<usize> = (t0..t1).flat_map(|t| (g * group..(g + 1) * group).map(move |h| (t * nh + h) * hd)).collect();
+            for (r, &qi) in q_starts.iter().enumerate() {
+                let (t, h) = (t0 + r / group, g * group + r % group);
+                let visible = t + 1;
+                let qr = &q[qi..qi + hd];
                 let p: &[f32] = match saved {
                     AttnSaved::Probs(probs) => &probs[(h * s.tq + t) * tk..(h * s.tq + t) * tk + visible],
                     AttnSaved::RowStats { max, inv_sum } => {
                         // the forward's operations on the forward's values: the same bits
                         let (mx, inv) = (max[h * s.tq + t], inv_sum[h * s.tq + t]);
-                        for (j, pj) in recomputed[..visible].iter_mut().enumerate() {
-                            let sc = dot_at::<WIDE>(&q[qi..qi + hd], &k[(j * nkv + g) * hd..(j * nkv + g + 1) * hd]) * scale;
-                            *pj = (sc - mx).exp() * inv;
+                        let row = &mut row_p[..visible];
+                        let done = if blocked { dots_blocked::<KB>(row, qr, &kt[heads.clone()]) } else { 0 };
+                        for (j, pj) in row.iter_mut().enumerate().skip(done) {
+                            *pj = dot_at::<WIDE>(qr, &k[kv_starts[j]..kv_starts[j] + hd]);
                         }
-                        &recomputed[..visible]
+                        for pj in row.iter_mut() {
+                            *pj = (*pj * scale - mx).exp() * inv;
+                        }
+                        row
                     }
                 };
-                let dor = &dout[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                let dor = &dout[qi..qi + hd];
+                let ds = &mut row_ds[..visible];
+                let done = if blocked { dots_blocked::<KB>(ds, dor, &vt[heads.clone()]) } else { 0 };
+                for (j, d) in ds.iter_mut().enumerate().skip(done) {
+                    *d = dot_at::<WIDE>(dor, &v[kv_starts[j]..kv_starts[j] + hd]);
+                }
                 let mut pdp = 0f32;
-                for j in 0..visible {
-                    let vj = (j * nkv + g) * hd;
-                    dp[j] = dot_at::<WIDE>(dor, &v[vj..vj + hd]);
-                    pdp += p[j] * dp[j];
-                    axpy(&mut dv[vj..vj + hd], p[j], dor);
+                for (&pj, &dpj) in p.iter().zip(ds.iter()) {
+                    pdp += pj * dpj;
                 }
-                for j in 0..visible {
-                    let ds = p[j] * (dp[j] - pdp) * scale;
-                    if ds != 0.0 {
-                        let kj = (j * nkv + g) * hd;
-                        axpy(&mut dq[qi..qi + hd], ds, &k[kj..kj + hd]);
-                        axpy(&mut dk[kj..kj + hd], ds, &q[qi..qi + hd]);
-                    }
+                for (j, (d, &pj)) in ds.iter_mut().zip(p).enumerate() {
+                    *d = pj * (*d - pdp) * scale;
+                    p_by_key[j * tile + r] = pj;
+                    ds_by_key[j * tile + r] = *d;
                 }
+                add_weighted_rows::<KB, true>(&mut dq[qi..qi + hd], ds, k, &kv_starts[..visible]);
+            }
+            // key j is visible to the tile's rows from position max(j, t0) on
+            for (j, &at) in kv_starts[..t1].iter().enumerate() {
+                let first = j.saturating_sub(t0) * group;
+                let rows = j * tile + first..j * tile + q_starts.len();
+                add_weighted_rows::<KB, false>(&mut dv[at..at + hd], &p_by_key[rows.clone()], dout, &q_starts[first..]);
+                add_weighted_rows::<KB, true>(&mut dk[at..at + hd], &ds_by_key[rows], q, &q_starts[first..]);
             }
         }
     }
