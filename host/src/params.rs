@@ -4,7 +4,7 @@
 //! global top-k) sees the same order.
 
 /// One named tensor, row-major.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct Tensor {
     /// Hugging Face name, e.g. `model.layers.0.self_attn.q_proj.weight`.
     pub name: String,
@@ -12,10 +12,36 @@ pub struct Tensor {
     pub data: Vec<f32>,
 }
 
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        Tensor { name: self.name.clone(), shape: self.shape.clone(), data: self.data.clone() }
+    }
+
+    /// Copies into `self`'s buffers (the derived `clone_from` allocates anew): the
+    /// trainer copies the optimizer's weights into the model every step, and a
+    /// fresh buffer costs a page fault per 4 KiB and a TLB shootdown when freed.
+    fn clone_from(&mut self, source: &Self) {
+        self.name.clone_from(&source.name);
+        self.shape.clone_from(&source.shape);
+        self.data.clone_from(&source.data);
+    }
+}
+
 /// A set of named tensors in canonical (name-sorted) order.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct ParamSet {
     pub tensors: Vec<Tensor>,
+}
+
+impl Clone for ParamSet {
+    fn clone(&self) -> Self {
+        ParamSet { tensors: self.tensors.clone() }
+    }
+
+    /// Tensor by tensor into `self`'s buffers ([`Tensor::clone_from`]).
+    fn clone_from(&mut self, source: &Self) {
+        self.tensors.clone_from(&source.tensors);
+    }
 }
 
 impl ParamSet {

@@ -16,7 +16,7 @@ use super::generate::KvLayer;
 use super::layers::{self, AttnSaved, AttnShape, Rope, Weight};
 use super::sequence::{Sequence, check_sequences};
 use super::simd;
-use super::threads::{add_and_zero, par_map};
+use super::threads::{add_and_zero, par_map, zero};
 use crate::params::{LayoutDifference, ParamSet, Tensor};
 
 pub(super) struct LayerIdx {
@@ -90,6 +90,8 @@ pub struct LlamaModel {
     pub(super) attn_probs_kept_max: usize,
     /// Zeroed gradient sets that [`Self::backward`] reuses, one per thread.
     grad_scratch: Mutex<Vec<ParamSet>>,
+    /// A step's gradient given back by [`Self::recycle_grads`].
+    spare_grads: Mutex<Option<ParamSet>>,
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
@@ -249,7 +251,7 @@ impl LlamaModel {
         check_layout(&config, &params)?;
         let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()) })
+        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()), spare_grads: Mutex::new(None) })
     }
 
     /// Worker threads for batch work. Results do not depend on it.
@@ -264,6 +266,27 @@ impl LlamaModel {
     /// Zero gradients laid out like the parameters.
     pub fn zero_grads(&self) -> ParamSet {
         self.params.zeros_like()
+    }
+
+    /// [`Self::zero_grads`] in the buffers of the set last given to
+    /// [`Self::recycle_grads`], if any, zeroed on the model's threads. A training
+    /// step's gradient is as large as the model: fresh memory for it costs a
+    /// page fault per 4 KiB and, once freed, a TLB shootdown on every core.
+    pub fn zeroed_grads(&self) -> ParamSet {
+        let spare = self.spare_grads.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match spare {
+            Some(mut grads) if grads.layout_difference(&self.params).is_none() => {
+                zero(&mut grads, self.threads);
+                grads
+            }
+            _ => self.zero_grads(),
+        }
+    }
+
+    /// Keeps `grads` (a step's gradient, no longer needed) for the next
+    /// [`Self::zeroed_grads`].
+    pub fn recycle_grads(&self, grads: ParamSet) {
+        *self.spare_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
     }
 
     /// The shared state of a call that runs `sequences` sequences in parallel,

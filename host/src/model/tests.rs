@@ -775,3 +775,18 @@ fn linear_products_ignore_thread_count() {
 }
 
 
+#[test]
+fn a_recycled_gradient_comes_back_zero_in_the_same_buffers() {
+    let model = LlamaModel::init(tiny(Family::Llama, true, false, 4, 2), 9).unwrap();
+    let mut g = model.zeroed_grads();
+    for t in &mut g.tensors {
+        t.data.fill(1.5);
+    }
+    let before: Vec<*const f32> = g.tensors.iter().map(|t| t.data.as_ptr()).collect();
+    model.recycle_grads(g);
+    let again = model.zeroed_grads();
+    assert_eq!(again.tensors.iter().map(|t| t.data.as_ptr()).collect::<Vec<_>>(), before);
+    assert_eq!(again, model.zero_grads());
+    // taken once: the next one is fresh
+    assert_ne!(model.zeroed_grads().tensors[0].data.as_ptr(), before[0]);
+}

@@ -43,6 +43,22 @@ pub(super) fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T 
     slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
 }
 
+/// Sets every element of `set` to zero, on up to `threads` threads.
+pub(super) fn zero(set: &mut ParamSet, threads: usize) {
+    const CHUNK: usize = 1 << 16;
+    let mut chunks: Vec<&mut [f32]> = set.tensors.iter_mut().flat_map(|t| t.data.chunks_mut(CHUNK)).collect();
+    if threads <= 1 {
+        chunks.iter_mut().for_each(|c| c.fill(0.0));
+        return;
+    }
+    let per = chunks.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for share in chunks.chunks_mut(per.max(1)) {
+            s.spawn(move || share.iter_mut().for_each(|c| c.fill(0.0)));
+        }
+    });
+}
+
 /// `grads += parts[0]; grads += parts[1]; …` element by element in that order,
 /// leaving every part zero. Threads take disjoint ranges of each tensor, so the
 /// bits do not depend on their number.

@@ -135,7 +135,7 @@ impl LmObjective {
 fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
     let fwd = model.forward(seqs).map_err(TrainError::arch("policy forward"))?;
     let coefs = coefs(&fwd.logps)?;
-    let mut grads = model.zero_grads();
+    let mut grads = model.zeroed_grads();
     model.backward(&fwd, &coefs, &mut grads).map_err(TrainError::arch("policy backward"))?;
     Ok((fwd.logps, grads, fwd.head))
 }
@@ -215,6 +215,10 @@ impl Objective for LmObjective {
 
     fn example_tokens(&self, example: usize) -> usize {
         self.train[example].tokens.len()
+    }
+
+    fn recycle_gradient(&mut self, grads: ParamSet) {
+        self.model.recycle_grads(grads);
     }
 
     fn resident_model(&self, step: u64) -> Option<&GpuLlama> {
@@ -496,6 +500,10 @@ impl Objective for DpoObjective {
     fn example_tokens(&self, example: usize) -> usize {
         let pair = &self.train[example];
         pair.chosen.tokens.len() + pair.rejected.tokens.len()
+    }
+
+    fn recycle_gradient(&mut self, grads: ParamSet) {
+        self.policy.recycle_grads(grads);
     }
 
     fn resident_model(&self, step: u64) -> Option<&GpuLlama> {

@@ -99,6 +99,9 @@ pub trait Objective {
     fn model_device(&self) -> String;
     /// Tokens training example `example` feeds the model (both sequences of a pair).
     fn example_tokens(&self, example: usize) -> usize;
+    /// Takes back a gradient [`Objective::gradient`] returned, once the optimizer
+    /// has used it, so the next step can reuse its memory.
+    fn recycle_gradient(&mut self, _grads: ParamSet) {}
     /// The GPU model whose gradients can stay on the device for `step`: `Some`
     /// when the model runs on a GPU and `step` is not cross-checked. The loop then
     /// calls [`Objective::accumulate_on_device`] instead of `gradient`, and the
@@ -375,7 +378,10 @@ pub fn train(
                 }
             }
             let model_ms = ms(t_model) - stats.cross_check_ms;
-            (grad_norm(&grads), opt.step(&grads)?, model_ms)
+            let report = opt.step(&grads)?;
+            let gnorm = grad_norm(&grads);
+            objective.recycle_gradient(grads);
+            (gnorm, report, model_ms)
         };
 
         let mut rec = stats.to_record(step, "train");
