@@ -176,6 +176,12 @@ impl<'a> Coefs<'a> {
         self.data[r * self.row_stride + k * self.k_stride]
     }
 
+    /// The same matrix from term `k0` on: `a'(r, k) = a(r, k0 + k)`.
+    #[inline(always)]
+    fn from_k(&self, k0: usize) -> Self {
+        Self { data: &self.data[(k0 * self.k_stride).min(self.data.len())..], ..*self }
+    }
+
     /// Rows `r0 .. r0 + rows`, `k < n_src`, checked once here so that a
     /// register tile reads them without a bounds check per term.
     #[inline(always)]
@@ -221,13 +227,14 @@ impl CoefBlock<'_> {
 /// every element is still summed in the same order, so the split changes nothing
 /// but the time.
 fn accumulate_rows(out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: Coefs<'_>) {
-    accumulate_rows_at(simd::active(), simd::math(), out, n, src, n_src, threads, a)
+    accumulate_rows_at(simd::active(), simd::math(), Blocking::CACHES, out, n, src, n_src, threads, a)
 }
 
-/// [`accumulate_rows`] with the vector level and the rounding given (the tests
-/// run every level in both).
+/// [`accumulate_rows`] with the vector level, the rounding and the blocking given
+/// (the tests run every level in both roundings, and blockings small enough to
+/// split their small products).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: Coefs<'_>) {
+pub(super) fn accumulate_rows_at(level: Level, math: Math, blocking: Blocking, out: &mut [f32], n: usize, src: Src<'_>, n_src: usize, threads: usize, a: Coefs<'_>) {
     let level = level.min(simd::detected());
     let fused = math == Math::Fused && simd::fuses_at(level);
     let transposed;
@@ -247,7 +254,7 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
         1
     };
     if parts == 1 {
-        accumulate_segments(level, fused, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, a);
+        accumulate_segments(level, fused, blocking, out.chunks_exact_mut(n).collect(), 0, src, n, n_src, a);
         return;
     }
     let width = n.div_ceil(parts);
@@ -259,7 +266,7 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
     }
     std::thread::scope(|s| {
         for (p, segs) in split.into_iter().enumerate() {
-            s.spawn(move || accumulate_segments(level, fused, segs, p * width, src, n, n_src, a));
+            s.spawn(move || accumulate_segments(level, fused, blocking, segs, p * width, src, n, n_src, a));
         }
     });
 }
@@ -268,18 +275,18 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, out: &mut [f32], n: u
 /// output row `r`, at `level` (at most what the CPU has; a `Cols` source only
 /// above the baseline), `fused` only where [`simd::fuses_at`] the level.
 #[allow(clippy::too_many_arguments)]
-fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+fn accumulate_segments(level: Level, fused: bool, blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     // SAFETY: a copy runs only on a CPU that has its instructions (FMA checked
     // by `simd::fuses_at` for the fused copies).
     match (level, src) {
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx512, _) if fused => unsafe { fused_segments_avx512(segs, c0, src, n, n_src, a) },
+        (Level::Avx512, _) if fused => unsafe { fused_segments_avx512(blocking, segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx512, _) => unsafe { accumulate_segments_avx512(segs, c0, src, n, n_src, a) },
+        (Level::Avx512, _) => unsafe { accumulate_segments_avx512(blocking, segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, _) if fused => unsafe { fused_segments_avx2(segs, c0, src, n, n_src, a) },
+        (Level::Avx2, _) if fused => unsafe { fused_segments_avx2(blocking, segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
-        (Level::Avx2, _) => unsafe { accumulate_segments_avx2(segs, c0, src, n, n_src, a) },
+        (Level::Avx2, _) => unsafe { accumulate_segments_avx2(blocking, segs, c0, src, n, n_src, a) },
         (_, Src::Rows(m)) => stream_segments(segs, c0, m, n, n_src, a),
         (_, Src::Cols(_)) => unreachable!("accumulate_rows_at transposes a Cols source for the baseline"),
     }
@@ -287,84 +294,135 @@ fn accumulate_segments(level: Level, fused: bool, segs: Vec<&mut [f32]>, c0: usi
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn accumulate_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
-    tiled_segments::<32, false>(segs, c0, src, n, n_src, a)
+fn accumulate_segments_avx512(blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+    tiled_segments::<32, false>(blocking, segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn accumulate_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
-    tiled_segments::<16, false>(segs, c0, src, n, n_src, a)
+fn accumulate_segments_avx2(blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+    tiled_segments::<16, false>(blocking, segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn fused_segments_avx512(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
-    tiled_segments::<32, true>(segs, c0, src, n, n_src, a)
+fn fused_segments_avx512(blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+    tiled_segments::<32, true>(blocking, segs, c0, src, n, n_src, a)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn fused_segments_avx2(segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
-    tiled_segments::<16, true>(segs, c0, src, n, n_src, a)
+fn fused_segments_avx2(blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+    tiled_segments::<16, true>(blocking, segs, c0, src, n, n_src, a)
+}
+
+/// How [`tiled_segments`] cuts a product for the caches.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Blocking {
+    /// Terms per run of the inner dimension, a multiple of 4 (the portable
+    /// tile's groups), used when the inner dimension is longer than four runs.
+    pub(super) k: usize,
+    /// Output rows per run.
+    pub(super) rows: usize,
+    /// Bytes of packed source panels shared by one run of rows.
+    pub(super) panel_bytes: usize,
+}
+
+impl Blocking {
+    /// For this machine's caches: a run of rows' coefficients (256 × 256
+    /// floats, 256 KiB) and the panels they meet (256 KiB) stay in L2 while
+    /// every tile of the group reads them.
+    pub(super) const CACHES: Blocking = Blocking { k: 256, rows: 256, panel_bytes: 256 << 10 };
 }
 
 /// Output columns go in tiles of `W` (two vector registers per row at each
 /// level), four rows at a time ([`TALL`] in fused math, whose tile needs no
-/// temporaries): the tile's sums stay in registers through the whole `k` loop,
-/// so each loaded source vector serves every row of the block and no partial
-/// sum goes back to memory. Each tile's `[n_src, W]` source columns are first
-/// packed contiguously (from either layout, so weights need no transposed
-/// copy), and every row block reuses them from cache. The last tile of a
-/// segment may be narrower; its unused lanes compute on zeros and are dropped.
-/// `FUSED` runs [`fused_tile`] instead of [`tile`]: same layout, one FMA per term.
+/// temporaries): the tile's sums stay in registers through a run of `k`, so
+/// each loaded source vector serves every row of the block and no partial sum
+/// goes back to memory within the run. Each tile's `[k, W]` source columns are
+/// first packed contiguously (from either layout, so weights need no transposed
+/// copy). Blocked as in GotoBLAS: for each run of the inner dimension, a group
+/// of tiles is packed, and each run of rows goes through the whole group while
+/// its coefficients are in cache, so neither operand streams from memory once
+/// per tile. A run ends by storing the sums into the output, and the next
+/// reloads them: each element still takes its terms one at a time in ascending
+/// `k` (four at a time, from multiples of four, in portable math), so the
+/// blocking changes no bit. The last tile of a segment may be narrower; its
+/// unused lanes compute on zeros and are dropped. `FUSED` runs [`fused_tile`]
+/// instead of [`tile`]: same layout, one FMA per term.
 #[inline(always)]
-fn tiled_segments<const W: usize, const FUSED: bool>(mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
+fn tiled_segments<const W: usize, const FUSED: bool>(blocking: Blocking, mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
+    debug_assert!(blocking.k.is_multiple_of(4) && blocking.k > 0 && blocking.rows > 0);
     let rows = segs.len();
-    let tall_rows = if FUSED { rows / TALL * TALL } else { 0 };
-    let quad_rows = tall_rows + (rows - tall_rows) / 4 * 4;
-    let mut panel = vec![[0f32; W]; n_src];
-    for col in (0..len).step_by(W) {
-        let width = W.min(len - col);
-        pack_panel(&mut panel, src, c0 + col, width, n, n_src);
-        let (tall, rest) = segs.split_at_mut(tall_rows);
-        let (quads, singles) = rest.split_at_mut(quad_rows - tall_rows);
-        for (b, block) in tall.chunks_exact_mut(TALL).enumerate() {
-            fused_tile::<W, TALL>(block, TALL * b, col, width, &panel, a);
-        }
-        for (b, block) in quads.chunks_exact_mut(4).enumerate() {
-            if FUSED {
-                fused_tile::<W, 4>(block, tall_rows + 4 * b, col, width, &panel, a);
-            } else {
-                tile::<W, 4>(block, tall_rows + 4 * b, col, width, &panel, a);
+    let kc = if n_src > 4 * blocking.k { blocking.k } else { n_src.max(1) };
+    let tiles = len.div_ceil(W);
+    let group = (blocking.panel_bytes / (kc * W * 4)).clamp(1, tiles.max(1));
+    let mut panels = vec![[0f32; W]; group * kc];
+    for k0 in (0..n_src).step_by(kc) {
+        let kl = kc.min(n_src - k0);
+        let a = a.from_k(k0);
+        for t0 in (0..tiles).step_by(group) {
+            let group_tiles = t0..(t0 + group).min(tiles);
+            for t in group_tiles.clone() {
+                let col = t * W;
+                pack_panel(&mut panels[(t - t0) * kc..(t - t0) * kc + kl], src, c0 + col, W.min(len - col), n, n_src, k0);
             }
-        }
-        for (j, row) in singles.iter_mut().enumerate() {
-            if FUSED {
-                fused_tile::<W, 1>(std::slice::from_mut(row), quad_rows + j, col, width, &panel, a);
-            } else {
-                tile::<W, 1>(std::slice::from_mut(row), quad_rows + j, col, width, &panel, a);
+            for r0 in (0..rows).step_by(blocking.rows) {
+                let run = (r0 + blocking.rows).min(rows);
+                for t in group_tiles.clone() {
+                    let col = t * W;
+                    tile_rows::<W, FUSED>(&mut segs[r0..run], r0, col, W.min(len - col), &panels[(t - t0) * kc..(t - t0) * kc + kl], a);
+                }
             }
         }
     }
 }
 
-/// `panel[k][i] = src(k, c + i)` for `i < width`, zeros beyond.
+/// Columns `col .. col + width` of `run` (rows `r0 ..` of the product) from one
+/// packed panel: [`TALL`] rows at a time in fused math, then four, then one.
 #[inline(always)]
-fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, width: usize, n: usize, n_src: usize) {
+fn tile_rows<const W: usize, const FUSED: bool>(run: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
+    let rows = run.len();
+    let tall_rows = if FUSED { rows / TALL * TALL } else { 0 };
+    let quad_rows = tall_rows + (rows - tall_rows) / 4 * 4;
+    let (tall, rest) = run.split_at_mut(tall_rows);
+    let (quads, singles) = rest.split_at_mut(quad_rows - tall_rows);
+    for (b, block) in tall.chunks_exact_mut(TALL).enumerate() {
+        fused_tile::<W, TALL>(block, r0 + TALL * b, col, width, panel, a);
+    }
+    for (b, block) in quads.chunks_exact_mut(4).enumerate() {
+        if FUSED {
+            fused_tile::<W, 4>(block, r0 + tall_rows + 4 * b, col, width, panel, a);
+        } else {
+            tile::<W, 4>(block, r0 + tall_rows + 4 * b, col, width, panel, a);
+        }
+    }
+    for (j, row) in singles.iter_mut().enumerate() {
+        if FUSED {
+            fused_tile::<W, 1>(std::slice::from_mut(row), r0 + quad_rows + j, col, width, panel, a);
+        } else {
+            tile::<W, 1>(std::slice::from_mut(row), r0 + quad_rows + j, col, width, panel, a);
+        }
+    }
+}
+
+/// `panel[k][i] = src(k0 + k, c + i)` for `i < width`, zeros beyond.
+#[inline(always)]
+fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, width: usize, n: usize, n_src: usize, k0: usize) {
     if width < W {
         panel.iter_mut().for_each(|p| p.fill(0.0));
     }
     match src {
         Src::Rows(m) => {
             for (k, p) in panel.iter_mut().enumerate() {
-                p[..width].copy_from_slice(&m[k * n + c..k * n + c + width]);
+                let at = (k0 + k) * n + c;
+                p[..width].copy_from_slice(&m[at..at + width]);
             }
         }
         Src::Cols(m) => {
             for i in 0..width {
-                let column = &m[(c + i) * n_src..(c + i + 1) * n_src];
+                let column = &m[(c + i) * n_src + k0..(c + i + 1) * n_src];
                 for (p, &v) in panel.iter_mut().zip(column) {
                     p[i] = v;
                 }

@@ -100,6 +100,11 @@ fn linear_forward_rows_agree_across_blocking() {
 /// ends in a partial group of four.
 const PRODUCT_SHAPE: (usize, usize, usize) = (13, 4 * 64 + 37, 603);
 
+/// The products' cache blocking, and one that cuts [`PRODUCT_SHAPE`] into runs
+/// of 64 terms (the last a partial group of four), runs of 8 rows and groups of
+/// two tiles.
+const BLOCKINGS: [layers::Blocking; 2] = [layers::Blocking::CACHES, layers::Blocking { k: 64, rows: 8, panel_bytes: 16 << 10 }];
+
 /// The product tests' source (values of mixed magnitude, so that reassociation
 /// would show), the same operand stored as [n, n_src] (how weights are kept) and
 /// read as its transpose, and the coefficients.
@@ -116,19 +121,21 @@ fn product_operands(seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 fn matrix_products_give_the_same_bits_at_every_vector_level() {
     let (rows, n, n_src) = PRODUCT_SHAPE;
     let (src, src_t, coef) = product_operands(3);
-    let run = |level: simd::Level, threads: usize, src: layers::Src<'_>| {
+    let run = |level: simd::Level, blocking: layers::Blocking, threads: usize, src: layers::Src<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, simd::Math::Portable, &mut out, n, src, n_src, threads, layers::Coefs::rows(&coef, n_src));
+        layers::accumulate_rows_at(level, simd::Math::Portable, blocking, &mut out, n, src, n_src, threads, layers::Coefs::rows(&coef, n_src));
         out
     };
-    let reference = run(simd::Level::Baseline, 1, layers::Src::Rows(&src));
+    let reference = run(simd::Level::Baseline, layers::Blocking::CACHES, 1, layers::Src::Rows(&src));
     let levels: Vec<_> = simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()).collect();
     for &level in &levels {
-        for threads in [1, 2, 3] {
-            for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
-                let out = run(level, threads, src);
-                let same = out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{} with {threads} threads from {layout} differs from the baseline", level.name());
+        for blocking in BLOCKINGS {
+            for threads in [1, 2, 3] {
+                for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
+                    let out = run(level, blocking, threads, src);
+                    let same = out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} {blocking:?} with {threads} threads from {layout} differs from the baseline", level.name());
+                }
             }
         }
     }
@@ -143,12 +150,12 @@ fn fused_products_are_one_fma_per_term_at_every_fused_level() {
     let (src, src_t, coef) = product_operands(4);
     // the coefficients also as [n_src, rows], read transposed (as a weight's gradient reads dy)
     let coef_t = layers::transpose(&coef, n_src, rows);
-    let run_with = |level: simd::Level, math: simd::Math, threads: usize, src: layers::Src<'_>, coefs: layers::Coefs<'_>| {
+    let run_with = |level: simd::Level, math: simd::Math, blocking: layers::Blocking, threads: usize, src: layers::Src<'_>, coefs: layers::Coefs<'_>| {
         let mut out = vec![0.5f32; rows * n];
-        layers::accumulate_rows_at(level, math, &mut out, n, src, n_src, threads, coefs);
+        layers::accumulate_rows_at(level, math, blocking, &mut out, n, src, n_src, threads, coefs);
         out
     };
-    let run = |level, math, threads, src| run_with(level, math, threads, src, layers::Coefs::rows(&coef, n_src));
+    let run = |level, math, blocking, threads, src| run_with(level, math, blocking, threads, src, layers::Coefs::rows(&coef, n_src));
     // the definition, element by element: y ← fma(a, x, y) for k ascending
     let mut expected = vec![0.5f32; rows * n];
     for r in 0..rows {
@@ -160,18 +167,20 @@ fn fused_products_are_one_fma_per_term_at_every_fused_level() {
         }
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let portable = run(simd::Level::Baseline, simd::Math::Portable, 1, layers::Src::Rows(&src));
+    let portable = run(simd::Level::Baseline, simd::Math::Portable, layers::Blocking::CACHES, 1, layers::Src::Rows(&src));
     assert_ne!(bits(&portable), bits(&expected), "the inputs should tell fused from portable rounding");
     let mut fused_levels = Vec::new();
     for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
         // a level without a fused kernel (or a CPU without FMA) keeps the portable bits
         let want = if simd::fuses_at(level) { &expected } else { &portable };
-        for threads in [1, 2, 3] {
-            for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
-                let out = run(level, simd::Math::Fused, threads, src);
-                assert!(bits(&out) == bits(want), "{} fused with {threads} threads from {layout}", level.name());
-                let out = run_with(level, simd::Math::Fused, threads, src, layers::Coefs::cols(&coef_t, rows));
-                assert!(bits(&out) == bits(want), "{} fused with {threads} threads from {layout}, coefficients transposed", level.name());
+        for blocking in BLOCKINGS {
+            for threads in [1, 2, 3] {
+                for (layout, src) in [("rows", layers::Src::Rows(&src)), ("columns", layers::Src::Cols(&src_t))] {
+                    let out = run(level, simd::Math::Fused, blocking, threads, src);
+                    assert!(bits(&out) == bits(want), "{} fused {blocking:?} with {threads} threads from {layout}", level.name());
+                    let out = run_with(level, simd::Math::Fused, blocking, threads, src, layers::Coefs::cols(&coef_t, rows));
+                    assert!(bits(&out) == bits(want), "{} fused {blocking:?} with {threads} threads from {layout}, coefficients transposed", level.name());
+                }
             }
         }
         if simd::fuses_at(level) {
