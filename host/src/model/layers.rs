@@ -178,7 +178,7 @@ impl<'a> Coefs<'a> {
 
     /// The same matrix from term `k0` on: `a'(r, k) = a(r, k0 + k)`.
     #[inline(always)]
-    fn from_k(&self, k0: usize) -> Self {
+    fn skip_terms(&self, k0: usize) -> Self {
         Self { data: &self.data[(k0 * self.k_stride).min(self.data.len())..], ..*self }
     }
 
@@ -361,7 +361,7 @@ fn tiled_segments<const W: usize, const FUSED: bool>(blocking: Blocking, mut seg
     let mut panels = vec![[0f32; W]; group * kc];
     for k0 in (0..n_src).step_by(kc) {
         let kl = kc.min(n_src - k0);
-        let a = a.from_k(k0);
+        let a = a.skip_terms(k0);
         for t0 in (0..tiles).step_by(group) {
             let group_tiles = t0..(t0 + group).min(tiles);
             for t in group_tiles.clone() {
