@@ -92,6 +92,10 @@ pub struct LlamaModel {
     grad_scratch: Mutex<Vec<ParamSet>>,
     /// A step's gradient given back by [`Self::recycle_grads`].
     spare_grads: Mutex<Option<ParamSet>>,
+    /// The LM head's `[rows, vocab]` buffers (logits or softmax, and their
+    /// gradient), 65 MB a sequence at a 32k vocabulary: kept between uses, since
+    /// fresh ones cost a page fault per 4 KiB and, once freed, a TLB shootdown.
+    pub(super) head_buffers: Mutex<Vec<Vec<f32>>>,
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
@@ -251,7 +255,7 @@ impl LlamaModel {
         check_layout(&config, &params)?;
         let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()), spare_grads: Mutex::new(None) })
+        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()), spare_grads: Mutex::new(None), head_buffers: Mutex::new(Vec::new()) })
     }
 
     /// Worker threads for batch work. Results do not depend on it.
@@ -287,6 +291,34 @@ impl LlamaModel {
     /// [`Self::zeroed_grads`].
     pub fn recycle_grads(&self, grads: ParamSet) {
         *self.spare_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
+    }
+
+    /// Keeps the LM head's buffers of a [`Self::forward`] that
+    /// [`Self::backward`] has used, for the next steps' heads.
+    pub fn recycle_forward(&self, fwd: Forward) {
+        for tape in fwd.tapes {
+            if let Some(head) = tape.head {
+                self.give_head_buffer(head.probs);
+            }
+        }
+    }
+
+    /// `len` zeros, in a kept head buffer large enough if there is one.
+    fn head_buffer(&self, len: usize) -> Vec<f32> {
+        let kept = {
+            let mut kept = self.head_buffers.lock().unwrap_or_else(|e| e.into_inner());
+            kept.iter().position(|b| b.capacity() >= len).map(|i| kept.swap_remove(i))
+        };
+        let mut buffer = kept.unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, 0.0);
+        buffer
+    }
+
+    fn give_head_buffer(&self, buffer: Vec<f32>) {
+        if buffer.capacity() > 0 {
+            self.head_buffers.lock().unwrap_or_else(|e| e.into_inner()).push(buffer);
+        }
     }
 
     /// The shared state of a call that runs `sequences` sequences in parallel,
@@ -533,7 +565,12 @@ impl LlamaModel {
             nf,
             rstdf,
             rows,
-            head: keep.then_some(head),
+            head: if keep {
+                Some(head)
+            } else {
+                self.give_head_buffer(head.probs);
+                None
+            },
         };
         (logp as f32, stats, tape)
     }
@@ -548,7 +585,7 @@ impl LlamaModel {
         for &(p, _) in rows {
             hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
         }
-        let mut logits = vec![0f32; rows.len() * vocab];
+        let mut logits = self.head_buffer(rows.len() * vocab);
         layers::linear_forward(&mut logits, &hsel, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
         let mut probs = vec![0f32; vocab];
         for (r, &(_, tgt)) in rows.iter().enumerate() {
@@ -569,22 +606,22 @@ impl LlamaModel {
         let t = tape.tokens.len();
 
         let r = tape.rows.len();
-        let mut dlogits = vec![0f32; r * vocab];
+        let mut dlogits = self.head_buffer(r * vocab);
         let mut head_backward = |i: usize, probs: &[f32]| {
             layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], probs, tape.rows[i].1 as usize, coef)
         };
-        let recomputed;
-        let hsel = match &tape.head {
+        let recomputed = match &tape.head {
             Some(head) => {
                 for (i, probs) in head.probs.chunks_exact(vocab).enumerate() {
                     head_backward(i, probs);
                 }
-                &head.hsel
+                None
             }
-            None => {
-                recomputed = self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, _, probs| head_backward(i, probs));
-                &recomputed.hsel
-            }
+            None => Some(self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, _, probs| head_backward(i, probs))),
+        };
+        let hsel = match (&recomputed, &tape.head) {
+            (Some(head), _) | (None, Some(head)) => &head.hsel,
+            (None, None) => unreachable!("the head is kept or recomputed"),
         };
         let mut dhsel = vec![0f32; r * c];
         layers::linear_backward(
@@ -597,6 +634,10 @@ impl LlamaModel {
             vocab,
             pass.par,
         );
+        self.give_head_buffer(dlogits);
+        if let Some(head) = recomputed {
+            self.give_head_buffer(head.probs);
+        }
         let mut dnf = vec![0f32; t * c];
         for (i, &(p, _)) in tape.rows.iter().enumerate() {
             layers::axpy(&mut dnf[p * c..(p + 1) * c], 1.0, &dhsel[i * c..(i + 1) * c]);

@@ -799,3 +799,26 @@ fn a_recycled_gradient_comes_back_zero_in_the_same_buffers() {
     // taken once: the next one is fresh
     assert_ne!(model.zeroed_grads().tensors[0].data.as_ptr(), before[0]);
 }
+
+#[test]
+fn reused_head_buffers_give_the_same_gradients_kept_or_recomputed() {
+    let mut model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 5).unwrap();
+    let seqs = batch();
+    let grads = |model: &LlamaModel| {
+        let fwd = model.forward(&seqs).unwrap();
+        let mut g = model.zeroed_grads();
+        model.backward(&fwd, &[1.0, 2.0, -1.0], &mut g).unwrap();
+        let logps = fwd.logps.clone();
+        model.recycle_forward(fwd);
+        (logps, g)
+    };
+    let fresh = grads(&model);
+    // the second and third runs take the first's head buffers, holding its values
+    for kept_max in [usize::MAX, 0] {
+        model.head_kept_max = kept_max;
+        let again = grads(&model);
+        assert_eq!(again.0, fresh.0);
+        assert_eq!(again.1, fresh.1, "head kept up to {kept_max}");
+    }
+    assert!(!model.head_buffers.lock().unwrap().is_empty(), "the head's buffers are kept for reuse");
+}

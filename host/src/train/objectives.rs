@@ -133,11 +133,13 @@ impl LmObjective {
 
 /// The CPU model's per-sequence log-probs and gradients of `Σ coefs[b]·logp_b`.
 fn cpu_backward(model: &LlamaModel, seqs: &[Sequence], coefs: impl Fn(&[f32]) -> Result<Vec<f32>>) -> Result<(Vec<f32>, ParamSet, Vec<HeadStats>)> {
-    let fwd = model.forward(seqs).map_err(TrainError::arch("policy forward"))?;
+    let mut fwd = model.forward(seqs).map_err(TrainError::arch("policy forward"))?;
     let coefs = coefs(&fwd.logps)?;
     let mut grads = model.zeroed_grads();
     model.backward(&fwd, &coefs, &mut grads).map_err(TrainError::arch("policy backward"))?;
-    Ok((fwd.logps, grads, fwd.head))
+    let (logps, head) = (std::mem::take(&mut fwd.logps), std::mem::take(&mut fwd.head));
+    model.recycle_forward(fwd);
+    Ok((logps, grads, head))
 }
 
 /// The same on the GPU model, whose device weights must be current.
