@@ -619,10 +619,7 @@ impl LlamaModel {
             }
             None => Some(self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, _, probs| head_backward(i, probs))),
         };
-        let hsel = match (&recomputed, &tape.head) {
-            (Some(head), _) | (None, Some(head)) => &head.hsel,
-            (None, None) => unreachable!("the head is kept or recomputed"),
-        };
+        let hsel = &recomputed.as_ref().or(tape.head.as_ref()).expect("the head is kept or recomputed").hsel;
         let mut dhsel = vec![0f32; r * c];
         layers::linear_backward(
             Some(&mut dhsel),

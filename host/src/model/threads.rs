@@ -43,27 +43,19 @@ pub(super) fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T 
     slots.into_iter().map(|s| s.expect("every index is claimed by exactly one worker")).collect()
 }
 
+/// Elements per job of [`zero`] and [`add_and_zero`].
+const CHUNK: usize = 1 << 16;
+
 /// Sets every element of `set` to zero, on up to `threads` threads.
 pub(super) fn zero(set: &mut ParamSet, threads: usize) {
-    const CHUNK: usize = 1 << 16;
     let mut chunks: Vec<&mut [f32]> = set.tensors.iter_mut().flat_map(|t| t.data.chunks_mut(CHUNK)).collect();
-    if threads <= 1 {
-        chunks.iter_mut().for_each(|c| c.fill(0.0));
-        return;
-    }
-    let per = chunks.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for share in chunks.chunks_mut(per.max(1)) {
-            s.spawn(move || share.iter_mut().for_each(|c| c.fill(0.0)));
-        }
-    });
+    in_shares(&mut chunks, threads, |c| c.fill(0.0));
 }
 
 /// `grads += parts[0]; grads += parts[1]; …` element by element in that order,
 /// leaving every part zero. Threads take disjoint ranges of each tensor, so the
 /// bits do not depend on their number.
 pub(super) fn add_and_zero(grads: &mut ParamSet, parts: &mut [std::sync::MutexGuard<'_, ParamSet>], threads: usize) {
-    const CHUNK: usize = 1 << 16;
     let mut jobs: Vec<(&mut [f32], Vec<&mut [f32]>)> = Vec::new();
     let mut part_tensors: Vec<_> = parts.iter_mut().map(|p| p.tensors.iter_mut()).collect();
     for gt in grads.tensors.iter_mut() {
@@ -75,20 +67,26 @@ pub(super) fn add_and_zero(grads: &mut ParamSet, parts: &mut [std::sync::MutexGu
             jobs.push((g, part_chunks.iter_mut().map(|c| c.next().expect("same length")).collect()));
         }
     }
-    let run = |(g, ps): &mut (&mut [f32], Vec<&mut [f32]>)| {
+    in_shares(&mut jobs, threads, |(g, ps)| {
         for p in ps.iter_mut() {
             layers::axpy(g, 1.0, p);
             p.fill(0.0);
         }
-    };
+    });
+}
+
+/// `work` on every item, the items cut into up to `threads` contiguous shares
+/// that run on threads of their own.
+fn in_shares<T: Send>(items: &mut [T], threads: usize, work: impl Fn(&mut T) + Sync) {
     if threads <= 1 {
-        jobs.iter_mut().for_each(run);
+        items.iter_mut().for_each(work);
         return;
     }
-    let per = jobs.len().div_ceil(threads);
+    let per = items.len().div_ceil(threads).max(1);
+    let work = &work;
     std::thread::scope(|s| {
-        for share in jobs.chunks_mut(per.max(1)) {
-            s.spawn(move || share.iter_mut().for_each(run));
+        for share in items.chunks_mut(per) {
+            s.spawn(move || share.iter_mut().for_each(work));
         }
     });
 }

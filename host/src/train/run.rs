@@ -366,7 +366,10 @@ pub fn train(
                 stats.merge(&st);
                 match grads.as_mut() {
                     None => grads = Some(g),
-                    Some(acc) => add_into(acc, &g)?,
+                    Some(acc) => {
+                        add_into(acc, &g)?;
+                        objective.recycle_gradient(g);
+                    }
                 }
             }
             let mut grads = grads.expect("grad_accum >= 1");
