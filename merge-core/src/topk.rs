@@ -554,8 +554,13 @@ impl RadixSelect {
             let start = offset + (b * BLOCK) as u64;
             let keys = block_keys(&self.scope, start, block, &key, &mut key_buf)?;
             match pass {
-                // The first pass: every element is a candidate.
-                Pass::Key { shift, bits, .. } if shift + bits == KEY_BITS => self.count_dense(start, keys, shift, digit_mask(bits), &mut ends),
+                // The first pass: every element is a candidate. Its digit is
+                // always the top one, and a shift by a constant is one
+                // instruction where a shift by a variable is three.
+                Pass::Key { shift, bits, .. } if shift + bits == KEY_BITS => {
+                    debug_assert_eq!((shift, bits), (KEY_BITS - DIGIT_BITS, DIGIT_BITS));
+                    self.count_dense(start, keys, KEY_BITS - DIGIT_BITS, digit_mask(DIGIT_BITS), &mut ends)
+                }
                 Pass::Key { shift, bits, .. } => {
                     let hit = hit_count(&pass, keys);
                     if hit == keys.len() {
