@@ -122,7 +122,14 @@ fn worst_value(step: &TensorStep<'_>, b: f64, update_is_input: bool) -> Option<f
 /// values never are: their magnitude bits exceed any finite limit).
 #[inline(always)]
 pub(crate) fn magnitudes_within(limit: u32, xs: &[f32]) -> bool {
-    xs.iter().fold(0u32, |w, x| w.max(x.to_bits() & ABS)) <= limit
+    largest_magnitude(xs) <= limit
+}
+
+/// The magnitude bits of the largest value of `xs` in magnitude (0 when empty),
+/// for comparing with a limit later.
+#[inline(always)]
+pub(crate) fn largest_magnitude(xs: &[f32]) -> u32 {
+    xs.iter().fold(0u32, |w, x| w.max(x.to_bits() & ABS))
 }
 
 /// Whether every value of `xs` is `+0`-signed or positive and at most the limit

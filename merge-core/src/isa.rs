@@ -31,7 +31,7 @@ macro_rules! passes_for {
             /// # Safety
             /// The CPU must have the features named in the attribute.
             #[target_feature(enable = $features)]
-            pub fn scan_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+            pub fn scan_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
                 step.scan_chunk(offset, grad, state, tau, norms, delta_out)
             }
 

@@ -120,8 +120,41 @@ pub struct ParallelJob<'a> {
 /// all-or-nothing contract of [`StepPlan::step_tensors`]: every tensor is
 /// validated before any is written. OnTIES needs room for the update: one
 /// binary32 buffer as large as the largest tensor (per-tensor scope) or as all of
-/// them (global scope), allocated for the step. `passes` runs the chunks.
+/// them (global scope), allocated for the step ([`step_tensors_in`] keeps it
+/// between steps). `passes` runs the chunks.
 pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+    step_tensors_in(plan, jobs, threads, passes, &mut Scratch::default())
+}
+
+/// Room a step needs beyond its tensors, kept by the caller between steps: the
+/// OnTIES update (binary32, as large as the largest tensor, or as all of them for
+/// global scope). A buffer that large is mapped fresh by the allocator on every
+/// use, and faulting its pages in cost a quarter of a two-thread OnTIES step on
+/// 16M parameters; kept, it is reused. Other steps leave it empty.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    update: Vec<f32>,
+}
+
+impl Scratch {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.update.capacity() * core::mem::size_of::<f32>()
+    }
+
+    /// `len` elements of room for the update; their values are whatever a
+    /// previous step left (every pass that reads them writes them first).
+    fn update(&mut self, len: usize) -> &mut [f32] {
+        if self.update.len() < len {
+            self.update.resize(len, 0.0);
+        }
+        &mut self.update[..len]
+    }
+}
+
+/// [`step_tensors`], with the step's room taken from (and left in) `scratch`.
+/// The bits do not depend on what `scratch` held.
+pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch) -> Result<(), Error> {
     let threads = threads.max(1);
     let mut steps = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
@@ -153,7 +186,7 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
     // arithmetic) as soon as their threshold is known; global scope keeps the
     // whole update, so its writes read it too.
     let (checked, global_update) = if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &ranges, &mut steps, threads, passes)?
+        select_ties(plan, jobs, &ranges, &mut steps, threads, passes, scratch)?
     } else {
         (std::vec![false; jobs.len()], None)
     };
@@ -196,9 +229,12 @@ fn job_starts(jobs: &[ParallelJob<'_>]) -> Vec<usize> {
 /// update (`update`, indexed from `starts[job]`), on up to `threads` threads;
 /// marks them in `checked`.
 #[allow(clippy::too_many_arguments)]
-fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
+fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], bounds: &ChunkBounds, which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
     let chosen = |j: usize| which(j) && matches!(jobs[j].theta, Param::F32(_));
-    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| chosen(c.job)).collect();
+    let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, true)).collect();
+    // A chunk whose values all lie within the limit passes every block's
+    // shortcut: it is known to pass without being read again.
+    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| chosen(c.job) && limits[c.job].is_none_or(|l| bounds.of(c) > l)).collect();
     run(threads, chunks, |c, buf| {
         let at = starts[c.job] + c.lo;
         buf.check_from_update(passes, &steps[c.job], &c, &update[at..at + c.len])
@@ -240,9 +276,10 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
-/// Returns which jobs it validated, and for global scope the whole update.
+/// Returns which jobs it validated, and for global scope the whole update (in
+/// `scratch`).
 #[allow(clippy::type_complexity)]
-fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses) -> Result<(Vec<bool>, Option<Vec<f32>>), Error> {
+fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &'s mut Scratch) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
     let mut checked = std::vec![false; jobs.len()];
     if plan.trims_globally() {
@@ -252,11 +289,13 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
             }
         }
         const SCOPE: &str = "all tensors (global scope)";
-        let mut update = std::vec![0.0f32; lens.iter().sum()];
+        let update = scratch.update(lens.iter().sum());
         let first = plan.ties_start_select(SCOPE, update.len() as u64)?;
-        let counted = scan_updates(jobs, ranges, steps, &mut update, None, first.as_ref(), threads, passes)?;
+        let mut bounds = ChunkBounds::new(&lens);
+        let counted = scan_updates(jobs, ranges, steps, update, None, first.as_ref(), threads, passes, &mut bounds)?;
+        let update = &*update;
         let mut parts = Vec::with_capacity(jobs.len());
-        let mut rest = &update[..];
+        let mut rest = update;
         for &n in &lens {
             let (head, tail) = rest.split_at(n);
             parts.push(head);
@@ -268,18 +307,19 @@ fn select_ties(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRan
             set_selection(step, selection, offset);
             offset += n as u64;
         }
-        check_from_update(jobs, ranges, steps, &update, &job_starts(jobs), |_| true, threads, passes, &mut checked)?;
+        check_from_update(jobs, ranges, steps, update, &job_starts(jobs), &bounds, |_| true, threads, passes, &mut checked)?;
         Ok((checked, Some(update)))
     } else {
-        let mut update = std::vec![0.0f32; lens.iter().copied().max().unwrap_or(0)];
+        let update = scratch.update(lens.iter().copied().max().unwrap_or(0));
         let starts = std::vec![0; jobs.len()];
+        let mut bounds = ChunkBounds::new(&lens);
         for (j, &n) in lens.iter().enumerate() {
             let first = plan.ties_start_select(steps[j].name, n as u64)?;
-            let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), threads, passes)?;
+            let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), threads, passes, &mut bounds)?;
             let part = [&update[..n]];
             let selection = plan.ties_selection_after(steps[j].name, &part, |radix| later_radix_passes(radix, &counted, &part, threads, passes))?;
             set_selection(&mut steps[j], selection, 0);
-            check_from_update(jobs, ranges, steps, &update[..n], &starts, |k| k == j, threads, passes, &mut checked)?;
+            check_from_update(jobs, ranges, steps, &update[..n], &starts, &bounds, |k| k == j, threads, passes, &mut checked)?;
         }
         Ok((checked, None))
     }
@@ -373,12 +413,28 @@ fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, s
     }
 }
 
-/// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`.
+/// Per chunk of each job, the magnitude bits of the largest value the OnTIES
+/// check from the update reads (`θ`, the update, `Δ_c`, `τ'`), recorded by the
+/// scan while the chunk is in cache; `u32::MAX` (no bound) where not recorded.
+struct ChunkBounds(Vec<Vec<u32>>);
+
+impl ChunkBounds {
+    fn new(lens: &[usize]) -> ChunkBounds {
+        ChunkBounds(lens.iter().map(|&n| std::vec![u32::MAX; n.div_ceil(CHUNK)]).collect())
+    }
+
+    fn of(&self, c: &ChunkView<'_>) -> u32 {
+        self.0[c.job][c.lo / CHUNK]
+    }
+}
+
+/// Writes the update of one job (`only`) or of all jobs, concatenated, into `out`,
+/// and records each chunk's bound in `bounds`.
 /// With `first`, a radix select in its first pass over that scope, each thread
 /// also counts the chunks it wrote into a copy of it while they are in cache;
 /// the copies are returned, for [`RadixSelect::absorb`].
 #[allow(clippy::too_many_arguments)]
-fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, first: Option<&RadixSelect>, threads: usize, passes: &dyn ChunkPasses) -> Result<Vec<RadixSelect>, Error> {
+fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, first: Option<&RadixSelect>, threads: usize, passes: &dyn ChunkPasses, bounds: &mut ChunkBounds) -> Result<Vec<RadixSelect>, Error> {
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
     let mut items = Vec::with_capacity(chunks.len());
     let (mut rest, mut at) = (out, 0u64);
@@ -389,14 +445,17 @@ fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[Tenso
         at += len as u64;
         rest = tail;
     }
-    let (_, copies) = run_with(threads, items, || first.cloned(), |(c, out, at), buf, copy| {
+    let (recorded, copies) = run_with(threads, items, || first.cloned(), |(c, out, at), buf, copy| {
         let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
-        passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(&mut *out))?;
-        match copy {
-            Some(copy) => passes.radix_feed(copy, at, out),
-            None => Ok(()),
+        let bound = passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(&mut *out))?;
+        if let Some(copy) = copy {
+            passes.radix_feed(copy, at, out)?;
         }
+        Ok((c.job, c.lo / CHUNK, bound))
     })?;
+    for (job, chunk, bound) in recorded {
+        bounds.0[job][chunk] = bound;
+    }
     Ok(copies.into_iter().flatten().collect())
 }
 
@@ -820,6 +879,10 @@ mod tests {
     }
 
     fn parallel_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool) -> Result<(), Error> {
+        parallel_step_in(plan, st, g, k, threads, packed, &mut Scratch::default())
+    }
+
+    fn parallel_step_in(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool, scratch: &mut Scratch) -> Result<(), Error> {
         let packs: Vec<(Vec<u8>, Vec<f32>)> = st.iter().map(|s| pack(&s.tau)).collect();
         let mut jobs: Vec<ParallelJob<'_>> = st
             .iter_mut()
@@ -836,7 +899,7 @@ mod tests {
                 tau: if packed { TaskVector::Packed { stored, values } } else { TaskVector::Dense(Src::F32(&s.tau)) },
             })
             .collect();
-        step_tensors(plan, &mut jobs, threads, &Portable)
+        step_tensors_in(plan, &mut jobs, threads, &Portable, scratch)
     }
 
     #[test]
@@ -845,14 +908,17 @@ mod tests {
             let mut opt = Optimizer::new(cfg).unwrap();
             let mut want = states(1);
             let mut got: Vec<Vec<State>> = [1, 2, 3, 7].iter().map(|_| states(1)).collect();
+            // Each thread count keeps its scratch across the steps, and starts it
+            // with NaNs: what a scratch holds never shows in the bits.
+            let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch { update: vec![f32::NAN; 3 * CHUNK] }).collect();
             let mut rng = SplitMix64::new(2);
             for _ in 0..3 {
                 let plan = opt.begin_step().unwrap();
                 let g = grads(&mut rng);
                 sequential_step(&plan, &mut want, &g, cfg.k).unwrap();
-                for (st, threads) in got.iter_mut().zip([1, 2, 3, 7]) {
+                for ((st, scratch), threads) in got.iter_mut().zip(&mut scratches).zip([1, 2, 3, 7]) {
                     // Odd thread counts read τ' packed: the same bits.
-                    parallel_step(&plan, st, &g, cfg.k, threads, threads % 2 == 1).unwrap();
+                    parallel_step_in(&plan, st, &g, cfg.k, threads, threads % 2 == 1, scratch).unwrap();
                     assert!(*st == want, "{label}, {threads} threads, step {}", plan.step());
                 }
             }

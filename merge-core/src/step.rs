@@ -68,7 +68,7 @@ impl TiesCheck {
 pub trait ChunkPasses: Sync {
     /// [`TensorStep::scan_chunk`].
     #[allow(clippy::too_many_arguments)]
-    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error>;
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<u32, Error>;
     /// [`TensorStep::check_chunk`].
     fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
     /// [`TensorStep::write_chunk`].
@@ -89,7 +89,7 @@ pub trait ChunkPasses: Sync {
 pub struct Portable;
 
 impl ChunkPasses for Portable {
-    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
         step.scan_chunk(offset, grad, state, tau, norms, delta_out)
     }
 
@@ -426,12 +426,22 @@ impl TensorStep<'_> {
 
     /// Pass 1: streams `‖D‖₁` and `‖D'‖₁` into `norms` (if given) and `D` into
     /// `delta_out` (if given, same length as the chunk); writes nothing else.
+    /// Returns the magnitude bits of the chunk's largest `θ`, `D`, `Δ_c` or `τ'`
+    /// in magnitude (`u32::MAX` for a `τ'` not stored in binary32), read while
+    /// each block is in cache: the OnTIES check from the update
+    /// ([`TensorStep::check_chunk_from_update`]) reads nothing else, so a chunk
+    /// within its bound needs no second look.
     #[inline(always)]
-    pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+    pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
+        use crate::finite::largest_magnitude;
         self.check_lengths(offset, grad, &state, &tau)?;
         if let Some(d) = delta_out.as_deref() && d.len() != grad.len() {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
         }
+        let mut largest = match tau {
+            Src::F32(_) => 0,
+            _ => u32::MAX,
+        };
         self.run(Pass::Scan, None, offset, grad, &state, &tau, |start, out, n| {
             if let Some(norms) = norms.as_deref_mut() {
                 norms.update.push_abs_slice(&out.d[..n]);
@@ -440,7 +450,15 @@ impl TensorStep<'_> {
             if let Some(d) = delta_out.as_deref_mut() {
                 d[start..start + n].copy_from_slice(&out.d[..n]);
             }
-        })
+            let r = start..start + n;
+            let inputs = largest_magnitude(&state.theta[r.clone()]).max(state.cached.map_or(0, |c| largest_magnitude(&c[r.clone()])));
+            let tau = match tau {
+                Src::F32(t) if !t.is_empty() => largest_magnitude(&t[r]),
+                _ => 0,
+            };
+            largest = largest.max(inputs).max(tau).max(largest_magnitude(&out.d[..n]));
+        })?;
+        Ok(largest)
     }
 
     /// Pass 2: computes every output of the chunk and validates it; writes nothing.
@@ -485,7 +503,7 @@ impl TensorStep<'_> {
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
-            tau.load_into(start, &mut tau_buf[..len]);
+            let tau_in = tau_block_f32(&tau, start, len, &mut tau_buf);
             let e = t.element(offset + start as u64);
             let theta = &state.theta[start..start + len];
             let d = &update[start..start + len];
@@ -494,14 +512,14 @@ impl TensorStep<'_> {
                 _ => &zeros[..len],
             };
             if let Some(limit) = limit
-                && [theta, d, c, &tau_buf[..len]].into_iter().all(|x| crate::finite::magnitudes_within(limit, x))
+                && [theta, d, c, tau_in].into_iter().all(|x| crate::finite::magnitudes_within(limit, x))
             {
                 start += len;
                 continue;
             }
             let mut bad = 0u32;
             for j in 0..len {
-                let (s, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(&self.scalars, &e, j as u32, theta[j], c[j], d[j], tau_buf[j]);
+                let (s, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(&self.scalars, &e, j as u32, theta[j], c[j], d[j], flush(tau_in[j]));
                 sp[j] = s;
                 theta2[j] = th2;
                 bad |= nf(s) | nf(th2);
@@ -561,7 +579,7 @@ impl TensorStep<'_> {
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            tau.load_into(start, &mut tau_buf[..len]);
+            let tau_in = tau_block_f32(&tau, start, len, &mut tau_buf);
             let e = t.element(offset + start as u64);
             let (g, th, mm, vv, d) = (&grad[r.clone()], &theta[r.clone()], &m[r.clone()], &v[r.clone()], &update[r.clone()]);
             let c = match cached.as_deref() {
@@ -571,7 +589,7 @@ impl TensorStep<'_> {
             let mut bad = 0u32;
             for j in 0..len {
                 let (m1, v1) = adam::moments(s, flush(g[j]), flush(mm[j]), flush(vv[j]));
-                let (spj, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(s, &e, j as u32, th[j], c[j], d[j], tau_buf[j]);
+                let (spj, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(s, &e, j as u32, th[j], c[j], d[j], flush(tau_in[j]));
                 m1s[j] = m1;
                 v1s[j] = v1;
                 sp[j] = spj;
@@ -897,6 +915,19 @@ impl TensorStep<'_> {
             }
         }
         unreachable!("a block flagged non-finite has a non-finite value")
+    }
+}
+
+/// The task vector's elements `start .. start + len` as binary32: a binary32
+/// task vector in place (not yet flushed), any other converted into `buf`.
+#[inline(always)]
+fn tau_block_f32<'b>(tau: &Src<'b>, start: usize, len: usize, buf: &'b mut [f32; BLOCK]) -> &'b [f32] {
+    match *tau {
+        Src::F32(t) => &t[start..start + len],
+        _ => {
+            tau.load_into(start, &mut buf[..len]);
+            &buf[..len]
+        }
     }
 }
 

@@ -88,7 +88,7 @@ impl Cpu {
 // `Level::detected()`, and each `isa` copy is called only at its own level, so
 // the CPU has the features the copy was compiled with.
 impl ChunkPasses for Cpu {
-    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<(), Error> {
+    fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => unsafe { merge_core::isa::avx512::scan_chunk(step, offset, grad, state, tau, norms, delta_out) },

@@ -70,8 +70,11 @@ def ours(kind, shapes, threads):
     if kind == "adamw":
         opt = AdamW(named, lr=HYPER["lr"], weight_decay=0.0, adam_form="hf", threads=threads)
     else:
-        cls = OnDAREAdamW if kind == "dare" else OnTIESAdamW
-        opt = cls(named, lr=HYPER["lr"], reserve_p=HYPER["reserve_p"], use_merge=True, alpha=HYPER["alpha"], seed=1, threads=threads)
+        if kind == "dare":
+            opt = OnDAREAdamW(named, lr=HYPER["lr"], reserve_p=HYPER["reserve_p"], use_merge=True, alpha=HYPER["alpha"], seed=1, threads=threads)
+        else:
+            opt = OnTIESAdamW(named, lr=HYPER["lr"], reserve_p=HYPER["reserve_p"], use_merge=True, alpha=HYPER["alpha"], seed=1, threads=threads,
+                              keep_scratch=kind == "ties-keep")
         g = torch.Generator().manual_seed(2)
         for p in params:  # a task vector as init_ref_param_diff leaves it: reserve_p of it stored, packed
             tau = (torch.randn(p.shape, generator=g) * 1e-3).view(-1)
@@ -96,12 +99,14 @@ def official(kind, shapes):
 
 
 def extra_state_share(opt, params):
-    """Optimizer bytes beyond AdamW's exp_avg and exp_avg_sq, per parameter byte."""
+    """Optimizer bytes held between steps beyond AdamW's exp_avg and exp_avg_sq
+    (with keep_scratch, the kept update too), per parameter byte."""
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     if isinstance(opt, OfficialStep):
         total = sum(t.numel() * t.element_size() for t in opt.m + opt.v + (opt.tau or []))
     else:
         total = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        total += opt._scratch.nbytes if getattr(opt, "_scratch", None) is not None else 0
     return (total - 2 * param_bytes) / param_bytes
 
 
@@ -120,7 +125,7 @@ def main():
             drawn = [[torch.randn(s, generator=g) * 1e-3 for _, s in shapes] for _ in range(2)]
         print(f"\n{name}: {n / 1e6:.1f}M float32 parameters in {len(shapes)} tensors, minimum of {args.repeat} steps, "
               f"{'a gradient drawn per step' if drawn else 'the same gradient every step'}")
-        print(f"  {'optimizer':<34}{'1 thread':>12}{'2 threads':>12}   state beyond AdamW")
+        print(f"  {'optimizer':<38}{'1 thread':>12}{'2 threads':>12}   state beyond AdamW")
         rows = [
             ("torch AdamW foreach", lambda t: torch_adamw(False, shapes)),
             ("torch AdamW fused", lambda t: torch_adamw(True, shapes)),
@@ -129,6 +134,7 @@ def main():
             ("merge_core OnDAREAdamW", lambda t: ours("dare", shapes, t)),
             ("official OTAdamW (port)", lambda t: official("ties", shapes)),
             ("merge_core OnTIESAdamW", lambda t: ours("ties", shapes, t)),
+            ("merge_core OnTIESAdamW, keep_scratch", lambda t: ours("ties-keep", shapes, t)),
         ]
         for label, make in rows:
             times, share = [], None
@@ -147,7 +153,7 @@ def main():
                     best = min(best, time.perf_counter() - t0)
                 times.append(best * 1e3)
                 del run, params, opt
-            print(f"  {label:<34}{times[0]:10.1f}ms{times[1]:10.1f}ms   {share * 100:+6.0f}%", flush=True)
+            print(f"  {label:<38}{times[0]:10.1f}ms{times[1]:10.1f}ms   {share * 100:+6.0f}%", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,12 @@ class Core:
         lr: float,
         tensors: Sequence[Tuple[str, int, Memory, Memory, int, int, Optional[int], Optional[Memory]]],
         threads: int,
+        scratch: Optional["Scratch"] = None,
     ) -> None:
         """Steps each (name, length, grad, param, exp_avg address, exp_avg_sq address,
         cached-delta address or None, task vector or None) in place; nothing is
-        written unless every tensor passes."""
+        written unless every tensor passes. With a ``scratch``, the step's room is
+        taken from it and left in it for the next step."""
     def sharded_step(
         self,
         step: int,
@@ -56,6 +58,14 @@ class Core:
         float32 addresses."""
     def init_task_vectors(self, tensors: Sequence[Tuple[str, int, Memory, Memory, Memory]]) -> None:
         """Writes each (name, length, base, sft, out) task vector τ'."""
+
+class Scratch:
+    """Room a step reuses between steps: the OnTIES update, float32, as large as
+    the largest tensor stepped (or all of them, for global scope)."""
+    def __init__(self) -> None: ...
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
 
 class ShardedStep:
     """A step over sharded tensors: norms and OnTIES histograms are exchanged by

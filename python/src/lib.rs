@@ -249,8 +249,10 @@ impl Core {
 
     /// Steps every tensor in place as step `step` (1-based) with learning rate
     /// `lr`, on `threads` threads; the bits do not depend on `threads`. Nothing is
-    /// written unless every tensor passes.
-    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize) -> PyResult<()> {
+    /// written unless every tensor passes. With a `scratch`, the step's room is
+    /// taken from it and left in it for the next step.
+    #[pyo3(signature = (step, lr, tensors, threads, scratch=None))]
+    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize, mut scratch: Option<PyRefMut<'_, Scratch>>) -> PyResult<()> {
         let config = OnlineConfig { adam: AdamConfig { lr, ..self.config.adam }, ..self.config };
         let plan = Optimizer::new(config).and_then(|o| o.plan(step)).map_err(core_error)?;
         let merging = !matches!(config.merge, Merge::None);
@@ -288,7 +290,12 @@ impl Core {
             };
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
-        py.detach(|| parallel::step_tensors(&plan, &mut jobs, threads, &Cpu::detect())).map_err(core_error)
+        let scratch = scratch.as_deref_mut().map(|s| &mut s.room);
+        py.detach(|| match scratch {
+            Some(room) => parallel::step_tensors_in(&plan, &mut jobs, threads, &Cpu::detect(), room),
+            None => parallel::step_tensors(&plan, &mut jobs, threads, &Cpu::detect()),
+        })
+        .map_err(core_error)
     }
 
     /// Starts step `step` over this process's ranges of sharded float32 tensors:
@@ -367,9 +374,33 @@ impl Core {
     }
 }
 
+/// Room a step reuses between steps: the OnTIES update, float32, as large as
+/// the largest tensor stepped (or all of them, for global scope). Other steps
+/// leave it empty.
+#[pyclass(module = "merge_core._merge_core")]
+#[derive(Default)]
+struct Scratch {
+    room: parallel::Scratch,
+}
+
+#[pymethods]
+impl Scratch {
+    #[new]
+    fn new() -> Self {
+        Scratch::default()
+    }
+
+    /// Bytes held.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.room.bytes()
+    }
+}
+
 #[pymodule]
 fn _merge_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
+    m.add_class::<Scratch>()?;
     m.add_class::<shard::ShardedStep>()?;
     m.add("MergeCoreError", m.py().get_type::<MergeCoreError>())?;
     m.add("CHUNK", parallel::CHUNK)?;

@@ -67,6 +67,21 @@ def test_every_thread_count_gives_the_same_bits(kind, kw):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_a_kept_scratch_gives_the_same_bits_and_holds_the_update(scope, dtype):
+    results = []
+    for keep in (False, True):
+        m = model(dtype=dtype)
+        opt = make("ties", m, 2, scope=scope, keep_scratch=keep)
+        train(m, opt, 4)
+        results.append(bits(m))
+    sizes = [p.numel() for p in m.parameters()]
+    assert opt._scratch.nbytes == 4 * (max(sizes) if scope == "tensor" else sum(sizes))
+    assert same(results[0], results[1])
+    assert not same(results[0], bits(model(dtype=dtype))), "the optimizer changed nothing"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind,kw", [("dare", {"online_step": 2}), ("ties", {})])
 def test_state_dict_round_trip_continues_bit_identically(kind, kw, dtype):
     m = model(dtype=dtype)

@@ -145,6 +145,9 @@ pub struct Optimizer {
     state: Vec<TensorState>,
     /// Threads of the CPU step (the bits do not depend on it).
     threads: usize,
+    /// The CPU step's room (OnTIES's update), kept so that each step does not
+    /// fault in fresh memory.
+    scratch: parallel::Scratch,
     gpu: Option<GpuSide>,
     /// `params` lag the GPU's weights: resident steps ran since the last read.
     params_stale: bool,
@@ -183,7 +186,7 @@ impl Optimizer {
             })
             .collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { state, threads, core, params, cfg, gpu: None, params_stale: false })
+        Ok(Self { state, threads, scratch: parallel::Scratch::default(), core, params, cfg, gpu: None, params_stale: false })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -413,7 +416,7 @@ impl Optimizer {
                 tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
-        parallel::step_tensors(&plan, &mut jobs, self.threads, &merge_simd::Cpu::at_most(simd::active())).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
+        parallel::step_tensors_in(&plan, &mut jobs, self.threads, &merge_simd::Cpu::at_most(simd::active()), &mut self.scratch).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
     }
 
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.
