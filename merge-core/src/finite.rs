@@ -129,7 +129,13 @@ pub(crate) fn magnitudes_within(limit: u32, xs: &[f32]) -> bool {
 /// for comparing with a limit later.
 #[inline(always)]
 pub(crate) fn largest_magnitude(xs: &[f32]) -> u32 {
-    xs.iter().fold(0u32, |w, x| w.max(x.to_bits() & ABS))
+    largest_bits(xs, ABS)
+}
+
+/// The largest of `bits(x) & mask` over `xs` (0 when empty).
+#[inline(always)]
+pub(crate) fn largest_bits(xs: &[f32], mask: u32) -> u32 {
+    xs.iter().fold(0u32, |w, x| w.max(x.to_bits() & mask))
 }
 
 /// Whether every value of `xs` is `+0`-signed or positive and at most the limit

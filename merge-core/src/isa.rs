@@ -1,5 +1,5 @@
 //! The chunk passes of [`crate::step::TensorStep`] that the whole-tensor entries run,
-//! and the OnTIES radix select's counting and gathering
+//! the check pass's whole-chunk bound, and the OnTIES radix select's counting and gathering
 //! ([`crate::topk::RadixSelect::feed_values`], [`crate::topk::RadixSelect::gather_candidates`]),
 //! compiled again for wider x86-64 vector instructions, with the same bits.
 //!
@@ -87,6 +87,15 @@ macro_rules! passes_for {
             #[target_feature(enable = $features)]
             pub fn radix_gather(radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
                 radix.gather_candidates(offset, values, out)
+            }
+
+            /// [`crate::step::ChunkPasses::largest_bits`].
+            ///
+            /// # Safety
+            /// The CPU must have the features named in the attribute.
+            #[target_feature(enable = $features)]
+            pub fn largest_bits(values: &[f32], mask: u32) -> u32 {
+                crate::finite::largest_bits(values, mask)
             }
         }
     };

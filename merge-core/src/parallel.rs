@@ -193,7 +193,13 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
     let unchecked = chunk_views(jobs, &ranges).into_iter().filter(|c| !checked[c.job]).collect();
-    run(threads, unchecked, |c, buf| buf.check(passes, &steps[c.job], &c))?;
+    let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, false)).collect();
+    run(threads, unchecked, |c, buf| {
+        if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit)) {
+            return Ok(());
+        }
+        buf.check(passes, &steps[c.job], &c)
+    })?;
     match global_update {
         Some(update) => {
             let starts = job_starts(jobs);
@@ -212,6 +218,29 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
         }
     }
     Ok(())
+}
+
+/// Whether a binary32 chunk would pass the check pass ([`TensorStep::check_chunk`])
+/// because every input lies within its `limit` (`v` also not negative): then
+/// every block passes the check's shortcut, and the chunk passes without its
+/// blocks being visited or a packed `τ'` unpacked. Each input is scanned once,
+/// at the CPU's vector width; a packed `τ'` by its stored values only. A chunk
+/// whose lengths the check would refuse is left to it.
+fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>, limit: u32) -> bool {
+    const MAGNITUDE: u32 = 0x7fff_ffff;
+    let (Src::F32(grad), Src::F32(theta)) = (c.grad, c.theta) else { return false };
+    let (tau, tau_len) = match c.tau {
+        TaskVector::Dense(Src::F32(t)) => (t, t.len()),
+        // Unpacked, a packed τ' has the chunk's length (checked for the job).
+        TaskVector::Packed { stored: [], .. } => (&[][..], 0),
+        TaskVector::Packed { values, .. } => (values, c.len),
+        TaskVector::Dense(_) => return false,
+    };
+    if !step.lengths_fit(c.lo as u64, grad, &c.state(theta), tau_len) {
+        return false;
+    }
+    let within = |xs: &[f32], mask| passes.largest_bits(xs, mask) <= limit;
+    within(grad, MAGNITUDE) && within(theta, MAGNITUDE) && within(c.m, MAGNITUDE) && within(c.v, u32::MAX) && c.cached.is_none_or(|x| within(x, MAGNITUDE)) && within(tau, MAGNITUDE)
 }
 
 /// Each job's first index in the concatenation of all jobs (global scope's order).
@@ -942,6 +971,48 @@ mod tests {
             assert!(st == states(1), "{threads} threads wrote after an error");
         }
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
+    }
+
+    /// Steps without a scan pass (plain AdamW, OnDARE without the rescale,
+    /// step-K's accumulating steps) refuse in the checking pass, whose chunks
+    /// within the finite bound are passed whole: a non-finite gradient (beside a
+    /// parameter at the largest finite value) and a non-finite packed or dense
+    /// τ' value are each named as the one-thread step names them, and
+    /// nothing is written.
+    #[test]
+    fn the_checking_pass_refuses_alike_and_writes_nothing() {
+        for label in ["adamw k=1", "adamw k=2", "dare k=1", "dare k=2"] {
+            let (_, cfg) = configs().into_iter().find(|(l, _)| l == label).unwrap();
+            // Step 1 accumulates (k = 2) and step 2 merges.
+            for step in [1, 2] {
+                let plan = Optimizer::new(cfg).unwrap().plan(step).unwrap();
+                let reads_tau = label.starts_with("dare") && step % u64::from(cfg.k) == 0;
+                let bad_grad = |st: &mut [State], g: &mut [Vec<f32>]| {
+                    g[2][CHUNK + 9] = f32::INFINITY;
+                    st[1].theta[CHUNK + 1] = f32::MAX;
+                };
+                // Infinite, not NaN: the states are compared with `==`.
+                let bad_tau = |st: &mut [State], _: &mut [Vec<f32>]| st[2].tau[2 * CHUNK + 5] = f32::NEG_INFINITY;
+                let cases: [(&str, &dyn Fn(&mut [State], &mut [Vec<f32>])); 2] = [("gradient", &bad_grad), ("task vector", &bad_tau)];
+                for (what, spoil) in cases {
+                    let (mut start, mut g) = (states(1), grads(&mut SplitMix64::new(3)));
+                    spoil(&mut start, &mut g);
+                    let mut want = start.clone();
+                    let want_err = sequential_step(&plan, &mut want, &g, cfg.k);
+                    if what == "task vector" && !reads_tau {
+                        assert!(want_err.is_ok(), "{label}, step {step}: an unread τ' refused");
+                        continue;
+                    }
+                    let want_err = want_err.unwrap_err();
+                    for threads in [1, 2, 3] {
+                        let mut st = start.clone();
+                        let err = parallel_step(&plan, &mut st, &g, cfg.k, threads, threads != 2).unwrap_err();
+                        assert_eq!(err, want_err, "{label}, step {step}, {what}, {threads} threads");
+                        assert!(st == start, "{label}, step {step}, {what}: {threads} threads wrote after an error");
+                    }
+                }
+            }
+        }
     }
 
     /// OnTIES validates binary32 tensors from the scanned update: a new parameter

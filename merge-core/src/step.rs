@@ -82,6 +82,10 @@ pub trait ChunkPasses: Sync {
     fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error>;
     /// [`RadixSelect::gather_candidates`].
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
+    /// The largest of `bits(x) & mask` over `values` (0 when empty): with the
+    /// sign cleared, the largest magnitude; with the sign kept, also whether any
+    /// is negative. For comparing a whole chunk with the check pass's bound.
+    fn largest_bits(&self, values: &[f32], mask: u32) -> u32;
 }
 
 /// The passes as this build compiles them (SSE2 in a default x86-64 build).
@@ -115,6 +119,10 @@ impl ChunkPasses for Portable {
 
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
         radix.gather_candidates(offset, values, out)
+    }
+
+    fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
+        crate::finite::largest_bits(values, mask)
     }
 }
 
@@ -403,14 +411,14 @@ impl TensorStep<'_> {
         if self.uses_tau() { tau.slice(start, len) } else { Src::F32(&[]) }
     }
 
-    fn check_lengths(&self, offset: u64, grad: &[f32], s: &StateRef<'_>, tau: &Src<'_>) -> Result<(), Error> {
+    fn check_lengths(&self, offset: u64, grad: &[f32], s: &StateRef<'_>, tau_len: usize) -> Result<(), Error> {
         let n = grad.len();
         let mut lens = [("parameter", s.theta.len()), ("exp_avg", s.m.len()), ("exp_avg_sq", s.v.len()), ("cached delta", n), ("task vector", n)];
         if let Some(c) = s.cached {
             lens[3].1 = c.len();
         }
         if self.uses_tau() {
-            lens[4].1 = tau.len();
+            lens[4].1 = tau_len;
         }
         for (what, len) in lens {
             if len != n {
@@ -424,6 +432,12 @@ impl TensorStep<'_> {
         Ok(())
     }
 
+    /// Whether a chunk of these lengths (`tau_len`: the task vector's, unpacked)
+    /// passes the length and extent checks every chunk pass starts with.
+    pub(crate) fn lengths_fit(&self, offset: u64, grad: &[f32], state: &StateRef<'_>, tau_len: usize) -> bool {
+        self.check_lengths(offset, grad, state, tau_len).is_ok()
+    }
+
     /// Pass 1: streams `‖D‖₁` and `‖D'‖₁` into `norms` (if given) and `D` into
     /// `delta_out` (if given, same length as the chunk); writes nothing else.
     /// Returns the magnitude bits of the chunk's largest `θ`, `D`, `Δ_c` or `τ'`
@@ -434,7 +448,7 @@ impl TensorStep<'_> {
     #[inline(always)]
     pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
         use crate::finite::largest_magnitude;
-        self.check_lengths(offset, grad, &state, &tau)?;
+        self.check_lengths(offset, grad, &state, tau.len())?;
         if let Some(d) = delta_out.as_deref() && d.len() != grad.len() {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
         }
@@ -464,7 +478,7 @@ impl TensorStep<'_> {
     /// Pass 2: computes every output of the chunk and validates it; writes nothing.
     #[inline(always)]
     pub fn check_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error> {
-        self.check_lengths(offset, grad, &state, &tau)?;
+        self.check_lengths(offset, grad, &state, tau.len())?;
         let limit = crate::finite::input_limit(self, false);
         self.run(Pass::Check, limit, offset, grad, &state, &tau, |_, _, _| {})
     }
@@ -478,7 +492,7 @@ impl TensorStep<'_> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
             return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
-        self.check_lengths(offset, update, &state, &tau)?;
+        self.check_lengths(offset, update, &state, tau.len())?;
         let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
         // The variant is a compile-time parameter: a per-element branch on it keeps the loop scalar.
         let paper = variant == onties::Variant::Paper;
@@ -548,7 +562,7 @@ impl TensorStep<'_> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
             return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
-        self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
+        self.check_lengths(offset, grad, &state.as_ref(), tau.len())?;
         if update.len() != grad.len() {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: update.len() as u64 });
         }
@@ -625,7 +639,7 @@ impl TensorStep<'_> {
     /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
     #[inline(always)]
     pub fn write_chunk(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
-        self.check_lengths(offset, grad, &state.as_ref(), &tau)?;
+        self.check_lengths(offset, grad, &state.as_ref(), tau.len())?;
         let mut bufs = Buffers::new();
         let n = grad.len();
         let mut start = 0;
@@ -644,7 +658,7 @@ impl TensorStep<'_> {
     /// untouched, so a caller that swaps buffers only on success never sees a
     /// partly updated tensor, with one pass instead of check + write.
     pub fn write_chunk_into(&self, offset: u64, grad: &[f32], input: StateRef<'_>, tau: Src<'_>, mut output: StateMut<'_>) -> Result<(), Error> {
-        self.check_lengths(offset, grad, &input, &tau)?;
+        self.check_lengths(offset, grad, &input, tau.len())?;
         let out_ref = output.as_ref();
         let lens = [("new parameter", out_ref.theta.len()), ("new exp_avg", out_ref.m.len()), ("new exp_avg_sq", out_ref.v.len())];
         for (what, len) in lens {

@@ -157,4 +157,14 @@ impl ChunkPasses for Cpu {
             _ => Portable.radix_gather(radix, offset, values, out),
         }
     }
+
+    fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::largest_bits(values, mask) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::largest_bits(values, mask) },
+            _ => Portable.largest_bits(values, mask),
+        }
+    }
 }

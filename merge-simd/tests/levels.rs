@@ -224,3 +224,23 @@ fn a_level_is_never_wider_than_the_cpu() {
     assert_eq!(Level::parse("avx512"), Some(Level::Avx512));
     assert_eq!(Level::parse("sse"), None);
 }
+
+#[test]
+fn the_largest_bits_are_the_same_at_every_level() {
+    let mut rng = SplitMix64::new(9);
+    let mut values = draw(&mut rng, 1000, 3.0);
+    for (at, x) in [(0, -0.0), (17, f32::NEG_INFINITY), (999, -1e-40)] {
+        let mut v = values.clone();
+        v[at] = x;
+        values.extend(v);
+    }
+    values.push(f32::NAN);
+    for len in [0, 1, 15, 16, 17, 1000, 2000, values.len()] {
+        for mask in [0x7fff_ffff, u32::MAX] {
+            let want = values[..len].iter().map(|x| x.to_bits() & mask).max().unwrap_or(0);
+            for cpu in levels() {
+                assert_eq!(cpu.largest_bits(&values[..len], mask), want, "{len} values, mask {mask:#x}, {}", cpu.level().name());
+            }
+        }
+    }
+}
