@@ -128,27 +128,40 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 
 /// Room a step needs beyond its tensors, kept by the caller between steps: the
 /// OnTIES update (binary32, as large as the largest tensor, or as all of them for
-/// global scope). A buffer that large is mapped fresh by the allocator on every
-/// use, and faulting its pages in cost a quarter of a two-thread OnTIES step on
-/// 16M parameters; kept, it is reused. Other steps leave it empty.
-#[derive(Debug, Default)]
+/// global scope) and each thread's chunk buffers. A buffer that large is mapped
+/// fresh by the allocator on every use, and faulting its pages in cost a
+/// quarter of a two-thread OnTIES step on 16M parameters; kept, it is reused.
+/// Steps other than OnTIES's hold only the threads' buffers (about 1.5 MB a
+/// thread at most).
+#[derive(Default)]
 pub struct Scratch {
     update: Vec<f32>,
+    workers: Vec<Buffers>,
+}
+
+impl core::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Scratch").field("bytes", &self.bytes()).finish()
+    }
 }
 
 impl Scratch {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.update.capacity() * core::mem::size_of::<f32>()
+        self.update.capacity() * core::mem::size_of::<f32>() + self.workers.iter().map(Buffers::bytes).sum::<usize>()
     }
 
-    /// `len` elements of room for the update; their values are whatever a
-    /// previous step left (every pass that reads them writes them first).
-    fn update(&mut self, len: usize) -> &mut [f32] {
+    /// `len` elements of room for the update, whose values are whatever a
+    /// previous step left (every pass that reads them writes them first), and
+    /// the buffers of `threads` threads.
+    fn split(&mut self, len: usize, threads: usize) -> (&mut [f32], &mut [Buffers]) {
         if self.update.len() < len {
             self.update.resize(len, 0.0);
         }
-        &mut self.update[..len]
+        if self.workers.len() < threads {
+            self.workers.resize_with(threads, Buffers::default);
+        }
+        (&mut self.update[..len], &mut self.workers[..threads])
     }
 }
 
@@ -156,6 +169,14 @@ impl Scratch {
 /// The bits do not depend on what `scratch` held.
 pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch) -> Result<(), Error> {
     let threads = threads.max(1);
+    let update_len = if !plan.needs_update_scratch() {
+        0
+    } else if plan.trims_globally() {
+        jobs.iter().map(|j| j.m.len()).sum()
+    } else {
+        jobs.iter().map(|j| j.m.len()).max().unwrap_or(0)
+    };
+    let (update, workers) = scratch.split(update_len, threads);
     let mut steps = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         check_lengths(plan, job)?;
@@ -165,7 +186,7 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     let ranges: Vec<_> = jobs.iter().map(|job| chunk_value_ranges(job.tau)).collect();
     if plan.needs_norms() {
         let chunks = chunk_views(jobs, &ranges);
-        let norms = run(threads, chunks, |c, buf| {
+        let norms = run(workers, chunks, |c, buf| {
             let mut norms = Norms::default();
             let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
             passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, Some(&mut norms), None)?;
@@ -186,7 +207,7 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     // arithmetic) as soon as their threshold is known; global scope keeps the
     // whole update, so its writes read it too.
     let (checked, global_update) = if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &ranges, &mut steps, threads, passes, scratch)?
+        select_ties(plan, jobs, &ranges, &mut steps, workers, passes, update)?
     } else {
         (std::vec![false; jobs.len()], None)
     };
@@ -194,7 +215,7 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     let steps = &steps;
     let unchecked = chunk_views(jobs, &ranges).into_iter().filter(|c| !checked[c.job]).collect();
     let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, false)).collect();
-    run(threads, unchecked, |c, buf| {
+    run(workers, unchecked, |c, buf| {
         if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit)) {
             return Ok(());
         }
@@ -203,7 +224,7 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     match global_update {
         Some(update) => {
             let starts = job_starts(jobs);
-            run(threads, chunk_muts(jobs, &ranges), |c, buf| {
+            run(workers, chunk_muts(jobs, &ranges), |c, buf| {
                 if matches!(c.theta, Param::F32(_)) {
                     let at = starts[c.job] + c.lo;
                     let len = c.grad.len();
@@ -214,7 +235,7 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
             })?;
         }
         None => {
-            run(threads, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c))?;
+            run(workers, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c))?;
         }
     }
     Ok(())
@@ -258,13 +279,13 @@ fn job_starts(jobs: &[ParallelJob<'_>]) -> Vec<usize> {
 /// update (`update`, indexed from `starts[job]`), on up to `threads` threads;
 /// marks them in `checked`.
 #[allow(clippy::too_many_arguments)]
-fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], bounds: &ChunkBounds, which: impl Fn(usize) -> bool, threads: usize, passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
+fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], bounds: &ChunkBounds, which: impl Fn(usize) -> bool, workers: &mut [Buffers], passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
     let chosen = |j: usize| which(j) && matches!(jobs[j].theta, Param::F32(_));
     let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, true)).collect();
     // A chunk whose values all lie within the limit passes every block's
     // shortcut: it is known to pass without being read again.
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| chosen(c.job) && limits[c.job].is_none_or(|l| bounds.of(c) > l)).collect();
-    run(threads, chunks, |c, buf| {
+    run(workers, chunks, |c, buf| {
         let at = starts[c.job] + c.lo;
         buf.check_from_update(passes, &steps[c.job], &c, &update[at..at + c.len])
     })?;
@@ -306,9 +327,9 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
 /// Returns which jobs it validated, and for global scope the whole update (in
-/// `scratch`).
-#[allow(clippy::type_complexity)]
-fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &'s mut Scratch) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
+/// `update`, the room for it).
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], workers: &mut [Buffers], passes: &dyn ChunkPasses, update: &'s mut [f32]) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
     let mut checked = std::vec![false; jobs.len()];
     if plan.trims_globally() {
@@ -318,10 +339,9 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
             }
         }
         const SCOPE: &str = "all tensors (global scope)";
-        let update = scratch.update(lens.iter().sum());
         let first = plan.ties_start_select(SCOPE, update.len() as u64)?;
         let mut bounds = ChunkBounds::new(&lens);
-        let counted = scan_updates(jobs, ranges, steps, update, None, first.as_ref(), threads, passes, &mut bounds)?;
+        let counted = scan_updates(jobs, ranges, steps, update, None, first.as_ref(), workers, passes, &mut bounds)?;
         let update = &*update;
         let mut parts = Vec::with_capacity(jobs.len());
         let mut rest = update;
@@ -330,25 +350,24 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
             parts.push(head);
             rest = tail;
         }
-        let selection = plan.ties_selection_after(SCOPE, &parts, |radix| later_radix_passes(radix, &counted, &parts, threads, passes))?;
+        let selection = plan.ties_selection_after(SCOPE, &parts, |radix| later_radix_passes(radix, &counted, &parts, workers, passes))?;
         let mut offset = 0u64;
         for (step, &n) in steps.iter_mut().zip(&lens) {
             set_selection(step, selection, offset);
             offset += n as u64;
         }
-        check_from_update(jobs, ranges, steps, update, &job_starts(jobs), &bounds, |_| true, threads, passes, &mut checked)?;
+        check_from_update(jobs, ranges, steps, update, &job_starts(jobs), &bounds, |_| true, workers, passes, &mut checked)?;
         Ok((checked, Some(update)))
     } else {
-        let update = scratch.update(lens.iter().copied().max().unwrap_or(0));
         let starts = std::vec![0; jobs.len()];
         let mut bounds = ChunkBounds::new(&lens);
         for (j, &n) in lens.iter().enumerate() {
             let first = plan.ties_start_select(steps[j].name, n as u64)?;
-            let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), threads, passes, &mut bounds)?;
+            let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), workers, passes, &mut bounds)?;
             let part = [&update[..n]];
-            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| later_radix_passes(radix, &counted, &part, threads, passes))?;
+            let selection = plan.ties_selection_after(steps[j].name, &part, |radix| later_radix_passes(radix, &counted, &part, workers, passes))?;
             set_selection(&mut steps[j], selection, 0);
-            check_from_update(jobs, ranges, steps, &update[..n], &starts, &bounds, |k| k == j, threads, passes, &mut checked)?;
+            check_from_update(jobs, ranges, steps, &update[..n], &starts, &bounds, |k| k == j, workers, passes, &mut checked)?;
         }
         Ok((checked, None))
     }
@@ -365,7 +384,7 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
 /// only; a scope whose candidates stay many (large ties) keeps scanning
 /// everything. A scope of one chunk whose candidates fit the select's own room
 /// ([`GATHERED`]) is left to the select.
-fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &[&[f32]], threads: usize, passes: &dyn ChunkPasses) -> Result<(), Error> {
+fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &[&[f32]], workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<(), Error> {
     for copy in counted {
         radix.absorb(copy)?;
     }
@@ -378,7 +397,7 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
         }
         offset += part.len() as u64;
     }
-    let per = chunks.len().div_ceil(threads.max(1)).max(1);
+    let per = chunks.len().div_ceil(workers.len().max(1)).max(1);
     let runs: Vec<&[(u64, &[f32])]> = chunks.chunks(per).collect();
     while let Some(Pass::Key { .. }) = radix.pass() {
         let left = radix.candidates();
@@ -387,7 +406,7 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
             break;
         }
         if left <= offset / 16 {
-            let lists = on_threads(&runs, |run| gather_candidates(radix, run, passes))?;
+            let lists = on_threads(workers, &runs, |run, buf| gather_candidates(radix, run, passes, &mut buf.candidates))?;
             let candidates: Vec<Candidate> = lists.into_iter().flatten().collect();
             while radix.pass().is_some() {
                 radix.feed_candidates(&candidates)?;
@@ -395,7 +414,7 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
             }
             return Ok(());
         }
-        let copies = on_threads(&runs, |run| {
+        let copies = on_threads(workers, &runs, |run, _| {
             let mut copy = radix.clone();
             for &(offset, values) in run {
                 passes.radix_feed(&mut copy, offset, values)?;
@@ -412,22 +431,23 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
     Ok(())
 }
 
-/// `work` over each run on its own thread; the results in run order, or the
-/// error of the lowest failing run.
-fn on_threads<'r, T: Sync, R: Send>(runs: &[&'r [T]], work: impl Fn(&'r [T]) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+/// `work` over each run on its own thread, with a worker's buffers (at least
+/// as many as runs); the results in run order, or the error of the lowest
+/// failing run.
+fn on_threads<'r, T: Sync, R: Send>(workers: &mut [Buffers], runs: &[&'r [T]], work: impl Fn(&'r [T], &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
     let work = &work;
     thread::scope(|s| {
-        let handles: Vec<_> = runs.iter().map(|&run| s.spawn(move || work(run))).collect();
+        let handles: Vec<_> = runs.iter().zip(workers.iter_mut()).map(|(&run, buf)| s.spawn(move || work(run, buf))).collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     })
 }
 
 /// The candidates of the select's current pass among the chunks `run`, in index order.
-fn gather_candidates(radix: &RadixSelect, run: &[(u64, &[f32])], passes: &dyn ChunkPasses) -> Result<Vec<Candidate>, Error> {
+fn gather_candidates(radix: &RadixSelect, run: &[(u64, &[f32])], passes: &dyn ChunkPasses, found: &mut Vec<Candidate>) -> Result<Vec<Candidate>, Error> {
     let mut out = Vec::new();
-    let mut found = std::vec![Candidate::default(); CHUNK];
+    found.resize(CHUNK, Candidate::default());
     for &(offset, values) in run {
-        match passes.radix_gather(radix, offset, values, &mut found)? {
+        match passes.radix_gather(radix, offset, values, found)? {
             Some(n) => out.extend_from_slice(&found[..n]),
             None => return Err(Error::Misuse { what: "room for a chunk's top-k candidates" }),
         }
@@ -463,7 +483,7 @@ impl ChunkBounds {
 /// also counts the chunks it wrote into a copy of it while they are in cache;
 /// the copies are returned, for [`RadixSelect::absorb`].
 #[allow(clippy::too_many_arguments)]
-fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, first: Option<&RadixSelect>, threads: usize, passes: &dyn ChunkPasses, bounds: &mut ChunkBounds) -> Result<Vec<RadixSelect>, Error> {
+fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], out: &mut [f32], only: Option<usize>, first: Option<&RadixSelect>, workers: &mut [Buffers], passes: &dyn ChunkPasses, bounds: &mut ChunkBounds) -> Result<Vec<RadixSelect>, Error> {
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| only.is_none_or(|j| c.job == j)).collect();
     let mut items = Vec::with_capacity(chunks.len());
     let (mut rest, mut at) = (out, 0u64);
@@ -474,7 +494,7 @@ fn scan_updates(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[Tenso
         at += len as u64;
         rest = tail;
     }
-    let (recorded, copies) = run_with(threads, items, || first.cloned(), |(c, out, at), buf, copy| {
+    let (recorded, copies) = run_with(workers, items, || first.cloned(), |(c, out, at), buf, copy| {
         let (grad, theta, tau) = buf.widen(c.grad, c.theta, c.tau);
         let bound = passes.scan_chunk(&steps[c.job], c.lo as u64, grad, c.state(theta), tau, None, Some(&mut *out))?;
         if let Some(copy) = copy {
@@ -619,7 +639,10 @@ fn chunk_muts<'a>(jobs: &'a mut [ParallelJob<'_>], ranges: &[ValueRanges]) -> Ve
     out
 }
 
-/// Thread-local binary32 room for chunks stored in 16 bits, and for packed task vectors.
+/// One worker thread's binary32 room for chunks stored in 16 bits, for packed
+/// task vectors and for the OnTIES select's gathered candidates; kept for the
+/// step's every pass (and in a [`Scratch`], between steps), so that a pass does
+/// not fault in fresh memory.
 #[derive(Default)]
 struct Buffers {
     grad: Vec<f32>,
@@ -628,6 +651,7 @@ struct Buffers {
     v: Vec<f32>,
     cached: Vec<f32>,
     tau: Unpacked,
+    candidates: Vec<Candidate>,
 }
 
 /// A packed task vector's chunk unpacked: `+0` but at the stored elements.
@@ -690,13 +714,19 @@ fn copied<'b>(src: &[f32], buf: &'b mut Vec<f32>) -> &'b mut [f32] {
 }
 
 impl Buffers {
+    /// Bytes held.
+    fn bytes(&self) -> usize {
+        let floats = [&self.grad, &self.theta, &self.m, &self.v, &self.cached, &self.tau.values].iter().map(|b| b.capacity()).sum::<usize>();
+        floats * core::mem::size_of::<f32>() + self.tau.set.capacity() * core::mem::size_of::<usize>() + self.candidates.capacity() * core::mem::size_of::<Candidate>()
+    }
+
     fn widen<'b>(&'b mut self, grad: Src<'b>, theta: Src<'b>, tau: TaskVector<'b>) -> (&'b [f32], &'b [f32], Src<'b>) {
         let len = grad.len();
         (widened(grad, &mut self.grad), widened(theta, &mut self.theta), unpacked(tau, len, &mut self.tau))
     }
 
     fn check(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>) -> Result<(), Error> {
-        let Buffers { grad, theta, m, v, cached, tau } = self;
+        let Buffers { grad, theta, m, v, cached, tau, .. } = self;
         let grad = widened(c.grad, grad);
         let tau = unpacked(c.tau, c.len, tau);
         let dtype = c.theta.dtype();
@@ -765,17 +795,19 @@ impl Buffers {
 /// Runs `work` over `items` on up to `threads` threads, each taking a contiguous
 /// run of about as many items (chunks are equal but for each tensor's last), and returns the results in item order. On failure
 /// the error of the lowest failing item is returned (each run stops at its first).
-fn run<T: Send, R: Send>(threads: usize, items: Vec<T>, work: impl Fn(T, &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
-    run_with(threads, items, || (), |it, buf, _| work(it, buf)).map(|(out, _)| out)
+fn run<T: Send, R: Send>(workers: &mut [Buffers], items: Vec<T>, work: impl Fn(T, &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+    run_with(workers, items, || (), |it, buf, _| work(it, buf)).map(|(out, _)| out)
 }
 
 /// [`run`] where each worker also has a state of its own, made by `init` and
 /// returned after the results, one per worker in run order.
-fn run_with<T: Send, R: Send, S: Send>(threads: usize, items: Vec<T>, init: impl Fn() -> S + Sync, work: impl Fn(T, &mut Buffers, &mut S) -> Result<R, Error> + Sync) -> Result<(Vec<R>, Vec<S>), Error> {
+fn run_with<T: Send, R: Send, S: Send>(workers: &mut [Buffers], items: Vec<T>, init: impl Fn() -> S + Sync, work: impl Fn(T, &mut Buffers, &mut S) -> Result<R, Error> + Sync) -> Result<(Vec<R>, Vec<S>), Error> {
+    let threads = workers.len();
+    assert!(threads > 0, "a run needs a worker");
     let per = items.len().div_ceil(threads).max(1);
     if threads == 1 || items.len() <= 1 {
-        let (mut buf, mut state) = (Buffers::default(), init());
-        let out = items.into_iter().map(|it| work(it, &mut buf, &mut state)).collect::<Result<Vec<R>, Error>>()?;
+        let (buf, mut state) = (&mut workers[0], init());
+        let out = items.into_iter().map(|it| work(it, buf, &mut state)).collect::<Result<Vec<R>, Error>>()?;
         return Ok((out, std::vec![state]));
     }
     let mut runs: Vec<Vec<T>> = Vec::new();
@@ -785,12 +817,14 @@ fn run_with<T: Send, R: Send, S: Send>(threads: usize, items: Vec<T>, init: impl
     }
     let (work, init) = (&work, &init);
     thread::scope(|s| {
+        // At most `threads` runs: one worker's buffers each.
         let handles: Vec<_> = runs
             .into_iter()
-            .map(|run| {
+            .zip(workers.iter_mut())
+            .map(|(run, buf)| {
                 s.spawn(move || {
-                    let (mut buf, mut state) = (Buffers::default(), init());
-                    let out = run.into_iter().map(|it| work(it, &mut buf, &mut state)).collect::<Result<Vec<R>, Error>>();
+                    let mut state = init();
+                    let out = run.into_iter().map(|it| work(it, buf, &mut state)).collect::<Result<Vec<R>, Error>>();
                     out.map(|out| (out, state))
                 })
             })
@@ -939,7 +973,7 @@ mod tests {
             let mut got: Vec<Vec<State>> = [1, 2, 3, 7].iter().map(|_| states(1)).collect();
             // Each thread count keeps its scratch across the steps, and starts it
             // with NaNs: what a scratch holds never shows in the bits.
-            let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch { update: vec![f32::NAN; 3 * CHUNK] }).collect();
+            let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch { update: vec![f32::NAN; 3 * CHUNK], workers: Vec::new() }).collect();
             let mut rng = SplitMix64::new(2);
             for _ in 0..3 {
                 let plan = opt.begin_step().unwrap();
@@ -973,6 +1007,9 @@ mod tests {
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
     }
 
+    /// Puts a bad value into a step's states or gradients.
+    type Spoil = dyn Fn(&mut [State], &mut [Vec<f32>]);
+
     /// Steps without a scan pass (plain AdamW, OnDARE without the rescale,
     /// step-K's accumulating steps) refuse in the checking pass, whose chunks
     /// within the finite bound are passed whole: a non-finite gradient (beside a
@@ -993,7 +1030,7 @@ mod tests {
                 };
                 // Infinite, not NaN: the states are compared with `==`.
                 let bad_tau = |st: &mut [State], _: &mut [Vec<f32>]| st[2].tau[2 * CHUNK + 5] = f32::NEG_INFINITY;
-                let cases: [(&str, &dyn Fn(&mut [State], &mut [Vec<f32>])); 2] = [("gradient", &bad_grad), ("task vector", &bad_tau)];
+                let cases: [(&str, &Spoil); 2] = [("gradient", &bad_grad), ("task vector", &bad_tau)];
                 for (what, spoil) in cases {
                     let (mut start, mut g) = (states(1), grads(&mut SplitMix64::new(3)));
                     spoil(&mut start, &mut g);

@@ -61,7 +61,8 @@ class Core:
 
 class Scratch:
     """Room a step reuses between steps: the OnTIES update, float32, as large as
-    the largest tensor stepped (or all of them, for global scope)."""
+    the largest tensor stepped (or all of them, for global scope), and each
+    thread's chunk buffers."""
     def __init__(self) -> None: ...
     @property
     def nbytes(self) -> int:

@@ -375,8 +375,8 @@ impl Core {
 }
 
 /// Room a step reuses between steps: the OnTIES update, float32, as large as
-/// the largest tensor stepped (or all of them, for global scope). Other steps
-/// leave it empty.
+/// the largest tensor stepped (or all of them, for global scope), and each
+/// thread's chunk buffers.
 #[pyclass(module = "merge_core._merge_core")]
 #[derive(Default)]
 struct Scratch {

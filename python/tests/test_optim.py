@@ -76,7 +76,9 @@ def test_a_kept_scratch_gives_the_same_bits_and_holds_the_update(scope, dtype):
         train(m, opt, 4)
         results.append(bits(m))
     sizes = [p.numel() for p in m.parameters()]
-    assert opt._scratch.nbytes == 4 * (max(sizes) if scope == "tensor" else sum(sizes))
+    update = 4 * (max(sizes) if scope == "tensor" else sum(sizes))
+    # The update, and each of the two threads' chunk buffers (at most a few MB).
+    assert update <= opt._scratch.nbytes <= update + 2 * (4 << 20)
     assert same(results[0], results[1])
     assert not same(results[0], bits(model(dtype=dtype))), "the optimizer changed nothing"
 
