@@ -131,8 +131,9 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 /// global scope) and each thread's chunk buffers. A buffer that large is mapped
 /// fresh by the allocator on every use, and faulting its pages in cost a
 /// quarter of a two-thread OnTIES step on 16M parameters; kept, it is reused.
-/// Steps other than OnTIES's hold only the threads' buffers (about 1.5 MB a
-/// thread at most).
+/// Steps other than OnTIES's hold only the threads' buffers (a few MB a thread
+/// at most: the 16-bit widening copies, the unpacked `τ'` and the gathered
+/// candidates of one chunk).
 #[derive(Default)]
 pub struct Scratch {
     update: Vec<f32>,
