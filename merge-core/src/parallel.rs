@@ -437,9 +437,13 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
 /// failing run.
 fn on_threads<'r, T: Sync, R: Send>(workers: &mut [Buffers], runs: &[&'r [T]], work: impl Fn(&'r [T], &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
     let work = &work;
+    let mut jobs = runs.iter().zip(workers.iter_mut());
+    let Some((&first, first_buf)) = jobs.next() else { return Ok(Vec::new()) };
     thread::scope(|s| {
-        let handles: Vec<_> = runs.iter().zip(workers.iter_mut()).map(|(&run, buf)| s.spawn(move || work(run, buf))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+        // The calling thread takes the first run: one thread fewer to start.
+        let handles: Vec<_> = jobs.map(|(&run, buf)| s.spawn(move || work(run, buf))).collect();
+        let first = work(first, first_buf);
+        core::iter::once(first).chain(handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))).collect()
     })
 }
 
@@ -817,29 +821,23 @@ fn run_with<T: Send, R: Send, S: Send>(workers: &mut [Buffers], items: Vec<T>, i
         runs.push(items.by_ref().take(per).collect());
     }
     let (work, init) = (&work, &init);
+    let one_run = move |run: Vec<T>, buf: &mut Buffers| {
+        let mut state = init();
+        let out = run.into_iter().map(|it| work(it, buf, &mut state)).collect::<Result<Vec<R>, Error>>();
+        out.map(|out| (out, state))
+    };
+    // At most `threads` runs (at least two here): one worker's buffers each.
+    let mut jobs = runs.into_iter().zip(workers.iter_mut());
+    let (first, first_buf) = jobs.next().expect("two runs or more");
     thread::scope(|s| {
-        // At most `threads` runs: one worker's buffers each.
-        let handles: Vec<_> = runs
-            .into_iter()
-            .zip(workers.iter_mut())
-            .map(|(run, buf)| {
-                s.spawn(move || {
-                    let mut state = init();
-                    let out = run.into_iter().map(|it| work(it, buf, &mut state)).collect::<Result<Vec<R>, Error>>();
-                    out.map(|out| (out, state))
-                })
-            })
-            .collect();
+        // The calling thread takes the first run: one thread fewer to start.
+        let handles: Vec<_> = jobs.map(|(run, buf)| s.spawn(move || one_run(run, buf))).collect();
+        let first = one_run(first, first_buf);
         let (mut out, mut states) = (Vec::new(), Vec::new());
-        for h in handles {
-            match h.join() {
-                Ok(r) => {
-                    let (part, state) = r?;
-                    out.extend(part);
-                    states.push(state);
-                }
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+        for r in core::iter::once(first).chain(handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))) {
+            let (part, state) = r?;
+            out.extend(part);
+            states.push(state);
         }
         Ok((out, states))
     })
