@@ -282,7 +282,7 @@ fn job_starts(jobs: &[ParallelJob<'_>]) -> Vec<usize> {
 #[allow(clippy::too_many_arguments)]
 fn check_from_update(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], update: &[f32], starts: &[usize], bounds: &ChunkBounds, which: impl Fn(usize) -> bool, workers: &mut [Buffers], passes: &dyn ChunkPasses, checked: &mut [bool]) -> Result<(), Error> {
     let chosen = |j: usize| which(j) && matches!(jobs[j].theta, Param::F32(_));
-    let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, true)).collect();
+    let limits: Vec<Option<u32>> = steps.iter().enumerate().map(|(j, s)| if chosen(j) { crate::finite::input_limit(s, true) } else { None }).collect();
     // A chunk whose values all lie within the limit passes every block's
     // shortcut: it is known to pass without being read again.
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| chosen(c.job) && limits[c.job].is_none_or(|l| bounds.of(c) > l)).collect();

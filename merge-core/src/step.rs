@@ -440,11 +440,11 @@ impl TensorStep<'_> {
 
     /// Pass 1: streams `‖D‖₁` and `‖D'‖₁` into `norms` (if given) and `D` into
     /// `delta_out` (if given, same length as the chunk); writes nothing else.
-    /// Returns the magnitude bits of the chunk's largest `θ`, `D`, `Δ_c` or `τ'`
-    /// in magnitude (`u32::MAX` for a `τ'` not stored in binary32), read while
-    /// each block is in cache: the OnTIES check from the update
-    /// ([`TensorStep::check_chunk_from_update`]) reads nothing else, so a chunk
-    /// within its bound needs no second look.
+    /// With `delta_out`, returns the magnitude bits of the chunk's largest `θ`,
+    /// `D`, `Δ_c` or `τ'` in magnitude (`u32::MAX` for a `τ'` not stored in
+    /// binary32), read while each block is in cache: the OnTIES check from the
+    /// update ([`TensorStep::check_chunk_from_update`]) reads nothing else, so a
+    /// chunk within its bound needs no second look. Without, `u32::MAX`.
     #[inline(always)]
     pub fn scan_chunk(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, mut norms: Option<&mut Norms>, mut delta_out: Option<&mut [f32]>) -> Result<u32, Error> {
         use crate::finite::largest_magnitude;
@@ -453,7 +453,7 @@ impl TensorStep<'_> {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "delta scratch", expected: grad.len() as u64, found: d.len() as u64 });
         }
         let mut largest = match tau {
-            Src::F32(_) => 0,
+            Src::F32(_) if delta_out.is_some() => 0,
             _ => u32::MAX,
         };
         self.run(Pass::Scan, None, offset, grad, &state, &tau, |start, out, n| {
@@ -461,9 +461,8 @@ impl TensorStep<'_> {
                 norms.update.push_abs_slice(&out.d[..n]);
                 norms.sparse.push_abs_slice(&out.sparse[..n]);
             }
-            if let Some(d) = delta_out.as_deref_mut() {
-                d[start..start + n].copy_from_slice(&out.d[..n]);
-            }
+            let Some(d) = delta_out.as_deref_mut() else { return };
+            d[start..start + n].copy_from_slice(&out.d[..n]);
             let r = start..start + n;
             let inputs = largest_magnitude(&state.theta[r.clone()]).max(state.cached.map_or(0, |c| largest_magnitude(&c[r.clone()])));
             let tau = match tau {
