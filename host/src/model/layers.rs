@@ -176,22 +176,21 @@ impl<'a> Coefs<'a> {
         self.data[r * self.row_stride + k * self.k_stride]
     }
 
-    /// The same matrix from term `k0` on: `a'(r, k) = a(r, k0 + k)`.
+    /// A block of `m` rows packed by [`pack_coefs`]: `a(j, k)` at `k · m + j`.
     #[inline(always)]
-    fn skip_terms(&self, k0: usize) -> Self {
-        Self { data: &self.data[(k0 * self.k_stride).min(self.data.len())..], ..*self }
+    fn packed(data: &'a [f32], m: usize) -> Self {
+        Self { data, row_stride: 1, k_stride: m }
     }
 
-    /// Rows `r0 .. r0 + rows`, `k < n_src`, checked once here so that a
-    /// register tile reads them without a bounds check per term.
+    /// Rows `0 .. rows`, `k < n_src`, checked once here so that a register
+    /// tile reads them without a bounds check per term.
     #[inline(always)]
-    fn block(&self, r0: usize, rows: usize, n_src: usize) -> CoefBlock<'a> {
+    fn block(&self, rows: usize, n_src: usize) -> CoefBlock<'a> {
         if rows > 0 && n_src > 0 {
-            let last = (r0 + rows - 1).checked_mul(self.row_stride).zip((n_src - 1).checked_mul(self.k_stride)).and_then(|(r, k)| r.checked_add(k));
+            let last = (rows - 1).checked_mul(self.row_stride).zip((n_src - 1).checked_mul(self.k_stride)).and_then(|(r, k)| r.checked_add(k));
             assert!(last.is_some_and(|i| i < self.data.len()), "a coefficient block beyond its matrix");
         }
-        let start = if rows > 0 && n_src > 0 { r0 * self.row_stride } else { 0 };
-        CoefBlock { data: &self.data[start..], row_stride: self.row_stride, k_stride: self.k_stride, rows, n_src }
+        CoefBlock { data: self.data, row_stride: self.row_stride, k_stride: self.k_stride, rows, n_src }
     }
 }
 
@@ -320,19 +319,24 @@ fn fused_segments_avx2(blocking: Blocking, segs: Vec<&mut [f32]>, c0: usize, src
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Blocking {
     /// Terms per run of the inner dimension, a multiple of 4 (the portable
-    /// tile's groups), used when the inner dimension is longer than four runs.
+    /// tile's groups), used when the inner dimension is longer.
     pub(super) k: usize,
     /// Output rows per run.
     pub(super) rows: usize,
     /// Bytes of packed source panels shared by one run of rows.
     pub(super) panel_bytes: usize,
+    /// Bytes of packed coefficients: output rows go in chunks (of whole runs)
+    /// whose coefficients for one run of the inner dimension fit.
+    pub(super) coef_bytes: usize,
 }
 
 impl Blocking {
     /// For this machine's caches: a run of rows' coefficients (256 × 256
     /// floats, 256 KiB) and the panels they meet (256 KiB) stay in L2 while
-    /// every tile of the group reads them.
-    pub(super) const CACHES: Blocking = Blocking { k: 256, rows: 256, panel_bytes: 256 << 10 };
+    /// every tile of the group reads them. The packed coefficients (4 MiB at
+    /// most, 1.5 MiB for 512 tokens of a 768-wide layer) are written once per
+    /// run of the inner dimension and read from L2 and L3.
+    pub(super) const CACHES: Blocking = Blocking { k: 256, rows: 256, panel_bytes: 256 << 10, coef_bytes: 4 << 20 };
 }
 
 /// Output columns go in tiles of `W` (two vector registers per row at each
@@ -341,68 +345,115 @@ impl Blocking {
 /// each loaded source vector serves every row of the block and no partial sum
 /// goes back to memory within the run. Each tile's `[k, W]` source columns are
 /// first packed contiguously (from either layout, so weights need no transposed
-/// copy). Blocked as in GotoBLAS: for each run of the inner dimension, a group
-/// of tiles is packed, and each run of rows goes through the whole group while
-/// its coefficients are in cache, so neither operand streams from memory once
-/// per tile. A run ends by storing the sums into the output, and the next
-/// reloads them: each element still takes its terms one at a time in ascending
-/// `k` (four at a time, from multiples of four, in portable math), so the
-/// blocking changes no bit. The last tile of a segment may be narrower; its
-/// unused lanes compute on zeros and are dropped. `FUSED` runs [`fused_tile`]
-/// instead of [`tile`]: same layout, one FMA per term.
+/// copy), and so are the coefficients of each block of rows, `[k, rows]`: read
+/// in place, a block's rows (or, for a transposed read such as a weight
+/// gradient's `dyᵀ`, its successive terms) lie a row of the matrix apart, and
+/// with rows of 2048 or 32000 floats those addresses share a handful of L1
+/// sets and miss on every term (the MLP's up product ran its backward at half
+/// its forward's speed, the LM head's at a third). Blocked as in GotoBLAS: for
+/// each run of the inner dimension, a group of tiles is packed, and each run of
+/// rows goes through the whole group while its coefficients are in cache, so
+/// neither operand streams from memory once per tile. A run ends by storing the
+/// sums into the output, and the next reloads them: each element still takes
+/// its terms one at a time in ascending `k` (four at a time, from multiples of
+/// four, in portable math), so the blocking and the packing change no bit. The
+/// last tile of a segment may be narrower; its unused lanes compute on zeros
+/// and are dropped. `FUSED` runs [`fused_tile`] instead of [`tile`]: same
+/// layout, one FMA per term.
 #[inline(always)]
 fn tiled_segments<const W: usize, const FUSED: bool>(blocking: Blocking, mut segs: Vec<&mut [f32]>, c0: usize, src: Src<'_>, n: usize, n_src: usize, a: Coefs<'_>) {
     let Some(len) = segs.first().map(|s| s.len()) else { return };
     debug_assert!(blocking.k.is_multiple_of(4) && blocking.k > 0 && blocking.rows > 0);
     let rows = segs.len();
-    let kc = if n_src > 4 * blocking.k { blocking.k } else { n_src.max(1) };
+    let kc = if n_src > blocking.k { blocking.k } else { n_src.max(1) };
     let tiles = len.div_ceil(W);
     let group = (blocking.panel_bytes / (kc * W * 4)).clamp(1, tiles.max(1));
+    let chunk = (blocking.coef_bytes / (kc * 4) / blocking.rows).max(1) * blocking.rows;
     let mut panels = vec![[0f32; W]; group * kc];
-    for k0 in (0..n_src).step_by(kc) {
-        let kl = kc.min(n_src - k0);
-        let a = a.skip_terms(k0);
-        for t0 in (0..tiles).step_by(group) {
-            let group_tiles = t0..(t0 + group).min(tiles);
-            for t in group_tiles.clone() {
-                let col = t * W;
-                pack_panel(&mut panels[(t - t0) * kc..(t - t0) * kc + kl], src, c0 + col, W.min(len - col), n, n_src, k0);
+    let mut coefs = vec![0f32; chunk.min(rows) * kc];
+    for c_r0 in (0..rows).step_by(chunk) {
+        let c_end = (c_r0 + chunk).min(rows);
+        for k0 in (0..n_src).step_by(kc) {
+            let kl = kc.min(n_src - k0);
+            for r0 in (c_r0..c_end).step_by(blocking.rows) {
+                let run = (r0 + blocking.rows).min(c_end);
+                pack_coefs::<FUSED>(&mut coefs[(r0 - c_r0) * kl..(run - c_r0) * kl], a, r0, run - r0, k0, kl);
             }
-            for r0 in (0..rows).step_by(blocking.rows) {
-                let run = (r0 + blocking.rows).min(rows);
+            for t0 in (0..tiles).step_by(group) {
+                let group_tiles = t0..(t0 + group).min(tiles);
                 for t in group_tiles.clone() {
                     let col = t * W;
-                    tile_rows::<W, FUSED>(&mut segs[r0..run], r0, col, W.min(len - col), &panels[(t - t0) * kc..(t - t0) * kc + kl], a);
+                    pack_panel(&mut panels[(t - t0) * kc..(t - t0) * kc + kl], src, c0 + col, W.min(len - col), n, n_src, k0);
+                }
+                for r0 in (c_r0..c_end).step_by(blocking.rows) {
+                    let run = (r0 + blocking.rows).min(c_end);
+                    let packed = &coefs[(r0 - c_r0) * kl..(run - c_r0) * kl];
+                    for t in group_tiles.clone() {
+                        let col = t * W;
+                        tile_rows::<W, FUSED>(&mut segs[r0..run], col, W.min(len - col), &panels[(t - t0) * kc..(t - t0) * kc + kl], packed);
+                    }
                 }
             }
         }
     }
 }
 
-/// Columns `col .. col + width` of `run` (rows `r0 ..` of the product) from one
-/// packed panel: [`TALL`] rows at a time in fused math, then four, then one.
+/// Columns `col .. col + width` of `run` (a run of the product's rows) from one
+/// packed panel and the run's coefficients packed by [`pack_coefs`], register
+/// block by block of [`row_blocks`].
 #[inline(always)]
-fn tile_rows<const W: usize, const FUSED: bool>(run: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
-    let rows = run.len();
-    let tall_rows = if FUSED { rows / TALL * TALL } else { 0 };
-    let quad_rows = tall_rows + (rows - tall_rows) / 4 * 4;
-    let (tall, rest) = run.split_at_mut(tall_rows);
-    let (quads, singles) = rest.split_at_mut(quad_rows - tall_rows);
-    for (b, block) in tall.chunks_exact_mut(TALL).enumerate() {
-        fused_tile::<W, TALL>(block, r0 + TALL * b, col, width, panel, a);
-    }
-    for (b, block) in quads.chunks_exact_mut(4).enumerate() {
-        if FUSED {
-            fused_tile::<W, 4>(block, r0 + tall_rows + 4 * b, col, width, panel, a);
-        } else {
-            tile::<W, 4>(block, r0 + tall_rows + 4 * b, col, width, panel, a);
+fn tile_rows<const W: usize, const FUSED: bool>(run: &mut [&mut [f32]], col: usize, width: usize, panel: &[[f32; W]], coefs: &[f32]) {
+    let kl = panel.len();
+    let mut rest = run;
+    for (i, m) in row_blocks::<FUSED>(rest.len()) {
+        let (block, tail) = rest.split_at_mut(m);
+        rest = tail;
+        let a = Coefs::packed(&coefs[i * kl..(i + m) * kl], m);
+        match (FUSED, m) {
+            (true, TALL) => fused_tile::<W, TALL>(block, col, width, panel, a),
+            (true, 4) => fused_tile::<W, 4>(block, col, width, panel, a),
+            (true, _) => fused_tile::<W, 1>(block, col, width, panel, a),
+            (false, 4) => tile::<W, 4>(block, col, width, panel, a),
+            (false, _) => tile::<W, 1>(block, col, width, panel, a),
         }
     }
-    for (j, row) in singles.iter_mut().enumerate() {
-        if FUSED {
-            fused_tile::<W, 1>(std::slice::from_mut(row), r0 + quad_rows + j, col, width, panel, a);
+}
+
+/// How [`tile_rows`] cuts a run of `rows` output rows into register blocks:
+/// `(first row, rows)` of each, [`TALL`] rows at a time in fused math, then
+/// four, then one.
+fn row_blocks<const FUSED: bool>(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let tall_rows = if FUSED { rows / TALL * TALL } else { 0 };
+    let quad_rows = tall_rows + (rows - tall_rows) / 4 * 4;
+    let tall = (0..tall_rows).step_by(TALL).map(|r| (r, TALL));
+    let quads = (tall_rows..quad_rows).step_by(4).map(|r| (r, 4));
+    tall.chain(quads).chain((quad_rows..rows).map(|r| (r, 1)))
+}
+
+/// Packs the coefficients of the `rows` rows from `r0` and the `kl` terms from
+/// `k0`, block by block of [`row_blocks`]: the block of `m` rows from run row
+/// `i` holds `a(r0 + i + j, k0 + k)` at `i · kl + k · m + j`, the order its
+/// tile reads them.
+#[inline(always)]
+fn pack_coefs<const FUSED: bool>(out: &mut [f32], a: Coefs<'_>, r0: usize, rows: usize, k0: usize, kl: usize) {
+    debug_assert_eq!(out.len(), rows * kl);
+    for (i, m) in row_blocks::<FUSED>(rows) {
+        let block = &mut out[i * kl..(i + m) * kl];
+        if a.k_stride == 1 {
+            // rows of the matrix: each row's run of terms is contiguous
+            for j in 0..m {
+                let row = &a.data[(r0 + i + j) * a.row_stride + k0..][..kl];
+                for (to, &v) in block[j..].iter_mut().step_by(m).zip(row) {
+                    *to = v;
+                }
+            }
         } else {
-            tile::<W, 1>(std::slice::from_mut(row), r0 + quad_rows + j, col, width, panel, a);
+            // a transposed read: a term's rows are contiguous
+            for (k, to) in block.chunks_exact_mut(m).enumerate() {
+                for (j, t) in to.iter_mut().enumerate() {
+                    *t = a.at(r0 + i + j, k0 + k);
+                }
+            }
         }
     }
 }
@@ -431,17 +482,18 @@ fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, wi
     }
 }
 
-/// Columns `col .. col + width` of the `M` output rows `block` (rows `r0 ..` of
-/// the product), given those columns of `src` packed as `panel[k]`: the
-/// [`axpy4`] / [`axpy`] sums, held in registers.
+/// Columns `col .. col + width` of the `M` output rows `block`, given those
+/// columns of `src` packed as `panel[k]` and the block's coefficients `a` (as
+/// [`pack_coefs`] lays them out): the [`axpy4`] / [`axpy`] sums, held in
+/// registers.
 #[inline(always)]
-fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
+fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
     let mut acc = [[0f32; W]; M];
     for (y, row) in acc.iter_mut().zip(block.iter()) {
         y[..width].copy_from_slice(&row[col..col + width]);
     }
     let n_src = panel.len();
-    let a = a.block(r0, M, n_src);
+    let a = a.block(M, n_src);
     let x = |k: usize| &panel[k];
     let mut k = 0;
     while k + 4 <= n_src {
@@ -477,14 +529,14 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col
 /// AVX-512F copy, 16 the AVX2 + FMA one; each is only inlined into the
 /// `fused_segments_*` function of its level.
 #[inline(always)]
-fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usize, col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
+fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
     #[cfg(target_arch = "x86_64")]
     {
         use core::arch::x86_64::*;
         macro_rules! fused {
             ($vec:ty, $half:expr, $zero:ident, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
                 let mut acc: [[$vec; 2]; M] = [[$zero(); 2]; M];
-                let a = a.block(r0, M, panel.len());
+                let a = a.block(M, panel.len());
                 // a full tile is loaded and stored in place; a narrower one
                 // through `lanes` (a copy of a length only known at run time is
                 // a library call, which per row costs as much as the tile's k loop)
@@ -534,7 +586,7 @@ fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], r0: usiz
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (block, r0, col, width, panel, a);
+        let _ = (block, col, width, panel, a);
         unreachable!("fused products run on x86-64 only (simd::fuses_at)");
     }
 }

@@ -101,9 +101,9 @@ fn linear_forward_rows_agree_across_blocking() {
 const PRODUCT_SHAPE: (usize, usize, usize) = (13, 4 * 64 + 37, 603);
 
 /// The products' cache blocking, and one that cuts [`PRODUCT_SHAPE`] into runs
-/// of 64 terms (the last a partial group of four), runs of 8 rows and groups of
-/// two tiles.
-const BLOCKINGS: [layers::Blocking; 2] = [layers::Blocking::CACHES, layers::Blocking { k: 64, rows: 8, panel_bytes: 16 << 10 }];
+/// of 64 terms (the last a partial group of four), runs of 8 rows, chunks of
+/// one run for the packed coefficients, and groups of two tiles.
+const BLOCKINGS: [layers::Blocking; 2] = [layers::Blocking::CACHES, layers::Blocking { k: 64, rows: 8, panel_bytes: 16 << 10, coef_bytes: 2 << 10 }];
 
 /// The product tests' source (values of mixed magnitude, so that reassociation
 /// would show), the same operand stored as [n, n_src] (how weights are kept) and
