@@ -81,6 +81,50 @@ impl ParamSet {
         layout_difference(self.layout(), other.layout())
     }
 
+    /// The first element (in tensor order) that is NaN or ±∞, as `(tensor
+    /// index, element index)`. Blocks of [`SCAN_BLOCK`] elements are tested
+    /// on up to `threads` threads without a branch per element; only a block
+    /// that holds one is searched element by element.
+    pub fn first_non_finite(&self, threads: usize) -> Option<(usize, usize)> {
+        let blocks = self.blocks();
+        let flagged = in_order(&blocks, threads, |&(_, _, b)| {
+            // |x| + 2^23 (as bits) reaches the sign bit exactly when the exponent is all ones
+            b.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & 0x7fff_ffff) + 0x0080_0000)) & 0x8000_0000 != 0
+        });
+        let (&(t, start, b), _) = blocks.iter().zip(flagged).find(|(_, f)| *f)?;
+        let at = b.iter().position(|x| !x.is_finite()).expect("the block was flagged");
+        Some((t, start + at))
+    }
+
+    /// `sqrt(Σ x²)` over every element, in binary64 and in an order fixed by
+    /// the layout alone (so the bits do not depend on `threads`): each block of
+    /// [`SCAN_BLOCK`] elements of a tensor sums `x²` in eight lanes (element
+    /// `i` in lane `i mod 8`, ascending), joins them as `((l0+l4)+(l1+l5)) +
+    /// ((l2+l6)+(l3+l7))`, and the block sums are added in tensor and block
+    /// order. The lanes let the sum run at the CPU's vector width.
+    pub fn norm(&self, threads: usize) -> f64 {
+        let sums = in_order(&self.blocks(), threads, |&(_, _, b)| {
+            let mut lanes = [0f64; 8];
+            let (eights, rest) = b.as_chunks::<8>();
+            for e in eights {
+                for (l, &x) in lanes.iter_mut().zip(e) {
+                    *l += f64::from(x) * f64::from(x);
+                }
+            }
+            for (l, &x) in lanes.iter_mut().zip(rest) {
+                *l += f64::from(x) * f64::from(x);
+            }
+            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        });
+        sums.iter().sum::<f64>().sqrt()
+    }
+
+    /// `(tensor index, first element, elements)` of every block of at most
+    /// [`SCAN_BLOCK`] elements, in tensor order.
+    fn blocks(&self) -> Vec<(usize, usize, &[f32])> {
+        self.tensors.iter().enumerate().flat_map(|(t, x)| x.data.chunks(SCAN_BLOCK).enumerate().map(move |(i, b)| (t, i * SCAN_BLOCK, b))).collect()
+    }
+
     /// `(name, shape)` of every tensor, with the shape `[len]` for a tensor whose
     /// data does not hold `shape`'s product (so that no check misses it).
     pub fn layout(&self) -> impl Iterator<Item = (&str, Vec<usize>)> {
@@ -89,6 +133,23 @@ impl ParamSet {
             (t.name.as_str(), shape)
         })
     }
+}
+
+/// Elements per block of [`ParamSet::first_non_finite`] and [`ParamSet::norm`].
+pub const SCAN_BLOCK: usize = 1 << 16;
+
+/// `f` of every item, on up to `threads` threads (each a contiguous share),
+/// in item order.
+fn in_order<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let share = items.len().div_ceil(threads.max(1)).max(1);
+    if share >= items.len() {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let parts: Vec<_> = items.chunks(share).map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
+        parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// The first difference between two tensor layouts, in bytewise name order.
@@ -203,5 +264,60 @@ mod tests {
         let short = ParamSet::new(vec![Tensor { name: "w".into(), shape: vec![2, 2], data: vec![0.0; 3] }]);
         assert_eq!(good.layout_difference(&short), Some(LayoutDifference::Shape { tensor: "w".into(), ours: vec![2, 2], theirs: vec![3] }));
         assert_eq!(good.layout_difference(&good.zeros_like()), None);
+    }
+
+    fn scan_set() -> ParamSet {
+        let mut x = 0x2545_f491_u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        let lens = [3, 2 * SCAN_BLOCK + 5, 0, SCAN_BLOCK, 17];
+        let tensors = lens.iter().enumerate().map(|(i, &n)| Tensor { name: format!("t{i}"), shape: vec![n], data: (0..n).map(|_| next()).collect() }).collect();
+        ParamSet::new(tensors)
+    }
+
+    #[test]
+    fn the_first_non_finite_element_is_found_on_any_thread_count() {
+        let mut set = scan_set();
+        // the largest finite values, subnormals and signed zeros are finite
+        set.tensors[1].data[..4].copy_from_slice(&[f32::MAX, -f32::MAX, f32::from_bits(1), -0.0]);
+        for threads in [1, 2, 3, 8] {
+            assert_eq!(set.first_non_finite(threads), None);
+        }
+        let planted = [(4, 16, f32::NEG_INFINITY), (1, 2 * SCAN_BLOCK + 1, f32::NAN), (3, SCAN_BLOCK - 1, f32::from_bits(0xff80_0001)), (1, SCAN_BLOCK, f32::INFINITY)];
+        let mut want = Vec::new();
+        for (t, i, v) in planted {
+            set.tensors[t].data[i] = v;
+            want.push((t, i));
+            want.sort();
+            for threads in [1, 2, 3, 8] {
+                assert_eq!(set.first_non_finite(threads), Some(want[0]), "{threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn the_norm_has_the_same_bits_on_any_thread_count_and_follows_its_definition() {
+        let set = scan_set();
+        let mut by_definition = 0f64;
+        for t in &set.tensors {
+            for block in t.data.chunks(SCAN_BLOCK) {
+                let mut lanes = [0f64; 8];
+                for (i, &x) in block.iter().enumerate() {
+                    lanes[i % 8] += f64::from(x) * f64::from(x);
+                }
+                by_definition += ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            }
+        }
+        let norm = set.norm(1);
+        assert_eq!(norm.to_bits(), by_definition.sqrt().to_bits());
+        for threads in [2, 3, 8] {
+            assert_eq!(set.norm(threads).to_bits(), norm.to_bits(), "{threads} threads");
+        }
+        let plain = set.tensors.iter().flat_map(|t| &t.data).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        assert!((norm - plain).abs() <= 1e-12 * plain, "{norm} against the plain sum {plain}");
     }
 }

@@ -45,13 +45,14 @@ pub fn check_layout(params: &ParamSet, other: &ParamSet, what: &str) -> Result<(
 
 /// Lowest non-finite element of any gradient tensor, checked before any tensor is
 /// stepped so that a bad gradient leaves the whole model unchanged.
-pub fn check_gradients(step: u64, grads: &ParamSet) -> Result<()> {
-    for t in &grads.tensors {
-        if let Some(index) = t.data.iter().position(|x| merge_core::arith::is_non_finite(*x)) {
-            return Err(TrainError::NonFiniteGradient { step, tensor: t.name.clone(), index, bits: t.data[index].to_bits() });
+pub fn check_gradients(step: u64, grads: &ParamSet, threads: usize) -> Result<()> {
+    match grads.first_non_finite(threads) {
+        Some((t, index)) => {
+            let t = &grads.tensors[t];
+            Err(TrainError::NonFiniteGradient { step, tensor: t.name.clone(), index, bits: t.data[index].to_bits() })
         }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Where the steps run.
@@ -348,7 +349,7 @@ impl Optimizer {
     pub fn step(&mut self, grads: &ParamSet) -> Result<StepReport> {
         let k = self.core.steps() + 1;
         check_layout(&self.params, grads, &format!("the step {k} gradient"))?;
-        check_gradients(k, grads)?;
+        check_gradients(k, grads, self.threads)?;
         let lr = self.core.plan(k)?.scalars().lr;
         let Some(gpu) = self.gpu.as_mut() else {
             let t = Instant::now();
@@ -422,6 +423,11 @@ impl Optimizer {
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// Threads of the CPU step.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// The kinds [`Optimizer::export_state`] writes, in its (sorted) order, without

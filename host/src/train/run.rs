@@ -281,10 +281,6 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn grad_norm(g: &ParamSet) -> f64 {
-    g.tensors.iter().flat_map(|t| t.data.iter()).map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
-}
-
 /// `acc += g` element-wise (same layout), in a fixed order so accumulation is
 /// reproducible.
 fn add_into(acc: &mut ParamSet, g: &ParamSet) -> Result<()> {
@@ -382,7 +378,7 @@ pub fn train(
             }
             let model_ms = ms(t_model) - stats.cross_check_ms;
             let report = opt.step(&grads)?;
-            let gnorm = grad_norm(&grads);
+            let gnorm = grads.norm(opt.threads());
             objective.recycle_gradient(grads);
             (gnorm, report, model_ms)
         };
