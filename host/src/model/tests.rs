@@ -270,6 +270,31 @@ fn attention_gives_the_definitions_bits_at_every_vector_level_and_from_either_ta
 }
 
 #[test]
+fn attention_leaves_out_the_terms_whose_score_gradient_is_zero() {
+    // With dout zero every ds is +0: the definition leaves those terms out of
+    // dq and dk, which so keep a -0.0 they started from, while dv takes its
+    // p · 0 terms and becomes +0.0. Bit for bit at every level, with whole
+    // vectors of dimensions (64) and tails (36).
+    for (heads, kv_heads, head_dim, tq) in [(2, 1, 64, 40), (3, 1, 36, 21)] {
+        let s = AttnShape { heads, kv_heads, head_dim, pos0: 0, tq };
+        let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let mut rng = SplitMix64::new(9);
+        let (q, k, v) = (rand_vec(&mut rng, s.tq * qd, 3.0), rand_vec(&mut rng, s.tq * kvd, 3.0), rand_vec(&mut rng, s.tq * kvd, 1.0));
+        let dout = vec![0f32; s.tq * qd];
+        for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+            let mut saved = layers::AttnSaved::probs(s);
+            let mut out = vec![0f32; s.tq * qd];
+            layers::attention_forward_at(level, &mut out, Some(&mut saved), &q, &k, &v, s);
+            let (mut dq, mut dk, mut dv) = (vec![-0f32; s.tq * qd], vec![-0f32; s.tq * kvd], vec![-0f32; s.tq * kvd]);
+            layers::attention_backward_at(level, &mut dq, &mut dk, &mut dv, &dout, &saved, &q, &k, &v, s);
+            let all = |t: &[f32], bits: u32| t.iter().all(|x| x.to_bits() == bits);
+            assert!(all(&dq, 0x8000_0000) && all(&dk, 0x8000_0000), "dq or dk took a zero term at {} ({head_dim} dims)", level.name());
+            assert!(all(&dv, 0), "dv left out a term at {} ({head_dim} dims)", level.name());
+        }
+    }
+}
+
+#[test]
 fn embedding_gradients() {
     let (v, c) = (6, 4);
     let tokens = [3u32, 1, 3, 0, 5];
