@@ -472,7 +472,13 @@ fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, wi
         Src::Rows(m) => {
             for (k, p) in panel.iter_mut().enumerate() {
                 let at = (k0 + k) * n + c;
-                p[..width].copy_from_slice(&m[at..at + width]);
+                if width == W {
+                    // a copy of a length known at compile time is two vector
+                    // moves; of a run-time length, a call to memcpy per row
+                    *p = *m[at..at + W].as_array().expect("W floats");
+                } else {
+                    p[..width].copy_from_slice(&m[at..at + width]);
+                }
             }
         }
         Src::Cols(m) => {
