@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// print the ratio of step times and of peak memory.
     #[arg(long, value_name = "PYTHON")]
     pub torch: Option<PathBuf>,
+    /// Runs of the whole comparison, host then PyTorch, alternately; with
+    /// more than one, the median and range of the rounds' ratios follow (on a
+    /// shared machine whose speed drifts, one pair's ratio moves by ±20%).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 /// `--threads`, or every core (the same default as the training commands).
@@ -218,6 +223,26 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     }
     let math = a.math.apply();
     println!("CPU kernels (model and optimizer step): {} (this CPU has {}), {} math", simd::active().name(), simd::detected().name(), math.name());
+    let mut ratios = Vec::new();
+    for round in 1..=a.rounds {
+        if a.rounds > 1 {
+            println!("round {round} of {}", a.rounds);
+        }
+        if let Some(ratio) = bench_round(a, tokens)? {
+            ratios.push(ratio);
+        }
+    }
+    if ratios.len() > 1 {
+        ratios.sort_by(f64::total_cmp);
+        let median = if ratios.len() % 2 == 1 { ratios[ratios.len() / 2] } else { (ratios[ratios.len() / 2 - 1] + ratios[ratios.len() / 2]) / 2.0 };
+        println!("host cpu / torch over {} rounds: step time median {median:.2}x, range {:.2}x to {:.2}x", ratios.len(), ratios[0], ratios[ratios.len() - 1]);
+    }
+    Ok(())
+}
+
+/// One round: every path's line, the process's peak, and with `--torch` the
+/// PyTorch step and the ratios, of which the step time's is returned.
+fn bench_round(a: &BenchArgs, tokens: usize) -> Result<Option<f64>> {
     println!("{:<5} {:>10} {:>10} {:>12} {:>12}  device", "path", "step ms", "model ms", "optimizer ms", "tokens/s");
     let timings = run(a)?;
     for t in &timings {
@@ -237,19 +262,18 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     if let Some(peak) = peak {
         println!("peak resident memory of this process: {peak:.0} MiB");
     }
-    if let Some(python) = &a.torch {
-        let torch = run_torch(python, a)?;
-        println!("{}", torch.banner);
-        println!("torch {:>10.1} {:>10} {:>12} {:>12.1}  cpu; peak resident memory {:.0} MiB", torch.step_ms, "", "", tokens as f64 / (torch.step_ms / 1e3), torch.peak_mib);
-        if let Some(cpu) = timings.iter().find(|t| t.path == "cpu") {
-            print!("host cpu / torch: step time {:.2}x", cpu.step_ms / torch.step_ms);
-            match peak {
-                Some(peak) if a.paths == "cpu" => println!(", peak memory {:.2}x", peak / torch.peak_mib),
-                _ => println!(),
-            }
-        }
+    let Some(python) = &a.torch else { return Ok(None) };
+    let torch = run_torch(python, a)?;
+    println!("{}", torch.banner);
+    println!("torch {:>10.1} {:>10} {:>12} {:>12.1}  cpu; peak resident memory {:.0} MiB", torch.step_ms, "", "", tokens as f64 / (torch.step_ms / 1e3), torch.peak_mib);
+    let Some(cpu) = timings.iter().find(|t| t.path == "cpu") else { return Ok(None) };
+    let ratio = cpu.step_ms / torch.step_ms;
+    print!("host cpu / torch: step time {ratio:.2}x");
+    match peak {
+        Some(peak) if a.paths == "cpu" => println!(", peak memory {:.2}x", peak / torch.peak_mib),
+        _ => println!(),
     }
-    Ok(())
+    Ok(Some(ratio))
 }
 
 /// `VmHWM` of this process, in MiB (Linux; `None` elsewhere).

@@ -774,3 +774,30 @@ fn the_math_mode_is_recorded_and_a_resume_may_not_switch_it() {
     }
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `host bench --rounds N --torch PYTHON` runs host and the PyTorch side
+/// alternately and ends with the median and range of the rounds' ratios. A
+/// stand-in for Python prints the two lines `dpo_step_torch.py` prints.
+#[cfg(unix)]
+#[test]
+fn bench_rounds_alternate_with_torch_and_summarize_the_ratios() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp("bench-rounds");
+    let python = d.join("python");
+    std::fs::write(&python, "#!/bin/sh\necho 'PyTorch stand-in DPO step'\necho 'torch  step ms 1.0  tokens/s 32000.0  peak resident memory 100 MiB'\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python = python.to_str().unwrap();
+    let args = |rounds: &'static str| ["bench", "--shape", "tiny", "--seq", "16", "--pairs", "1", "--steps", "1", "--paths", "cpu", "--torch", python, "--rounds", rounds];
+    let o = host(&args("3"), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("round 3 of 3") && out.matches("PyTorch stand-in").count() == 3, "{out}");
+    let mut ratios: Vec<f64> = out.lines().filter_map(|l| l.strip_prefix("host cpu / torch: step time ")).map(|r| r[..r.find('x').unwrap()].parse().unwrap()).collect();
+    assert_eq!(ratios.len(), 3, "{out}");
+    ratios.sort_by(f64::total_cmp);
+    let summary = format!("host cpu / torch over 3 rounds: step time median {:.2}x, range {:.2}x to {:.2}x", ratios[1], ratios[0], ratios[2]);
+    assert!(out.contains(&summary), "no `{summary}` in:\n{out}");
+    let o = host(&args("0"), &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--rounds"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
