@@ -475,7 +475,7 @@ fn pack_panel<const W: usize>(panel: &mut [[f32; W]], src: Src<'_>, c: usize, wi
                 if width == W {
                     // a copy of a length known at compile time is two vector
                     // moves; of a run-time length, a call to memcpy per row
-                    *p = *m[at..at + W].as_array().expect("W floats");
+                    *p = *<&[f32; W]>::try_from(&m[at..at + W]).expect("W floats");
                 } else {
                     p[..width].copy_from_slice(&m[at..at + width]);
                 }
