@@ -333,9 +333,9 @@ pub(super) struct Blocking {
 impl Blocking {
     /// For this machine's caches: a run of rows' coefficients (256 × 256
     /// floats, 256 KiB) and the panels they meet (256 KiB) stay in L2 while
-    /// every tile of the group reads them. The packed coefficients (4 MiB at
-    /// most, 1.5 MiB for 512 tokens of a 768-wide layer) are written once per
-    /// run of the inner dimension and read from L2 and L3.
+    /// every tile of the group reads them. The packed coefficients (at most
+    /// 4 MiB; 512 KiB for 512 tokens and a run of 256 terms) are written once
+    /// per run of the inner dimension.
     pub(super) const CACHES: Blocking = Blocking { k: 256, rows: 256, panel_bytes: 256 << 10, coef_bytes: 4 << 20 };
 }
 
