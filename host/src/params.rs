@@ -267,13 +267,8 @@ mod tests {
     }
 
     fn scan_set() -> ParamSet {
-        let mut x = 0x2545_f491_u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
+        let mut rng = crate::data::builtin::SplitMix64::new(5);
+        let mut next = move || rng.next_normal() as f32;
         let lens = [3, 2 * SCAN_BLOCK + 5, 0, SCAN_BLOCK, 17];
         let tensors = lens.iter().enumerate().map(|(i, &n)| Tensor { name: format!("t{i}"), shape: vec![n], data: (0..n).map(|_| next()).collect() }).collect();
         ParamSet::new(tensors)
