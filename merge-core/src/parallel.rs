@@ -436,12 +436,18 @@ fn later_radix_passes(radix: &mut RadixSelect, counted: &[RadixSelect], parts: &
 /// as many as runs); the results in run order, or the error of the lowest
 /// failing run.
 fn on_threads<'r, T: Sync, R: Send>(workers: &mut [Buffers], runs: &[&'r [T]], work: impl Fn(&'r [T], &mut Buffers) -> Result<R, Error> + Sync) -> Result<Vec<R>, Error> {
+    each_on_a_thread(runs.iter().copied().zip(workers.iter_mut()).collect(), work).into_iter().collect()
+}
+
+/// `work(job, buffers)` for every job, each with its own worker's buffers: the
+/// first on the calling thread (one thread fewer to start), every other on a
+/// thread of its own; the results in job order.
+fn each_on_a_thread<J: Send, R: Send>(jobs: Vec<(J, &mut Buffers)>, work: impl Fn(J, &mut Buffers) -> R + Sync) -> Vec<R> {
     let work = &work;
-    let mut jobs = runs.iter().zip(workers.iter_mut());
-    let Some((&first, first_buf)) = jobs.next() else { return Ok(Vec::new()) };
+    let mut jobs = jobs.into_iter();
+    let Some((first, first_buf)) = jobs.next() else { return Vec::new() };
     thread::scope(|s| {
-        // The calling thread takes the first run: one thread fewer to start.
-        let handles: Vec<_> = jobs.map(|(&run, buf)| s.spawn(move || work(run, buf))).collect();
+        let handles: Vec<_> = jobs.map(|(job, buf)| s.spawn(move || work(job, buf))).collect();
         let first = work(first, first_buf);
         core::iter::once(first).chain(handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))).collect()
     })
@@ -826,21 +832,14 @@ fn run_with<T: Send, R: Send, S: Send>(workers: &mut [Buffers], items: Vec<T>, i
         let out = run.into_iter().map(|it| work(it, buf, &mut state)).collect::<Result<Vec<R>, Error>>();
         out.map(|out| (out, state))
     };
-    // At most `threads` runs (at least two here): one worker's buffers each.
-    let mut jobs = runs.into_iter().zip(workers.iter_mut());
-    let (first, first_buf) = jobs.next().expect("two runs or more");
-    thread::scope(|s| {
-        // The calling thread takes the first run: one thread fewer to start.
-        let handles: Vec<_> = jobs.map(|(run, buf)| s.spawn(move || one_run(run, buf))).collect();
-        let first = one_run(first, first_buf);
-        let (mut out, mut states) = (Vec::new(), Vec::new());
-        for r in core::iter::once(first).chain(handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))) {
-            let (part, state) = r?;
-            out.extend(part);
-            states.push(state);
-        }
-        Ok((out, states))
-    })
+    // At most `threads` runs: one worker's buffers each.
+    let (mut out, mut states) = (Vec::new(), Vec::new());
+    for r in each_on_a_thread(runs.into_iter().zip(workers.iter_mut()).collect(), one_run) {
+        let (part, state) = r?;
+        out.extend(part);
+        states.push(state);
+    }
+    Ok((out, states))
 }
 
 #[cfg(test)]
