@@ -3,6 +3,8 @@
 //! order (ascending by name, bytewise) so that every consumer (optimizer, checkpoint,
 //! global top-k) sees the same order.
 
+use crate::model::par_map;
+
 /// One named tensor, row-major.
 #[derive(Debug, PartialEq)]
 pub struct Tensor {
@@ -87,7 +89,8 @@ impl ParamSet {
     /// that holds one is searched element by element.
     pub fn first_non_finite(&self, threads: usize) -> Option<(usize, usize)> {
         let blocks = self.blocks();
-        let flagged = in_order(&blocks, threads, |&(_, _, b)| {
+        let flagged = par_map(threads, blocks.len(), |i| {
+            let (_, _, b) = blocks[i];
             // |x| + 2^23 (as bits) reaches the sign bit exactly when the exponent is all ones
             b.iter().fold(0u32, |acc, x| acc | ((x.to_bits() & 0x7fff_ffff) + 0x0080_0000)) & 0x8000_0000 != 0
         });
@@ -103,7 +106,9 @@ impl ParamSet {
     /// ((l2+l6)+(l3+l7))`, and the block sums are added in tensor and block
     /// order. The lanes let the sum run at the CPU's vector width.
     pub fn norm(&self, threads: usize) -> f64 {
-        let sums = in_order(&self.blocks(), threads, |&(_, _, b)| {
+        let blocks = self.blocks();
+        let sums = par_map(threads, blocks.len(), |i| {
+            let (_, _, b) = blocks[i];
             let mut lanes = [0f64; 8];
             let (eights, rest) = b.as_chunks::<8>();
             for e in eights {
@@ -137,20 +142,6 @@ impl ParamSet {
 
 /// Elements per block of [`ParamSet::first_non_finite`] and [`ParamSet::norm`].
 pub const SCAN_BLOCK: usize = 1 << 16;
-
-/// `f` of every item, on up to `threads` threads (each a contiguous share),
-/// in item order.
-fn in_order<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let share = items.len().div_ceil(threads.max(1)).max(1);
-    if share >= items.len() {
-        return items.iter().map(f).collect();
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let parts: Vec<_> = items.chunks(share).map(|part| s.spawn(move || part.iter().map(f).collect::<Vec<R>>())).collect();
-        parts.into_iter().flat_map(|p| p.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    })
-}
 
 /// The first difference between two tensor layouts, in bytewise name order.
 #[derive(Clone, Debug, PartialEq, Eq)]

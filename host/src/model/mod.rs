@@ -42,6 +42,8 @@ pub mod sequence;
 pub mod simd;
 mod threads;
 
+pub(crate) use threads::par_map;
+
 pub use config::{ConfigError, Family, LlamaConfig, RopeScaling};
 pub use gpu::{GpuForward, GpuLlama, GpuModelError};
 pub use error::ModelError;

@@ -8,7 +8,7 @@ use super::layers;
 use crate::params::ParamSet;
 
 /// Runs `f(0..n)` on up to `threads` workers and returns results in index order.
-pub(super) fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub(crate) fn par_map<T: Send>(threads: usize, n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     if threads <= 1 || n <= 1 {
         return (0..n).map(f).collect();
     }
