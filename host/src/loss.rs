@@ -124,14 +124,14 @@ pub struct BatchLoss {
 
 /// `log σ(x)` without overflow for large |x|.
 fn log_sigmoid(x: f64) -> f64 {
-    x.min(0.0) - (-x.abs()).exp().ln_1p()
+    x.min(0.0) - libm::log1p(libm::exp(-x.abs()))
 }
 
 fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
+        1.0 / (1.0 + libm::exp(-x))
     } else {
-        let e = x.exp();
+        let e = libm::exp(x);
         e / (1.0 + e)
     }
 }

@@ -342,7 +342,7 @@ fn measure(model: &Scorer, sets: &EvalSets, beta: f64, seed: u64, label: &str, s
         reward_margin: margin / npairs,
         judge: judged / sets.judge_prompts.len().max(1) as f64,
         capability: right as f64 / sets.problems.len().max(1) as f64,
-        perplexity: (ce.nll_sum / ce.tokens.max(1) as f64).exp(),
+        perplexity: libm::exp(ce.nll_sum / ce.tokens.max(1) as f64),
     })
 }
 

@@ -186,7 +186,7 @@ fn sample(logits: &[f32], sampling: Sampling, rng: &mut SplitMix64) -> u32 {
                 order.truncate(top_k);
             }
             let mx = logits[argmax()] as f64;
-            let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - mx) / temperature as f64).exp()).collect();
+            let weights: Vec<f64> = order.iter().map(|&i| libm::exp((logits[i] as f64 - mx) / temperature as f64)).collect();
             let total: f64 = weights.iter().sum();
             let mut u = rng.unit() * total;
             for (&i, &w) in order.iter().zip(&weights) {

@@ -6,6 +6,7 @@
 //! gradients, so a residual stream's two consumers can write to the same buffer.
 
 use super::config::RopeScaling;
+use super::math::{exp_f32, exp_f64};
 use super::simd::{self, Level, Math};
 
 /// Dot product with eight independent partial sums: the fixed lane structure lets
@@ -767,14 +768,14 @@ impl Rope {
     /// Tables for positions `pos0 .. pos0 + len`, frequencies scaled by `scaling`.
     pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling, pos0: usize, len: usize) -> Self {
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half).map(|i| scaling.inv_freq(1.0 / theta.powf((2 * i) as f64 / head_dim as f64))).collect();
+        let inv_freq: Vec<f64> = (0..half).map(|i| scaling.inv_freq(1.0 / libm::pow(theta, (2 * i) as f64 / head_dim as f64))).collect();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in pos0..pos0 + len {
             for &inv_freq in &inv_freq {
                 let a = p as f64 * inv_freq;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
+                cos.push(libm::cos(a) as f32);
+                sin.push(libm::sin(a) as f32);
             }
         }
         Self { half, cos, sin }
@@ -921,10 +922,13 @@ fn attention_forward_body<const WIDE: bool, const KB: usize>(out: &mut [f32], mu
                 *sc *= scale;
                 mx = mx.max(*sc);
             }
-            let mut sum = 0f32;
             for wj in scores.iter_mut() {
-                *wj = (*wj - mx).exp();
-                sum += *wj;
+                *wj = exp_f32(*wj - mx);
+            }
+            // Apart from the exponentials, which vectorize: a sum in index order.
+            let mut sum = 0f32;
+            for &wj in scores.iter() {
+                sum += wj;
             }
             let inv = 1.0 / sum;
             for wj in scores.iter_mut() {
@@ -1209,7 +1213,7 @@ fn attention_backward_body<const WIDE: bool, const KB: usize>(dq: &mut [f32], dk
                             *pj = dot_at::<WIDE>(qr, &k[kv_starts[j]..kv_starts[j] + hd]);
                         }
                         for pj in row.iter_mut() {
-                            *pj = (*pj * scale - mx).exp() * inv;
+                            *pj = exp_f32(*pj * scale - mx) * inv;
                         }
                         row
                     }
@@ -1244,20 +1248,66 @@ fn attention_backward_body<const WIDE: bool, const KB: usize>(dq: &mut [f32], dk
 
 // ---------------------------------------------------------------- SwiGLU
 
-#[inline]
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_f32(-x))
 }
 
-/// `h = silu(gate) ⊙ up`, `silu(g) = g·σ(g)`.
-pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32]) {
+/// A function's copies for each vector level (its body `#[inline(always)]`, so
+/// each copy compiles it with the level's instructions) and the dispatch to the
+/// widest the CPU has: `$name` at the active level, `$at` at a given one (the
+/// tests run every level and compare bits). For loops whose bits do not depend
+/// on the vector width, as [`simd`] says; here the exponentials of
+/// [`super::math`] are what vectorizes.
+macro_rules! at_every_level {
+    ($(#[$doc:meta])* $name:ident, $at:ident, $body:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            $at(simd::active(), $($arg),*)
+        }
+
+        pub(super) fn $at(level: Level, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                $body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $body($($arg),*)
+            }
+            // SAFETY: a copy runs only on a CPU that has its instructions.
+            match level.min(simd::detected()) {
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 => unsafe { avx2($($arg),*) },
+                _ => $body($($arg),*),
+            }
+        }
+    };
+}
+
+at_every_level!(
+    /// `h = silu(gate) ⊙ up`, `silu(g) = g·σ(g)`.
+    swiglu_forward, swiglu_forward_at, swiglu_forward_body, (h: &mut [f32], gate: &[f32], up: &[f32])
+);
+
+#[inline(always)]
+fn swiglu_forward_body(h: &mut [f32], gate: &[f32], up: &[f32]) {
     for ((hi, &g), &u) in h.iter_mut().zip(gate).zip(up) {
         *hi = g * sigmoid(g) * u;
     }
 }
 
-/// `dup = dh ⊙ silu(g)`, `dgate = dh ⊙ up ⊙ σ(g)(1 + g(1 − σ(g)))`; overwrites.
-pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
+at_every_level!(
+    /// `dup = dh ⊙ silu(g)`, `dgate = dh ⊙ up ⊙ σ(g)(1 + g(1 − σ(g)))`; overwrites.
+    swiglu_backward, swiglu_backward_at, swiglu_backward_body, (dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32])
+);
+
+#[inline(always)]
+fn swiglu_backward_body(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
     for i in 0..dh.len() {
         let (g, u) = (gate[i], up[i]);
         let sg = sigmoid(g);
@@ -1268,22 +1318,34 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f
 
 // ---------------------------------------------------------------- log-softmax head
 
-/// Log-softmax of one row of logits, in place into `probs` as probabilities;
-/// returns `log p(target)`. Sums run in f64: vocabularies are large and the
-/// result feeds DPO margins that are differences of nearly equal numbers.
-pub fn log_softmax_row(logits: &[f32], target: usize, probs: &mut [f32]) -> f32 {
+at_every_level!(
+    /// Log-softmax of one row of logits, in place into `probs` as probabilities;
+    /// returns `log p(target)`. Sums run in f64: vocabularies are large and the
+    /// result feeds DPO margins that are differences of nearly equal numbers.
+    log_softmax_row, log_softmax_row_at, log_softmax_row_body, (logits: &[f32], target: usize, probs: &mut [f32]) -> f32
+);
+
+#[inline(always)]
+fn log_softmax_row_body(logits: &[f32], target: usize, probs: &mut [f32]) -> f32 {
     let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0f64;
-    for (p, &l) in probs.iter_mut().zip(logits) {
-        let e = ((l - mx) as f64).exp();
-        *p = e as f32;
-        sum += e;
+    // The exponentials a run at a time, where they vectorize; the sum in index order.
+    let mut run = [0f64; 64];
+    for (ps, ls) in probs.chunks_mut(run.len()).zip(logits.chunks(run.len())) {
+        let run = &mut run[..ls.len()];
+        for (e, &l) in run.iter_mut().zip(ls) {
+            *e = exp_f64((l - mx) as f64);
+        }
+        for (p, &e) in ps.iter_mut().zip(run.iter()) {
+            *p = e as f32;
+            sum += e;
+        }
     }
     let inv = 1.0 / sum;
     for p in probs.iter_mut() {
         *p = (*p as f64 * inv) as f32;
     }
-    ((logits[target] - mx) as f64 - sum.ln()) as f32
+    ((logits[target] - mx) as f64 - libm::log(sum)) as f32
 }
 
 /// `d logits = coef · (onehot(target) − p)`: the gradient of `coef · log p(target)`.

@@ -38,6 +38,7 @@ pub mod generate;
 pub mod gpu;
 pub mod layers;
 pub mod llama;
+pub mod math;
 pub mod sequence;
 pub mod simd;
 mod threads;

@@ -206,7 +206,7 @@ fn attention_by_definition(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], s: Att
             let (g, qr) = (h / group, row(q, t * nh + h));
             let scores: Vec<f32> = (0..=t).map(|j| layers::dot(&qr, &row(k, j * nkv + g)) * scale).collect();
             let mx = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let e: Vec<f32> = scores.iter().map(|&x| (x - mx).exp()).collect();
+            let e: Vec<f32> = scores.iter().map(|&x| crate::model::math::exp_f32(x - mx)).collect();
             let inv = 1.0 / e.iter().fold(0f32, |a, &x| a + x);
             let p: Vec<f32> = e.iter().map(|&x| x * inv).collect();
             for (j, &pj) in p.iter().enumerate() {
@@ -441,6 +441,33 @@ fn swiglu_gradients() {
     layers::swiglu_backward(&mut dg, &mut du, &r, &g, &u);
     check_grad("swiglu dgate", &g, &dg, 1e-2, 1e-3, &|x| run(x, &u));
     check_grad("swiglu dup", &u, &du, 1e-2, 1e-3, &|x| run(&g, x));
+}
+
+/// The exponentials vectorize at each level; the bits are the baseline's.
+#[test]
+fn swiglu_and_log_softmax_give_the_same_bits_at_every_vector_level() {
+    let mut rng = SplitMix64::new(10);
+    // Odd lengths: tails of every vector width and of the log-softmax's runs.
+    for n in [1usize, 7, 61, 1000] {
+        let g = rand_vec(&mut rng, n, 4.0);
+        let u = rand_vec(&mut rng, n, 1.0);
+        let dh = rand_vec(&mut rng, n, 1.0);
+        let logits = rand_vec(&mut rng, n, 8.0);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        let run = |level| {
+            let mut h = vec![0f32; n];
+            layers::swiglu_forward_at(level, &mut h, &g, &u);
+            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+            layers::swiglu_backward_at(level, &mut dg, &mut du, &dh, &g, &u);
+            let mut p = vec![0f32; n];
+            let lp = layers::log_softmax_row_at(level, &logits, n / 2, &mut p);
+            (bits(&h), bits(&dg), bits(&du), bits(&p), lp.to_bits())
+        };
+        let baseline = run(simd::Level::Baseline);
+        for level in simd::Level::ALL.into_iter().filter(|&l| l <= simd::detected()) {
+            assert!(run(level) == baseline, "{} differs from the baseline ({n} elements)", level.name());
+        }
+    }
 }
 
 #[test]
