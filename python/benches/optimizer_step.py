@@ -6,7 +6,8 @@ and a port of the official ODAdamW / OTAdamW step (gpu-shaders/bench/official_to
 Each configuration is timed on 1 and 2 threads (torch.set_num_threads and the
 optimizer's threads=), interleaved, as the minimum over --repeat steps; memory is
 the optimizer state's bytes beyond AdamW's two moments, as a share of the
-parameter bytes.
+parameter bytes. Each set ends with the ratios issue 13 sets targets for, of
+the minima above.
 
 --grads fixed (the default) steps every time with the same gradient, so from the
 second step on Adam's update is nearly one magnitude (m/sqrt(v) is about the
@@ -136,6 +137,7 @@ def main():
             ("merge_core OnTIESAdamW", lambda t: ours("ties", shapes, t)),
             ("merge_core OnTIESAdamW, keep_scratch", lambda t: ours("ties-keep", shapes, t)),
         ]
+        best_of = {}
         for label, make in rows:
             times, share = [], None
             for threads in (1, 2):
@@ -154,6 +156,17 @@ def main():
                 times.append(best * 1e3)
                 del run, params, opt
             print(f"  {label:<38}{times[0]:10.1f}ms{times[1]:10.1f}ms   {share * 100:+6.0f}%", flush=True)
+            best_of[label] = times
+        # Issue 13's targets, as ratios of the minima above (same run, same tensors).
+        print(f"  {'ratio (target)':<38}{'1 thread':>12}{'2 threads':>12}")
+        for what, num, den in [
+            ("OnDARE / torch fused (<= 3x)", "merge_core OnDAREAdamW", "torch AdamW fused"),
+            ("official ODAdamW / OnDARE (>= 5x)", "official ODAdamW (port)", "merge_core OnDAREAdamW"),
+            ("official OTAdamW / OnTIES (>= 10x)", "official OTAdamW (port)", "merge_core OnTIESAdamW"),
+            ("OnTIES / OnDARE (<= 2x)", "merge_core OnTIESAdamW", "merge_core OnDAREAdamW"),
+        ]:
+            ratios = [a / b for a, b in zip(best_of[num], best_of[den])]
+            print(f"  {what:<38}{ratios[0]:11.2f}x{ratios[1]:11.2f}x", flush=True)
 
 
 if __name__ == "__main__":
