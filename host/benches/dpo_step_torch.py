@@ -2,6 +2,8 @@
 float32 with eager attention and TF32 off, the same shapes, the same batch
 (2 x pairs sequences of `seq` tokens, prompt a quarter), reference log-probs
 computed once up front, the sigmoid loss (beta 0.1) and torch.optim.AdamW.
+`--objective pretrain` times the pretraining step instead: the same sequences,
+the mean next-token cross-entropy over every token after the first, AdamW.
 Prints the median step time after one warm-up step, tokens per second, the
 process's peak resident memory and, on CUDA, the peak device memory of the step.
 `host bench --torch PYTHON` runs it beside its own step and prints the ratios.
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--objective", choices=("dpo", "pretrain"), default="dpo")
     ap.add_argument("--deterministic", action="store_true")
     a = ap.parse_args()
     if a.threads:
@@ -65,9 +68,7 @@ def main():
         config = LlamaConfig.from_json_file(a.shape)
         config._attn_implementation = "eager"
     policy = LlamaForCausalLM(config).to(dev, torch.float32)
-    reference = LlamaForCausalLM(config).to(dev, torch.float32)
-    reference.load_state_dict(policy.state_dict())
-    reference.eval()
+    dpo = a.objective == "dpo"
 
     g = torch.Generator().manual_seed(0x5EED)
     prompt_len = max(a.seq // 4, 1)
@@ -76,10 +77,16 @@ def main():
     rejected = torch.cat([prompts, torch.randint(0, config.vocab_size, (a.pairs, a.seq - prompt_len), generator=g)], 1)
     ids = torch.cat([chosen, rejected]).to(dev)
     mask = torch.zeros_like(ids, dtype=torch.float32)
-    mask[:, prompt_len:] = 1.0
-    with torch.no_grad():
-        ref = sequence_logps(reference, ids, mask)
-    del reference
+    if dpo:
+        mask[:, prompt_len:] = 1.0
+        reference = LlamaForCausalLM(config).to(dev, torch.float32)
+        reference.load_state_dict(policy.state_dict())
+        reference.eval()
+        with torch.no_grad():
+            ref = sequence_logps(reference, ids, mask)
+        del reference
+    else:
+        mask[:, 1:] = 1.0
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
 
     def sync():
@@ -93,9 +100,12 @@ def main():
         sync()
         t = time.perf_counter()
         logps = sequence_logps(policy, ids, mask)
-        pi = logps[: a.pairs] - logps[a.pairs:]
-        rf = ref[: a.pairs] - ref[a.pairs:]
-        loss = -F.logsigmoid(0.1 * (pi - rf)).mean()
+        if dpo:
+            pi = logps[: a.pairs] - logps[a.pairs:]
+            rf = ref[: a.pairs] - ref[a.pairs:]
+            loss = -F.logsigmoid(0.1 * (pi - rf)).mean()
+        else:
+            loss = -logps.sum() / mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,7 +115,7 @@ def main():
     tokens = 2 * a.pairs * a.seq
     step_s = statistics.median(times)
     n_params = sum(p.numel() for p in policy.parameters())
-    print(f"PyTorch {torch.__version__} DPO step, {a.shape} ({n_params} parameters), {tokens} tokens per step, "
+    print(f"PyTorch {torch.__version__} {'DPO' if dpo else 'pretraining'} step, {a.shape} ({n_params} parameters), {tokens} tokens per step, "
           f"median of {a.steps} steps after 1 warm-up, device {a.device}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({torch.get_num_threads()} threads)"))
     line = f"torch  step ms {step_s * 1e3:.1f}  tokens/s {tokens / step_s:.1f}"

@@ -1,10 +1,13 @@
-//! `host bench`: tokens per second of a DPO training step, on the CPU model and
-//! on the GPU, for one model shape and batch, in one run.
+//! `host bench`: tokens per second of a training step, DPO or pretraining, on
+//! the CPU model and on the GPU, for one model shape and batch, in one run.
 //!
-//! A step is what `align` runs per optimizer step with the reference log-probs
-//! computed once up front (as TRL's `precompute_ref_log_probs`): the policy's
-//! forward and backward over `2 · pairs` sequences of `seq` tokens (prompt a
-//! quarter, completion the rest), the DPO sigmoid loss, and the optimizer step.
+//! A DPO step is what `align` runs per optimizer step with the reference
+//! log-probs computed once up front (as TRL's `precompute_ref_log_probs`): the
+//! policy's forward and backward over `2 · pairs` sequences of `seq` tokens
+//! (prompt a quarter, completion the rest), the DPO sigmoid loss, and the
+//! optimizer step. A pretraining step (`--objective pretrain`) is what
+//! `pretrain` runs: the same number of sequences and tokens, every token after
+//! the first scored, the mean next-token cross-entropy, and the optimizer step.
 //! GPU steps are resident (`--cross-check-every 0`: gradients and weights stay
 //! on the device). The first step is a warm-up and not counted; the figure is
 //! the median of the others. `host/benches/dpo_step_torch.py` runs the same step
@@ -13,7 +16,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, ValueEnum};
 
 use crate::cli::args::OptimArgs;
 use crate::loss::{DpoLoss, LossKind};
@@ -21,7 +24,7 @@ use crate::model::config::LlamaConfig;
 use crate::model::{LlamaModel, Sequence};
 use crate::model::simd;
 use crate::train::metrics::MetricsLog;
-use crate::train::objectives::{DpoObjective, PairSeqs};
+use crate::train::objectives::{DpoObjective, LmObjective, PairSeqs};
 use crate::train::optim::{self, Optimizer};
 use crate::train::run::{self, LoopSpec, Objective, Start};
 use crate::train::{Result, TrainError};
@@ -36,9 +39,15 @@ pub struct BenchArgs {
     /// Tokens per sequence.
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
-    /// Preference pairs per step (two sequences each).
+    /// Preference pairs per step (two sequences each; a pretraining step takes
+    /// the same `2 · pairs` sequences).
     #[arg(long, default_value_t = 4)]
     pub pairs: usize,
+    /// The step to time: `dpo` (the DPO sigmoid loss, reference log-probs
+    /// computed once up front) or `pretrain` (next-token cross-entropy on every
+    /// token).
+    #[arg(long, value_enum, default_value_t = BenchObjective::Dpo)]
+    pub objective: BenchObjective,
     /// Timed steps, after one warm-up step (0: print the memory plan only).
     #[arg(long, default_value_t = 3)]
     pub steps: u64,
@@ -66,6 +75,22 @@ pub struct BenchArgs {
     /// shared machine whose speed drifts, one pair's ratio moves by ±20%).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+}
+
+/// What `host bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchObjective {
+    Dpo,
+    Pretrain,
+}
+
+impl BenchObjective {
+    fn step_name(self) -> &'static str {
+        match self {
+            BenchObjective::Dpo => "DPO step",
+            BenchObjective::Pretrain => "pretraining step",
+        }
+    }
 }
 
 /// `--threads`, or every core (the same default as the training commands).
@@ -140,28 +165,45 @@ pub fn run(a: &BenchArgs) -> Result<Vec<PathTiming>> {
     for &path in paths {
         let mut policy = LlamaModel::init(config.clone(), 1).map_err(TrainError::arch("model init"))?;
         policy.set_threads(threads);
-        let reference = LlamaModel::from_params(config.clone(), policy.params.clone()).map_err(TrainError::arch("the reference model"))?;
-        let train = random_pairs(config.vocab_size, a.seq, a.pairs);
-        let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0)?;
         let total = a.steps + 1;
         let defaults = OptimDefaults::parse_from(["bench", "--lr", "1e-5"]);
         let cfg = defaults.optim.config(1, total);
         let init = policy.params.clone();
-        let (mut objective, mut opt): (Box<dyn Objective>, Optimizer) = if path == "gpu" {
+        let gpu = if path == "gpu" {
             let ctx = optim::open_device(&crate::cli::args::BackendChoice::Gpu.request(), "")
                 .map_err(|e| TrainError::msg(format!("--paths gpu: {e}")))?
                 .ok_or_else(|| TrainError::msg("--paths gpu: no GPU adapter".to_string()))?;
-            let obj = DpoObjective::on_gpu(policy, &reference, loss, train, Vec::new(), &ctx, 0)?;
-            let opt = Optimizer::sharing(cfg, init, None, obj.gpu_model().expect("on_gpu puts the policy there"), 0)?;
-            (Box::new(obj), opt)
+            Some(ctx)
         } else {
-            let obj = DpoObjective::new(policy, &reference, loss, train, Vec::new())?;
-            let mut opt = Optimizer::new(cfg, init, None)?;
-            opt.set_threads(threads);
-            (Box::new(obj), opt)
+            None
         };
-        drop(reference);
-        let spec = LoopSpec::quiet(total, a.pairs, 1, 1);
+        let (mut objective, batch): (Box<dyn Objective>, usize) = match a.objective {
+            BenchObjective::Dpo => {
+                let reference = LlamaModel::from_params(config.clone(), policy.params.clone()).map_err(TrainError::arch("the reference model"))?;
+                let train = random_pairs(config.vocab_size, a.seq, a.pairs);
+                let loss = DpoLoss::new(LossKind::Sigmoid, 0.1, 0.0)?;
+                let obj = match &gpu {
+                    Some(ctx) => DpoObjective::on_gpu(policy, &reference, loss, train, Vec::new(), ctx, 0)?,
+                    None => DpoObjective::new(policy, &reference, loss, train, Vec::new())?,
+                };
+                (Box::new(obj), a.pairs)
+            }
+            BenchObjective::Pretrain => {
+                let train = random_pairs(config.vocab_size, a.seq, a.pairs).into_iter().flat_map(|p| [p.chosen.tokens, p.rejected.tokens]).map(Sequence::full).collect();
+                let obj = LmObjective::new(policy, train, Vec::new())?;
+                let obj = match &gpu {
+                    Some(ctx) => obj.on_gpu(ctx, 0)?,
+                    None => obj,
+                };
+                (Box::new(obj), 2 * a.pairs)
+            }
+        };
+        let mut opt = match objective.gpu_model() {
+            Some(model) => Optimizer::sharing(cfg, init, None, model, 0)?,
+            None => Optimizer::new(cfg, init, None)?,
+        };
+        opt.set_threads(threads);
+        let spec = LoopSpec::quiet(total, batch, 1, 1);
         let log_path: PathBuf = std::env::temp_dir().join(format!("host-bench-{}-{path}.jsonl", std::process::id()));
         let mut log = MetricsLog::create(&log_path)?;
         run::train(&spec, objective.as_mut(), &mut opt, Start { step: 0, data_position: 0 }, &mut log, None)?;
@@ -209,11 +251,15 @@ pub fn bench(a: &BenchArgs) -> Result<()> {
     if a.steps == 0 {
         return Ok(());
     }
+    let batch = match a.objective {
+        BenchObjective::Dpo => format!("{} pairs x 2 sequences", a.pairs),
+        BenchObjective::Pretrain => format!("{} sequences", 2 * a.pairs),
+    };
     println!(
-        "DPO step, {} ({} parameters), {} pairs x 2 sequences x {} tokens = {tokens} tokens per step; median of {} steps after 1 warm-up",
+        "{}, {} ({} parameters), {batch} x {} tokens = {tokens} tokens per step; median of {} steps after 1 warm-up",
+        a.objective.step_name(),
         a.shape,
         config.num_params(),
-        a.pairs,
         a.seq,
         a.steps
     );
@@ -297,7 +343,7 @@ fn run_torch(python: &std::path::Path, a: &BenchArgs) -> Result<TorchTiming> {
     let threads = threads(a);
     let out = std::process::Command::new(python)
         .arg(script)
-        .args(["--shape", &a.shape, "--device", "cpu"])
+        .args(["--shape", &a.shape, "--device", "cpu", "--objective", a.objective.to_possible_value().expect("no variant is skipped").get_name()])
         .args(["--seq", &a.seq.to_string(), "--pairs", &a.pairs.to_string(), "--steps", &a.steps.to_string(), "--threads", &threads.to_string()])
         .output()
         .map_err(|e| TrainError::msg(format!("--torch {}: {e}", python.display())))?;

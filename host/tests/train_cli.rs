@@ -801,3 +801,24 @@ fn bench_rounds_alternate_with_torch_and_summarize_the_ratios() {
     assert!(!o.status.success() && stderr(&o).contains("--rounds"), "{}", stderr(&o));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `--objective pretrain` times the pretraining step and asks the PyTorch side
+/// for the same one (the stand-in echoes the arguments it was given).
+#[test]
+fn bench_times_the_pretraining_step_beside_torch() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tmp("bench-pretrain");
+    let python = d.join("python");
+    std::fs::write(&python, "#!/bin/sh
+echo \"PyTorch stand-in $*\"\necho 'torch  step ms 1.0  tokens/s 32000.0  peak resident memory 100 MiB'\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = host(&["bench", "--shape", "tiny", "--seq", "16", "--pairs", "2", "--steps", "1", "--paths", "cpu", "--objective", "pretrain", "--torch", python.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("pretraining step, tiny") && out.contains("4 sequences x 16 tokens = 64 tokens per step"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("PyTorch stand-in") && l.contains("--objective pretrain") && l.contains("--pairs 2")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("cpu ")) && out.contains("host cpu / torch: step time"), "{out}");
+    let o = host(&["bench", "--shape", "tiny", "--steps", "1", "--paths", "cpu", "--objective", "sft"], &[]);
+    assert!(!o.status.success() && stderr(&o).contains("--objective"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&d).unwrap();
+}
