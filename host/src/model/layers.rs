@@ -1330,13 +1330,13 @@ fn log_softmax_row_body(logits: &[f32], target: usize, probs: &mut [f32]) -> f32
     let mx = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let mut sum = 0f64;
     // The exponentials a run at a time, where they vectorize; the sum in index order.
-    let mut run = [0f64; 64];
-    for (ps, ls) in probs.chunks_mut(run.len()).zip(logits.chunks(run.len())) {
-        let run = &mut run[..ls.len()];
-        for (e, &l) in run.iter_mut().zip(ls) {
+    let mut exps = [0f64; 64];
+    for (ps, ls) in probs.chunks_mut(exps.len()).zip(logits.chunks(exps.len())) {
+        let part = &mut exps[..ls.len()];
+        for (e, &l) in part.iter_mut().zip(ls) {
             *e = exp_f64((l - mx) as f64);
         }
-        for (p, &e) in ps.iter_mut().zip(run.iter()) {
+        for (p, &e) in ps.iter_mut().zip(part.iter()) {
             *p = e as f32;
             sum += e;
         }
