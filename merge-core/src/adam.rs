@@ -2,35 +2,60 @@
 //! of `⊕ ⊖ ⊗ ⊘ √` (flushed), in the order written; `TORCH` picks the form at
 //! compile time so the hot loop has no per-element branch.
 
-use crate::arith::{add, div, mul, sqrt, sub};
+use crate::arith::{add_with, div_with, mul_with, sqrt_with, sub_with};
 use crate::hyper::StepScalars;
 
 /// `m' = β1⊗m ⊕ c1⊗g`, `v' = β2⊗v ⊕ c2⊗(g⊗g)`.
 #[inline(always)]
 pub fn moments(s: &StepScalars, g: f32, m: f32, v: f32) -> (f32, f32) {
-    let m1 = add(mul(s.beta1, m), mul(s.one_minus_beta1, g));
-    let v1 = add(mul(s.beta2, v), mul(s.one_minus_beta2, mul(g, g)));
-    (m1, v1)
+    moments_with::<true>(s, g, m, v)
 }
 
 /// HF: `Δ = (−step)⊗(m' ⊘ (√v' ⊕ ε))`; torch: `Δ = (−step)⊗(m' ⊘ ((√v' ⊘ bc2) ⊕ ε))`.
 #[inline(always)]
 pub fn delta<const TORCH: bool>(s: &StepScalars, m1: f32, v1: f32) -> f32 {
-    let root = sqrt(v1);
-    let root = if TORCH { div(root, s.bc2_sqrt) } else { root };
-    mul(s.neg_step_size, div(m1, add(root, s.eps)))
+    delta_with::<TORCH, true>(s, m1, v1)
 }
 
 /// torch decays before the update: `θ ⊗ RN(1 − ηλ)`.
 #[inline(always)]
 pub fn decay_before<const TORCH: bool>(s: &StepScalars, theta: f32) -> f32 {
-    if TORCH { mul(theta, s.decay_before) } else { theta }
+    decay_before_with::<TORCH, true>(s, theta)
 }
 
 /// HF decays after the update: `θ ⊖ RN(ηλ)⊗θ`.
 #[inline(always)]
 pub fn decay_after<const TORCH: bool>(s: &StepScalars, theta: f32) -> f32 {
-    if TORCH { theta } else { sub(theta, mul(s.decay_after, theta)) }
+    decay_after_with::<TORCH, true>(s, theta)
+}
+
+/// [`moments`], flushed only when `FLUSH` ([`crate::arith::settle`]).
+#[inline(always)]
+pub fn moments_with<const FLUSH: bool>(s: &StepScalars, g: f32, m: f32, v: f32) -> (f32, f32) {
+    let (add, mul) = (add_with::<FLUSH>, mul_with::<FLUSH>);
+    let m1 = add(mul(s.beta1, m), mul(s.one_minus_beta1, g));
+    let v1 = add(mul(s.beta2, v), mul(s.one_minus_beta2, mul(g, g)));
+    (m1, v1)
+}
+
+/// [`delta`], flushed only when `FLUSH`.
+#[inline(always)]
+pub fn delta_with<const TORCH: bool, const FLUSH: bool>(s: &StepScalars, m1: f32, v1: f32) -> f32 {
+    let root = sqrt_with::<FLUSH>(v1);
+    let root = if TORCH { div_with::<FLUSH>(root, s.bc2_sqrt) } else { root };
+    mul_with::<FLUSH>(s.neg_step_size, div_with::<FLUSH>(m1, add_with::<FLUSH>(root, s.eps)))
+}
+
+/// [`decay_before`], flushed only when `FLUSH`.
+#[inline(always)]
+pub fn decay_before_with<const TORCH: bool, const FLUSH: bool>(s: &StepScalars, theta: f32) -> f32 {
+    if TORCH { mul_with::<FLUSH>(theta, s.decay_before) } else { theta }
+}
+
+/// [`decay_after`], flushed only when `FLUSH`.
+#[inline(always)]
+pub fn decay_after_with<const TORCH: bool, const FLUSH: bool>(s: &StepScalars, theta: f32) -> f32 {
+    if TORCH { theta } else { sub_with::<FLUSH>(theta, mul_with::<FLUSH>(s.decay_after, theta)) }
 }
 
 #[cfg(test)]

@@ -28,40 +28,80 @@ pub fn is_non_finite(x: f32) -> bool {
     x.to_bits() & EXP_MASK == EXP_MASK
 }
 
+/// [`flush`] when `FLUSH`, the identity otherwise. The operations below take
+/// `FLUSH` so that one kernel serves both the SPEC arithmetic (`true`) and the
+/// flush-free path (`false`), which runs only where [`crate::flushless`] has
+/// proven that no flush would change a value.
+#[inline(always)]
+pub fn settle<const FLUSH: bool>(x: f32) -> f32 {
+    if FLUSH { flush(x) } else { x }
+}
+
 /// `a ⊕ b`
 #[inline(always)]
 pub fn add(a: f32, b: f32) -> f32 {
-    flush(a + b)
+    add_with::<true>(a, b)
 }
 
 /// `a ⊖ b`
 #[inline(always)]
 pub fn sub(a: f32, b: f32) -> f32 {
-    flush(a - b)
+    sub_with::<true>(a, b)
 }
 
 /// `a ⊗ b`
 #[inline(always)]
 pub fn mul(a: f32, b: f32) -> f32 {
-    flush(a * b)
+    mul_with::<true>(a, b)
 }
 
 /// `a ⊘ b`, correctly rounded (IEEE division is).
 #[inline(always)]
 pub fn div(a: f32, b: f32) -> f32 {
-    flush(a / b)
+    div_with::<true>(a, b)
 }
 
-/// `√a`, correctly rounded. With the `std` feature this is the compiler's square
-/// root, which vectorizes (`sqrtps`); without it, `libm::sqrtf`. Both are the IEEE
-/// correctly rounded square root, so the bits are the same.
+/// `√a`, correctly rounded.
 #[inline(always)]
 pub fn sqrt(a: f32) -> f32 {
+    sqrt_with::<true>(a)
+}
+
+/// `a + b`, then [`settle`].
+#[inline(always)]
+pub fn add_with<const FLUSH: bool>(a: f32, b: f32) -> f32 {
+    settle::<FLUSH>(a + b)
+}
+
+/// `a - b`, then [`settle`].
+#[inline(always)]
+pub fn sub_with<const FLUSH: bool>(a: f32, b: f32) -> f32 {
+    settle::<FLUSH>(a - b)
+}
+
+/// `a × b`, then [`settle`].
+#[inline(always)]
+pub fn mul_with<const FLUSH: bool>(a: f32, b: f32) -> f32 {
+    settle::<FLUSH>(a * b)
+}
+
+/// `a / b`, then [`settle`].
+#[inline(always)]
+pub fn div_with<const FLUSH: bool>(a: f32, b: f32) -> f32 {
+    settle::<FLUSH>(a / b)
+}
+
+/// The correctly rounded square root, then [`settle`]. With the `std` feature
+/// this is the compiler's square root, which vectorizes (`sqrtps`); without it,
+/// `libm::sqrtf`. Both are the IEEE correctly rounded square root, so the bits
+/// are the same.
+#[inline(always)]
+pub fn sqrt_with<const FLUSH: bool>(a: f32) -> f32 {
     #[cfg(feature = "std")]
     let r = a.sqrt();
     #[cfg(not(feature = "std"))]
     let r = libm::sqrtf(a);
-    flush(r)
+    settle::<FLUSH>(r)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! the per-element merge, in the `reference` variant (what the official code does)
 //! and the `paper` variant (the equations as printed).
 
-use crate::arith::{add, is_non_finite, mul, sub};
+use crate::arith::{add_with, is_non_finite, mul_with, sub};
 use crate::dtype::{Dst, Src, write_all};
 use crate::error::{Error, tensor_name};
 use crate::hyper::invalid;
@@ -113,18 +113,38 @@ pub fn clamp(x: f32, c: f32) -> f32 {
 /// Reference-variant update sparsification: `Δ' = Δ ⊗ s` if kept, else `+0`.
 #[inline(always)]
 pub fn sparsify(d: f32, kept: bool, scale: f32) -> f32 {
-    if kept { mul(d, scale) } else { 0.0 }
+    sparsify_with::<true>(d, kept, scale)
 }
 
 /// Reference merge (the official code's two in-place adds): `(θ ⊕ α⊗τ') ⊕ ω⊗Δ'`.
 #[inline(always)]
 pub fn merge_reference(theta: f32, tau: f32, d: f32, alpha: f32, omega: f32) -> f32 {
-    add(add(theta, mul(alpha, tau)), mul(omega, d))
+    merge_reference_with::<true>(theta, tau, d, alpha, omega)
 }
 
 /// Paper merge: `θ ⊕ ((α⊗τ̃) ⊕ (ω⊗Δ̃))`.
 #[inline(always)]
 pub fn merge_paper(theta: f32, tau: f32, d: f32, alpha: f32, omega: f32) -> f32 {
+    merge_paper_with::<true>(theta, tau, d, alpha, omega)
+}
+
+/// [`sparsify`], flushed only when `FLUSH` ([`crate::arith::settle`]).
+#[inline(always)]
+pub fn sparsify_with<const FLUSH: bool>(d: f32, kept: bool, scale: f32) -> f32 {
+    if kept { mul_with::<FLUSH>(d, scale) } else { 0.0 }
+}
+
+/// [`merge_reference`], flushed only when `FLUSH`.
+#[inline(always)]
+pub fn merge_reference_with<const FLUSH: bool>(theta: f32, tau: f32, d: f32, alpha: f32, omega: f32) -> f32 {
+    let (add, mul) = (add_with::<FLUSH>, mul_with::<FLUSH>);
+    add(add(theta, mul(alpha, tau)), mul(omega, d))
+}
+
+/// [`merge_paper`], flushed only when `FLUSH`.
+#[inline(always)]
+pub fn merge_paper_with<const FLUSH: bool>(theta: f32, tau: f32, d: f32, alpha: f32, omega: f32) -> f32 {
+    let (add, mul) = (add_with::<FLUSH>, mul_with::<FLUSH>);
     add(theta, add(mul(alpha, tau), mul(omega, d)))
 }
 

@@ -15,6 +15,7 @@ pub mod dare;
 pub mod dtype;
 pub mod error;
 mod finite;
+mod flushless;
 pub mod hyper;
 pub mod isa;
 pub mod offline;

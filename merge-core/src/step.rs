@@ -20,7 +20,7 @@
 //! instructions enabled, and only code inlined into those copies gets them.
 
 use crate::adam;
-use crate::arith::{add, flush, is_non_finite, mul, sub};
+use crate::arith::{add, add_with, flush, is_non_finite, mul, mul_with, settle, sub_with};
 use crate::dare::{self, DareParams, DareVariant};
 use crate::dtype::Src;
 use crate::error::{Error, tensor_name};
@@ -316,15 +316,17 @@ impl BlockOut {
     }
 }
 
-/// A block's inputs and outputs, reused from block to block.
+/// A block's inputs and outputs, reused from block to block, and what the
+/// flush-free analysis has passed in this chunk.
 struct Buffers {
     inp: BlockIn,
     out: BlockOut,
+    flush_free: crate::flushless::Memory,
 }
 
 impl Buffers {
     fn new() -> Self {
-        Buffers { inp: BlockIn::new(), out: BlockOut::new() }
+        Buffers { inp: BlockIn::new(), out: BlockOut::new(), flush_free: Default::default() }
     }
 }
 
@@ -640,12 +642,13 @@ impl TensorStep<'_> {
     pub fn write_chunk(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), tau.len())?;
         let mut bufs = Buffers::new();
+        let limit = self.flush_free_limit();
         let n = grad.len();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
             let r = start..start + len;
-            self.block(Pass::Write, None, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
+            self.block(Pass::Write, limit, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
             bufs.out.store(state.range(r));
             start += len;
         }
@@ -668,7 +671,7 @@ impl TensorStep<'_> {
         if out_ref.cached.map(|c| c.len()) != input.cached.map(|c| c.len()) {
             return Err(Error::LengthMismatch { tensor: tensor_name(self.name), what: "new cached delta", expected: input.cached.map_or(0, |c| c.len()) as u64, found: out_ref.cached.map_or(0, |c| c.len()) as u64 });
         }
-        self.run(Pass::Write, None, offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
+        self.run(Pass::Write, self.flush_free_limit(), offset, grad, &input, &tau, |start, out, len| out.store(output.range(start..start + len)))
     }
 
     #[inline(always)]
@@ -687,13 +690,25 @@ impl TensorStep<'_> {
         Ok(())
     }
 
-    /// Loads, computes and validates one block into `bufs.out`. With a `limit`
-    /// (the check pass), a block whose inputs all lie within it is known to pass
-    /// (`crate::finite`) and is not computed.
+    /// The bound the writing pass hands to [`TensorStep::block`]: the check pass's
+    /// ([`crate::finite`]) for the kernels that have a flush-free form
+    /// ([`crate::flushless`]), `None` for the others.
+    pub(crate) fn flush_free_limit(&self) -> Option<u32> {
+        match self.kind() {
+            ACCUM | PLAIN | DARE_REF | DARE_PAPER => crate::finite::input_limit(self, false),
+            _ => None,
+        }
+    }
+
+    /// Loads, computes and validates one block into `bufs.out`. With a `limit`,
+    /// in the check pass a block whose inputs all lie within it is known to pass
+    /// (`crate::finite`) and is not computed; in the writing pass a block whose
+    /// inputs lie within it and make every flush an identity
+    /// ([`crate::flushless`]) runs the flush-free kernel.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn block(&self, pass: Pass, limit: Option<u32>, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
-        let Buffers { inp, out } = bufs;
+        let Buffers { inp, out, flush_free: memory } = bufs;
         let n = grad.len();
         inp.n = n;
         let kind = self.kind();
@@ -711,13 +726,16 @@ impl TensorStep<'_> {
             }
             inp.first = index;
         }
+        let mut flush_free = false;
         if let Some(limit) = limit {
             let tau_in: &[f32] = match tau {
                 Src::F32(t) => t,
                 _ => &inp.tau[..n],
             };
-            if inputs_within(limit, grad, state, uses_tau.then_some(tau_in)) {
-                return Ok(());
+            match pass {
+                Pass::Check if inputs_within(limit, grad, state, uses_tau.then_some(tau_in)) => return Ok(()),
+                Pass::Write => flush_free = memory.flush_free(self, limit, &crate::flushless::Inputs::of(grad, state, uses_tau.then_some(tau_in))),
+                _ => {}
             }
         }
         if let Some(c) = state.cached {
@@ -725,7 +743,7 @@ impl TensorStep<'_> {
         }
         if dare && pass == Pass::Check {
             let all = if kind == DARE_REF { DARE_REF_ALL } else { DARE_PAPER_ALL };
-            if !self.kernel(all, pass, grad, state, tau, inp, out) {
+            if !self.kernel(all, pass, false, grad, state, tau, inp, out) {
                 return Ok(());
             }
         }
@@ -737,17 +755,19 @@ impl TensorStep<'_> {
                 uniforms(&key, stream::TAU_PAPER, index, n, &mut inp.u1);
             }
         }
-        let bad = self.kernel(kind, pass, grad, state, tau, inp, out);
+        let bad = self.kernel(kind, pass, flush_free, grad, state, tau, inp, out);
         if bad {
             return Err(self.first_non_finite(pass, index, inp, out, state, grad, tau));
         }
         Ok(())
     }
 
-    /// Runs the block's kernel `kind` over `inp` into `out`; whether any value is non-finite.
+    /// Runs the block's kernel `kind` over `inp` into `out`, flush-free if
+    /// `flush_free` (only for the kinds [`TensorStep::flush_free_limit`] names);
+    /// whether any value is non-finite (never, flush-free).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn kernel(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn kernel(&self, kind: u8, pass: Pass, flush_free: bool, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
         let n = inp.n;
         let uses_tau = matches!(kind, DARE_REF | DARE_PAPER | DARE_REF_ALL | DARE_PAPER_ALL | TIES | TIES_PAPER);
         let tau_in: &[f32] = match tau {
@@ -755,25 +775,30 @@ impl TensorStep<'_> {
             _ => &inp.tau[..n],
         };
         match (self.scalars.form == AdamForm::Torch, state.cached.is_some()) {
-            (false, false) => self.dispatch::<false, false>(kind, pass, grad, state, tau_in, inp, out),
-            (false, true) => self.dispatch::<false, true>(kind, pass, grad, state, tau_in, inp, out),
-            (true, false) => self.dispatch::<true, false>(kind, pass, grad, state, tau_in, inp, out),
-            (true, true) => self.dispatch::<true, true>(kind, pass, grad, state, tau_in, inp, out),
+            (false, false) => self.dispatch::<false, false>(kind, pass, flush_free, grad, state, tau_in, inp, out),
+            (false, true) => self.dispatch::<false, true>(kind, pass, flush_free, grad, state, tau_in, inp, out),
+            (true, false) => self.dispatch::<true, false>(kind, pass, flush_free, grad, state, tau_in, inp, out),
+            (true, true) => self.dispatch::<true, true>(kind, pass, flush_free, grad, state, tau_in, inp, out),
         }
     }
 
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
-        match kind {
-            ACCUM => self.compute::<TORCH, ACCUM, CACHED>(pass, grad, state, tau, inp, out),
-            PLAIN => self.compute::<TORCH, PLAIN, CACHED>(pass, grad, state, tau, inp, out),
-            DARE_REF => self.compute::<TORCH, DARE_REF, CACHED>(pass, grad, state, tau, inp, out),
-            DARE_PAPER => self.compute::<TORCH, DARE_PAPER, CACHED>(pass, grad, state, tau, inp, out),
-            DARE_REF_ALL => self.compute::<TORCH, DARE_REF_ALL, CACHED>(pass, grad, state, tau, inp, out),
-            DARE_PAPER_ALL => self.compute::<TORCH, DARE_PAPER_ALL, CACHED>(pass, grad, state, tau, inp, out),
-            TIES_PAPER => self.compute::<TORCH, TIES_PAPER, CACHED>(pass, grad, state, tau, inp, out),
-            _ => self.compute::<TORCH, TIES, CACHED>(pass, grad, state, tau, inp, out),
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch<const TORCH: bool, const CACHED: bool>(&self, kind: u8, pass: Pass, flush_free: bool, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
+        match (kind, flush_free) {
+            (ACCUM, true) => self.compute::<TORCH, ACCUM, CACHED, false>(pass, grad, state, tau, inp, out),
+            (PLAIN, true) => self.compute::<TORCH, PLAIN, CACHED, false>(pass, grad, state, tau, inp, out),
+            (DARE_REF, true) => self.compute::<TORCH, DARE_REF, CACHED, false>(pass, grad, state, tau, inp, out),
+            (DARE_PAPER, true) => self.compute::<TORCH, DARE_PAPER, CACHED, false>(pass, grad, state, tau, inp, out),
+            (ACCUM, _) => self.compute::<TORCH, ACCUM, CACHED, true>(pass, grad, state, tau, inp, out),
+            (PLAIN, _) => self.compute::<TORCH, PLAIN, CACHED, true>(pass, grad, state, tau, inp, out),
+            (DARE_REF, _) => self.compute::<TORCH, DARE_REF, CACHED, true>(pass, grad, state, tau, inp, out),
+            (DARE_PAPER, _) => self.compute::<TORCH, DARE_PAPER, CACHED, true>(pass, grad, state, tau, inp, out),
+            (DARE_REF_ALL, _) => self.compute::<TORCH, DARE_REF_ALL, CACHED, true>(pass, grad, state, tau, inp, out),
+            (DARE_PAPER_ALL, _) => self.compute::<TORCH, DARE_PAPER_ALL, CACHED, true>(pass, grad, state, tau, inp, out),
+            (TIES_PAPER, _) => self.compute::<TORCH, TIES_PAPER, CACHED, true>(pass, grad, state, tau, inp, out),
+            _ => self.compute::<TORCH, TIES, CACHED, true>(pass, grad, state, tau, inp, out),
         }
     }
 
@@ -786,8 +811,12 @@ impl TensorStep<'_> {
     /// Only a masked-out paper `τ` can vanish, so it is tested itself, and the scan
     /// pass (which has no new `θ`) tests `θ` and `τ'` directly. The slow path
     /// then names the lowest index over every input and output.
+    ///
+    /// Without `FLUSH` (the flush-free kernel, [`crate::flushless`]; only for
+    /// plain AdamW, OnDARE and accumulating steps) nothing is flushed or tested,
+    /// and the stored outputs pass through `x + 0`, which makes a `−0` `+0`.
     #[inline(always)]
-    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
+    fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool, const FLUSH: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
         // `n <= BLOCK` and equal-length inputs let the loops run without bounds checks.
         let n = inp.n.min(BLOCK);
         let (g_in, theta_in, m_in, v_in, tau_in) = (&grad[..n], &state.theta[..n], &state.m[..n], &state.v[..n], &tau[..n]);
@@ -812,34 +841,38 @@ impl TensorStep<'_> {
         // every kernel, and short loop bodies vectorize reliably.
         let scan_mask = if scan { u32::MAX } else { 0 };
         let mut bad = 0u32;
+        let settle = settle::<FLUSH>;
+        let stored = |x: f32| if FLUSH { x } else { x + 0.0 };
         for j in 0..n {
-            let (m1, v1) = adam::moments(s, flush(g_in[j]), flush(m_in[j]), flush(v_in[j]));
-            out.m[j] = m1;
-            out.v[j] = v1;
-            out.d[j] = adam::delta::<TORCH>(s, m1, v1);
-            out.theta[j] = adam::decay_before::<TORCH>(s, flush(theta_in[j]));
-            bad |= nf(m1) | nf(v1);
+            let (m1, v1) = adam::moments_with::<FLUSH>(s, settle(g_in[j]), settle(m_in[j]), settle(v_in[j]));
+            out.m[j] = stored(m1);
+            out.v[j] = stored(v1);
+            out.d[j] = adam::delta_with::<TORCH, FLUSH>(s, m1, v1);
+            out.theta[j] = adam::decay_before_with::<TORCH, FLUSH>(s, settle(theta_in[j]));
+            if FLUSH {
+                bad |= nf(m1) | nf(v1);
+            }
         }
         for j in 0..n {
-            let tau_j = flush(tau_in[j]);
+            let tau_j = settle(tau_in[j]);
             let theta = out.theta[j];
             let delta = out.d[j];
             let c = inp.cached[j];
             // Without a cached delta the rollback is `θ ⊖ +0` and `Δ ⊕ +0`: identities.
-            let (theta0, d) = if KIND != ACCUM && CACHED { (sub(theta, c), add(delta, c)) } else { (theta, delta) };
+            let (theta0, d) = if KIND != ACCUM && CACHED { (sub_with::<FLUSH>(theta, c), add_with::<FLUSH>(delta, c)) } else { (theta, delta) };
             let mut cached1 = 0.0;
             let (theta1, sparse) = match KIND {
                 ACCUM => {
                     if CACHED {
-                        cached1 = add(c, delta);
+                        cached1 = add_with::<FLUSH>(c, delta);
                     }
-                    (add(theta, delta), delta)
+                    (add_with::<FLUSH>(theta, delta), delta)
                 }
-                PLAIN => (add(theta0, d), d),
+                PLAIN => (add_with::<FLUSH>(theta0, d), d),
                 DARE_REF => {
-                    let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), dp.scale);
-                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                    (dare::merge_reference(theta0, tau_j, applied, dp.alpha, dp.one_minus_alpha), sp)
+                    let sp = dare::sparsify_with::<FLUSH>(d, dp.keep.keeps(inp.u0[j]), dp.scale);
+                    let applied = if do_rescale { dare::clamp(mul_with::<FLUSH>(sp, factor), clip) } else { sp };
+                    (dare::merge_reference_with::<FLUSH>(theta0, tau_j, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
                 DARE_REF_ALL => {
                     // Kept: `θ` with `D ⊗ s`; dropped: `θ` with `+0`.
@@ -872,14 +905,21 @@ impl TensorStep<'_> {
                     (theta2, sp)
                 }
                 _ => {
-                    let sp = dare::sparsify(d, dp.keep.keeps(inp.u0[j]), 1.0);
+                    let sp = dare::sparsify_with::<FLUSH>(d, dp.keep.keeps(inp.u0[j]), 1.0);
                     let tau = if dp.keep.keeps(inp.u1[j]) { tau_j } else { 0.0 };
-                    let applied = if do_rescale { dare::clamp(mul(sp, factor), clip) } else { sp };
-                    (dare::merge_paper(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
+                    let applied = if do_rescale { dare::clamp(mul_with::<FLUSH>(sp, factor), clip) } else { sp };
+                    (dare::merge_paper_with::<FLUSH>(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
             };
-            let theta2 = if KIND == TIES || KIND == TIES_PAPER { theta1 } else { adam::decay_after::<TORCH>(s, theta1) };
-            out.theta[j] = theta2;
+            let theta2 = if KIND == TIES || KIND == TIES_PAPER { theta1 } else { adam::decay_after_with::<TORCH, FLUSH>(s, theta1) };
+            out.theta[j] = stored(theta2);
+            if !FLUSH {
+                // Only the stored outputs: the others serve the scan pass and errors.
+                if CACHED {
+                    out.cached[j] = stored(cached1);
+                }
+                continue;
+            }
             out.cached[j] = cached1;
             out.d[j] = d;
             out.sparse[j] = sparse;
