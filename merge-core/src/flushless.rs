@@ -100,6 +100,20 @@ impl Span {
         let hi = f64::from(f32::from_bits(self.most & ABS));
         Values { lo, hi, zero: true, pos: true, neg: !non_negative }
     }
+
+    /// Whether every value `self` allows, `wider` allows too.
+    fn within(&self, wider: &Span) -> bool {
+        self.least >= wider.least && self.most <= wider.most
+    }
+
+    /// The span with its least magnitude `2^WIDEN` times smaller (but normal)
+    /// and its largest `2^WIDEN` times larger (but at most `limit`).
+    fn widened(&self, limit: u32) -> Span {
+        const STEP: u32 = WIDEN << 23;
+        let least = if self.least == u32::MAX { u32::MAX } else { self.least.saturating_sub(STEP).max(0x7f_ffff) };
+        let most = if self.most == 0 { 0 } else { self.most.saturating_add(STEP).min(limit.max(self.most)) };
+        Span { least, most }
+    }
 }
 
 /// A set of binary32 values: the non-zero ones lie in `lo ..= hi` in magnitude
@@ -255,61 +269,7 @@ impl Inputs {
     pub(crate) fn normal_within(&self, limit: u32) -> bool {
         [Some(self.grad), Some(self.theta), Some(self.m), Some(self.v), self.cached, self.tau].iter().flatten().all(|s| s.normal_within(limit))
     }
-}
 
-impl Span {
-    /// Whether every value `self` allows, `wider` allows too.
-    fn within(&self, wider: &Span) -> bool {
-        self.least >= wider.least && self.most <= wider.most
-    }
-
-    /// The span with its least magnitude `2^WIDEN` times smaller (but normal)
-    /// and its largest `2^WIDEN` times larger (but at most `limit`).
-    fn widened(&self, limit: u32) -> Span {
-        const STEP: u32 = WIDEN << 23;
-        let least = if self.least == u32::MAX { u32::MAX } else { self.least.saturating_sub(STEP).max(0x7f_ffff) };
-        let most = if self.most == 0 { 0 } else { self.most.saturating_add(STEP).min(limit.max(self.most)) };
-        Span { least, most }
-    }
-}
-
-/// Binades by which [`Memory`] widens a block's inputs before analysing them.
-const WIDEN: u32 = 8;
-
-/// What a writing pass remembers from block to block of a chunk (one step):
-/// the widest inputs the analysis has passed. The analysis is monotone (fewer
-/// possible inputs give fewer possible values at every operation), so a block
-/// whose inputs lie within inputs that passed passes too, without running it.
-/// The first analysis runs on the block's inputs widened by [`WIDEN`] binades
-/// each way, so that it usually covers the blocks that follow.
-#[derive(Debug, Default)]
-pub(crate) struct Memory {
-    passed: Option<Inputs>,
-}
-
-impl Memory {
-    /// Whether the block with these inputs may run the flush-free kernel: its
-    /// inputs lie within the check pass's `limit`, none is subnormal, and
-    /// [`holds`] passes for them.
-    pub(crate) fn flush_free(&mut self, step: &TensorStep<'_>, limit: u32, inputs: &Inputs) -> bool {
-        if !inputs.normal_within(limit) {
-            return false;
-        }
-        if let Some(passed) = &self.passed
-            && inputs.within(passed)
-        {
-            return true;
-        }
-        let wide = inputs.widened(limit);
-        if holds(step, &wide) {
-            self.passed = Some(wide);
-            return true;
-        }
-        holds(step, inputs)
-    }
-}
-
-impl Inputs {
     fn pairs(&self, o: &Inputs) -> [(Option<Span>, Option<Span>); 6] {
         [(Some(self.grad), Some(o.grad)), (Some(self.theta), Some(o.theta)), (Some(self.m), Some(o.m)), (Some(self.v), Some(o.v)), (self.cached, o.cached), (self.tau, o.tau)]
     }
@@ -328,6 +288,52 @@ impl Inputs {
     }
 }
 
+/// Binades by which [`Memory`] widens a block's inputs before analysing them.
+const WIDEN: u32 = 8;
+
+/// What a writing pass remembers from block to block of a chunk (one step):
+/// inputs the analysis has passed. The analysis is monotone (fewer possible
+/// inputs give fewer possible values at every operation), so a block whose
+/// inputs lie within them passes too, without running it. The first analysis
+/// runs on the block's inputs widened by [`WIDEN`] binades each way, so that
+/// it usually covers the blocks that follow; if that fails, the first block's
+/// own inputs that pass are remembered instead, and each block runs at most
+/// one analysis.
+#[derive(Debug, Default)]
+pub(crate) struct Memory {
+    passed: Option<Inputs>,
+    widening_failed: bool,
+}
+
+impl Memory {
+    /// Whether the block with these inputs may run the flush-free kernel: its
+    /// inputs lie within the check pass's `limit`, none is subnormal, and
+    /// [`holds`] passes for them.
+    pub(crate) fn flush_free(&mut self, step: &TensorStep<'_>, limit: u32, inputs: &Inputs) -> bool {
+        if !inputs.normal_within(limit) {
+            return false;
+        }
+        if let Some(passed) = &self.passed
+            && inputs.within(passed)
+        {
+            return true;
+        }
+        if self.passed.is_none() && !self.widening_failed {
+            let wide = inputs.widened(limit);
+            if holds(step, &wide) {
+                self.passed = Some(wide);
+                return true;
+            }
+            self.widening_failed = true;
+        }
+        let passes = holds(step, inputs);
+        if passes && self.passed.is_none() {
+            self.passed = Some(*inputs);
+        }
+        passes
+    }
+}
+
 /// Whether, for every block whose inputs lie in `inputs`, no operation of the
 /// writing pass's step has a subnormal result: then the flush-free kernel gives
 /// SPEC's bits. Only plain AdamW, OnDARE and step-K's accumulating steps have a
@@ -340,8 +346,8 @@ pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
     let mut b = Bounds { ok: true };
     let (g, m, v) = (inputs.grad.values(false), inputs.m.values(false), inputs.v.values(true));
     let theta_in = inputs.theta.values(false);
-    let none = Span { least: u32::MAX, most: 0 };
-    let (c, tau) = (inputs.cached.unwrap_or(none).values(false), inputs.tau.unwrap_or(none).values(false));
+    let absent = |x: Option<Span>| x.map_or(Values::ZERO, |s| s.values(false));
+    let (c, tau) = (absent(inputs.cached), absent(inputs.tau));
     let cached = inputs.cached.is_some();
 
     let (x, y) = (b.mul(k(s.beta1), m), b.mul(k(s.one_minus_beta1), g));
