@@ -169,6 +169,73 @@ impl Scratch {
 /// [`step_tensors`], with the step's room taken from (and left in) `scratch`.
 /// The bits do not depend on what `scratch` held.
 pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch) -> Result<(), Error> {
+    step_tensors_tracked(plan, jobs, threads, passes, scratch, &mut [])
+}
+
+/// The largest magnitudes of one job's optimizer state as a step stored it:
+/// `m` and `Δ_c` as magnitude bits (sign cleared), `v` as its raw bits (so a
+/// negative `v` counts as larger than any finite one). Kept by the caller from
+/// one [`step_tensors_tracked`] to the next, it spares the validating pass a
+/// read of state the caller knows is unchanged: the bits are the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateBounds {
+    m: u32,
+    v: u32,
+    cached: u32,
+}
+
+impl StateBounds {
+    /// Nothing known: the validating pass reads the state.
+    pub const UNKNOWN: StateBounds = StateBounds { m: u32::MAX, v: u32::MAX, cached: u32::MAX };
+
+    /// `[m, v, cached]`, for a caller that keeps the record outside Rust.
+    pub fn to_bits(self) -> [u32; 3] {
+        [self.m, self.v, self.cached]
+    }
+
+    /// The record [`StateBounds::to_bits`] gave.
+    pub fn from_bits([m, v, cached]: [u32; 3]) -> StateBounds {
+        StateBounds { m, v, cached }
+    }
+
+    /// The bounds of the state of one chunk (or of none: all zero).
+    fn of(passes: &dyn ChunkPasses, m: &[f32], v: &[f32], cached: Option<&[f32]>) -> StateBounds {
+        StateBounds { m: passes.largest_bits(m, MAGNITUDE), v: passes.largest_bits(v, u32::MAX), cached: cached.map_or(0, |c| passes.largest_bits(c, MAGNITUDE)) }
+    }
+
+    fn join(self, other: StateBounds) -> StateBounds {
+        StateBounds { m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
+    }
+}
+
+/// Magnitude bits of a binary32 value: the sign cleared.
+const MAGNITUDE: u32 = 0x7fff_ffff;
+
+/// [`step_tensors_in`], keeping `bounds` of the state: empty (nothing kept), or
+/// one per job. On entry `bounds[j]` is [`StateBounds::UNKNOWN`], or what the
+/// previous successful call left for the same `m`, `v` and `Δ_c` buffers,
+/// which nothing else has written since: then the validating pass does not
+/// read them (it still reads the gradient, the parameter and `τ'`). On success
+/// each holds the bounds of the state just stored; on error every one is
+/// [`StateBounds::UNKNOWN`].
+///
+/// A promise that does not hold never changes a stored bit: the writing pass
+/// validates every block before it stores it, so state outside the bounds is
+/// refused there (or stepped, if it passes). Only the all-or-nothing contract
+/// is lost, as with [`TensorStep::write_chunk`]: the chunks written before the
+/// refused one keep their new values.
+pub fn step_tensors_tracked(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch, bounds: &mut [StateBounds]) -> Result<(), Error> {
+    if !bounds.is_empty() && bounds.len() != jobs.len() {
+        return Err(Error::Misuse { what: "one state bound per job, or none" });
+    }
+    let result = step_with_bounds(plan, jobs, threads, passes, scratch, bounds);
+    if result.is_err() {
+        bounds.fill(StateBounds::UNKNOWN);
+    }
+    result
+}
+
+fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch, bounds: &mut [StateBounds]) -> Result<(), Error> {
     let threads = threads.max(1);
     let update_len = if !plan.needs_update_scratch() {
         0
@@ -216,28 +283,36 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     let steps = &steps;
     let unchecked = chunk_views(jobs, &ranges).into_iter().filter(|c| !checked[c.job]).collect();
     let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, false)).collect();
+    let known = |job: usize| bounds.get(job).copied().unwrap_or(StateBounds::UNKNOWN);
     run(workers, unchecked, |c, buf| {
-        if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit)) {
+        if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit, known(c.job))) {
             return Ok(());
         }
         buf.check(passes, &steps[c.job], &c)
     })?;
-    match global_update {
+    // Each written chunk's bounds are taken while it is in cache, if kept.
+    let tracked = !bounds.is_empty();
+    let written = match global_update {
         Some(update) => {
             let starts = job_starts(jobs);
             run(workers, chunk_muts(jobs, &ranges), |c, buf| {
                 if matches!(c.theta, Param::F32(_)) {
                     let at = starts[c.job] + c.lo;
                     let len = c.grad.len();
-                    buf.write_from_update(passes, &steps[c.job], c, &update[at..at + len])
+                    buf.write_from_update(passes, &steps[c.job], c, &update[at..at + len], tracked)
                 } else {
-                    buf.write(passes, &steps[c.job], c)
+                    buf.write(passes, &steps[c.job], c, tracked)
                 }
-            })?;
+            })?
         }
-        None => {
-            run(workers, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c))?;
+        None => run(workers, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c, tracked))?,
+    };
+    if tracked {
+        let mut stored = std::vec![StateBounds { m: 0, v: 0, cached: 0 }; jobs.len()];
+        for (job, chunk) in written {
+            stored[job] = stored[job].join(chunk);
         }
+        bounds.copy_from_slice(&stored);
     }
     Ok(())
 }
@@ -248,8 +323,8 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
 /// blocks being visited or a packed `τ'` unpacked. Each input is scanned once,
 /// at the CPU's vector width; a packed `τ'` by its stored values only. A chunk
 /// whose lengths the check would refuse is left to it.
-fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>, limit: u32) -> bool {
-    const MAGNITUDE: u32 = 0x7fff_ffff;
+/// State that `known` bounds within the limit is not read.
+fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>, limit: u32, known: StateBounds) -> bool {
     let (Src::F32(grad), Src::F32(theta)) = (c.grad, c.theta) else { return false };
     let (tau, tau_len) = match c.tau {
         TaskVector::Dense(Src::F32(t)) => (t, t.len()),
@@ -262,7 +337,8 @@ fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'
         return false;
     }
     let within = |xs: &[f32], mask| passes.largest_bits(xs, mask) <= limit;
-    within(grad, MAGNITUDE) && within(theta, MAGNITUDE) && within(c.m, MAGNITUDE) && within(c.v, u32::MAX) && c.cached.is_none_or(|x| within(x, MAGNITUDE)) && within(tau, MAGNITUDE)
+    let state_within = |xs: &[f32], mask, known: u32| known <= limit || within(xs, mask);
+    within(grad, MAGNITUDE) && within(theta, MAGNITUDE) && state_within(c.m, MAGNITUDE, known.m) && state_within(c.v, u32::MAX, known.v) && c.cached.is_none_or(|x| state_within(x, MAGNITUDE, known.cached)) && within(tau, MAGNITUDE)
 }
 
 /// Each job's first index in the concatenation of all jobs (global scope's order).
@@ -767,39 +843,43 @@ impl Buffers {
         passes.check_chunk_from_update(step, c.lo as u64, c.state(theta), tau, update)
     }
 
-    /// A binary32 chunk's write from its scanned update.
-    fn write_from_update(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, update: &[f32]) -> Result<(), Error> {
-        let ChunkMut { lo, grad, theta: Param::F32(theta), m, v, cached, tau, .. } = c else {
+    /// A binary32 chunk's write from its scanned update; its job and, if
+    /// `tracked`, the bounds of the state it stored.
+    fn write_from_update(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, update: &[f32], tracked: bool) -> Result<(usize, StateBounds), Error> {
+        let ChunkMut { job, lo, grad, theta: Param::F32(theta), m, v, mut cached, tau } = c else {
             return Err(Error::Misuse { what: "a binary32 parameter for the write from the update" });
         };
         let Buffers { grad: grad_buf, tau: tau_buf, .. } = self;
         let len = grad.len();
         let grad = widened(grad, grad_buf);
         let tau = unpacked(tau, len, tau_buf);
-        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m, v, cached }, tau, update)
+        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau, update)?;
+        Ok((job, if tracked { StateBounds::of(passes, m, v, cached.as_deref()) } else { StateBounds::UNKNOWN }))
     }
 
-    fn write(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>) -> Result<(), Error> {
-        let ChunkMut { lo, grad, theta, m, v, cached, tau, .. } = c;
+    /// A chunk's write; its job and, if `tracked`, the bounds of the state it stored.
+    fn write(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, tracked: bool) -> Result<(usize, StateBounds), Error> {
+        let ChunkMut { job, lo, grad, theta, m, v, mut cached, tau } = c;
         let Buffers { grad: grad_buf, theta: theta_buf, tau: tau_buf, .. } = self;
         let len = grad.len();
         let grad = widened(grad, grad_buf);
         let tau = unpacked(tau, len, tau_buf);
         let offset = lo as u64;
-        let (out, dtype) = match theta {
-            Param::F32(theta) => return passes.write_chunk(step, offset, grad, StateMut { theta, m, v, cached }, tau),
-            Param::Bf16(out) => (out, Dtype::Bf16),
-            Param::F16(out) => (out, Dtype::F16),
-        };
-        theta_buf.resize(out.len(), 0.0);
-        if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
-        passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m, v, cached }, tau)?;
-        // The validating pass rounded these same values, so none can fail here.
-        for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
-            let stored = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
-            *o = stored.map_err(|e| store_error(step.name, "updated parameter", offset + i as u64, e, dtype))?;
+        let dtype = theta.dtype();
+        match theta {
+            Param::F32(theta) => passes.write_chunk(step, offset, grad, StateMut { theta, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau)?,
+            Param::Bf16(out) | Param::F16(out) => {
+                theta_buf.resize(out.len(), 0.0);
+                if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
+                passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau)?;
+                // The validating pass rounded these same values, so none can fail here.
+                for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
+                    let stored = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
+                    *o = stored.map_err(|e| store_error(step.name, "updated parameter", offset + i as u64, e, dtype))?;
+                }
+            }
         }
-        Ok(())
+        Ok((job, if tracked { StateBounds::of(passes, m, v, cached.as_deref()) } else { StateBounds::UNKNOWN }))
     }
 }
 
@@ -940,10 +1020,11 @@ mod tests {
     }
 
     fn parallel_step(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool) -> Result<(), Error> {
-        parallel_step_in(plan, st, g, k, threads, packed, &mut Scratch::default())
+        parallel_step_in(plan, st, g, k, threads, packed, &mut Scratch::default(), &mut [])
     }
 
-    fn parallel_step_in(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool, scratch: &mut Scratch) -> Result<(), Error> {
+    #[allow(clippy::too_many_arguments)]
+    fn parallel_step_in(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, threads: usize, packed: bool, scratch: &mut Scratch, bounds: &mut [StateBounds]) -> Result<(), Error> {
         let packs: Vec<(Vec<u8>, Vec<f32>)> = st.iter().map(|s| pack(&s.tau)).collect();
         let mut jobs: Vec<ParallelJob<'_>> = st
             .iter_mut()
@@ -960,7 +1041,12 @@ mod tests {
                 tau: if packed { TaskVector::Packed { stored, values } } else { TaskVector::Dense(Src::F32(&s.tau)) },
             })
             .collect();
-        step_tensors_in(plan, &mut jobs, threads, &Portable, scratch)
+        step_tensors_tracked(plan, &mut jobs, threads, &Portable, scratch, bounds)
+    }
+
+    /// The bounds of each tensor's whole state, as a tracked step records them.
+    fn bounds_of(st: &[State], k: u32) -> Vec<StateBounds> {
+        st.iter().map(|s| StateBounds::of(&Portable, &s.m, &s.v, (k > 1).then_some(&s.cached[..]))).collect()
     }
 
     #[test]
@@ -972,15 +1058,21 @@ mod tests {
             // Each thread count keeps its scratch across the steps, and starts it
             // with NaNs: what a scratch holds never shows in the bits.
             let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch { update: vec![f32::NAN; 3 * CHUNK], workers: Vec::new() }).collect();
+            // Three and seven threads keep the state's bounds from step to step,
+            // so their validating pass reads only the gradient, θ and τ'.
+            let mut bounds: Vec<Vec<StateBounds>> = [1, 2, 3, 7].iter().map(|&t| if t >= 3 { vec![StateBounds::UNKNOWN; TENSORS.len()] } else { Vec::new() }).collect();
             let mut rng = SplitMix64::new(2);
             for _ in 0..3 {
                 let plan = opt.begin_step().unwrap();
                 let g = grads(&mut rng);
                 sequential_step(&plan, &mut want, &g, cfg.k).unwrap();
-                for ((st, scratch), threads) in got.iter_mut().zip(&mut scratches).zip([1, 2, 3, 7]) {
+                for (((st, scratch), bounds), threads) in got.iter_mut().zip(&mut scratches).zip(&mut bounds).zip([1, 2, 3, 7]) {
                     // Odd thread counts read τ' packed: the same bits.
-                    parallel_step_in(&plan, st, &g, cfg.k, threads, threads % 2 == 1, scratch).unwrap();
+                    parallel_step_in(&plan, st, &g, cfg.k, threads, threads % 2 == 1, scratch, bounds).unwrap();
                     assert!(*st == want, "{label}, {threads} threads, step {}", plan.step());
+                    if !bounds.is_empty() {
+                        assert_eq!(*bounds, bounds_of(st, cfg.k), "{label}, {threads} threads, step {}: the recorded bounds", plan.step());
+                    }
                 }
             }
             assert!(want[2].theta != states(1)[2].theta, "{label}: the step changed nothing");
@@ -1003,6 +1095,52 @@ mod tests {
             assert!(st == states(1), "{threads} threads wrote after an error");
         }
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
+    }
+
+    /// Kept bounds spare the validating pass the state, and only the state: a
+    /// bad gradient is still refused before anything is written (and the bounds
+    /// are forgotten), while state that broke the promise (written behind the
+    /// step's back) is refused by the writing pass, after the chunks before it
+    /// were stored with SPEC's bits. Without bounds the same state writes nothing.
+    #[test]
+    fn kept_bounds_spare_the_state_and_only_the_state() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l == "dare k=1").unwrap();
+        let mut opt = Optimizer::new(cfg).unwrap();
+        let mut rng = SplitMix64::new(4);
+        let mut st = states(1);
+        let mut bounds = vec![StateBounds::UNKNOWN; TENSORS.len()];
+        let plan = opt.begin_step().unwrap();
+        parallel_step_in(&plan, &mut st, &grads(&mut rng), 1, 2, false, &mut Scratch::default(), &mut bounds).unwrap();
+        let kept = bounds.clone();
+        assert!(kept.iter().all(|b| *b != StateBounds::UNKNOWN));
+
+        let plan = opt.begin_step().unwrap();
+        let mut g = grads(&mut rng);
+        g[2][2 * CHUNK + 1] = f32::NAN;
+        let start = st.clone();
+        let err = parallel_step_in(&plan, &mut st, &g, 1, 2, false, &mut Scratch::default(), &mut bounds).unwrap_err();
+        assert!(matches!(err, Error::NonFinite { index, .. } if index == (2 * CHUNK + 1) as u64), "{err}");
+        assert!(st == start, "a bad gradient wrote");
+        assert!(bounds.iter().all(|b| *b == StateBounds::UNKNOWN), "an error kept the bounds");
+
+        let g = grads(&mut rng);
+        let mut spoiled = start.clone();
+        spoiled[2].v[CHUNK + 9] = f32::INFINITY;
+        let mut want = spoiled.clone();
+        let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
+        let mut untracked = spoiled.clone();
+        assert_eq!(parallel_step(&plan, &mut untracked, &g, 1, 2, false).unwrap_err(), want_err);
+        assert!(untracked == spoiled, "without bounds a bad state wrote");
+        let mut trusted = spoiled.clone();
+        let mut promise = kept.clone();
+        assert_eq!(parallel_step_in(&plan, &mut trusted, &g, 1, 1, false, &mut Scratch::default(), &mut promise).unwrap_err(), want_err);
+        let mut stepped = spoiled.clone();
+        stepped[2].v[CHUNK + 9] = 0.0;
+        sequential_step(&plan, &mut stepped, &g, 1).unwrap();
+        for t in 0..2 {
+            assert!(trusted[t] == stepped[t], "tensor {t}: the chunks before the refused one carry SPEC's bits");
+        }
+        assert!(trusted[2].theta[..CHUNK] == stepped[2].theta[..CHUNK] && trusted[2].theta[CHUNK..] == spoiled[2].theta[CHUNK..]);
     }
 
     /// Puts a bad value into a step's states or gradients.

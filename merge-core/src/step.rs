@@ -671,10 +671,10 @@ impl TensorStep<'_> {
                 if let Some(c) = s.cached {
                     prefetch(&c[ahead.clone()]);
                 }
-                if let Src::F32(t) = tau {
-                    if t.len() == n {
-                        prefetch(&t[ahead]);
-                    }
+                if let Src::F32(t) = tau
+                    && t.len() == n
+                {
+                    prefetch(&t[ahead]);
                 }
             }
             self.block(Pass::Write, limit, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;

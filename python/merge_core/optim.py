@@ -10,6 +10,7 @@ rule, and every sum has a fixed order.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -139,6 +140,8 @@ class _MergingOptimizer(Optimizer):
         self.seed, self.variant, self.adam_form, self.scope = seed, variant, adam_form, scope
         self.threads = threads
         self._scratch = Scratch() if keep_scratch else None
+        # Per parameter, what the last step recorded of the state it stored (see _known_bounds).
+        self._bounds: dict = {}
         if shards is None:
             shards, mesh_group = _dtensor_shards(self._named())
             process_group = process_group if process_group is not None else mesh_group
@@ -189,6 +192,30 @@ class _MergingOptimizer(Optimizer):
             if self.online_step != 1:
                 state["cached_delta"] = torch.zeros(shape, dtype=torch.float32)
         return state
+
+    @staticmethod
+    def _state_tensors(state: dict) -> list:
+        return [state[key] for key in ("exp_avg", "exp_avg_sq", "cached_delta") if key in state]
+
+    def _known_bounds(self, p: torch.Tensor, state: dict):
+        """The bounds the last step recorded of ``p``'s moments (and cached delta),
+        if they are still the tensors it wrote and no torch operation has written
+        them since (their version counters): the core's validating pass then
+        need not read them. Same bits either way; writing the state behind
+        torch's back (``.data``, raw memory) between steps would only lose the
+        all-or-nothing refusal, not a bit."""
+        kept = self._bounds.get(p)
+        if kept is None:
+            return None
+        refs, versions, bounds = kept
+        now = self._state_tensors(state)
+        if len(now) != len(refs) or any(r() is not t for r, t in zip(refs, now)) or [t._version for t in now] != versions:
+            return None
+        return bounds
+
+    def _keep_bounds(self, p: torch.Tensor, state: dict, bounds) -> None:
+        now = self._state_tensors(state)
+        self._bounds[p] = ([weakref.ref(t) for t in now], [t._version for t in now], bounds)
 
     def _task_vector(self, state: dict, name: str):
         """τ' as the core takes it: (address, dtype), packed (bits, values, count), or None."""
@@ -284,9 +311,13 @@ class _MergingOptimizer(Optimizer):
                         state["cached_delta"].data_ptr() if "cached_delta" in state else None,
                         self._task_vector(state, name),
                     ))
-                self._core(group).step(k, float(group["lr"]), tensors, threads, self._scratch)
-                for _, _, state in items:
+                known = [self._known_bounds(p, state) for p, _, state in items]
+                for p, _, _ in items:
+                    self._bounds.pop(p, None)
+                kept = self._core(group).step(k, float(group["lr"]), tensors, threads, self._scratch, known)
+                for (p, _, state), bounds in zip(items, kept):
                     state["step"] = k
+                    self._keep_bounds(p, state, bounds)
         return loss
 
     def _sharded_step(self, group, by_step) -> None:
@@ -358,6 +389,7 @@ class _MergingOptimizer(Optimizer):
         vector's uint8 bits): torch would cast it to each parameter's dtype, and a
         bf16 model's moments would lose their bits."""
         saved = state_dict["state"]
+        self._bounds.clear()
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -18,7 +18,7 @@ use merge_core::dtype::{Dst, Src};
 use merge_core::hyper::{AdamConfig, AdamForm, Schedule};
 use merge_core::onties;
 use merge_core::optim::{Merge, OnlineConfig, Optimizer, Scope, TaskVectorJob, TiesConfig};
-use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
+use merge_core::parallel::{self, ParallelJob, Param, StateBounds, TaskVector};
 use merge_simd::Cpu;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -250,9 +250,16 @@ impl Core {
     /// Steps every tensor in place as step `step` (1-based) with learning rate
     /// `lr`, on `threads` threads; the bits do not depend on `threads`. Nothing is
     /// written unless every tensor passes. With a `scratch`, the step's room is
-    /// taken from it and left in it for the next step.
-    #[pyo3(signature = (step, lr, tensors, threads, scratch=None))]
-    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize, mut scratch: Option<PyRefMut<'_, Scratch>>) -> PyResult<()> {
+    /// taken from it and left in it for the next step. With `bounds` (one per
+    /// tensor: what the previous step returned for the same, since unwritten,
+    /// state tensors, or None), the state's bounds are returned for the next step
+    /// (`merge_core::parallel::step_tensors_tracked`).
+    #[pyo3(signature = (step, lr, tensors, threads, scratch=None, bounds=None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize, mut scratch: Option<PyRefMut<'_, Scratch>>, bounds: Option<Vec<Option<(u32, u32, u32)>>>) -> PyResult<Option<Vec<(u32, u32, u32)>>> {
+        if bounds.as_ref().is_some_and(|b| b.len() != tensors.len()) {
+            return Err(PyValueError::new_err("bounds: one entry (or None) per tensor"));
+        }
         let config = OnlineConfig { adam: AdamConfig { lr, ..self.config.adam }, ..self.config };
         let plan = Optimizer::new(config).and_then(|o| o.plan(step)).map_err(core_error)?;
         let merging = !matches!(config.merge, Merge::None);
@@ -290,12 +297,18 @@ impl Core {
             };
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
-        let scratch = scratch.as_deref_mut().map(|s| &mut s.room);
-        py.detach(|| match scratch {
-            Some(room) => parallel::step_tensors_in(&plan, &mut jobs, threads, &Cpu::detect(), room),
-            None => parallel::step_tensors(&plan, &mut jobs, threads, &Cpu::detect()),
-        })
-        .map_err(core_error)
+        let mut kept: Vec<StateBounds> = bounds.iter().flatten().map(|b| b.map_or(StateBounds::UNKNOWN, |(m, v, c)| StateBounds::from_bits([m, v, c]))).collect();
+        let mut fresh = parallel::Scratch::default();
+        let room = scratch.as_deref_mut().map_or(&mut fresh, |s| &mut s.room);
+        py.detach(|| parallel::step_tensors_tracked(&plan, &mut jobs, threads, &Cpu::detect(), room, &mut kept)).map_err(core_error)?;
+        Ok(bounds.map(|_| {
+            kept.iter()
+                .map(|b| {
+                    let [m, v, c] = b.to_bits();
+                    (m, v, c)
+                })
+                .collect()
+        }))
     }
 
     /// Starts step `step` over this process's ranges of sharded float32 tensors:

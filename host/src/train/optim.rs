@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use merge_core::dtype::{Dst, Src};
 use merge_core::optim::{Optimizer as CoreOptimizer, TaskVectorJob};
-use merge_core::parallel::{self, ParallelJob, Param, TaskVector};
+use merge_core::parallel::{self, ParallelJob, Param, StateBounds, TaskVector};
 use gpu_shaders::optim::{GpuOptimizer, TensorInit, TensorStateData, Weights};
 use gpu_shaders::{GpuContext, GpuOptions};
 
@@ -149,6 +149,10 @@ pub struct Optimizer {
     /// The CPU step's room (OnTIES's update), kept so that each step does not
     /// fault in fresh memory.
     scratch: parallel::Scratch,
+    /// What the last CPU step recorded of the moments it stored, so that the
+    /// next one's check pass need not read them (CPU backend only: a GPU run's
+    /// host state is replaced by the device's; a checkpoint's is unknown).
+    bounds: Vec<StateBounds>,
     gpu: Option<GpuSide>,
     /// `params` lag the GPU's weights: resident steps ran since the last read.
     params_stale: bool,
@@ -187,7 +191,8 @@ impl Optimizer {
             })
             .collect();
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { state, threads, scratch: parallel::Scratch::default(), core, params, cfg, gpu: None, params_stale: false })
+        let bounds = vec![StateBounds::UNKNOWN; params.tensors.len()];
+        Ok(Self { state, threads, scratch: parallel::Scratch::default(), bounds, core, params, cfg, gpu: None, params_stale: false })
     }
 
     /// Like [`Optimizer::new`], then moves the state to a GPU as `backend` asks.
@@ -417,7 +422,8 @@ impl Optimizer {
                 tau: TaskVector::Dense(Src::F32(st.tau.as_deref().unwrap_or(&[]))),
             });
         }
-        parallel::step_tensors_in(&plan, &mut jobs, self.threads, &merge_simd::Cpu::at_most(simd::active()), &mut self.scratch).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
+        let bounds: &mut [StateBounds] = if self.gpu.is_none() { &mut self.bounds } else { &mut [] };
+        parallel::step_tensors_tracked(&plan, &mut jobs, self.threads, &merge_simd::Cpu::at_most(simd::active()), &mut self.scratch, bounds).map_err(|source| TrainError::Step { step: k, source: Box::new(source) })
     }
 
     /// Threads of the CPU step (default: all cores); the bits do not depend on it.
@@ -505,6 +511,7 @@ impl Optimizer {
         }
         let mut take = |kind: &str| saved.remove(kind).map(|set| set.tensors.into_iter().map(|t| t.data));
         let (mut m, mut v, mut cached) = (take(EXP_AVG).expect("kinds checked"), take(EXP_AVG_SQ).expect("kinds checked"), take(DELTA_C));
+        self.bounds.fill(StateBounds::UNKNOWN);
         for s in &mut self.state {
             s.m = m.next().expect("layout checked");
             s.v = v.next().expect("layout checked");
