@@ -420,7 +420,7 @@ mod tests {
     use crate::dare::DareConfig;
     use crate::dtype::Src;
     use crate::hyper::{AdamConfig, AdamForm};
-    use crate::optim::{Merge, OnlineConfig, Optimizer, StepJob};
+    use crate::optim::{Merge, OnlineConfig, Optimizer, StepJob, TiesConfig};
     use crate::reference;
     use crate::rng::SplitMix64;
     use crate::step::{BLOCK, StateMut};
@@ -647,6 +647,56 @@ mod tests {
         }
         std::eprintln!("{flush_free} of {total} blocks flush-free");
         assert!(flush_free > total / 5 && flush_free < total * 4 / 5, "{flush_free} of {total} blocks flush-free");
+    }
+
+    /// The OnTIES scan's update (its own kernel, without the merge) is SPEC's
+    /// update bit for bit (`reference::update`), over the same kinds of tiny
+    /// scalars and wide-ranging inputs as above, where flushes act; both
+    /// variants, both forms, online and step-K's merge steps.
+    #[test]
+    fn the_onties_scan_gives_the_reference_update() {
+        let mut rng = SplitMix64::new(0x71e5_5ca4);
+        for case in 0..3000 {
+            let adam = AdamConfig {
+                form: rng.pick(&[AdamForm::HuggingFace, AdamForm::Torch]),
+                lr: rng.pick(&[1e-3, 1e-6, 1e-20, 1e-30]),
+                eps: rng.pick(&[1e-8, 1e-20, 1e-37]),
+                weight_decay: rng.pick(&[0.0, 0.01, 1e-10]),
+                ..AdamConfig::default()
+            };
+            let variant = rng.pick(&[crate::onties::Variant::Reference, crate::onties::Variant::Paper]);
+            let merge = Merge::Ties(TiesConfig { variant, p: 0.1, alpha: rng.pick(&[1e-7, 0.25]), ..TiesConfig::default() });
+            let k = rng.pick(&[1u32, 3]);
+            let cfg = OnlineConfig { adam, merge, k, seed: rng.next_u64() };
+            // A merge step: the scan and the rollback of the cached delta.
+            let step_number = u64::from(k) * (1 + rng.below(3));
+            let plan = Optimizer::new(cfg).unwrap().plan(step_number).unwrap();
+            let n = if case % 10 == 0 { BLOCK * (2 + rng.below(3) as usize) + rng.below(BLOCK as u64) as usize } else { 1 + rng.below(40) as usize };
+            let mut input = |non_negative: bool| {
+                let mut out = Vec::with_capacity(n);
+                for b in 0..n.div_ceil(BLOCK) {
+                    let hi = 60 + rng.below(68) as u32;
+                    let lo = hi.saturating_sub(rng.pick(&[0u32, 4, 20, 60])).max(1);
+                    out.extend(draw(&mut rng, BLOCK.min(n - b * BLOCK), lo, hi, non_negative));
+                }
+                out
+            };
+            let (g, theta, m, v, cached, tau) = (input(false), input(false), input(false), input(true), input(false), input(false));
+            let state = crate::step::StateRef { theta: &theta, m: &m, v: &v, cached: (k > 1).then_some(&cached[..]) };
+            let step = plan.tensor("t", n as u64).unwrap();
+            let mut got = vec![f32::NAN; n];
+            let result = step.scan_chunk(0, &g, state, Src::F32(&tau), None, Some(&mut got));
+            let mut want = vec![0.0f32; n];
+            reference::update(&cfg, step_number, &g, state, &mut want).unwrap();
+            if want.iter().any(|&x| is_non_finite(x)) {
+                assert!(result.is_err(), "{cfg:?} step {step_number}");
+                continue;
+            }
+            assert!(result.is_ok(), "{cfg:?} step {step_number}: {result:?}");
+            if let Some(j) = (0..n).find(|&j| got[j].to_bits() != want[j].to_bits()) {
+                panic!("update[{j}]: {:e}, reference {:e}; {cfg:?} step {step_number}", got[j], want[j]);
+            }
+        }
     }
 
     /// A random span of normal values with magnitudes in a random range of binades.

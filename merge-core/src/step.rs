@@ -267,6 +267,10 @@ const TIES_PAPER: u8 = 7;
 /// the Threefry blocks are only drawn for a block where some candidate fails.
 const DARE_REF_ALL: u8 = 5;
 const DARE_PAPER_ALL: u8 = 6;
+/// The OnTIES scan before its threshold is known: the update `D` and the checks
+/// of the values it reads. Every element is trimmed then (`+0`), so the merge
+/// would compute a new `θ` the scan does not use.
+const TIES_SCAN: u8 = 8;
 
 /// Inputs of one block that need more than a flush, flushed: the gradient, `θ`,
 /// `m`, `v` and a binary32 task vector are read from the caller's slices and
@@ -784,7 +788,8 @@ impl TensorStep<'_> {
                 uniforms(&key, stream::TAU_PAPER, index, n, &mut inp.u1);
             }
         }
-        let bad = self.kernel(kind, pass, flush_free, grad, state, tau, inp, out);
+        let unselected = pass == Pass::Scan && matches!(self.merge, MergePlan::Ties { selection: None, .. });
+        let bad = self.kernel(if unselected { TIES_SCAN } else { kind }, pass, flush_free, grad, state, tau, inp, out);
         if bad {
             return Err(self.first_non_finite(pass, index, inp, out, state, grad, tau));
         }
@@ -798,7 +803,7 @@ impl TensorStep<'_> {
     #[allow(clippy::too_many_arguments)]
     fn kernel(&self, kind: u8, pass: Pass, flush_free: bool, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, inp: &BlockIn, out: &mut BlockOut) -> bool {
         let n = inp.n;
-        let uses_tau = matches!(kind, DARE_REF | DARE_PAPER | DARE_REF_ALL | DARE_PAPER_ALL | TIES | TIES_PAPER);
+        let uses_tau = matches!(kind, DARE_REF | DARE_PAPER | DARE_REF_ALL | DARE_PAPER_ALL | TIES | TIES_PAPER | TIES_SCAN);
         let tau_in: &[f32] = match tau {
             Src::F32(t) if uses_tau => t,
             _ => &inp.tau[..n],
@@ -827,6 +832,7 @@ impl TensorStep<'_> {
             (DARE_REF_ALL, _) => self.compute::<TORCH, DARE_REF_ALL, CACHED, true>(pass, grad, state, tau, inp, out),
             (DARE_PAPER_ALL, _) => self.compute::<TORCH, DARE_PAPER_ALL, CACHED, true>(pass, grad, state, tau, inp, out),
             (TIES_PAPER, _) => self.compute::<TORCH, TIES_PAPER, CACHED, true>(pass, grad, state, tau, inp, out),
+            (TIES_SCAN, _) => self.compute::<TORCH, TIES_SCAN, CACHED, true>(pass, grad, state, tau, inp, out),
             _ => self.compute::<TORCH, TIES, CACHED, true>(pass, grad, state, tau, inp, out),
         }
     }
@@ -933,6 +939,7 @@ impl TensorStep<'_> {
                     let (sp, theta2) = onties::merge_element::<TORCH, CACHED, true>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
                     (theta2, sp)
                 }
+                TIES_SCAN => (theta0, 0.0),
                 _ => {
                     let sp = dare::sparsify_with::<FLUSH>(d, dp.keep.keeps(inp.u0[j]), 1.0);
                     let tau = if dp.keep.keeps(inp.u1[j]) { tau_j } else { 0.0 };
@@ -940,7 +947,7 @@ impl TensorStep<'_> {
                     (dare::merge_paper_with::<FLUSH>(theta0, tau, applied, dp.alpha, dp.one_minus_alpha), sp)
                 }
             };
-            let theta2 = if KIND == TIES || KIND == TIES_PAPER { theta1 } else { adam::decay_after_with::<TORCH, FLUSH>(s, theta1) };
+            let theta2 = if KIND == TIES || KIND == TIES_PAPER || KIND == TIES_SCAN { theta1 } else { adam::decay_after_with::<TORCH, FLUSH>(s, theta1) };
             out.theta[j] = stored(theta2);
             if !FLUSH {
                 // Only the stored outputs: the others serve the scan pass and errors.
