@@ -336,8 +336,9 @@ impl Memory {
 
 /// Whether, for every block whose inputs lie in `inputs`, no operation of the
 /// writing pass's step has a subnormal result: then the flush-free kernel gives
-/// SPEC's bits. Only plain AdamW, OnDARE and step-K's accumulating steps have a
-/// flush-free kernel; OnTIES answers `false`. The operations are those of
+/// SPEC's bits. The writing pass's kernels have a flush-free form (plain AdamW,
+/// OnDARE, OnTIES with its threshold, step-K's accumulating steps); passes
+/// that have none (the OnTIES scan) answer `false`. The operations are those of
 /// `TensorStep::compute`, in its order.
 pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
     let s = &step.scalars;
@@ -402,7 +403,29 @@ pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
                         }
                     }
                 }
-                MergePlan::Ties { .. } => return false,
+                MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(selection), .. } => {
+                    // Trimmed: `D ⊗ ρ` where kept, else `+0`.
+                    let kept = b.mul(d, k(selection.factor)).or(Values::ZERO);
+                    let (alpha, omega) = (k(alpha), k(one_minus_alpha));
+                    let u = match variant {
+                        crate::onties::Variant::Reference => {
+                            // The election compares `τ' ⊕ D'` with zero, where a
+                            // flushed subnormal would vote otherwise.
+                            b.add(tau, kept);
+                            let x = b.mul(alpha, tau).or(Values::ZERO);
+                            let y = b.mul(omega, kept).or(Values::ZERO);
+                            b.add(x, y)
+                        }
+                        crate::onties::Variant::Paper => {
+                            // Either term alone (opposite signs), or their sum.
+                            let (x, y) = (b.mul(alpha, tau), b.mul(omega, kept));
+                            b.add(x, y).or(x).or(y)
+                        }
+                    };
+                    b.add(theta0, u)
+                }
+                // No flush-free kernel scans OnTIES's update.
+                MergePlan::Ties { selection: None, .. } => return false,
             }
         }
     };
@@ -548,8 +571,9 @@ mod tests {
     /// SPEC (`reference::step`), over scalars and inputs that put products and
     /// cancelling sums near the subnormal range: tiny learning rates, `ε` and
     /// weight decays, inputs spread over wide exponent ranges down to 2^-126.
-    /// Plain AdamW, both OnDARE variants with and without the rescale, both
-    /// forms, online and step-K. Many blocks pass the analysis and many fail it.
+    /// Plain AdamW, both OnDARE and both OnTIES variants with and without the
+    /// rescale, both forms, online and step-K. Many blocks pass the analysis and
+    /// many fail it.
     #[test]
     fn flush_free_blocks_give_the_reference_bits() {
         let mut rng = SplitMix64::new(0x5eb_4e11);
@@ -563,8 +587,15 @@ mod tests {
                 weight_decay: rng.pick(&[0.0, 0.01, 1e-10]),
                 ..AdamConfig::default()
             };
-            let merge = match rng.below(3) {
+            let merge = match rng.below(5) {
                 0 => Merge::None,
+                1 | 2 => Merge::Ties(TiesConfig {
+                    variant: rng.pick(&[crate::onties::Variant::Reference, crate::onties::Variant::Paper]),
+                    p: rng.pick(&[0.5, 0.05]),
+                    alpha: rng.pick(&[1e-7, 0.25, 1e-30]),
+                    rescale: rng.below(4) == 0,
+                    ..TiesConfig::default()
+                }),
                 _ => Merge::Dare(DareConfig {
                     variant: rng.pick(&[crate::dare::DareVariant::Reference, crate::dare::DareVariant::Paper]),
                     p: rng.pick(&[0.5, 0.01]),
@@ -603,8 +634,23 @@ mod tests {
             };
             let (g, theta, m, v, cached, tau) = (input(false), input(false), input(false), input(true), input(false), input(false));
             let cached_in = (k > 1).then_some(&cached[..]);
-            let step = plan.tensor("t", n as u64).unwrap();
-            let tau_in = matches!(merge, Merge::Dare(_)).then_some(&tau[..]);
+            let mut step = plan.tensor("t", n as u64).unwrap();
+            // OnTIES writes with the threshold that the reference selects.
+            let mut selection = None;
+            if matches!(merge, Merge::Ties(_)) && step_number.is_multiple_of(u64::from(k)) {
+                let old = crate::step::StateRef { theta: &theta, m: &m, v: &v, cached: cached_in };
+                let mut update = vec![0.0f32; n];
+                reference::update(&cfg, step_number, &g, old, &mut update).unwrap();
+                if update.iter().any(|&x| is_non_finite(x)) {
+                    continue;
+                }
+                let Ok(sel) = reference::ties_selection(&cfg, &[&update]) else { continue };
+                selection = Some((sel, 0));
+                if let MergePlan::Ties { selection, .. } = &mut step.merge {
+                    *selection = Some(sel);
+                }
+            }
+            let tau_in = matches!(merge, Merge::Dare(_) | Merge::Ties(_)).then_some(&tau[..]);
             let mut memory = Memory::default();
             for b in (0..n).step_by(BLOCK) {
                 let r = b..n.min(b + BLOCK);
@@ -627,9 +673,18 @@ mod tests {
                 tau: Src::F32(&tau),
                 scratch: &mut scratch,
             }];
-            let result = plan.step_tensors(&mut jobs);
+            // An OnTIES merge step writes as the threads' per-tensor path does
+            // (recomputing Adam, through write_chunk); `step_tensors` would
+            // write from the scanned update instead.
+            let result = if selection.is_some() {
+                let [job] = &mut jobs;
+                let state = job.state.reborrow();
+                step.check_chunk(0, &g, state.as_ref(), Src::F32(&tau)).and_then(|()| step.write_chunk(0, &g, state, Src::F32(&tau)))
+            } else {
+                plan.step_tensors(&mut jobs)
+            };
             let state = StateMut { theta: &mut want.0, m: &mut want.1, v: &mut want.2, cached: (k > 1).then_some(&mut want.3[..]) };
-            let expected = reference::step(&cfg, step_number, "t", &g, state, &tau, None);
+            let expected = reference::step(&cfg, step_number, "t", &g, state, &tau, selection);
             expected.unwrap();
             // The transcription stores what it computes; the kernels refuse a
             // non-finite value and write nothing.

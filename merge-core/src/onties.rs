@@ -5,7 +5,7 @@
 //! element formula every block kernel runs ([`merge_element`], with [`combine`]).
 
 use crate::adam;
-use crate::arith::{add, div, flush, is_non_finite, mul, sub};
+use crate::arith::{add_with, div, flush, is_non_finite, mul_with, settle, sub_with};
 use crate::error::{Error, tensor_name};
 use crate::hyper::StepScalars;
 use crate::reduce::TreeSum;
@@ -126,12 +126,22 @@ pub struct ElementMerge {
 /// variant at compile time, so the loops that call it vectorize.
 #[inline(always)]
 pub fn merge_element<const TORCH: bool, const CACHED: bool, const PAPER: bool>(s: &StepScalars, e: &ElementMerge, j: u32, theta: f32, cached: f32, d: f32, tau: f32) -> (f32, f32) {
-    let variant = if PAPER { Variant::Paper } else { Variant::Reference };
-    let theta = adam::decay_before::<TORCH>(s, flush(theta));
-    let theta0 = if CACHED { sub(theta, flush(cached)) } else { theta };
-    let d = flush(d);
-    let sparse = if e.local.keeps(magnitude_key(d), j) { mul(d, e.factor) } else { 0.0 };
-    (sparse, adam::decay_after::<TORCH>(s, add(theta0, combine(variant, tau, sparse, e.alpha, e.one_minus_alpha))))
+    merge_element_with::<TORCH, CACHED, PAPER, true>(s, e, j, theta, cached, d, tau)
+}
+
+/// [`merge_element`], flushed only when `FLUSH` ([`crate::arith::settle`]; the
+/// flush-free kernel of [`crate::flushless`]). The threshold compares
+/// [`magnitude_key`]s, which flush, and the election compares with zero, where
+/// the two zeros agree: alike values (equal, or the two zeros) decide alike.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn merge_element_with<const TORCH: bool, const CACHED: bool, const PAPER: bool, const FLUSH: bool>(s: &StepScalars, e: &ElementMerge, j: u32, theta: f32, cached: f32, d: f32, tau: f32) -> (f32, f32) {
+    let theta = adam::decay_before_with::<TORCH, FLUSH>(s, settle::<FLUSH>(theta));
+    let theta0 = if CACHED { sub_with::<FLUSH>(theta, settle::<FLUSH>(cached)) } else { theta };
+    let d = settle::<FLUSH>(d);
+    let sparse = if e.local.keeps(magnitude_key(d), j) { mul_with::<FLUSH>(d, e.factor) } else { 0.0 };
+    let u = combine_with::<PAPER, FLUSH>(tau, sparse, e.alpha, e.one_minus_alpha);
+    (sparse, adam::decay_after_with::<TORCH, FLUSH>(s, add_with::<FLUSH>(theta0, u)))
 }
 
 /// `τ'_i` or `Δ'_i`: the value if the threshold keeps element `index`, else `+0`.
@@ -155,9 +165,20 @@ pub fn trim(x: f32, index: u64, threshold: &Threshold) -> f32 {
 /// as the reference's election; otherwise `u = a ⊕ b`.
 #[inline(always)]
 pub fn combine(variant: Variant, tau_sel: f32, delta_sel: f32, alpha: f32, one_minus_alpha: f32) -> f32 {
-    let tau = flush(tau_sel);
-    let delta = flush(delta_sel);
     match variant {
+        Variant::Reference => combine_with::<false, true>(tau_sel, delta_sel, alpha, one_minus_alpha),
+        Variant::Paper => combine_with::<true, true>(tau_sel, delta_sel, alpha, one_minus_alpha),
+    }
+}
+
+/// [`combine`] with the variant fixed at compile time (`PAPER`), flushed only
+/// when `FLUSH`.
+#[inline(always)]
+pub fn combine_with<const PAPER: bool, const FLUSH: bool>(tau_sel: f32, delta_sel: f32, alpha: f32, one_minus_alpha: f32) -> f32 {
+    let (add, mul) = (add_with::<FLUSH>, mul_with::<FLUSH>);
+    let tau = settle::<FLUSH>(tau_sel);
+    let delta = settle::<FLUSH>(delta_sel);
+    match if PAPER { Variant::Paper } else { Variant::Reference } {
         Variant::Reference => {
             let positive = add(tau, delta) >= 0.0;
             let a = if tau != 0.0 && (tau > 0.0) == positive { mul(alpha, tau) } else { 0.0 };
@@ -196,7 +217,7 @@ pub fn rescale_factor(l1_full: f32, l1_kept: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arith::sub;
+    use crate::arith::{add, mul, sub};
     use crate::rng::SplitMix64;
     use crate::testutil::wide_f32;
 

@@ -725,10 +725,11 @@ impl TensorStep<'_> {
 
     /// The bound the writing pass hands to [`TensorStep::block`]: the check pass's
     /// ([`crate::finite`]) for the kernels that have a flush-free form
-    /// ([`crate::flushless`]), `None` for the others.
+    /// ([`crate::flushless`]; OnTIES's once its threshold is known), `None`
+    /// for the others.
     pub(crate) fn flush_free_limit(&self) -> Option<u32> {
-        match self.kind() {
-            ACCUM | PLAIN | DARE_REF | DARE_PAPER => crate::finite::input_limit(self, false),
+        match (self.kind(), self.merge) {
+            (ACCUM | PLAIN | DARE_REF | DARE_PAPER, _) | (TIES | TIES_PAPER, MergePlan::Ties { selection: Some(_), .. }) => crate::finite::input_limit(self, false),
             _ => None,
         }
     }
@@ -825,6 +826,8 @@ impl TensorStep<'_> {
             (PLAIN, true) => self.compute::<TORCH, PLAIN, CACHED, false>(pass, grad, state, tau, inp, out),
             (DARE_REF, true) => self.compute::<TORCH, DARE_REF, CACHED, false>(pass, grad, state, tau, inp, out),
             (DARE_PAPER, true) => self.compute::<TORCH, DARE_PAPER, CACHED, false>(pass, grad, state, tau, inp, out),
+            (TIES, true) => self.compute::<TORCH, TIES, CACHED, false>(pass, grad, state, tau, inp, out),
+            (TIES_PAPER, true) => self.compute::<TORCH, TIES_PAPER, CACHED, false>(pass, grad, state, tau, inp, out),
             (ACCUM, _) => self.compute::<TORCH, ACCUM, CACHED, true>(pass, grad, state, tau, inp, out),
             (PLAIN, _) => self.compute::<TORCH, PLAIN, CACHED, true>(pass, grad, state, tau, inp, out),
             (DARE_REF, _) => self.compute::<TORCH, DARE_REF, CACHED, true>(pass, grad, state, tau, inp, out),
@@ -847,8 +850,8 @@ impl TensorStep<'_> {
     /// pass (which has no new `θ`) tests `θ` and `τ'` directly. The slow path
     /// then names the lowest index over every input and output.
     ///
-    /// Without `FLUSH` (the flush-free kernel, [`crate::flushless`]; only for
-    /// plain AdamW, OnDARE and accumulating steps) nothing is flushed or tested,
+    /// Without `FLUSH` (the flush-free kernel, [`crate::flushless`]; for the
+    /// writing pass's kernels only) nothing is flushed or tested,
     /// and the stored outputs pass through `x + 0`, which makes a `−0` `+0`.
     #[inline(always)]
     fn compute<const TORCH: bool, const KIND: u8, const CACHED: bool, const FLUSH: bool>(&self, pass: Pass, grad: &[f32], state: &StateRef<'_>, tau: &[f32], inp: &BlockIn, out: &mut BlockOut) -> bool {
@@ -932,11 +935,11 @@ impl TensorStep<'_> {
                 }
                 // The whole element, both decays included (the new θ, not θ₁).
                 TIES => {
-                    let (sp, theta2) = onties::merge_element::<TORCH, CACHED, false>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
+                    let (sp, theta2) = onties::merge_element_with::<TORCH, CACHED, false, FLUSH>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
                     (theta2, sp)
                 }
                 TIES_PAPER => {
-                    let (sp, theta2) = onties::merge_element::<TORCH, CACHED, true>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
+                    let (sp, theta2) = onties::merge_element_with::<TORCH, CACHED, true, FLUSH>(s, &ties, j as u32, theta_in[j], c, d, tau_j);
                     (theta2, sp)
                 }
                 TIES_SCAN => (theta0, 0.0),
