@@ -248,6 +248,9 @@ pub(crate) struct Inputs {
     pub cached: Option<Span>,
     /// `None` for a step that reads no task vector.
     pub tau: Option<Span>,
+    /// The OnTIES update the scan stored, where the write reads it instead of
+    /// computing it ([`crate::step::TensorStep::write_chunk_from_update`]).
+    pub update: Option<Span>,
 }
 
 impl Inputs {
@@ -261,17 +264,24 @@ impl Inputs {
             v: Span::of_non_negative(state.v),
             cached: state.cached.map(Span::of),
             tau: tau.map(Span::of),
+            update: None,
         }
+    }
+
+    /// These inputs, with the update the write reads.
+    #[inline(always)]
+    pub(crate) fn with_update(self, update: &[f32]) -> Inputs {
+        Inputs { update: Some(Span::of(update)), ..self }
     }
 
     /// Whether every input lies within the check pass's `limit` and none is subnormal.
     #[inline(always)]
     pub(crate) fn normal_within(&self, limit: u32) -> bool {
-        [Some(self.grad), Some(self.theta), Some(self.m), Some(self.v), self.cached, self.tau].iter().flatten().all(|s| s.normal_within(limit))
+        [Some(self.grad), Some(self.theta), Some(self.m), Some(self.v), self.cached, self.tau, self.update].iter().flatten().all(|s| s.normal_within(limit))
     }
 
-    fn pairs(&self, o: &Inputs) -> [(Option<Span>, Option<Span>); 6] {
-        [(Some(self.grad), Some(o.grad)), (Some(self.theta), Some(o.theta)), (Some(self.m), Some(o.m)), (Some(self.v), Some(o.v)), (self.cached, o.cached), (self.tau, o.tau)]
+    fn pairs(&self, o: &Inputs) -> [(Option<Span>, Option<Span>); 7] {
+        [(Some(self.grad), Some(o.grad)), (Some(self.theta), Some(o.theta)), (Some(self.m), Some(o.m)), (Some(self.v), Some(o.v)), (self.cached, o.cached), (self.tau, o.tau), (self.update, o.update)]
     }
 
     fn within(&self, wider: &Inputs) -> bool {
@@ -284,7 +294,7 @@ impl Inputs {
 
     fn widened(&self, limit: u32) -> Inputs {
         let w = |s: Span| s.widened(limit);
-        Inputs { grad: w(self.grad), theta: w(self.theta), m: w(self.m), v: w(self.v), cached: self.cached.map(w), tau: self.tau.map(w) }
+        Inputs { grad: w(self.grad), theta: w(self.theta), m: w(self.m), v: w(self.v), cached: self.cached.map(w), tau: self.tau.map(w), update: self.update.map(w) }
     }
 }
 
@@ -356,13 +366,21 @@ pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
     let g2 = b.square(g);
     let (x, y) = (b.mul(k(s.beta2), v), b.mul(k(s.one_minus_beta2), g2));
     let v1 = b.add(x, y);
-    let mut root = b.sqrt(v1);
-    if torch {
-        root = b.div(root, k(s.bc2_sqrt));
-    }
-    let divisor = b.add(root, k(s.eps));
-    let quotient = b.div(m1, divisor);
-    let delta = b.mul(k(s.neg_step_size), quotient);
+    // The OnTIES write from the kept update reads `D` (the rollback included)
+    // instead of computing it.
+    let update = inputs.update.map(|u| u.values(false));
+    let delta = match update {
+        Some(d) => d,
+        None => {
+            let mut root = b.sqrt(v1);
+            if torch {
+                root = b.div(root, k(s.bc2_sqrt));
+            }
+            let divisor = b.add(root, k(s.eps));
+            let quotient = b.div(m1, divisor);
+            b.mul(k(s.neg_step_size), quotient)
+        }
+    };
     let theta = if torch { b.mul(theta_in, k(s.decay_before)) } else { theta_in };
     let theta1 = match step.phase {
         Phase::Accumulate => {
@@ -372,7 +390,11 @@ pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
             b.add(theta, delta)
         }
         Phase::Merge => {
-            let (theta0, d) = if cached { (b.sub(theta, c), b.add(delta, c)) } else { (theta, delta) };
+            let (theta0, d) = match (cached, update) {
+                (true, None) => (b.sub(theta, c), b.add(delta, c)),
+                (true, Some(_)) => (b.sub(theta, c), delta),
+                (false, _) => (theta, delta),
+            };
             let rescaled = |b: &mut Bounds, sp: Values| match step.rescale {
                 Rescale::Off => sp,
                 Rescale::Apply { factor, clip } => {
@@ -572,7 +594,8 @@ mod tests {
     /// cancelling sums near the subnormal range: tiny learning rates, `ε` and
     /// weight decays, inputs spread over wide exponent ranges down to 2^-126.
     /// Plain AdamW, both OnDARE and both OnTIES variants with and without the
-    /// rescale, both forms, online and step-K. Many blocks pass the analysis and
+    /// rescale (OnTIES written both from a recomputed and from the scanned
+    /// update), both forms, online and step-K. Many blocks pass the analysis and
     /// many fail it.
     #[test]
     fn flush_free_blocks_give_the_reference_bits() {
@@ -663,40 +686,43 @@ mod tests {
                 }
             }
 
-            let mut got = (theta.clone(), m.clone(), v.clone(), cached.clone());
-            let mut want = got.clone();
-            let mut scratch = vec![0.0f32; n];
-            let mut jobs = [StepJob {
-                name: "t",
-                grad: &g,
-                state: StateMut { theta: &mut got.0, m: &mut got.1, v: &mut got.2, cached: (k > 1).then_some(&mut got.3[..]) },
-                tau: Src::F32(&tau),
-                scratch: &mut scratch,
-            }];
-            // An OnTIES merge step writes as the threads' per-tensor path does
-            // (recomputing Adam, through write_chunk); `step_tensors` would
-            // write from the scanned update instead.
-            let result = if selection.is_some() {
-                let [job] = &mut jobs;
-                let state = job.state.reborrow();
-                step.check_chunk(0, &g, state.as_ref(), Src::F32(&tau)).and_then(|()| step.write_chunk(0, &g, state, Src::F32(&tau)))
-            } else {
-                plan.step_tensors(&mut jobs)
-            };
+            let mut want = (theta.clone(), m.clone(), v.clone(), cached.clone());
             let state = StateMut { theta: &mut want.0, m: &mut want.1, v: &mut want.2, cached: (k > 1).then_some(&mut want.3[..]) };
-            let expected = reference::step(&cfg, step_number, "t", &g, state, &tau, selection);
-            expected.unwrap();
+            reference::step(&cfg, step_number, "t", &g, state, &tau, selection).unwrap();
             // The transcription stores what it computes; the kernels refuse a
             // non-finite value and write nothing.
-            if [&want.0, &want.1, &want.2, &want.3].iter().any(|x| x.iter().any(|&x| is_non_finite(x))) {
-                assert!(result.is_err(), "{cfg:?} step {step_number}");
-                assert_eq!((&got.0, &got.1, &got.2), (&theta, &m, &v));
-                continue;
-            }
-            assert_eq!(result, Ok(()), "{cfg:?} step {step_number}");
-            for (what, got, want) in [("theta", &got.0, &want.0), ("m", &got.1, &want.1), ("v", &got.2, &want.2), ("cached", &got.3, &want.3)] {
-                if let Some(j) = (0..n).find(|&j| got[j].to_bits() != want[j].to_bits()) {
-                    panic!("{what}[{j}]: {:e}, reference {:e}; {cfg:?} step {step_number}", got[j], want[j]);
+            let refused = [&want.0, &want.1, &want.2, &want.3].iter().any(|x| x.iter().any(|&x| is_non_finite(x)));
+            // An OnTIES merge step is written both as the threads' per-tensor
+            // path writes it (recomputing Adam, through write_chunk) and as
+            // `step_tensors` does (from the scanned update).
+            for recompute in if selection.is_some() { &[true, false][..] } else { &[false] } {
+                let mut got = (theta.clone(), m.clone(), v.clone(), cached.clone());
+                let mut scratch = vec![0.0f32; n];
+                let mut jobs = [StepJob {
+                    name: "t",
+                    grad: &g,
+                    state: StateMut { theta: &mut got.0, m: &mut got.1, v: &mut got.2, cached: (k > 1).then_some(&mut got.3[..]) },
+                    tau: Src::F32(&tau),
+                    scratch: &mut scratch,
+                }];
+                let result = if *recompute {
+                    let [job] = &mut jobs;
+                    let state = job.state.reborrow();
+                    step.check_chunk(0, &g, state.as_ref(), Src::F32(&tau)).and_then(|()| step.write_chunk(0, &g, state, Src::F32(&tau)))
+                } else {
+                    plan.step_tensors(&mut jobs)
+                };
+                let how = if *recompute { "write_chunk" } else { "step_tensors" };
+                if refused {
+                    assert!(result.is_err(), "{cfg:?} step {step_number}, {how}");
+                    assert_eq!((&got.0, &got.1, &got.2), (&theta, &m, &v));
+                    continue;
+                }
+                assert_eq!(result, Ok(()), "{cfg:?} step {step_number}, {how}");
+                for (what, got, want) in [("theta", &got.0, &want.0), ("m", &got.1, &want.1), ("v", &got.2, &want.2), ("cached", &got.3, &want.3)] {
+                    if let Some(j) = (0..n).find(|&j| got[j].to_bits() != want[j].to_bits()) {
+                        panic!("{what}[{j}]: {:e}, reference {:e}; {cfg:?} step {step_number}, {how}", got[j], want[j]);
+                    }
                 }
             }
         }
@@ -781,6 +807,7 @@ mod tests {
                 v: random_span(&mut rng, true),
                 cached: (k > 1).then(|| random_span(&mut rng, false)),
                 tau: Some(random_span(&mut rng, false)),
+                update: None,
             };
             if !holds(&step, &wide) {
                 continue;
@@ -790,7 +817,7 @@ mod tests {
                 let least = s.least + rng.below(u64::from(s.most.saturating_sub(s.least)) + 1) as u32;
                 Span { least, most: least + rng.below(u64::from(s.most.saturating_sub(least)) + 1) as u32 }
             };
-            let inner = Inputs { grad: narrow(wide.grad), theta: narrow(wide.theta), m: narrow(wide.m), v: narrow(wide.v), cached: wide.cached.map(&mut narrow), tau: wide.tau.map(&mut narrow) };
+            let inner = Inputs { grad: narrow(wide.grad), theta: narrow(wide.theta), m: narrow(wide.m), v: narrow(wide.v), cached: wide.cached.map(&mut narrow), tau: wide.tau.map(&mut narrow), update: None };
             assert!(inner.within(&wide));
             assert!(holds(&step, &inner), "{inner:?} within {wide:?}");
         }
@@ -812,7 +839,7 @@ mod tests {
                 let m = draw(&mut rng, 256, 77, 114, false);
                 let v = draw(&mut rng, 256, 57, 107, true);
                 let tau = draw(&mut rng, 256, 87, 117, false);
-                let inputs = Inputs { grad: Span::of(&g), theta: Span::of(&theta), m: Span::of(&m), v: Span::of_non_negative(&v), cached: None, tau: Some(Span::of(&tau)) };
+                let inputs = Inputs { grad: Span::of(&g), theta: Span::of(&theta), m: Span::of(&m), v: Span::of_non_negative(&v), cached: None, tau: Some(Span::of(&tau)), update: None };
                 assert!(holds(&step, &inputs), "{merge:?} {form:?} {inputs:?}");
             }
         }

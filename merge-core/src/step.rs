@@ -599,6 +599,9 @@ impl TensorStep<'_> {
         let mut tau_buf = [0.0f32; BLOCK];
         let (mut theta2, mut m1s, mut v1s, mut sp) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK], [0.0f32; BLOCK]);
         let zeros = [0.0f32; BLOCK];
+        // Blocks that provably need no flush run without ([`crate::flushless`]).
+        let limit = crate::finite::input_limit(self, false);
+        let mut memory = crate::flushless::Memory::default();
         let mut start = 0;
         while start < n {
             let len = BLOCK.min(n - start);
@@ -610,16 +613,16 @@ impl TensorStep<'_> {
                 Some(c) if CACHED => &c[r.clone()],
                 _ => &zeros[..len],
             };
-            let mut bad = 0u32;
-            for j in 0..len {
-                let (m1, v1) = adam::moments(s, flush(g[j]), flush(mm[j]), flush(vv[j]));
-                let (spj, th2) = onties::merge_element::<TORCH, CACHED, PAPER>(s, &e, j as u32, th[j], c[j], d[j], flush(tau_in[j]));
-                m1s[j] = m1;
-                v1s[j] = v1;
-                sp[j] = spj;
-                theta2[j] = th2;
-                bad |= nf(m1) | nf(v1) | nf(d[j]) | nf(spj) | nf(th2);
-            }
+            let flush_free = limit.is_some_and(|limit| {
+                let block = StateRef { theta: th, m: mm, v: vv, cached: CACHED.then_some(c) };
+                memory.flush_free(self, limit, &crate::flushless::Inputs::of(g, &block, Some(tau_in)).with_update(d))
+            });
+            let outs = (&mut m1s, &mut v1s, &mut sp, &mut theta2);
+            let bad = if flush_free {
+                from_update_elements::<TORCH, CACHED, PAPER, false>(s, &e, [g, th, mm, vv, c, d, tau_in], outs)
+            } else {
+                from_update_elements::<TORCH, CACHED, PAPER, true>(s, &e, [g, th, mm, vv, c, d, tau_in], outs)
+            };
             if bad != 0 {
                 for j in 0..len {
                     let checks = [(m1s[j], "updated exp_avg"), (v1s[j], "updated exp_avg_sq"), (d[j], "update"), (sp[j], "sparsified update"), (theta2[j], "updated parameter")];
@@ -1008,6 +1011,32 @@ impl TensorStep<'_> {
         }
         unreachable!("a block flagged non-finite has a non-finite value")
     }
+}
+
+/// The elements of one block of [`TensorStep::write_chunk_from_update`] from
+/// `[g, θ, m, v, Δ_c, D, τ']` into `(m', v', D', θ')`; the non-finite flags
+/// (none without `FLUSH`, whose outputs pass through `x + 0`).
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn from_update_elements<const TORCH: bool, const CACHED: bool, const PAPER: bool, const FLUSH: bool>(s: &StepScalars, e: &ElementMerge, inputs: [&[f32]; 7], (m1s, v1s, sp, theta2): (&mut [f32; BLOCK], &mut [f32; BLOCK], &mut [f32; BLOCK], &mut [f32; BLOCK])) -> u32 {
+    let [g, th, mm, vv, c, d, tau] = inputs;
+    let n = g.len().min(BLOCK);
+    let (g, th, mm, vv, c, d, tau) = (&g[..n], &th[..n], &mm[..n], &vv[..n], &c[..n], &d[..n], &tau[..n]);
+    let settle = settle::<FLUSH>;
+    let stored = |x: f32| if FLUSH { x } else { x + 0.0 };
+    let mut bad = 0u32;
+    for j in 0..n {
+        let (m1, v1) = adam::moments_with::<FLUSH>(s, settle(g[j]), settle(mm[j]), settle(vv[j]));
+        let (spj, th2) = onties::merge_element_with::<TORCH, CACHED, PAPER, FLUSH>(s, e, j as u32, th[j], c[j], d[j], settle(tau[j]));
+        m1s[j] = stored(m1);
+        v1s[j] = stored(v1);
+        sp[j] = spj;
+        theta2[j] = stored(th2);
+        if FLUSH {
+            bad |= nf(m1) | nf(v1) | nf(d[j]) | nf(spj) | nf(th2);
+        }
+    }
+    bad
 }
 
 /// The task vector's elements `start .. start + len` as binary32: a binary32
