@@ -150,6 +150,29 @@ class _MergingOptimizer(Optimizer):
         for group in self.param_groups:
             self._core(group)  # refuse invalid hyperparameters now, not at the first step
 
+    # The settings pickled with the optimizer (torch's own state keeps only
+    # defaults, state and param_groups); the room and the bounds a step keeps
+    # are rebuilt on use.
+    _SETTINGS = ("reserve_p", "use_merge", "alpha", "rescale", "clip_val", "online_step", "seed", "variant",
+                 "adam_form", "scope", "threads", "shards")
+
+    def __getstate__(self):
+        if self.process_group is not None:
+            raise TypeError(f"{type(self).__name__} with a process group cannot be pickled or copied: "
+                            "build a new one and load_state_dict() into it")
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._SETTINGS})
+        state["keep_scratch"] = self._scratch is not None
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        keep = state.pop("keep_scratch", False)
+        super().__setstate__(state)
+        self._scratch = Scratch() if keep else None
+        self._bounds = {}
+        self.process_group = None
+
     def _core(self, group) -> Core:
         b1, b2 = group["betas"]
         return Core(

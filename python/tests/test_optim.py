@@ -4,6 +4,7 @@ errors, and agreement with a port of the official step."""
 import copy
 import io
 import math
+import pickle
 
 import pytest
 
@@ -103,6 +104,19 @@ def test_state_dict_round_trip_continues_bit_identically(kind, kw, dtype):
         assert state["exp_avg"].dtype == torch.float32
     train(resumed, opt2, 3, start=3)
     assert same(straight, bits(resumed))
+
+
+@pytest.mark.parametrize("kind,kw", [("dare", {"online_step": 2}), ("ties", {"keep_scratch": True})])
+def test_a_copied_or_pickled_optimizer_continues_bit_identically(kind, kw):
+    m = model()
+    opt = make(kind, m, **kw)
+    train(m, opt, 2)
+    copies = [copy.deepcopy((m, opt)), pickle.loads(pickle.dumps((m, opt)))]
+    train(m, opt, 2, start=2)
+    for m2, opt2 in copies:
+        assert opt2.seed == opt.seed and (opt2._scratch is None) == (opt._scratch is None)
+        train(m2, opt2, 2, start=2)
+        assert same(bits(m), bits(m2))
 
 
 def test_bf16_parameters_stay_bf16_and_train():
