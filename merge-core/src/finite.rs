@@ -25,7 +25,7 @@ use crate::arith::{flush, is_non_finite};
 use crate::step::{MergePlan, Phase, Rescale, TensorStep};
 
 /// Magnitude bits (sign cleared) of a binary32 value.
-const ABS: u32 = 0x7fff_ffff;
+pub(crate) const ABS: u32 = 0x7fff_ffff;
 
 /// Largest value the bound may reach: `2^126`.
 const LIMIT: f64 = 8.507_059_173_023_462e37;

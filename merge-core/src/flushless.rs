@@ -33,6 +33,7 @@
 //! tests too. A block that fails either test runs the SPEC kernel.
 
 use crate::dare::DareVariant;
+use crate::finite::ABS;
 use crate::hyper::AdamForm;
 use crate::step::{MergePlan, Phase, Rescale, TensorStep};
 
@@ -53,9 +54,6 @@ pub(crate) struct Span {
     least: u32,
     most: u32,
 }
-
-/// Magnitude bits of a binary32 value (sign cleared).
-const ABS: u32 = 0x7fff_ffff;
 
 impl Span {
     /// The span of `xs` in magnitude.

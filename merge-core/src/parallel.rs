@@ -24,6 +24,7 @@ use std::vec::Vec;
 
 use crate::dtype::{Dtype, Src, f32_to_bf16, f32_to_f16, store_error};
 use crate::error::{Error, tensor_name};
+use crate::finite::ABS;
 use crate::optim::StepPlan;
 use crate::step::{ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep};
 #[cfg(test)]
@@ -200,16 +201,13 @@ impl StateBounds {
 
     /// The bounds of the state of one chunk (or of none: all zero).
     fn of(passes: &dyn ChunkPasses, m: &[f32], v: &[f32], cached: Option<&[f32]>) -> StateBounds {
-        StateBounds { m: passes.largest_bits(m, MAGNITUDE), v: passes.largest_bits(v, u32::MAX), cached: cached.map_or(0, |c| passes.largest_bits(c, MAGNITUDE)) }
+        StateBounds { m: passes.largest_bits(m, ABS), v: passes.largest_bits(v, u32::MAX), cached: cached.map_or(0, |c| passes.largest_bits(c, ABS)) }
     }
 
     fn join(self, other: StateBounds) -> StateBounds {
         StateBounds { m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
     }
 }
-
-/// Magnitude bits of a binary32 value: the sign cleared.
-const MAGNITUDE: u32 = 0x7fff_ffff;
 
 /// [`step_tensors_in`], keeping `bounds` of the state: empty (nothing kept), or
 /// one per job. On entry `bounds[j]` is [`StateBounds::UNKNOWN`], or what the
@@ -338,7 +336,7 @@ fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'
     }
     let within = |xs: &[f32], mask| passes.largest_bits(xs, mask) <= limit;
     let state_within = |xs: &[f32], mask, known: u32| known <= limit || within(xs, mask);
-    within(grad, MAGNITUDE) && within(theta, MAGNITUDE) && state_within(c.m, MAGNITUDE, known.m) && state_within(c.v, u32::MAX, known.v) && c.cached.is_none_or(|x| state_within(x, MAGNITUDE, known.cached)) && within(tau, MAGNITUDE)
+    within(grad, ABS) && within(theta, ABS) && state_within(c.m, ABS, known.m) && state_within(c.v, u32::MAX, known.v) && c.cached.is_none_or(|x| state_within(x, ABS, known.cached)) && within(tau, ABS)
 }
 
 /// Each job's first index in the concatenation of all jobs (global scope's order).

@@ -445,6 +445,7 @@ impl TensorStep<'_> {
 
     /// Whether a chunk of these lengths (`tau_len`: the task vector's, unpacked)
     /// passes the length and extent checks every chunk pass starts with.
+    #[cfg(feature = "std")]
     pub(crate) fn lengths_fit(&self, offset: u64, grad: &[f32], state: &StateRef<'_>, tau_len: usize) -> bool {
         self.check_lengths(offset, grad, state, tau_len).is_ok()
     }
