@@ -364,11 +364,12 @@ fn load(dst: &mut [f32; BLOCK], src: &[f32]) {
 /// block per aligned pair.
 #[inline(always)]
 fn uniforms(key: &MaskKey, stream: u32, start: u64, n: usize, u: &mut [u32; BLOCK]) {
-    const PAIRS: usize = BLOCK / 2 + 1;
-    let mut even = [0u32; PAIRS];
-    let mut odd = [0u32; PAIRS];
+    const PAIRS: usize = BLOCK / 2;
+    let mut even = [0u32; PAIRS + 1];
+    let mut odd = [0u32; PAIRS + 1];
     let first_pair = (start >> 1) as u32;
-    // Straight-line lanes: the Threefry rounds vectorize across pairs.
+    // Straight-line lanes: the Threefry rounds vectorize across pairs, a whole
+    // number of vectors at every width.
     for p in 0..PAIRS {
         let [a, b] = key.pair(first_pair.wrapping_add(p as u32), stream);
         even[p] = a;
@@ -381,7 +382,9 @@ fn uniforms(key: &MaskKey, stream: u32, start: u64, n: usize, u: &mut [u32; BLOC
         }
     } else {
         // An odd start (a chunk cut at an odd index): element j is the element at
-        // position j + 1 counted from the first pair's even half.
+        // position j + 1 counted from the first pair's even half, so the block
+        // reaches into one pair more.
+        [even[PAIRS], odd[PAIRS]] = key.pair(first_pair.wrapping_add(PAIRS as u32), stream);
         for (j, slot) in u[..n].iter_mut().enumerate() {
             let k = j + 1;
             *slot = if k & 1 == 0 { even[k >> 1] } else { odd[k >> 1] };
