@@ -23,7 +23,7 @@ macro_rules! passes_for {
         pub mod $level {
             use crate::Error;
             use crate::dtype::Src;
-            use crate::step::{Norms, StateMut, StateRef, TensorStep};
+            use crate::step::{Norms, StateBounds, StateMut, StateRef, TensorStep};
             use crate::topk::{Candidate, RadixSelect};
 
             /// [`TensorStep::scan_chunk`].
@@ -44,15 +44,15 @@ macro_rules! passes_for {
                 step.check_chunk(offset, grad, state, tau)
             }
 
-            /// [`TensorStep::write_chunk`].
+            /// [`TensorStep::write_chunk_prefetching`] with the CPU's prefetch.
             ///
             /// # Safety
             /// The CPU must have the features named in the attribute.
             #[target_feature(enable = $features)]
-            pub fn write_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+            pub fn write_chunk(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, stored: Option<&mut StateBounds>) -> Result<(), Error> {
                 // A closure in a `target_feature` function has its features,
                 // so it may call `prefetch` without `unsafe`.
-                step.write_chunk_prefetching(offset, grad, state, tau, |values: &[f32]| super::prefetch(values))
+                step.write_chunk_prefetching(offset, grad, state, tau, |values: &[f32]| super::prefetch(values), stored)
             }
 
             /// [`TensorStep::check_chunk_from_update`].
@@ -69,8 +69,8 @@ macro_rules! passes_for {
             /// # Safety
             /// The CPU must have the features named in the attribute.
             #[target_feature(enable = $features)]
-            pub fn write_chunk_from_update(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
-                step.write_chunk_from_update(offset, grad, state, tau, update)
+            pub fn write_chunk_from_update(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], stored: Option<&mut StateBounds>) -> Result<(), Error> {
+                step.write_chunk_from_update(offset, grad, state, tau, update, stored)
             }
 
             /// [`RadixSelect::feed_values`].

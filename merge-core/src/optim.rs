@@ -404,9 +404,9 @@ impl StepPlan {
                     };
                     let st = job.state.reborrow();
                     if self.needs_update_scratch() {
-                        passes.write_chunk_from_update(&plan, 0, job.grad, st, job.tau, job.scratch)?;
+                        passes.write_chunk_from_update(&plan, 0, job.grad, st, job.tau, job.scratch, None)?;
                     } else {
-                        passes.write_chunk(&plan, 0, job.grad, st, job.tau)?;
+                        passes.write_chunk(&plan, 0, job.grad, st, job.tau, None)?;
                     }
                 }
                 return Ok(());
@@ -426,7 +426,7 @@ impl StepPlan {
                     *o = offset;
                 }
                 if write {
-                    passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch)?;
+                    passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch, None)?;
                 } else {
                     passes.check_chunk_from_update(&plan, 0, job.state.as_ref(), job.tau, job.scratch)?;
                 }
@@ -442,10 +442,10 @@ impl StepPlan {
         let plan = self.per_tensor_plan(job.name, job.grad, &job.state.as_ref(), job.tau, job.scratch, passes)?;
         if self.needs_update_scratch() {
             passes.check_chunk_from_update(&plan, 0, job.state.as_ref(), job.tau, job.scratch)?;
-            passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch)
+            passes.write_chunk_from_update(&plan, 0, job.grad, job.state.reborrow(), job.tau, job.scratch, None)
         } else {
             passes.check_chunk(&plan, 0, job.grad, job.state.as_ref(), job.tau)?;
-            passes.write_chunk(&plan, 0, job.grad, job.state.reborrow(), job.tau)
+            passes.write_chunk(&plan, 0, job.grad, job.state.reborrow(), job.tau, None)
         }
     }
 

@@ -27,6 +27,7 @@ use crate::error::{Error, tensor_name};
 use crate::finite::ABS;
 use crate::optim::StepPlan;
 use crate::step::{ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep};
+pub use crate::step::StateBounds;
 #[cfg(test)]
 use crate::step::Portable;
 use crate::onties::GATHERED;
@@ -173,48 +174,12 @@ pub fn step_tensors_in(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: u
     step_tensors_tracked(plan, jobs, threads, passes, scratch, &mut [])
 }
 
-/// The largest magnitudes of one job's optimizer state as a step stored it:
-/// `m` and `Δ_c` as magnitude bits (sign cleared), `v` as its raw bits (so a
-/// negative `v` counts as larger than any finite one). Kept by the caller from
-/// one [`step_tensors_tracked`] to the next, it spares the validating pass a
-/// read of state the caller knows is unchanged: the bits are the same.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateBounds {
-    m: u32,
-    v: u32,
-    cached: u32,
-}
-
-impl StateBounds {
-    /// Nothing known: the validating pass reads the state.
-    pub const UNKNOWN: StateBounds = StateBounds { m: u32::MAX, v: u32::MAX, cached: u32::MAX };
-
-    /// `[m, v, cached]`, for a caller that keeps the record outside Rust.
-    pub fn to_bits(self) -> [u32; 3] {
-        [self.m, self.v, self.cached]
-    }
-
-    /// The record [`StateBounds::to_bits`] gave.
-    pub fn from_bits([m, v, cached]: [u32; 3]) -> StateBounds {
-        StateBounds { m, v, cached }
-    }
-
-    /// The bounds of the state of one chunk (or of none: all zero).
-    fn of(passes: &dyn ChunkPasses, m: &[f32], v: &[f32], cached: Option<&[f32]>) -> StateBounds {
-        StateBounds { m: passes.largest_bits(m, ABS), v: passes.largest_bits(v, u32::MAX), cached: cached.map_or(0, |c| passes.largest_bits(c, ABS)) }
-    }
-
-    fn join(self, other: StateBounds) -> StateBounds {
-        StateBounds { m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
-    }
-}
-
-/// [`step_tensors_in`], keeping `bounds` of the state: empty (nothing kept), or
-/// one per job. On entry `bounds[j]` is [`StateBounds::UNKNOWN`], or what the
-/// previous successful call left for the same `m`, `v` and `Δ_c` buffers,
-/// which nothing else has written since: then the validating pass does not
-/// read them (it still reads the gradient, the parameter and `τ'`). On success
-/// each holds the bounds of the state just stored; on error every one is
+/// [`step_tensors_in`], keeping `bounds` of what it stores: empty (nothing
+/// kept), or one per job. On entry `bounds[j]` is [`StateBounds::UNKNOWN`], or
+/// what the previous successful call left for the same `θ`, `m`, `v` and `Δ_c`
+/// buffers, which nothing else has written since: then the validating pass
+/// does not read them (it still reads the gradient and `τ'`). On success each
+/// holds the bounds of what was just stored; on error every one is
 /// [`StateBounds::UNKNOWN`].
 ///
 /// A promise that does not hold never changes a stored bit: the writing pass
@@ -306,7 +271,7 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         None => run(workers, chunk_muts(jobs, &ranges), |c, buf| buf.write(passes, &steps[c.job], c, tracked))?,
     };
     if tracked {
-        let mut stored = std::vec![StateBounds { m: 0, v: 0, cached: 0 }; jobs.len()];
+        let mut stored = std::vec![StateBounds::NONE; jobs.len()];
         for (job, chunk) in written {
             stored[job] = stored[job].join(chunk);
         }
@@ -321,7 +286,7 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 /// blocks being visited or a packed `τ'` unpacked. Each input is scanned once,
 /// at the CPU's vector width; a packed `τ'` by its stored values only. A chunk
 /// whose lengths the check would refuse is left to it.
-/// State that `known` bounds within the limit is not read.
+/// The parameter and state that `known` bounds within the limit are not read.
 fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'_>, limit: u32, known: StateBounds) -> bool {
     let (Src::F32(grad), Src::F32(theta)) = (c.grad, c.theta) else { return false };
     let (tau, tau_len) = match c.tau {
@@ -336,7 +301,7 @@ fn chunk_within(passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: &ChunkView<'
     }
     let within = |xs: &[f32], mask| passes.largest_bits(xs, mask) <= limit;
     let state_within = |xs: &[f32], mask, known: u32| known <= limit || within(xs, mask);
-    within(grad, ABS) && within(theta, ABS) && state_within(c.m, ABS, known.m) && state_within(c.v, u32::MAX, known.v) && c.cached.is_none_or(|x| state_within(x, ABS, known.cached)) && within(tau, ABS)
+    within(grad, ABS) && state_within(theta, ABS, known.theta) && state_within(c.m, ABS, known.m) && state_within(c.v, u32::MAX, known.v) && c.cached.is_none_or(|x| state_within(x, ABS, known.cached)) && within(tau, ABS)
 }
 
 /// Each job's first index in the concatenation of all jobs (global scope's order).
@@ -826,7 +791,7 @@ impl Buffers {
             &mut theta[..]
         };
         let state = StateMut { theta, m: copied(c.m, m), v: copied(c.v, v), cached: c.cached.map(|s| copied(s, cached)) };
-        passes.write_chunk(step, c.lo as u64, grad, state, tau)?;
+        passes.write_chunk(step, c.lo as u64, grad, state, tau, None)?;
         for (i, &x) in theta.iter().enumerate() {
             let fits = if dtype == Dtype::Bf16 { f32_to_bf16(x).map(|_| ()) } else { f32_to_f16(x).map(|_| ()) };
             fits.map_err(|e| store_error(step.name, "updated parameter", (c.lo + i) as u64, e, dtype))?;
@@ -851,8 +816,9 @@ impl Buffers {
         let len = grad.len();
         let grad = widened(grad, grad_buf);
         let tau = unpacked(tau, len, tau_buf);
-        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau, update)?;
-        Ok((job, if tracked { StateBounds::of(passes, m, v, cached.as_deref()) } else { StateBounds::UNKNOWN }))
+        let mut stored = StateBounds::NONE;
+        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m, v, cached: cached.as_deref_mut() }, tau, update, tracked.then_some(&mut stored))?;
+        Ok((job, if tracked { stored } else { StateBounds::UNKNOWN }))
     }
 
     /// A chunk's write; its job and, if `tracked`, the bounds of the state it stored.
@@ -864,20 +830,24 @@ impl Buffers {
         let tau = unpacked(tau, len, tau_buf);
         let offset = lo as u64;
         let dtype = theta.dtype();
+        let mut stored = StateBounds::NONE;
+        let record = tracked.then_some(&mut stored);
         match theta {
-            Param::F32(theta) => passes.write_chunk(step, offset, grad, StateMut { theta, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau)?,
+            Param::F32(theta) => passes.write_chunk(step, offset, grad, StateMut { theta, m, v, cached: cached.as_deref_mut() }, tau, record)?,
             Param::Bf16(out) | Param::F16(out) => {
                 theta_buf.resize(out.len(), 0.0);
                 if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
-                passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m: &mut *m, v: &mut *v, cached: cached.as_deref_mut() }, tau)?;
+                passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m, v, cached: cached.as_deref_mut() }, tau, record)?;
                 // The validating pass rounded these same values, so none can fail here.
                 for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
-                    let stored = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
-                    *o = stored.map_err(|e| store_error(step.name, "updated parameter", offset + i as u64, e, dtype))?;
+                    let rounded = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
+                    *o = rounded.map_err(|e| store_error(step.name, "updated parameter", offset + i as u64, e, dtype))?;
                 }
+                // What was stored is the rounded parameter: not recorded.
+                stored.forget_theta();
             }
         }
-        Ok((job, if tracked { StateBounds::of(passes, m, v, cached.as_deref()) } else { StateBounds::UNKNOWN }))
+        Ok((job, if tracked { stored } else { StateBounds::UNKNOWN }))
     }
 }
 
@@ -1044,7 +1014,13 @@ mod tests {
 
     /// The bounds of each tensor's whole state, as a tracked step records them.
     fn bounds_of(st: &[State], k: u32) -> Vec<StateBounds> {
-        st.iter().map(|s| StateBounds::of(&Portable, &s.m, &s.v, (k > 1).then_some(&s.cached[..]))).collect()
+        st.iter()
+            .map(|s| {
+                let mut b = StateBounds::NONE;
+                b.include(&s.theta, &s.m, &s.v, (k > 1).then_some(&s.cached[..]));
+                b
+            })
+            .collect()
     }
 
     #[test]
@@ -1095,13 +1071,14 @@ mod tests {
         assert!(matches!(want_err, Error::NonFinite { index, .. } if index == (CHUNK + 9) as u64));
     }
 
-    /// Kept bounds spare the validating pass the state, and only the state: a
-    /// bad gradient is still refused before anything is written (and the bounds
-    /// are forgotten), while state that broke the promise (written behind the
-    /// step's back) is refused by the writing pass, after the chunks before it
-    /// were stored with SPEC's bits. Without bounds the same state writes nothing.
+    /// Kept bounds spare the validating pass the parameter and the state, and
+    /// only those: a bad gradient is still refused before anything is written
+    /// (and the bounds are forgotten), while a parameter or state that broke the
+    /// promise (written behind the step's back) is refused by the writing pass,
+    /// after the chunks before it were stored with SPEC's bits. Without bounds
+    /// the same values write nothing.
     #[test]
-    fn kept_bounds_spare_the_state_and_only_the_state() {
+    fn kept_bounds_spare_the_parameter_and_state_and_only_those() {
         let (_, cfg) = configs().into_iter().find(|(l, _)| l == "dare k=1").unwrap();
         let mut opt = Optimizer::new(cfg).unwrap();
         let mut rng = SplitMix64::new(4);
@@ -1122,23 +1099,26 @@ mod tests {
         assert!(bounds.iter().all(|b| *b == StateBounds::UNKNOWN), "an error kept the bounds");
 
         let g = grads(&mut rng);
-        let mut spoiled = start.clone();
-        spoiled[2].v[CHUNK + 9] = f32::INFINITY;
-        let mut want = spoiled.clone();
-        let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
-        let mut untracked = spoiled.clone();
-        assert_eq!(parallel_step(&plan, &mut untracked, &g, 1, 2, false).unwrap_err(), want_err);
-        assert!(untracked == spoiled, "without bounds a bad state wrote");
-        let mut trusted = spoiled.clone();
-        let mut promise = kept.clone();
-        assert_eq!(parallel_step_in(&plan, &mut trusted, &g, 1, 1, false, &mut Scratch::default(), &mut promise).unwrap_err(), want_err);
-        let mut stepped = spoiled.clone();
-        stepped[2].v[CHUNK + 9] = 0.0;
-        sequential_step(&plan, &mut stepped, &g, 1).unwrap();
-        for t in 0..2 {
-            assert!(trusted[t] == stepped[t], "tensor {t}: the chunks before the refused one carry SPEC's bits");
+        let spoils: [(&str, fn(&mut State) -> &mut f32); 2] = [("v", |s| &mut s.v[CHUNK + 9]), ("θ", |s| &mut s.theta[CHUNK + 9])];
+        for (what, at) in spoils {
+            let mut spoiled = start.clone();
+            *at(&mut spoiled[2]) = f32::INFINITY;
+            let mut want = spoiled.clone();
+            let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
+            let mut untracked = spoiled.clone();
+            assert_eq!(parallel_step(&plan, &mut untracked, &g, 1, 2, false).unwrap_err(), want_err, "{what}");
+            assert!(untracked == spoiled, "{what}: without bounds a bad value wrote");
+            let mut trusted = spoiled.clone();
+            let mut promise = kept.clone();
+            assert_eq!(parallel_step_in(&plan, &mut trusted, &g, 1, 1, false, &mut Scratch::default(), &mut promise).unwrap_err(), want_err, "{what}");
+            let mut stepped = spoiled.clone();
+            *at(&mut stepped[2]) = 0.0;
+            sequential_step(&plan, &mut stepped, &g, 1).unwrap();
+            for t in 0..2 {
+                assert!(trusted[t] == stepped[t], "{what}, tensor {t}: the chunks before the refused one carry SPEC's bits");
+            }
+            assert!(trusted[2].theta[..CHUNK] == stepped[2].theta[..CHUNK] && trusted[2].theta[CHUNK..] == spoiled[2].theta[CHUNK..], "{what}");
         }
-        assert!(trusted[2].theta[..CHUNK] == stepped[2].theta[..CHUNK] && trusted[2].theta[CHUNK..] == spoiled[2].theta[CHUNK..]);
     }
 
     /// Puts a bad value into a step's states or gradients.

@@ -76,13 +76,14 @@ pub trait ChunkPasses: Sync {
     fn scan_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, norms: Option<&mut Norms>, delta_out: Option<&mut [f32]>) -> Result<u32, Error>;
     /// [`TensorStep::check_chunk`].
     fn check_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>) -> Result<(), Error>;
-    /// [`TensorStep::write_chunk`].
-    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error>;
+    /// [`TensorStep::write_chunk`], recording into `stored` the bounds of what
+    /// it stores (as [`TensorStep::write_chunk_prefetching`]).
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, stored: Option<&mut StateBounds>) -> Result<(), Error>;
     /// [`TensorStep::check_chunk_from_update`].
     fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
     /// [`TensorStep::write_chunk_from_update`].
     #[allow(clippy::too_many_arguments)]
-    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error>;
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], stored: Option<&mut StateBounds>) -> Result<(), Error>;
     /// [`RadixSelect::feed_values`] (the OnTIES select's passes over the update).
     fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error>;
     /// [`RadixSelect::gather_candidates`].
@@ -106,16 +107,16 @@ impl ChunkPasses for Portable {
         step.check_chunk(offset, grad, state, tau)
     }
 
-    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
-        step.write_chunk(offset, grad, state, tau)
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, stored: Option<&mut StateBounds>) -> Result<(), Error> {
+        step.write_chunk_prefetching(offset, grad, state, tau, |_| {}, stored)
     }
 
     fn check_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, state: StateRef<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
         step.check_chunk_from_update(offset, state, tau, update)
     }
 
-    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
-        step.write_chunk_from_update(offset, grad, state, tau, update)
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], stored: Option<&mut StateBounds>) -> Result<(), Error> {
+        step.write_chunk_from_update(offset, grad, state, tau, update, stored)
     }
 
     fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error> {
@@ -199,6 +200,59 @@ pub struct StateRef<'a> {
     pub v: &'a [f32],
     /// `Δ_c` for step-K; `None` for online merging (treated as `+0`).
     pub cached: Option<&'a [f32]>,
+}
+
+/// The largest magnitudes of what writing passes stored (for a caller that
+/// keeps them, `crate::parallel::step_tensors_tracked`): the parameter `θ`,
+/// `m` and `Δ_c` as magnitude bits (sign cleared), `v` as its raw bits (so a
+/// negative `v` counts as larger than any finite one). Taken block by block as
+/// each is stored, from the values in registers and first-level cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateBounds {
+    pub(crate) theta: u32,
+    pub(crate) m: u32,
+    pub(crate) v: u32,
+    pub(crate) cached: u32,
+}
+
+impl StateBounds {
+    /// Nothing known: a validating pass must read the parameter and the state.
+    pub const UNKNOWN: StateBounds = StateBounds { theta: u32::MAX, m: u32::MAX, v: u32::MAX, cached: u32::MAX };
+
+    /// The bounds of nothing stored yet, to record into.
+    pub const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
+
+    /// `[θ, m, v, cached]`, for a caller that keeps the record outside Rust.
+    pub fn to_bits(self) -> [u32; 4] {
+        [self.theta, self.m, self.v, self.cached]
+    }
+
+    /// The record [`StateBounds::to_bits`] gave.
+    pub fn from_bits([theta, m, v, cached]: [u32; 4]) -> StateBounds {
+        StateBounds { theta, m, v, cached }
+    }
+
+    /// Both records together.
+    pub fn join(self, other: StateBounds) -> StateBounds {
+        StateBounds { theta: self.theta.max(other.theta), m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
+    }
+
+    /// Adds stored values to the record (`cached`: `None` where none is kept).
+    #[inline(always)]
+    pub fn include(&mut self, theta: &[f32], m: &[f32], v: &[f32], cached: Option<&[f32]>) {
+        use crate::finite::{ABS, largest_bits};
+        self.theta = self.theta.max(largest_bits(theta, ABS));
+        self.m = self.m.max(largest_bits(m, ABS));
+        self.v = self.v.max(largest_bits(v, u32::MAX));
+        if let Some(c) = cached {
+            self.cached = self.cached.max(largest_bits(c, ABS));
+        }
+    }
+
+    /// The parameter's bound becomes unknown (it was stored in another format).
+    pub fn forget_theta(&mut self) {
+        self.theta = u32::MAX;
+    }
 }
 
 /// One chunk of a tensor's optimizer state, to be updated in place.
@@ -570,9 +624,10 @@ impl TensorStep<'_> {
     /// [`TensorStep::check_chunk_from_update`]): `m'` and `v'` are recomputed (two
     /// products and a sum each), `D` is read instead of recomputed, which saves the
     /// square root and the division. Stores in place, each block validated first as
-    /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`.
+    /// in [`TensorStep::write_chunk`]; the bits are those of `write_chunk`. With
+    /// `stored`, records what it stores there, as `write_chunk_prefetching`.
     #[inline(always)]
-    pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+    pub fn write_chunk_from_update(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], stored: Option<&mut StateBounds>) -> Result<(), Error> {
         let MergePlan::Ties { variant, alpha, one_minus_alpha, selection: Some(sel), offset: scope_offset } = self.merge else {
             return Err(Error::Misuse { what: "an OnTIES plan with the update's threshold" });
         };
@@ -583,20 +638,20 @@ impl TensorStep<'_> {
         let ties = TiesCheck { alpha, one_minus_alpha, sel, scope_offset };
         let paper = variant == onties::Variant::Paper;
         match (self.scalars.form == AdamForm::Torch, state.cached.is_some(), paper) {
-            (false, false, false) => self.write_from_update::<false, false, false>(&ties, offset, grad, state, tau, update),
-            (false, true, false) => self.write_from_update::<false, true, false>(&ties, offset, grad, state, tau, update),
-            (true, false, false) => self.write_from_update::<true, false, false>(&ties, offset, grad, state, tau, update),
-            (true, true, false) => self.write_from_update::<true, true, false>(&ties, offset, grad, state, tau, update),
-            (false, false, true) => self.write_from_update::<false, false, true>(&ties, offset, grad, state, tau, update),
-            (false, true, true) => self.write_from_update::<false, true, true>(&ties, offset, grad, state, tau, update),
-            (true, false, true) => self.write_from_update::<true, false, true>(&ties, offset, grad, state, tau, update),
-            (true, true, true) => self.write_from_update::<true, true, true>(&ties, offset, grad, state, tau, update),
+            (false, false, false) => self.write_from_update::<false, false, false>(&ties, offset, grad, state, tau, update, stored),
+            (false, true, false) => self.write_from_update::<false, true, false>(&ties, offset, grad, state, tau, update, stored),
+            (true, false, false) => self.write_from_update::<true, false, false>(&ties, offset, grad, state, tau, update, stored),
+            (true, true, false) => self.write_from_update::<true, true, false>(&ties, offset, grad, state, tau, update, stored),
+            (false, false, true) => self.write_from_update::<false, false, true>(&ties, offset, grad, state, tau, update, stored),
+            (false, true, true) => self.write_from_update::<false, true, true>(&ties, offset, grad, state, tau, update, stored),
+            (true, false, true) => self.write_from_update::<true, false, true>(&ties, offset, grad, state, tau, update, stored),
+            (true, true, true) => self.write_from_update::<true, true, true>(&ties, offset, grad, state, tau, update, stored),
         }
     }
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    fn write_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+    fn write_from_update<const TORCH: bool, const CACHED: bool, const PAPER: bool>(&self, t: &TiesCheck, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], mut stored: Option<&mut StateBounds>) -> Result<(), Error> {
         let s = &self.scalars;
         let StateMut { theta, m, v, mut cached } = state;
         let n = update.len();
@@ -644,6 +699,9 @@ impl TensorStep<'_> {
             if let Some(c) = cached.as_deref_mut() {
                 c[r].fill(0.0);
             }
+            if let Some(b) = stored.as_deref_mut() {
+                b.include(&theta2[..len], &m1s[..len], &v1s[..len], cached.is_some().then_some(&zeros[..len]));
+            }
             start += len;
         }
         Ok(())
@@ -656,14 +714,17 @@ impl TensorStep<'_> {
     /// `optim::StepPlan::step_tensors` does), or use [`TensorStep::write_chunk_into`].
     #[inline(always)]
     pub fn write_chunk(&self, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
-        self.write_chunk_prefetching(offset, grad, state, tau, |_| {})
+        self.write_chunk_prefetching(offset, grad, state, tau, |_| {}, None)
     }
 
     /// [`TensorStep::write_chunk`], handing `prefetch` the inputs of the block
     /// [`AHEAD`] blocks on before each block, to be asked of the cache (the
-    /// [`crate::isa`] passes give it the CPU's prefetch instruction). Same bits.
+    /// [`crate::isa`] passes give it the CPU's prefetch instruction), and adding
+    /// to `stored` each stored block's bounds, taken from the values it stores
+    /// (a separate pass would read the chunk again from the outer caches). Same
+    /// bits; on error, `stored` covers the blocks stored before the failing one.
     #[inline(always)]
-    pub fn write_chunk_prefetching(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>, prefetch: impl Fn(&[f32])) -> Result<(), Error> {
+    pub fn write_chunk_prefetching(&self, offset: u64, grad: &[f32], mut state: StateMut<'_>, tau: Src<'_>, prefetch: impl Fn(&[f32]), mut stored: Option<&mut StateBounds>) -> Result<(), Error> {
         self.check_lengths(offset, grad, &state.as_ref(), tau.len())?;
         let mut bufs = Buffers::new();
         let limit = self.flush_free_limit();
@@ -690,6 +751,10 @@ impl TensorStep<'_> {
             }
             self.block(Pass::Write, limit, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
             bufs.out.store(state.range(r));
+            if let Some(b) = stored.as_deref_mut() {
+                let out = &bufs.out;
+                b.include(&out.theta[..len], &out.m[..len], &out.v[..len], state.cached.is_some().then_some(&out.cached[..len]));
+            }
             start += len;
         }
         Ok(())

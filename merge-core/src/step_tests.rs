@@ -289,7 +289,7 @@ fn step_in_chunks(cfg: &OnlineConfig, k: u64, name: &str, g: &[f32], st: &mut St
         match &update {
             // With cut points, OnTIES alternates the two writers chunk by chunk (the
             // whole-tensor run uses `write_chunk`): the bits must not depend on which ran.
-            Some(d) if !cuts.is_empty() && i % 2 == 0 => ts.write_chunk_from_update(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi]), &d[lo..hi]).unwrap(),
+            Some(d) if !cuts.is_empty() && i % 2 == 0 => ts.write_chunk_from_update(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi]), &d[lo..hi], None).unwrap(),
             _ => ts.write_chunk(lo as u64, &g[lo..hi], view, Src::F32(&tau[lo..hi])).unwrap(),
         }
     }

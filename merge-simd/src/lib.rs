@@ -14,7 +14,7 @@
 
 use merge_core::Error;
 use merge_core::dtype::Src;
-use merge_core::step::{ChunkPasses, Norms, Portable, StateMut, StateRef, TensorStep};
+use merge_core::step::{ChunkPasses, Norms, Portable, StateBounds, StateMut, StateRef, TensorStep};
 use merge_core::topk::{Candidate, RadixSelect};
 
 /// A set of vector instructions, narrowest first.
@@ -108,13 +108,13 @@ impl ChunkPasses for Cpu {
         }
     }
 
-    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>) -> Result<(), Error> {
+    fn write_chunk(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, stored: Option<&mut StateBounds>) -> Result<(), Error> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { merge_core::isa::avx512::write_chunk(step, offset, grad, state, tau) },
+            Level::Avx512 => unsafe { merge_core::isa::avx512::write_chunk(step, offset, grad, state, tau, stored) },
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk(step, offset, grad, state, tau) },
-            _ => Portable.write_chunk(step, offset, grad, state, tau),
+            Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk(step, offset, grad, state, tau, stored) },
+            _ => Portable.write_chunk(step, offset, grad, state, tau, stored),
         }
     }
 
@@ -128,13 +128,13 @@ impl ChunkPasses for Cpu {
         }
     }
 
-    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32]) -> Result<(), Error> {
+    fn write_chunk_from_update(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateMut<'_>, tau: Src<'_>, update: &[f32], stored: Option<&mut StateBounds>) -> Result<(), Error> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { merge_core::isa::avx512::write_chunk_from_update(step, offset, grad, state, tau, update) },
+            Level::Avx512 => unsafe { merge_core::isa::avx512::write_chunk_from_update(step, offset, grad, state, tau, update, stored) },
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk_from_update(step, offset, grad, state, tau, update) },
-            _ => Portable.write_chunk_from_update(step, offset, grad, state, tau, update),
+            Level::Avx2 => unsafe { merge_core::isa::avx2::write_chunk_from_update(step, offset, grad, state, tau, update, stored) },
+            _ => Portable.write_chunk_from_update(step, offset, grad, state, tau, update, stored),
         }
     }
 

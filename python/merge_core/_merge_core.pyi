@@ -42,15 +42,16 @@ class Core:
         tensors: Sequence[Tuple[str, int, Memory, Memory, int, int, Optional[int], Optional[Memory]]],
         threads: int,
         scratch: Optional["Scratch"] = None,
-        bounds: Optional[Sequence[Optional[Tuple[int, int, int]]]] = None,
-    ) -> Optional[List[Tuple[int, int, int]]]:
+        bounds: Optional[Sequence[Optional[Tuple[int, int, int, int]]]] = None,
+    ) -> Optional[List[Tuple[int, int, int, int]]]:
         """Steps each (name, length, grad, param, exp_avg address, exp_avg_sq address,
         cached-delta address or None, task vector or None) in place; nothing is
         written unless every tensor passes. With a ``scratch``, the step's room is
         taken from it and left in it for the next step. With ``bounds`` (one per
-        tensor: what the previous call returned for the same state tensors, if
-        nothing has written them since, else None) the validating pass does not
-        read that state, and the bounds of the state just stored are returned."""
+        tensor: what the previous call returned for the same parameter and state
+        tensors, if nothing has written them since, else None) the validating
+        pass does not read them, and the bounds of what was just stored are
+        returned."""
     def sharded_step(
         self,
         step: int,

@@ -217,27 +217,27 @@ class _MergingOptimizer(Optimizer):
         return state
 
     @staticmethod
-    def _state_tensors(state: dict) -> list:
-        return [state[key] for key in ("exp_avg", "exp_avg_sq", "cached_delta") if key in state]
+    def _written_tensors(p: torch.Tensor, state: dict) -> list:
+        return [p] + [state[key] for key in ("exp_avg", "exp_avg_sq", "cached_delta") if key in state]
 
     def _known_bounds(self, p: torch.Tensor, state: dict):
-        """The bounds the last step recorded of ``p``'s moments (and cached delta),
-        if they are still the tensors it wrote and no torch operation has written
-        them since (their version counters): the core's validating pass then
-        need not read them. Same bits either way; writing the state behind
+        """The bounds the last step recorded of ``p`` and its moments (and cached
+        delta), if they are still the tensors it wrote and no torch operation
+        has written them since (their version counters): the core's validating
+        pass then need not read them. Same bits either way; writing them behind
         torch's back (``.data``, raw memory) between steps would only lose the
         all-or-nothing refusal, not a bit."""
         kept = self._bounds.get(p)
         if kept is None:
             return None
         refs, versions, bounds = kept
-        now = self._state_tensors(state)
+        now = self._written_tensors(p, state)
         if len(now) != len(refs) or any(r() is not t for r, t in zip(refs, now)) or [t._version for t in now] != versions:
             return None
         return bounds
 
     def _keep_bounds(self, p: torch.Tensor, state: dict, bounds) -> None:
-        now = self._state_tensors(state)
+        now = self._written_tensors(p, state)
         self._bounds[p] = ([weakref.ref(t) for t in now], [t._version for t in now], bounds)
 
     def _task_vector(self, state: dict, name: str):

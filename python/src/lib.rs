@@ -252,11 +252,11 @@ impl Core {
     /// written unless every tensor passes. With a `scratch`, the step's room is
     /// taken from it and left in it for the next step. With `bounds` (one per
     /// tensor: what the previous step returned for the same, since unwritten,
-    /// state tensors, or None), the state's bounds are returned for the next step
+    /// parameter and state tensors, or None), their bounds are returned for the next step
     /// (`merge_core::parallel::step_tensors_tracked`).
     #[pyo3(signature = (step, lr, tensors, threads, scratch=None, bounds=None))]
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize, mut scratch: Option<PyRefMut<'_, Scratch>>, bounds: Option<Vec<Option<(u32, u32, u32)>>>) -> PyResult<Option<Vec<(u32, u32, u32)>>> {
+    fn step(&self, py: Python<'_>, step: u64, lr: f64, tensors: Vec<StepTensor>, threads: usize, mut scratch: Option<PyRefMut<'_, Scratch>>, bounds: Option<Vec<Option<(u32, u32, u32, u32)>>>) -> PyResult<Option<Vec<(u32, u32, u32, u32)>>> {
         if bounds.as_ref().is_some_and(|b| b.len() != tensors.len()) {
             return Err(PyValueError::new_err("bounds: one entry (or None) per tensor"));
         }
@@ -297,15 +297,15 @@ impl Core {
             };
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
-        let mut kept: Vec<StateBounds> = bounds.iter().flatten().map(|b| b.map_or(StateBounds::UNKNOWN, |(m, v, c)| StateBounds::from_bits([m, v, c]))).collect();
+        let mut kept: Vec<StateBounds> = bounds.iter().flatten().map(|b| b.map_or(StateBounds::UNKNOWN, |(theta, m, v, c)| StateBounds::from_bits([theta, m, v, c]))).collect();
         let mut fresh = parallel::Scratch::default();
         let room = scratch.as_deref_mut().map_or(&mut fresh, |s| &mut s.room);
         py.detach(|| parallel::step_tensors_tracked(&plan, &mut jobs, threads, &Cpu::detect(), room, &mut kept)).map_err(core_error)?;
         Ok(bounds.map(|_| {
             kept.iter()
                 .map(|b| {
-                    let [m, v, c] = b.to_bits();
-                    (m, v, c)
+                    let [theta, m, v, c] = b.to_bits();
+                    (theta, m, v, c)
                 })
                 .collect()
         }))

@@ -309,7 +309,7 @@ impl ShardedStep {
     fn write(&self) -> PyResult<()> {
         for (t, s) in self.shards.iter().enumerate() {
             let state = StateMut { theta: f32_mut(&s.theta), m: f32_mut(&s.m), v: f32_mut(&s.v), cached: s.cached.as_ref().map(f32_mut) };
-            self.tensor_step(t).and_then(|step| Cpu::detect().write_chunk(&step, s.offset, f32_ref(&s.grad), state, self.tau(s))).map_err(core_error)?;
+            self.tensor_step(t).and_then(|step| Cpu::detect().write_chunk(&step, s.offset, f32_ref(&s.grad), state, self.tau(s), None)).map_err(core_error)?;
         }
         Ok(())
     }

@@ -152,23 +152,33 @@ def test_a_nan_gradient_names_parameter_and_element_and_writes_nothing():
         assert torch.equal(s["exp_avg"], after["state"][i]["exp_avg"])
 
 
+def _spoil_exp_avg_sq(p, state):
+    state["exp_avg_sq"][1, 2] = float("inf")
+
+
+def _spoil_parameter(p, state):
+    with torch.no_grad():
+        p[1, 2] = float("inf")
+
+
+@pytest.mark.parametrize("spoil", [_spoil_exp_avg_sq, _spoil_parameter])
 @pytest.mark.parametrize("kind,kw", [("adamw", {}), ("dare", {}), ("dare", {"online_step": 2})])
-def test_state_written_through_torch_between_steps_is_validated_again(kind, kw):
-    """A step keeps bounds of the state it stored, so that the next step's
-    validating pass need not read it. A torch operation on that state bumps its
-    version counter, and the next step reads it again: a bad value there is
-    refused and nothing is written, in any parameter."""
+def test_state_written_through_torch_between_steps_is_validated_again(kind, kw, spoil):
+    """A step keeps bounds of the parameter and state it stored, so that the
+    next step's validating pass need not read them. A torch operation on either
+    bumps its version counter, and the next step reads it again: a bad value
+    there is refused and nothing is written, in any parameter."""
     m = model()
     opt = make(kind, m, **kw)
     train(m, opt, 2)
     assert all(opt._known_bounds(p, opt.state[p]) is not None for p in m.parameters())
-    last = m[4].weight
-    opt.state[last]["exp_avg_sq"][1, 2] = float("inf")
-    assert opt._known_bounds(last, opt.state[last]) is None
-    before, state_before = bits(m), copy.deepcopy(opt.state_dict())
     x, y = batch(9)
     opt.zero_grad()
     ((m(x) - y) ** 2).mean().backward()
+    last = m[4].weight
+    spoil(last, opt.state[last])
+    assert opt._known_bounds(last, opt.state[last]) is None
+    before, state_before = bits(m), copy.deepcopy(opt.state_dict())
     with pytest.raises(MergeCoreError, match=r"tensor `4.weight`: non-finite"):
         opt.step()
     assert same(before, bits(m))
