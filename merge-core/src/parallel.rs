@@ -132,14 +132,27 @@ pub fn step_tensors(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 /// OnTIES update (binary32, as large as the largest tensor, or as all of them for
 /// global scope) and each thread's chunk buffers. A buffer that large is mapped
 /// fresh by the allocator on every use, and faulting its pages in cost a
-/// quarter of a two-thread OnTIES step on 16M parameters; kept, it is reused.
+/// quarter of a two-thread OnTIES step on 16M parameters; kept, it is reused
+/// (or, where the caller does not hold it, mapped its own way:
+/// [`Scratch::with_room`]).
 /// Steps other than OnTIES's hold only the threads' buffers (a few MB a thread
 /// at most: the 16-bit widening copies, the unpacked `τ'` and the gathered
 /// candidates of one chunk).
-#[derive(Default)]
 pub struct Scratch {
     update: Vec<f32>,
     workers: Vec<Buffers>,
+    room: fn(usize) -> Vec<f32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch::with_room(zeroed_room)
+    }
+}
+
+/// `len` zeros, left for the operating system to map (lazily zeroed pages).
+fn zeroed_room(len: usize) -> Vec<f32> {
+    std::vec![0.0; len]
 }
 
 impl core::fmt::Debug for Scratch {
@@ -149,6 +162,14 @@ impl core::fmt::Debug for Scratch {
 }
 
 impl Scratch {
+    /// A scratch whose update room, whenever it must grow to `len` elements, is
+    /// `room(len)`: at least `len` elements of any values (every pass writes
+    /// the room before reading it). For a caller that maps large buffers its own
+    /// way, e.g. advising the operating system to back them with huge pages.
+    pub fn with_room(room: fn(usize) -> Vec<f32>) -> Scratch {
+        Scratch { update: Vec::new(), workers: Vec::new(), room }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.update.capacity() * core::mem::size_of::<f32>() + self.workers.iter().map(Buffers::bytes).sum::<usize>()
@@ -157,14 +178,19 @@ impl Scratch {
     /// `len` elements of room for the update, whose values are whatever a
     /// previous step left (every pass that reads them writes them first), and
     /// the buffers of `threads` threads.
-    fn split(&mut self, len: usize, threads: usize) -> (&mut [f32], &mut [Buffers]) {
+    fn split(&mut self, len: usize, threads: usize) -> Result<(&mut [f32], &mut [Buffers]), Error> {
         if self.update.len() < len {
-            self.update.resize(len, 0.0);
+            // The old room goes first: both at once could need twice the memory.
+            self.update = Vec::new();
+            self.update = (self.room)(len);
+            if self.update.len() < len {
+                return Err(Error::Misuse { what: "a scratch room of the length asked for" });
+            }
         }
         if self.workers.len() < threads {
             self.workers.resize_with(threads, Buffers::default);
         }
-        (&mut self.update[..len], &mut self.workers[..threads])
+        Ok((&mut self.update[..len], &mut self.workers[..threads]))
     }
 }
 
@@ -207,7 +233,7 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
     } else {
         jobs.iter().map(|j| j.m.len()).max().unwrap_or(0)
     };
-    let (update, workers) = scratch.split(update_len, threads);
+    let (update, workers) = scratch.split(update_len, threads)?;
     let mut steps = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         check_lengths(plan, job)?;
@@ -1029,11 +1055,12 @@ mod tests {
             let mut opt = Optimizer::new(cfg).unwrap();
             let mut want = states(1);
             let mut got: Vec<Vec<State>> = [1, 2, 3, 7].iter().map(|_| states(1)).collect();
-            // Each thread count keeps its scratch across the steps, and starts it
-            // with NaNs: what a scratch holds never shows in the bits.
-            let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch { update: vec![f32::NAN; 3 * CHUNK], workers: Vec::new() }).collect();
-            // Three and seven threads keep the state's bounds from step to step,
-            // so their validating pass reads only the gradient, θ and τ'.
+            // Each thread count keeps its scratch across the steps, its room
+            // (longer than asked) filled with NaNs: what a scratch holds never
+            // shows in the bits.
+            let mut scratches: Vec<Scratch> = [1, 2, 3, 7].iter().map(|_| Scratch::with_room(|n| vec![f32::NAN; n + 3])).collect();
+            // Three and seven threads keep the bounds from step to step, so
+            // their validating pass reads only the gradient and τ'.
             let mut bounds: Vec<Vec<StateBounds>> = [1, 2, 3, 7].iter().map(|&t| if t >= 3 { vec![StateBounds::UNKNOWN; TENSORS.len()] } else { Vec::new() }).collect();
             let mut rng = SplitMix64::new(2);
             for _ in 0..3 {
@@ -1051,6 +1078,16 @@ mod tests {
             }
             assert!(want[2].theta != states(1)[2].theta, "{label}: the step changed nothing");
         }
+    }
+
+    #[test]
+    fn a_room_shorter_than_asked_is_refused_before_anything_is_written() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l.starts_with("ties")).unwrap();
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        let mut st = states(1);
+        let err = parallel_step_in(&plan, &mut st, &grads(&mut SplitMix64::new(3)), cfg.k, 2, false, &mut Scratch::with_room(|n| vec![0.0; n - 1]), &mut []).unwrap_err();
+        assert!(matches!(err, Error::Misuse { .. }), "{err}");
+        assert!(st == states(1));
     }
 
     #[test]

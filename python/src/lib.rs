@@ -298,7 +298,7 @@ impl Core {
             jobs.push(ParallelJob { name, grad: src(grad), theta: param_mut(theta), m: f32_mut(m), v: f32_mut(v), cached, tau });
         }
         let mut kept: Vec<StateBounds> = bounds.iter().flatten().map(|b| b.map_or(StateBounds::UNKNOWN, |(theta, m, v, c)| StateBounds::from_bits([theta, m, v, c]))).collect();
-        let mut fresh = parallel::Scratch::default();
+        let mut fresh = parallel::Scratch::with_room(update_room);
         let room = scratch.as_deref_mut().map_or(&mut fresh, |s| &mut s.room);
         py.detach(|| parallel::step_tensors_tracked(&plan, &mut jobs, threads, &Cpu::detect(), room, &mut kept)).map_err(core_error)?;
         Ok(bounds.map(|_| {
@@ -387,11 +387,36 @@ impl Core {
     }
 }
 
+/// OnTIES's update room (`parallel::Scratch::with_room`), asking Linux to back
+/// it with 2 MiB pages. Without `keep_scratch` a room above glibc's mapping
+/// threshold (32 MB) is mapped afresh at every step, and faulting it in 4 KiB
+/// pages took 42 ms for 64 MB on a Zen 5 VM, against 10 ms in 2 MiB pages (6 ms
+/// to write it once mapped). Where transparent huge pages are off the advice
+/// is refused, and the room is ordinary memory.
+#[cfg(target_os = "linux")]
+fn update_room(len: usize) -> Vec<f32> {
+    const HUGE: usize = 1 << 21;
+    let mut room = Vec::<f32>::with_capacity(len);
+    let start = room.as_mut_ptr() as usize;
+    let (first, end) = (start.next_multiple_of(HUGE), (start + len * size_of::<f32>()) / HUGE * HUGE);
+    if end > first {
+        // SAFETY: the range lies inside the allocation just made, which nothing
+        // else can see yet; MADV_HUGEPAGE is advice, and changes no value.
+        unsafe { libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE) };
+    }
+    room.resize(len, 0.0);
+    room
+}
+
+#[cfg(not(target_os = "linux"))]
+fn update_room(len: usize) -> Vec<f32> {
+    vec![0.0; len]
+}
+
 /// Room a step reuses between steps: the OnTIES update, float32, as large as
 /// the largest tensor stepped (or all of them, for global scope), and each
 /// thread's chunk buffers.
 #[pyclass(module = "merge_core._merge_core")]
-#[derive(Default)]
 struct Scratch {
     room: parallel::Scratch,
 }
@@ -400,7 +425,7 @@ struct Scratch {
 impl Scratch {
     #[new]
     fn new() -> Self {
-        Scratch::default()
+        Scratch { room: parallel::Scratch::with_room(update_room) }
     }
 
     /// Bytes held.
