@@ -835,7 +835,7 @@ impl Buffers {
     /// A binary32 chunk's write from its scanned update; its job and, if
     /// `tracked`, the bounds of the state it stored.
     fn write_from_update(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, update: &[f32], tracked: bool) -> Result<(usize, StateBounds), Error> {
-        let ChunkMut { job, lo, grad, theta: Param::F32(theta), m, v, mut cached, tau } = c else {
+        let ChunkMut { job, lo, grad, theta: Param::F32(theta), m, v, cached, tau } = c else {
             return Err(Error::Misuse { what: "a binary32 parameter for the write from the update" });
         };
         let Buffers { grad: grad_buf, tau: tau_buf, .. } = self;
@@ -843,13 +843,13 @@ impl Buffers {
         let grad = widened(grad, grad_buf);
         let tau = unpacked(tau, len, tau_buf);
         let mut stored = StateBounds::NONE;
-        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m, v, cached: cached.as_deref_mut() }, tau, update, tracked.then_some(&mut stored))?;
+        passes.write_chunk_from_update(step, lo as u64, grad, StateMut { theta, m, v, cached }, tau, update, tracked.then_some(&mut stored))?;
         Ok((job, if tracked { stored } else { StateBounds::UNKNOWN }))
     }
 
     /// A chunk's write; its job and, if `tracked`, the bounds of the state it stored.
     fn write(&mut self, passes: &dyn ChunkPasses, step: &TensorStep<'_>, c: ChunkMut<'_>, tracked: bool) -> Result<(usize, StateBounds), Error> {
-        let ChunkMut { job, lo, grad, theta, m, v, mut cached, tau } = c;
+        let ChunkMut { job, lo, grad, theta, m, v, cached, tau } = c;
         let Buffers { grad: grad_buf, theta: theta_buf, tau: tau_buf, .. } = self;
         let len = grad.len();
         let grad = widened(grad, grad_buf);
@@ -859,11 +859,11 @@ impl Buffers {
         let mut stored = StateBounds::NONE;
         let record = tracked.then_some(&mut stored);
         match theta {
-            Param::F32(theta) => passes.write_chunk(step, offset, grad, StateMut { theta, m, v, cached: cached.as_deref_mut() }, tau, record)?,
+            Param::F32(theta) => passes.write_chunk(step, offset, grad, StateMut { theta, m, v, cached }, tau, record)?,
             Param::Bf16(out) | Param::F16(out) => {
                 theta_buf.resize(out.len(), 0.0);
                 if dtype == Dtype::Bf16 { Src::Bf16(out) } else { Src::F16(out) }.load_into(0, theta_buf);
-                passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m, v, cached: cached.as_deref_mut() }, tau, record)?;
+                passes.write_chunk(step, offset, grad, StateMut { theta: theta_buf, m, v, cached }, tau, record)?;
                 // The validating pass rounded these same values, so none can fail here.
                 for (i, (o, &x)) in out.iter_mut().zip(theta_buf.iter()).enumerate() {
                     let rounded = if dtype == Dtype::Bf16 { f32_to_bf16(x) } else { f32_to_f16(x) };
@@ -1136,7 +1136,8 @@ mod tests {
         assert!(bounds.iter().all(|b| *b == StateBounds::UNKNOWN), "an error kept the bounds");
 
         let g = grads(&mut rng);
-        let spoils: [(&str, fn(&mut State) -> &mut f32); 2] = [("v", |s| &mut s.v[CHUNK + 9]), ("θ", |s| &mut s.theta[CHUNK + 9])];
+        type Element = fn(&mut State) -> &mut f32;
+        let spoils: [(&str, Element); 2] = [("v", |s| &mut s.v[CHUNK + 9]), ("θ", |s| &mut s.theta[CHUNK + 9])];
         for (what, at) in spoils {
             let mut spoiled = start.clone();
             *at(&mut spoiled[2]) = f32::INFINITY;
