@@ -220,7 +220,7 @@ impl StateBounds {
     pub const UNKNOWN: StateBounds = StateBounds { theta: u32::MAX, m: u32::MAX, v: u32::MAX, cached: u32::MAX };
 
     /// The bounds of nothing stored yet, to record into.
-    pub const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
+    pub(crate) const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
 
     /// `[θ, m, v, cached]`, for a caller that keeps the record outside Rust.
     pub fn to_bits(self) -> [u32; 4] {
@@ -233,13 +233,13 @@ impl StateBounds {
     }
 
     /// Both records together.
-    pub fn join(self, other: StateBounds) -> StateBounds {
+    pub(crate) fn join(self, other: StateBounds) -> StateBounds {
         StateBounds { theta: self.theta.max(other.theta), m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
     }
 
     /// Adds stored values to the record (`cached`: `None` where none is kept).
     #[inline(always)]
-    pub fn include(&mut self, theta: &[f32], m: &[f32], v: &[f32], cached: Option<&[f32]>) {
+    pub(crate) fn include(&mut self, theta: &[f32], m: &[f32], v: &[f32], cached: Option<&[f32]>) {
         use crate::finite::{ABS, largest_bits};
         self.theta = self.theta.max(largest_bits(theta, ABS));
         self.m = self.m.max(largest_bits(m, ABS));
@@ -250,7 +250,7 @@ impl StateBounds {
     }
 
     /// The parameter's bound becomes unknown (it was stored in another format).
-    pub fn forget_theta(&mut self) {
+    pub(crate) fn forget_theta(&mut self) {
         self.theta = u32::MAX;
     }
 }
@@ -700,7 +700,8 @@ impl TensorStep<'_> {
                 c[r].fill(0.0);
             }
             if let Some(b) = stored.as_deref_mut() {
-                b.include(&theta2[..len], &m1s[..len], &v1s[..len], cached.is_some().then_some(&zeros[..len]));
+                // The cached delta was reset to +0: its bound is the record's 0.
+                b.include(&theta2[..len], &m1s[..len], &v1s[..len], None);
             }
             start += len;
         }
