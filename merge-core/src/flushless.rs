@@ -345,9 +345,10 @@ impl Memory {
 /// Whether, for every block whose inputs lie in `inputs`, no operation of the
 /// writing pass's step has a subnormal result: then the flush-free kernel gives
 /// SPEC's bits. The writing pass's kernels have a flush-free form (plain AdamW,
-/// OnDARE, OnTIES with its threshold, step-K's accumulating steps); passes
-/// that have none (the OnTIES scan) answer `false`. The operations are those of
-/// `TensorStep::compute`, in its order.
+/// OnDARE, OnTIES with its threshold, step-K's accumulating steps), and so
+/// has OnTIES's scan (before its threshold is known), whose operations are a
+/// prefix of its write's. The operations are those of `TensorStep::compute`,
+/// in its order.
 pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
     let s = &step.scalars;
     let torch = s.form == AdamForm::Torch;
@@ -444,8 +445,9 @@ pub(crate) fn holds(step: &TensorStep<'_>, inputs: &Inputs) -> bool {
                     };
                     b.add(theta0, u)
                 }
-                // No flush-free kernel scans OnTIES's update.
-                MergePlan::Ties { selection: None, .. } => return false,
+                // Before its threshold is known, OnTIES only scans its update
+                // `D` (the rollback included): nothing follows it.
+                MergePlan::Ties { selection: None, .. } => return b.ok,
             }
         }
     };
@@ -822,11 +824,12 @@ mod tests {
         assert!(checked > 2000, "{checked}");
     }
 
-    /// Usual training magnitudes pass: the path serves real steps.
+    /// Usual training magnitudes pass: the path serves real steps (OnTIES's
+    /// scan here, before its threshold is known).
     #[test]
     fn usual_blocks_run_flush_free() {
         let mut rng = SplitMix64::new(7);
-        for merge in [Merge::None, Merge::Dare(DareConfig::default())] {
+        for merge in [Merge::None, Merge::Dare(DareConfig::default()), Merge::Ties(TiesConfig::default())] {
             for form in [AdamForm::HuggingFace, AdamForm::Torch] {
                 let cfg = OnlineConfig { adam: AdamConfig { form, lr: 1e-6, weight_decay: 0.01, ..AdamConfig::default() }, merge, k: 1, seed: 1 };
                 let step = Optimizer::new(cfg).unwrap().plan(10).unwrap().tensor("w", 256).unwrap();

@@ -338,6 +338,13 @@ impl StepPlan {
         matches!(self.merge, MergeParams::Ties(_)) && self.phase == Phase::Merge
     }
 
+    /// Whether this step trims the update and rescales what it keeps (OnTIES with
+    /// `rescale`, on a merge step): the factor needs every value of the update.
+    #[cfg(feature = "std")]
+    pub(crate) fn ties_rescales(&self) -> bool {
+        matches!(self.merge, MergeParams::Ties(t) if t.rescale) && self.phase == Phase::Merge
+    }
+
     /// Whether tensors need a cached-delta slice (`Δ_c`, step-K with `k > 1`).
     pub fn needs_cached_delta(&self) -> bool {
         self.need_cached

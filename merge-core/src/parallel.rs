@@ -19,6 +19,7 @@
 //! crate's, which picks the widest copy of [`crate::isa`] the CPU has; the bits
 //! are the same.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::vec::Vec;
 
@@ -175,22 +176,41 @@ impl Scratch {
         self.update.capacity() * core::mem::size_of::<f32>() + self.workers.iter().map(Buffers::bytes).sum::<usize>()
     }
 
-    /// `len` elements of room for the update, whose values are whatever a
-    /// previous step left (every pass that reads them writes them first), and
-    /// the buffers of `threads` threads.
-    fn split(&mut self, len: usize, threads: usize) -> Result<(&mut [f32], &mut [Buffers]), Error> {
+    /// The room for the update, made when first asked for, and the buffers of
+    /// `threads` threads.
+    fn split(&mut self, threads: usize) -> (Room<'_>, &mut [Buffers]) {
+        if self.workers.len() < threads {
+            self.workers.resize_with(threads, Buffers::default);
+        }
+        (Room { update: &mut self.update, make: self.room }, &mut self.workers[..threads])
+    }
+}
+
+/// A [`Scratch`]'s update room, for one step.
+struct Room<'s> {
+    update: &'s mut Vec<f32>,
+    make: fn(usize) -> Vec<f32>,
+}
+
+impl<'s> Room<'s> {
+    /// `len` elements, whose values are whatever a previous use left (every
+    /// pass that reads them writes them first).
+    fn get(&mut self, len: usize) -> Result<&mut [f32], Error> {
         if self.update.len() < len {
             // The old room goes first: both at once could need twice the memory.
-            self.update = Vec::new();
-            self.update = (self.room)(len);
+            *self.update = Vec::new();
+            *self.update = (self.make)(len);
             if self.update.len() < len {
                 return Err(Error::Misuse { what: "a scratch room of the length asked for" });
             }
         }
-        if self.workers.len() < threads {
-            self.workers.resize_with(threads, Buffers::default);
-        }
-        Ok((&mut self.update[..len], &mut self.workers[..threads]))
+        Ok(&mut self.update[..len])
+    }
+
+    /// [`Room::get`], for the rest of the step.
+    fn take(mut self, len: usize) -> Result<&'s mut [f32], Error> {
+        self.get(len)?;
+        Ok(&mut self.update[..len])
     }
 }
 
@@ -226,14 +246,7 @@ pub fn step_tensors_tracked(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threa
 
 fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usize, passes: &dyn ChunkPasses, scratch: &mut Scratch, bounds: &mut [StateBounds]) -> Result<(), Error> {
     let threads = threads.max(1);
-    let update_len = if !plan.needs_update_scratch() {
-        0
-    } else if plan.trims_globally() {
-        jobs.iter().map(|j| j.m.len()).sum()
-    } else {
-        jobs.iter().map(|j| j.m.len()).max().unwrap_or(0)
-    };
-    let (update, workers) = scratch.split(update_len, threads)?;
+    let (room, workers) = scratch.split(threads);
     let mut steps = Vec::with_capacity(jobs.len());
     for job in jobs.iter() {
         check_lengths(plan, job)?;
@@ -264,21 +277,13 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
     // arithmetic) as soon as their threshold is known; global scope keeps the
     // whole update, so its writes read it too.
     let (checked, global_update) = if plan.needs_update_scratch() {
-        select_ties(plan, jobs, &ranges, &mut steps, workers, passes, update)?
+        select_ties(plan, jobs, &ranges, &mut steps, bounds, workers, passes, room)?
     } else {
         (std::vec![false; jobs.len()], None)
     };
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
-    let unchecked = chunk_views(jobs, &ranges).into_iter().filter(|c| !checked[c.job]).collect();
-    let limits: Vec<Option<u32>> = steps.iter().map(|s| crate::finite::input_limit(s, false)).collect();
-    let known = |job: usize| bounds.get(job).copied().unwrap_or(StateBounds::UNKNOWN);
-    run(workers, unchecked, |c, buf| {
-        if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit, known(c.job))) {
-            return Ok(());
-        }
-        buf.check(passes, &steps[c.job], &c)
-    })?;
+    check_chunks(jobs, &ranges, steps, |j| !checked[j], bounds, workers, passes)?;
     // Each written chunk's bounds are taken while it is in cache, if kept.
     let tracked = !bounds.is_empty();
     let written = match global_update {
@@ -304,6 +309,21 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
         bounds.copy_from_slice(&stored);
     }
     Ok(())
+}
+
+/// The check pass over the chunks of the jobs `which` selects, on up to
+/// `threads` threads; `known`: the state bounds kept for each job, or none.
+fn check_chunks(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], which: impl Fn(usize) -> bool, known: &[StateBounds], workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<(), Error> {
+    let chunks = chunk_views(jobs, ranges).into_iter().filter(|c| which(c.job)).collect();
+    let limits: Vec<Option<u32>> = steps.iter().enumerate().map(|(j, s)| if which(j) { crate::finite::input_limit(s, false) } else { None }).collect();
+    let known = |job: usize| known.get(job).copied().unwrap_or(StateBounds::UNKNOWN);
+    run(workers, chunks, |c, buf| {
+        if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit, known(c.job))) {
+            return Ok(());
+        }
+        buf.check(passes, &steps[c.job], &c)
+    })
+    .map(drop)
 }
 
 /// Whether a binary32 chunk would pass the check pass ([`TensorStep::check_chunk`])
@@ -393,9 +413,11 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
 /// Returns which jobs it validated, and for global scope the whole update (in
-/// `update`, the room for it).
+/// the room for it). Per tensor, a tensor whose select can start from a
+/// sampled bound ([`select_above_sample`]) needs no room, and its chunks are
+/// left to the check pass.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], workers: &mut [Buffers], passes: &dyn ChunkPasses, update: &'s mut [f32]) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
+fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], known: &[StateBounds], workers: &mut [Buffers], passes: &dyn ChunkPasses, mut room: Room<'s>) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
     let mut checked = std::vec![false; jobs.len()];
     if plan.trims_globally() {
@@ -404,6 +426,7 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
                 return Err(Error::Misuse { what: "global-scope tensors in strictly ascending bytewise name order" });
             }
         }
+        let update = room.take(lens.iter().sum())?;
         const SCOPE: &str = "all tensors (global scope)";
         let first = plan.ties_start_select(SCOPE, update.len() as u64)?;
         let mut bounds = ChunkBounds::new(&lens);
@@ -429,6 +452,17 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
         let mut bounds = ChunkBounds::new(&lens);
         for (j, &n) in lens.iter().enumerate() {
             let first = plan.ties_start_select(steps[j].name, n as u64)?;
+            if let Some(radix) = &first
+                && !plan.ties_rescales()
+                && let Some(selection) = select_above_sample(jobs, ranges, steps, j, radix, workers, passes)?
+            {
+                // Validated now, as the tensors before and after it are.
+                set_selection(&mut steps[j], selection, 0);
+                check_chunks(jobs, ranges, steps, |k| k == j, known, workers, passes)?;
+                checked[j] = true;
+                continue;
+            }
+            let update = room.get(n)?;
             let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), workers, passes, &mut bounds)?;
             let part = [&update[..n]];
             let selection = plan.ties_selection_after(steps[j].name, &part, |radix| later_radix_passes(radix, &counted, &part, workers, passes))?;
@@ -437,6 +471,92 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
         }
         Ok((checked, None))
     }
+}
+
+/// Elements of a tensor whose update the sample computes: about one in
+/// [`SAMPLE_EVERY`], and at least [`SAMPLE_LEAST`].
+const SAMPLE_EVERY: usize = 2048;
+const SAMPLE_LEAST: usize = 1024;
+
+/// OnTIES's select over one tensor (`job`, per-tensor scope) without room for
+/// its update: the update of a sample of the tensor's elements gives a key `L`
+/// that, with a wide margin, more than `k` elements reach; one parallel scan
+/// then computes each chunk's update (validating it as [`scan_updates`] does)
+/// and keeps the elements at or above `L`, and the select runs over those only
+/// ([`RadixSelect::finish_among`]). The threshold is the tensor's whatever `L`
+/// is, so the sample decides speed, never a bit. `None` (nothing decided, the
+/// caller selects from the whole update) where the sample gives no such key, or
+/// where fewer than `k` elements reach it or more than one in 8 (the room
+/// their list may take).
+#[allow(clippy::too_many_arguments)]
+fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], job: usize, radix: &RadixSelect, workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<Option<crate::onties::TiesSelection>, Error> {
+    let step = &steps[job];
+    let n = jobs[job].m.len();
+    let k = radix.rank();
+    // 16 bytes a candidate: a list of one in 8 takes half the update's room.
+    let room = n / 8;
+    // The margin below leaves about 1.25 k + 4 √(k s / n) + 2 of the sample's s
+    // elements at or above `L`; a tensor whose k is not well below that room
+    // is left to the whole update.
+    if n < SAMPLE_LEAST || k > (room / 2) as u64 {
+        return Ok(None);
+    }
+    let Some(bound) = sampled_bound(step, &jobs[job], k) else { return Ok(None) };
+    let found = AtomicUsize::new(0);
+    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| c.job == job).collect();
+    let lists = run(workers, chunks, |c, buf| {
+        let Buffers { grad, theta, tau, update, candidates, .. } = buf;
+        let (grad, theta, tau) = (widened(c.grad, grad), widened(c.theta, theta), unpacked(c.tau, c.len, tau));
+        update.resize(c.len, 0.0);
+        passes.scan_chunk(step, c.lo as u64, grad, c.state(theta), tau, None, Some(&mut update[..]))?;
+        // Past the room, no list is kept: the caller scans again.
+        if found.load(Ordering::Relaxed) > room {
+            return Ok(Vec::new());
+        }
+        candidates.resize(c.len, Candidate::default());
+        let Some(len) = passes.gather_at_least(step.name, bound, c.lo as u64, update, candidates)? else {
+            return Err(Error::Misuse { what: "room for a chunk's candidates" });
+        };
+        found.fetch_add(len, Ordering::Relaxed);
+        Ok(candidates[..len].to_vec())
+    })?;
+    let found = found.into_inner();
+    if found > room || (found as u64) < k {
+        return Ok(None);
+    }
+    let mut list = Vec::with_capacity(found);
+    for part in lists {
+        list.extend(part);
+    }
+    let threshold = radix.clone().finish_among(&mut list)?;
+    Ok(Some(crate::onties::TiesSelection { threshold, factor: 1.0 }))
+}
+
+/// A key that, judging by the update of every `n / s`-th element (`s` the
+/// sample's size), more than `k` of the tensor's `n` elements reach: the
+/// sample's `r`-th largest key, `r` well above the `k s / n` expected, or
+/// `None` where the sample is too small for that.
+fn sampled_bound(step: &TensorStep<'_>, job: &ParallelJob<'_>, k: u64) -> Option<u32> {
+    let n = job.m.len();
+    // An odd stride crosses the rows of a matrix rather than following a column.
+    let stride = (n / (n / SAMPLE_EVERY).max(SAMPLE_LEAST)).max(1) | 1;
+    let mut g = [0.0f32; 1];
+    let mut keys: Vec<u32> = (0..n)
+        .step_by(stride)
+        .map(|i| {
+            job.grad.load_into(i, &mut g);
+            let cached = job.cached.as_deref().map_or(0.0, |c| c[i]);
+            crate::topk::magnitude_key(step.update_of(g[0], job.m[i], job.v[i], cached))
+        })
+        .collect();
+    let expected = k as f64 * keys.len() as f64 / n as f64;
+    let rank = (1.25 * expected + 4.0 * libm::sqrt(expected)) as usize + 2;
+    if rank > keys.len() {
+        return None;
+    }
+    let (_, &mut bound, _) = keys.select_nth_unstable_by(rank - 1, |a, b| b.cmp(a));
+    // A bound of 0 (or a non-finite sample) would keep a list of everything.
+    (bound > 0 && bound < 0x7f80_0000).then_some(bound)
 }
 
 /// The radix select over the scope `parts` (in scope order) on up to `threads`
@@ -728,6 +848,8 @@ struct Buffers {
     cached: Vec<f32>,
     tau: Unpacked,
     candidates: Vec<Candidate>,
+    /// One chunk's OnTIES update, where the select gathers from it at once.
+    update: Vec<f32>,
 }
 
 /// A packed task vector's chunk unpacked: `+0` but at the stored elements.
@@ -792,7 +914,7 @@ fn copied<'b>(src: &[f32], buf: &'b mut Vec<f32>) -> &'b mut [f32] {
 impl Buffers {
     /// Bytes held.
     fn bytes(&self) -> usize {
-        let floats = [&self.grad, &self.theta, &self.m, &self.v, &self.cached, &self.tau.values].iter().map(|b| b.capacity()).sum::<usize>();
+        let floats = [&self.grad, &self.theta, &self.m, &self.v, &self.cached, &self.tau.values, &self.update].iter().map(|b| b.capacity()).sum::<usize>();
         floats * core::mem::size_of::<f32>() + self.tau.set.capacity() * core::mem::size_of::<usize>() + self.candidates.capacity() * core::mem::size_of::<Candidate>()
     }
 
@@ -1257,6 +1379,55 @@ mod tests {
     /// Updates spread over eight octaves leave a few thousand candidates after the
     /// radix select's first pass: the threads gather them and the remaining
     /// passes run over that list, with the bits of the one-thread step.
+    /// Whether OnTIES selects tensor `job` from a sampled bound for this step.
+    fn selects_from_a_sample(plan: &StepPlan, st: &mut [State], g: &[Vec<f32>], k: u32, job: usize) -> bool {
+        let jobs: Vec<ParallelJob<'_>> = st
+            .iter_mut()
+            .zip(g)
+            .zip(TENSORS)
+            .map(|((s, g), (name, _))| ParallelJob { name, grad: Src::F32(g), theta: Param::F32(&mut s.theta), m: &mut s.m, v: &mut s.v, cached: (k > 1).then_some(&mut s.cached[..]), tau: TaskVector::Dense(Src::F32(&s.tau)) })
+            .collect();
+        let ranges: Vec<_> = jobs.iter().map(|j| chunk_value_ranges(j.tau)).collect();
+        let steps: Vec<_> = jobs.iter().map(|j| plan.tensor(j.name, j.m.len() as u64).unwrap()).collect();
+        let radix = plan.ties_start_select(jobs[job].name, jobs[job].m.len() as u64).unwrap().unwrap();
+        let mut workers: Vec<Buffers> = (0..2).map(|_| Buffers::default()).collect();
+        select_above_sample(&jobs, &ranges, &steps, job, &radix, &mut workers, &Portable).unwrap().is_some()
+    }
+
+    /// Per tensor, OnTIES selects from a sampled bound where the updates
+    /// spread (here the two tensors of a chunk or more), and from the whole
+    /// update where they tie (every element reaches any bound); the bits are
+    /// those of the sequential step either way, tracked or not.
+    #[test]
+    fn onties_from_a_sampled_bound_gives_the_bits_of_step_tensors() {
+        for label in ["ties k=1", "ties k=2"] {
+            let (_, cfg) = configs().into_iter().find(|(l, _)| l == label).unwrap();
+            let cfg = OnlineConfig { merge: Merge::Ties(TiesConfig { p: 0.01, ..TiesConfig::default() }), ..cfg };
+            let k = cfg.k;
+            let plan = Optimizer::new(cfg).unwrap().plan(u64::from(k)).unwrap();
+            let mut rng = SplitMix64::new(3);
+            let spread = grads(&mut rng);
+            let tied: Vec<Vec<f32>> = TENSORS.iter().map(|&(_, n)| vec![1e-2; n]).collect();
+            for (what, g, sampled) in [("spread", &spread, true), ("tied", &tied, false)] {
+                let mut start = states(2);
+                for st in &mut start {
+                    st.cached = st.cached.iter().map(|_| if sampled { rng.uniform_f32(1.0) * 1e-4 } else { 1e-4 }).collect();
+                }
+                for job in [1, 2] {
+                    assert_eq!(selects_from_a_sample(&plan, &mut start.clone(), g, k, job), sampled, "{label}, {what}, tensor {job}");
+                }
+                let mut want = start.clone();
+                sequential_step(&plan, &mut want, g, k).unwrap();
+                for threads in [1, 2, 3] {
+                    let mut st = start.clone();
+                    let mut bounds = if threads == 2 { bounds_of(&st, k) } else { Vec::new() };
+                    parallel_step_in(&plan, &mut st, g, k, threads, threads == 3, &mut Scratch::default(), &mut bounds).unwrap();
+                    assert!(st == want, "{label}, {what}, {threads} threads");
+                }
+            }
+        }
+    }
+
     #[test]
     fn onties_over_spread_updates_gathers_candidates_with_the_same_bits() {
         for label in ["ties k=1", "ties-global-rescale k=1"] {

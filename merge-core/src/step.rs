@@ -88,6 +88,8 @@ pub trait ChunkPasses: Sync {
     fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error>;
     /// [`RadixSelect::gather_candidates`].
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
+    /// [`crate::topk::gather_at_least`].
+    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
     /// The largest of `bits(x) & mask` over `values` (0 when empty): with the
     /// sign cleared, the largest magnitude; with the sign kept, also whether any
     /// is negative. For comparing a whole chunk with the check pass's bound.
@@ -125,6 +127,10 @@ impl ChunkPasses for Portable {
 
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
         radix.gather_candidates(offset, values, out)
+    }
+
+    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        crate::topk::gather_at_least(scope, bound, offset, values, out)
     }
 
     fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
@@ -220,6 +226,7 @@ impl StateBounds {
     pub const UNKNOWN: StateBounds = StateBounds { theta: u32::MAX, m: u32::MAX, v: u32::MAX, cached: u32::MAX };
 
     /// The bounds of nothing stored yet, to record into.
+    #[cfg(feature = "std")]
     pub(crate) const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
 
     /// `[θ, m, v, cached]`, for a caller that keeps the record outside Rust.
@@ -233,6 +240,7 @@ impl StateBounds {
     }
 
     /// Both records together.
+    #[cfg(feature = "std")]
     pub(crate) fn join(self, other: StateBounds) -> StateBounds {
         StateBounds { theta: self.theta.max(other.theta), m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
     }
@@ -250,6 +258,7 @@ impl StateBounds {
     }
 
     /// The parameter's bound becomes unknown (it was stored in another format).
+    #[cfg(feature = "std")]
     pub(crate) fn forget_theta(&mut self) {
         self.theta = u32::MAX;
     }
@@ -525,7 +534,9 @@ impl TensorStep<'_> {
             Src::F32(_) if delta_out.is_some() => 0,
             _ => u32::MAX,
         };
-        self.run(Pass::Scan, None, offset, grad, &state, &tau, |start, out, n| {
+        // OnTIES's scan has a flush-free form; the norms' scan (OnDARE's rescale) has none.
+        let limit = if matches!(self.merge, MergePlan::Ties { selection: None, .. }) { crate::finite::input_limit(self, false) } else { None };
+        self.run(Pass::Scan, limit, offset, grad, &state, &tau, |start, out, n| {
             if let Some(norms) = norms.as_deref_mut() {
                 norms.update.push_abs_slice(&out.d[..n]);
                 norms.sparse.push_abs_slice(&out.sparse[..n]);
@@ -541,6 +552,17 @@ impl TensorStep<'_> {
             largest = largest.max(inputs).max(tau).max(largest_magnitude(&out.d[..n]));
         })?;
         Ok(largest)
+    }
+
+    /// One element's update `D` (the rollback of `cached` included), as the scan
+    /// computes it, from binary32 inputs; what the OnTIES select estimates its
+    /// bound from (`crate::parallel`), never stored.
+    #[cfg(feature = "std")]
+    pub(crate) fn update_of(&self, g: f32, m: f32, v: f32, cached: f32) -> f32 {
+        let s = &self.scalars;
+        let (m1, v1) = adam::moments_with::<true>(s, flush(g), flush(m), flush(v));
+        let d = if s.form == AdamForm::Torch { adam::delta_with::<true, true>(s, m1, v1) } else { adam::delta_with::<false, true>(s, m1, v1) };
+        add(d, flush(cached))
     }
 
     /// Pass 2: computes every output of the chunk and validates it; writes nothing.
@@ -811,7 +833,8 @@ impl TensorStep<'_> {
     /// in the check pass a block whose inputs all lie within it is known to pass
     /// (`crate::finite`) and is not computed; in the writing pass a block whose
     /// inputs lie within it and make every flush an identity
-    /// ([`crate::flushless`]) runs the flush-free kernel.
+    /// ([`crate::flushless`]) runs the flush-free kernel, and so does such a
+    /// block of OnTIES's scan.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn block(&self, pass: Pass, limit: Option<u32>, index: u64, grad: &[f32], state: &StateRef<'_>, tau: &Src<'_>, bufs: &mut Buffers) -> Result<(), Error> {
@@ -842,6 +865,7 @@ impl TensorStep<'_> {
             match pass {
                 Pass::Check if inputs_within(limit, grad, state, uses_tau.then_some(tau_in)) => return Ok(()),
                 Pass::Write => flush_free = memory.flush_free(self, limit, &crate::flushless::Inputs::of(grad, state, uses_tau.then_some(tau_in))),
+                Pass::Scan if ties && matches!(self.merge, MergePlan::Ties { selection: None, .. }) => flush_free = memory.flush_free(self, limit, &crate::flushless::Inputs::of(grad, state, Some(tau_in))),
                 _ => {}
             }
         }
@@ -901,6 +925,7 @@ impl TensorStep<'_> {
             (DARE_PAPER, true) => self.compute::<TORCH, DARE_PAPER, CACHED, false>(pass, grad, state, tau, inp, out),
             (TIES, true) => self.compute::<TORCH, TIES, CACHED, false>(pass, grad, state, tau, inp, out),
             (TIES_PAPER, true) => self.compute::<TORCH, TIES_PAPER, CACHED, false>(pass, grad, state, tau, inp, out),
+            (TIES_SCAN, true) => self.compute::<TORCH, TIES_SCAN, CACHED, false>(pass, grad, state, tau, inp, out),
             (ACCUM, _) => self.compute::<TORCH, ACCUM, CACHED, true>(pass, grad, state, tau, inp, out),
             (PLAIN, _) => self.compute::<TORCH, PLAIN, CACHED, true>(pass, grad, state, tau, inp, out),
             (DARE_REF, _) => self.compute::<TORCH, DARE_REF, CACHED, true>(pass, grad, state, tau, inp, out),
@@ -954,6 +979,16 @@ impl TensorStep<'_> {
         let mut bad = 0u32;
         let settle = settle::<FLUSH>;
         let stored = |x: f32| if FLUSH { x } else { x + 0.0 };
+        if KIND == TIES_SCAN && !FLUSH {
+            // The flush-free scan keeps only `D`, the rollback included: every
+            // value is known finite, and the parameter is not computed.
+            for j in 0..n {
+                let (m1, v1) = adam::moments_with::<false>(s, g_in[j], m_in[j], v_in[j]);
+                let delta = adam::delta_with::<TORCH, false>(s, m1, v1);
+                out.d[j] = stored(if CACHED { add_with::<false>(delta, inp.cached[j]) } else { delta });
+            }
+            return false;
+        }
         for j in 0..n {
             let (m1, v1) = adam::moments_with::<FLUSH>(s, settle(g_in[j]), settle(m_in[j]), settle(v_in[j]));
             out.m[j] = stored(m1);

@@ -268,6 +268,39 @@ fn block_keys<'k, T: Copy>(scope: &TensorName, start: u64, block: &[T], key: imp
 /// Elements per block of the counting loops (bits of the `u64` candidate mask).
 const BLOCK: usize = 64;
 
+/// Writes the elements of `values` (elements `offset ..` of a scope) whose
+/// magnitude key is at least `bound` to the front of `out`, in index order, and
+/// returns how many there are; `None` when they do not fit. The list that
+/// [`RadixSelect::finish_among`] takes, gathered piece by piece. A non-finite
+/// value is refused, naming the lowest index, as the select's passes do.
+#[inline(always)]
+pub fn gather_at_least(scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    // One vector pass refuses a non-finite value; the blocks then only compare.
+    if values.iter().fold(0u32, |m, &x| m.max(x.to_bits() & KEY_MAX)) >= NON_FINITE_KEY {
+        let at = values.iter().position(|&x| x.to_bits() & KEY_MAX >= NON_FINITE_KEY).unwrap_or(0);
+        return Err(Error::NonFinite { tensor: tensor_name(scope), what: "top-k input", index: offset + at as u64 });
+    }
+    // Bit `j` set where `xs[j]` reaches the bound; 32 at a time, as in `candidate_hits`.
+    let half = |xs: &[f32]| xs.iter().enumerate().fold(0u32, |m, (j, &x)| m | (u32::from(magnitude_key(x) >= bound) << j));
+    let mut len = 0usize;
+    for (b, block) in values.chunks(BLOCK).enumerate() {
+        let hits = match <&[f32; BLOCK]>::try_from(block) {
+            Ok(full) => u64::from(half(&full[..32])) | (u64::from(half(&full[32..])) << 32),
+            Err(_) => {
+                let (low, high) = block.split_at(block.len().min(32));
+                u64::from(half(low)) | (u64::from(half(high)) << 32)
+            }
+        };
+        let start = offset + (b * BLOCK) as u64;
+        for j in positions(hits) {
+            let Some(slot) = out.get_mut(len) else { return Ok(None) };
+            *slot = Candidate { index: start + j as u64, key: magnitude_key(block[j]) };
+            len += 1;
+        }
+    }
+    Ok(Some(len))
+}
+
 /// What a key is compared with to be a candidate of `pass`: its key bits above
 /// the digit (shift, prefix) for key passes, or the whole key and `T` for index
 /// passes (whose index condition the caller tests per hit with [`Pass::bucket`]).
@@ -350,6 +383,12 @@ impl RadixSelect {
     /// The threshold, once every pass has finished.
     pub fn threshold(&self) -> Option<Threshold> {
         self.result
+    }
+
+    /// The rank, among the current pass's candidates, of the element the select
+    /// looks for: the keep count `k` in the first pass.
+    pub fn rank(&self) -> u64 {
+        self.rank
     }
 
     /// Number of elements the current pass must count (0 when done).
@@ -480,6 +519,39 @@ impl RadixSelect {
             offset += t.len() as u64;
         }
         Ok(Some(len))
+    }
+
+    /// Finishes a select still in its first pass from `candidates` alone: elements
+    /// of the scope, each once, that hold every element whose magnitude key is at
+    /// least some bound `L`, and at least `k` of them (`k` the select's keep
+    /// count). The `k` largest keys are then all at least `L`, and so is every
+    /// tie at the threshold, so the threshold is the whole scope's, whatever `L`
+    /// was. Each pass narrows the list (in place, order kept) to the next pass's
+    /// candidates. Fewer than `k` candidates, or a select past its first pass,
+    /// is refused; a list that lacks an element at or above its smallest key
+    /// cannot be detected and gives a wrong threshold.
+    pub fn finish_among(&mut self, candidates: &mut [Candidate]) -> Result<Threshold, Error> {
+        let first = Pass::Key { shift: KEY_BITS - DIGIT_BITS, bits: DIGIT_BITS, prefix: 0 };
+        if self.pass != Some(first) || self.candidates != self.n || (candidates.len() as u64) < self.rank {
+            return Err(Error::Misuse { what: "a select in its first pass, and at least k candidates" });
+        }
+        self.candidates = candidates.len() as u64;
+        let mut len = candidates.len();
+        while self.pass.is_some() {
+            self.feed_candidates(&candidates[..len])?;
+            self.finish_pass()?;
+            if let Some(pass) = self.pass {
+                let mut kept = 0;
+                for i in 0..len {
+                    if pass.bucket(candidates[i].key, candidates[i].index).is_some() {
+                        candidates[kept] = candidates[i];
+                        kept += 1;
+                    }
+                }
+                len = kept;
+            }
+        }
+        Ok(self.result.unwrap_or(Threshold::NOTHING))
     }
 
     /// Runs every remaining pass over the whole scope held in memory: `tensors`
@@ -1129,6 +1201,41 @@ mod tests {
             sel.finish_pass().unwrap();
         }
         assert_eq!(sel.threshold(), Some(Threshold { key: 4.0f32.to_bits(), cutoff: 4 }));
+    }
+
+    /// The select over the elements at or above any key that at least `k`
+    /// elements reach, gathered in pieces, is the whole scope's, ties included;
+    /// too few candidates are refused.
+    #[test]
+    fn finishing_among_the_elements_above_a_bound_gives_the_whole_threshold() {
+        let mut rng = SplitMix64::new(0x005a_3b1e);
+        for case in 0..400 {
+            let n = 1 + below(&mut rng, if case % 4 == 0 { 3000 } else { 200 }) as usize;
+            let values = values_of(&mut rng, n, case % 5);
+            let k = 1 + below(&mut rng, n as u64) as usize;
+            let mut keys: Vec<u32> = values.iter().map(|&x| magnitude_key(x)).collect();
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            // Any key at or below the k-th largest: at least k elements reach it.
+            let bound = keys[k - 1 + below(&mut rng, (n - k + 1) as u64) as usize];
+            let mut list = std::vec![Candidate::default(); n];
+            let mut len = 0;
+            let mut at = 0;
+            while at < n {
+                let piece = (1 + below(&mut rng, 150) as usize).min(n - at);
+                len += gather_at_least("t", bound, at as u64, &values[at..at + piece], &mut list[len..]).unwrap().unwrap();
+                at += piece;
+            }
+            assert_eq!(len, keys.iter().filter(|&&key| key >= bound).count(), "case {case}");
+            let mut sel = RadixSelect::new("t", n as u64, k as u64).unwrap();
+            check(&values, k, sel.finish_among(&mut list[..len]).unwrap());
+            if k > 1 {
+                let mut sel = RadixSelect::new("t", n as u64, k as u64).unwrap();
+                assert!(matches!(sel.finish_among(&mut list[..k - 1]), Err(Error::Misuse { .. })));
+            }
+        }
+        let values = values_of(&mut rng, 64, 1);
+        assert_eq!(gather_at_least("t", 0, 0, &values, &mut [Candidate::default(); 63]).unwrap(), None);
+        assert!(matches!(gather_at_least("t", 0, 5, &[1.0, f32::NAN], &mut [Candidate::default(); 2]), Err(Error::NonFinite { index: 6, .. })));
     }
 
     #[test]

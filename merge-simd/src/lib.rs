@@ -158,6 +158,16 @@ impl ChunkPasses for Cpu {
         }
     }
 
+    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { merge_core::isa::avx512::gather_at_least(scope, bound, offset, values, out) },
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { merge_core::isa::avx2::gather_at_least(scope, bound, offset, values, out) },
+            _ => Portable.gather_at_least(scope, bound, offset, values, out),
+        }
+    }
+
     fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
         match self.level {
             #[cfg(target_arch = "x86_64")]
