@@ -1,7 +1,6 @@
 //! The chunk passes of [`crate::step::TensorStep`] that the whole-tensor entries run,
 //! the check pass's whole-chunk bound, and the OnTIES radix select's counting and gathering
-//! ([`crate::topk::RadixSelect::feed_values`], [`crate::topk::RadixSelect::gather_candidates`],
-//! [`crate::topk::gather_at_least`]),
+//! ([`crate::topk::RadixSelect::feed_values`], [`crate::topk::RadixSelect::gather_candidates`]),
 //! compiled again for wider x86-64 vector instructions, with the same bits.
 //!
 //! A default x86-64 build may only use 128-bit SSE2. The functions here are the
@@ -92,13 +91,13 @@ macro_rules! passes_for {
                 radix.gather_candidates(offset, values, out)
             }
 
-            /// [`crate::topk::gather_at_least`].
+            /// [`TensorStep::scan_chunk_at_least`].
             ///
             /// # Safety
             /// The CPU must have the features named in the attribute.
             #[target_feature(enable = $features)]
-            pub fn gather_at_least(scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
-                crate::topk::gather_at_least(scope, bound, offset, values, out)
+            pub fn scan_chunk_at_least(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+                step.scan_chunk_at_least(offset, grad, state, tau, bound, out)
             }
 
             /// [`crate::step::ChunkPasses::largest_bits`].

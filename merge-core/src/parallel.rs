@@ -474,20 +474,24 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
 }
 
 /// Elements of a tensor whose update the sample computes: about one in
-/// [`SAMPLE_EVERY`], and at least [`SAMPLE_LEAST`].
-const SAMPLE_EVERY: usize = 2048;
-const SAMPLE_LEAST: usize = 1024;
+/// [`SAMPLE_EVERY`], and at least [`SAMPLE_LEAST`] (a tensor with fewer is
+/// left to the select over the whole update). Each costs a cache miss per
+/// input read, on one thread; at `p = 0.01` the fewest leave about 4% of the
+/// elements in the list, 16 bytes each.
+const SAMPLE_EVERY: usize = 4096;
+const SAMPLE_LEAST: usize = 256;
 
 /// OnTIES's select over one tensor (`job`, per-tensor scope) without room for
 /// its update: the update of a sample of the tensor's elements gives a key `L`
 /// that, with a wide margin, more than `k` elements reach; one parallel scan
 /// then computes each chunk's update (validating it as [`scan_updates`] does)
-/// and keeps the elements at or above `L`, and the select runs over those only
+/// and keeps, block by block, the elements at or above `L`
+/// ([`TensorStep::scan_chunk_at_least`]), and the select runs over those only
 /// ([`RadixSelect::finish_among`]). The threshold is the tensor's whatever `L`
 /// is, so the sample decides speed, never a bit. `None` (nothing decided, the
-/// caller selects from the whole update) where the sample gives no such key, or
+/// caller selects from the whole update) where the sample gives no such key,
 /// where fewer than `k` elements reach it or more than one in 8 (the room
-/// their list may take).
+/// their list may take), or where the scan refuses a value.
 #[allow(clippy::too_many_arguments)]
 fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], job: usize, radix: &RadixSelect, workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<Option<crate::onties::TiesSelection>, Error> {
     let step = &steps[job];
@@ -505,21 +509,24 @@ fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: 
     let found = AtomicUsize::new(0);
     let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| c.job == job).collect();
     let lists = run(workers, chunks, |c, buf| {
-        let Buffers { grad, theta, tau, update, candidates, .. } = buf;
-        let (grad, theta, tau) = (widened(c.grad, grad), widened(c.theta, theta), unpacked(c.tau, c.len, tau));
-        update.resize(c.len, 0.0);
-        passes.scan_chunk(step, c.lo as u64, grad, c.state(theta), tau, None, Some(&mut update[..]))?;
-        // Past the room, no list is kept: the caller scans again.
+        // Past the room, nothing more is scanned: the caller scans everything
+        // again (and so finds any error).
         if found.load(Ordering::Relaxed) > room {
             return Ok(Vec::new());
         }
+        let Buffers { grad, theta, tau, candidates, .. } = buf;
+        let (grad, theta, tau) = (widened(c.grad, grad), widened(c.theta, theta), unpacked(c.tau, c.len, tau));
         candidates.resize(c.len, Candidate::default());
-        let Some(len) = passes.gather_at_least(step.name, bound, c.lo as u64, update, candidates)? else {
+        let Some(len) = passes.scan_chunk_at_least(step, c.lo as u64, grad, c.state(theta), tau, bound, candidates)? else {
             return Err(Error::Misuse { what: "room for a chunk's candidates" });
         };
         found.fetch_add(len, Ordering::Relaxed);
         Ok(candidates[..len].to_vec())
-    })?;
+    });
+    // An error is left to the scan of the whole update too: which chunks ran
+    // before the room ran out depends on timing, and the error named must be
+    // the lowest chunk's.
+    let Ok(lists) = lists else { return Ok(None) };
     let found = found.into_inner();
     if found > room || (found as u64) < k {
         return Ok(None);
@@ -848,8 +855,6 @@ struct Buffers {
     cached: Vec<f32>,
     tau: Unpacked,
     candidates: Vec<Candidate>,
-    /// One chunk's OnTIES update, where the select gathers from it at once.
-    update: Vec<f32>,
 }
 
 /// A packed task vector's chunk unpacked: `+0` but at the stored elements.
@@ -914,7 +919,7 @@ fn copied<'b>(src: &[f32], buf: &'b mut Vec<f32>) -> &'b mut [f32] {
 impl Buffers {
     /// Bytes held.
     fn bytes(&self) -> usize {
-        let floats = [&self.grad, &self.theta, &self.m, &self.v, &self.cached, &self.tau.values, &self.update].iter().map(|b| b.capacity()).sum::<usize>();
+        let floats = [&self.grad, &self.theta, &self.m, &self.v, &self.cached, &self.tau.values].iter().map(|b| b.capacity()).sum::<usize>();
         floats * core::mem::size_of::<f32>() + self.tau.set.capacity() * core::mem::size_of::<usize>() + self.candidates.capacity() * core::mem::size_of::<Candidate>()
     }
 

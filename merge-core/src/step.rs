@@ -88,8 +88,9 @@ pub trait ChunkPasses: Sync {
     fn radix_feed(&self, radix: &mut RadixSelect, offset: u64, values: &[f32]) -> Result<(), Error>;
     /// [`RadixSelect::gather_candidates`].
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
-    /// [`crate::topk::gather_at_least`].
-    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
+    /// [`TensorStep::scan_chunk_at_least`].
+    #[allow(clippy::too_many_arguments)]
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error>;
     /// The largest of `bits(x) & mask` over `values` (0 when empty): with the
     /// sign cleared, the largest magnitude; with the sign kept, also whether any
     /// is negative. For comparing a whole chunk with the check pass's bound.
@@ -129,8 +130,8 @@ impl ChunkPasses for Portable {
         radix.gather_candidates(offset, values, out)
     }
 
-    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
-        crate::topk::gather_at_least(scope, bound, offset, values, out)
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        step.scan_chunk_at_least(offset, grad, state, tau, bound, out)
     }
 
     fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
@@ -552,6 +553,34 @@ impl TensorStep<'_> {
             largest = largest.max(inputs).max(tau).max(largest_magnitude(&out.d[..n]));
         })?;
         Ok(largest)
+    }
+
+    /// The scan pass of OnTIES before its threshold is known, validating as
+    /// [`TensorStep::scan_chunk`] does, that keeps instead of the update the
+    /// elements whose update reaches the magnitude key `bound`
+    /// ([`crate::topk::gather_at_least`], each block while it is in cache):
+    /// written to the front of `out` in index order (indices from `offset`),
+    /// their count returned; `None` when they do not fit.
+    #[inline(always)]
+    pub fn scan_chunk_at_least(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+        if !matches!(self.merge, MergePlan::Ties { selection: None, .. }) {
+            return Err(Error::Misuse { what: "an OnTIES plan before its threshold is known" });
+        }
+        self.check_lengths(offset, grad, &state, tau.len())?;
+        let limit = crate::finite::input_limit(self, false);
+        let (mut len, mut fits) = (0usize, true);
+        self.run(Pass::Scan, limit, offset, grad, &state, &tau, |start, block, n| {
+            // The block passed its validation, so its update is finite: only
+            // the room can fail.
+            if !fits {
+                return;
+            }
+            match crate::topk::gather_at_least(self.name, bound, offset + start as u64, &block.d[..n], &mut out[len..]) {
+                Ok(Some(found)) => len += found,
+                _ => fits = false,
+            }
+        })?;
+        Ok(fits.then_some(len))
     }
 
     /// One element's update `D` (the rollback of `cached` included), as the scan

@@ -158,13 +158,13 @@ impl ChunkPasses for Cpu {
         }
     }
 
-    fn gather_at_least(&self, scope: &str, bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { merge_core::isa::avx512::gather_at_least(scope, bound, offset, values, out) },
+            Level::Avx512 => unsafe { merge_core::isa::avx512::scan_chunk_at_least(step, offset, grad, state, tau, bound, out) },
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { merge_core::isa::avx2::gather_at_least(scope, bound, offset, values, out) },
-            _ => Portable.gather_at_least(scope, bound, offset, values, out),
+            Level::Avx2 => unsafe { merge_core::isa::avx2::scan_chunk_at_least(step, offset, grad, state, tau, bound, out) },
+            _ => Portable.scan_chunk_at_least(step, offset, grad, state, tau, bound, out),
         }
     }
 

@@ -462,13 +462,20 @@ class OnTIESAdamW(_MergingOptimizer):
     of a group, in bytewise name order). ``variant``, ``adam_form``, ``threads``,
     ``shards`` and ``process_group`` as for :class:`OnDAREAdamW`.
 
-    ``keep_scratch``: keep the step's float32 copy of the update (as large as the
-    largest parameter, or as all of a group's with global scope) and each
-    thread's chunk buffers between steps instead of allocating them in each
-    step. Memory that large is mapped fresh on every allocation (on Linux in
-    2 MiB pages where the kernel allows, which makes faulting it in several
-    times cheaper than in 4 KiB pages); kept, it is faulted in once and held
-    between steps. Same bits either way. (Not used by a sharded step.)
+    Per tensor and without ``rescale``, a step usually needs no copy of the
+    update: a sample of it gives a bound that more than the kept elements
+    reach, and only the elements at or above it are kept for the exact
+    selection (the threshold, and so every bit, does not depend on the sample).
+    Otherwise (global scope, ``rescale``, or an update that ties nearly
+    everywhere) the step computes a float32 copy of the update, as large as the
+    largest parameter (or as all of a group's with global scope).
+
+    ``keep_scratch``: keep that copy, once made, and each thread's chunk
+    buffers between steps instead of allocating them in each step. Memory that
+    large is mapped fresh on every allocation (on Linux in 2 MiB pages where the
+    kernel allows, which makes faulting it in several times cheaper than in
+    4 KiB pages); kept, it is faulted in once and held between steps. Same bits
+    either way. (Not used by a sharded step.)
     """
 
     _method = "ties"
