@@ -516,8 +516,11 @@ fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: 
         }
         let Buffers { grad, theta, tau, candidates, .. } = buf;
         let (grad, theta, tau) = (widened(c.grad, grad), widened(c.theta, theta), unpacked(c.tau, c.len, tau));
-        candidates.resize(c.len, Candidate::default());
-        let Some(len) = passes.scan_chunk_at_least(step, c.lo as u64, grad, c.state(theta), tau, bound, candidates)? else {
+        // Grown once: shrinking for a short chunk would make the next one write it again.
+        if candidates.len() < c.len {
+            candidates.resize(c.len, Candidate::default());
+        }
+        let Some(len) = passes.scan_chunk_at_least(step, c.lo as u64, grad, c.state(theta), tau, bound, &mut candidates[..c.len])? else {
             return Err(Error::Misuse { what: "room for a chunk's candidates" });
         };
         found.fetch_add(len, Ordering::Relaxed);
