@@ -558,7 +558,8 @@ impl TensorStep<'_> {
     /// The scan pass of OnTIES before its threshold is known, validating as
     /// [`TensorStep::scan_chunk`] does, that keeps instead of the update the
     /// elements whose update reaches the magnitude key `bound`
-    /// ([`crate::topk::gather_at_least`], each block while it is in cache):
+    /// ([`crate::topk::gather_at_least`], each block once validated, while it
+    /// is in cache):
     /// written to the front of `out` in index order (indices from `offset`),
     /// their count returned; `None` when they do not fit.
     #[inline(always)]
@@ -570,14 +571,13 @@ impl TensorStep<'_> {
         let limit = crate::finite::input_limit(self, false);
         let (mut len, mut fits) = (0usize, true);
         self.run(Pass::Scan, limit, offset, grad, &state, &tau, |start, block, n| {
-            // The block passed its validation, so its update is finite: only
-            // the room can fail.
             if !fits {
                 return;
             }
-            match crate::topk::gather_at_least(self.name, bound, offset + start as u64, &block.d[..n], &mut out[len..]) {
-                Ok(Some(found)) => len += found,
-                _ => fits = false,
+            // The block passed its validation: its update is finite.
+            match crate::topk::gather_finite_at_least(bound, offset + start as u64, &block.d[..n], &mut out[len..]) {
+                Some(found) => len += found,
+                None => fits = false,
             }
         })?;
         Ok(fits.then_some(len))

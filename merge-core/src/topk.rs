@@ -280,6 +280,13 @@ pub fn gather_at_least(scope: &str, bound: u32, offset: u64, values: &[f32], out
         let at = values.iter().position(|&x| x.to_bits() & KEY_MAX >= NON_FINITE_KEY).unwrap_or(0);
         return Err(Error::NonFinite { tensor: tensor_name(scope), what: "top-k input", index: offset + at as u64 });
     }
+    Ok(gather_finite_at_least(bound, offset, values, out))
+}
+
+/// [`gather_at_least`] over values already known finite (an update its pass
+/// has validated), so nothing is refused.
+#[inline(always)]
+pub(crate) fn gather_finite_at_least(bound: u32, offset: u64, values: &[f32], out: &mut [Candidate]) -> Option<usize> {
     // Bit `j` set where `xs[j]` reaches the bound; 32 at a time, as in `candidate_hits`.
     let half = |xs: &[f32]| xs.iter().enumerate().fold(0u32, |m, (j, &x)| m | (u32::from(magnitude_key(x) >= bound) << j));
     let mut len = 0usize;
@@ -293,12 +300,12 @@ pub fn gather_at_least(scope: &str, bound: u32, offset: u64, values: &[f32], out
         };
         let start = offset + (b * BLOCK) as u64;
         for j in positions(hits) {
-            let Some(slot) = out.get_mut(len) else { return Ok(None) };
+            let slot = out.get_mut(len)?;
             *slot = Candidate { index: start + j as u64, key: magnitude_key(block[j]) };
             len += 1;
         }
     }
-    Ok(Some(len))
+    Some(len)
 }
 
 /// What a key is compared with to be a candidate of `pass`: its key bits above
