@@ -23,7 +23,7 @@ macro_rules! passes_for {
         pub mod $level {
             use crate::Error;
             use crate::dtype::Src;
-            use crate::step::{Norms, StateBounds, StateMut, StateRef, TensorStep};
+            use crate::step::{AtLeast, Norms, StateBounds, StateMut, StateRef, TensorStep};
             use crate::topk::{Candidate, RadixSelect};
 
             /// [`TensorStep::scan_chunk`].
@@ -96,7 +96,7 @@ macro_rules! passes_for {
             /// # Safety
             /// The CPU must have the features named in the attribute.
             #[target_feature(enable = $features)]
-            pub fn scan_chunk_at_least(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+            pub fn scan_chunk_at_least(step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<AtLeast>, Error> {
                 step.scan_chunk_at_least(offset, grad, state, tau, bound, out)
             }
 

@@ -19,7 +19,7 @@
 //! crate's, which picks the widest copy of [`crate::isa`] the CPU has; the bits
 //! are the same.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::vec::Vec;
 
@@ -27,7 +27,7 @@ use crate::dtype::{Dtype, Src, f32_to_bf16, f32_to_f16, store_error};
 use crate::error::{Error, tensor_name};
 use crate::finite::ABS;
 use crate::optim::StepPlan;
-use crate::step::{ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep};
+use crate::step::{AtLeast, ChunkPasses, MergePlan, Norms, StateMut, StateRef, TensorStep};
 pub use crate::step::StateBounds;
 #[cfg(test)]
 use crate::step::Portable;
@@ -283,7 +283,7 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
     };
     // Validate everything, then write: a failing chunk anywhere writes nothing.
     let steps = &steps;
-    check_chunks(jobs, &ranges, steps, |j| !checked[j], bounds, workers, passes)?;
+    check_chunks(jobs, &ranges, steps, |j| !checked[j], bounds, None, workers, passes).map_err(|(_, e)| e)?;
     // Each written chunk's bounds are taken while it is in cache, if kept.
     let tracked = !bounds.is_empty();
     let written = match global_update {
@@ -312,18 +312,29 @@ fn step_with_bounds(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], threads: usiz
 }
 
 /// The check pass over the chunks of the jobs `which` selects, on up to
-/// `threads` threads; `known`: the state bounds kept for each job, or none.
-fn check_chunks(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], which: impl Fn(usize) -> bool, known: &[StateBounds], workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<(), Error> {
-    let chunks = chunk_views(jobs, ranges).into_iter().filter(|c| which(c.job)).collect();
+/// `threads` threads; `known`: the state bounds kept for each job, or none;
+/// `scanned`: each chunk's largest input, where a scan recorded it
+/// ([`AtLeast`]; a binary32 chunk within the limit passes unread, as
+/// [`chunk_within`] would find). An error comes with its job.
+#[allow(clippy::too_many_arguments)]
+fn check_chunks(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], which: impl Fn(usize) -> bool, known: &[StateBounds], scanned: Option<&ChunkBounds>, workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<(), (usize, Error)> {
     let limits: Vec<Option<u32>> = steps.iter().enumerate().map(|(j, s)| if which(j) { crate::finite::input_limit(s, false) } else { None }).collect();
+    let passed = |c: &ChunkView<'_>| matches!((c.grad, c.theta), (Src::F32(_), Src::F32(_))) && scanned.zip(limits[c.job]).is_some_and(|(b, limit)| b.of(c) <= limit);
+    let chunks = chunk_views(jobs, ranges).into_iter().filter(|c| which(c.job) && !passed(c)).collect();
     let known = |job: usize| known.get(job).copied().unwrap_or(StateBounds::UNKNOWN);
+    // The error returned is the lowest failing chunk's, and no chunk below it
+    // failed: its job is the lowest that failed.
+    let failed = AtomicUsize::new(usize::MAX);
     run(workers, chunks, |c, buf| {
         if limits[c.job].is_some_and(|limit| chunk_within(passes, &steps[c.job], &c, limit, known(c.job))) {
             return Ok(());
         }
-        buf.check(passes, &steps[c.job], &c)
+        buf.check(passes, &steps[c.job], &c).inspect_err(|_| {
+            failed.fetch_min(c.job, Ordering::Relaxed);
+        })
     })
     .map(drop)
+    .map_err(|e| (failed.into_inner(), e))
 }
 
 /// Whether a binary32 chunk would pass the check pass ([`TensorStep::check_chunk`])
@@ -413,9 +424,9 @@ fn check_lengths(plan: &StepPlan, job: &ParallelJob<'_>) -> Result<(), Error> {
 /// The OnTIES selections: the update is scanned into a buffer in parallel, then
 /// trimmed over its scope (one tensor, or all of them in bytewise name order).
 /// Returns which jobs it validated, and for global scope the whole update (in
-/// the room for it). Per tensor, a tensor whose select can start from a
-/// sampled bound ([`select_above_sample`]) needs no room, and its chunks are
-/// left to the check pass.
+/// the room for it). Per tensor, the tensors whose select can start from a
+/// sampled bound ([`select_above_samples`]) need no room, and are checked
+/// together by the check pass.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[ValueRanges], steps: &mut [TensorStep<'_>], known: &[StateBounds], workers: &mut [Buffers], passes: &dyn ChunkPasses, mut room: Room<'s>) -> Result<(Vec<bool>, Option<&'s [f32]>), Error> {
     let lens: Vec<usize> = jobs.iter().map(|j| j.m.len()).collect();
@@ -448,20 +459,37 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
         check_from_update(jobs, ranges, steps, update, &job_starts(jobs), &bounds, |_| true, workers, passes, &mut checked)?;
         Ok((checked, Some(update)))
     } else {
+        // Each tensor's select, planned in order: a tensor whose plan is
+        // refused is named after the tensors before it are validated.
+        let mut firsts = Vec::with_capacity(jobs.len());
+        let mut refused = Ok(());
+        for (step, &n) in steps.iter().zip(&lens) {
+            match plan.ties_start_select(step.name, n as u64) {
+                Ok(first) => firsts.push(first),
+                Err(e) => {
+                    refused = Err(e);
+                    break;
+                }
+            }
+        }
+        let (sampled, scanned) = if plan.ties_rescales() { (std::vec![None; firsts.len()], None) } else { select_above_samples(jobs, ranges, steps, &firsts, workers, passes).map(|(s, b)| (s, Some(b)))? };
+        for (step, selection) in steps.iter_mut().zip(&sampled) {
+            if let Some(selection) = selection {
+                set_selection(step, *selection, 0);
+            }
+        }
+        // The sampled tensors are validated together; an error among them is
+        // named only if no tensor before it fails to select from its update.
+        let sampled_check = check_chunks(jobs, ranges, steps, |j| sampled.get(j).is_some_and(Option::is_some), known, scanned.as_ref(), workers, passes);
+        let before = sampled_check.as_ref().err().map_or(firsts.len(), |&(job, _)| job);
         let starts = std::vec![0; jobs.len()];
         let mut bounds = ChunkBounds::new(&lens);
-        for (j, &n) in lens.iter().enumerate() {
-            let first = plan.ties_start_select(steps[j].name, n as u64)?;
-            if let Some(radix) = &first
-                && !plan.ties_rescales()
-                && let Some(selection) = select_above_sample(jobs, ranges, steps, j, radix, workers, passes)?
-            {
-                // Validated now, as the tensors before and after it are.
-                set_selection(&mut steps[j], selection, 0);
-                check_chunks(jobs, ranges, steps, |k| k == j, known, workers, passes)?;
+        for (j, first) in firsts.iter().enumerate().take(before) {
+            if sampled[j].is_some() {
                 checked[j] = true;
                 continue;
             }
+            let n = lens[j];
             let update = room.get(n)?;
             let counted = scan_updates(jobs, ranges, steps, &mut update[..n], Some(j), first.as_ref(), workers, passes, &mut bounds)?;
             let part = [&update[..n]];
@@ -469,6 +497,8 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
             set_selection(&mut steps[j], selection, 0);
             check_from_update(jobs, ranges, steps, &update[..n], &starts, &bounds, |k| k == j, workers, passes, &mut checked)?;
         }
+        sampled_check.map_err(|(_, e)| e)?;
+        refused?;
         Ok((checked, None))
     }
 }
@@ -481,38 +511,49 @@ fn select_ties<'s>(plan: &StepPlan, jobs: &mut [ParallelJob<'_>], ranges: &[Valu
 const SAMPLE_EVERY: usize = 4096;
 const SAMPLE_LEAST: usize = 256;
 
-/// OnTIES's select over one tensor (`job`, per-tensor scope) without room for
-/// its update: the update of a sample of the tensor's elements gives a key `L`
-/// that, with a wide margin, more than `k` elements reach; one parallel scan
-/// then computes each chunk's update (validating it as [`scan_updates`] does)
-/// and keeps, block by block, the elements at or above `L`
-/// ([`TensorStep::scan_chunk_at_least`]), and the select runs over those only
-/// ([`RadixSelect::finish_among`]). The threshold is the tensor's whatever `L`
-/// is, so the sample decides speed, never a bit. `None` (nothing decided, the
-/// caller selects from the whole update) where the sample gives no such key,
-/// where fewer than `k` elements reach it or more than one in 8 (the room
-/// their list may take), or where the scan refuses a value.
-#[allow(clippy::too_many_arguments)]
-fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], job: usize, radix: &RadixSelect, workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<Option<crate::onties::TiesSelection>, Error> {
-    let step = &steps[job];
-    let n = jobs[job].m.len();
-    let k = radix.rank();
+/// OnTIES's selects over the tensors that `firsts` plans (per-tensor scope),
+/// each without room for its update: the update of a sample of a tensor's
+/// elements gives a key `L` that, with a wide margin, more than `k` elements
+/// reach; one parallel scan over all these tensors then computes each chunk's
+/// update (validating it as [`scan_updates`] does) and keeps, block by block,
+/// the elements at or above their tensor's `L`
+/// ([`TensorStep::scan_chunk_at_least`]), and each tensor's select runs over
+/// its own list only ([`RadixSelect::finish_among`]), the tensors shared
+/// among the threads. The threshold is the tensor's whatever `L` is, so the
+/// sample decides speed, never a bit. A tensor's entry is `None` (nothing
+/// decided, the caller selects from its whole update) where the sample gives
+/// no such key, where fewer than `k` elements reach it or more than one in 8
+/// (the room their list may take), or where the scan refuses one of its values.
+/// Also returned: each scanned chunk's largest input ([`AtLeast`]), for the
+/// check pass.
+#[allow(clippy::type_complexity)]
+fn select_above_samples(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: &[TensorStep<'_>], firsts: &[Option<RadixSelect>], workers: &mut [Buffers], passes: &dyn ChunkPasses) -> Result<(Vec<Option<crate::onties::TiesSelection>>, ChunkBounds), Error> {
     // 16 bytes a candidate: a list of one in 8 takes half the update's room.
-    let room = n / 8;
+    let room = |j: usize| jobs[j].m.len() / 8;
     // The margin below leaves about 1.25 k + 4 √(k s / n) + 2 of the sample's s
     // elements at or above `L`; a tensor whose k is not well below that room
     // is left to the whole update.
-    if n < SAMPLE_LEAST || k > (room / 2) as u64 {
-        return Ok(None);
+    let eligible: Vec<(usize, &RadixSelect)> = firsts
+        .iter()
+        .enumerate()
+        .filter_map(|(j, first)| first.as_ref().map(|radix| (j, radix)))
+        .filter(|&(j, radix)| jobs[j].m.len() >= SAMPLE_LEAST && radix.rank() <= (room(j) / 2) as u64)
+        .collect();
+    let mut bounds = std::vec![None; firsts.len()];
+    for (j, bound) in run(workers, eligible.clone(), |(j, radix), _| Ok((j, sampled_bound(&steps[j], &jobs[j], radix.rank()))))? {
+        bounds[j] = bound;
     }
-    let Some(bound) = sampled_bound(step, &jobs[job], k) else { return Ok(None) };
-    let found = AtomicUsize::new(0);
-    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| c.job == job).collect();
+    let found: Vec<AtomicUsize> = firsts.iter().map(|_| AtomicUsize::new(0)).collect();
+    let mut scanned = ChunkBounds::new(&jobs.iter().map(|job| job.m.len()).collect::<Vec<_>>());
+    let failed: Vec<AtomicBool> = firsts.iter().map(|_| AtomicBool::new(false)).collect();
+    let chunks: Vec<_> = chunk_views(jobs, ranges).into_iter().filter(|c| bounds[c.job].is_some()).collect();
     let lists = run(workers, chunks, |c, buf| {
-        // Past the room, nothing more is scanned: the caller scans everything
-        // again (and so finds any error).
-        if found.load(Ordering::Relaxed) > room {
-            return Ok(Vec::new());
+        let j = c.job;
+        // Past the room, or after an error, nothing more of the tensor is
+        // scanned: the caller scans it all again (and so names any error as
+        // the lowest chunk's, which these threads may not have reached).
+        if failed[j].load(Ordering::Relaxed) || found[j].load(Ordering::Relaxed) > room(j) {
+            return Ok((j, None, Vec::new()));
         }
         let Buffers { grad, theta, tau, candidates, .. } = buf;
         let (grad, theta, tau) = (widened(c.grad, grad), widened(c.theta, theta), unpacked(c.tau, c.len, tau));
@@ -520,26 +561,60 @@ fn select_above_sample(jobs: &[ParallelJob<'_>], ranges: &[ValueRanges], steps: 
         if candidates.len() < c.len {
             candidates.resize(c.len, Candidate::default());
         }
-        let Some(len) = passes.scan_chunk_at_least(step, c.lo as u64, grad, c.state(theta), tau, bound, &mut candidates[..c.len])? else {
-            return Err(Error::Misuse { what: "room for a chunk's candidates" });
-        };
-        found.fetch_add(len, Ordering::Relaxed);
-        Ok(candidates[..len].to_vec())
+        let Some(bound) = bounds[j] else { return Ok((j, None, Vec::new())) };
+        match passes.scan_chunk_at_least(&steps[j], c.lo as u64, grad, c.state(theta), tau, bound, &mut candidates[..c.len]) {
+            Ok(Some(AtLeast { found: len, largest_input })) => {
+                found[j].fetch_add(len, Ordering::Relaxed);
+                Ok((j, Some((c.lo / CHUNK, largest_input)), candidates[..len].to_vec()))
+            }
+            Ok(None) | Err(_) => {
+                failed[j].store(true, Ordering::Relaxed);
+                Ok((j, None, Vec::new()))
+            }
+        }
+    })?;
+    for &(j, chunk, _) in &lists {
+        if let Some((c, largest_input)) = chunk {
+            scanned.0[j][c] = largest_input;
+        }
+    }
+    // Each tensor's list, in index order (the chunks came in job order).
+    let mut joined: Vec<Vec<Candidate>> = firsts.iter().map(|_| Vec::new()).collect();
+    let mut sizes = std::vec![0usize; firsts.len()];
+    for (j, _, part) in &lists {
+        sizes[*j] += part.len();
+    }
+    for (j, _, part) in lists {
+        if joined[j].capacity() < sizes[j] {
+            joined[j].reserve_exact(sizes[j]);
+        }
+        joined[j].extend(part);
+    }
+    let lists: Vec<(usize, &RadixSelect, Vec<Candidate>)> = eligible
+        .into_iter()
+        .filter(|&(j, radix)| !failed[j].load(Ordering::Relaxed) && (radix.rank()..=room(j) as u64).contains(&(sizes[j] as u64)))
+        .map(|(j, radix)| (j, radix, core::mem::take(&mut joined[j])))
+        .collect();
+    // Each thread finishes the selects of a share of the tensors, the longest
+    // lists first, each to the thread with the least so far.
+    let mut shares: Vec<Vec<(usize, &RadixSelect, Vec<Candidate>)>> = workers.iter().map(|_| Vec::new()).collect();
+    let mut loads = std::vec![0usize; shares.len()];
+    let mut by_length = lists;
+    by_length.sort_by_key(|(_, _, list)| core::cmp::Reverse(list.len()));
+    for item in by_length {
+        let least = (0..loads.len()).min_by_key(|&t| loads[t]).unwrap_or(0);
+        loads[least] += item.2.len();
+        shares[least].push(item);
+    }
+    let busy: Vec<_> = shares.into_iter().zip(workers.iter_mut()).filter(|(share, _)| !share.is_empty()).collect();
+    let finished = each_on_a_thread(busy, |share, _| {
+        share.into_iter().map(|(j, radix, mut list)| (j, radix.clone().finish_among(&mut list).ok())).collect::<Vec<_>>()
     });
-    // An error is left to the scan of the whole update too: which chunks ran
-    // before the room ran out depends on timing, and the error named must be
-    // the lowest chunk's.
-    let Ok(lists) = lists else { return Ok(None) };
-    let found = found.into_inner();
-    if found > room || (found as u64) < k {
-        return Ok(None);
+    let mut selections = std::vec![None; firsts.len()];
+    for (j, threshold) in finished.into_iter().flatten() {
+        selections[j] = threshold.map(|threshold| crate::onties::TiesSelection { threshold, factor: 1.0 });
     }
-    let mut list = Vec::with_capacity(found);
-    for part in lists {
-        list.extend(part);
-    }
-    let threshold = radix.clone().finish_among(&mut list)?;
-    Ok(Some(crate::onties::TiesSelection { threshold, factor: 1.0 }))
+    Ok((selections, scanned))
 }
 
 /// A key that, judging by the update of every `n / s`-th element (`s` the
@@ -668,9 +743,10 @@ fn set_selection(step: &mut TensorStep<'_>, sel: crate::onties::TiesSelection, s
     }
 }
 
-/// Per chunk of each job, the magnitude bits of the largest value the OnTIES
-/// check from the update reads (`θ`, the update, `Δ_c`, `τ'`), recorded by the
-/// scan while the chunk is in cache; `u32::MAX` (no bound) where not recorded.
+/// Per chunk of each job, the bits of the largest value a check reads,
+/// recorded by a scan while the chunk is in cache: of the OnTIES check from
+/// the update (`θ`, the update, `Δ_c`, `τ'`, in magnitude), or of the check
+/// pass ([`AtLeast`]); `u32::MAX` (no bound) where not recorded.
 struct ChunkBounds(Vec<Vec<u32>>);
 
 impl ChunkBounds {
@@ -1360,6 +1436,38 @@ mod tests {
         }
     }
 
+    /// Per tensor, OnTIES checks the tensors selected from a sampled bound
+    /// together, before the tensors that select from their whole update: an
+    /// error is still the first in tensor order, as the one-thread step names
+    /// it, whichever tensor takes which select, and nothing is written.
+    #[test]
+    fn onties_names_the_first_tensors_error_whichever_select_it_takes() {
+        let (_, cfg) = configs().into_iter().find(|(l, _)| l == "ties k=1").unwrap();
+        let cfg = OnlineConfig { merge: Merge::Ties(TiesConfig { p: 0.01, ..TiesConfig::default() }), ..cfg };
+        let plan = Optimizer::new(cfg).unwrap().plan(1).unwrap();
+        for (sampled, tied) in [(1, 2), (2, 1)] {
+            let mut g = grads(&mut SplitMix64::new(4));
+            g[tied].fill(1e-2);
+            let mut start = states(1);
+            assert!(selects_from_a_sample(&plan, &mut start.clone(), &g, 1, sampled));
+            assert!(!selects_from_a_sample(&plan, &mut start.clone(), &g, 1, tied));
+            // Refused only by the check: the new parameter overflows.
+            start[sampled].theta[CHUNK - 2] = f32::MAX;
+            start[sampled].tau[CHUNK - 2] = f32::MAX;
+            g[tied][CHUNK + 2] = f32::NAN;
+            let mut want = start.clone();
+            let want_err = sequential_step(&plan, &mut want, &g, 1).unwrap_err();
+            let first = TENSORS[sampled.min(tied)].0;
+            assert!(matches!(&want_err, Error::NonFinite { tensor, .. } if tensor.as_str() == first), "{want_err}");
+            for threads in [1, 2, 3] {
+                let mut st = start.clone();
+                let err = parallel_step(&plan, &mut st, &g, 1, threads, threads == 2).unwrap_err();
+                assert_eq!(err, want_err, "tensor {sampled} sampled, {threads} threads");
+                assert!(st == start, "{threads} threads wrote after an error");
+            }
+        }
+    }
+
     /// Updates of mostly one magnitude (equal gradients from a zero state) keep
     /// the radix select's candidates many: the threads scan every element in
     /// each key pass and the select breaks the ties by index, with the bits of
@@ -1397,9 +1505,9 @@ mod tests {
             .collect();
         let ranges: Vec<_> = jobs.iter().map(|j| chunk_value_ranges(j.tau)).collect();
         let steps: Vec<_> = jobs.iter().map(|j| plan.tensor(j.name, j.m.len() as u64).unwrap()).collect();
-        let radix = plan.ties_start_select(jobs[job].name, jobs[job].m.len() as u64).unwrap().unwrap();
+        let firsts: Vec<_> = jobs.iter().map(|j| plan.ties_start_select(j.name, j.m.len() as u64).unwrap()).collect();
         let mut workers: Vec<Buffers> = (0..2).map(|_| Buffers::default()).collect();
-        select_above_sample(&jobs, &ranges, &steps, job, &radix, &mut workers, &Portable).unwrap().is_some()
+        select_above_samples(&jobs, &ranges, &steps, &firsts, &mut workers, &Portable).unwrap().0[job].is_some()
     }
 
     /// Per tensor, OnTIES selects from a sampled bound where the updates

@@ -90,7 +90,7 @@ pub trait ChunkPasses: Sync {
     fn radix_gather(&self, radix: &RadixSelect, offset: u64, values: &[f32], out: &mut [Candidate]) -> Result<Option<usize>, Error>;
     /// [`TensorStep::scan_chunk_at_least`].
     #[allow(clippy::too_many_arguments)]
-    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error>;
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<AtLeast>, Error>;
     /// The largest of `bits(x) & mask` over `values` (0 when empty): with the
     /// sign cleared, the largest magnitude; with the sign kept, also whether any
     /// is negative. For comparing a whole chunk with the check pass's bound.
@@ -130,13 +130,25 @@ impl ChunkPasses for Portable {
         radix.gather_candidates(offset, values, out)
     }
 
-    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<AtLeast>, Error> {
         step.scan_chunk_at_least(offset, grad, state, tau, bound, out)
     }
 
     fn largest_bits(&self, values: &[f32], mask: u32) -> u32 {
         crate::finite::largest_bits(values, mask)
     }
+}
+
+/// What [`TensorStep::scan_chunk_at_least`] found in a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtLeast {
+    /// Elements gathered, at the front of the output.
+    pub found: usize,
+    /// The largest input the check pass bounds ([`crate::finite`]), as bits:
+    /// `g`, `θ`, `m`, `Δ_c` and a binary32 `τ'` in magnitude, `v` with its
+    /// sign (a negative `v` is above any bound); `u32::MAX` for a `τ'` stored
+    /// in 16 bits. A chunk at or below the check pass's limit passes it.
+    pub largest_input: u32,
 }
 
 /// Step-K phase (SPEC.md §5.4).
@@ -561,15 +573,16 @@ impl TensorStep<'_> {
     /// ([`crate::topk::gather_at_least`], each block once validated, while it
     /// is in cache):
     /// written to the front of `out` in index order (indices from `offset`),
-    /// their count returned; `None` when they do not fit.
+    /// their count returned with the largest input ([`AtLeast`]); `None` when
+    /// they do not fit.
     #[inline(always)]
-    pub fn scan_chunk_at_least(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    pub fn scan_chunk_at_least(&self, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<AtLeast>, Error> {
         if !matches!(self.merge, MergePlan::Ties { selection: None, .. }) {
             return Err(Error::Misuse { what: "an OnTIES plan before its threshold is known" });
         }
         self.check_lengths(offset, grad, &state, tau.len())?;
         let limit = crate::finite::input_limit(self, false);
-        let (mut len, mut fits) = (0usize, true);
+        let (mut len, mut fits, mut largest_input) = (0usize, true, 0u32);
         self.run(Pass::Scan, limit, offset, grad, &state, &tau, |start, block, n| {
             if !fits {
                 return;
@@ -579,8 +592,19 @@ impl TensorStep<'_> {
                 Some(found) => len += found,
                 None => fits = false,
             }
+            // Read again while in cache: the check pass need not read them.
+            use crate::finite::{largest_bits, largest_magnitude};
+            let r = start..start + n;
+            let tau = match tau {
+                Src::F32(t) if !t.is_empty() => largest_magnitude(&t[r.clone()]),
+                Src::F32(_) => 0,
+                _ => u32::MAX,
+            };
+            let state = state.range(r.clone());
+            let inputs = [largest_magnitude(&grad[r]), largest_magnitude(state.theta), largest_magnitude(state.m), largest_bits(state.v, u32::MAX), state.cached.map_or(0, largest_magnitude), tau];
+            largest_input = inputs.into_iter().fold(largest_input, u32::max);
         })?;
-        Ok(fits.then_some(len))
+        Ok(fits.then_some(AtLeast { found: len, largest_input }))
     }
 
     /// One element's update `D` (the rollback of `cached` included), as the scan

@@ -14,7 +14,7 @@
 
 use merge_core::Error;
 use merge_core::dtype::Src;
-use merge_core::step::{ChunkPasses, Norms, Portable, StateBounds, StateMut, StateRef, TensorStep};
+use merge_core::step::{AtLeast, ChunkPasses, Norms, Portable, StateBounds, StateMut, StateRef, TensorStep};
 use merge_core::topk::{Candidate, RadixSelect};
 
 /// A set of vector instructions, narrowest first.
@@ -158,7 +158,7 @@ impl ChunkPasses for Cpu {
         }
     }
 
-    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<usize>, Error> {
+    fn scan_chunk_at_least(&self, step: &TensorStep<'_>, offset: u64, grad: &[f32], state: StateRef<'_>, tau: Src<'_>, bound: u32, out: &mut [Candidate]) -> Result<Option<AtLeast>, Error> {
         match self.level {
             #[cfg(target_arch = "x86_64")]
             Level::Avx512 => unsafe { merge_core::isa::avx512::scan_chunk_at_least(step, offset, grad, state, tau, bound, out) },
