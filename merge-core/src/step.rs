@@ -144,7 +144,7 @@ impl ChunkPasses for Portable {
 pub struct AtLeast {
     /// Elements gathered, at the front of the output.
     pub found: usize,
-    /// The largest input the check pass bounds ([`crate::finite`]), as bits:
+    /// The largest input the check pass bounds ([`TensorStep::check_chunk`]), as bits:
     /// `g`, `θ`, `m`, `Δ_c` and a binary32 `τ'` in magnitude, `v` with its
     /// sign (a negative `v` is above any bound); `u32::MAX` for a `τ'` stored
     /// in 16 bits. A chunk at or below the check pass's limit passes it.
