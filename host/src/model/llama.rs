@@ -92,10 +92,13 @@ pub struct LlamaModel {
     grad_scratch: Mutex<Vec<ParamSet>>,
     /// A step's gradient given back by [`Self::recycle_grads`].
     spare_grads: Mutex<Option<ParamSet>>,
-    /// The LM head's `[rows, vocab]` buffers (logits or softmax, and their
-    /// gradient), 65 MB a sequence at a 32k vocabulary: kept between uses, since
-    /// fresh ones cost a page fault per 4 KiB and, once freed, a TLB shootdown.
-    pub(super) head_buffers: Mutex<Vec<Vec<f32>>>,
+    /// Activation buffers, their gradients and the LM head's `[rows, vocab]`
+    /// buffers (65 MB a sequence at a 32k vocabulary), kept between uses: a
+    /// fresh buffer costs a page fault per 4 KiB, in which the kernel zeroes
+    /// the page, one read before it is written (an accumulator) a second,
+    /// copy-on-write, fault whose TLB flush interrupts the other threads, and
+    /// a freed one gives its pages back to be faulted in again next step.
+    pub(super) buffers: Mutex<Vec<Vec<f32>>>,
 }
 
 /// Activations of one decoder block for one sequence, kept for the backward pass.
@@ -255,7 +258,7 @@ impl LlamaModel {
         check_layout(&config, &params)?;
         let idx = Index::new(&config, &params);
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()), spare_grads: Mutex::new(None), head_buffers: Mutex::new(Vec::new()) })
+        Ok(Self { config, params, idx, threads, head_kept_max: HEAD_KEPT_MAX, attn_probs_kept_max: ATTN_PROBS_KEPT_MAX, grad_scratch: Mutex::new(Vec::new()), spare_grads: Mutex::new(None), buffers: Mutex::new(Vec::new()) })
     }
 
     /// Worker threads for batch work. Results do not depend on it.
@@ -293,21 +296,40 @@ impl LlamaModel {
         *self.spare_grads.lock().unwrap_or_else(|e| e.into_inner()) = Some(grads);
     }
 
-    /// Keeps the LM head's buffers of a [`Self::forward`] that
-    /// [`Self::backward`] has used, for the next steps' heads.
+    /// Keeps the activations of a [`Self::forward`] that [`Self::backward`]
+    /// has used, for the next steps' buffers.
     pub fn recycle_forward(&self, fwd: Forward) {
         for tape in fwd.tapes {
-            if let Some(head) = tape.head {
-                self.give_head_buffer(head.probs);
+            let SeqTape { tokens: _, layers, x_final, nf, rstdf, rows: _, head } = tape;
+            for acts in layers {
+                self.give_acts(acts);
+            }
+            for buffer in [x_final, nf, rstdf] {
+                self.give(buffer);
+            }
+            if let Some(head) = head {
+                self.give(head.hsel);
+                self.give(head.probs);
             }
         }
     }
 
-    /// `len` zeros, in a kept head buffer large enough if there is one.
-    fn head_buffer(&self, len: usize) -> Vec<f32> {
+    /// `len` zeros, in the smallest kept buffer that holds them if there is one.
+    pub(super) fn buffer(&self, len: usize) -> Vec<f32> {
         let kept = {
-            let mut kept = self.head_buffers.lock().unwrap_or_else(|e| e.into_inner());
-            kept.iter().position(|b| b.capacity() >= len).map(|i| kept.swap_remove(i))
+            let mut kept = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = (0..kept.len()).filter(|&i| kept[i].capacity() >= len).min_by_key(|&i| kept[i].capacity());
+            match fits {
+                Some(i) => Some(kept.swap_remove(i)),
+                None => {
+                    // The largest kept buffer too small for this one is given
+                    // back, so that buffers growing from step to step (longer
+                    // sequences) replace the old ones rather than add to them.
+                    let smaller = (0..kept.len()).max_by_key(|&i| kept[i].capacity());
+                    drop(smaller.map(|i| kept.swap_remove(i)));
+                    None
+                }
+            }
         };
         let mut buffer = kept.unwrap_or_default();
         buffer.clear();
@@ -315,9 +337,23 @@ impl LlamaModel {
         buffer
     }
 
-    fn give_head_buffer(&self, buffer: Vec<f32>) {
+    pub(super) fn give(&self, buffer: Vec<f32>) {
         if buffer.capacity() > 0 {
-            self.head_buffers.lock().unwrap_or_else(|e| e.into_inner()).push(buffer);
+            self.buffers.lock().unwrap_or_else(|e| e.into_inner()).push(buffer);
+        }
+    }
+
+    fn give_acts(&self, acts: LayerActs) {
+        let LayerActs { x_in, n1, rstd1, q, k, v, attn, ctx, x_mid, n2, rstd2, gate, up, h } = acts;
+        for buffer in [x_in, n1, rstd1, q, k, v, ctx, x_mid, n2, rstd2, gate, up, h] {
+            self.give(buffer);
+        }
+        match attn {
+            AttnSaved::Probs(probs) => self.give(probs),
+            AttnSaved::RowStats { max, inv_sum } => {
+                self.give(max);
+                self.give(inv_sum);
+            }
         }
     }
 
@@ -401,12 +437,12 @@ impl LlamaModel {
         let bias = |i: Option<usize>| i.map(|i| self.w(i));
 
         // attention sub-block: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1)))
-        let mut n1 = vec![0f32; t * c];
-        let mut rstd1 = vec![0f32; t];
+        let mut n1 = self.buffer(t * c);
+        let mut rstd1 = self.buffer(t);
         layers::rmsnorm_forward(&mut n1, &mut rstd1, &x_in, self.w(li.ln1), cfg.rms_norm_eps, c);
-        let mut q = vec![0f32; t * qd];
-        let mut k = vec![0f32; t * kvd];
-        let mut v = vec![0f32; t * kvd];
+        let mut q = self.buffer(t * qd);
+        let mut k = self.buffer(t * kvd);
+        let mut v = self.buffer(t * kvd);
         layers::linear_forward(&mut q, &n1, self.weight(pass, li.q), bias(li.qb), c, qd, pass.par);
         layers::linear_forward(&mut k, &n1, self.weight(pass, li.k), bias(li.kb), c, kvd, pass.par);
         layers::linear_forward(&mut v, &n1, self.weight(pass, li.v), bias(li.vb), c, kvd, pass.par);
@@ -419,7 +455,7 @@ impl LlamaModel {
             pos0,
             tq: t,
         };
-        let mut ctx = vec![0f32; t * qd];
+        let mut ctx = self.buffer(t * qd);
         let attn = match cache {
             Some(kv) => {
                 kv.k.extend_from_slice(&k);
@@ -428,32 +464,33 @@ impl LlamaModel {
                 AttnSaved::Probs(Vec::new())
             }
             None => {
+                let rows = shape.heads * shape.tq;
                 let mut saved = if cfg.num_attention_heads * t * t <= self.attn_probs_kept_max {
-                    AttnSaved::probs(shape)
+                    AttnSaved::Probs(self.buffer(rows * shape.tk()))
                 } else {
-                    AttnSaved::row_stats(shape)
+                    AttnSaved::RowStats { max: self.buffer(rows), inv_sum: self.buffer(rows) }
                 };
                 layers::attention_forward(&mut ctx, Some(&mut saved), &q, &k, &v, shape);
                 saved
             }
         };
-        let mut x_mid = vec![0f32; t * c];
+        let mut x_mid = self.buffer(t * c);
         layers::linear_forward(&mut x_mid, &ctx, self.weight(pass, li.o), bias(li.ob), qd, c, pass.par);
         for (m, x) in x_mid.iter_mut().zip(&x_in) {
             *m += x;
         }
 
         // MLP sub-block: x_out = x_mid + down(silu(gate(n2)) * up(n2))
-        let mut n2 = vec![0f32; t * c];
-        let mut rstd2 = vec![0f32; t];
+        let mut n2 = self.buffer(t * c);
+        let mut rstd2 = self.buffer(t);
         layers::rmsnorm_forward(&mut n2, &mut rstd2, &x_mid, self.w(li.ln2), cfg.rms_norm_eps, c);
-        let mut gate = vec![0f32; t * im];
-        let mut up = vec![0f32; t * im];
+        let mut gate = self.buffer(t * im);
+        let mut up = self.buffer(t * im);
         layers::linear_forward(&mut gate, &n2, self.weight(pass, li.gate), None, c, im, pass.par);
         layers::linear_forward(&mut up, &n2, self.weight(pass, li.up), None, c, im, pass.par);
-        let mut h = vec![0f32; t * im];
+        let mut h = self.buffer(t * im);
         layers::swiglu_forward(&mut h, &gate, &up);
-        let mut x_out = vec![0f32; t * c];
+        let mut x_out = self.buffer(t * c);
         layers::linear_forward(&mut x_out, &h, self.weight(pass, li.down), None, im, c, pass.par);
         for (o, m) in x_out.iter_mut().zip(&x_mid) {
             *o += m;
@@ -486,26 +523,26 @@ impl LlamaModel {
         let t = a.x_in.len() / c;
 
         // MLP sub-block
-        let mut dh = vec![0f32; t * im];
+        let mut dh = self.buffer(t * im);
         layers::linear_backward(Some(&mut dh), &mut g.tensors[li.down].data, &dx_out, &a.h, self.w(li.down), im, c, pass.par);
-        let mut dgate = vec![0f32; t * im];
-        let mut dup = vec![0f32; t * im];
+        let mut dgate = self.buffer(t * im);
+        let mut dup = self.buffer(t * im);
         layers::swiglu_backward(&mut dgate, &mut dup, &dh, &a.gate, &a.up);
-        let mut dn2 = vec![0f32; t * c];
+        let mut dn2 = self.buffer(t * c);
         layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.gate].data, &dgate, &a.n2, self.w(li.gate), c, im, pass.par);
         layers::linear_backward(Some(&mut dn2), &mut g.tensors[li.up].data, &dup, &a.n2, self.w(li.up), c, im, pass.par);
         let mut dx_mid = dx_out;
         layers::rmsnorm_backward(&mut dx_mid, &mut g.tensors[li.ln2].data, &dn2, &a.x_mid, self.w(li.ln2), &a.rstd2, c);
 
         // attention sub-block
-        let mut dctx = vec![0f32; t * qd];
+        let mut dctx = self.buffer(t * qd);
         layers::linear_backward(Some(&mut dctx), &mut g.tensors[li.o].data, &dx_mid, &a.ctx, self.w(li.o), qd, c, pass.par);
         if let Some(ob) = li.ob {
             layers::bias_backward(&mut g.tensors[ob].data, &dx_mid);
         }
-        let mut dq = vec![0f32; t * qd];
-        let mut dk = vec![0f32; t * kvd];
-        let mut dv = vec![0f32; t * kvd];
+        let mut dq = self.buffer(t * qd);
+        let mut dk = self.buffer(t * kvd);
+        let mut dv = self.buffer(t * kvd);
         let shape = AttnShape {
             heads: cfg.num_attention_heads,
             kv_heads: cfg.num_key_value_heads,
@@ -516,7 +553,7 @@ impl LlamaModel {
         layers::attention_backward(&mut dq, &mut dk, &mut dv, &dctx, &a.attn, &a.q, &a.k, &a.v, shape);
         layers::rope_backward(&mut dq, rope, cfg.num_attention_heads);
         layers::rope_backward(&mut dk, rope, cfg.num_key_value_heads);
-        let mut dn1 = vec![0f32; t * c];
+        let mut dn1 = self.buffer(t * c);
         for (d, wi, bi, od) in [(&dq, li.q, li.qb, qd), (&dk, li.k, li.kb, kvd), (&dv, li.v, li.vb, kvd)] {
             layers::linear_backward(Some(&mut dn1), &mut g.tensors[wi].data, d, &a.n1, self.w(wi), c, od, pass.par);
             if let Some(bi) = bi {
@@ -525,6 +562,9 @@ impl LlamaModel {
         }
         let mut dx_in = dx_mid;
         layers::rmsnorm_backward(&mut dx_in, &mut g.tensors[li.ln1].data, &dn1, &a.x_in, self.w(li.ln1), &a.rstd1, c);
+        for buffer in [dh, dgate, dup, dn2, dctx, dq, dk, dv, dn1] {
+            self.give(buffer);
+        }
         dx_in
     }
 
@@ -536,18 +576,20 @@ impl LlamaModel {
         let cfg = &self.config;
         let c = cfg.hidden_size;
         let t = seq.tokens.len();
-        let mut x = vec![0f32; t * c];
+        let mut x = self.buffer(t * c);
         layers::embedding_forward(&mut x, &seq.tokens, self.w(self.idx.embed), c);
         let mut acts = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let (a, x_out) = self.block_forward(pass, l, x, 0, &pass.rope, None);
             if keep_tape {
                 acts.push(a);
+            } else {
+                self.give_acts(a);
             }
             x = x_out;
         }
-        let mut nf = vec![0f32; t * c];
-        let mut rstdf = vec![0f32; t];
+        let mut nf = self.buffer(t * c);
+        let mut rstdf = self.buffer(t);
         layers::rmsnorm_forward(&mut nf, &mut rstdf, &x, self.w(self.idx.norm), cfg.rms_norm_eps, c);
 
         let rows: Vec<(usize, u32)> = (1..t).filter(|&p| seq.mask[p]).map(|p| (p - 1, seq.tokens[p])).collect();
@@ -568,7 +610,8 @@ impl LlamaModel {
             head: if keep {
                 Some(head)
             } else {
-                self.give_head_buffer(head.probs);
+                self.give(head.hsel);
+                self.give(head.probs);
                 None
             },
         };
@@ -581,11 +624,11 @@ impl LlamaModel {
     /// probabilities (else that buffer holds logits).
     fn head_rows(&self, pass: &Pass, nf: &[f32], rows: &[(usize, u32)], keep: bool, mut f: impl FnMut(usize, &[f32], f32, &[f32])) -> HeadTape {
         let (c, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut hsel = Vec::with_capacity(rows.len() * c);
-        for &(p, _) in rows {
-            hsel.extend_from_slice(&nf[p * c..(p + 1) * c]);
+        let mut hsel = self.buffer(rows.len() * c);
+        for (row, &(p, _)) in hsel.chunks_exact_mut(c).zip(rows) {
+            row.copy_from_slice(&nf[p * c..(p + 1) * c]);
         }
-        let mut logits = self.head_buffer(rows.len() * vocab);
+        let mut logits = self.buffer(rows.len() * vocab);
         layers::linear_forward(&mut logits, &hsel, self.weight(pass, self.idx.head), None, c, vocab, pass.par);
         let mut probs = vec![0f32; vocab];
         for (r, &(_, tgt)) in rows.iter().enumerate() {
@@ -606,7 +649,7 @@ impl LlamaModel {
         let t = tape.tokens.len();
 
         let r = tape.rows.len();
-        let mut dlogits = self.head_buffer(r * vocab);
+        let mut dlogits = self.buffer(r * vocab);
         let mut head_backward = |i: usize, probs: &[f32]| {
             layers::log_softmax_backward(&mut dlogits[i * vocab..(i + 1) * vocab], probs, tape.rows[i].1 as usize, coef)
         };
@@ -620,7 +663,7 @@ impl LlamaModel {
             None => Some(self.head_rows(pass, &tape.nf, &tape.rows, false, |i, _, _, probs| head_backward(i, probs))),
         };
         let hsel = &recomputed.as_ref().or(tape.head.as_ref()).expect("the head is kept or recomputed").hsel;
-        let mut dhsel = vec![0f32; r * c];
+        let mut dhsel = self.buffer(r * c);
         layers::linear_backward(
             Some(&mut dhsel),
             &mut g.tensors[self.idx.head].data,
@@ -631,15 +674,17 @@ impl LlamaModel {
             vocab,
             pass.par,
         );
-        self.give_head_buffer(dlogits);
+        self.give(dlogits);
         if let Some(head) = recomputed {
-            self.give_head_buffer(head.probs);
+            self.give(head.hsel);
+            self.give(head.probs);
         }
-        let mut dnf = vec![0f32; t * c];
+        let mut dnf = self.buffer(t * c);
         for (i, &(p, _)) in tape.rows.iter().enumerate() {
             layers::axpy(&mut dnf[p * c..(p + 1) * c], 1.0, &dhsel[i * c..(i + 1) * c]);
         }
-        let mut dx = vec![0f32; t * c];
+        self.give(dhsel);
+        let mut dx = self.buffer(t * c);
         layers::rmsnorm_backward(
             &mut dx,
             &mut g.tensors[self.idx.norm].data,
@@ -649,10 +694,12 @@ impl LlamaModel {
             &tape.rstdf,
             c,
         );
+        self.give(dnf);
         for l in (0..cfg.num_hidden_layers).rev() {
             dx = self.block_backward(pass, l, &tape.layers[l], &pass.rope, dx, g);
         }
         layers::embedding_backward(&mut g.tensors[self.idx.embed].data, &dx, &tape.tokens, c);
+        self.give(dx);
     }
 
     // ------------------------------------------------------------ batch API
@@ -740,10 +787,12 @@ impl LlamaModel {
         let fwd = self.forward(seqs)?;
         let coefs = vec![-scale; seqs.len()];
         self.backward(&fwd, &coefs, grads)?;
-        Ok(CrossEntropy {
+        let loss = CrossEntropy {
             nll_sum: fwd.logps.iter().map(|&l| -(l as f64)).sum(),
             tokens: fwd.scored.iter().sum(),
-        })
+        };
+        self.recycle_forward(fwd);
+        Ok(loss)
     }
 
     /// Next-token cross-entropy without gradients.

@@ -853,7 +853,7 @@ fn a_recycled_gradient_comes_back_zero_in_the_same_buffers() {
 }
 
 #[test]
-fn reused_head_buffers_give_the_same_gradients_kept_or_recomputed() {
+fn reused_buffers_give_the_same_gradients_kept_or_recomputed() {
     let mut model = LlamaModel::init(tiny(Family::Llama, false, true, 4, 2), 5).unwrap();
     let seqs = batch();
     let grads = |model: &LlamaModel| {
@@ -865,12 +865,19 @@ fn reused_head_buffers_give_the_same_gradients_kept_or_recomputed() {
         (logps, g)
     };
     let fresh = grads(&model);
-    // the second and third runs take the first's head buffers, holding its values
-    for kept_max in [usize::MAX, 0] {
-        model.head_kept_max = kept_max;
+    assert!(!model.buffers.lock().unwrap().is_empty(), "the step's buffers are kept for reuse");
+    // later runs take the earlier ones' activation and head buffers, holding their values
+    for (head_max, attn_max) in [(usize::MAX, usize::MAX), (0, usize::MAX), (usize::MAX, 0), (0, 0)] {
+        model.head_kept_max = head_max;
+        model.attn_probs_kept_max = attn_max;
         let again = grads(&model);
         assert_eq!(again.0, fresh.0);
-        assert_eq!(again.1, fresh.1, "head kept up to {kept_max}");
+        assert_eq!(again.1, fresh.1, "head kept up to {head_max}, attention weights up to {attn_max}");
     }
-    assert!(!model.head_buffers.lock().unwrap().is_empty(), "the head's buffers are kept for reuse");
+    // on one thread the same step takes and gives the same buffers: none is added
+    model.set_threads(1);
+    grads(&model);
+    let kept = model.buffers.lock().unwrap().len();
+    assert_eq!(grads(&model), fresh);
+    assert_eq!(model.buffers.lock().unwrap().len(), kept);
 }
