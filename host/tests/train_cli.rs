@@ -318,6 +318,18 @@ fn auto_backend_falls_back_to_merge_core_once_and_eval_reports_trl_metrics() {
     assert!(entropy > 0.0 && entropy < (259f64).ln(), "entropy {entropy} outside (0, ln vocab)");
     assert_ne!(rec["rewards/margins"].as_f64().unwrap(), 0.0, "aligned model vs SFT reference: {rec}");
     assert_eq!(rec["model_device"], "cpu", "{rec}");
+    // On one thread (the default is every core) the record is the same, bit for bit.
+    let eval_on = |threads: &str| {
+        host(
+            &["eval", "--model", out.join("model").to_str().unwrap(), "--ref-model", ss, "--builtin", "6", "--task", "preference", "--threads", threads],
+            &[],
+        )
+    };
+    let o = eval_on("1");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(String::from_utf8_lossy(&o.stdout).trim()).unwrap(), rec);
+    let o = eval_on("0");
+    assert!(!o.status.success() && stderr(&o).contains("--threads = 0"), "{}", stderr(&o));
 
     // The same evaluation with both models' forward passes on the GPU agrees to rounding.
     let o = host(

@@ -174,14 +174,19 @@ impl MathArgs {
     }
 }
 
+/// A `--threads` flag's value, or every core.
+pub fn threads(flag: Option<usize>) -> Result<usize, String> {
+    match flag {
+        Some(0) => Err("--threads = 0: expected an integer >= 1".to_string()),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
 impl LoopArgs {
     /// `--threads`, or every core.
     pub fn threads(&self) -> Result<usize, String> {
-        match self.threads {
-            Some(0) => Err("--threads = 0: expected an integer >= 1".to_string()),
-            Some(n) => Ok(n),
-            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
-        }
+        threads(self.threads)
     }
 
     /// Total optimizer steps for `n` training examples; errors name the flag and

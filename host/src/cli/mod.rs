@@ -186,6 +186,10 @@ pub struct EvalArgs {
     /// Where the forward passes run (the policy's and the reference's), as for training.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: args::BackendChoice,
+    /// Threads for the CPU forward passes (default: all cores). The results do
+    /// not depend on it, bit for bit.
+    #[arg(long)]
+    pub threads: Option<usize>,
     #[command(flatten)]
     pub math: args::MathArgs,
 }
@@ -508,7 +512,9 @@ fn align(a: AlignArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let model = load(&a.model, "--model")?;
+    let threads = args::threads(a.threads).map_err(TrainError::msg)?;
+    let mut model = load(&a.model, "--model")?;
+    model.set_threads(threads);
     let tokenizer = load_tokenizer(&a.model, "--model", &a.data, &mut Vec::new())?;
     let tok = text_tokenizer(&tokenizer);
     let config = model.config.clone();
@@ -527,10 +533,11 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
         "preference" => {
             let loss = dpo_loss(&a.loss, a.beta, 0.0)?;
-            let reference = match &a.ref_model {
+            let mut reference = match &a.ref_model {
                 Some(p) => load(p, "--ref-model")?,
                 None => load(&a.model, "--model")?,
             };
+            reference.set_threads(threads);
             let (pairs, _) = data::preference_pairs(&a.data, &config, tok, 0)?;
             Box::new(match &gpu {
                 Some(ctx) => DpoObjective::on_gpu(model, &reference, loss, Vec::new(), pairs, ctx, 0)?,
