@@ -6,8 +6,10 @@
 # command to run. Needed: the software Vulkan driver (GPU tests run on lavapipe when
 # there is no GPU), python3 with numpy (the independent oracle), node (the wasm32
 # run of the golden vectors), qemu-system-arm (their Cortex-M4F run), a C compiler
-# `cc` (the C ABI's golden run), and the rustup targets wasm32-unknown-unknown and
-# thumbv7em-none-eabihf. Then: the C program capi/examples/golden.c against the
+# `cc` (the C ABI's golden run), the rustup targets wasm32-unknown-unknown and
+# thumbv7em-none-eabihf, and on x86-64 the aarch64 cross linker, QEMU's user-mode
+# emulator and the target aarch64-unknown-linux-gnu (the CPU model's bits on
+# aarch64, host/tests/aarch64_bits.rs). Then: the C program capi/examples/golden.c against the
 # static library, the Python package's tests (pytest, in a virtual environment),
 # and cargo test --workspace.
 #
@@ -29,6 +31,8 @@ for arg in "$@"; do
 done
 
 targets=(wasm32-unknown-unknown thumbv7em-none-eabihf)
+cross_aarch64=false; [ "$(uname -m)" = x86_64 ] && cross_aarch64=true
+$cross_aarch64 && targets+=(aarch64-unknown-linux-gnu)
 is_root=false; [ "$(id -u)" = 0 ] && is_root=true
 have() { command -v "$1" >/dev/null 2>&1; }
 missing=()
@@ -74,6 +78,13 @@ have cc || missing+=("a C compiler for the C ABI's golden run: sudo apt-get inst
 
 have qemu-system-arm || apt_install qemu-system-arm || true
 have qemu-system-arm || missing+=("QEMU for the Cortex-M run of the golden vectors: sudo apt-get install qemu-system-arm")
+
+if $cross_aarch64; then
+    have aarch64-linux-gnu-gcc || apt_install gcc-aarch64-linux-gnu libc6-dev-arm64-cross || true
+    have aarch64-linux-gnu-gcc || missing+=("the aarch64 cross linker for the CPU model's aarch64 run: sudo apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross")
+    have qemu-aarch64 || apt_install qemu-user || true
+    have qemu-aarch64 || missing+=("QEMU's user-mode emulator for the CPU model's aarch64 run: sudo apt-get install qemu-user")
+fi
 
 # A target is installed when the toolchain's sysroot holds its standard library
 # (true for rustup and for toolchains installed some other way).

@@ -17,6 +17,7 @@
 //! checks that the CPU has the features and then calls them (`merge-simd` does
 //! that, and implements [`crate::step::ChunkPasses`] with them).
 
+#[cfg(target_arch = "x86_64")]
 macro_rules! passes_for {
     ($level:ident, $features:literal, $what:literal) => {
         #[doc = concat!("The chunk passes with ", $what, " enabled; call only on a CPU that has it.")]

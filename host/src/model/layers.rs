@@ -239,8 +239,9 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, blocking: Blocking, o
     let fused = math == Math::Fused && simd::fuses_at(level);
     let transposed;
     let src = match src {
-        // the baseline loop streams rows of the source
-        Src::Cols(m) if level == Level::Baseline => {
+        // the baseline loop streams rows of the source (aarch64's fused
+        // product packs panels, as the wider levels do)
+        Src::Cols(m) if level == Level::Baseline && !(fused && cfg!(target_arch = "aarch64")) => {
             transposed = transpose(m, n_src, n);
             Src::Rows(&transposed)
         }
@@ -287,6 +288,9 @@ fn accumulate_segments(level: Level, fused: bool, blocking: Blocking, segs: Vec<
         (Level::Avx2, _) if fused => unsafe { fused_segments_avx2(blocking, segs, c0, src, n, n_src, a) },
         #[cfg(target_arch = "x86_64")]
         (Level::Avx2, _) => unsafe { accumulate_segments_avx2(blocking, segs, c0, src, n, n_src, a) },
+        // NEON, FMA included, is part of every aarch64 CPU
+        #[cfg(target_arch = "aarch64")]
+        (Level::Baseline, _) if fused => tiled_segments::<8, true>(blocking, segs, c0, src, n, n_src, a),
         (_, Src::Rows(m)) => stream_segments(segs, c0, m, n, n_src, a),
         (_, Src::Cols(_)) => unreachable!("accumulate_rows_at transposes a Cols source for the baseline"),
     }
@@ -596,68 +600,80 @@ fn tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], col: usize, wi
 /// `k` ascending, one rounding per term. The accumulators are vector registers
 /// named by intrinsics, since the compiler keeps [`tile`]'s arrays in registers
 /// but spills the same arrays updated through `mul_add`. `W` = 32 is the
-/// AVX-512F copy, 16 the AVX2 + FMA one; each is only inlined into the
-/// `fused_segments_*` function of its level.
+/// AVX-512F copy, 16 the AVX2 + FMA one, each only inlined into the
+/// `fused_segments_*` function of its level; `W` = 8 is aarch64's NEON.
 #[inline(always)]
 fn fused_tile<const W: usize, const M: usize>(block: &mut [&mut [f32]], col: usize, width: usize, panel: &[[f32; W]], a: Coefs<'_>) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::*;
-        macro_rules! fused {
-            ($vec:ty, $half:expr, $zero:ident, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
-                let mut acc: [[$vec; 2]; M] = [[$zero(); 2]; M];
-                let a = a.block(M, panel.len());
-                // a full tile is loaded and stored in place; a narrower one
-                // through `lanes` (a copy of a length only known at run time is
-                // a library call, which per row costs as much as the tile's k loop)
-                let mut lanes = [0f32; W];
-                for (y, row) in acc.iter_mut().zip(block.iter()) {
-                    let from = if width == W {
-                        row[col..col + W].as_ptr()
-                    } else {
-                        lanes[..width].copy_from_slice(&row[col..col + width]);
-                        lanes.as_ptr()
-                    };
-                    *y = [$load(from), $load(from.add($half))];
-                }
-                for (k, x) in panel.iter().enumerate() {
-                    let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
-                    for (j, y) in acc.iter_mut().enumerate() {
-                        let aj = $splat(a.at(j, k));
-                        *y = [$fmadd(aj, x0, y[0]), $fmadd(aj, x1, y[1])];
-                    }
-                }
-                for (y, row) in acc.iter().zip(block.iter_mut()) {
-                    if width == W {
-                        let to = row[col..col + W].as_mut_ptr();
-                        $store(to, y[0]);
-                        $store(to.add($half), y[1]);
-                    } else {
-                        $store(lanes.as_mut_ptr(), y[0]);
-                        $store(lanes.as_mut_ptr().add($half), y[1]);
-                        row[col..col + width].copy_from_slice(&lanes[..width]);
-                    }
-                }
-            }};
-        }
-        // SAFETY: only `fused_segments_avx512` (W = 32) and `fused_segments_avx2`
-        // (W = 16) inline this, with the features these intrinsics need; every
-        // load and store touches W = 2 · half floats of `lanes`, a panel row or
-        // a full tile's W columns of an output row (sliced, so bounds-checked);
-        // every coefficient read is at j < M, k < panel.len(), the extent
-        // `a.block` checked.
-        unsafe {
-            match W {
-                32 => fused!(__m512, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
-                16 => fused!(__m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps),
-                _ => unreachable!("fused tiles are 16 or 32 columns"),
+    #[allow(unused_macros)]
+    macro_rules! fused {
+        ($vec:ty, $half:expr, $zero:expr, $load:ident, $store:ident, $splat:ident, $fmadd:ident) => {{
+            let mut acc: [[$vec; 2]; M] = [[$zero; 2]; M];
+            let a = a.block(M, panel.len());
+            // a full tile is loaded and stored in place; a narrower one
+            // through `lanes` (a copy of a length only known at run time is
+            // a library call, which per row costs as much as the tile's k loop)
+            let mut lanes = [0f32; W];
+            for (y, row) in acc.iter_mut().zip(block.iter()) {
+                let from = if width == W {
+                    row[col..col + W].as_ptr()
+                } else {
+                    lanes[..width].copy_from_slice(&row[col..col + width]);
+                    lanes.as_ptr()
+                };
+                *y = [$load(from), $load(from.add($half))];
             }
+            for (k, x) in panel.iter().enumerate() {
+                let (x0, x1) = ($load(x.as_ptr()), $load(x.as_ptr().add($half)));
+                for (j, y) in acc.iter_mut().enumerate() {
+                    let aj = $splat(a.at(j, k));
+                    *y = [$fmadd(aj, x0, y[0]), $fmadd(aj, x1, y[1])];
+                }
+            }
+            for (y, row) in acc.iter().zip(block.iter_mut()) {
+                if width == W {
+                    let to = row[col..col + W].as_mut_ptr();
+                    $store(to, y[0]);
+                    $store(to.add($half), y[1]);
+                } else {
+                    $store(lanes.as_mut_ptr(), y[0]);
+                    $store(lanes.as_mut_ptr().add($half), y[1]);
+                    row[col..col + width].copy_from_slice(&lanes[..width]);
+                }
+            }
+        }};
+    }
+    // SAFETY (both architectures): only the functions named above inline
+    // this, with the features these intrinsics need (aarch64's are its
+    // baseline); every load and store touches W = 2 · half floats of `lanes`,
+    // a panel row or a full tile's W columns of an output row (sliced, so
+    // bounds-checked); every coefficient read is at j < M, k < panel.len(),
+    // the extent `a.block` checked.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use core::arch::x86_64::*;
+        match W {
+            32 => fused!(__m512, 16, _mm512_setzero_ps(), _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps),
+            16 => fused!(__m256, 8, _mm256_setzero_ps(), _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps),
+            _ => unreachable!("x86-64's fused tiles are 16 or 32 columns"),
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        use core::arch::aarch64::*;
+        // x86's operand order, `a · x + y`; vfmaq_f32 takes the addend first
+        #[inline(always)]
+        unsafe fn fmadd(a: float32x4_t, x: float32x4_t, y: float32x4_t) -> float32x4_t {
+            unsafe { vfmaq_f32(y, a, x) }
+        }
+        match W {
+            8 => fused!(float32x4_t, 4, vdupq_n_f32(0.0), vld1q_f32, vst1q_f32, vdupq_n_f32, fmadd),
+            _ => unreachable!("aarch64's fused tiles are 8 columns"),
+        }
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (block, col, width, panel, a);
-        unreachable!("fused products run on x86-64 only (simd::fuses_at)");
+        unreachable!("fused products run on x86-64 and aarch64 only (simd::fuses_at)");
     }
 }
 

@@ -11,7 +11,7 @@
 //! an FMA unless asked (`mul_add`), so a wider register only handles more
 //! elements per instruction. The model's tests run every level on the same
 //! inputs and compare bits. On aarch64, NEON is part of the baseline and the one
-//! copy already uses it. The levels are merge-simd's, which runs the optimizer
+//! copy already uses it; its fused products have their own NEON kernel. The levels are merge-simd's, which runs the optimizer
 //! step the same way; [`set_limit`] caps both.
 //!
 //! [`Math::Fused`] is the one exception, and opt-out rather than silent: the
@@ -78,13 +78,21 @@ pub fn math() -> Math {
 }
 
 /// Whether the products fuse at `level` when [`Math::Fused`] is asked for: the
-/// level has a fused kernel (AVX2 or AVX-512F) and the CPU has FMA.
+/// level has a fused kernel (AVX2 or AVX-512F on x86-64, every level on
+/// aarch64) and the CPU has FMA.
 pub fn fuses_at(level: Level) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         level >= Level::Avx2 && level <= detected() && std::arch::is_x86_feature_detected!("fma")
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    // NEON and its fused multiply-add are part of every aarch64 CPU, and the
+    // baseline is its one level
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = level;
+        true
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = level;
         false
