@@ -239,9 +239,9 @@ pub(super) fn accumulate_rows_at(level: Level, math: Math, blocking: Blocking, o
     let fused = math == Math::Fused && simd::fuses_at(level);
     let transposed;
     let src = match src {
-        // the baseline loop streams rows of the source (aarch64's fused
-        // product packs panels, as the wider levels do)
-        Src::Cols(m) if level == Level::Baseline && !(fused && cfg!(target_arch = "aarch64")) => {
+        // the portable baseline loop streams rows of the source (the fused
+        // one, aarch64's, packs panels as the wider levels do)
+        Src::Cols(m) if level == Level::Baseline && !fused => {
             transposed = transpose(m, n_src, n);
             Src::Rows(&transposed)
         }
@@ -292,7 +292,7 @@ fn accumulate_segments(level: Level, fused: bool, blocking: Blocking, segs: Vec<
         #[cfg(target_arch = "aarch64")]
         (Level::Baseline, _) if fused => tiled_segments::<8, true>(blocking, segs, c0, src, n, n_src, a),
         (_, Src::Rows(m)) => stream_segments(segs, c0, m, n, n_src, a),
-        (_, Src::Cols(_)) => unreachable!("accumulate_rows_at transposes a Cols source for the baseline"),
+        (_, Src::Cols(_)) => unreachable!("accumulate_rows_at transposes a Cols source for the portable baseline"),
     }
 }
 

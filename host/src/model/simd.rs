@@ -11,8 +11,9 @@
 //! an FMA unless asked (`mul_add`), so a wider register only handles more
 //! elements per instruction. The model's tests run every level on the same
 //! inputs and compare bits. On aarch64, NEON is part of the baseline and the one
-//! copy already uses it; its fused products have their own NEON kernel. The levels are merge-simd's, which runs the optimizer
-//! step the same way; [`set_limit`] caps both.
+//! copy already uses it; its fused products have their own NEON kernel. The
+//! levels are merge-simd's, which runs the optimizer step the same way;
+//! [`set_limit`] caps both.
 //!
 //! [`Math::Fused`] is the one exception, and opt-out rather than silent: the
 //! matrix products fuse each multiply with its add where the CPU has FMA, about
