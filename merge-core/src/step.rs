@@ -239,7 +239,6 @@ impl StateBounds {
     pub const UNKNOWN: StateBounds = StateBounds { theta: u32::MAX, m: u32::MAX, v: u32::MAX, cached: u32::MAX };
 
     /// The bounds of nothing stored yet, to record into.
-    #[cfg(feature = "std")]
     pub(crate) const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
 
     /// `[θ, m, v, cached]`, for a caller that keeps the record outside Rust.
@@ -253,13 +252,13 @@ impl StateBounds {
     }
 
     /// Both records together.
-    #[cfg(feature = "std")]
     pub(crate) fn join(self, other: StateBounds) -> StateBounds {
         StateBounds { theta: self.theta.max(other.theta), m: self.m.max(other.m), v: self.v.max(other.v), cached: self.cached.max(other.cached) }
     }
 
-    /// Adds stored values to the record (`cached`: `None` where none is kept).
-    #[inline(always)]
+    /// Adds values to the record (`cached`: `None` where none is kept); the
+    /// writing passes take theirs as they store ([`BlockOut::store_tracking`]).
+    #[cfg(test)]
     pub(crate) fn include(&mut self, theta: &[f32], m: &[f32], v: &[f32], cached: Option<&[f32]>) {
         use crate::finite::{ABS, largest_bits};
         self.theta = self.theta.max(largest_bits(theta, ABS));
@@ -427,6 +426,33 @@ impl BlockOut {
             c.copy_from_slice(&self.cached[..n]);
         }
     }
+
+    /// [`BlockOut::store`], adding the stored values to `stored` in the same
+    /// loop: one pass over values in registers, rather than a copy and then a
+    /// scan of the copy.
+    #[inline(always)]
+    fn store_tracking(&self, dst: StateMut<'_>, stored: &mut StateBounds) {
+        use crate::finite::ABS;
+        stored.theta = stored.theta.max(store_largest(dst.theta, &self.theta, ABS));
+        stored.m = stored.m.max(store_largest(dst.m, &self.m, ABS));
+        stored.v = stored.v.max(store_largest(dst.v, &self.v, u32::MAX));
+        if let Some(c) = dst.cached {
+            stored.cached = stored.cached.max(store_largest(c, &self.cached, ABS));
+        }
+    }
+}
+
+/// Copies the first `dst.len()` values of `src` into `dst` and returns the
+/// largest of `bits & mask` over them.
+#[inline(always)]
+fn store_largest(dst: &mut [f32], src: &[f32; BLOCK], mask: u32) -> u32 {
+    let n = dst.len().min(BLOCK);
+    let mut largest = 0u32;
+    for (d, &x) in dst[..n].iter_mut().zip(&src[..n]) {
+        *d = x;
+        largest = largest.max(x.to_bits() & mask);
+    }
+    largest
 }
 
 #[inline(always)]
@@ -767,16 +793,18 @@ impl TensorStep<'_> {
                     }
                 }
             }
-            theta[r.clone()].copy_from_slice(&theta2[..len]);
-            m[r.clone()].copy_from_slice(&m1s[..len]);
-            v[r.clone()].copy_from_slice(&v1s[..len]);
-            // A merge step resets the cached delta, as `write_chunk` does.
+            // Stored with their bounds taken in the same loop, as `write_chunk` does.
+            let mut record = StateBounds::NONE;
+            record.theta = store_largest(&mut theta[r.clone()], &theta2, crate::finite::ABS);
+            record.m = store_largest(&mut m[r.clone()], &m1s, crate::finite::ABS);
+            record.v = store_largest(&mut v[r.clone()], &v1s, u32::MAX);
+            // A merge step resets the cached delta, as `write_chunk` does; its
+            // bound is then the record's 0.
             if let Some(c) = cached.as_deref_mut() {
                 c[r].fill(0.0);
             }
             if let Some(b) = stored.as_deref_mut() {
-                // The cached delta was reset to +0: its bound is the record's 0.
-                b.include(&theta2[..len], &m1s[..len], &v1s[..len], None);
+                *b = b.join(record);
             }
             start += len;
         }
@@ -826,10 +854,9 @@ impl TensorStep<'_> {
                 }
             }
             self.block(Pass::Write, limit, offset + start as u64, &grad[r.clone()], &state.as_ref().range(r.clone()), &self.tau_block(&tau, start, len), &mut bufs)?;
-            bufs.out.store(state.range(r));
-            if let Some(b) = stored.as_deref_mut() {
-                let out = &bufs.out;
-                b.include(&out.theta[..len], &out.m[..len], &out.v[..len], state.cached.is_some().then_some(&out.cached[..len]));
+            match stored.as_deref_mut() {
+                Some(b) => bufs.out.store_tracking(state.range(r), b),
+                None => bufs.out.store(state.range(r)),
             }
             start += len;
         }
