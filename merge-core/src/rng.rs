@@ -43,6 +43,44 @@ pub fn threefry2x32_20(key: [u32; 2], ctr: [u32; 2]) -> [u32; 2] {
     [x0, x1]
 }
 
+/// [`threefry2x32_20`] of two counters under one key, round by round in
+/// lockstep. Each round depends on the one before, so one block is a chain of
+/// dependent operations; two independent chains side by side give the CPU
+/// work to issue while either waits (about twice the throughput of one chain
+/// per loop iteration where the loop is vectorized). Same bits as two calls.
+#[inline(always)]
+pub fn threefry2x32_20_two(key: [u32; 2], a: [u32; 2], b: [u32; 2]) -> ([u32; 2], [u32; 2]) {
+    let ks = [key[0], key[1], SKEIN_PARITY ^ key[0] ^ key[1]];
+    let (mut a0, mut a1) = (a[0].wrapping_add(ks[0]), a[1].wrapping_add(ks[1]));
+    let (mut b0, mut b1) = (b[0].wrapping_add(ks[0]), b[1].wrapping_add(ks[1]));
+    macro_rules! round {
+        ($r:expr) => {
+            a0 = a0.wrapping_add(a1);
+            b0 = b0.wrapping_add(b1);
+            a1 = a1.rotate_left($r) ^ a0;
+            b1 = b1.rotate_left($r) ^ b0;
+        };
+    }
+    macro_rules! group {
+        ($r0:expr, $r1:expr, $r2:expr, $r3:expr, $j:expr) => {
+            round!($r0);
+            round!($r1);
+            round!($r2);
+            round!($r3);
+            a0 = a0.wrapping_add(ks[$j % 3]);
+            b0 = b0.wrapping_add(ks[$j % 3]);
+            a1 = a1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
+            b1 = b1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
+        };
+    }
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 1);
+    group!(ROT[4], ROT[5], ROT[6], ROT[7], 2);
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 3);
+    group!(ROT[4], ROT[5], ROT[6], ROT[7], 4);
+    group!(ROT[0], ROT[1], ROT[2], ROT[3], 5);
+    ([a0, a1], [b0, b1])
+}
+
 /// Mask streams of SPEC.md §2.3.
 pub mod stream {
     /// The update mask `M_k` (and the reference mask `M_ref` at step 0).
@@ -68,6 +106,13 @@ impl MaskKey {
     #[inline(always)]
     pub fn pair(&self, pair: u32, stream: u32) -> [u32; 2] {
         threefry2x32_20(self.0, [pair, stream])
+    }
+
+    /// [`MaskKey::pair`] of pairs `a` and `b`, computed side by side
+    /// ([`threefry2x32_20_two`]).
+    #[inline(always)]
+    pub fn two_pairs(&self, a: u32, b: u32, stream: u32) -> ([u32; 2], [u32; 2]) {
+        threefry2x32_20_two(self.0, [a, stream], [b, stream])
     }
 
     /// The uniform of element `index` (its index in the full tensor).
@@ -231,6 +276,25 @@ mod tests {
             threefry2x32_20([0x1319_8a2e, 0x0370_7344], [0x243f_6a88, 0x85a3_08d3]),
             [0xc492_3a9c, 0x483d_f7a0]
         );
+    }
+
+    #[test]
+    fn two_chains_give_the_bits_of_two_calls() {
+        // The known answers' keys and counters, then drawn ones.
+        let mut cases = [[0u32; 4]; 3].to_vec();
+        cases[1] = [u32::MAX; 4];
+        cases[2] = [0x1319_8a2e, 0x0370_7344, 0x243f_6a88, 0x85a3_08d3];
+        let mut r = SplitMix64::new(11);
+        cases.extend((0..10_000).map(|_| {
+            let (x, y) = (r.next_u64(), r.next_u64());
+            [x as u32, (x >> 32) as u32, y as u32, (y >> 32) as u32]
+        }));
+        for w in cases.windows(2) {
+            let ([k0, k1, a0, a1], [_, _, b0, b1]) = (w[0], w[1]);
+            let (a, b) = threefry2x32_20_two([k0, k1], [a0, a1], [b0, b1]);
+            assert_eq!(a, threefry2x32_20([k0, k1], [a0, a1]));
+            assert_eq!(b, threefry2x32_20([k0, k1], [b0, b1]));
+        }
     }
 
     #[test]

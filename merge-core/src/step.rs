@@ -471,11 +471,13 @@ fn uniforms(key: &MaskKey, stream: u32, start: u64, n: usize, u: &mut [u32; BLOC
     let mut odd = [0u32; PAIRS + 1];
     let first_pair = (start >> 1) as u32;
     // Straight-line lanes: the Threefry rounds vectorize across pairs, a whole
-    // number of vectors at every width.
-    for p in 0..PAIRS {
-        let [a, b] = key.pair(first_pair.wrapping_add(p as u32), stream);
-        even[p] = a;
-        odd[p] = b;
+    // number of vectors at every width, and the two halves of the block run
+    // side by side (a single chain of rounds leaves the vector units idle).
+    const HALF: usize = PAIRS / 2;
+    for p in 0..HALF {
+        let (lo, hi) = key.two_pairs(first_pair.wrapping_add(p as u32), first_pair.wrapping_add((p + HALF) as u32), stream);
+        [even[p], odd[p]] = lo;
+        [even[p + HALF], odd[p + HALF]] = hi;
     }
     if start & 1 == 0 {
         for (p, pair) in u.chunks_exact_mut(2).enumerate() {
