@@ -20,45 +20,30 @@ const SKEIN_PARITY: u32 = 0x1BD1_1BDA;
 /// SPEC.md §2.2: Threefry-2x32 with 20 rounds (Random123's `threefry2x32_R(20, ctr, key)`).
 #[inline(always)]
 pub fn threefry2x32_20(key: [u32; 2], ctr: [u32; 2]) -> [u32; 2] {
-    let ks = [key[0], key[1], SKEIN_PARITY ^ key[0] ^ key[1]];
-    let mut x0 = ctr[0].wrapping_add(ks[0]);
-    let mut x1 = ctr[1].wrapping_add(ks[1]);
-    // Five groups of four rounds, each followed by a key injection; written out so
-    // the rotation amounts are constants and the loop body vectorizes.
-    macro_rules! group {
-        ($r0:expr, $r1:expr, $r2:expr, $r3:expr, $j:expr) => {
-            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r0) ^ x0;
-            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r1) ^ x0;
-            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r2) ^ x0;
-            x0 = x0.wrapping_add(x1); x1 = x1.rotate_left($r3) ^ x0;
-            x0 = x0.wrapping_add(ks[$j % 3]);
-            x1 = x1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
-        };
-    }
-    group!(ROT[0], ROT[1], ROT[2], ROT[3], 1);
-    group!(ROT[4], ROT[5], ROT[6], ROT[7], 2);
-    group!(ROT[0], ROT[1], ROT[2], ROT[3], 3);
-    group!(ROT[4], ROT[5], ROT[6], ROT[7], 4);
-    group!(ROT[0], ROT[1], ROT[2], ROT[3], 5);
-    [x0, x1]
+    let [out] = threefry2x32_20_lanes(key, [ctr]);
+    out
 }
 
-/// [`threefry2x32_20`] of two counters under one key, round by round in
-/// lockstep. Each round depends on the one before, so one block is a chain of
-/// dependent operations; two independent chains side by side give the CPU
-/// work to issue while either waits (about twice the throughput of one chain
-/// per loop iteration where the loop is vectorized). Same bits as two calls.
+/// [`threefry2x32_20`] of `N` counters under one key, round by round in
+/// lockstep: the same bits as `N` calls. Each round depends on the one before,
+/// so one block is a chain of dependent operations; several independent chains
+/// side by side give the CPU work to issue while each waits (two chains per
+/// iteration of a vectorized loop about double its throughput).
 #[inline(always)]
-pub fn threefry2x32_20_two(key: [u32; 2], a: [u32; 2], b: [u32; 2]) -> ([u32; 2], [u32; 2]) {
+pub fn threefry2x32_20_lanes<const N: usize>(key: [u32; 2], ctrs: [[u32; 2]; N]) -> [[u32; 2]; N] {
     let ks = [key[0], key[1], SKEIN_PARITY ^ key[0] ^ key[1]];
-    let (mut a0, mut a1) = (a[0].wrapping_add(ks[0]), a[1].wrapping_add(ks[1]));
-    let (mut b0, mut b1) = (b[0].wrapping_add(ks[0]), b[1].wrapping_add(ks[1]));
+    let mut x0 = ctrs.map(|c| c[0].wrapping_add(ks[0]));
+    let mut x1 = ctrs.map(|c| c[1].wrapping_add(ks[1]));
+    // Five groups of four rounds, each followed by a key injection; written out so
+    // the rotation amounts are constants and the loop body vectorizes.
     macro_rules! round {
         ($r:expr) => {
-            a0 = a0.wrapping_add(a1);
-            b0 = b0.wrapping_add(b1);
-            a1 = a1.rotate_left($r) ^ a0;
-            b1 = b1.rotate_left($r) ^ b0;
+            for i in 0..N {
+                x0[i] = x0[i].wrapping_add(x1[i]);
+            }
+            for i in 0..N {
+                x1[i] = x1[i].rotate_left($r) ^ x0[i];
+            }
         };
     }
     macro_rules! group {
@@ -67,10 +52,10 @@ pub fn threefry2x32_20_two(key: [u32; 2], a: [u32; 2], b: [u32; 2]) -> ([u32; 2]
             round!($r1);
             round!($r2);
             round!($r3);
-            a0 = a0.wrapping_add(ks[$j % 3]);
-            b0 = b0.wrapping_add(ks[$j % 3]);
-            a1 = a1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
-            b1 = b1.wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
+            for i in 0..N {
+                x0[i] = x0[i].wrapping_add(ks[$j % 3]);
+                x1[i] = x1[i].wrapping_add(ks[($j + 1) % 3]).wrapping_add($j);
+            }
         };
     }
     group!(ROT[0], ROT[1], ROT[2], ROT[3], 1);
@@ -78,7 +63,7 @@ pub fn threefry2x32_20_two(key: [u32; 2], a: [u32; 2], b: [u32; 2]) -> ([u32; 2]
     group!(ROT[0], ROT[1], ROT[2], ROT[3], 3);
     group!(ROT[4], ROT[5], ROT[6], ROT[7], 4);
     group!(ROT[0], ROT[1], ROT[2], ROT[3], 5);
-    ([a0, a1], [b0, b1])
+    core::array::from_fn(|i| [x0[i], x1[i]])
 }
 
 /// Mask streams of SPEC.md §2.3.
@@ -109,10 +94,10 @@ impl MaskKey {
     }
 
     /// [`MaskKey::pair`] of pairs `a` and `b`, computed side by side
-    /// ([`threefry2x32_20_two`]).
+    /// ([`threefry2x32_20_lanes`]).
     #[inline(always)]
-    pub fn two_pairs(&self, a: u32, b: u32, stream: u32) -> ([u32; 2], [u32; 2]) {
-        threefry2x32_20_two(self.0, [a, stream], [b, stream])
+    pub fn two_pairs(&self, a: u32, b: u32, stream: u32) -> [[u32; 2]; 2] {
+        threefry2x32_20_lanes(self.0, [[a, stream], [b, stream]])
     }
 
     /// The uniform of element `index` (its index in the full tensor).
@@ -291,7 +276,7 @@ mod tests {
         }));
         for w in cases.windows(2) {
             let ([k0, k1, a0, a1], [_, _, b0, b1]) = (w[0], w[1]);
-            let (a, b) = threefry2x32_20_two([k0, k1], [a0, a1], [b0, b1]);
+            let [a, b] = threefry2x32_20_lanes([k0, k1], [[a0, a1], [b0, b1]]);
             assert_eq!(a, threefry2x32_20([k0, k1], [a0, a1]));
             assert_eq!(b, threefry2x32_20([k0, k1], [b0, b1]));
         }

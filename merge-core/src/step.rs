@@ -239,6 +239,7 @@ impl StateBounds {
     pub const UNKNOWN: StateBounds = StateBounds { theta: u32::MAX, m: u32::MAX, v: u32::MAX, cached: u32::MAX };
 
     /// The bounds of nothing stored yet, to record into.
+    #[cfg(feature = "std")]
     pub(crate) const NONE: StateBounds = StateBounds { theta: 0, m: 0, v: 0, cached: 0 };
 
     /// `[θ, m, v, cached]`, for a caller that keeps the record outside Rust.
@@ -475,7 +476,7 @@ fn uniforms(key: &MaskKey, stream: u32, start: u64, n: usize, u: &mut [u32; BLOC
     // side by side (a single chain of rounds leaves the vector units idle).
     const HALF: usize = PAIRS / 2;
     for p in 0..HALF {
-        let (lo, hi) = key.two_pairs(first_pair.wrapping_add(p as u32), first_pair.wrapping_add((p + HALF) as u32), stream);
+        let [lo, hi] = key.two_pairs(first_pair.wrapping_add(p as u32), first_pair.wrapping_add((p + HALF) as u32), stream);
         [even[p], odd[p]] = lo;
         [even[p + HALF], odd[p + HALF]] = hi;
     }
@@ -796,12 +797,13 @@ impl TensorStep<'_> {
                 }
             }
             // Stored with their bounds taken in the same loop, as `write_chunk` does.
-            let mut record = StateBounds::NONE;
-            record.theta = store_largest(&mut theta[r.clone()], &theta2, crate::finite::ABS);
-            record.m = store_largest(&mut m[r.clone()], &m1s, crate::finite::ABS);
-            record.v = store_largest(&mut v[r.clone()], &v1s, u32::MAX);
-            // A merge step resets the cached delta, as `write_chunk` does; its
-            // bound is then the record's 0.
+            let record = StateBounds {
+                theta: store_largest(&mut theta[r.clone()], &theta2, crate::finite::ABS),
+                m: store_largest(&mut m[r.clone()], &m1s, crate::finite::ABS),
+                v: store_largest(&mut v[r.clone()], &v1s, u32::MAX),
+                // A merge step resets the cached delta, as `write_chunk` does.
+                cached: 0,
+            };
             if let Some(c) = cached.as_deref_mut() {
                 c[r].fill(0.0);
             }
